@@ -1,0 +1,299 @@
+// A small fp32 SIMD vector for the CPU kernels: AVX-512, AVX2+FMA, or a scalar fallback,
+// chosen at compile time from the target ISA (-march=native by default, see CMakeLists.txt).
+//
+// Only what the kernels need: loads from bf16 / fp16 / fp32 storage (widened to fp32), stores
+// back with round-to-nearest-even, FMA arithmetic, horizontal reductions and a fast 2^x.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace rlkern::cpu {
+
+// Storage tags: the kernels are templated on how a logit is stored.
+struct BF16 {
+  using storage = uint16_t;
+};
+struct F16 {
+  using storage = uint16_t;
+};
+struct F32 {
+  using storage = float;
+};
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  return uint16_t(bits >> 16);
+}
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal half: normalise
+      int e = -1;
+      do {
+        man <<= 1;
+        ++e;
+      } while ((man & 0x400u) == 0);
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
+    }
+  } else {
+    bits = sign | (exp + 112u) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_f16(float f) {
+#if defined(__F16C__)
+  return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00u;
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // overflow (after rounding) → inf
+  if (abs < 0x33000001u) return sign;             // below half the smallest subnormal
+  int exp = int(abs >> 23) - 127;
+  uint32_t man = (abs & 0x7fffffu) | 0x800000u;
+  int shift = exp < -14 ? 13 + (-14 - exp) : 13;
+  uint32_t half_man = man >> shift;
+  const uint32_t rem = man & ((1u << shift) - 1);
+  const uint32_t halfway = 1u << (shift - 1);
+  if (rem > halfway || (rem == halfway && (half_man & 1u))) ++half_man;
+  if (exp < -14) return sign | uint16_t(half_man);
+  return sign | uint16_t(((exp + 15) << 10) + (half_man - 0x400u));
+#endif
+}
+
+template <typename Tag>
+inline float load_scalar(const typename Tag::storage* p) {
+  if constexpr (std::is_same_v<Tag, BF16>) return bf16_to_float(*p);
+  else if constexpr (std::is_same_v<Tag, F16>) return f16_to_float(*p);
+  else return *p;
+}
+
+template <typename Tag>
+inline void store_scalar(typename Tag::storage* p, float v) {
+  if constexpr (std::is_same_v<Tag, BF16>) *p = float_to_bf16(v);
+  else if constexpr (std::is_same_v<Tag, F16>) *p = float_to_f16(v);
+  else *p = v;
+}
+
+// 2^r on r ∈ [−½, ½]: Taylor series of exp(r·ln2) to degree 6; the truncation error
+// (½ ln2)^7 / 7! ≈ 1.2e-7 is about one fp32 ulp, so 2^x = 2^n · 2^r is accurate to ~2 ulp.
+constexpr float kExp2C1 = 0.6931471805599453f;   // ln2
+constexpr float kExp2C2 = 0.2402265069591007f;   // ln2² / 2
+constexpr float kExp2C3 = 0.05550410866482158f;  // ln2³ / 6
+constexpr float kExp2C4 = 0.009618129107628477f; // ln2⁴ / 24
+constexpr float kExp2C5 = 0.0013333558146428443f;// ln2⁵ / 120
+constexpr float kExp2C6 = 0.00015403530393381606f;// ln2⁶ / 720
+// Inputs below this give 2^x = 0 (below the smallest fp32 subnormal); clamping there keeps
+// −inf finite so that 0 · x stays 0 instead of NaN.
+constexpr float kExp2Min = -151.0f;
+
+inline float exp2_scalar(float x) {
+  x = std::fmax(x, kExp2Min);  // fmax returns the non-NaN operand: re-inject NaN below
+  if (std::isnan(x)) return x;
+  const float n = std::nearbyint(x);
+  const float r = x - n;
+  float p = kExp2C6;
+  p = std::fma(p, r, kExp2C5);
+  p = std::fma(p, r, kExp2C4);
+  p = std::fma(p, r, kExp2C3);
+  p = std::fma(p, r, kExp2C2);
+  p = std::fma(p, r, kExp2C1);
+  p = std::fma(p, r, 1.0f);
+  return std::ldexp(p, int(n));
+}
+
+#if defined(__AVX512F__)
+
+struct VecF {
+  static constexpr int size = 16;
+  __m512 v;
+  static VecF set1(float x) { return {_mm512_set1_ps(x)}; }
+  static VecF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static VecF load(const uint16_t* p, BF16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  static VecF load(const uint16_t* p, F16) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static VecF load(const float* p, F32) { return load(p); }
+  void store(float* p, F32) const { _mm512_storeu_ps(p, v); }
+  void store(uint16_t* p, F16) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store(uint16_t* p, BF16) const {
+    // Round to nearest even on the integer bits; NaN payloads are quieted.
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7fc00000));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  }
+  friend VecF operator+(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static VecF fma(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static VecF fms(VecF a, VecF b, VecF c) { return {_mm512_fmsub_ps(a.v, b.v, c.v)}; }
+  static VecF fnma(VecF a, VecF b, VecF c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
+  // max(a, b) returning b when b is NaN (the x86 max returns its second operand on NaN):
+  // callers pass the data as b so NaN logits propagate into the results.
+  static VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+  // a where the lane of `keep` is > −inf, else 0.
+  static VecF zero_where_neginf(VecF a, VecF keep) {
+    __mmask16 m = _mm512_cmp_ps_mask(keep.v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+    return {_mm512_maskz_mov_ps(m, a.v)};
+  }
+  static VecF exp2(VecF x) {
+    x = max(set1(kExp2Min), x);
+    const __m512 n = _mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(x.v, n);
+    __m512 p = _mm512_set1_ps(kExp2C6);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return {_mm512_scalef_ps(p, n)};  // p · 2^n in one instruction, underflowing to 0
+  }
+  float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  float reduce_max() const { return _mm512_reduce_max_ps(v); }
+};
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+struct VecF {
+  static constexpr int size = 8;
+  __m256 v;
+  static VecF set1(float x) { return {_mm256_set1_ps(x)}; }
+  static VecF load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static VecF load(const uint16_t* p, BF16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+  }
+  static VecF load(const uint16_t* p, F16) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  static VecF load(const float* p, F32) { return load(p); }
+  void store(float* p, F32) const { _mm256_storeu_ps(p, v); }
+  void store(uint16_t* p, F16) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store(uint16_t* p, BF16) const {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i) p[i] = float_to_bf16(tmp[i]);
+  }
+  friend VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend VecF operator*(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  static VecF fma(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static VecF fms(VecF a, VecF b, VecF c) { return {_mm256_fmsub_ps(a.v, b.v, c.v)}; }
+  static VecF fnma(VecF a, VecF b, VecF c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }
+  static VecF max(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
+  static VecF zero_where_neginf(VecF a, VecF keep) {
+    __m256 m = _mm256_cmp_ps(keep.v, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+    return {_mm256_and_ps(a.v, m)};
+  }
+  static VecF exp2(VecF x) {
+    x = max(set1(kExp2Min), x);
+    const __m256 n = _mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_sub_ps(x.v, n);
+    __m256 p = _mm256_set1_ps(kExp2C6);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    // 2^n as two factors 2^(n/2) built in the exponent field, so that n down to −151
+    // underflows gracefully instead of wrapping the biased exponent.
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i half = _mm256_srai_epi32(ni, 1);
+    __m256i rest = _mm256_sub_epi32(ni, half);
+    auto pow2 = [](__m256i e) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+    };
+    __m256 res = _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(rest));
+    // Below 2^-126 the factor 2^(n/2) is still normal (n ≥ −151 ⇒ n/2 ≥ −76), so res is the
+    // correctly underflowed product.
+    return {res};
+  }
+  float reduce_add() const {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+  }
+  float reduce_max() const {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_max_ps(lo, hi);
+    lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_max_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+  }
+};
+
+#else  // portable scalar fallback: the same math, one lane
+
+struct VecF {
+  static constexpr int size = 1;
+  float v;
+  static VecF set1(float x) { return {x}; }
+  static VecF load(const float* p) { return {*p}; }
+  static VecF load(const uint16_t* p, BF16) { return {bf16_to_float(*p)}; }
+  static VecF load(const uint16_t* p, F16) { return {f16_to_float(*p)}; }
+  static VecF load(const float* p, F32) { return {*p}; }
+  void store(float* p, F32) const { *p = v; }
+  void store(uint16_t* p, F16) const { *p = float_to_f16(v); }
+  void store(uint16_t* p, BF16) const { *p = float_to_bf16(v); }
+  friend VecF operator+(VecF a, VecF b) { return {a.v + b.v}; }
+  friend VecF operator*(VecF a, VecF b) { return {a.v * b.v}; }
+  static VecF fma(VecF a, VecF b, VecF c) { return {std::fma(a.v, b.v, c.v)}; }
+  static VecF fms(VecF a, VecF b, VecF c) { return {std::fma(a.v, b.v, -c.v)}; }
+  static VecF fnma(VecF a, VecF b, VecF c) { return {std::fma(-a.v, b.v, c.v)}; }
+  static VecF max(VecF a, VecF b) { return {std::isnan(b.v) ? b.v : std::fmax(a.v, b.v)}; }
+  static VecF zero_where_neginf(VecF a, VecF keep) {
+    return {keep.v == -std::numeric_limits<float>::infinity() ? 0.0f : a.v};
+  }
+  static VecF exp2(VecF x) { return {exp2_scalar(x.v)}; }
+  float reduce_add() const { return v; }
+  float reduce_max() const { return v; }
+};
+
+#endif
+
+}  // namespace rlkern::cpu

@@ -1,0 +1,150 @@
+// Op schemas of the rlkern namespace and their CPU implementations (thin glue from tensors to
+// the torch-free kernels in cpu/). CUDA implementations live in cuda_ops.cpp.
+//
+// Ops fill caller-provided outputs (`Tensor(a!)`); the allocating wrappers, autograd and fake
+// implementations are in python/rlkern/ops/.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "cpu/logprobs.h"
+
+namespace rlkern {
+namespace {
+
+cpu::DType cpu_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return cpu::DType::kBFloat16;
+    case at::kHalf: return cpu::DType::kFloat16;
+    case at::kFloat: return cpu::DType::kFloat32;
+    case at::kDouble: return cpu::DType::kFloat64;
+    default: TORCH_CHECK_TYPE(false, "logits: expected bfloat16, float16, float32 or float64, got ",
+                              t.scalar_type());
+  }
+}
+
+at::ScalarType acc_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_rows_out(const at::Tensor& out, const char* name, int64_t rows, at::ScalarType dtype,
+                    const at::Tensor& logits) {
+  TORCH_CHECK(out.numel() == rows && out.is_contiguous(), name, ": expected a contiguous tensor of ",
+              rows, " elements, got shape ", out.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
+                   out.scalar_type());
+  TORCH_CHECK(out.device() == logits.device(), name, ": expected device ", logits.device());
+}
+
+void check_logits(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() == 3, "logits: expected a (B, L, V) view, got ", logits.dim(), " dims");
+  TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1,
+              "logits: the vocab (last) dim must be contiguous, got stride ", logits.stride(2));
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels: expected int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK(labels.is_contiguous() && labels.numel() == logits.size(0) * logits.size(1),
+              "labels: expected a contiguous (B, L) tensor matching logits ", logits.sizes());
+}
+
+void logprobs_fwd_out_cpu(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                          int64_t ignore_index, const at::Tensor& logprobs, const at::Tensor& lse,
+                          const std::optional<at::Tensor>& entropy,
+                          const std::optional<at::Tensor>& self_certainty,
+                          const std::optional<at::Tensor>& sum_p_sq) {
+  check_logits(logits, labels);
+  TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
+  TORCH_CHECK(self_certainty.has_value() == sum_p_sq.has_value(),
+              "self_certainty and sum_p_sq are computed together: pass both or neither");
+  const int64_t rows = logits.size(0) * logits.size(1);
+  const auto acc = acc_type(logits);
+  check_rows_out(logprobs, "logprobs", rows, acc, logits);
+  check_rows_out(lse, "lse", rows, acc, logits);
+  if (entropy) check_rows_out(*entropy, "entropy", rows, acc, logits);
+  if (self_certainty) check_rows_out(*self_certainty, "self_certainty", rows, acc, logits);
+  if (sum_p_sq) check_rows_out(*sum_p_sq, "sum_p_sq", rows, acc, logits);
+  if (rows == 0) return;
+  cpu::LogprobsFwdArgs a{};
+  a.logits = logits.const_data_ptr();
+  a.dtype = cpu_dtype(logits);
+  a.B = logits.size(0);
+  a.L = logits.size(1);
+  a.V = logits.size(2);
+  a.stride_0 = logits.stride(0);
+  a.stride_1 = logits.stride(1);
+  a.labels = labels.const_data_ptr<int64_t>();
+  a.temperature = temperature;
+  a.ignore_index = ignore_index;
+  a.logprobs = logprobs.data_ptr();
+  a.lse = lse.data_ptr();
+  a.entropy = entropy ? entropy->data_ptr() : nullptr;
+  a.self_certainty = self_certainty ? self_certainty->data_ptr() : nullptr;
+  a.sum_p_sq = sum_p_sq ? sum_p_sq->data_ptr() : nullptr;
+  cpu::logprobs_fwd(a);
+}
+
+const void* maybe_ptr(const std::optional<at::Tensor>& t, const char* name, int64_t rows,
+                      at::ScalarType dtype, const at::Tensor& logits) {
+  if (!t.has_value()) return nullptr;
+  check_rows_out(*t, name, rows, dtype, logits);
+  return t->const_data_ptr();
+}
+
+void logprobs_bwd_out_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                          const std::optional<at::Tensor>& entropy,
+                          const std::optional<at::Tensor>& grad_logprobs,
+                          const std::optional<at::Tensor>& grad_entropy,
+                          const std::optional<at::Tensor>& grad_lse, double temperature,
+                          int64_t ignore_index, const at::Tensor& grad_logits) {
+  check_logits(logits, labels);
+  TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
+  TORCH_CHECK(grad_logits.sizes() == logits.sizes(), "grad_logits: expected shape ",
+              logits.sizes(), ", got ", grad_logits.sizes());
+  TORCH_CHECK_TYPE(grad_logits.scalar_type() == logits.scalar_type(),
+                   "grad_logits: expected dtype ", logits.scalar_type());
+  TORCH_CHECK(grad_logits.size(2) <= 1 || grad_logits.stride(2) == 1,
+              "grad_logits: the vocab (last) dim must be contiguous");
+  TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(),
+              "entropy: required when grad_entropy is given");
+  const int64_t rows = logits.size(0) * logits.size(1);
+  if (rows == 0) return;
+  const auto acc = acc_type(logits);
+  cpu::LogprobsBwdArgs a{};
+  a.logits = logits.const_data_ptr();
+  a.dtype = cpu_dtype(logits);
+  a.B = logits.size(0);
+  a.L = logits.size(1);
+  a.V = logits.size(2);
+  a.stride_0 = logits.stride(0);
+  a.stride_1 = logits.stride(1);
+  a.labels = labels.const_data_ptr<int64_t>();
+  a.lse = maybe_ptr(lse, "lse", rows, acc, logits);
+  a.entropy = maybe_ptr(entropy, "entropy", rows, acc, logits);
+  a.grad_logprobs = maybe_ptr(grad_logprobs, "grad_logprobs", rows, acc, logits);
+  a.grad_entropy = maybe_ptr(grad_entropy, "grad_entropy", rows, acc, logits);
+  a.grad_lse = maybe_ptr(grad_lse, "grad_lse", rows, acc, logits);
+  a.temperature = temperature;
+  a.ignore_index = ignore_index;
+  a.grad_logits = grad_logits.data_ptr();
+  a.grad_stride_0 = grad_logits.stride(0);
+  a.grad_stride_1 = grad_logits.stride(1);
+  cpu::logprobs_bwd(a);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rlkern, m) {
+  m.def(
+      "logprobs_fwd_out(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+      "Tensor(a!) logprobs, Tensor(b!) lse, Tensor(c!)? entropy, Tensor(d!)? self_certainty, "
+      "Tensor(e!)? sum_p_sq) -> ()");
+  m.def(
+      "logprobs_bwd_out(Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, "
+      "Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? grad_lse, float temperature, "
+      "int ignore_index, Tensor(a!) grad_logits) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
+  m.impl("logprobs_fwd_out", &logprobs_fwd_out_cpu);
+  m.impl("logprobs_bwd_out", &logprobs_bwd_out_cpu);
+}
+
+}  // namespace rlkern

@@ -1,0 +1,1 @@
+"""Triton kernels of rlkern (importable as ``rlkern.kernels``; they import only triton)."""

@@ -1,0 +1,25 @@
+"""The ``rlkern`` command: ``rlkern bench`` (benchmarks) and ``rlkern aot-report`` (GPU code
+compiled ahead of time: registers, spills, shared memory)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlkern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from rlkern.aot import add_arguments as add_aot_arguments
+    from rlkern.bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="time rlkern against its peers"))
+    add_aot_arguments(sub.add_parser("aot-report", help="compile GPU kernels ahead of time "
+                                                       "and report their resource usage"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

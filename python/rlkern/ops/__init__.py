@@ -1,0 +1,1 @@
+"""Public ops: each module registers its ``torch.ops.rlkern`` ops on import."""

@@ -1,0 +1,483 @@
+"""Token log-probabilities, entropy and softmax statistics in one pass over the vocabulary.
+
+Public entry point: :func:`token_logprobs`. Registered ops (``torch.ops.rlkern``):
+
+* ``logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, with_stats, backend)``
+  → ``(logprobs, lse, entropy, self_certainty, sum_p_sq)``; outputs not asked for are empty.
+* ``logprobs_bwd(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+  temperature, ignore_index, backend)`` → ``grad_logits``.
+* ``logprobs_bwd_inplace(...)``: the same, writing the gradient over ``logits``.
+
+The compiled backends register ``logprobs_fwd_out`` / ``logprobs_bwd_out`` (C++, filling
+caller-provided outputs); this module allocates and dispatches. Backward recomputes from the
+saved per-row ``lse`` and ``entropy``: nothing of size ``(N, V)`` is saved.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rlkern import backends
+from rlkern.reference.logprobs import token_logprobs_reference
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-token outputs of :func:`token_logprobs`, each of shape ``logits.shape[:-1]``.
+
+    Float32 (float64 for float64 logits). Fields that were not asked for are ``None``.
+    """
+
+    logprobs: Tensor
+    entropy: Tensor | None
+    lse: Tensor
+    self_certainty: Tensor | None
+    sum_p_sq: Tensor | None
+
+
+_checks_enabled = os.environ.get("RLKERN_CHECKS", "1") != "0"
+
+
+def set_checks(enabled: bool) -> None:
+    """Turn the data-dependent input checks on or off (default on; env ``RLKERN_CHECKS=0``).
+
+    The checks are label range and all ``-inf`` rows. On CPU they cost one pass over the
+    labels / per-row results; on CUDA they also cost a host synchronisation, which is why they
+    can be switched off. Kernels never read out of bounds either way: with checks off an
+    out-of-range label yields NaN for its row.
+    """
+    global _checks_enabled
+    _checks_enabled = bool(enabled)
+
+
+def checks_enabled() -> bool:
+    return _checks_enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: every backend sees logits as a (B, L, V) view with a unit vocab stride.
+
+
+def _rows3d(logits: Tensor) -> Tensor:
+    """View ``logits`` (..., V) as (B, L, V) without copying.
+
+    (N, V) → (1, N, V); (B, L, V) as is (any strides, e.g. TRL's ``logits[:, :-1, :]``);
+    more leading dims are merged when their strides allow it.
+    """
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() == 3:
+        return logits
+    lead = logits.shape[:-2]
+    try:
+        return logits.view(-1, logits.shape[-2], logits.shape[-1])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} with strides {logits.stride()}: the "
+            f"leading dims {tuple(lead)} cannot be merged without a copy; pass a (N, V) or "
+            "(B, L, V) tensor"
+        ) from exc
+
+
+def _empty() -> Tensor:
+    return torch.empty(0)
+
+
+def _validate_data(logits3: Tensor, labels2: Tensor, ignore_index: int) -> None:
+    if not _checks_enabled or labels2.numel() == 0:
+        return
+    vocab = logits3.shape[-1]
+    bad = ((labels2 < 0) | (labels2 >= vocab)) & (labels2 != ignore_index)
+    if bool(bad.any()):
+        idx = int(bad.flatten().nonzero()[0])
+        value = int(labels2.flatten()[idx])
+        raise ValueError(
+            f"labels: value {value} at flat position {idx} is outside [0, {vocab}) and is not "
+            f"ignore_index={ignore_index}"
+        )
+
+
+def _validate_rows(lse: Tensor, labels2: Tensor, ignore_index: int) -> None:
+    if not _checks_enabled or lse.numel() == 0:
+        return
+    bad = torch.isneginf(lse) & (labels2 != ignore_index)
+    if bool(bad.any()):
+        idx = int(bad.flatten().nonzero()[0])
+        raise ValueError(
+            f"logits: row {idx} (flat index over the leading dims) is all -inf, so its "
+            "softmax is undefined"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend dispatch (each fills caller-provided outputs).
+
+
+def _fwd_out(
+    backend: str,
+    logits3: Tensor,
+    labels2: Tensor,
+    temperature: float,
+    ignore_index: int,
+    logprobs: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    self_certainty: Tensor | None,
+    sum_p_sq: Tensor | None,
+) -> None:
+    if backend in ("cpu", "cuda"):
+        if backend == "cuda" and not backends.has_cuda_kernels():
+            raise backends.BackendUnavailableError(
+                "backend='cuda' needs rlkern._C built with the CUDA kernels (a CUDA toolkit "
+                "and a CUDA build of torch at install time)"
+            )
+        backends.cpp_ops().logprobs_fwd_out(
+            logits3, labels2, temperature, ignore_index, logprobs, lse, entropy,
+            self_certainty, sum_p_sq,
+        )
+    elif backend == "triton":
+        kernels = backends.triton_module("logprobs", logits3.device)
+        kernels.logprobs_fwd(
+            logits3, labels2, logprobs, lse, entropy, self_certainty, sum_p_sq,
+            temperature=temperature, ignore_index=ignore_index,
+        )
+    else:
+        ref = token_logprobs_reference(
+            logits3, labels2, temperature=temperature, ignore_index=ignore_index
+        )
+        logprobs.copy_(ref["logprobs"])
+        lse.copy_(ref["lse"])
+        for out, key in ((entropy, "entropy"), (self_certainty, "self_certainty"),
+                         (sum_p_sq, "sum_p_sq")):
+            if out is not None:
+                out.copy_(ref[key])
+
+
+def _bwd_out(
+    backend: str,
+    logits3: Tensor,
+    labels2: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logprobs: Tensor | None,
+    grad_entropy: Tensor | None,
+    grad_lse: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    grad_logits3: Tensor,
+) -> None:
+    if backend in ("cpu", "cuda"):
+        backends.cpp_ops().logprobs_bwd_out(
+            logits3, labels2, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+            temperature, ignore_index, grad_logits3,
+        )
+    elif backend == "triton":
+        kernels = backends.triton_module("logprobs", logits3.device)
+        kernels.logprobs_bwd(
+            logits3, labels2, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+            grad_logits3, temperature=temperature, ignore_index=ignore_index,
+        )
+    else:
+        _bwd_reference(logits3, labels2, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+                       temperature, ignore_index, grad_logits3)
+
+
+def _bwd_reference(
+    logits3: Tensor,
+    labels2: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logprobs: Tensor | None,
+    grad_entropy: Tensor | None,
+    grad_lse: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    grad_logits3: Tensor,
+) -> None:
+    """ALGORITHMS.md §1 gradients written out in torch (the backend='torch' backward)."""
+    acc = lse.dtype
+    z = logits3.to(acc) / temperature
+    p = torch.exp(z - lse.unsqueeze(-1))
+    valid = (labels2 != ignore_index).unsqueeze(-1)
+    grad = torch.zeros_like(z)
+    if grad_lse is not None:
+        grad = grad + grad_lse.unsqueeze(-1) * p
+    if grad_logprobs is not None:
+        onehot = torch.zeros_like(z)
+        safe = torch.where(labels2 != ignore_index, labels2, 0)
+        onehot.scatter_(-1, safe.unsqueeze(-1), 1.0)
+        grad = grad + grad_logprobs.unsqueeze(-1) * (onehot - p)
+    if grad_entropy is not None:
+        assert entropy is not None
+        e_z = (lse - entropy).unsqueeze(-1)
+        zc = torch.clamp(z, min=torch.finfo(acc).min)
+        grad = grad + grad_entropy.unsqueeze(-1) * torch.where(p > 0, p * (e_z - zc), 0.0)
+    grad = torch.where(valid, grad, 0.0) / temperature
+    grad_logits3.copy_(grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered functional ops (what autograd and torch.compile see).
+
+
+@torch.library.custom_op("rlkern::logprobs_fwd", mutates_args=())
+def logprobs_fwd(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    with_stats: bool,
+    inplace_backward: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    logits3 = _rows3d(logits)
+    lead = logits.shape[:-1]
+    labels2 = labels.reshape(logits3.shape[:-1]).to(torch.int64).contiguous()
+    _validate_data(logits3, labels2, ignore_index)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    new = lambda: torch.empty(logits3.shape[:-1], dtype=acc, device=logits.device)  # noqa: E731
+    logprobs, lse = new(), new()
+    entropy = new() if with_entropy else None
+    self_certainty = new() if with_stats else None
+    sum_p_sq = new() if with_stats else None
+    if labels2.numel() > 0:
+        _fwd_out(backend, logits3, labels2, temperature, ignore_index, logprobs, lse, entropy,
+                 self_certainty, sum_p_sq)
+        _validate_rows(lse, labels2, ignore_index)
+    shaped = lambda t: _empty().to(logits.device) if t is None else t.view(lead)  # noqa: E731
+    return (shaped(logprobs), shaped(lse), shaped(entropy), shaped(self_certainty),
+            shaped(sum_p_sq))
+
+
+@logprobs_fwd.register_fake
+def _(logits, labels, temperature, ignore_index, with_entropy, with_stats, inplace_backward,
+      backend):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lead = logits.shape[:-1]
+    full = lambda: logits.new_empty(lead, dtype=acc)  # noqa: E731
+    none = lambda: logits.new_empty((0,), dtype=torch.float32)  # noqa: E731
+    return (
+        full(),
+        full(),
+        full() if with_entropy else none(),
+        full() if with_stats else none(),
+        full() if with_stats else none(),
+    )
+
+
+def _grad_logits_buffer(logits: Tensor) -> Tensor:
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+                temperature, ignore_index, backend, grad_logits):
+    logits3 = _rows3d(logits)
+    if logits3.numel() == 0:
+        grad_logits.zero_()
+        return
+    rows = logits3.shape[:-1]
+    as2d = lambda t: None if t is None or t.numel() == 0 else t.reshape(rows).contiguous()  # noqa: E731
+    grad_logits3 = _rows3d(grad_logits)
+    _bwd_out(backend, logits3, labels.reshape(rows).to(torch.int64).contiguous(), as2d(lse),
+             as2d(entropy), as2d(grad_logprobs), as2d(grad_entropy), as2d(grad_lse),
+             temperature, ignore_index, grad_logits3)
+
+
+@torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=())
+def logprobs_bwd(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logprobs: Tensor | None,
+    grad_entropy: Tensor | None,
+    grad_lse: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    grad_logits = _grad_logits_buffer(logits)
+    _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+                temperature, ignore_index, backend, grad_logits)
+    return grad_logits
+
+
+@logprobs_bwd.register_fake
+def _(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, temperature,
+      ignore_index, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("rlkern::logprobs_bwd_inplace", mutates_args=("logits",))
+def logprobs_bwd_inplace(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logprobs: Tensor | None,
+    grad_entropy: Tensor | None,
+    grad_lse: Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> None:
+    # Each logit is read once and its gradient written to the same address; the per-row
+    # constants (lse, entropy) were computed in the forward, so no element is read after
+    # it has been overwritten.
+    _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+                temperature, ignore_index, backend, logits)
+
+
+@logprobs_bwd_inplace.register_fake
+def _(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, temperature,
+      ignore_index, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    (logits, labels, temperature, ignore_index, with_entropy, with_stats, inplace_backward,
+     backend) = inputs
+    _, lse, entropy, self_certainty, sum_p_sq = output
+    # self_certainty and sum_p_sq are statistics (rewards, baselines), not training targets.
+    ctx.mark_non_differentiable(self_certainty, sum_p_sq)
+    ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+    ctx.options = (temperature, ignore_index, backend)
+    ctx.inplace = inplace_backward
+
+
+def _backward(ctx, grad_logprobs, grad_lse, grad_entropy, grad_sc, grad_sq):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, backend = ctx.options
+    if entropy is None:
+        grad_entropy = None
+    args = (labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, temperature,
+            ignore_index, backend)
+    if ctx.inplace:
+        torch.ops.rlkern.logprobs_bwd_inplace(logits, *args)
+        grad = logits
+    else:
+        grad = torch.ops.rlkern.logprobs_bwd(logits, *args)
+    return grad, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "rlkern::logprobs_fwd", _backward, setup_context=_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_inputs(logits: Tensor, labels: Tensor, temperature: float) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be bfloat16, float16, float32 or float64, got {logits.dtype}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (N, V) or (B, L, V), got {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        raise ValueError(
+            f"logits must be contiguous along the vocab (last) dim, got stride {logits.stride(-1)}"
+            "; the other dims may have any strides"
+        )
+    if logits.shape[-1] == 0 and logits.numel() == 0 and labels.numel() > 0:
+        raise ValueError("logits has an empty vocab dim (V = 0) but labels are not empty")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_stats: bool = False,
+    ignore_index: int = -100,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> TokenLogprobs:
+    r"""Log-probability of each label, and optionally the entropy, in one pass over the logits.
+
+    For each row ``x`` of ``logits`` (length ``V``) with label ``y`` (ALGORITHMS.md §1)::
+
+        z        = x / temperature
+        lse      = log Σ_v exp(z_v)
+        logprobs = z_y − lse
+        entropy  = lse − Σ_v p_v z_v,       p_v = exp(z_v − lse)
+        self_certainty = lse − mean_v z_v   (return_stats; Intuitor's KL(U‖p) + log V)
+        sum_p_sq       = Σ_v p_v²           (return_stats; verl's optimal-token baseline)
+
+    This is TRL's ``selective_log_softmax(logits / T, ids)`` + ``entropy_from_logits`` and
+    verl's ``logprobs_from_logits`` + ``entropy_from_logits`` fused: the logits are read once,
+    accumulation is float32, and no ``(N, V)`` temporary is created.
+
+    Args:
+        logits: ``(N, V)`` or ``(B, L, V)`` bfloat16 / float16 / float32 / float64 tensor.
+            Only the vocab dim must be contiguous: strided views such as TRL's
+            ``logits[:, :-1, :]`` are read in place, without a copy.
+        labels: int32 / int64 tensor of shape ``logits.shape[:-1]``; each value in ``[0, V)``
+            or equal to ``ignore_index``.
+        temperature: ``T > 0``; the logits are divided by it (gradients too).
+        return_entropy: also return the entropy of ``softmax(z)`` (differentiable).
+        return_stats: also return ``self_certainty`` and ``sum_p_sq`` (not differentiable).
+        ignore_index: rows with this label give 0 for every output and a zero gradient.
+        inplace_backward: write the gradient wrt ``logits`` over the ``logits`` buffer
+            (saves one ``(N, V)`` allocation in backward; ``logits`` must not be used after
+            the backward pass).
+        backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"cuda"``, ``"triton"``
+            (on CPU tensors: the Triton interpreter) or ``"torch"`` (the reference).
+
+    Returns:
+        :class:`TokenLogprobs` ``(logprobs, entropy, lse, self_certainty, sum_p_sq)``, each of
+        shape ``logits.shape[:-1]``, float32 (float64 for float64 logits); ``entropy`` is
+        ``None`` unless ``return_entropy``, the stats ``None`` unless ``return_stats``.
+        ``logprobs``, ``entropy`` and ``lse`` are differentiable wrt ``logits``; the backward
+        recomputes ``p`` from the saved per-row ``lse`` and ``entropy``.
+
+    Raises:
+        TypeError: wrong dtypes. ValueError: shape mismatch, non-unit vocab stride,
+        ``temperature <= 0``, labels out of range, or a row of all ``-inf`` logits (the last
+        two only while checks are on, see :func:`set_checks`).
+
+    Example::
+
+        >>> logits = torch.randn(2, 5, 32000, dtype=torch.bfloat16)
+        >>> ids = torch.randint(0, 32000, (2, 5))
+        >>> out = rlkern.token_logprobs(logits, ids, temperature=0.7, return_entropy=True)
+        >>> out.logprobs.shape, out.entropy.dtype
+        (torch.Size([2, 5]), torch.float32)
+    """
+    _check_inputs(logits, labels, temperature)
+    resolved = backends.resolve_backend(backend, logits.device)
+    lp, lse, ent, sc, sq = torch.ops.rlkern.logprobs_fwd(
+        logits, labels, float(temperature), int(ignore_index), bool(return_entropy),
+        bool(return_stats), bool(inplace_backward), resolved,
+    )
+    return TokenLogprobs(
+        logprobs=lp,
+        entropy=ent if return_entropy else None,
+        lse=lse,
+        self_certainty=sc if return_stats else None,
+        sum_p_sq=sq if return_stats else None,
+    )

@@ -1,0 +1,10 @@
+"""Readable pure-torch references: the ground truth the kernels are tested against.
+
+Each function here states the math of ``ALGORITHMS.md`` line by line, in the input's own
+floating dtype promoted to at least float32 (float64 inputs stay float64 so that gradcheck and
+tight float64 comparisons are possible).
+"""
+
+from rlkern.reference.logprobs import token_logprobs_reference
+
+__all__ = ["token_logprobs_reference"]

@@ -1,0 +1,64 @@
+"""Reference for token log-probabilities, entropy and the per-row softmax statistics.
+
+ALGORITHMS.md §1, for one row ``x`` (length V) with label ``y`` and temperature ``T``::
+
+    z              = x / T
+    lse            = log Σ_v exp(z_v)
+    logp           = z_y − lse
+    entropy        = lse − Σ_v p_v z_v,            p_v = exp(z_v − lse)
+    self_certainty = lse − mean_v z_v
+    sum_p_sq       = Σ_v p_v²
+
+Rows whose label equals ``ignore_index`` give 0 for every output (and a zero gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def token_logprobs_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """All per-row outputs of ``token_logprobs`` computed with plain torch ops.
+
+    Args:
+        logits: ``(..., V)`` float tensor (any float dtype, any strides).
+        labels: ``(...)`` integer tensor matching ``logits.shape[:-1]``.
+        temperature: ``T > 0``; logits are divided by it.
+        ignore_index: label value whose rows give zero outputs.
+
+    Returns:
+        dict with ``logprobs, entropy, lse, self_certainty, sum_p_sq``, each of shape
+        ``logits.shape[:-1]`` in float32 (float64 for float64 input). Differentiable wrt
+        ``logits`` through every output.
+    """
+    acc = _acc_dtype(logits.dtype)
+    z = logits.to(acc) / temperature
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.exp(z - lse.unsqueeze(-1))
+    # p·z is 0 where z = −inf (the limit). z is clamped to a finite value and the product
+    # masked, so that neither the value nor its gradient meets 0·inf on masked vocabularies.
+    zc = torch.clamp(z, min=torch.finfo(acc).min)
+    pz = torch.where(p > 0, p * zc, torch.zeros_like(p))
+    z_y = torch.gather(z, -1, safe_labels.unsqueeze(-1)).squeeze(-1)
+
+    zero = torch.zeros_like(lse)
+    return {
+        "logprobs": torch.where(valid, z_y - lse, zero),
+        "entropy": torch.where(valid, lse - pz.sum(-1), zero),
+        "lse": torch.where(valid, lse, zero),
+        "self_certainty": torch.where(valid, lse - z.mean(-1), zero),
+        "sum_p_sq": torch.where(valid, (p * p).sum(-1), zero),
+    }

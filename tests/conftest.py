@@ -1,0 +1,61 @@
+"""Shared test configuration: the per-dtype tolerance table and small helpers.
+
+Every kernel output is judged against the float64 reference of ``rlkern.reference`` evaluated
+on the same (already rounded) inputs, so the tolerance measures the kernel's own error: fp32
+accumulation, the fast exp, and the rounding of the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before
+# any kernel module is imported (Triton decides when a kernel is decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# (rtol, atol) per input dtype for the per-row outputs (logprobs, entropy, lse, stats), which
+# are float32 whatever the input dtype (float64 for float64 input). DESIGN.md: fp32 1e-5
+# relative; bf16/fp16 inputs with fp32 accumulation 1e-4 on logprobs. The atol covers outputs
+# near zero (e.g. a confident token's logprob), where a relative bound means nothing.
+ROW_TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-4, 1e-4),
+    torch.float16: (1e-4, 1e-4),
+}
+
+# Gradients are stored in the input dtype, so their error is the output rounding of that
+# dtype (bf16 has 8 significant bits: 2^-8 ≈ 4e-3 relative) on top of the fp32 math.
+GRAD_TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-7),
+    torch.bfloat16: (8e-3, 1e-5),
+    torch.float16: (2e-3, 1e-6),
+}
+
+
+def assert_close_rows(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                      what: str = "") -> None:
+    rtol, atol = ROW_TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
+                               equal_nan=True, msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def assert_close_grad(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                      what: str = "") -> None:
+    rtol, atol = GRAD_TOL[dtype]
+    # The label's entry g·(1 − p_y) cancels when p_y ≈ 1, so each element is also allowed an
+    # absolute error of 0.1·rtol times the largest gradient entry (the row's scale).
+    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol,
+                               atol=atol + 0.1 * rtol * scale,
+                               msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
