@@ -1,0 +1,635 @@
+// CUDA kernels for token log-probabilities, entropy and their gradient (ALGORITHMS.md §1).
+//
+// Torch-free (DESIGN.md style rule 1): the launchers at the bottom take raw pointers, sizes,
+// strides and a cudaStream_t and return an error code; csrc/cuda_ops.cpp adapts tensors.
+// Declarations and the full contract: csrc/include/rlkern/cuda_launchers.h.
+//
+// Forward (one read of the logits). For a row x (length V) with label y and z = x / T:
+//   lse = log Σ exp(z),  logp = z_y − lse,  entropy = log s − t / s,
+//   self_certainty = lse − Σz / V,  Σp² = u / s²
+// with the streaming statistics (m, s, t, u, Σz) of rlkern/online_softmax.h (the online
+// normaliser of Milakov & Gimelshein 2018, "Online normalizer calculation for softmax",
+// extended with the shifted first and second moments). Each thread summarises a fixed set of
+// vocab chunks; the summaries are merged with softmax_stats_merge, first across the lanes of a
+// warp (shuffles), then across the warps of the block (shared memory).
+//
+// Backward (one read and one write of the logits, nothing of size V saved by the forward):
+//   grad_v = [ p_v (c0 − g_ent z_v) + 1[v = y] g_lp ] / T,   p_v = exp(z_v − lse),
+//   c0 = g_ent E_p[z] − g_lp + g_lse  (logprobs_grad_row_const + g_lse),  E_p[z] = lse − entropy.
+//
+// Batch invariance: which thread reads which element, the order in which a thread
+// accumulates, and the merge tree all depend only on V and the dtype (the launch shape is a
+// function of V only), never on B, L, the row index or the row's memory alignment; so a row's
+// outputs are bitwise independent of the rest of the batch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "rlkern/cuda_launchers.h"
+#include "rlkern/online_softmax.h"
+
+namespace rlkern {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kFwdMaxThreads = 512;      // threads per block (and per row) in the forward
+constexpr int kFwdChunksPerThread = 4;   // forward: widen a row's threads while each owns more
+constexpr int kBwdMaxThreads = 256;      // threads per block in the backward
+constexpr int kBwdUnroll = 4;            // backward: 16-byte vectors in flight per thread
+constexpr int kBwdMinBlocks = 4;         // backward: ≥ 4 resident blocks/SM, i.e. ≤ 64 registers
+constexpr float kLowestFloat = -3.402823466e38f;  // lowest finite float
+
+// -------------------------------------------------------------------------------------------
+// Element types. A "chunk" is kVec consecutive elements = 16 bytes, the widest global load.
+
+template <typename To, typename From>
+__device__ __forceinline__ To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: size mismatch");
+  To to;
+  memcpy(&to, &from, sizeof(To));  // compiles to a register move
+  return to;
+}
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static constexpr int kVec = 4;
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+  static __device__ __forceinline__ void unpack(const uint4& r, float (&x)[kVec]) {
+    x[0] = __uint_as_float(r.x);
+    x[1] = __uint_as_float(r.y);
+    x[2] = __uint_as_float(r.z);
+    x[3] = __uint_as_float(r.w);
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&x)[kVec]) {
+    return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]),
+                      __float_as_uint(x[3]));
+  }
+};
+
+template <>
+struct Elem<__half> {
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ void unpack(const uint4& r, float (&x)[kVec]) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(bit_cast<__half2>(w[i]));
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&x)[kVec]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = bit_cast<uint32_t>(__floats2half2_rn(x[2 * i], x[2 * i + 1]));
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return __float2bfloat16_rn(x);
+  }
+  // bf16 is the top half of a float32, so widening is exact bit surgery on each 32-bit word:
+  // the low element is `w << 16`, the high element is `w & 0xffff0000` (no cvt instructions).
+  static __device__ __forceinline__ void unpack(const uint4& r, float (&x)[kVec]) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = __uint_as_float(w[i] << 16);
+      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&x)[kVec]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[i] = bit_cast<uint32_t>(__floats2bfloat162_rn(x[2 * i], x[2 * i + 1]));
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+__device__ __forceinline__ bool is_aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Row r = b * L + l of a (B, L, V) view starts at element b * stride_0 + l * stride_1.
+__device__ __forceinline__ int64_t row_offset(int64_t row, int64_t L, int64_t stride_0,
+                                              int64_t stride_1) {
+  const int64_t b = row / L;
+  return b * stride_0 + (row - b * L) * stride_1;
+}
+
+// -------------------------------------------------------------------------------------------
+// Forward
+
+struct FwdArgs {
+  const void* logits;
+  int64_t rows, L;
+  int V;  // in-row offsets are 32-bit (V < 2^31); row offsets are 64-bit
+  int64_t stride_0, stride_1;
+  const int64_t* labels;
+  float inv_t;  // 1 / T
+  int64_t ignore_index;
+  float* logprobs;
+  float* lse;
+  float* entropy;         // nullable
+  float* self_certainty;  // nullable
+  float* sum_p_sq;        // nullable
+};
+
+// Load chunk k (elements [k·kVec, (k+1)·kVec)) of a row as floats. The chunk → thread
+// assignment is the same whether or not the row is 16-byte aligned (so the reduction order,
+// hence the result, does not depend on where the row sits in memory); only the load width
+// changes: one 16-byte load, or kVec scalar loads for a misaligned row (e.g. an odd V).
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ x, int k, bool vec_ok,
+                                           float (&out)[Elem<T>::kVec]) {
+  constexpr int kVec = Elem<T>::kVec;
+  if (vec_ok) {
+    Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(x) + k), out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = Elem<T>::to_float(x[k * kVec + i]);
+  }
+}
+
+// Add the first n (≤ N) logits of a chunk to a thread's running summary `st` (natural units,
+// reference max st.m) and, with kStats, to the raw sum Σx (Σz = Σx / T is formed once later).
+//
+// Tricks:
+//  * one max per chunk: the reference moves at most once per chunk, so the rescale (one exp,
+//    via softmax_stats_rescale) is paid per chunk at most, not per element as in the
+//    textbook online softmax — and, once the row max has been seen, almost never;
+//  * z − m is one fma (x · (1/T) − m); exp is the fast __expf (ex2.approx with a log2(e)
+//    prescale, ~2 ulp), the accumulation is float32;
+//  * max(z) = max(x) / T since T > 0, so the max is taken on raw logits;
+//  * −inf logits give e = 0; their t term would be 0 · (−inf) = NaN, so z − m is clamped to
+//    the lowest finite float there (0 · finite = 0). NaN logits still make s (and lse) NaN.
+template <int N, bool kEntropy, bool kStats>
+__device__ __forceinline__ void accumulate_chunk(SoftmaxStats<float>& st, float& xsum,
+                                                 const float (&x)[N], int n, float inv_t) {
+  float xmax = x[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) xmax = fmaxf(xmax, x[i]);
+  const float cm = xmax * inv_t;
+  if (cm > st.m) softmax_stats_rescale(st, cm);
+  // While only −inf (or NaN) has been seen the reference is −inf; use 0 instead so that
+  // z − m is −inf (e = 0) rather than −inf − (−inf) = NaN.
+  const float m = st.m == neg_inf<float>() ? 0.f : st.m;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float d = fmaf(x[i], inv_t, -m);
+    const float e = __expf(d);
+    st.s += e;
+    if constexpr (kEntropy) st.t = fmaf(e, fmaxf(d, kLowestFloat), st.t);
+    if constexpr (kStats) {
+      st.u = fmaf(e, e, st.u);
+      xsum += i < n ? x[i] : 0.f;  // padding of a partial chunk is −inf: keep it out of Σx
+    }
+  }
+}
+
+// Butterfly merge of the 32 lanes' summaries: after it every lane holds the warp's summary.
+// The tree (xor distances 16, 8, 4, 2, 1) is fixed; fields the outputs do not need are not
+// shuffled (they stay 0 in the partner's copy and their merged value is dead code).
+template <bool kEntropy, bool kStats>
+__device__ __forceinline__ SoftmaxStats<float> warp_merge(SoftmaxStats<float> st) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+    SoftmaxStats<float> other;
+    other.m = __shfl_xor_sync(kFullMask, st.m, off);
+    other.s = __shfl_xor_sync(kFullMask, st.s, off);
+    other.t = kEntropy ? __shfl_xor_sync(kFullMask, st.t, off) : 0.f;
+    other.u = kStats ? __shfl_xor_sync(kFullMask, st.u, off) : 0.f;
+    other.zsum = kStats ? __shfl_xor_sync(kFullMask, st.zsum, off) : 0.f;
+    st = softmax_stats_merge(st, other);
+  }
+  return st;
+}
+
+// One row per blockDim.x threads; blockDim.y rows per block (blockDim.y > 1 only when
+// blockDim.x == 32, i.e. one warp per row, for small V). Requires blockDim.x a multiple of 32
+// and ≤ kFwdMaxThreads.
+template <typename T, bool kEntropy, bool kStats>
+__global__ void __launch_bounds__(kFwdMaxThreads)
+    logprobs_fwd_kernel(const FwdArgs a) {
+  constexpr int kVec = Elem<T>::kVec;
+  __shared__ SoftmaxStats<float> warp_stats[kFwdMaxThreads / kWarpSize];
+
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int nfull = a.V / kVec;        // full chunks
+  const int rem = a.V - nfull * kVec;  // elements of the partial chunk
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < a.rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t y = a.labels[row];
+    if (y == a.ignore_index) {  // uniform over the row's threads: nothing is read
+      if (tid == 0) {
+        a.logprobs[row] = 0.f;
+        a.lse[row] = 0.f;
+        if (kEntropy && a.entropy) a.entropy[row] = 0.f;
+        if (kStats && a.self_certainty) a.self_certainty[row] = 0.f;
+        if (kStats && a.sum_p_sq) a.sum_p_sq[row] = 0.f;
+      }
+      continue;
+    }
+    const T* __restrict__ x =
+        static_cast<const T*>(a.logits) + row_offset(row, a.L, a.stride_0, a.stride_1);
+    const bool label_ok = y >= 0 && y < a.V;
+    // Thread 0 issues the load of x[y] now, so its latency hides under the sweep instead of
+    // sitting after the reduction. An out-of-range label is never dereferenced.
+    float x_y = 0.f;
+    if (tid == 0 && label_ok) x_y = Elem<T>::to_float(x[y]);
+
+    const bool vec_ok = is_aligned16(x);
+    SoftmaxStats<float> st = softmax_stats_empty<float>();
+    float xsum = 0.f;
+    // Thread tid owns chunks tid, tid + nthreads, ... and accumulates them in that order.
+    // Two chunks are loaded before either is accumulated (two 16-byte loads in flight per
+    // thread); the accumulation order is unchanged, so the result equals the plain loop's.
+    int k = tid;
+    for (; k + nthreads < nfull; k += 2 * nthreads) {
+      float c0[kVec], c1[kVec];
+      load_chunk(x, k, vec_ok, c0);
+      load_chunk(x, k + nthreads, vec_ok, c1);
+      accumulate_chunk<kVec, kEntropy, kStats>(st, xsum, c0, kVec, a.inv_t);
+      accumulate_chunk<kVec, kEntropy, kStats>(st, xsum, c1, kVec, a.inv_t);
+    }
+    if (k < nfull) {
+      float c0[kVec];
+      load_chunk(x, k, vec_ok, c0);
+      accumulate_chunk<kVec, kEntropy, kStats>(st, xsum, c0, kVec, a.inv_t);
+      k += nthreads;
+    }
+    if (rem > 0 && k == nfull) {  // the partial last chunk, owned like any other chunk
+      float c0[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        c0[i] = i < rem ? Elem<T>::to_float(x[nfull * kVec + i]) : neg_inf<float>();
+      }
+      accumulate_chunk<kVec, kEntropy, kStats>(st, xsum, c0, rem, a.inv_t);
+    }
+    if constexpr (kStats) st.zsum = xsum * a.inv_t;
+
+    // Merge: lanes → warp (shuffles), then warps → row (shared memory, read by warp 0).
+    st = warp_merge<kEntropy, kStats>(st);
+    if (nthreads > kWarpSize) {  // uniform: blockDim.y == 1 on this path
+      if (lane == 0) warp_stats[warp] = st;
+      __syncthreads();
+      if (warp == 0) {
+        st = lane < nthreads / kWarpSize ? warp_stats[lane] : softmax_stats_empty<float>();
+        st = warp_merge<kEntropy, kStats>(st);
+      }
+      __syncthreads();  // warp_stats is reused by this block's next row
+    }
+
+    if (tid == 0) {
+      const RowResult<float> r = softmax_stats_finish(st, a.V);
+      a.lse[row] = r.lse;
+      a.logprobs[row] = label_ok ? fmaf(x_y, a.inv_t, -r.lse) : __int_as_float(0x7fc00000);
+      if (kEntropy && a.entropy) a.entropy[row] = r.entropy;
+      if (kStats && a.self_certainty) a.self_certainty[row] = r.self_certainty;
+      if (kStats && a.sum_p_sq) a.sum_p_sq[row] = r.sum_p_sq;
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+// Backward
+
+struct BwdArgs {
+  const void* logits;
+  void* grad;  // may equal logits (in-place backward)
+  int64_t rows, L;
+  int V;  // in-row offsets are 32-bit (V < 2^31); row offsets are 64-bit
+  int64_t stride_0, stride_1;
+  int64_t grad_stride_0, grad_stride_1;
+  const int64_t* labels;
+  const float* lse;
+  const float* entropy;        // read only when grad_entropy is given
+  const float* grad_logprobs;  // nullable
+  const float* grad_entropy;   // nullable
+  const float* grad_lse;       // nullable
+  float inv_t;
+  int64_t ignore_index;
+};
+
+// Per-row constants of the gradient.
+struct BwdRow {
+  float lse;    // log Σ exp(z)
+  float c0;     // g_ent E_p[z] − g_lp + g_lse
+  float g_lp;   // added at the label
+  float g_ent;  // coefficient of −p_v z_v
+};
+
+// grad_v · T = p_v (c0 − g_ent z_v) + label_term, p_v = exp(z_v − lse). A −inf logit (or one
+// whose p underflows) has p = 0 and contributes exactly 0: the select avoids 0 · ∞ = NaN from
+// c0 − g_ent · (−inf). NaN logits give NaN. (ALGORITHMS.md §1; reference: the p > 0 `where`.)
+__device__ __forceinline__ float grad_elem(float x, const BwdRow& r, float label_term,
+                                           float inv_t) {
+  const float p = __expf(fmaf(x, inv_t, -r.lse));
+  const float pg = p == 0.f ? 0.f : p * fmaf(-r.g_ent, x * inv_t, r.c0);
+  return (pg + label_term) * inv_t;
+}
+
+// The backward is elementwise given the per-row constants, so it needs no fixed thread ↔
+// element map: rows are split into column tiles (grid.y) of blockDim.x · kBwdUnroll 16-byte
+// vectors, and the row's 16-byte aligned body is read and written with vector accesses
+// (kBwdUnroll loads in flight per thread). The few elements before the first aligned address
+// (head) and after the last full vector (tail) go through scalar accesses in tile 0. If
+// logits and grad are misaligned differently, the row is processed with scalar accesses.
+// In-place: every element is loaded and stored by the same thread, load before store.
+template <typename T>
+__global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) logprobs_bwd_kernel(const BwdArgs a) {
+  constexpr int kVec = Elem<T>::kVec;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int tile_vecs = nthreads * kBwdUnroll;
+  const int tile_elems = tile_vecs * kVec;
+  const int ntiles = static_cast<int>((static_cast<int64_t>(a.V) + tile_elems - 1) / tile_elems);
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < a.rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const T* x = static_cast<const T*>(a.logits) + row_offset(row, a.L, a.stride_0, a.stride_1);
+    T* g = static_cast<T*>(a.grad) + row_offset(row, a.L, a.grad_stride_0, a.grad_stride_1);
+    const int64_t y = a.labels[row];
+    const bool ignored = y == a.ignore_index;  // uniform over the row: zero row, no reads
+    const int col_y = (y >= 0 && y < a.V) ? static_cast<int>(y) : -1;  // −1: no label term
+
+    BwdRow r{0.f, 0.f, 0.f, 0.f};
+    if (!ignored) {
+      r.lse = a.lse[row];
+      r.g_lp = a.grad_logprobs ? a.grad_logprobs[row] : 0.f;
+      r.g_ent = a.grad_entropy ? a.grad_entropy[row] : 0.f;
+      const float ent = a.grad_entropy ? a.entropy[row] : 0.f;
+      const float g_lse = a.grad_lse ? a.grad_lse[row] : 0.f;
+      r.c0 = logprobs_grad_row_const(r.g_lp, r.g_ent, r.lse, ent) + g_lse;
+    }
+
+    // Split [0, V) into head (scalar) | body of 16-byte vectors | tail (scalar).
+    const uintptr_t mis_x = reinterpret_cast<uintptr_t>(x) & 15u;
+    const uintptr_t mis_g = reinterpret_cast<uintptr_t>(g) & 15u;
+    const bool vec_ok = mis_x == mis_g;
+    int head = 0, nvec = 0;
+    if (vec_ok) {
+      head = static_cast<int>(((16u - mis_x) & 15u) / sizeof(T));
+      head = head < a.V ? head : a.V;
+      nvec = (a.V - head) / kVec;
+    }
+    const int body_end = head + nvec * kVec;
+
+    auto scalar_elem = [&](int v) {
+      float out = 0.f;
+      if (!ignored) {
+        out = grad_elem(Elem<T>::to_float(x[v]), r, v == col_y ? r.g_lp : 0.f, a.inv_t);
+      }
+      g[v] = Elem<T>::from_float(out);
+    };
+
+    for (int tile = blockIdx.y; tile < ntiles; tile += gridDim.y) {
+      if (vec_ok) {
+        const uint4* xv = reinterpret_cast<const uint4*>(x + head);
+        uint4* gv = reinterpret_cast<uint4*>(g + head);
+        uint4 raw[kBwdUnroll] = {};
+#pragma unroll
+        for (int u = 0; u < kBwdUnroll; ++u) {  // all loads first: kBwdUnroll in flight
+          const int vi = tile * tile_vecs + u * nthreads + tid;
+          if (!ignored && vi < nvec) raw[u] = xv[vi];
+        }
+#pragma unroll
+        for (int u = 0; u < kBwdUnroll; ++u) {
+          const int vi = tile * tile_vecs + u * nthreads + tid;
+          if (vi >= nvec) continue;
+          float v[kVec];
+          if (ignored) {
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) v[i] = 0.f;
+          } else {
+            Elem<T>::unpack(raw[u], v);
+            const int hit = col_y - (head + vi * kVec);  // label's slot in this vector
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) {
+              v[i] = grad_elem(v[i], r, i == hit ? r.g_lp : 0.f, a.inv_t);
+            }
+          }
+          gv[vi] = Elem<T>::pack(v);
+        }
+        if (tile == 0) {  // head and tail: fewer than kVec elements each
+          if (tid < head) scalar_elem(tid);
+          if (tid < a.V - body_end) scalar_elem(body_end + tid);
+        }
+      } else {
+        const int begin = tile * tile_elems;
+        const int end = a.V - begin > tile_elems ? begin + tile_elems : a.V;
+        for (int v = begin + tid; v < end; v += nthreads) scalar_elem(v);
+      }
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+// Launch configuration (a function of V and the dtype only: see "Batch invariance" above)
+
+// Forward: threads per row grow in powers of two from one warp up to kFwdMaxThreads while
+// each thread would own more than kFwdChunksPerThread chunks. Small rows (one warp per row)
+// are packed 8 to a block so blocks stay 256 threads wide.
+struct FwdLaunch {
+  int threads_per_row;
+  int rows_per_block;
+};
+
+FwdLaunch fwd_launch(int64_t V, int vec) {
+  const int64_t chunks = (V + vec - 1) / vec;
+  int t = kWarpSize;
+  while (t < kFwdMaxThreads && static_cast<int64_t>(t) * kFwdChunksPerThread < chunks) t *= 2;
+  return {t, t == kWarpSize ? 8 : 1};
+}
+
+// Backward: a tile of blockDim.x · kBwdUnroll vectors; the block narrows for small V (down to
+// one warp) and then holds several rows (blockDim.y) to stay kBwdMaxThreads wide.
+struct BwdLaunch {
+  int threads_per_row;
+  int rows_per_block;
+  int64_t tiles;
+};
+
+BwdLaunch bwd_launch(int64_t V, int vec) {
+  const int64_t chunks = (V + vec - 1) / vec;
+  int t = kWarpSize;
+  while (t < kBwdMaxThreads && static_cast<int64_t>(t) * kBwdUnroll < chunks) t *= 2;
+  const int64_t tile_elems = static_cast<int64_t>(t) * kBwdUnroll * vec;
+  return {t, kBwdMaxThreads / t, (V + tile_elems - 1) / tile_elems};
+}
+
+// In-row offsets are 32-bit (fewer registers in the hot loops); any real vocabulary is far
+// below this bound, which also keeps `tile * tile_elems` and friends clear of int overflow.
+constexpr int64_t kMaxVocab = int64_t(1) << 30;
+
+constexpr int64_t kMaxGridX = 2147483647;  // grid-stride loops cover any excess rows
+constexpr int64_t kMaxGridY = 65535;       // and any excess column tiles
+
+unsigned grid_dim(int64_t blocks, int64_t cap) {
+  return static_cast<unsigned>(blocks < cap ? blocks : cap);
+}
+
+template <typename T, bool kEntropy, bool kStats>
+void launch_fwd_kernel(const FwdArgs& a, dim3 grid, dim3 block, cudaStream_t stream) {
+  logprobs_fwd_kernel<T, kEntropy, kStats><<<grid, block, 0, stream>>>(a);
+}
+
+template <typename T>
+int launch_fwd(const FwdArgs& a, cudaStream_t stream) {
+  const FwdLaunch cfg = fwd_launch(a.V, Elem<T>::kVec);
+  const dim3 block(cfg.threads_per_row, cfg.rows_per_block);
+  const dim3 grid(grid_dim((a.rows + cfg.rows_per_block - 1) / cfg.rows_per_block, kMaxGridX));
+  const bool entropy = a.entropy != nullptr;
+  const bool stats = a.self_certainty != nullptr || a.sum_p_sq != nullptr;
+  if (entropy && stats) {
+    launch_fwd_kernel<T, true, true>(a, grid, block, stream);
+  } else if (entropy) {
+    launch_fwd_kernel<T, true, false>(a, grid, block, stream);
+  } else if (stats) {
+    launch_fwd_kernel<T, false, true>(a, grid, block, stream);
+  } else {
+    launch_fwd_kernel<T, false, false>(a, grid, block, stream);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_bwd(const BwdArgs& a, cudaStream_t stream) {
+  const BwdLaunch cfg = bwd_launch(a.V, Elem<T>::kVec);
+  const dim3 block(cfg.threads_per_row, cfg.rows_per_block);
+  const dim3 grid(grid_dim((a.rows + cfg.rows_per_block - 1) / cfg.rows_per_block, kMaxGridX),
+                  grid_dim(cfg.tiles, kMaxGridY));
+  logprobs_bwd_kernel<T><<<grid, block, 0, stream>>>(a);
+  return static_cast<int>(cudaGetLastError());
+}
+
+bool valid_temperature(float temperature) {
+  return std::isfinite(temperature) && temperature > 0.f;
+}
+
+}  // namespace
+}  // namespace rlkern
+
+extern "C" int rlkern_logprobs_fwd_cuda(const void* logits, int dtype, int64_t B, int64_t L,
+                                        int64_t V, int64_t stride_logits_0,
+                                        int64_t stride_logits_1, const int64_t* labels,
+                                        float temperature, int64_t ignore_index, float* logprobs,
+                                        float* lse, float* entropy, float* self_certainty,
+                                        float* sum_p_sq, cudaStream_t stream) {
+  using namespace rlkern;
+  if (dtype != RLKERN_DTYPE_FP32 && dtype != RLKERN_DTYPE_FP16 && dtype != RLKERN_DTYPE_BF16) {
+    return RLKERN_CUDA_ERR_DTYPE;
+  }
+  if (B < 0 || L < 0 || V < 0 || V > kMaxVocab || !valid_temperature(temperature)) {
+    return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  }
+  const int64_t rows = B * L;
+  if (rows == 0) return RLKERN_CUDA_OK;
+  if (labels == nullptr || logprobs == nullptr || lse == nullptr ||
+      (V > 0 && logits == nullptr)) {
+    return RLKERN_CUDA_ERR_NULL_POINTER;
+  }
+  FwdArgs a{};
+  a.logits = logits;
+  a.rows = rows;
+  a.L = L;
+  a.V = static_cast<int>(V);
+  a.stride_0 = stride_logits_0;
+  a.stride_1 = stride_logits_1;
+  a.labels = labels;
+  a.inv_t = 1.f / temperature;
+  a.ignore_index = ignore_index;
+  a.logprobs = logprobs;
+  a.lse = lse;
+  a.entropy = entropy;
+  a.self_certainty = self_certainty;
+  a.sum_p_sq = sum_p_sq;
+  switch (dtype) {
+    case RLKERN_DTYPE_FP32: return launch_fwd<float>(a, stream);
+    case RLKERN_DTYPE_FP16: return launch_fwd<__half>(a, stream);
+    default: return launch_fwd<__nv_bfloat16>(a, stream);
+  }
+}
+
+extern "C" int rlkern_logprobs_bwd_cuda(const void* logits, int dtype, int64_t B, int64_t L,
+                                        int64_t V, int64_t stride_logits_0,
+                                        int64_t stride_logits_1, const int64_t* labels,
+                                        const float* lse, const float* entropy,
+                                        const float* grad_logprobs, const float* grad_entropy,
+                                        const float* grad_lse, float temperature,
+                                        int64_t ignore_index, void* grad_logits,
+                                        int64_t stride_grad_0, int64_t stride_grad_1,
+                                        cudaStream_t stream) {
+  using namespace rlkern;
+  if (dtype != RLKERN_DTYPE_FP32 && dtype != RLKERN_DTYPE_FP16 && dtype != RLKERN_DTYPE_BF16) {
+    return RLKERN_CUDA_ERR_DTYPE;
+  }
+  if (B < 0 || L < 0 || V < 0 || V > kMaxVocab || !valid_temperature(temperature)) {
+    return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  }
+  if (grad_entropy != nullptr && entropy == nullptr) return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  const int64_t rows = B * L;
+  if (rows == 0 || V == 0) return RLKERN_CUDA_OK;
+  if (logits == nullptr || labels == nullptr || lse == nullptr || grad_logits == nullptr) {
+    return RLKERN_CUDA_ERR_NULL_POINTER;
+  }
+  BwdArgs a{};
+  a.logits = logits;
+  a.grad = grad_logits;
+  a.rows = rows;
+  a.L = L;
+  a.V = static_cast<int>(V);
+  a.stride_0 = stride_logits_0;
+  a.stride_1 = stride_logits_1;
+  a.grad_stride_0 = stride_grad_0;
+  a.grad_stride_1 = stride_grad_1;
+  a.labels = labels;
+  a.lse = lse;
+  a.entropy = entropy;
+  a.grad_logprobs = grad_logprobs;
+  a.grad_entropy = grad_entropy;
+  a.grad_lse = grad_lse;
+  a.inv_t = 1.f / temperature;
+  a.ignore_index = ignore_index;
+  switch (dtype) {
+    case RLKERN_DTYPE_FP32: return launch_bwd<float>(a, stream);
+    case RLKERN_DTYPE_FP16: return launch_bwd<__half>(a, stream);
+    default: return launch_bwd<__nv_bfloat16>(a, stream);
+  }
+}
+
+extern "C" const char* rlkern_cuda_error_string(int code) {
+  switch (code) {
+    case RLKERN_CUDA_OK: return "no error";
+    case RLKERN_CUDA_ERR_DTYPE: return "rlkern: unsupported dtype (expected fp32, fp16 or bf16)";
+    case RLKERN_CUDA_ERR_INVALID_ARGUMENT:
+      return "rlkern: invalid argument (negative size, V > 2^30, temperature not finite and "
+             "> 0, or grad_entropy given without entropy)";
+    case RLKERN_CUDA_ERR_NULL_POINTER: return "rlkern: a required pointer is null";
+    default: break;
+  }
+  if (code > 0) return cudaGetErrorString(static_cast<cudaError_t>(code));
+  return "rlkern: unknown error code";
+}
