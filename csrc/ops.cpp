@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "cpu/linear_logprobs.h"
 #include "cpu/logprobs.h"
 
 namespace rlkern {
@@ -129,6 +130,96 @@ void logprobs_bwd_out_cpu(const at::Tensor& logits, const at::Tensor& labels, co
   cpu::logprobs_bwd(a);
 }
 
+void check_tile(const at::Tensor& tile, const at::Tensor& labels, const char* name) {
+  TORCH_CHECK(tile.dim() == 2 && (tile.size(1) <= 1 || tile.stride(1) == 1), name,
+              ": expected a 2-D tile with contiguous columns, got sizes ", tile.sizes(),
+              " strides ", tile.strides());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                       labels.numel() == tile.size(0),
+                   "labels: expected a contiguous int64 tensor of ", tile.size(0), " elements");
+}
+
+void linear_logprobs_tile_fwd_cpu(const at::Tensor& tile, const at::Tensor& labels,
+                                  int64_t vocab_offset, double temperature, int64_t ignore_index,
+                                  bool with_entropy, const at::Tensor& stats) {
+  check_tile(tile, labels, "tile");
+  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.is_contiguous() &&
+                  stats.dim() == 2 && stats.size(0) == tile.size(0) &&
+                  stats.size(1) == cpu::kLinearStatsWidth,
+              "stats: expected a contiguous float64 (n, 4) tensor, got ", stats.sizes());
+  if (tile.numel() == 0) return;
+  cpu::LinearTileArgs a{};
+  a.tile = tile.const_data_ptr();
+  a.dtype = cpu_dtype(tile);
+  a.n = tile.size(0);
+  a.vt = tile.size(1);
+  a.stride_row = tile.stride(0);
+  a.vocab_offset = vocab_offset;
+  a.labels = labels.const_data_ptr<int64_t>();
+  a.ignore_index = ignore_index;
+  a.temperature = temperature;
+  a.with_entropy = with_entropy;
+  a.stats = stats.data_ptr<double>();
+  cpu::linear_logprobs_tile_fwd(a);
+}
+
+void linear_logprobs_finish_out_cpu(const at::Tensor& stats, const at::Tensor& labels,
+                                    double temperature, int64_t ignore_index,
+                                    const at::Tensor& logprobs, const at::Tensor& lse,
+                                    const std::optional<at::Tensor>& entropy) {
+  const int64_t n = labels.numel();
+  TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.is_contiguous() &&
+                  stats.numel() == n * cpu::kLinearStatsWidth,
+              "stats: expected a contiguous float64 (n, 4) tensor");
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong && labels.is_contiguous(),
+                   "labels: expected contiguous int64");
+  const auto dtype = logprobs.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "logprobs: expected float32/64");
+  check_rows_out(logprobs, "logprobs", n, dtype, stats);
+  check_rows_out(lse, "lse", n, dtype, stats);
+  if (entropy) check_rows_out(*entropy, "entropy", n, dtype, stats);
+  cpu::linear_logprobs_finish(stats.const_data_ptr<double>(), labels.const_data_ptr<int64_t>(), n,
+                              ignore_index, temperature, dtype == at::kDouble,
+                              logprobs.data_ptr(), lse.data_ptr(),
+                              entropy ? entropy->data_ptr() : nullptr);
+}
+
+void linear_logprobs_tile_bwd_cpu(const at::Tensor& tile, const at::Tensor& labels,
+                                  int64_t vocab_offset, const at::Tensor& lse,
+                                  const std::optional<at::Tensor>& entropy,
+                                  const std::optional<at::Tensor>& grad_logprobs,
+                                  const std::optional<at::Tensor>& grad_entropy,
+                                  const std::optional<at::Tensor>& grad_lse, double temperature,
+                                  int64_t ignore_index, const at::Tensor& grad_tile) {
+  check_tile(tile, labels, "tile");
+  check_tile(grad_tile, labels, "grad_tile");
+  TORCH_CHECK(grad_tile.sizes() == tile.sizes() && grad_tile.scalar_type() == tile.scalar_type(),
+              "grad_tile: expected the tile's shape and dtype");
+  TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(),
+              "entropy: required when grad_entropy is given");
+  const int64_t n = tile.size(0);
+  if (tile.numel() == 0) return;
+  const auto acc = acc_type(tile);
+  cpu::LinearTileArgs a{};
+  a.tile = tile.const_data_ptr();
+  a.grad_tile = grad_tile.data_ptr();
+  a.dtype = cpu_dtype(tile);
+  a.n = n;
+  a.vt = tile.size(1);
+  a.stride_row = tile.stride(0);
+  a.grad_stride_row = grad_tile.stride(0);
+  a.vocab_offset = vocab_offset;
+  a.labels = labels.const_data_ptr<int64_t>();
+  a.ignore_index = ignore_index;
+  a.temperature = temperature;
+  a.lse = maybe_ptr(lse, "lse", n, acc, tile);
+  a.entropy = maybe_ptr(entropy, "entropy", n, acc, tile);
+  a.grad_logprobs = maybe_ptr(grad_logprobs, "grad_logprobs", n, acc, tile);
+  a.grad_entropy = maybe_ptr(grad_entropy, "grad_entropy", n, acc, tile);
+  a.grad_lse = maybe_ptr(grad_lse, "grad_lse", n, acc, tile);
+  cpu::linear_logprobs_tile_bwd(a);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rlkern, m) {
@@ -140,11 +231,24 @@ TORCH_LIBRARY(rlkern, m) {
       "logprobs_bwd_out(Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, "
       "Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? grad_lse, float temperature, "
       "int ignore_index, Tensor(a!) grad_logits) -> ()");
+  m.def(
+      "linear_logprobs_tile_fwd_(Tensor tile, Tensor labels, int vocab_offset, float temperature, "
+      "int ignore_index, bool with_entropy, Tensor(a!) stats) -> ()");
+  m.def(
+      "linear_logprobs_finish_out(Tensor stats, Tensor labels, float temperature, "
+      "int ignore_index, Tensor(a!) logprobs, Tensor(b!) lse, Tensor(c!)? entropy) -> ()");
+  m.def(
+      "linear_logprobs_tile_bwd_(Tensor tile, Tensor labels, int vocab_offset, Tensor lse, "
+      "Tensor? entropy, Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? grad_lse, "
+      "float temperature, int ignore_index, Tensor(a!) grad_tile) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("logprobs_fwd_out", &logprobs_fwd_out_cpu);
   m.impl("logprobs_bwd_out", &logprobs_bwd_out_cpu);
+  m.impl("linear_logprobs_tile_fwd_", &linear_logprobs_tile_fwd_cpu);
+  m.impl("linear_logprobs_finish_out", &linear_logprobs_finish_out_cpu);
+  m.impl("linear_logprobs_tile_bwd_", &linear_logprobs_tile_bwd_cpu);
 }
 
 }  // namespace rlkern

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_grad, assert_close_rows
 
 import rlkern
+from conftest import assert_close_grad, assert_close_rows
 from rlkern.reference import token_logprobs_reference
 
 CPU_BACKENDS = ["cpu", "torch"]
@@ -168,7 +168,7 @@ def test_masked_vocab_neg_inf(backend, dtype):
 def test_all_neg_inf_row_raises_in_checked_mode(backend):
     logits, labels = make_inputs((3, 20), torch.float32, ignore_frac=0.0)
     logits[1] = float("-inf")
-    with pytest.raises(ValueError, match="row 1 .*all -inf"):
+    with pytest.raises(ValueError, match=r"row 1 .*all -inf"):
         rlkern.token_logprobs(logits, labels, backend=backend)
     labels[1] = -100  # an ignored all -inf row is fine
     out = rlkern.token_logprobs(logits, labels, backend=backend)

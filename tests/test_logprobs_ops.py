@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rlkern  # noqa: F401  (registers the ops)
+import rlkern
 
 OPS_BACKENDS = ["cpu", "torch"]
 

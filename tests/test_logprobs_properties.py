@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import assert_close_grad, assert_close_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rlkern
+from conftest import assert_close_grad, assert_close_rows
 from rlkern.reference import token_logprobs_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

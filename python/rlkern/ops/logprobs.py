@@ -89,13 +89,17 @@ def _empty() -> Tensor:
 
 
 def _validate_data(logits3: Tensor, labels2: Tensor, ignore_index: int) -> None:
-    if not _checks_enabled or labels2.numel() == 0:
+    _validate_labels(labels2, logits3.shape[-1], ignore_index)
+
+
+def _validate_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels in [0, vocab) or ignore_index (data-dependent: skipped while checks are off)."""
+    if not _checks_enabled or labels.numel() == 0:
         return
-    vocab = logits3.shape[-1]
-    bad = ((labels2 < 0) | (labels2 >= vocab)) & (labels2 != ignore_index)
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bool(bad.any()):
         idx = int(bad.flatten().nonzero()[0])
-        value = int(labels2.flatten()[idx])
+        value = int(labels.flatten()[idx])
         raise ValueError(
             f"labels: value {value} at flat position {idx} is outside [0, {vocab}) and is not "
             f"ignore_index={ignore_index}"
@@ -241,7 +245,7 @@ def logprobs_fwd(
     labels2 = labels.reshape(logits3.shape[:-1]).to(torch.int64).contiguous()
     _validate_data(logits3, labels2, ignore_index)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    new = lambda: torch.empty(logits3.shape[:-1], dtype=acc, device=logits.device)  # noqa: E731
+    new = lambda: torch.empty(logits3.shape[:-1], dtype=acc, device=logits.device)
     logprobs, lse = new(), new()
     entropy = new() if with_entropy else None
     self_certainty = new() if with_stats else None
@@ -250,7 +254,7 @@ def logprobs_fwd(
         _fwd_out(backend, logits3, labels2, temperature, ignore_index, logprobs, lse, entropy,
                  self_certainty, sum_p_sq)
         _validate_rows(lse, labels2, ignore_index)
-    shaped = lambda t: _empty().to(logits.device) if t is None else t.view(lead)  # noqa: E731
+    shaped = lambda t: _empty().to(logits.device) if t is None else t.view(lead)
     return (shaped(logprobs), shaped(lse), shaped(entropy), shaped(self_certainty),
             shaped(sum_p_sq))
 
@@ -260,8 +264,8 @@ def _(logits, labels, temperature, ignore_index, with_entropy, with_stats, inpla
       backend):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     lead = logits.shape[:-1]
-    full = lambda: logits.new_empty(lead, dtype=acc)  # noqa: E731
-    none = lambda: logits.new_empty((0,), dtype=torch.float32)  # noqa: E731
+    full = lambda: logits.new_empty(lead, dtype=acc)
+    none = lambda: logits.new_empty((0,), dtype=torch.float32)
     return (
         full(),
         full(),
@@ -282,7 +286,7 @@ def _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_
         grad_logits.zero_()
         return
     rows = logits3.shape[:-1]
-    as2d = lambda t: None if t is None or t.numel() == 0 else t.reshape(rows).contiguous()  # noqa: E731
+    as2d = lambda t: None if t is None or t.numel() == 0 else t.reshape(rows).contiguous()
     grad_logits3 = _rows3d(grad_logits)
     _bwd_out(backend, logits3, labels.reshape(rows).to(torch.int64).contiguous(), as2d(lse),
              as2d(entropy), as2d(grad_logprobs), as2d(grad_entropy), as2d(grad_lse),
@@ -341,8 +345,7 @@ def _(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, tempe
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, labels, temperature, ignore_index, with_entropy, with_stats, inplace_backward,
-     backend) = inputs
+    logits, labels, temperature, ignore_index, with_entropy, _, inplace_backward, backend = inputs
     _, lse, entropy, self_certainty, sum_p_sq = output
     # self_certainty and sum_p_sq are statistics (rewards, baselines), not training targets.
     ctx.mark_non_differentiable(self_certainty, sum_p_sq)

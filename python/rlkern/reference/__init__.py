@@ -5,6 +5,7 @@ floating dtype promoted to at least float32 (float64 inputs stay float64 so that
 tight float64 comparisons are possible).
 """
 
+from rlkern.reference.linear_logprobs import linear_logprobs_reference
 from rlkern.reference.logprobs import token_logprobs_reference
 
-__all__ = ["token_logprobs_reference"]
+__all__ = ["linear_logprobs_reference", "token_logprobs_reference"]

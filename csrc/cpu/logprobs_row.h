@@ -1,0 +1,203 @@
+// Per-row building blocks of the CPU logprobs kernels, shared by the materialised-logits op
+// (logprobs.cpp) and the fused linear op (linear_logprobs.cpp), so the numerics exist once.
+//
+// Forward: a row (or a vocab tile of a row) is cut into blocks of kBlock logits; each block is
+// swept twice while it sits in L1, once for its max, once for Σ2^d, Σ2^d·d (and Σ4^d) with
+// d = x·c − m_b in base 2 (c = log2(e)/T folds the temperature and the change of base into one
+// FMA). Block summaries are merged in double with the shared online-softmax merge
+// (rlkern/online_softmax.h), so the logits are read from memory once and the only
+// per-element transcendental is one fast 2^x.
+//
+// Backward: grad_v = p_v (c0 − k x_v) (+ g_lp/T at the label), one read and one write per
+// element, with p_v = 2^(x_v c − lse·log2 e) recomputed from the saved lse.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/simd.h"
+#include "rlkern/online_softmax.h"
+
+namespace rlkern::cpu {
+
+constexpr double kLn2 = 0.69314718055994530942;
+constexpr double kLog2e = 1.44269504088896340736;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// 4096 logits: 8 KiB of bf16 or 16 KiB of fp32, so the second sweep hits L1.
+constexpr int64_t kBlock = 4096;
+
+inline int64_t grain_rows(int64_t V) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1));
+}
+
+// Loads the last n < W logits of a row, padded with −inf (which contributes exactly 0).
+template <typename Tag>
+inline VecF load_tail(const typename Tag::storage* x, int64_t n) {
+  alignas(64) float buf[VecF::size];
+  for (int i = 0; i < VecF::size; ++i) buf[i] = i < n ? load_scalar<Tag>(x + i) : kNegInf;
+  return VecF::load(buf);
+}
+
+// Block summary in base 2: s = Σ 2^d, t = Σ 2^d d, u = Σ 4^d with d = x c − m2 (m2 = max x·c).
+struct Block2 {
+  float m2;
+  float s, t, u;
+};
+
+template <typename Tag, bool kEntropy, bool kStats>
+inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, double* xsum) {
+  constexpr int W = VecF::size;
+  const int64_t nv = n / W * W;
+  const int64_t tail = n - nv;
+  // Sweep 1: block max (four independent chains hide the latency of max) and Σx for stats.
+  VecF m0 = VecF::set1(kNegInf), m1 = m0, m2v = m0, m3 = m0;
+  VecF xs = VecF::set1(0.0f);
+  int64_t i = 0;
+  for (; i + 4 * W <= nv; i += 4 * W) {
+    VecF a = VecF::load(x + i, Tag{}), b = VecF::load(x + i + W, Tag{});
+    VecF d = VecF::load(x + i + 2 * W, Tag{}), e = VecF::load(x + i + 3 * W, Tag{});
+    m0 = VecF::max(m0, a);
+    m1 = VecF::max(m1, b);
+    m2v = VecF::max(m2v, d);
+    m3 = VecF::max(m3, e);
+    if constexpr (kStats) xs = xs + ((a + b) + (d + e));
+  }
+  for (; i < nv; i += W) {
+    VecF a = VecF::load(x + i, Tag{});
+    m0 = VecF::max(m0, a);
+    if constexpr (kStats) xs = xs + a;
+  }
+  VecF vtail = VecF::set1(kNegInf);
+  if (tail) {
+    vtail = load_tail<Tag>(x + nv, tail);
+    m0 = VecF::max(m0, vtail);
+    if constexpr (kStats)
+      for (int64_t j = nv; j < n; ++j) *xsum += load_scalar<Tag>(x + j);
+  }
+  if constexpr (kStats) *xsum += xs.reduce_add();
+  const float mx = VecF::max(VecF::max(m0, m1), VecF::max(m2v, m3)).reduce_max();
+  Block2 out{kNegInf, 0.0f, 0.0f, 0.0f};
+  if (mx == kNegInf) return out;  // an all −inf block adds nothing
+  out.m2 = mx * c;
+
+  // Sweep 2 (from L1): accumulate relative to the block max.
+  const VecF C = VecF::set1(c), M = VecF::set1(out.m2), lo = VecF::set1(kExp2Min);
+  VecF s = VecF::set1(0.0f), t = s, u = s;
+  auto step = [&](VecF xv) {
+    // max(lo, ·) keeps −inf logits finite (their 2^d is 0, so 2^d·d stays 0, not NaN);
+    // NaN logits pass through and poison the row's results, as documented.
+    VecF d = VecF::max(lo, VecF::fms(xv, C, M));
+    VecF e = VecF::exp2(d);
+    s = s + e;
+    if constexpr (kEntropy) t = VecF::fma(e, d, t);
+    if constexpr (kStats) u = VecF::fma(e, e, u);
+  };
+  for (i = 0; i < nv; i += W) step(VecF::load(x + i, Tag{}));
+  if (tail) step(vtail);
+  out.s = s.reduce_add();
+  out.t = t.reduce_add();
+  out.u = u.reduce_add();
+  return out;
+}
+
+// Folds the logits x[0, n) of one row into its running summary `row` (natural units).
+// `xsum` accumulates Σx when kStats. Any blocking of a row gives the same merge order for the
+// same n, so results are reproducible; rows never interact.
+template <typename Tag, bool kEntropy, bool kStats>
+inline void accumulate_row(const typename Tag::storage* x, int64_t n, float c,
+                           SoftmaxStats<double>& row, double* xsum) {
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const Block2 blk = sweep_block<Tag, kEntropy, kStats>(x + b, std::min(kBlock, n - b), c, xsum);
+    // Base 2 → natural units: m = m2 ln2, t = t2 ln2 (s and u are unitless).
+    const SoftmaxStats<double> part{double(blk.m2) * kLn2, blk.s, double(blk.t) * kLn2, blk.u, 0.0};
+    row = softmax_stats_merge(row, part);
+  }
+}
+
+// log p_y = z_y − lse, with z_y − m formed from the raw logit and the same rounded c and block
+// max as the sweeps, so the large terms cancel exactly: ln2 (x_y c − m2) − log s.
+inline double logp_from_stats(const SoftmaxStats<double>& row, float x_y, float c) {
+  const double m2 = row.m * kLog2e;
+  return kLn2 * (double(x_y) * double(c) - m2) - std::log(row.s);
+}
+
+// Per-row backward constants: grad_v = p_v (c0 − k x_v) + [v = y] g_lp / T, where
+// c0 = (g_ent E_p[z] + g_lse − g_lp) / T and k = g_ent / T² (z_v = x_v / T).
+struct RowGrad {
+  double c0, k, g_label;
+};
+
+inline RowGrad make_row_grad(double g_lp, double g_ent, double g_lse, double lse, double entropy,
+                             double inv_t) {
+  const double c0 = logprobs_grad_row_const(g_lp, g_ent, lse, entropy) + g_lse;
+  return {c0 * inv_t, g_ent * inv_t * inv_t, g_lp * inv_t};
+}
+
+// Writes the gradient of one row (or vocab tile) x[0, n) into g[0, n) (g may alias x).
+// y_local is the label's index inside [0, n), or outside it when the label lies in another
+// tile (then no label term here).
+template <typename Tag>
+inline void grad_row(const typename Tag::storage* x, typename Tag::storage* g, int64_t n,
+                     int64_t y_local, const RowGrad& rg, float lse, float c, double inv_t) {
+  constexpr int W = VecF::size;
+  // lse·log2(e) split into hi + lo so that 2^(x c − lse2) keeps ~fp32 accuracy for large lse.
+  const double lse2 = double(lse) * kLog2e;
+  const float lse2_hi = float(lse2), lse2_lo = float(lse2 - double(lse2_hi));
+  const bool has_label = y_local >= 0 && y_local < n;
+  const float x_y = has_label ? load_scalar<Tag>(x + y_local) : 0.0f;  // read before writes
+
+  const VecF C = VecF::set1(c), H = VecF::set1(lse2_hi), NegLo = VecF::set1(-lse2_lo);
+  const VecF lo = VecF::set1(kExp2Min), C0 = VecF::set1(float(rg.c0)), K = VecF::set1(float(rg.k));
+  auto grad = [&](VecF xv) {
+    VecF p = VecF::exp2(VecF::max(lo, VecF::fms(xv, C, H) + NegLo));
+    // p (c0 − k x), forced to 0 where x = −inf (p = 0 there, but k x would be −inf).
+    return VecF::zero_where_neginf(p * VecF::fnma(K, xv, C0), xv);
+  };
+  const int64_t nv = n / W * W;
+  for (int64_t i = 0; i < nv; i += W) grad(VecF::load(x + i, Tag{})).store(g + i, Tag{});
+  if (nv < n) {
+    alignas(64) float buf[W];
+    grad(load_tail<Tag>(x + nv, n - nv)).store(buf, F32{});
+    for (int64_t j = nv; j < n; ++j) store_scalar<Tag>(g + j, buf[j - nv]);
+  }
+  if (has_label) {
+    const double p_y = std::exp(double(x_y) * inv_t - lse2 * kLn2);
+    store_scalar<Tag>(g + y_local, float(p_y * (rg.c0 - rg.k * double(x_y)) + rg.g_label));
+  }
+}
+
+// float64 logits (tests, gradcheck): the same two summaries in plain double arithmetic.
+inline void accumulate_row_f64(const double* x, int64_t n, double inv_t,
+                               SoftmaxStats<double>& row, double* xsum) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t v = 0; v < n; ++v) {
+    const double z = x[v] * inv_t;
+    m = std::isnan(z) ? z : std::max(m, z);
+    *xsum += z;
+  }
+  SoftmaxStats<double> part{m, 0.0, 0.0, 0.0, 0.0};
+  if (m != -std::numeric_limits<double>::infinity()) {
+    for (int64_t v = 0; v < n; ++v) {
+      const double d = x[v] * inv_t - m;
+      const double e = std::exp(d);
+      part.s += e;
+      if (e > 0.0) part.t += e * d;
+      part.u += e * e;
+    }
+  }
+  row = softmax_stats_merge(row, part);
+}
+
+inline void grad_row_f64(const double* x, double* g, int64_t n, int64_t y_local,
+                         const RowGrad& rg, double lse, double inv_t) {
+  for (int64_t v = 0; v < n; ++v) {
+    const double xv = x[v];
+    const double p = std::exp(xv * inv_t - lse);
+    g[v] = p > 0.0 ? p * (rg.c0 - rg.k * xv) : 0.0;
+  }
+  if (y_local >= 0 && y_local < n) g[y_local] += rg.g_label;
+}
+
+}  // namespace rlkern::cpu

@@ -1,0 +1,29 @@
+"""Reference for the fused linear form: materialise ``x = h Wᵀ (+ b)``, then §1 on ``x``.
+
+ALGORITHMS.md §1 "Fused linear form": the outputs and gradients equal those of
+``token_logprobs(hidden @ weight.T + bias, labels)``; ``∂/∂h = (∂/∂x) W`` and
+``∂/∂W = (∂/∂x)ᵀ h``, ``∂/∂b = Σ_rows ∂/∂x``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlkern.reference.logprobs import token_logprobs_reference
+
+
+def linear_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """``token_logprobs_reference`` of the materialised logits (``hidden`` ``(..., H)``,
+    ``weight`` ``(V, H)``, ``bias`` ``(V,)``); the logits are formed in the inputs' dtype by
+    ``F.linear``, exactly as the trainer's own ``lm_head`` would."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return token_logprobs_reference(logits, labels, temperature=temperature,
+                                    ignore_index=ignore_index)
