@@ -287,17 +287,84 @@ def _backward_torch(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_l
 
 
 # ---------------------------------------------------------------------------------------------
+# Triton backend (kernels/linear_logprobs.py): GEMM tiles with an online-softmax epilogue; the
+# logits exist only tile by tile in registers. CUDA tensors, or CPU tensors in the interpreter.
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """The kernels take any row stride but need a unit last-dim stride."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward_triton(hidden, weight, labels, bias, temperature, ignore_index, with_entropy):
+    kernels = backends.triton_module("linear_logprobs", hidden.device)
+    acc = _acc_dtype(hidden.dtype)
+    new = lambda: torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    logprobs, lse = new(), new()
+    entropy = new() if with_entropy else None
+    kernels.linear_logprobs_fwd(
+        _unit_last_stride(hidden), _unit_last_stride(weight), labels,
+        None if bias is None else bias.contiguous(), logprobs, lse, entropy,
+        temperature=temperature, ignore_index=ignore_index)
+    return logprobs, lse, entropy
+
+
+def _backward_triton(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse,
+                     temperature, ignore_index):
+    """The kernels add into float32 (float64) accumulators, cast here to the parameter dtypes.
+    Deterministic: the kernels use no atomics (see kernels/linear_logprobs.py)."""
+    kernels = backends.triton_module("linear_logprobs", hidden.device)
+    acc = _acc_dtype(hidden.dtype)
+    as_acc = lambda t: None if t is None else t.to(acc).contiguous()
+    zeros = lambda shape: torch.zeros(shape, dtype=acc, device=hidden.device)
+    grad_h, grad_w = zeros(hidden.shape), zeros(weight.shape)
+    grad_b = None if bias is None else zeros(bias.shape)
+    kernels.linear_logprobs_bwd(
+        _unit_last_stride(hidden), _unit_last_stride(weight), labels,
+        None if bias is None else bias.contiguous(), as_acc(lse), as_acc(entropy), as_acc(g_lp),
+        as_acc(g_ent), as_acc(g_lse), grad_h, grad_w, grad_b, temperature=temperature,
+        ignore_index=ignore_index)
+    return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype))
+
+
+def _fused_triton(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, grad_fn):
+    """Forward kernels, ``grad_fn`` on all rows, backward kernels: on this backend the
+    "one pass" re-forms every logits tile in the backward (the logits are never stored; the
+    ∂h and ∂W passes each form them), 10·N·H·V FLOPs against the CPU pass's 6·N·H·V."""
+    # The entropy is always formed: grad_fn may return an entropy gradient, whose E_p[z]
+    # needs it.
+    lp, lse, ent = _forward_triton(hidden, weight, labels, bias, temperature, ignore_index,
+                                   True)
+    g_lp, g_ent = grad_fn(lp, ent if with_entropy else None, slice(0, labels.shape[0]))
+    gh, gw, gb = _backward_triton(hidden, weight, labels, bias, lse, ent, g_lp, g_ent, None,
+                                  temperature, ignore_index)
+    return (lp, lse, ent if with_entropy else None), gh, gw, gb
+
+
+# ---------------------------------------------------------------------------------------------
 # Registered ops.
 
 
 def _check_backend(backend: str, group) -> None:
-    if backend in ("triton", "cuda"):
+    if backend == "cuda":
         raise backends.BackendUnavailableError(
-            f"linear_logprobs has no {backend!r} implementation yet; use backend='cpu' (CPU "
-            "tensors) or 'torch'"
+            "linear_logprobs has no CUDA C++ implementation; use backend='triton' on CUDA "
+            "tensors (backend='cpu' on CPU tensors, or 'torch')"
         )
-    if backend == "torch" and group is not None:
+    if backend in ("torch", "triton") and group is not None:
         raise ValueError("process_group is supported by the 'cpu' backend only")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """:func:`backends.resolve_backend`, except that ``"auto"`` on CUDA tensors always means
+    Triton here (even with ``RLKERN_BACKEND=cuda``): this op has no CUDA C++ kernels."""
+    resolved = backends.resolve_backend(backend, device)
+    return "triton" if backend == "auto" and resolved == "cuda" else resolved
 
 
 def _empty() -> Tensor:
@@ -329,6 +396,9 @@ def linear_logprobs_fwd(
     if backend == "torch":
         lp, lse, ent = _forward_torch(hidden, weight, labels, bias, temperature, ignore_index,
                                       with_entropy)
+    elif backend == "triton":
+        lp, lse, ent = _forward_triton(hidden, weight, labels, bias, temperature, ignore_index,
+                                       with_entropy)
     else:
         lp, lse, ent = _forward_cpu(hidden, weight, labels, bias, temperature, ignore_index,
                                     with_entropy, LinearTiling(chunk_size, vocab_tile), group)
@@ -374,6 +444,8 @@ def linear_logprobs_bwd(
             rows(grad_entropy), rows(grad_lse), temperature, ignore_index)
     if backend == "torch":
         gh, gw, gb = _backward_torch(*args)
+    elif backend == "triton":
+        gh, gw, gb = _backward_triton(*args)
     else:
         gh, gw, gb = _backward_cpu(*args, LinearTiling(chunk_size, vocab_tile), group)
     return gh, gw, gb if gb is not None else _empty()
@@ -463,6 +535,10 @@ def run_fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | Non
     ``grad_fn(logprobs_chunk, entropy_chunk, row_slice) -> (grad_logprobs, grad_entropy)``
     (either may be None). Used by the fused losses, whose per-token derivative needs the chunk's
     logprobs first. Returns ``((logprobs, lse, entropy), grad_hidden, grad_weight, grad_bias)``.
+
+    With ``backend="triton"``, ``grad_fn`` is called once, with all rows
+    (``slice(0, N)``), between the forward and the backward kernels; the backward re-forms
+    the logits tiles (a recompute the CPU path's single pass does not need).
     """
     if labels.numel() == 0:
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -472,6 +548,9 @@ def run_fused(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | Non
     if backend == "torch":
         return _fused_torch(hidden, weight, labels, bias, temperature, ignore_index,
                             with_entropy, grad_fn)
+    if backend == "triton":
+        return _fused_triton(hidden, weight, labels, bias, temperature, ignore_index,
+                             with_entropy, grad_fn)
     return _fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entropy,
                       chunk_size, grad_fn, group)
 
@@ -581,8 +660,13 @@ def linear_logprobs(
             with all-reduces, the label logit comes from the rank that owns it, ``∂W`` and
             ``∂b`` stay local and ``∂hidden`` is all-reduced (it equals the single-process
             gradient on every rank).
-        backend: ``"auto"`` / ``"cpu"`` (ATen matmul tiles + C++ epilogue) or ``"torch"``
-            (materialises the logits: the reference).
+        backend: ``"auto"`` (CPU tensors → ``"cpu"``, CUDA tensors → ``"triton"``),
+            ``"cpu"`` (ATen matmul tiles + C++ epilogue), ``"triton"`` (GEMM tiles with an
+            online-softmax epilogue, the logits only ever in registers; its backward forms
+            each tile twice, for ∂h and for ∂W, and is deterministic; CPU tensors run it in
+            Triton's interpreter; ``chunk_size`` is ignored, the kernels pick their own
+            tiles) or ``"torch"`` (materialises the logits: the
+            reference). There is no ``"cuda"`` C++ backend for this op.
 
     Returns:
         :class:`rlkern.TokenLogprobs` with ``logprobs``, ``lse`` (and ``entropy``) of shape
@@ -598,7 +682,7 @@ def linear_logprobs(
         torch.Size([4, 64])
     """
     _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size)
-    resolved = backends.resolve_backend(backend, hidden.device)
+    resolved = _resolve_backend(backend, hidden.device)
     h2, y = _flatten(hidden, labels)
     tiling = LinearTiling.from_shape(h2.shape[0], weight.shape[0], chunk_size)
     group_name = "" if process_group is None else process_group.group_name
@@ -638,9 +722,14 @@ def linear_logprobs_with_grad(
     (one matmul), reduced to ``lse``/``entropy``, turned into ``∂L/∂x`` in place, then
     ``∂h = ∂x W`` and ``∂W += ∂xᵀ h`` (float32 accumulation): ``6·N·H·V`` FLOPs in total.
 
+    With ``backend="triton"`` the logits are never stored, so this runs the forward kernels
+    and then the backward kernels with the given gradients, which re-form every logits tile
+    (once for ``∂h``, once for ``∂W``): the cost of :func:`linear_logprobs` plus its backward,
+    ``10·N·H·V`` FLOPs, with deterministic gradients.
+
     Args: as :func:`linear_logprobs`, plus ``grad_logprobs`` / ``grad_entropy`` of shape
     ``hidden.shape[:-1]`` (float32; either may be None). ``chunk_size`` here is the number of
-    rows whose full logits are held at once (default: about 32M logits).
+    rows whose full logits are held at once (default: about 32M logits; ignored by Triton).
 
     Returns:
         :class:`LinearLogprobsWithGrad` ``(outputs, grad_hidden, grad_weight, grad_bias)``;
@@ -651,7 +740,7 @@ def linear_logprobs_with_grad(
     for name, g in (("grad_logprobs", grad_logprobs), ("grad_entropy", grad_entropy)):
         if g is not None and tuple(g.shape) != tuple(lead):
             raise ValueError(f"{name} must have shape {tuple(lead)}, got {tuple(g.shape)}")
-    resolved = backends.resolve_backend(backend, hidden.device)
+    resolved = _resolve_backend(backend, hidden.device)
     h2, y = _flatten(hidden, labels)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     flat = lambda g: None if g is None else g.reshape(-1).to(acc)
