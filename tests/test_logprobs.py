@@ -1,7 +1,8 @@
 """token_logprobs on the compiled CPU backend (and the torch reference) against float64 truth.
 
-The Triton kernels are tested in test_logprobs_triton.py (interpreter), the CUDA sources in
-test_cuda_compile.py (nvcc); the same checks run on CUDA tensors where a GPU is present.
+The Triton kernels are tested in test_logprobs_triton.py (interpreter) and test_aot.py (compiled
+for sm_80/sm_90), the CUDA sources in test_cuda_compile.py (nvcc) and test_cuda_emulation.py
+(executed on CPU in an emulation of the CUDA execution model).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1048 @@
+// The emulator's runtime: launches, the per-block fiber scheduler, barriers and warp
+// exchanges, shared memory, error reporting (tests/cuda_emu/README.md). Compiled once into
+// every emulated library, next to the rewritten .cu files; the control functions at the end
+// (cuda_emu_configure, cuda_emu_last_error, cuda_emu_counters) are called from Python.
+#include "cuda_emu.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdarg>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+// Fibers switch stacks with a few lines of assembly on x86-64 (about 10 ns a switch);
+// elsewhere, or with -DCUDA_EMU_USE_UCONTEXT, with swapcontext (about 1 µs: it makes a
+// system call to save the signal mask).
+#if defined(__x86_64__) && !defined(CUDA_EMU_USE_UCONTEXT)
+#define CUDA_EMU_ASM_SWITCH 1
+#else
+#include <ucontext.h>
+#endif
+
+#if CUDA_EMU_ASM_SWITCH
+// void cuda_emu_switch_stack(void** save_sp, void* next_sp): push the callee-saved registers,
+// save the stack pointer to *save_sp, load next_sp, pop that stack's registers and return
+// into it. (The SysV ABI also makes MXCSR and the x87 control word callee-saved; no kernel
+// changes them, so they are not switched.)
+extern "C" void cuda_emu_switch_stack(void** save_sp, void* next_sp)
+    __attribute__((visibility("hidden")));
+asm(R"(
+  .text
+  .p2align 4
+  .globl cuda_emu_switch_stack
+  .hidden cuda_emu_switch_stack
+  .type cuda_emu_switch_stack, @function
+cuda_emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emu_switch_stack, .-cuda_emu_switch_stack
+  .section .note.GNU-stack,"",@progbits
+)");
+#endif
+
+namespace cuda_emu {
+namespace {
+
+using detail::BarrierOp;
+using detail::WarpOp;
+
+constexpr size_t kStackBytes = 256 * 1024;         // per emulated thread (virtual)
+constexpr size_t kStaticSharedLimit = 48 * 1024;   // CUDA: static __shared__ per block
+constexpr size_t kSharedLimit = 227 * 1024;        // sm_90: static + dynamic per block
+constexpr unsigned kMaxWorkers = 16;
+
+// ------------------------------------------------------------------------------------------
+// Settings, counters, last error
+
+struct Settings {
+  int order = 0;  // priority of a block's threads: 0 index order, 1 reverse, 2 seeded random
+  bool run_ahead = false;  // false: round-robin; true: always the first runnable in `order`
+  uint64_t seed = 0;
+  int workers = 0;   // OS threads running blocks; 0: one per hardware thread
+  unsigned max_grid[3] = {0, 0, 0};  // clamp the grid (0: no clamp): exercises grid-stride loops
+};
+
+std::mutex g_settings_mutex;
+Settings g_settings;
+std::atomic<int> g_max_dynamic_shared{48 * 1024};
+std::atomic<uint64_t> g_launches{0}, g_blocks{0}, g_threads{0};
+
+thread_local cudaError_t t_last_error = cudaSuccess;
+std::mutex g_message_mutex;
+std::string g_last_message;  // why the latest launch failed ("" if it did not)
+
+void set_message(const std::string& message) {
+  std::lock_guard<std::mutex> lock(g_message_mutex);
+  g_last_message = message;
+}
+
+std::string vformat(const char* fmt, va_list args) {
+  va_list copy;
+  va_copy(copy, args);
+  const int n = std::vsnprintf(nullptr, 0, fmt, copy);
+  va_end(copy);
+  std::string out(n > 0 ? static_cast<size_t>(n) : 0, '\0');
+  if (n > 0) std::vsnprintf(&out[0], out.size() + 1, fmt, args);
+  return out;
+}
+
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  std::string out = vformat(fmt, args);
+  va_end(args);
+  return out;
+}
+
+// "0-3,7,9-31" for the set bits of a lane mask.
+std::string lane_list(unsigned mask) {
+  std::string out;
+  for (int l = 0; l < 32;) {
+    if (!((mask >> l) & 1u)) {
+      ++l;
+      continue;
+    }
+    int end = l;
+    while (end + 1 < 32 && ((mask >> (end + 1)) & 1u)) ++end;
+    if (!out.empty()) out += ",";
+    out += end == l ? std::to_string(l) : std::to_string(l) + "-" + std::to_string(end);
+    l = end + 1;
+  }
+  return out.empty() ? "none" : out;
+}
+
+const char* warp_op_name(WarpOp op) {
+  switch (op) {
+    case WarpOp::kSync: return "__syncwarp";
+    case WarpOp::kShfl: return "a shuffle";
+    case WarpOp::kVote: return "a vote (__ballot/__any/__all_sync)";
+    case WarpOp::kReduce: return "a __reduce_*_sync";
+    case WarpOp::kMatch: return "a __match_*_sync";
+  }
+  return "?";
+}
+
+const char* barrier_name(BarrierOp op) {
+  switch (op) {
+    case BarrierOp::kSync: return "__syncthreads";
+    case BarrierOp::kCount: return "__syncthreads_count";
+    case BarrierOp::kAnd: return "__syncthreads_and";
+    case BarrierOp::kOr: return "__syncthreads_or";
+  }
+  return "?";
+}
+
+// ------------------------------------------------------------------------------------------
+// Fiber stacks: mmap'ed with a guard page below (a stack overflow faults instead of
+// corrupting a neighbour), pooled across launches.
+
+std::mutex g_stack_mutex;
+std::vector<char*> g_free_stacks;
+size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+char* acquire_stack() {
+  {
+    std::lock_guard<std::mutex> lock(g_stack_mutex);
+    if (!g_free_stacks.empty()) {
+      char* s = g_free_stacks.back();
+      g_free_stacks.pop_back();
+      return s;
+    }
+  }
+  const size_t guard = page_size();
+  void* p = mmap(nullptr, kStackBytes + guard, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) {
+    std::fprintf(stderr, "cuda_emu: cannot map a fiber stack\n");
+    std::abort();
+  }
+  mprotect(p, guard, PROT_NONE);
+  return static_cast<char*>(p) + guard;  // usable: [s, s + kStackBytes)
+}
+
+void release_stack(char* s) {
+  std::lock_guard<std::mutex> lock(g_stack_mutex);
+  g_free_stacks.push_back(s);
+}
+
+// ------------------------------------------------------------------------------------------
+// Launch, fibers, workers
+
+struct Launch {
+  const LaunchConfig* config = nullptr;
+  KernelThunk thunk = nullptr;
+  const void* closure = nullptr;
+  Settings settings;
+  dim3 grid, block;
+  unsigned threads = 0;
+  uint64_t blocks = 0;
+  std::atomic<uint64_t> next_block{0};
+  std::atomic<bool> stop{false};
+  std::mutex mutex;
+  std::string error;  // first failure
+  bool bounds_exceeded = false;
+  unsigned bound = 0;
+
+  void fail(const std::string& message) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (error.empty()) error = message;
+    stop = true;
+  }
+};
+
+enum class State : uint8_t { kReady, kBlocked, kDone, kAbandoned };
+enum class Wait : uint8_t { kNone, kBarrier, kWarp };
+
+struct WarpGroup {
+  bool in_use = false;
+  bool complete = false;
+  WarpOp op = WarpOp::kSync;
+  unsigned mask = 0;
+  unsigned arrived = 0;
+  int readers = 0;  // lanes still to read the values after completion
+  const char* file = nullptr;
+  int line = 0;
+  uint64_t values[32] = {};
+};
+
+struct WarpState {
+  unsigned lanes = 0;   // lanes that exist (the last warp of a block may be partial)
+  unsigned exited = 0;  // lanes whose thread has returned
+  std::vector<std::unique_ptr<WarpGroup>> groups;
+};
+
+struct Fiber {
+#if CUDA_EMU_ASM_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t context;
+#endif
+  char* stack = nullptr;
+  uint3 tid{};
+  unsigned linear = 0, warp = 0, lane = 0;
+  State state = State::kReady;
+  Wait wait = Wait::kNone;
+  const char* file = nullptr;  // where it waits
+  int line = 0;
+  WarpGroup* group = nullptr;
+  int barrier_result = 0;
+};
+
+struct Worker {
+  Launch* launch = nullptr;
+  std::vector<Fiber> fibers;
+  std::vector<WarpState> warps;
+  std::vector<unsigned> order;
+  std::mt19937_64 rng;
+  unsigned done = 0;
+  bool failed = false;
+  bool released = false;  // a barrier or warp operation completed (threads became runnable)
+  Fiber* current = nullptr;
+#if CUDA_EMU_ASM_SWITCH
+  void* scheduler_sp = nullptr;
+#else
+  ucontext_t scheduler_context;
+#endif
+  // __syncthreads in progress
+  unsigned barrier_arrived = 0;
+  BarrierOp barrier_op = BarrierOp::kSync;
+  const char* barrier_file = nullptr;
+  int barrier_line = 0;
+  int barrier_acc = 0;
+  // shared memory: [0, dynamic_bytes) dynamic, then the static variables as first used
+  unsigned char* arena = nullptr;
+  size_t dynamic_bytes = 0;
+  size_t shared_used = 0;
+  size_t shared_high = 0;
+  std::vector<void*> shared_slots;
+
+  Worker() {
+    void* p = nullptr;
+    if (posix_memalign(&p, 256, kSharedLimit) != 0) std::abort();
+    arena = static_cast<unsigned char*>(p);
+  }
+  ~Worker() {
+    for (Fiber& f : fibers) release_stack(f.stack);
+    std::free(arena);
+  }
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+};
+
+thread_local Worker* t_worker = nullptr;
+
+std::string where(const Worker& w, const Fiber* f) {
+  const LaunchConfig& c = *w.launch->config;
+  std::string s = format("kernel %s launched at %s:%d, block (%u,%u,%u)", c.kernel, c.file,
+                         c.line, blockIdx.x, blockIdx.y, blockIdx.z);
+  if (f) s += format(" thread (%u,%u,%u)", f->tid.x, f->tid.y, f->tid.z);
+  return s;
+}
+
+void switch_to_fiber(Worker& w, Fiber& f) {
+  w.current = &f;
+  threadIdx = f.tid;
+#if CUDA_EMU_ASM_SWITCH
+  cuda_emu_switch_stack(&w.scheduler_sp, f.sp);
+#else
+  swapcontext(&w.scheduler_context, &f.context);
+#endif
+  w.current = nullptr;
+}
+
+void switch_to_scheduler(Worker& w, Fiber& f) {
+#if CUDA_EMU_ASM_SWITCH
+  cuda_emu_switch_stack(&f.sp, w.scheduler_sp);
+#else
+  swapcontext(&f.context, &w.scheduler_context);
+#endif
+}
+
+// Stop the block: record the error and never resume the calling fiber.
+[[noreturn]] void abandon(Worker& w, Fiber& f, const std::string& message) {
+  w.launch->fail(where(w, &f) + ": " + message);
+  w.failed = true;
+  f.state = State::kAbandoned;
+  switch_to_scheduler(w, f);
+  std::abort();  // not reached: an abandoned fiber is never resumed
+}
+
+void on_thread_exit(Worker& w, Fiber& f);
+
+void fiber_main() {
+  Worker& w = *t_worker;
+  Fiber& f = *w.current;
+  w.launch->thunk(w.launch->closure);
+  on_thread_exit(w, f);
+  switch_to_scheduler(w, f);
+  std::abort();  // not reached: a finished fiber is never resumed
+}
+
+void start_fiber(Fiber& f) {
+#if CUDA_EMU_ASM_SWITCH
+  // A stack that cuda_emu_switch_stack "returns" into fiber_main with: six zeroed registers,
+  // the return address, and a pad slot, so that fiber_main starts with rsp ≡ 8 (mod 16) as
+  // after a call.
+  auto top = reinterpret_cast<uintptr_t>(f.stack + kStackBytes) & ~uintptr_t(15);
+  void** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;
+  *--sp = reinterpret_cast<void*>(&fiber_main);
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;
+  f.sp = sp;
+#else
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = f.stack;
+  f.context.uc_stack.ss_size = kStackBytes;
+  f.context.uc_link = nullptr;
+  makecontext(&f.context, fiber_main, 0);
+#endif
+}
+
+std::string deadlock_message(const Worker& w) {
+  std::string s = "deadlock: no thread can proceed;";
+  if (w.barrier_arrived > 0) {
+    s += format(" %u of %zu threads wait at %s (%s:%d);", w.barrier_arrived, w.fibers.size(),
+                barrier_name(w.barrier_op), w.barrier_file, w.barrier_line);
+  }
+  int shown = 0;
+  for (size_t wi = 0; wi < w.warps.size() && shown < 4; ++wi) {
+    const WarpState& ws = w.warps[wi];
+    for (const auto& g : ws.groups) {
+      if (!g->in_use || g->complete || shown >= 4) continue;
+      ++shown;
+      const unsigned missing = g->mask & ~g->arrived;
+      unsigned at_barrier = 0;
+      for (unsigned l = 0; l < 32; ++l) {
+        const size_t t = wi * 32 + l;
+        if (((missing >> l) & 1u) && t < w.fibers.size() && w.fibers[t].wait == Wait::kBarrier) {
+          at_barrier |= 1u << l;
+        }
+      }
+      s += format(" warp %zu: lanes %s wait at %s with mask 0x%08x (%s:%d) for lanes %s", wi,
+                  lane_list(g->arrived).c_str(), warp_op_name(g->op), g->mask, g->file, g->line,
+                  lane_list(missing).c_str());
+      if (missing & ws.exited) s += format(" (exited: %s)", lane_list(missing & ws.exited).c_str());
+      if (at_barrier) s += format(" (at __syncthreads: %s)", lane_list(at_barrier).c_str());
+      s += ";";
+    }
+  }
+  return s;
+}
+
+void run_block(Worker& w, uint64_t index) {
+  Launch& L = *w.launch;
+  const uint64_t gx = L.grid.x, gy = L.grid.y;
+  blockIdx = {static_cast<unsigned>(index % gx), static_cast<unsigned>((index / gx) % gy),
+              static_cast<unsigned>(index / (gx * gy))};
+  blockDim = L.block;
+  gridDim = L.grid;
+
+  const unsigned n = L.threads;
+  while (w.fibers.size() < n) {
+    w.fibers.emplace_back();
+    w.fibers.back().stack = acquire_stack();
+  }
+  while (w.fibers.size() > n) {
+    release_stack(w.fibers.back().stack);
+    w.fibers.pop_back();
+  }
+  const unsigned nwarps = (n + 31) / 32;
+  w.warps.resize(nwarps);
+  for (unsigned i = 0; i < nwarps; ++i) {
+    const unsigned lanes = std::min(32u, n - 32 * i);
+    w.warps[i].lanes = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+    w.warps[i].exited = 0;
+    for (auto& g : w.warps[i].groups) g->in_use = false;
+  }
+  for (unsigned i = 0; i < n; ++i) {
+    Fiber& f = w.fibers[i];
+    f.tid = {i % L.block.x, (i / L.block.x) % L.block.y, i / (L.block.x * L.block.y)};
+    f.linear = i;
+    f.warp = i / 32;
+    f.lane = i % 32;
+    f.state = State::kReady;
+    f.wait = Wait::kNone;
+    f.group = nullptr;
+    start_fiber(f);
+  }
+  w.done = 0;
+  w.failed = false;
+  w.barrier_arrived = 0;
+  std::memset(w.arena, 0xff, std::max(w.shared_high, L.config->shared_bytes));
+  w.dynamic_bytes = (L.config->shared_bytes + 15) & ~size_t(15);
+  w.shared_used = w.dynamic_bytes;
+  w.shared_high = std::max(w.shared_high, w.shared_used);
+  w.shared_slots.clear();
+
+  // The threads' priority order, then one of two policies (both are schedules a GPU may
+  // choose): round-robin runs every runnable thread once per round, so all threads advance
+  // together; run-ahead always resumes the first runnable thread in the order, so it (and
+  // its warp) gets as far ahead of the others as the barriers allow.
+  w.order.resize(n);
+  for (unsigned i = 0; i < n; ++i) w.order[i] = L.settings.order == 1 ? n - 1 - i : i;
+  const bool random = L.settings.order == 2;
+  if (random) {
+    w.rng.seed(L.settings.seed * 0x9e3779b97f4a7c15ull + index);
+    std::shuffle(w.order.begin(), w.order.end(), w.rng);
+  }
+  if (L.settings.run_ahead) {
+    // No thread before `pos` in the order is runnable, unless something was released.
+    size_t pos = 0;
+    while (w.done < n && !w.failed && pos < n) {
+      Fiber& f = w.fibers[w.order[pos]];
+      if (f.state != State::kReady) {
+        ++pos;
+        continue;
+      }
+      w.released = false;
+      switch_to_fiber(w, f);
+      if (w.released) pos = 0;
+    }
+  } else {
+    while (w.done < n && !w.failed) {
+      if (random) std::shuffle(w.order.begin(), w.order.end(), w.rng);
+      bool ran = false;
+      for (unsigned i : w.order) {
+        Fiber& f = w.fibers[i];
+        if (f.state != State::kReady) continue;
+        switch_to_fiber(w, f);
+        ran = true;
+        if (w.failed) break;
+      }
+      if (!ran) break;
+    }
+  }
+  if (!w.failed && w.done < n) {
+    L.fail(where(w, nullptr) + ": " + deadlock_message(w));
+    w.failed = true;
+  }
+}
+
+void work(Launch& L) {
+  Worker w;
+  w.launch = &L;
+  Worker* const outer = t_worker;
+  t_worker = &w;
+  uint64_t blocks = 0;
+  for (;;) {
+    if (L.stop) break;
+    const uint64_t i = L.next_block.fetch_add(1);
+    if (i >= L.blocks) break;
+    run_block(w, i);
+    ++blocks;
+  }
+  t_worker = outer;
+  g_blocks += blocks;
+  g_threads += blocks * L.threads;
+}
+
+Worker& kernel_worker(const char* what, const char* file, int line) {
+  Worker* w = t_worker;
+  if (w == nullptr || w->current == nullptr) {
+    std::fprintf(stderr, "cuda_emu: %s:%d: %s called outside a kernel\n", file, line, what);
+    std::abort();
+  }
+  return *w;
+}
+
+void on_thread_exit(Worker& w, Fiber& f) {
+  f.state = State::kDone;
+  ++w.done;
+  WarpState& ws = w.warps[f.warp];
+  ws.exited |= 1u << f.lane;
+  if (w.barrier_arrived > 0) {
+    abandon(w, f,
+            format("exited while %u other threads wait at %s (%s:%d): every thread of the "
+                   "block must reach it (undefined behaviour on a GPU)",
+                   w.barrier_arrived, barrier_name(w.barrier_op), w.barrier_file,
+                   w.barrier_line));
+  }
+  for (const auto& g : ws.groups) {
+    if (g->in_use && !g->complete && ((g->mask >> f.lane) & 1u)) {
+      abandon(w, f,
+              format("exited while lanes %s of its warp wait for it at %s with mask 0x%08x "
+                     "(%s:%d)",
+                     lane_list(g->arrived).c_str(), warp_op_name(g->op), g->mask, g->file,
+                     g->line));
+    }
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// In-kernel services (declared in cuda_emu.h)
+
+void kernel_error(const char* file, int line, const char* fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  const std::string message = format("%s:%d: ", file, line) + vformat(fmt, args);
+  va_end(args);
+  Worker* w = t_worker;
+  if (w != nullptr && w->current != nullptr) abandon(*w, *w->current, message);
+  // Outside a kernel (launcher code): the next cudaGetLastError() reports it.
+  t_last_error = cudaErrorLaunchFailure;
+  set_message("host code: " + message);
+}
+
+bool launch_bounds_exceeded(unsigned max_threads) {
+  Worker* w = t_worker;
+  if (w == nullptr || w->current == nullptr) return false;
+  Launch& L = *w->launch;
+  if (L.threads <= max_threads) return false;
+  {
+    std::lock_guard<std::mutex> lock(L.mutex);
+    L.bounds_exceeded = true;
+    L.bound = max_threads;
+  }
+  L.stop = true;
+  return true;
+}
+
+namespace detail {
+
+void* shared_slot(unsigned id, size_t size, size_t align, const char* name) {
+  Worker* w = t_worker;
+  if (w == nullptr || w->current == nullptr) {
+    std::fprintf(stderr,
+                 "cuda_emu: __shared__ variable '%s' used outside a kernel (namespace-scope "
+                 "__shared__ variables are not supported)\n", name);
+    std::abort();
+  }
+  if (id >= w->shared_slots.size()) w->shared_slots.resize(id + 1, nullptr);
+  void*& slot = w->shared_slots[id];
+  if (slot == nullptr) {
+    const size_t offset = (w->shared_used + align - 1) / align * align;
+    if (offset + size - w->dynamic_bytes > kStaticSharedLimit || offset + size > kSharedLimit) {
+      abandon(*w, *w->current,
+              format("__shared__ variable '%s' (%zu bytes) exceeds the shared memory of a "
+                     "block (48 KiB static, 227 KiB with dynamic)", name, size));
+    }
+    slot = w->arena + offset;
+    w->shared_used = offset + size;
+    w->shared_high = std::max(w->shared_high, w->shared_used);
+  }
+  return slot;
+}
+
+void* dynamic_shared(size_t) {
+  Worker& w = kernel_worker("extern __shared__", "?", 0);
+  return w.arena;  // 256-byte aligned
+}
+
+int block_barrier(BarrierOp op, int predicate, const char* file, int line) {
+  Worker& w = kernel_worker(barrier_name(op), file, line);
+  Fiber& f = *w.current;
+  if (w.done > 0) {
+    const Fiber* gone = nullptr;
+    for (const Fiber& g : w.fibers) {
+      if (g.state == State::kDone) {
+        gone = &g;
+        break;
+      }
+    }
+    abandon(w, f,
+            format("%s at %s:%d after thread (%u,%u,%u) exited: every thread of the block must "
+                   "reach it (undefined behaviour on a GPU)",
+                   barrier_name(op), file, line, gone->tid.x, gone->tid.y, gone->tid.z));
+  }
+  if (w.barrier_arrived == 0) {
+    w.barrier_op = op;
+    w.barrier_file = file;
+    w.barrier_line = line;
+    w.barrier_acc = op == BarrierOp::kAnd ? 1 : 0;
+  } else if (w.barrier_op != op || w.barrier_line != line ||
+             std::strcmp(w.barrier_file, file) != 0) {
+    abandon(w, f,
+            format("divergent barriers: this thread reached %s at %s:%d while %u threads wait "
+                   "at %s at %s:%d",
+                   barrier_name(op), file, line, w.barrier_arrived, barrier_name(w.barrier_op),
+                   w.barrier_file, w.barrier_line));
+  }
+  const int p = predicate != 0;
+  switch (op) {
+    case BarrierOp::kSync: break;
+    case BarrierOp::kCount: w.barrier_acc += p; break;
+    case BarrierOp::kAnd: w.barrier_acc &= p; break;
+    case BarrierOp::kOr: w.barrier_acc |= p; break;
+  }
+  ++w.barrier_arrived;
+  f.state = State::kBlocked;
+  f.wait = Wait::kBarrier;
+  f.file = file;
+  f.line = line;
+  if (w.barrier_arrived == w.fibers.size()) {
+    for (Fiber& g : w.fibers) {
+      if (g.wait == Wait::kBarrier) {
+        g.wait = Wait::kNone;
+        g.state = State::kReady;
+        g.barrier_result = w.barrier_acc;
+      }
+    }
+    w.barrier_arrived = 0;
+    w.released = true;
+  }
+  switch_to_scheduler(w, f);  // resumed once every thread has arrived
+  return f.barrier_result;
+}
+
+WarpExchange warp_exchange(WarpOp op, unsigned mask, uint64_t value, const char* file,
+                           int line) {
+  Worker& w = kernel_worker(warp_op_name(op), file, line);
+  Fiber& f = *w.current;
+  WarpState& ws = w.warps[f.warp];
+  const unsigned bit = 1u << f.lane;
+  if (!(mask & bit)) {
+    abandon(w, f, format("%s:%d: %s with mask 0x%08x that does not name the calling lane %u",
+                         file, line, warp_op_name(op), mask, f.lane));
+  }
+  if (mask & ~ws.lanes) {
+    abandon(w, f, format("%s:%d: %s with mask 0x%08x names lanes %s, which do not exist in "
+                         "this warp", file, line, warp_op_name(op), mask,
+                         lane_list(mask & ~ws.lanes).c_str()));
+  }
+  if (mask & ws.exited) {
+    abandon(w, f, format("%s:%d: %s with mask 0x%08x waits for lanes %s, which have exited",
+                         file, line, warp_op_name(op), mask,
+                         lane_list(mask & ws.exited).c_str()));
+  }
+  WarpGroup* group = nullptr;
+  WarpGroup* spare = nullptr;
+  for (const auto& g : ws.groups) {
+    if (!g->in_use) {
+      if (!spare) spare = g.get();
+      continue;
+    }
+    if (g->complete) continue;
+    if (g->mask == mask) {
+      group = g.get();
+    } else if (g->mask & mask) {
+      abandon(w, f, format("%s:%d: %s with mask 0x%08x while lanes %s wait at %s with mask "
+                           "0x%08x (%s:%d): the masks of one warp-synchronous operation must "
+                           "agree", file, line, warp_op_name(op), mask,
+                           lane_list(g->arrived).c_str(), warp_op_name(g->op), g->mask,
+                           g->file, g->line));
+    }
+  }
+  if (group == nullptr) {
+    if (spare == nullptr) {
+      ws.groups.push_back(std::make_unique<WarpGroup>());
+      spare = ws.groups.back().get();
+    }
+    group = spare;
+    group->in_use = true;
+    group->complete = false;
+    group->op = op;
+    group->mask = mask;
+    group->arrived = 0;
+    group->file = file;
+    group->line = line;
+  } else if (group->op != op) {
+    abandon(w, f, format("%s:%d: lanes of a warp met at different warp-synchronous operations: "
+                         "%s here, %s at %s:%d (lanes %s)", file, line, warp_op_name(op),
+                         warp_op_name(group->op), group->file, group->line,
+                         lane_list(group->arrived).c_str()));
+  }
+  group->values[f.lane] = value;
+  group->arrived |= bit;
+  f.state = State::kBlocked;
+  f.wait = Wait::kWarp;
+  f.group = group;
+  f.file = file;
+  f.line = line;
+  if (group->arrived == group->mask) {
+    group->complete = true;
+    group->readers = __builtin_popcount(mask);
+    for (unsigned l = 0; l < 32; ++l) {
+      if ((mask >> l) & 1u) {
+        Fiber& g = w.fibers[f.warp * 32 + l];
+        g.state = State::kReady;
+        g.wait = Wait::kNone;
+      }
+    }
+    w.released = true;
+  }
+  switch_to_scheduler(w, f);  // resumed once every lane of the mask has arrived
+  f.group = nullptr;
+  return {mask, f.lane, group->values, group};
+}
+
+void warp_done(const WarpExchange& x) {
+  auto* g = static_cast<WarpGroup*>(x.group);
+  if (--g->readers == 0) g->in_use = false;
+}
+
+unsigned active_lanes() {
+  Worker& w = kernel_worker("__activemask", "?", 0);
+  const WarpState& ws = w.warps[w.current->warp];
+  return ws.lanes & ~ws.exited;
+}
+
+}  // namespace detail
+
+int shfl_source(ShflMode mode, unsigned lane, int arg, int width, const char* what,
+                const char* file, int line) {
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
+    kernel_error(file, line, "%s: width %d is not a power of two in [1, 32]", what, width);
+  }
+  const int l = static_cast<int>(lane);
+  const int first = l & ~(width - 1), last = first + width - 1;
+  int src = l;
+  switch (mode) {
+    case ShflMode::kIdx: src = first + (arg & (width - 1)); break;
+    case ShflMode::kUp: src = l - arg >= first ? l - arg : l; break;
+    case ShflMode::kDown: src = l + arg <= last ? l + arg : l; break;
+    case ShflMode::kXor: src = (l ^ arg) <= last ? (l ^ arg) : l; break;  // PTX shfl.bfly
+  }
+  if (src < 0 || src > 31) src = l;
+  return src;
+}
+
+// ------------------------------------------------------------------------------------------
+// Launch
+
+void run_launch(const LaunchConfig& config, KernelThunk thunk, const void* closure) {
+  const dim3 g = config.grid, b = config.block;
+  const std::string site = format("kernel %s launched at %s:%d", config.kernel, config.file,
+                                  config.line);
+  if (t_worker != nullptr && t_worker->current != nullptr) {
+    kernel_error(config.file, config.line, "a kernel launch from a kernel is not supported");
+  }
+  const uint64_t threads = uint64_t(b.x) * b.y * b.z;
+  if (b.x == 0 || b.y == 0 || b.z == 0 || g.x == 0 || g.y == 0 || g.z == 0 || b.x > 1024 ||
+      b.y > 1024 || b.z > 64 || threads > 1024 || g.x > 2147483647u || g.y > 65535 ||
+      g.z > 65535) {
+    t_last_error = cudaErrorInvalidConfiguration;
+    set_message(format("%s: invalid configuration grid (%u,%u,%u) block (%u,%u,%u)",
+                       site.c_str(), g.x, g.y, g.z, b.x, b.y, b.z));
+    return;
+  }
+  if (config.shared_bytes > static_cast<size_t>(g_max_dynamic_shared.load())) {
+    t_last_error = cudaErrorInvalidValue;
+    set_message(format("%s: %zu bytes of dynamic shared memory exceed the limit of %d",
+                       site.c_str(), config.shared_bytes, g_max_dynamic_shared.load()));
+    return;
+  }
+
+  Launch L;
+  L.config = &config;
+  L.thunk = thunk;
+  L.closure = closure;
+  {
+    std::lock_guard<std::mutex> lock(g_settings_mutex);
+    L.settings = g_settings;
+  }
+  L.block = b;
+  L.grid = g;
+  unsigned* dims[3] = {&L.grid.x, &L.grid.y, &L.grid.z};
+  for (int i = 0; i < 3; ++i) {
+    if (L.settings.max_grid[i] > 0) *dims[i] = std::min(*dims[i], L.settings.max_grid[i]);
+  }
+  L.threads = static_cast<unsigned>(threads);
+  L.blocks = uint64_t(L.grid.x) * L.grid.y * L.grid.z;
+  ++g_launches;
+
+  unsigned workers = L.settings.workers > 0 ? static_cast<unsigned>(L.settings.workers)
+                                            : std::max(1u, std::thread::hardware_concurrency());
+  workers = static_cast<unsigned>(std::min<uint64_t>({workers, kMaxWorkers, L.blocks}));
+  std::vector<std::thread> pool;
+  for (unsigned i = 1; i < workers; ++i) pool.emplace_back([&L] { work(L); });
+  work(L);
+  for (std::thread& t : pool) t.join();
+
+  if (!L.error.empty()) {
+    t_last_error = cudaErrorLaunchFailure;
+    set_message(L.error);
+  } else if (L.bounds_exceeded) {
+    t_last_error = cudaErrorLaunchOutOfResources;
+    set_message(format("%s: block of %u threads exceeds the kernel's __launch_bounds__(%u)",
+                       site.c_str(), L.threads, L.bound));
+  } else {
+    set_message("");
+  }
+}
+
+}  // namespace cuda_emu
+
+// ------------------------------------------------------------------------------------------
+// Runtime API
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = cuda_emu::t_last_error;
+  cuda_emu::t_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError() { return cuda_emu::t_last_error; }
+
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDeviceFunction: return "cudaErrorInvalidDeviceFunction";
+    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+  }
+  return "cudaErrorUnknown";
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDeviceFunction: return "invalid device function";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+  }
+  return "unknown error";
+}
+
+cudaError_t cudaDeviceSynchronize() { return cuda_emu::t_last_error; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cuda_emu::t_last_error; }
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
+    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = 4; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
+  std::memset(ptr, value, count);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind,
+                            cudaStream_t) {
+  std::memmove(dst, src, count);
+  return cudaSuccess;
+}
+
+cudaError_t cuda_emu_set_max_dynamic_shared(int bytes) {
+  if (bytes < 0 || bytes > 227 * 1024) return cudaErrorInvalidValue;
+  cuda_emu::g_max_dynamic_shared = std::max(bytes, cuda_emu::g_max_dynamic_shared.load());
+  return cudaSuccess;
+}
+
+// ------------------------------------------------------------------------------------------
+// Control from Python (ctypes)
+
+extern "C" {
+
+// order: 0 forward, 1 reverse, 2 random(seed); run_ahead: 0 round-robin, 1 run-ahead;
+// workers: 0 = one per hardware thread; max_grid_*: clamp each grid dimension (0 = none).
+void cuda_emu_configure(int order, uint64_t seed, int run_ahead, int workers,
+                        unsigned max_grid_x, unsigned max_grid_y, unsigned max_grid_z) {
+  std::lock_guard<std::mutex> lock(cuda_emu::g_settings_mutex);
+  cuda_emu::g_settings.order = order;
+  cuda_emu::g_settings.run_ahead = run_ahead != 0;
+  cuda_emu::g_settings.seed = seed;
+  cuda_emu::g_settings.workers = workers;
+  cuda_emu::g_settings.max_grid[0] = max_grid_x;
+  cuda_emu::g_settings.max_grid[1] = max_grid_y;
+  cuda_emu::g_settings.max_grid[2] = max_grid_z;
+}
+
+// Why the latest launch failed, "" if it succeeded. The pointer stays valid until the next
+// launch.
+const char* cuda_emu_last_error() {
+  static thread_local std::string copy;
+  std::lock_guard<std::mutex> lock(cuda_emu::g_message_mutex);
+  copy = cuda_emu::g_last_message;
+  return copy.c_str();
+}
+
+// Launches, blocks and threads run since the library was loaded.
+void cuda_emu_counters(uint64_t* out) {
+  out[0] = cuda_emu::g_launches;
+  out[1] = cuda_emu::g_blocks;
+  out[2] = cuda_emu::g_threads;
+}
+
+// ------------------------------------------------------------------------------------------
+// Undefined-behaviour checks. The kernels are compiled with -fsanitize=alignment,bounds,...
+// but linked without the sanitizer runtime: these handlers (same ABI as GCC's and Clang's
+// libubsan) turn each report into a launch failure naming the source line.
+
+struct UbsanLocation {
+  const char* file;
+  uint32_t line;
+  uint32_t column;
+};
+struct UbsanType {
+  uint16_t kind;  // 0: integer, 1: float
+  uint16_t info;  // integer: log2(bit width) << 1 | signed
+  char name[1];
+};
+struct UbsanTypeMismatch {
+  UbsanLocation loc;
+  const UbsanType* type;
+  unsigned char log_alignment;
+  unsigned char check_kind;
+};
+struct UbsanOutOfBounds {
+  UbsanLocation loc;
+  const UbsanType* array_type;
+  const UbsanType* index_type;
+};
+struct UbsanOverflow {
+  UbsanLocation loc;
+  const UbsanType* type;
+};
+struct UbsanShift {
+  UbsanLocation loc;
+  const UbsanType* lhs_type;
+  const UbsanType* rhs_type;
+};
+
+static std::string ubsan_value(const UbsanType* t, uintptr_t v) {
+  if (t->kind == 0 && (t->info >> 1) <= 6) {
+    const unsigned bits = 1u << (t->info >> 1);
+    if (t->info & 1) {
+      const int64_t s = bits == 64 ? static_cast<int64_t>(v)
+                                   : static_cast<int64_t>(v << (64 - bits)) >> (64 - bits);
+      return std::to_string(s);
+    }
+    return std::to_string(bits == 64 ? uint64_t(v) : uint64_t(v) & ((uint64_t(1) << bits) - 1));
+  }
+  return "?";
+}
+
+#define CUDA_EMU_UB(loc, ...) \
+  cuda_emu::kernel_error((loc).file, static_cast<int>((loc).line), __VA_ARGS__)
+
+void __ubsan_handle_type_mismatch_v1(UbsanTypeMismatch* d, uintptr_t ptr) {
+  static const char* const kKinds[] = {"load of", "store to", "reference binding to",
+                                       "member access within", "member call on",
+                                       "constructor call on", "downcast of", "downcast of",
+                                       "upcast of", "cast to virtual base of",
+                                       "_Nonnull binding to", "dynamic operation on"};
+  const char* kind = d->check_kind < 12 ? kKinds[d->check_kind] : "access to";
+  const uintptr_t align = uintptr_t(1) << d->log_alignment;
+  if (ptr == 0) {
+    CUDA_EMU_UB(d->loc, "%s null pointer of type %s", kind, d->type->name);
+  } else if (ptr & (align - 1)) {
+    CUDA_EMU_UB(d->loc, "%s misaligned address 0x%lx for type %s, which requires %lu-byte "
+                "alignment (a GPU raises cudaErrorMisalignedAddress)", kind,
+                static_cast<unsigned long>(ptr), d->type->name,
+                static_cast<unsigned long>(align));
+  } else {
+    CUDA_EMU_UB(d->loc, "%s address 0x%lx with insufficient space for type %s", kind,
+                static_cast<unsigned long>(ptr), d->type->name);
+  }
+}
+
+void __ubsan_handle_out_of_bounds(UbsanOutOfBounds* d, uintptr_t index) {
+  CUDA_EMU_UB(d->loc, "index %s out of bounds for type %s",
+              ubsan_value(d->index_type, index).c_str(), d->array_type->name);
+}
+
+static void ubsan_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b, const char* op) {
+  CUDA_EMU_UB(d->loc, "signed integer overflow: %s %s %s cannot be represented in type %s",
+              ubsan_value(d->type, a).c_str(), op, ubsan_value(d->type, b).c_str(),
+              d->type->name);
+}
+void __ubsan_handle_add_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b) {
+  ubsan_overflow(d, a, b, "+");
+}
+void __ubsan_handle_sub_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b) {
+  ubsan_overflow(d, a, b, "-");
+}
+void __ubsan_handle_mul_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b) {
+  ubsan_overflow(d, a, b, "*");
+}
+void __ubsan_handle_negate_overflow(UbsanOverflow* d, uintptr_t a) {
+  CUDA_EMU_UB(d->loc, "negation of %s cannot be represented in type %s",
+              ubsan_value(d->type, a).c_str(), d->type->name);
+}
+void __ubsan_handle_divrem_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b) {
+  CUDA_EMU_UB(d->loc, "division %s / %s: division by zero or overflow in type %s",
+              ubsan_value(d->type, a).c_str(), ubsan_value(d->type, b).c_str(), d->type->name);
+}
+void __ubsan_handle_shift_out_of_bounds(UbsanShift* d, uintptr_t a, uintptr_t b) {
+  CUDA_EMU_UB(d->loc, "shift %s << or >> %s is out of bounds for type %s",
+              ubsan_value(d->lhs_type, a).c_str(), ubsan_value(d->rhs_type, b).c_str(),
+              d->lhs_type->name);
+}
+void __ubsan_handle_vla_bound_not_positive(UbsanOverflow* d, uintptr_t bound) {
+  CUDA_EMU_UB(d->loc, "variable-length array bound %s is not positive",
+              ubsan_value(d->type, bound).c_str());
+}
+
+#undef CUDA_EMU_UB
+
+}  // extern "C"
