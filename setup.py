@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -64,7 +64,7 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=["rlkern", "rlkern.kernels"]
-    + [f"rlkern.{p}" for p in ("ops", "reference", "bench", "sampling", "integrations")],
+    + [f"rlkern.{p}" for p in find_packages(str(ROOT / "python" / "rlkern"))],
     package_dir={"rlkern": "python/rlkern", "rlkern.kernels": "kernels"},
     ext_modules=[CMakeExtension("rlkern._C")],
     cmdclass={"build_ext": CMakeBuild},

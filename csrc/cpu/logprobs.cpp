@@ -38,9 +38,11 @@ void fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const storage* x = base + (r / a.L) * a.stride_0 + (r % a.L) * a.stride_1;
+    const storage* next =
+        r + 1 < end ? base + ((r + 1) / a.L) * a.stride_0 + ((r + 1) % a.L) * a.stride_1 : nullptr;
     SoftmaxStats<double> row = softmax_stats_empty<double>();
     double xsum = 0.0;
-    accumulate_row<Tag, kEntropy, kStats>(x, a.V, c, row, &xsum);
+    accumulate_row<Tag, kEntropy, kStats>(x, a.V, c, row, &xsum, next);
     row.zsum = xsum * inv_t;
     const RowResult<double> res = softmax_stats_finish(row, a.V);
     const double logp = (y >= 0 && y < a.V) ? logp_from_stats(row, load_scalar<Tag>(x + y), c)

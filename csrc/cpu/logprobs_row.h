@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/simd.h"
 #include "rlkern/online_softmax.h"
@@ -46,18 +47,34 @@ struct Block2 {
   float s, t, u;
 };
 
+// `prefetch` / `prefetch_bytes`: the memory sweep 1 of the next block will read (nullptr for
+// none). Sweep 2 computes from L1 without touching memory, so it issues one prefetch per vector
+// to bring the next block in meanwhile: the row then streams from memory while the exps run,
+// instead of memory and arithmetic taking turns.
 template <typename Tag, bool kEntropy, bool kStats>
-inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, double* xsum) {
+inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, double* xsum,
+                          const char* prefetch = nullptr, int64_t prefetch_bytes = 0) {
   constexpr int W = VecF::size;
   const int64_t nv = n / W * W;
   const int64_t tail = n - nv;
   // Sweep 1: block max (four independent chains hide the latency of max) and Σx for stats.
+  // 16-bit logits are widened once here and kept in an L1-resident fp32 copy for sweep 2,
+  // which saves sweep 2 the two widening instructions per vector.
+  constexpr bool kWiden = !std::is_same_v<Tag, F32>;
+  alignas(64) float widened[kWiden ? kBlock : 1];
+  auto keep = [&](int64_t at, VecF v) {
+    if constexpr (kWiden) v.store(widened + at, F32{});
+  };
   VecF m0 = VecF::set1(kNegInf), m1 = m0, m2v = m0, m3 = m0;
   VecF xs = VecF::set1(0.0f);
   int64_t i = 0;
   for (; i + 4 * W <= nv; i += 4 * W) {
     VecF a = VecF::load(x + i, Tag{}), b = VecF::load(x + i + W, Tag{});
     VecF d = VecF::load(x + i + 2 * W, Tag{}), e = VecF::load(x + i + 3 * W, Tag{});
+    keep(i, a);
+    keep(i + W, b);
+    keep(i + 2 * W, d);
+    keep(i + 3 * W, e);
     m0 = VecF::max(m0, a);
     m1 = VecF::max(m1, b);
     m2v = VecF::max(m2v, d);
@@ -66,6 +83,7 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, do
   }
   for (; i < nv; i += W) {
     VecF a = VecF::load(x + i, Tag{});
+    keep(i, a);
     m0 = VecF::max(m0, a);
     if constexpr (kStats) xs = xs + a;
   }
@@ -94,7 +112,25 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, do
     if constexpr (kEntropy) t = VecF::fma(e, d, t);
     if constexpr (kStats) u = VecF::fma(e, e, u);
   };
-  for (i = 0; i < nv; i += W) step(VecF::load(x + i, Tag{}));
+  const char* pf = prefetch;
+  const char* const pf_end = prefetch ? prefetch + prefetch_bytes : nullptr;
+  auto prefetch_line = [&] {
+    if (pf < pf_end) {
+      prefetch_l1(pf);
+      pf += 64;
+    }
+  };
+  if constexpr (kWiden) {
+    for (i = 0; i < nv; i += W) {
+      prefetch_line();
+      step(VecF::load(widened + i));
+    }
+  } else {
+    for (i = 0; i < nv; i += W) {
+      prefetch_line();
+      step(VecF::load(x + i, Tag{}));
+    }
+  }
   if (tail) step(vtail);
   out.s = s.reduce_add();
   out.t = t.reduce_add();
@@ -104,12 +140,21 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, do
 
 // Folds the logits x[0, n) of one row into its running summary `row` (natural units).
 // `xsum` accumulates Σx when kStats. Any blocking of a row gives the same merge order for the
-// same n, so results are reproducible; rows never interact.
+// same n, so results are reproducible; rows never interact. `next_row` (nullable, n logits
+// long) is prefetched while the last block is computed.
 template <typename Tag, bool kEntropy, bool kStats>
 inline void accumulate_row(const typename Tag::storage* x, int64_t n, float c,
-                           SoftmaxStats<double>& row, double* xsum) {
+                           SoftmaxStats<double>& row, double* xsum,
+                           const typename Tag::storage* next_row = nullptr) {
+  using storage = typename Tag::storage;
   for (int64_t b = 0; b < n; b += kBlock) {
-    const Block2 blk = sweep_block<Tag, kEntropy, kStats>(x + b, std::min(kBlock, n - b), c, xsum);
+    const bool last = b + kBlock >= n;
+    const storage* ahead = last ? next_row : x + b + kBlock;
+    const int64_t ahead_n = last ? (next_row ? std::min(kBlock, n) : 0)
+                                 : std::min(kBlock, n - b - kBlock);
+    const Block2 blk = sweep_block<Tag, kEntropy, kStats>(
+        x + b, std::min(kBlock, n - b), c, xsum, reinterpret_cast<const char*>(ahead),
+        ahead_n * int64_t(sizeof(storage)));
     // Base 2 → natural units: m = m2 ln2, t = t2 ln2 (s and u are unitless).
     const SoftmaxStats<double> part{double(blk.m2) * kLn2, blk.s, double(blk.t) * kLn2, blk.u, 0.0};
     row = softmax_stats_merge(row, part);

@@ -91,6 +91,15 @@ inline uint16_t float_to_f16(float f) {
 #endif
 }
 
+// Asks for the cache line at p to be brought into L1 (a hint: never faults).
+inline void prefetch_l1(const void* p) {
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__SSE__)
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 template <typename Tag>
 inline float load_scalar(const typename Tag::storage* p) {
   if constexpr (std::is_same_v<Tag, BF16>) return bf16_to_float(*p);
@@ -105,14 +114,15 @@ inline void store_scalar(typename Tag::storage* p, float v) {
   else *p = v;
 }
 
-// 2^r on r ∈ [−½, ½]: Taylor series of exp(r·ln2) to degree 6; the truncation error
-// (½ ln2)^7 / 7! ≈ 1.2e-7 is about one fp32 ulp, so 2^x = 2^n · 2^r is accurate to ~2 ulp.
-constexpr float kExp2C1 = 0.6931471805599453f;   // ln2
-constexpr float kExp2C2 = 0.2402265069591007f;   // ln2² / 2
-constexpr float kExp2C3 = 0.05550410866482158f;  // ln2³ / 6
-constexpr float kExp2C4 = 0.009618129107628477f; // ln2⁴ / 24
-constexpr float kExp2C5 = 0.0013333558146428443f;// ln2⁵ / 120
-constexpr float kExp2C6 = 0.00015403530393381606f;// ln2⁶ / 720
+// 2^r on r ∈ [−½, ½]: a degree-5 polynomial 1 + c1 r + … + c5 r^5 fitted to minimise the
+// relative error (iteratively reweighted least squares on Chebyshev nodes): 9e-8 from the fit,
+// ~2e-7 with fp32 Horner rounding, so 2^x = 2^n · 2^r is accurate to ~2 ulp, one FMA cheaper
+// than the degree-6 Taylor series of the same accuracy.
+constexpr float kExp2C1 = 0.6931469772847744f;
+constexpr float kExp2C2 = 0.24022242044257505f;
+constexpr float kExp2C3 = 0.05550734171884052f;
+constexpr float kExp2C4 = 0.00967151451894321f;
+constexpr float kExp2C5 = 0.001326460062432698f;
 // Inputs below this give 2^x = 0 (below the smallest fp32 subnormal); clamping there keeps
 // −inf finite so that 0 · x stays 0 instead of NaN.
 constexpr float kExp2Min = -151.0f;
@@ -122,8 +132,7 @@ inline float exp2_scalar(float x) {
   if (std::isnan(x)) return x;
   const float n = std::nearbyint(x);
   const float r = x - n;
-  float p = kExp2C6;
-  p = std::fma(p, r, kExp2C5);
+  float p = kExp2C5;
   p = std::fma(p, r, kExp2C4);
   p = std::fma(p, r, kExp2C3);
   p = std::fma(p, r, kExp2C2);
@@ -175,12 +184,11 @@ struct VecF {
     __mmask16 m = _mm512_cmp_ps_mask(keep.v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
     return {_mm512_maskz_mov_ps(m, a.v)};
   }
+  // 2^x for x ≥ kExp2Min (callers clamp: they need the clamped value themselves) or NaN.
   static VecF exp2(VecF x) {
-    x = max(set1(kExp2Min), x);
     const __m512 n = _mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_sub_ps(x.v, n);
-    __m512 p = _mm512_set1_ps(kExp2C6);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C5));
+    __m512 p = _mm512_set1_ps(kExp2C5);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C4));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C3));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C2));
@@ -227,12 +235,11 @@ struct VecF {
     __m256 m = _mm256_cmp_ps(keep.v, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
     return {_mm256_and_ps(a.v, m)};
   }
+  // 2^x for x ≥ kExp2Min (callers clamp: they need the clamped value themselves) or NaN.
   static VecF exp2(VecF x) {
-    x = max(set1(kExp2Min), x);
     const __m256 n = _mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 r = _mm256_sub_ps(x.v, n);
-    __m256 p = _mm256_set1_ps(kExp2C6);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C5));
+    __m256 p = _mm256_set1_ps(kExp2C5);
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C4));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C3));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C2));

@@ -48,16 +48,18 @@ def token_logprobs_reference(
 
     lse = torch.logsumexp(z, dim=-1)
     p = torch.exp(z - lse.unsqueeze(-1))
-    # p·z is 0 where z = −inf (the limit). z is clamped to a finite value and the product
-    # masked, so that neither the value nor its gradient meets 0·inf on masked vocabularies.
+    # entropy = lse − Σ p z, evaluated as −Σ p (z − lse): the same quantity without cancelling
+    # lse against Σ p z (which costs fp32 precision when |z| is large and p is peaked).
+    # p·(z − lse) is 0 where z = −inf (the limit): z is clamped to a finite value and the
+    # product masked, so neither the value nor its gradient meets 0·inf on masked vocabularies.
     zc = torch.clamp(z, min=torch.finfo(acc).min)
-    pz = torch.where(p > 0, p * zc, torch.zeros_like(p))
+    plogp = torch.where(p > 0, p * (zc - lse.unsqueeze(-1)), torch.zeros_like(p))
     z_y = torch.gather(z, -1, safe_labels.unsqueeze(-1)).squeeze(-1)
 
     zero = torch.zeros_like(lse)
     return {
         "logprobs": torch.where(valid, z_y - lse, zero),
-        "entropy": torch.where(valid, lse - pz.sum(-1), zero),
+        "entropy": torch.where(valid, -plogp.sum(-1), zero),
         "lse": torch.where(valid, lse, zero),
         "self_certainty": torch.where(valid, lse - z.mean(-1), zero),
         "sum_p_sq": torch.where(valid, (p * p).sum(-1), zero),
