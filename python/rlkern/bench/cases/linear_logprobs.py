@@ -1,0 +1,202 @@
+"""Benchmark case ``linear_logprobs``: logprobs + entropy from hidden states and the LM head.
+
+Modes:
+
+* ``fwd`` — under ``torch.no_grad()`` (old / reference policy logprobs).
+* ``fwd+bwd`` — the gradient of ``logprobs.sum() + entropy.sum()`` wrt ``hidden`` and
+  ``weight`` (the policy update).
+
+Implementations:
+
+* ``rlkern`` — ``rlkern.linear_logprobs`` (autograd; the backward recomputes each tile: four
+  matmuls in fwd+bwd).
+* ``rlkern (with_grad)`` — ``rlkern.linear_logprobs_with_grad`` with the upstream gradient given
+  up front (three matmuls; what a fused loss uses). fwd+bwd only.
+* ``eager`` — the logits materialised as TRL and verl do (``F.linear`` in bf16, then an fp32
+  ``log_softmax``, a gather and the entropy), autograd through it.
+* ``floor`` — the bare matmuls of the same shapes: ``h Wᵀ`` (fwd); ``h Wᵀ``, ``X W`` and
+  ``Xᵀ h`` (fwd+bwd), in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlkern.bench.cases import (
+    FLOOR,
+    RLKERN,
+    Case,
+    CaseOptions,
+    Impl,
+    ImplUnavailableError,
+    Outputs,
+    Size,
+    Tolerance,
+)
+from rlkern.bench.cases import register as register_case
+
+V_QWEN = 151936
+
+#: The issue's target shape first, then scaling in N and in V at a smaller H (a 2-core CPU does
+#: ~0.15 TFLOP/s in bf16; H = 2048 at N = 16k would take minutes per call).
+FULL_SIZES = [
+    Size({"N": 2048, "H": 2048, "V": V_QWEN}),
+    Size({"N": 1024, "H": 512, "V": V_QWEN}),
+    Size({"N": 4096, "H": 512, "V": V_QWEN}),
+    Size({"N": 16384, "H": 512, "V": V_QWEN}),
+    Size({"N": 4096, "H": 512, "V": 32000}),
+    Size({"N": 4096, "H": 512, "V": 65536}),
+    Size({"N": 4096, "H": 512, "V": 262144}),
+]
+QUICK_SIZES = [Size({"N": 512, "H": 512, "V": 32000}), Size({"N": 1024, "H": 1024, "V": V_QWEN})]
+
+#: Above this many logits the eager peer is not run (its fp32 copies need ~12 bytes a logit).
+EAGER_MAX_LOGITS = 800_000_000
+
+FLOOR_NOTES = {
+    "fwd": "floor (fwd): the bare matmul `h @ W.T` of the same shape",
+    "fwd+bwd": "floor (fwd+bwd): the three bare matmuls `X = h @ W.T`, `X @ W`, `X.T @ h`",
+}
+
+
+class LinearInputs(NamedTuple):
+    hidden: Tensor
+    weight: Tensor
+    labels: Tensor
+
+
+def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> LinearInputs:
+    """Hidden states of unit scale and a weight scaled like a trained LM head (logit σ ≈ 2)."""
+    n, h, v = size["N"], size["H"], size["V"]
+    gen = torch.Generator(device="cpu").manual_seed(n * 7919 + h * 31 + v)
+    hidden = torch.randn(n, h, generator=gen).to(dtype=dtype, device=device)
+    weight = (torch.randn(v, h, generator=gen) * (2.0 / h**0.5)).to(dtype=dtype, device=device)
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    return LinearInputs(hidden, weight, labels)
+
+
+def _outputs(logprobs: Tensor, entropy: Tensor, grads: tuple[Tensor, Tensor] | None) -> Outputs:
+    out = {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
+    if grads is not None:
+        out["grad_hidden"], out["grad_weight"] = grads
+    return out
+
+
+def _rlkern(mode: str, backend: str):
+    from rlkern import linear_logprobs
+
+    def fwd(inp: LinearInputs) -> Outputs:
+        with torch.no_grad():
+            out = linear_logprobs(inp.hidden, inp.weight, inp.labels, return_entropy=True,
+                                  backend=backend)
+        return _outputs(out.logprobs, out.entropy, None)
+
+    def fwd_bwd(inp: LinearInputs) -> Outputs:
+        h = inp.hidden.detach().requires_grad_()
+        w = inp.weight.detach().requires_grad_()
+        out = linear_logprobs(h, w, inp.labels, return_entropy=True, backend=backend)
+        grads = torch.autograd.grad(out.logprobs.sum() + out.entropy.sum(), (h, w))
+        return _outputs(out.logprobs, out.entropy, grads)
+
+    return fwd if mode == "fwd" else fwd_bwd
+
+
+def _rlkern_with_grad(backend: str):
+    from rlkern import linear_logprobs_with_grad
+
+    def fwd_bwd(inp: LinearInputs) -> Outputs:
+        ones = torch.ones(inp.labels.shape, dtype=torch.float32, device=inp.labels.device)
+        res = linear_logprobs_with_grad(inp.hidden, inp.weight, inp.labels, grad_logprobs=ones,
+                                        grad_entropy=ones, return_entropy=True, backend=backend)
+        return _outputs(res.outputs.logprobs, res.outputs.entropy,
+                        (res.grad_hidden, res.grad_weight))
+
+    return fwd_bwd
+
+
+def eager_logprobs_entropy(hidden: Tensor, weight: Tensor, labels: Tensor):
+    """What a trainer writes: bf16 logits from the LM head, fp32 log-softmax, gather, entropy."""
+    logits = F.linear(hidden, weight)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return logprobs, entropy
+
+
+def _check_eager_fits(inp: LinearInputs) -> None:
+    logits = inp.hidden.shape[0] * inp.weight.shape[0]
+    if logits > EAGER_MAX_LOGITS:
+        raise ImplUnavailableError(
+            f"eager needs ~12 bytes per logit ({logits * 12 / 2**30:.0f} GiB here): not run "
+            "on this 24 GiB machine")
+
+
+def _eager(mode: str):
+    def fwd(inp: LinearInputs) -> Outputs:
+        _check_eager_fits(inp)
+        with torch.no_grad():
+            return _outputs(*eager_logprobs_entropy(*inp), None)
+
+    def fwd_bwd(inp: LinearInputs) -> Outputs:
+        _check_eager_fits(inp)
+        h = inp.hidden.detach().requires_grad_()
+        w = inp.weight.detach().requires_grad_()
+        logprobs, entropy = eager_logprobs_entropy(h, w, inp.labels)
+        grads = torch.autograd.grad(logprobs.sum() + entropy.sum(), (h, w))
+        return _outputs(logprobs, entropy, grads)
+
+    return fwd if mode == "fwd" else fwd_bwd
+
+
+def _floor(mode: str):
+    def fwd(inp: LinearInputs) -> Outputs:
+        inp.hidden @ inp.weight.T
+        return {}
+
+    def fwd_bwd(inp: LinearInputs) -> Outputs:
+        x = inp.hidden @ inp.weight.T
+        x @ inp.weight
+        x.T @ inp.hidden
+        return {}
+
+    return fwd if mode == "fwd" else fwd_bwd
+
+
+@register_case("linear_logprobs")
+def linear_logprobs_case(options: CaseOptions) -> Case:
+    """The ``linear_logprobs`` case for ``options`` (device, dtype, rlkern backend)."""
+    backend = options.rlkern_backend
+
+    def implementations(mode: str) -> list[Impl]:
+        impls = [Impl("rlkern", _rlkern(mode, backend), role=RLKERN)]
+        if mode == "fwd+bwd":
+            impls.append(Impl("rlkern (with_grad)", _rlkern_with_grad(backend)))
+        impls += [
+            Impl("eager", _eager(mode)),
+            Impl("floor", _floor(mode), role=FLOOR, note=FLOOR_NOTES[mode]),
+        ]
+        return impls
+
+    # Both sides round the logits to bf16 identically; gradients differ by the float32
+    # accumulation of per-tile bf16 products (rlkern) vs one bf16 matmul (eager).
+    tol = 1e-2
+    return Case(
+        name="linear_logprobs",
+        sizes=FULL_SIZES,
+        quick_sizes=QUICK_SIZES,
+        modes=("fwd", "fwd+bwd"),
+        make_inputs=make_inputs,
+        implementations=implementations,
+        tolerances={
+            "logprobs": Tolerance(atol=1e-4, rtol=1e-4),
+            "entropy": Tolerance(atol=1e-4, rtol=1e-4),
+            "grad_hidden": Tolerance(rtol=tol, scale_by_max=True),
+            "grad_weight": Tolerance(rtol=tol, scale_by_max=True),
+        },
+        notes=tuple(FLOOR_NOTES.values()),
+        environment={"rlkern_backend": backend},
+    )

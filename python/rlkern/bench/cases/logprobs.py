@@ -1,0 +1,285 @@
+"""Benchmark case ``logprobs``: per-token log-probabilities + entropy of a (N, V) logits tensor.
+
+Modes:
+
+* ``fwd`` — logprobs and entropy (what a trainer computes for the old/reference policy).
+* ``fwd+bwd`` — the same plus the gradient of ``logprobs.sum() + entropy.sum()`` wrt the
+  logits (the policy update).
+
+Implementations, each called the way its trainer calls it:
+
+* ``rlkern`` — ``rlkern.token_logprobs(logits, labels, return_entropy=True)``.
+* ``trl`` — TRL's ``selective_log_softmax`` + ``entropy_from_logits``, imported from TRL, on a
+  ``(B, L, V)`` view (TRL's GRPO trainer passes per-sequence logits; its bf16 path loops over
+  the ``B`` sequences).
+* ``verl (eager formula)`` — verl's ``logprobs_from_logits_v2`` and ``entropy_from_logits``
+  restated here (verl is not a dependency) on the ``(N, V)`` tensor, the layout verl's actor
+  uses with padding removed (its bf16 path loops over the ``N`` tokens).
+* ``torch.compile`` — the textbook formula (fp32 log_softmax, gather, entropy) compiled per
+  shape; compilation happens in the warm-up calls.
+* ``floor`` — the least memory traffic any implementation needs (see :data:`FLOOR_NOTES`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlkern.bench.cases import (
+    FLOOR,
+    RLKERN,
+    Case,
+    CaseOptions,
+    Impl,
+    ImplUnavailableError,
+    Outputs,
+    Size,
+    Tolerance,
+    register,
+)
+
+V_QWEN = 151936  # Qwen2/Qwen3 vocabulary: the largest common case, and the default here.
+
+FULL_SIZES = [
+    Size({"N": 1024, "V": 32000}),
+    Size({"N": 1024, "V": 65536}),
+    Size({"N": 1024, "V": V_QWEN}),
+    Size({"N": 4096, "V": V_QWEN}),
+]
+QUICK_SIZES = [Size({"N": 256, "V": 32000}), Size({"N": 512, "V": V_QWEN})]
+
+#: Tokens per sequence for TRL's (B, L, V) view of the N tokens (when L divides N).
+TRL_SEQ_LEN = 512
+
+FLOOR_NOTES = {
+    "fwd": "floor (fwd): one read of the logits, `logits.view(int16).amax()`",
+    "fwd+bwd": "floor (fwd+bwd): one read of the logits and one write of a fresh buffer of "
+    "the same size (`empty_like(logits).copy_(logits)`), the traffic of producing a gradient",
+}
+
+
+class LogprobsInputs(NamedTuple):
+    """Contiguous ``logits`` (N, V) and ``labels`` (N,), plus the ``(B, L)`` split for TRL."""
+
+    logits: Tensor
+    labels: Tensor
+    batch: int
+    seq_len: int
+
+
+def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> LogprobsInputs:
+    """Random logits (σ = 4, so the softmax is peaked as in a trained model) and labels."""
+    n, v = size["N"], size["V"]
+    gen = torch.Generator(device="cpu").manual_seed(n * 1_000_003 + v)
+    logits = (torch.randn(n, v, generator=gen) * 4).to(dtype=dtype, device=device)
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    seq_len = TRL_SEQ_LEN if n % TRL_SEQ_LEN == 0 else n
+    return LogprobsInputs(logits, labels, n // seq_len, seq_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# One call of an implementation, in each mode.
+
+#: ``(logits, labels, inputs) -> (logprobs, entropy)``; logits may require grad.
+Forward = Callable[[Tensor, Tensor, LogprobsInputs], tuple[Tensor, Tensor]]
+
+
+def _in_mode(forward: Forward, mode: str) -> Callable[[LogprobsInputs], Outputs]:
+    """Wrap a forward into one benchmark call for ``mode``."""
+    if mode == "fwd":
+
+        def fwd(inp: LogprobsInputs) -> Outputs:
+            logprobs, entropy = forward(inp.logits, inp.labels, inp)
+            return {"logprobs": logprobs, "entropy": entropy}
+
+        return fwd
+
+    def fwd_bwd(inp: LogprobsInputs) -> Outputs:
+        # A fresh leaf per call: the gradient is returned, never accumulated into .grad.
+        logits = inp.logits.detach().requires_grad_()
+        logprobs, entropy = forward(logits, inp.labels, inp)
+        (grad,) = torch.autograd.grad(logprobs.sum() + entropy.sum(), logits)
+        return {"logprobs": logprobs.detach(), "entropy": entropy.detach(), "grad": grad}
+
+    return fwd_bwd
+
+
+def _rlkern_forward(backend: str) -> Forward:
+    from rlkern import token_logprobs
+
+    def forward(logits: Tensor, labels: Tensor, inp: LogprobsInputs) -> tuple[Tensor, Tensor]:
+        out = token_logprobs(
+            logits, labels, return_entropy=True, inplace_backward=False, backend=backend
+        )
+        assert out.entropy is not None
+        return out.logprobs, out.entropy
+
+    return forward
+
+
+def _trl_forward() -> tuple[Forward | None, str | None]:
+    # Importing trl takes seconds (it pulls in transformers): done on the first call, which is
+    # never timed, so listing or filtering cases stays fast.
+    if importlib.util.find_spec("trl") is None:
+        return None, "trl is not installed (pip install trl)"
+    trl_fns: list[Callable[..., Tensor]] = []
+
+    def forward(logits: Tensor, labels: Tensor, inp: LogprobsInputs) -> tuple[Tensor, Tensor]:
+        if not trl_fns:
+            try:
+                from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+            except Exception as exc:  # any import failure means: not available here
+                raise ImplUnavailableError(
+                    f"trl is not importable ({type(exc).__name__}: {exc})"
+                ) from exc
+            trl_fns.extend((selective_log_softmax, entropy_from_logits))
+        selective_log_softmax, entropy_from_logits = trl_fns
+        b, seq, v = inp.batch, inp.seq_len, logits.shape[-1]
+        per_seq = logits.view(b, seq, v)
+        logprobs = selective_log_softmax(per_seq, labels.view(b, seq))
+        entropy = entropy_from_logits(per_seq)
+        return logprobs.reshape(-1), entropy.reshape(-1)
+
+    return forward, None
+
+
+# verl's eager formulas (verl/utils/torch_functional.py), restated: a row loop keeps the bf16
+# path's peak memory at one row, the fp32 path subtracts a per-row logsumexp from the gathered
+# logit, and the entropy is logsumexp − Σ softmax·logits over the whole tensor at once.
+
+
+def verl_logprobs_from_logits_v2(logits: Tensor, labels: Tensor) -> Tensor:
+    """verl's memory-saving logprobs: per-row logsumexp (fp32/fp64) or per-row log_softmax."""
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return picked - lse
+    rows = []
+    for row_logits, row_label in zip(logits, labels, strict=True):
+        row_logprobs = F.log_softmax(row_logits, dim=-1)
+        rows.append(row_logprobs.gather(-1, row_label.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
+
+
+def verl_entropy_from_logits(logits: Tensor) -> Tensor:
+    """verl's entropy: ``logsumexp(x) − Σ softmax(x)·x``, in the logits' dtype."""
+    probs = F.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def _verl_forward(logits: Tensor, labels: Tensor, inp: LogprobsInputs) -> tuple[Tensor, Tensor]:
+    return verl_logprobs_from_logits_v2(logits, labels), verl_entropy_from_logits(logits)
+
+
+def naive_logprobs_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The textbook formula: fp32 log_softmax, gather, entropy = −Σ p·log p."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return logprobs, entropy
+
+
+def _compiled_forward() -> Forward:
+    # dynamic=False: one graph per shape, the best torch.compile can do for a fixed shape.
+    # Every (shape, grad mode) is a recompile of the same frame, so the recompile limit is
+    # raised while calling; otherwise Dynamo would fall back to eager after a few sizes.
+    # torch.compile itself is called on first use: importing Dynamo takes seconds.
+    compiled: list[Callable[..., tuple[Tensor, Tensor]]] = []
+
+    def forward(logits: Tensor, labels: Tensor, inp: LogprobsInputs) -> tuple[Tensor, Tensor]:
+        if not compiled:
+            compiled.append(torch.compile(naive_logprobs_entropy, dynamic=False))
+        with torch._dynamo.config.patch(recompile_limit=256):
+            return compiled[0](logits, labels)
+
+    return forward
+
+
+def _floor(mode: str) -> Callable[[LogprobsInputs], Outputs]:
+    if mode == "fwd":
+
+        def read_once(inp: LogprobsInputs) -> Outputs:
+            # An integer max reads every byte once and is vectorised; nothing is written.
+            inp.logits.view(torch.int16).amax()
+            return {}
+
+        return read_once
+
+    def read_write_once(inp: LogprobsInputs) -> Outputs:
+        torch.empty_like(inp.logits).copy_(inp.logits)
+        return {}
+
+    return read_write_once
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_rlkern_backend(options: CaseOptions) -> tuple[str, str]:
+    """Backend for the rlkern implementation and a note when it is not the requested one."""
+    from rlkern import backends
+
+    backend = options.rlkern_backend
+    if backend == "auto" and options.device.type == "cpu" and not backends.has_cpp():
+        return "torch", (
+            "rlkern._C is not built: the rlkern rows run backend='torch' (the pure-torch "
+            "reference), not the C++ kernels"
+        )
+    return backend, ""
+
+
+@register("logprobs")
+def logprobs_case(options: CaseOptions) -> Case:
+    """The ``logprobs`` case for ``options`` (device, dtype, rlkern backend)."""
+    from rlkern import backends
+
+    backend, backend_note = _resolve_rlkern_backend(options)
+    rlkern_fwd = _rlkern_forward(backend)
+    trl_fwd, trl_skip = _trl_forward()
+    compiled_fwd = _compiled_forward()  # shared by both modes: one Dynamo cache
+
+    def implementations(mode: str) -> list[Impl]:
+        return [
+            Impl("rlkern", _in_mode(rlkern_fwd, mode), role=RLKERN, note=backend_note),
+            Impl("trl", _in_mode(trl_fwd, mode) if trl_fwd else _unavailable, skip=trl_skip),
+            Impl("verl (eager formula)", _in_mode(_verl_forward, mode)),
+            # Two warm-up calls: the first compiles, the second runs the compiled code once so
+            # its one-off costs (loading the kernel library, first-touch) stay out of the timing.
+            Impl("torch.compile", _in_mode(compiled_fwd, mode), warmup=2),
+            Impl("floor", _floor(mode), role=FLOOR, note=FLOOR_NOTES[mode]),
+        ]
+
+    # Precision level: 1e-2 for bf16 inputs; the bf16 peers round their outputs (and some
+    # intermediates, e.g. verl's bf16 logsumexp in the entropy) to bf16, 2^-8 relative, hence
+    # an rtol too. Identity gate: a tenth of the largest reference value (see Tolerance).
+    bf16_tol, gate = 1e-2, 0.1
+    return Case(
+        name="logprobs",
+        sizes=FULL_SIZES,
+        quick_sizes=QUICK_SIZES,
+        modes=("fwd", "fwd+bwd"),
+        make_inputs=make_inputs,
+        implementations=implementations,
+        tolerances={
+            "logprobs": Tolerance(atol=bf16_tol, rtol=bf16_tol, gate=gate),
+            "entropy": Tolerance(atol=bf16_tol, rtol=bf16_tol, gate=gate),
+            "grad": Tolerance(rtol=bf16_tol, scale_by_max=True, gate=gate),
+        },
+        notes=(
+            *(n for n in (backend_note, *FLOOR_NOTES.values()) if n),
+            f"trl gets a (B, L, V) view with L = {TRL_SEQ_LEN} where it divides N; verl "
+            "(padding removed) and the others get (N, V)",
+        ),
+        warnings=(backend_note,) if backend_note else (),
+        # The concrete backend ("cpu", "triton", ...), so a result says what was measured.
+        environment={"rlkern_backend": backends.resolve_backend(backend, options.device)},
+    )
+
+
+def _unavailable(inp: LogprobsInputs) -> Outputs:
+    raise RuntimeError("this implementation is not available here")
