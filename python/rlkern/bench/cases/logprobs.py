@@ -58,6 +58,8 @@ TRL_SEQ_LEN = 512
 
 FLOOR_NOTES = {
     "fwd": "floor (fwd): one read of the logits, `logits.view(int16).amax()`",
+    "bwd": "floor (bwd): one read of the logits, `logits.view(int16).amax()` (the backward "
+    "alone, from the saved per-row lse and entropy, against the read-once floor)",
     "fwd+bwd": "floor (fwd+bwd): one read of the logits and one write of a fresh buffer of "
     "the same size (`empty_like(logits).copy_(logits)`), the traffic of producing a gradient",
 }
@@ -200,8 +202,38 @@ def _compiled_forward() -> Forward:
     return forward
 
 
+def _rlkern_backward(backend: str, inplace: bool) -> Callable[[LogprobsInputs], Outputs]:
+    """The backward op alone: d(logprobs.sum() + entropy.sum())/d logits from the saved per-row
+    ``lse`` and ``entropy`` (computed once per input, untimed). ``inplace`` writes the gradient
+    over a scratch copy of the logits (made once; the values it then holds are gradients, which
+    is fine for timing: the op reads every logit whatever its value)."""
+    from rlkern.backends import resolve_backend
+
+    saved: dict[int, tuple[Tensor, ...]] = {}
+
+    def backward(inp: LogprobsInputs) -> Outputs:
+        key = id(inp)
+        if key not in saved:
+            from rlkern import token_logprobs
+
+            out = token_logprobs(inp.logits, inp.labels, return_entropy=True, backend=backend)
+            ones = torch.ones_like(out.lse)
+            scratch = inp.logits.clone() if inplace else inp.logits
+            saved.clear()
+            saved[key] = (out.lse, out.entropy, ones, scratch)
+        lse, entropy, ones, scratch = saved[key]
+        args = (inp.labels, lse, entropy, ones, ones, None, 1.0, -100,
+                resolve_backend(backend, inp.logits.device))
+        if inplace:
+            torch.ops.rlkern.logprobs_bwd_inplace(scratch, *args)
+            return {"grad": scratch}
+        return {"grad": torch.ops.rlkern.logprobs_bwd(inp.logits, *args)}
+
+    return backward
+
+
 def _floor(mode: str) -> Callable[[LogprobsInputs], Outputs]:
-    if mode == "fwd":
+    if mode in ("fwd", "bwd"):
 
         def read_once(inp: LogprobsInputs) -> Outputs:
             # An integer max reads every byte once and is vectorised; nothing is written.
@@ -244,6 +276,12 @@ def logprobs_case(options: CaseOptions) -> Case:
     compiled_fwd = _compiled_forward()  # shared by both modes: one Dynamo cache
 
     def implementations(mode: str) -> list[Impl]:
+        if mode == "bwd":
+            return [
+                Impl("rlkern", _rlkern_backward(backend, inplace=False), role=RLKERN),
+                Impl("rlkern (inplace_backward)", _rlkern_backward(backend, inplace=True)),
+                Impl("floor", _floor(mode), role=FLOOR, note=FLOOR_NOTES[mode]),
+            ]
         return [
             Impl("rlkern", _in_mode(rlkern_fwd, mode), role=RLKERN, note=backend_note),
             Impl("trl", _in_mode(trl_fwd, mode) if trl_fwd else _unavailable, skip=trl_skip),
@@ -262,7 +300,7 @@ def logprobs_case(options: CaseOptions) -> Case:
         name="logprobs",
         sizes=FULL_SIZES,
         quick_sizes=QUICK_SIZES,
-        modes=("fwd", "fwd+bwd"),
+        modes=("fwd", "fwd+bwd", "bwd"),
         make_inputs=make_inputs,
         implementations=implementations,
         tolerances={
