@@ -279,12 +279,15 @@ def test_plots_fall_back_to_the_product_of_dims(tmp_path) -> None:
 def test_registry_has_logprobs() -> None:
     assert "logprobs" in case_names()
     case = get_case("logprobs", CaseOptions())
-    assert case.modes == ("fwd", "fwd+bwd")
+    assert case.modes == ("fwd", "fwd+bwd", "bwd")
     for mode in case.modes:
         impls = case.implementations(mode)
         assert impls[0].role == RLKERN and impls[-1].role == FLOOR
-        assert {i.name for i in impls} >= {"rlkern", "trl", "verl (eager formula)",
-                                            "torch.compile", "floor"}
+        if mode == "bwd":  # the backward op alone: rlkern's two variants and the floor
+            assert [i.name for i in impls] == ["rlkern", "rlkern (inplace_backward)", "floor"]
+        else:
+            assert {i.name for i in impls} >= {"rlkern", "trl", "verl (eager formula)",
+                                                "torch.compile", "floor"}
 
 
 def test_cli_end_to_end_tiny(tmp_path, capsys) -> None:
@@ -292,6 +295,7 @@ def test_cli_end_to_end_tiny(tmp_path, capsys) -> None:
     cli.add_arguments(parser)
     args = parser.parse_args([
         "--op", "logprobs", "--size", "N=8,V=64", "--size", "N=16,V=64", "--repeats", "2",
+        "--mode", "fwd", "--mode", "fwd+bwd",
         "--impl", "verl (eager formula)", "--backend", "torch", "--device", "cpu",
         "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
         "--plot", str(tmp_path / "plots"),
