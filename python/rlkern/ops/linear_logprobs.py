@@ -58,10 +58,12 @@ class LinearTiling:
     @classmethod
     def fused_rows(cls, vocab: int, chunk_size: int | None = None) -> int:
         """Rows per chunk of the one-pass forward+backward, which holds full logits rows:
-        about 32M logits (64 MiB in bf16) per chunk."""
+        about 2^28 logits (512 MiB in bf16) per chunk. Larger chunks mean fewer re-reads of W
+        and fewer roundings of the ∂W accumulation; the buffer is still a fraction of what
+        materialising the logits costs (a bf16 copy plus float32 log-softmax temporaries)."""
         if chunk_size is not None:
             return chunk_size
-        return max(16, min(4096, (1 << 25) // max(vocab, 1)))
+        return max(16, min(16384, (1 << 28) // max(vocab, 1)))
 
 
 class LinearLogprobsWithGrad(NamedTuple):
@@ -218,13 +220,18 @@ def _backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse
 def _fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entropy,
                chunk_rows, grad_fn, group):
     """One pass: per row chunk, the full logits rows → stats → upstream grads → ∂x in place →
-    ∂h = ∂x W (one matmul over V) and ∂W += ∂xᵀ h (float32 accumulation)."""
+    ∂h = ∂x W (one matmul over V) and ∂W += ∂xᵀ h.
+
+    ∂W accumulates in the weight's dtype with ``addmm_`` (oneDNN sums each chunk's product in
+    float32 and rounds once per chunk): a float32 copy of ∂W would cost 4·V·H bytes and a
+    read-modify-write of them per chunk. The default chunk holds 2^28 logits, so bf16 sees a
+    handful of roundings at most."""
     ops = backends.cpp_ops()
     n, vocab = hidden.shape[0], weight.shape[0]
     offset = _vocab_offset(group, vocab)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad_h = torch.empty_like(hidden)
-    gw_acc = torch.zeros(weight.shape, dtype=acc)
+    grad_w = torch.empty_like(weight)
     gb_acc = None if bias is None else torch.zeros(vocab, dtype=acc)
     logprobs = torch.empty(n, dtype=acc)
     lse = torch.empty(n, dtype=acc)
@@ -248,7 +255,10 @@ def _fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_ent
         ops.linear_logprobs_tile_bwd_(tile, labels[sl], offset, ls, ent, g_lp, g_ent, None,
                                       temperature, ignore_index, tile)
         torch.mm(tile, weight, out=grad_h[sl])
-        gw_acc += tile.t() @ hidden[sl]
+        if r0 == 0:
+            torch.mm(tile.t(), hidden[sl], out=grad_w)
+        else:
+            grad_w.addmm_(tile.t(), hidden[sl])
         if gb_acc is not None:
             gb_acc += tile.sum(0, dtype=acc)
     if group is not None:
@@ -256,7 +266,7 @@ def _fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_ent
         torch.distributed.all_reduce(gh, group=group)
         grad_h = gh.to(hidden.dtype)
     grad_b = None if gb_acc is None else gb_acc.to(bias.dtype)
-    return (logprobs, lse, entropy), grad_h, gw_acc.to(weight.dtype), grad_b
+    return (logprobs, lse, entropy), grad_h, grad_w, grad_b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +730,8 @@ def linear_logprobs_with_grad(
     gradients of ``L = Σ grad_logprobs · logprobs + Σ grad_entropy · entropy`` wrt
     ``hidden``, ``weight`` and ``bias``: per chunk of rows, the full logits rows are formed
     (one matmul), reduced to ``lse``/``entropy``, turned into ``∂L/∂x`` in place, then
-    ``∂h = ∂x W`` and ``∂W += ∂xᵀ h`` (float32 accumulation): ``6·N·H·V`` FLOPs in total.
+    ``∂h = ∂x W`` and ``∂W += ∂xᵀ h`` (accumulated in the weight's dtype, one rounding per
+    chunk): ``6·N·H·V`` FLOPs in total.
 
     With ``backend="triton"`` the logits are never stored, so this runs the forward kernels
     and then the backward kernels with the given gradients, which re-form every logits tile
@@ -729,7 +740,7 @@ def linear_logprobs_with_grad(
 
     Args: as :func:`linear_logprobs`, plus ``grad_logprobs`` / ``grad_entropy`` of shape
     ``hidden.shape[:-1]`` (float32; either may be None). ``chunk_size`` here is the number of
-    rows whose full logits are held at once (default: about 32M logits; ignored by Triton).
+    rows whose full logits are held at once (default: about 2^28 logits; ignored by Triton).
 
     Returns:
         :class:`LinearLogprobsWithGrad` ``(outputs, grad_hidden, grad_weight, grad_bias)``;
