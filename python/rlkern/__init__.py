@@ -1,21 +1,54 @@
 """rlkern: fused kernels for the hot path of group-based RL training of language models."""
 
 from rlkern.backends import BackendUnavailableError
+from rlkern.ops.advantages import GroupAdvantages, group_advantages
+from rlkern.ops.group_stats import GroupStats
 from rlkern.ops.linear_logprobs import (
     LinearLogprobsWithGrad,
     linear_logprobs,
     linear_logprobs_with_grad,
 )
 from rlkern.ops.logprobs import TokenLogprobs, set_checks, token_logprobs
+from rlkern.ops.policy_loss import PolicyLossOutput, kl_penalty, policy_loss
+from rlkern.ops.policy_loss_config import PolicyLossConfig
+from rlkern.ops.sample import SampleOutput, sample
+from rlkern.ops.token_advantages import (
+    GiGPOAdvantages,
+    GTPOWeights,
+    discounted_returns,
+    empg_modulate,
+    gigpo_advantages,
+    gtpo_weights,
+    position_baseline,
+)
+from rlkern.sampling import GroupRollouts, generate_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "GTPOWeights",
+    "GiGPOAdvantages",
+    "GroupAdvantages",
+    "GroupRollouts",
+    "GroupStats",
     "LinearLogprobsWithGrad",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
+    "SampleOutput",
     "TokenLogprobs",
+    "discounted_returns",
+    "empg_modulate",
+    "generate_groups",
+    "gigpo_advantages",
+    "group_advantages",
+    "gtpo_weights",
+    "kl_penalty",
     "linear_logprobs",
     "linear_logprobs_with_grad",
+    "policy_loss",
+    "position_baseline",
+    "sample",
     "set_checks",
     "token_logprobs",
 ]

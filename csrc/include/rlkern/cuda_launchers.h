@@ -73,8 +73,102 @@ int rlkern_logprobs_bwd_cuda(const void* logits, int dtype, int64_t B, int64_t L
                              void* grad_logits, int64_t stride_grad_0, int64_t stride_grad_1,
                              cudaStream_t stream);
 
+// Group advantages (ALGORITHMS.md §2), csrc/cuda/advantages.cu. The caller orders the rows
+// group after group: group g is rows perm[offsets[g] .. offsets[g + 1]) (row order within a
+// group; for unlikely, (log-likelihood, row) order), or, with perm == nullptr, contiguous rows
+// [g·group_size, (g + 1)·group_size). `scores` is float64 when scores_f64 else float32.
+// Writes ms[g·5 ..] = (n, mean, M2, min, max) of the valid (finite) scores; with `unlikely`,
+// xr[row] = r' and mx[g·5 ..] its moments; with any of weighted / with_loglik / top,
+// ext[g·7 ..] = (Σw, Σw(x − mean), Σw(x − mean)², mean log-likelihood, top1, top2, top row).
+// `params` (device, 8 doubles): eps, r_max, lam, kappa, batch_std, gpg_alpha, white_mean,
+// white_rstd (rlkern.kernels.advantages.PARAM_FIELDS). One warp per group.
+int rlkern_group_segment_stats_cuda(const void* scores, int scores_f64, const int64_t* perm,
+                                    const int64_t* offsets, int64_t group_size,
+                                    int64_t num_groups, const double* weights,
+                                    const double* loglik, const double* params, int unlikely,
+                                    int weighted, int with_loglik, int top, double* ms,
+                                    double* mx, double* ext, double* xr, cudaStream_t stream);
+
+// The per-row pass: row i of group row_group[i] (or i / group_size) gets the advantage of
+// rlkern/group_stats.h (estimator and std_mode as enum Estimator / StdMode), and its group's
+// mean, std and zero-variance flag (0/1 bytes). Outputs are float64 when out_f64 else float32.
+int rlkern_group_rows_finish_cuda(const void* scores, int scores_f64, const double* xr,
+                                  const double* loglik, const int64_t* row_group,
+                                  int64_t group_size, int64_t n, const double* ms,
+                                  const double* mx, const double* ext, const double* params,
+                                  int estimator, int std_mode, int batch_scope,
+                                  int singleton_verl, void* advantages, void* group_mean,
+                                  void* group_std, uint8_t* zero_variance, int out_f64,
+                                  cudaStream_t stream);
+
+// Discounted returns of contiguous (n, t_len) rewards (float64 when f64 else float32):
+// G[t] = r[t] + gamma·G[t + 1], the carry dropped where reset[t] != 0 (nullable bytes).
+// One warp per row.
+int rlkern_discounted_returns_cuda(const void* rewards, int f64, int64_t n, int64_t t_len,
+                                   const uint8_t* reset, double gamma, void* out,
+                                   cudaStream_t stream);
+
+// Policy losses (ALGORITHMS.md §3; per-token math in rlkern/policy_loss.h). float32 only.
+// Inputs are (B, T) arrays with unit stride along T and `stride_*` elements between rows;
+// `adv` is (B,) (adv_per_token = 0) or (B, T); `mask` is bool bytes. ref / rollout / entropy /
+// token_weights may be null (absent); entropy_threshold is a device pointer to one float
+// (null: no entropy mask). Masked tokens are never read into a result.
+typedef struct {
+  int64_t B, T;
+  const float* logp;
+  int64_t stride_logp;
+  const float* old;
+  int64_t stride_old;
+  const float* adv;
+  int64_t stride_adv;
+  int32_t adv_per_token;
+  const uint8_t* mask;
+  int64_t stride_mask;
+  const float* ref;
+  int64_t stride_ref;
+  const float* rollout;
+  int64_t stride_rollout;
+  const float* entropy;
+  int64_t stride_entropy;
+  const float* token_weights;
+  int64_t stride_token_weights;
+  const float* entropy_threshold;
+} RlkernPolicyLossInputs;
+
+// Forward: row_stats (20, B) float64, statistic-major (policy_loss.h enum RowStat).
+// `flags` (7 values) and `hparams` (13 values) are host arrays in the order of
+// struct Flags / struct HParams of rlkern/policy_loss.h.
+int rlkern_policy_loss_fwd_cuda(const RlkernPolicyLossInputs* in, const int32_t* flags,
+                                const double* hparams, double* row_stats, cudaStream_t stream);
+
+// Backward: given the forward's row_stats and grad_rows (4, B) float64 (∂loss/∂ of the
+// statistics pg_sum, kl_sum, ent_sum, lp_sum per row), write grad_logp (B, T) contiguous and,
+// when not null, grad_entropy (B, T) contiguous.
+int rlkern_policy_loss_bwd_cuda(const RlkernPolicyLossInputs* in, const int32_t* flags,
+                                const double* hparams, const double* row_stats,
+                                const double* grad_rows, float* grad_logp, float* grad_entropy,
+                                cudaStream_t stream);
+
+// Elementwise KL estimator (kind: 1 k1, 2 k2, 3 k3, 4 abs) over n contiguous floats: the
+// value, or grad · ∂value/∂logp when grad is not null. ±inf disables a clamp.
+int rlkern_kl_penalty_cuda(const float* logp, const float* ref, const float* grad, float* out,
+                           int64_t n, int kind, int straight_through, double log_clamp,
+                           double value_clamp, cudaStream_t stream);
+
 // Human-readable text for a code returned by the launchers above (never null).
 const char* rlkern_cuda_error_string(int code);
+
+// Sampler (ALGORITHMS.md §4; csrc/cuda/sample.cu): output row i draws from logits row
+// indices ? indices[i] : i (row start = r · stride_row elements, vocab contiguous). Per-row
+// arrays have N entries; top_k / top_p / min_p / indices / entropy may be null (off). Outputs:
+// tokens (int64), raw / processed logprobs, entropy and lse (fp32; lse flags NaN rows).
+int rlkern_sample_cuda(const void* logits, int dtype, int64_t R, int64_t V, int64_t stride_row,
+                       int64_t N, const int64_t* indices, const double* temperature,
+                       const int64_t* top_k, const double* top_p, const double* min_p,
+                       const int64_t* seeds, const int64_t* steps, int joint,
+                       int raw_temperature, int64_t* tokens, float* raw_logprobs,
+                       float* processed_logprobs, float* entropy, float* lse,
+                       cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

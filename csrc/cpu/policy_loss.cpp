@@ -1,0 +1,704 @@
+// CPU kernels of the policy-loss family: one pass over each sequence forward, one backward.
+// The per-token math is rlkern/policy_loss.h (shared with CUDA); this file streams rows.
+//
+// Threads split rows (sequences), never a row, so a row's results do not depend on the other
+// rows or on the thread count (rows are handed out in chunks, dynamically: parallel_rows).
+// Within a row the header's formulas run on a lane policy (cpu/policy_loss_simd.h): 16 float
+// tokens per step on AVX-512 (masked loads for the row's tail, exp by the header's
+// polynomial), one token per step otherwise and for float64. Row sums are accumulated per
+// block of kBlock tokens in the compute dtype and across blocks in double.
+//
+// Forward, per row:  [prefix]  Σ m, Σ m·Δ, Σ m·(old − rollout)   (sequence quantities)
+//                    [aux]     multipliers of the policy term + entropy sums (add-ons only)
+//                    [main]    per-token loss, clip counters, ratio statistics
+//                    [kl]      the KL term (with a reference only)
+// Backward, per row: the same passes, writing ∂/∂logp; the sequence values come from the
+// forward's row_stats (nothing per token was saved).
+#include "cpu/policy_loss.h"
+
+// GCC 12 flags the deliberately undefined upper lanes inside its own AVX-512 reduction
+// intrinsics (_mm512_reduce_*_ps) as maybe-uninitialized: a false positive in its header.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include "cpu/policy_loss_simd.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace rlkern::cpu {
+namespace {
+
+namespace pl = rlkern::policy_loss;
+using pl::HParams;
+using pl::clampv;  // the SIMD overload (min / max instructions) is found by ADL
+using pl::expv;
+using pl::sel;  // float / double; the SIMD overload is found by argument-dependent lookup
+
+constexpr int64_t kBlock = 1024;
+// The token loops take the row pointers, hyperparameters and row constants by value: local
+// copies cannot alias the gradient being stored, so the compiler keeps them in registers
+// instead of reloading (and re-converting) them on every step.
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+template <typename T>
+struct Row {
+  const T* lp;
+  const T* old;
+  const T* adv;  // row start (per-token advantages) or the row's scalar
+  const uint8_t* m;
+  const T* ref;
+  const T* roll;
+  const T* ent;
+  const T* tw;
+};
+
+template <typename T>
+const T* row_of(const RowArray& a, int64_t b) {
+  return a.p ? static_cast<const T*>(a.p) + b * a.stride : nullptr;
+}
+
+template <typename T>
+Row<T> row_ptrs(const PolicyLossArgs& a, int64_t b) {
+  Row<T> r;
+  r.lp = row_of<T>(a.logp, b);
+  r.old = row_of<T>(a.old, b);
+  r.adv = static_cast<const T*>(a.adv) + (a.adv_per_token ? b * a.adv_stride : b);
+  r.m = a.mask + b * a.mask_stride;
+  r.ref = row_of<T>(a.ref, b);
+  r.roll = row_of<T>(a.rollout, b);
+  r.ent = row_of<T>(a.entropy, b);
+  r.tw = row_of<T>(a.token_weights, b);
+  return r;
+}
+
+// Per-row values known before the token pass.
+template <typename T>
+struct RowConst {
+  double len = 0, lp_sum = 0, roll_sum = 0;
+  T r_seq = 0;       // sequence log-ratio (seq modes)
+  bool pass_seq = true;
+  T seq_w = 1;       // sequence rollout weight
+};
+
+template <typename T>
+RowConst<T> row_prefix(const Row<T> r, int64_t n, bool want_roll) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  RowConst<T> c;
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int64_t t1 = std::min(n, t0 + kBlock);
+    V len(0.0), lps(0.0), rs(0.0);
+    for (int64_t t = t0; t < t1; t += P::L) {
+      const auto ln = P::lanes(t1 - t);
+      const auto v = P::valid(r.m + t, ln);
+      len = len + sel(v, V(1.0), V(0.0));
+      lps = lps + sel(v, P::load(r.lp + t, ln) - P::load(r.old + t, ln), V(0.0));
+      if (want_roll) {
+        const V d = P::load(r.old + t, ln) - P::load(r.roll + t, ln);
+        rs = rs + sel(v && (d == d), d, V(0.0));  // NaN (unscored token): no correction
+      }
+    }
+    c.len += P::hsum(len);
+    c.lp_sum += P::hsum(lps);
+    c.roll_sum += P::hsum(rs);
+  }
+  return c;
+}
+
+// Sequence ratio and weight of a row from its sums (double, so that forward and backward
+// recompute identical values).
+template <typename T>
+void finish_row_const(RowConst<T>& c, const PolicyLossArgs& a) {
+  bool pass = true;
+  c.r_seq = T(pl::seq_log_ratio(c.lp_sum, c.len, a.hp.seq_log_ratio_max, &pass));
+  c.pass_seq = pass;
+  if (a.flags.rollout_level == pl::kRolloutSeq)
+    c.seq_w = T(pl::rollout_weight<double>(c.roll_sum, a.hp, a.flags.rollout_mask != 0));
+}
+
+struct Acc {
+  double pg = 0, clip = 0, clip_low = 0, clip_high = 0, dual = 0, neg_lr = 0, ratio_sum = 0;
+  double ratio_min = kInf<double>, ratio_max = -kInf<double>;
+  // Σ of every input over the valid tokens (beyond those summed anyway): a NaN or ±inf input
+  // makes its row's sums non-finite, so the NaN policy costs no per-token work.
+  double check = 0;
+  double kl = 0, ent = 0, ent_count = 0, ent_valid = 0, w_sum = 0;
+  double seq_w = 1, seq_r = 0, adv_sum = 0;
+  double len = 0, lp_sum = 0;  // token-level kinds without the prefix pass
+};
+
+template <typename V>
+V one_if(decltype(V(0.0) < V(0.0)) c) {
+  return sel(c, V(1.0), V(0.0));
+}
+
+// [aux] multipliers of the policy term: rollout weight · entropy mask · token weight (0 at
+// masked tokens), and the entropy / rollout sums. Only runs when an add-on is present.
+template <typename T>
+void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst<T> c,
+              T* mult, Acc& acc, bool write_mult) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const bool roll_tok = a.flags.rollout_level == pl::kRolloutToken;
+  const bool roll_seq = a.flags.rollout_level == pl::kRolloutSeq;
+  const bool mask_mode = a.flags.rollout_mask != 0;
+  const bool has_thr = a.entropy_threshold != nullptr;
+  const V thr(has_thr ? double(*static_cast<const T*>(a.entropy_threshold)) : 0.0);
+  const V zero(0.0), one(1.0);
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int64_t t1 = std::min(n, t0 + kBlock);
+    V ent(0.0), ent_count(0.0), ent_valid(0.0), w_sum(0.0), tws(0.0);
+    for (int64_t t = t0; t < t1; t += P::L) {
+      const auto ln = P::lanes(t1 - t);
+      const auto v = P::valid(r.m + t, ln);
+      V w = one;
+      if (roll_tok) {
+        const V d = sel(v, P::load(r.old + t, ln) - P::load(r.roll + t, ln), zero);
+        w = pl::rollout_weight<V>(d, a.hp, mask_mode);
+      }
+      if (roll_seq) w = V(double(c.seq_w));
+      V em = one;
+      if (r.ent) {
+        const V raw = P::load(r.ent + t, ln);
+        const V h = sel(v, raw, zero);
+        if (has_thr) em = one_if<V>(h >= thr);
+        ent = ent + sel(v, em * h, zero);
+        ent_count = ent_count + sel(v, em, zero);
+        ent_valid = ent_valid + h;
+      }
+      V wt = one;
+      if (r.tw) {
+        const V raw = P::load(r.tw + t, ln);
+        wt = sel(v, raw, zero);
+        tws = tws + wt;
+      }
+      w_sum = w_sum + sel(v, w, zero);
+      if (write_mult) P::store(mult + t, sel(v, w * em * wt, zero), ln);
+    }
+    acc.ent += P::hsum(ent);
+    acc.ent_count += P::hsum(ent_count);
+    acc.ent_valid += P::hsum(ent_valid);
+    acc.w_sum += P::hsum(w_sum);
+    acc.check += P::hsum(tws);
+  }
+}
+
+// Token inputs of one step, masked tokens zeroed (their values are never used).
+template <typename P, typename T>
+struct Step {
+  typename P::M ln, v;
+  typename P::V lp, old, a;
+};
+
+template <typename P, bool ADVTOK, typename T>
+Step<P, T> load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) {
+  using V = typename P::V;
+  Step<P, T> s;
+  s.ln = P::lanes(t1 - t);
+  s.v = P::valid(r.m + t, s.ln);
+  // Masked tokens load as 0 (never read): every per-token term is then finite and its
+  // indicators false there, so most sums need no select.
+  s.lp = P::load_valid(r.lp + t, s.v);
+  s.old = P::load_valid(r.old + t, s.v);
+  // A per-response advantage stays the loop-invariant adv0 (its products hoist out of the
+  // loop); consumers mask their sums with v.
+  if constexpr (ADVTOK) s.a = P::load_valid(r.adv + t, s.v);
+  else s.a = adv0;
+  return s;
+}
+
+// [main] forward, token-level kinds (ppo / cispo / sapo / reinforce / gvpo's metrics).
+template <typename T, int K, bool SEQ, bool MULT, bool ADVTOK>
+void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
+              const HParams h, Acc& acc) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const V C(h.log_ratio_clamp), inf(kInf<double>), ninf(-kInf<double>);
+  const V r_seq = V(double(c.r_seq));
+  const V adv0(ADVTOK ? 0.0 : double(*r.adv));
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int64_t t1 = std::min(n, t0 + kBlock);
+    V pg(0.0), nlr(0.0), rs(0.0), as(0.0), lps(0.0);
+    int64_t clip = 0, clo = 0, chi = 0, dual = 0, len = 0;
+    V rmin = inf, rmax = ninf;
+    for (int64_t t = t0; t < t1; t += P::L) {
+      const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
+      const V d = s.lp - s.old;
+      const V dc = clampv(d, -C, C);
+      const V rho = expv(SEQ ? r_seq : dc);
+      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, h);
+      pg = P::madd(pg, s.v, MULT ? P::load(mult + t, s.ln) * L.loss : L.loss);
+      clip += P::count(s.v && L.clipped);
+      clo += P::count(s.v && L.clip_low);
+      chi += P::count(s.v && L.clip_high);
+      dual += P::count(s.v && L.dual);
+      len += P::count(s.v);
+      nlr = nlr - dc;
+      rs = P::madd(rs, s.v, rho);
+      as = P::madd(as, s.v, s.a);
+      lps = lps + d;
+      rmin = P::mmin(rmin, s.v, rho);
+      rmax = P::mmax(rmax, s.v, rho);
+    }
+    acc.pg += P::hsum(pg);
+    acc.clip += double(clip);
+    acc.clip_low += double(clo);
+    acc.clip_high += double(chi);
+    acc.dual += double(dual);
+    acc.neg_lr += P::hsum(nlr);
+    acc.ratio_sum += P::hsum(rs);
+    acc.ratio_min = std::min(acc.ratio_min, double(P::hmin(rmin)));
+    acc.ratio_max = std::max(acc.ratio_max, double(P::hmax(rmax)));
+    acc.adv_sum += P::hsum(as);
+    acc.len += double(len);
+    acc.lp_sum += P::hsum(lps);
+  }
+}
+
+// [main] forward of gmpo: the sequence loss −Ā·exp(Σ m Δc / len)·w from one pass of sums.
+template <typename T, bool ADVTOK>
+void fwd_gmpo(const Row<T> r, int64_t n, const T* wts, const RowConst<T> c,
+              const HParams h, Acc& acc) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const V lo(h.clip_lo), hi(h.clip_hi), C(h.log_ratio_clamp), zero(0.0);
+  const V adv0(ADVTOK ? 0.0 : double(*r.adv));
+  double s_dc = 0, s_logw = 0;
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int64_t t1 = std::min(n, t0 + kBlock);
+    V sdc(0.0), nlr(0.0), as(0.0);
+    int64_t clip = 0, clo = 0, chi = 0;
+    for (int64_t t = t0; t < t1; t += P::L) {
+      const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
+      const V d = s.lp - s.old;
+      const pl::GmpoClip<V> g = pl::gmpo_clip<V>(d, s.a, lo, hi);
+      sdc = sdc + g.dc;
+      clip += P::count(s.v && g.clipped);
+      clo += P::count(s.v && (s.a < zero) && g.clipped);
+      chi += P::count(s.v && (s.a > zero) && g.clipped);
+      nlr = nlr - clampv(d, -C, C);
+      as = P::madd(as, s.v, s.a);
+    }
+    if (wts) {  // geometric mean of the rollout weights (verl's geo_mean), log(w + 1e-10)
+      for (int64_t t = t0; t < t1; ++t)
+        if (r.m[t]) s_logw += std::log(double(wts[t]) + 1e-10);
+    }
+    s_dc += P::hsum(sdc);
+    acc.clip += double(clip);
+    acc.clip_low += double(clo);
+    acc.clip_high += double(chi);
+    acc.neg_lr += P::hsum(nlr);
+    acc.adv_sum += P::hsum(as);
+  }
+  const double len1 = c.len > 1 ? c.len : 1.0;
+  acc.seq_r = s_dc / len1;
+  const double rho = std::exp(acc.seq_r);
+  acc.seq_w = wts ? std::exp(s_logw / len1) : 1.0;
+  acc.pg = -(acc.adv_sum / len1) * rho * acc.seq_w;
+  acc.ratio_sum = c.len * rho;
+  if (c.len > 0) acc.ratio_min = acc.ratio_max = rho;
+}
+
+// [kl] forward.
+template <typename T, int KL, bool BIAS, bool SEQ>
+void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc& acc) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp), zero(0.0);
+  const V r_seq = V(double(c.r_seq));
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int64_t t1 = std::min(n, t0 + kBlock);
+    V kl(0.0), refs(0.0);
+    for (int64_t t = t0; t < t1; t += P::L) {
+      const auto ln = P::lanes(t1 - t);
+      const auto v = P::valid(r.m + t, ln);
+      const V ref_raw = P::load(r.ref + t, ln);
+      const V lp = sel(v, P::load(r.lp + t, ln), zero), ref = sel(v, ref_raw, zero);
+      V val = pl::kl_term<V>(KL, false, lp, ref, Ck, Cv).value;
+      if (BIAS) {
+        const V d = lp - sel(v, P::load(r.old + t, ln), zero);
+        val = val * expv(SEQ ? r_seq : clampv(d, -C, C));
+      }
+      kl = kl + sel(v, val, zero);
+      refs = refs + ref;
+    }
+    acc.kl += P::hsum(kl);
+    acc.check += P::hsum(refs);
+  }
+}
+
+// [main] backward, token-level kinds. MODE: kRatioToken / kRatioSeqDetached / kRatioSeqFull.
+// Writes the policy part of ∂/∂logp into g; for kRatioSeqFull adds Σ_t m·∂/∂r to *G.
+template <typename T, int K, int MODE, bool MULT, bool ADVTOK>
+void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
+              const HParams h, T g_pg, T* g, double* G) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const V C(h.log_ratio_clamp), zero(0.0), gpg = V(double(g_pg));
+  const V r_seq = V(double(c.r_seq));
+  const V adv0(ADVTOK ? 0.0 : double(*r.adv));
+  const V pass_seq(c.pass_seq ? 1.0 : 0.0);
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int64_t t1 = std::min(n, t0 + kBlock);
+    V Gl(0.0);
+    for (int64_t t = t0; t < t1; t += P::L) {
+      const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
+      const V d = s.lp - s.old;
+      const V rho = expv(MODE == pl::kRatioToken ? clampv(d, -C, C) : r_seq);
+      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, h);
+      const V w = MULT ? gpg * P::load(mult + t, s.ln) : gpg;
+      const V direct = w * L.d_logp;
+      const V gr = w * L.d_r;
+      if constexpr (MODE == pl::kRatioSeqFull) {
+        P::store(g + t, sel(s.v, direct, zero), s.ln);
+        Gl = Gl + sel(s.v, gr, zero);
+      } else if constexpr (MODE == pl::kRatioToken) {
+        P::store(g + t, sel(s.v, direct + sel(pl::in_closed(d, -C, C), gr, zero), zero), s.ln);
+      } else {
+        P::store(g + t, sel(s.v, direct + gr * pass_seq, zero), s.ln);
+      }
+    }
+    *G += P::hsum(Gl);
+  }
+}
+
+template <typename T, bool ADVTOK>
+void bwd_gmpo(const Row<T> r, int64_t n, const HParams h, T coef, T* g) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const V lo(h.clip_lo), hi(h.clip_hi), zero(0.0), cf = V(double(coef));
+  const V adv0(ADVTOK ? 0.0 : double(*r.adv));
+  for (int64_t t = 0; t < n; t += P::L) {
+    const Step<P, T> s = load_step<P, ADVTOK>(r, t, n, adv0);
+    P::store(g + t, sel(s.v, cf * pl::gmpo_clip<V>(s.lp - s.old, s.a, lo, hi).d, zero), s.ln);
+  }
+}
+
+// [kl] backward: adds g_kl·∂kl/∂logp to g (and, with bias correction in kRatioSeqFull, the
+// ratio part to *G).
+template <typename T, int KL, bool ST, bool BIAS, int MODE>
+void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g_kl, T* g,
+            double* G) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp), zero(0.0);
+  const V gkl = V(double(g_kl)), r_seq = V(double(c.r_seq)), pass_seq(c.pass_seq ? 1.0 : 0.0);
+  constexpr bool kSeq = MODE != pl::kRatioToken;
+  for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
+    const int64_t t1 = std::min(n, t0 + kBlock);
+    V Gl(0.0);
+    for (int64_t t = t0; t < t1; t += P::L) {
+      const auto ln = P::lanes(t1 - t);
+      const auto v = P::valid(r.m + t, ln);
+      const V lp = sel(v, P::load(r.lp + t, ln), zero);
+      const V ref = sel(v, P::load(r.ref + t, ln), zero);
+      const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv);
+      V add = gkl * k.d_logp;
+      if constexpr (BIAS) {
+        const V d = lp - sel(v, P::load(r.old + t, ln), zero);
+        const V rho = expv(kSeq ? r_seq : clampv(d, -C, C));
+        add = add * rho;
+        const V gr = gkl * k.value * rho;
+        if constexpr (MODE == pl::kRatioSeqFull) Gl = Gl + sel(v, gr, zero);
+        else if constexpr (kSeq) add = add + gr * pass_seq;
+        else add = add + sel(pl::in_closed(d, -C, C), gr, zero);
+      }
+      P::store(g + t, P::load(g + t, ln) + sel(v, add, zero), ln);
+    }
+    *G += P::hsum(Gl);
+  }
+}
+
+// ------------------------------------------------------------------ template dispatch helpers
+
+template <typename F>
+void with_kind(int kind, F&& f) {
+  switch (kind) {
+    case pl::kCispo: f(std::integral_constant<int, pl::kCispo>{}); break;
+    case pl::kSapo: f(std::integral_constant<int, pl::kSapo>{}); break;
+    case pl::kReinforce: f(std::integral_constant<int, pl::kReinforce>{}); break;
+    case pl::kGvpo: f(std::integral_constant<int, pl::kGvpo>{}); break;
+    default: f(std::integral_constant<int, pl::kPpo>{}); break;
+  }
+}
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+template <typename F>
+void with_kl(int kind, F&& f) {
+  switch (kind) {
+    case pl::kKlK1: f(std::integral_constant<int, pl::kKlK1>{}); break;
+    case pl::kKlK2: f(std::integral_constant<int, pl::kKlK2>{}); break;
+    case pl::kKlAbs: f(std::integral_constant<int, pl::kKlAbs>{}); break;
+    default: f(std::integral_constant<int, pl::kKlK3>{}); break;
+  }
+}
+
+template <typename F>
+void with_mode(int mode, F&& f) {
+  switch (mode) {
+    case pl::kRatioSeqDetached: f(std::integral_constant<int, pl::kRatioSeqDetached>{}); break;
+    case pl::kRatioSeqFull: f(std::integral_constant<int, pl::kRatioSeqFull>{}); break;
+    default: f(std::integral_constant<int, pl::kRatioToken>{}); break;
+  }
+}
+
+bool needs_aux(const PolicyLossArgs& a) {
+  return a.flags.rollout_level != pl::kRolloutNone || a.entropy.p || a.token_weights.p;
+}
+
+bool has_mult(const PolicyLossArgs& a) {
+  return a.flags.rollout_level != pl::kRolloutNone || a.entropy_threshold || a.token_weights.p;
+}
+
+int64_t grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
+
+// ----------------------------------------------------------------------------------- forward
+
+template <typename T>
+void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
+  const int64_t n = a.T;
+  const pl::Flags& f = a.flags;
+  const bool seq_ratio = f.ratio_mode != pl::kRatioToken;
+  const bool aux = needs_aux(a), mult_on = has_mult(a);
+  std::vector<T> mult(mult_on ? n : 0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const Row<T> r = row_ptrs<T>(a, b);
+    // The prefix pass (row sums before the token pass) only when a sequence quantity needs
+    // them; token-level kinds accumulate the length and Σ m·Δ in their main pass.
+    const bool prefix = seq_ratio || f.rollout_level == pl::kRolloutSeq ||
+                        f.loss_kind == pl::kGmpo;
+    RowConst<T> c;
+    if (prefix) c = row_prefix<T>(r, n, f.rollout_level == pl::kRolloutSeq);
+    finish_row_const(c, a);
+    Acc acc;
+    if (aux) aux_pass<T>(r, n, a, c, mult.data(), acc, mult_on);
+    const T* mp = mult_on ? mult.data() : nullptr;
+    if (f.loss_kind == pl::kGmpo) {
+      const T* wts = f.rollout_level != pl::kRolloutNone ? mult.data() : nullptr;
+      with_bool(a.adv_per_token, [&](auto adv_tok) {
+        fwd_gmpo<T, decltype(adv_tok)::value>(r, n, wts, c, a.hp, acc);
+      });
+    } else {
+      with_kind(f.loss_kind, [&](auto k) {
+        with_bool(seq_ratio, [&](auto seq) {
+          with_bool(mult_on, [&](auto mo) {
+            with_bool(a.adv_per_token, [&](auto at) {
+              fwd_main<T, decltype(k)::value, decltype(seq)::value, decltype(mo)::value,
+                       decltype(at)::value>(r, n, mp, c, a.hp, acc);
+            });
+          });
+        });
+      });
+      acc.seq_r = seq_ratio ? double(c.r_seq) : 0.0;
+      acc.seq_w = double(c.seq_w);
+      if (!prefix) {
+        c.len = acc.len;
+        c.lp_sum = acc.lp_sum;
+      }
+    }
+    if (f.kl_kind != pl::kKlNone) {
+      with_kl(f.kl_kind, [&](auto kl) {
+        with_bool(f.kl_bias_correction != 0, [&](auto bias) {
+          with_bool(seq_ratio, [&](auto seq) {
+            fwd_kl<T, decltype(kl)::value, decltype(bias)::value, decltype(seq)::value>(
+                r, n, c, a.hp, acc);
+          });
+        });
+      });
+    }
+    if (f.loss_kind == pl::kGvpo) acc.clip_low = acc.clip_high = 0;
+    // Statistic-major layout: row_stats[k * B + b].
+    const auto s = [&](int k) -> double& { return a.row_stats[k * a.B + b]; };
+    s(pl::kLen) = c.len;
+    s(pl::kPgSum) = acc.pg;
+    s(pl::kKlSum) = acc.kl;
+    s(pl::kEntSum) = acc.ent;
+    s(pl::kLpSum) = c.lp_sum;
+    s(pl::kEntCount) = acc.ent_count;
+    s(pl::kSeqLogRatio) = acc.seq_r;
+    s(pl::kSeqWeight) = acc.seq_w;
+    s(pl::kAdvSum) = acc.adv_sum;
+    s(pl::kClip) = acc.clip;
+    s(pl::kClipLow) = acc.clip_low;
+    s(pl::kClipHigh) = acc.clip_high;
+    s(pl::kDualClip) = acc.dual;
+    s(pl::kNegLogRatio) = acc.neg_lr;
+    s(pl::kRatioSum) = acc.ratio_sum;
+    s(pl::kRatioMin) = acc.ratio_min;
+    s(pl::kRatioMax) = acc.ratio_max;
+    s(pl::kEntropyValid) = acc.ent_valid;
+    s(pl::kRolloutWSum) = f.rollout_level != pl::kRolloutNone ? acc.w_sum : 0.0;
+    const double check = acc.check + acc.ent_valid + acc.adv_sum + c.lp_sum;
+    s(pl::kNonFinite) = std::isfinite(check) ? 0.0 : 1.0;
+  }
+}
+
+// ---------------------------------------------------------------------------------- backward
+
+template <typename T>
+void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const int64_t n = a.T;
+  const pl::Flags& f = a.flags;
+  const bool mult_on = has_mult(a);
+  const bool ratio_full = f.ratio_mode == pl::kRatioSeqFull;
+  std::vector<T> mult(mult_on ? n : 0);
+  const T thr = a.entropy_threshold ? *static_cast<const T*>(a.entropy_threshold) : T(0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const Row<T> r = row_ptrs<T>(a, b);
+    const auto s = [&](int k) { return a.row_stats[k * a.B + b]; };
+    const auto gr = [&](int k) { return T(a.grad_rows[k * a.B + b]); };
+    const T g_pg = gr(pl::kGradPg), g_kl = gr(pl::kGradKl);
+    const T g_ent = gr(pl::kGradEnt), g_lp = gr(pl::kGradLp);
+    RowConst<T> c;
+    c.len = s(pl::kLen);
+    c.lp_sum = s(pl::kLpSum);
+    finish_row_const(c, a);
+    // The sequence rollout weight is the forward's (its log-ratio sum is not saved); for gmpo
+    // the column holds the geometric mean instead, which the gmpo backward does not use.
+    c.seq_w = T(s(pl::kSeqWeight));
+    T* g = static_cast<T*>(a.grad_logp) + b * n;
+    if (mult_on) {
+      Acc unused;
+      aux_pass<T>(r, n, a, c, mult.data(), unused, true);
+    }
+    double G = 0;
+    if (f.loss_kind == pl::kGmpo) {
+      const double len1 = c.len > 1 ? c.len : 1.0;
+      const T coef = T(double(g_pg) * s(pl::kPgSum) / len1);  // ∂ℓ_i/∂logp_t = ℓ_i/len · ∂Δc/∂Δ
+      with_bool(a.adv_per_token, [&](auto at) {
+        bwd_gmpo<T, decltype(at)::value>(r, n, a.hp, coef, g);
+      });
+    } else {
+      with_kind(f.loss_kind, [&](auto k) {
+        with_mode(f.ratio_mode, [&](auto mode) {
+          with_bool(mult_on, [&](auto mo) {
+            with_bool(a.adv_per_token, [&](auto at) {
+              bwd_main<T, decltype(k)::value, decltype(mode)::value, decltype(mo)::value,
+                       decltype(at)::value>(r, n, mult.data(), c, a.hp, g_pg, g, &G);
+            });
+          });
+        });
+      });
+    }
+    if (f.kl_kind != pl::kKlNone) {
+      with_kl(f.kl_kind, [&](auto kl) {
+        with_bool(f.kl_straight_through != 0, [&](auto st) {
+          with_bool(f.kl_bias_correction != 0, [&](auto bias) {
+            with_mode(f.ratio_mode, [&](auto mode) {
+              bwd_kl<T, decltype(kl)::value, decltype(st)::value, decltype(bias)::value,
+                     decltype(mode)::value>(r, n, c, a.hp, g_kl, g, &G);
+            });
+          });
+        });
+      });
+    }
+    // ∂/∂logp of the row sum Σ m·(logp − old) (gvpo), and the sequence ratio's share.
+    const T extra = ratio_full && c.pass_seq ? T(G / (c.len > 1 ? c.len : 1.0)) : T(0);
+    if (g_lp != T(0) || extra != T(0)) {
+      const V add = V(double(g_lp + extra)), zero(0.0);
+      for (int64_t t = 0; t < n; t += P::L) {
+        const auto ln = P::lanes(n - t);
+        const auto v = P::valid(r.m + t, ln);
+        P::store(g + t, P::load(g + t, ln) + sel(v, add, zero), ln);
+      }
+    }
+    if (a.grad_entropy) {
+      T* ge = static_cast<T*>(a.grad_entropy) + b * n;
+      const bool has_thr = a.entropy_threshold != nullptr;
+      const V gent = V(double(g_ent)), zero(0.0), thrv = V(double(thr));
+      for (int64_t t = 0; t < n; t += P::L) {
+        const auto ln = P::lanes(n - t);
+        const auto v = P::valid(r.m + t, ln);
+        V out = sel(v, gent, zero);
+        if (has_thr) out = sel(sel(v, P::load(r.ent + t, ln), zero) >= thrv, out, zero);
+        P::store(ge + t, out, ln);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------- KL op
+
+template <typename T, int KL, bool ST>
+void kl_range(const KlArgs& a, int64_t i0, int64_t i1) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const T* lp = static_cast<const T*>(a.logp);
+  const T* ref = static_cast<const T*>(a.ref);
+  const T* grad = static_cast<const T*>(a.grad);
+  T* out = static_cast<T*>(a.out);
+  const V Ck(a.log_clamp), Cv(a.value_clamp);
+  for (int64_t i = i0; i < i1; i += P::L) {
+    const auto ln = P::lanes(i1 - i);
+    const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, P::load(lp + i, ln), P::load(ref + i, ln), Ck, Cv);
+    P::store(out + i, grad ? P::load(grad + i, ln) * k.d_logp : k.value, ln);
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// Rows in chunks of grain(T), handed out dynamically to at::parallel_for's threads: on a
+// machine shared with other jobs a descheduled thread then delays its own chunk only, not a
+// fixed half of the batch. Rows are independent, so the results do not depend on which
+// thread takes which chunk (batch invariance is kept).
+template <typename F>
+void parallel_rows(int64_t B, int64_t T, F&& rows) {
+  const int64_t chunk = grain(T);
+  const int64_t chunks = (B + chunk - 1) / chunk;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (workers <= 1) {
+    rows(int64_t(0), B);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      rows(c * chunk, std::min(B, (c + 1) * chunk));
+  });
+}
+
+}  // namespace
+
+void policy_loss_fwd(const PolicyLossArgs& a) {
+  parallel_rows(a.B, a.T, [&](int64_t b0, int64_t b1) {
+    if (a.f64) fwd_rows<double>(a, b0, b1);
+    else fwd_rows<float>(a, b0, b1);
+  });
+}
+
+void policy_loss_bwd(const PolicyLossArgs& a) {
+  parallel_rows(a.B, a.T, [&](int64_t b0, int64_t b1) {
+    if (a.f64) bwd_rows<double>(a, b0, b1);
+    else bwd_rows<float>(a, b0, b1);
+  });
+}
+
+void kl_penalty(const KlArgs& a) {
+  at::parallel_for(0, a.n, 16384, [&](int64_t i0, int64_t i1) {
+    with_kl(a.kind, [&](auto kl) {
+      with_bool(a.straight_through, [&](auto st) {
+        if (a.f64) kl_range<double, decltype(kl)::value, decltype(st)::value>(a, i0, i1);
+        else kl_range<float, decltype(kl)::value, decltype(st)::value>(a, i0, i1);
+      });
+    });
+  });
+}
+
+}  // namespace rlkern::cpu

@@ -1,0 +1,274 @@
+// CPU kernels for ALGORITHMS.md §2.1 (see token_advantages.h). Accumulation in double; threads
+// split rows (returns, EMPG) or groups (position-wise sums), never the accumulation of one
+// sum, so results do not depend on the thread count.
+#include "cpu/token_advantages.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/group_index.h"
+
+namespace rlkern::cpu {
+namespace {
+
+constexpr int64_t kGrainElems = 1 << 17;  // see advantages.cpp: small batches, one thread
+
+int64_t grain_rows(int64_t t) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(t, 1)); }
+
+template <typename T>
+void returns_rows(const T* r, int64_t t_len, const uint8_t* reset, double gamma, T* out,
+                  int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* ri = r + i * t_len;
+    T* oi = out + i * t_len;
+    double carry = 0.0;
+    for (int64_t t = t_len - 1; t >= 0; --t) {
+      if (reset != nullptr && reset[i * t_len + t]) carry = 0.0;
+      carry = double(ri[t]) + gamma * carry;
+      oi[t] = T(carry);
+    }
+  }
+}
+
+Grouping make_grouping(TokenGrouping g, int64_t n) {
+  if (g.group_ids == nullptr) return contiguous_grouping(n, g.group_size);
+  static thread_local Workspace<int32_t> store;
+  return group_by_keys<1, float>(g.group_ids, nullptr, n, nullptr, store.get(size_t(n)), nullptr);
+}
+
+// For each group and position t, the sums Σ_valid f(x) for the requested transforms, then
+// one write per element. `finish(x, sums..., valid)` gives the output value(s).
+template <typename T, typename Body>
+void per_position(const Grouping& grouping, int64_t n, int64_t t_len, const Body& body) {
+  const GroupRows gr = group_rows(grouping, n);
+  const int64_t groups_per_chunk = std::max<int64_t>(
+      1, kGrainElems * grouping.num_groups / std::max<int64_t>(1, n * t_len));
+  at::parallel_for(0, grouping.num_groups, groups_per_chunk, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum_a(static_cast<size_t>(t_len)), sum_b(static_cast<size_t>(t_len));
+    for (int64_t g = begin; g < end; ++g) {
+      std::fill(sum_a.begin(), sum_a.end(), 0.0);
+      std::fill(sum_b.begin(), sum_b.end(), 0.0);
+      const int64_t* rows = gr.rows.data() + gr.offsets[g];
+      const int64_t count = gr.offsets[g + 1] - gr.offsets[g];
+      body(rows, count, sum_a.data(), sum_b.data());
+    }
+  });
+}
+
+template <typename T>
+void position_baseline_impl(const T* x, int64_t n, int64_t t_len, const uint8_t* valid,
+                            const Grouping& grouping, T* out) {
+  per_position<T>(grouping, n, t_len, [&](const int64_t* rows, int64_t count, double* sum,
+                                          double* cnt) {
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t base = rows[j] * t_len;
+      for (int64_t t = 0; t < t_len; ++t) {
+        const bool v = valid[base + t] != 0;
+        sum[t] += v ? double(x[base + t]) : 0.0;
+        cnt[t] += v ? 1.0 : 0.0;
+      }
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t base = rows[j] * t_len;
+      for (int64_t t = 0; t < t_len; ++t) {
+        const bool v = valid[base + t] != 0;
+        out[base + t] = v ? T(double(x[base + t]) - sum[t] / cnt[t]) : T(0);
+      }
+    }
+  });
+}
+
+template <typename T>
+void gtpo_impl(const T* h, int64_t n, int64_t t_len, const uint8_t* valid,
+               const Grouping& grouping, double eps, T* w, T* w_inv) {
+  per_position<T>(grouping, n, t_len, [&](const int64_t* rows, int64_t count, double* sum,
+                                          double* sum_inv) {
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t base = rows[j] * t_len;
+      for (int64_t t = 0; t < t_len; ++t) {
+        if (!valid[base + t]) continue;
+        const double e = double(h[base + t]);
+        sum[t] += e;
+        sum_inv[t] += 1.0 / std::max(e, eps);
+      }
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t base = rows[j] * t_len;
+      for (int64_t t = 0; t < t_len; ++t) {
+        const double e = double(h[base + t]);
+        const bool v = valid[base + t] != 0;
+        w[base + t] = T(v && sum[t] != 0.0 ? e / sum[t] : 0.0);
+        w_inv[base + t] = T(v ? (1.0 / std::max(e, eps)) / sum_inv[t] : 0.0);
+      }
+    }
+  });
+}
+
+template <typename T>
+int64_t first_nonfinite(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(double(x[i]))) return i;
+  return -1;
+}
+
+double normalised(const GroupMoments& m, double x, bool divide, double eps) {
+  if (m.n < 2.0) return 0.0;  // singleton (step) group: no relative signal
+  const double d = x - m.mean;
+  return divide ? d / (moments_std(m, kStdUnbiased) + eps) : d;
+}
+
+template <typename T>
+Status gigpo_impl(const GigpoArgs& a) {
+  const T* ep = static_cast<const T*>(a.episode_returns);
+  const T* st = static_cast<const T*>(a.step_returns);
+  for (const T* x : {ep, st}) {
+    const int64_t bad = first_nonfinite(x, a.n);
+    if (bad >= 0) return {Status::kInvalidScore, bad};
+  }
+  Grouping by_prompt, by_state;
+  // Scratch kept across calls, bound here: worker threads must write this thread's copies.
+  static thread_local std::vector<GroupMoments> mom_ep_tl, mom_st_tl;
+  static thread_local Workspace<int32_t> rows_prompt, rows_state;
+  std::vector<GroupMoments>& mom_ep = mom_ep_tl;
+  std::vector<GroupMoments>& mom_st = mom_st_tl;
+  int32_t* rg_prompt = rows_prompt.get(size_t(a.n));
+  int32_t* rg_state = rows_state.get(size_t(a.n));
+  // The two hash passes are independent: one per thread when two are available (each thread
+  // owns its tables; the row-group arrays belong to this calling thread).
+  // Below 2^17 steps a parallel region costs more than the second pass.
+  const int64_t jobs_grain = a.n >= (int64_t(1) << 17) ? 1 : 2;
+  at::parallel_for(0, 2, jobs_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      if (job == 0) {
+        by_prompt = group_by_keys<1, T>(a.group_ids, nullptr, a.n, ep, rg_prompt, &mom_ep);
+      } else {
+        by_state = group_by_keys<2, T>(a.group_ids, a.state_keys, a.n, st, rg_state, &mom_st);
+      }
+    }
+  });
+  T* adv = static_cast<T*>(a.advantages);
+  T* adv_ep = static_cast<T*>(a.episode_advantages);
+  T* adv_st = static_cast<T*>(a.step_advantages);
+  at::parallel_for(0, a.n, kGrainElems, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double e = normalised(mom_ep[by_prompt.row_group[i]], double(ep[i]), a.episode_std,
+                                  a.eps);
+      const double s = normalised(mom_st[by_state.row_group[i]], double(st[i]), a.step_std,
+                                  a.eps);
+      adv_ep[i] = T(e);
+      adv_st[i] = T(s);
+      adv[i] = T(e + a.omega * s);
+    }
+  });
+  return {};
+}
+
+template <typename T>
+void empg_impl(const T* adv, const T* h, const T* h_next, int64_t n, double k, double k_f,
+               double zeta, T* out) {
+  struct MinMax {
+    double lo, hi;
+  };
+  const double inf = std::numeric_limits<double>::infinity();
+  const MinMax mm = at::parallel_reduce(
+      0, n, kGrainElems, MinMax{inf, -inf},
+      [&](int64_t begin, int64_t end, MinMax acc) {
+        for (int64_t i = begin; i < end; ++i) {
+          acc.lo = std::min(acc.lo, double(h[i]));
+          acc.hi = std::max(acc.hi, double(h[i]));
+        }
+        return acc;
+      },
+      [](MinMax a, MinMax b) { return MinMax{std::min(a.lo, b.lo), std::max(a.hi, b.hi)}; });
+  const double range = mm.hi - mm.lo;
+  const double scale = range > 0.0 ? 1.0 / range : 0.0;  // all equal: Ĥ = 0
+  // The mean of e^{−kĤ} is summed in fixed blocks so that it does not depend on the threads.
+  const int64_t blocks = (n + kGrainElems - 1) / kGrainElems;
+  std::vector<double> partial(static_cast<size_t>(blocks));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double acc = 0.0;
+      for (int64_t i = b * kGrainElems; i < std::min(n, (b + 1) * kGrainElems); ++i)
+        acc += std::exp(-k * (double(h[i]) - mm.lo) * scale);
+      partial[b] = acc;
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  const double inv_mean = double(n) / total;
+  at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double g = std::exp(-k * (double(h[i]) - mm.lo) * scale) * inv_mean;
+      const double hn = double(h_next[i]);
+      const double f = std::isnan(hn) ? 0.0 : std::exp(-k_f * (hn - mm.lo) * scale);
+      out[i] = T(g * double(adv[i]) + zeta * f);
+    }
+  });
+}
+
+}  // namespace
+
+void discounted_returns(const void* rewards, bool f64, int64_t n, int64_t t, const uint8_t* reset,
+                        double gamma, void* out) {
+  at::parallel_for(0, n, grain_rows(t), [&](int64_t begin, int64_t end) {
+    if (f64) {
+      returns_rows(static_cast<const double*>(rewards), t, reset, gamma, static_cast<double*>(out),
+                   begin, end);
+    } else {
+      returns_rows(static_cast<const float*>(rewards), t, reset, gamma, static_cast<float*>(out),
+                   begin, end);
+    }
+  });
+}
+
+void position_baseline(const void* returns, bool f64, int64_t n, int64_t t, const uint8_t* valid,
+                       TokenGrouping grouping, void* out) {
+  if (n == 0 || t == 0) return;
+  const Grouping g = make_grouping(grouping, n);
+  if (f64) {
+    position_baseline_impl(static_cast<const double*>(returns), n, t, valid, g,
+                           static_cast<double*>(out));
+  } else {
+    position_baseline_impl(static_cast<const float*>(returns), n, t, valid, g,
+                           static_cast<float*>(out));
+  }
+}
+
+void gtpo_weights(const void* entropy, bool f64, int64_t n, int64_t t, const uint8_t* valid,
+                  TokenGrouping grouping, double eps, void* weight, void* inverse_weight) {
+  if (n == 0 || t == 0) return;
+  const Grouping g = make_grouping(grouping, n);
+  if (f64) {
+    gtpo_impl(static_cast<const double*>(entropy), n, t, valid, g, eps,
+              static_cast<double*>(weight), static_cast<double*>(inverse_weight));
+  } else {
+    gtpo_impl(static_cast<const float*>(entropy), n, t, valid, g, eps, static_cast<float*>(weight),
+              static_cast<float*>(inverse_weight));
+  }
+}
+
+Status gigpo_advantages(const GigpoArgs& a) {
+  if (a.n == 0) return {};
+  return a.f64 ? gigpo_impl<double>(a) : gigpo_impl<float>(a);
+}
+
+void empg_modulate(const void* advantages, const void* step_entropy,
+                   const void* next_step_entropy, bool f64, int64_t n, double k, double k_f,
+                   double zeta, void* out) {
+  if (n == 0) return;
+  if (f64) {
+    empg_impl(static_cast<const double*>(advantages), static_cast<const double*>(step_entropy),
+              static_cast<const double*>(next_step_entropy), n, k, k_f, zeta,
+              static_cast<double*>(out));
+  } else {
+    empg_impl(static_cast<const float*>(advantages), static_cast<const float*>(step_entropy),
+              static_cast<const float*>(next_step_entropy), n, k, k_f, zeta,
+              static_cast<float*>(out));
+  }
+}
+
+}  // namespace rlkern::cpu

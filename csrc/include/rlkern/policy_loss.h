@@ -1,0 +1,371 @@
+// Per-token formulas of the policy-loss family (ALGORITHMS.md §3), shared by the CPU and CUDA
+// kernels; kernels/policy_loss.py mirrors them in Triton and python/rlkern/reference states
+// them in torch. Torch-free, host + device.
+//
+// Layout of the computation (the kernels, one row = one sequence of T tokens):
+//
+//   forward   per row: a few per-sequence sums (length, Σ m·Δ, rollout log-ratio sum, ...)
+//             then one pass over the tokens giving the row's partial sums of the loss terms
+//             and of the metrics: `row_stats[RowStat][row]` (float64).
+//   backward  per row: the gradient of Σ_row g[row]·row_stats[row][kPgSum..kLpSum] wrt the
+//             log-probabilities (and the entropy), i.e. every aggregation mode reduces to
+//             four per-row coefficients that the Python layer obtains by autograd through
+//             its (tiny, O(B)) aggregation code.
+//
+// Values at masked tokens are never read into a result. Per token, with Δ = logp − old:
+//   token ratio      r = clamp(Δ, ±log_ratio_clamp),                ρ = exp(r)
+//   sequence ratio   r = min(Σ_t m·Δ / max(len, 1), seq_log_ratio_max) for every token of
+//                    the row; its gradient is either the GSPO-token straight-through one
+//                    (kRatioSeqDetached: ∂r/∂logp_t = 1, Zheng et al. 2025, "Group Sequence
+//                    Policy Optimization", eq. 11) or the exact one of the mean
+//                    (kRatioSeqFull: ∂r/∂logp_t = m_t / len, TRL's importance_sampling_level
+//                    = "sequence").
+// Gradients follow torch's conventions so that parity with the trainers is exact: clamp
+// passes the gradient on the closed interval, max/min split it evenly on ties.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef RLKERN_HOST_DEVICE
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RLKERN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RLKERN_HOST_DEVICE inline
+#endif
+#endif
+
+namespace rlkern {
+namespace policy_loss {
+
+// --------------------------------------------------------------------------------------------
+// Structural choices (the `int[] flags` of the ops, in this order).
+
+enum LossKind : int {
+  kPpo = 0,        // clipped surrogate (+ dual clip c, two-sided δ); also GSPO via ratio_mode
+  kCispo = 1,      // −sg[clip(ρ)]·A·logp (MiniMax-M1, 2025)
+  kSapo = 2,       // −σ(τ(ρ − 1))·(4/τ)·A (soft adaptive gate, Qwen 2025)
+  kReinforce = 3,  // −A·logp (GPG / bypass)
+  kGmpo = 4,       // per sequence: −Ā·exp(Σ m Δc / len) (Zhao et al. 2025, "Geometric-Mean PO")
+  kGvpo = 5,       // group-centred MSE on β·Σ m (logp − old) (Zhang et al. 2025, GVPO)
+};
+
+enum RatioMode : int { kRatioToken = 0, kRatioSeqDetached = 1, kRatioSeqFull = 2 };
+enum KlKind : int { kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3, kKlAbs = 4 };
+enum RolloutLevel : int { kRolloutNone = 0, kRolloutToken = 1, kRolloutSeq = 2 };
+
+struct Flags {
+  int loss_kind;           // LossKind
+  int ratio_mode;          // RatioMode
+  int kl_kind;             // KlKind (kKlNone: no reference log-probabilities)
+  int kl_straight_through; // 1: value of kl_kind, gradient of k2 (verl's "k3+")
+  int kl_bias_correction;  // 1: KL term multiplied by ρ (TRL use_bias_correction_kl)
+  int rollout_level;       // RolloutLevel
+  int rollout_mask;        // 1: weights outside [rollout_min, rollout_max] → 0; 0: clamp
+};
+
+// Float hyperparameters (the `float[] hparams` of the ops, in this order). ±inf disables a
+// clamp or bound. Runtime values everywhere: no kernel is specialised on them.
+struct HParams {
+  double clip_lo;            // ratio bounds (ppo/gspo/cispo); log-ratio bounds (gmpo)
+  double clip_hi;
+  double dual_clip_c;        // dual clip for A < 0 (inf: off)
+  double delta;              // two-sided clip of the unclipped term (inf: off)
+  double log_ratio_clamp;    // |Δ| clamp before exp, token ratios (inf: off)
+  double seq_log_ratio_max;  // upper clamp of the sequence log-ratio (inf: off)
+  double sapo_tau_pos;
+  double sapo_tau_neg;
+  double kl_log_clamp;       // k3: |ref − logp| clamp before exp (inf: off)
+  double kl_value_clamp;     // k3: |k3| clamp (inf: off)
+  double rollout_log_clamp;  // |old − rollout| (or its row sum) clamp before exp (inf: off)
+  double rollout_min;        // rollout weight bounds (−inf / inf: off)
+  double rollout_max;
+};
+
+constexpr int kNumFlags = 7;
+constexpr int kNumHParams = 13;
+
+// Per-row partial sums written by the forward (`row_stats`, (kNumRowStats, B) float64,
+// statistic-major so that each statistic is a contiguous (B,) vector).
+// Sums are over the row's valid tokens (m = 1). kPgSum..kLpSum are differentiable: the
+// backward takes one coefficient per row for each (RowGrad).
+enum RowStat : int {
+  kLen = 0,          // Σ m
+  kPgSum = 1,        // Σ m·mult·ℓ   (gmpo: the sequence loss ℓ_i·w_i; gvpo: 0)
+  kKlSum = 2,        // Σ m·kl       (× ρ with bias correction)
+  kEntSum = 3,       // Σ m·em·H     (em: entropy-quantile mask, 1 without)
+  kLpSum = 4,        // Σ m·(logp − old), unclamped
+  kEntCount = 5,     // Σ m·em
+  kSeqLogRatio = 6,  // the row's sequence log-ratio r (seq modes), gmpo: Σ m Δc / len
+  kSeqWeight = 7,    // sequence rollout weight (gmpo: geometric mean of the token weights)
+  kAdvSum = 8,       // Σ m·A
+  kClip = 9,         // Σ m·[clipped branch chosen]
+  kClipLow = 10,     // Σ m·[ρ < lo and A < 0]   (gmpo: clipped and A < 0)
+  kClipHigh = 11,    // Σ m·[ρ > hi and A > 0]   (gmpo: clipped and A > 0)
+  kDualClip = 12,    // Σ m·[dual clip active]
+  kNegLogRatio = 13, // Σ m·(−clamp(Δ))          (approx_kl)
+  kRatioSum = 14,    // Σ m·ρ
+  kRatioMin = 15,    // min over valid tokens of ρ (+inf if none)
+  kRatioMax = 16,    // max (−inf if none)
+  kEntropyValid = 17,// Σ m·H
+  kRolloutWSum = 18, // Σ m·w (rollout weight)
+  kNonFinite = 19,   // 1 if the row's input sums are not finite (a NaN / ±inf input at a
+                     // valid token; NaN policy), else 0
+  kNumRowStats = 20,
+};
+
+enum RowGrad : int { kGradPg = 0, kGradKl = 1, kGradEnt = 2, kGradLp = 3, kNumRowGrads = 4 };
+
+// --------------------------------------------------------------------------------------------
+// Helpers. The per-token functions below are templates over a value type T: float or double
+// (one token), or, on the CPU, a SIMD vector of floats (csrc/cpu/policy_loss_simd.h provides
+// its arithmetic, comparisons returning lane masks, `sel` and `expv`, found by ADL). They are
+// therefore written without `?:` on T-valued conditions: `sel(c, a, b)` selects per lane.
+//
+// exp(): accurate in double; in float, expf on the GPU and, on the host, a branch-free
+// polynomial (exp_host_f32; the SIMD type has the same polynomial lane-wise).
+
+RLKERN_HOST_DEVICE float sel(bool c, float a, float b) { return c ? a : b; }
+RLKERN_HOST_DEVICE double sel(bool c, double a, double b) { return c ? a : b; }
+
+template <typename T>
+RLKERN_HOST_DEVICE T clampv(T x, T lo, T hi) {
+  return sel(x < lo, lo, sel(x > hi, hi, x));  // NaN stays NaN, like torch.clamp
+}
+
+template <typename T>
+RLKERN_HOST_DEVICE auto in_closed(T x, T lo, T hi) {
+  return (x >= lo) && (x <= hi);  // where torch.clamp passes the gradient
+}
+
+#if !defined(__CUDA_ARCH__)
+// exp(x) in float: x = n·ln2 + r (Cody–Waite, |r| ≤ ln2/2), e^r by a degree-7 Taylor
+// polynomial (truncation (ln2/2)^8/8! ≈ 5e-9), 2^n as two exponent-field factors so that
+// n down to −150 underflows gracefully. Accurate to ~2 ulp; ±inf and NaN handled.
+RLKERN_HOST_DEVICE float exp_host_f32(float x) {
+  const float kMax = 88.72283935546875f, kMin = -103.97208404541015625f;
+  float xc = x > kMax ? kMax : x;
+  xc = xc < kMin ? kMin : xc;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = fmaf(-n, 0.693145751953125f, xc);
+  r = fmaf(-n, 1.428606765330187045e-06f, r);
+  float p = 1.98412698e-4f;  // 1/7!
+  p = fmaf(p, r, 1.38888889e-3f);
+  p = fmaf(p, r, 8.33333333e-3f);
+  p = fmaf(p, r, 4.16666667e-2f);
+  p = fmaf(p, r, 1.66666667e-1f);
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.0f);
+  p = fmaf(p, r, 1.0f);
+  const int ni = static_cast<int>(n);
+  const int n1 = ni >> 1, n2 = ni - n1;
+  const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23;
+  const uint32_t b2 = static_cast<uint32_t>(n2 + 127) << 23;
+  float s1, s2;
+  memcpy(&s1, &b1, 4);
+  memcpy(&s2, &b2, 4);
+  float res = p * s1 * s2;
+  res = x > kMax ? static_cast<float>(INFINITY) : res;
+  res = x < kMin ? 0.0f : res;
+  return res;
+}
+#endif
+
+RLKERN_HOST_DEVICE float expv(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return exp_host_f32(x);
+#endif
+}
+RLKERN_HOST_DEVICE double expv(double x) { return exp(x); }
+
+// --------------------------------------------------------------------------------------------
+// Ratios and weights (per-row quantities: scalar double)
+
+// Sequence log-ratio from the row sums: mean of Δ over the valid tokens (len clamped to ≥ 1,
+// as both verl and TRL do), clamped from above.
+RLKERN_HOST_DEVICE double seq_log_ratio(double lp_sum, double len, double max_clamp,
+                                        bool* passes) {
+  const double mean = lp_sum / (len > 1.0 ? len : 1.0);
+  *passes = mean <= max_clamp;
+  return mean > max_clamp ? max_clamp : mean;
+}
+
+// Rollout (behaviour-policy) correction weight from a log-ratio d = old − rollout (token) or
+// its row sum (sequence): exp of the clamped log-ratio, then truncated to [min, max] or
+// zeroed outside it. A NaN log-ratio (a token the rollout engine could not score) counts as 0.
+template <typename T>
+RLKERN_HOST_DEVICE T rollout_weight(T d, const HParams& h, bool mask_mode) {
+  d = sel(d != d, T(0), d);
+  const T w = expv(clampv(d, T(-h.rollout_log_clamp), T(h.rollout_log_clamp)));
+  const T lo = T(h.rollout_min), hi = T(h.rollout_max);
+  return mask_mode ? sel(in_closed(w, lo, hi), w, T(0)) : clampv(w, lo, hi);
+}
+
+// --------------------------------------------------------------------------------------------
+// Per-token losses. Each gives the value ℓ, ∂ℓ/∂r (through the ratio) and ∂ℓ/∂logp (direct),
+// plus metric indicators (0 / 1).
+
+// The mask type of T: bool for float / double, a lane mask for a SIMD vector.
+template <typename T>
+using MaskOf = decltype(T() < T());
+
+template <typename T>
+struct TokenLoss {
+  T loss;
+  T d_r;     // ∂ℓ/∂r
+  T d_logp;  // direct ∂ℓ/∂logp (cispo, reinforce)
+  MaskOf<T> clipped, clip_low, clip_high, dual;  // metric indicators
+};
+
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> zero_loss() {
+  TokenLoss<T> out;
+  out.loss = out.d_r = out.d_logp = T(0);
+  out.clipped = out.clip_low = out.clip_high = out.dual = T(0) < T(0);
+  return out;
+}
+
+// PPO clipped surrogate with clip-higher (lo = 1 − ε_low, hi = 1 + ε_high), two-sided δ on
+// the unclipped term and dual clip c for A < 0 (Ye et al. 2019, "Mastering complex control
+// in MOBA games with deep RL", dual-clip PPO):
+//   ℓ = max(−A·min(ρ, δ), −A·clip(ρ, lo, hi));  A < 0: ℓ = min(ℓ, −A·c).
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> ppo_loss(T rho, T adv, T lo, T hi, T delta, T c) {
+  const T rho_d = sel(rho > delta, delta, rho);
+  const T g1 = sel(rho <= delta, rho, T(0));  // ∂min(ρ, δ)/∂r
+  const T rc = clampv(rho, lo, hi);
+  const T g2 = sel(in_closed(rho, lo, hi), rho, T(0));
+  const T l1 = -adv * rho_d;
+  const T l2 = -adv * rc;
+  T loss = sel(l1 >= l2, l1, l2);
+  // ∂/∂r of the chosen branch; an exact tie takes the mean (torch.maximum's convention)
+  T d = -adv * sel(l1 > l2, g1, sel(l1 < l2, g2, T(0.5) * (g1 + g2)));
+  const T l3 = -adv * c;
+  const auto neg = adv < T(0);
+  const auto dual = neg && (loss > l3);
+  d = sel(dual, T(0), sel(neg && (loss == l3), T(0.5) * d, d));
+  loss = sel(dual, l3, loss);
+  TokenLoss<T> out;
+  out.loss = loss;
+  out.d_r = d;
+  out.d_logp = T(0);
+  out.clipped = l2 > l1;
+  out.clip_low = (rho < lo) && neg;
+  out.clip_high = (rho > hi) && (adv > T(0));
+  out.dual = dual;
+  return out;
+}
+
+// CISPO: ℓ = −sg[clip(ρ, lo, hi)]·A·logp (Chen et al. 2025, MiniMax-M1, eq. 4). verl uses
+// lo = 1 − ε_low, hi = 1 + ε_high; TRL clips only above (lo = −inf, hi = ε_high).
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> cispo_loss(T rho, T adv, T logp, T lo, T hi) {
+  const T coef = -clampv(rho, lo, hi) * adv;
+  TokenLoss<T> out;
+  out.loss = coef * logp;
+  out.d_r = T(0);
+  out.d_logp = coef;
+  out.clipped = (rho < lo) || (rho > hi);
+  out.clip_low = (rho < lo) && (adv < T(0));
+  out.clip_high = (rho > hi) && (adv > T(0));
+  out.dual = T(0) < T(0);
+  return out;
+}
+
+// SAPO soft gate: τ = τ_pos if A > 0 else τ_neg;  ℓ = −σ(τ(ρ − 1))·(4/τ)·A
+// (Gao et al. 2025, "Soft Adaptive Policy Optimization");  ∂ℓ/∂r = −4A·σ(1 − σ)·ρ.
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> sapo_loss(T rho, T adv, T tau_pos, T tau_neg) {
+  const T tau = sel(adv > T(0), tau_pos, tau_neg);
+  const T s = T(1) / (T(1) + expv(-(tau * (rho - T(1)))));
+  TokenLoss<T> out = zero_loss<T>();
+  out.loss = -(s * (T(4) / tau)) * adv;
+  out.d_r = T(-4) * adv * s * (T(1) - s) * rho;
+  return out;
+}
+
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> reinforce_loss(T adv, T logp) {
+  TokenLoss<T> out = zero_loss<T>();
+  out.loss = -adv * logp;
+  out.d_logp = -adv;
+  return out;
+}
+
+// The token losses by kind (kPpo, kCispo, kSapo, kReinforce; kGvpo has no token loss).
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> token_loss(int kind, T rho, T adv, T logp, const HParams& h) {
+  if (kind == kCispo) return cispo_loss(rho, adv, logp, T(h.clip_lo), T(h.clip_hi));
+  if (kind == kSapo) return sapo_loss(rho, adv, T(h.sapo_tau_pos), T(h.sapo_tau_neg));
+  if (kind == kReinforce) return reinforce_loss(adv, logp);
+  if (kind == kGvpo) return zero_loss<T>();
+  return ppo_loss(rho, adv, T(h.clip_lo), T(h.clip_hi), T(h.delta), T(h.dual_clip_c));
+}
+
+// GMPO token clip in log space: Δc = sgn(A)·min(sgn(A)·Δ, sgn(A)·clip(Δ, lo, hi)) with
+// lo = −ε_low, hi = ε_high; `d` = ∂Δc/∂Δ ∈ {0, 1} (torch.min splits ties, which only occur
+// inside the clip range or at A = 0).
+template <typename T>
+struct GmpoClip {
+  T dc;
+  T d;
+  MaskOf<T> clipped;
+};
+
+template <typename T>
+RLKERN_HOST_DEVICE GmpoClip<T> gmpo_clip(T delta, T adv, T lo, T hi) {
+  const T sg = sel(adv > T(0), T(1), sel(adv < T(0), T(-1), T(0)));
+  const T c = clampv(delta, lo, hi);
+  const T a = sg * delta, b = sg * c;
+  GmpoClip<T> out;
+  out.dc = sg * sel(a < b, a, b);
+  out.d = sel((a < b) || in_closed(delta, lo, hi), sg * sg, T(0));
+  out.clipped = delta != c;
+  return out;
+}
+
+// --------------------------------------------------------------------------------------------
+// KL to the reference policy, x = logp − ref (Schulman 2020, "Approximating KL divergence"):
+//   k1 = x;  k2 = x²/2;  k3 = exp(y) − y − 1 with y = clamp(ref − logp, ±kl_log_clamp),
+//   clamped to ±kl_value_clamp (verl; TRL uses neither clamp);  abs = |x|.
+// Straight-through ("k3+"): the value of the estimator with the gradient of k2 (= x).
+
+template <typename T>
+struct KlTerm {
+  T value;
+  T d_logp;
+};
+
+template <typename T>
+RLKERN_HOST_DEVICE KlTerm<T> kl_term(int kind, bool straight_through, T logp, T ref,
+                                     T log_clamp, T value_clamp) {
+  const T x = logp - ref;
+  KlTerm<T> out;
+  if (kind == kKlK1) {
+    out.value = x;
+    out.d_logp = T(1);
+  } else if (kind == kKlK2) {
+    out.value = T(0.5) * (x * x);
+    out.d_logp = x;
+  } else if (kind == kKlAbs) {
+    out.value = sel(x < T(0), -x, x);
+    out.d_logp = sel(x > T(0), T(1), sel(x < T(0), T(-1), T(0)));
+  } else {  // k3
+    const T y = ref - logp;
+    const T yc = clampv(y, -log_clamp, log_clamp);
+    const T e = expv(yc);
+    const T v0 = e - yc - T(1);
+    out.value = clampv(v0, -value_clamp, value_clamp);
+    out.d_logp = sel(in_closed(y, -log_clamp, log_clamp) && in_closed(v0, -value_clamp, value_clamp),
+                     T(1) - e, T(0));
+  }
+  if (straight_through) out.d_logp = x;
+  return out;
+}
+
+
+}  // namespace policy_loss
+}  // namespace rlkern

@@ -1,0 +1,318 @@
+"""Triton sampler (ALGORITHMS.md §4): one program per output row.
+
+The same algorithm as the CPU kernel (csrc/cpu/sample.cpp), in a form that suits a GPU:
+
+1. one pass over the row for the online max / normaliser / entropy of ``z = x / T``;
+2. filters as lengths of a prefix of the order "value descending, index ascending"; the
+   threshold of a prefix is found by a bit-by-bit search over the 32-bit order key of ``z``
+   (each probe is one pass counting the tokens / summing the mass at or above a key) — no sort;
+3. an inverse-CDF draw over the kept set in vocabulary order with the row's Philox-4x32-10
+   uniform (the rounds of csrc/include/rlkern/philox.h, so the uniform is bit-identical to the
+   CPU and CUDA backends; the token agrees with theirs except when ``u · S`` falls within
+   rounding of a CDF step, since the sums are accumulated in a different order).
+
+This module imports only triton; the launcher receives tensors as pointers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+import triton.language as tl
+
+__all__ = ["AOT_SPECS", "sample"]
+
+
+@triton.jit
+def _philox_uniform(seed, step):
+    """Uniform in [0, 1) (float64) for (seed, step, index 0): Philox-4x32-10, 53 bits."""
+    s = seed.to(tl.uint64, bitcast=True)
+    t = step.to(tl.uint64, bitcast=True)
+    k0 = (s & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (s >> 32).to(tl.uint32)
+    c0 = tl.zeros((), tl.uint32)
+    c1 = tl.zeros((), tl.uint32)
+    c2 = (t & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (t >> 32).to(tl.uint32)
+    m0 = tl.full((), 0xD2511F53, tl.uint32)
+    m1 = tl.full((), 0xCD9E8D57, tl.uint32)
+    w0 = tl.full((), 0x9E3779B9, tl.uint32)
+    w1 = tl.full((), 0xBB67AE85, tl.uint32)
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + w0
+            k1 = k1 + w1
+        hi0 = tl.umulhi(m0, c0)
+        lo0 = m0 * c0
+        hi1 = tl.umulhi(m1, c2)
+        lo1 = m1 * c2
+        n0 = hi1 ^ c1 ^ k0
+        n2 = hi0 ^ c3 ^ k1
+        c0 = n0
+        c1 = lo1
+        c2 = n2
+        c3 = lo0
+    bits = ((c0 >> 5).to(tl.uint64) << 26) | (c1 >> 6).to(tl.uint64)
+    return bits.to(tl.float64) * 1.1102230246251565e-16
+
+
+@triton.jit
+def _order_key(z):
+    """Monotone int64 key in [0, 2³²) of fp32 values (larger value → larger key)."""
+    b = z.to(tl.int32, bitcast=True)
+    k = b ^ ((b >> 31) & 0x7FFFFFFF)  # signed order: flip the magnitude bits of negatives
+    return k.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _measure_at_least(row, vocab, inv_t, m, key, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Count (or Σ exp(z − m)) of the tokens whose key is ≥ ``key``."""
+    acc = tl.zeros((), tl.float64)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < vocab
+        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        sel = (_order_key(z) >= key) & mask
+        if BY_MASS:
+            acc += tl.sum(tl.where(sel, tl.exp(z - m), 0.0).to(tl.float64), 0)
+        else:
+            acc += tl.sum(sel.to(tl.float64), 0)
+    return acc
+
+
+@triton.jit
+def _select(row, vocab, inv_t, m, target, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Largest key t with measure(key ≥ t) ≥ target; returns (t, count_gt, mass_gt, count_eq,
+    w_eq). A bit-by-bit search, most significant bit first (32 probes)."""
+    res = tl.zeros((), tl.int64)
+    for b in range(32):  # a runtime loop: 32 inlined probes would bloat the kernel
+        cand = res | (tl.full((), 1, tl.int64) << (31 - b))
+        if _measure_at_least(row, vocab, inv_t, m, cand, BY_MASS, BLOCK_V) >= target:
+            res = cand
+    count_gt = tl.zeros((), tl.int64)
+    mass_gt = tl.zeros((), tl.float64)
+    count_eq = tl.zeros((), tl.int64)
+    w_eq = tl.zeros((), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < vocab
+        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        k = _order_key(z)
+        w = tl.exp(z - m)
+        gt = (k > res) & mask
+        eq = (k == res) & mask
+        count_gt += tl.sum(gt.to(tl.int64), 0)
+        mass_gt += tl.sum(tl.where(gt, w, 0.0).to(tl.float64), 0)
+        count_eq += tl.sum(eq.to(tl.int64), 0)
+        w_eq = tl.maximum(w_eq, tl.max(tl.where(eq, w, 0.0), 0))
+    return res, count_gt, mass_gt, count_eq, w_eq
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr,  # (R, V) bf16/fp16/fp32/fp64, unit vocab stride
+    indices_ptr,  # (N,) int64; unused unless HAS_INDICES
+    temperature_ptr,  # (N,) fp64
+    top_k_ptr,  # (N,) int64; unused unless HAS_TOP_K
+    top_p_ptr,  # (N,) fp64; unused unless HAS_TOP_P
+    min_p_ptr,  # (N,) fp64; unused unless HAS_MIN_P
+    seeds_ptr,  # (N,) int64
+    steps_ptr,  # (N,) int64
+    tokens_ptr,  # (N,) int64 out
+    raw_ptr,  # (N,) fp32 out
+    proc_ptr,  # (N,) fp32 out
+    entropy_ptr,  # (N,) fp32 out; untouched unless HAS_ENTROPY
+    lse_ptr,  # (N,) fp32 out
+    vocab,
+    stride_row,
+    HAS_INDICES: tl.constexpr,
+    HAS_TOP_K: tl.constexpr,
+    HAS_TOP_P: tl.constexpr,
+    HAS_MIN_P: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    JOINT: tl.constexpr,
+    RAW_TEMPERATURE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    if HAS_INDICES:
+        r = tl.load(indices_ptr + i)
+    else:
+        r = i
+    row = logits_ptr + r * stride_row
+    temp = tl.load(temperature_ptr + i)
+    inv_t = (1.0 / temp).to(tl.float32)
+
+    # 1. max, then Σ w and Σ w (z − m) with w = exp(z − m) (two reads; the row stays in L2).
+    mvec = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+        mvec = tl.maximum(mvec, z)
+    m = tl.max(mvec, 0)
+    s_tot = tl.zeros((), tl.float64)
+    t_tot = tl.zeros((), tl.float64)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < vocab
+        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        w = tl.where(mask, tl.exp(z - m), 0.0)
+        s_tot += tl.sum(w.to(tl.float64), 0)
+        t_tot += tl.sum(tl.where(w > 0, w * (z - m), 0.0).to(tl.float64), 0)
+    log_s = tl.log(s_tot)
+    tl.store(lse_ptr + i, (m.to(tl.float64) + log_s).to(tl.float32))
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + i, (log_s - t_tot / s_tot).to(tl.float32))
+
+    # 2. filters → length M of the kept prefix.
+    M = vocab.to(tl.int64)
+    if HAS_TOP_K:
+        k = tl.load(top_k_ptr + i)
+        M = tl.where(k < M, tl.maximum(k, 1), M)
+    if HAS_TOP_P:
+        p = tl.load(top_p_ptr + i)
+        base = s_tot
+        if not JOINT:
+            if M < vocab:
+                _, cg, mg, _ce, we = _select(row, vocab, inv_t, m, M.to(tl.float64), False,
+                                             BLOCK_V)
+                base = mg + (M - cg).to(tl.float64) * we.to(tl.float64)
+        if p < 1.0:
+            target = p * base
+            _, cg, mg, ce, we = _select(row, vocab, inv_t, m, target, True, BLOCK_V)
+            take = tl.where(we > 0, tl.ceil((target - mg) / we.to(tl.float64)).to(tl.int64), ce)
+            take = tl.minimum(tl.maximum(take, 1), ce)
+            M = tl.minimum(M, cg + take)
+    if HAS_MIN_P:
+        mp = tl.load(min_p_ptr + i).to(tl.float32)
+        if mp > 0:
+            cnt = tl.zeros((), tl.int64)
+            for start in range(0, vocab, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                mask = offs < vocab
+                z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+                cnt += tl.sum(((tl.exp(z - m) >= mp) & mask).to(tl.int64), 0)
+            M = tl.minimum(M, tl.maximum(cnt, 1))
+    tkey = tl.zeros((), tl.int64)
+    ties_keep = vocab.to(tl.int64)
+    if M < vocab:
+        tkey, cg, _mg, _ce, _we = _select(row, vocab, inv_t, m, M.to(tl.float64), False, BLOCK_V)
+        ties_keep = M - cg
+
+    # 3. kept mass, then the inverse-CDF draw in vocabulary order.
+    s_kept = tl.zeros((), tl.float64)
+    ties_seen = tl.zeros((), tl.int64)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < vocab
+        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        key = _order_key(z)
+        eq = (key == tkey) & mask
+        rank = ties_seen + tl.cumsum(eq.to(tl.int64), 0) - 1
+        keep = mask & ((key > tkey) | (eq & (rank < ties_keep)))
+        ties_seen += tl.sum(eq.to(tl.int64), 0)
+        s_kept += tl.sum(tl.where(keep, tl.exp(z - m), 0.0).to(tl.float64), 0)
+    u = _philox_uniform(tl.load(seeds_ptr + i), tl.load(steps_ptr + i))
+    target = u * s_kept
+    acc = tl.zeros((), tl.float64)
+    tok = tl.full((), -1, tl.int64)
+    last = tl.full((), -1, tl.int64)
+    ties_seen = tl.zeros((), tl.int64)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < vocab
+        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        key = _order_key(z)
+        eq = (key == tkey) & mask
+        rank = ties_seen + tl.cumsum(eq.to(tl.int64), 0) - 1
+        w = tl.exp(z - m)
+        keep = mask & ((key > tkey) | (eq & (rank < ties_keep))) & (w > 0)
+        ties_seen += tl.sum(eq.to(tl.int64), 0)
+        wk = tl.where(keep, w, 0.0).to(tl.float64)
+        cs = acc + tl.cumsum(wk, 0)
+        hit = keep & (cs > target)
+        first = tl.min(tl.where(hit, offs.to(tl.int64), vocab.to(tl.int64)), 0)
+        tok = tl.where((tok < 0) & (first < vocab), first, tok)
+        last = tl.maximum(last, tl.max(tl.where(keep, offs.to(tl.int64), -1), 0))
+        acc += tl.sum(wk, 0)
+    tok = tl.where(tok < 0, last, tok)  # u · S rounded above the last step: the last kept token
+    tl.store(tokens_ptr + i, tok)
+    z_tok = tl.load(row + tok).to(tl.float32) * inv_t
+    w_tok = tl.exp(z_tok - m).to(tl.float64)
+    tl.store(proc_ptr + i, (tl.log(w_tok) - tl.log(s_kept)).to(tl.float32))
+    if RAW_TEMPERATURE:
+        tl.store(raw_ptr + i, ((z_tok - m).to(tl.float64) - log_s).to(tl.float32))
+    else:
+        mx = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+            mx = tl.maximum(mx, x)
+        mr = tl.max(mx, 0)
+        sr = tl.zeros((), tl.float64)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+            sr += tl.sum(tl.exp(x - mr).to(tl.float64), 0)
+        x_tok = tl.load(row + tok).to(tl.float32)
+        tl.store(raw_ptr + i, ((x_tok - mr).to(tl.float64) - tl.log(sr)).to(tl.float32))
+
+
+def _block_v(vocab: int) -> int:
+    return min(4096, max(16, triton.next_power_of_2(vocab)))
+
+
+def sample(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
+           raw_temperature, tokens, raw, proc, entropy, lse) -> None:
+    """Launch one program per output row (``tokens.numel()`` rows); fills the outputs."""
+    n = tokens.numel()
+    if n == 0:
+        return
+    vocab = logits.shape[1]
+    dummy = tokens
+    _sample_kernel[(n,)](
+        logits, indices if indices is not None else dummy, temperature,
+        top_k if top_k is not None else dummy, top_p if top_p is not None else temperature,
+        min_p if min_p is not None else temperature, seeds, steps, tokens, raw, proc,
+        entropy if entropy is not None else raw, lse, vocab,
+        logits.stride(0) if logits.shape[0] > 1 else vocab,
+        HAS_INDICES=indices is not None, HAS_TOP_K=top_k is not None,
+        HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
+        HAS_ENTROPY=entropy is not None, JOINT=bool(joint),
+        RAW_TEMPERATURE=bool(raw_temperature), BLOCK_V=_block_v(vocab),
+    )
+
+
+def _aot_specs() -> list[dict[str, Any]]:
+    """Default configurations for ahead-of-time compilation: V = 151936, bf16 logits, plain
+    sampling and top-k + top-p (the filtered path) with entropy. (Each compile takes ~20 s on
+    the 2-core build machine, so the list is kept to the two paths that matter.)"""
+    specs: list[dict[str, Any]] = []
+    for vocab in (151936,):
+        for dtype in ("bf16",):
+            signature = {
+                "logits_ptr": f"*{dtype}", "indices_ptr": "*i64", "temperature_ptr": "*fp64",
+                "top_k_ptr": "*i64", "top_p_ptr": "*fp64", "min_p_ptr": "*fp64",
+                "seeds_ptr": "*i64", "steps_ptr": "*i64", "tokens_ptr": "*i64",
+                "raw_ptr": "*fp32", "proc_ptr": "*fp32", "entropy_ptr": "*fp32",
+                "lse_ptr": "*fp32", "vocab": "i32", "stride_row": "i64",
+            }
+            names = ("HAS_INDICES", "HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P", "HAS_ENTROPY",
+                     "JOINT", "RAW_TEMPERATURE", "BLOCK_V")
+            signature.update({k: "constexpr" for k in names})
+            for label, (has_k, has_p) in (("plain", (False, False)), ("top_k+top_p", (True, True))):
+                specs.append({
+                    "name": f"sample {dtype} V={vocab} {label}",
+                    "fn": _sample_kernel,
+                    "signature": signature,
+                    "constexprs": {"HAS_INDICES": False, "HAS_TOP_K": has_k, "HAS_TOP_P": has_p,
+                                   "HAS_MIN_P": False, "HAS_ENTROPY": True, "JOINT": False,
+                                   "RAW_TEMPERATURE": True, "BLOCK_V": _block_v(vocab)},
+                    "num_warps": 8 if vocab > 4096 else 4,
+                    "divisible_by_16": [k for k in signature if k.endswith("_ptr")],
+                })
+    return specs
+
+
+AOT_SPECS: list[dict[str, Any]] = _aot_specs()

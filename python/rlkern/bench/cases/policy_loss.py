@@ -1,0 +1,244 @@
+"""Benchmark case ``policy_loss``: the PPO clipped surrogate (verl's ``vanilla``: ε = 0.2, dual
+clip c = 3, token-mean) on ``B`` sequences of ``T`` tokens, float32.
+
+Modes:
+
+* ``fwd`` — the loss (what an evaluation step computes);
+* ``fwd+bwd`` — the loss and ∂loss/∂logprobs (the policy update; the issue's target).
+
+Implementations, each called the way its trainer calls it:
+
+* ``rlkern`` — ``rlkern.policy_loss(logp, old, adv, mask, config=PolicyLossConfig.verl())``.
+* ``verl`` — verl's own ``compute_policy_loss_vanilla`` (with its ``agg_loss``), imported from
+  verl when installed (optional): eager torch, with its ``.item()`` metrics, on advantages
+  broadcast to ``(B, T)`` as verl's actor passes them.
+* ``verl formula (eager)`` — the same formula restated (always available), with verl's three
+  metrics as tensors.
+* ``torch.compile`` — that formula compiled per shape (``dynamic=False``), forward and backward.
+  (rlkern computes those metrics and more in the same pass.)
+* ``floor`` — the least memory traffic any implementation needs: one read of the inputs
+  (``fwd``), plus one write of a gradient-sized buffer (``fwd+bwd``).
+
+Inputs are float32 whatever ``--dtype`` says (log-probabilities leave the logprobs op in fp32).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from rlkern.bench.cases import (
+    FLOOR,
+    RLKERN,
+    Case,
+    CaseOptions,
+    Impl,
+    ImplUnavailableError,
+    Outputs,
+    Size,
+    Tolerance,
+    register,
+)
+
+T_SEQ = 1024
+FULL_SIZES = [Size({"B": b, "T": T_SEQ}) for b in (256, 1024, 4096)]  # 4096 × 1024 = 4M tokens
+QUICK_SIZES = [Size({"B": 64, "T": T_SEQ}), Size({"B": 512, "T": T_SEQ})]
+TARGETS = ("targets (issue 5): fwd+bwd on 4M tokens (B=4096, T=1024, fp32): rlkern >= 4x "
+           "'verl' (eager vanilla + agg_loss) and >= 1.5x 'torch.compile' of the same formula",)
+CLIP, CLIP_C = 0.2, 3.0
+
+
+class PolicyLossInputs(NamedTuple):
+    logprobs: Tensor  # (B, T) fp32
+    old_logprobs: Tensor  # (B, T) fp32
+    advantages: Tensor  # (B,) fp32
+    advantages_bt: Tensor  # (B, T) broadcast view (verl's layout)
+    mask: Tensor  # (B, T) bool
+
+
+def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> PolicyLossInputs:
+    """Log-probs in [−3, 0], old = logp + N(0, 0.1²) (a few percent of tokens clipped), GRPO
+    advantages, responses of random length (about 3/4 of the positions valid)."""
+    b, t = size["B"], size["T"]
+    gen = torch.Generator(device="cpu").manual_seed(b * 7919 + t)
+    lp = -torch.rand(b, t, generator=gen) * 3
+    old = lp + torch.randn(b, t, generator=gen) * 0.1
+    adv = torch.randn(b, generator=gen)
+    lengths = torch.randint(t // 2, t + 1, (b,), generator=gen)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    to = lambda x: x.to(device)
+    return PolicyLossInputs(to(lp), to(old), to(adv), to(adv)[:, None].expand(b, t), to(mask))
+
+
+def vanilla_formula(old: Tensor, logp: Tensor, adv: Tensor, mask: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """verl's ``compute_policy_loss_vanilla`` + ``agg_loss(token-mean)`` restated in torch:
+    the loss and verl's three metrics (pg_clipfrac, ppo_kl, pg_clipfrac_lower), as tensors
+    (verl's ``.item()`` calls would break a compiled graph)."""
+    m = mask.to(logp.dtype)
+    n = m.sum()
+    masked_mean = lambda x: (x * m).sum() / n
+    neg_kl = torch.clamp(logp - old, min=-20.0, max=20.0)
+    ratio = torch.exp(neg_kl)
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1 - CLIP, 1 + CLIP)
+    clipped = torch.maximum(loss1, loss2)
+    loss3 = -adv * CLIP_C
+    dual = torch.min(loss3, clipped)
+    per_token = torch.where(adv < 0, dual, clipped)
+    clipfrac = masked_mean(torch.gt(loss2, loss1).to(m.dtype))
+    ppo_kl = masked_mean(-neg_kl)
+    clipfrac_lower = masked_mean((torch.gt(clipped, loss3) & (adv < 0)).to(m.dtype))
+    return masked_mean(per_token), clipfrac, ppo_kl, clipfrac_lower
+
+
+Loss = Callable[[Tensor, PolicyLossInputs], Tensor]
+
+
+def _in_mode(loss_fn: Loss, mode: str) -> Callable[[PolicyLossInputs], Outputs]:
+    if mode == "fwd":
+        def fwd(inp: PolicyLossInputs) -> Outputs:
+            with torch.no_grad():
+                return {"loss": loss_fn(inp.logprobs, inp).detach()}
+
+        return fwd
+
+    def fwd_bwd(inp: PolicyLossInputs) -> Outputs:
+        logp = inp.logprobs.detach().requires_grad_()
+        loss = loss_fn(logp, inp)
+        (grad,) = torch.autograd.grad(loss, logp)
+        return {"loss": loss.detach(), "grad": grad}
+
+    return fwd_bwd
+
+
+def _rlkern_loss(backend: str) -> Loss:
+    from rlkern import PolicyLossConfig, policy_loss
+
+    cfg = PolicyLossConfig.verl(policy_loss="vanilla", clip_ratio=CLIP, clip_ratio_c=CLIP_C)
+
+    def loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
+        return policy_loss(logp, inp.old_logprobs, inp.advantages, inp.mask, config=cfg,
+                           backend=backend).loss
+
+    return loss
+
+
+def _verl_loss() -> tuple[Loss | None, str | None]:
+    if importlib.util.find_spec("verl") is None:
+        return None, ("verl is not installed (optional: pip install -e '.[parity]' && pip "
+                      "install --no-deps verl; 'verl formula (eager)' is the same computation)")
+    state: list[Any] = []
+
+    def loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
+        if not state:  # imported on the first, untimed call (~20 s)
+            try:
+                from verl.trainer.ppo import core_algos
+                from verl.workers.config.actor import FSDPActorConfig
+            except Exception as exc:
+                raise ImplUnavailableError(
+                    f"verl is not importable ({type(exc).__name__}: {exc})") from exc
+            cfg = FSDPActorConfig(strategy="fsdp", clip_ratio=CLIP, clip_ratio_c=CLIP_C,
+                                  ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False,
+                                  rollout_n=8)
+            state.extend((core_algos.compute_policy_loss_vanilla, cfg))
+        fn, cfg = state
+        pg_loss, _ = fn(inp.old_logprobs, logp, inp.advantages_bt, inp.mask,
+                        loss_agg_mode="token-mean", config=cfg)
+        return pg_loss
+
+    return loss, None
+
+
+def _eager_loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
+    return vanilla_formula(inp.old_logprobs, logp, inp.advantages_bt, inp.mask)[0]
+
+
+def _compiled_loss() -> Loss:
+    compiled: list[Callable[..., Tensor]] = []
+
+    def loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
+        if not compiled:
+            compiled.append(torch.compile(vanilla_formula, dynamic=False))
+        with torch._dynamo.config.patch(recompile_limit=256):
+            return compiled[0](inp.old_logprobs, logp, inp.advantages_bt, inp.mask)[0]
+
+    return loss
+
+
+FLOOR_NOTES = {
+    "fwd": "floor (fwd): one read of logprobs, old_logprobs and the mask (integer amax)",
+    "fwd+bwd": "floor (fwd+bwd): the fwd floor plus one write of a (B, T) fp32 buffer (the "
+    "gradient)",
+}
+
+
+def _floor(mode: str) -> Callable[[PolicyLossInputs], Outputs]:
+    def read(inp: PolicyLossInputs) -> None:
+        inp.logprobs.view(torch.int32).amax()
+        inp.old_logprobs.view(torch.int32).amax()
+        inp.mask.view(torch.uint8).amax()
+
+    if mode == "fwd":
+        def fwd(inp: PolicyLossInputs) -> Outputs:
+            read(inp)
+            return {}
+
+        return fwd
+
+    def fwd_bwd(inp: PolicyLossInputs) -> Outputs:
+        read(inp)
+        torch.empty_like(inp.logprobs).copy_(inp.old_logprobs)
+        return {}
+
+    return fwd_bwd
+
+
+def _unavailable(inp: PolicyLossInputs) -> Outputs:
+    raise RuntimeError("this implementation is not available here")
+
+
+@register("policy_loss")
+def policy_loss_case(options: CaseOptions) -> Case:
+    """The ``policy_loss`` case for ``options`` (device, rlkern backend; inputs are fp32)."""
+    from rlkern import backends
+
+    backend, note = options.rlkern_backend, ""
+    if backend == "auto" and options.device.type == "cpu" and not backends.has_cpp():
+        backend, note = "torch", ("rlkern._C is not built: the rlkern rows run backend='torch' "
+                                  "(the torch statement of the kernels), not the C++ kernels")
+    rlkern_loss = _rlkern_loss(backend)
+    verl_loss, verl_skip = _verl_loss()
+    compiled = _compiled_loss()  # one Dynamo cache for both modes
+
+    def implementations(mode: str) -> list[Impl]:
+        return [
+            Impl("rlkern", _in_mode(rlkern_loss, mode), role=RLKERN, note=note),
+            Impl("verl", _in_mode(verl_loss, mode) if verl_loss else _unavailable,
+                 skip=verl_skip, note="core_algos.compute_policy_loss_vanilla + agg_loss"),
+            Impl("verl formula (eager)", _in_mode(_eager_loss, mode)),
+            Impl("torch.compile", _in_mode(compiled, mode), warmup=2),
+            Impl("floor", _floor(mode), role=FLOOR, note=FLOOR_NOTES[mode]),
+        ]
+
+    return Case(
+        name="policy_loss",
+        sizes=FULL_SIZES,
+        quick_sizes=QUICK_SIZES,
+        modes=("fwd", "fwd+bwd"),
+        make_inputs=make_inputs,
+        implementations=implementations,
+        tolerances={
+            "loss": Tolerance(atol=1e-6, rtol=1e-5),
+            "grad": Tolerance(rtol=1e-5, scale_by_max=True),
+        },
+        notes=(*TARGETS, *FLOOR_NOTES.values(),
+               "inputs are float32 (the dtype in the table title is the run's default, unused)",
+               *((note,) if note else ())),
+        warnings=(note,) if note else (),
+        environment={"rlkern_backend": backend},
+    )

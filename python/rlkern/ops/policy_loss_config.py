@@ -1,0 +1,434 @@
+"""``PolicyLossConfig``: every option of :func:`rlkern.policy_loss`, as one frozen dataclass.
+
+The fields are rlkern's own names for the options of ALGORITHMS.md §3; the presets
+:meth:`PolicyLossConfig.verl` and :meth:`PolicyLossConfig.trl` translate a trainer's
+configuration into them so that the loss, its gradient and the metrics are the trainer's own
+(docs/policy_loss.md has the full mapping table). The config is validated once, when it is
+built: an unknown name raises ``ValueError`` listing the valid ones.
+
+Float fields are runtime values for the kernels (never a compile-time constant), so changing
+e.g. ``clip_ratio_high`` or ``kl_coef`` between steps recompiles nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = [
+    "AGG_MODES",
+    "IS_LEVELS",
+    "KL_ESTIMATORS",
+    "POLICY_LOSSES",
+    "ROLLOUT_CORRECTIONS",
+    "TRL_LOSS_TYPES",
+    "VERL_POLICY_LOSSES",
+    "PolicyLossConfig",
+    "canonical_kl_estimator",
+]
+
+#: rlkern's loss names (ALGORITHMS.md §3).
+POLICY_LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "gvpo")
+#: Aggregation modes; "token-sum" is verl's name for "sum".
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+             "seq-mean-token-sum-norm", "sum", "token-sum")
+IS_LEVELS = ("token", "sequence")
+_KL_BASE = ("k1", "k2", "k3", "abs")
+_KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+#: KL estimators: k1, k2, k3, abs, verl's aliases (kl, mse, low_var_kl), each optionally with
+#: a trailing "+" (the value of the estimator with the gradient of k2).
+KL_ESTIMATORS = tuple(n + s for n in (*_KL_BASE, *_KL_ALIASES) for s in ("", "+"))
+ROLLOUT_CORRECTIONS = (None, "token_truncate", "token_mask", "sequence_truncate",
+                       "sequence_mask")
+VERL_POLICY_LOSSES = ("vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg")
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+
+
+def _choice(value: Any, name: str, options: tuple) -> None:
+    if value not in options:
+        shown = ", ".join(repr(o) for o in options)
+        raise ValueError(f"{name} must be one of {shown}; got {value!r}")
+
+
+def canonical_kl_estimator(name: str) -> tuple[str, bool]:
+    """``"low_var_kl+"`` → ``("k3", True)``: the base estimator and the straight-through flag."""
+    _choice(name, "kl_estimator", KL_ESTIMATORS)
+    straight = name.endswith("+")
+    base = name[:-1] if straight else name
+    return _KL_ALIASES.get(base, base), straight
+
+
+def _float(value: Any, name: str, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        want = "a float or None" if optional else "a float"
+        raise TypeError(f"{name} must be {want}, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return value
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Options of :func:`rlkern.policy_loss` (ALGORITHMS.md §3). Build directly, or with
+    :meth:`verl` / :meth:`trl` to reproduce a trainer; change fields with :meth:`replace`.
+
+    Loss:
+        policy_loss: ``"ppo"`` (clipped surrogate; + dual clip, two-sided δ), ``"gspo"``
+            (PPO on the sequence ratio with GSPO-token's straight-through gradient, verl),
+            ``"cispo"``, ``"sapo"``, ``"gmpo"`` (geometric mean, per sequence), ``"reinforce"``
+            (−A·logp, verl's gpg), ``"gvpo"`` (group-centred MSE; needs ``group_size``).
+        clip_ratio_low / clip_ratio_high: ε_low / ε_high ≥ 0 (``None`` high = low): the ratio
+            is clipped to [1 − ε_low, 1 + ε_high] (gmpo: the log-ratio to [−ε_low, ε_high]).
+        ratio_min / ratio_max: explicit ratio bounds replacing 1 − ε_low / 1 + ε_high (TRL's
+            cispo clips only above, at ``epsilon_high``: ``ratio_min=-inf, ratio_max=ε_high``).
+        clip_ratio_c: dual clip c > 1 for A < 0 (``None``: off; verl's vanilla uses 3).
+        delta: two-sided clip δ of the unclipped ratio (``None``: off; TRL ``delta``).
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (ρ_i = exp(mean Δ) with the
+            exact gradient of the mean, TRL's GSPO); ppo, cispo and sapo only.
+        log_ratio_clamp: |Δ| clamp before exp for token ratios (verl 20; ``None``: off, TRL).
+        seq_log_ratio_max: upper clamp of the sequence log-ratio (verl's GSPO 10; ``None``).
+        sapo_tau_pos / sapo_tau_neg: SAPO temperatures for A > 0 / A ≤ 0.
+    KL to a reference policy (needs ``ref_logprobs``):
+        kl_coef: β (0: no KL term even when ref_logprobs are given).
+        kl_estimator: ``k1``, ``k2``, ``k3``, ``abs`` (or verl's ``kl``, ``mse``,
+            ``low_var_kl``), with a trailing ``+`` for the straight-through form.
+        kl_log_clamp / kl_value_clamp: k3's clamps (verl 20 / 10; ``None``: off, TRL).
+        kl_bias_correction: multiply the KL term by ρ (TRL ``use_bias_correction_kl``).
+        kl_agg_mode: aggregation of the KL term (``None``: ``loss_agg_mode``).
+    Entropy bonus (needs ``entropy``):
+        entropy_coef: c_H; the loss gets ``− c_H·agg(entropy)``.
+        entropy_agg_mode: its aggregation (``None``: ``loss_agg_mode``).
+        entropy_global_norm: use the ``num_tokens`` / ``num_seqs`` given to the call for the
+            entropy term too (verl); ``False``: the local counts of the tokens it acts on (TRL).
+        top_entropy_quantile: q ∈ (0, 1]: the policy term (and the entropy bonus) only keeps
+            tokens whose entropy is ≥ the (1 − q) quantile of the valid tokens' entropies.
+    Rollout correction (needs ``rollout_logprobs``; off when they are not given):
+        rollout_correction: ``"token_truncate"``, ``"token_mask"``, ``"sequence_truncate"``,
+            ``"sequence_mask"`` (TRL's names) or ``None``.
+        rollout_min / rollout_max: weight bounds (``None``: unbounded on that side).
+        rollout_log_clamp: clamp of the (token or summed) log-ratio before exp (verl 20).
+    Aggregation:
+        loss_agg_mode: ``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum``,
+            ``seq-mean-token-sum-norm``, ``sum`` (alias ``token-sum``).
+        count_empty_seqs: seq-mean modes divide by all B rows (TRL) instead of the rows with
+            at least one valid token (verl).
+        max_len: L of ``seq-mean-token-sum-norm`` (``None``: the padded width T).
+        loss_scale: multiplies the whole loss (verl's dp_size; TRL's 1 / grad-accumulation).
+    gvpo:
+        group_size: responses per prompt, contiguous rows; gvpo_beta: β of GVPO's reward.
+    """
+
+    policy_loss: str = "ppo"
+    loss_agg_mode: str = "token-mean"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float | None = None
+    ratio_min: float | None = None
+    ratio_max: float | None = None
+    clip_ratio_c: float | None = None
+    delta: float | None = None
+    importance_sampling_level: str = "token"
+    log_ratio_clamp: float | None = 20.0
+    seq_log_ratio_max: float | None = 10.0
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_log_clamp: float | None = 20.0
+    kl_value_clamp: float | None = 10.0
+    kl_bias_correction: bool = False
+    kl_agg_mode: str | None = None
+    entropy_coef: float = 0.0
+    entropy_agg_mode: str | None = None
+    entropy_global_norm: bool = True
+    top_entropy_quantile: float = 1.0
+    rollout_correction: str | None = None
+    rollout_min: float | None = None
+    rollout_max: float | None = 2.0
+    rollout_log_clamp: float | None = 20.0
+    count_empty_seqs: bool = False
+    max_len: int | None = None
+    loss_scale: float = 1.0
+    group_size: int | None = None
+    gvpo_beta: float = 0.1
+
+    # ----------------------------------------------------------------------------- validation
+
+    def __post_init__(self) -> None:
+        _choice(self.policy_loss, "policy_loss", POLICY_LOSSES)
+        _choice(self.loss_agg_mode, "loss_agg_mode", AGG_MODES)
+        for name in ("kl_agg_mode", "entropy_agg_mode"):
+            if getattr(self, name) is not None:
+                _choice(getattr(self, name), name, AGG_MODES)
+        _choice(self.importance_sampling_level, "importance_sampling_level", IS_LEVELS)
+        canonical_kl_estimator(self.kl_estimator)
+        _choice(self.rollout_correction, "rollout_correction", ROLLOUT_CORRECTIONS)
+        for name in ("kl_bias_correction", "entropy_global_norm", "count_empty_seqs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        optional = {"clip_ratio_high", "ratio_min", "ratio_max", "clip_ratio_c", "delta",
+                    "log_ratio_clamp", "seq_log_ratio_max", "kl_log_clamp", "kl_value_clamp",
+                    "rollout_min", "rollout_max", "rollout_log_clamp"}
+        for name in ("clip_ratio_low", "sapo_tau_pos", "sapo_tau_neg", "kl_coef", "entropy_coef",
+                     "top_entropy_quantile", "loss_scale", "gvpo_beta", *sorted(optional)):
+            object.__setattr__(self, name, _float(getattr(self, name), name,
+                                                  optional=name in optional))
+        for name in ("clip_ratio_low", "clip_ratio_high"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} (an epsilon) must be >= 0, got {value}")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
+            raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {self.clip_ratio_c}; "
+                             "use None to turn the dual clip off")
+        if self.delta is not None and not self.delta > 0:
+            raise ValueError(f"delta must be > 0, got {self.delta}")
+        lo, hi = self.clip_bounds()
+        if not lo <= hi:
+            raise ValueError(f"the clip bounds must satisfy lower <= upper, got [{lo}, {hi}]")
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("log_ratio_clamp", "kl_log_clamp", "kl_value_clamp", "rollout_log_clamp"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        for name in ("kl_coef", "entropy_coef", "loss_scale", "gvpo_beta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got "
+                             f"{self.top_entropy_quantile}")
+        rmin = -math.inf if self.rollout_min is None else self.rollout_min
+        rmax = math.inf if self.rollout_max is None else self.rollout_max
+        if not rmin <= rmax:
+            raise ValueError(f"rollout_min must be <= rollout_max, got {rmin} > {rmax}")
+        if self.max_len is not None and (isinstance(self.max_len, bool)
+                                         or not isinstance(self.max_len, int)
+                                         or self.max_len <= 0):
+            raise ValueError(f"max_len must be a positive int or None, got {self.max_len!r}")
+        seq_loss = self.policy_loss in ("gspo", "gmpo", "gvpo", "reinforce")
+        if seq_loss and self.importance_sampling_level != "token":
+            raise ValueError(f"importance_sampling_level='sequence' applies to ppo, cispo and "
+                             f"sapo; policy_loss={self.policy_loss!r} fixes its own ratio")
+        if self.policy_loss in ("gmpo", "reinforce", "gvpo") and (
+                self.ratio_min is not None or self.ratio_max is not None):
+            raise ValueError(f"ratio_min / ratio_max do not apply to {self.policy_loss!r}")
+        if self.policy_loss == "gvpo":
+            if self.group_size is None or isinstance(self.group_size, bool) or not isinstance(
+                    self.group_size, int) or self.group_size < 2:
+                raise ValueError("policy_loss='gvpo' needs group_size: the number (>= 2) of "
+                                 "responses per prompt, in contiguous rows; got "
+                                 f"{self.group_size!r}")
+            if self.top_entropy_quantile < 1.0:
+                raise ValueError("gvpo is a sequence-level loss: top_entropy_quantile < 1 does "
+                                 "not apply to it")
+        elif self.group_size is not None:
+            raise ValueError("group_size applies to policy_loss='gvpo' only")
+        if self.policy_loss in ("gmpo", "gvpo") and self.kl_bias_correction:
+            raise ValueError(f"kl_bias_correction applies to token-level losses, not "
+                             f"{self.policy_loss!r}")
+        if self.policy_loss == "gmpo" and self.top_entropy_quantile < 1.0:
+            raise ValueError("gmpo is a sequence-level loss: top_entropy_quantile < 1 does not "
+                             "apply to it")
+
+    # ------------------------------------------------------------------------------- derived
+
+    @property
+    def eps_high(self) -> float:
+        return self.clip_ratio_low if self.clip_ratio_high is None else self.clip_ratio_high
+
+    def clip_bounds(self) -> tuple[float, float]:
+        """The loss's clip interval: ratio bounds (ppo, gspo, cispo) or log-ratio bounds
+        (gmpo: [−ε_low, ε_high])."""
+        if self.policy_loss == "gmpo":
+            return -self.clip_ratio_low, self.eps_high
+        lo = 1.0 - self.clip_ratio_low if self.ratio_min is None else self.ratio_min
+        hi = 1.0 + self.eps_high if self.ratio_max is None else self.ratio_max
+        return lo, hi
+
+    def kl_agg(self) -> str:
+        return self.loss_agg_mode if self.kl_agg_mode is None else self.kl_agg_mode
+
+    def entropy_agg(self) -> str:
+        return self.loss_agg_mode if self.entropy_agg_mode is None else self.entropy_agg_mode
+
+    def replace(self, **overrides: Any) -> PolicyLossConfig:
+        """A copy with some fields changed (validated). Unknown names raise ``ValueError``."""
+        if not overrides:
+            return self
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown PolicyLossConfig field(s) {unknown}; valid fields: "
+                             f"{', '.join(sorted(known))}")
+        return dataclasses.replace(self, **overrides)
+
+    # ------------------------------------------------------------------------------- presets
+
+    @classmethod
+    def verl(
+        cls,
+        policy_loss: str = "vanilla",
+        loss_agg_mode: str = "token-mean",
+        clip_ratio: float = 0.2,
+        clip_ratio_low: float | None = None,
+        clip_ratio_high: float | None = None,
+        clip_ratio_c: float = 3.0,
+        *,
+        tau_pos: float = 1.0,
+        tau_neg: float = 1.05,
+        use_kl_loss: bool = False,
+        kl_loss_coef: float = 0.001,
+        kl_loss_type: str = "low_var_kl",
+        entropy_coeff: float = 0.0,
+        rollout_is: str | None = None,
+        rollout_is_threshold: float | str = 2.0,
+        loss_scale_factor: int | None = None,
+        dp_size: int = 1,
+    ) -> PolicyLossConfig:
+        """verl's actor loss (``verl.workers.utils.losses.ppo_loss``): the registered
+        ``compute_policy_loss_<policy_loss>`` + ``agg_loss``, the KL loss (``use_kl_loss``,
+        ``kl_penalty``) and the entropy bonus, with verl's argument names and defaults.
+
+        ``rollout_is`` (``"token"`` / ``"sequence"``) with ``rollout_is_threshold`` (a float:
+        truncate above it; ``"lower_upper"``: zero outside [lower, upper]) reproduces
+        ``compute_rollout_correction_weights`` applied to the policy term. Global batch
+        normalisers (``batch_num_tokens``, ``global_batch_size``) are call arguments
+        (``num_tokens``, ``num_seqs``); ``dp_size`` scales the loss as verl does. verl's
+        ``geo_mean`` averages its policy term over the call's rows whatever the mode, dp size
+        or global batch size: do not pass ``num_seqs`` for it (the preset folds ``dp_size``
+        into the KL and entropy coefficients only).
+        """
+        _choice(policy_loss, "policy_loss (verl)", VERL_POLICY_LOSSES)
+        _choice(loss_agg_mode, "loss_agg_mode", AGG_MODES)
+        low = clip_ratio if clip_ratio_low is None else clip_ratio_low
+        high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+        if not isinstance(dp_size, int) or isinstance(dp_size, bool) or dp_size < 1:
+            raise ValueError(f"dp_size must be a positive int, got {dp_size!r}")
+        name = {"vanilla": "ppo", "gspo": "gspo", "cispo": "cispo", "sapo": "sapo",
+                "geo_mean": "gmpo", "gpg": "reinforce"}[policy_loss]
+        rollout, rmin, rmax = None, None, None
+        if rollout_is is not None:
+            _choice(rollout_is, "rollout_is", ("token", "sequence"))
+            if isinstance(rollout_is_threshold, str) and "_" in rollout_is_threshold:
+                lower, upper = (float(v) for v in rollout_is_threshold.split("_", 1))
+                rollout, rmin, rmax = f"{rollout_is}_mask", lower, upper
+            else:
+                rollout, rmax = f"{rollout_is}_truncate", float(rollout_is_threshold)
+        # verl's SAPO aggregates its policy term per sequence and GMPO (geo_mean) takes a plain
+        # mean over the micro-batch's rows (no dp_size, no global batch size), whatever
+        # loss_agg_mode says; the KL and entropy terms still use loss_agg_mode and dp_size.
+        own_agg = {"sapo": "seq-mean-token-mean", "gmpo": "token-mean"}.get(name)
+        dp = 1.0 if name == "gmpo" else float(dp_size)
+        term_dp = float(dp_size) / dp
+        return cls(
+            policy_loss=name,
+            loss_agg_mode=own_agg or loss_agg_mode,
+            kl_agg_mode=loss_agg_mode if own_agg else None,
+            entropy_agg_mode=loss_agg_mode if own_agg else None,
+            clip_ratio_low=low,
+            clip_ratio_high=high,
+            clip_ratio_c=clip_ratio_c if name == "ppo" else None,
+            log_ratio_clamp=20.0 if name in ("ppo", "cispo", "sapo") else None,
+            seq_log_ratio_max=10.0,
+            sapo_tau_pos=tau_pos,
+            sapo_tau_neg=tau_neg,
+            kl_coef=float(kl_loss_coef) * term_dp if use_kl_loss else 0.0,
+            kl_estimator=kl_loss_type,
+            kl_log_clamp=20.0,
+            kl_value_clamp=10.0,
+            entropy_coef=float(entropy_coeff) * term_dp,
+            rollout_correction=rollout,
+            rollout_min=rmin,
+            rollout_max=rmax,
+            rollout_log_clamp=20.0,
+            count_empty_seqs=False,
+            max_len=loss_scale_factor,
+            loss_scale=dp,
+        )
+
+    @classmethod
+    def trl(
+        cls,
+        loss_type: str = "dapo",
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.0,
+        delta: float | None = None,
+        importance_sampling_level: str = "token",
+        max_completion_length: int | None = None,
+        *,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        use_bias_correction_kl: bool = True,
+        top_entropy_quantile: float = 1.0,
+        entropy_coef: float = 0.0,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_mode: str = "sequence_mask",
+        vllm_importance_sampling_clip_min: float | None = None,
+        vllm_importance_sampling_clip_max: float | None = 3.0,
+        gradient_accumulation_steps: int = 1,
+    ) -> PolicyLossConfig:
+        """TRL's ``GRPOTrainer._compute_loss`` (TRL 1.16), with ``GRPOConfig``'s names and
+        defaults.
+
+        For ``dapo`` and ``cispo`` pass TRL's normaliser as ``num_tokens`` to the call
+        (``num_items_in_batch / num_processes · grad_accum / steps_per_generation``; by default
+        the local token count, which is what it is on one process with one accumulation step).
+        ``max_completion_length`` is ``dr_grpo``'s L (``None``: the padded width). The
+        rollout correction applies when ``rollout_logprobs`` (vLLM's sampling logprobs) are
+        given to the call. ``gradient_accumulation_steps`` reproduces TRL's loss scaling.
+        """
+        _choice(loss_type, "loss_type (trl)", TRL_LOSS_TYPES)
+        _choice(importance_sampling_level, "importance_sampling_level", IS_LEVELS)
+        eps_high = epsilon if epsilon_high is None else epsilon_high
+        ga = gradient_accumulation_steps
+        if not isinstance(ga, int) or isinstance(ga, bool) or ga < 1:
+            raise ValueError(f"gradient_accumulation_steps must be a positive int, got {ga!r}")
+        agg = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean",
+               "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+               "dapo": "token-mean", "cispo": "token-mean",
+               "luspo": "seq-mean-token-sum"}[loss_type]
+        name = {"cispo": "cispo", "sapo": "sapo"}.get(loss_type, "ppo")
+        rollout = None
+        if vllm_importance_sampling_correction:
+            _choice(vllm_importance_sampling_mode, "vllm_importance_sampling_mode",
+                    ROLLOUT_CORRECTIONS[1:])
+            rollout = vllm_importance_sampling_mode
+        # dapo / cispo fold the accumulation steps into num_items_in_batch (the call's
+        # num_tokens); the others divide by them. The entropy bonus always does.
+        scale = 1.0 if loss_type in ("dapo", "cispo") else 1.0 / ga
+        return cls(
+            policy_loss=name,
+            loss_agg_mode=agg,
+            clip_ratio_low=epsilon,
+            clip_ratio_high=eps_high,
+            ratio_min=-math.inf if name == "cispo" else None,
+            ratio_max=eps_high if name == "cispo" else None,
+            delta=delta if name == "ppo" else None,
+            importance_sampling_level=importance_sampling_level,
+            log_ratio_clamp=None,
+            seq_log_ratio_max=None,
+            sapo_tau_pos=sapo_temperature_pos,
+            sapo_tau_neg=sapo_temperature_neg,
+            kl_coef=float(beta),
+            kl_estimator="k3",
+            kl_log_clamp=None,
+            kl_value_clamp=None,
+            kl_bias_correction=bool(use_bias_correction_kl),
+            entropy_coef=float(entropy_coef) / ga / scale,
+            entropy_agg_mode="token-mean",
+            entropy_global_norm=False,
+            top_entropy_quantile=top_entropy_quantile,
+            rollout_correction=rollout,
+            rollout_min=vllm_importance_sampling_clip_min,
+            rollout_max=vllm_importance_sampling_clip_max,
+            rollout_log_clamp=None,
+            count_empty_seqs=True,
+            max_len=max_completion_length,
+            loss_scale=scale,
+        )

@@ -1,0 +1,73 @@
+"""Replay true response lengths through a micro-group scheduler (no model)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from rlkern.sampling.scheduler import Scheduler, SimResult, drive
+
+
+def simulate(
+    lengths: Tensor,
+    prompt_lengths: Tensor | Sequence[int],
+    *,
+    schedule: str,
+    group_size: int,
+    kv_budget_tokens: int | None = None,
+    micro_group_size: int | None = None,
+    max_new_tokens: int | None = None,
+) -> SimResult:
+    """Run the scheduler of :func:`rlkern.generate_groups` on known response lengths.
+
+    Args:
+        lengths: ``(P, G)`` int response lengths (tokens generated per member, ≥ 1), revealed
+            to the scheduler only when a member finishes — as in a real run.
+        prompt_lengths: ``(P,)`` prompt lengths.
+        schedule: ``"full_group"``, ``"micro_group"`` or ``"length_aware"``.
+        group_size: ``G`` (must equal ``lengths.shape[1]``).
+        kv_budget_tokens: the KV budget in tokens (``None``: one unit at a time).
+        micro_group_size: ``m`` (default ``G // 4``).
+        max_new_tokens: the per-member reservation (default ``lengths.max()``).
+
+    Returns:
+        :class:`SimResult` ``(peak_tokens, decode_steps, utilisation)``.
+    """
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 2 or lengths.shape[1] != group_size:
+        raise ValueError(f"lengths must have shape (P, group_size={group_size}), got "
+                         f"{tuple(lengths.shape)}")
+    if lengths.is_floating_point():
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    pl = [int(x) for x in torch.as_tensor(prompt_lengths).reshape(-1).tolist()]
+    if len(pl) != lengths.shape[0]:
+        raise ValueError(f"prompt_lengths must have {lengths.shape[0]} entries, got {len(pl)}")
+    if lengths.numel() and int(lengths.min()) < 1:
+        raise ValueError("lengths must be >= 1")
+    L = lengths.tolist()
+    max_new = int(max_new_tokens) if max_new_tokens is not None else max(
+        (max(r) for r in L), default=1)
+    sched = Scheduler(pl, group_size=group_size, schedule=schedule, max_new_tokens=max_new,
+                      kv_budget_tokens=kv_budget_tokens, micro_group_size=micro_group_size)
+    made: dict[tuple[int, int], int] = {}
+
+    def on_admit(new):
+        for mem in new:
+            made[mem] = 0
+
+    target = lambda mem: min(L[mem[0]][mem[1]], max_new)
+
+    def on_step(active, k):
+        done = []
+        for mem in active:
+            made[mem] += k
+            if made[mem] >= target(mem):
+                done.append(mem)
+        return done
+
+    def horizon(active):
+        return min(target(mem) - made[mem] for mem in active)
+
+    return drive(sched, on_admit=on_admit, on_step=on_step, horizon=horizon)

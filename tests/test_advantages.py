@@ -1,0 +1,290 @@
+"""group_advantages on the compiled CPU backend (and the torch reference) against float64 truth.
+
+Every estimator × every group layout × every score kind; the documented edge cases (singleton,
+zero variance, NaN), row-order independence, and every bad input the issue lists. The Triton
+kernels run the same checks in test_advantages_triton.py (interpreter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rlkern
+from advantages_cases import (
+    ESTIMATORS,
+    LAYOUTS,
+    SCORE_KINDS,
+    check_against_reference,
+    estimator_inputs,
+    make_layout,
+    make_scores,
+)
+
+BACKENDS = ["cpu", "torch"]
+
+
+def _layout_args(layout: dict) -> dict:
+    return {k: v for k, v in layout.items() if k != "n"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("layout_kind", LAYOUTS)
+@pytest.mark.parametrize("score_kind", SCORE_KINDS)
+def test_estimators_match_reference(backend, estimator, layout_kind, score_kind):
+    gen = torch.Generator().manual_seed(hash((estimator, layout_kind, score_kind)) % 2**31)
+    layout = make_layout(layout_kind, gen)
+    scores = make_scores(layout["n"], score_kind, gen, layout).float()
+    extra = estimator_inputs(estimator, layout["n"], gen)
+    check_against_reference(scores, backend=backend, estimator=estimator,
+                            what=f"{layout_kind}/{score_kind}", **_layout_args(layout), **extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["grpo", "unlikely", "xrpo"])
+@pytest.mark.parametrize("std", ["unbiased", "biased", "none"])
+def test_batch_std_scope_and_std_modes(backend, estimator, std):
+    gen = torch.Generator().manual_seed(3)
+    layout = make_layout("uneven", gen)
+    scores = make_scores(layout["n"], "normal", gen, layout).float()
+    extra = estimator_inputs(estimator, layout["n"], gen)
+    for scope in ("group", "batch"):
+        check_against_reference(scores, backend=backend, estimator=estimator, std=std,
+                                std_scope=scope, **_layout_args(layout), **extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", [e for e in ESTIMATORS if e != "grpo_passk"])
+@pytest.mark.parametrize("std", ["unbiased", "biased", "none"])
+def test_singleton_verl_and_std_modes(backend, estimator, std):
+    gen = torch.Generator().manual_seed(4)
+    layout = make_layout("uneven", gen)
+    scores = make_scores(layout["n"], "integer", gen, layout).float()
+    extra = estimator_inputs(estimator, layout["n"], gen)
+    check_against_reference(scores, backend=backend, estimator=estimator, std=std,
+                            singleton="verl", eps=1e-4, **_layout_args(layout), **extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("layout_kind", ["contiguous", "uneven"])
+def test_nan_omit(backend, estimator, layout_kind):
+    gen = torch.Generator().manual_seed(5)
+    layout = make_layout(layout_kind, gen)
+    scores = make_scores(layout["n"], "normal", gen, layout)
+    scores[::7] = math.nan
+    scores[3] = math.inf
+    if layout_kind == "contiguous":
+        scores[8:16] = math.nan  # a group with no valid score at all
+    extra = estimator_inputs(estimator, layout["n"], gen)
+    out = check_against_reference(scores.float(), backend=backend, estimator=estimator,
+                                  nan_policy="omit", **_layout_args(layout), **extra)
+    adv = out.advantages if out.advantages.dim() == 1 else out.advantages[:, 0]
+    assert torch.all(adv[~torch.isfinite(scores)] == 0)
+    if layout_kind == "contiguous":
+        assert torch.isnan(out.group_mean[8:16]).all() and torch.isnan(out.group_std[8:16]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_input_dtypes(backend, dtype):
+    gen = torch.Generator().manual_seed(6)
+    layout = make_layout("shuffled", gen)
+    scores = make_scores(layout["n"], "normal", gen, layout).to(dtype)
+    out = check_against_reference(scores, backend=backend, estimator="grpo",
+                                  **_layout_args(layout))
+    assert out.advantages.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_level_rewards_and_mask_broadcast(backend):
+    gen = torch.Generator().manual_seed(7)
+    rewards = torch.zeros(16, 5)
+    rewards[:, -1] = torch.randint(0, 2, (16,), generator=gen).float()
+    rewards[:, 1] = torch.rand(16, generator=gen)  # a process reward: scores are row sums
+    mask = torch.rand(16, 5, generator=gen) > 0.3
+    out = check_against_reference(rewards, backend=backend, estimator="grpo", group_size=4,
+                                  mask=mask)
+    assert out.advantages.shape == (16, 5)
+    assert torch.all(out.advantages[~mask] == 0)
+    flat = rlkern.group_advantages(rewards.sum(-1), group_size=4, backend=backend)
+    torch.testing.assert_close(out.advantages, flat.advantages.unsqueeze(-1) * mask)
+
+
+# ------------------------------------------------------------------ documented edge cases
+
+
+def test_ngrpo_check_values_from_algorithms_md():
+    one_hit = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0])
+    out = rlkern.group_advantages(one_hit, group_size=8, estimator="ngrpo")
+    torch.testing.assert_close(out.advantages[0], torch.tensor(1.7638), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.advantages[1:], torch.full((7,), -0.5040), atol=1e-4, rtol=0)
+    none = rlkern.group_advantages(torch.zeros(8), group_size=8, estimator="ngrpo")
+    # −(1/9) / (1/3 + eps): −1/3 up to the eps in the denominator.
+    torch.testing.assert_close(none.advantages, torch.full((8,), -1 / 3), atol=2e-6, rtol=0)
+    assert bool(none.zero_variance_mask.all())  # flagged, yet NGRPO's signal is not zero
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_singleton_conventions(backend):
+    scores = torch.tensor([3.0, 1.0, 2.0])
+    ids = torch.tensor([10, 20, 20])
+    zero = rlkern.group_advantages(scores, group_ids=ids, backend=backend)
+    assert zero.advantages[0] == 0 and zero.group_std[0] == 0 and zero.group_mean[0] == 3
+    assert not bool(zero.zero_variance_mask[0])  # singletons are not "zero variance" groups
+    verl = rlkern.group_advantages(scores, group_ids=ids, singleton="verl", backend=backend)
+    torch.testing.assert_close(verl.advantages[0], torch.tensor(3.0 / (1 + 1e-6)))
+    torch.testing.assert_close(verl.advantages[1:], zero.advantages[1:])
+    rloo = rlkern.group_advantages(scores, group_ids=ids, estimator="rloo", singleton="verl",
+                                   backend=backend)
+    assert rloo.advantages[0] == 3.0  # verl leaves a singleton's RLOO score as is
+    with pytest.raises(ValueError, match="grpo_passk"):
+        rlkern.group_advantages(scores, group_ids=ids, estimator="grpo_passk", singleton="verl",
+                                backend=backend)
+    passk = rlkern.group_advantages(scores, group_ids=ids, estimator="grpo_passk",
+                                    backend=backend)
+    assert passk.advantages[0] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "opo", "gpg", "grpo_passk",
+                                       "unlikely", "xrpo"])
+def test_zero_variance_groups_are_exactly_zero(backend, estimator):
+    gen = torch.Generator().manual_seed(8)
+    layout = make_layout("shuffled", gen)
+    scores = make_scores(layout["n"], "constant_groups", gen, layout).float()
+    if estimator == "unlikely":
+        scores = torch.zeros_like(scores)  # r' = r (1 − λ rank) is constant only for r = 0
+    extra = estimator_inputs(estimator, layout["n"], gen)
+    out = rlkern.group_advantages(scores, estimator=estimator, backend=backend,
+                                  **_layout_args(layout), **extra)
+    assert bool(out.zero_variance_mask.all())
+    assert torch.all(out.advantages == 0)
+    assert torch.all(out.group_std == 0)
+    assert torch.equal(out.group_mean, scores)  # the mean of equal scores is that score
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "opo", "ngrpo", "gpg", "xrpo"])
+def test_row_order_independence(estimator):
+    """Permuting the rows permutes the outputs, up to float32 rounding (double accumulation)."""
+    gen = torch.Generator().manual_seed(9)
+    layout = make_layout("uneven", gen, n_groups=40)
+    scores = (torch.randn(layout["n"], generator=gen) * 100 + 1e4).float()
+    extra = estimator_inputs(estimator, layout["n"], gen)
+    out = rlkern.group_advantages(scores, estimator=estimator, **_layout_args(layout), **extra)
+    perm = torch.randperm(layout["n"], generator=gen)
+    permuted = {k: (v[perm] if isinstance(v, torch.Tensor) else v) for k, v in extra.items()}
+    out_p = rlkern.group_advantages(scores[perm], estimator=estimator,
+                                    group_ids=layout["group_ids"][perm], **permuted)
+    for a, b in zip(out, out_p, strict=True):
+        a = a[perm]
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:  # one float32 ulp
+            torch.testing.assert_close(b, a, rtol=1.2e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_passk_top_row_and_gap(backend):
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.9, 1.0, 0.0, 0.3])
+    ids = torch.tensor([1, 1, 1, 2, 2, 2, 2])
+    out = rlkern.group_advantages(scores, group_ids=ids, estimator="grpo_passk", std="none",
+                                  backend=backend)
+    expected = torch.tensor([0.0, 0.4, 0.0, 0.0, 0.1, 0.0, 0.0])
+    torch.testing.assert_close(out.advantages, expected, atol=1e-6, rtol=0)
+    tie = rlkern.group_advantages(torch.tensor([1.0, 1.0, 0.0]), group_size=3,
+                                  estimator="grpo_passk", backend=backend)
+    assert torch.all(tie.advantages == 0)  # a tie at the top: s_max − s_second = 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unlikely_ranks_least_likely_first(backend):
+    scores = torch.ones(4)
+    old = torch.tensor([[-0.1], [-3.0], [-1.0], [-1.0]])  # ranks 3, 0, 1, 2 (tie by row)
+    out = rlkern.group_advantages(scores, group_size=4, estimator="unlikely", old_logprobs=old,
+                                  mask=torch.ones(4, 1), std="none", backend=backend)
+    r = 1 - 0.25 * torch.tensor([3.0, 0.0, 1.0, 2.0]) / 4
+    torch.testing.assert_close(out.advantages[:, 0], r - r.mean())
+
+
+@pytest.mark.parametrize("ids", [[-(2**63), 2**63 - 1, -(2**63)], [5, 5, 2**40], [0, 1, 0]])
+def test_id_extremes(ids):
+    """Ids at the int64 extremes (the dense-range check must not overflow) and ids that are
+    dense or not give the same grouping."""
+    ids = torch.tensor(ids)
+    scores = torch.tensor([1.0, 2.0, 4.0])
+    check_against_reference(scores, backend="cpu", estimator="grpo", group_ids=ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    out = rlkern.group_advantages(torch.zeros(0), group_ids=torch.zeros(0, dtype=torch.long),
+                                  backend=backend)
+    assert all(t.shape == (0,) for t in out)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "either group_ids"),
+        ({"group_size": 4, "group_ids": torch.zeros(8, dtype=torch.long)}, ValueError, "not both"),
+        ({"group_size": 3}, ValueError, "divisor"),
+        ({"group_size": 0}, ValueError, "divisor"),
+        ({"group_size": 2.0}, TypeError, "int"),
+        ({"group_ids": torch.zeros(8)}, TypeError, "int64"),
+        ({"group_ids": torch.zeros(7, dtype=torch.long)}, ValueError, r"shape \(N,\)"),
+        ({"group_ids": torch.zeros(8, 1, dtype=torch.long)}, ValueError, r"shape \(N,\)"),
+        ({"group_ids": [0] * 8}, TypeError, "torch.Tensor"),
+        ({"group_size": 4, "estimator": "ppo"}, ValueError, "estimator"),
+        ({"group_size": 4, "estimator": "opo"}, ValueError, "lengths"),
+        ({"group_size": 4, "lengths": torch.ones(8)}, ValueError, "only applies to"),
+        ({"group_size": 4, "estimator": "unlikely"}, ValueError, "old_logprobs"),
+        ({"group_size": 4, "estimator": "xrpo", "old_logprobs": torch.zeros(8, 2),
+          "mask": torch.ones(8, 2)}, ValueError, "lam"),
+        ({"group_size": 4, "estimator": "rloo", "std_scope": "batch"}, ValueError, "batch"),
+        ({"group_size": 4, "std": "population"}, ValueError, "std"),
+        ({"group_size": 4, "singleton": "drop"}, ValueError, "singleton"),
+        ({"group_size": 4, "nan_policy": "ignore"}, ValueError, "nan_policy"),
+        ({"group_size": 4, "eps": -1.0}, ValueError, "eps"),
+        ({"group_size": 4, "kappa": 0.1}, ValueError, "kappa"),
+        ({"group_size": 4, "mask": torch.ones(7, 3)}, ValueError, "mask"),
+        ({"group_size": 4, "backend": "mps"}, ValueError, "backend"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        rlkern.group_advantages(torch.rand(8), **kwargs)
+
+
+def test_bad_scores():
+    with pytest.raises(TypeError, match="scores"):
+        rlkern.group_advantages(torch.ones(8, dtype=torch.long), group_size=4)
+    with pytest.raises(TypeError, match="scores"):
+        rlkern.group_advantages([1.0, 2.0], group_size=1)
+    with pytest.raises(ValueError, match="mask"):
+        rlkern.group_advantages(torch.rand(8, 3), group_size=4)
+    with pytest.raises(ValueError, match="shape"):
+        rlkern.group_advantages(torch.rand(2, 2, 2), group_size=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("layout", [{"group_size": 4}, {"group_ids": torch.arange(8) % 3}])
+def test_nan_raise_names_the_row(backend, bad, layout):
+    scores = torch.rand(8)
+    scores[5] = bad
+    with pytest.raises(ValueError, match="row 5"):
+        rlkern.group_advantages(scores, backend=backend, **layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_lengths_rejected(backend):
+    with pytest.raises(ValueError, match="lengths"):
+        rlkern.group_advantages(torch.rand(4), group_size=2, estimator="opo",
+                                lengths=torch.tensor([1, -2, 3, 4]), backend=backend)

@@ -1,0 +1,182 @@
+"""The CUDA policy-loss kernels (csrc/cuda/policy_loss.cu), executed on the CPU by the CUDA
+emulator of tests/cuda_emu, against the float64 statement of the same per-row statistics and
+per-token derivatives (the op layer's torch backend on the fp32 inputs upcast).
+
+The launchers ``rlkern_policy_loss_fwd_cuda`` / ``rlkern_policy_loss_bwd_cuda`` /
+``rlkern_kl_penalty_cuda`` are called through ctypes on CPU tensors, as csrc/cuda_ops.cpp
+calls them on CUDA tensors. Outputs live inside guard bands that must stay untouched.
+Skipped, with the reason, when no host C++ compiler is found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from cuda_emu import CudaEmuError, EmulatedLibrary, build_library, find_compiler
+from policy_loss_cases import CASES, call_kwargs, make_inputs
+from rlkern.ops import policy_loss as P
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc" / "cuda" / "policy_loss.cu"
+c_p, c_i64, c_i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+
+
+class Inputs(ctypes.Structure):
+    """RlkernPolicyLossInputs of rlkern/cuda_launchers.h."""
+
+    _fields_ = [("B", c_i64), ("T", c_i64), ("logp", c_p), ("stride_logp", c_i64),
+                ("old", c_p), ("stride_old", c_i64), ("adv", c_p), ("stride_adv", c_i64),
+                ("adv_per_token", c_i32), ("mask", c_p), ("stride_mask", c_i64),
+                ("ref", c_p), ("stride_ref", c_i64), ("rollout", c_p),
+                ("stride_rollout", c_i64), ("entropy", c_p), ("stride_entropy", c_i64),
+                ("token_weights", c_p), ("stride_token_weights", c_i64),
+                ("entropy_threshold", c_p)]
+
+
+@cache
+def _library() -> EmulatedLibrary:
+    path = build_library([SOURCE], include_dirs=[ROOT / "csrc" / "include"])
+    lib = EmulatedLibrary(path)
+    f = lib.lib
+    f.rlkern_policy_loss_fwd_cuda.argtypes = [ctypes.POINTER(Inputs), c_p, c_p, c_p, c_p]
+    f.rlkern_policy_loss_bwd_cuda.argtypes = [ctypes.POINTER(Inputs), c_p, c_p, c_p, c_p, c_p,
+                                              c_p, c_p]
+    f.rlkern_kl_penalty_cuda.argtypes = [c_p, c_p, c_p, c_p, c_i64, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_double, ctypes.c_double, c_p]
+    return lib
+
+
+@pytest.fixture(scope="module")
+def emu() -> EmulatedLibrary:
+    if find_compiler() is None:
+        pytest.skip("no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA "
+                    "kernels cannot be executed by the CPU emulator")
+    try:
+        return _library()
+    except CudaEmuError as e:  # a compile error is a failure, not a reason to skip
+        pytest.fail(f"building policy_loss.cu for the CUDA emulator failed:\n{e}", pytrace=False)
+
+
+def _guarded(shape, dtype):
+    pad, n = 16, int(torch.tensor(shape).prod())
+    buf = torch.full((n + 2 * pad,), 12345.0, dtype=dtype)
+    return buf, buf[pad:pad + n].view(shape)
+
+
+def _untouched(buf) -> bool:
+    return bool(torch.all(buf[:16] == 12345.0) and torch.all(buf[-16:] == 12345.0))
+
+
+def _inputs_struct(p) -> tuple[Inputs, list]:
+    keep = []
+    ptr = lambda t: None if t is None else t.data_ptr()
+    stride = lambda t: 0 if t is None else t.stride(0)
+    s = Inputs(p.mask.shape[0], p.mask.shape[1], ptr(p.lp), stride(p.lp), ptr(p.old),
+               stride(p.old), ptr(p.adv), p.adv.stride(0) if p.adv.dim() == 2 else 0,
+               int(p.adv.dim() == 2), ptr(p.mask), stride(p.mask), ptr(p.ref), stride(p.ref),
+               ptr(p.rollout), stride(p.rollout), ptr(p.ent), stride(p.ent), ptr(p.tw),
+               stride(p.tw), ptr(p.thr))
+    keep += [p]
+    return s, keep
+
+
+def _prepare(name, B, T, seed):
+    case = CASES[name]
+    inp = make_inputs(B, T, torch.float32, seed=seed)
+    args, kw = call_kwargs(case, inp)
+    return P._prepare(*args, case.config, kw.get("ref_logprobs"), kw.get("rollout_logprobs"),
+                      kw.get("entropy"), kw.get("token_weights"), None, "cpu", {})
+
+
+def _upcast(p):
+    d = lambda t: None if t is None else t.double()
+    return (d(p.lp), d(p.old), d(p.adv), p.mask, d(p.ref), d(p.rollout), d(p.ent), d(p.tw),
+            d(p.thr))
+
+
+NAMES = ["ppo", "ppo-clip-higher-dual", "ppo-delta", "ppo-adv-per-token", "gspo", "ppo-seq-trl",
+         "cispo-verl", "cispo-trl", "sapo", "sapo-seq", "gmpo", "gmpo-adv-per-token-rollout",
+         "reinforce", "gvpo", "kl-k3", "kl-abs+", "kl-bias-seq-full", "kl-bias-gspo",
+         "entropy-mask", "rollout-token_mask", "rollout-sequence_truncate", "token-weights",
+         "all-addons", "trl-preset", "verl-preset"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("B,T", [(6, 45), (3, 1), (12, 7)])
+def test_forward_and_backward(emu, name, B, T):
+    p = _prepare(name, B, T, seed=B * T)
+    if P.LOSS_KINDS["gvpo"] == p.flags[0] and B % p.cfg.group_size:
+        pytest.skip("gvpo needs whole groups")
+    s, keep = _inputs_struct(p)
+    flags = torch.tensor(p.flags, dtype=torch.int32)
+    hp = torch.tensor(p.hparams, dtype=torch.float64)
+    buf, stats = _guarded((20, B), torch.float64)
+    rc = emu.lib.rlkern_policy_loss_fwd_cuda(ctypes.byref(s), flags.data_ptr(), hp.data_ptr(),
+                                             stats.data_ptr(), None)
+    assert rc == 0, emu.last_error()
+    assert _untouched(buf), "row_stats: written outside"
+    up = _upcast(p)
+    expected = P._row_stats_torch(*up, p.flags, p.hparams)
+    # fp32 kernel vs the float64 statement: relative 1e-5 of each statistic's scale
+    scale = expected.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(stats))
+    err = ((stats - expected).abs() / scale)[finite]
+    assert float(err.max()) < 2e-5, (name, (stats - expected)[finite].abs().max())
+
+    grad_rows = torch.randn(4, B, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gbuf, grad = _guarded((B, T), torch.float32)
+    ebuf, grad_ent = _guarded((B, T), torch.float32)
+    rc = emu.lib.rlkern_policy_loss_bwd_cuda(
+        ctypes.byref(s), flags.data_ptr(), hp.data_ptr(), stats.data_ptr(),
+        grad_rows.data_ptr(), grad.data_ptr(), grad_ent.data_ptr() if p.ent is not None else None,
+        None)
+    assert rc == 0, emu.last_error()
+    assert _untouched(gbuf)
+    g_ref, ge_ref = P._grads_torch(*up, grad_rows, p.flags, p.hparams)
+    gs = float(g_ref.abs().max()) if g_ref.numel() else 1.0
+    torch.testing.assert_close(grad.double(), g_ref, rtol=2e-5, atol=2e-5 * max(gs, 1e-3))
+    if p.ent is not None:
+        assert _untouched(ebuf)
+        torch.testing.assert_close(grad_ent.double(), ge_ref)
+    del keep
+
+
+def test_kl_penalty(emu):
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(1000, generator=g) * 4
+    ref = lp + torch.randn(1000, generator=g) * 3
+    grad = torch.randn(1000, generator=g)
+    for kind in (1, 2, 3, 4):
+        for st in (0, 1):
+            for clamps in ((20.0, 10.0), (float("inf"), float("inf"))):
+                for with_grad in (False, True):
+                    buf, out = _guarded((1000,), torch.float32)
+                    rc = emu.lib.rlkern_kl_penalty_cuda(
+                        lp.data_ptr(), ref.data_ptr(), grad.data_ptr() if with_grad else None,
+                        out.data_ptr(), 1000, kind, st, *clamps, None)
+                    assert rc == 0 and _untouched(buf)
+                    want = (grad.double() * P._kl_grad_torch(lp.double(), ref.double(), kind,
+                                                            bool(st), *clamps)
+                            if with_grad else
+                            P._kl_torch(lp.double(), ref.double(), kind, bool(st), *clamps))
+                    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=1e-6)
+
+
+def test_invalid_arguments(emu):
+    p = _prepare("ppo", 2, 3, seed=0)
+    s, keep = _inputs_struct(p)
+    hp = torch.tensor(p.hparams, dtype=torch.float64)
+    stats = torch.empty(20, 2, dtype=torch.float64)
+    bad = torch.tensor([9, 0, 0, 0, 0, 0, 0], dtype=torch.int32)
+    assert emu.lib.rlkern_policy_loss_fwd_cuda(ctypes.byref(s), bad.data_ptr(), hp.data_ptr(),
+                                               stats.data_ptr(), None) == -2
+    flags = torch.tensor([0, 0, 3, 0, 0, 0, 0], dtype=torch.int32)  # KL without a reference
+    assert emu.lib.rlkern_policy_loss_fwd_cuda(ctypes.byref(s), flags.data_ptr(),
+                                               hp.data_ptr(), stats.data_ptr(), None) == -3
+    del keep
