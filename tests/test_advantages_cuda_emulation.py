@@ -95,7 +95,7 @@ class EmulatedKernels:
 def kernels() -> EmulatedKernels:
     lib = _library()
     if isinstance(lib, str):
-        pytest.skip(lib)
+        pytest.skip(reason=lib)
     return EmulatedKernels(lib)
 
 

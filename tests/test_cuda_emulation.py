@@ -75,7 +75,7 @@ def _builds() -> dict[str, Future]:
 def _load(name: str) -> EmulatedLibrary:
     if find_compiler() is None:
         pytest.skip(
-            "no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA kernels "
+            reason="no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA kernels "
             "cannot be executed by the CPU emulator"
         )
     try:
