@@ -20,10 +20,10 @@ ROW_KEYS = {"file", "kernel", "arch", "registers", "spill_stores", "spill_loads"
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
     if not nvcc.nvcc_available():
-        pytest.skip(
-            reason="nvcc not found: set CUDA_HOME or RLKERN_NVCC, or put nvcc on PATH, to compile "
+        pytest.skip(reason=(
+            "nvcc not found: set CUDA_HOME or RLKERN_NVCC, or put nvcc on PATH, to compile "
             "the CUDA kernels ahead of time"
-        )
+        ))
     return nvcc.compile_cuda_sources(archs=ARCHS)
 
 

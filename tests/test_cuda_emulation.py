@@ -74,10 +74,10 @@ def _builds() -> dict[str, Future]:
 
 def _load(name: str) -> EmulatedLibrary:
     if find_compiler() is None:
-        pytest.skip(
-            reason="no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA kernels "
+        pytest.skip(reason=(
+            "no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA kernels "
             "cannot be executed by the CPU emulator"
-        )
+        ))
     try:
         return EmulatedLibrary(_builds()[name].result())
     except CudaEmuError as e:  # a compile error is a failure, not a reason to skip
