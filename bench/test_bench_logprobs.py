@@ -1,66 +1,10 @@
-"""pytest-benchmark suite over the ``logprobs`` case of :mod:`rlkern.bench` (its first quick size).
+"""pytest-benchmark suite over the ``logprobs`` case (see bench/suite.py).
 
-Run with ``pytest bench/ --benchmark-only``. The implementations, inputs and agreement rule
-are the case's own, so these numbers and ``rlkern bench`` measure the same calls. Each
-implementation is checked against rlkern before it is timed, as in ``rlkern bench``.
+Run with ``pytest bench/ --benchmark-only``.
 """
 
-from __future__ import annotations
-
-import re
-
-import pytest
 import torch
 
-from rlkern.bench import allocator
-from rlkern.bench.cases import FLOOR, RLKERN, CaseOptions, Impl, Outputs, get_case
-from rlkern.bench.check import compare
+from suite import make_suite
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASE = get_case("logprobs", CaseOptions(device=DEVICE))
-SIZE = CASE.quick_sizes[0]
-DTYPE = torch.bfloat16
-ROUNDS = 5
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9+.]+", "_", text).strip("_")
-
-
-PARAMS = [
-    pytest.param(mode, impl, id=f"{mode}-{_slug(impl.name)}")
-    for mode in CASE.modes
-    for impl in CASE.implementations(mode)
-]
-
-
-@pytest.fixture(scope="module")
-def inputs() -> object:
-    allocator.for_timing()  # the allocator settings `rlkern bench` times with
-    return CASE.make_inputs(SIZE, DTYPE, DEVICE)
-
-
-@pytest.fixture(scope="module")
-def references(inputs: object) -> dict[str, Outputs]:
-    """rlkern's outputs per mode: what every other implementation must agree with."""
-    return {
-        mode: next(i for i in CASE.implementations(mode) if i.role == RLKERN).fn(inputs)
-        for mode in CASE.modes
-    }
-
-
-@pytest.mark.parametrize(("mode", "impl"), PARAMS)
-def test_logprobs(benchmark, inputs: object, references: dict[str, Outputs], mode: str,
-                  impl: Impl) -> None:
-    if impl.skip:
-        pytest.skip(impl.skip)
-    out = impl.fn(inputs)  # also the first (warm-up) call: compilation happens here
-    if impl.role not in (FLOOR, RLKERN):
-        check = compare(out, references[mode], CASE.tolerances)
-        assert check.ok, f"{impl.name} disagrees with rlkern: {check.message}"
-        benchmark.extra_info["check"] = check.message
-    del out
-    benchmark.group = f"logprobs {mode} {SIZE.label()} {str(DTYPE).removeprefix('torch.')}"
-    benchmark.extra_info.update(size=dict(SIZE.dims), role=impl.role, note=impl.note)
-    benchmark.pedantic(impl.fn, args=(inputs,), rounds=ROUNDS, iterations=1,
-                       warmup_rounds=max(0, impl.warmup - 1))
+inputs, references, test_logprobs = make_suite("logprobs", torch.bfloat16)
