@@ -1036,12 +1036,16 @@ def policy_loss_chunk(
     row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
         p.lp, p.old, p.adv, p.mask, p.ref, p.rollout, p.ent, p.tw, p.thr, p.flags, p.hparams,
         p.backend)
-    with torch.enable_grad():
-        leaf = row_sums.detach().requires_grad_()
-        loss, _ = _aggregate(leaf, row_stats, cfg, p.mask.shape[1], p.adv, nt, ns,
+
+    def total(sums: Tensor) -> tuple[Tensor, Tensor]:
+        loss, _ = _aggregate(sums, row_stats, cfg, p.mask.shape[1], p.adv, nt, ns,
                              with_entropy=p.ent is not None, seq_lens=seq_lens)
-        (g,) = torch.autograd.grad(loss * grad_scale, leaf, allow_unused=True)
-    grad_rows = (torch.zeros_like(leaf) if g is None else g).contiguous()
+        return loss * grad_scale, loss
+
+    # torch.func rather than autograd.grad: fused callers run this inside a registered op,
+    # where the autograd dispatch keys are switched off.
+    g, loss = torch.func.grad(total, has_aux=True)(row_sums.detach())
+    grad_rows = g.contiguous()
     want_ent = p.ent is not None and cfg.entropy_coef != 0.0
     grad_lp, grad_ent = torch.ops.rlkern.policy_loss_bwd(
         p.lp, p.old, p.adv, p.mask, p.ref, p.rollout, p.ent, p.tw, p.thr, row_stats, grad_rows,

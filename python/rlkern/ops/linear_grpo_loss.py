@@ -1,0 +1,443 @@
+"""The end-to-end fused GRPO loss: hidden states and LM head in, loss and gradients out, in one
+chunked pass that never holds the ``(N, V)`` logits.
+
+``linear_grpo_loss(h, W, y, mask, A)`` equals ``policy_loss(linear_logprobs(h, W, y), old, A,
+mask)`` (ALGORITHMS.md §1 fused linear form, §3 losses) but needs three matmuls instead of
+five: per chunk of rows, :func:`rlkern.ops.linear_logprobs.run_fused` forms the full logits rows
+(one matmul) and their log-probabilities, :func:`rlkern.ops.policy_loss.policy_loss_chunk` turns
+them into ``∂loss/∂logp`` right there, the epilogue makes that ``∂loss/∂logits`` in place, and
+two matmuls give the chunk's ``∂h`` and its share of ``∂W``. The gradients are kept for the
+backward, which only scales them by the upstream gradient (1 for a loss that is backpropagated
+directly, in which case it costs nothing).
+
+Registered ops: ``rlkern::linear_grpo_loss_fwd`` (loss, metrics and the saved gradients) and
+``rlkern::scale_grads_`` (the backward); the config travels as JSON text so that the op is
+opaque to ``torch.compile`` (no graph break).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlkern.ops.linear_logprobs import (
+    LinearTiling,
+    _check_backend,
+    _check_linear_inputs,
+    _global_vocab,
+    _group,
+    _resolve_backend,
+    run_fused,
+)
+from rlkern.ops.logprobs import _validate_labels
+from rlkern.ops.policy_loss import PolicyLossOutput, finish_metrics, policy_loss_chunk
+from rlkern.ops.policy_loss_config import PolicyLossConfig
+
+__all__ = ["LinearGRPOLoss", "linear_grpo_loss"]
+
+_SEQ_LEVEL_LOSSES = ("gspo", "gmpo", "gvpo")
+
+
+def _metric_names(with_kl: bool, with_entropy: bool, with_rollout: bool) -> list[str]:
+    """The metric keys, in the order the op returns their values (finish_metrics' order)."""
+    empty = torch.zeros(20, 0)
+    return list(finish_metrics(empty, with_kl=with_kl, with_entropy=with_entropy,
+                               with_rollout=with_rollout))
+
+
+def _needs_whole_rows(cfg: PolicyLossConfig, has_rollout: bool) -> bool:
+    """Losses with a per-sequence reduction cannot see a sequence split across chunks."""
+    sequence_rollout = has_rollout and (cfg.rollout_correction or "").startswith("sequence")
+    return (cfg.policy_loss in _SEQ_LEVEL_LOSSES or cfg.importance_sampling_level == "sequence"
+            or sequence_rollout)
+
+
+def _chunk_rows(cfg: PolicyLossConfig, T: int, vocab: int, chunk_size: int | None,
+                whole_rows: bool) -> int:
+    """Rows of hidden per fused chunk: whole sequences (whole groups for gvpo) when they fit in
+    the default chunk or the loss needs them; otherwise pieces of sequences."""
+    rows = LinearTiling.fused_rows(vocab, chunk_size)
+    unit = T * (cfg.group_size if cfg.policy_loss == "gvpo" else 1)
+    if rows >= unit or whole_rows:
+        return max(1, rows // unit) * unit
+    return rows
+
+
+class _Batch:
+    """The ``(B, T)`` inputs of the loss, and how to cut a flat row slice into (row, column)
+    pieces that :func:`policy_loss_chunk` accepts."""
+
+    def __init__(self, mask: Tensor, advantages: Tensor, old: Tensor | None, ref: Tensor | None,
+                 rollout: Tensor | None, token_weights: Tensor | None) -> None:
+        self.mask, self.adv, self.old, self.ref = mask, advantages, old, ref
+        self.rollout, self.tw = rollout, token_weights
+        self.B, self.T = mask.shape
+        self.lens = mask.sum(1, dtype=torch.float64)
+
+    def pieces(self, sl: slice) -> list[tuple[slice, slice, int]]:
+        """``(rows, cols, offset)``: consecutive rectangles covering flat positions ``sl``;
+        ``offset`` is the first one's position within ``sl``."""
+        T, out, pos = self.T, [], sl.start
+        while pos < sl.stop:
+            r, c = divmod(pos, T)
+            if c == 0 and sl.stop - pos >= T:
+                n_rows = (sl.stop - pos) // T
+                out.append((slice(r, r + n_rows), slice(0, T), pos - sl.start))
+                pos += n_rows * T
+            else:
+                c1 = min(T, c + sl.stop - pos)
+                out.append((slice(r, r + 1), slice(c, c1), pos - sl.start))
+                pos += c1 - c
+        return out
+
+    def cut(self, t: Tensor | None, rows: slice, cols: slice) -> Tensor | None:
+        if t is None:
+            return None
+        return t[rows] if t.dim() == 1 else t[rows, cols]
+
+
+def _loss_fn(batch: _Batch, cfg: PolicyLossConfig, num_tokens: Tensor, num_seqs: Tensor,
+             want_entropy: bool, backend: str):
+    """The ``grad_fn`` of :func:`run_fused` and the running totals it fills in."""
+    losses: list[Tensor] = []
+    stats: list[Tensor] = []
+
+    def grad_fn(lp: Tensor, ent: Tensor | None, sl: slice):
+        g_lp = torch.zeros_like(lp)
+        g_ent = torch.zeros_like(lp) if want_entropy else None
+        for rows, cols, off in batch.pieces(sl):
+            b, w = rows.stop - rows.start, cols.stop - cols.start
+            n = b * w
+            lp_piece = lp[off:off + n].view(b, w)
+            old = batch.cut(batch.old, rows, cols)
+            out = policy_loss_chunk(
+                lp_piece, lp_piece if old is None else old, batch.cut(batch.adv, rows, cols),
+                batch.mask[rows, cols], config=cfg, num_tokens=num_tokens, num_seqs=num_seqs,
+                seq_lens=batch.lens[rows], ref_logprobs=batch.cut(batch.ref, rows, cols),
+                rollout_logprobs=batch.cut(batch.rollout, rows, cols),
+                entropy=None if ent is None else ent[off:off + n].view(b, w),
+                token_weights=batch.cut(batch.tw, rows, cols), backend=backend)
+            losses.append(out.loss)
+            stats.append(out.row_stats)
+            g_lp[off:off + n] = out.grad_logprobs.reshape(-1)
+            if g_ent is not None and out.grad_entropy is not None:
+                g_ent[off:off + n] = out.grad_entropy.reshape(-1)
+        return g_lp, g_ent
+
+    return grad_fn, losses, stats
+
+
+@torch.library.custom_op("rlkern::linear_grpo_loss_fwd", mutates_args=())
+def linear_grpo_loss_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    mask: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor | None,
+    ref_logprobs: Tensor | None,
+    rollout_logprobs: Tensor | None,
+    token_weights: Tensor | None,
+    num_tokens: Tensor,
+    num_seqs: Tensor,
+    config_json: str,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    chunk_size: int,
+    group_name: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, metric values, ∂h, ∂W, ∂b)``; see :func:`linear_grpo_loss`."""
+    cfg = PolicyLossConfig(**json.loads(config_json))
+    group = _group(group_name)
+    _check_backend(backend, group)
+    labels = labels.to(torch.int64).contiguous()
+    _validate_labels(labels, _global_vocab(weight, group), ignore_index)
+    batch = _Batch(mask, advantages, old_logprobs, ref_logprobs, rollout_logprobs,
+                   token_weights)
+    # The per-chunk loss runs on the chunk's device: the "cpu"/"torch" choice carries over,
+    # Triton GEMMs (CUDA or the interpreter) pair with the device's default loss kernels.
+    loss_backend = backend if backend in ("cpu", "torch") else "auto"
+    grad_fn, losses, stats = _loss_fn(batch, cfg, num_tokens, num_seqs, with_entropy,
+                                      loss_backend)
+    _, gh, gw, gb = run_fused(hidden, weight, labels, bias, temperature, ignore_index,
+                              with_entropy, chunk_size, grad_fn, group, backend)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = torch.stack(losses).sum().to(acc) if losses else torch.zeros((), dtype=acc)
+    row_stats = torch.cat(stats, 1) if stats else torch.zeros(20, 0, dtype=acc)
+    metrics = finish_metrics(row_stats, with_kl=ref_logprobs is not None,
+                             with_entropy=with_entropy,
+                             with_rollout=rollout_logprobs is not None, dtype=acc)
+    values = torch.stack(list(metrics.values())) if metrics else torch.zeros(0, dtype=acc)
+    return loss, values, gh, gw, gb if gb is not None else hidden.new_empty((0,))
+
+
+@linear_grpo_loss_fwd.register_fake
+def _(hidden, weight, labels, bias, mask, advantages, old_logprobs, ref_logprobs,
+      rollout_logprobs, token_weights, num_tokens, num_seqs, config_json, temperature,
+      ignore_index, with_entropy, chunk_size, group_name, backend):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    k = len(_metric_names(ref_logprobs is not None, with_entropy, rollout_logprobs is not None))
+    gb = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((k,), dtype=acc),
+            torch.empty_like(hidden), torch.empty_like(weight), gb)
+
+
+@torch.library.custom_op("rlkern::scale_grads_", mutates_args=("grad_hidden", "grad_weight",
+                                                               "grad_bias"))
+def scale_grads_(grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor,
+                 grad_loss: Tensor) -> None:
+    """Multiplies the saved gradients by the upstream scalar, in place, skipping the common
+    case of 1 (a loss backpropagated directly): that multiply would be a full pass over ∂W."""
+    g = float(grad_loss)
+    if g != 1.0:
+        for t in (grad_hidden, grad_weight, grad_bias):
+            t.mul_(g)
+
+
+@scale_grads_.register_fake
+def _(grad_hidden, grad_weight, grad_bias, grad_loss):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, gh, gw, gb = output
+    ctx.save_for_backward(gh, gw, gb)
+    ctx.has_bias = inputs[3] is not None
+    ctx.used = False
+
+
+def _backward(ctx, grad_loss, grad_metrics, grad_gh, grad_gw, grad_gb):
+    if ctx.used:
+        raise RuntimeError("linear_grpo_loss: its backward scales the gradients computed in "
+                           "the forward in place and can run only once per forward")
+    ctx.used = True
+    gh, gw, gb = ctx.saved_tensors
+    scale_grads_(gh, gw, gb, grad_loss)
+    return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 15
+
+
+torch.library.register_autograd("rlkern::linear_grpo_loss_fwd", _backward,
+                                setup_context=_setup_context)
+
+
+def _float_rows(t: Tensor | None, name: str, B: int, T: int, acc: torch.dtype,
+                allow_row: bool = False) -> Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (t.dtype.is_floating_point or (allow_row and t.dtype in (torch.int32, torch.int64))):
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    shapes = [(B, T)] + ([(B,), (B, 1)] if allow_row else [])
+    if tuple(t.shape) not in shapes:
+        want = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    t = t.detach().to(acc)
+    return (t if tuple(t.shape) == (B, T) else t.reshape(B)).contiguous()
+
+
+def _count(value: float | Tensor | None, default: Tensor, name: str) -> Tensor:
+    if value is None:
+        return default
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape "
+                             f"{tuple(value.shape)}")
+        return value.detach().reshape(()).to(torch.float64)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0 or a tensor, got {value!r}")
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    *,
+    bias: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    config: PolicyLossConfig | None = None,
+    temperature: float = 1.0,
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    backend: str = "auto",
+    **overrides: Any,
+) -> PolicyLossOutput:
+    r"""The policy loss of :func:`rlkern.policy_loss` computed straight from hidden states.
+
+    Same value, gradients and metrics as::
+
+        logp = rlkern.linear_logprobs(hidden, weight, labels, bias=bias,
+                                      temperature=temperature, return_entropy=...)
+        rlkern.policy_loss(logp.logprobs, old_logprobs, advantages, mask, config=config, ...)
+
+    (``old_logprobs=None``: on-policy, ``old = sg[logp]``, ratio 1), but in one chunked pass:
+    each chunk of rows forms its full logits rows (``x = h Wᵀ + b``, divided by the
+    temperature), reduces them to ``logp`` (and the entropy ``H`` when the config has an entropy
+    bonus), applies the loss's per-token derivative in the epilogue
+    (``∂ℓ/∂x = g_lp·(onehot(y) − p)/τ − g_H·p·(log p + H)/τ``) and accumulates
+    ``∂h = (∂ℓ/∂x) W`` and ``∂W += (∂ℓ/∂x)ᵀ h``: three matmuls (``6·N·H·V`` FLOPs), no
+    ``(N, V)`` tensor, peak extra memory one chunk of logits (about 2^28 values by default).
+    The backward multiplies the stored gradients by the upstream gradient. The token ↔ row
+    layout: flat row ``i·T + t`` of ``hidden`` is token ``t`` of response ``i``.
+
+    Chunks hold whole responses when they fit (or when the loss needs per-response sums:
+    gspo, gmpo, gvpo, ``importance_sampling_level="sequence"``, sequence rollout
+    correction — then a chunk is at least one response, or one group for gvpo); for
+    token-level losses longer responses are split across chunks exactly.
+
+    Args:
+        hidden: ``(B, T, H)`` or ``(B·T, H)`` bf16 / fp16 / fp32 / fp64 last hidden states of
+            the response tokens (the position that predicts each label).
+        weight: ``(V, H)`` LM head, same dtype (with ``process_group``: this rank's shard).
+        labels: ``(B, T)`` int32 / int64 token ids (``ignore_index`` allowed where masked).
+        mask: ``(B, T)`` bool / int / float, nonzero = valid response token.
+        advantages: ``(B,)`` or ``(B, T)``.
+        bias: optional ``(V,)`` LM-head bias.
+        old_logprobs / ref_logprobs / rollout_logprobs / token_weights: optional ``(B, T)``
+            float inputs of :func:`rlkern.policy_loss` (not differentiated).
+        config: a :class:`rlkern.PolicyLossConfig` (default ``PolicyLossConfig()``);
+            ``**overrides`` replace its fields.
+        temperature: logits are divided by it before the softmax.
+        num_tokens / num_seqs: global normalisers (token-mean / the sequence-mean modes);
+            default: this batch's valid tokens / its responses (all rows with
+            ``count_empty_seqs`` or for gmpo / gvpo, else the rows with a valid token).
+        ignore_index: label of rows that are skipped entirely (their ``logp`` is 0).
+        chunk_size: rows per chunk (default: about 2^28 logits).
+        process_group: vocabulary-parallel group, as in :func:`rlkern.linear_logprobs`.
+        backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"`` (logits materialised: the
+            reference), as in :func:`rlkern.linear_logprobs_with_grad`.
+
+    Returns:
+        :class:`rlkern.PolicyLossOutput` ``(loss, metrics)``: ``loss`` a 0-dim float32 tensor
+        (float64 for float64 inputs) differentiable wrt ``hidden``, ``weight`` and ``bias``;
+        ``metrics`` the 0-dim tensors of :func:`rlkern.policy_loss` that do not need the loss
+        parts (``clipfrac``, ``clipfrac_low``/``_high``, ``dualclip_frac``, ``approx_kl``,
+        ``ratio_mean``/``_min``/``_max``, plus ``kl``, ``entropy_mean``,
+        ``rollout_weight_mean`` when those terms are present).
+
+    Not supported: ``top_entropy_quantile < 1`` (its threshold is a quantile over every
+    token's entropy, unknown until the pass ends: compute the entropies with
+    :func:`rlkern.linear_logprobs` under ``torch.no_grad()`` and use :func:`rlkern.policy_loss`)
+    and an entropy bonus normalised by local counts together with an explicit ``num_tokens``.
+
+    Example::
+
+        >>> out = rlkern.linear_grpo_loss(h, model.lm_head.weight, ids, mask, adv,
+        ...                               old_logprobs=old, config=rlkern.PolicyLossConfig.trl())
+        >>> out.loss.backward()
+    """
+    if config is None:
+        config = PolicyLossConfig()
+    elif not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    cfg = config.replace(**overrides)
+    for name, t in (("mask", mask), ("advantages", advantages)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must have shape (B, T), got {tuple(mask.shape)}")
+    B, T = mask.shape
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != (B, T):
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else labels
+        raise ValueError(f"labels must have shape (B, T) = {(B, T)} like mask, got {shape}")
+    if isinstance(hidden, Tensor) and hidden.dim() == 2:
+        if hidden.shape[0] != B * T:
+            raise ValueError(f"hidden of shape (N, H) needs N = B·T = {B * T} rows, got "
+                             f"{tuple(hidden.shape)}")
+        hidden = hidden.view(B, T, hidden.shape[1])
+    _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size)
+    if cfg.top_entropy_quantile < 1.0:
+        raise ValueError("linear_grpo_loss: top_entropy_quantile < 1 needs the entropy of every "
+                         "token before the loss; compute entropies with linear_logprobs under "
+                         "no_grad and use policy_loss")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    m = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+    adv = _float_rows(advantages, "advantages", B, T, acc, allow_row=True)
+    old = _float_rows(old_logprobs, "old_logprobs", B, T, acc)
+    ref = _float_rows(ref_logprobs, "ref_logprobs", B, T, acc)
+    rollout = _float_rows(rollout_logprobs, "rollout_logprobs", B, T, acc)
+    tw = _float_rows(token_weights, "token_weights", B, T, acc)
+    if cfg.kl_coef != 0.0 and ref is None:
+        raise ValueError("linear_grpo_loss: the config has kl_coef != 0 but ref_logprobs is "
+                         "None")
+    with_entropy = cfg.entropy_coef != 0.0
+    if with_entropy and not cfg.entropy_global_norm:
+        if num_tokens is not None or num_seqs is not None:
+            raise ValueError("linear_grpo_loss: an entropy bonus normalised by local counts "
+                             "(entropy_global_norm=False) cannot share explicit global "
+                             "num_tokens / num_seqs with the policy term")
+        cfg = cfg.replace(entropy_global_norm=True)  # this batch's counts are the local ones
+    if cfg.policy_loss == "gvpo" and (cfg.group_size is None or B % cfg.group_size):
+        raise ValueError(f"gvpo needs group_size dividing B = {B}, got {cfg.group_size}")
+    if T and cfg.loss_agg_mode == "seq-mean-token-sum-norm" and cfg.max_len is None:
+        cfg = cfg.replace(max_len=T)  # a piece of a row must still divide by the padded width
+    lens = m.sum(1)
+    if cfg.policy_loss in ("gmpo", "gvpo") or cfg.count_empty_seqs:
+        seqs_default = torch.tensor(float(max(B, 1)), dtype=torch.float64)
+    else:
+        seqs_default = (lens > 0).sum().clamp(min=1).to(torch.float64)
+    nt = _count(num_tokens, lens.sum().clamp(min=1).to(torch.float64), "num_tokens")
+    ns = _count(num_seqs, seqs_default, "num_seqs")
+    resolved = _resolve_backend(backend, hidden.device)
+    rows = _chunk_rows(cfg, T, weight.shape[0], chunk_size,
+                       _needs_whole_rows(cfg, rollout is not None))
+    config_json = json.dumps(dataclasses.asdict(cfg))
+    group_name = "" if process_group is None else process_group.group_name
+    loss, values, _, _, _ = torch.ops.rlkern.linear_grpo_loss_fwd(
+        hidden.reshape(B * T, -1), weight, labels.reshape(-1), bias, m, adv, old, ref, rollout,
+        tw, nt, ns, config_json, float(temperature), int(ignore_index), with_entropy, rows,
+        group_name, resolved)
+    names = _metric_names(ref is not None, with_entropy, rollout is not None)
+    return PolicyLossOutput(loss, dict(zip(names, values.unbind(0), strict=True)))
+
+
+class LinearGRPOLoss(torch.nn.Module):
+    """:func:`linear_grpo_loss` as a module, called with Liger-Kernel's
+    ``LigerFusedLinearGRPOLoss.forward`` arguments in Liger's order.
+
+    ``forward(_input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+    ref_per_token_logps=None, old_per_token_logps=None) -> (loss, metrics)``: ``_input`` is
+    ``(B, T, H)`` (or ``(B·T, H)``), ``selected_token_ids`` / ``attention_mask`` ``(B, T)``,
+    ``advantages`` ``(B,)``; ``metrics`` is :func:`linear_grpo_loss`'s dict. The loss options
+    live in ``config`` (default :meth:`PolicyLossConfig.trl` with TRL's ``dapo``);
+    ``rlkern.integrations.liger_compat`` has the drop-in with Liger's constructor and outputs.
+    """
+
+    def __init__(self, config: PolicyLossConfig | None = None, *, temperature: float = 1.0,
+                 chunk_size: int | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = PolicyLossConfig.trl() if config is None else config
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor,
+                attention_mask: Tensor, advantages: Tensor, bias: Tensor | None = None,
+                ref_per_token_logps: Tensor | None = None,
+                old_per_token_logps: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        out = linear_grpo_loss(
+            _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=bias,
+            old_logprobs=old_per_token_logps, ref_logprobs=ref_per_token_logps,
+            config=self.config, temperature=self.temperature, chunk_size=self.chunk_size,
+            backend=self.backend)
+        return out.loss, out.metrics
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, temperature={self.temperature}"
+
