@@ -3,6 +3,7 @@
 from rlkern.backends import BackendUnavailableError
 from rlkern.ops.advantages import GroupAdvantages, group_advantages
 from rlkern.ops.group_stats import GroupStats
+from rlkern.ops.linear_grpo_loss import LinearGRPOLoss, linear_grpo_loss
 from rlkern.ops.linear_logprobs import (
     LinearLogprobsWithGrad,
     linear_logprobs,
@@ -32,6 +33,7 @@ __all__ = [
     "GroupAdvantages",
     "GroupRollouts",
     "GroupStats",
+    "LinearGRPOLoss",
     "LinearLogprobsWithGrad",
     "PolicyLossConfig",
     "PolicyLossOutput",
@@ -44,6 +46,7 @@ __all__ = [
     "group_advantages",
     "gtpo_weights",
     "kl_penalty",
+    "linear_grpo_loss",
     "linear_logprobs",
     "linear_logprobs_with_grad",
     "policy_loss",
