@@ -8,11 +8,10 @@ five: per chunk of rows, :func:`rlkern.ops.linear_logprobs.run_fused` forms the 
 them into ``∂loss/∂logp`` right there, the epilogue makes that ``∂loss/∂logits`` in place, and
 two matmuls give the chunk's ``∂h`` and its share of ``∂W``. The gradients are kept for the
 backward, which only scales them by the upstream gradient (1 for a loss that is backpropagated
-directly, in which case it costs nothing).
+directly, in which case it costs nothing: the saved tensors become the gradients).
 
-Registered ops: ``rlkern::linear_grpo_loss_fwd`` (loss, metrics and the saved gradients) and
-``rlkern::scale_grads_`` (the backward); the config travels as JSON text so that the op is
-opaque to ``torch.compile`` (no graph break).
+Registered op: ``rlkern::linear_grpo_loss_fwd`` (loss, metrics and the saved gradients); the
+config travels as JSON text so that the op is opaque to ``torch.compile`` (no graph break).
 """
 
 from __future__ import annotations
@@ -40,6 +39,12 @@ from rlkern.ops.policy_loss_config import PolicyLossConfig
 __all__ = ["LinearGRPOLoss", "linear_grpo_loss"]
 
 _SEQ_LEVEL_LOSSES = ("gspo", "gmpo", "gvpo")
+
+
+@torch.compiler.assume_constant_result
+def _config_json(cfg: PolicyLossConfig) -> str:
+    """The config as op-argument text (a constant to torch.compile: json is not traceable)."""
+    return json.dumps(dataclasses.asdict(cfg))
 
 
 def _metric_names(with_kl: bool, with_entropy: bool, with_rollout: bool) -> list[str]:
@@ -189,37 +194,27 @@ def _(hidden, weight, labels, bias, mask, advantages, old_logprobs, ref_logprobs
             torch.empty_like(hidden), torch.empty_like(weight), gb)
 
 
-@torch.library.custom_op("rlkern::scale_grads_", mutates_args=("grad_hidden", "grad_weight",
-                                                               "grad_bias"))
-def scale_grads_(grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor,
-                 grad_loss: Tensor) -> None:
-    """Multiplies the saved gradients by the upstream scalar, in place, skipping the common
-    case of 1 (a loss backpropagated directly): that multiply would be a full pass over ∂W."""
-    g = float(grad_loss)
-    if g != 1.0:
-        for t in (grad_hidden, grad_weight, grad_bias):
-            t.mul_(g)
-
-
-@scale_grads_.register_fake
-def _(grad_hidden, grad_weight, grad_bias, grad_loss):
-    return None
+def _is_one(grad: Tensor) -> bool:
+    """Whether the upstream gradient is known to be exactly 1 without a device sync or a data
+    dependence in a traced graph (then the multiply, a full pass over ∂W, is skipped)."""
+    if torch.compiler.is_compiling() or grad.device.type != "cpu":
+        return False
+    try:
+        return float(grad) == 1.0
+    except RuntimeError:  # a fake / functional tensor while tracing: no value to look at
+        return False
 
 
 def _setup_context(ctx, inputs, output):
     _, _, gh, gw, gb = output
     ctx.save_for_backward(gh, gw, gb)
     ctx.has_bias = inputs[3] is not None
-    ctx.used = False
 
 
 def _backward(ctx, grad_loss, grad_metrics, grad_gh, grad_gw, grad_gb):
-    if ctx.used:
-        raise RuntimeError("linear_grpo_loss: its backward scales the gradients computed in "
-                           "the forward in place and can run only once per forward")
-    ctx.used = True
     gh, gw, gb = ctx.saved_tensors
-    scale_grads_(gh, gw, gb, grad_loss)
+    if not _is_one(grad_loss):
+        gh, gw, gb = (t * grad_loss.to(t.dtype) for t in (gh, gw, gb))
     return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 15
 
 
@@ -293,7 +288,8 @@ def linear_grpo_loss(
     (``∂ℓ/∂x = g_lp·(onehot(y) − p)/τ − g_H·p·(log p + H)/τ``) and accumulates
     ``∂h = (∂ℓ/∂x) W`` and ``∂W += (∂ℓ/∂x)ᵀ h``: three matmuls (``6·N·H·V`` FLOPs), no
     ``(N, V)`` tensor, peak extra memory one chunk of logits (about 2^28 values by default).
-    The backward multiplies the stored gradients by the upstream gradient. The token ↔ row
+    The backward multiplies the stored gradients by the upstream gradient (nothing to do when
+    it is 1, as for a loss backpropagated directly). The token ↔ row
     layout: flat row ``i·T + t`` of ``hidden`` is token ``t`` of response ``i``.
 
     Chunks hold whole responses when they fit (or when the loss needs per-response sums:
@@ -397,14 +393,14 @@ def linear_grpo_loss(
     resolved = _resolve_backend(backend, hidden.device)
     rows = _chunk_rows(cfg, T, weight.shape[0], chunk_size,
                        _needs_whole_rows(cfg, rollout is not None))
-    config_json = json.dumps(dataclasses.asdict(cfg))
+    config_json = _config_json(cfg)
     group_name = "" if process_group is None else process_group.group_name
     loss, values, _, _, _ = torch.ops.rlkern.linear_grpo_loss_fwd(
         hidden.reshape(B * T, -1), weight, labels.reshape(-1), bias, m, adv, old, ref, rollout,
         tw, nt, ns, config_json, float(temperature), int(ignore_index), with_entropy, rows,
         group_name, resolved)
     names = _metric_names(ref is not None, with_entropy, rollout is not None)
-    return PolicyLossOutput(loss, dict(zip(names, values.unbind(0), strict=True)))
+    return PolicyLossOutput(loss, dict(zip(names, values.detach().unbind(0), strict=True)))
 
 
 class LinearGRPOLoss(torch.nn.Module):

@@ -758,24 +758,27 @@ def entropy_quantile_threshold(entropy: Tensor, mask: Tensor, q: float) -> Tenso
 # Aggregation (O(B) torch ops on the per-row sums; autograd differentiates it)
 
 
-def _agg(sums: Tensor, counts: Tensor, mode: str, *, num_tokens, num_seqs, count_empty: bool,
-         max_len: int | None, width: int) -> Tensor:
+def _agg_weights(counts: Tensor, mode: str, *, num_tokens, num_seqs, count_empty: bool,
+                 max_len: int | None, width: int) -> Tensor:
+    """Per-row weights ``c`` with ``agg(sums) = Σ_i c_i · sums_i``: every aggregation mode is
+    linear in the per-row sums, so its gradient needs no autograd (fused callers run inside a
+    registered op, where autograd is switched off)."""
+    ones = torch.ones_like(counts)
     if mode == "token-mean":
-        n = counts.sum().clamp(min=1.0) if num_tokens is None else num_tokens
-        return sums.sum() / n
+        return ones / (counts.sum().clamp(min=1.0) if num_tokens is None else num_tokens)
     if mode in ("sum", "token-sum"):
-        return sums.sum()
+        return ones
     if num_seqs is not None:
         d = num_seqs
     elif count_empty:
-        d = float(max(sums.shape[0], 1))
+        d = float(max(counts.shape[0], 1))
     else:
-        d = (counts > 0).sum().clamp(min=1).to(sums.dtype)
+        d = (counts > 0).sum().clamp(min=1).to(counts.dtype)
     if mode == "seq-mean-token-mean":
-        return torch.where(counts > 0, sums / counts.clamp(min=1.0), 0.0).sum() / d
+        return torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), 0.0) / d
     if mode == "seq-mean-token-sum":
-        return sums.sum() / d
-    return sums.sum() / d / (width if max_len is None else max_len)
+        return ones / d
+    return ones / d / (width if max_len is None else max_len)
 
 
 def _seq_denominator(cfg: PolicyLossConfig, B: int, num_seqs) -> Any:
@@ -784,32 +787,30 @@ def _seq_denominator(cfg: PolicyLossConfig, B: int, num_seqs) -> Any:
     return float(max(B, 1)) if num_seqs is None else num_seqs
 
 
-def _aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
-               scores: Tensor, num_tokens, num_seqs, *, with_entropy: bool,
-               seq_lens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss (float64, differentiable wrt ``row_sums``) and its parts."""
-    pg_sum, kl_sum, ent_sum, lp_sum = row_sums.unbind(0)
+def _gvpo_residual(lp_sum: Tensor, scores: Tensor, cfg: PolicyLossConfig) -> Tensor:
+    """GVPO's ``e = (R − R̄_g) − (s − s̄_g)`` per response, ``R = β·Σ_t m·Δ``, shape (B/g, g)."""
+    reward = cfg.gvpo_beta * lp_sum.view(-1, cfg.group_size)
+    s = scores.to(lp_sum).view(-1, cfg.group_size)
+    return (reward - reward.mean(-1, keepdim=True)) - (s - s.mean(-1, keepdim=True))
+
+
+def _term_weights(row_stats: Tensor, cfg: PolicyLossConfig, width: int, num_tokens, num_seqs,
+                  *, with_entropy: bool, seq_lens: Tensor | None = None
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Per-row weights of the policy, KL and entropy sums in their aggregates (None: the term
+    is absent; the policy weight is None for gvpo, which is quadratic)."""
     lens = row_stats[_S["len"]] if seq_lens is None else seq_lens.to(row_stats)
     common = dict(num_tokens=num_tokens, num_seqs=num_seqs, count_empty=cfg.count_empty_seqs,
                   max_len=cfg.max_len, width=width)
     B = row_stats.shape[1]
-    kind = cfg.policy_loss
-    if kind == "gmpo":
-        pg = pg_sum.sum() / _seq_denominator(cfg, B, num_seqs)
-    elif kind == "gvpo":
-        g = cfg.group_size
-        reward = cfg.gvpo_beta * lp_sum.view(-1, g)
-        s = scores.to(row_stats).view(-1, g)
-        e = (reward - reward.mean(-1, keepdim=True)) - (s - s.mean(-1, keepdim=True))
-        pg = (0.5 * e.square()).sum() / (g - 1) / _seq_denominator(cfg, B, num_seqs)
+    if cfg.policy_loss == "gmpo":
+        w_pg = torch.ones_like(lens) / _seq_denominator(cfg, B, num_seqs)
+    elif cfg.policy_loss == "gvpo":
+        w_pg = None
     else:
-        pg = _agg(pg_sum, lens, cfg.loss_agg_mode, **common)
-    parts = {"pg_loss": pg}
-    total = pg
-    if cfg.kl_coef != 0.0:
-        kl = _agg(kl_sum, lens, cfg.kl_agg(), **common)
-        parts["kl_loss"] = kl
-        total = total + cfg.kl_coef * kl
+        w_pg = _agg_weights(lens, cfg.loss_agg_mode, **common)
+    w_kl = _agg_weights(lens, cfg.kl_agg(), **common) if cfg.kl_coef != 0.0 else None
+    w_ent = None
     if with_entropy:
         ent_common = dict(common)
         if not cfg.entropy_global_norm:
@@ -817,11 +818,53 @@ def _aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width
         counts = row_stats[_S["ent_count"]]
         if seq_lens is not None and cfg.top_entropy_quantile == 1.0:
             counts = lens
-        ent = _agg(ent_sum, counts, cfg.entropy_agg(), **ent_common)
-        parts["entropy_loss"] = ent
+        w_ent = _agg_weights(counts, cfg.entropy_agg(), **ent_common)
+    return w_pg, w_kl, w_ent
+
+
+def _aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
+               scores: Tensor, num_tokens, num_seqs, *, with_entropy: bool,
+               seq_lens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss (float64, differentiable wrt ``row_sums``) and its parts."""
+    pg_sum, kl_sum, ent_sum, lp_sum = row_sums.unbind(0)
+    w_pg, w_kl, w_ent = _term_weights(row_stats, cfg, width, num_tokens, num_seqs,
+                                      with_entropy=with_entropy, seq_lens=seq_lens)
+    if w_pg is None:  # gvpo
+        e = _gvpo_residual(lp_sum, scores, cfg)
+        pg = (0.5 * e.square()).sum() / (cfg.group_size - 1) / _seq_denominator(
+            cfg, row_stats.shape[1], num_seqs)
+    else:
+        pg = (w_pg * pg_sum).sum()
+    parts = {"pg_loss": pg}
+    total = pg
+    if w_kl is not None:
+        parts["kl_loss"] = (w_kl * kl_sum).sum()
+        total = total + cfg.kl_coef * parts["kl_loss"]
+    if w_ent is not None:
+        parts["entropy_loss"] = (w_ent * ent_sum).sum()
         if cfg.entropy_coef != 0.0:
-            total = total - cfg.entropy_coef * ent
+            total = total - cfg.entropy_coef * parts["entropy_loss"]
     return total * cfg.loss_scale, parts
+
+
+def _aggregate_grad(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
+                    scores: Tensor, num_tokens, num_seqs, *, with_entropy: bool,
+                    seq_lens: Tensor | None = None) -> Tensor:
+    """``∂ _aggregate / ∂ row_sums``, shape (4, B), in closed form."""
+    w_pg, w_kl, w_ent = _term_weights(row_stats, cfg, width, num_tokens, num_seqs,
+                                      with_entropy=with_entropy, seq_lens=seq_lens)
+    grad = torch.zeros_like(row_sums)
+    if w_pg is None:  # gvpo: ∂(½ Σ e²)/∂lp_sum_i = β (e_i − ē_g), through both group means
+        e = _gvpo_residual(row_sums[3], scores, cfg)
+        denom = (cfg.group_size - 1) * _seq_denominator(cfg, row_stats.shape[1], num_seqs)
+        grad[3] = (cfg.gvpo_beta * (e - e.mean(-1, keepdim=True))).reshape(-1) / denom
+    else:
+        grad[0] = w_pg
+    if w_kl is not None:
+        grad[1] = cfg.kl_coef * w_kl
+    if w_ent is not None and cfg.entropy_coef != 0.0:
+        grad[2] = -cfg.entropy_coef * w_ent
+    return grad * cfg.loss_scale
 
 
 def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
@@ -1036,16 +1079,10 @@ def policy_loss_chunk(
     row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
         p.lp, p.old, p.adv, p.mask, p.ref, p.rollout, p.ent, p.tw, p.thr, p.flags, p.hparams,
         p.backend)
-
-    def total(sums: Tensor) -> tuple[Tensor, Tensor]:
-        loss, _ = _aggregate(sums, row_stats, cfg, p.mask.shape[1], p.adv, nt, ns,
-                             with_entropy=p.ent is not None, seq_lens=seq_lens)
-        return loss * grad_scale, loss
-
-    # torch.func rather than autograd.grad: fused callers run this inside a registered op,
-    # where the autograd dispatch keys are switched off.
-    g, loss = torch.func.grad(total, has_aux=True)(row_sums.detach())
-    grad_rows = g.contiguous()
+    args = (row_stats, cfg, p.mask.shape[1], p.adv, nt, ns)
+    loss, _ = _aggregate(row_sums, *args, with_entropy=p.ent is not None, seq_lens=seq_lens)
+    grad_rows = (_aggregate_grad(row_sums, *args, with_entropy=p.ent is not None,
+                                 seq_lens=seq_lens) * grad_scale).contiguous()
     want_ent = p.ent is not None and cfg.entropy_coef != 0.0
     grad_lp, grad_ent = torch.ops.rlkern.policy_loss_bwd(
         p.lp, p.old, p.adv, p.mask, p.ref, p.rollout, p.ent, p.tw, p.thr, row_stats, grad_rows,
