@@ -313,3 +313,21 @@ def test_cli_end_to_end_tiny(tmp_path, capsys) -> None:
     assert (tmp_path / "r.md").read_text().count("## logprobs") == 2
     assert len(list((tmp_path / "plots").glob("*.png"))) == 2
     assert "logprobs — fwd+bwd" in capsys.readouterr().out
+
+
+def test_linear_grpo_loss_case_peers_agree_tiny(tmp_path) -> None:
+    """The fused-loss case runs end to end and its peers (Liger, eager TRL math) pass the
+    agreement gate against rlkern: the case compares like with like."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([
+        "--op", "linear_grpo_loss", "--size", "B=3,T=5,H=32,V=300", "--repeats", "1",
+        "--impl", "liger", "--impl", "eager", "--device", "cpu",
+        "--json", str(tmp_path / "r.json"),
+    ])
+    assert args.func(args) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert set(rows) == {"rlkern", "liger", "eager", "floor"}
+    for name in ("liger", "eager"):
+        assert rows[name]["status"] == OK and rows[name]["check"]["ok"], rows[name]
