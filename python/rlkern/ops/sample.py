@@ -14,6 +14,7 @@ Randomness is counter-based (Philox-4x32-10 keyed by the row's ``seed``, counter
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 from typing import NamedTuple
 
@@ -142,16 +143,24 @@ def _per_row(name: str, value, n: int, device, *, integer: bool, lo, hi, lo_open
         if isinstance(value, bool) or not isinstance(value, (Integral if integer else Real)):
             raise TypeError(f"{name}: expected {'an int' if integer else 'a number'} or a "
                             f"tensor, got {type(value).__name__}")
-        v = torch.tensor([value], dtype=dtype)
-        _check_values(name, v, integer, lo, hi, lo_open)
-        if bool(off(v).all()):
+        # A Python number is checked in Python: the same check on a tensor is a data-dependent
+        # branch, on which torch.compile without fullgraph breaks the graph.
+        v = int(value) if integer else float(value)
+        bad = (v <= lo) if lo_open else (v < lo)
+        if (not integer and math.isnan(v)) or (hi is not None and v > hi) or bad:
+            raise ValueError(f"{name} must lie in {_interval(lo, hi, lo_open)}, got {v}")
+        if off is not None and off(v):
             return None
         return torch.full((n,), value, dtype=dtype, device=device)
     if n:
         _check_values(name, t, integer, lo, hi, lo_open)
-        if bool(off(t).all()):
+        if off is not None and bool(off(t).all()):
             return None
     return t
+
+
+def _interval(lo, hi, lo_open) -> str:
+    return f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
 
 
 def _check_values(name, t, integer, lo, hi, lo_open) -> None:
@@ -162,8 +171,7 @@ def _check_values(name, t, integer, lo, hi, lo_open) -> None:
         bad |= t > hi
     if bool(bad.any()):
         v = t[bad.nonzero()[0, 0]].item()
-        interval = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-        raise ValueError(f"{name} must lie in {interval}, got {v}")
+        raise ValueError(f"{name} must lie in {_interval(lo, hi, lo_open)}, got {v}")
 
 
 def sample(
@@ -246,7 +254,7 @@ def sample(
     seeds = seeds.to(device=dev, dtype=torch.int64).contiguous()
     steps = steps.to(device=dev, dtype=torch.int64).contiguous()
     temp = _per_row("temperature", temperature, n, dev, integer=False, lo=0.0, hi=None,
-                    lo_open=True, off=lambda t: torch.zeros_like(t, dtype=torch.bool))
+                    lo_open=True, off=None)
     if n and not torch.compiler.is_compiling() and bool(torch.isinf(temp).any()):
         raise ValueError("temperature must be finite")
     k = _per_row("top_k", top_k, n, dev, integer=True, lo=1, hi=None, lo_open=False,

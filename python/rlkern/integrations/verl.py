@@ -1,0 +1,557 @@
+"""rlkern inside verl: registered advantage estimators and policy losses, and drop-in logprobs.
+
+verl looks its advantage estimators and policy losses up by name in two registries of
+``verl.trainer.ppo.core_algos`` (``ADV_ESTIMATOR_REGISTRY`` via ``get_adv_estimator_fn``,
+``POLICY_LOSS_REGISTRY`` via ``get_policy_loss_fn``). :func:`register` adds rlkern's versions
+under new names, so a run switches with two config values and nothing else changes::
+
+    import rlkern.integrations.verl
+    rlkern.integrations.verl.register()
+    # algorithm.adv_estimator=rlkern_grpo
+    # actor_rollout_ref.actor.policy_loss.loss_mode=rlkern_vanilla
+
+Every registered function has verl's signature and returns what verl's function of the same
+name returns: advantage estimators ``(advantages, returns)``, both ``(bs, response_length)``
+(the same tensor, as verl does); policy losses ``(pg_loss, pg_metrics)`` with a 0-dim loss and
+verl's metric keys (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) as
+Python floats (``gpg``: ``{}``). The values are computed by :func:`rlkern.group_advantages`
+and :func:`rlkern.policy_loss` with :meth:`rlkern.PolicyLossConfig.verl`.
+
+verl runs its trainer and its actor in Ray worker processes: a registration made in the
+launching process does not reach them. The environment variable
+``VERL_USE_EXTERNAL_MODULES=rlkern.integrations.verl_plugin`` does (verl imports the listed
+modules in every process that imports verl); see docs/integrations/verl.md.
+
+:func:`logprobs_from_logits` and :func:`entropy_from_logits` (and
+:func:`entropy_from_logits_with_chunking`) replace ``verl.utils.torch_functional``'s functions
+of the same names and signatures with :func:`rlkern.token_logprobs`;
+:func:`patch_torch_functional` swaps them in (also in the verl modules that imported them by
+name), :func:`unpatch_torch_functional` restores verl's.
+
+verl is imported lazily, when one of these functions is called: importing this module does
+not need verl.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlkern.ops.advantages import group_advantages
+from rlkern.ops.logprobs import token_logprobs
+from rlkern.ops.policy_loss import policy_loss
+from rlkern.ops.policy_loss_config import PolicyLossConfig
+
+__all__ = [
+    "ADV_ESTIMATORS",
+    "POLICY_LOSSES",
+    "entropy_from_logits",
+    "entropy_from_logits_with_chunking",
+    "group_ids_from_index",
+    "is_registered",
+    "logprobs_from_logits",
+    "patch_torch_functional",
+    "register",
+    "unpatch_torch_functional",
+    "unregister",
+]
+
+# Marks every function this module registers, so that register() / unregister() recognise
+# rlkern's entries (also from an earlier import of this module) and never touch anyone else's.
+_MARK = "_rlkern_verl_integration"
+
+
+def _mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def _is_ours(fn: Any) -> bool:
+    return bool(getattr(fn, _MARK, False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Group ids from verl's uid array
+
+
+def group_ids_from_index(index: Any, device: torch.device | str | None = None) -> Tensor:
+    """verl's ``index`` (one group label per response, usually a numpy array of uid strings)
+    as an ``(N,)`` int64 tensor of group ids for :func:`rlkern.group_advantages`.
+
+    Integer labels (numpy or torch) are used as they are (rlkern's ids need not be dense).
+    Anything else is factorised in one hash pass (``pandas.factorize``, O(N); verl depends on
+    pandas) or, without pandas, ``np.unique(..., return_inverse=True)`` (a sort): equal labels
+    get equal ids, in any order.
+    """
+    if isinstance(index, Tensor):
+        if index.dtype.is_floating_point or index.dtype.is_complex:
+            index = index.cpu().numpy()
+        else:
+            return index.reshape(-1).to(device=device, dtype=torch.int64)
+    arr = np.asarray(index)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.dtype.kind in "iub":
+        codes = arr.astype(np.int64, copy=False)
+    else:
+        try:
+            import pandas as pd
+        except ImportError:  # pragma: no cover - verl installs pandas
+            codes = np.unique(arr, return_inverse=True)[1].reshape(-1)
+        else:
+            codes = pd.factorize(arr, sort=False)[0]
+        codes = codes.astype(np.int64, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(codes)).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantage estimators (verl's outcome-reward estimators, same signatures and outputs)
+
+
+def _cfg_get(config: Any, key: str, default: Any) -> Any:
+    """``config.get(key, default)`` for verl's AlgoConfig / ActorConfig (dict-like dataclasses),
+    an OmegaConf DictConfig or a plain dict; ``default`` when config is None."""
+    if config is None:
+        return default
+    if hasattr(config, "get"):
+        value = config.get(key, default)
+    else:
+        value = getattr(config, key, default)
+    return default if value is None else value
+
+
+def _advantages(token_level_rewards: Tensor, response_mask: Tensor, index: Any, *,
+                estimator: str, epsilon: float = 1e-6, std: str = "unbiased",
+                singleton: str = "verl", lengths: bool = False) -> tuple[Tensor, Tensor]:
+    if index is None:
+        raise ValueError(f"rlkern's {estimator} estimator needs index (the uid of each "
+                         "response's prompt): verl passes data.non_tensor_batch['uid']")
+    ids = group_ids_from_index(index, token_level_rewards.device)
+    with torch.no_grad():
+        out = group_advantages(
+            token_level_rewards, group_ids=ids, mask=response_mask, estimator=estimator,
+            eps=float(epsilon), std=std, singleton=singleton,
+            lengths=response_mask.sum(-1) if lengths else None)
+    adv = out.advantages.to(token_level_rewards.dtype)
+    return adv, adv
+
+
+def _norm_flag(norm_adv_by_std_in_grpo: bool | None, config: Any) -> bool:
+    # verl's trainer passes the flag only through the algorithm config to registered
+    # estimators (ray_trainer.compute_advantage): an explicit argument wins, then the config.
+    if norm_adv_by_std_in_grpo is not None:
+        return bool(norm_adv_by_std_in_grpo)
+    return bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
+
+
+@_mark
+def compute_grpo_outcome_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool | None = None,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl's ``grpo`` / ``grpo_vectorized``: ``s_i = Σ_t r[i, t]``,
+    ``A_i = (s_i − μ_g) / (σ_g + ε)`` (σ unbiased; no division when
+    ``norm_adv_by_std_in_grpo`` is False), singletons ``μ = 0, σ = 1``; returned as
+    ``A_i · mask`` ``(bs, response_length)``, twice (advantages, returns).
+
+    ``norm_adv_by_std_in_grpo``: the argument, else ``config.norm_adv_by_std_in_grpo``
+    (how verl's trainer passes it to registered estimators), else True.
+    """
+    norm = _norm_flag(norm_adv_by_std_in_grpo, config)
+    return _advantages(token_level_rewards, response_mask, index, estimator="grpo",
+                       epsilon=epsilon, std="unbiased" if norm else "none")
+
+
+@_mark
+def compute_grpo_passk_outcome_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool | None = None,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl's ``grpo_passk``: the best response of each group gets
+    ``(s_max − s_2nd) / (σ_g + ε)`` (no division without std normalisation), the others 0.
+    Groups need ≥ 2 responses (ValueError otherwise, as in verl)."""
+    norm = _norm_flag(norm_adv_by_std_in_grpo, config)
+    return _advantages(token_level_rewards, response_mask, index, estimator="grpo_passk",
+                       epsilon=epsilon, std="unbiased" if norm else "none")
+
+
+@_mark
+def compute_rloo_outcome_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl's ``rloo``: ``A_i = (s_i − μ_g) · n_g / (n_g − 1)``; a singleton keeps ``s_i``."""
+    return _advantages(token_level_rewards, response_mask, index, estimator="rloo",
+                       epsilon=epsilon)
+
+
+@_mark
+def compute_rloo_vectorized_outcome_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl's ``rloo_vectorized``: as ``rloo`` but a singleton gets 0."""
+    return _advantages(token_level_rewards, response_mask, index, estimator="rloo",
+                       epsilon=epsilon, singleton="zero")
+
+
+@_mark
+def compute_opo_outcome_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl's ``opo``: ``A_i = s_i − Σ_j len_j s_j / Σ_j len_j`` over the group,
+    ``len = mask.sum(-1)``; a singleton keeps ``s_i``."""
+    return _advantages(token_level_rewards, response_mask, index, estimator="opo",
+                       epsilon=epsilon, lengths=True)
+
+
+@_mark
+def compute_gpg_outcome_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    epsilon: float = 1e-6,
+    f_norm: float = 1.0,
+    alpha: float = 1.0,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl's ``gpg``: ``A_i = α (s_i − μ_g) / f_norm`` with ``α = bs / max(#{s ≠ 0}, 1)``
+    (verl recomputes α and ignores the ``alpha`` argument; so does this); a singleton has
+    ``μ = 0``."""
+    adv, _ = _advantages(token_level_rewards, response_mask, index, estimator="gpg",
+                         epsilon=epsilon)
+    if f_norm != 1.0:
+        adv = adv / f_norm
+    return adv, adv
+
+
+@_mark
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl's ``reinforce_plus_plus_baseline``: ``c_i = s_i − μ_g`` (singleton: ``s_i``),
+    whitened over the batch's valid tokens (``(c − mean) · rsqrt(var + 1e-8)``, unbiased var),
+    times the mask."""
+    return _advantages(token_level_rewards, response_mask, index,
+                       estimator="reinforce_pp_baseline", epsilon=epsilon)
+
+
+#: registered name → rlkern function; each mirrors verl's estimator of the name without
+#: the ``rlkern_`` prefix.
+ADV_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "rlkern_grpo": compute_grpo_outcome_advantage,
+    "rlkern_grpo_vectorized": compute_grpo_outcome_advantage,
+    "rlkern_grpo_passk": compute_grpo_passk_outcome_advantage,
+    "rlkern_rloo": compute_rloo_outcome_advantage,
+    "rlkern_rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
+    "rlkern_opo": compute_opo_outcome_advantage,
+    "rlkern_gpg": compute_gpg_outcome_advantage,
+    "rlkern_reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy losses (verl's PolicyLossFn signature and outputs)
+
+# verl name → (default loss_agg_mode of verl's function, metrics verl reports: key → rlkern
+# metric, or None for the constant 0.0 verl reports "for compatibility").
+_LOSS_SPECS: dict[str, tuple[str, dict[str, str | None]]] = {
+    "vanilla": ("token-mean", {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl",
+                               "actor/pg_clipfrac_lower": "dualclip_frac"}),
+    "gspo": ("seq-mean-token-mean", {"actor/pg_clipfrac": "clipfrac",
+                                     "actor/ppo_kl": "approx_kl",
+                                     "actor/pg_clipfrac_lower": None}),
+    "cispo": ("token-mean", {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl",
+                             "actor/pg_clipfrac_lower": None}),
+    "sapo": ("seq-mean-token-mean", {"actor/pg_clipfrac": None, "actor/ppo_kl": "approx_kl",
+                                     "actor/pg_clipfrac_lower": None}),
+    "geo_mean": ("token-mean", {"actor/pg_clipfrac": "clipfrac_high",
+                                "actor/ppo_kl": "approx_kl",
+                                "actor/pg_clipfrac_lower": "clipfrac_low"}),
+    "gpg": ("token-mean", {}),
+}
+
+
+def _global_batch_info(config: Any) -> dict[str, Any]:
+    info = _cfg_get(config, "global_batch_info", None)
+    return dict(info) if info else {}
+
+
+def _pg_loss(name: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
+             response_mask: Tensor, loss_agg_mode: str, config: Any,
+             rollout_is_weights: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
+    if config is None:
+        raise ValueError(f"rlkern_{name} needs verl's actor config (config=...), as verl's "
+                         f"compute_policy_loss_{name} does")
+    info = _global_batch_info(config)
+    dp_size = int(info.get("dp_size") or 1)
+    num_tokens = info.get("batch_num_tokens")
+    num_seqs = info.get("global_batch_size")
+    # verl's SAPO always aggregates its policy term per sequence; GMPO takes a plain mean over
+    # the micro-batch's rows whatever the mode (the preset encodes both).
+    agg = "seq-mean-token-mean" if name == "sapo" else loss_agg_mode
+    if name != "geo_mean" and dp_size > 1:
+        # agg_loss refuses a local normaliser under data parallelism; so do we.
+        if agg == "token-mean" and num_tokens is None:
+            raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+        if agg.startswith("seq-mean") and num_seqs is None:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+    cfg = PolicyLossConfig.verl(
+        policy_loss=name, loss_agg_mode=loss_agg_mode,
+        clip_ratio=float(_cfg_get(config, "clip_ratio", 0.2)),
+        clip_ratio_low=_cfg_get(config, "clip_ratio_low", None),
+        clip_ratio_high=_cfg_get(config, "clip_ratio_high", None),
+        clip_ratio_c=float(_cfg_get(config, "clip_ratio_c", 3.0)),
+        tau_pos=float(_cfg_get(config, "tau_pos", 1.0)),
+        tau_neg=float(_cfg_get(config, "tau_neg", 1.05)),
+        loss_scale_factor=info.get("loss_scale_factor"),
+        dp_size=dp_size,
+    )
+    token_weights = rollout = None
+    if rollout_is_weights is not None:
+        w = rollout_is_weights.detach()
+        if name == "geo_mean":
+            # gmpo applies the geometric mean of the token weights per sequence; rlkern forms
+            # it from rollout log-probabilities, w = exp(old − rollout): pass rollout =
+            # old − log w, untruncated (w = 0 gives rollout = +inf and weight 0, as in verl).
+            cfg = cfg.replace(rollout_correction="token_truncate", rollout_min=None,
+                              rollout_max=None, rollout_log_clamp=None)
+            rollout = old_log_prob.detach() - torch.log(w.to(old_log_prob.dtype))
+        else:
+            token_weights = w
+    if name == "geo_mean":
+        num_tokens = num_seqs = None
+    out = policy_loss(log_prob, old_log_prob, advantages, response_mask, config=cfg,
+                      token_weights=token_weights, rollout_logprobs=rollout,
+                      num_tokens=num_tokens, num_seqs=num_seqs)
+    spec = _LOSS_SPECS[name][1]
+    if not spec:
+        return out.loss, {}
+    zero = torch.zeros((), dtype=out.loss.dtype, device=out.loss.device)
+    # verl reports Python floats (.item()); one stacked transfer instead of three syncs.
+    values = torch.stack([zero if k is None else out.metrics[k].detach().to(zero.dtype)
+                          for k in spec.values()]).tolist()
+    return out.loss, dict(zip(spec.keys(), values, strict=True))
+
+
+def _make_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
+    default_agg = _LOSS_SPECS[name][0]
+
+    def fn(
+        old_log_prob: Tensor,
+        log_prob: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        loss_agg_mode: str = default_agg,
+        config: Any = None,
+        rollout_is_weights: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        return _pg_loss(name, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                        config, rollout_is_weights)
+
+    fn.__name__ = fn.__qualname__ = f"compute_policy_loss_rlkern_{name}"
+    fn.__doc__ = (
+        f"verl's ``{name}`` policy loss (``compute_policy_loss_{name}``) computed by "
+        f"``rlkern.policy_loss`` with ``PolicyLossConfig.verl(policy_loss={name!r}, ...)``.\n\n"
+        "Inputs ``(bs, response_length)``; ``config`` is verl's actor config (clip ratios, "
+        "``clip_ratio_c``, ``tau_pos/neg``, ``global_batch_info``: dp_size, batch_num_tokens, "
+        "global_batch_size, loss_scale_factor); ``rollout_is_weights`` multiply the per-token "
+        "loss. Returns ``(pg_loss, pg_metrics)``: a 0-dim loss, differentiable wrt "
+        "``log_prob``, and verl's metrics as Python floats.")
+    return _mark(fn)
+
+
+#: registered name → rlkern policy loss; each mirrors verl's loss of the name without the
+#: ``rlkern_`` prefix.
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Any]]]] = {
+    f"rlkern_{name}": _make_policy_loss(name) for name in _LOSS_SPECS
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+
+def _core_algos() -> Any:
+    try:
+        from verl.trainer.ppo import core_algos
+    except ImportError as exc:  # pragma: no cover - exercised without verl only
+        raise ImportError("rlkern.integrations.verl needs verl (verl.trainer.ppo.core_algos): "
+                          f"{exc}") from exc
+    return core_algos
+
+
+def register() -> list[str]:
+    """Add rlkern's estimators (``rlkern_grpo``, ``rlkern_grpo_vectorized``,
+    ``rlkern_grpo_passk``, ``rlkern_rloo``, ``rlkern_rloo_vectorized``, ``rlkern_opo``,
+    ``rlkern_gpg``, ``rlkern_reinforce_plus_plus_baseline``) and policy losses
+    (``rlkern_vanilla``, ``rlkern_gspo``, ``rlkern_cispo``, ``rlkern_sapo``,
+    ``rlkern_geo_mean``, ``rlkern_gpg``) to verl's registries, through verl's own
+    ``register_adv_est`` / ``register_policy_loss``.
+
+    Idempotent: calling it again (also after this module was reloaded) re-registers the same
+    names. A name already registered by someone else raises ``ValueError`` and nothing is
+    changed. Returns the registered names.
+    """
+    core_algos = _core_algos()
+    adv_reg, loss_reg = core_algos.ADV_ESTIMATOR_REGISTRY, core_algos.POLICY_LOSS_REGISTRY
+    for reg, names in ((adv_reg, ADV_ESTIMATORS), (loss_reg, POLICY_LOSSES)):
+        clash = [n for n in names if n in reg and not _is_ours(reg[n])]
+        if clash:
+            raise ValueError(f"verl already has {clash} registered by someone else; rlkern "
+                             "does not overwrite them")
+    for name, fn in ADV_ESTIMATORS.items():
+        if name in adv_reg and adv_reg[name] is not fn:
+            del adv_reg[name]  # ours from an earlier import: register_adv_est refuses a swap
+        core_algos.register_adv_est(name)(fn)
+    for name, fn in POLICY_LOSSES.items():
+        core_algos.register_policy_loss(name)(fn)
+    return [*ADV_ESTIMATORS, *POLICY_LOSSES]
+
+
+def unregister() -> list[str]:
+    """Remove the names :func:`register` added (only entries that are rlkern's). Returns the
+    removed names."""
+    core_algos = _core_algos()
+    removed = []
+    for reg in (core_algos.ADV_ESTIMATOR_REGISTRY, core_algos.POLICY_LOSS_REGISTRY):
+        for name in [n for n, fn in reg.items() if n.startswith("rlkern_") and _is_ours(fn)]:
+            del reg[name]
+            removed.append(name)
+    return removed
+
+
+def is_registered() -> bool:
+    """Whether every name of :func:`register` is registered in verl (with rlkern's function)."""
+    if "verl.trainer.ppo.core_algos" not in sys.modules:
+        return False
+    core_algos = sys.modules["verl.trainer.ppo.core_algos"]
+    return all(_is_ours(core_algos.ADV_ESTIMATOR_REGISTRY.get(n)) for n in ADV_ESTIMATORS) and \
+        all(_is_ours(core_algos.POLICY_LOSS_REGISTRY.get(n)) for n in POLICY_LOSSES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-ins for verl.utils.torch_functional
+
+
+def _rows(logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """``(..., V)`` logits as the ``(N, V)`` or ``(B, L, V)`` rlkern reads (a view when the
+    layout allows; 2-D and 3-D inputs as they are, strided views included)."""
+    lead = tuple(logits.shape[:-1])
+    if labels is None:
+        # the entropy needs no label; any in-range id will do (0)
+        labels = torch.zeros(lead, dtype=torch.int64, device=logits.device)
+    elif tuple(labels.shape) != lead:
+        labels = labels.reshape(lead)
+    if logits.dim() in (2, 3):
+        return logits, labels, lead
+    return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), lead
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True) -> Tensor:
+    """``log_softmax(logits)[..., labels]`` for ``logits (..., V)``, ``labels (...)``: verl's
+    ``logprobs_from_logits`` by :func:`rlkern.token_logprobs` (one pass, fp32 accumulation).
+
+    Returns float32 (float64 for float64 logits), like verl's flash-attn path; differentiable
+    wrt ``logits``. ``inplace_backward`` (verl's default True, as with flash-attn's
+    cross-entropy) writes the gradient over the logits buffer in backward: the logits must not
+    be needed by a later backward step (autograd's version check raises if they are).
+    """
+    x, y, lead = _rows(logits, labels)
+    out = token_logprobs(x, y, inplace_backward=bool(inplace_backward)).logprobs
+    return out.reshape(lead)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """``H = logsumexp(x) − Σ softmax(x)·x`` per row of ``logits (..., V)``: verl's
+    ``entropy_from_logits`` by :func:`rlkern.token_logprobs` (one pass, no ``(N, V)``
+    temporary). Returns float32 (float64 for float64 logits); differentiable."""
+    x, y, lead = _rows(logits, None)
+    return token_logprobs(x, y, return_entropy=True).entropy.reshape(lead)
+
+
+def entropy_from_logits_with_chunking(logits: Tensor, chunk_size: int = 2048) -> Tensor:
+    """verl's chunked entropy (float32 output); rlkern never materialises ``(N, V)``, so the
+    chunking is unnecessary and ``chunk_size`` is ignored."""
+    return entropy_from_logits(logits)
+
+
+_DROP_INS: dict[str, Callable[..., Tensor]] = {
+    "logprobs_from_logits": logprobs_from_logits,
+    "entropy_from_logits": entropy_from_logits,
+    "entropy_from_logits_with_chunking": entropy_from_logits_with_chunking,
+}
+# (module, attribute, verl's original) for every swap patch_torch_functional made
+_PATCHED: list[tuple[Any, str, Any]] = []
+
+
+def patch_torch_functional() -> list[str]:
+    """Swap :func:`logprobs_from_logits`, :func:`entropy_from_logits` and
+    :func:`entropy_from_logits_with_chunking` into ``verl.utils.torch_functional`` and into
+    every loaded ``verl.*`` module that imported verl's function by name (e.g.
+    ``verl.workers.engine.fsdp.transformer_impl``'s ``logprobs_from_logits``). Modules
+    imported later read the patched ``verl.utils.torch_functional``. Call it before verl builds
+    its engines (they may ``torch.compile`` the entropy function once at construction).
+
+    Idempotent. Returns the patched ``module.attribute`` names.
+    """
+    import verl.utils.torch_functional as verl_F
+
+    originals = {name: getattr(verl_F, name) for name in _DROP_INS if hasattr(verl_F, name)}
+    done = {(id(m), a) for m, a, _ in _PATCHED}
+    modules = [verl_F] + [m for n, m in list(sys.modules.items())
+                          if m is not None and n.startswith("verl.") and m is not verl_F]
+    for module in modules:
+        for name, original in originals.items():
+            if _is_ours(original) or (id(module), name) in done:
+                continue
+            if getattr(module, name, None) is original:
+                _PATCHED.append((module, name, original))
+                setattr(module, name, _DROP_INS[name])
+    return [f"{m.__name__}.{a}" for m, a, _ in _PATCHED]
+
+
+def unpatch_torch_functional() -> None:
+    """Restore verl's functions wherever :func:`patch_torch_functional` replaced them."""
+    while _PATCHED:
+        module, name, original = _PATCHED.pop()
+        if getattr(module, name, None) is _DROP_INS[name]:
+            setattr(module, name, original)
+
+
+for _fn in _DROP_INS.values():
+    _mark(_fn)

@@ -1,0 +1,19 @@
+"""Importing this module registers rlkern in verl: ``rlkern.integrations.verl.register()``,
+and, when ``RLKERN_VERL_PATCH_LOGPROBS=1``, ``patch_torch_functional()``.
+
+It exists for verl's ``VERL_USE_EXTERNAL_MODULES`` hook: verl imports the listed modules in
+every process that imports verl, including its Ray workers (the trainer and the actor run
+there, so a ``register()`` in the launching script alone does not reach them)::
+
+    export VERL_USE_EXTERNAL_MODULES=rlkern.integrations.verl_plugin
+"""
+
+from __future__ import annotations
+
+import os
+
+from rlkern.integrations import verl as _verl
+
+_verl.register()
+if os.environ.get("RLKERN_VERL_PATCH_LOGPROBS", "0") == "1":
+    _verl.patch_torch_functional()
