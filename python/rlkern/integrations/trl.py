@@ -1,0 +1,583 @@
+"""rlkern inside TRL's ``GRPOTrainer``: fused LM-head log-probabilities and the fused GRPO loss.
+
+``apply()`` replaces two methods of ``trl.GRPOTrainer`` (written against TRL 1.16):
+
+* ``GRPOTrainer._get_per_token_logps_and_entropies`` — every per-token log-probability the
+  trainer needs (the policy's during the loss, the old policy's and the reference model's while
+  scoring completions) and the per-token entropy. rlkern runs the model's backbone, keeps the
+  hidden states of the ``logits_to_keep`` positions that predict completion tokens and calls
+  :func:`rlkern.linear_logprobs` on them and ``lm_head.weight`` (and ``lm_head.bias``), with the
+  trainer's temperature: the ``(N, V)`` logits never exist. TRL 1.16's own fused head
+  (``trl.trainer.utils.add_fused_lm_head``) scores every position of prompt and completion
+  on CPU (no Triton) and, there, folds each logits tile of up to ``4096 × 32768`` with several
+  full-size float32 temporaries; rlkern scores only the completion tokens, one ~8M-logit tile
+  at a time (measured at V = 32768: 26 MiB vs 228 MiB peak for forward + backward).
+* ``GRPOTrainer._compute_loss`` — the per-token loss, its aggregation and the KL / entropy
+  terms become one :func:`rlkern.policy_loss` call configured by
+  :meth:`rlkern.PolicyLossConfig.trl` (every ``loss_type`` of TRL 1.16 except ``vespo``:
+  ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo``), with TRL's
+  normalisers (``num_items_in_batch / num_processes · grad_accum / steps_per_generation`` for
+  dapo and cispo, the accumulation steps for the others, none in eval mode) and TRL's metrics:
+  the same keys in ``trainer._metrics[mode]`` with the same values, reduced across processes
+  the way TRL reduces them (``kl`` and ``entropy`` from rlkern's metrics; the clip fractions
+  recounted from the detached ratios, since TRL counts them per sequence at the sequence
+  level and after the ``delta`` clamp).
+
+Why these two methods: they are where the trainer spends its memory (the LM head) and where
+the loss math lives; everything else (generation, rewards, advantages, the optimizer step)
+is untouched, so a patched trainer logs and checkpoints exactly as before. The methods are
+patched on the class, so call :func:`apply` before or after building the trainer; trainers
+that override these methods in a subclass keep their overrides.
+
+Fallbacks (TRL's original method runs, nothing raises; :func:`usage` counts them and each
+reason is logged once):
+
+* log-probabilities: vision-language inputs (``pixel_values`` and the other image fields,
+  ``token_type_ids``), MoE router auxiliary loss requested (``compute_aux_loss``), a model
+  whose config is not its text config (VLMs), a model without a separate backbone
+  (``base_model``) or without an ``nn.Linear`` output layer (e.g. a LoRA-wrapped ``lm_head``),
+  logit soft-capping or scaling (``final_logit_softcapping``, ``logit_scale``,
+  ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``), and a sharded
+  (DTensor, FSDP2) head weight.
+* loss: ``loss_type="vespo"`` and the adaptive entropy controller (``use_adaptive_entropy``).
+
+Verified by ``tests/test_integration_trl.py`` (TRL's real ``GRPOTrainer`` patched vs
+unpatched, same seed: per-step loss and grad norm).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import types
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import rlkern
+from rlkern.ops.policy_loss_config import TRL_LOSS_TYPES
+
+__all__ = [
+    "apply",
+    "compute_loss",
+    "is_applied",
+    "patched",
+    "per_token_logps_and_entropies",
+    "remove",
+    "reset_usage",
+    "usage",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The TRL release whose ``GRPOTrainer`` this module reproduces (major.minor).
+TESTED_TRL = "1.16"
+#: The ``GRPOTrainer`` attributes that :func:`apply` replaces.
+PATCHED_METHODS = ("_get_per_token_logps_and_entropies", "_compute_loss")
+
+# Keyword arguments of TRL's method that carry vision-language inputs: not handled here.
+_MULTIMODAL_KWARGS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                      "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                      "mm_token_type_ids", "image_position_ids")
+# Config fields that make the logits something other than ``h W^T + b`` (TRL's fused head
+# reads the same ones); rlkern's op has no such transform.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                     "lm_head_multiplier", "logits_scaling")
+# Keyword arguments a wrapper (PEFT, TRL) may pass to the model that the backbone must not see.
+_HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head",
+                     "logits_to_keep", "return_dict")
+
+_ORIGINALS: dict[str, Any] = {}
+_USAGE: Counter[str] = Counter()
+_WARNED: set[str] = set()
+# Models whose instance ``forward`` got the rlkern wrapper (restored by remove()).
+_WRAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _grpo_trainer() -> type:
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    return GRPOTrainer
+
+
+def _note_fallback(kind: str, reason: str) -> None:
+    _USAGE[f"{kind}_fallback"] += 1
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning("rlkern.integrations.trl: %s falls back to TRL's own code: %s",
+                       kind, reason)
+
+
+def usage() -> dict[str, int]:
+    """How often each path ran since the last :func:`reset_usage`: ``logps_rlkern``,
+    ``logps_fallback``, ``loss_rlkern``, ``loss_fallback``."""
+    return {k: _USAGE.get(k, 0) for k in ("logps_rlkern", "logps_fallback", "loss_rlkern",
+                                          "loss_fallback")}
+
+
+def reset_usage() -> None:
+    """Zero the :func:`usage` counters."""
+    _USAGE.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token log-probabilities and entropy through rlkern.linear_logprobs
+
+
+def _head_model(trainer: Any, model: nn.Module) -> nn.Module:
+    """The ``PreTrainedModel`` inside the DDP / DeepSpeed / PEFT wrappers around ``model``."""
+    inner = trainer.accelerator.unwrap_model(model)
+    get_base = getattr(inner, "get_base_model", None)  # a PEFT model: the patched base model
+    return get_base() if callable(get_base) else inner
+
+
+def _logps_fallback_reason(target: nn.Module, compute_aux_loss: bool,
+                           extra: dict[str, Any]) -> str | None:
+    present = [k for k in _MULTIMODAL_KWARGS if extra.get(k) is not None]
+    if present:
+        return f"vision-language inputs ({', '.join(present)})"
+    unknown = sorted(set(extra) - set(_MULTIMODAL_KWARGS))
+    if unknown:
+        return f"arguments this integration does not know ({', '.join(unknown)})"
+    if compute_aux_loss:
+        return "the MoE router auxiliary loss is requested (compute_aux_loss=True)"
+    config = getattr(target, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return f"{type(target).__name__} has no transformers config"
+    text_config = config.get_text_config()
+    if text_config is not config:
+        return f"{type(target).__name__} is a multimodal model (its text config is nested)"
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(text_config, name, None)
+        if value is not None and value != 1.0:
+            return f"the model transforms its logits ({name}={value!r})"
+    backbone = getattr(target, "base_model", None)
+    if backbone is None or backbone is target:
+        return f"{type(target).__name__} has no separate backbone (base_model)"
+    get_head = getattr(target, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear) or hasattr(head, "base_layer"):
+        return f"the output layer is {type(head).__name__}, not a plain nn.Linear"
+    if type(head.weight).__name__ == "DTensor":
+        return "the LM head weight is sharded (DTensor)"
+    return None
+
+
+def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] | None = None,
+                   **kwargs: Any) -> Any:
+    """The model's forward with one more mode: ``rlkern_request`` set → ``(logps, entropy)``.
+
+    Installed on the model instance (over whatever ``forward`` it had, e.g. TRL's fused head)
+    so that the call still goes through every wrapper's ``forward`` (DDP, DeepSpeed, PEFT),
+    which need to see the parameters used. Without ``rlkern_request`` it is the previous
+    forward, so generation and every other caller are unchanged.
+
+    ``rlkern_request`` keys: ``labels (B, K)`` completion token ids with ``-100`` at padding,
+    ``temperature``, ``entropy`` (bool), ``fp32_head`` (bool: TRL's
+    ``cast_lm_head_to_fp32``). Returns ``logps (B, K)`` float32 and ``entropy (B, K)`` (or
+    None), both 0 where the label is ``-100``.
+    """
+    if rlkern_request is None:
+        return self._rlkern_prev_forward(*args, **kwargs)
+    labels: Tensor = rlkern_request["labels"]
+    keep = labels.shape[1]
+    for name in _HEAD_ONLY_KWARGS:
+        kwargs.pop(name, None)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs["use_cache"] = False
+    hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, L, H)
+    # Position t predicts token t + 1: the K positions before the last score the K completion
+    # tokens (TRL's logits_to_keep), so the prompt positions never reach the head.
+    hidden = hidden[:, -keep - 1:-1, :]
+    head = self.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    hidden = hidden.to(weight.device)
+    device_type = hidden.device.type
+    if rlkern_request["fp32_head"]:
+        dtype = torch.float32
+    elif torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)  # what F.linear would compute in
+    else:
+        dtype = hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    # the casts are explicit above; autocast would otherwise re-cast inside the op
+    with torch.autocast(device_type, enabled=False):
+        out = rlkern.linear_logprobs(hidden, weight, labels.to(weight.device), bias=bias,
+                                     temperature=float(rlkern_request["temperature"]),
+                                     return_entropy=bool(rlkern_request["entropy"]))
+    return out.logprobs, out.entropy
+
+
+def _ensure_wrapped(target: nn.Module) -> None:
+    if getattr(target.forward, "_rlkern_fused", False):
+        return
+    def wrapper(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] | None = None,
+                **kwargs: Any) -> Any:
+        return _fused_forward(self, *args, rlkern_request=rlkern_request, **kwargs)
+
+    # Keep the class forward's signature visible: ``generate`` validates its kwargs against it.
+    functools.update_wrapper(wrapper, type(target).forward)
+    wrapper._rlkern_fused = True  # type: ignore[attr-defined]
+    target._rlkern_had_instance_forward = "forward" in target.__dict__
+    target._rlkern_prev_forward = target.forward
+    target.forward = types.MethodType(wrapper, target)
+    _WRAPPED.add(target)
+
+
+def _unwrap_all() -> None:
+    for target in list(_WRAPPED):
+        prev = target.__dict__.pop("_rlkern_prev_forward", None)
+        had = target.__dict__.pop("_rlkern_had_instance_forward", False)
+        if had and prev is not None:
+            target.forward = prev
+        else:
+            target.__dict__.pop("forward", None)
+    _WRAPPED.clear()
+
+
+def per_token_logps_and_entropies(
+    trainer: Any,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits_to_keep: int,
+    batch_size: int | None = None,
+    compute_entropy: bool = False,
+    compute_aux_loss: bool = False,
+    **extra: Any,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``GRPOTrainer._get_per_token_logps_and_entropies`` through :func:`rlkern.linear_logprobs`.
+
+    Args:
+        trainer: the ``GRPOTrainer`` (``self``).
+        model: the policy or the reference model, possibly wrapped (DDP, DeepSpeed, PEFT).
+        input_ids / attention_mask: ``(B, L)`` prompt + completion tokens and their mask.
+        logits_to_keep: ``K``, the completion width: the last ``K`` tokens are scored.
+        batch_size: rows per model call (TRL's chunking; default all ``B``).
+        compute_entropy: also return the per-token entropy of ``softmax(logits / T)``.
+        compute_aux_loss / extra: TRL's MoE and vision-language arguments; when set (or for a
+            model this path cannot handle, see the module doc) TRL's original method runs.
+
+    Returns:
+        ``(logps (B, K), entropy (B, K) or None, aux_loss or None)``: float32, 0 where the
+        token is padding (``attention_mask == 0``), as TRL returns them. Differentiable wrt the
+        model's parameters when grad is enabled.
+    """
+    target = _head_model(trainer, model)
+    reason = _logps_fallback_reason(target, compute_aux_loss, extra)
+    if reason is None and logits_to_keep < 1:
+        reason = f"logits_to_keep={logits_to_keep} (no completion token to score)"
+    original = _ORIGINALS.get(PATCHED_METHODS[0]) or _grpo_trainer().__dict__[PATCHED_METHODS[0]]
+    if reason is not None:
+        _note_fallback("logps", reason)
+        return original(trainer, model, input_ids, attention_mask, logits_to_keep,
+                        batch_size=batch_size, compute_entropy=compute_entropy,
+                        compute_aux_loss=compute_aux_loss, **extra)
+    _USAGE["logps_rlkern"] += 1
+    _ensure_wrapped(target)
+    batch_size = batch_size or input_ids.size(0)
+    fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
+    logps, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids = input_ids[start:start + batch_size]
+        am = attention_mask[start:start + batch_size]
+        labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
+        request = {"labels": labels, "temperature": trainer.temperature,
+                   "entropy": compute_entropy, "fp32_head": fp32_head}
+        with trainer.accelerator.autocast():
+            lp, ent = model(input_ids=ids, attention_mask=am, rlkern_request=request)
+        logps.append(lp)
+        if compute_entropy:
+            entropies.append(ent)
+    logp = torch.cat(logps, dim=0)
+    entropy = torch.cat(entropies, dim=0) if compute_entropy else None
+    return logp, entropy, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss through rlkern.policy_loss
+
+
+def _loss_fallback_reason(trainer: Any) -> str | None:
+    if trainer.loss_type not in TRL_LOSS_TYPES:
+        return f"loss_type={trainer.loss_type!r} (rlkern covers {', '.join(TRL_LOSS_TYPES)})"
+    if getattr(trainer, "use_adaptive_entropy", False):
+        return "the adaptive entropy controller (use_adaptive_entropy=True)"
+    return None
+
+
+def _global_masked_mean(trainer: Any, x: Tensor, mask: Tensor) -> float:
+    """TRL's metric reduction: Σ over valid tokens and processes / their count; a ``(B, 1)``
+    per-sequence value (sequence-level ratios) is averaged over the sequences instead."""
+    if x.shape[1] == 1:
+        local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+    else:
+        local = torch.stack([(x * mask).sum(), mask.sum().float()])
+    totals = trainer.accelerator.reduce(local, reduction="sum")
+    return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+
+def _masked_seq_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """``(B,)`` per-sequence mean (NaN for an empty row, which TRL's nanmin/nanmax skip)."""
+    if x.shape[1] == 1:
+        return x.squeeze(1)
+    return (x * mask).sum(-1) / mask.sum(-1)
+
+
+def _log_clip_metrics(trainer: Any, metrics: dict[str, list], logps: Tensor, old: Tensor,
+                      advantages: Tensor, mask: Tensor) -> None:
+    """TRL's clip metrics: the ratio as TRL forms it (per token, or per sequence ``(B, 1)``
+    with ``importance_sampling_level="sequence"``, clamped at ``delta`` before counting)."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    with torch.no_grad():
+        log_ratio = logps.detach() - old
+        if trainer.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        ratio = torch.exp(log_ratio)
+        if trainer.loss_type == "cispo":
+            clipped = ((ratio > trainer.epsilon_high) & (advantages > 0)).float()
+            metrics["cispo_clip_ratio"].append(_global_masked_mean(trainer, clipped, mask))
+            return
+        if trainer.loss_type == "sapo":
+            return
+        if trainer.args.delta is not None:
+            ratio = ratio.clamp(max=trainer.args.delta)
+        low = (ratio < 1 - trainer.epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + trainer.epsilon_high) & (advantages > 0)
+        low_f, high_f = low.float(), high.float()
+        metrics["clip_ratio/low_mean"].append(_global_masked_mean(trainer, low_f, mask))
+        metrics["clip_ratio/high_mean"].append(_global_masked_mean(trainer, high_f, mask))
+        metrics["clip_ratio/region_mean"].append(
+            _global_masked_mean(trainer, (low | high).float(), mask))
+        gathered_low = trainer.accelerator.gather(_masked_seq_mean(low_f, mask))
+        metrics["clip_ratio/low_min"].append(nanmin(gathered_low).item())
+        gathered_high = trainer.accelerator.gather(_masked_seq_mean(high_f, mask))
+        metrics["clip_ratio/high_max"].append(nanmax(gathered_high).item())
+
+
+def _entropy_threshold(trainer: Any, entropies: Tensor, mask: Tensor) -> Tensor | None:
+    """The (1 − q) entropy quantile over every process's valid tokens (TRL gathers them);
+    ``None`` on one process, where rlkern computes the same quantile itself."""
+    if trainer.top_entropy_quantile >= 1.0 or trainer.accelerator.num_processes == 1:
+        return None
+    local = entropies.detach()[mask.bool()].float()
+    sentinel = -1e9  # entropies are >= 0, so padding cannot be mistaken for a value
+    padded = trainer.accelerator.pad_across_processes(local, dim=0, pad_index=sentinel)
+    gathered = trainer.accelerator.gather(padded)
+    gathered = gathered[gathered != sentinel]
+    if gathered.numel() == 0:
+        return torch.tensor(math.inf, device=entropies.device)
+    return torch.quantile(gathered, 1 - trainer.top_entropy_quantile)
+
+
+def _token_weights(trainer: Any, inputs: dict[str, Any], logps: Tensor, old: Tensor,
+                   advantages: Tensor, mask: Tensor) -> Tensor | None:
+    """TRL's per-token multipliers of the policy term: the off-policy sequence mask
+    (``off_policy_mask_threshold``) and vLLM's importance-sampling ratio, as ``(B, T)``."""
+    weights = None
+    if trainer.off_policy_mask_threshold is not None:
+        sampling = inputs.get("sampling_per_token_logps", old)
+        weights = trainer.get_off_policy_mask(
+            advantages=advantages, per_token_logps=logps, sampling_per_token_logps=sampling,
+            mask=mask, off_policy_threshold=trainer.off_policy_mask_threshold)
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        ratio = inputs["importance_sampling_ratio"]
+        weights = ratio if weights is None else weights * ratio
+    if weights is None:
+        return None
+    return weights.detach().float().expand(mask.shape)
+
+
+def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+    """``GRPOTrainer._compute_loss`` with the loss from :func:`rlkern.policy_loss`.
+
+    ``inputs`` is TRL's batch: ``prompt_ids / prompt_mask (B, P)``, ``completion_ids /
+    completion_mask (B, K)``, ``advantages (B,)`` or ``(B, K)``, optionally
+    ``old_per_token_logps``, ``ref_per_token_logps``, ``tool_mask``, ``num_items_in_batch``,
+    ``importance_sampling_ratio`` (all ``(B, K)``-shaped per-token tensors). Returns the scalar
+    loss TRL would return (scaled for gradient accumulation as TRL scales it) and appends
+    TRL's metrics to ``trainer._metrics[mode]``.
+
+    The loss is ``rlkern.policy_loss(logps, old, A, mask, config=PolicyLossConfig.trl(...))``
+    with ``num_tokens = num_items_in_batch / num_processes · GA / steps_per_generation`` for
+    dapo and cispo (no GA / steps factor in eval mode); the entropy bonus
+    (``entropy_coef``), the high-entropy token mask (``top_entropy_quantile``), the KL term
+    (``beta``, ``use_bias_correction_kl``), vLLM's importance-sampling ratio and the
+    off-policy mask are applied by the same call.
+    """
+    reason = _loss_fallback_reason(trainer)
+    if reason is not None:
+        _note_fallback("loss", reason)
+        return _ORIGINALS.get(PATCHED_METHODS[1], _grpo_trainer().__dict__[PATCHED_METHODS[1]])(
+            trainer, model, inputs)
+    _USAGE["loss_rlkern"] += 1
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    keep = completion_ids.size(1)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    extra = {k: inputs.get(k) for k in _MULTIMODAL_KWARGS}
+    logps, entropies, aux_loss = trainer._get_per_token_logps_and_entropies(
+        model, input_ids, attention_mask, keep, compute_entropy=True,
+        compute_aux_loss=trainer.aux_loss_enabled, **extra)
+
+    mode = "train" if trainer.model.training else "eval"
+    ga = int(trainer.current_gradient_accumulation_steps) if mode == "train" else 1
+    advantages = inputs["advantages"]
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)  # (B, 1): TRL's shape for the metrics below
+    old = inputs.get("old_per_token_logps")
+    old = logps.detach() if old is None else old
+    bonus = bool(trainer._entropy_bonus_enabled)
+    args = trainer.args
+    config = rlkern.PolicyLossConfig.trl(
+        trainer.loss_type,
+        epsilon=trainer.epsilon_low,
+        epsilon_high=trainer.epsilon_high,
+        beta=trainer.beta,
+        delta=args.delta,
+        importance_sampling_level=trainer.importance_sampling_level,
+        max_completion_length=trainer.max_completion_length,
+        sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg,
+        use_bias_correction_kl=bool(args.use_bias_correction_kl),
+        top_entropy_quantile=trainer.top_entropy_quantile,
+        entropy_coef=trainer.entropy_coef if bonus else 0.0,
+        # vLLM's ratio arrives precomputed (inputs["importance_sampling_ratio"]): applied as
+        # a token weight, exactly the tensor TRL multiplies by
+        vllm_importance_sampling_correction=False,
+        gradient_accumulation_steps=ga,
+    )
+    num_tokens = None
+    if trainer.loss_type in ("dapo", "cispo"):
+        num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        if mode == "train":  # the count spans the generation batch: one accumulation window
+            num_tokens = num_tokens * ga / args.steps_per_generation
+    # The entropy is differentiated only through the bonus; otherwise it feeds the mask and
+    # the metric, and a detached input spares the LM head's backward an all-zero gradient.
+    entropy_in = entropies if bonus and trainer.entropy_coef != 0.0 else entropies.detach()
+    out = rlkern.policy_loss(
+        logps, old, advantages, mask, config=config,
+        ref_logprobs=inputs["ref_per_token_logps"] if trainer.beta != 0.0 else None,
+        entropy=entropy_in,
+        token_weights=_token_weights(trainer, inputs, logps, old, advantages, mask),
+        num_tokens=num_tokens,
+        entropy_threshold=_entropy_threshold(trainer, entropies, mask),
+    )
+    loss, metrics = out.loss, out.metrics
+    log = trainer._metrics[mode]
+    if bonus:
+        # TRL's "policy_loss": the policy + KL terms before the accumulation scaling
+        policy = metrics["pg_loss"] + trainer.beta * metrics.get("kl_loss", 0.0)
+        log["policy_loss"].append(trainer.accelerator.gather(policy.float()).nanmean().item())
+        if mode == "train" and trainer.accelerator.sync_gradients:
+            log["entropy_coef"].append(trainer.entropy_coef)
+    if trainer.aux_loss_enabled and aux_loss is not None:
+        loss = loss + trainer.router_aux_loss_coef * aux_loss / ga
+        log["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+    # rlkern's kl / entropy metrics are means over this process's valid tokens: times the
+    # count they give the sums that TRL reduces across processes.
+    count = mask.sum().float()
+    for key, name in (("kl", "kl"), ("entropy", "entropy_mean")):
+        if key == "kl" and trainer.beta == 0.0:
+            continue
+        local = torch.stack([metrics[name].float() * count, count])
+        totals = trainer.accelerator.reduce(local, reduction="sum")
+        log[key].append((totals[0] / totals[1].clamp(min=1.0)).item())
+    _log_clip_metrics(trainer, log, logps, old, advantages, mask)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# apply / remove
+
+
+def _profiled(fn: Callable, name: str) -> Callable:
+    """``fn`` under TRL's ``profiling_decorator`` with TRL's method name, so TRL's timing
+    logs keep their keys."""
+    fn.__name__ = fn.__qualname__ = name
+    try:
+        from trl.extras.profiling import profiling_decorator
+    except ImportError:  # pragma: no cover - older TRL layouts
+        return fn
+    return profiling_decorator(fn)
+
+
+def _patched_logps(self: Any, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   logits_to_keep: int, batch_size: int | None = None,
+                   compute_entropy: bool = False, compute_aux_loss: bool = False,
+                   **extra: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    return per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                         batch_size, compute_entropy, compute_aux_loss, **extra)
+
+
+def _patched_loss(self: Any, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+    return compute_loss(self, model, inputs)
+
+
+_REPLACEMENTS = {
+    PATCHED_METHODS[0]: _profiled(_patched_logps, PATCHED_METHODS[0]),
+    PATCHED_METHODS[1]: _profiled(_patched_loss, PATCHED_METHODS[1]),
+}
+
+
+def is_applied() -> bool:
+    """True while ``GRPOTrainer``'s methods are rlkern's."""
+    return bool(_ORIGINALS)
+
+
+def apply() -> None:
+    """Swap ``GRPOTrainer._get_per_token_logps_and_entropies`` and ``_compute_loss`` for rlkern
+    (see the module doc). Idempotent; :func:`remove` undoes it.
+
+    Raises:
+        ImportError: TRL is not installed.
+    """
+    cls = _grpo_trainer()
+    if _ORIGINALS:
+        return
+    import trl
+
+    if not str(trl.__version__).startswith(TESTED_TRL):
+        logger.warning("rlkern.integrations.trl was written and tested against TRL %s.x; "
+                       "TRL %s is installed: check tests/test_integration_trl.py",
+                       TESTED_TRL, trl.__version__)
+    for name in PATCHED_METHODS:
+        _ORIGINALS[name] = cls.__dict__[name]
+    for name in PATCHED_METHODS:
+        setattr(cls, name, _REPLACEMENTS[name])
+
+
+def remove() -> None:
+    """Put TRL's original methods back (the very same function objects) and take rlkern's
+    forward wrapper off every model it was installed on. Idempotent."""
+    if _ORIGINALS:
+        cls = _grpo_trainer()
+        for name, original in _ORIGINALS.items():
+            setattr(cls, name, original)
+        _ORIGINALS.clear()
+    _unwrap_all()
+
+
+@contextmanager
+def patched() -> Iterator[None]:
+    """``with rlkern.integrations.trl.patched(): trainer.train()`` — :func:`apply` for the
+    block, :func:`remove` after it (unless it was applied before the block)."""
+    was = is_applied()
+    apply()
+    try:
+        yield
+    finally:
+        if not was:
+            remove()
+
