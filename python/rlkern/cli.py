@@ -1,5 +1,6 @@
-"""The ``rlkern`` command: ``rlkern bench`` (benchmarks) and ``rlkern aot-report`` (GPU code
-compiled ahead of time: registers, spills, shared memory)."""
+"""The ``rlkern`` command: ``rlkern bench`` (benchmarks), ``rlkern aot-report`` (GPU code
+compiled ahead of time: registers, spills, shared memory) and ``rlkern demo`` (a GRPO loop on
+CPU that learns a toy task)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlkern.aot import add_arguments as add_aot_arguments
     from rlkern.bench.cli import add_arguments as add_bench_arguments
+    from rlkern.demo import add_arguments as add_demo_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="time rlkern against its peers"))
     add_aot_arguments(sub.add_parser("aot-report", help="compile GPU kernels ahead of time "
                                                        "and report their resource usage"))
+    add_demo_arguments(sub.add_parser("demo", help="train a tiny model with GRPO on a toy task "
+                                                   "(CPU, a few minutes); plot its reward"))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
