@@ -288,3 +288,63 @@ def test_negative_lengths_rejected(backend):
     with pytest.raises(ValueError, match="lengths"):
         rlkern.group_advantages(torch.rand(4), group_size=2, estimator="opo",
                                 lengths=torch.tensor([1, -2, 3, 4]), backend=backend)
+
+
+def _float64_grpo(scores: torch.Tensor, ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO in float64 by scatter (the large-batch truth; the reference loops over groups)."""
+    _, inv, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    x = scores.double()
+    c = counts.double()
+    mean = torch.zeros_like(c).index_add_(0, inv, x) / c
+    d = x - mean[inv]
+    var = torch.zeros_like(c).index_add_(0, inv, d * d) / (c - 1).clamp_min(1)
+    scale = torch.where(c > 1, 1.0 / (var.sqrt() + eps), 0.0)
+    return d * scale[inv]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "opo"])
+def test_large_batch_layouts_and_thread_counts(estimator):
+    """2^20 + 37 shuffled rows (groups of ~8, singletons, zero-variance groups, NaN rows):
+    the chunked moments and the compact row pass of the C++ ids path. Dense ids, arbitrary
+    63-bit ids and sorted ids vs group_size give bitwise the same results, on 1 or 2 threads."""
+    gen = torch.Generator().manual_seed(4)
+    n = 2**20 + 37
+    k = n // 8
+    dense = torch.randint(0, k, (n,), generator=gen)  # uneven groups, some singletons
+    dense[:8] = k  # one zero-variance group
+    keys = torch.randint(-(2**62), 2**62, (k + 1,), generator=gen)
+    scores = (torch.randn(n, generator=gen) * 100 + 1e4).float()
+    scores[:8] = 3.0
+    scores[9] = math.nan
+    extra = estimator_inputs(estimator, n, gen)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for ids in (dense, keys[dense]):
+                outs.append(rlkern.group_advantages(scores, group_ids=ids, estimator=estimator,
+                                                    nan_policy="omit", **extra))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        for a, b in zip(outs[0], out, strict=True):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    out = outs[0]
+    assert float(out.advantages[9]) == 0.0
+    assert torch.equal(out.advantages[:8], torch.zeros(8))
+    assert torch.equal(out.group_mean[:8], torch.full((8,), 3.0))
+    assert bool(out.zero_variance_mask[:8].all())
+    if estimator == "grpo":
+        valid = torch.isfinite(scores)
+        want = _float64_grpo(scores[valid], dense[valid])
+        torch.testing.assert_close(out.advantages[valid].double(), want, rtol=1e-5, atol=1e-5)
+    # Sorted rows: ids and contiguous groups take different C++ paths, same arithmetic.
+    m = n - n % 8
+    sorted_scores = scores[:m].nan_to_num(0.0)
+    extra = {key: v[:m] for key, v in extra.items()}
+    by_size = rlkern.group_advantages(sorted_scores, group_size=8, estimator=estimator, **extra)
+    by_ids = rlkern.group_advantages(sorted_scores, group_ids=torch.arange(m) // 8,
+                                     estimator=estimator, **extra)
+    for a, b in zip(by_size, by_ids, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)

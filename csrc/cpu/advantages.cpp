@@ -5,11 +5,14 @@
 // written at once — one read of the scores, one write of the outputs. Estimators that need a
 // batch-level constant first (σ_batch, REINFORCE++'s whitening) make one extra summary pass.
 //
-// Arbitrary ids: one hash pass (group_index.h) numbers the groups and accumulates their
-// moments; the estimators that need more make one more row pass (unlikely's in-group ranks go
-// through a counting sort of the rows by group); then a per-group record of the affine map
-// A = (x − center)·scale + offset (group_stats.h), and a row pass applying it, threads
-// splitting rows. Large scratch arrays live in per-thread workspaces (workspace.h).
+// Arbitrary ids: the groups are numbered (id − min for nearly dense ids, else one hash pass,
+// group_index.h); float64 scores accumulate their moments in that pass, float32 scores in
+// chunks of groups sized to a core's L2 (advantages_ids.h). The estimators that need more make
+// one more row pass (unlikely's in-group ranks go through a counting sort of the rows by
+// group); then a per-group record of the affine map A = (x − center)·scale + offset
+// (group_stats.h), and a row pass applying it, threads splitting rows — one pass over 16-byte
+// records when every group is centred on its mean (compact_pass). Large scratch arrays live in
+// per-thread workspaces (workspace.h).
 //
 // Accumulation is in double; group_stats.h says why a group's results do not depend on the
 // order of its rows beyond float32 rounding.
@@ -18,11 +21,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/advantages_ids.h"
 #include "cpu/group_index.h"
 
 namespace rlkern::cpu {
@@ -339,6 +345,53 @@ void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
 
 // ----------------------------------------------------------------------------- by ids
 
+// Nearly dense ids (dense_enough): the group of a row is id − min, threads splitting rows.
+Grouping dense_numbering(const int64_t* ids, int64_t n, IdRange r, int32_t* row_group) {
+  at::parallel_for(0, n, kGrainRows, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) row_group[i] = int32_t(uint64_t(ids[i]) - uint64_t(r.min));
+  });
+  Grouping out;
+  out.num_groups = int64_t(uint64_t(r.max) - uint64_t(r.min)) + 1;
+  out.row_group = row_group;
+  return out;
+}
+
+// The estimators whose every group is centred on its mean (grpo, dr_grpo, rloo, gpg) with
+// float32 scores: one row pass gathering a 16-byte record per group (advantages_ids.h).
+// Returns false, having written nothing, when some group is centred elsewhere (verl's
+// singletons: b = 0); the caller then runs the general passes.
+bool compact_pass(const GroupAdvantagesArgs& a, const AdvantageParams& p,
+                  const std::vector<GroupMoments>& ms, const int32_t* rg, int64_t k) {
+  static thread_local Workspace<CompactRecord> rec_store;
+  CompactRecord* rec = rec_store.get(size_t(k));
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, k, int64_t(1) << 15, [&](int64_t b, int64_t e) {
+    bool local_ok = true;
+    for (int64_t g = b; g < e; ++g) {
+      const HotRecord<float> h = hot_record<float>(ms[g], ms[g], nullptr, p);
+      // A group without a valid row, or one whose rows all get 0 (scale 0: a singleton under
+      // singleton="zero"), may take its mean as centre: its advantages stay 0.
+      const bool centred = ms[g].n == 0.0 || h.scale == 0.0f || h.center == ms[g].mean;
+      local_ok = local_ok && centred;
+      rec[g] = compact_record(ms[g].mean, h.scale, h.std, h.zero_variance);
+    }
+    if (!local_ok) ok.store(false, std::memory_order_relaxed);
+  });
+  if (!ok.load()) return false;
+  const float* x = static_cast<const float*>(a.scores);
+  float* adv = static_cast<float*>(a.advantages);
+  float* mean = static_cast<float*>(a.group_mean);
+  float* sd = static_cast<float*>(a.group_std);
+  // Non-temporal stores once the outputs are far larger than the caches (and aligned).
+  const bool aligned = ((reinterpret_cast<uintptr_t>(adv) | reinterpret_cast<uintptr_t>(mean) |
+                         reinterpret_cast<uintptr_t>(sd)) & 63) == 0;
+  const bool stream = aligned && a.n >= (int64_t(1) << 19);
+  at::parallel_for(0, a.n, kGrainRows, [&](int64_t b, int64_t e) {
+    compact_rows(x, rg, rec, b, e, adv, mean, sd, a.zero_variance, stream);
+  });
+  return true;
+}
+
 template <typename T, typename O>
 void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
   const T* s = static_cast<const T*>(a.scores);
@@ -357,10 +410,10 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
   Grouping grouping;
   if constexpr (std::is_same_v<T, float>) {
     // Number the groups first (no accumulator: a small table, or none for dense ids), then
-    // two passes over L2-sized arrays for the moments (exact for float32, see group_index.h).
-    grouping = dense ? group_by_dense_ids<T>(a.group_ids, n, range, nullptr, rows, nullptr)
+    // the moments one L2-sized chunk of groups at a time (advantages_ids.h).
+    grouping = dense ? dense_numbering(a.group_ids, n, range, rows)
                      : group_by_ids_parallel<T, false>(a.group_ids, n, nullptr, rows, nullptr);
-    moments_two_pass(s, n, grouping.row_group, grouping.num_groups, &ms);
+    moments_chunked(s, n, grouping.row_group, grouping.num_groups, &ms);
   } else {  // float64 scores: shifted sums accumulated with the numbering (group_stats.h)
     grouping = dense ? group_by_dense_ids<T>(a.group_ids, n, range, s, rows, &ms)
                      : group_by_ids_parallel<T, true>(a.group_ids, n, s, rows, &ms);
@@ -405,6 +458,11 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
   if (p.estimator == kGpg) count_rows(s, n, &valid, &nonzero);
   batch_constants(mx.data(), need.any() ? ext.data() : nullptr, k, valid, nonzero, &p);
 
+  const bool with_cold = needs_cold(p);
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
+    if (!need.any() && !with_cold && xr == nullptr && compact_pass(a, p, ms, rg, k)) return;
+  }
+
   // Per-group results as separate arrays, applied in two row passes: each pass gathers from
   // arrays small enough to stay in L2 (for 131k groups: 1.5 MiB, then 1.1 MiB), which costs
   // far less than one pass gathering from a single 3 MiB array of records.
@@ -418,7 +476,6 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
   O* g_mean = mean_store.get(size_t(k));
   O* g_std = std_store.get(size_t(k));
   uint8_t* g_zv = zv_store.get(size_t(k));
-  const bool with_cold = needs_cold(p);
   if (with_cold) cold.resize(size_t(k));
   at::parallel_for(0, k, kGrainRows, [&](int64_t b, int64_t e) {
     for (int64_t g = b; g < e; ++g) {

@@ -280,39 +280,6 @@ Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
   return out;
 }
 
-// Moments of float32 values grouped by row_group, by two passes of structure-of-arrays sums
-// (count, Σx, then Σ(x − mean)²) whose arrays stay in L2 for ~10^5 groups. Exact where it
-// must be for float32 values: n copies of one value sum exactly in double (24 + 29 bits), so a
-// group of equal values gets mean = that value and M2 = 0, and M2 = 0 only then (a nonzero
-// float32 difference squared cannot underflow a double). min/max are set so that
-// moments_zero_variance() and moments_merge() see exactly that.
-inline void moments_two_pass(const float* x, int64_t n, const int32_t* rg, int64_t k,
-                             std::vector<GroupMoments>* out) {
-  static thread_local Workspace<double> count_ws, sum_ws, m2_ws;
-  double* count = count_ws.get(size_t(k), true);
-  double* sum = sum_ws.get(size_t(k), true);
-  double* m2 = m2_ws.get(size_t(k), true);
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = double(x[i]);
-    if (!score_is_valid(v)) continue;
-    count[rg[i]] += 1.0;
-    sum[rg[i]] += v;
-  }
-  for (int64_t g = 0; g < k; ++g) sum[g] /= count[g];  // the mean (NaN for an empty group)
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = double(x[i]);
-    if (!score_is_valid(v)) continue;
-    const double d = v - sum[rg[i]];
-    m2[rg[i]] += d * d;
-  }
-  out->resize(size_t(k));
-  const double inf = std::numeric_limits<double>::infinity();
-  for (int64_t g = 0; g < k; ++g) {
-    const double mean = sum[g];
-    (*out)[g] = GroupMoments{count[g], mean, m2[g], mean, m2[g] == 0.0 ? mean : inf};
-  }
-}
-
 // Ids that are nearly dense (max − min < 2n, e.g. prompt indices) need no hashing: the group
 // of a row is id − min, and the accumulators sit in an array of that range (unused numbers
 // are empty groups, n = 0, with no rows). Rows are visited in row order, as above.

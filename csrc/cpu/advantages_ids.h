@@ -1,0 +1,216 @@
+// The float32 passes of group_advantages over arbitrary ids (csrc/cpu/advantages.cpp), once
+// every row has its dense group number row_group[i] in [0, K):
+//
+//   1. group moments in one pass per *chunk of groups* (moments_chunked): the groups are split
+//      into chunks whose accumulators (24 bytes a group) fit a core's L2, threads take whole
+//      chunks, and each chunk streams every row and keeps its own (a vectorised filter). A
+//      random access into an L2-resident array costs ~2 ns; into a 3–4 MiB one (all of
+//      2^17 groups' accumulators) ~10 ns on the 2 MiB-L2 machines this runs on, so a second
+//      streaming read of the rows is far cheaper than one pass with the whole array.
+//      A group is accumulated by one thread, in row order, so the result does not depend on
+//      the thread count or on the number of chunks.
+//   2. one row pass gathering a 16-byte record per group (compact_rows) when every group's
+//      centre is its mean — grpo, dr_grpo, rloo, gpg, any `std`, either `std_scope` — with
+//      non-temporal stores for large batches (the 13 bytes of output per row would otherwise
+//      evict the records from L2). Other estimators use advantages.cpp's general two passes.
+//
+// Numerics are exactly the contiguous path's shifted sums (rlkern/group_stats.h): the shift K
+// is the group's first valid value in row order, d = x − K, Σd and Σd² in double. For float32
+// values d is exact and d² cannot underflow, so Σd² == 0 exactly when all values equal K:
+// that replaces the min/max pair (8 bytes a group) as the zero-variance test.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/workspace.h"
+#include "rlkern/group_stats.h"
+
+namespace rlkern::cpu {
+
+// A group's shifted sums for float32 values: 24 bytes (the double version is 48).
+struct FloatShifted {
+  float shift;  // the group's first valid value
+  uint32_t n;
+  double s1, s2;  // Σ (x − shift), Σ (x − shift)²
+};
+
+// The moments of one group from its shifted sums, as shifted_moments() gives them except for
+// min/max, which only serve the zero-variance test (moments_zero_variance, moments_merge):
+// equal for a zero-variance group, (−inf, +inf) otherwise.
+inline GroupMoments float_shifted_moments(const FloatShifted& a) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  constexpr double nan = std::numeric_limits<double>::quiet_NaN();
+  if (a.n == 0) return GroupMoments{0.0, nan, 0.0, inf, -inf};
+  const double n = double(a.n), k = double(a.shift);
+  if (a.s2 == 0.0) return GroupMoments{n, k, 0.0, k, k};
+  const double m2 = a.s2 - a.s1 * (a.s1 / n);
+  return GroupMoments{n, k + a.s1 / n, m2 > 0.0 ? m2 : 0.0, -inf, inf};
+}
+
+// Rows of [begin, end) whose group lies in [lo, lo + size) and whose value is finite, appended
+// to (local group, value) buffers; returns how many. The buffers need 16 entries of slack.
+inline int64_t select_chunk_rows(const float* x, const int32_t* rg, int64_t begin, int64_t end,
+                                 int32_t lo, int32_t size, uint32_t* local, float* value) {
+  int64_t m = 0, i = begin;
+#if defined(__AVX512F__)
+  const __m512i vlo = _mm512_set1_epi32(lo), vsize = _mm512_set1_epi32(size);
+  for (; i + 16 <= end; i += 16) {
+    // g − lo < size as unsigned is the range test; x − x == 0 is the finite test (NaN and
+    // ±inf give NaN). The compress packs the selected lanes to the front of the vector.
+    const __m512i g = _mm512_sub_epi32(_mm512_loadu_si512(rg + i), vlo);
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 keep =
+        _mm512_cmplt_epu32_mask(g, vsize) &
+        _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    _mm512_storeu_si512(local + m, _mm512_maskz_compress_epi32(keep, g));
+    _mm512_storeu_ps(value + m, _mm512_maskz_compress_ps(keep, v));
+    m += __builtin_popcount(unsigned(keep));
+  }
+#endif
+  for (; i < end; ++i) {  // branch-free append: the entry is written, and kept or overwritten
+    const uint32_t g = uint32_t(rg[i] - lo);
+    local[m] = g;
+    value[m] = x[i];
+    m += int64_t(g < uint32_t(size) && x[i] - x[i] == 0.0f);
+  }
+  return m;
+}
+
+// Moments of the finite values x grouped by row_group (K groups) into `out` (resized to K).
+inline void moments_chunked(const float* x, int64_t n, const int32_t* row_group, int64_t k,
+                            std::vector<GroupMoments>* out) {
+  constexpr int64_t kChunkBytes = int64_t(1536) << 10;  // of a 2 MiB L2: rows stream through
+  constexpr int64_t kMinRowsPerThread = int64_t(1) << 17;
+  const int64_t per_chunk_max = kChunkBytes / int64_t(sizeof(FloatShifted));
+  int64_t chunks = (k + per_chunk_max - 1) / per_chunk_max;
+  // Enough chunks for every thread once the batch is large enough to be worth splitting;
+  // each extra chunk costs one more streaming read of (row_group, x): 8 bytes a row.
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n / kMinRowsPerThread);
+  if (nt > 1 && chunks % nt != 0) chunks += nt - chunks % nt;
+  chunks = std::max<int64_t>(1, std::min(chunks, k));
+  const int64_t per_chunk = (k + chunks - 1) / chunks;
+  static thread_local Workspace<FloatShifted> acc_ws;
+  FloatShifted* acc = acc_ws.get(size_t(k));  // bound here, not in the workers (thread_local)
+  out->resize(size_t(k));
+  GroupMoments* mom = out->data();
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    constexpr int64_t kBlock = 2048;
+    uint32_t local[kBlock + 16];
+    float value[kBlock + 16];
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t lo = c * per_chunk, size = std::min(per_chunk, k - lo);
+      if (size <= 0) continue;
+      FloatShifted* a = acc + lo;
+      std::memset(static_cast<void*>(a), 0, size_t(size) * sizeof(FloatShifted));
+      for (int64_t b = 0; b < n; b += kBlock) {
+        const int64_t m = select_chunk_rows(x, row_group, b, std::min(n, b + kBlock),
+                                            int32_t(lo), int32_t(size), local, value);
+        for (int64_t j = 0; j < m; ++j) {
+          // Shifted sums (group_stats.h); the first value becomes the shift through a
+          // select, not a branch: with groups of 8, one row in 8 is a group's first.
+          FloatShifted& s = a[local[j]];
+          const float v = value[j];
+          const float shift = s.n == 0 ? v : s.shift;
+          s.shift = shift;
+          const double d = double(v) - double(shift);
+          s.n += 1;
+          s.s1 += d;
+          s.s2 += d * d;
+        }
+      }
+      for (int64_t g = 0; g < size; ++g) mom[lo + g] = float_shifted_moments(a[g]);
+    }
+  });
+}
+
+// What the row pass needs of a group whose centre is its mean: A = (x − center)·scale,
+// group_mean = float(center), group_std = |std_zv|, zero_variance = signbit(std_zv) (a
+// zero-variance group has std 0, stored as −0).
+struct alignas(16) CompactRecord {
+  double center;
+  float scale;
+  float std_zv;
+};
+
+inline CompactRecord compact_record(double center, float scale, float std, bool zero_variance) {
+  return CompactRecord{center, scale, zero_variance ? -std::fabs(std) : std};
+}
+
+// Row i of the compact pass (also the scalar tail of the vector loop).
+inline void compact_row(const float* x, const int32_t* rg, const CompactRecord* rec, int64_t i,
+                        float* adv, float* mean, float* std, bool* zv) {
+  const CompactRecord& r = rec[rg[i]];
+  const double v = double(x[i]);
+  adv[i] = score_is_valid(v) ? float((v - r.center) * double(r.scale)) : 0.0f;
+  mean[i] = float(r.center);
+  std[i] = std::fabs(r.std_zv);
+  zv[i] = std::signbit(r.std_zv);
+}
+
+// Rows [begin, end) of the compact pass. `stream`: non-temporal stores (caller checked that
+// the three float outputs are 64-byte aligned).
+inline void compact_rows(const float* x, const int32_t* rg, const CompactRecord* rec,
+                         int64_t begin, int64_t end, float* adv, float* mean, float* std,
+                         bool* zv, bool stream) {
+  int64_t i = begin;
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
+  for (; i < end && (i & 15) != 0; ++i) compact_row(x, rg, rec, i, adv, mean, std, zv);
+  const double* base = reinterpret_cast<const double*>(rec);
+  const float* base_f = reinterpret_cast<const float*>(rec);
+  for (; i + 16 <= end; i += 16) {
+    // Record g is 2 doubles = 4 floats: center at double 2g, scale and std_zv at float
+    // 4g + 2 and 4g + 3. Gathers keep the 16 rows' record loads independent and in flight.
+    const __m512i g = _mm512_loadu_si512(rg + i);
+    const __m512i g2 = _mm512_slli_epi32(g, 1), g4 = _mm512_slli_epi32(g, 2);
+    const __m512d c0 = _mm512_i32gather_pd(_mm512_castsi512_si256(g2), base, 8);
+    const __m512d c1 = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(g2, 1), base, 8);
+    const __m512 sc = _mm512_i32gather_ps(_mm512_add_epi32(g4, _mm512_set1_epi32(2)), base_f, 4);
+    const __m512 sd = _mm512_i32gather_ps(_mm512_add_epi32(g4, _mm512_set1_epi32(3)), base_f, 4);
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 valid = _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(),
+                                               _CMP_EQ_OQ);
+    // (x − center)·scale in double, as the scalar formula, then rounded once to float.
+    const __m512d x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d x1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+    const __m512d a0 = _mm512_mul_pd(_mm512_sub_pd(x0, c0),
+                                     _mm512_cvtps_pd(_mm512_castps512_ps256(sc)));
+    const __m512d a1 = _mm512_mul_pd(_mm512_sub_pd(x1, c1),
+                                     _mm512_cvtps_pd(_mm512_extractf32x8_ps(sc, 1)));
+    const __m512 a = _mm512_maskz_mov_ps(
+        valid, _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a0)),
+                                  _mm512_cvtpd_ps(a1), 1));
+    const __m512 m = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(c0)),
+                                        _mm512_cvtpd_ps(c1), 1);
+    const __m512 s = _mm512_abs_ps(sd);
+    const __m128i z = _mm_and_si128(_mm_movm_epi8(_mm512_movepi32_mask(_mm512_castps_si512(sd))),
+                                    _mm_set1_epi8(1));
+    if (stream) {
+      _mm512_stream_ps(adv + i, a);
+      _mm512_stream_ps(mean + i, m);
+      _mm512_stream_ps(std + i, s);
+    } else {
+      _mm512_storeu_ps(adv + i, a);
+      _mm512_storeu_ps(mean + i, m);
+      _mm512_storeu_ps(std + i, s);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(zv + i), z);
+  }
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+  for (; i < end; ++i) compact_row(x, rg, rec, i, adv, mean, std, zv);
+}
+
+}  // namespace rlkern::cpu
