@@ -417,6 +417,54 @@ void kl_penalty_bwd_out_cuda(const at::Tensor& logprobs, const at::Tensor& ref_l
                       value_clamp, out, "rlkern::kl_penalty_bwd_out");
 }
 
+// ------------------------------------------------------------------------------ sampler (§4)
+// sample_out(Tensor logits, Tensor? indices, Tensor temperature, Tensor? top_k, Tensor? top_p,
+//   Tensor? min_p, Tensor seeds, Tensor steps, bool joint, bool raw_temperature,
+//   Tensor(a!) tokens, Tensor(b!) raw_logprobs, Tensor(c!) processed_logprobs,
+//   Tensor(d!)? entropy, Tensor(e!) lse) -> ()   (schema in cpu/sample_ops.cpp; the checks
+// mirror sample_out_cpu there, except that indices are range-checked by the Python layer:
+// reading them here would synchronise the stream).
+
+void sample_out_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& indices,
+                     const at::Tensor& temperature, const std::optional<at::Tensor>& top_k,
+                     const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p,
+                     const at::Tensor& seeds, const at::Tensor& steps, bool joint,
+                     bool raw_temperature, const at::Tensor& tokens, const at::Tensor& raw_logprobs,
+                     const at::Tensor& processed_logprobs, const std::optional<at::Tensor>& entropy,
+                     const at::Tensor& lse) {
+  TORCH_CHECK(logits.is_cuda(), "logits: expected a CUDA tensor, got device ", logits.device());
+  TORCH_CHECK(logits.dim() == 2, "logits: expected (R, V), got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1,
+              "logits: the vocab (last) dim must be contiguous");
+  const int dtype = cuda_dtype(logits);
+  const int64_t R = logits.size(0), V = logits.size(1), N = tokens.numel();
+  TORCH_CHECK(V > 0 || N == 0, "logits: empty vocabulary");
+  TORCH_CHECK(indices.has_value() || N == R, "tokens: expected ", R,
+              " rows without indices, got ", N);
+  check_cuda_array(tokens, "tokens", N, at::kLong, logits);
+  check_cuda_array(raw_logprobs, "raw_logprobs", N, at::kFloat, logits);
+  check_cuda_array(processed_logprobs, "processed_logprobs", N, at::kFloat, logits);
+  check_cuda_array(lse, "lse", N, at::kFloat, logits);
+  check_cuda_array(temperature, "temperature", N, at::kDouble, logits);
+  check_cuda_array(seeds, "seeds", N, at::kLong, logits);
+  check_cuda_array(steps, "steps", N, at::kLong, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_launch(
+      rlkern_sample_cuda(
+          logits.const_data_ptr(), dtype, R, V, R > 1 ? logits.stride(0) : V, N,
+          opt_ptr<const int64_t>(indices, "indices", N, at::kLong, logits),
+          temperature.const_data_ptr<double>(),
+          opt_ptr<const int64_t>(top_k, "top_k", N, at::kLong, logits),
+          opt_ptr<const double>(top_p, "top_p", N, at::kDouble, logits),
+          opt_ptr<const double>(min_p, "min_p", N, at::kDouble, logits),
+          seeds.const_data_ptr<int64_t>(), steps.const_data_ptr<int64_t>(), joint ? 1 : 0,
+          raw_temperature ? 1 : 0, tokens.data_ptr<int64_t>(), raw_logprobs.data_ptr<float>(),
+          processed_logprobs.data_ptr<float>(),
+          opt_ptr<float>(entropy, "entropy", N, at::kFloat, logits), lse.data_ptr<float>(),
+          at::cuda::getCurrentCUDAStream().stream()),
+      "rlkern::sample_out");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlkern, CUDA, m) {
@@ -429,6 +477,7 @@ TORCH_LIBRARY_IMPL(rlkern, CUDA, m) {
   m.impl("policy_loss_bwd_out", &policy_loss_bwd_out_cuda);
   m.impl("kl_penalty_fwd_out", &kl_penalty_fwd_out_cuda);
   m.impl("kl_penalty_bwd_out", &kl_penalty_bwd_out_cuda);
+  m.impl("sample_out", &sample_out_cuda);
 }
 
 }  // namespace rlkern

@@ -13,7 +13,7 @@ from rlkern import nvcc
 
 ARCHS = (80, 90)
 # Kernels on the training hot path: every instantiation must be spill-free.
-HOT_KERNELS = ("logprobs_fwd_kernel", "logprobs_bwd_kernel")
+HOT_KERNELS = ("logprobs_fwd_kernel", "logprobs_bwd_kernel", "sample_kernel")
 ROW_KEYS = {"file", "kernel", "arch", "registers", "spill_stores", "spill_loads", "shared_bytes"}
 
 
@@ -55,6 +55,14 @@ def test_logprobs_instantiations(rows: list[dict]) -> None:
         bwd = [r for r in rows if "logprobs_bwd_kernel" in r["kernel"] and r["arch"] == arch]
         assert len(fwd) == 12, [r["kernel"] for r in fwd]
         assert len(bwd) == 3, [r["kernel"] for r in bwd]
+
+
+def test_sample_instantiations(rows: list[dict]) -> None:
+    # One sampler kernel per logits dtype (fp32, fp16, bf16) and arch, all on the no-spill list.
+    for arch in ARCHS:
+        got = [r for r in rows if "sample_kernel" in r["kernel"] and r["arch"] == arch]
+        assert len(got) == 3, [r["kernel"] for r in got]
+        assert all(r["file"] == "csrc/cuda/sample.cu" for r in got)
 
 
 def test_hot_kernels_do_not_spill(rows: list[dict]) -> None:

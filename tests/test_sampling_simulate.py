@@ -68,3 +68,89 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="micro_group_size"):
         Scheduler([3], group_size=2, schedule="micro_group", max_new_tokens=4,
                   micro_group_size=3)
+
+
+def _brute_force(classes, capacity):
+    """Exact optimum of the knapsack with setup costs, by enumerating every count vector."""
+    import itertools
+
+    from rlkern.sampling.scheduler import _total
+
+    best = 0.0
+    for counts in itertools.product(*(range(c.count + 1) for c in classes)):
+        w, v = _total(classes, counts)
+        if w <= capacity:
+            best = max(best, v)
+    return best
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.2, 0.05])
+def test_knapsack_fptas_is_within_one_minus_eps_of_brute_force(eps):
+    from rlkern.sampling.scheduler import KnapsackClass, _total, knapsack_fptas
+
+    g = torch.Generator().manual_seed(int(eps * 1000))
+    worst = 1.0
+    for _ in range(150):
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        classes = [KnapsackClass(count=int(torch.randint(0, 4, (1,), generator=g)),
+                                 weight=int(torch.randint(1, 30, (1,), generator=g)),
+                                 value=float(torch.rand(1, generator=g) ** 3 * 10),
+                                 setup=int(torch.randint(0, 40, (1,), generator=g)))
+                   for _ in range(n)]
+        capacity = int(torch.randint(0, 120, (1,), generator=g))
+        counts = knapsack_fptas(classes, capacity, eps)
+        assert all(0 <= k <= c.count for k, c in zip(counts, classes, strict=True))
+        w, v = _total(classes, counts)
+        assert w <= capacity
+        opt = _brute_force(classes, capacity)
+        assert v >= (1 - eps) * opt - 1e-12, (classes, capacity, counts, v, opt)
+        if opt > 0:
+            worst = min(worst, v / opt)
+    assert worst >= 1 - eps
+
+
+def test_knapsack_fptas_prefers_shared_prefixes_and_short_predictions():
+    from rlkern.sampling.scheduler import KnapsackClass, knapsack_fptas
+
+    # A resident prefix (setup 0) beats a new one when predictions are equal ...
+    classes = [KnapsackClass(count=2, weight=10, value=1.0, setup=50),
+               KnapsackClass(count=2, weight=10, value=1.0, setup=0)]
+    assert knapsack_fptas(classes, 20) == [0, 2]
+    # ... and with equal costs the shorter predictions (larger values) win: SJF.
+    classes = [KnapsackClass(count=3, weight=10, value=1 / 300),
+               KnapsackClass(count=3, weight=10, value=1 / 100)]
+    assert knapsack_fptas(classes, 40) == [1, 3]
+    # Nothing fits: nothing taken; bad eps: an error.
+    assert knapsack_fptas(classes, 5) == [0, 0]
+    with pytest.raises(ValueError, match="eps"):
+        knapsack_fptas(classes, 40, eps=0.0)
+
+
+def test_length_aware_admission_fills_the_budget():
+    # Under a budget the knapsack keeps admitting while reservations fit: never over budget,
+    # and more concurrent members than one micro group when the budget affords them.
+    L, pl = _lognormal(P=8, G=16, seed=2)
+    mx = int(L.max())
+    budget = 300 + 6 * mx
+    sched = Scheduler(pl.tolist(), group_size=16, schedule="length_aware", max_new_tokens=mx,
+                      kv_budget_tokens=budget, micro_group_size=2)
+    first = sched.admit()
+    # Before anything finishes every prediction is the same, so the most members are those of
+    # the prompt with the cheapest prefix: one prefix, then as many members as fit.
+    p0 = int(pl.argmin())
+    assert {p for p, _ in first} == {p0}
+    assert len(first) == (budget - int(pl[p0])) // mx
+    assert sched.reserved() <= budget
+
+
+def test_default_micro_group_size_meets_the_peak_target():
+    """Issue target: micro groups at G = 16 peak at ≤ 50 % of full-group decoding, with the
+    default micro-group size (see default_micro_group_size for why G // 8)."""
+    from rlkern.sampling.scheduler import default_micro_group_size
+
+    assert default_micro_group_size(16) == 2 and default_micro_group_size(4) == 1
+    for seed in range(3):
+        L, pl = _lognormal(seed=seed)
+        full = simulate(L, pl, schedule="full_group", group_size=16)
+        micro = simulate(L, pl, schedule="micro_group", group_size=16)
+        assert micro.peak_tokens <= 0.5 * full.peak_tokens, (seed, micro, full)

@@ -160,8 +160,9 @@ const char* rlkern_cuda_error_string(int code);
 
 // Sampler (ALGORITHMS.md §4; csrc/cuda/sample.cu): output row i draws from logits row
 // indices ? indices[i] : i (row start = r · stride_row elements, vocab contiguous). Per-row
-// arrays have N entries; top_k / top_p / min_p / indices / entropy may be null (off). Outputs:
-// tokens (int64), raw / processed logprobs, entropy and lse (fp32; lse flags NaN rows).
+// arrays have N entries; top_k / top_p / min_p / indices / entropy may be null (off; without
+// indices N ≤ R). Outputs: tokens (int64), raw / processed logprobs, entropy and lse (fp32; a
+// row that cannot be sampled gets token −1 and lse NaN, or −inf when all its logits are −inf).
 int rlkern_sample_cuda(const void* logits, int dtype, int64_t R, int64_t V, int64_t stride_row,
                        int64_t N, const int64_t* indices, const double* temperature,
                        const int64_t* top_k, const double* top_p, const double* min_p,

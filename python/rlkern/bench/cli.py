@@ -110,9 +110,12 @@ def run(args: argparse.Namespace) -> int:
             if modes == []:
                 progress.note(f"{name}: has modes {list(case.modes)}, none of {args.mode}")
                 continue
-            results += run_case(case, sizes=sizes, modes=modes, repeats=args.repeats,
+            measured = run_case(case, sizes=sizes, modes=modes, repeats=args.repeats,
                                 budget_s=budget, device=device, dtype=options.dtype,
                                 only=args.impl, listener=progress)
+            results += measured
+            if case.summary is not None:
+                notes[name] = (*notes[name], *case.summary(measured, args.plot))
     env.update(extra_env)
     report.print_tables(results, console, notes)
     if args.json:

@@ -80,9 +80,11 @@ def generate_groups(
             ``use_cache=True`` and returns a cache (e.g. ``LlamaForCausalLM``).
         prompts: ``P`` 1-D int token tensors.
         group_size: ``G``. max_new_tokens: per-member cap (also the per-member reservation).
-        schedule: ``"length_aware"`` (continuous SJF refill), ``"micro_group"`` (rounds of
+        schedule: ``"length_aware"`` (continuous refill, FPTAS knapsack admission of the
+            shortest predicted members), ``"micro_group"`` (rounds of
             micro groups) or ``"full_group"`` — see :mod:`rlkern.sampling.scheduler`.
-        micro_group_size: ``m`` (default ``G // 4``).
+        micro_group_size: ``m`` (default ``max(1, G // 8)``, see
+            :func:`rlkern.sampling.scheduler.default_micro_group_size`).
         kv_budget_bytes: KV memory budget; tokens = bytes // :func:`kv_bytes_per_token`.
         temperature, top_k, top_p: sampler options (:func:`rlkern.sample`).
         seed: base seed; member j of prompt p uses :func:`member_seed` and step = position.

@@ -29,7 +29,8 @@ def simulate(
         schedule: ``"full_group"``, ``"micro_group"`` or ``"length_aware"``.
         group_size: ``G`` (must equal ``lengths.shape[1]``).
         kv_budget_tokens: the KV budget in tokens (``None``: one unit at a time).
-        micro_group_size: ``m`` (default ``G // 4``).
+        micro_group_size: ``m`` (default ``max(1, G // 8)``, see
+            :func:`rlkern.sampling.scheduler.default_micro_group_size`).
         max_new_tokens: the per-member reservation (default ``lengths.max()``).
 
     Returns:

@@ -107,7 +107,8 @@ class Case:
 
     ``implementations(mode)`` lists the rlkern implementation first and the floor last.
     ``notes`` are printed with the results (e.g. which floor a mode uses); ``warnings`` also
-    before the run starts (e.g. a backend standing in for one that is not built).
+    before the run starts (e.g. a backend standing in for one that is not built); ``summary``
+    adds lines computed after the measurements.
     """
 
     name: str
@@ -120,6 +121,10 @@ class Case:
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     environment: Mapping[str, str] = field(default_factory=dict)
+    #: Optional figures that are not timings (e.g. a scheduler's peak KV tokens), computed once
+    #: after the case's measurements: ``summary(measurements, plot_dir)`` returns lines printed
+    #: and saved with the notes, and may write its own PNGs into ``plot_dir`` (``--plot``).
+    summary: Callable[[list[Any], str | None], tuple[str, ...]] | None = None
 
 
 CaseFactory = Callable[[CaseOptions], Case]

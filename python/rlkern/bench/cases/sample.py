@@ -15,18 +15,37 @@ Implementations:
 * ``floor`` — one read of the logits (``logits.view(int16).amax()``).
 
 Samples are random, so outputs are not compared here: exactness is tested statistically in
-tests/test_sample.py. :func:`micro_group_report` gives the scheduling numbers (simulation of a
-lognormal length distribution).
+tests/test_sample.py.
+
+Benchmark case ``micro_groups``: :func:`rlkern.generate_groups` on a tiny randomly initialised
+``LlamaForCausalLM`` (transformers, built from a config, no download) under each schedule —
+wall time (timed by the harness), peak KV tokens, decode steps and utilisation (the
+scheduler's :class:`~rlkern.sampling.SimResult` of the run) — checked to give the same
+completions; its summary adds the simulation of a lognormal length distribution at scale
+(:func:`micro_group_report`) and, with ``--plot``, ``micro_groups.png``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from functools import cache
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import FLOOR, RLKERN, Case, CaseOptions, Impl, Size, register
+from rlkern.bench.cases import (
+    FLOOR,
+    PEER,
+    RLKERN,
+    Case,
+    CaseOptions,
+    Impl,
+    ImplUnavailableError,
+    Size,
+    Tolerance,
+    register,
+)
 
 V_QWEN = 151936
 TEMPERATURE, TOP_K, TOP_P = 0.7, 50, 0.9
@@ -103,17 +122,20 @@ def sample_case(options: CaseOptions) -> Case:
     )
 
 
-def micro_group_report(P: int = 64, G: int = 16, m: int = 4, seed: int = 0) -> dict[str, float]:
+def micro_group_report(P: int = 64, G: int = 16, m: int | None = None,
+                       seed: int = 0) -> dict[str, float]:
     """Scheduling numbers on a lognormal length distribution (μ = 5.5, σ = 0.8 in log tokens,
     clamped to [1, 4096]; prompts of 50–300 tokens), via :func:`rlkern.sampling.simulate`:
 
-    * ``peak_ratio`` — micro groups of ``m`` (one at a time) vs the full group of ``G``:
-      peak resident KV tokens;
+    * ``peak_ratio`` — micro groups of ``m`` (default: the schedulers' default micro-group
+      size, one micro group at a time) vs the full group of ``G``: peak resident KV tokens;
     * ``step_reduction`` — length-aware vs naive micro groups, same budget (two micro groups'
       worst-case reservation): 1 − decode steps ratio.
     """
     from rlkern.sampling import simulate
+    from rlkern.sampling.scheduler import default_micro_group_size
 
+    m = default_micro_group_size(G) if m is None else m
     g = torch.Generator().manual_seed(seed)
     L = torch.exp(torch.randn(P, G, generator=g) * 0.8 + 5.5).round().long().clamp(1, 4096)
     pl = torch.randint(50, 300, (P,), generator=g)
@@ -125,9 +147,193 @@ def micro_group_report(P: int = 64, G: int = 16, m: int = 4, seed: int = 0) -> d
     la = simulate(L, pl, schedule="length_aware", group_size=G, micro_group_size=m,
                   kv_budget_tokens=budget)
     return {
+        "P": P, "G": G, "m": m, "kv_budget_tokens": budget,
         "full_peak_tokens": full.peak_tokens, "micro_peak_tokens": micro.peak_tokens,
         "peak_ratio": micro.peak_tokens / full.peak_tokens,
+        "full_decode_steps": full.decode_steps, "micro_decode_steps": micro.decode_steps,
         "naive_decode_steps": naive.decode_steps, "length_aware_decode_steps": la.decode_steps,
+        "naive_peak_tokens": naive.peak_tokens, "length_aware_peak_tokens": la.peak_tokens,
         "step_reduction": 1 - la.decode_steps / naive.decode_steps,
         "naive_utilisation": naive.utilisation, "length_aware_utilisation": la.utilisation,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# micro_groups: a real generate_groups run on a tiny model
+
+#: Schedules of the real run, rlkern's default (length-aware) first. micro_group and
+#: length_aware share one KV budget (two micro groups' worst case); full_group decodes one
+#: group at a time (its unit does not fit that budget).
+SCHEDULE_IMPLS = ("length_aware", "micro_group", "full_group")
+#: EOS ids of the tiny model: with 8 of 256 ids ending a completion, lengths are roughly
+#: geometric (mean ≈ 32 tokens) and capped by max_new_tokens: a long-tailed spread.
+TINY_EOS = (3, 17, 40, 64, 99, 128, 200, 251)
+_RUN_STATS: dict[tuple[str, str], Any] = {}  # (size label, schedule) → SimResult of the run
+
+
+class MicroInputs(NamedTuple):
+    model: Any
+    prompts: list[Tensor]
+    G: int
+    max_new: int
+    label: str
+
+
+@cache
+def tiny_llama(vocab: int = 256) -> Any:
+    """A randomly initialised 2-layer ``LlamaForCausalLM`` (hidden 64, 4 heads, 2 KV heads)."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImplUnavailableError(f"transformers is not installed ({exc})") from exc
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def make_micro_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> MicroInputs:
+    del dtype, device  # the tiny model runs in fp32 on the CPU: it stands in for the schedule
+    g = torch.Generator().manual_seed(size["P"] * 131 + size["G"])
+    lengths = torch.randint(8, 33, (size["P"],), generator=g).tolist()
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in lengths]
+    return MicroInputs(tiny_llama(), prompts, size["G"], size["T"], size.label())
+
+
+def _micro_budget_tokens(x: MicroInputs, m: int) -> int:
+    return 2 * (max(int(p.numel()) for p in x.prompts) + m * x.max_new)
+
+
+@register("micro_groups")
+def micro_groups_case(options: CaseOptions) -> Case:
+    import rlkern
+    from rlkern.sampling import kv_bytes_per_token
+    from rlkern.sampling.scheduler import default_micro_group_size
+
+    def impls(mode: str) -> list[Impl]:
+        del mode
+
+        def run(schedule: str):
+            def fn(x: MicroInputs):
+                model = x.model
+                m = default_micro_group_size(x.G)
+                budget = None
+                if schedule != "full_group":
+                    per_tok = kv_bytes_per_token(model.config, torch.float32)
+                    budget = _micro_budget_tokens(x, m) * per_tok
+                r = rlkern.generate_groups(model, x.prompts, group_size=x.G,
+                                           max_new_tokens=x.max_new, schedule=schedule,
+                                           micro_group_size=m, kv_budget_bytes=budget, seed=0,
+                                           eos_token_id=list(TINY_EOS))
+                _RUN_STATS[(x.label, schedule)] = r.schedule
+                return {"lengths": r.lengths.double(),
+                        "tokens": torch.tensor([t for c in r.completions for t in c],
+                                               dtype=torch.float64)}
+            return fn
+
+        return [Impl(s, run(s), role=RLKERN if s == "length_aware" else PEER)
+                for s in SCHEDULE_IMPLS]
+
+    def summary(results: list[Any], plot_dir: str | None) -> tuple[str, ...]:
+        return micro_groups_summary(results, plot_dir)
+
+    return Case(
+        name="micro_groups",
+        # Small: every member decodes with a batch-of-one forward, ~2 s per run on 2 cores.
+        sizes=[Size({"P": 4, "G": 16, "T": 32})],
+        quick_sizes=[Size({"P": 2, "G": 16, "T": 16})],
+        modes=("generate",),
+        make_inputs=make_micro_inputs,
+        implementations=impls,
+        # Every schedule must produce the same completions (the sampler's batch invariance).
+        tolerances={"lengths": Tolerance(atol=0.5, gate=1e-12),
+                    "tokens": Tolerance(atol=0.5, gate=1e-12)},
+        notes=("real run: rlkern.generate_groups on a random 2-layer LlamaForCausalLM "
+               "(hidden 64, fp32, CPU), G = 16, default micro-group size; micro_group and "
+               "length_aware under one KV budget (2 micro groups' worst case), full_group one "
+               "group at a time; completions must be identical",),
+        summary=summary,
+    )
+
+
+def micro_groups_summary(results: list[Any], plot_dir: str | None) -> tuple[str, ...]:
+    """Lines with the real run's scheduler figures and the lognormal simulation; the plot."""
+    lines: list[str] = []
+    real: dict[str, dict[str, float]] = {}
+    for r in results:
+        stats = _RUN_STATS.get((",".join(f"{k}={v}" for k, v in r.size.items()), r.impl))
+        if stats is None or r.timing is None:
+            continue
+        real[r.impl] = {"wall_s": r.timing.median, "peak_tokens": stats.peak_tokens,
+                        "decode_steps": stats.decode_steps, "utilisation": stats.utilisation}
+        lines.append(f"real run {r.impl}: median {r.timing.median:.3f} s, peak KV "
+                     f"{stats.peak_tokens} tokens, {stats.decode_steps} decode steps, "
+                     f"utilisation {stats.utilisation:.2f}")
+    if {"micro_group", "full_group", "length_aware"} <= set(real):
+        mg, fg, la = real["micro_group"], real["full_group"], real["length_aware"]
+        lines.append(
+            f"real run ratios: peak KV micro/full {mg['peak_tokens'] / fg['peak_tokens']:.3f}, "
+            f"decode steps length-aware/micro {la['decode_steps'] / mg['decode_steps']:.3f}, "
+            f"wall time length-aware/micro {la['wall_s'] / mg['wall_s']:.3f}")
+    sim = micro_group_report()
+    lines.append(
+        f"simulation (lognormal μ=5.5 σ=0.8, P={sim['P']}, G={sim['G']}, m={sim['m']}): peak KV "
+        f"micro/full {sim['micro_peak_tokens']}/{sim['full_peak_tokens']} = "
+        f"{sim['peak_ratio']:.3f} (target ≤ 0.5); decode steps length-aware/naive micro, "
+        f"budget {sim['kv_budget_tokens']} tokens: {sim['length_aware_decode_steps']}/"
+        f"{sim['naive_decode_steps']}, {sim['step_reduction']:.1%} fewer (target ≥ 25%)")
+    if plot_dir is not None:
+        lines.append(f"wrote {plot_micro_groups(Path(plot_dir) / 'micro_groups.png', real, sim)}")
+    return tuple(lines)
+
+
+def plot_micro_groups(path: Path, real: dict[str, dict[str, float]],
+                      sim: dict[str, float]) -> Path:
+    """Two rows of bars: the real run per schedule (wall time, peak KV tokens, decode steps)
+    and the simulation (peak KV tokens, decode steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    colours = {"full_group": "tab:gray", "micro_group": "tab:blue", "length_aware": "tab:orange"}
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    order = [s for s in ("full_group", "micro_group", "length_aware") if s in real]
+    for ax, key, title in zip(axes[0], ("wall_s", "peak_tokens", "decode_steps"),
+                              ("wall time (s, median)", "peak KV tokens", "decode steps"),
+                              strict=True):
+        vals = [real[s][key] for s in order]
+        ax.bar(order, vals, color=[colours[s] for s in order])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"real run: {title}", fontsize=9)
+    m = sim["m"]
+    panels = (
+        ("peak KV tokens, one unit at a time",
+         {"full_group": sim["full_peak_tokens"], f"micro_group m={m}": sim["micro_peak_tokens"]}),
+        ("decode steps, same KV budget",
+         {f"micro_group m={m}": sim["naive_decode_steps"],
+          "length_aware": sim["length_aware_decode_steps"]}),
+        ("utilisation, same KV budget",
+         {f"micro_group m={m}": sim["naive_utilisation"],
+          "length_aware": sim["length_aware_utilisation"]}),
+    )
+    for ax, (title, vals) in zip(axes[1], panels, strict=True):
+        names = list(vals)
+        ax.bar(names, list(vals.values()),
+               color=[colours[n.split(" ")[0]] for n in names])
+        for i, v in enumerate(vals.values()):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"simulation: {title}", fontsize=9)
+    for ax in axes.flat:
+        ax.tick_params(labelsize=8)
+    fig.suptitle("micro-group generation, G = 16 — top: generate_groups on a tiny random Llama "
+                 "(same completions under every schedule);\nbottom: simulation, lognormal "
+                 f"lengths, P = {sim['P']}, m = {m}, KV budget {sim['kv_budget_tokens']} tokens",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,292 @@
+"""The CUDA sampler (csrc/cuda/sample.cu), executed on the CPU by the CUDA emulator of
+tests/cuda_emu, against the C++ CPU kernel and the float64 reference.
+
+The launcher ``rlkern_sample_cuda`` is called through ctypes on CPU tensors, as
+csrc/cuda_ops.cpp calls it on CUDA tensors. What docs/sampling.md promises across backends, and
+what is asserted here:
+
+* tokens: the same Philox uniform for ``(seed, step)`` on every backend, so the same token as
+  the CPU kernel and the reference (the sums behind the CDF are accumulated in different
+  orders; a uniform within rounding of a CDF step could split them — none of these cases does);
+* logprobs and entropy: within the fp32 tolerance of the float64 reference;
+* the filtered distribution exactly (χ²), filtered-out tokens never drawn;
+* bitwise batch invariance and replay, and the same bits under every legal thread schedule
+  the emulator can pick (a missing barrier would show as a difference);
+* rows that cannot be sampled (NaN, all −inf) are flagged through ``lse``; nothing is read
+  outside a row and nothing is written outside the outputs (NaN-filled padding, guard bands).
+
+Skipped, with the reason, when no host C++ compiler is found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+
+from cuda_emu import CudaEmuError, EmulatedLibrary, build_library, find_compiler
+from rlkern.ops.sample import sample
+from rlkern.reference.sample import filtered_probs
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc" / "cuda" / "sample.cu"
+P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # RLKERN_DTYPE_*
+ERR_DTYPE, ERR_INVALID, ERR_NULL = -1, -2, -3  # RLKERN_CUDA_ERR_*
+GUARD = 8
+SENTINEL = 12345.0
+
+
+@cache
+def _library() -> EmulatedLibrary:
+    lib = EmulatedLibrary(build_library([SOURCE], include_dirs=[ROOT / "csrc" / "include"]))
+    f = lib.lib.rlkern_sample_cuda
+    f.argtypes = [P, INT, I64, I64, I64, I64, P, P, P, P, P, P, P, INT, INT, P, P, P, P, P, P]
+    f.restype = INT
+    return lib
+
+
+@pytest.fixture(scope="module")
+def emu() -> EmulatedLibrary:
+    if find_compiler() is None:
+        pytest.skip(reason="no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the "
+                    "CUDA kernels cannot be executed by the CPU emulator")
+    try:
+        return _library()
+    except CudaEmuError as e:  # a compile error is a failure, not a reason to skip
+        pytest.fail(f"building sample.cu for the CUDA emulator failed:\n{e}", pytrace=False)
+
+
+def _guarded(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (n,) output inside guard bands, all filled with a sentinel."""
+    buf = torch.full((n + 2 * GUARD,), SENTINEL, dtype=dtype)
+    return buf, buf[GUARD:GUARD + n]
+
+
+def _per_row(value, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype).contiguous()
+    return torch.full((n,), value, dtype=dtype)
+
+
+def _padded_logits(logits: torch.Tensor, pad: int = 5) -> torch.Tensor:
+    """The same values in NaN-filled storage with a row stride of V + pad: a read outside a row
+    (or beyond the last one) poisons a result."""
+    R, V = logits.shape
+    store = torch.full((R + 1, V + pad), float("nan"), dtype=logits.dtype)
+    store[:R, :V] = logits
+    return store[:R, :V]
+
+
+def emu_sample(emu: EmulatedLibrary, logits: torch.Tensor, *, seeds, steps, temperature=1.0,
+               top_k=None, top_p=None, min_p=None, indices=None, filter_order="top_k_first",
+               raw_temperature=True) -> dict[str, torch.Tensor]:
+    """Call the launcher on CPU tensors; check its return code and the guard bands."""
+    R, V = logits.shape
+    n = seeds.numel() if indices is None else indices.numel()
+    temp = _per_row(temperature, n, torch.float64)
+    k = _per_row(top_k, n, torch.int64)
+    p = _per_row(top_p, n, torch.float64)
+    mp = _per_row(min_p, n, torch.float64)
+    idx = None if indices is None else indices.to(torch.int64).contiguous()
+    bufs = {name: _guarded(n, dt) for name, dt in (
+        ("tokens", torch.int64), ("raw_logprobs", torch.float32),
+        ("processed_logprobs", torch.float32), ("entropy", torch.float32),
+        ("lse", torch.float32))}
+    ptr = lambda t: None if t is None else t.data_ptr()
+    rc = emu.lib.rlkern_sample_cuda(
+        logits.data_ptr(), DTYPE_CODE[logits.dtype], R, V, logits.stride(0) if R > 1 else V, n,
+        ptr(idx), temp.data_ptr(), ptr(k), ptr(p), ptr(mp), seeds.data_ptr(), steps.data_ptr(),
+        int(filter_order == "joint"), int(raw_temperature), *(bufs[name][1].data_ptr() for name in
+        ("tokens", "raw_logprobs", "processed_logprobs", "entropy", "lse")), None)
+    assert rc == 0, f"rc={rc}: {emu.last_error()}"
+    for name, (buf, _) in bufs.items():
+        assert bool((buf[:GUARD] == SENTINEL).all() and (buf[-GUARD:] == SENTINEL).all()), \
+            f"{name}: a write outside the output"
+        assert not bool((bufs[name][1] == SENTINEL).any()), f"{name}: a row was never written"
+    return {name: out for name, (_, out) in bufs.items()}
+
+
+def _seeds(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randint(0, 2**40, (n,), generator=gen),
+            torch.randint(0, 1000, (n,), generator=gen))
+
+
+OPTIONS = [
+    dict(),
+    dict(temperature=0.7),
+    dict(top_k=4),
+    dict(top_k=50),
+    dict(top_p=0.6),
+    dict(top_p=0.95, temperature=1.3),
+    dict(min_p=0.2),
+    dict(top_k=6, top_p=0.8, temperature=1.3),
+    dict(top_k=6, top_p=0.8, min_p=0.1),
+    dict(top_k=6, top_p=0.7, filter_order="joint"),
+    dict(temperature=0.6, raw_temperature=False),
+]
+_ids = lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain"
+
+
+def _check_against_cpu(got, logits, seeds, steps, indices=None, **opts) -> None:
+    """Tokens equal to the C++ CPU kernel and the reference; values within the fp32 tolerance
+    of the float64 reference (ALGORITHMS.md §4; the tolerance of tests/test_sample.py)."""
+    cpu = sample(logits, seeds=seeds, steps=steps, indices=indices, backend="cpu",
+                 return_entropy=True, **opts)
+    ref = sample(logits, seeds=seeds, steps=steps, indices=indices, backend="torch",
+                 return_entropy=True, **opts)
+    assert torch.equal(got["tokens"], cpu.tokens), (got["tokens"], cpu.tokens)
+    assert torch.equal(got["tokens"], ref.tokens)
+    for name in ("raw_logprobs", "processed_logprobs", "entropy"):
+        torch.testing.assert_close(got[name].double(), getattr(ref, name).double(), rtol=1e-5,
+                                   atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+    rows = indices if indices is not None else torch.arange(logits.shape[0])
+    temp = opts.get("temperature", 1.0)
+    lse = torch.logsumexp(logits.double()[rows] / temp, -1)
+    torch.testing.assert_close(got["lse"].double(), lse, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=_ids)
+@pytest.mark.parametrize("V", [1, 3, 99, 4099])
+def test_matches_cpu_kernel_and_reference(emu, opts, V):
+    gen = torch.Generator().manual_seed(V * 31 + len(opts))
+    logits = torch.randn(13, V, generator=gen) * 3
+    seeds, steps = _seeds(13, gen)
+    got = emu_sample(emu, _padded_logits(logits), seeds=seeds, steps=steps, **opts)
+    _check_against_cpu(got, logits, seeds, steps, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [dict(temperature=0.7), dict(top_k=50, top_p=0.9,
+                                                               temperature=0.7)], ids=_ids)
+def test_half_precision_inputs(emu, dtype, opts):
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randn(9, 2053, generator=gen) * 4).to(dtype)
+    seeds, steps = _seeds(9, gen)
+    got = emu_sample(emu, _padded_logits(logits), seeds=seeds, steps=steps, **opts)
+    _check_against_cpu(got, logits, seeds, steps, **opts)
+
+
+def test_qwen_vocabulary_bf16(emu):
+    # V = 151936 (Qwen): several 2048-token chunks in the draw, a deep threshold search.
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 151936, generator=gen) * 4).to(torch.bfloat16)
+    seeds, steps = _seeds(3, gen)
+    for opts in (dict(temperature=0.7), dict(temperature=0.7, top_k=50, top_p=0.9)):
+        got = emu_sample(emu, logits, seeds=seeds, steps=steps, **opts)
+        _check_against_cpu(got, logits, seeds, steps, **opts)
+
+
+def test_per_row_options_and_shared_rows(emu):
+    # indices: the G members of a group draw from one shared row at their first step.
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 517, generator=gen) * 2.5
+    n = 12
+    indices = torch.arange(3).repeat_interleave(4)
+    seeds, steps = _seeds(n, gen)
+    opts = dict(temperature=torch.linspace(0.5, 1.5, n, dtype=torch.float64),
+                top_k=torch.tensor([1, 5, 517, 600, 40, 3, 7, 100, 2, 9, 517, 20]),
+                top_p=torch.linspace(0.3, 1.0, n, dtype=torch.float64),
+                min_p=torch.tensor([0.0, 0.05] * 6, dtype=torch.float64))
+    got = emu_sample(emu, logits, seeds=seeds, steps=steps, indices=indices, **opts)
+    cpu = sample(logits, seeds=seeds, steps=steps, indices=indices, backend="cpu",
+                 return_entropy=True, **opts)
+    assert torch.equal(got["tokens"], cpu.tokens)
+    for name in ("raw_logprobs", "processed_logprobs", "entropy"):
+        torch.testing.assert_close(got[name], getattr(cpu, name), rtol=1e-5, atol=2e-5)
+    assert got["processed_logprobs"][0] == 0.0  # top_k = 1: one kept token, log 1 exactly
+    # members of a group (same row) with different seeds draw different tokens, and their
+    # raw logprobs / entropy (same row, same temperature) agree with the row's
+    assert len(set(got["tokens"][4:8].tolist())) > 1
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(top_k=6, top_p=0.8), dict(min_p=0.2),
+                                  dict(top_p=0.7, filter_order="joint")], ids=_ids)
+def test_chi2_goodness_of_fit(emu, opts):
+    gen = torch.Generator().manual_seed(0)
+    # A filtered row costs ~100 block barriers (the threshold searches), each a switch of 256
+    # emulated threads: fewer draws there (the kept cells still expect ≥ 20 each).
+    V, n = 13, (3000 if not opts else 500)
+    row = torch.randn(1, V, generator=gen) * 1.5
+    seeds, steps = torch.arange(1000, 1000 + n), torch.zeros(n, dtype=torch.int64)
+    got = emu_sample(emu, row, seeds=seeds, steps=steps, indices=torch.zeros(n, dtype=torch.long),
+                     **opts)
+    p = filtered_probs(row[0].double(), **opts)
+    counts = torch.bincount(got["tokens"], minlength=V).double()
+    kept = p > 0
+    assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
+    res = stats.chisquare(counts[kept].numpy(), (p[kept] * n).numpy())
+    assert res.pvalue > 1e-3, (res, counts, p * n)
+    torch.testing.assert_close(got["processed_logprobs"].double(), p.log()[got["tokens"]],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_ties_keep_lower_indices(emu):
+    # Ties at the top-k threshold: the lower vocabulary indices are kept.
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0]])
+    n = 120
+    got = emu_sample(emu, logits, seeds=torch.arange(n), steps=torch.zeros(n, dtype=torch.long),
+                     indices=torch.zeros(n, dtype=torch.long), top_k=2)
+    assert set(got["tokens"].tolist()) == {1, 2}
+
+
+def test_batch_invariance_replay_and_schedules(emu):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 1031, generator=gen) * 3
+    seeds, steps = _seeds(6, gen)
+    opts = dict(temperature=0.9, top_k=40, top_p=0.9)
+    full = emu_sample(emu, logits, seeds=seeds, steps=steps, **opts)
+    again = emu_sample(emu, logits, seeds=seeds, steps=steps, **opts)
+    perm = torch.tensor([4, 1, 5, 0, 3, 2])
+    permuted = emu_sample(emu, logits[perm].contiguous(), seeds=seeds[perm], steps=steps[perm],
+                          **opts)
+    alone = emu_sample(emu, logits[2:3].contiguous(), seeds=seeds[2:3], steps=steps[2:3], **opts)
+    for name, out in full.items():
+        assert torch.equal(out, again[name]), name  # replay
+        assert torch.equal(out[perm], permuted[name]), name
+        assert torch.equal(out[2:3], alone[name]), name
+    # Every legal thread schedule gives the same bits (a race would not).
+    for settings in (dict(order="reverse"), dict(order="random", seed=3),
+                     dict(run_ahead=True), dict(order="reverse", run_ahead=True, workers=1)):
+        with emu.settings(**settings):
+            other = emu_sample(emu, logits, seeds=seeds, steps=steps, **opts)
+        for name, out in full.items():
+            assert torch.equal(out, other[name]), (settings, name)
+
+
+def test_rows_that_cannot_be_sampled(emu):
+    logits = torch.randn(3, 50)
+    logits[0, 7] = float("nan")
+    logits[1] = float("-inf")
+    got = emu_sample(emu, logits, seeds=torch.arange(3), steps=torch.zeros(3, dtype=torch.long),
+                     top_p=0.9)
+    assert got["tokens"][:2].tolist() == [-1, -1]
+    assert torch.isnan(got["lse"][0]) and torch.isneginf(got["lse"][1])
+    assert torch.isfinite(got["lse"][2]) and 0 <= int(got["tokens"][2]) < 50
+
+
+def test_launcher_rejects_bad_arguments(emu):
+    f = emu.lib.rlkern_sample_cuda
+    x = torch.randn(2, 8)
+    t = torch.ones(2, dtype=torch.float64)
+    s = torch.zeros(2, dtype=torch.int64)
+    tok = torch.empty(2, dtype=torch.int64)
+    o = [torch.empty(2) for _ in range(4)]
+    x_ptr, s_ptr = x.data_ptr(), s.data_ptr()
+    args = lambda dtype=0, R=2, V=8, N=2, logits=x_ptr, seeds=s_ptr: [
+        logits, dtype, R, V, 8, N, None, t.data_ptr(), None, None, None, seeds, s_ptr, 0, 1,
+        tok.data_ptr(), o[0].data_ptr(), o[1].data_ptr(), None, o[3].data_ptr(), None]
+    assert f(*args()) == 0
+    assert f(*args(dtype=7)) == ERR_DTYPE
+    assert f(*args(N=3)) == ERR_INVALID  # more output rows than logits rows, no indices
+    assert f(*args(V=0)) == ERR_INVALID
+    assert f(*args(N=-1)) == ERR_INVALID
+    assert f(*args(logits=None)) == ERR_NULL
+    assert f(*args(seeds=None)) == ERR_NULL
+    assert f(*args(N=0, logits=None)) == 0  # empty: nothing to read
