@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rlkern
 from conftest import GRAD_TOL, assert_close_rows
+from rlkern.ops.linear_logprobs import LinearTiling
 from rlkern.reference import linear_logprobs_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
@@ -190,3 +193,26 @@ def test_opcheck_and_compile():
     x2 = h.detach().clone().requires_grad_()
     step(x2).backward()
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 100_000), vocab=st.integers(1, 300_000), unit=st.sampled_from([1, 7, 256]))
+def test_fused_rows_splits_evenly_within_the_cap(n, vocab, unit):
+    """The one-pass chunking: the fewest chunks of at most the cap (in whole units), all equal
+    but the last, which is never more than one unit short of the others."""
+    cap = LinearTiling.fused_rows(vocab)
+    rows = LinearTiling.fused_rows(vocab, n=n, unit=unit)
+    units = -(-n // unit)
+    assert rows % unit == 0
+    if unit <= cap:
+        assert rows <= cap
+        assert -(-units // (rows // unit)) == -(-units // max(1, cap // unit))  # fewest chunks
+    chunks = -(-n // rows)
+    assert n - (chunks - 1) * rows > rows - chunks * unit  # the tail is nearly full
+    assert LinearTiling.fused_rows(vocab, chunk_size=5, n=n, unit=unit) == 5
+
+
+def test_fused_rows_at_the_benchmark_shape():
+    # 2048 rows at V = 151936: two chunks of 1024, not 1766 + 282.
+    assert LinearTiling.fused_rows(151936, n=2048) == 1024
+    assert LinearTiling.fused_rows(151936, n=2048, unit=256) == 1024

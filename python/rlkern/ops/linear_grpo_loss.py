@@ -62,11 +62,14 @@ def _needs_whole_rows(cfg: PolicyLossConfig, has_rollout: bool) -> bool:
 
 
 def _chunk_rows(cfg: PolicyLossConfig, T: int, vocab: int, chunk_size: int | None,
-                whole_rows: bool) -> int:
+                whole_rows: bool, n: int) -> int:
     """Rows of hidden per fused chunk: whole sequences (whole groups for gvpo) when they fit in
-    the default chunk or the loss needs them; otherwise pieces of sequences."""
-    rows = LinearTiling.fused_rows(vocab, chunk_size)
+    the default chunk or the loss needs them, in chunks of equal size; otherwise pieces of
+    sequences."""
     unit = T * (cfg.group_size if cfg.policy_loss == "gvpo" else 1)
+    rows = LinearTiling.fused_rows(vocab, chunk_size)
+    if rows >= unit and chunk_size is None:
+        return LinearTiling.fused_rows(vocab, None, n=n, unit=unit)
     if rows >= unit or whole_rows:
         return max(1, rows // unit) * unit
     return rows
@@ -208,11 +211,16 @@ def _is_one(grad: Tensor) -> bool:
 def _setup_context(ctx, inputs, output):
     _, _, gh, gw, gb = output
     ctx.save_for_backward(gh, gw, gb)
+    # The gradient outputs are never differentiated through; without this autograd would
+    # fill a zero (V, H) tensor as their "incoming gradient" on every backward.
+    ctx.set_materialize_grads(False)
     ctx.has_bias = inputs[3] is not None
 
 
 def _backward(ctx, grad_loss, grad_metrics, grad_gh, grad_gw, grad_gb):
     gh, gw, gb = ctx.saved_tensors
+    if grad_loss is None:  # only the metrics were used: they carry no gradient
+        return (None,) * 19
     if not _is_one(grad_loss):
         gh, gw, gb = (t * grad_loss.to(t.dtype) for t in (gh, gw, gb))
     return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 15
@@ -392,7 +400,7 @@ def linear_grpo_loss(
     ns = _count(num_seqs, seqs_default, "num_seqs")
     resolved = _resolve_backend(backend, hidden.device)
     rows = _chunk_rows(cfg, T, weight.shape[0], chunk_size,
-                       _needs_whole_rows(cfg, rollout is not None))
+                       _needs_whole_rows(cfg, rollout is not None), B * T)
     config_json = _config_json(cfg)
     group_name = "" if process_group is None else process_group.group_name
     loss, values, _, _, _ = torch.ops.rlkern.linear_grpo_loss_fwd(
