@@ -199,7 +199,7 @@ def test_opcheck_and_compile():
 @given(n=st.integers(1, 100_000), vocab=st.integers(1, 300_000), unit=st.sampled_from([1, 7, 256]))
 def test_fused_rows_splits_evenly_within_the_cap(n, vocab, unit):
     """The one-pass chunking: the fewest chunks of at most the cap (in whole units), all equal
-    but the last, which is never more than one unit short of the others."""
+    but the last, which is short of the others by less than one unit per chunk."""
     cap = LinearTiling.fused_rows(vocab)
     rows = LinearTiling.fused_rows(vocab, n=n, unit=unit)
     units = -(-n // unit)
