@@ -295,7 +295,7 @@ def linear_grpo_loss(
     bonus), applies the loss's per-token derivative in the epilogue
     (``∂ℓ/∂x = g_lp·(onehot(y) − p)/τ − g_H·p·(log p + H)/τ``) and accumulates
     ``∂h = (∂ℓ/∂x) W`` and ``∂W += (∂ℓ/∂x)ᵀ h``: three matmuls (``6·N·H·V`` FLOPs), no
-    ``(N, V)`` tensor, peak extra memory one chunk of logits (about 2^28 values by default).
+    ``(N, V)`` tensor, peak extra memory one chunk of logits (at most about 2^28 values by default).
     The backward multiplies the stored gradients by the upstream gradient (nothing to do when
     it is 1, as for a loss backpropagated directly). The token ↔ row
     layout: flat row ``i·T + t`` of ``hidden`` is token ``t`` of response ``i``.
