@@ -119,7 +119,7 @@ def test_register_refuses_to_overwrite_someone_elses_name():
         rv.register()
 
 
-def test_plugin_module_registers_in_a_fresh_process():
+def test_plugin_module_registers_in_a_fresh_process(tmp_path):
     """VERL_USE_EXTERNAL_MODULES: verl imports the plugin in every process importing verl
     (its Ray workers included), which registers and, on request, patches."""
     code = ("import verl\n"
@@ -134,8 +134,10 @@ def test_plugin_module_registers_in_a_fresh_process():
             "print('ok')\n")
     env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rlkern.integrations.verl_plugin",
                RLKERN_VERL_PATCH_LOGPROBS="1")
+    # Not in the repository root: `python -c` puts the working directory first on sys.path,
+    # where kernels/ would shadow Hugging Face's `kernels` package (see the root conftest.py).
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
