@@ -4,6 +4,8 @@ loss family, chunkings that split responses, and float64 finite differences."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -305,3 +307,52 @@ def test_bad_shapes():
         y = d["y"].clone()
         y[0, 0] = V
         rlkern.linear_grpo_loss(d["h"], d["w"], y, d["mask"], d["adv"])
+
+
+@pytest.mark.parametrize("loss", ["ppo", "gspo", "gvpo"])
+@pytest.mark.parametrize("n_seqs,T,vocab", [(8, 256, 151936), (40, 100, 151936), (3, 7, 32),
+                                            (64, 4096, 262144)])
+def test_default_chunks_are_equal_whole_units_within_the_cap(loss, n_seqs, T, vocab):
+    """The default one-pass chunk: whole sequences (whole groups for gvpo) when they fit, the
+    fewest chunks of at most the cap, all of equal size but the last."""
+    from rlkern.ops.linear_grpo_loss import _chunk_rows, _needs_whole_rows
+    from rlkern.ops.linear_logprobs import LinearTiling
+
+    cfg = PolicyLossConfig(policy_loss=loss, **({"group_size": 4} if loss == "gvpo" else {}))
+    unit = T * (4 if loss == "gvpo" else 1)
+    n = n_seqs * T
+    cap = LinearTiling.fused_rows(vocab)
+    rows = _chunk_rows(cfg, T, vocab, None, _needs_whole_rows(cfg, False), n)
+    if unit <= cap:
+        assert rows % unit == 0 and rows <= cap
+        units = math.ceil(n / unit)
+        fewest = math.ceil(units / (cap // unit))
+        chunks = -(-n // rows)
+        assert chunks == fewest
+        assert chunks * rows - n < chunks * unit  # equal chunks: no short tail chunk
+    elif _needs_whole_rows(cfg, False):
+        assert rows == unit  # a sequence-level loss needs whole units, even over the cap
+    else:
+        assert rows == cap  # pieces of sequences
+    assert _chunk_rows(cfg, T, vocab, 5, _needs_whole_rows(cfg, False), n) in (5, unit)
+
+
+def test_backward_does_not_fill_a_zero_weight_gradient():
+    """The op's gradient outputs are never used downstream: autograd must not materialise a
+    zero (V, H) incoming gradient for them (a full extra pass over ∂W every step)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    vocab, hid = 4096, 64
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 8, hid, generator=g).requires_grad_()
+    w = (torch.randn(vocab, hid, generator=g) * 0.1).requires_grad_()
+    y = torch.randint(0, vocab, (2, 8), generator=g)
+    out = rlkern.linear_grpo_loss(h, w, y, torch.ones(2, 8), torch.tensor([1.0, -1.0]),
+                                  config=PolicyLossConfig.trl(loss_type="dapo"))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with record_function("backward"):
+            out.loss.backward()
+    fills = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros")
+             and any(list(s) == [vocab, hid] for s in e.input_shapes if s)]
+    assert not fills, [(e.name, e.input_shapes) for e in fills]
+    assert w.grad is not None and torch.isfinite(w.grad).all()

@@ -219,7 +219,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_metrics, grad_gh, grad_gw, grad_gb):
     gh, gw, gb = ctx.saved_tensors
-    if grad_loss is None:  # only the metrics were used: they carry no gradient
+    if grad_loss is None:  # only other outputs were differentiated (gradcheck does this)
         return (None,) * 19
     if not _is_one(grad_loss):
         gh, gw, gb = (t * grad_loss.to(t.dtype) for t in (gh, gw, gb))

@@ -65,9 +65,8 @@ class LinearTiling:
 
         With ``n`` given, the ``n`` rows are split into the fewest chunks of that size and the
         chunks are made equal (in multiples of ``unit`` rows, e.g. whole sequences): 2048 rows
-        at V = 151936 run as 2 × 1024 rather than 1766 + 282, which keeps every chunk's three
-        matmuls large and costs measurably less (the small tail chunk ran its matmuls at a
-        lower rate)."""
+        at V = 151936 run as 2 × 1024 rather than 1766 + 282, so that every chunk's matmuls
+        have the same large shape and no small tail chunk is left over."""
         if chunk_size is not None:
             return chunk_size
         cap = max(16, min(16384, (1 << 28) // max(vocab, 1)))
