@@ -1,6 +1,30 @@
 // The Python module rlkern._C. Importing it runs the static op registrations of ops.cpp (and
-// cuda_ops.cpp when built with CUDA); the module itself only reports how it was built.
+// the CUDA glue when built with CUDA); the module itself reports how it was built and exports
+// the layout tables of the op families (rlkern/layout.h), which python/rlkern/config/layout.py
+// reads so that Python and Triton use the C++ headers' numbering.
 #include <pybind11/pybind11.h>
+
+#include <initializer_list>
+
+#include "rlkern/layout.h"
+#include "rlkern/policy_loss.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// {table name: [entry names in index order]} for one family.
+py::dict family(std::initializer_list<rlkern::LayoutTable> tables) {
+  py::dict out;
+  for (const auto& t : tables) {
+    py::list names;
+    for (int i = 0; i < t.size; ++i) names.append(t.names[i]);
+    out[t.table] = names;
+  }
+  return out;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rlkern compiled kernels (ops are registered under torch.ops.rlkern)";
@@ -16,4 +40,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("CPU_ISA") = "scalar";
 #endif
+  py::dict layouts;
+  // One line per op family; each family's header defines its tables (rlkern/layout.h).
+  // layouts["policy_loss"] = family(rlkern::policy_loss::kLayout);
+  m.attr("LAYOUTS") = layouts;
 }
