@@ -26,13 +26,7 @@
 
 #include <math.h>
 
-#ifndef RLKERN_HOST_DEVICE
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define RLKERN_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RLKERN_HOST_DEVICE inline
-#endif
-#endif
+#include "rlkern/host_device.h"
 
 namespace rlkern {
 

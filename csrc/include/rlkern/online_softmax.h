@@ -20,11 +20,7 @@
 #include <cmath>
 #include <limits>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define RLKERN_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RLKERN_HOST_DEVICE inline
-#endif
+#include "rlkern/host_device.h"
 
 namespace rlkern {
 

@@ -14,11 +14,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define RLKERN_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RLKERN_HOST_DEVICE inline
-#endif
+#include "rlkern/host_device.h"
 
 namespace rlkern {
 
