@@ -42,6 +42,6 @@ PYBIND11_MODULE(_C, m) {
 #endif
   py::dict layouts;
   // One line per op family; each family's header defines its tables (rlkern/layout.h).
-  // layouts["policy_loss"] = family(rlkern::policy_loss::kLayout);
+  layouts["policy_loss"] = family(rlkern::policy_loss::kLayout);
   m.attr("LAYOUTS") = layouts;
 }

@@ -273,10 +273,7 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("gtpo_weights_out", &gtpo_weights_out_cpu);
   m.impl("gigpo_advantages_out", &gigpo_advantages_out_cpu);
   m.impl("empg_modulate_out", &empg_modulate_out_cpu);
-  m.impl("policy_loss_fwd_out", &policy_loss_fwd_out_cpu);
-  m.impl("policy_loss_bwd_out", &policy_loss_bwd_out_cpu);
-  m.impl("kl_penalty_fwd_out", &kl_penalty_fwd_out_cpu);
-  m.impl("kl_penalty_bwd_out", &kl_penalty_bwd_out_cpu);
+  impl_policy_loss_cpu(m);  // policy_loss_{fwd,bwd}_out, kl_penalty_{fwd,bwd}_out
   m.impl("sample_out", &sample_out_cpu);
 }
 

@@ -243,13 +243,12 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_opcheck():
     d = make(torch.float32)
     cfg = PolicyLossConfig.trl("dapo")
-    import dataclasses
-    import json
+    from rlkern.config.layout import layout
 
+    inputs = [None] * len(layout("policy_loss").inputs)
     args = (d["h"].reshape(B * T, H).requires_grad_(), d["w"].requires_grad_(),
-            d["y"].reshape(-1), None, d["mask"], d["adv"].float(), d["old"].float(), None,
-            None, None, torch.tensor(20.0, dtype=torch.float64),
-            torch.tensor(3.0, dtype=torch.float64), json.dumps(dataclasses.asdict(cfg)), 1.0,
+            d["y"].reshape(-1), None, d["mask"], d["adv"].float(), d["old"].float(), inputs,
+            torch.tensor([20.0, 3.0], dtype=torch.float64), *cfg.to_args(), 1.0,
             -100, False, 14, "", "cpu")
     torch.library.opcheck(torch.ops.rlkern.linear_grpo_loss_fwd, args,
                           test_utils=("test_schema", "test_faketensor",

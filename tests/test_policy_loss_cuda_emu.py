@@ -19,23 +19,28 @@ import torch
 
 from cuda_emu import CudaEmuError, EmulatedLibrary, build_library, find_compiler
 from policy_loss_cases import CASES, call_kwargs, make_inputs
-from rlkern.ops import policy_loss as P
+from rlkern.config.layout import layout
+from rlkern.ops.policy_loss import prepare
+from rlkern.ops.policy_loss.register import split_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "policy_loss.cu"
 c_p, c_i64, c_i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+L = layout("policy_loss")
+
+
+class RowArray(ctypes.Structure):
+    """rlkern::policy_loss::RowArray of rlkern/policy_loss.h."""
+
+    _fields_ = [("p", c_p), ("stride", c_i64)]
 
 
 class Inputs(ctypes.Structure):
-    """RlkernPolicyLossInputs of rlkern/cuda_launchers.h."""
+    """rlkern::policy_loss::Inputs (RlkernPolicyLossInputs of rlkern/cuda_launchers.h)."""
 
-    _fields_ = [("B", c_i64), ("T", c_i64), ("logp", c_p), ("stride_logp", c_i64),
-                ("old", c_p), ("stride_old", c_i64), ("adv", c_p), ("stride_adv", c_i64),
-                ("adv_per_token", c_i32), ("mask", c_p), ("stride_mask", c_i64),
-                ("ref", c_p), ("stride_ref", c_i64), ("rollout", c_p),
-                ("stride_rollout", c_i64), ("entropy", c_p), ("stride_entropy", c_i64),
-                ("token_weights", c_p), ("stride_token_weights", c_i64),
-                ("entropy_threshold", c_p)]
+    _fields_ = [("B", c_i64), ("T", c_i64), ("f64", c_i32), ("adv_per_token", c_i32),
+                ("logp", RowArray), ("old", RowArray), ("adv", RowArray), ("mask", RowArray),
+                ("opt", RowArray * len(L.inputs))]
 
 
 @cache
@@ -74,13 +79,12 @@ def _untouched(buf) -> bool:
 
 def _inputs_struct(p) -> tuple[Inputs, list]:
     keep = []
-    ptr = lambda t: None if t is None else t.data_ptr()
-    stride = lambda t: 0 if t is None else t.stride(0)
-    s = Inputs(p.mask.shape[0], p.mask.shape[1], ptr(p.lp), stride(p.lp), ptr(p.old),
-               stride(p.old), ptr(p.adv), p.adv.stride(0) if p.adv.dim() == 2 else 0,
-               int(p.adv.dim() == 2), ptr(p.mask), stride(p.mask), ptr(p.ref), stride(p.ref),
-               ptr(p.rollout), stride(p.rollout), ptr(p.ent), stride(p.ent), ptr(p.tw),
-               stride(p.tw), ptr(p.thr))
+    row = lambda t: RowArray(None, 0) if t is None else RowArray(
+        t.data_ptr(), t.stride(0) if t.dim() == 2 else 0)
+    adv = row(p.adv) if p.adv.dim() == 2 else RowArray(p.adv.data_ptr(), 1)
+    opt = (RowArray * len(L.inputs))(*(row(t) for t in p.inputs))
+    s = Inputs(p.mask.shape[0], p.mask.shape[1], 0, int(p.adv.dim() == 2), row(p.lp),
+               row(p.old), adv, row(p.mask), opt)
     keep += [p]
     return s, keep
 
@@ -89,14 +93,15 @@ def _prepare(name, B, T, seed):
     case = CASES[name]
     inp = make_inputs(B, T, torch.float32, seed=seed)
     args, kw = call_kwargs(case, inp)
-    return P._prepare(*args, case.config, kw.get("ref_logprobs"), kw.get("rollout_logprobs"),
-                      kw.get("entropy"), kw.get("token_weights"), None, "cpu", {})
+    kw = {k: v for k, v in kw.items() if k not in ("num_tokens", "num_seqs")}
+    return prepare(*args, config=case.config, backend="cpu", **kw)
 
 
 def _upcast(p):
+    """The op arguments of the torch backend on the inputs upcast to float64."""
     d = lambda t: None if t is None else t.double()
-    return (d(p.lp), d(p.old), d(p.adv), p.mask, d(p.ref), d(p.rollout), d(p.ent), d(p.tw),
-            d(p.thr))
+    return (d(p.lp), d(p.old), d(p.adv), p.mask,
+            *split_inputs([d(t) for t in p.inputs]))
 
 
 NAMES = ["ppo", "ppo-clip-higher-dual", "ppo-delta", "ppo-adv-per-token", "gspo", "ppo-seq-trl",
@@ -110,18 +115,18 @@ NAMES = ["ppo", "ppo-clip-higher-dual", "ppo-delta", "ppo-adv-per-token", "gspo"
 @pytest.mark.parametrize("B,T", [(6, 45), (3, 1), (12, 7)])
 def test_forward_and_backward(emu, name, B, T):
     p = _prepare(name, B, T, seed=B * T)
-    if P.LOSS_KINDS["gvpo"] == p.flags[0] and B % p.cfg.group_size:
+    if p.cfg.policy_loss == "gvpo" and B % p.cfg.group_size:
         pytest.skip("gvpo needs whole groups")
     s, keep = _inputs_struct(p)
     flags = torch.tensor(p.flags, dtype=torch.int32)
     hp = torch.tensor(p.hparams, dtype=torch.float64)
-    buf, stats = _guarded((20, B), torch.float64)
+    buf, stats = _guarded((len(L.row_stats), B), torch.float64)
     rc = emu.lib.rlkern_policy_loss_fwd_cuda(ctypes.byref(s), flags.data_ptr(), hp.data_ptr(),
                                              stats.data_ptr(), None)
     assert rc == 0, emu.last_error()
     assert _untouched(buf), "row_stats: written outside"
     up = _upcast(p)
-    expected = P._row_stats_torch(*up, p.flags, p.hparams)
+    _, expected = torch.ops.rlkern.policy_loss_fwd(*up, p.flags, p.hparams, "torch")
     # fp32 kernel vs the float64 statement: relative 1e-5 of each statistic's scale
     scale = expected.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
     finite = torch.isfinite(expected)
@@ -129,19 +134,22 @@ def test_forward_and_backward(emu, name, B, T):
     err = ((stats - expected).abs() / scale)[finite]
     assert float(err.max()) < 2e-5, (name, (stats - expected)[finite].abs().max())
 
-    grad_rows = torch.randn(4, B, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad_rows = torch.randn(len(L.row_grads), B, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(1))
     gbuf, grad = _guarded((B, T), torch.float32)
     ebuf, grad_ent = _guarded((B, T), torch.float32)
     rc = emu.lib.rlkern_policy_loss_bwd_cuda(
         ctypes.byref(s), flags.data_ptr(), hp.data_ptr(), stats.data_ptr(),
-        grad_rows.data_ptr(), grad.data_ptr(), grad_ent.data_ptr() if p.ent is not None else None,
+        grad_rows.data_ptr(), grad.data_ptr(),
+        grad_ent.data_ptr() if p.get("entropy") is not None else None,
         None)
     assert rc == 0, emu.last_error()
     assert _untouched(gbuf)
-    g_ref, ge_ref = P._grads_torch(*up, grad_rows, p.flags, p.hparams)
+    g_ref, ge_ref = torch.ops.rlkern.policy_loss_bwd(*up, expected, grad_rows, p.flags,
+                                                     p.hparams, True, "torch")
     gs = float(g_ref.abs().max()) if g_ref.numel() else 1.0
     torch.testing.assert_close(grad.double(), g_ref, rtol=2e-5, atol=2e-5 * max(gs, 1e-3))
-    if p.ent is not None:
+    if p.get("entropy") is not None:
         assert _untouched(ebuf)
         torch.testing.assert_close(grad_ent.double(), ge_ref)
     del keep
@@ -161,10 +169,11 @@ def test_kl_penalty(emu):
                         lp.data_ptr(), ref.data_ptr(), grad.data_ptr() if with_grad else None,
                         out.data_ptr(), 1000, kind, st, *clamps, None)
                     assert rc == 0 and _untouched(buf)
-                    want = (grad.double() * P._kl_grad_torch(lp.double(), ref.double(), kind,
-                                                            bool(st), *clamps)
+                    args = (lp.double(), ref.double(), kind, bool(st), *clamps)
+                    want = (torch.ops.rlkern.kl_penalty_bwd(args[0], args[1], grad.double(),
+                                                            *args[2:], "torch")
                             if with_grad else
-                            P._kl_torch(lp.double(), ref.double(), kind, bool(st), *clamps))
+                            torch.ops.rlkern.kl_penalty_fwd(*args, "torch"))
                     torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=1e-6)
 
 
@@ -172,11 +181,13 @@ def test_invalid_arguments(emu):
     p = _prepare("ppo", 2, 3, seed=0)
     s, keep = _inputs_struct(p)
     hp = torch.tensor(p.hparams, dtype=torch.float64)
-    stats = torch.empty(20, 2, dtype=torch.float64)
-    bad = torch.tensor([9, 0, 0, 0, 0, 0, 0], dtype=torch.int32)
+    stats = torch.empty(len(L.row_stats), 2, dtype=torch.float64)
+    bad = torch.zeros(len(L.flags), dtype=torch.int32)
+    bad[L.flags.loss_kind] = len(L.loss_kinds) + 3  # no such loss kind
     assert emu.lib.rlkern_policy_loss_fwd_cuda(ctypes.byref(s), bad.data_ptr(), hp.data_ptr(),
                                                stats.data_ptr(), None) == -2
-    flags = torch.tensor([0, 0, 3, 0, 0, 0, 0], dtype=torch.int32)  # KL without a reference
+    flags = torch.zeros(len(L.flags), dtype=torch.int32)
+    flags[L.flags.kl_kind] = L.kl_kinds.k3  # KL without a reference
     assert emu.lib.rlkern_policy_loss_fwd_cuda(ctypes.byref(s), flags.data_ptr(),
                                                hp.data_ptr(), stats.data_ptr(), None) == -3
     del keep

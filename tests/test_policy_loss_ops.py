@@ -1,5 +1,5 @@
 """The registered ops behind policy_loss / kl_penalty: opcheck, torch.compile(fullgraph=True),
-fake tensors, and the one-spec rule (the Python argument spec = the C++ header's structs)."""
+fake tensors, and the one-spec rule (the Python and Triton layouts = the C++ header's lists)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,21 @@ import torch
 
 import rlkern
 from policy_loss_cases import CASES, call_kwargs, make_inputs
-from rlkern.ops import policy_loss as P
+from rlkern.config.layout import layout
+from rlkern.ops.policy_loss import prepare
+from rlkern.ops.policy_loss.register import split_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS_BACKENDS = ["cpu", "torch"]
+L = layout("policy_loss")
 
 
 def _op_args(name: str, dtype=torch.float32, B=6, T=7):
     case = CASES[name]
     inp = make_inputs(B, T, dtype, seed=3)
     args, kw = call_kwargs(case, inp)
-    p = P._prepare(*args, case.config, kw.get("ref_logprobs"), kw.get("rollout_logprobs"),
-                   kw.get("entropy"), kw.get("token_weights"), None, "cpu", {})
-    return p
+    kw = {k: v for k, v in kw.items() if k not in ("num_tokens", "num_seqs")}
+    return prepare(*args, config=case.config, backend="cpu", **kw)
 
 
 @pytest.mark.parametrize("backend", OPS_BACKENDS)
@@ -32,29 +34,34 @@ def _op_args(name: str, dtype=torch.float32, B=6, T=7):
 def test_opcheck_fwd_bwd(name, backend):
     p = _op_args(name)
     lp = p.lp.clone().requires_grad_()
-    ent = None if p.ent is None else p.ent.clone().requires_grad_()
-    fwd_args = (lp, p.old, p.adv, p.mask, p.ref, p.rollout, ent, p.tw, p.thr, p.flags,
-                p.hparams, backend)
+    inputs = list(p.inputs)
+    if p.get("entropy") is not None:
+        inputs[L.inputs.entropy] = p.get("entropy").clone().requires_grad_()
+    given, slots = split_inputs(inputs)
+    fwd_args = (lp, p.old, p.adv, p.mask, given, slots, p.flags, p.hparams, backend)
     torch.library.opcheck(torch.ops.rlkern.policy_loss_fwd.default, fwd_args)
     row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(*fwd_args)
     grad_rows = torch.randn_like(row_sums)
+    given, slots = split_inputs(p.inputs)
     torch.library.opcheck(
         torch.ops.rlkern.policy_loss_bwd.default,
-        (p.lp, p.old, p.adv, p.mask, p.ref, p.rollout, p.ent, p.tw, p.thr, row_stats.detach(),
-         grad_rows, p.flags, p.hparams, p.ent is not None, backend))
+        (p.lp, p.old, p.adv, p.mask, given, slots, row_stats.detach(), grad_rows, p.flags,
+         p.hparams, p.get("entropy") is not None, backend))
 
 
 def test_opcheck_compiled_out_ops():
     p = _op_args("all-addons")
     B = p.mask.shape[0]
-    row_stats = torch.empty(20, B, dtype=torch.float64)
-    common = (p.lp, p.old, p.adv, p.mask, p.ref, p.rollout, p.ent, p.tw, p.thr)
+    row_stats = torch.empty(len(L.row_stats), B, dtype=torch.float64)
+    common = (p.lp, p.old, p.adv, p.mask, p.inputs)
     torch.library.opcheck(torch.ops.rlkern.policy_loss_fwd_out.default,
                           (*common, p.flags, p.hparams, row_stats))
     torch.library.opcheck(torch.ops.rlkern.policy_loss_bwd_out.default,
-                          (*common, row_stats, torch.randn(4, B, dtype=torch.float64), p.flags,
-                           p.hparams, torch.empty_like(p.lp), torch.empty_like(p.ent)))
-    lp, ref = p.lp.nan_to_num(), p.ref.nan_to_num()
+                          (*common, row_stats, torch.randn(len(L.row_grads), B,
+                                                           dtype=torch.float64),
+                           p.flags, p.hparams, torch.empty_like(p.lp),
+                           torch.empty_like(p.get("entropy"))))
+    lp, ref = p.lp.nan_to_num(), p.get("ref_logprobs").nan_to_num()
     torch.library.opcheck(torch.ops.rlkern.kl_penalty_fwd_out.default,
                           (lp, ref, 3, False, 20.0, 10.0, torch.empty_like(lp)))
     torch.library.opcheck(torch.ops.rlkern.kl_penalty_bwd_out.default,
@@ -128,51 +135,101 @@ def test_fake_tensors_give_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     p = _op_args("all-addons")
+    given, slots = split_inputs(p.inputs)
     with FakeTensorMode() as mode:
         conv = lambda t: None if t is None else mode.from_tensor(t)
         sums, stats = torch.ops.rlkern.policy_loss_fwd(
-            conv(p.lp), conv(p.old), conv(p.adv), conv(p.mask), conv(p.ref), conv(p.rollout),
-            conv(p.ent), conv(p.tw), conv(p.thr), p.flags, p.hparams, "cpu")
-        assert sums.shape == (4, 6) and stats.shape == (20, 6)
+            conv(p.lp), conv(p.old), conv(p.adv), conv(p.mask), [conv(t) for t in given],
+            slots, p.flags, p.hparams, "cpu")
+        assert sums.shape == (len(L.row_grads), 6) and stats.shape == (len(L.row_stats), 6)
         assert sums.dtype == stats.dtype == torch.float64
 
 
-def _header_struct(text: str, name: str) -> list[str]:
-    body = re.search(rf"struct {name} \{{(.*?)\}};", text, re.S).group(1)
-    fields = []
-    for line in body.splitlines():
-        line = line.split("//")[0].strip()
-        if line:
-            fields += [f.strip() for f in line.split(maxsplit=1)[1].rstrip(";").split(",")]
-    return fields
+def _header_list(text: str, macro: str) -> list[str]:
+    """The entry names of one X-macro list of the header (``#define macro(X) X(id, name) ...``:
+    a quoted name, or a field identifier)."""
+    body = re.search(rf"#define {macro}\(X\)(.*?)(?<!\\)\n", text, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    return [m.group(2) or m.group(3)
+            for m in re.finditer(r"X\((\w+), (?:\"(\w+)\"|(\w+))", body)]
+
+
+TABLES = {"flags": "RLKERN_PL_FLAGS", "hparams": "RLKERN_PL_HPARAMS",
+          "inputs": "RLKERN_PL_INPUTS", "row_stats": "RLKERN_PL_ROW_STATS",
+          "row_grads": "RLKERN_PL_ROW_GRADS", "loss_kinds": "RLKERN_PL_LOSS_KINDS",
+          "ratio_modes": "RLKERN_PL_RATIO_MODES", "kl_kinds": "RLKERN_PL_KL_KINDS",
+          "rollout_levels": "RLKERN_PL_ROLLOUT_LEVELS"}
 
 
 def test_python_spec_matches_the_header():
-    """DESIGN rule 5: the flags / hparams / row statistics are specified once (the header);
-    the Python spec must list the same names in the same order."""
+    """DESIGN rules 5 and 13: the flags / hparams / inputs / row statistics / codes are
+    specified once (the header's X-macro lists); the layout Python reads through rlkern._C
+    lists the same names in the same order, each name once."""
     text = (ROOT / "csrc" / "include" / "rlkern" / "policy_loss.h").read_text()
-    assert _header_struct(text, "Flags") == list(P.FLAG_FIELDS)
-    assert _header_struct(text, "HParams") == list(P.HPARAM_FIELDS)
-    enum = re.search(r"enum RowStat : int \{(.*?)\};", text, re.S).group(1)
-    names = re.findall(r"\bk(\w+) = (\d+)", enum)
-    camel = lambda s: re.sub(r"(?<!^)(?=[A-Z])", "_", s).lower()
-    assert [int(i) for _, i in names] == list(range(len(names)))
-    assert names[-1][0] == "NumRowStats" and int(names[-1][1]) == len(P.ROW_STATS)
-    header_names = [camel(n) for n, _ in names[:-1]]
-    aliases = {"seq_log_ratio": "seq_log_ratio", "neg_log_ratio": "neg_log_ratio",
-               "rollout_w_sum": "rollout_w_sum", "non_finite": "non_finite"}
-    assert [aliases.get(n, n) for n in header_names] == list(P.ROW_STATS)
-    kinds = dict(re.findall(r"\bk(Ppo|Cispo|Sapo|Reinforce|Gmpo|Gvpo) = (\d)", text))
-    assert {k.lower(): int(v) for k, v in kinds.items()} == {
-        k: v for k, v in P.LOSS_KINDS.items() if k != "gspo"}
+    assert set(vars(L)) == set(TABLES)
+    for table, macro in TABLES.items():
+        names = [e.name for e in getattr(L, table)]
+        assert names == _header_list(text, macro), table
+        assert [int(e) for e in getattr(L, table)] == list(range(len(names))), table
+        assert len(set(names)) == len(names), table
+    # the differentiable statistics are rows of row_stats, consecutive, in row_grads order
+    rows = [L.row_stats[g.name] for g in L.row_grads]
+    assert rows == list(range(rows[0], rows[0] + len(rows)))
+    # every rlkern loss name maps to a loss kind of the header (gspo: ppo on sequence ratios)
+    from rlkern.config.policy_loss import POLICY_LOSSES, PolicyLossConfig
+
+    for name in POLICY_LOSSES:
+        extra = {"group_size": 2} if name == "gvpo" else {}
+        flags, hparams = PolicyLossConfig(policy_loss=name, **extra).kernel_args(
+            with_kl=False, with_rollout=False)
+        assert len(flags) == len(L.flags) and len(hparams) == len(L.hparams)
+        kind = L.loss_kinds(flags[L.flags.loss_kind]).name
+        assert kind == ("ppo" if name == "gspo" else name)
 
 
-def test_triton_module_spec_matches():
+def test_cpu_op_takes_the_layout_and_rejects_a_wrong_inputs_list():
+    """The CPU op's row_stats has exactly len(row_stats) rows, its grad_rows len(row_grads), its
+    inputs list one entry per slot; anything else is refused with a message naming it."""
+    p = _op_args("all-addons")
+    B = p.mask.shape[0]
+    common = (p.lp, p.old, p.adv, p.mask)
+    ops = torch.ops.rlkern
+    stats = torch.empty(len(L.row_stats), B, dtype=torch.float64)
+    ops.policy_loss_fwd_out(*common, p.inputs, p.flags, p.hparams, stats)
+    expected = torch.empty_like(stats)
+    with pytest.raises(RuntimeError, match=r"row_stats: expected a contiguous tensor of"):
+        ops.policy_loss_fwd_out(*common, p.inputs, p.flags, p.hparams,
+                                torch.empty(len(L.row_stats) + 1, B, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=rf"inputs: expected {len(L.inputs)} optional"):
+        ops.policy_loss_fwd_out(*common, p.inputs[:-1], p.flags, p.hparams, expected)
+    with pytest.raises(RuntimeError, match=rf"inputs: expected {len(L.inputs)} optional"):
+        ops.policy_loss_fwd_out(*common, [*p.inputs, None], p.flags, p.hparams, expected)
+    with pytest.raises(RuntimeError, match=rf"flags: expected {len(L.flags)} values"):
+        ops.policy_loss_fwd_out(*common, p.inputs, p.flags[:-1], p.hparams, expected)
+    with pytest.raises(RuntimeError, match=rf"hparams: expected {len(L.hparams)} values"):
+        ops.policy_loss_fwd_out(*common, p.inputs, p.flags, [*p.hparams, 0.0], expected)
+    with pytest.raises(RuntimeError, match=r"grad_rows: expected a contiguous tensor of"):
+        ops.policy_loss_bwd_out(*common, p.inputs, stats,
+                                torch.zeros(len(L.row_grads) + 1, B, dtype=torch.float64),
+                                p.flags, p.hparams, torch.empty_like(p.lp), None)
+    bad = list(p.inputs)
+    bad[L.inputs.token_weights] = p.lp[:, :-1]
+    with pytest.raises(RuntimeError, match=r"token_weights: expected shape"):
+        ops.policy_loss_fwd_out(*common, bad, p.flags, p.hparams, expected)
+
+
+def test_triton_module_takes_the_layout():
+    """The Triton kernels restate no code or index: they take the layout tables the op layer
+    hands them (LAY), whose entries are the header's, in order."""
     pytest.importorskip("triton")
+    from rlkern.kernels import policy_loss as K
+    from rlkern.ops.policy_loss.register import layout_tables
+
     src = (ROOT / "kernels" / "policy_loss.py").read_text()
-    consts = dict(re.findall(r"^_S_(\w+) = tl\.constexpr\((\d+)\)", src, re.M))
-    assert len(consts) == len(P.ROW_STATS)
-    hp = dict(re.findall(r"^_(\w+) = tl\.constexpr\((\d+)\)\n", src, re.M))
-    order = ["CLIP_LO", "CLIP_HI", "DUAL_C", "DELTA", "LR_CLAMP", "SEQ_MAX", "TAU_POS",
-             "TAU_NEG", "KL_LC", "KL_VC", "ROLL_LC", "ROLL_MIN", "ROLL_MAX"]
-    assert [int(hp[k]) for k in order] == list(range(len(P.HPARAM_FIELDS)))
+    assert not re.search(r"tl\.constexpr\(\d+\)", src), "a layout number in the Triton module"
+    assert not re.search(r"^from rlkern|^import rlkern", src, re.M)
+    lay = K.layout_tuple(layout_tables())
+    for table in TABLES:
+        names = [e.name for e in getattr(L, table)]
+        assert list(getattr(lay, table)._fields) == names
+        assert list(getattr(lay, table)) == list(range(len(names)))

@@ -54,28 +54,23 @@ struct Row {
   const T* old;
   const T* adv;  // row start (per-token advantages) or the row's scalar
   const uint8_t* m;
-  const T* ref;
-  const T* roll;
-  const T* ent;
-  const T* tw;
+  const T* opt[pl::kNumInputs];  // the optional (B, T) inputs by slot (nullptr: absent)
 };
 
-template <typename T>
-const T* row_of(const RowArray& a, int64_t b) {
-  return a.p ? static_cast<const T*>(a.p) + b * a.stride : nullptr;
+template <typename T, typename E = T>
+const E* row_of(const pl::RowArray& a, int64_t b) {
+  return a.p ? static_cast<const E*>(a.p) + b * a.stride : nullptr;
 }
 
 template <typename T>
 Row<T> row_ptrs(const PolicyLossArgs& a, int64_t b) {
   Row<T> r;
-  r.lp = row_of<T>(a.logp, b);
-  r.old = row_of<T>(a.old, b);
-  r.adv = static_cast<const T*>(a.adv) + (a.adv_per_token ? b * a.adv_stride : b);
-  r.m = a.mask + b * a.mask_stride;
-  r.ref = row_of<T>(a.ref, b);
-  r.roll = row_of<T>(a.rollout, b);
-  r.ent = row_of<T>(a.entropy, b);
-  r.tw = row_of<T>(a.token_weights, b);
+  r.lp = row_of<T>(a.in.logp, b);
+  r.old = row_of<T>(a.in.old, b);
+  r.adv = row_of<T>(a.in.adv, b);
+  r.m = row_of<T, uint8_t>(a.in.mask, b);
+  for (int k = 0; k < pl::kNumInputs; ++k)
+    r.opt[k] = pl::input_shape(k) == pl::kRows ? row_of<T>(a.in.opt[k], b) : nullptr;
   return r;
 }
 
@@ -102,7 +97,7 @@ RowConst<T> row_prefix(const Row<T> r, int64_t n, bool want_roll) {
       len = len + sel(v, V(1.0), V(0.0));
       lps = lps + sel(v, P::load(r.lp + t, ln) - P::load(r.old + t, ln), V(0.0));
       if (want_roll) {
-        const V d = P::load(r.old + t, ln) - P::load(r.roll + t, ln);
+        const V d = P::load(r.old + t, ln) - P::load(r.opt[pl::kInRollout] + t, ln);
         rs = rs + sel(v && (d == d), d, V(0.0));  // NaN (unscored token): no correction
       }
     }
@@ -150,8 +145,8 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
   const bool roll_tok = a.flags.rollout_level == pl::kRolloutToken;
   const bool roll_seq = a.flags.rollout_level == pl::kRolloutSeq;
   const bool mask_mode = a.flags.rollout_mask != 0;
-  const bool has_thr = a.entropy_threshold != nullptr;
-  const V thr(has_thr ? double(*static_cast<const T*>(a.entropy_threshold)) : 0.0);
+  const bool has_thr = a.in.opt[pl::kInEntropyThreshold].p != nullptr;
+  const V thr(has_thr ? double(*static_cast<const T*>(a.in.opt[pl::kInEntropyThreshold].p)) : 0.0);
   const V zero(0.0), one(1.0);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
@@ -161,13 +156,13 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
       const auto v = P::valid(r.m + t, ln);
       V w = one;
       if (roll_tok) {
-        const V d = sel(v, P::load(r.old + t, ln) - P::load(r.roll + t, ln), zero);
+        const V d = sel(v, P::load(r.old + t, ln) - P::load(r.opt[pl::kInRollout] + t, ln), zero);
         w = pl::rollout_weight<V>(d, a.hp, mask_mode);
       }
       if (roll_seq) w = V(double(c.seq_w));
       V em = one;
-      if (r.ent) {
-        const V raw = P::load(r.ent + t, ln);
+      if (r.opt[pl::kInEntropy]) {
+        const V raw = P::load(r.opt[pl::kInEntropy] + t, ln);
         const V h = sel(v, raw, zero);
         if (has_thr) em = one_if<V>(h >= thr);
         ent = ent + sel(v, em * h, zero);
@@ -175,8 +170,8 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
         ent_valid = ent_valid + h;
       }
       V wt = one;
-      if (r.tw) {
-        const V raw = P::load(r.tw + t, ln);
+      if (r.opt[pl::kInTokenWeights]) {
+        const V raw = P::load(r.opt[pl::kInTokenWeights] + t, ln);
         wt = sel(v, raw, zero);
         tws = tws + wt;
       }
@@ -200,7 +195,6 @@ struct Step {
 
 template <typename P, bool ADVTOK, typename T>
 Step<P, T> load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) {
-  using V = typename P::V;
   Step<P, T> s;
   s.ln = P::lanes(t1 - t);
   s.v = P::valid(r.m + t, s.ln);
@@ -320,7 +314,7 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
     for (int64_t t = t0; t < t1; t += P::L) {
       const auto ln = P::lanes(t1 - t);
       const auto v = P::valid(r.m + t, ln);
-      const V ref_raw = P::load(r.ref + t, ln);
+      const V ref_raw = P::load(r.opt[pl::kInRef] + t, ln);
       const V lp = sel(v, P::load(r.lp + t, ln), zero), ref = sel(v, ref_raw, zero);
       V val = pl::kl_term<V>(KL, false, lp, ref, Ck, Cv).value;
       if (BIAS) {
@@ -399,7 +393,7 @@ void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g
       const auto ln = P::lanes(t1 - t);
       const auto v = P::valid(r.m + t, ln);
       const V lp = sel(v, P::load(r.lp + t, ln), zero);
-      const V ref = sel(v, P::load(r.ref + t, ln), zero);
+      const V ref = sel(v, P::load(r.opt[pl::kInRef] + t, ln), zero);
       const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv);
       V add = gkl * k.d_logp;
       if constexpr (BIAS) {
@@ -419,15 +413,12 @@ void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g
 
 // ------------------------------------------------------------------ template dispatch helpers
 
-template <typename F>
-void with_kind(int kind, F&& f) {
-  switch (kind) {
-    case pl::kCispo: f(std::integral_constant<int, pl::kCispo>{}); break;
-    case pl::kSapo: f(std::integral_constant<int, pl::kSapo>{}); break;
-    case pl::kReinforce: f(std::integral_constant<int, pl::kReinforce>{}); break;
-    case pl::kGvpo: f(std::integral_constant<int, pl::kGvpo>{}); break;
-    default: f(std::integral_constant<int, pl::kPpo>{}); break;
-  }
+// f(std::integral_constant<int, v>) for the runtime code v: one instantiation per listed
+// code, the first (Default) for any other value.
+template <int Default, int... Others, typename F>
+void with_code(int v, F&& f) {
+  const bool other = ((v == Others && (f(std::integral_constant<int, Others>{}), true)) || ...);
+  if (!other) f(std::integral_constant<int, Default>{});
 }
 
 template <typename F>
@@ -436,31 +427,28 @@ void with_bool(bool b, F&& f) {
   else f(std::false_type{});
 }
 
+// gmpo has its own kernels; kPpo also runs GSPO (its ratio mode differs).
+template <typename F>
+void with_kind(int kind, F&& f) {
+  with_code<pl::kPpo, pl::kCispo, pl::kSapo, pl::kReinforce, pl::kGvpo>(kind, f);
+}
+
 template <typename F>
 void with_kl(int kind, F&& f) {
-  switch (kind) {
-    case pl::kKlK1: f(std::integral_constant<int, pl::kKlK1>{}); break;
-    case pl::kKlK2: f(std::integral_constant<int, pl::kKlK2>{}); break;
-    case pl::kKlAbs: f(std::integral_constant<int, pl::kKlAbs>{}); break;
-    default: f(std::integral_constant<int, pl::kKlK3>{}); break;
-  }
+  with_code<pl::kKlK3, pl::kKlK1, pl::kKlK2, pl::kKlAbs>(kind, f);
 }
 
 template <typename F>
 void with_mode(int mode, F&& f) {
-  switch (mode) {
-    case pl::kRatioSeqDetached: f(std::integral_constant<int, pl::kRatioSeqDetached>{}); break;
-    case pl::kRatioSeqFull: f(std::integral_constant<int, pl::kRatioSeqFull>{}); break;
-    default: f(std::integral_constant<int, pl::kRatioToken>{}); break;
-  }
+  with_code<pl::kRatioToken, pl::kRatioSeqDetached, pl::kRatioSeqFull>(mode, f);
 }
 
 bool needs_aux(const PolicyLossArgs& a) {
-  return a.flags.rollout_level != pl::kRolloutNone || a.entropy.p || a.token_weights.p;
+  return a.flags.rollout_level != pl::kRolloutNone || a.in.opt[pl::kInEntropy].p || a.in.opt[pl::kInTokenWeights].p;
 }
 
 bool has_mult(const PolicyLossArgs& a) {
-  return a.flags.rollout_level != pl::kRolloutNone || a.entropy_threshold || a.token_weights.p;
+  return a.flags.rollout_level != pl::kRolloutNone || a.in.opt[pl::kInEntropyThreshold].p || a.in.opt[pl::kInTokenWeights].p;
 }
 
 int64_t grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
@@ -469,7 +457,7 @@ int64_t grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>
 
 template <typename T>
 void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
-  const int64_t n = a.T;
+  const int64_t n = a.in.T;
   const pl::Flags& f = a.flags;
   const bool seq_ratio = f.ratio_mode != pl::kRatioToken;
   const bool aux = needs_aux(a), mult_on = has_mult(a);
@@ -488,14 +476,14 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     const T* mp = mult_on ? mult.data() : nullptr;
     if (f.loss_kind == pl::kGmpo) {
       const T* wts = f.rollout_level != pl::kRolloutNone ? mult.data() : nullptr;
-      with_bool(a.adv_per_token, [&](auto adv_tok) {
+      with_bool(a.in.adv_per_token, [&](auto adv_tok) {
         fwd_gmpo<T, decltype(adv_tok)::value>(r, n, wts, c, a.hp, acc);
       });
     } else {
       with_kind(f.loss_kind, [&](auto k) {
         with_bool(seq_ratio, [&](auto seq) {
           with_bool(mult_on, [&](auto mo) {
-            with_bool(a.adv_per_token, [&](auto at) {
+            with_bool(a.in.adv_per_token, [&](auto at) {
               fwd_main<T, decltype(k)::value, decltype(seq)::value, decltype(mo)::value,
                        decltype(at)::value>(r, n, mp, c, a.hp, acc);
             });
@@ -521,7 +509,7 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     }
     if (f.loss_kind == pl::kGvpo) acc.clip_low = acc.clip_high = 0;
     // Statistic-major layout: row_stats[k * B + b].
-    const auto s = [&](int k) -> double& { return a.row_stats[k * a.B + b]; };
+    const auto s = [&](int k) -> double& { return a.row_stats[k * a.in.B + b]; };
     s(pl::kLen) = c.len;
     s(pl::kPgSum) = acc.pg;
     s(pl::kKlSum) = acc.kl;
@@ -552,16 +540,16 @@ template <typename T>
 void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
-  const int64_t n = a.T;
+  const int64_t n = a.in.T;
   const pl::Flags& f = a.flags;
   const bool mult_on = has_mult(a);
   const bool ratio_full = f.ratio_mode == pl::kRatioSeqFull;
   std::vector<T> mult(mult_on ? n : 0);
-  const T thr = a.entropy_threshold ? *static_cast<const T*>(a.entropy_threshold) : T(0);
+  const T thr = a.in.opt[pl::kInEntropyThreshold].p ? *static_cast<const T*>(a.in.opt[pl::kInEntropyThreshold].p) : T(0);
   for (int64_t b = b0; b < b1; ++b) {
     const Row<T> r = row_ptrs<T>(a, b);
-    const auto s = [&](int k) { return a.row_stats[k * a.B + b]; };
-    const auto gr = [&](int k) { return T(a.grad_rows[k * a.B + b]); };
+    const auto s = [&](int k) { return a.row_stats[k * a.in.B + b]; };
+    const auto gr = [&](int k) { return T(a.grad_rows[k * a.in.B + b]); };
     const T g_pg = gr(pl::kGradPg), g_kl = gr(pl::kGradKl);
     const T g_ent = gr(pl::kGradEnt), g_lp = gr(pl::kGradLp);
     RowConst<T> c;
@@ -580,14 +568,14 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     if (f.loss_kind == pl::kGmpo) {
       const double len1 = c.len > 1 ? c.len : 1.0;
       const T coef = T(double(g_pg) * s(pl::kPgSum) / len1);  // ∂ℓ_i/∂logp_t = ℓ_i/len · ∂Δc/∂Δ
-      with_bool(a.adv_per_token, [&](auto at) {
+      with_bool(a.in.adv_per_token, [&](auto at) {
         bwd_gmpo<T, decltype(at)::value>(r, n, a.hp, coef, g);
       });
     } else {
       with_kind(f.loss_kind, [&](auto k) {
         with_mode(f.ratio_mode, [&](auto mode) {
           with_bool(mult_on, [&](auto mo) {
-            with_bool(a.adv_per_token, [&](auto at) {
+            with_bool(a.in.adv_per_token, [&](auto at) {
               bwd_main<T, decltype(k)::value, decltype(mode)::value, decltype(mo)::value,
                        decltype(at)::value>(r, n, mult.data(), c, a.hp, g_pg, g, &G);
             });
@@ -619,13 +607,13 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     }
     if (a.grad_entropy) {
       T* ge = static_cast<T*>(a.grad_entropy) + b * n;
-      const bool has_thr = a.entropy_threshold != nullptr;
+      const bool has_thr = a.in.opt[pl::kInEntropyThreshold].p != nullptr;
       const V gent = V(double(g_ent)), zero(0.0), thrv = V(double(thr));
       for (int64_t t = 0; t < n; t += P::L) {
         const auto ln = P::lanes(n - t);
         const auto v = P::valid(r.m + t, ln);
         V out = sel(v, gent, zero);
-        if (has_thr) out = sel(sel(v, P::load(r.ent + t, ln), zero) >= thrv, out, zero);
+        if (has_thr) out = sel(sel(v, P::load(r.opt[pl::kInEntropy] + t, ln), zero) >= thrv, out, zero);
         P::store(ge + t, out, ln);
       }
     }
@@ -677,15 +665,15 @@ void parallel_rows(int64_t B, int64_t T, F&& rows) {
 }  // namespace
 
 void policy_loss_fwd(const PolicyLossArgs& a) {
-  parallel_rows(a.B, a.T, [&](int64_t b0, int64_t b1) {
-    if (a.f64) fwd_rows<double>(a, b0, b1);
+  parallel_rows(a.in.B, a.in.T, [&](int64_t b0, int64_t b1) {
+    if (a.in.f64) fwd_rows<double>(a, b0, b1);
     else fwd_rows<float>(a, b0, b1);
   });
 }
 
 void policy_loss_bwd(const PolicyLossArgs& a) {
-  parallel_rows(a.B, a.T, [&](int64_t b0, int64_t b1) {
-    if (a.f64) bwd_rows<double>(a, b0, b1);
+  parallel_rows(a.in.B, a.in.T, [&](int64_t b0, int64_t b1) {
+    if (a.in.f64) bwd_rows<double>(a, b0, b1);
     else bwd_rows<float>(a, b0, b1);
   });
 }

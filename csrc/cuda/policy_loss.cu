@@ -2,7 +2,7 @@
 //
 // Torch-free (DESIGN.md style rule 1): the launchers at the bottom take raw pointers, sizes,
 // row strides, the flags / hyperparameters and a cudaStream_t and return an error code;
-// csrc/cuda_ops.cpp adapts tensors. The per-token math is rlkern/policy_loss.h, shared with
+// csrc/cuda/policy_loss_ops.cpp adapts tensors. The per-token math is rlkern/policy_loss.h, shared with
 // the CPU kernels; contract in rlkern/cuda_launchers.h.
 //
 // One warp per row (sequence), kRowsPerBlock rows per block. Lane i reads tokens i, i + 32,
@@ -35,16 +35,7 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kRowsPerBlock = 4;  // warps per block; one row per warp
 
-struct Args {
-  RlkernPolicyLossInputs in;
-  pl::Flags f;
-  pl::HParams h;
-  double* row_stats;        // (kNumRowStats, B) forward output
-  const double* stats_in;   // (kNumRowStats, B) backward input
-  const double* grad_rows;  // (kNumRowGrads, B)
-  float* grad_logp;         // (B, T) contiguous
-  float* grad_entropy;      // (B, T) contiguous, nullable
-};
+using pl::Args;  // float32 inputs and gradients
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -69,23 +60,35 @@ struct RowPtrs {
   const float* old;
   const float* adv;  // row start, or the row's scalar
   const uint8_t* m;
-  const float* ref;
-  const float* roll;
-  const float* ent;
-  const float* tw;
+  const float* opt[pl::kNumInputs];  // the optional (B, T) inputs by slot (nullptr: absent)
 };
 
-__device__ __forceinline__ RowPtrs row_ptrs(const RlkernPolicyLossInputs& in, int64_t b) {
+// Row b of a required input / of an optional one (nullptr when absent).
+template <typename E = float>
+__device__ __forceinline__ const E* row_at(const pl::RowArray& a, int64_t b) {
+  return static_cast<const E*>(a.p) + b * a.stride;
+}
+template <typename E = float>
+__device__ __forceinline__ const E* row_of(const pl::RowArray& a, int64_t b) {
+  return a.p ? row_at<E>(a, b) : nullptr;
+}
+
+__device__ __forceinline__ RowPtrs row_ptrs(const pl::Inputs& in, int64_t b) {
   RowPtrs r;
-  r.lp = in.logp + b * in.stride_logp;
-  r.old = in.old + b * in.stride_old;
-  r.adv = in.adv + (in.adv_per_token ? b * in.stride_adv : b);
-  r.m = in.mask + b * in.stride_mask;
-  r.ref = in.ref ? in.ref + b * in.stride_ref : nullptr;
-  r.roll = in.rollout ? in.rollout + b * in.stride_rollout : nullptr;
-  r.ent = in.entropy ? in.entropy + b * in.stride_entropy : nullptr;
-  r.tw = in.token_weights ? in.token_weights + b * in.stride_token_weights : nullptr;
+  r.lp = row_at(in.logp, b);
+  r.old = row_at(in.old, b);
+  r.adv = row_at(in.adv, b);
+  r.m = row_at<uint8_t>(in.mask, b);
+#pragma unroll
+  for (int k = 0; k < pl::kNumInputs; ++k)
+    r.opt[k] = pl::input_shape(k) == pl::kRows ? row_of(in.opt[k], b) : nullptr;
   return r;
+}
+
+// The entropy mask's threshold (0 when there is none: then it is not read).
+__device__ __forceinline__ float entropy_threshold(const pl::Inputs& in) {
+  const void* p = in.opt[pl::kInEntropyThreshold].p;
+  return p ? __ldg(static_cast<const float*>(p)) : 0.f;
 }
 
 struct Token {
@@ -114,16 +117,16 @@ struct Mult {
 __device__ __forceinline__ Mult load_mult(const Args& a, const RowPtrs& r, const Token& k,
                                           int64_t t, float seq_w, float thr) {
   Mult u{1.f, 1.f, 0.f, 1.f};
-  if (a.f.rollout_level == pl::kRolloutToken)
-    u.w = pl::rollout_weight<float>(k.v ? k.old - __ldg(r.roll + t) : 0.f, a.h,
-                                    a.f.rollout_mask != 0);
-  else if (a.f.rollout_level == pl::kRolloutSeq)
+  if (a.flags.rollout_level == pl::kRolloutToken)
+    u.w = pl::rollout_weight<float>(k.v ? k.old - __ldg(r.opt[pl::kInRollout] + t) : 0.f, a.hp,
+                                    a.flags.rollout_mask != 0);
+  else if (a.flags.rollout_level == pl::kRolloutSeq)
     u.w = seq_w;
-  if (r.ent) {
-    u.h = k.v ? __ldg(r.ent + t) : 0.f;
-    if (a.in.entropy_threshold) u.em = u.h >= thr ? 1.f : 0.f;
+  if (r.opt[pl::kInEntropy]) {
+    u.h = k.v ? __ldg(r.opt[pl::kInEntropy] + t) : 0.f;
+    if (a.in.opt[pl::kInEntropyThreshold].p) u.em = u.h >= thr ? 1.f : 0.f;
   }
-  if (r.tw) u.wt = k.v ? __ldg(r.tw + t) : 0.f;
+  if (r.opt[pl::kInTokenWeights]) u.wt = k.v ? __ldg(r.opt[pl::kInTokenWeights] + t) : 0.f;
   return u;
 }
 
@@ -138,32 +141,48 @@ __device__ __forceinline__ SeqConst seq_const(const Args& a, double len, double 
                                               double roll_sum) {
   SeqConst c;
   bool pass = true;
-  c.r_seq = float(pl::seq_log_ratio(lp_sum, len, a.h.seq_log_ratio_max, &pass));
+  c.r_seq = float(pl::seq_log_ratio(lp_sum, len, a.hp.seq_log_ratio_max, &pass));
   c.pass_seq = pass;
-  c.seq_w = a.f.rollout_level == pl::kRolloutSeq
-                ? float(pl::rollout_weight<double>(roll_sum, a.h, a.f.rollout_mask != 0))
+  c.seq_w = a.flags.rollout_level == pl::kRolloutSeq
+                ? float(pl::rollout_weight<double>(roll_sum, a.hp, a.flags.rollout_mask != 0))
                 : 1.f;
   return c;
 }
 
 __device__ __forceinline__ pl::TokenLoss<float> loss_at(const Args& a, float rho,
                                                         const Token& k) {
-  return pl::token_loss<float>(a.f.loss_kind, rho, k.a, k.lp, a.h);
+  return pl::token_loss<float>(a.flags.loss_kind, rho, k.a, k.lp, a.hp);
 }
+
+// What both kernels read once per thread: the lane, the sizes and the row-independent values.
+struct Common {
+  int lane;
+  int64_t B, T;
+  bool adv_tok;
+  float C;    // log_ratio_clamp
+  float thr;  // entropy threshold
+  bool gmpo;
+};
+
+__device__ __forceinline__ Common common(const Args& a) {
+  return Common{int(threadIdx.x % kWarpSize), a.in.B, a.in.T, a.in.adv_per_token != 0,
+                float(a.hp.log_ratio_clamp), entropy_threshold(a.in),
+                a.flags.loss_kind == pl::kGmpo};
+}
+
+// Rows first_row(), first_row() + row_step(), ... are this warp's.
+__device__ __forceinline__ int64_t first_row() {
+  return int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
+}
+__device__ __forceinline__ int64_t row_step() { return int64_t(gridDim.x) * kRowsPerBlock; }
 
 // ------------------------------------------------------------------------------------ forward
 
 __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
     policy_loss_fwd_kernel(const Args a) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t B = a.in.B, T = a.in.T;
-  const bool adv_tok = a.in.adv_per_token != 0;
-  const float C = float(a.h.log_ratio_clamp);
-  const float thr = a.in.entropy_threshold ? __ldg(a.in.entropy_threshold) : 0.f;
-  const bool gmpo = a.f.loss_kind == pl::kGmpo;
-  const bool seq_ratio = a.f.ratio_mode != pl::kRatioToken;
-  for (int64_t b = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; b < B;
-       b += int64_t(gridDim.x) * kRowsPerBlock) {
+  const auto [lane, B, T, adv_tok, C, thr, gmpo] = common(a);
+  const bool seq_ratio = a.flags.ratio_mode != pl::kRatioToken;
+  for (int64_t b = first_row(); b < B; b += row_step()) {
     const RowPtrs r = row_ptrs(a.in, b);
     // prefix
     float len = 0.f, lps = 0.f, rs = 0.f;
@@ -173,8 +192,8 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
       const float old = __ldg(r.old + t);
       len += 1.f;
       lps += __ldg(r.lp + t) - old;
-      if (a.f.rollout_level == pl::kRolloutSeq) {
-        const float d = old - __ldg(r.roll + t);
+      if (a.flags.rollout_level == pl::kRolloutSeq) {
+        const float d = old - __ldg(r.opt[pl::kInRollout] + t);
         rs += d == d ? d : 0.f;
       }
     }
@@ -194,12 +213,12 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
       float rho = 1.f;
       if (gmpo) {
         const pl::GmpoClip<float> g =
-            pl::gmpo_clip<float>(d, k.a, float(a.h.clip_lo), float(a.h.clip_hi));
+            pl::gmpo_clip<float>(d, k.a, float(a.hp.clip_lo), float(a.hp.clip_hi));
         sdc += g.dc;
         clip += g.clipped;
         clo += k.a < 0.f ? g.clipped : 0.f;
         chi += k.a > 0.f ? g.clipped : 0.f;
-        if (a.f.rollout_level != pl::kRolloutNone) slogw += logf(u.w + 1e-10f);
+        if (a.flags.rollout_level != pl::kRolloutNone) slogw += logf(u.w + 1e-10f);
       } else {
         rho = pl::expv(seq_ratio ? c.r_seq : dc);
         const pl::TokenLoss<float> L = loss_at(a, rho, k);
@@ -212,21 +231,21 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
         rmin = fminf(rmin, rho);
         rmax = fmaxf(rmax, rho);
       }
-      if (a.f.kl_kind != pl::kKlNone) {
-        const float ref_raw = __ldg(r.ref + t);
-        float val = pl::kl_term<float>(a.f.kl_kind, false, k.lp, ref_raw,
-                                       float(a.h.kl_log_clamp), float(a.h.kl_value_clamp))
+      if (a.flags.kl_kind != pl::kKlNone) {
+        const float ref_raw = __ldg(r.opt[pl::kInRef] + t);
+        float val = pl::kl_term<float>(a.flags.kl_kind, false, k.lp, ref_raw,
+                                       float(a.hp.kl_log_clamp), float(a.hp.kl_value_clamp))
                         .value;
-        if (a.f.kl_bias_correction) val *= rho;
+        if (a.flags.kl_bias_correction) val *= rho;
         kl += val;
         check += ref_raw;
       }
-      if (r.ent) {
+      if (r.opt[pl::kInEntropy]) {
         ent += u.em * u.h;
         ent_n += u.em;
         ent_valid += u.h;
       }
-      if (r.tw) check += u.wt;
+      if (r.opt[pl::kInTokenWeights]) check += u.wt;
       wsum += u.w;
       nlr -= dc;
       adv += k.a;
@@ -241,18 +260,35 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
       const double len1 = n > 1 ? n : 1.0;
       seq_r = double(warp_sum(sdc)) / len1;
       const double rho_i = exp(seq_r);
-      seq_w = a.f.rollout_level != pl::kRolloutNone ? exp(double(warp_sum(slogw)) / len1) : 1.0;
+      seq_w = a.flags.rollout_level != pl::kRolloutNone ? exp(double(warp_sum(slogw)) / len1) : 1.0;
       s_pg = -(s_adv / len1) * rho_i * seq_w;
       s_rsum = n * rho_i;
       s_rmin = n > 0 ? rho_i : double(INFINITY);
       s_rmax = n > 0 ? rho_i : -double(INFINITY);
     }
-    const double vals[pl::kNumRowStats] = {
-        n, s_pg, warp_sum(kl), warp_sum(ent), lp_sum, warp_sum(ent_n), seq_r, seq_w, s_adv,
-        warp_sum(clip), warp_sum(clo), warp_sum(chi), warp_sum(dual), warp_sum(nlr), s_rsum,
-        s_rmin, s_rmax, s_ent_valid,
-        a.f.rollout_level != pl::kRolloutNone ? double(warp_sum(wsum)) : 0.0,
-        s_check - s_check == 0.0 ? 0.0 : 1.0};
+    double vals[pl::kNumRowStats];  // constant indices: kept in registers
+    vals[pl::kLen] = n;
+    vals[pl::kPgSum] = s_pg;
+    vals[pl::kKlSum] = warp_sum(kl);
+    vals[pl::kEntSum] = warp_sum(ent);
+    vals[pl::kLpSum] = lp_sum;
+    vals[pl::kEntCount] = warp_sum(ent_n);
+    vals[pl::kSeqLogRatio] = seq_r;
+    vals[pl::kSeqWeight] = seq_w;
+    vals[pl::kAdvSum] = s_adv;
+    vals[pl::kClip] = warp_sum(clip);
+    vals[pl::kClipLow] = warp_sum(clo);
+    vals[pl::kClipHigh] = warp_sum(chi);
+    vals[pl::kDualClip] = warp_sum(dual);
+    vals[pl::kNegLogRatio] = warp_sum(nlr);
+    vals[pl::kRatioSum] = s_rsum;
+    vals[pl::kRatioMin] = s_rmin;
+    vals[pl::kRatioMax] = s_rmax;
+    vals[pl::kEntropyValid] = s_ent_valid;
+    vals[pl::kRolloutWSum] =
+        a.flags.rollout_level != pl::kRolloutNone ? double(warp_sum(wsum)) : 0.0;
+    vals[pl::kNonFinite] = s_check - s_check == 0.0 ? 0.0 : 1.0;
+    static_assert(pl::kNumRowStats <= kWarpSize, "one lane stores one statistic");
     if (lane < pl::kNumRowStats) {
       double out = 0.0;
 #pragma unroll
@@ -266,28 +302,22 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
 
 __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
     policy_loss_bwd_kernel(const Args a) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t B = a.in.B, T = a.in.T;
-  const bool adv_tok = a.in.adv_per_token != 0;
-  const float C = float(a.h.log_ratio_clamp);
-  const float thr = a.in.entropy_threshold ? __ldg(a.in.entropy_threshold) : 0.f;
-  const int mode = a.f.ratio_mode;
-  const bool gmpo = a.f.loss_kind == pl::kGmpo;
-  const bool has_kl = a.f.kl_kind != pl::kKlNone, bias = a.f.kl_bias_correction != 0;
-  const float Ck = float(a.h.kl_log_clamp), Cv = float(a.h.kl_value_clamp);
-  for (int64_t b = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; b < B;
-       b += int64_t(gridDim.x) * kRowsPerBlock) {
+  const auto [lane, B, T, adv_tok, C, thr, gmpo] = common(a);
+  const int mode = a.flags.ratio_mode;
+  const bool has_kl = a.flags.kl_kind != pl::kKlNone, bias = a.flags.kl_bias_correction != 0;
+  const float Ck = float(a.hp.kl_log_clamp), Cv = float(a.hp.kl_value_clamp);
+  for (int64_t b = first_row(); b < B; b += row_step()) {
     const RowPtrs r = row_ptrs(a.in, b);
-    const double n = a.stats_in[pl::kLen * B + b];
-    const SeqConst c0 = seq_const(a, n, a.stats_in[pl::kLpSum * B + b], 0.0);
+    const double n = a.row_stats[pl::kLen * B + b];
+    const SeqConst c0 = seq_const(a, n, a.row_stats[pl::kLpSum * B + b], 0.0);
     // The sequence rollout weight is the forward's (its log-ratio sum is not saved).
-    const float seq_w = float(a.stats_in[pl::kSeqWeight * B + b]);
+    const float seq_w = float(a.row_stats[pl::kSeqWeight * B + b]);
     const float g_pg = float(a.grad_rows[pl::kGradPg * B + b]);
     const float g_kl = float(a.grad_rows[pl::kGradKl * B + b]);
     const float g_ent = float(a.grad_rows[pl::kGradEnt * B + b]);
     const float g_lp = float(a.grad_rows[pl::kGradLp * B + b]);
     const double len1 = n > 1 ? n : 1.0;
-    const float gmpo_coef = float(double(g_pg) * a.stats_in[pl::kPgSum * B + b] / len1);
+    const float gmpo_coef = float(double(g_pg) * a.row_stats[pl::kPgSum * B + b] / len1);
     const float rho_seq = pl::expv(c0.r_seq);
 
     float G = 0.f;  // Σ_t m·∂(loss terms)/∂r, spread over the row (exact sequence gradient)
@@ -300,13 +330,13 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
         acc += g_pg * (u.w * u.em * u.wt) * loss_at(a, rho_seq, k).d_r;
         if (has_kl && bias)
           acc += g_kl * rho_seq *
-                 pl::kl_term<float>(a.f.kl_kind, false, k.lp, __ldg(r.ref + t), Ck, Cv).value;
+                 pl::kl_term<float>(a.flags.kl_kind, false, k.lp, __ldg(r.opt[pl::kInRef] + t), Ck, Cv).value;
       }
       G = c0.pass_seq ? float(double(warp_sum(acc)) / len1) : 0.f;
     }
 
-    float* g_row = a.grad_logp + b * T;
-    float* ge_row = a.grad_entropy ? a.grad_entropy + b * T : nullptr;
+    float* g_row = static_cast<float*>(a.grad_logp) + b * T;
+    float* ge_row = a.grad_entropy ? static_cast<float*>(a.grad_entropy) + b * T : nullptr;
     for (int64_t t = lane; t < T; t += kWarpSize) {
       const Token k = load_token(r, adv_tok, t);
       if (!k.v) {
@@ -318,7 +348,7 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
       const Mult u = load_mult(a, r, k, t, seq_w, thr);
       float g, rho = 1.f, pass = 0.f;
       if (gmpo) {
-        g = gmpo_coef * pl::gmpo_clip<float>(d, k.a, float(a.h.clip_lo), float(a.h.clip_hi)).d;
+        g = gmpo_coef * pl::gmpo_clip<float>(d, k.a, float(a.hp.clip_lo), float(a.hp.clip_hi)).d;
       } else {
         if (mode == pl::kRatioToken) {
           rho = pl::expv(pl::clampv(d, -C, C));
@@ -334,8 +364,8 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
       }
       if (has_kl) {
         const pl::KlTerm<float> kt =
-            pl::kl_term<float>(a.f.kl_kind, a.f.kl_straight_through != 0, k.lp,
-                               __ldg(r.ref + t), Ck, Cv);
+            pl::kl_term<float>(a.flags.kl_kind, a.flags.kl_straight_through != 0, k.lp,
+                               __ldg(r.opt[pl::kInRef] + t), Ck, Cv);
         if (bias) {
           g += g_kl * kt.d_logp * rho;
           if (mode != pl::kRatioSeqFull) g += g_kl * kt.value * rho * pass;
@@ -363,28 +393,22 @@ __global__ void kl_penalty_kernel(const float* __restrict__ logp, const float* _
   }
 }
 
-int check_inputs(const RlkernPolicyLossInputs* in, const int32_t* flags,
-                 const double* hparams) {
+int check_inputs(const pl::Inputs* in, const pl::Flags* flags, const pl::HParams* hparams) {
   if (!in || !flags || !hparams) return RLKERN_CUDA_ERR_NULL_POINTER;
-  if (in->B < 0 || in->T < 0) return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
-  if (in->B > 0 && in->T > 0 && (!in->logp || !in->old || !in->adv || !in->mask))
+  if (in->B < 0 || in->T < 0 || in->f64) return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  if (in->B > 0 && in->T > 0 && (!in->logp.p || !in->old.p || !in->adv.p || !in->mask.p))
     return RLKERN_CUDA_ERR_NULL_POINTER;
-  if (flags[0] < pl::kPpo || flags[0] > pl::kGvpo || flags[1] < 0 ||
-      flags[1] > pl::kRatioSeqFull || flags[2] < pl::kKlNone || flags[2] > pl::kKlAbs ||
-      flags[5] < pl::kRolloutNone || flags[5] > pl::kRolloutSeq)
-    return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
-  if (flags[2] != pl::kKlNone && !in->ref) return RLKERN_CUDA_ERR_NULL_POINTER;
-  if (flags[5] != pl::kRolloutNone && !in->rollout) return RLKERN_CUDA_ERR_NULL_POINTER;
-  if (in->entropy_threshold && !in->entropy) return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  const pl::Problem problem = pl::check_call(*flags, *in);
+  if (problem.what)
+    return problem.missing ? RLKERN_CUDA_ERR_NULL_POINTER : RLKERN_CUDA_ERR_INVALID_ARGUMENT;
   return RLKERN_CUDA_OK;
 }
 
-Args make_args(const RlkernPolicyLossInputs* in, const int32_t* flags, const double* hp) {
+Args make_args(const pl::Inputs* in, const pl::Flags* flags, const pl::HParams* hp) {
   Args a{};
   a.in = *in;
-  a.f = pl::Flags{flags[0], flags[1], flags[2], flags[3], flags[4], flags[5], flags[6]};
-  a.h = pl::HParams{hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6],
-                    hp[7], hp[8], hp[9], hp[10], hp[11], hp[12]};
+  a.flags = *flags;
+  a.hp = *hp;
   return a;
 }
 
@@ -397,7 +421,8 @@ dim3 row_grid(int64_t B) {
 }  // namespace rlkern
 
 extern "C" int rlkern_policy_loss_fwd_cuda(const RlkernPolicyLossInputs* in,
-                                           const int32_t* flags, const double* hparams,
+                                           const rlkern::policy_loss::Flags* flags,
+                                           const rlkern::policy_loss::HParams* hparams,
                                            double* row_stats, cudaStream_t stream) {
   using namespace rlkern;
   const int err = check_inputs(in, flags, hparams);
@@ -411,18 +436,20 @@ extern "C" int rlkern_policy_loss_fwd_cuda(const RlkernPolicyLossInputs* in,
 }
 
 extern "C" int rlkern_policy_loss_bwd_cuda(const RlkernPolicyLossInputs* in,
-                                           const int32_t* flags, const double* hparams,
+                                           const rlkern::policy_loss::Flags* flags,
+                                           const rlkern::policy_loss::HParams* hparams,
                                            const double* row_stats, const double* grad_rows,
                                            float* grad_logp, float* grad_entropy,
                                            cudaStream_t stream) {
   using namespace rlkern;
   const int err = check_inputs(in, flags, hparams);
   if (err != RLKERN_CUDA_OK) return err;
-  if (grad_entropy && !in->entropy) return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  if (grad_entropy && !in->opt[policy_loss::kInEntropy].p)
+    return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
   if (in->B == 0 || in->T == 0) return RLKERN_CUDA_OK;
   if (!row_stats || !grad_rows || !grad_logp) return RLKERN_CUDA_ERR_NULL_POINTER;
   Args a = make_args(in, flags, hparams);
-  a.stats_in = row_stats;
+  a.row_stats = const_cast<double*>(row_stats);  // read only
   a.grad_rows = grad_rows;
   a.grad_logp = grad_logp;
   a.grad_entropy = grad_entropy;
@@ -435,7 +462,7 @@ extern "C" int rlkern_kl_penalty_cuda(const float* logp, const float* ref, const
                                       double log_clamp, double value_clamp,
                                       cudaStream_t stream) {
   using namespace rlkern;
-  if (n < 0 || kind < policy_loss::kKlK1 || kind > policy_loss::kKlAbs)
+  if (n < 0 || kind <= policy_loss::kKlNone || kind >= policy_loss::kNumKlKinds)
     return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
   if (n == 0) return RLKERN_CUDA_OK;
   if (!logp || !ref || !out) return RLKERN_CUDA_ERR_NULL_POINTER;

@@ -1,6 +1,7 @@
 """rlkern: fused kernels for the hot path of group-based RL training of language models."""
 
 from rlkern.backends import BackendUnavailableError
+from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.advantages import GroupAdvantages, group_advantages
 from rlkern.ops.group_stats import GroupStats
 from rlkern.ops.linear_grpo_loss import LinearGRPOLoss, linear_grpo_loss
@@ -11,7 +12,6 @@ from rlkern.ops.linear_logprobs import (
 )
 from rlkern.ops.logprobs import TokenLogprobs, set_checks, token_logprobs
 from rlkern.ops.policy_loss import PolicyLossOutput, kl_penalty, policy_loss
-from rlkern.ops.policy_loss_config import PolicyLossConfig
 from rlkern.ops.sample import SampleOutput, sample
 from rlkern.ops.token_advantages import (
     GiGPOAdvantages,

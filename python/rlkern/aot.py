@@ -1,9 +1,10 @@
 """Ahead-of-time compilation of rlkern's GPU code, and its resource report (``rlkern aot-report``).
 
 No GPU is needed: every Triton kernel listed in the ``AOT_SPECS`` of a ``rlkern.kernels``
-module is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
-for each compute capability (``sm_80``, ``sm_90`` by default), and the PTX is assembled with
-the same ``ptxas`` and flags Triton uses, with ``-v`` to read the resource usage:
+module (or returned by its ``aot_specs(rlkern._C.LAYOUTS)``) is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for each compute
+capability (``sm_80``, ``sm_90`` by default), and the PTX is assembled with the same ``ptxas``
+and flags Triton uses, with ``-v`` to read the resource usage:
 
 * registers per thread and spill stores / loads (bytes) from ``ptxas -v``;
 * shared memory (bytes) from Triton's metadata (Triton allocates it dynamically, so
@@ -213,6 +214,16 @@ def _normalise_targets(targets: Iterable[int | Sequence[int]]) -> list[int]:
     return out
 
 
+def _module_specs(module: ModuleType) -> list[Any]:
+    """A kernel module's specs: its ``AOT_SPECS``, or ``aot_specs(rlkern._C.LAYOUTS)`` for a
+    module whose kernels take the layout tables of the C++ headers as constexprs."""
+    if hasattr(module, "aot_specs"):
+        from rlkern import _C
+
+        return list(module.aot_specs(_C.LAYOUTS))
+    return list(getattr(module, "AOT_SPECS", ()))
+
+
 def compile_in_process(targets: Iterable[int | Sequence[int]] = DEFAULT_TARGETS,
                        directory: Path | None = None) -> list[Row]:
     """Compile every spec of every kernel module here (``TRITON_INTERPRET`` must be off)."""
@@ -222,7 +233,7 @@ def compile_in_process(targets: Iterable[int | Sequence[int]] = DEFAULT_TARGETS,
     modules, rows = _load_kernel_modules(directory or kernels_dir())
     for cc in _normalise_targets(targets):
         for module in modules:
-            for spec in getattr(module, "AOT_SPECS", ()):
+            for spec in _module_specs(module):
                 row = compile_spec(spec, cc)
                 row["module"] = module.__name__.rsplit(".", 1)[-1]
                 rows.append(row)

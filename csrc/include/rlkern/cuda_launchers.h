@@ -108,48 +108,35 @@ int rlkern_discounted_returns_cuda(const void* rewards, int f64, int64_t n, int6
                                    const uint8_t* reset, double gamma, void* out,
                                    cudaStream_t stream);
 
-// Policy losses (ALGORITHMS.md §3; per-token math in rlkern/policy_loss.h). float32 only.
-// Inputs are (B, T) arrays with unit stride along T and `stride_*` elements between rows;
-// `adv` is (B,) (adv_per_token = 0) or (B, T); `mask` is bool bytes. ref / rollout / entropy /
-// token_weights may be null (absent); entropy_threshold is a device pointer to one float
-// (null: no entropy mask). Masked tokens are never read into a result.
-typedef struct {
-  int64_t B, T;
-  const float* logp;
-  int64_t stride_logp;
-  const float* old;
-  int64_t stride_old;
-  const float* adv;
-  int64_t stride_adv;
-  int32_t adv_per_token;
-  const uint8_t* mask;
-  int64_t stride_mask;
-  const float* ref;
-  int64_t stride_ref;
-  const float* rollout;
-  int64_t stride_rollout;
-  const float* entropy;
-  int64_t stride_entropy;
-  const float* token_weights;
-  int64_t stride_token_weights;
-  const float* entropy_threshold;
-} RlkernPolicyLossInputs;
+// Policy losses (ALGORITHMS.md §3; per-token math, argument structs and codes in
+// rlkern/policy_loss.h). float32 only (in->f64 = 0). `in` holds the (B, T) inputs (unit stride
+// along T, `stride` elements between rows), adv (B,) or (B, T), the bool-byte mask and the
+// optional inputs by slot of enum Input (null: absent; entropy_threshold: a device pointer to
+// one float). `flags` / `hparams` are host structs (the same bytes as int32[kNumFlags] /
+// double[kNumHParams] in field order). Masked tokens are never read into a result.
+namespace rlkern::policy_loss {
+struct Inputs;
+struct Flags;
+struct HParams;
+}  // namespace rlkern::policy_loss
+typedef rlkern::policy_loss::Inputs RlkernPolicyLossInputs;
 
-// Forward: row_stats (20, B) float64, statistic-major (policy_loss.h enum RowStat).
-// `flags` (7 values) and `hparams` (13 values) are host arrays in the order of
-// struct Flags / struct HParams of rlkern/policy_loss.h.
-int rlkern_policy_loss_fwd_cuda(const RlkernPolicyLossInputs* in, const int32_t* flags,
-                                const double* hparams, double* row_stats, cudaStream_t stream);
-
-// Backward: given the forward's row_stats and grad_rows (4, B) float64 (∂loss/∂ of the
-// statistics pg_sum, kl_sum, ent_sum, lp_sum per row), write grad_logp (B, T) contiguous and,
-// when not null, grad_entropy (B, T) contiguous.
-int rlkern_policy_loss_bwd_cuda(const RlkernPolicyLossInputs* in, const int32_t* flags,
-                                const double* hparams, const double* row_stats,
-                                const double* grad_rows, float* grad_logp, float* grad_entropy,
+// Forward: row_stats (kNumRowStats, B) float64, statistic-major (enum RowStat).
+int rlkern_policy_loss_fwd_cuda(const RlkernPolicyLossInputs* in,
+                                const rlkern::policy_loss::Flags* flags,
+                                const rlkern::policy_loss::HParams* hparams, double* row_stats,
                                 cudaStream_t stream);
 
-// Elementwise KL estimator (kind: 1 k1, 2 k2, 3 k3, 4 abs) over n contiguous floats: the
+// Backward: given the forward's row_stats and grad_rows (kNumRowGrads, B) float64 (∂loss/∂ of
+// the differentiable statistics per row, enum RowGrad), write grad_logp (B, T) contiguous and,
+// when not null, grad_entropy (B, T) contiguous.
+int rlkern_policy_loss_bwd_cuda(const RlkernPolicyLossInputs* in,
+                                const rlkern::policy_loss::Flags* flags,
+                                const rlkern::policy_loss::HParams* hparams,
+                                const double* row_stats, const double* grad_rows,
+                                float* grad_logp, float* grad_entropy, cudaStream_t stream);
+
+// Elementwise KL estimator (kind: enum KlKind, not kKlNone) over n contiguous floats: the
 // value, or grad · ∂value/∂logp when grad is not null. ±inf disables a clamp.
 int rlkern_kl_penalty_cuda(const float* logp, const float* ref, const float* grad, float* out,
                            int64_t n, int kind, int straight_through, double log_clamp,

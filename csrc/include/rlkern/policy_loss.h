@@ -28,88 +28,266 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <initializer_list>
+
 #include "rlkern/host_device.h"
+#include "rlkern/layout.h"
 
 namespace rlkern {
 namespace policy_loss {
 
 // --------------------------------------------------------------------------------------------
-// Structural choices (the `int[] flags` of the ops, in this order).
+// Layout of the ops' arguments: every code, field, slot and row below is defined once, in an
+// X-macro list (rlkern/layout.h). The enums, the structs, the names exported through rlkern._C
+// (kLayout, read by python/rlkern/config/layout.py and handed to the Triton launchers) and the
+// glue's loops over the optional inputs all expand these lists: adding an entry is one line.
 
-enum LossKind : int {
-  kPpo = 0,        // clipped surrogate (+ dual clip c, two-sided δ); also GSPO via ratio_mode
-  kCispo = 1,      // −sg[clip(ρ)]·A·logp (MiniMax-M1, 2025)
-  kSapo = 2,       // −σ(τ(ρ − 1))·(4/τ)·A (soft adaptive gate, Qwen 2025)
-  kReinforce = 3,  // −A·logp (GPG / bypass)
-  kGmpo = 4,       // per sequence: −Ā·exp(Σ m Δc / len) (Zhao et al. 2025, "Geometric-Mean PO")
-  kGvpo = 5,       // group-centred MSE on β·Σ m (logp − old) (Zhang et al. 2025, GVPO)
-};
+// Loss kinds (flags[loss_kind]).
+#define RLKERN_PL_LOSS_KINDS(X)                                                                  \
+  X(kPpo, "ppo")     /* clipped surrogate (+ dual clip c, two-sided δ); also GSPO (ratio_mode) */ \
+  X(kCispo, "cispo") /* −sg[clip(ρ)]·A·logp (MiniMax-M1, 2025) */                                 \
+  X(kSapo, "sapo")   /* −σ(τ(ρ − 1))·(4/τ)·A (soft adaptive gate, Qwen 2025) */                   \
+  X(kReinforce, "reinforce") /* −A·logp (GPG / bypass) */                                         \
+  X(kGmpo, "gmpo")   /* per sequence: −Ā·exp(Σ m Δc / len) (Zhao et al. 2025, GMPO) */            \
+  X(kGvpo, "gvpo")   /* group-centred MSE on β·Σ m (logp − old) (Zhang et al. 2025, GVPO) */
 
-enum RatioMode : int { kRatioToken = 0, kRatioSeqDetached = 1, kRatioSeqFull = 2 };
-enum KlKind : int { kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3, kKlAbs = 4 };
-enum RolloutLevel : int { kRolloutNone = 0, kRolloutToken = 1, kRolloutSeq = 2 };
+// Importance ratios (flags[ratio_mode]): per token, or the sequence ratio with GSPO-token's
+// straight-through gradient / the exact gradient of the mean (see the top of this file).
+#define RLKERN_PL_RATIO_MODES(X) \
+  X(kRatioToken, "token") X(kRatioSeqDetached, "seq_detached") X(kRatioSeqFull, "seq_full")
 
-struct Flags {
-  int loss_kind;           // LossKind
-  int ratio_mode;          // RatioMode
-  int kl_kind;             // KlKind (kKlNone: no reference log-probabilities)
-  int kl_straight_through; // 1: value of kl_kind, gradient of k2 (verl's "k3+")
-  int kl_bias_correction;  // 1: KL term multiplied by ρ (TRL use_bias_correction_kl)
-  int rollout_level;       // RolloutLevel
-  int rollout_mask;        // 1: weights outside [rollout_min, rollout_max] → 0; 0: clamp
-};
+// KL estimators (flags[kl_kind]; kKlNone: no reference log-probabilities).
+#define RLKERN_PL_KL_KINDS(X) \
+  X(kKlNone, "none") X(kKlK1, "k1") X(kKlK2, "k2") X(kKlK3, "k3") X(kKlAbs, "abs")
 
-// Float hyperparameters (the `float[] hparams` of the ops, in this order). ±inf disables a
+// Rollout (behaviour-policy) correction (flags[rollout_level]).
+#define RLKERN_PL_ROLLOUT_LEVELS(X) \
+  X(kRolloutNone, "none") X(kRolloutToken, "token") X(kRolloutSeq, "sequence")
+
+// Structural choices: the `int[] flags` of the ops (struct Flags), one int32 per field.
+#define RLKERN_PL_FLAGS(X)                                                                   \
+  X(kFlagLossKind, loss_kind)                   /* LossKind */                              \
+  X(kFlagRatioMode, ratio_mode)                 /* RatioMode */                             \
+  X(kFlagKlKind, kl_kind)                       /* KlKind */                                \
+  X(kFlagKlStraightThrough, kl_straight_through) /* 1: value of kl_kind, gradient of k2 */  \
+  X(kFlagKlBiasCorrection, kl_bias_correction)  /* 1: KL term × ρ (TRL bias correction) */  \
+  X(kFlagRolloutLevel, rollout_level)           /* RolloutLevel */                          \
+  X(kFlagRolloutMask, rollout_mask)             /* 1: weights outside [min, max] → 0 */
+
+// Float hyperparameters: the `float[] hparams` of the ops (struct HParams). ±inf disables a
 // clamp or bound. Runtime values everywhere: no kernel is specialised on them.
-struct HParams {
-  double clip_lo;            // ratio bounds (ppo/gspo/cispo); log-ratio bounds (gmpo)
-  double clip_hi;
-  double dual_clip_c;        // dual clip for A < 0 (inf: off)
-  double delta;              // two-sided clip of the unclipped term (inf: off)
-  double log_ratio_clamp;    // |Δ| clamp before exp, token ratios (inf: off)
-  double seq_log_ratio_max;  // upper clamp of the sequence log-ratio (inf: off)
-  double sapo_tau_pos;
-  double sapo_tau_neg;
-  double kl_log_clamp;       // k3: |ref − logp| clamp before exp (inf: off)
-  double kl_value_clamp;     // k3: |k3| clamp (inf: off)
-  double rollout_log_clamp;  // |old − rollout| (or its row sum) clamp before exp (inf: off)
-  double rollout_min;        // rollout weight bounds (−inf / inf: off)
-  double rollout_max;
-};
+#define RLKERN_PL_HPARAMS(X)                                                                  \
+  X(kHpClipLo, clip_lo)          /* ratio bounds (ppo/gspo/cispo); log-ratio bounds (gmpo) */ \
+  X(kHpClipHi, clip_hi)                                                                       \
+  X(kHpDualClipC, dual_clip_c)   /* dual clip for A < 0 (inf: off) */                         \
+  X(kHpDelta, delta)             /* two-sided clip of the unclipped term (inf: off) */        \
+  X(kHpLogRatioClamp, log_ratio_clamp)     /* |Δ| clamp before exp, token ratios */           \
+  X(kHpSeqLogRatioMax, seq_log_ratio_max)  /* upper clamp of the sequence log-ratio */        \
+  X(kHpSapoTauPos, sapo_tau_pos)                                                              \
+  X(kHpSapoTauNeg, sapo_tau_neg)                                                              \
+  X(kHpKlLogClamp, kl_log_clamp)           /* k3: |ref − logp| clamp before exp */            \
+  X(kHpKlValueClamp, kl_value_clamp)       /* k3: |k3| clamp */                               \
+  X(kHpRolloutLogClamp, rollout_log_clamp) /* |old − rollout| (or its row sum) clamp */       \
+  X(kHpRolloutMin, rollout_min)            /* rollout weight bounds (−inf / inf: off) */      \
+  X(kHpRolloutMax, rollout_max)
 
-constexpr int kNumFlags = 7;
-constexpr int kNumHParams = 13;
+// The optional inputs: the `Tensor?[] inputs` of the ops, by slot. Shape kRows: (B, T) like
+// logprobs (unit stride along T); kOne: a single value.
+#define RLKERN_PL_INPUTS(X)                                                                    \
+  X(kInRef, "ref_logprobs", kRows)         /* reference policy (KL term) */                   \
+  X(kInRollout, "rollout_logprobs", kRows) /* rollout engine (rollout correction) */          \
+  X(kInEntropy, "entropy", kRows)          /* per-token entropy (bonus, entropy mask) */      \
+  X(kInTokenWeights, "token_weights", kRows) /* multipliers of the policy term */             \
+  X(kInEntropyThreshold, "entropy_threshold", kOne) /* the entropy mask's threshold */
 
 // Per-row partial sums written by the forward (`row_stats`, (kNumRowStats, B) float64,
-// statistic-major so that each statistic is a contiguous (B,) vector).
-// Sums are over the row's valid tokens (m = 1). kPgSum..kLpSum are differentiable: the
-// backward takes one coefficient per row for each (RowGrad).
-enum RowStat : int {
-  kLen = 0,          // Σ m
-  kPgSum = 1,        // Σ m·mult·ℓ   (gmpo: the sequence loss ℓ_i·w_i; gvpo: 0)
-  kKlSum = 2,        // Σ m·kl       (× ρ with bias correction)
-  kEntSum = 3,       // Σ m·em·H     (em: entropy-quantile mask, 1 without)
-  kLpSum = 4,        // Σ m·(logp − old), unclamped
-  kEntCount = 5,     // Σ m·em
-  kSeqLogRatio = 6,  // the row's sequence log-ratio r (seq modes), gmpo: Σ m Δc / len
-  kSeqWeight = 7,    // sequence rollout weight (gmpo: geometric mean of the token weights)
-  kAdvSum = 8,       // Σ m·A
-  kClip = 9,         // Σ m·[clipped branch chosen]
-  kClipLow = 10,     // Σ m·[ρ < lo and A < 0]   (gmpo: clipped and A < 0)
-  kClipHigh = 11,    // Σ m·[ρ > hi and A > 0]   (gmpo: clipped and A > 0)
-  kDualClip = 12,    // Σ m·[dual clip active]
-  kNegLogRatio = 13, // Σ m·(−clamp(Δ))          (approx_kl)
-  kRatioSum = 14,    // Σ m·ρ
-  kRatioMin = 15,    // min over valid tokens of ρ (+inf if none)
-  kRatioMax = 16,    // max (−inf if none)
-  kEntropyValid = 17,// Σ m·H
-  kRolloutWSum = 18, // Σ m·w (rollout weight)
-  kNonFinite = 19,   // 1 if the row's input sums are not finite (a NaN / ±inf input at a
-                     // valid token; NaN policy), else 0
-  kNumRowStats = 20,
+// statistic-major so that each statistic is a contiguous (B,) vector). Sums are over the
+// row's valid tokens (m = 1).
+#define RLKERN_PL_ROW_STATS(X)                                                                  \
+  X(kLen, "len")                     /* Σ m */                                                  \
+  X(kPgSum, "pg_sum")                /* Σ m·mult·ℓ (gmpo: the sequence loss ℓ_i·w_i; gvpo: 0) */ \
+  X(kKlSum, "kl_sum")                /* Σ m·kl (× ρ with bias correction) */                     \
+  X(kEntSum, "ent_sum")              /* Σ m·em·H (em: entropy-quantile mask, 1 without) */      \
+  X(kLpSum, "lp_sum")                /* Σ m·(logp − old), unclamped */                          \
+  X(kEntCount, "ent_count")          /* Σ m·em */                                               \
+  X(kSeqLogRatio, "seq_log_ratio")   /* the row's sequence log-ratio r (seq modes); gmpo:      \
+                                        Σ m Δc / len */                                         \
+  X(kSeqWeight, "seq_weight")        /* sequence rollout weight (gmpo: geometric mean of the   \
+                                        token weights) */                                       \
+  X(kAdvSum, "adv_sum")              /* Σ m·A */                                                \
+  X(kClip, "clip")                   /* Σ m·[clipped branch chosen] */                          \
+  X(kClipLow, "clip_low")            /* Σ m·[ρ < lo and A < 0] (ppo: min(ρ, δ); gmpo: clipped   \
+                                        and A < 0) */                                           \
+  X(kClipHigh, "clip_high")          /* Σ m·[ρ > hi and A > 0] (likewise) */                    \
+  X(kDualClip, "dual_clip")          /* Σ m·[dual clip active] */                               \
+  X(kNegLogRatio, "neg_log_ratio")   /* Σ m·(−clamp(Δ)) (approx_kl) */                          \
+  X(kRatioSum, "ratio_sum")          /* Σ m·ρ */                                                \
+  X(kRatioMin, "ratio_min")          /* min over valid tokens of ρ (+inf if none) */            \
+  X(kRatioMax, "ratio_max")          /* max (−inf if none) */                                   \
+  X(kEntropyValid, "entropy_valid")  /* Σ m·H */                                                \
+  X(kRolloutWSum, "rollout_w_sum")   /* Σ m·w (rollout weight) */                               \
+  X(kNonFinite, "non_finite")        /* 1 if the row's input sums are not finite (a NaN / ±inf  \
+                                        input at a valid token; NaN policy), else 0 */
+
+// The differentiable statistics, in the order of the backward's `grad_rows` ((kNumRowGrads, B)
+// float64: one coefficient per row and statistic). Named like their row_stats rows; they are
+// rows kRowGradFirst .. kRowGradFirst + kNumRowGrads − 1 there (checked below), so the ops
+// return them as one slice.
+#define RLKERN_PL_ROW_GRADS(X) \
+  X(kGradPg, "pg_sum") X(kGradKl, "kl_sum") X(kGradEnt, "ent_sum") X(kGradLp, "lp_sum")
+
+#define RLKERN_PL_ID3(id, text, shape) id,
+#define RLKERN_PL_TEXT3(id, text, shape) text,
+#define RLKERN_PL_FIELD_ID(id, field) id,
+#define RLKERN_PL_FIELD_TEXT(id, field) #field,
+
+enum LossKind : int { RLKERN_PL_LOSS_KINDS(RLKERN_LAYOUT_ENUM) kNumLossKinds };
+enum RatioMode : int { RLKERN_PL_RATIO_MODES(RLKERN_LAYOUT_ENUM) kNumRatioModes };
+enum KlKind : int { RLKERN_PL_KL_KINDS(RLKERN_LAYOUT_ENUM) kNumKlKinds };
+enum RolloutLevel : int { RLKERN_PL_ROLLOUT_LEVELS(RLKERN_LAYOUT_ENUM) kNumRolloutLevels };
+enum FlagField : int { RLKERN_PL_FLAGS(RLKERN_PL_FIELD_ID) kNumFlags };
+enum HParamField : int { RLKERN_PL_HPARAMS(RLKERN_PL_FIELD_ID) kNumHParams };
+enum InputShape : int { kRows, kOne };
+enum Input : int { RLKERN_PL_INPUTS(RLKERN_PL_ID3) kNumInputs };
+enum RowStat : int { RLKERN_PL_ROW_STATS(RLKERN_LAYOUT_ENUM) kNumRowStats };
+enum RowGrad : int { RLKERN_PL_ROW_GRADS(RLKERN_LAYOUT_ENUM) kNumRowGrads };
+
+RLKERN_LAYOUT_NAMES(kLossKindNames, RLKERN_PL_LOSS_KINDS);
+RLKERN_LAYOUT_NAMES(kRatioModeNames, RLKERN_PL_RATIO_MODES);
+RLKERN_LAYOUT_NAMES(kKlKindNames, RLKERN_PL_KL_KINDS);
+RLKERN_LAYOUT_NAMES(kRolloutLevelNames, RLKERN_PL_ROLLOUT_LEVELS);
+RLKERN_LAYOUT_NAMES(kRowStatNames, RLKERN_PL_ROW_STATS);
+RLKERN_LAYOUT_NAMES(kRowGradNames, RLKERN_PL_ROW_GRADS);
+inline constexpr const char* kFlagNames[] = {RLKERN_PL_FLAGS(RLKERN_PL_FIELD_TEXT)};
+inline constexpr const char* kHParamNames[] = {RLKERN_PL_HPARAMS(RLKERN_PL_FIELD_TEXT)};
+inline constexpr const char* kInputNames[] = {RLKERN_PL_INPUTS(RLKERN_PL_TEXT3)};
+// The shape of slot k's input (a function, not an array: device code reads it too).
+RLKERN_HOST_DEVICE constexpr InputShape input_shape(int k) {
+#define RLKERN_PL_SHAPE_OF(id, text, shape) \
+  if (k == id) return shape;
+  RLKERN_PL_INPUTS(RLKERN_PL_SHAPE_OF)
+#undef RLKERN_PL_SHAPE_OF
+  return kRows;
+}
+
+// The row_stats row of each RowGrad: one slice of row_stats, in RowGrad order.
+inline constexpr RowStat kRowGradFirst = kPgSum;
+static_assert(kPgSum == kRowGradFirst + kGradPg && kKlSum == kRowGradFirst + kGradKl &&
+                  kEntSum == kRowGradFirst + kGradEnt && kLpSum == kRowGradFirst + kGradLp,
+              "the differentiable row statistics must be consecutive rows, in RowGrad order");
+
+// Exported through rlkern._C (csrc/module.cpp): {table name: entry names in code order}.
+inline constexpr std::initializer_list<LayoutTable> kLayout = {
+    layout_table("flags", kFlagNames),
+    layout_table("hparams", kHParamNames),
+    layout_table("inputs", kInputNames),
+    layout_table("row_stats", kRowStatNames),
+    layout_table("row_grads", kRowGradNames),
+    layout_table("loss_kinds", kLossKindNames),
+    layout_table("ratio_modes", kRatioModeNames),
+    layout_table("kl_kinds", kKlKindNames),
+    layout_table("rollout_levels", kRolloutLevelNames),
 };
 
-enum RowGrad : int { kGradPg = 0, kGradKl = 1, kGradEnt = 2, kGradLp = 3, kNumRowGrads = 4 };
+#define RLKERN_PL_INT_FIELD(id, field) int32_t field;
+#define RLKERN_PL_DOUBLE_FIELD(id, field) double field;
+struct Flags {
+  RLKERN_PL_FLAGS(RLKERN_PL_INT_FIELD)
+};
+struct HParams {
+  RLKERN_PL_HPARAMS(RLKERN_PL_DOUBLE_FIELD)
+};
+#undef RLKERN_PL_INT_FIELD
+#undef RLKERN_PL_DOUBLE_FIELD
+// The launchers take `flags` / `hparams` as int32 / double arrays in field order: the same bytes.
+static_assert(sizeof(Flags) == kNumFlags * sizeof(int32_t), "Flags must be int32[kNumFlags]");
+static_assert(sizeof(HParams) == kNumHParams * sizeof(double), "HParams must be double[...]");
+
+// Flags / HParams from values in field order (any integer / floating type).
+template <typename I>
+RLKERN_HOST_DEVICE Flags flags_from(const I* v) {
+  Flags f;
+#define RLKERN_PL_SET(id, field) f.field = static_cast<int32_t>(v[id]);
+  RLKERN_PL_FLAGS(RLKERN_PL_SET)
+#undef RLKERN_PL_SET
+  return f;
+}
+
+template <typename F>
+RLKERN_HOST_DEVICE HParams hparams_from(const F* v) {
+  HParams h;
+#define RLKERN_PL_SET(id, field) h.field = static_cast<double>(v[id]);
+  RLKERN_PL_HPARAMS(RLKERN_PL_SET)
+#undef RLKERN_PL_SET
+  return h;
+}
+
+// A (B, T) array of the compute dtype: unit stride along T, `stride` elements between rows
+// (`p == nullptr`: absent). For a kOne input, p points at its one value.
+struct RowArray {
+  const void* p;
+  int64_t stride;
+};
+
+// The tensors of one forward / backward call, torch-free (the CPU kernels' and the CUDA
+// launchers' common argument). Float inputs have the compute dtype (float32, or float64 when
+// f64; the CUDA kernels take float32 only).
+struct Inputs {
+  int64_t B, T;
+  int32_t f64;            // 1: float64 inputs and gradients
+  int32_t adv_per_token;  // 1: adv is (B, T); 0: (B,) (adv.stride = 1: row b's value at p + b)
+  RowArray logp, old, adv;
+  RowArray mask;          // bool bytes
+  RowArray opt[kNumInputs];  // the optional inputs, by Input slot
+};
+
+// One forward / backward call of the CPU or CUDA kernels: inputs, codes, outputs.
+struct Args {
+  Inputs in;
+  Flags flags;
+  HParams hp;
+  double* row_stats;        // (kNumRowStats, B) contiguous: the forward's output, the backward's input
+  const double* grad_rows;  // backward: (kNumRowGrads, B) contiguous
+  void* grad_logp;          // backward: (B, T) contiguous, compute dtype
+  void* grad_entropy;       // backward: (B, T) contiguous, nullable
+};
+
+// One call of the elementwise KL estimator (kl_term) over n contiguous values of the compute
+// dtype: the value, or grad · ∂value/∂logp when `grad` is given.
+struct KlArgs {
+  int64_t n;
+  int32_t f64;
+  const void* logp;
+  const void* ref;
+  const void* grad;  // nullable
+  int32_t kind;      // KlKind (not kKlNone)
+  int32_t straight_through;
+  double log_clamp, value_clamp;
+  void* out;
+};
+
+// What is wrong with a call's codes or inputs: nullptr when nothing, else the message (the
+// glue raises it; the CUDA launchers return `missing` ? NULL_POINTER : INVALID_ARGUMENT).
+struct Problem {
+  const char* what;
+  bool missing;  // a required input is absent
+};
+
+inline Problem check_call(const Flags& f, const Inputs& in) {
+  if (f.loss_kind < 0 || f.loss_kind >= kNumLossKinds) return {"flags: unknown loss kind", false};
+  if (f.ratio_mode < 0 || f.ratio_mode >= kNumRatioModes)
+    return {"flags: unknown ratio mode", false};
+  if (f.kl_kind < 0 || f.kl_kind >= kNumKlKinds) return {"flags: unknown KL kind", false};
+  if (f.rollout_level < 0 || f.rollout_level >= kNumRolloutLevels)
+    return {"flags: unknown rollout level", false};
+  if (f.kl_kind != kKlNone && !in.opt[kInRef].p)
+    return {"ref_logprobs: required for the KL term", true};
+  if (f.rollout_level != kRolloutNone && !in.opt[kInRollout].p)
+    return {"rollout_logprobs: required for the rollout correction", true};
+  if (in.opt[kInEntropyThreshold].p && !in.opt[kInEntropy].p)
+    return {"entropy: required with entropy_threshold", false};
+  return {nullptr, false};
+}
 
 // --------------------------------------------------------------------------------------------
 // Helpers. The per-token functions below are templates over a value type T: float or double
@@ -247,8 +425,9 @@ RLKERN_HOST_DEVICE TokenLoss<T> ppo_loss(T rho, T adv, T lo, T hi, T delta, T c)
   out.d_r = d;
   out.d_logp = T(0);
   out.clipped = l2 > l1;
-  out.clip_low = (rho < lo) && neg;
-  out.clip_high = (rho > hi) && (adv > T(0));
+  // the ratio as the loss sees it, min(ρ, δ) (TRL counts its clip ratios after the δ clamp)
+  out.clip_low = (rho_d < lo) && neg;
+  out.clip_high = (rho_d > hi) && (adv > T(0));
   out.dual = dual;
   return out;
 }

@@ -4,28 +4,45 @@
 ``row_stats``; ``len(layout("policy_loss").row_stats)`` its number of rows. The numbering exists
 only in the headers (``csrc/include/rlkern/layout.h``): Python and the Triton launchers read it
 from here and never restate a number.
+
+The tables are read once, when this module is imported (or, if ``rlkern._C`` could not be
+imported then, at the first call), into a plain dict: code traced by ``torch.compile`` then
+only looks them up (dynamo can neither build the ``IntEnum`` classes nor see through
+``functools.cache``).
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 from types import SimpleNamespace
 
 __all__ = ["layout"]
 
+_TABLES: dict[str, SimpleNamespace] = {}
 
-@functools.cache
-def layout(family: str) -> SimpleNamespace:
-    """The tables of ``family`` as ``IntEnum`` classes (attribute = entry name, value = index)."""
+
+def _load() -> None:
     from rlkern import _C
 
+    for family, tables in _C.LAYOUTS.items():
+        _TABLES[family] = SimpleNamespace(**{
+            name: enum.IntEnum(f"{family}.{name}", [(entry, i) for i, entry in enumerate(entries)])
+            for name, entries in tables.items()
+        })
+
+
+def layout(family: str) -> SimpleNamespace:
+    """The tables of ``family`` as ``IntEnum`` classes (attribute = entry name, value = index)."""
+    if not _TABLES:
+        _load()
     try:
-        tables = _C.LAYOUTS[family]
+        return _TABLES[family]
     except KeyError:
-        known = ", ".join(sorted(_C.LAYOUTS)) or "none"
+        known = ", ".join(sorted(_TABLES)) or "none"
         raise KeyError(f"no layout for op family {family!r} (known: {known})") from None
-    return SimpleNamespace(**{
-        name: enum.IntEnum(f"{family}.{name}", [(entry, i) for i, entry in enumerate(entries)])
-        for name, entries in tables.items()
-    })
+
+
+try:
+    _load()
+except ImportError:  # rlkern._C is not built: layout() raises the ImportError when called
+    pass

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.linear_grpo_loss import linear_grpo_loss
 from rlkern.ops.linear_logprobs import linear_logprobs
-from rlkern.ops.policy_loss_config import PolicyLossConfig
 
 __all__ = ["LigerFusedLinearGRPOLoss"]
 

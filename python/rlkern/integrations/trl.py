@@ -20,8 +20,8 @@
   dapo and cispo, the accumulation steps for the others, none in eval mode) and TRL's metrics:
   the same keys in ``trainer._metrics[mode]`` with the same values, reduced across processes
   the way TRL reduces them (``kl`` and ``entropy`` from rlkern's metrics; the clip fractions
-  recounted from the detached ratios, since TRL counts them per sequence at the sequence
-  level and after the ``delta`` clamp).
+  from the op's per-row clip counts, which TRL averages per token, or per sequence at the
+  sequence level).
 
 Why these two methods: they are where the trainer spends its memory (the LM head) and where
 the loss math lives; everything else (generation, rewards, advantages, the optimizer step)
@@ -61,7 +61,9 @@ import torch
 from torch import Tensor, nn
 
 import rlkern
-from rlkern.ops.policy_loss_config import TRL_LOSS_TYPES
+from rlkern.config.layout import layout
+from rlkern.config.policy_loss import TRL_LOSS_TYPES
+from rlkern.ops.policy_loss import prepare, run
 
 __all__ = [
     "apply",
@@ -313,54 +315,45 @@ def _loss_fallback_reason(trainer: Any) -> str | None:
     return None
 
 
-def _global_masked_mean(trainer: Any, x: Tensor, mask: Tensor) -> float:
-    """TRL's metric reduction: Σ over valid tokens and processes / their count; a ``(B, 1)``
-    per-sequence value (sequence-level ratios) is averaged over the sequences instead."""
-    if x.shape[1] == 1:
-        local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
-    else:
-        local = torch.stack([(x * mask).sum(), mask.sum().float()])
+def _global_mean(trainer: Any, total: Tensor, count: Tensor) -> float:
+    """TRL's metric reduction: Σ over processes of ``total`` / Σ of ``count``."""
+    local = torch.stack([total.float(), count.float()])
     totals = trainer.accelerator.reduce(local, reduction="sum")
     return (totals[0] / totals[1].clamp(min=1.0)).item()
 
 
-def _masked_seq_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """``(B,)`` per-sequence mean (NaN for an empty row, which TRL's nanmin/nanmax skip)."""
-    if x.shape[1] == 1:
-        return x.squeeze(1)
-    return (x * mask).sum(-1) / mask.sum(-1)
-
-
-def _log_clip_metrics(trainer: Any, metrics: dict[str, list], logps: Tensor, old: Tensor,
-                      advantages: Tensor, mask: Tensor) -> None:
-    """TRL's clip metrics: the ratio as TRL forms it (per token, or per sequence ``(B, 1)``
-    with ``importance_sampling_level="sequence"``, clamped at ``delta`` before counting)."""
+def _log_clip_metrics(trainer: Any, metrics: dict[str, list], row_stats: Tensor,
+                      advantages: Tensor) -> None:
+    """TRL's clip metrics from the op's per-row counts of clipped tokens (``row_stats``,
+    rlkern's ratio is TRL's: unclamped, per token or per sequence, PPO's after the ``delta``
+    clamp). TRL averages them over the valid tokens, or, with sequence-level ratios and one
+    advantage per sequence (a ``(B, 1)`` ratio), over the sequences; its per-sequence min / max
+    skip empty rows (NaN) in the token case."""
     from trl.trainer.utils import nanmax, nanmin
 
-    with torch.no_grad():
-        log_ratio = logps.detach() - old
-        if trainer.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        ratio = torch.exp(log_ratio)
-        if trainer.loss_type == "cispo":
-            clipped = ((ratio > trainer.epsilon_high) & (advantages > 0)).float()
-            metrics["cispo_clip_ratio"].append(_global_masked_mean(trainer, clipped, mask))
-            return
-        if trainer.loss_type == "sapo":
-            return
-        if trainer.args.delta is not None:
-            ratio = ratio.clamp(max=trainer.args.delta)
-        low = (ratio < 1 - trainer.epsilon_low) & (advantages < 0)
-        high = (ratio > 1 + trainer.epsilon_high) & (advantages > 0)
-        low_f, high_f = low.float(), high.float()
-        metrics["clip_ratio/low_mean"].append(_global_masked_mean(trainer, low_f, mask))
-        metrics["clip_ratio/high_mean"].append(_global_masked_mean(trainer, high_f, mask))
-        metrics["clip_ratio/region_mean"].append(
-            _global_masked_mean(trainer, (low | high).float(), mask))
-        gathered_low = trainer.accelerator.gather(_masked_seq_mean(low_f, mask))
-        metrics["clip_ratio/low_min"].append(nanmin(gathered_low).item())
-        gathered_high = trainer.accelerator.gather(_masked_seq_mean(high_f, mask))
-        metrics["clip_ratio/high_max"].append(nanmax(gathered_high).item())
+    S = layout("policy_loss").row_stats
+    lens = row_stats[S.len]
+    per_seq = trainer.importance_sampling_level == "sequence" and advantages.shape[1] == 1
+    # (B,) per-sequence fractions; a sequence-level row is wholly clipped or not
+    frac = lambda name: row_stats[S[name]] / (lens.clamp(min=1.0) if per_seq else lens)
+    if per_seq:
+        mean = lambda name: _global_mean(trainer, frac(name).sum(), torch.tensor(
+            float(lens.shape[0]), device=lens.device))
+    else:
+        mean = lambda name: _global_mean(trainer, row_stats[S[name]].sum(), lens.sum())
+    if trainer.loss_type == "cispo":  # its clip is one-sided: ratio > ε_high with A > 0
+        metrics["cispo_clip_ratio"].append(mean("clip_high"))
+        return
+    if trainer.loss_type == "sapo":
+        return
+    low, high = mean("clip_low"), mean("clip_high")
+    metrics["clip_ratio/low_mean"].append(low)
+    metrics["clip_ratio/high_mean"].append(high)
+    metrics["clip_ratio/region_mean"].append(low + high)  # A < 0 and A > 0: disjoint
+    metrics["clip_ratio/low_min"].append(
+        nanmin(trainer.accelerator.gather(frac("clip_low").float())).item())
+    metrics["clip_ratio/high_max"].append(
+        nanmax(trainer.accelerator.gather(frac("clip_high").float())).item())
 
 
 def _entropy_threshold(trainer: Any, entropies: Tensor, mask: Tensor) -> Tensor | None:
@@ -465,14 +458,13 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
     # The entropy is differentiated only through the bonus; otherwise it feeds the mask and
     # the metric, and a detached input spares the LM head's backward an all-zero gradient.
     entropy_in = entropies if bonus and trainer.entropy_coef != 0.0 else entropies.detach()
-    out = rlkern.policy_loss(
+    out, row_stats = run(prepare(
         logps, old, advantages, mask, config=config,
         ref_logprobs=inputs["ref_per_token_logps"] if trainer.beta != 0.0 else None,
         entropy=entropy_in,
         token_weights=_token_weights(trainer, inputs, logps, old, advantages, mask),
-        num_tokens=num_tokens,
         entropy_threshold=_entropy_threshold(trainer, entropies, mask),
-    )
+    ), num_tokens=num_tokens)
     loss, metrics = out.loss, out.metrics
     log = trainer._metrics[mode]
     if bonus:
@@ -491,10 +483,8 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
     for key, name in (("kl", "kl"), ("entropy", "entropy_mean")):
         if key == "kl" and trainer.beta == 0.0:
             continue
-        local = torch.stack([metrics[name].float() * count, count])
-        totals = trainer.accelerator.reduce(local, reduction="sum")
-        log[key].append((totals[0] / totals[1].clamp(min=1.0)).item())
-    _log_clip_metrics(trainer, log, logps, old, advantages, mask)
+        log[key].append(_global_mean(trainer, metrics[name].float() * count, count))
+    _log_clip_metrics(trainer, log, row_stats, advantages)
     return loss
 
 

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.advantages import group_advantages
 from rlkern.ops.logprobs import token_logprobs
 from rlkern.ops.policy_loss import policy_loss
-from rlkern.ops.policy_loss_config import PolicyLossConfig
 
 __all__ = [
     "ADV_ESTIMATORS",

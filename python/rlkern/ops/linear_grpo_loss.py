@@ -11,18 +11,21 @@ backward, which only scales them by the upstream gradient (1 for a loss that is 
 directly, in which case it costs nothing: the saved tensors become the gradients).
 
 Registered op: ``rlkern::linear_grpo_loss_fwd`` (loss, metrics and the saved gradients); the
-config travels as JSON text so that the op is opaque to ``torch.compile`` (no graph break).
+config travels as an int list and a float list (:meth:`PolicyLossConfig.to_args`), constants to
+``torch.compile``, and the optional per-token inputs as one list by slot of
+``layout("policy_loss").inputs``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from rlkern.config.dtypes import acc_dtype
+from rlkern.config.layout import layout
+from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.linear_logprobs import (
     LinearTiling,
     _check_backend,
@@ -33,25 +36,15 @@ from rlkern.ops.linear_logprobs import (
     run_fused,
 )
 from rlkern.ops.logprobs import _validate_labels
-from rlkern.ops.policy_loss import PolicyLossOutput, finish_metrics, policy_loss_chunk
-from rlkern.ops.policy_loss_config import PolicyLossConfig
+from rlkern.ops.policy_loss import PolicyLossOutput, finish_metrics, metric_names, policy_loss_chunk
 
 __all__ = ["LinearGRPOLoss", "linear_grpo_loss"]
 
 _SEQ_LEVEL_LOSSES = ("gspo", "gmpo", "gvpo")
 
 
-@torch.compiler.assume_constant_result
-def _config_json(cfg: PolicyLossConfig) -> str:
-    """The config as op-argument text (a constant to torch.compile: json is not traceable)."""
-    return json.dumps(dataclasses.asdict(cfg))
-
-
-def _metric_names(with_kl: bool, with_entropy: bool, with_rollout: bool) -> list[str]:
-    """The metric keys, in the order the op returns their values (finish_metrics' order)."""
-    empty = torch.zeros(20, 0)
-    return list(finish_metrics(empty, with_kl=with_kl, with_entropy=with_entropy,
-                               with_rollout=with_rollout))
+def _has(inputs: list[Tensor | None], slot: str) -> bool:
+    return inputs[int(layout("policy_loss").inputs[slot])] is not None
 
 
 def _needs_whole_rows(cfg: PolicyLossConfig, has_rollout: bool) -> bool:
@@ -79,10 +72,9 @@ class _Batch:
     """The ``(B, T)`` inputs of the loss, and how to cut a flat row slice into (row, column)
     pieces that :func:`policy_loss_chunk` accepts."""
 
-    def __init__(self, mask: Tensor, advantages: Tensor, old: Tensor | None, ref: Tensor | None,
-                 rollout: Tensor | None, token_weights: Tensor | None) -> None:
-        self.mask, self.adv, self.old, self.ref = mask, advantages, old, ref
-        self.rollout, self.tw = rollout, token_weights
+    def __init__(self, mask: Tensor, advantages: Tensor, old: Tensor | None,
+                 inputs: list[Tensor | None]) -> None:
+        self.mask, self.adv, self.old, self.inputs = mask, advantages, old, inputs
         self.B, self.T = mask.shape
         self.lens = mask.sum(1, dtype=torch.float64)
 
@@ -107,6 +99,11 @@ class _Batch:
             return None
         return t[rows] if t.dim() == 1 else t[rows, cols]
 
+    def optional(self, rows: slice, cols: slice) -> dict[str, Tensor]:
+        """The piece's optional inputs, as :func:`policy_loss_chunk`'s keyword arguments."""
+        return {slot.name: self.cut(self.inputs[slot], rows, cols)
+                for slot in layout("policy_loss").inputs if self.inputs[slot] is not None}
+
 
 def _loss_fn(batch: _Batch, cfg: PolicyLossConfig, num_tokens: Tensor, num_seqs: Tensor,
              want_entropy: bool, backend: str):
@@ -122,13 +119,13 @@ def _loss_fn(batch: _Batch, cfg: PolicyLossConfig, num_tokens: Tensor, num_seqs:
             n = b * w
             lp_piece = lp[off:off + n].view(b, w)
             old = batch.cut(batch.old, rows, cols)
+            optional = batch.optional(rows, cols)
+            if ent is not None:
+                optional["entropy"] = ent[off:off + n].view(b, w)
             out = policy_loss_chunk(
                 lp_piece, lp_piece if old is None else old, batch.cut(batch.adv, rows, cols),
                 batch.mask[rows, cols], config=cfg, num_tokens=num_tokens, num_seqs=num_seqs,
-                seq_lens=batch.lens[rows], ref_logprobs=batch.cut(batch.ref, rows, cols),
-                rollout_logprobs=batch.cut(batch.rollout, rows, cols),
-                entropy=None if ent is None else ent[off:off + n].view(b, w),
-                token_weights=batch.cut(batch.tw, rows, cols), backend=backend)
+                seq_lens=batch.lens[rows], backend=backend, **optional)
             losses.append(out.loss)
             stats.append(out.row_stats)
             g_lp[off:off + n] = out.grad_logprobs.reshape(-1)
@@ -148,12 +145,10 @@ def linear_grpo_loss_fwd(
     mask: Tensor,
     advantages: Tensor,
     old_logprobs: Tensor | None,
-    ref_logprobs: Tensor | None,
-    rollout_logprobs: Tensor | None,
-    token_weights: Tensor | None,
-    num_tokens: Tensor,
-    num_seqs: Tensor,
-    config_json: str,
+    inputs: list[Tensor | None],
+    normalisers: Tensor,
+    config_ints: list[int],
+    config_floats: list[float],
     temperature: float,
     ignore_index: int,
     with_entropy: bool,
@@ -161,37 +156,40 @@ def linear_grpo_loss_fwd(
     group_name: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, metric values, ∂h, ∂W, ∂b)``; see :func:`linear_grpo_loss`."""
-    cfg = PolicyLossConfig(**json.loads(config_json))
+    """``(loss, metric values, ∂h, ∂W, ∂b)``; see :func:`linear_grpo_loss`. ``inputs``: the
+    policy loss's optional inputs by slot; ``normalisers``: ``(num_tokens, num_seqs)`` float64;
+    ``config_*``: :meth:`PolicyLossConfig.to_args`."""
+    cfg = PolicyLossConfig.from_args(config_ints, config_floats)
     group = _group(group_name)
     _check_backend(backend, group)
     labels = labels.to(torch.int64).contiguous()
     _validate_labels(labels, _global_vocab(weight, group), ignore_index)
-    batch = _Batch(mask, advantages, old_logprobs, ref_logprobs, rollout_logprobs,
-                   token_weights)
+    batch = _Batch(mask, advantages, old_logprobs, inputs)
     # The per-chunk loss runs on the chunk's device: the "cpu"/"torch" choice carries over,
     # Triton GEMMs (CUDA or the interpreter) pair with the device's default loss kernels.
     loss_backend = backend if backend in ("cpu", "torch") else "auto"
-    grad_fn, losses, stats = _loss_fn(batch, cfg, num_tokens, num_seqs, with_entropy,
+    grad_fn, losses, stats = _loss_fn(batch, cfg, normalisers[0], normalisers[1], with_entropy,
                                       loss_backend)
     _, gh, gw, gb = run_fused(hidden, weight, labels, bias, temperature, ignore_index,
                               with_entropy, chunk_size, grad_fn, group, backend)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(hidden.dtype)
     loss = torch.stack(losses).sum().to(acc) if losses else torch.zeros((), dtype=acc)
-    row_stats = torch.cat(stats, 1) if stats else torch.zeros(20, 0, dtype=acc)
-    metrics = finish_metrics(row_stats, with_kl=ref_logprobs is not None,
+    row_stats = (torch.cat(stats, 1) if stats
+                 else torch.zeros(len(layout("policy_loss").row_stats), 0, dtype=acc))
+    metrics = finish_metrics(row_stats, with_kl=_has(inputs, "ref_logprobs"),
                              with_entropy=with_entropy,
-                             with_rollout=rollout_logprobs is not None, dtype=acc)
+                             with_rollout=_has(inputs, "rollout_logprobs"), dtype=acc)
     values = torch.stack(list(metrics.values())) if metrics else torch.zeros(0, dtype=acc)
     return loss, values, gh, gw, gb if gb is not None else hidden.new_empty((0,))
 
 
 @linear_grpo_loss_fwd.register_fake
-def _(hidden, weight, labels, bias, mask, advantages, old_logprobs, ref_logprobs,
-      rollout_logprobs, token_weights, num_tokens, num_seqs, config_json, temperature,
-      ignore_index, with_entropy, chunk_size, group_name, backend):
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    k = len(_metric_names(ref_logprobs is not None, with_entropy, rollout_logprobs is not None))
+def _(hidden, weight, labels, bias, mask, advantages, old_logprobs, inputs, normalisers,
+      config_ints, config_floats, temperature, ignore_index, with_entropy, chunk_size,
+      group_name, backend):
+    acc = acc_dtype(hidden.dtype)
+    k = len(metric_names(with_kl=_has(inputs, "ref_logprobs"), with_entropy=with_entropy,
+                         with_rollout=_has(inputs, "rollout_logprobs")))
     gb = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((k,), dtype=acc),
             torch.empty_like(hidden), torch.empty_like(weight), gb)
@@ -215,15 +213,18 @@ def _setup_context(ctx, inputs, output):
     # fill a zero (V, H) tensor as their "incoming gradient" on every backward.
     ctx.set_materialize_grads(False)
     ctx.has_bias = inputs[3] is not None
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_loss, grad_metrics, grad_gh, grad_gw, grad_gb):
     gh, gw, gb = ctx.saved_tensors
+    no_grads = [None] * ctx.num_inputs  # only hidden, weight and bias are differentiable
     if grad_loss is None:  # only other outputs were differentiated (gradcheck does this)
-        return (None,) * 19
+        return tuple(no_grads)
     if not _is_one(grad_loss):
         gh, gw, gb = (t * grad_loss.to(t.dtype) for t in (gh, gw, gb))
-    return (gh, gw, None, gb if ctx.has_bias else None) + (None,) * 15
+    no_grads[:4] = [gh, gw, None, gb if ctx.has_bias else None]
+    return tuple(no_grads)
 
 
 torch.library.register_autograd("rlkern::linear_grpo_loss_fwd", _backward,
@@ -370,7 +371,7 @@ def linear_grpo_loss(
         raise ValueError("linear_grpo_loss: top_entropy_quantile < 1 needs the entropy of every "
                          "token before the loss; compute entropies with linear_logprobs under "
                          "no_grad and use policy_loss")
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(hidden.dtype)
     m = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
     adv = _float_rows(advantages, "advantages", B, T, acc, allow_row=True)
     old = _float_rows(old_logprobs, "old_logprobs", B, T, acc)
@@ -401,13 +402,15 @@ def linear_grpo_loss(
     resolved = _resolve_backend(backend, hidden.device)
     rows = _chunk_rows(cfg, T, weight.shape[0], chunk_size,
                        _needs_whole_rows(cfg, rollout is not None), B * T)
-    config_json = _config_json(cfg)
     group_name = "" if process_group is None else process_group.group_name
+    given = {"ref_logprobs": ref, "rollout_logprobs": rollout, "token_weights": tw}
+    inputs = [given.get(slot.name) for slot in layout("policy_loss").inputs]
     loss, values, _, _, _ = torch.ops.rlkern.linear_grpo_loss_fwd(
-        hidden.reshape(B * T, -1), weight, labels.reshape(-1), bias, m, adv, old, ref, rollout,
-        tw, nt, ns, config_json, float(temperature), int(ignore_index), with_entropy, rows,
-        group_name, resolved)
-    names = _metric_names(ref is not None, with_entropy, rollout is not None)
+        hidden.reshape(B * T, -1), weight, labels.reshape(-1), bias, m, adv, old, inputs,
+        torch.stack([nt, ns]), *cfg.to_args(), float(temperature), int(ignore_index),
+        with_entropy, rows, group_name, resolved)
+    names = metric_names(with_kl=ref is not None, with_entropy=with_entropy,
+                         with_rollout=rollout is not None)
     return PolicyLossOutput(loss, dict(zip(names, values.detach().unbind(0), strict=True)))
 
 

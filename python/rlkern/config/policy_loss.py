@@ -1,10 +1,17 @@
-"""``PolicyLossConfig``: every option of :func:`rlkern.policy_loss`, as one frozen dataclass.
+"""``PolicyLossConfig``: every option of :func:`rlkern.policy_loss`, as one frozen dataclass,
+and its translation into the kernels' integer codes and hyperparameters.
 
 The fields are rlkern's own names for the options of ALGORITHMS.md §3; the presets
 :meth:`PolicyLossConfig.verl` and :meth:`PolicyLossConfig.trl` translate a trainer's
 configuration into them so that the loss, its gradient and the metrics are the trainer's own
 (docs/policy_loss.md has the full mapping table). The config is validated once, when it is
 built: an unknown name raises ``ValueError`` listing the valid ones.
+
+:meth:`PolicyLossConfig.kernel_args` gives the kernels' ``flags`` / ``hparams`` lists, in the
+layout of ``csrc/include/rlkern/policy_loss.h`` (read through :func:`rlkern.config.layout`;
+this module restates no code or index); :func:`decode_kernel_args` names them back.
+:meth:`PolicyLossConfig.to_args` / :meth:`PolicyLossConfig.from_args` carry a whole config
+through a registered op as an int list and a float list.
 
 Float fields are runtime values for the kernels (never a compile-time constant), so changing
 e.g. ``clip_ratio_high`` or ``kl_coef`` between steps recompiles nothing.
@@ -15,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import Any
+
+from rlkern.config.layout import layout
 
 __all__ = [
     "AGG_MODES",
@@ -27,6 +37,7 @@ __all__ = [
     "VERL_POLICY_LOSSES",
     "PolicyLossConfig",
     "canonical_kl_estimator",
+    "decode_kernel_args",
 ]
 
 #: rlkern's loss names (ALGORITHMS.md §3).
@@ -45,6 +56,14 @@ ROLLOUT_CORRECTIONS = (None, "token_truncate", "token_mask", "sequence_truncate"
 VERL_POLICY_LOSSES = ("vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg")
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
+# rlkern's loss name → (the kernels' loss kind, their ratio mode for token-level sampling):
+# names of policy_loss.h's loss_kinds / ratio_modes tables. gspo is PPO on the sequence ratio
+# with GSPO-token's straight-through gradient.
+_LOSS_CODES = {"ppo": ("ppo", "token"), "gspo": ("ppo", "seq_detached"),
+               "cispo": ("cispo", "token"), "sapo": ("sapo", "token"),
+               "reinforce": ("reinforce", "token"), "gmpo": ("gmpo", "token"),
+               "gvpo": ("gvpo", "token")}
+
 
 def _choice(value: Any, name: str, options: tuple) -> None:
     if value not in options:
@@ -58,6 +77,22 @@ def canonical_kl_estimator(name: str) -> tuple[str, bool]:
     straight = name.endswith("+")
     base = name[:-1] if straight else name
     return _KL_ALIASES.get(base, base), straight
+
+
+def _inf(value: float | None, default: float = math.inf) -> float:
+    """A kernel hyperparameter: ``None`` (off) is ±inf."""
+    return default if value is None else float(value)
+
+
+def decode_kernel_args(flags: list[int], hparams: list[float]) -> SimpleNamespace:
+    """The kernels' ``flags`` and ``hparams`` by name: ``.loss_kind``, ``.clip_lo``, ... (the
+    fields of policy_loss.h's struct Flags and struct HParams)."""
+    lay = layout("policy_loss")
+    if len(flags) != len(lay.flags) or len(hparams) != len(lay.hparams):
+        raise ValueError(f"expected {len(lay.flags)} flags and {len(lay.hparams)} hparams, got "
+                         f"{len(flags)} and {len(hparams)}")
+    return SimpleNamespace(**{f.name: int(flags[f]) for f in lay.flags},
+                           **{h.name: float(hparams[h]) for h in lay.hparams})
 
 
 def _float(value: Any, name: str, *, optional: bool = False) -> float | None:
@@ -256,6 +291,83 @@ class PolicyLossConfig:
     def entropy_agg(self) -> str:
         return self.loss_agg_mode if self.entropy_agg_mode is None else self.entropy_agg_mode
 
+    def kernel_args(self, *, with_kl: bool, with_rollout: bool) -> tuple[list[int], list[float]]:
+        """The kernels' ``int[] flags`` and ``float[] hparams`` (policy_loss.h struct Flags /
+        struct HParams, in field order). ``with_kl`` / ``with_rollout``: whether those add-ons
+        are active in the call (their inputs are given)."""
+        lay = layout("policy_loss")
+        kind, ratio = _LOSS_CODES[self.policy_loss]
+        if self.importance_sampling_level == "sequence":
+            ratio = "seq_full"  # TRL's sequence level: the exact gradient of the mean
+        kl_kind, straight = canonical_kl_estimator(self.kl_estimator) if with_kl else ("none",
+                                                                                       False)
+        level, mask_mode = "none", False
+        if with_rollout and self.rollout_correction is not None:
+            level, mode = self.rollout_correction.split("_")
+            mask_mode = mode == "mask"
+        lo, hi = self.clip_bounds()
+        flags = {
+            "loss_kind": lay.loss_kinds[kind],
+            "ratio_mode": lay.ratio_modes[ratio],
+            "kl_kind": lay.kl_kinds[kl_kind],
+            "kl_straight_through": straight,
+            "kl_bias_correction": with_kl and self.kl_bias_correction,
+            "rollout_level": lay.rollout_levels[level],
+            "rollout_mask": mask_mode,
+        }
+        hparams = {
+            "clip_lo": lo,
+            "clip_hi": hi,
+            "dual_clip_c": _inf(self.clip_ratio_c),
+            "delta": _inf(self.delta),
+            "log_ratio_clamp": _inf(self.log_ratio_clamp),
+            "seq_log_ratio_max": _inf(self.seq_log_ratio_max),
+            "sapo_tau_pos": self.sapo_tau_pos,
+            "sapo_tau_neg": self.sapo_tau_neg,
+            "kl_log_clamp": _inf(self.kl_log_clamp),
+            "kl_value_clamp": _inf(self.kl_value_clamp),
+            "rollout_log_clamp": _inf(self.rollout_log_clamp),
+            "rollout_min": _inf(self.rollout_min, -math.inf),
+            "rollout_max": _inf(self.rollout_max),
+        }
+        return ([int(flags[f.name]) for f in lay.flags],
+                [float(hparams[h.name]) for h in lay.hparams])
+
+    def to_args(self) -> tuple[list[int], list[float]]:
+        """The whole config as an int list and a float list (a registered op's ``int[]`` /
+        ``float[]`` arguments, constants to ``torch.compile``); :meth:`from_args` inverts it.
+        Names are indices into their option tuples, ``None`` is −1 (ints) or NaN (floats: NaN
+        is never a valid value)."""
+        ints: list[int] = []
+        floats: list[float] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _CHOICES:
+                ints.append(_CHOICES[f.name].index(value))
+            elif f.type in ("bool", "int | None"):
+                ints.append(-1 if value is None else int(value))
+            else:
+                floats.append(math.nan if value is None else float(value))
+        return ints, floats
+
+    @classmethod
+    def from_args(cls, ints: list[int], floats: list[float]) -> PolicyLossConfig:
+        """The config :meth:`to_args` encoded."""
+        values: dict[str, Any] = {}
+        ints_it, floats_it = iter(ints), iter(floats)
+        for f in fields(cls):
+            if f.name in _CHOICES:
+                values[f.name] = _CHOICES[f.name][next(ints_it)]
+            elif f.type == "bool":
+                values[f.name] = bool(next(ints_it))
+            elif f.type == "int | None":
+                v = next(ints_it)
+                values[f.name] = None if v == -1 else v
+            else:
+                v = next(floats_it)
+                values[f.name] = None if math.isnan(v) else v
+        return cls(**values)
+
     def replace(self, **overrides: Any) -> PolicyLossConfig:
         """A copy with some fields changed (validated). Unknown names raise ``ValueError``."""
         if not overrides:
@@ -432,3 +544,15 @@ class PolicyLossConfig:
             max_len=max_completion_length,
             loss_scale=scale,
         )
+
+
+# The string-valued fields of PolicyLossConfig and their options (to_args / from_args).
+_CHOICES: dict[str, tuple] = {
+    "policy_loss": POLICY_LOSSES,
+    "loss_agg_mode": AGG_MODES,
+    "importance_sampling_level": IS_LEVELS,
+    "kl_estimator": KL_ESTIMATORS,
+    "kl_agg_mode": (None, *AGG_MODES),
+    "entropy_agg_mode": (None, *AGG_MODES),
+    "rollout_correction": ROLLOUT_CORRECTIONS,
+}

@@ -1,0 +1,164 @@
+"""Aggregation of the policy loss and its metrics: O(B) torch ops on the per-row sums of the
+kernels (``row_sums``: pg_sum, kl_sum, ent_sum, lp_sum; ``row_stats``: every per-row statistic,
+rows named by ``layout("policy_loss").row_stats``).
+
+Every aggregation mode is linear in the per-row sums (gvpo's is quadratic in lp_sum): the loss
+is Σ_i c_i · sums_i with per-row weights ``c`` (:func:`_term_weights`). Autograd differentiates
+:func:`aggregate` for :func:`rlkern.policy_loss`; :func:`aggregate_grad` gives the same
+coefficients without a graph for fused callers (they run inside a registered op).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlkern.config.layout import layout
+from rlkern.config.policy_loss import PolicyLossConfig
+from rlkern.ops.policy_loss.autograd import gradients
+
+__all__ = ["aggregate", "aggregate_grad", "finish_metrics", "metric_names"]
+
+# The aggregated loss parts (with the add-on each needs).
+_PARTS = {"pg_loss": None, "kl_loss": "kl", "entropy_loss": "entropy"}
+# Metrics that are a row statistic summed over the rows / the valid tokens, in output order.
+_TOKEN_MEANS = {"clipfrac": "clip", "clipfrac_low": "clip_low", "clipfrac_high": "clip_high",
+                "dualclip_frac": "dual_clip", "approx_kl": "neg_log_ratio",
+                "ratio_mean": "ratio_sum"}
+# ... and those of an add-on (present when the add-on is): metric → (statistic, add-on).
+_ADDON_MEANS = {"kl": ("kl_sum", "kl"), "entropy_mean": ("entropy_valid", "entropy"),
+                "rollout_weight_mean": ("rollout_w_sum", "rollout")}
+
+
+def _agg_weights(counts: Tensor, mode: str, *, num_tokens, num_seqs, count_empty: bool,
+                 max_len: int | None, width: int) -> Tensor:
+    """Per-row weights ``c`` with ``agg(sums) = Σ_i c_i · sums_i``."""
+    ones = torch.ones_like(counts)
+    if mode == "token-mean":
+        return ones / (counts.sum().clamp(min=1.0) if num_tokens is None else num_tokens)
+    if mode in ("sum", "token-sum"):
+        return ones
+    if num_seqs is not None:
+        d = num_seqs
+    elif count_empty:
+        d = float(max(counts.shape[0], 1))
+    else:
+        d = (counts > 0).sum().clamp(min=1).to(counts.dtype)
+    if mode == "seq-mean-token-mean":
+        return torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), 0.0) / d
+    if mode == "seq-mean-token-sum":
+        return ones / d
+    return ones / d / (width if max_len is None else max_len)
+
+
+def _seq_denominator(cfg: PolicyLossConfig, B: int, num_seqs) -> Any:
+    if cfg.loss_agg_mode in ("sum", "token-sum"):
+        return 1.0
+    return float(max(B, 1)) if num_seqs is None else num_seqs
+
+
+def _term_weights(row_stats: Tensor, cfg: PolicyLossConfig, width: int, num_tokens, num_seqs,
+                  *, with_entropy: bool, seq_lens: Tensor | None = None
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Per-row weights of the policy, KL and entropy sums in their aggregates (None: the term
+    is absent; the policy weight is None for gvpo, which is quadratic)."""
+    S = layout("policy_loss").row_stats
+    lens = row_stats[S.len] if seq_lens is None else seq_lens.to(row_stats)
+    common = dict(num_tokens=num_tokens, num_seqs=num_seqs, count_empty=cfg.count_empty_seqs,
+                  max_len=cfg.max_len, width=width)
+    B = row_stats.shape[1]
+    if cfg.policy_loss == "gmpo":
+        w_pg = torch.ones_like(lens) / _seq_denominator(cfg, B, num_seqs)
+    elif cfg.policy_loss == "gvpo":
+        w_pg = None
+    else:
+        w_pg = _agg_weights(lens, cfg.loss_agg_mode, **common)
+    w_kl = _agg_weights(lens, cfg.kl_agg(), **common) if cfg.kl_coef != 0.0 else None
+    w_ent = None
+    if with_entropy:
+        ent_common = dict(common)
+        if not cfg.entropy_global_norm:
+            ent_common.update(num_tokens=None, num_seqs=None)
+        counts = row_stats[S.ent_count]
+        if seq_lens is not None and cfg.top_entropy_quantile == 1.0:
+            counts = lens
+        w_ent = _agg_weights(counts, cfg.entropy_agg(), **ent_common)
+    return w_pg, w_kl, w_ent
+
+
+def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
+              scores: Tensor, num_tokens, num_seqs, *, with_entropy: bool,
+              seq_lens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss (float64, differentiable wrt ``row_sums``) and its parts (``pg_loss``,
+    ``kl_loss``, ``entropy_loss``). ``width``: T (seq-mean-token-sum-norm's default L);
+    ``scores``: gvpo's per-response scores (the advantages)."""
+    G = layout("policy_loss").row_grads
+    w_pg, w_kl, w_ent = _term_weights(row_stats, cfg, width, num_tokens, num_seqs,
+                                      with_entropy=with_entropy, seq_lens=seq_lens)
+    if w_pg is None:  # gvpo: ½ Σ e² / (g − 1), e = (R − R̄_g) − (s − s̄_g), R = β·Σ_t m·Δ
+        reward = cfg.gvpo_beta * row_sums[G.lp_sum].view(-1, cfg.group_size)
+        s = scores.to(row_sums).view(-1, cfg.group_size)
+        e = (reward - reward.mean(-1, keepdim=True)) - (s - s.mean(-1, keepdim=True))
+        pg = (0.5 * e.square()).sum() / (cfg.group_size - 1) / _seq_denominator(
+            cfg, row_stats.shape[1], num_seqs)
+    else:
+        pg = (w_pg * row_sums[G.pg_sum]).sum()
+    parts = {"pg_loss": pg}
+    total = pg
+    if w_kl is not None:
+        parts["kl_loss"] = (w_kl * row_sums[G.kl_sum]).sum()
+        total = total + cfg.kl_coef * parts["kl_loss"]
+    if w_ent is not None:
+        parts["entropy_loss"] = (w_ent * row_sums[G.ent_sum]).sum()
+        if cfg.entropy_coef != 0.0:
+            total = total - cfg.entropy_coef * parts["entropy_loss"]
+    return total * cfg.loss_scale, parts
+
+
+def aggregate_grad(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
+                   scores: Tensor, num_tokens, num_seqs, *, with_entropy: bool,
+                   seq_lens: Tensor | None = None) -> Tensor:
+    """``∂ aggregate / ∂ row_sums``, shape of ``row_sums``: the backward's ``grad_rows``."""
+    total = lambda sums: aggregate(sums, row_stats, cfg, width, scores, num_tokens, num_seqs,
+                                   with_entropy=with_entropy, seq_lens=seq_lens)[0]
+    return gradients(total, [row_sums], torch.ones((), dtype=row_sums.dtype))[0]
+
+
+def metric_names(*, with_kl: bool, with_entropy: bool, with_rollout: bool,
+                 with_parts: bool = False) -> list[str]:
+    """The keys of :func:`finish_metrics`, in its order."""
+    addons = {"kl": with_kl, "entropy": with_entropy, "rollout": with_rollout}
+    parts = [p for p, addon in _PARTS.items() if addon is None or addons[addon]]
+    return [*(parts if with_parts else []), *_TOKEN_MEANS, "ratio_min", "ratio_max",
+            *(name for name, (_, addon) in _ADDON_MEANS.items() if addons[addon])]
+
+
+def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
+                   with_kl: bool = False, with_entropy: bool = False,
+                   with_rollout: bool = False, dtype: torch.dtype = torch.float32
+                   ) -> dict[str, Tensor]:
+    """Metrics (0-dim tensors) from the per-row statistics of one or several chunks
+    (concatenated along dim 1), and optionally the aggregated loss parts: means over the
+    valid tokens, and the ratio's min / max (NaN without a valid token)."""
+    S = layout("policy_loss").row_stats
+    rs = row_stats.detach()
+    n_valid = rs[S.len].sum()
+    n = n_valid.clamp(min=1.0)
+    nan = torch.tensor(math.nan, dtype=rs.dtype, device=rs.device)
+    out: dict[str, Tensor] = {}
+    for name in metric_names(with_kl=with_kl, with_entropy=with_entropy,
+                             with_rollout=with_rollout, with_parts=parts is not None):
+        if name in _TOKEN_MEANS:
+            out[name] = rs[S[_TOKEN_MEANS[name]]].sum() / n
+        elif name in _ADDON_MEANS:
+            out[name] = rs[S[_ADDON_MEANS[name][0]]].sum() / n
+        elif name == "ratio_min":
+            out[name] = torch.where(n_valid > 0, rs[S[name]].min(), nan) if rs.shape[1] else nan
+        elif name == "ratio_max":
+            out[name] = torch.where(n_valid > 0, rs[S[name]].max(), nan) if rs.shape[1] else nan
+        elif name in parts:  # a loss part (the KL part only exists with kl_coef != 0)
+            out[name] = parts[name].detach()
+    return {k: v.to(dtype) for k, v in out.items()}
