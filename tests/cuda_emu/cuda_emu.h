@@ -124,15 +124,21 @@ constexpr int warpSize = 32;
 struct CUstream_st;
 typedef struct CUstream_st* cudaStream_t;
 
-enum cudaError_t {
-  cudaSuccess = 0,
-  cudaErrorInvalidValue = 1,
-  cudaErrorMemoryAllocation = 2,
-  cudaErrorInvalidConfiguration = 9,
-  cudaErrorInvalidDeviceFunction = 98,
-  cudaErrorLaunchOutOfResources = 701,
-  cudaErrorLaunchFailure = 719,
-};
+// The error codes the emulator can report: X(name, CUDA's value, cudaGetErrorString's text).
+// The enum here and cudaGetErrorName / cudaGetErrorString in cuda_emu_api.cpp are all made
+// from this one list.
+#define CUDA_EMU_ERRORS(X)                                                           \
+  X(cudaSuccess, 0, "no error")                                                      \
+  X(cudaErrorInvalidValue, 1, "invalid argument")                                    \
+  X(cudaErrorMemoryAllocation, 2, "out of memory")                                   \
+  X(cudaErrorInvalidConfiguration, 9, "invalid configuration argument")              \
+  X(cudaErrorInvalidDeviceFunction, 98, "invalid device function")                   \
+  X(cudaErrorLaunchOutOfResources, 701, "too many resources requested for launch")   \
+  X(cudaErrorLaunchFailure, 719, "unspecified launch failure")
+
+#define CUDA_EMU_ERROR_ENUM(name, value, text) name = value,
+enum cudaError_t { CUDA_EMU_ERRORS(CUDA_EMU_ERROR_ENUM) };
+#undef CUDA_EMU_ERROR_ENUM
 typedef cudaError_t cudaError;
 
 enum cudaFuncAttribute {
@@ -408,24 +414,38 @@ inline void __trap(CUDA_EMU_SITE) { cuda_emu::kernel_error(file, line, "__trap()
 // ------------------------------------------------------------------------------------------
 // Atomics (blocks run in parallel on worker threads, so these are real atomics)
 
+namespace cuda_emu {
+// *address = update(*address) as one atomic step, for the operations without a builtin of
+// their own (floating-point add, min, max): retry a compare-and-swap until no other thread
+// wrote in between. Returns the old value, as CUDA's atomics do.
+template <typename T, typename F>
+inline T atomic_update(T* address, F update) {
+  T old;
+  __atomic_load(address, &old, __ATOMIC_RELAXED);
+  T desired = update(old);
+  while (!__atomic_compare_exchange(address, &old, &desired, false, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED)) {
+    desired = update(old);
+  }
+  return old;
+}
+}  // namespace cuda_emu
+
 template <typename T>
 inline T atomicAdd(T* address, T value) {
   if constexpr (std::is_integral<T>::value) {
     return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
   } else {
-    T old;
-    __atomic_load(address, &old, __ATOMIC_RELAXED);
-    T desired = old + value;
-    while (!__atomic_compare_exchange(address, &old, &desired, false, __ATOMIC_RELAXED,
-                                      __ATOMIC_RELAXED)) {
-      desired = old + value;
-    }
-    return old;
+    return cuda_emu::atomic_update(address, [value](T old) { return old + value; });
   }
 }
 template <typename T>
-inline T atomicSub(T* address, T value) {
-  return __atomic_fetch_sub(address, value, __ATOMIC_RELAXED);
+inline T atomicMax(T* address, T value) {
+  return cuda_emu::atomic_update(address, [value](T old) { return old < value ? value : old; });
+}
+template <typename T>
+inline T atomicMin(T* address, T value) {
+  return cuda_emu::atomic_update(address, [value](T old) { return value < old ? value : old; });
 }
 template <typename T>
 inline T atomicExch(T* address, T value) {
@@ -439,34 +459,17 @@ inline T atomicCAS(T* address, T compare, T value) {
                             __ATOMIC_RELAXED);
   return compare;  // the old value, whether or not the exchange happened
 }
-template <typename T>
-inline T atomicMax(T* address, T value) {
-  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
-  while (old < value && !__atomic_compare_exchange_n(address, &old, value, false,
-                                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+// The integer operations with a builtin of their own.
+#define CUDA_EMU_FETCH_ATOMIC(NAME, BUILTIN)                                               \
+  template <typename T>                                                                    \
+  inline T NAME(T* address, T value) {                                                     \
+    return BUILTIN(address, value, __ATOMIC_RELAXED);                                      \
   }
-  return old;
-}
-template <typename T>
-inline T atomicMin(T* address, T value) {
-  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
-  while (value < old && !__atomic_compare_exchange_n(address, &old, value, false,
-                                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-  }
-  return old;
-}
-template <typename T>
-inline T atomicAnd(T* address, T value) {
-  return __atomic_fetch_and(address, value, __ATOMIC_RELAXED);
-}
-template <typename T>
-inline T atomicOr(T* address, T value) {
-  return __atomic_fetch_or(address, value, __ATOMIC_RELAXED);
-}
-template <typename T>
-inline T atomicXor(T* address, T value) {
-  return __atomic_fetch_xor(address, value, __ATOMIC_RELAXED);
-}
+CUDA_EMU_FETCH_ATOMIC(atomicSub, __atomic_fetch_sub)
+CUDA_EMU_FETCH_ATOMIC(atomicAnd, __atomic_fetch_and)
+CUDA_EMU_FETCH_ATOMIC(atomicOr, __atomic_fetch_or)
+CUDA_EMU_FETCH_ATOMIC(atomicXor, __atomic_fetch_xor)
+#undef CUDA_EMU_FETCH_ATOMIC
 
 // ------------------------------------------------------------------------------------------
 // Loads and stores with cache hints: plain accesses, with the alignment a GPU requires.
