@@ -10,10 +10,7 @@ batch constants, row pass). Skipped, with the reason, when no host C++ compiler 
 
 from __future__ import annotations
 
-import ctypes
 import math
-from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,33 +22,15 @@ from advantages_cases import (
     make_layout,
     make_scores,
 )
-from cuda_emu import CudaEmuError, EmulatedLibrary, build_library, find_compiler
+from cuda_emu import EmulatedLibrary
+from cuda_emu.testing import CSRC, F64, I64, INT, P, emulated
+from cuda_emu.testing import ptr as _ptr
 from rlkern.ops.advantages_segmented import run_gigpo, run_segmented
 from rlkern.reference.advantages import group_advantages_reference, sequence_loglik
 from rlkern.reference.token_advantages import (
     discounted_returns_reference,
     gigpo_advantages_reference,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-ADVANTAGES_CU = ROOT / "csrc" / "cuda" / "advantages.cu"
-P, I64, INT, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-
-
-@cache
-def _library() -> EmulatedLibrary | str:
-    if find_compiler() is None:
-        return ("no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA kernels "
-                "cannot be executed by the CPU emulator")
-    try:
-        return EmulatedLibrary(build_library([ADVANTAGES_CU],
-                                             include_dirs=[ROOT / "csrc" / "include"]))
-    except CudaEmuError as e:  # a compile error is a failure, not a reason to skip
-        pytest.fail(f"building advantages.cu for the CUDA emulator failed:\n{e}", pytrace=False)
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class EmulatedKernels:
@@ -93,10 +72,7 @@ class EmulatedKernels:
 
 @pytest.fixture(scope="module")
 def kernels() -> EmulatedKernels:
-    lib = _library()
-    if isinstance(lib, str):
-        pytest.skip(reason=lib)
-    return EmulatedKernels(lib)
+    return EmulatedKernels(emulated(CSRC / "cuda" / "advantages.cu"))
 
 
 def _run(kernels, scores, *, estimator="grpo", group_ids=None, group_size=None, eps=1e-6,
