@@ -15,13 +15,8 @@ import math
 import pytest
 import torch
 
-from advantages_cases import (
-    ESTIMATORS,
-    OUT_TOL,
-    estimator_inputs,
-    make_layout,
-    make_scores,
-)
+import advantages_cases
+from advantages_cases import ESTIMATORS, OUT_TOL, estimator_inputs, make_layout, make_scores
 from cuda_emu import EmulatedLibrary
 from cuda_emu.testing import CSRC, F64, I64, INT, P, emulated
 from cuda_emu.testing import ptr as _ptr
@@ -151,10 +146,7 @@ def test_large_groups_span_several_warp_chunks(kernels):
 
 
 def test_results_do_not_depend_on_scheduling(kernels):
-    gen = torch.Generator().manual_seed(11)
-    layout = make_layout("uneven", gen, n_groups=30)
-    scores = make_scores(layout["n"], "normal", gen, layout).float()
-    extra = estimator_inputs("xrpo", layout["n"], gen)
+    scores, layout, extra, _ = advantages_cases.estimator_case(11, "xrpo", n_groups=30)
     base = _run(kernels, scores, estimator="xrpo", group_ids=layout["group_ids"], **extra)
     for settings in ({"order": "reverse"}, {"order": "random", "seed": 3, "run_ahead": True},
                      {"workers": 1, "max_grid": (2, 1, 1)}):
@@ -166,12 +158,9 @@ def test_results_do_not_depend_on_scheduling(kernels):
 
 
 def test_gigpo_pipeline(kernels):
-    gen = torch.Generator().manual_seed(12)
     steps = 80
-    group = torch.randint(0, 5, (steps,), generator=gen) * 31
-    episode = torch.randint(0, 2, (steps,), generator=gen).float()
-    step = torch.randn(steps, generator=gen)
-    keys = torch.randint(0, 4, (steps,), generator=gen)
+    episode, step, keys, group = advantages_cases.gigpo_inputs(12, steps, groups=5,
+                                                               group_stride=31, states=4)
     outs = tuple(torch.empty(steps) for _ in range(3))
     run_gigpo(kernels, episode, step, keys, group, outs, omega=0.5, episode_std=True,
               step_std=False, eps=1e-6)

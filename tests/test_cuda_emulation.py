@@ -249,14 +249,15 @@ def test_temperature(kernels, dtype, temperature):
     check_rows(out, reference(values, labels, temperature=temperature), dtype)
 
 
-OUTPUT_SETS = {
-    "none": (),
-    "entropy": ("entropy",),
-    "self_certainty": ("self_certainty",),
-    "sum_p_sq": ("sum_p_sq",),
-    "stats": ("self_certainty", "sum_p_sq"),
-    "all": ("entropy", "self_certainty", "sum_p_sq"),
-}
+def option_sets(names: tuple[str, ...], *chosen: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """None of the optional ``names``, each alone, the ``chosen`` combinations, and all of them,
+    keyed by a test id: "none", "a", "a+b", "all"."""
+    sets = [(), *((n,) for n in names), *chosen, names]
+    return {"none" if not s else "all" if s == names else "+".join(s): s for s in sets}
+
+
+OUTPUT_SETS = option_sets(("entropy", "self_certainty", "sum_p_sq"),
+                          ("self_certainty", "sum_p_sq"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -383,14 +384,7 @@ def test_batch_invariance_bitwise(kernels, vocab, dtype):
 
 # ------------------------------------------------------------------------------ backward
 
-GRAD_SETS = {
-    "none": (),
-    "logprobs": ("logprobs",),
-    "entropy": ("entropy",),
-    "lse": ("lse",),
-    "logprobs+entropy": ("logprobs", "entropy"),
-    "all": ("logprobs", "entropy", "lse"),
-}
+GRAD_SETS = option_sets(("logprobs", "entropy", "lse"), ("logprobs", "entropy"))
 
 
 def run_backward(kernels, values, labels, which, *, layout="contiguous", offset=0,

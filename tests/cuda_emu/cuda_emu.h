@@ -651,34 +651,25 @@ inline uint16_t float_to_bf16_bits_rn(float f) {
 
 }  // namespace cuda_emu
 
-struct __half_raw {
-  unsigned short x;
-};
-struct __nv_bfloat16_raw {
-  unsigned short x;
-};
-
-struct __half {
-  unsigned short __x;
-  __half() = default;
-  constexpr __half(__half_raw r) : __x(r.x) {}
-  __half(float f) : __x(cuda_emu::float_to_half_bits_rn(f)) {}
-  __half(double f) : __half(static_cast<float>(f)) {}
-  __half(int v) : __half(static_cast<float>(v)) {}
-  operator float() const { return cuda_emu::half_bits_to_float(__x); }
-  operator __half_raw() const { return {__x}; }
-};
-
-struct __nv_bfloat16 {
-  unsigned short __x;
-  __nv_bfloat16() = default;
-  constexpr __nv_bfloat16(__nv_bfloat16_raw r) : __x(r.x) {}
-  __nv_bfloat16(float f) : __x(cuda_emu::float_to_bf16_bits_rn(f)) {}
-  __nv_bfloat16(double f) : __nv_bfloat16(static_cast<float>(f)) {}
-  __nv_bfloat16(int v) : __nv_bfloat16(static_cast<float>(v)) {}
-  operator float() const { return cuda_emu::bf16_bits_to_float(__x); }
-  operator __nv_bfloat16_raw() const { return {__x}; }
-};
+// A 16-bit storage type H with its raw-bits struct R, converted from float by
+// cuda_emu::FROM_FLOAT (round to nearest even) and to float by cuda_emu::TO_FLOAT (exact).
+#define CUDA_EMU_16BIT_TYPE(H, R, FROM_FLOAT, TO_FLOAT)                                 \
+  struct R {                                                                          \
+    unsigned short x;                                                                 \
+  };                                                                                  \
+  struct H {                                                                          \
+    unsigned short __x;                                                               \
+    H() = default;                                                                    \
+    constexpr H(R r) : __x(r.x) {}                                                    \
+    H(float f) : __x(cuda_emu::FROM_FLOAT(f)) {}                                      \
+    H(double f) : H(static_cast<float>(f)) {}                                         \
+    H(int v) : H(static_cast<float>(v)) {}                                            \
+    operator float() const { return cuda_emu::TO_FLOAT(__x); }                        \
+    operator R() const { return {__x}; }                                              \
+  };
+CUDA_EMU_16BIT_TYPE(__half, __half_raw, float_to_half_bits_rn, half_bits_to_float)
+CUDA_EMU_16BIT_TYPE(__nv_bfloat16, __nv_bfloat16_raw, float_to_bf16_bits_rn, bf16_bits_to_float)
+#undef CUDA_EMU_16BIT_TYPE
 
 struct alignas(4) __half2 {
   __half x, y;
