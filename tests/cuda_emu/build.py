@@ -37,8 +37,10 @@ EMU_DIR = Path(__file__).resolve().parent
 HEADER = EMU_DIR / "cuda_emu.h"
 # The runtime (cuda_emu_runtime.h says what each file holds), compiled once per compiler and
 # emulator version and linked into every library.
-RUNTIME_SOURCES = tuple(EMU_DIR / f"cuda_emu_{part}.cpp" for part in ("runtime", "api", "ubsan"))
-RUNTIME_FILES = (*RUNTIME_SOURCES, EMU_DIR / "cuda_emu_runtime.h", HEADER)
+RUNTIME_SOURCES = tuple(EMU_DIR / f"cuda_emu_{part}.cpp"
+                        for part in ("runtime", "fiber", "api", "ubsan"))
+RUNTIME_FILES = (*RUNTIME_SOURCES, EMU_DIR / "cuda_emu_runtime.h", EMU_DIR / "cuda_emu_fiber.h",
+                 HEADER)
 STUB_DIR = EMU_DIR / "include"  # stand-ins for <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h>
 
 # No fast-math and no FMA contraction: the host computes exactly what the source says.

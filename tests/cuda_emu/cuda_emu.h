@@ -714,50 +714,28 @@ CUDA_EMU_HALF_OPS(__nv_bfloat16)
 // (The half product a·b and sum a+b are exact in float, so rounding once to the half type
 // gives the correctly rounded result; only fma and division can round twice.)
 
-inline __half __float2half(float f) { return __half(f); }
-inline __half __float2half_rn(float f) { return __half(f); }
-inline float __half2float(__half h) { return float(h); }
-inline __half __ushort_as_half(unsigned short v) { return __half_raw{v}; }
-inline unsigned short __half_as_ushort(__half h) { return h.__x; }
-inline __half2 __halves2half2(__half a, __half b) { return {a, b}; }
-inline __half2 __half2half2(__half a) { return {a, a}; }
-inline __half2 __floats2half2_rn(float a, float b) { return {__half(a), __half(b)}; }
-inline __half2 __float22half2_rn(float2 f) { return {__half(f.x), __half(f.y)}; }
-inline __half2 __float2half2_rn(float f) { return {__half(f), __half(f)}; }
-inline float2 __half22float2(__half2 h) { return {float(h.x), float(h.y)}; }
-inline __half __low2half(__half2 h) { return h.x; }
-inline __half __high2half(__half2 h) { return h.y; }
-inline float __low2float(__half2 h) { return float(h.x); }
-inline float __high2float(__half2 h) { return float(h.y); }
-inline __half2 __hadd2(__half2 a, __half2 b) { return {a.x + b.x, a.y + b.y}; }
-inline __half2 __hmul2(__half2 a, __half2 b) { return {a.x * b.x, a.y * b.y}; }
-
-inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
-inline float __bfloat162float(__nv_bfloat16 b) { return float(b); }
-inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short v) { return __nv_bfloat16_raw{v}; }
-inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
-inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) { return {a, b}; }
-inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 a) { return {a, a}; }
-inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
-  return {__nv_bfloat16(a), __nv_bfloat16(b)};
-}
-inline __nv_bfloat162 __float22bfloat162_rn(float2 f) {
-  return {__nv_bfloat16(f.x), __nv_bfloat16(f.y)};
-}
-inline __nv_bfloat162 __float2bfloat162_rn(float f) {
-  return {__nv_bfloat16(f), __nv_bfloat16(f)};
-}
-inline float2 __bfloat1622float2(__nv_bfloat162 b) { return {float(b.x), float(b.y)}; }
-inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 b) { return b.x; }
-inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 b) { return b.y; }
-inline float __low2float(__nv_bfloat162 b) { return float(b.x); }
-inline float __high2float(__nv_bfloat162 b) { return float(b.y); }
-inline __nv_bfloat162 __hadd2(__nv_bfloat162 a, __nv_bfloat162 b) {
-  return {a.x + b.x, a.y + b.y};
-}
-inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
-  return {a.x * b.x, a.y * b.y};
-}
+// CUDA's conversions of a 16-bit type T and its pair T2, whose names are built from N and N2:
+// __float2half / __float2bfloat16, __halves2half2 / __halves2bfloat162, ...
+#define CUDA_EMU_16BIT_API(T, T2, N, N2)                                                     \
+  inline T __float2##N(float f) { return T(f); }                                            \
+  inline T __float2##N##_rn(float f) { return T(f); }                                       \
+  inline float __##N##2float(T h) { return float(h); }                                      \
+  inline T __ushort_as_##N(unsigned short v) { return T##_raw{v}; }                         \
+  inline unsigned short __##N##_as_ushort(T h) { return h.__x; }                            \
+  inline T2 __halves2##N2(T a, T b) { return {a, b}; }                                      \
+  inline T2 __##N##2##N2(T a) { return {a, a}; }                                            \
+  inline T2 __floats2##N2##_rn(float a, float b) { return {T(a), T(b)}; }                   \
+  inline T2 __float22##N2##_rn(float2 f) { return {T(f.x), T(f.y)}; }                       \
+  inline T2 __float2##N2##_rn(float f) { return {T(f), T(f)}; }                             \
+  inline float2 __##N2##2float2(T2 h) { return {float(h.x), float(h.y)}; }                  \
+  inline T __low2##N(T2 h) { return h.x; }                                                  \
+  inline T __high2##N(T2 h) { return h.y; }                                                 \
+  inline float __low2float(T2 h) { return float(h.x); }                                     \
+  inline float __high2float(T2 h) { return float(h.y); }                                    \
+  inline T2 __hadd2(T2 a, T2 b) { return {a.x + b.x, a.y + b.y}; }                          \
+  inline T2 __hmul2(T2 a, T2 b) { return {a.x * b.x, a.y * b.y}; }
+CUDA_EMU_16BIT_API(__half, __half2, half, half2)
+CUDA_EMU_16BIT_API(__nv_bfloat16, __nv_bfloat162, bfloat16, bfloat162)
+#undef CUDA_EMU_16BIT_API
 
 #undef CUDA_EMU_SITE

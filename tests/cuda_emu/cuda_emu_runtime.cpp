@@ -4,9 +4,6 @@
 // (cuda_emu_runtime.h).
 #include "cuda_emu_runtime.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstdarg>
@@ -18,49 +15,6 @@
 #include <thread>
 #include <vector>
 
-// Fibers switch stacks with a few lines of assembly on x86-64 (about 10 ns a switch);
-// elsewhere, or with -DCUDA_EMU_USE_UCONTEXT, with swapcontext (about 1 µs: it makes a
-// system call to save the signal mask).
-#if defined(__x86_64__) && !defined(CUDA_EMU_USE_UCONTEXT)
-#define CUDA_EMU_ASM_SWITCH 1
-#else
-#include <ucontext.h>
-#endif
-
-#if CUDA_EMU_ASM_SWITCH
-// void cuda_emu_switch_stack(void** save_sp, void* next_sp): push the callee-saved registers,
-// save the stack pointer to *save_sp, load next_sp, pop that stack's registers and return
-// into it. (The SysV ABI also makes MXCSR and the x87 control word callee-saved; no kernel
-// changes them, so they are not switched.)
-extern "C" void cuda_emu_switch_stack(void** save_sp, void* next_sp)
-    __attribute__((visibility("hidden")));
-asm(R"(
-  .text
-  .p2align 4
-  .globl cuda_emu_switch_stack
-  .hidden cuda_emu_switch_stack
-  .type cuda_emu_switch_stack, @function
-cuda_emu_switch_stack:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-  .size cuda_emu_switch_stack, .-cuda_emu_switch_stack
-  .section .note.GNU-stack,"",@progbits
-)");
-#endif
-
 namespace cuda_emu {
 using namespace runtime;
 namespace {
@@ -68,7 +22,6 @@ namespace {
 using detail::BarrierOp;
 using detail::WarpOp;
 
-constexpr size_t kStackBytes = 256 * 1024;  // per emulated thread (virtual)
 constexpr unsigned kMaxWorkers = 16;
 
 // ------------------------------------------------------------------------------------------
@@ -110,39 +63,6 @@ const char* barrier_name(BarrierOp op) {
     case BarrierOp::kOr: return "__syncthreads_or";
   }
   return "?";
-}
-
-// ------------------------------------------------------------------------------------------
-// Fiber stacks: mmap'ed with a guard page below (a stack overflow faults instead of
-// corrupting a neighbour), pooled across launches.
-
-std::mutex g_stack_mutex;
-std::vector<char*> g_free_stacks;
-size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
-
-char* acquire_stack() {
-  {
-    std::lock_guard<std::mutex> lock(g_stack_mutex);
-    if (!g_free_stacks.empty()) {
-      char* s = g_free_stacks.back();
-      g_free_stacks.pop_back();
-      return s;
-    }
-  }
-  const size_t guard = page_size();
-  void* p = mmap(nullptr, kStackBytes + guard, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) {
-    std::fprintf(stderr, "cuda_emu: cannot map a fiber stack\n");
-    std::abort();
-  }
-  mprotect(p, guard, PROT_NONE);
-  return static_cast<char*>(p) + guard;  // usable: [s, s + kStackBytes)
-}
-
-void release_stack(char* s) {
-  std::lock_guard<std::mutex> lock(g_stack_mutex);
-  g_free_stacks.push_back(s);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -192,11 +112,7 @@ struct WarpState {
 };
 
 struct Fiber {
-#if CUDA_EMU_ASM_SWITCH
-  void* sp = nullptr;
-#else
-  ucontext_t context;
-#endif
+  Context context;
   char* stack = nullptr;
   uint3 tid{};
   unsigned linear = 0, warp = 0, lane = 0;
@@ -218,11 +134,7 @@ struct Worker {
   bool failed = false;
   bool released = false;  // a barrier or warp operation completed (threads became runnable)
   Fiber* current = nullptr;
-#if CUDA_EMU_ASM_SWITCH
-  void* scheduler_sp = nullptr;
-#else
-  ucontext_t scheduler_context;
-#endif
+  Context scheduler;  // where the block's scheduler loop resumes
   // __syncthreads in progress
   unsigned barrier_arrived = 0;
   BarrierOp barrier_op = BarrierOp::kSync;
@@ -262,21 +174,11 @@ std::string where(const Worker& w, const Fiber* f) {
 void switch_to_fiber(Worker& w, Fiber& f) {
   w.current = &f;
   threadIdx = f.tid;
-#if CUDA_EMU_ASM_SWITCH
-  cuda_emu_switch_stack(&w.scheduler_sp, f.sp);
-#else
-  swapcontext(&w.scheduler_context, &f.context);
-#endif
+  switch_context(w.scheduler, f.context);
   w.current = nullptr;
 }
 
-void switch_to_scheduler(Worker& w, Fiber& f) {
-#if CUDA_EMU_ASM_SWITCH
-  cuda_emu_switch_stack(&f.sp, w.scheduler_sp);
-#else
-  swapcontext(&f.context, &w.scheduler_context);
-#endif
-}
+void switch_to_scheduler(Worker& w, Fiber& f) { switch_context(f.context, w.scheduler); }
 
 // Stop the block: record the error and never resume the calling fiber.
 [[noreturn]] void abandon(Worker& w, Fiber& f, const std::string& message) {
@@ -298,25 +200,7 @@ void fiber_main() {
   std::abort();  // not reached: a finished fiber is never resumed
 }
 
-void start_fiber(Fiber& f) {
-#if CUDA_EMU_ASM_SWITCH
-  // A stack that cuda_emu_switch_stack "returns" into fiber_main with: six zeroed registers,
-  // the return address, and a pad slot, so that fiber_main starts with rsp ≡ 8 (mod 16) as
-  // after a call.
-  auto top = reinterpret_cast<uintptr_t>(f.stack + kStackBytes) & ~uintptr_t(15);
-  void** sp = reinterpret_cast<void**>(top);
-  *--sp = nullptr;
-  *--sp = reinterpret_cast<void*>(&fiber_main);
-  for (int i = 0; i < 6; ++i) *--sp = nullptr;
-  f.sp = sp;
-#else
-  getcontext(&f.context);
-  f.context.uc_stack.ss_sp = f.stack;
-  f.context.uc_stack.ss_size = kStackBytes;
-  f.context.uc_link = nullptr;
-  makecontext(&f.context, fiber_main, 0);
-#endif
-}
+void start_fiber(Fiber& f) { start_context(f.context, f.stack, fiber_main); }
 
 std::string deadlock_message(const Worker& w) {
   std::string s = "deadlock: no thread can proceed;";

@@ -1,6 +1,7 @@
-// The emulator's runtime, internal: what its three files share (tests/cuda_emu/README.md).
+// The emulator's runtime, internal: what its files share (tests/cuda_emu/README.md).
 //   cuda_emu_runtime.cpp  launches, the per-block fiber scheduler, barriers, warp exchanges,
 //                         shared memory;
+//   cuda_emu_fiber.cpp    fiber stacks and context switches (cuda_emu_fiber.h);
 //   cuda_emu_api.cpp      the CUDA runtime-API subset, the control functions Python calls,
 //                         and the state below (settings, counters, the last error);
 //   cuda_emu_ubsan.cpp    the undefined-behaviour reports of the kernels' sanitizer checks.
@@ -9,6 +10,7 @@
 #pragma once
 
 #include "cuda_emu.h"
+#include "cuda_emu_fiber.h"
 
 #include <atomic>
 #include <cstdarg>
