@@ -3,8 +3,9 @@ emulator of tests/cuda_emu, against the float64 statement of the same per-row st
 per-token derivatives (the op layer's torch backend on the fp32 inputs upcast).
 
 The launchers ``rlkern_policy_loss_fwd_cuda`` / ``rlkern_policy_loss_bwd_cuda`` /
-``rlkern_kl_penalty_cuda`` are called through ctypes on CPU tensors, as csrc/cuda_ops.cpp
-calls them on CUDA tensors. Outputs live inside guard bands that must stay untouched.
+``rlkern_kl_penalty_cuda`` are called through ctypes on CPU tensors, as
+csrc/cuda/policy_loss_ops.cpp calls them on CUDA tensors. Outputs live inside guard bands that
+must stay untouched.
 Skipped, with the reason, when no host C++ compiler is found.
 """
 
