@@ -689,31 +689,23 @@ def aot_specs(layouts: dict[str, dict[str, list[str]]]) -> list[dict[str, Any]]:
             ROLL_MASK=True, HAS=has(S.ref_logprobs, S.rollout_logprobs, S.entropy,
                                     S.entropy_threshold)),
     }
+    # argument types: those of `base`, else fp32 pointers and constexprs by naming convention
+    kind_of = lambda arg: base.get(arg) or ("*fp32" if arg.endswith("_ptr") else
+                                            "constexpr" if arg.isupper() else None)
     specs: list[dict[str, Any]] = []
     for T in _AOT_T:
         bt = block_t(T)
         for label, flags in configs.items():
             for fn in (_policy_loss_fwd_kernel, _policy_loss_bwd_kernel):
-                signature = {}
-                for arg in fn.arg_names:
-                    if arg in base:
-                        signature[arg] = base[arg]
-                    elif arg.endswith("_ptr"):
-                        signature[arg] = "*fp32"
-                    elif arg.isupper():
-                        signature[arg] = "constexpr"
-                    else:
-                        raise KeyError(f"no AOT type for {arg!r} of {fn.__name__}")
+                signature = {arg: kind_of(arg) for arg in fn.arg_names}
+                if None in signature.values():
+                    raise KeyError(f"no AOT type for an argument of {fn.__name__}: {signature}")
                 constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
                 constexprs.update(LAY=LAY, BLOCK_T=bt)
                 if fn is _policy_loss_bwd_kernel:
                     constexprs.update(KL_ST=False, HAS_GRAD_ENT=flags["HAS"][S.entropy])
-                specs.append({
-                    "name": f"fp32 T={T} {label} BLOCK_T={bt}",
-                    "fn": fn,
-                    "signature": signature,
-                    "constexprs": constexprs,
-                    "num_warps": _num_warps(bt),
-                    "divisible_by_16": [a for a in signature if a.endswith("_ptr")],
-                })
+                specs.append({"name": f"fp32 T={T} {label} BLOCK_T={bt}", "fn": fn,
+                              "signature": signature, "constexprs": constexprs,
+                              "num_warps": _num_warps(bt),
+                              "divisible_by_16": [a for a in signature if a.endswith("_ptr")]})
     return specs

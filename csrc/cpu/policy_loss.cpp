@@ -74,6 +74,15 @@ Row<T> row_ptrs(const PolicyLossArgs& a, int64_t b) {
   return r;
 }
 
+bool has(const PolicyLossArgs& a, pl::Input slot) { return a.in.opt[slot].p != nullptr; }
+
+// The entropy mask's threshold (0 when there is none: then it is not read).
+template <typename T>
+T entropy_threshold(const PolicyLossArgs& a) {
+  return has(a, pl::kInEntropyThreshold)
+             ? *static_cast<const T*>(a.in.opt[pl::kInEntropyThreshold].p) : T(0);
+}
+
 // Per-row values known before the token pass.
 template <typename T>
 struct RowConst {
@@ -145,8 +154,8 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
   const bool roll_tok = a.flags.rollout_level == pl::kRolloutToken;
   const bool roll_seq = a.flags.rollout_level == pl::kRolloutSeq;
   const bool mask_mode = a.flags.rollout_mask != 0;
-  const bool has_thr = a.in.opt[pl::kInEntropyThreshold].p != nullptr;
-  const V thr(has_thr ? double(*static_cast<const T*>(a.in.opt[pl::kInEntropyThreshold].p)) : 0.0);
+  const bool has_thr = has(a, pl::kInEntropyThreshold);
+  const V thr(double(entropy_threshold<T>(a)));
   const V zero(0.0), one(1.0);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
@@ -444,11 +453,13 @@ void with_mode(int mode, F&& f) {
 }
 
 bool needs_aux(const PolicyLossArgs& a) {
-  return a.flags.rollout_level != pl::kRolloutNone || a.in.opt[pl::kInEntropy].p || a.in.opt[pl::kInTokenWeights].p;
+  return a.flags.rollout_level != pl::kRolloutNone || has(a, pl::kInEntropy) ||
+         has(a, pl::kInTokenWeights);
 }
 
 bool has_mult(const PolicyLossArgs& a) {
-  return a.flags.rollout_level != pl::kRolloutNone || a.in.opt[pl::kInEntropyThreshold].p || a.in.opt[pl::kInTokenWeights].p;
+  return a.flags.rollout_level != pl::kRolloutNone || has(a, pl::kInEntropyThreshold) ||
+         has(a, pl::kInTokenWeights);
 }
 
 int64_t grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
@@ -545,7 +556,7 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   const bool mult_on = has_mult(a);
   const bool ratio_full = f.ratio_mode == pl::kRatioSeqFull;
   std::vector<T> mult(mult_on ? n : 0);
-  const T thr = a.in.opt[pl::kInEntropyThreshold].p ? *static_cast<const T*>(a.in.opt[pl::kInEntropyThreshold].p) : T(0);
+  const T thr = entropy_threshold<T>(a);
   for (int64_t b = b0; b < b1; ++b) {
     const Row<T> r = row_ptrs<T>(a, b);
     const auto s = [&](int k) { return a.row_stats[k * a.in.B + b]; };
@@ -607,13 +618,14 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     }
     if (a.grad_entropy) {
       T* ge = static_cast<T*>(a.grad_entropy) + b * n;
-      const bool has_thr = a.in.opt[pl::kInEntropyThreshold].p != nullptr;
+      const bool has_thr = has(a, pl::kInEntropyThreshold);
       const V gent = V(double(g_ent)), zero(0.0), thrv = V(double(thr));
       for (int64_t t = 0; t < n; t += P::L) {
         const auto ln = P::lanes(n - t);
         const auto v = P::valid(r.m + t, ln);
         V out = sel(v, gent, zero);
-        if (has_thr) out = sel(sel(v, P::load(r.opt[pl::kInEntropy] + t, ln), zero) >= thrv, out, zero);
+        const V h = sel(v, P::load(r.opt[pl::kInEntropy] + t, ln), zero);
+        if (has_thr) out = sel(h >= thrv, out, zero);
         P::store(ge + t, out, ln);
       }
     }

@@ -2,8 +2,8 @@
 //
 // Torch-free (DESIGN.md style rule 1): the launchers at the bottom take raw pointers, sizes,
 // row strides, the flags / hyperparameters and a cudaStream_t and return an error code;
-// csrc/cuda/policy_loss_ops.cpp adapts tensors. The per-token math is rlkern/policy_loss.h, shared with
-// the CPU kernels; contract in rlkern/cuda_launchers.h.
+// csrc/cuda/policy_loss_ops.cpp adapts tensors. The per-token math is rlkern/policy_loss.h,
+// shared with the CPU kernels; contract in rlkern/cuda_launchers.h.
 //
 // One warp per row (sequence), kRowsPerBlock rows per block. Lane i reads tokens i, i + 32,
 // ... (coalesced 128-byte loads per warp) and accumulates per-lane float partial sums; the
@@ -328,9 +328,11 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
         if (!k.v) continue;
         const Mult u = load_mult(a, r, k, t, seq_w, thr);
         acc += g_pg * (u.w * u.em * u.wt) * loss_at(a, rho_seq, k).d_r;
-        if (has_kl && bias)
+        if (has_kl && bias) {
+          const float ref = __ldg(r.opt[pl::kInRef] + t);
           acc += g_kl * rho_seq *
-                 pl::kl_term<float>(a.flags.kl_kind, false, k.lp, __ldg(r.opt[pl::kInRef] + t), Ck, Cv).value;
+                 pl::kl_term<float>(a.flags.kl_kind, false, k.lp, ref, Ck, Cv).value;
+        }
       }
       G = c0.pass_seq ? float(double(warp_sum(acc)) / len1) : 0.f;
     }

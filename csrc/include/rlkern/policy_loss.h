@@ -203,24 +203,19 @@ struct HParams {
 static_assert(sizeof(Flags) == kNumFlags * sizeof(int32_t), "Flags must be int32[kNumFlags]");
 static_assert(sizeof(HParams) == kNumHParams * sizeof(double), "HParams must be double[...]");
 
-// Flags / HParams from values in field order (any integer / floating type).
-template <typename I>
-RLKERN_HOST_DEVICE Flags flags_from(const I* v) {
-  Flags f;
-#define RLKERN_PL_SET(id, field) f.field = static_cast<int32_t>(v[id]);
-  RLKERN_PL_FLAGS(RLKERN_PL_SET)
-#undef RLKERN_PL_SET
-  return f;
+// Flags / HParams from values in field order (any arithmetic type).
+#define RLKERN_PL_SET_FIELD(id, field) s.field = static_cast<decltype(s.field)>(v[id]);
+template <typename V>
+RLKERN_HOST_DEVICE Flags flags_from(const V* v) {
+  Flags s;
+  RLKERN_PL_FLAGS(RLKERN_PL_SET_FIELD) return s;
 }
-
-template <typename F>
-RLKERN_HOST_DEVICE HParams hparams_from(const F* v) {
-  HParams h;
-#define RLKERN_PL_SET(id, field) h.field = static_cast<double>(v[id]);
-  RLKERN_PL_HPARAMS(RLKERN_PL_SET)
-#undef RLKERN_PL_SET
-  return h;
+template <typename V>
+RLKERN_HOST_DEVICE HParams hparams_from(const V* v) {
+  HParams s;
+  RLKERN_PL_HPARAMS(RLKERN_PL_SET_FIELD) return s;
 }
+#undef RLKERN_PL_SET_FIELD
 
 // A (B, T) array of the compute dtype: unit stride along T, `stride` elements between rows
 // (`p == nullptr`: absent). For a kOne input, p points at its one value.
@@ -246,7 +241,7 @@ struct Args {
   Inputs in;
   Flags flags;
   HParams hp;
-  double* row_stats;        // (kNumRowStats, B) contiguous: the forward's output, the backward's input
+  double* row_stats;        // (kNumRowStats, B) contiguous: forward output, backward input
   const double* grad_rows;  // backward: (kNumRowGrads, B) contiguous
   void* grad_logp;          // backward: (B, T) contiguous, compute dtype
   void* grad_entropy;       // backward: (B, T) contiguous, nullable

@@ -338,35 +338,21 @@ class PolicyLossConfig:
         ``float[]`` arguments, constants to ``torch.compile``); :meth:`from_args` inverts it.
         Names are indices into their option tuples, ``None`` is −1 (ints) or NaN (floats: NaN
         is never a valid value)."""
-        ints: list[int] = []
-        floats: list[float] = []
+        lists: tuple[list[int], list[float]] = ([], [])
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in _CHOICES:
-                ints.append(_CHOICES[f.name].index(value))
-            elif f.type in ("bool", "int | None"):
-                ints.append(-1 if value is None else int(value))
-            else:
-                floats.append(math.nan if value is None else float(value))
-        return ints, floats
+            encode, _, is_float = _codec(f)
+            lists[is_float].append(encode(getattr(self, f.name)))
+        return lists
 
     @classmethod
     def from_args(cls, ints: list[int], floats: list[float]) -> PolicyLossConfig:
         """The config :meth:`to_args` encoded."""
-        values: dict[str, Any] = {}
-        ints_it, floats_it = iter(ints), iter(floats)
+        values = (iter(ints), iter(floats))
+        kw = {}
         for f in fields(cls):
-            if f.name in _CHOICES:
-                values[f.name] = _CHOICES[f.name][next(ints_it)]
-            elif f.type == "bool":
-                values[f.name] = bool(next(ints_it))
-            elif f.type == "int | None":
-                v = next(ints_it)
-                values[f.name] = None if v == -1 else v
-            else:
-                v = next(floats_it)
-                values[f.name] = None if math.isnan(v) else v
-        return cls(**values)
+            _, decode, is_float = _codec(f)
+            kw[f.name] = decode(next(values[is_float]))
+        return cls(**kw)
 
     def replace(self, **overrides: Any) -> PolicyLossConfig:
         """A copy with some fields changed (validated). Unknown names raise ``ValueError``."""
@@ -556,3 +542,16 @@ _CHOICES: dict[str, tuple] = {
     "entropy_agg_mode": (None, *AGG_MODES),
     "rollout_correction": ROLLOUT_CORRECTIONS,
 }
+
+
+def _codec(f: dataclasses.Field) -> tuple[Any, Any, bool]:
+    """(encode, decode, is_float) of a PolicyLossConfig field for to_args / from_args."""
+    if f.name in _CHOICES:
+        options = _CHOICES[f.name]
+        return options.index, options.__getitem__, False
+    if f.type == "bool":
+        return int, bool, False
+    if f.type == "int | None":
+        return (lambda v: -1 if v is None else int(v)), (lambda v: None if v == -1 else v), False
+    return ((lambda v: math.nan if v is None else float(v)),
+            (lambda v: None if math.isnan(v) else v), True)

@@ -37,6 +37,7 @@ from rlkern.ops.linear_logprobs import (
 )
 from rlkern.ops.logprobs import _validate_labels
 from rlkern.ops.policy_loss import PolicyLossOutput, finish_metrics, metric_names, policy_loss_chunk
+from rlkern.ops.policy_loss.inputs import normaliser
 
 __all__ = ["LinearGRPOLoss", "linear_grpo_loss"]
 
@@ -247,17 +248,14 @@ def _float_rows(t: Tensor | None, name: str, B: int, T: int, acc: torch.dtype,
     return (t if tuple(t.shape) == (B, T) else t.reshape(B)).contiguous()
 
 
-def _count(value: float | Tensor | None, default: Tensor, name: str) -> Tensor:
+def _count(value: float | Tensor | None, default: Tensor, name: str,
+           device: torch.device) -> Tensor:
+    """A global normaliser as a float64 0-dim tensor on ``device`` (checked as
+    :func:`rlkern.policy_loss` checks it), ``default`` when not given."""
+    value = normaliser(value, name, device)
     if value is None:
-        return default
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape "
-                             f"{tuple(value.shape)}")
-        return value.detach().reshape(()).to(torch.float64)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0 or a tensor, got {value!r}")
-    return torch.tensor(float(value), dtype=torch.float64)
+        return default.to(device=device, dtype=torch.float64)
+    return torch.as_tensor(value, dtype=torch.float64, device=device).detach()
 
 
 def linear_grpo_loss(
@@ -397,8 +395,8 @@ def linear_grpo_loss(
         seqs_default = torch.tensor(float(max(B, 1)), dtype=torch.float64)
     else:
         seqs_default = (lens > 0).sum().clamp(min=1).to(torch.float64)
-    nt = _count(num_tokens, lens.sum().clamp(min=1).to(torch.float64), "num_tokens")
-    ns = _count(num_seqs, seqs_default, "num_seqs")
+    nt = _count(num_tokens, lens.sum().clamp(min=1), "num_tokens", hidden.device)
+    ns = _count(num_seqs, seqs_default, "num_seqs", hidden.device)
     resolved = _resolve_backend(backend, hidden.device)
     rows = _chunk_rows(cfg, T, weight.shape[0], chunk_size,
                        _needs_whole_rows(cfg, rollout is not None), B * T)

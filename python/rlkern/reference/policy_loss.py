@@ -316,40 +316,34 @@ def policy_loss_row_stats(logprobs: Tensor, old_logprobs: Tensor, advantages: Te
     return torch.stack([stats[s.name] for s in lay.row_stats])
 
 
-def policy_loss_reference(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    config: PolicyLossConfig,
-    *,
-    ref_logprobs: Tensor | None = None,
-    rollout_logprobs: Tensor | None = None,
-    entropy: Tensor | None = None,
-    token_weights: Tensor | None = None,
-    num_tokens: float | Tensor | None = None,
-    num_seqs: float | Tensor | None = None,
-    entropy_threshold: float | Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss (differentiable wrt ``logprobs`` and ``entropy``) and metrics of ALGORITHMS.md §3."""
+def policy_loss_reference(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                          mask: Tensor, config: PolicyLossConfig, *,
+                          num_tokens: float | Tensor | None = None,
+                          num_seqs: float | Tensor | None = None,
+                          **inputs: Tensor | float | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss (differentiable wrt ``logprobs`` and ``entropy``) and metrics of ALGORITHMS.md §3.
+
+    ``inputs``: the optional inputs of :func:`rlkern.policy_loss` by slot name
+    (``layout("policy_loss").inputs``: ref_logprobs, rollout_logprobs, entropy,
+    token_weights, entropy_threshold)."""
+    opt = {slot.name: inputs.pop(slot.name, None) for slot in layout("policy_loss").inputs}
+    if inputs:
+        raise TypeError(f"policy_loss_reference: unknown inputs {sorted(inputs)}")
     cfg = config
     m = mask.bool()
-    with_kl = ref_logprobs is not None and cfg.kl_coef != 0.0
-    with_rollout = rollout_logprobs is not None and cfg.rollout_correction is not None
+    with_kl = opt["ref_logprobs"] is not None and cfg.kl_coef != 0.0
+    with_rollout = opt["rollout_logprobs"] is not None and cfg.rollout_correction is not None
     if cfg.top_entropy_quantile < 1.0:
-        assert entropy is not None
-        if entropy_threshold is None:
-            entropy_threshold = entropy_quantile_threshold_reference(entropy, m,
-                                                                     cfg.top_entropy_quantile)
+        assert opt["entropy"] is not None
+        if opt["entropy_threshold"] is None:
+            opt["entropy_threshold"] = entropy_quantile_threshold_reference(
+                opt["entropy"], m, cfg.top_entropy_quantile)
     else:
-        entropy_threshold = None
+        opt["entropy_threshold"] = None
     if cfg.policy_loss == "gvpo" and advantages.dim() != 1:
         raise ValueError("gvpo takes one score per response: advantages of shape (B,)")
     flags, hparams = cfg.kernel_args(with_kl=with_kl, with_rollout=with_rollout)
-    t = _terms(logprobs, old_logprobs, advantages, mask, decode_kernel_args(flags, hparams),
-               {"ref_logprobs": ref_logprobs, "rollout_logprobs": rollout_logprobs,
-                "entropy": entropy, "token_weights": token_weights,
-                "entropy_threshold": entropy_threshold})
+    t = _terms(logprobs, old_logprobs, advantages, mask, decode_kernel_args(flags, hparams), opt)
     dt = t.mf.dtype
     B = t.mf.shape[0]
     agg = lambda x, mode, msk=m, glob=True: agg_loss_reference(
