@@ -219,13 +219,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_metrics, grad_gh, grad_gw, grad_gb):
     gh, gw, gb = ctx.saved_tensors
-    no_grads = [None] * ctx.num_inputs  # only hidden, weight and bias are differentiable
     if grad_loss is None:  # only other outputs were differentiated (gradcheck does this)
-        return tuple(no_grads)
+        return (None,) * ctx.num_inputs
     if not _is_one(grad_loss):
         gh, gw, gb = (t * grad_loss.to(t.dtype) for t in (gh, gw, gb))
-    no_grads[:4] = [gh, gw, None, gb if ctx.has_bias else None]
-    return tuple(no_grads)
+    # hidden, weight, labels, bias; the other inputs are not differentiated
+    grads = (gh, gw, None, gb if ctx.has_bias else None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 torch.library.register_autograd("rlkern::linear_grpo_loss_fwd", _backward,

@@ -205,7 +205,7 @@ def _backward(ctx, grad_row_sums, grad_row_stats):
     lp, old, adv, mask, row_stats, *given = ctx.saved_tensors
     slots, flags, hp, backend = ctx.options
     entropy = layout("policy_loss").inputs.entropy
-    wants = ctx.needs_input_grad[4]  # one flag per given optional input
+    _, _, _, _, wants, *_ = ctx.needs_input_grad  # `wants`: one flag per given input
     entropy_grad = any(w and s == entropy for w, s in zip(wants, slots, strict=True))
     if grad_row_sums is None:
         grad_row_sums = torch.zeros(len(layout("policy_loss").row_grads), mask.shape[0],
