@@ -100,8 +100,8 @@ inline Args check_args(const Backend& be, const at::Tensor& logprobs,
               " values (struct Flags), got ", flags.size());
   TORCH_CHECK(static_cast<int64_t>(hparams.size()) == kNumHParams, "hparams: expected ",
               kNumHParams, " values (struct HParams), got ", hparams.size());
-  a.flags = flags_from(flags.data());
-  a.hp = hparams_from(hparams.data());
+  a.flags = from_fields<Flags>(flags.data());
+  a.hp = from_fields<HParams>(hparams.data());
   const Problem problem = check_call(a.flags, a.in);
   TORCH_CHECK(problem.what == nullptr, problem.what);
   return a;

@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include <initializer_list>
+#include <type_traits>
 
 #include "rlkern/host_device.h"
 #include "rlkern/layout.h"
@@ -203,19 +204,19 @@ struct HParams {
 static_assert(sizeof(Flags) == kNumFlags * sizeof(int32_t), "Flags must be int32[kNumFlags]");
 static_assert(sizeof(HParams) == kNumHParams * sizeof(double), "HParams must be double[...]");
 
-// Flags / HParams from values in field order (any arithmetic type).
+// Flags or HParams (S) from values in field order (any arithmetic type V).
+template <typename S, typename V>
+RLKERN_HOST_DEVICE S from_fields(const V* v) {
 #define RLKERN_PL_SET_FIELD(id, field) s.field = static_cast<decltype(s.field)>(v[id]);
-template <typename V>
-RLKERN_HOST_DEVICE Flags flags_from(const V* v) {
-  Flags s;
-  RLKERN_PL_FLAGS(RLKERN_PL_SET_FIELD) return s;
-}
-template <typename V>
-RLKERN_HOST_DEVICE HParams hparams_from(const V* v) {
-  HParams s;
-  RLKERN_PL_HPARAMS(RLKERN_PL_SET_FIELD) return s;
-}
+  S s;
+  if constexpr (std::is_same_v<S, Flags>) {
+    RLKERN_PL_FLAGS(RLKERN_PL_SET_FIELD)
+  } else {
+    RLKERN_PL_HPARAMS(RLKERN_PL_SET_FIELD)
+  }
 #undef RLKERN_PL_SET_FIELD
+  return s;
+}
 
 // A (B, T) array of the compute dtype: unit stride along T, `stride` elements between rows
 // (`p == nullptr`: absent). For a kOne input, p points at its one value.
