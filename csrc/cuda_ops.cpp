@@ -14,6 +14,7 @@
 #include <array>
 #include <optional>
 
+#include "cuda/advantages_ops.h"
 #include "rlkern/cuda_launchers.h"
 
 namespace rlkern {
@@ -150,9 +151,7 @@ void logprobs_bwd_out_cuda(const at::Tensor& logits, const at::Tensor& labels,
       "rlkern::logprobs_bwd_out");
 }
 
-// ------------------------------------------------------------- group advantages (§2, §2.1)
-// The GPU pipeline is orchestrated by python/rlkern/ops/advantages_segmented.py; these ops are
-// its two passes (schemas in cpu/advantages_ops.cpp) and the discounted returns.
+// Array checks of the glue below (the advantage ops' glue is in cuda/advantages_ops.cpp).
 
 void check_cuda_array(const at::Tensor& t, const char* name, int64_t numel,
                       at::ScalarType dtype, const at::Tensor& like) {
@@ -169,97 +168,6 @@ T* opt_ptr(const std::optional<at::Tensor>& t, const char* name, int64_t numel,
   if (!t.has_value()) return nullptr;
   check_cuda_array(*t, name, numel, dtype, like);
   return static_cast<T*>(t->data_ptr());
-}
-
-bool score_dtype_f64(const at::Tensor& scores) {
-  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
-                   "scores: expected float32 or float64, got ", scores.scalar_type());
-  return scores.scalar_type() == at::kDouble;
-}
-
-void group_segment_stats_out_cuda(
-    const at::Tensor& scores, const std::optional<at::Tensor>& perm,
-    const std::optional<at::Tensor>& offsets, int64_t group_size, int64_t num_groups,
-    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& loglik,
-    const at::Tensor& params, bool unlikely, bool weighted, bool with_loglik, bool top,
-    const at::Tensor& ms, const std::optional<at::Tensor>& mx, const std::optional<at::Tensor>& ext,
-    const std::optional<at::Tensor>& xr) {
-  TORCH_CHECK(scores.is_cuda(), "scores: expected a CUDA tensor, got device ", scores.device());
-  const int64_t n = scores.numel();
-  const bool f64 = score_dtype_f64(scores);
-  check_cuda_array(scores, "scores", n, scores.scalar_type(), scores);
-  check_cuda_array(params, "params", 8, at::kDouble, scores);
-  check_cuda_array(ms, "ms", num_groups * 5, at::kDouble, scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  check_launch(
-      rlkern_group_segment_stats_cuda(
-          scores.const_data_ptr(), f64, opt_ptr<const int64_t>(perm, "perm", n, at::kLong, scores),
-          opt_ptr<const int64_t>(offsets, "offsets", num_groups + 1, at::kLong, scores),
-          group_size, num_groups, opt_ptr<const double>(weights, "weights", n, at::kDouble, scores),
-          opt_ptr<const double>(loglik, "loglik", n, at::kDouble, scores),
-          params.const_data_ptr<double>(), unlikely, weighted, with_loglik, top,
-          ms.data_ptr<double>(), opt_ptr<double>(mx, "mx", num_groups * 5, at::kDouble, scores),
-          opt_ptr<double>(ext, "ext", num_groups * 7, at::kDouble, scores),
-          opt_ptr<double>(xr, "xr", n, at::kDouble, scores),
-          at::cuda::getCurrentCUDAStream().stream()),
-      "rlkern::group_segment_stats_out");
-}
-
-void group_rows_finish_out_cuda(
-    const at::Tensor& scores, const std::optional<at::Tensor>& xr,
-    const std::optional<at::Tensor>& loglik, const std::optional<at::Tensor>& row_group,
-    int64_t group_size, const at::Tensor& ms, const at::Tensor& mx,
-    const std::optional<at::Tensor>& ext, const at::Tensor& params, int64_t estimator,
-    int64_t std_mode, bool batch_scope, bool singleton_verl, const at::Tensor& advantages,
-    const at::Tensor& group_mean, const at::Tensor& group_std,
-    const at::Tensor& zero_variance_mask) {
-  TORCH_CHECK(scores.is_cuda(), "scores: expected a CUDA tensor, got device ", scores.device());
-  const int64_t n = scores.numel();
-  const bool f64 = score_dtype_f64(scores);
-  const auto out_dtype = advantages.scalar_type();
-  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kDouble,
-                   "advantages: expected float32 or float64, got ", out_dtype);
-  check_cuda_array(scores, "scores", n, scores.scalar_type(), scores);
-  check_cuda_array(advantages, "advantages", n, out_dtype, scores);
-  check_cuda_array(group_mean, "group_mean", n, out_dtype, scores);
-  check_cuda_array(group_std, "group_std", n, out_dtype, scores);
-  check_cuda_array(zero_variance_mask, "zero_variance_mask", n, at::kBool, scores);
-  check_cuda_array(params, "params", 8, at::kDouble, scores);
-  TORCH_CHECK(ms.dim() == 2 && ms.size(1) == 5 && ms.sizes() == mx.sizes(),
-              "ms, mx: expected two (K, 5) tables, got ", ms.sizes(), " and ", mx.sizes());
-  const int64_t k = ms.size(0);
-  check_cuda_array(ms, "ms", k * 5, at::kDouble, scores);
-  check_cuda_array(mx, "mx", k * 5, at::kDouble, scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  check_launch(
-      rlkern_group_rows_finish_cuda(
-          scores.const_data_ptr(), f64, opt_ptr<const double>(xr, "xr", n, at::kDouble, scores),
-          opt_ptr<const double>(loglik, "loglik", n, at::kDouble, scores),
-          opt_ptr<const int64_t>(row_group, "row_group", n, at::kLong, scores), group_size, n,
-          ms.const_data_ptr<double>(), mx.const_data_ptr<double>(),
-          opt_ptr<const double>(ext, "ext", k * 7, at::kDouble, scores),
-          params.const_data_ptr<double>(), static_cast<int>(estimator),
-          static_cast<int>(std_mode), batch_scope, singleton_verl, advantages.data_ptr(),
-          group_mean.data_ptr(), group_std.data_ptr(),
-          reinterpret_cast<uint8_t*>(zero_variance_mask.data_ptr<bool>()),
-          out_dtype == at::kDouble, at::cuda::getCurrentCUDAStream().stream()),
-      "rlkern::group_rows_finish_out");
-}
-
-void discounted_returns_out_cuda(const at::Tensor& rewards, const std::optional<at::Tensor>& reset,
-                                 double gamma, const at::Tensor& out) {
-  TORCH_CHECK(rewards.is_cuda() && rewards.dim() == 2, "rewards: expected a (N, T) CUDA tensor");
-  const bool f64 = score_dtype_f64(rewards);
-  check_cuda_array(rewards, "rewards", rewards.numel(), rewards.scalar_type(), rewards);
-  check_cuda_array(out, "out", rewards.numel(), rewards.scalar_type(), rewards);
-  const bool* r = opt_ptr<const bool>(reset, "reset", rewards.numel(), at::kBool, rewards);
-  const c10::cuda::CUDAGuard guard(rewards.device());
-  check_launch(rlkern_discounted_returns_cuda(rewards.const_data_ptr(), f64, rewards.size(0),
-                                              rewards.size(1),
-                                              reinterpret_cast<const uint8_t*>(r), gamma,
-                                              out.data_ptr(),
-                                              at::cuda::getCurrentCUDAStream().stream()),
-               "rlkern::discounted_returns_out");
 }
 
 // ---------------------------------------------------------------------- policy losses (§3)
@@ -470,9 +378,7 @@ void sample_out_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& 
 TORCH_LIBRARY_IMPL(rlkern, CUDA, m) {
   m.impl("logprobs_fwd_out", &logprobs_fwd_out_cuda);
   m.impl("logprobs_bwd_out", &logprobs_bwd_out_cuda);
-  m.impl("group_segment_stats_out", &group_segment_stats_out_cuda);
-  m.impl("group_rows_finish_out", &group_rows_finish_out_cuda);
-  m.impl("discounted_returns_out", &discounted_returns_out_cuda);
+  register_advantages_cuda(m);  // cuda/advantages_ops.cpp
   m.impl("policy_loss_fwd_out", &policy_loss_fwd_out_cuda);
   m.impl("policy_loss_bwd_out", &policy_loss_bwd_out_cuda);
   m.impl("kl_penalty_fwd_out", &kl_penalty_fwd_out_cuda);

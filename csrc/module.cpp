@@ -6,6 +6,7 @@
 
 #include <initializer_list>
 
+#include "rlkern/group_stats.h"
 #include "rlkern/layout.h"
 #include "rlkern/policy_loss.h"
 
@@ -43,5 +44,6 @@ PYBIND11_MODULE(_C, m) {
   py::dict layouts;
   // One line per op family; each family's header defines its tables (rlkern/layout.h).
   // layouts["policy_loss"] = family(rlkern::policy_loss::kLayout);
+  layouts["advantages"] = family(rlkern::advantages::kLayout);
   m.attr("LAYOUTS") = layouts;
 }

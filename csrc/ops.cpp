@@ -247,9 +247,9 @@ TORCH_LIBRARY(rlkern, m) {
   // Group advantages and the §2.1 helpers (schemas in cpu/advantages_ops.cpp).
   for (const char* schema :
        {kGroupAdvantagesOutSchema, kGroupMomentsOutSchema, kGroupFinishOutSchema,
-        kDiscountedReturnsOutSchema, kPositionBaselineOutSchema, kGtpoWeightsOutSchema,
-        kGigpoAdvantagesOutSchema, kEmpgModulateOutSchema, kGroupSegmentStatsOutSchema,
-        kGroupRowsFinishOutSchema})
+        kGroupMomentsMergeOutSchema, kDiscountedReturnsOutSchema, kPositionBaselineOutSchema,
+        kGtpoWeightsOutSchema, kGigpoAdvantagesOutSchema, kEmpgModulateOutSchema,
+        kGroupSegmentStatsOutSchema, kGroupRowsFinishOutSchema})
     m.def(schema);
   // Policy losses and the KL estimators (schemas in cpu/policy_loss_ops.cpp).
   for (const char* schema : {kPolicyLossFwdOutSchema, kPolicyLossBwdOutSchema,
@@ -265,14 +265,7 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("linear_logprobs_tile_fwd_", &linear_logprobs_tile_fwd_cpu);
   m.impl("linear_logprobs_finish_out", &linear_logprobs_finish_out_cpu);
   m.impl("linear_logprobs_tile_bwd_", &linear_logprobs_tile_bwd_cpu);
-  m.impl("group_advantages_out", &group_advantages_out_cpu);
-  m.impl("group_moments_out", &group_moments_out_cpu);
-  m.impl("group_finish_out", &group_finish_out_cpu);
-  m.impl("discounted_returns_out", &discounted_returns_out_cpu);
-  m.impl("position_baseline_out", &position_baseline_out_cpu);
-  m.impl("gtpo_weights_out", &gtpo_weights_out_cpu);
-  m.impl("gigpo_advantages_out", &gigpo_advantages_out_cpu);
-  m.impl("empg_modulate_out", &empg_modulate_out_cpu);
+  register_advantages_cpu(m);  // cpu/advantages_ops.cpp
   m.impl("policy_loss_fwd_out", &policy_loss_fwd_out_cpu);
   m.impl("policy_loss_bwd_out", &policy_loss_bwd_out_cpu);
   m.impl("kl_penalty_fwd_out", &kl_penalty_fwd_out_cpu);
