@@ -74,6 +74,17 @@ def estimator_inputs(estimator: str, n: int, gen: torch.Generator, t: int = 6) -
     return extra
 
 
+def gigpo_steps(seed: int, steps: int, *, groups: int, group_stride: int, states: int,
+                state_stride: int = 1) -> tuple[torch.Tensor, ...]:
+    """GiGPO inputs: (prompt group ids, binary episode returns, step returns, state keys)."""
+    gen = torch.Generator().manual_seed(seed)
+    group = torch.randint(0, groups, (steps,), generator=gen) * group_stride
+    episode = torch.randint(0, 2, (steps,), generator=gen).float()
+    step = torch.randn(steps, generator=gen)
+    keys = torch.randint(0, states, (steps,), generator=gen) * state_stride
+    return group, episode, step, keys
+
+
 def check_against_reference(scores: torch.Tensor, *, backend: str, estimator: str,
                             what: str = "", **kwargs) -> rlkern.GroupAdvantages:
     out = rlkern.group_advantages(scores, estimator=estimator, backend=backend, **kwargs)
@@ -93,4 +104,4 @@ def check_against_reference(scores: torch.Tensor, *, backend: str, estimator: st
 
 
 __all__ = ["ESTIMATORS", "LAYOUTS", "OUT_TOL", "SCORE_KINDS", "check_against_reference",
-           "estimator_inputs", "make_layout", "make_scores"]
+           "estimator_inputs", "gigpo_steps", "make_layout", "make_scores"]

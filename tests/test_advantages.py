@@ -30,6 +30,15 @@ def _layout_args(layout: dict) -> dict:
     return {k: v for k, v in layout.items() if k != "n"}
 
 
+def _uneven_case(seed: int, score_kind: str, estimator: str) -> tuple[dict, torch.Tensor, dict]:
+    """Uneven groups (with a singleton), float32 scores of ``score_kind`` and the estimator's
+    extra inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = make_layout("uneven", gen)
+    scores = make_scores(layout["n"], score_kind, gen, layout).float()
+    return layout, scores, estimator_inputs(estimator, layout["n"], gen)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("layout_kind", LAYOUTS)
@@ -47,10 +56,7 @@ def test_estimators_match_reference(backend, estimator, layout_kind, score_kind)
 @pytest.mark.parametrize("estimator", ["grpo", "unlikely", "xrpo"])
 @pytest.mark.parametrize("std", ["unbiased", "biased", "none"])
 def test_batch_std_scope_and_std_modes(backend, estimator, std):
-    gen = torch.Generator().manual_seed(3)
-    layout = make_layout("uneven", gen)
-    scores = make_scores(layout["n"], "normal", gen, layout).float()
-    extra = estimator_inputs(estimator, layout["n"], gen)
+    layout, scores, extra = _uneven_case(3, "normal", estimator)
     for scope in ("group", "batch"):
         check_against_reference(scores, backend=backend, estimator=estimator, std=std,
                                 std_scope=scope, **_layout_args(layout), **extra)
@@ -60,10 +66,7 @@ def test_batch_std_scope_and_std_modes(backend, estimator, std):
 @pytest.mark.parametrize("estimator", [e for e in ESTIMATORS if e != "grpo_passk"])
 @pytest.mark.parametrize("std", ["unbiased", "biased", "none"])
 def test_singleton_verl_and_std_modes(backend, estimator, std):
-    gen = torch.Generator().manual_seed(4)
-    layout = make_layout("uneven", gen)
-    scores = make_scores(layout["n"], "integer", gen, layout).float()
-    extra = estimator_inputs(estimator, layout["n"], gen)
+    layout, scores, extra = _uneven_case(4, "integer", estimator)
     check_against_reference(scores, backend=backend, estimator=estimator, std=std,
                             singleton="verl", eps=1e-4, **_layout_args(layout), **extra)
 

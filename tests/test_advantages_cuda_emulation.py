@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import advantages_cases
 import rlkern
 from advantages_cases import (
     ESTIMATORS,
@@ -200,12 +201,9 @@ def test_results_do_not_depend_on_scheduling(kernels):
 
 
 def test_gigpo_pipeline(kernels):
-    gen = torch.Generator().manual_seed(12)
     steps = 80
-    group = torch.randint(0, 5, (steps,), generator=gen) * 31
-    episode = torch.randint(0, 2, (steps,), generator=gen).float()
-    step = torch.randn(steps, generator=gen)
-    keys = torch.randint(0, 4, (steps,), generator=gen)
+    group, episode, step, keys = advantages_cases.gigpo_steps(12, steps, groups=5,
+                                                              group_stride=31, states=4)
     outs = tuple(torch.empty(steps) for _ in range(3))
     run_gigpo(kernels, episode, step, keys, group, outs, omega=0.5, episode_std=True,
               step_std=False, eps=1e-6)

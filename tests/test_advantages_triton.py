@@ -28,6 +28,7 @@ from advantages_cases import (
     LAYOUTS,
     OUT_TOL,
     estimator_inputs,
+    gigpo_steps,
     make_layout,
     make_scores,
 )
@@ -175,12 +176,8 @@ def test_position_baseline_and_gtpo(layout_kind):
 
 @pytest.mark.parametrize("mode", ["mean_norm", "std_norm"])
 def test_gigpo(mode):
-    gen = torch.Generator().manual_seed(7)
-    steps = 60
-    group = torch.randint(0, 4, (steps,), generator=gen) * 7919
-    episode = torch.randint(0, 2, (steps,), generator=gen).float()
-    step = torch.randn(steps, generator=gen)
-    keys = torch.randint(0, 5, (steps,), generator=gen) * 2**33
+    group, episode, step, keys = gigpo_steps(7, 60, groups=4, group_stride=7919, states=5,
+                                             state_stride=2**33)
     out = rlkern.gigpo_advantages(episode.to(DEVICE), step.to(DEVICE), keys.to(DEVICE),
                                   group_ids=group.to(DEVICE), omega=0.5, mode=mode,
                                   backend="triton")

@@ -250,15 +250,12 @@ void empg_modulate_out_cpu(const at::Tensor& advantages, const at::Tensor& step_
 }  // namespace
 
 void register_advantages_cpu(torch::Library& m) {
-  m.impl("group_advantages_out", &group_advantages_out_cpu);
-  m.impl("group_moments_out", &group_moments_out_cpu);
-  m.impl("group_finish_out", &group_finish_out_cpu);
-  m.impl("group_moments_merge_out", &group_moments_merge_out_cpu);
-  m.impl("discounted_returns_out", &discounted_returns_out_cpu);
-  m.impl("position_baseline_out", &position_baseline_out_cpu);
-  m.impl("gtpo_weights_out", &gtpo_weights_out_cpu);
-  m.impl("gigpo_advantages_out", &gigpo_advantages_out_cpu);
-  m.impl("empg_modulate_out", &empg_modulate_out_cpu);
+  // Each op by its name, implemented by <name>_cpu.
+#define IMPL(op) m.impl(#op, &op##_cpu)
+  IMPL(group_advantages_out); IMPL(group_moments_out); IMPL(group_finish_out);
+  IMPL(group_moments_merge_out); IMPL(discounted_returns_out); IMPL(position_baseline_out);
+  IMPL(gtpo_weights_out); IMPL(gigpo_advantages_out); IMPL(empg_modulate_out);
+#undef IMPL
 }
 
 }  // namespace rlkern

@@ -120,10 +120,11 @@ void discounted_returns_out_cuda(const at::Tensor& rewards, const MaybeTensor& r
 }  // namespace
 
 void register_advantages_cuda(torch::Library& m) {
-  m.impl("group_segment_stats_out", &group_segment_stats_out_cuda);
-  m.impl("group_rows_finish_out", &group_rows_finish_out_cuda);
-  m.impl("group_moments_merge_out", &group_moments_merge_out_cuda);
-  m.impl("discounted_returns_out", &discounted_returns_out_cuda);
+  // Each op by its name, implemented by <name>_cuda.
+#define IMPL(op) m.impl(#op, &op##_cuda)
+  IMPL(group_segment_stats_out); IMPL(group_rows_finish_out); IMPL(group_moments_merge_out);
+  IMPL(discounted_returns_out);
+#undef IMPL
 }
 
 }  // namespace rlkern

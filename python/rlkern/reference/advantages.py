@@ -87,13 +87,8 @@ def _ranks(loglik: Tensor, rows: Tensor) -> Tensor:
 
 
 def group_advantages_reference(
-    scores: Tensor,
-    *,
-    group_ids: Tensor | None = None,
-    group_size: int | None = None,
-    mask: Tensor | None = None,
-    lengths: Tensor | None = None,
-    old_logprobs: Tensor | None = None,
+    scores: Tensor, *, group_ids: Tensor | None = None, group_size: int | None = None,
+    mask: Tensor | None = None, lengths: Tensor | None = None, old_logprobs: Tensor | None = None,
     **options: Any,
 ) -> dict[str, Tensor]:
     """All outputs of ``rlkern.group_advantages`` in float64 (see the module docstring).
@@ -122,13 +117,8 @@ def group_advantages_reference(
 
 
 def group_advantages_rows_reference(
-    s: Tensor,
-    *,
-    group_ids: Tensor | None,
-    group_size: int | None,
-    weights: Tensor | None,
-    loglik: Tensor | None,
-    config: AdvantageConfig,
+    s: Tensor, *, group_ids: Tensor | None, group_size: int | None, weights: Tensor | None,
+    loglik: Tensor | None, config: AdvantageConfig,
 ) -> dict[str, Tensor]:
     """The per-response outputs from per-response inputs: scores ``s`` (N,), ``weights``
     (opo: lengths; reinforce_pp_baseline: token counts, default 1) and ``loglik`` (unlikely,
