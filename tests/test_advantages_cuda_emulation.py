@@ -269,3 +269,29 @@ def test_moments_merge_matches_cpu(kernels):
     m = codes().moments  # equal halves: the mean exactly, twice the count and M2
     for col, factor in ((m.count, 2), (m.mean, 1), (m.m2, 2), (m.min, 1), (m.max, 1)):
         assert torch.equal(got[::4, col], factor * a[::4, col]), m(col).name
+
+
+@pytest.mark.parametrize("options", [{}, {"estimator": "rloo", "singleton": "verl"},
+                                     {"std_scope": "batch"}, {"estimator": "gpg"}])
+def test_group_stats_steps(kernels, options):
+    """GroupStats on the CUDA kernels (a batch's moments by the segment pass, advantages from
+    given moments by the row pass) equals the CPU kernels."""
+    from rlkern.ops import advantages_segmented as seg
+
+    gen = torch.Generator().manual_seed(14)
+    ids = torch.randint(0, 9, (70,), generator=gen) * 1001
+    scores = torch.randn(70, generator=gen)
+    stats = rlkern.GroupStats().update(scores, ids)
+    keys, moments = seg.group_moments_segmented(kernels, scores, ids)
+    assert torch.equal(keys, stats.ids)
+    torch.testing.assert_close(moments, stats.moments, rtol=1e-12, atol=1e-12)
+    flags, hparams = rlkern.AdvantageConfig(**options).kernel_args()
+    outs = (torch.empty(70), torch.empty(70), torch.empty(70), torch.empty(70, dtype=torch.bool))
+    row_group = torch.searchsorted(keys, ids)
+    seg.finish_from_moments(kernels, scores, row_group, moments, flags, hparams, outs)
+    want = stats.advantages(scores, ids, **options)
+    for a, b in zip(outs, want, strict=True):
+        if b.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

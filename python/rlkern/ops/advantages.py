@@ -19,6 +19,7 @@ The result is broadcast to tokens with the mask.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.advantages import ESTIMATORS, AdvantageConfig, sequence_loglik
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
+from rlkern.ops import advantages_segmented
 
 __all__ = ["ESTIMATORS", "AdvantageConfig", "GroupAdvantages", "group_advantages"]
 
@@ -68,16 +70,6 @@ def _cpu_kernel(scores, group_ids, group_size, weights, loglik, flags, hparams, 
                                             flags, hparams, *outs)
 
 
-def _segmented_kernel(backend: str):
-    def run(scores, group_ids, group_size, weights, loglik, flags, hparams, outs) -> None:
-        from rlkern.ops import advantages_segmented
-
-        advantages_segmented.group_advantages_segmented(
-            backend, scores, group_ids, group_size, weights, loglik, flags, hparams, outs)
-
-    return run
-
-
 def _reference_kernel(scores, group_ids, group_size, weights, loglik, flags, hparams,
                       outs) -> None:
     # backend="torch" is the float64 reference, imported here only: no other backend reads it.
@@ -92,8 +84,10 @@ def _reference_kernel(scores, group_ids, group_size, weights, loglik, flags, hpa
 
 
 #: backend → the kernel call filling ``(advantages, group_mean, group_std, zero_variance)``.
-_KERNELS = {"cpu": _cpu_kernel, "triton": _segmented_kernel("triton"),
-            "cuda": _segmented_kernel("cuda"), "torch": _reference_kernel}
+_KERNELS = {"cpu": _cpu_kernel,
+            "triton": functools.partial(advantages_segmented.group_advantages_segmented, "triton"),
+            "cuda": functools.partial(advantages_segmented.group_advantages_segmented, "cuda"),
+            "torch": _reference_kernel}
 
 
 @torch.library.custom_op("rlkern::group_advantages", mutates_args=())

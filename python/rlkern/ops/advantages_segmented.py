@@ -108,9 +108,8 @@ class _CudaKernels:
 def device_params(hparams: list[float], device: torch.device) -> Tensor:
     """The float64 ``params`` of the GPU passes: the op's hparams, then the batch-level
     constants (0 until :func:`_batch_constants` sets the ones the estimator reads)."""
-    params = torch.zeros(len(codes().params), dtype=torch.float64, device=device)
-    params[:len(hparams)] = torch.tensor(hparams, dtype=torch.float64)
-    return params
+    batch = [0.0] * (len(codes().params) - len(hparams))
+    return torch.tensor([*hparams, *batch], dtype=torch.float64, device=device)
 
 
 def _batch_sigma(moments: Tensor, biased: bool) -> Tensor:
