@@ -1,5 +1,5 @@
-"""Group advantages and the §2.1 helpers on the Triton backend (kernels/advantages.py) against
-the float64 reference.
+"""Group advantages, GroupStats and the §2.1 helpers on the Triton backend
+(kernels/advantages.py, kernels/token_advantages.py) against the float64 reference.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (the real kernel code,
 executed by numpy); with CUDA the same tests run the compiled kernels on CUDA tensors. The

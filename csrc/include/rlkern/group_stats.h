@@ -91,6 +91,18 @@ enum ExtraColumn : int { RLKERN_ADV_EXTRAS(RLKERN_LAYOUT_ENUM) kNumExtras };
 // The hparams are the prefix of the params before the batch-level constants.
 inline constexpr int kNumHParams = kParamBatchStd;
 
+// Number of codes of flag `f` (0 for an index outside enum Flag).
+RLKERN_HOST_DEVICE constexpr int flag_code_count(int f) {
+  switch (f) {
+    case kFlagEstimator: return kNumEstimators;
+    case kFlagStd: return kNumStdModes;
+    case kFlagStdScope: return kNumStdScopes;
+    case kFlagSingleton: return kNumSingletons;
+    case kFlagNanPolicy: return kNumNanPolicies;
+    default: return 0;
+  }
+}
+
 namespace advantages {
 
 RLKERN_LAYOUT_NAMES(kEstimatorNames, RLKERN_ADV_ESTIMATORS);
@@ -106,7 +118,7 @@ RLKERN_LAYOUT_NAMES(kMomentNames, RLKERN_ADV_MOMENTS);
 RLKERN_LAYOUT_NAMES(kExtraNames, RLKERN_ADV_EXTRAS);
 
 // The code table of each flag, in enum Flag order (checked below: a flag and its table share
-// their name).
+// their name, and flag_code_count its size).
 inline constexpr LayoutTable kFlagTables[] = {
     layout_table("estimator", kEstimatorNames), layout_table("std", kStdNames),
     layout_table("std_scope", kStdScopeNames), layout_table("singleton", kSingletonNames),
@@ -118,7 +130,9 @@ constexpr bool same_text(const char* a, const char* b) {
 
 constexpr bool flag_tables_in_order() {
   for (int f = 0; f < kNumFlags; ++f)
-    if (!same_text(kFlagTables[f].table, kFlagNames[f])) return false;
+    if (!same_text(kFlagTables[f].table, kFlagNames[f]) ||
+        kFlagTables[f].size != flag_code_count(f))
+      return false;
   return sizeof(kFlagTables) / sizeof(kFlagTables[0]) == kNumFlags;
 }
 static_assert(flag_tables_in_order(), "kFlagTables must list the code table of each flag, in "
@@ -132,18 +146,6 @@ inline constexpr std::initializer_list<LayoutTable> kLayout = {
     layout_table("moments", kMomentNames), layout_table("extras", kExtraNames)};
 
 }  // namespace advantages
-
-// Number of codes of flag `f` (0 for an index outside enum Flag).
-RLKERN_HOST_DEVICE int flag_code_count(int f) {
-  switch (f) {
-    case kFlagEstimator: return kNumEstimators;
-    case kFlagStd: return kNumStdModes;
-    case kFlagStdScope: return kNumStdScopes;
-    case kFlagSingleton: return kNumSingletons;
-    case kFlagNanPolicy: return kNumNanPolicies;
-    default: return 0;
-  }
-}
 
 // The first flag whose code is outside its table, or -1 when every code is valid.
 template <typename I>
