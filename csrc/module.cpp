@@ -7,7 +7,9 @@
 #include <initializer_list>
 
 #include "rlkern/layout.h"
+#include "rlkern/logprobs.h"
 #include "rlkern/policy_loss.h"
+#include "rlkern/sample.h"
 
 namespace py = pybind11;
 
@@ -43,5 +45,8 @@ PYBIND11_MODULE(_C, m) {
   py::dict layouts;
   // One line per op family; each family's header defines its tables (rlkern/layout.h).
   // layouts["policy_loss"] = family(rlkern::policy_loss::kLayout);
+  layouts["logprobs"] = family(rlkern::logprobs::kLayout);
+  layouts["linear_logprobs"] = family(rlkern::linear_logprobs::kLayout);
+  layouts["sample"] = family(rlkern::sample::kLayout);
   m.attr("LAYOUTS") = layouts;
 }
