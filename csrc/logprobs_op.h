@@ -64,10 +64,12 @@ inline std::string output_names() {
 }
 
 // Checks a list indexed by Output — its length, and every given entry a contiguous array of
-// `rows` elements of `acc` on `like`'s device — and returns its data pointers. Messages name
-// the entry (`prefix` + output name, e.g. "grad_entropy").
+// `rows` elements of `acc` on `like`'s device — and returns its data pointers (`written`: the
+// op writes the entries; read-only entries are not made writable). Messages name the entry
+// (`prefix` + output name, e.g. "grad_entropy").
 inline RowPointers row_pointers(const TensorList& list, const char* what, const char* prefix,
-                                int64_t rows, at::ScalarType acc, const at::Tensor& like) {
+                                int64_t rows, at::ScalarType acc, const at::Tensor& like,
+                                bool written) {
   TORCH_CHECK(list.size() == static_cast<size_t>(kNumOutputs), what, ": expected ",
               int(kNumOutputs), " entries (", output_names(), "), got ", list.size());
   RowPointers ptr{};
@@ -76,7 +78,7 @@ inline RowPointers row_pointers(const TensorList& list, const char* what, const 
     if (!t.has_value()) continue;
     const std::string name = std::string(prefix) + kOutputNames[o];
     checks::array(*t, name.c_str(), rows, acc, like);
-    ptr[o] = t->data_ptr();
+    ptr[o] = written ? t->data_ptr() : const_cast<void*>(t->const_data_ptr());
   }
   return ptr;
 }
@@ -85,7 +87,7 @@ inline RowPointers row_pointers(const TensorList& list, const char* what, const 
 // sum_p_sq together or not at all (`with_stats`: whether the op can compute them).
 inline RowPointers fwd_outputs(const TensorList& outputs, int64_t rows, at::ScalarType acc,
                                const at::Tensor& like, bool with_stats = true) {
-  const RowPointers out = row_pointers(outputs, "outputs", "", rows, acc, like);
+  const RowPointers out = row_pointers(outputs, "outputs", "", rows, acc, like, true);
   TORCH_CHECK(out[kLogprobs] != nullptr && out[kLse] != nullptr,
               "outputs: logprobs and lse are required");
   TORCH_CHECK((out[kSelfCertainty] == nullptr) == (out[kSumPSq] == nullptr),
@@ -100,8 +102,9 @@ inline RowPointers fwd_outputs(const TensorList& outputs, int64_t rows, at::Scal
 // differentiable outputs.
 inline GradInputs bwd_rows(const TensorList& outputs, const TensorList& grad_outputs,
                            int64_t rows, at::ScalarType acc, const at::Tensor& like) {
-  const RowPointers out = row_pointers(outputs, "outputs", "", rows, acc, like);
-  const RowPointers grad = row_pointers(grad_outputs, "grad_outputs", "grad_", rows, acc, like);
+  const RowPointers out = row_pointers(outputs, "outputs", "", rows, acc, like, false);
+  const RowPointers grad =
+      row_pointers(grad_outputs, "grad_outputs", "grad_", rows, acc, like, false);
   TORCH_CHECK(out[kLse] != nullptr, "lse: the forward's lse is required by the backward");
   TORCH_CHECK(grad[kEntropy] == nullptr || out[kEntropy] != nullptr,
               "entropy: required when grad_entropy is given");

@@ -230,54 +230,37 @@ def _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_
              temperature, ignore_index, _rows3d(grad_logits))
 
 
-@torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=())
-def logprobs_bwd(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor | None,
-    grad_logprobs: Tensor | None,
-    grad_entropy: Tensor | None,
-    grad_lse: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-) -> Tensor:
+# The arguments of the two backward ops after `logits`, stated once: logprobs_bwd returns
+# the gradient, logprobs_bwd_inplace writes it over `logits`.
+_BWD_ARGS = ("Tensor labels, Tensor lse, Tensor? entropy, Tensor? grad_logprobs, "
+             "Tensor? grad_entropy, Tensor? grad_lse, float temperature, int ignore_index, "
+             "str backend")
+
+
+@torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=(),
+                         schema=f"(Tensor logits, {_BWD_ARGS}) -> Tensor")
+def logprobs_bwd(logits: Tensor, *args) -> Tensor:
     grad_logits = _grad_logits_buffer(logits)
-    _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
-                temperature, ignore_index, backend, grad_logits)
+    _bwd_common(logits, *args, grad_logits)
     return grad_logits
 
 
 @logprobs_bwd.register_fake
-def _(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, temperature,
-      ignore_index, backend):
+def _(logits, *args):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("rlkern::logprobs_bwd_inplace", mutates_args=("logits",))
-def logprobs_bwd_inplace(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor | None,
-    grad_logprobs: Tensor | None,
-    grad_entropy: Tensor | None,
-    grad_lse: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-) -> None:
+@torch.library.custom_op("rlkern::logprobs_bwd_inplace", mutates_args=("logits",),
+                         schema=f"(Tensor(a!) logits, {_BWD_ARGS}) -> ()")
+def logprobs_bwd_inplace(logits: Tensor, *args) -> None:
     # Each logit is read once and its gradient written to the same address; the per-row
     # constants (lse, entropy) were computed in the forward, so no element is read after
     # it has been overwritten.
-    _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
-                temperature, ignore_index, backend, logits)
+    _bwd_common(logits, *args, logits)
 
 
 @logprobs_bwd_inplace.register_fake
-def _(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, temperature,
-      ignore_index, backend):
+def _(logits, *args):
     return None
 
 
