@@ -37,6 +37,10 @@ def inv_t_from(hi, lo, ACC: tl.constexpr):
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
+#: The input dtypes the AOT specs are compiled for: (Triton type name, element size).
+AOT_DTYPES = (("bf16", 2), ("fp16", 2), ("fp32", 4))
+
+
 def aot_spec(name: str, fn: Any, signature: dict[str, str], constexprs: dict[str, Any],
              num_warps: int, divisible_by_16: list[str],
              num_stages: int | None = None) -> dict[str, Any]:

@@ -68,7 +68,12 @@ from typing import Any
 
 import triton
 
-from rlkern.kernels._common import aot_signature, aot_spec, split_inv_temperature
+from rlkern.kernels._common import (
+    AOT_DTYPES,
+    aot_signature,
+    aot_spec,
+    split_inv_temperature,
+)
 from rlkern.kernels._linear_logprobs_config import (
     LinearBwdConfig,
     LinearLaunchConfig,
@@ -290,7 +295,6 @@ def linear_logprobs_bwd(
 # (N, H, V) of the default configs: a Qwen-sized LM head (H = 2048, V = 151936) on a
 # 4096-token micro-batch, and a small odd shape (the interpreter tests' kind).
 _AOT_SHAPES = ((4096, 2048, 151936), (33, 40, 257))
-_AOT_DTYPES = (("bf16", 2), ("fp16", 2), ("fp32", 4))
 
 
 def _aot_signature(fn: Any, dtype: str) -> dict[str, str]:
@@ -322,7 +326,7 @@ def _aot_specs() -> list[dict[str, Any]]:
     grads = {"HAS_GRAD_LP": True, "HAS_GRAD_ENT": True, "HAS_GRAD_LSE": True}
     for n_rows, hidden_size, vocab in _AOT_SHAPES:
         shape = f"N={n_rows} H={hidden_size} V={vocab}"
-        for dtype, size in _AOT_DTYPES:
+        for dtype, size in AOT_DTYPES:
             fwd = fwd_config(n_rows, vocab, hidden_size, size)
             bwd = bwd_config(n_rows, vocab, hidden_size, size)
             precision = input_precision(size)

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from rlkern.kernels._common import (
+    AOT_DTYPES,
     LN2,
     LOG2E,
     LOWEST,
@@ -429,7 +430,6 @@ def logprobs_bwd(
 
 # The vocabularies the default configs are taken at: Qwen2/3 (151936) and a small one.
 _AOT_VOCABS = (151936, 1000)
-_AOT_DTYPES = (("bf16", 2), ("fp16", 2), ("fp32", 4))
 
 
 def _aot_specs() -> list[dict[str, Any]]:
@@ -454,7 +454,7 @@ def _aot_specs() -> list[dict[str, Any]]:
     bwd_flags = {"lp+ent+lse": {"HAS_GRAD_LP": True, "HAS_GRAD_ENT": True,
                                 "HAS_GRAD_LSE": True}}
     for vocab in _AOT_VOCABS:
-        for dtype, size in _AOT_DTYPES:
+        for dtype, size in AOT_DTYPES:
             cfg = launch_config(vocab, size)
             types = {**scalars, "logits_ptr": f"*{dtype}", "grad_logits_ptr": f"*{dtype}"}
             for fn, flag_sets in ((_logprobs_fwd_kernel, fwd_flags),
