@@ -309,7 +309,9 @@ inline double label_logp(const SoftmaxStats<double>& row, double lse, acc_of<Tag
 // The backward constants of row r from the per-row arrays of a backward (acc_of<Tag> each).
 template <typename Tag>
 inline RowGrad row_grad(const logprobs::GradInputs& in, int64_t r, double inv_t) {
-  auto get = [r](const void* p) { return p ? double(static_cast<const acc_of<Tag>*>(p)[r]) : 0.0; };
+  auto get = [r](const void* p) {
+    return p ? double(static_cast<const acc_of<Tag>*>(p)[r]) : 0.0;
+  };
   return make_row_grad(get(in.grad_logprobs), get(in.grad_entropy), get(in.grad_lse),
                        get(in.lse), in.grad_entropy ? get(in.entropy) : 0.0, inv_t);
 }
@@ -320,8 +322,9 @@ inline void grad_row_of(const typename Tag::storage* x, typename Tag::storage* g
                         int64_t y_local, const logprobs::GradInputs& in, int64_t r, float c,
                         double inv_t) {
   const acc_of<Tag> lse = static_cast<const acc_of<Tag>*>(in.lse)[r];
-  if constexpr (kIsF64<Tag>) grad_row_f64(x, g, n, y_local, row_grad<Tag>(in, r, inv_t), lse, inv_t);
-  else grad_row<Tag>(x, g, n, y_local, row_grad<Tag>(in, r, inv_t), lse, c, inv_t);
+  const RowGrad rg = row_grad<Tag>(in, r, inv_t);
+  if constexpr (kIsF64<Tag>) grad_row_f64(x, g, n, y_local, rg, lse, inv_t);
+  else grad_row<Tag>(x, g, n, y_local, rg, lse, c, inv_t);
 }
 
 // Runs fn(tag, begin, end) over the rows [0, n) in parallel chunks (grain_rows(V) rows each),

@@ -17,7 +17,7 @@ struct SampleArgs : sample::RowArrays {
   DType dtype;
   int64_t R, V, stride_row;
   int64_t N;
-  bool joint;            // filter_order == sample::kJoint: filters act on the unfiltered distribution
+  bool joint;            // filter_order == sample::kJoint: each filter sees the unfiltered p
   bool raw_temperature;  // raw logprob uses z = x / T (true) or x (false)
 };
 
