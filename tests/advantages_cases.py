@@ -6,6 +6,8 @@ arbitrary int64, negative and huge, not dense), uneven group sizes, singletons.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 import rlkern
@@ -92,5 +94,41 @@ def check_against_reference(scores: torch.Tensor, *, backend: str, estimator: st
     return out
 
 
-__all__ = ["ESTIMATORS", "LAYOUTS", "OUT_TOL", "SCORE_KINDS", "check_against_reference",
-           "estimator_inputs", "make_layout", "make_scores"]
+class EstimatorCase(NamedTuple):
+    """One estimator's inputs: float32 ``scores`` (n,), the ``layout`` as keyword arguments
+    (``group_ids`` or ``group_size``), the estimator's ``extra`` inputs, and the generator they
+    were drawn from."""
+
+    scores: torch.Tensor
+    layout: dict
+    extra: dict
+    gen: torch.Generator
+
+
+def estimator_case(seed: int, estimator: str, layout_kind: str = "uneven",
+                   score_kind: str = "normal", n_groups: int = 12) -> EstimatorCase:
+    """Layout, float32 scores and the estimator's inputs, drawn in that order from one
+    generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = make_layout(layout_kind, gen, n_groups)
+    scores = make_scores(layout["n"], score_kind, gen, layout).float()
+    extra = estimator_inputs(estimator, layout["n"], gen)
+    return EstimatorCase(scores, {k: v for k, v in layout.items() if k != "n"}, extra, gen)
+
+
+def gigpo_inputs(seed: int, steps: int, *, groups: int, group_stride: int, states: int,
+                 key_stride: int = 1) -> tuple[torch.Tensor, ...]:
+    """``(episode, step, keys, group_ids)`` for ``steps`` environment steps: 0/1 episode returns,
+    N(0, 1) step returns, ``states`` distinct state keys and ``groups`` prompt groups (ids and
+    keys spread by the strides, so that they are not dense)."""
+    gen = torch.Generator().manual_seed(seed)
+    group = torch.randint(0, groups, (steps,), generator=gen) * group_stride
+    episode = torch.randint(0, 2, (steps,), generator=gen).float()
+    step = torch.randn(steps, generator=gen)
+    keys = torch.randint(0, states, (steps,), generator=gen) * key_stride
+    return episode, step, keys, group
+
+
+__all__ = ["ESTIMATORS", "LAYOUTS", "OUT_TOL", "SCORE_KINDS", "EstimatorCase",
+           "check_against_reference", "estimator_case", "estimator_inputs", "gigpo_inputs",
+           "make_layout", "make_scores"]

@@ -18,6 +18,7 @@ from advantages_cases import (
     LAYOUTS,
     SCORE_KINDS,
     check_against_reference,
+    estimator_case,
     estimator_inputs,
     make_layout,
     make_scores,
@@ -35,37 +36,29 @@ def _layout_args(layout: dict) -> dict:
 @pytest.mark.parametrize("layout_kind", LAYOUTS)
 @pytest.mark.parametrize("score_kind", SCORE_KINDS)
 def test_estimators_match_reference(backend, estimator, layout_kind, score_kind):
-    gen = torch.Generator().manual_seed(hash((estimator, layout_kind, score_kind)) % 2**31)
-    layout = make_layout(layout_kind, gen)
-    scores = make_scores(layout["n"], score_kind, gen, layout).float()
-    extra = estimator_inputs(estimator, layout["n"], gen)
-    check_against_reference(scores, backend=backend, estimator=estimator,
-                            what=f"{layout_kind}/{score_kind}", **_layout_args(layout), **extra)
+    case = estimator_case(hash((estimator, layout_kind, score_kind)) % 2**31, estimator,
+                          layout_kind, score_kind)
+    check_against_reference(case.scores, backend=backend, estimator=estimator,
+                            what=f"{layout_kind}/{score_kind}", **case.layout, **case.extra)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("estimator", ["grpo", "unlikely", "xrpo"])
 @pytest.mark.parametrize("std", ["unbiased", "biased", "none"])
 def test_batch_std_scope_and_std_modes(backend, estimator, std):
-    gen = torch.Generator().manual_seed(3)
-    layout = make_layout("uneven", gen)
-    scores = make_scores(layout["n"], "normal", gen, layout).float()
-    extra = estimator_inputs(estimator, layout["n"], gen)
+    case = estimator_case(3, estimator)
     for scope in ("group", "batch"):
-        check_against_reference(scores, backend=backend, estimator=estimator, std=std,
-                                std_scope=scope, **_layout_args(layout), **extra)
+        check_against_reference(case.scores, backend=backend, estimator=estimator, std=std,
+                                std_scope=scope, **case.layout, **case.extra)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("estimator", [e for e in ESTIMATORS if e != "grpo_passk"])
 @pytest.mark.parametrize("std", ["unbiased", "biased", "none"])
 def test_singleton_verl_and_std_modes(backend, estimator, std):
-    gen = torch.Generator().manual_seed(4)
-    layout = make_layout("uneven", gen)
-    scores = make_scores(layout["n"], "integer", gen, layout).float()
-    extra = estimator_inputs(estimator, layout["n"], gen)
-    check_against_reference(scores, backend=backend, estimator=estimator, std=std,
-                            singleton="verl", eps=1e-4, **_layout_args(layout), **extra)
+    case = estimator_case(4, estimator, score_kind="integer")
+    check_against_reference(case.scores, backend=backend, estimator=estimator, std=std,
+                            singleton="verl", eps=1e-4, **case.layout, **case.extra)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

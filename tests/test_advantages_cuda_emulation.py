@@ -10,48 +10,22 @@ batch constants, row pass). Skipped, with the reason, when no host C++ compiler 
 
 from __future__ import annotations
 
-import ctypes
 import math
-from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
 
-from advantages_cases import (
-    ESTIMATORS,
-    OUT_TOL,
-    estimator_inputs,
-    make_layout,
-    make_scores,
-)
-from cuda_emu import CudaEmuError, EmulatedLibrary, build_library, find_compiler
+import advantages_cases
+from advantages_cases import ESTIMATORS, OUT_TOL, estimator_inputs, make_layout, make_scores
+from cuda_emu import EmulatedLibrary
+from cuda_emu.testing import CSRC, F64, I64, INT, P, emulated
+from cuda_emu.testing import ptr as _ptr
 from rlkern.ops.advantages_segmented import run_gigpo, run_segmented
 from rlkern.reference.advantages import group_advantages_reference, sequence_loglik
 from rlkern.reference.token_advantages import (
     discounted_returns_reference,
     gigpo_advantages_reference,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-ADVANTAGES_CU = ROOT / "csrc" / "cuda" / "advantages.cu"
-P, I64, INT, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-
-
-@cache
-def _library() -> EmulatedLibrary | str:
-    if find_compiler() is None:
-        return ("no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA kernels "
-                "cannot be executed by the CPU emulator")
-    try:
-        return EmulatedLibrary(build_library([ADVANTAGES_CU],
-                                             include_dirs=[ROOT / "csrc" / "include"]))
-    except CudaEmuError as e:  # a compile error is a failure, not a reason to skip
-        pytest.fail(f"building advantages.cu for the CUDA emulator failed:\n{e}", pytrace=False)
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class EmulatedKernels:
@@ -93,10 +67,7 @@ class EmulatedKernels:
 
 @pytest.fixture(scope="module")
 def kernels() -> EmulatedKernels:
-    lib = _library()
-    if isinstance(lib, str):
-        pytest.skip(reason=lib)
-    return EmulatedKernels(lib)
+    return EmulatedKernels(emulated(CSRC / "cuda" / "advantages.cu"))
 
 
 def _run(kernels, scores, *, estimator="grpo", group_ids=None, group_size=None, eps=1e-6,
@@ -175,10 +146,7 @@ def test_large_groups_span_several_warp_chunks(kernels):
 
 
 def test_results_do_not_depend_on_scheduling(kernels):
-    gen = torch.Generator().manual_seed(11)
-    layout = make_layout("uneven", gen, n_groups=30)
-    scores = make_scores(layout["n"], "normal", gen, layout).float()
-    extra = estimator_inputs("xrpo", layout["n"], gen)
+    scores, layout, extra, _ = advantages_cases.estimator_case(11, "xrpo", n_groups=30)
     base = _run(kernels, scores, estimator="xrpo", group_ids=layout["group_ids"], **extra)
     for settings in ({"order": "reverse"}, {"order": "random", "seed": 3, "run_ahead": True},
                      {"workers": 1, "max_grid": (2, 1, 1)}):
@@ -190,12 +158,9 @@ def test_results_do_not_depend_on_scheduling(kernels):
 
 
 def test_gigpo_pipeline(kernels):
-    gen = torch.Generator().manual_seed(12)
     steps = 80
-    group = torch.randint(0, 5, (steps,), generator=gen) * 31
-    episode = torch.randint(0, 2, (steps,), generator=gen).float()
-    step = torch.randn(steps, generator=gen)
-    keys = torch.randint(0, 4, (steps,), generator=gen)
+    episode, step, keys, group = advantages_cases.gigpo_inputs(12, steps, groups=5,
+                                                               group_stride=31, states=4)
     outs = tuple(torch.empty(steps) for _ in range(3))
     run_gigpo(kernels, episode, step, keys, group, outs, omega=0.5, episode_std=True,
               step_std=False, eps=1e-6)

@@ -27,7 +27,9 @@ from advantages_cases import (
     ESTIMATORS,
     LAYOUTS,
     OUT_TOL,
+    estimator_case,
     estimator_inputs,
+    gigpo_inputs,
     make_layout,
     make_scores,
 )
@@ -103,11 +105,8 @@ def test_nan_omit_singleton_verl_and_std_modes(estimator):
 
 @pytest.mark.parametrize("estimator", ["grpo", "unlikely", "xrpo"])
 def test_batch_scope(estimator):
-    gen = torch.Generator().manual_seed(3)
-    layout = make_layout("shuffled", gen, n_groups=6)
-    scores = make_scores(layout["n"], "normal", gen, layout).float()
-    extra = estimator_inputs(estimator, layout["n"], gen)
-    _check(scores, estimator=estimator, std_scope="batch", **_layout(layout), **extra)
+    case = estimator_case(3, estimator, "shuffled", n_groups=6)
+    _check(case.scores, estimator=estimator, std_scope="batch", **case.layout, **case.extra)
 
 
 def test_large_group_spans_several_blocks():
@@ -175,12 +174,8 @@ def test_position_baseline_and_gtpo(layout_kind):
 
 @pytest.mark.parametrize("mode", ["mean_norm", "std_norm"])
 def test_gigpo(mode):
-    gen = torch.Generator().manual_seed(7)
-    steps = 60
-    group = torch.randint(0, 4, (steps,), generator=gen) * 7919
-    episode = torch.randint(0, 2, (steps,), generator=gen).float()
-    step = torch.randn(steps, generator=gen)
-    keys = torch.randint(0, 5, (steps,), generator=gen) * 2**33
+    episode, step, keys, group = gigpo_inputs(7, 60, groups=4, group_stride=7919, states=5,
+                                              key_stride=2**33)
     out = rlkern.gigpo_advantages(episode.to(DEVICE), step.to(DEVICE), keys.to(DEVICE),
                                   group_ids=group.to(DEVICE), omega=0.5, mode=mode,
                                   backend="triton")

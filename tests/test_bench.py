@@ -10,13 +10,14 @@ import time
 import pytest
 import torch
 
-from rlkern.bench import allocator, cli, report
+from rlkern.bench import allocator, cli, kit, report
 from rlkern.bench.cases import (
     FLOOR,
     RLKERN,
     Case,
     CaseOptions,
     Impl,
+    ImplUnavailableError,
     Size,
     Tolerance,
     case_names,
@@ -331,3 +332,50 @@ def test_linear_grpo_loss_case_peers_agree_tiny(tmp_path) -> None:
     assert set(rows) == {"rlkern", "liger", "eager", "floor"}
     for name in ("liger", "eager"):
         assert rows[name]["status"] == OK and rows[name]["check"]["ok"], rows[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# kit: the building blocks the cases share
+
+
+def test_peer_missing_and_unimportable() -> None:
+    absent = kit.Peer("rlkern_no_such_package", lambda: 1, hint="pip install it")
+    assert absent.missing() == "rlkern_no_such_package is not installed (pip install it)"
+    with pytest.raises(ImplUnavailableError, match="not installed"):
+        absent.get()
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("bad build")
+
+    with pytest.raises(ImplUnavailableError, match=r"torch is not importable \(RuntimeError"):
+        kit.Peer("torch", broken).get()
+    loaded = kit.Peer("torch", lambda: calls.append(2) or "module")
+    assert loaded.missing() is None
+    assert loaded.get() == loaded.get() == "module" and calls.count(2) == 1  # loaded once
+
+
+def test_rlkern_backend_choice(monkeypatch) -> None:
+    from rlkern import backends
+
+    chosen = kit.RlkernBackend.choose(CaseOptions(rlkern_backend="torch"))
+    assert (chosen.name, chosen.concrete, chosen.notes) == ("torch", "torch", ())
+    assert chosen.environment == {"rlkern_backend": "torch"}
+    monkeypatch.setattr(backends, "has_cpp", lambda: False)
+    fallback = kit.RlkernBackend.choose(CaseOptions())
+    assert fallback.name == "torch" and "not built" in fallback.note
+    assert fallback.notes == (fallback.note,)
+    for name in case_names():  # every case says which backend its rlkern rows ran
+        if name != "micro_groups":  # (the schedules of a model run, not an rlkern op)
+            case = get_case(name, CaseOptions())
+            assert case.environment == {"rlkern_backend": "torch"}, name
+            assert case.warnings == fallback.notes, name
+
+
+def test_floors_touch_inputs_and_return_nothing() -> None:
+    x = torch.randn(4, 5).bfloat16()
+    assert kit.read_once(x, torch.ones(3, dtype=torch.bool), torch.arange(3)) == {}
+    kit.write_once(x, torch.float32)
+    leaf = kit.fresh_leaf(x)
+    assert leaf.requires_grad and leaf.is_leaf and leaf.data_ptr() == x.data_ptr()

@@ -23,68 +23,42 @@ far inside the 1e-5 tolerance, so these tolerances hold on a GPU too; bitwise co
 only ever made between two emulated runs.
 
 Run on its own with ``python -m pytest tests/test_cuda_emulation.py`` or
-``python tests/test_cuda_emulation.py`` (the first run compiles two libraries, ~7 s of CPU;
-they are cached by content in $CUDA_EMU_CACHE or the temp dir). ``-m "not slow"`` leaves out
+``python tests/test_cuda_emulation.py`` (the first run compiles the library, ~5 s of CPU; it is
+cached by content in $CUDA_EMU_CACHE or the temp dir). The emulator's own tests are in
+test_cuda_emu_selftest.py. ``-m "not slow"`` leaves out
 the few heaviest cases. Skipped, with the reason, when no host C++ compiler is found.
 """
 
 from __future__ import annotations
 
 import ctypes
-import math
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import assert_close_grad, assert_close_rows
-from cuda_emu import CudaEmuError, EmulatedLibrary, build_library, find_compiler
+from cuda_emu import EmulatedLibrary
+from cuda_emu.testing import (
+    CSRC,
+    DTYPE_CODE,
+    ERR_DTYPE,
+    ERR_INVALID_ARGUMENT,
+    ERR_NULL_POINTER,
+    F32,
+    I64,
+    OK,
+    Guarded,
+    P,
+    emulated,
+)
 from rlkern.reference import token_logprobs_reference
 
-ROOT = Path(__file__).resolve().parents[1]
-# name -> (sources, include dirs): each is built once per session (cached by content) into a
-# library whose kernels run in the emulator. Covering another .cu file is one more line here
-# and a fixture that loads it (see tests/cuda_emu/README.md).
-LIBRARIES = {
-    "logprobs": ([ROOT / "csrc" / "cuda" / "logprobs.cu"], [ROOT / "csrc" / "include"]),
-    "selftest": ([ROOT / "tests" / "cuda_emu" / "selftest.cu"], []),
-}
-
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # RLKERN_DTYPE_*
 FIELDS = ("logprobs", "lse", "entropy", "self_certainty", "sum_p_sq")
-OK, ERR_DTYPE, ERR_INVALID_ARGUMENT, ERR_NULL_POINTER = 0, -1, -2, -3  # RLKERN_CUDA_*
-LAUNCH_FAILURE = 719  # cudaErrorLaunchFailure: how the emulator reports a kernel's misuse
 
 
 # --------------------------------------------------------------------- building the kernels
-
-
-@cache
-def _builds() -> dict[str, Future]:
-    """Start every build at once (the compiles share the cores); each fixture waits for its
-    own library."""
-    pool = ThreadPoolExecutor(max_workers=len(LIBRARIES))
-    return {name: pool.submit(build_library, sources, include_dirs=includes)
-            for name, (sources, includes) in LIBRARIES.items()}
-
-
-def _load(name: str) -> EmulatedLibrary:
-    if find_compiler() is None:
-        pytest.skip(reason=(
-            "no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA kernels "
-            "cannot be executed by the CPU emulator"
-        ))
-    try:
-        return EmulatedLibrary(_builds()[name].result())
-    except CudaEmuError as e:  # a compile error is a failure, not a reason to skip
-        pytest.fail(f"building {name} for the CUDA emulator failed:\n{e}", pytrace=False)
-
-
-P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class Logprobs:
@@ -148,34 +122,9 @@ class Logprobs:
         return g
 
 
-class Guarded:
-    """A float32 output inside a buffer with guard bands that must stay untouched; it starts
-    filled with a sentinel that every element must have replaced."""
-
-    SENTINEL, PAD = 12345.0, 16
-
-    def __init__(self, shape):
-        n = math.prod(shape)
-        self.buffer = torch.full((n + 2 * self.PAD,), self.SENTINEL)
-        self.view = self.buffer[self.PAD : self.PAD + n].view(shape)
-
-    def ptr(self) -> int:
-        return self.view.data_ptr()
-
-    def check(self, name: str) -> None:
-        pads = torch.cat([self.buffer[: self.PAD], self.buffer[-self.PAD :]])
-        assert torch.all(pads == self.SENTINEL), f"{name}: written outside its rows"
-        assert not torch.any(self.view == self.SENTINEL), f"{name}: some rows were not written"
-
-
 @pytest.fixture(scope="module")
 def kernels() -> Logprobs:
-    return Logprobs(_load("logprobs"))
-
-
-@pytest.fixture(scope="module")
-def selftest() -> EmulatedLibrary:
-    return _load("selftest")
+    return Logprobs(emulated(CSRC / "cuda" / "logprobs.cu"))
 
 
 # ------------------------------------------------------------------------ inputs, layouts
@@ -300,14 +249,15 @@ def test_temperature(kernels, dtype, temperature):
     check_rows(out, reference(values, labels, temperature=temperature), dtype)
 
 
-OUTPUT_SETS = {
-    "none": (),
-    "entropy": ("entropy",),
-    "self_certainty": ("self_certainty",),
-    "sum_p_sq": ("sum_p_sq",),
-    "stats": ("self_certainty", "sum_p_sq"),
-    "all": ("entropy", "self_certainty", "sum_p_sq"),
-}
+def option_sets(names: tuple[str, ...], *chosen: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """None of the optional ``names``, each alone, the ``chosen`` combinations, and all of them,
+    keyed by a test id: "none", "a", "a+b", "all"."""
+    sets = [(), *((n,) for n in names), *chosen, names]
+    return {"none" if not s else "all" if s == names else "+".join(s): s for s in sets}
+
+
+OUTPUT_SETS = option_sets(("entropy", "self_certainty", "sum_p_sq"),
+                          ("self_certainty", "sum_p_sq"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -434,14 +384,7 @@ def test_batch_invariance_bitwise(kernels, vocab, dtype):
 
 # ------------------------------------------------------------------------------ backward
 
-GRAD_SETS = {
-    "none": (),
-    "logprobs": ("logprobs",),
-    "entropy": ("entropy",),
-    "lse": ("lse",),
-    "logprobs+entropy": ("logprobs", "entropy"),
-    "all": ("logprobs", "entropy", "lse"),
-}
+GRAD_SETS = option_sets(("logprobs", "entropy", "lse"), ("logprobs", "entropy"))
 
 
 def run_backward(kernels, values, labels, which, *, layout="contiguous", offset=0,
@@ -681,171 +624,6 @@ def test_error_strings(kernels):
     assert "unknown" in text[-99]
     assert text[9] == "invalid configuration argument"  # positive: the CUDA runtime's text
     assert text[719] == "unspecified launch failure"
-
-
-# ---------------------------------------------------------------------------- the emulator
-# tests/cuda_emu/selftest.cu: the emulator's own semantics, and planted bugs it must report.
-
-
-def _int_fn(lib, name, argtypes):
-    fn = getattr(lib.lib, name)
-    fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    return fn
-
-
-def shfl_expected(mode, lane, arg, width):
-    """PTX shfl.sync: the lane read (its own when the source is out of range)."""
-    first = lane & ~(width - 1)
-    if mode == "idx":
-        return first + (arg & (width - 1))
-    if mode == "up":
-        return lane - arg if lane - arg >= first else lane
-    if mode == "down":
-        return lane + arg if lane + arg <= first + width - 1 else lane
-    src = lane ^ arg  # xor may read an earlier segment, never a later one
-    return src if src <= first + width - 1 else lane
-
-
-SHUFFLES = [("idx", 5, 32), ("idx", 37, 8), ("up", 3, 32), ("up", 3, 8), ("down", 1, 32),
-            ("down", 3, 16), ("xor", 1, 32), ("xor", 16, 16), ("xor", 4, 8), ("xor", 31, 32)]
-
-
-@pytest.mark.parametrize(("mode", "arg", "width"), SHUFFLES)
-def test_emulated_shuffles_follow_ptx(selftest, mode, arg, width):
-    fn = _int_fn(selftest, "selftest_shuffle", [ctypes.c_int] * 3 + [P])
-    out = torch.zeros(32, dtype=torch.int32)
-    assert fn(["idx", "up", "down", "xor"].index(mode), arg, width, out.data_ptr()) == 0
-    assert (out - 100).tolist() == [shfl_expected(mode, lane, arg, width) for lane in range(32)]
-
-
-def test_emulated_warp_ops(selftest):
-    fn = _int_fn(selftest, "selftest_warp_ops", [P, ctypes.c_int, P, P, P])
-    warps = 3
-    x = torch.randn(32 * warps, dtype=torch.float64)
-    sums, votes = torch.zeros_like(x), torch.zeros(3 * warps, dtype=torch.int32)
-    ballots = torch.zeros(warps, dtype=torch.int32)
-    assert fn(x.data_ptr(), warps, sums.data_ptr(), ballots.data_ptr(), votes.data_ptr()) == 0
-    ballots = ballots.long() & 0xFFFFFFFF  # unsigned
-    for w in range(warps):
-        chunk = x[32 * w : 32 * (w + 1)]
-        torch.testing.assert_close(sums[32 * w : 32 * (w + 1)], chunk.sum().expand(32))
-        assert ballots[w] == sum(1 << lane for lane in range(32) if chunk[lane] > 0)
-        assert votes[3 * w : 3 * w + 3].tolist() == [1, 0, sum(range(32))]
-
-
-@pytest.mark.parametrize(("threads", "blocks"), [(32, 1), (128, 2), (256, 5)])
-def test_emulated_shared_memory_and_barriers(selftest, threads, blocks):
-    """A tree reduction in dynamic shared memory, a static __shared__ counter fed by
-    atomics, __syncthreads_count, and a grid-stride loop over rows."""
-    fn = _int_fn(selftest, "selftest_block_sum", [P, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                                  ctypes.c_int, P, P])
-    rows, n = 7, 1000
-    x = torch.randn(rows, n)
-    sums, positives = torch.zeros(rows), torch.zeros(2 * rows, dtype=torch.int32)
-    rc = fn(x.data_ptr(), rows, n, threads, blocks, sums.data_ptr(), positives.data_ptr())
-    assert rc == 0, selftest.last_error()
-    torch.testing.assert_close(sums, x.sum(1), rtol=1e-5, atol=1e-4)
-    assert positives[:rows].tolist() == (x > 0).sum(1).tolist()
-    per_thread = torch.zeros(rows, threads, dtype=torch.bool)
-    for i in range(threads):
-        per_thread[:, i] = (x[:, i::threads] > 0).any(1)
-    assert positives[rows:].tolist() == per_thread.sum(1).tolist()
-
-
-def test_emulated_half_and_bfloat16_conversions_match_torch(selftest):
-    fn = _int_fn(selftest, "selftest_convert", [P, ctypes.c_int, P, P, P, P])
-    x = torch.cat([
-        torch.randn(2000) * torch.logspace(-9, 6, 2000),  # subnormal to overflow for fp16
-        torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 6e-8, 3e-8, 2.0**-25, 1.0 + 2**-11,
-                      1.0 + 3 * 2**-11, float("inf"), float("-inf"), 3.4e38, 1e-40]),
-    ])
-    n = x.numel()
-    hb, bb = torch.zeros(n, dtype=torch.int16), torch.zeros(n, dtype=torch.int16)
-    hf, bf = torch.zeros(n), torch.zeros(n)
-    assert fn(x.data_ptr(), n, hb.data_ptr(), bb.data_ptr(), hf.data_ptr(), bf.data_ptr()) == 0
-    assert torch.equal(hb, x.half().view(torch.int16))
-    assert torch.equal(bb, x.bfloat16().view(torch.int16))
-    assert torch.equal(hf, x.half().float())
-    assert torch.equal(bf, x.bfloat16().float())
-    nan = torch.tensor([float("nan")])
-    assert fn(nan.data_ptr(), 1, hb.data_ptr(), bb.data_ptr(), hf.data_ptr(), bf.data_ptr()) == 0
-    assert math.isnan(hf[0]) and math.isnan(bf[0])
-
-
-def test_a_missing_barrier_shows_as_schedule_dependence(selftest):
-    """racy_sum_kernel lacks the __syncthreads between writing shared memory and reading it;
-    its result changes with the thread order, which is how the tests above would notice."""
-    fn = _int_fn(selftest, "selftest_racy_sum", [P, P])
-    x, out = torch.randn(64), torch.zeros(1)
-    results = set()
-    for settings in [{"order": "forward"}, {"order": "reverse"}, {"order": "random", "seed": 1},
-                     {"order": "random", "seed": 2}]:
-        with selftest.settings(**settings):
-            assert fn(x.data_ptr(), out.data_ptr()) == 0
-        results.add(out.item())
-    assert len(results) > 1
-
-
-PLANTED_BUGS = [
-    ("divergent_barrier", LAUNCH_FAILURE, "divergent barriers"),
-    ("barrier_after_exit", LAUNCH_FAILURE, "exited while 40 other threads wait at __syncthreads"),
-    ("partial_shuffle", LAUNCH_FAILURE, "exited while lanes 0-15 of its warp wait for it"),
-    ("deadlock", LAUNCH_FAILURE, "deadlock: no thread can proceed"),
-    ("misaligned_float4", LAUNCH_FAILURE, "misaligned address"),
-    ("misaligned_ldg", LAUNCH_FAILURE, "__ldg: misaligned address"),
-    ("local_array_oob", LAUNCH_FAILURE, "index 4 out of bounds for type 'float [4]'"),
-    ("shared_array_oob", LAUNCH_FAILURE, "index 32 out of bounds for type 'float [32]'"),
-    ("launch_bounds", 701, "exceeds the kernel's __launch_bounds__(64)"),
-    ("block_too_large", 9, "invalid configuration"),
-    ("too_much_dynamic_shared", 1, "dynamic shared memory exceed"),
-]
-
-
-@pytest.mark.parametrize(("index", "code", "message"),
-                         [(i, c, m) for i, (_, c, m) in enumerate(PLANTED_BUGS)],
-                         ids=[name for name, _, _ in PLANTED_BUGS])
-def test_emulator_reports_planted_bugs(selftest, index, code, message):
-    fn = _int_fn(selftest, "selftest_bug", [ctypes.c_int, P])
-    buffer = torch.zeros(1024)
-    assert fn(index, buffer.data_ptr()) == code
-    error = selftest.last_error()
-    assert message in error
-    assert "selftest.cu:" in error  # names the launch site (and the kernel's line for UB)
-
-
-def test_rewrite_keeps_lines_and_rejects_unsupported_shared():
-    from cuda_emu import rewrite_cuda_source
-
-    src = (
-        "// a <<<comment>>> and \"__shared__ in a string\"\n"
-        "__global__ void __launch_bounds__(128, 2) k(float* x) {\n"
-        "  __shared__ __align__(16) float tile[4][33];\n"
-        "  extern __shared__ float dyn[];\n"
-        "  x[0] = tile[0][0] + dyn[0];\n"
-        "}\n"
-        "void go(float* x, cudaStream_t s) {\n"
-        "  ns::k2<float, (3 > 2)>\n"
-        "      <<<dim3(4, 2), 128, 64 * sizeof(float), s>>>(\n"
-        "      x, 1'000);\n"
-        "  k<<<1, 32>>>();\n"
-        "}\n"
-    )
-    out = rewrite_cuda_source(src, "x.cu").splitlines()
-    assert out[0] == '#line 1 "x.cu"'
-    assert len(out) - 1 == src.count("\n")  # every line keeps its number
-    assert out[1] == src.splitlines()[0]  # comments and strings untouched
-    assert "launch_bounds_exceeded(128)" in out[2]
-    assert "auto& tile = ::cuda_emu::block_shared<float[4][33], 16>(0, \"tile\");" in out[3]
-    assert "float* const dyn = ::cuda_emu::dynamic_shared<float>();" in out[4]
-    assert "dim3(dim3(4, 2)), dim3(128), static_cast<size_t>(64 * sizeof(float))" in out[8]
-    assert "{ ns::k2<float, (3 > 2)>(cuda_emu_args...); }, x, 1'000)" in out[8]
-    assert "static_cast<size_t>(0), (cudaStream_t)(nullptr)" in out[11]
-    masked = rewrite_cuda_source(
-        '#define BOUNDS __launch_bounds__(64)\nconst char* s = R"x(a "<<<" b)x";\n'
-        "__global__ void BOUNDS k() {}\n", "m.cu")
-    assert "launch_bounds_exceeded" not in masked and "cuda_emu::launch" not in masked
-    with pytest.raises(CudaEmuError, match=r"y.cu:2: unsupported __shared__"):
-        rewrite_cuda_source("void f() {\n  __shared__ float a[2], b[2];\n}\n", "y.cu")
 
 
 if __name__ == "__main__":

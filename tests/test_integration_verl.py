@@ -18,6 +18,7 @@ tests skip with that reason.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import subprocess
@@ -27,13 +28,9 @@ import numpy as np
 import pytest
 import torch
 
-core_algos = pytest.importorskip(
-    "verl.trainer.ppo.core_algos",
-    reason="verl is not installed (optional: pip install -e '.[parity]' && "
-    "pip install --no-deps verl)",
-)
-actor_config = pytest.importorskip("verl.workers.config.actor")
-rollout_corr = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper")
+from verl_cases import close, fsdp_actor_config, import_verl, masked_batch
+
+core_algos, rollout_corr = import_verl()
 verl_F = pytest.importorskip("verl.utils.torch_functional")  # noqa: N816
 from verl.trainer.config import AlgoConfig  # noqa: E402
 
@@ -61,10 +58,7 @@ def _registered():
     rv.unpatch_torch_functional()
 
 
-def _close(ours, theirs, what="", rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(ours, dtype=torch.float32),
-                               torch.as_tensor(theirs, dtype=torch.float32), rtol=rtol,
-                               atol=atol, msg=lambda m: f"{what}: {m}")
+_close = close
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -272,24 +266,11 @@ def test_gpg_f_norm():
 # ----------------------------------------------------------------------------- policy losses
 
 
-def _actor_config(low=0.2, high=0.28, c=3.0, clip_ratio=0.2, **global_info):
-    cfg = actor_config.FSDPActorConfig(
-        strategy="fsdp", clip_ratio=clip_ratio, clip_ratio_low=low, clip_ratio_high=high,
-        clip_ratio_c=c, ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False, rollout_n=8,
-        tau_pos=1.0, tau_neg=1.05)
-    cfg.global_batch_info.update(global_info)
-    return cfg
+_actor_config = functools.partial(fsdp_actor_config, fields=dict(tau_pos=1.0, tau_neg=1.05))
 
 
 def _loss_batch(B=11, T=17, seed=0, spread=0.4):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    lengths[2] = 0  # a fully masked response
-    lengths[5] = T
-    mask = torch.arange(T)[None, :] < lengths[:, None]  # bool, as ppo_loss passes it
-    lp = -torch.rand(B, T, generator=g) * 3
-    old = lp + torch.randn(B, T, generator=g) * spread
-    adv = (torch.randn(B, generator=g)[:, None].expand(B, T) * mask).contiguous()
+    g, lp, old, adv, mask = masked_batch(B, T, seed, spread, full_rows=(5,))
     rollout = old + torch.randn(B, T, generator=g) * 0.2
     return lp, old, adv, mask, rollout
 

@@ -16,19 +16,16 @@ reason.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import rlkern
 from rlkern import PolicyLossConfig
+from verl_cases import close, fsdp_actor_config, import_verl, masked_batch
 
-core_algos = pytest.importorskip(
-    "verl.trainer.ppo.core_algos",
-    reason="verl is not installed (optional: pip install -e '.[parity]' && "
-    "pip install --no-deps verl)",
-)
-actor_config = pytest.importorskip("verl.workers.config.actor")
-rollout_corr = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper")
+core_algos, rollout_corr = import_verl()
 
 pytestmark = pytest.mark.parity
 
@@ -37,32 +34,16 @@ AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm", "token-sum"]
 
 
-def _verl_config(low=0.2, high=0.28, c=3.0, **global_info):
-    cfg = actor_config.FSDPActorConfig(
-        strategy="fsdp", clip_ratio=0.2, clip_ratio_low=low, clip_ratio_high=high,
-        clip_ratio_c=c, ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False, rollout_n=8)
-    cfg.global_batch_info.update(global_info)
-    return cfg
+_verl_config = fsdp_actor_config
+_close = functools.partial(close, rtol=2e-5, atol=2e-6)
 
 
 def _batch(B=8, T=13, seed=0, spread=0.4):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    lengths[2] = 0  # a fully masked response
-    mask = torch.arange(T)[None, :] < lengths[:, None]
-    lp = -torch.rand(B, T, generator=g) * 3
-    old = lp + torch.randn(B, T, generator=g) * spread
-    adv = torch.randn(B, generator=g)[:, None].expand(B, T) * mask  # verl: (B, T), masked
+    g, lp, old, adv, mask = masked_batch(B, T, seed, spread)
     ref = lp + torch.randn(B, T, generator=g) * 0.5
     rollout = old + torch.randn(B, T, generator=g) * 0.2
     entropy = torch.rand(B, T, generator=g) * 2
-    return lp, old, adv.contiguous(), mask, ref, rollout, entropy
-
-
-def _close(ours, theirs, what=""):
-    torch.testing.assert_close(torch.as_tensor(ours, dtype=torch.float32),
-                               torch.as_tensor(theirs, dtype=torch.float32), rtol=2e-5,
-                               atol=2e-6, msg=lambda m: f"{what}: {m}")
+    return lp, old, adv, mask, ref, rollout, entropy
 
 
 def _grads(fn, lp, entropy=None):

@@ -11,18 +11,15 @@ Skipped, with the reason, when no host C++ compiler is found.
 from __future__ import annotations
 
 import ctypes
-from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
 
-from cuda_emu import CudaEmuError, EmulatedLibrary, build_library, find_compiler
+from cuda_emu import EmulatedLibrary
+from cuda_emu.testing import CSRC, Guarded, emulated
 from policy_loss_cases import CASES, call_kwargs, make_inputs
 from rlkern.ops import policy_loss as P
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "cuda" / "policy_loss.cu"
 c_p, c_i64, c_i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
@@ -38,10 +35,9 @@ class Inputs(ctypes.Structure):
                 ("entropy_threshold", c_p)]
 
 
-@cache
-def _library() -> EmulatedLibrary:
-    path = build_library([SOURCE], include_dirs=[ROOT / "csrc" / "include"])
-    lib = EmulatedLibrary(path)
+@pytest.fixture(scope="module")
+def emu() -> EmulatedLibrary:
+    lib = emulated(CSRC / "cuda" / "policy_loss.cu")
     f = lib.lib
     f.rlkern_policy_loss_fwd_cuda.argtypes = [ctypes.POINTER(Inputs), c_p, c_p, c_p, c_p]
     f.rlkern_policy_loss_bwd_cuda.argtypes = [ctypes.POINTER(Inputs), c_p, c_p, c_p, c_p, c_p,
@@ -51,25 +47,13 @@ def _library() -> EmulatedLibrary:
     return lib
 
 
-@pytest.fixture(scope="module")
-def emu() -> EmulatedLibrary:
-    if find_compiler() is None:
-        pytest.skip("no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the CUDA "
-                    "kernels cannot be executed by the CPU emulator")
-    try:
-        return _library()
-    except CudaEmuError as e:  # a compile error is a failure, not a reason to skip
-        pytest.fail(f"building policy_loss.cu for the CUDA emulator failed:\n{e}", pytrace=False)
+def _guarded(shape, dtype) -> tuple[Guarded, torch.Tensor]:
+    out = Guarded(shape, dtype)
+    return out, out.view
 
 
-def _guarded(shape, dtype):
-    pad, n = 16, int(torch.tensor(shape).prod())
-    buf = torch.full((n + 2 * pad,), 12345.0, dtype=dtype)
-    return buf, buf[pad:pad + n].view(shape)
-
-
-def _untouched(buf) -> bool:
-    return bool(torch.all(buf[:16] == 12345.0) and torch.all(buf[-16:] == 12345.0))
+def _untouched(out: Guarded) -> bool:
+    return out.untouched()
 
 
 def _inputs_struct(p) -> tuple[Inputs, list]:

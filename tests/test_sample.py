@@ -13,6 +13,7 @@ from scipy import stats
 import rlkern
 from rlkern.ops.sample import sample
 from rlkern.reference.sample import filtered_probs, philox4x32_10, philox_uniform
+from sample_cases import OPTIONS, option_id
 
 SAMPLE_BACKENDS = ["cpu"]
 
@@ -31,21 +32,8 @@ def test_philox_known_answer():
     assert 0.0 <= u < 1.0 and u != philox_uniform(3, 6) and u != philox_uniform(4, 5)
 
 
-OPTIONS = [
-    dict(),
-    dict(temperature=0.7),
-    dict(top_k=4),
-    dict(top_p=0.6),
-    dict(min_p=0.2),
-    dict(top_k=6, top_p=0.8, temperature=1.3),
-    dict(top_k=6, top_p=0.8, min_p=0.1),
-    dict(top_k=6, top_p=0.7, filter_order="joint"),
-]
-
-
 @pytest.mark.parametrize("backend", SAMPLE_BACKENDS)
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
-                         or "plain")
+@pytest.mark.parametrize("opts", OPTIONS, ids=option_id)
 def test_chi2_goodness_of_fit(backend, opts):
     torch.manual_seed(0)
     V, n = 13, 20000

@@ -20,51 +20,27 @@ Skipped, with the reason, when no host C++ compiler is found.
 
 from __future__ import annotations
 
-import ctypes
-from functools import cache
-from pathlib import Path
-
 import pytest
 import torch
 from scipy import stats
 
-from cuda_emu import CudaEmuError, EmulatedLibrary, build_library, find_compiler
+import sample_cases
+from cuda_emu import EmulatedLibrary
+from cuda_emu.testing import CSRC, DTYPE_CODE, ERR_DTYPE, I64, INT, Guarded, P, bind, emulated, ptr
+from cuda_emu.testing import ERR_INVALID_ARGUMENT as ERR_INVALID
+from cuda_emu.testing import ERR_NULL_POINTER as ERR_NULL
 from rlkern.ops.sample import sample
 from rlkern.reference.sample import filtered_probs
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "cuda" / "sample.cu"
-P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # RLKERN_DTYPE_*
-ERR_DTYPE, ERR_INVALID, ERR_NULL = -1, -2, -3  # RLKERN_CUDA_ERR_*
 GUARD = 8
-SENTINEL = 12345.0
-
-
-@cache
-def _library() -> EmulatedLibrary:
-    lib = EmulatedLibrary(build_library([SOURCE], include_dirs=[ROOT / "csrc" / "include"]))
-    f = lib.lib.rlkern_sample_cuda
-    f.argtypes = [P, INT, I64, I64, I64, I64, P, P, P, P, P, P, P, INT, INT, P, P, P, P, P, P]
-    f.restype = INT
-    return lib
 
 
 @pytest.fixture(scope="module")
 def emu() -> EmulatedLibrary:
-    if find_compiler() is None:
-        pytest.skip(reason="no host C++ compiler (g++ not on PATH, CUDA_EMU_CXX not set): the "
-                    "CUDA kernels cannot be executed by the CPU emulator")
-    try:
-        return _library()
-    except CudaEmuError as e:  # a compile error is a failure, not a reason to skip
-        pytest.fail(f"building sample.cu for the CUDA emulator failed:\n{e}", pytrace=False)
-
-
-def _guarded(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """An (n,) output inside guard bands, all filled with a sentinel."""
-    buf = torch.full((n + 2 * GUARD,), SENTINEL, dtype=dtype)
-    return buf, buf[GUARD:GUARD + n]
+    lib = emulated(CSRC / "cuda" / "sample.cu")
+    bind(lib, "rlkern_sample_cuda",
+         [P, INT, I64, I64, I64, I64, P, P, P, P, P, P, P, INT, INT, P, P, P, P, P, P])
+    return lib
 
 
 def _per_row(value, n: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -95,22 +71,20 @@ def emu_sample(emu: EmulatedLibrary, logits: torch.Tensor, *, seeds, steps, temp
     p = _per_row(top_p, n, torch.float64)
     mp = _per_row(min_p, n, torch.float64)
     idx = None if indices is None else indices.to(torch.int64).contiguous()
-    bufs = {name: _guarded(n, dt) for name, dt in (
+    bufs = {name: Guarded((n,), dt, pad=GUARD) for name, dt in (
         ("tokens", torch.int64), ("raw_logprobs", torch.float32),
         ("processed_logprobs", torch.float32), ("entropy", torch.float32),
         ("lse", torch.float32))}
-    ptr = lambda t: None if t is None else t.data_ptr()
     rc = emu.lib.rlkern_sample_cuda(
         logits.data_ptr(), DTYPE_CODE[logits.dtype], R, V, logits.stride(0) if R > 1 else V, n,
         ptr(idx), temp.data_ptr(), ptr(k), ptr(p), ptr(mp), seeds.data_ptr(), steps.data_ptr(),
-        int(filter_order == "joint"), int(raw_temperature), *(bufs[name][1].data_ptr() for name in
+        int(filter_order == "joint"), int(raw_temperature), *(bufs[name].ptr() for name in
         ("tokens", "raw_logprobs", "processed_logprobs", "entropy", "lse")), None)
     assert rc == 0, f"rc={rc}: {emu.last_error()}"
-    for name, (buf, _) in bufs.items():
-        assert bool((buf[:GUARD] == SENTINEL).all() and (buf[-GUARD:] == SENTINEL).all()), \
-            f"{name}: a write outside the output"
-        assert not bool((bufs[name][1] == SENTINEL).any()), f"{name}: a row was never written"
-    return {name: out for name, (_, out) in bufs.items()}
+    for name, out in bufs.items():
+        assert out.untouched(), f"{name}: a write outside the output"
+        assert out.written(), f"{name}: a row was never written"
+    return {name: out.view for name, out in bufs.items()}
 
 
 def _seeds(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,20 +92,9 @@ def _seeds(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, 1000, (n,), generator=gen))
 
 
-OPTIONS = [
-    dict(),
-    dict(temperature=0.7),
-    dict(top_k=4),
-    dict(top_k=50),
-    dict(top_p=0.6),
-    dict(top_p=0.95, temperature=1.3),
-    dict(min_p=0.2),
-    dict(top_k=6, top_p=0.8, temperature=1.3),
-    dict(top_k=6, top_p=0.8, min_p=0.1),
-    dict(top_k=6, top_p=0.7, filter_order="joint"),
-    dict(temperature=0.6, raw_temperature=False),
-]
-_ids = lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain"
+OPTIONS = [*sample_cases.OPTIONS, dict(top_k=50), dict(top_p=0.95, temperature=1.3),
+           dict(temperature=0.6, raw_temperature=False)]
+_ids = sample_cases.option_id
 
 
 def _check_against_cpu(got, logits, seeds, steps, indices=None, **opts) -> None:

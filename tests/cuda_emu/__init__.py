@@ -1,6 +1,7 @@
 """Run CUDA C++ kernels on the CPU: an emulation layer for testing csrc/cuda/*.cu without a GPU.
 
-See README.md in this folder for what it catches and what it cannot.
+See README.md in this folder for what it catches and what it cannot; :mod:`cuda_emu.testing`
+holds what the test files share.
 """
 
 from .build import (

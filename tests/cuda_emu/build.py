@@ -33,18 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = [
-    "CudaEmuError",
-    "EmulatedLibrary",
-    "build_library",
-    "find_compiler",
-    "load_library",
-    "rewrite_cuda_source",
-]
-
 EMU_DIR = Path(__file__).resolve().parent
 HEADER = EMU_DIR / "cuda_emu.h"
-RUNTIME = EMU_DIR / "cuda_emu_runtime.cpp"
+# The runtime (cuda_emu_runtime.h says what each file holds), compiled once per compiler and
+# emulator version and linked into every library.
+RUNTIME_SOURCES = tuple(EMU_DIR / f"cuda_emu_{part}.cpp"
+                        for part in ("runtime", "fiber", "api", "ubsan"))
+RUNTIME_FILES = (*RUNTIME_SOURCES, EMU_DIR / "cuda_emu_runtime.h", EMU_DIR / "cuda_emu_fiber.h",
+                 HEADER)
 STUB_DIR = EMU_DIR / "include"  # stand-ins for <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h>
 
 # No fast-math and no FMA contraction: the host computes exactly what the source says.
@@ -394,7 +390,7 @@ def build_library(
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
     for part in (version, *CXX_FLAGS, *SANITIZE_FLAGS, *LINK_FLAGS, *define_flags, *rewritten):
         key.update(part.encode() + b"\0")
-    for p in [RUNTIME, *_header_files(incs)]:
+    for p in [*RUNTIME_SOURCES, *_header_files(incs)]:
         key.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     stem = name or "-".join(s.stem for s in srcs)
     out_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -412,10 +408,10 @@ def build_library(
             jobs.append([*compiler, *CXX_FLAGS, *SANITIZE_FLAGS, *include_flags, *define_flags,
                          "-x", "c++", "-c", str(cpp), "-o", f"{i}-{src.stem}.o"])
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            runtime = pool.submit(_runtime_object, compiler, version, out_dir)
+            runtime = pool.submit(_runtime_objects, compiler, version, out_dir)
             for future in [pool.submit(_run, job, work) for job in jobs]:
                 future.result()
-            objects = [str(runtime.result()), *(job[-1] for job in jobs)]
+            objects = [*map(str, runtime.result()), *(job[-1] for job in jobs)]
         _run([*compiler, *LINK_FLAGS, "-o", "lib.so", *objects], work)
         os.replace(work / "lib.so", out)
     # Keep the few newest builds of these sources (a loaded library may be unlinked safely).
@@ -428,20 +424,28 @@ def build_library(
 _runtime_lock = threading.Lock()
 
 
-def _runtime_object(compiler: list[str], version: str, out_dir: Path) -> Path:
-    """The compiled runtime, shared by every library built with the same compiler and
-    emulator files (built once even when several builds run at the same time)."""
+def _runtime_objects(compiler: list[str], version: str, out_dir: Path) -> list[Path]:
+    """The compiled runtime files, shared by every library built with the same compiler and
+    emulator files (built once even when several builds run at the same time). Compiled
+    without the sanitizer: the checks are for the kernels, and the runtime implements their
+    report handlers."""
     key = hashlib.sha256(version.encode())
-    for part in (*CXX_FLAGS, RUNTIME.read_text(), HEADER.read_text()):
+    for part in (*CXX_FLAGS, *(p.read_text() for p in RUNTIME_FILES)):
         key.update(part.encode() + b"\0")
-    obj = out_dir / f"cuda_emu_runtime-{key.hexdigest()[:16]}.o"
+    objects = [out_dir / f"{src.stem}-{key.hexdigest()[:16]}.o" for src in RUNTIME_SOURCES]
     with _runtime_lock:
-        if not obj.exists():
-            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".runtime-") as tmp:
-                _run([*compiler, *CXX_FLAGS, f"-I{STUB_DIR}", "-include", str(HEADER), "-c",
-                      str(RUNTIME), "-o", "runtime.o"], Path(tmp))
-                os.replace(Path(tmp) / "runtime.o", obj)
-    return obj
+        missing = [(s, o) for s, o in zip(RUNTIME_SOURCES, objects, strict=True) if not o.exists()]
+        if missing:
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".runtime-") as tmp, \
+                    ThreadPoolExecutor(max_workers=len(missing)) as pool:
+                jobs = [pool.submit(_run, [*compiler, *CXX_FLAGS, f"-I{STUB_DIR}", "-include",
+                                           str(HEADER), "-c", str(src), "-o", obj.name], Path(tmp))
+                        for src, obj in missing]
+                for job in jobs:
+                    job.result()
+                for _, obj in missing:
+                    os.replace(Path(tmp) / obj.name, obj)
+    return objects
 
 
 # --------------------------------------------------------------------------------- loading

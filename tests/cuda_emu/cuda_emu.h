@@ -124,15 +124,21 @@ constexpr int warpSize = 32;
 struct CUstream_st;
 typedef struct CUstream_st* cudaStream_t;
 
-enum cudaError_t {
-  cudaSuccess = 0,
-  cudaErrorInvalidValue = 1,
-  cudaErrorMemoryAllocation = 2,
-  cudaErrorInvalidConfiguration = 9,
-  cudaErrorInvalidDeviceFunction = 98,
-  cudaErrorLaunchOutOfResources = 701,
-  cudaErrorLaunchFailure = 719,
-};
+// The error codes the emulator can report: X(name, CUDA's value, cudaGetErrorString's text).
+// The enum here and cudaGetErrorName / cudaGetErrorString in cuda_emu_api.cpp are all made
+// from this one list.
+#define CUDA_EMU_ERRORS(X)                                                           \
+  X(cudaSuccess, 0, "no error")                                                      \
+  X(cudaErrorInvalidValue, 1, "invalid argument")                                    \
+  X(cudaErrorMemoryAllocation, 2, "out of memory")                                   \
+  X(cudaErrorInvalidConfiguration, 9, "invalid configuration argument")              \
+  X(cudaErrorInvalidDeviceFunction, 98, "invalid device function")                   \
+  X(cudaErrorLaunchOutOfResources, 701, "too many resources requested for launch")   \
+  X(cudaErrorLaunchFailure, 719, "unspecified launch failure")
+
+#define CUDA_EMU_ERROR_ENUM(name, value, text) name = value,
+enum cudaError_t { CUDA_EMU_ERRORS(CUDA_EMU_ERROR_ENUM) };
+#undef CUDA_EMU_ERROR_ENUM
 typedef cudaError_t cudaError;
 
 enum cudaFuncAttribute {
@@ -408,24 +414,38 @@ inline void __trap(CUDA_EMU_SITE) { cuda_emu::kernel_error(file, line, "__trap()
 // ------------------------------------------------------------------------------------------
 // Atomics (blocks run in parallel on worker threads, so these are real atomics)
 
+namespace cuda_emu {
+// *address = update(*address) as one atomic step, for the operations without a builtin of
+// their own (floating-point add, min, max): retry a compare-and-swap until no other thread
+// wrote in between. Returns the old value, as CUDA's atomics do.
+template <typename T, typename F>
+inline T atomic_update(T* address, F update) {
+  T old;
+  __atomic_load(address, &old, __ATOMIC_RELAXED);
+  T desired = update(old);
+  while (!__atomic_compare_exchange(address, &old, &desired, false, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED)) {
+    desired = update(old);
+  }
+  return old;
+}
+}  // namespace cuda_emu
+
 template <typename T>
 inline T atomicAdd(T* address, T value) {
   if constexpr (std::is_integral<T>::value) {
     return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
   } else {
-    T old;
-    __atomic_load(address, &old, __ATOMIC_RELAXED);
-    T desired = old + value;
-    while (!__atomic_compare_exchange(address, &old, &desired, false, __ATOMIC_RELAXED,
-                                      __ATOMIC_RELAXED)) {
-      desired = old + value;
-    }
-    return old;
+    return cuda_emu::atomic_update(address, [value](T old) { return old + value; });
   }
 }
 template <typename T>
-inline T atomicSub(T* address, T value) {
-  return __atomic_fetch_sub(address, value, __ATOMIC_RELAXED);
+inline T atomicMax(T* address, T value) {
+  return cuda_emu::atomic_update(address, [value](T old) { return old < value ? value : old; });
+}
+template <typename T>
+inline T atomicMin(T* address, T value) {
+  return cuda_emu::atomic_update(address, [value](T old) { return value < old ? value : old; });
 }
 template <typename T>
 inline T atomicExch(T* address, T value) {
@@ -439,34 +459,17 @@ inline T atomicCAS(T* address, T compare, T value) {
                             __ATOMIC_RELAXED);
   return compare;  // the old value, whether or not the exchange happened
 }
-template <typename T>
-inline T atomicMax(T* address, T value) {
-  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
-  while (old < value && !__atomic_compare_exchange_n(address, &old, value, false,
-                                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+// The integer operations with a builtin of their own.
+#define CUDA_EMU_FETCH_ATOMIC(NAME, BUILTIN)                                               \
+  template <typename T>                                                                    \
+  inline T NAME(T* address, T value) {                                                     \
+    return BUILTIN(address, value, __ATOMIC_RELAXED);                                      \
   }
-  return old;
-}
-template <typename T>
-inline T atomicMin(T* address, T value) {
-  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
-  while (value < old && !__atomic_compare_exchange_n(address, &old, value, false,
-                                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-  }
-  return old;
-}
-template <typename T>
-inline T atomicAnd(T* address, T value) {
-  return __atomic_fetch_and(address, value, __ATOMIC_RELAXED);
-}
-template <typename T>
-inline T atomicOr(T* address, T value) {
-  return __atomic_fetch_or(address, value, __ATOMIC_RELAXED);
-}
-template <typename T>
-inline T atomicXor(T* address, T value) {
-  return __atomic_fetch_xor(address, value, __ATOMIC_RELAXED);
-}
+CUDA_EMU_FETCH_ATOMIC(atomicSub, __atomic_fetch_sub)
+CUDA_EMU_FETCH_ATOMIC(atomicAnd, __atomic_fetch_and)
+CUDA_EMU_FETCH_ATOMIC(atomicOr, __atomic_fetch_or)
+CUDA_EMU_FETCH_ATOMIC(atomicXor, __atomic_fetch_xor)
+#undef CUDA_EMU_FETCH_ATOMIC
 
 // ------------------------------------------------------------------------------------------
 // Loads and stores with cache hints: plain accesses, with the alignment a GPU requires.
@@ -648,34 +651,25 @@ inline uint16_t float_to_bf16_bits_rn(float f) {
 
 }  // namespace cuda_emu
 
-struct __half_raw {
-  unsigned short x;
-};
-struct __nv_bfloat16_raw {
-  unsigned short x;
-};
-
-struct __half {
-  unsigned short __x;
-  __half() = default;
-  constexpr __half(__half_raw r) : __x(r.x) {}
-  __half(float f) : __x(cuda_emu::float_to_half_bits_rn(f)) {}
-  __half(double f) : __half(static_cast<float>(f)) {}
-  __half(int v) : __half(static_cast<float>(v)) {}
-  operator float() const { return cuda_emu::half_bits_to_float(__x); }
-  operator __half_raw() const { return {__x}; }
-};
-
-struct __nv_bfloat16 {
-  unsigned short __x;
-  __nv_bfloat16() = default;
-  constexpr __nv_bfloat16(__nv_bfloat16_raw r) : __x(r.x) {}
-  __nv_bfloat16(float f) : __x(cuda_emu::float_to_bf16_bits_rn(f)) {}
-  __nv_bfloat16(double f) : __nv_bfloat16(static_cast<float>(f)) {}
-  __nv_bfloat16(int v) : __nv_bfloat16(static_cast<float>(v)) {}
-  operator float() const { return cuda_emu::bf16_bits_to_float(__x); }
-  operator __nv_bfloat16_raw() const { return {__x}; }
-};
+// A 16-bit storage type H with its raw-bits struct R, converted from float by
+// cuda_emu::FROM_FLOAT (round to nearest even) and to float by cuda_emu::TO_FLOAT (exact).
+#define CUDA_EMU_16BIT_TYPE(H, R, FROM_FLOAT, TO_FLOAT)                                 \
+  struct R {                                                                          \
+    unsigned short x;                                                                 \
+  };                                                                                  \
+  struct H {                                                                          \
+    unsigned short __x;                                                               \
+    H() = default;                                                                    \
+    constexpr H(R r) : __x(r.x) {}                                                    \
+    H(float f) : __x(cuda_emu::FROM_FLOAT(f)) {}                                      \
+    H(double f) : H(static_cast<float>(f)) {}                                         \
+    H(int v) : H(static_cast<float>(v)) {}                                            \
+    operator float() const { return cuda_emu::TO_FLOAT(__x); }                        \
+    operator R() const { return {__x}; }                                              \
+  };
+CUDA_EMU_16BIT_TYPE(__half, __half_raw, float_to_half_bits_rn, half_bits_to_float)
+CUDA_EMU_16BIT_TYPE(__nv_bfloat16, __nv_bfloat16_raw, float_to_bf16_bits_rn, bf16_bits_to_float)
+#undef CUDA_EMU_16BIT_TYPE
 
 struct alignas(4) __half2 {
   __half x, y;
@@ -720,50 +714,28 @@ CUDA_EMU_HALF_OPS(__nv_bfloat16)
 // (The half product a·b and sum a+b are exact in float, so rounding once to the half type
 // gives the correctly rounded result; only fma and division can round twice.)
 
-inline __half __float2half(float f) { return __half(f); }
-inline __half __float2half_rn(float f) { return __half(f); }
-inline float __half2float(__half h) { return float(h); }
-inline __half __ushort_as_half(unsigned short v) { return __half_raw{v}; }
-inline unsigned short __half_as_ushort(__half h) { return h.__x; }
-inline __half2 __halves2half2(__half a, __half b) { return {a, b}; }
-inline __half2 __half2half2(__half a) { return {a, a}; }
-inline __half2 __floats2half2_rn(float a, float b) { return {__half(a), __half(b)}; }
-inline __half2 __float22half2_rn(float2 f) { return {__half(f.x), __half(f.y)}; }
-inline __half2 __float2half2_rn(float f) { return {__half(f), __half(f)}; }
-inline float2 __half22float2(__half2 h) { return {float(h.x), float(h.y)}; }
-inline __half __low2half(__half2 h) { return h.x; }
-inline __half __high2half(__half2 h) { return h.y; }
-inline float __low2float(__half2 h) { return float(h.x); }
-inline float __high2float(__half2 h) { return float(h.y); }
-inline __half2 __hadd2(__half2 a, __half2 b) { return {a.x + b.x, a.y + b.y}; }
-inline __half2 __hmul2(__half2 a, __half2 b) { return {a.x * b.x, a.y * b.y}; }
-
-inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
-inline float __bfloat162float(__nv_bfloat16 b) { return float(b); }
-inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short v) { return __nv_bfloat16_raw{v}; }
-inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
-inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) { return {a, b}; }
-inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 a) { return {a, a}; }
-inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
-  return {__nv_bfloat16(a), __nv_bfloat16(b)};
-}
-inline __nv_bfloat162 __float22bfloat162_rn(float2 f) {
-  return {__nv_bfloat16(f.x), __nv_bfloat16(f.y)};
-}
-inline __nv_bfloat162 __float2bfloat162_rn(float f) {
-  return {__nv_bfloat16(f), __nv_bfloat16(f)};
-}
-inline float2 __bfloat1622float2(__nv_bfloat162 b) { return {float(b.x), float(b.y)}; }
-inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 b) { return b.x; }
-inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 b) { return b.y; }
-inline float __low2float(__nv_bfloat162 b) { return float(b.x); }
-inline float __high2float(__nv_bfloat162 b) { return float(b.y); }
-inline __nv_bfloat162 __hadd2(__nv_bfloat162 a, __nv_bfloat162 b) {
-  return {a.x + b.x, a.y + b.y};
-}
-inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
-  return {a.x * b.x, a.y * b.y};
-}
+// CUDA's conversions of a 16-bit type T and its pair T2, whose names are built from N and N2:
+// __float2half / __float2bfloat16, __halves2half2 / __halves2bfloat162, ...
+#define CUDA_EMU_16BIT_API(T, T2, N, N2)                                                     \
+  inline T __float2##N(float f) { return T(f); }                                            \
+  inline T __float2##N##_rn(float f) { return T(f); }                                       \
+  inline float __##N##2float(T h) { return float(h); }                                      \
+  inline T __ushort_as_##N(unsigned short v) { return T##_raw{v}; }                         \
+  inline unsigned short __##N##_as_ushort(T h) { return h.__x; }                            \
+  inline T2 __halves2##N2(T a, T b) { return {a, b}; }                                      \
+  inline T2 __##N##2##N2(T a) { return {a, a}; }                                            \
+  inline T2 __floats2##N2##_rn(float a, float b) { return {T(a), T(b)}; }                   \
+  inline T2 __float22##N2##_rn(float2 f) { return {T(f.x), T(f.y)}; }                       \
+  inline T2 __float2##N2##_rn(float f) { return {T(f), T(f)}; }                             \
+  inline float2 __##N2##2float2(T2 h) { return {float(h.x), float(h.y)}; }                  \
+  inline T __low2##N(T2 h) { return h.x; }                                                  \
+  inline T __high2##N(T2 h) { return h.y; }                                                 \
+  inline float __low2float(T2 h) { return float(h.x); }                                     \
+  inline float __high2float(T2 h) { return float(h.y); }                                    \
+  inline T2 __hadd2(T2 a, T2 b) { return {a.x + b.x, a.y + b.y}; }                          \
+  inline T2 __hmul2(T2 a, T2 b) { return {a.x * b.x, a.y * b.y}; }
+CUDA_EMU_16BIT_API(__half, __half2, half, half2)
+CUDA_EMU_16BIT_API(__nv_bfloat16, __nv_bfloat162, bfloat16, bfloat162)
+#undef CUDA_EMU_16BIT_API
 
 #undef CUDA_EMU_SITE

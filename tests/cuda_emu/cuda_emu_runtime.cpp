@@ -1,11 +1,8 @@
-// The emulator's runtime: launches, the per-block fiber scheduler, barriers and warp
-// exchanges, shared memory, error reporting (tests/cuda_emu/README.md). Compiled once into
-// every emulated library, next to the rewritten .cu files; the control functions at the end
-// (cuda_emu_configure, cuda_emu_last_error, cuda_emu_counters) are called from Python.
-#include "cuda_emu.h"
-
-#include <sys/mman.h>
-#include <unistd.h>
+// The emulator's scheduler: launches, the per-block fiber scheduler, barriers and warp
+// exchanges, shared memory, in-kernel error reports (tests/cuda_emu/README.md). Compiled once
+// into every emulated library, next to the rewritten .cu files and the other runtime files
+// (cuda_emu_runtime.h).
+#include "cuda_emu_runtime.h"
 
 #include <algorithm>
 #include <atomic>
@@ -18,103 +15,17 @@
 #include <thread>
 #include <vector>
 
-// Fibers switch stacks with a few lines of assembly on x86-64 (about 10 ns a switch);
-// elsewhere, or with -DCUDA_EMU_USE_UCONTEXT, with swapcontext (about 1 µs: it makes a
-// system call to save the signal mask).
-#if defined(__x86_64__) && !defined(CUDA_EMU_USE_UCONTEXT)
-#define CUDA_EMU_ASM_SWITCH 1
-#else
-#include <ucontext.h>
-#endif
-
-#if CUDA_EMU_ASM_SWITCH
-// void cuda_emu_switch_stack(void** save_sp, void* next_sp): push the callee-saved registers,
-// save the stack pointer to *save_sp, load next_sp, pop that stack's registers and return
-// into it. (The SysV ABI also makes MXCSR and the x87 control word callee-saved; no kernel
-// changes them, so they are not switched.)
-extern "C" void cuda_emu_switch_stack(void** save_sp, void* next_sp)
-    __attribute__((visibility("hidden")));
-asm(R"(
-  .text
-  .p2align 4
-  .globl cuda_emu_switch_stack
-  .hidden cuda_emu_switch_stack
-  .type cuda_emu_switch_stack, @function
-cuda_emu_switch_stack:
-  pushq %rbp
-  pushq %rbx
-  pushq %r12
-  pushq %r13
-  pushq %r14
-  pushq %r15
-  movq %rsp, (%rdi)
-  movq %rsi, %rsp
-  popq %r15
-  popq %r14
-  popq %r13
-  popq %r12
-  popq %rbx
-  popq %rbp
-  ret
-  .size cuda_emu_switch_stack, .-cuda_emu_switch_stack
-  .section .note.GNU-stack,"",@progbits
-)");
-#endif
-
 namespace cuda_emu {
+using namespace runtime;
 namespace {
 
 using detail::BarrierOp;
 using detail::WarpOp;
 
-constexpr size_t kStackBytes = 256 * 1024;         // per emulated thread (virtual)
-constexpr size_t kStaticSharedLimit = 48 * 1024;   // CUDA: static __shared__ per block
-constexpr size_t kSharedLimit = 227 * 1024;        // sm_90: static + dynamic per block
 constexpr unsigned kMaxWorkers = 16;
 
 // ------------------------------------------------------------------------------------------
-// Settings, counters, last error
-
-struct Settings {
-  int order = 0;  // priority of a block's threads: 0 index order, 1 reverse, 2 seeded random
-  bool run_ahead = false;  // false: round-robin; true: always the first runnable in `order`
-  uint64_t seed = 0;
-  int workers = 0;   // OS threads running blocks; 0: one per hardware thread
-  unsigned max_grid[3] = {0, 0, 0};  // clamp the grid (0: no clamp): exercises grid-stride loops
-};
-
-std::mutex g_settings_mutex;
-Settings g_settings;
-std::atomic<int> g_max_dynamic_shared{48 * 1024};
-std::atomic<uint64_t> g_launches{0}, g_blocks{0}, g_threads{0};
-
-thread_local cudaError_t t_last_error = cudaSuccess;
-std::mutex g_message_mutex;
-std::string g_last_message;  // why the latest launch failed ("" if it did not)
-
-void set_message(const std::string& message) {
-  std::lock_guard<std::mutex> lock(g_message_mutex);
-  g_last_message = message;
-}
-
-std::string vformat(const char* fmt, va_list args) {
-  va_list copy;
-  va_copy(copy, args);
-  const int n = std::vsnprintf(nullptr, 0, fmt, copy);
-  va_end(copy);
-  std::string out(n > 0 ? static_cast<size_t>(n) : 0, '\0');
-  if (n > 0) std::vsnprintf(&out[0], out.size() + 1, fmt, args);
-  return out;
-}
-
-std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char* fmt, ...) {
-  va_list args;
-  va_start(args, fmt);
-  std::string out = vformat(fmt, args);
-  va_end(args);
-  return out;
-}
+// Messages
 
 // "0-3,7,9-31" for the set bits of a lane mask.
 std::string lane_list(unsigned mask) {
@@ -152,39 +63,6 @@ const char* barrier_name(BarrierOp op) {
     case BarrierOp::kOr: return "__syncthreads_or";
   }
   return "?";
-}
-
-// ------------------------------------------------------------------------------------------
-// Fiber stacks: mmap'ed with a guard page below (a stack overflow faults instead of
-// corrupting a neighbour), pooled across launches.
-
-std::mutex g_stack_mutex;
-std::vector<char*> g_free_stacks;
-size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
-
-char* acquire_stack() {
-  {
-    std::lock_guard<std::mutex> lock(g_stack_mutex);
-    if (!g_free_stacks.empty()) {
-      char* s = g_free_stacks.back();
-      g_free_stacks.pop_back();
-      return s;
-    }
-  }
-  const size_t guard = page_size();
-  void* p = mmap(nullptr, kStackBytes + guard, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) {
-    std::fprintf(stderr, "cuda_emu: cannot map a fiber stack\n");
-    std::abort();
-  }
-  mprotect(p, guard, PROT_NONE);
-  return static_cast<char*>(p) + guard;  // usable: [s, s + kStackBytes)
-}
-
-void release_stack(char* s) {
-  std::lock_guard<std::mutex> lock(g_stack_mutex);
-  g_free_stacks.push_back(s);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -234,11 +112,7 @@ struct WarpState {
 };
 
 struct Fiber {
-#if CUDA_EMU_ASM_SWITCH
-  void* sp = nullptr;
-#else
-  ucontext_t context;
-#endif
+  Context context;
   char* stack = nullptr;
   uint3 tid{};
   unsigned linear = 0, warp = 0, lane = 0;
@@ -260,11 +134,7 @@ struct Worker {
   bool failed = false;
   bool released = false;  // a barrier or warp operation completed (threads became runnable)
   Fiber* current = nullptr;
-#if CUDA_EMU_ASM_SWITCH
-  void* scheduler_sp = nullptr;
-#else
-  ucontext_t scheduler_context;
-#endif
+  Context scheduler;  // where the block's scheduler loop resumes
   // __syncthreads in progress
   unsigned barrier_arrived = 0;
   BarrierOp barrier_op = BarrierOp::kSync;
@@ -304,21 +174,11 @@ std::string where(const Worker& w, const Fiber* f) {
 void switch_to_fiber(Worker& w, Fiber& f) {
   w.current = &f;
   threadIdx = f.tid;
-#if CUDA_EMU_ASM_SWITCH
-  cuda_emu_switch_stack(&w.scheduler_sp, f.sp);
-#else
-  swapcontext(&w.scheduler_context, &f.context);
-#endif
+  switch_context(w.scheduler, f.context);
   w.current = nullptr;
 }
 
-void switch_to_scheduler(Worker& w, Fiber& f) {
-#if CUDA_EMU_ASM_SWITCH
-  cuda_emu_switch_stack(&f.sp, w.scheduler_sp);
-#else
-  swapcontext(&f.context, &w.scheduler_context);
-#endif
-}
+void switch_to_scheduler(Worker& w, Fiber& f) { switch_context(f.context, w.scheduler); }
 
 // Stop the block: record the error and never resume the calling fiber.
 [[noreturn]] void abandon(Worker& w, Fiber& f, const std::string& message) {
@@ -340,25 +200,7 @@ void fiber_main() {
   std::abort();  // not reached: a finished fiber is never resumed
 }
 
-void start_fiber(Fiber& f) {
-#if CUDA_EMU_ASM_SWITCH
-  // A stack that cuda_emu_switch_stack "returns" into fiber_main with: six zeroed registers,
-  // the return address, and a pad slot, so that fiber_main starts with rsp ≡ 8 (mod 16) as
-  // after a call.
-  auto top = reinterpret_cast<uintptr_t>(f.stack + kStackBytes) & ~uintptr_t(15);
-  void** sp = reinterpret_cast<void**>(top);
-  *--sp = nullptr;
-  *--sp = reinterpret_cast<void*>(&fiber_main);
-  for (int i = 0; i < 6; ++i) *--sp = nullptr;
-  f.sp = sp;
-#else
-  getcontext(&f.context);
-  f.context.uc_stack.ss_sp = f.stack;
-  f.context.uc_stack.ss_size = kStackBytes;
-  f.context.uc_link = nullptr;
-  makecontext(&f.context, fiber_main, 0);
-#endif
-}
+void start_fiber(Fiber& f) { start_context(f.context, f.stack, fiber_main); }
 
 std::string deadlock_message(const Worker& w) {
   std::string s = "deadlock: no thread can proceed;";
@@ -825,224 +667,3 @@ void run_launch(const LaunchConfig& config, KernelThunk thunk, const void* closu
 }
 
 }  // namespace cuda_emu
-
-// ------------------------------------------------------------------------------------------
-// Runtime API
-
-cudaError_t cudaGetLastError() {
-  const cudaError_t e = cuda_emu::t_last_error;
-  cuda_emu::t_last_error = cudaSuccess;
-  return e;
-}
-cudaError_t cudaPeekAtLastError() { return cuda_emu::t_last_error; }
-
-const char* cudaGetErrorName(cudaError_t error) {
-  switch (error) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    case cudaErrorInvalidDeviceFunction: return "cudaErrorInvalidDeviceFunction";
-    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
-    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
-  }
-  return "cudaErrorUnknown";
-}
-
-const char* cudaGetErrorString(cudaError_t error) {
-  switch (error) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorInvalidDeviceFunction: return "invalid device function";
-    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
-    case cudaErrorLaunchFailure: return "unspecified launch failure";
-  }
-  return "unknown error";
-}
-
-cudaError_t cudaDeviceSynchronize() { return cuda_emu::t_last_error; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cuda_emu::t_last_error; }
-
-cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
-  return cudaSuccess;
-}
-
-cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  switch (attr) {
-    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
-    case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *value = 4; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; return cudaSuccess;
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
-  std::memset(ptr, value, count);
-  return cudaSuccess;
-}
-
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind,
-                            cudaStream_t) {
-  std::memmove(dst, src, count);
-  return cudaSuccess;
-}
-
-cudaError_t cuda_emu_set_max_dynamic_shared(int bytes) {
-  if (bytes < 0 || bytes > 227 * 1024) return cudaErrorInvalidValue;
-  cuda_emu::g_max_dynamic_shared = std::max(bytes, cuda_emu::g_max_dynamic_shared.load());
-  return cudaSuccess;
-}
-
-// ------------------------------------------------------------------------------------------
-// Control from Python (ctypes)
-
-extern "C" {
-
-// order: 0 forward, 1 reverse, 2 random(seed); run_ahead: 0 round-robin, 1 run-ahead;
-// workers: 0 = one per hardware thread; max_grid_*: clamp each grid dimension (0 = none).
-void cuda_emu_configure(int order, uint64_t seed, int run_ahead, int workers,
-                        unsigned max_grid_x, unsigned max_grid_y, unsigned max_grid_z) {
-  std::lock_guard<std::mutex> lock(cuda_emu::g_settings_mutex);
-  cuda_emu::g_settings.order = order;
-  cuda_emu::g_settings.run_ahead = run_ahead != 0;
-  cuda_emu::g_settings.seed = seed;
-  cuda_emu::g_settings.workers = workers;
-  cuda_emu::g_settings.max_grid[0] = max_grid_x;
-  cuda_emu::g_settings.max_grid[1] = max_grid_y;
-  cuda_emu::g_settings.max_grid[2] = max_grid_z;
-}
-
-// Why the latest launch failed, "" if it succeeded. The pointer stays valid until the next
-// launch.
-const char* cuda_emu_last_error() {
-  static thread_local std::string copy;
-  std::lock_guard<std::mutex> lock(cuda_emu::g_message_mutex);
-  copy = cuda_emu::g_last_message;
-  return copy.c_str();
-}
-
-// Launches, blocks and threads run since the library was loaded.
-void cuda_emu_counters(uint64_t* out) {
-  out[0] = cuda_emu::g_launches;
-  out[1] = cuda_emu::g_blocks;
-  out[2] = cuda_emu::g_threads;
-}
-
-// ------------------------------------------------------------------------------------------
-// Undefined-behaviour checks. The kernels are compiled with -fsanitize=alignment,bounds,...
-// but linked without the sanitizer runtime: these handlers (same ABI as GCC's and Clang's
-// libubsan) turn each report into a launch failure naming the source line.
-
-struct UbsanLocation {
-  const char* file;
-  uint32_t line;
-  uint32_t column;
-};
-struct UbsanType {
-  uint16_t kind;  // 0: integer, 1: float
-  uint16_t info;  // integer: log2(bit width) << 1 | signed
-  char name[1];
-};
-struct UbsanTypeMismatch {
-  UbsanLocation loc;
-  const UbsanType* type;
-  unsigned char log_alignment;
-  unsigned char check_kind;
-};
-struct UbsanOutOfBounds {
-  UbsanLocation loc;
-  const UbsanType* array_type;
-  const UbsanType* index_type;
-};
-struct UbsanOverflow {
-  UbsanLocation loc;
-  const UbsanType* type;
-};
-struct UbsanShift {
-  UbsanLocation loc;
-  const UbsanType* lhs_type;
-  const UbsanType* rhs_type;
-};
-
-static std::string ubsan_value(const UbsanType* t, uintptr_t v) {
-  if (t->kind == 0 && (t->info >> 1) <= 6) {
-    const unsigned bits = 1u << (t->info >> 1);
-    if (t->info & 1) {
-      const int64_t s = bits == 64 ? static_cast<int64_t>(v)
-                                   : static_cast<int64_t>(v << (64 - bits)) >> (64 - bits);
-      return std::to_string(s);
-    }
-    return std::to_string(bits == 64 ? uint64_t(v) : uint64_t(v) & ((uint64_t(1) << bits) - 1));
-  }
-  return "?";
-}
-
-#define CUDA_EMU_UB(loc, ...) \
-  cuda_emu::kernel_error((loc).file, static_cast<int>((loc).line), __VA_ARGS__)
-
-void __ubsan_handle_type_mismatch_v1(UbsanTypeMismatch* d, uintptr_t ptr) {
-  static const char* const kKinds[] = {"load of", "store to", "reference binding to",
-                                       "member access within", "member call on",
-                                       "constructor call on", "downcast of", "downcast of",
-                                       "upcast of", "cast to virtual base of",
-                                       "_Nonnull binding to", "dynamic operation on"};
-  const char* kind = d->check_kind < 12 ? kKinds[d->check_kind] : "access to";
-  const uintptr_t align = uintptr_t(1) << d->log_alignment;
-  if (ptr == 0) {
-    CUDA_EMU_UB(d->loc, "%s null pointer of type %s", kind, d->type->name);
-  } else if (ptr & (align - 1)) {
-    CUDA_EMU_UB(d->loc, "%s misaligned address 0x%lx for type %s, which requires %lu-byte "
-                "alignment (a GPU raises cudaErrorMisalignedAddress)", kind,
-                static_cast<unsigned long>(ptr), d->type->name,
-                static_cast<unsigned long>(align));
-  } else {
-    CUDA_EMU_UB(d->loc, "%s address 0x%lx with insufficient space for type %s", kind,
-                static_cast<unsigned long>(ptr), d->type->name);
-  }
-}
-
-void __ubsan_handle_out_of_bounds(UbsanOutOfBounds* d, uintptr_t index) {
-  CUDA_EMU_UB(d->loc, "index %s out of bounds for type %s",
-              ubsan_value(d->index_type, index).c_str(), d->array_type->name);
-}
-
-static void ubsan_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b, const char* op) {
-  CUDA_EMU_UB(d->loc, "signed integer overflow: %s %s %s cannot be represented in type %s",
-              ubsan_value(d->type, a).c_str(), op, ubsan_value(d->type, b).c_str(),
-              d->type->name);
-}
-void __ubsan_handle_add_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b) {
-  ubsan_overflow(d, a, b, "+");
-}
-void __ubsan_handle_sub_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b) {
-  ubsan_overflow(d, a, b, "-");
-}
-void __ubsan_handle_mul_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b) {
-  ubsan_overflow(d, a, b, "*");
-}
-void __ubsan_handle_negate_overflow(UbsanOverflow* d, uintptr_t a) {
-  CUDA_EMU_UB(d->loc, "negation of %s cannot be represented in type %s",
-              ubsan_value(d->type, a).c_str(), d->type->name);
-}
-void __ubsan_handle_divrem_overflow(UbsanOverflow* d, uintptr_t a, uintptr_t b) {
-  CUDA_EMU_UB(d->loc, "division %s / %s: division by zero or overflow in type %s",
-              ubsan_value(d->type, a).c_str(), ubsan_value(d->type, b).c_str(), d->type->name);
-}
-void __ubsan_handle_shift_out_of_bounds(UbsanShift* d, uintptr_t a, uintptr_t b) {
-  CUDA_EMU_UB(d->loc, "shift %s << or >> %s is out of bounds for type %s",
-              ubsan_value(d->lhs_type, a).c_str(), ubsan_value(d->rhs_type, b).c_str(),
-              d->lhs_type->name);
-}
-void __ubsan_handle_vla_bound_not_positive(UbsanOverflow* d, uintptr_t bound) {
-  CUDA_EMU_UB(d->loc, "variable-length array bound %s is not positive",
-              ubsan_value(d->type, bound).c_str());
-}
-
-#undef CUDA_EMU_UB
-
-}  // extern "C"

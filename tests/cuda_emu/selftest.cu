@@ -1,6 +1,6 @@
-// Kernels that exercise the emulator itself (tests/test_cuda_emulation.py, "the emulator"):
-// warp intrinsics, barriers, shared memory, half/bf16 conversions, and kernels with planted
-// bugs that the emulator must report. Each launcher returns cudaGetLastError().
+// Kernels that exercise the emulator itself (tests/test_cuda_emu_selftest.py): warp
+// intrinsics, barriers, shared memory, atomics, half/bf16 conversions, and kernels with
+// planted bugs that the emulator must report. Each launcher returns cudaGetLastError().
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -72,6 +72,31 @@ __global__ void block_sum_kernel(const float* in, int rows, int n, float* sums, 
     }
     __syncthreads();
   }
+}
+
+// Every thread of the grid applies each atomic once (blocks run on parallel worker threads):
+// fsum += v / 2; ints: [0] += v, [1] -= v, [2] max, [3] min, [4] exchanged for the thread's
+// index (the old values go to exch_old), [5] incremented by a compare-and-swap loop;
+// bits: [0] &= ~(1 << lane), [1] |= 1 << (t % 32), [2] ^= v.
+__global__ void atomics_kernel(const int* values, float* fsum, int* ints, unsigned* bits,
+                               int* exch_old) {
+  const int t = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  const int v = values[t];
+  atomicAdd(fsum, 0.5f * static_cast<float>(v));
+  atomicAdd(&ints[0], v);
+  atomicSub(&ints[1], v);
+  atomicMax(&ints[2], v);
+  atomicMin(&ints[3], v);
+  exch_old[t] = atomicExch(&ints[4], t);
+  int seen = atomicAdd(&ints[5], 0);
+  for (;;) {
+    const int old = atomicCAS(&ints[5], seen, seen + 1);
+    if (old == seen) break;
+    seen = old;
+  }
+  atomicAnd(&bits[0], ~(1u << (threadIdx.x % 32)));
+  atomicOr(&bits[1], 1u << (t % 32));
+  atomicXor(&bits[2], static_cast<unsigned>(v));
 }
 
 // The same tree without the barrier between the partial sums being written and read: its
@@ -173,6 +198,12 @@ int selftest_block_sum(const float* in, int rows, int n, int threads, int blocks
                        int* positives) {
   block_sum_kernel<<<blocks, threads, threads * sizeof(float), nullptr>>>(in, rows, n, sums,
                                                                           positives);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int selftest_atomics(const int* values, int blocks, int threads, float* fsum, int* ints,
+                     unsigned* bits, int* exch_old) {
+  atomics_kernel<<<blocks, threads>>>(values, fsum, ints, bits, exch_old);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -71,6 +71,17 @@ class Impl:
     skip: str | None = None
     note: str = ""
 
+    @classmethod
+    def rlkern(cls, fn: Callable[[Any], Outputs], *, name: str = "rlkern", note: str = "",
+               warmup: int = 1) -> Impl:
+        """The implementation the others are compared with (listed first)."""
+        return cls(name, fn, role=RLKERN, warmup=warmup, note=note)
+
+    @classmethod
+    def floor(cls, fn: Callable[[Any], Outputs], *, note: str = "") -> Impl:
+        """The machine's floor, named ``floor`` (listed last); ``note`` says what it does."""
+        return cls("floor", fn, role=FLOOR, note=note)
+
 
 @dataclass(frozen=True)
 class Tolerance:

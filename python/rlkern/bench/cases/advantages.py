@@ -34,7 +34,7 @@ one write of the four outputs.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,18 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import (
-    FLOOR,
-    RLKERN,
-    Case,
-    CaseOptions,
-    Impl,
-    ImplUnavailableError,
-    Outputs,
-    Size,
-    Tolerance,
-    register,
-)
+from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
+from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
 
 GROUP = 8
 TARGETS = (
@@ -117,31 +107,18 @@ def trl_formula(scores: Tensor, group: int) -> Tensor:
     return (scores - mean) / (std + 1e-4)
 
 
-_VERL: list[Any] = []
+#: verl's core_algos.
+VERL = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos"),
+            hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
 
 
-def _verl() -> Any:
-    """verl's core_algos, imported on first use (untimed; it takes ~20 s)."""
-    if not _VERL:
-        if importlib.util.find_spec("verl") is None:
-            raise ImplUnavailableError("verl is not installed (optional: pip install -e "
-                                       "'.[parity]' && pip install --no-deps verl)")
-        try:
-            from verl.trainer.ppo import core_algos
-        except Exception as exc:
-            raise ImplUnavailableError(f"verl is not importable ({type(exc).__name__}: {exc})"
-                                       ) from exc
-        _VERL.append(core_algos)
-    return _VERL[0]
-
-
-def _verl_impl(fn_name: str, index: Callable[[AdvInputs], Any]) -> Callable[[AdvInputs], Outputs]:
+def _verl_impl(name: str, fn_name: str, index: Callable[[AdvInputs], Any]) -> Impl:
     def call(inp: AdvInputs) -> Outputs:
-        fn = getattr(_verl(), fn_name)
+        fn = getattr(VERL.get(), fn_name)
         adv, _ = fn(inp.token_rewards.clone(), inp.mask, index(inp))
         return {"advantages": adv.reshape(-1)}
 
-    return call
+    return Impl(name, call, skip=VERL.missing())
 
 
 def _rlkern(backend: str, mode: str) -> Callable[[AdvInputs], Outputs]:
@@ -161,51 +138,43 @@ def _rlkern(backend: str, mode: str) -> Callable[[AdvInputs], Outputs]:
 
 def _floor(inp: AdvInputs) -> Outputs:
     # Read the ids and scores once; write advantages, mean, std (float32) and the mask (bool).
-    inp.ids.amax()
+    read_once(inp.ids)
     for dtype in (torch.float32, torch.float32, torch.float32, torch.bool):
-        torch.empty(inp.scores.shape, dtype=dtype, device=inp.scores.device).copy_(inp.scores)
+        write_once(inp.scores, dtype)
     return {}
-
-
-def _backend(options: CaseOptions) -> tuple[str, str]:
-    from rlkern import backends
-
-    if options.rlkern_backend == "auto" and options.device.type == "cpu" and not backends.has_cpp():
-        return "torch", ("rlkern._C is not built: the rlkern rows run backend='torch' (the "
-                         "float64 reference, slow), not the C++ kernels")
-    return options.rlkern_backend, ""
 
 
 @register("advantages")
 def advantages_case(options: CaseOptions) -> Case:
-    backend, note = _backend(options)
+    backend = RlkernBackend.choose(options)
 
     def implementations(mode: str) -> list[Impl]:
+        rlkern = Impl.rlkern(_rlkern(backend.name, mode), note=backend.note)
+        floor = Impl.floor(_floor)
         if mode == CONTIGUOUS:
             return [
-                Impl("rlkern", _rlkern(backend, mode), role=RLKERN, note=note),
+                rlkern,
                 Impl("trl formula", lambda inp: {"advantages": trl_formula(inp.scores, GROUP)}),
-                Impl("floor", _floor, role=FLOOR),
+                floor,
             ]
         if mode == DENSE:
             return [
-                Impl("rlkern", _rlkern(backend, mode), role=RLKERN, note=note),
-                Impl("verl vectorized",
-                     _verl_impl("compute_grpo_vectorized_outcome_advantage",
-                                lambda i: i.dense_ids.cpu().numpy())),
+                rlkern,
+                _verl_impl("verl vectorized", "compute_grpo_vectorized_outcome_advantage",
+                           lambda i: i.dense_ids.cpu().numpy()),
                 Impl("torch scatter",
                      lambda inp: {"advantages": torch_scatter_grpo(
                          inp.scores, inp.dense_ids, dense_k=inp.scores.numel() // GROUP)}),
-                Impl("floor", _floor, role=FLOOR),
+                floor,
             ]
         return [
-            Impl("rlkern", _rlkern(backend, mode), role=RLKERN, note=note),
-            Impl("verl loop", _verl_impl("compute_grpo_outcome_advantage", lambda i: i.uid)),
-            Impl("verl vectorized (uid strings)",
-                 _verl_impl("compute_grpo_vectorized_outcome_advantage", lambda i: i.uid)),
+            rlkern,
+            _verl_impl("verl loop", "compute_grpo_outcome_advantage", lambda i: i.uid),
+            _verl_impl("verl vectorized (uid strings)",
+                       "compute_grpo_vectorized_outcome_advantage", lambda i: i.uid),
             Impl("torch scatter",
                  lambda inp: {"advantages": torch_scatter_grpo(inp.scores, inp.ids)}),
-            Impl("floor", _floor, role=FLOOR),
+            floor,
         ]
 
     return Case(
@@ -218,9 +187,9 @@ def advantages_case(options: CaseOptions) -> Case:
         # float32 peers against rlkern's float64-accumulated result: a few float32 ulps.
         tolerances={"advantages": Tolerance(atol=1e-5, rtol=1e-5)},
         notes=(*TARGETS, "floor: one read of ids and scores, one write of the four outputs",
-               *((note,) if note else ())),
-        warnings=(note,) if note else (),
-        environment={"rlkern_backend": backend},
+               *backend.notes),
+        warnings=backend.notes,
+        environment=backend.environment,
     )
 
 
@@ -274,26 +243,25 @@ def torch_gigpo(inp: GigpoInputs, omega: float = 1.0, eps: float = 1e-6) -> Tens
 
 @register("gigpo")
 def gigpo_case(options: CaseOptions) -> Case:
-    backend, note = _backend(options)
+    backend = RlkernBackend.choose(options)
     from rlkern import gigpo_advantages
 
     def rlkern_call(inp: GigpoInputs) -> Outputs:
         out = gigpo_advantages(inp.episode, inp.step, inp.keys, group_ids=inp.group, omega=1.0,
-                               mode="std_norm", backend=backend)
+                               mode="std_norm", backend=backend.name)
         return {"advantages": out.advantages}
 
     def floor(inp: GigpoInputs) -> Outputs:
-        inp.group.amax()
-        inp.keys.amax()
+        read_once(inp.group, inp.keys)
         for x in (inp.episode, inp.step, inp.step):
-            torch.empty_like(x).copy_(x)
+            write_once(x)
         return {}
 
     def implementations(mode: str) -> list[Impl]:
         return [
-            Impl("rlkern", rlkern_call, role=RLKERN, note=note),
+            Impl.rlkern(rlkern_call, note=backend.note),
             Impl("torch", lambda inp: {"advantages": torch_gigpo(inp)}),
-            Impl("floor", floor, role=FLOOR),
+            Impl.floor(floor),
         ]
 
     return Case(
@@ -305,6 +273,6 @@ def gigpo_case(options: CaseOptions) -> Case:
         implementations=implementations,
         tolerances={"advantages": Tolerance(atol=1e-5, rtol=1e-5)},
         notes=(*TARGETS, "floor: one read of the four inputs, one write of the three outputs"),
-        warnings=(note,) if note else (),
-        environment={"rlkern_backend": backend},
+        warnings=backend.notes,
+        environment=backend.environment,
     )

@@ -17,25 +17,15 @@ Implementations:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlkern.bench.cases import (
-    FLOOR,
-    RLKERN,
-    Case,
-    CaseOptions,
-    Impl,
-    ImplUnavailableError,
-    Outputs,
-    Size,
-    Tolerance,
-)
-from rlkern.bench.cases import register as register_case
-from rlkern.bench.cases.linear_logprobs import EAGER_MAX_LOGITS, V_QWEN
+from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
+from rlkern.bench.cases.linear_logprobs import V_QWEN, check_eager_fits, hidden_and_head
+from rlkern.bench.kit import Peer, RlkernBackend, fresh_leaf
 
 BETA, EPS_LOW, EPS_HIGH = 0.04, 0.2, 0.28
 
@@ -60,8 +50,7 @@ def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> LossInp
     of random lengths, and old / reference logprobs within ~0.2 of the current ones."""
     b, t, h, v = size["B"], size["T"], size["H"], size["V"]
     gen = torch.Generator(device="cpu").manual_seed(b * 7919 + t * 31 + h + v)
-    hidden = torch.randn(b, t, h, generator=gen).to(dtype)
-    weight = (torch.randn(v, h, generator=gen) * (2.0 / h**0.5)).to(dtype)
+    hidden, weight = hidden_and_head((b, t), h, v, dtype, gen)
     labels = torch.randint(0, v, (b, t), generator=gen)
     lengths = torch.randint(t // 4, t + 1, (b,), generator=gen)
     mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
@@ -83,7 +72,7 @@ def _grads(loss: Tensor, h: Tensor, w: Tensor) -> Outputs:
 
 
 def _leaves(inp: LossInputs) -> tuple[Tensor, Tensor]:
-    return inp.hidden.detach().requires_grad_(), inp.weight.detach().requires_grad_()
+    return fresh_leaf(inp.hidden), fresh_leaf(inp.weight)
 
 
 def _rlkern(backend: str):
@@ -103,26 +92,33 @@ def _rlkern(backend: str):
     return fwd_bwd
 
 
-def _liger(compiled: bool):
+def _liger_loss_class() -> Any:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    return LigerFusedLinearGRPOLoss
+
+
+#: Liger-Kernel's fused linear GRPO loss module class.
+LIGER = Peer("liger_kernel", _liger_loss_class, hint="pip install liger-kernel")
+
+
+def _liger(compiled: bool) -> Impl:
     module = None
 
     def fwd_bwd(inp: LossInputs) -> Outputs:
         nonlocal module
         if module is None:
-            try:
-                from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-            except ImportError as exc:
-                raise ImplUnavailableError(f"liger-kernel is not installed ({exc})") from exc
-            module = LigerFusedLinearGRPOLoss(beta=BETA, compiled=compiled, chunk_size=1,
-                                              epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
-                                              loss_type="dapo")
+            module = LIGER.get()(beta=BETA, compiled=compiled, chunk_size=1, epsilon_low=EPS_LOW,
+                                 epsilon_high=EPS_HIGH, loss_type="dapo")
         h, w = _leaves(inp)
         loss, _ = module(h, w, inp.labels, inp.mask, inp.advantages,
                          ref_per_token_logps=inp.ref_logprobs,
                          old_per_token_logps=inp.old_logprobs)
         return _grads(loss, h, w)
 
-    return fwd_bwd
+    # Compiled: a second warm-up call runs the compiled code once before the timing.
+    name = "liger (compiled)" if compiled else "liger"
+    return Impl(name, fwd_bwd, warmup=2 if compiled else 1, skip=LIGER.missing())
 
 
 def eager_dapo_loss(inp: LossInputs, h: Tensor, w: Tensor) -> Tensor:
@@ -140,10 +136,7 @@ def eager_dapo_loss(inp: LossInputs, h: Tensor, w: Tensor) -> Tensor:
 
 
 def _eager(inp: LossInputs) -> Outputs:
-    logits = inp.labels.numel() * inp.weight.shape[0]
-    if logits > EAGER_MAX_LOGITS:
-        raise ImplUnavailableError(f"eager needs ~12 bytes per logit ({logits * 12 / 2**30:.0f}"
-                                   " GiB here): not run on this 24 GiB machine")
+    check_eager_fits(inp.labels.numel(), inp.weight.shape[0])
     h, w = _leaves(inp)
     return _grads(eager_dapo_loss(inp, h, w), h, w)
 
@@ -156,17 +149,18 @@ def _floor(inp: LossInputs) -> Outputs:
     return {}
 
 
-@register_case("linear_grpo_loss")
+@register("linear_grpo_loss")
 def linear_grpo_loss_case(options: CaseOptions) -> Case:
     """The ``linear_grpo_loss`` case for ``options`` (device, dtype, rlkern backend)."""
+    backend = RlkernBackend.choose(options)
 
     def implementations(mode: str) -> list[Impl]:
         return [
-            Impl("rlkern", _rlkern(options.rlkern_backend), role=RLKERN),
-            Impl("liger", _liger(compiled=False)),
-            Impl("liger (compiled)", _liger(compiled=True), warmup=2),
+            Impl.rlkern(_rlkern(backend.name), note=backend.note),
+            _liger(compiled=False),
+            _liger(compiled=True),
             Impl("eager", _eager),
-            Impl("floor", _floor, role=FLOOR, note=FLOOR_NOTE),
+            Impl.floor(_floor, note=FLOOR_NOTE),
         ]
 
     # Everyone rounds the logits to bf16 the same way; the loss is a mean of fp32 terms, the
@@ -183,6 +177,8 @@ def linear_grpo_loss_case(options: CaseOptions) -> Case:
             "grad_hidden": Tolerance(rtol=1e-2, scale_by_max=True),
             "grad_weight": Tolerance(rtol=1e-2, scale_by_max=True),
         },
-        notes=(FLOOR_NOTE, "loss: TRL dapo, beta=0.04, epsilon 0.2 / 0.28, chunk_size=1 for "
-               "Liger (its default)"),
+        notes=(*backend.notes, FLOOR_NOTE, "loss: TRL dapo, beta=0.04, epsilon 0.2 / 0.28, "
+               "chunk_size=1 for Liger (its default)"),
+        warnings=backend.notes,
+        environment=backend.environment,
     )

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlkern.bench.cases import (
-    FLOOR,
-    RLKERN,
     Case,
     CaseOptions,
     Impl,
@@ -36,8 +34,9 @@ from rlkern.bench.cases import (
     Outputs,
     Size,
     Tolerance,
+    register,
 )
-from rlkern.bench.cases import register as register_case
+from rlkern.bench.kit import RlkernBackend, fresh_leaf
 
 V_QWEN = 151936
 
@@ -69,14 +68,22 @@ class LinearInputs(NamedTuple):
     labels: Tensor
 
 
+def hidden_and_head(lead: tuple[int, ...], h: int, v: int, dtype: torch.dtype,
+                    gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Hidden states ``(*lead, h)`` of unit scale and an LM head ``(v, h)`` scaled like a
+    trained one (logit σ ≈ 2), drawn on the CPU from ``gen``, in ``dtype``."""
+    hidden = torch.randn(*lead, h, generator=gen).to(dtype)
+    weight = (torch.randn(v, h, generator=gen) * (2.0 / h**0.5)).to(dtype)
+    return hidden, weight
+
+
 def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> LinearInputs:
     """Hidden states of unit scale and a weight scaled like a trained LM head (logit σ ≈ 2)."""
     n, h, v = size["N"], size["H"], size["V"]
     gen = torch.Generator(device="cpu").manual_seed(n * 7919 + h * 31 + v)
-    hidden = torch.randn(n, h, generator=gen).to(dtype=dtype, device=device)
-    weight = (torch.randn(v, h, generator=gen) * (2.0 / h**0.5)).to(dtype=dtype, device=device)
-    labels = torch.randint(0, v, (n,), generator=gen).to(device)
-    return LinearInputs(hidden, weight, labels)
+    hidden, weight = hidden_and_head((n,), h, v, dtype, gen)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    return LinearInputs(hidden.to(device), weight.to(device), labels.to(device))
 
 
 def _outputs(logprobs: Tensor, entropy: Tensor, grads: tuple[Tensor, Tensor] | None) -> Outputs:
@@ -96,8 +103,7 @@ def _rlkern(mode: str, backend: str):
         return _outputs(out.logprobs, out.entropy, None)
 
     def fwd_bwd(inp: LinearInputs) -> Outputs:
-        h = inp.hidden.detach().requires_grad_()
-        w = inp.weight.detach().requires_grad_()
+        h, w = fresh_leaf(inp.hidden), fresh_leaf(inp.weight)
         out = linear_logprobs(h, w, inp.labels, return_entropy=True, backend=backend)
         grads = torch.autograd.grad(out.logprobs.sum() + out.entropy.sum(), (h, w))
         return _outputs(out.logprobs, out.entropy, grads)
@@ -127,8 +133,10 @@ def eager_logprobs_entropy(hidden: Tensor, weight: Tensor, labels: Tensor):
     return logprobs, entropy
 
 
-def _check_eager_fits(inp: LinearInputs) -> None:
-    logits = inp.hidden.shape[0] * inp.weight.shape[0]
+def check_eager_fits(tokens: int, vocab: int) -> None:
+    """:class:`ImplUnavailableError` when an eager peer's ``tokens × vocab`` logits (and their
+    fp32 copies) would not fit in memory."""
+    logits = tokens * vocab
     if logits > EAGER_MAX_LOGITS:
         raise ImplUnavailableError(
             f"eager needs ~12 bytes per logit ({logits * 12 / 2**30:.0f} GiB here): not run "
@@ -137,14 +145,13 @@ def _check_eager_fits(inp: LinearInputs) -> None:
 
 def _eager(mode: str):
     def fwd(inp: LinearInputs) -> Outputs:
-        _check_eager_fits(inp)
+        check_eager_fits(*inp.labels.shape, inp.weight.shape[0])
         with torch.no_grad():
             return _outputs(*eager_logprobs_entropy(*inp), None)
 
     def fwd_bwd(inp: LinearInputs) -> Outputs:
-        _check_eager_fits(inp)
-        h = inp.hidden.detach().requires_grad_()
-        w = inp.weight.detach().requires_grad_()
+        check_eager_fits(*inp.labels.shape, inp.weight.shape[0])
+        h, w = fresh_leaf(inp.hidden), fresh_leaf(inp.weight)
         logprobs, entropy = eager_logprobs_entropy(h, w, inp.labels)
         grads = torch.autograd.grad(logprobs.sum() + entropy.sum(), (h, w))
         return _outputs(logprobs, entropy, grads)
@@ -166,19 +173,16 @@ def _floor(mode: str):
     return fwd if mode == "fwd" else fwd_bwd
 
 
-@register_case("linear_logprobs")
+@register("linear_logprobs")
 def linear_logprobs_case(options: CaseOptions) -> Case:
     """The ``linear_logprobs`` case for ``options`` (device, dtype, rlkern backend)."""
-    backend = options.rlkern_backend
+    backend = RlkernBackend.choose(options)
 
     def implementations(mode: str) -> list[Impl]:
-        impls = [Impl("rlkern", _rlkern(mode, backend), role=RLKERN)]
+        impls = [Impl.rlkern(_rlkern(mode, backend.name), note=backend.note)]
         if mode == "fwd+bwd":
-            impls.append(Impl("rlkern (with_grad)", _rlkern_with_grad(backend)))
-        impls += [
-            Impl("eager", _eager(mode)),
-            Impl("floor", _floor(mode), role=FLOOR, note=FLOOR_NOTES[mode]),
-        ]
+            impls.append(Impl("rlkern (with_grad)", _rlkern_with_grad(backend.name)))
+        impls += [Impl("eager", _eager(mode)), Impl.floor(_floor(mode), note=FLOOR_NOTES[mode])]
         return impls
 
     # Both sides round the logits to bf16 identically; gradients differ by the float32
@@ -197,6 +201,7 @@ def linear_logprobs_case(options: CaseOptions) -> Case:
             "grad_hidden": Tolerance(rtol=tol, scale_by_max=True),
             "grad_weight": Tolerance(rtol=tol, scale_by_max=True),
         },
-        notes=tuple(FLOOR_NOTES.values()),
-        environment={"rlkern_backend": backend},
+        notes=(*backend.notes, *FLOOR_NOTES.values()),
+        warnings=backend.notes,
+        environment=backend.environment,
     )

@@ -22,7 +22,6 @@ Implementations, each called the way its trainer calls it:
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,17 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlkern.bench.cases import (
-    FLOOR,
-    RLKERN,
-    Case,
-    CaseOptions,
-    Impl,
-    ImplUnavailableError,
-    Outputs,
-    Size,
-    Tolerance,
-    register,
+from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
+from rlkern.bench.kit import (
+    Peer,
+    RlkernBackend,
+    compiled_on_first_call,
+    fresh_leaf,
+    peaked_logits,
+    read_once,
+    write_once,
 )
 
 V_QWEN = 151936  # Qwen2/Qwen3 vocabulary: the largest common case, and the default here.
@@ -77,8 +74,7 @@ class LogprobsInputs(NamedTuple):
 def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> LogprobsInputs:
     """Random logits (σ = 4, so the softmax is peaked as in a trained model) and labels."""
     n, v = size["N"], size["V"]
-    gen = torch.Generator(device="cpu").manual_seed(n * 1_000_003 + v)
-    logits = (torch.randn(n, v, generator=gen) * 4).to(dtype=dtype, device=device)
+    logits, gen = peaked_logits(n, v, dtype, device, seed=n * 1_000_003 + v)
     labels = torch.randint(0, v, (n,), generator=gen).to(device)
     seq_len = TRL_SEQ_LEN if n % TRL_SEQ_LEN == 0 else n
     return LogprobsInputs(logits, labels, n // seq_len, seq_len)
@@ -102,8 +98,7 @@ def _in_mode(forward: Forward, mode: str) -> Callable[[LogprobsInputs], Outputs]
         return fwd
 
     def fwd_bwd(inp: LogprobsInputs) -> Outputs:
-        # A fresh leaf per call: the gradient is returned, never accumulated into .grad.
-        logits = inp.logits.detach().requires_grad_()
+        logits = fresh_leaf(inp.logits)
         logprobs, entropy = forward(logits, inp.labels, inp)
         (grad,) = torch.autograd.grad(logprobs.sum() + entropy.sum(), logits)
         return {"logprobs": logprobs.detach(), "entropy": entropy.detach(), "grad": grad}
@@ -124,30 +119,23 @@ def _rlkern_forward(backend: str) -> Forward:
     return forward
 
 
-def _trl_forward() -> tuple[Forward | None, str | None]:
-    # Importing trl takes seconds (it pulls in transformers): done on the first call, which is
-    # never timed, so listing or filtering cases stays fast.
-    if importlib.util.find_spec("trl") is None:
-        return None, "trl is not installed (pip install trl)"
-    trl_fns: list[Callable[..., Tensor]] = []
+def _trl_utils() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-    def forward(logits: Tensor, labels: Tensor, inp: LogprobsInputs) -> tuple[Tensor, Tensor]:
-        if not trl_fns:
-            try:
-                from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-            except Exception as exc:  # any import failure means: not available here
-                raise ImplUnavailableError(
-                    f"trl is not importable ({type(exc).__name__}: {exc})"
-                ) from exc
-            trl_fns.extend((selective_log_softmax, entropy_from_logits))
-        selective_log_softmax, entropy_from_logits = trl_fns
-        b, seq, v = inp.batch, inp.seq_len, logits.shape[-1]
-        per_seq = logits.view(b, seq, v)
-        logprobs = selective_log_softmax(per_seq, labels.view(b, seq))
-        entropy = entropy_from_logits(per_seq)
-        return logprobs.reshape(-1), entropy.reshape(-1)
+    return selective_log_softmax, entropy_from_logits
 
-    return forward, None
+
+#: TRL's functions (importing trl pulls in transformers: seconds, so on first use).
+TRL = Peer("trl", _trl_utils, hint="pip install trl")
+
+
+def _trl_forward(logits: Tensor, labels: Tensor, inp: LogprobsInputs) -> tuple[Tensor, Tensor]:
+    selective_log_softmax, entropy_from_logits = TRL.get()
+    b, seq, v = inp.batch, inp.seq_len, logits.shape[-1]
+    per_seq = logits.view(b, seq, v)
+    logprobs = selective_log_softmax(per_seq, labels.view(b, seq))
+    entropy = entropy_from_logits(per_seq)
+    return logprobs.reshape(-1), entropy.reshape(-1)
 
 
 # verl's eager formulas (verl/utils/torch_functional.py), restated: a row loop keeps the bf16
@@ -187,19 +175,8 @@ def naive_logprobs_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tens
 
 
 def _compiled_forward() -> Forward:
-    # dynamic=False: one graph per shape, the best torch.compile can do for a fixed shape.
-    # Every (shape, grad mode) is a recompile of the same frame, so the recompile limit is
-    # raised while calling; otherwise Dynamo would fall back to eager after a few sizes.
-    # torch.compile itself is called on first use: importing Dynamo takes seconds.
-    compiled: list[Callable[..., tuple[Tensor, Tensor]]] = []
-
-    def forward(logits: Tensor, labels: Tensor, inp: LogprobsInputs) -> tuple[Tensor, Tensor]:
-        if not compiled:
-            compiled.append(torch.compile(naive_logprobs_entropy, dynamic=False))
-        with torch._dynamo.config.patch(recompile_limit=256):
-            return compiled[0](logits, labels)
-
-    return forward
+    compiled = compiled_on_first_call(naive_logprobs_entropy)
+    return lambda logits, labels, inp: compiled(logits, labels)
 
 
 def _rlkern_backward(backend: str, inplace: bool) -> Callable[[LogprobsInputs], Outputs]:
@@ -234,16 +211,10 @@ def _rlkern_backward(backend: str, inplace: bool) -> Callable[[LogprobsInputs], 
 
 def _floor(mode: str) -> Callable[[LogprobsInputs], Outputs]:
     if mode in ("fwd", "bwd"):
-
-        def read_once(inp: LogprobsInputs) -> Outputs:
-            # An integer max reads every byte once and is vectorised; nothing is written.
-            inp.logits.view(torch.int16).amax()
-            return {}
-
-        return read_once
+        return lambda inp: read_once(inp.logits)
 
     def read_write_once(inp: LogprobsInputs) -> Outputs:
-        torch.empty_like(inp.logits).copy_(inp.logits)
+        write_once(inp.logits)
         return {}
 
     return read_write_once
@@ -252,44 +223,27 @@ def _floor(mode: str) -> Callable[[LogprobsInputs], Outputs]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_rlkern_backend(options: CaseOptions) -> tuple[str, str]:
-    """Backend for the rlkern implementation and a note when it is not the requested one."""
-    from rlkern import backends
-
-    backend = options.rlkern_backend
-    if backend == "auto" and options.device.type == "cpu" and not backends.has_cpp():
-        return "torch", (
-            "rlkern._C is not built: the rlkern rows run backend='torch' (the pure-torch "
-            "reference), not the C++ kernels"
-        )
-    return backend, ""
-
-
 @register("logprobs")
 def logprobs_case(options: CaseOptions) -> Case:
     """The ``logprobs`` case for ``options`` (device, dtype, rlkern backend)."""
-    from rlkern import backends
-
-    backend, backend_note = _resolve_rlkern_backend(options)
-    rlkern_fwd = _rlkern_forward(backend)
-    trl_fwd, trl_skip = _trl_forward()
+    backend = RlkernBackend.choose(options)
+    rlkern_fwd = _rlkern_forward(backend.name)
     compiled_fwd = _compiled_forward()  # shared by both modes: one Dynamo cache
 
     def implementations(mode: str) -> list[Impl]:
+        floor = Impl.floor(_floor(mode), note=FLOOR_NOTES[mode])
         if mode == "bwd":
             return [
-                Impl("rlkern", _rlkern_backward(backend, inplace=False), role=RLKERN),
-                Impl("rlkern (inplace_backward)", _rlkern_backward(backend, inplace=True)),
-                Impl("floor", _floor(mode), role=FLOOR, note=FLOOR_NOTES[mode]),
+                Impl.rlkern(_rlkern_backward(backend.name, inplace=False)),
+                Impl("rlkern (inplace_backward)", _rlkern_backward(backend.name, inplace=True)),
+                floor,
             ]
         return [
-            Impl("rlkern", _in_mode(rlkern_fwd, mode), role=RLKERN, note=backend_note),
-            Impl("trl", _in_mode(trl_fwd, mode) if trl_fwd else _unavailable, skip=trl_skip),
+            Impl.rlkern(_in_mode(rlkern_fwd, mode), note=backend.note),
+            Impl("trl", _in_mode(_trl_forward, mode), skip=TRL.missing()),
             Impl("verl (eager formula)", _in_mode(_verl_forward, mode)),
-            # Two warm-up calls: the first compiles, the second runs the compiled code once so
-            # its one-off costs (loading the kernel library, first-touch) stay out of the timing.
             Impl("torch.compile", _in_mode(compiled_fwd, mode), warmup=2),
-            Impl("floor", _floor(mode), role=FLOOR, note=FLOOR_NOTES[mode]),
+            floor,
         ]
 
     # Precision level: 1e-2 for bf16 inputs; the bf16 peers round their outputs (and some
@@ -309,15 +263,11 @@ def logprobs_case(options: CaseOptions) -> Case:
             "grad": Tolerance(rtol=bf16_tol, scale_by_max=True, gate=gate),
         },
         notes=(
-            *(n for n in (backend_note, *FLOOR_NOTES.values()) if n),
+            *backend.notes,
+            *FLOOR_NOTES.values(),
             f"trl gets a (B, L, V) view with L = {TRL_SEQ_LEN} where it divides N; verl "
             "(padding removed) and the others get (N, V)",
         ),
-        warnings=(backend_note,) if backend_note else (),
-        # The concrete backend ("cpu", "triton", ...), so a result says what was measured.
-        environment={"rlkern_backend": backends.resolve_backend(backend, options.device)},
+        warnings=backend.notes,
+        environment=backend.environment,
     )
-
-
-def _unavailable(inp: LogprobsInputs) -> Outputs:
-    raise RuntimeError("this implementation is not available here")

@@ -24,24 +24,20 @@ Inputs are float32 whatever ``--dtype`` says (log-probabilities leave the logpro
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import (
-    FLOOR,
-    RLKERN,
-    Case,
-    CaseOptions,
-    Impl,
-    ImplUnavailableError,
-    Outputs,
-    Size,
-    Tolerance,
-    register,
+from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
+from rlkern.bench.kit import (
+    Peer,
+    RlkernBackend,
+    compiled_on_first_call,
+    fresh_leaf,
+    read_once,
+    write_once,
 )
 
 T_SEQ = 1024
@@ -108,7 +104,7 @@ def _in_mode(loss_fn: Loss, mode: str) -> Callable[[PolicyLossInputs], Outputs]:
         return fwd
 
     def fwd_bwd(inp: PolicyLossInputs) -> Outputs:
-        logp = inp.logprobs.detach().requires_grad_()
+        logp = fresh_leaf(inp.logprobs)
         loss = loss_fn(logp, inp)
         (grad,) = torch.autograd.grad(loss, logp)
         return {"loss": loss.detach(), "grad": grad}
@@ -128,30 +124,26 @@ def _rlkern_loss(backend: str) -> Loss:
     return loss
 
 
-def _verl_loss() -> tuple[Loss | None, str | None]:
-    if importlib.util.find_spec("verl") is None:
-        return None, ("verl is not installed (optional: pip install -e '.[parity]' && pip "
-                      "install --no-deps verl; 'verl formula (eager)' is the same computation)")
-    state: list[Any] = []
+def _verl_vanilla() -> tuple[Callable[..., Any], Any]:
+    from verl.trainer.ppo import core_algos
+    from verl.workers.config.actor import FSDPActorConfig
 
-    def loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
-        if not state:  # imported on the first, untimed call (~20 s)
-            try:
-                from verl.trainer.ppo import core_algos
-                from verl.workers.config.actor import FSDPActorConfig
-            except Exception as exc:
-                raise ImplUnavailableError(
-                    f"verl is not importable ({type(exc).__name__}: {exc})") from exc
-            cfg = FSDPActorConfig(strategy="fsdp", clip_ratio=CLIP, clip_ratio_c=CLIP_C,
-                                  ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False,
-                                  rollout_n=8)
-            state.extend((core_algos.compute_policy_loss_vanilla, cfg))
-        fn, cfg = state
-        pg_loss, _ = fn(inp.old_logprobs, logp, inp.advantages_bt, inp.mask,
-                        loss_agg_mode="token-mean", config=cfg)
-        return pg_loss
+    cfg = FSDPActorConfig(strategy="fsdp", clip_ratio=CLIP, clip_ratio_c=CLIP_C,
+                          ppo_micro_batch_size_per_gpu=1, use_dynamic_bsz=False, rollout_n=8)
+    return core_algos.compute_policy_loss_vanilla, cfg
 
-    return loss, None
+
+#: verl's vanilla loss and an actor config with this case's clip ratios.
+VERL = Peer("verl", _verl_vanilla,
+            hint="optional: pip install -e '.[parity]' && pip install --no-deps verl; "
+            "'verl formula (eager)' is the same computation")
+
+
+def _verl_loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
+    fn, cfg = VERL.get()
+    pg_loss, _ = fn(inp.old_logprobs, logp, inp.advantages_bt, inp.mask,
+                    loss_agg_mode="token-mean", config=cfg)
+    return pg_loss
 
 
 def _eager_loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
@@ -159,15 +151,8 @@ def _eager_loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
 
 
 def _compiled_loss() -> Loss:
-    compiled: list[Callable[..., Tensor]] = []
-
-    def loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
-        if not compiled:
-            compiled.append(torch.compile(vanilla_formula, dynamic=False))
-        with torch._dynamo.config.patch(recompile_limit=256):
-            return compiled[0](inp.old_logprobs, logp, inp.advantages_bt, inp.mask)[0]
-
-    return loss
+    compiled = compiled_on_first_call(vanilla_formula)
+    return lambda logp, inp: compiled(inp.old_logprobs, logp, inp.advantages_bt, inp.mask)[0]
 
 
 FLOOR_NOTES = {
@@ -178,51 +163,32 @@ FLOOR_NOTES = {
 
 
 def _floor(mode: str) -> Callable[[PolicyLossInputs], Outputs]:
-    def read(inp: PolicyLossInputs) -> None:
-        inp.logprobs.view(torch.int32).amax()
-        inp.old_logprobs.view(torch.int32).amax()
-        inp.mask.view(torch.uint8).amax()
-
     if mode == "fwd":
-        def fwd(inp: PolicyLossInputs) -> Outputs:
-            read(inp)
-            return {}
-
-        return fwd
+        return lambda inp: read_once(inp.logprobs, inp.old_logprobs, inp.mask)
 
     def fwd_bwd(inp: PolicyLossInputs) -> Outputs:
-        read(inp)
-        torch.empty_like(inp.logprobs).copy_(inp.old_logprobs)
+        read_once(inp.logprobs, inp.old_logprobs, inp.mask)
+        write_once(inp.old_logprobs)  # a (B, T) fp32 buffer: the gradient's traffic
         return {}
 
     return fwd_bwd
 
 
-def _unavailable(inp: PolicyLossInputs) -> Outputs:
-    raise RuntimeError("this implementation is not available here")
-
-
 @register("policy_loss")
 def policy_loss_case(options: CaseOptions) -> Case:
     """The ``policy_loss`` case for ``options`` (device, rlkern backend; inputs are fp32)."""
-    from rlkern import backends
-
-    backend, note = options.rlkern_backend, ""
-    if backend == "auto" and options.device.type == "cpu" and not backends.has_cpp():
-        backend, note = "torch", ("rlkern._C is not built: the rlkern rows run backend='torch' "
-                                  "(the torch statement of the kernels), not the C++ kernels")
-    rlkern_loss = _rlkern_loss(backend)
-    verl_loss, verl_skip = _verl_loss()
+    backend = RlkernBackend.choose(options)
+    rlkern_loss = _rlkern_loss(backend.name)
     compiled = _compiled_loss()  # one Dynamo cache for both modes
 
     def implementations(mode: str) -> list[Impl]:
         return [
-            Impl("rlkern", _in_mode(rlkern_loss, mode), role=RLKERN, note=note),
-            Impl("verl", _in_mode(verl_loss, mode) if verl_loss else _unavailable,
-                 skip=verl_skip, note="core_algos.compute_policy_loss_vanilla + agg_loss"),
+            Impl.rlkern(_in_mode(rlkern_loss, mode), note=backend.note),
+            Impl("verl", _in_mode(_verl_loss, mode), skip=VERL.missing(),
+                 note="core_algos.compute_policy_loss_vanilla + agg_loss"),
             Impl("verl formula (eager)", _in_mode(_eager_loss, mode)),
             Impl("torch.compile", _in_mode(compiled, mode), warmup=2),
-            Impl("floor", _floor(mode), role=FLOOR, note=FLOOR_NOTES[mode]),
+            Impl.floor(_floor(mode), note=FLOOR_NOTES[mode]),
         ]
 
     return Case(
@@ -238,7 +204,7 @@ def policy_loss_case(options: CaseOptions) -> Case:
         },
         notes=(*TARGETS, *FLOOR_NOTES.values(),
                "inputs are float32 (the dtype in the table title is the run's default, unused)",
-               *((note,) if note else ())),
-        warnings=(note,) if note else (),
-        environment={"rlkern_backend": backend},
+               *backend.notes),
+        warnings=backend.notes,
+        environment=backend.environment,
     )

@@ -27,6 +27,7 @@ completions; its summary adds the simulation of a lognormal length distribution 
 
 from __future__ import annotations
 
+import importlib
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,18 +35,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import (
-    FLOOR,
-    PEER,
-    RLKERN,
-    Case,
-    CaseOptions,
-    Impl,
-    ImplUnavailableError,
-    Size,
-    Tolerance,
-    register,
-)
+from rlkern.bench.cases import Case, CaseOptions, Impl, Size, Tolerance, register
+from rlkern.bench.kit import Peer, RlkernBackend, peaked_logits, read_once
 
 V_QWEN = 151936
 TEMPERATURE, TOP_K, TOP_P = 0.7, 50, 0.9
@@ -59,8 +50,7 @@ class SampleInputs(NamedTuple):
 
 def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> SampleInputs:
     n, v = size["N"], size["V"]
-    gen = torch.Generator(device="cpu").manual_seed(n * 7 + v)
-    logits = (torch.randn(n, v, generator=gen) * 4).to(dtype=dtype, device=device)
+    logits, _ = peaked_logits(n, v, dtype, device, seed=n * 7 + v)
     return SampleInputs(logits, torch.arange(n, device=device),
                         torch.zeros(n, dtype=torch.int64, device=device))
 
@@ -89,25 +79,23 @@ def torch_sort_sampler(logits: Tensor, temperature: float, top_k: int | None,
 def sample_case(options: CaseOptions) -> Case:
     import rlkern
 
+    backend = RlkernBackend.choose(options)
+
     def impls(mode: str) -> list[Impl]:
         k, p = (TOP_K, TOP_P) if mode == "top_k+top_p" else (None, None)
 
         def ours(x: SampleInputs):
             rlkern.sample(x.logits, temperature=TEMPERATURE, top_k=k, top_p=p, seeds=x.seeds,
-                          steps=x.steps, backend=options.rlkern_backend)
+                          steps=x.steps, backend=backend.name)
             return {}
 
         def peer(x: SampleInputs):
             torch_sort_sampler(x.logits, TEMPERATURE, k, p)
             return {}
 
-        def floor(x: SampleInputs):
-            x.logits.view(torch.int16).amax()
-            return {}
-
-        return [Impl("rlkern", ours, role=RLKERN),
+        return [Impl.rlkern(ours, note=backend.note),
                 Impl("torch sort (HF/vLLM style)", peer),
-                Impl("floor", floor, role=FLOOR)]
+                Impl.floor(lambda x: read_once(x.logits))]
 
     return Case(
         name="sample",
@@ -117,8 +105,11 @@ def sample_case(options: CaseOptions) -> Case:
         make_inputs=make_inputs,
         implementations=impls,
         tolerances={},
-        notes=("outputs are random draws and are not compared; see tests/test_sample.py",
+        notes=(*backend.notes,
+               "outputs are random draws and are not compared; see tests/test_sample.py",
                "floor: one read of the logits, `logits.view(int16).amax()`"),
+        warnings=backend.notes,
+        environment=backend.environment,
     )
 
 
@@ -179,13 +170,14 @@ class MicroInputs(NamedTuple):
     label: str
 
 
+TRANSFORMERS = Peer("transformers", lambda: importlib.import_module("transformers"),
+                    hint="pip install transformers")
+
+
 @cache
 def tiny_llama(vocab: int = 256) -> Any:
     """A randomly initialised 2-layer ``LlamaForCausalLM`` (hidden 64, 4 heads, 2 KV heads)."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ImplUnavailableError(f"transformers is not installed ({exc})") from exc
+    transformers = TRANSFORMERS.get()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2,
@@ -232,7 +224,7 @@ def micro_groups_case(options: CaseOptions) -> Case:
                                                dtype=torch.float64)}
             return fn
 
-        return [Impl(s, run(s), role=RLKERN if s == "length_aware" else PEER)
+        return [Impl.rlkern(run(s), name=s) if s == "length_aware" else Impl(s, run(s))
                 for s in SCHEDULE_IMPLS]
 
     def summary(results: list[Any], plot_dir: str | None) -> tuple[str, ...]:

@@ -1,0 +1,160 @@
+"""Building blocks the benchmark cases share (:mod:`rlkern.bench.cases`).
+
+* :class:`RlkernBackend` — the backend the rlkern rows run, the note when it is a stand-in,
+  and the ``environment`` entry that says what was measured.
+* :class:`Peer` — a peer package imported on the first (untimed) call that needs it.
+* :func:`compiled_on_first_call` — the ``torch.compile`` peer of a formula.
+* :func:`read_once` / :func:`write_once` — the memory-traffic floors.
+* :func:`fresh_leaf` and :func:`peaked_logits` — inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlkern.bench.cases import CaseOptions, ImplUnavailableError, Outputs
+
+# ---------------------------------------------------------------------------------- backend
+
+
+@dataclass(frozen=True)
+class RlkernBackend:
+    """What the rlkern implementation of a case runs.
+
+    ``name`` is passed as ``backend=`` to rlkern; ``note`` says why it is not the backend the
+    run asked for ("" when it is); ``concrete`` is the backend that ``name`` resolves to on the
+    run's device ("cpu", "triton", ...), recorded so that a result says what was measured.
+    """
+
+    name: str
+    concrete: str
+    note: str = ""
+
+    @classmethod
+    def choose(cls, options: CaseOptions) -> RlkernBackend:
+        """The run's backend, except that ``auto`` on a CPU without ``rlkern._C`` built falls
+        back to ``torch`` (the pure-torch reference: slow, but the case still runs)."""
+        from rlkern import backends
+
+        name, note = options.rlkern_backend, ""
+        if name == "auto" and options.device.type == "cpu" and not backends.has_cpp():
+            name, note = "torch", ("rlkern._C is not built: the rlkern rows run backend='torch' "
+                                   "(the pure-torch reference, slow), not the C++ kernels")
+        try:
+            concrete = backends.resolve_backend(name, options.device)
+        except ValueError:  # e.g. 'cuda' asked on a CPU: the rlkern rows will report the error
+            concrete = name
+        return cls(name, concrete, note)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """The note as a case's ``notes`` / ``warnings`` entries (none when there is none)."""
+        return (self.note,) if self.note else ()
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """A case's ``environment``: the concrete backend."""
+        return {"rlkern_backend": self.concrete}
+
+
+# -------------------------------------------------------------------------------------- peers
+
+
+@dataclass
+class Peer:
+    """A peer package (trl, verl, liger-kernel, transformers), imported by ``load()`` on the
+    first call of :meth:`get`: importing one takes seconds (verl ~20 s), and listing or
+    filtering cases should not. That first call is an implementation's untimed first call.
+
+    ``hint`` follows "is not installed" in the skip reason (e.g. how to install it).
+    """
+
+    package: str
+    load: Callable[[], Any]
+    hint: str = ""
+    _loaded: list[Any] = field(default_factory=list, repr=False)
+
+    def missing(self) -> str | None:
+        """Why the peer cannot run here when its package is not installed; ``None`` when it is
+        (an :class:`~rlkern.bench.cases.Impl`'s ``skip``)."""
+        if importlib.util.find_spec(self.package) is None:
+            return f"{self.package} is not installed" + (f" ({self.hint})" if self.hint else "")
+        return None
+
+    def get(self) -> Any:
+        """What ``load()`` returned; :class:`ImplUnavailableError` when it cannot be imported."""
+        if not self._loaded:
+            reason = self.missing()
+            if reason is not None:
+                raise ImplUnavailableError(reason)
+            try:
+                self._loaded.append(self.load())
+            except Exception as exc:  # any import failure means: not available here
+                raise ImplUnavailableError(
+                    f"{self.package} is not importable ({type(exc).__name__}: {exc})") from exc
+        return self._loaded[0]
+
+
+def compiled_on_first_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn, dynamic=False)``, made on the first call (importing Dynamo takes
+    seconds): one graph per shape, the best torch.compile does for a fixed shape.
+
+    Every (shape, grad mode) is a recompile of the same frame, so the recompile limit is raised
+    while calling; otherwise Dynamo would fall back to eager after a few sizes. Give the
+    implementation two warm-up calls: the first compiles, the second runs the compiled code
+    once so that its one-off costs (loading the kernel library, first touch) stay untimed.
+    """
+    compiled: list[Callable[..., Any]] = []
+
+    def call(*args: Any) -> Any:
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=False))
+        with torch._dynamo.config.patch(recompile_limit=256):
+            return compiled[0](*args)
+
+    return call
+
+
+# ------------------------------------------------------------------------------------- floors
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def read_once(*tensors: Tensor) -> Outputs:
+    """Read every byte of each (contiguous) tensor once and write nothing: an integer max over
+    the elements seen as integers of their size (vectorised, no NaN handling). Returns ``{}``:
+    a floor computes nothing to check."""
+    for t in tensors:
+        t.view(_INT_OF_SIZE[t.element_size()]).amax()
+    return {}
+
+
+def write_once(src: Tensor, dtype: torch.dtype | None = None) -> None:
+    """Write a fresh buffer of ``src``'s shape (and ``dtype``, default ``src``'s) from ``src``:
+    the traffic of producing an output of that size."""
+    torch.empty(src.shape, dtype=dtype or src.dtype, device=src.device).copy_(src)
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+
+def fresh_leaf(t: Tensor) -> Tensor:
+    """A new autograd leaf on ``t``'s data, one per call: gradients are returned by the call,
+    never accumulated across calls."""
+    return t.detach().requires_grad_()
+
+
+def peaked_logits(n: int, v: int, dtype: torch.dtype, device: torch.device,
+                  seed: int) -> tuple[Tensor, torch.Generator]:
+    """Random ``(n, v)`` logits with σ = 4 (so the softmax is peaked as in a trained model),
+    drawn on the CPU from a generator seeded with ``seed``; the generator is returned to draw
+    the rest of the inputs from."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (torch.randn(n, v, generator=gen) * 4).to(dtype=dtype, device=device)
+    return logits, gen
