@@ -25,8 +25,8 @@ void store_state(double* st, const SoftmaxStats<double>& row) {
 template <typename Tag>
 void tile_fwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
   using storage = typename Tag::storage;
-  const double inv_t = 1.0 / a.temperature;
-  const float c = float(kLog2e / a.temperature);
+  // c as log2(e) / T (not log2(e) · (1/T)): the rounding this epilogue has always used.
+  const RowScale t{1.0 / a.temperature, float(kLog2e / a.temperature)};
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = a.labels[r];
     if (y == a.ignore_index) continue;
@@ -34,8 +34,8 @@ void tile_fwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
     double* st = a.stats + r * kNumStats;
     SoftmaxStats<double> row = load_state(st);
     double unused = 0.0;
-    if (a.with_entropy) fold_row<Tag, true, false>(x, a.vt, c, inv_t, row, &unused);
-    else fold_row<Tag, false, false>(x, a.vt, c, inv_t, row, &unused);
+    if (a.with_entropy) fold_row<Tag, true, false>(x, a.vt, t, row, &unused);
+    else fold_row<Tag, false, false>(x, a.vt, t, row, &unused);
     store_state(st, row);
     const int64_t y_local = y - a.vocab_offset;
     if (y_local >= 0 && y_local < a.vt) st[kStatLabelLogit] = load_logit<Tag>(x + y_local);
@@ -45,8 +45,7 @@ void tile_fwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
 template <typename Tag>
 void tile_bwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
   using storage = typename Tag::storage;
-  const double inv_t = 1.0 / a.temperature;
-  const float c = float(kLog2e * inv_t);
+  const RowScale t = row_scale(a.temperature);
   for (int64_t r = begin; r < end; ++r) {
     storage* g = static_cast<storage*>(a.grad_tile) + r * a.grad_stride_row;
     const int64_t y = a.labels[r];
@@ -55,7 +54,7 @@ void tile_bwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     grad_row_of<Tag>(static_cast<const storage*>(a.tile) + r * a.stride_row, g, a.vt,
-                     y - a.vocab_offset, a.in, r, c, inv_t);
+                     y - a.vocab_offset, a.in, r, t);
   }
 }
 
@@ -67,8 +66,7 @@ void finish_rows(const double* stats, const int64_t* labels, int64_t begin, int6
   out_t* logprobs = static_cast<out_t*>(outputs[kLogprobs]);
   out_t* lse = static_cast<out_t*>(outputs[kLse]);
   out_t* entropy = static_cast<out_t*>(outputs[kEntropy]);
-  const double inv_t = 1.0 / temperature;
-  const float c = float(kLog2e * inv_t);
+  const RowScale t = row_scale(temperature);
   for (int64_t r = begin; r < end; ++r) {
     if (labels[r] == ignore_index) {
       logprobs[r] = lse[r] = out_t(0);
@@ -80,7 +78,7 @@ void finish_rows(const double* stats, const int64_t* labels, int64_t begin, int6
     const RowResult<double> res = softmax_stats_finish(row, 1);
     // x_y is NaN if the label was in no tile (out of range).
     const auto x_y = acc_of<Tag>(st[kStatLabelLogit]);
-    logprobs[r] = out_t(label_logp<Tag>(row, res.lse, x_y, c, inv_t));
+    logprobs[r] = out_t(label_logp<Tag>(row, res.lse, x_y, t));
     lse[r] = out_t(res.lse);
     if (entropy) entropy[r] = out_t(res.entropy);
   }

@@ -29,9 +29,7 @@ void fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
   out_t* entropy = out(kEntropy);
   out_t* sc = out(kSelfCertainty);
   out_t* psq = out(kSumPSq);
-  const double inv_t = 1.0 / a.temperature;
-  const float c = float(kLog2e * inv_t);
-
+  const RowScale t = row_scale(a.temperature);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = a.labels[r];
     if (y == a.ignore_index) {
@@ -44,11 +42,11 @@ void fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
     const auto* next = r + 1 < end ? row_start<Tag>(a, r + 1) : nullptr;
     SoftmaxStats<double> row = softmax_stats_empty<double>();
     double xsum = 0.0;
-    fold_row<Tag, kWithEntropy, kWithStats>(x, a.V, c, inv_t, row, &xsum, next);
-    row.zsum = zsum_of<Tag>(xsum, inv_t);
+    fold_row<Tag, kWithEntropy, kWithStats>(x, a.V, t, row, &xsum, next);
+    row.zsum = zsum_of<Tag>(xsum, t);
     const RowResult<double> res = softmax_stats_finish(row, a.V);
     logprobs[r] = out_t((y >= 0 && y < a.V)
-                            ? label_logp<Tag>(row, res.lse, load_logit<Tag>(x + y), c, inv_t)
+                            ? label_logp<Tag>(row, res.lse, load_logit<Tag>(x + y), t)
                             : std::numeric_limits<double>::quiet_NaN());  // no read
     lse[r] = out_t(res.lse);
     if constexpr (kWithEntropy) entropy[r] = out_t(res.entropy);
@@ -62,8 +60,7 @@ void fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
 template <typename Tag>
 void bwd_rows(const LogprobsBwdArgs& a, int64_t begin, int64_t end) {
   using storage = typename Tag::storage;
-  const double inv_t = 1.0 / a.temperature;
-  const float c = float(kLog2e * inv_t);
+  const RowScale t = row_scale(a.temperature);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = a.labels[r];
     storage* g = static_cast<storage*>(a.grad_logits) + (r / a.L) * a.grad_stride_0 +
@@ -73,7 +70,7 @@ void bwd_rows(const LogprobsBwdArgs& a, int64_t begin, int64_t end) {
     } else if (y < 0 || y >= a.V) {  // out of range with checks off: undefined, say so with NaN
       fill_row<Tag>(g, a.V, std::numeric_limits<float>::quiet_NaN());
     } else {
-      grad_row_of<Tag>(row_start<Tag>(a, r), g, a.V, y, a.in, r, c, inv_t);
+      grad_row_of<Tag>(row_start<Tag>(a, r), g, a.V, y, a.in, r, t);
     }
   }
 }

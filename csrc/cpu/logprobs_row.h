@@ -253,6 +253,18 @@ inline void grad_row_f64(const double* x, double* g, int64_t n, int64_t y_local,
 // arithmetic, the others the vectorised blocks above; these wrappers pick the path so that the
 // row loops of the kernels are written once.
 
+// A temperature as the row loops use it: 1/T, and c = log2(e)/T rounded to float, the scale
+// of the vectorised sweeps (see sweep_block).
+struct RowScale {
+  double inv_t;
+  float c;
+};
+
+inline RowScale row_scale(double temperature) {
+  const double inv_t = 1.0 / temperature;
+  return {inv_t, float(kLog2e * inv_t)};
+}
+
 // Storage tag of float64 logits.
 struct F64 {
   using storage = double;
@@ -286,24 +298,24 @@ inline void fill_row(typename Tag::storage* g, int64_t n, float value) {
 // Folds x[0, n) into the running summary `row`; `xsum` accumulates Σz for float64 logits and
 // Σx for the others (with kStats; see zsum_of).
 template <typename Tag, bool kEntropy, bool kStats>
-inline void fold_row(const typename Tag::storage* x, int64_t n, float c, double inv_t,
+inline void fold_row(const typename Tag::storage* x, int64_t n, const RowScale& t,
                      SoftmaxStats<double>& row, double* xsum,
                      const typename Tag::storage* next_row = nullptr) {
-  if constexpr (kIsF64<Tag>) accumulate_row_f64(x, n, inv_t, row, xsum);
-  else accumulate_row<Tag, kEntropy, kStats>(x, n, c, row, xsum, next_row);
+  if constexpr (kIsF64<Tag>) accumulate_row_f64(x, n, t.inv_t, row, xsum);
+  else accumulate_row<Tag, kEntropy, kStats>(x, n, t.c, row, xsum, next_row);
 }
 
 template <typename Tag>
-inline double zsum_of(double xsum, double inv_t) {
-  return kIsF64<Tag> ? xsum : xsum * inv_t;
+inline double zsum_of(double xsum, const RowScale& t) {
+  return kIsF64<Tag> ? xsum : xsum * t.inv_t;
 }
 
 // log p_y from the row summary and the raw label logit x_y (see logp_from_stats).
 template <typename Tag>
-inline double label_logp(const SoftmaxStats<double>& row, double lse, acc_of<Tag> x_y, float c,
-                         double inv_t) {
-  if constexpr (kIsF64<Tag>) return x_y * inv_t - lse;
-  else return logp_from_stats(row, x_y, c);
+inline double label_logp(const SoftmaxStats<double>& row, double lse, acc_of<Tag> x_y,
+                         const RowScale& t) {
+  if constexpr (kIsF64<Tag>) return x_y * t.inv_t - lse;
+  else return logp_from_stats(row, x_y, t.c);
 }
 
 // The backward constants of row r from the per-row arrays of a backward (acc_of<Tag> each).
@@ -319,12 +331,12 @@ inline RowGrad row_grad(const logprobs::GradInputs& in, int64_t r, double inv_t)
 // grad_row / grad_row_f64 for row r of a backward.
 template <typename Tag>
 inline void grad_row_of(const typename Tag::storage* x, typename Tag::storage* g, int64_t n,
-                        int64_t y_local, const logprobs::GradInputs& in, int64_t r, float c,
-                        double inv_t) {
+                        int64_t y_local, const logprobs::GradInputs& in, int64_t r,
+                        const RowScale& t) {
   const acc_of<Tag> lse = static_cast<const acc_of<Tag>*>(in.lse)[r];
-  const RowGrad rg = row_grad<Tag>(in, r, inv_t);
-  if constexpr (kIsF64<Tag>) grad_row_f64(x, g, n, y_local, rg, lse, inv_t);
-  else grad_row<Tag>(x, g, n, y_local, rg, lse, c, inv_t);
+  const RowGrad rg = row_grad<Tag>(in, r, t.inv_t);
+  if constexpr (kIsF64<Tag>) grad_row_f64(x, g, n, y_local, rg, lse, t.inv_t);
+  else grad_row<Tag>(x, g, n, y_local, rg, lse, t.c, t.inv_t);
 }
 
 // Runs fn(tag, begin, end) over the rows [0, n) in parallel chunks (grain_rows(V) rows each),
