@@ -155,14 +155,12 @@ def _sample_kernel(
     lse_ptr,  # (N,) fp32 out
     vocab,
     stride_row,
-    HAS_INDICES: tl.constexpr,
-    HAS_TOP_K: tl.constexpr,
-    HAS_TOP_P: tl.constexpr,
-    HAS_MIN_P: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
-    JOINT: tl.constexpr,
-    RAW_TEMPERATURE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    # Which optional inputs / outputs exist (the matching pointers are placeholders otherwise),
+    # the filter order (JOINT: filter_order == joint, rlkern/sample.h), the raw-logprob
+    # convention and the vocabulary block.
+    HAS_INDICES: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+    HAS_MIN_P: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    JOINT: tl.constexpr, RAW_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     if HAS_INDICES:
