@@ -8,7 +8,9 @@
 
 #include "rlkern/group_stats.h"
 #include "rlkern/layout.h"
+#include "rlkern/logprobs.h"
 #include "rlkern/policy_loss.h"
+#include "rlkern/sample.h"
 
 namespace py = pybind11;
 
@@ -45,5 +47,8 @@ PYBIND11_MODULE(_C, m) {
   // One line per op family; each family's header defines its tables (rlkern/layout.h).
   // layouts["policy_loss"] = family(rlkern::policy_loss::kLayout);
   layouts["advantages"] = family(rlkern::advantages::kLayout);
+  layouts["logprobs"] = family(rlkern::logprobs::kLayout);
+  layouts["linear_logprobs"] = family(rlkern::linear_logprobs::kLayout);
+  layouts["sample"] = family(rlkern::sample::kLayout);
   m.attr("LAYOUTS") = layouts;
 }
