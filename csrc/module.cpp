@@ -6,8 +6,11 @@
 
 #include <initializer_list>
 
+#include "rlkern/group_stats.h"
 #include "rlkern/layout.h"
+#include "rlkern/logprobs.h"
 #include "rlkern/policy_loss.h"
+#include "rlkern/sample.h"
 
 namespace py = pybind11;
 
@@ -42,6 +45,10 @@ PYBIND11_MODULE(_C, m) {
 #endif
   py::dict layouts;
   // One line per op family; each family's header defines its tables (rlkern/layout.h).
+  layouts["advantages"] = family(rlkern::advantages::kLayout);
+  layouts["logprobs"] = family(rlkern::logprobs::kLayout);
+  layouts["linear_logprobs"] = family(rlkern::linear_logprobs::kLayout);
+  layouts["sample"] = family(rlkern::sample::kLayout);
   layouts["policy_loss"] = family(rlkern::policy_loss::kLayout);
   m.attr("LAYOUTS") = layouts;
 }

@@ -34,27 +34,27 @@ from the same :func:`launch_config` the launchers use, so the two cannot drift.
 
 from __future__ import annotations
 
-import struct
 from typing import Any, NamedTuple
 
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import (
+    AOT_DTYPES,
+    LN2,
+    LOG2E,
+    LOWEST,
+    aot_signature,
+    aot_spec,
+    inv_t_from,
+    split_inv_temperature,
+)
+
 __all__ = ["AOT_SPECS", "LaunchConfig", "launch_config", "logprobs_bwd", "logprobs_fwd"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels
-#
-# Both kernels work in base-2 units, z₂ = z·log₂e = x·(log₂e / T): exp(z − m) = exp2(z₂ − m₂)
-# costs one multiply fewer per element than exp() (which is exp2 of a product anyway), and
-# the per-row results are converted back with a single multiply by ln 2.
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-# The lowest finite float32: z − m is clamped to it so that a −inf logit gives w = exp2(·) = 0
-# and w·(z − m) = 0 (the limit) instead of 0·(−inf) = NaN, at the price of one max().
-_LOWEST = tl.constexpr(-3.4028234663852886e38)
+# Kernels (both in base-2 units, see kernels/_common.py)
 
 
 @triton.jit
@@ -97,10 +97,8 @@ def _logprobs_fwd_kernel(
     b = row // seq_len
     l_idx = row - b * seq_len
     row_ptr = logits_ptr + (b * stride_logits_0 + l_idx * stride_logits_1)
-    # Triton passes float scalars as fp32; the low part matters only in fp64 (in fp32 the sum
-    # rounds back to inv_temperature exactly).
-    inv_t = tl.cast(inv_temperature, acc) + tl.cast(inv_temperature_lo, acc)
-    scale = inv_t * _LOG2E  # logits → base-2 units
+    inv_t = inv_t_from(inv_temperature, inv_temperature_lo, acc)
+    scale = inv_t * LOG2E  # logits → base-2 units
 
     label = tl.load(labels_ptr + row)
     row_valid = label != ignore_index
@@ -144,7 +142,7 @@ def _logprobs_fwd_kernel(
         # is changing); clamped so that a −inf logit gives w = 0 and w·d = 0 (the limit)
         # rather than 0·(−inf) = NaN, while a NaN logit stays NaN (a plain max would turn it
         # into a silently ignored entry).
-        d = tl.maximum(tl.fma(x, scale, -m2_new[None, :, None]), _LOWEST,
+        d = tl.maximum(tl.fma(x, scale, -m2_new[None, :, None]), LOWEST,
                        propagate_nan=tl.PropagateNan.ALL)
         w = tl.exp2(d)
         if HAS_ENTROPY:
@@ -172,19 +170,19 @@ def _logprobs_fwd_kernel(
     # of lse: the rounding of M₂ cancels between the two terms.
     label_ok = row_valid & (label >= 0) & (label < vocab)
     x_y = tl.load(row_ptr + label, mask=label_ok, other=float("nan"))
-    logp = (tl.fma(x_y.to(acc), scale, -lse_ref) - log2_s) * _LN2
+    logp = (tl.fma(x_y.to(acc), scale, -lse_ref) - log2_s) * LN2
 
     zero = tl.zeros((), acc)
     tl.store(logprobs_ptr + row, tl.where(row_valid, logp, zero))
-    tl.store(lse_ptr + row, tl.where(row_valid, lse2 * _LN2, zero))
+    tl.store(lse_ptr + row, tl.where(row_valid, lse2 * LN2, zero))
     if HAS_ENTROPY:
         # entropy = lse − E_p[z] = log s − t/s (both relative to M₂), base 2 → nats.
         t_row = tl.sum(beta * (t + delta * s), axis=0)
-        entropy = (log2_s - t_row / s_row) * _LN2
+        entropy = (log2_s - t_row / s_row) * LN2
         tl.store(entropy_ptr + row, tl.where(row_valid, entropy, zero))
     if HAS_STATS:
         x_total = tl.sum(tl.sum(tl.sum(xsum, axis=2), axis=1), axis=0)
-        self_certainty = lse2 * _LN2 - inv_t * x_total / vocab
+        self_certainty = lse2 * LN2 - inv_t * x_total / vocab
         sum_p_sq = tl.sum((beta * beta) * u, axis=0) / (s_row * s_row)
         tl.store(self_certainty_ptr + row, tl.where(row_valid, self_certainty, zero))
         tl.store(sum_p_sq_ptr + row, tl.where(row_valid, sum_p_sq, zero))
@@ -230,7 +228,7 @@ def _logprobs_bwd_kernel(
     row_valid = label != ignore_index
     zero = tl.zeros((), acc)
     lse = tl.load(lse_ptr + row)
-    inv_t = tl.cast(inv_temperature, acc) + tl.cast(inv_temperature_lo, acc)  # see the forward
+    inv_t = inv_t_from(inv_temperature, inv_temperature_lo, acc)
     # Per-row constants. With z_v = x_v / T the gradient is
     #   grad_v = (1/T) · [ p_v · (c − g_ent z_v) + 1[v = y] · g_lp ],
     #   c      = g_lse − g_lp + g_ent · E_p[z],   E_p[z] = lse − entropy,
@@ -253,8 +251,8 @@ def _logprobs_bwd_kernel(
     c = tl.where(row_valid, c, zero) * inv_t
     g_lp = g_lp * inv_t
     g_ent = g_ent * (inv_t * inv_t)
-    scale = inv_t * _LOG2E
-    lse2 = tl.where(row_valid, lse, zero) * _LOG2E  # whatever an ignored row's lse holds
+    scale = inv_t * LOG2E
+    lse2 = tl.where(row_valid, lse, zero) * LOG2E  # whatever an ignored row's lse holds
 
     # The label as a 32-bit column index (−1 when out of range: it then matches no column, and
     # nothing is read out of bounds); compared against the chunk's own columns, so the inner
@@ -327,13 +325,6 @@ def launch_config(vocab: int, element_size: int) -> LaunchConfig:
 # Launchers
 
 
-def _split_inv_temperature(temperature: float) -> tuple[float, float]:
-    """``1/T`` as an fp32 value plus its fp32 residual (Triton float arguments are fp32)."""
-    inv_t = 1.0 / float(temperature)
-    hi = struct.unpack("f", struct.pack("f", inv_t))[0]
-    return hi, inv_t - hi
-
-
 def logprobs_fwd(
     logits3: Any,
     labels2: Any,
@@ -374,7 +365,7 @@ def logprobs_fwd(
         self_certainty if has_stats else lse,
         sum_p_sq if has_stats else lse,
         seq_len, vocab, logits3.stride(0), logits3.stride(1),
-        *_split_inv_temperature(temperature), int(ignore_index),
+        *split_inv_temperature(temperature), int(ignore_index),
         BLOCK_V=cfg.block_v, SEG_V=cfg.seg_v, VEC=cfg.vec,
         HAS_ENTROPY=has_entropy, HAS_STATS=has_stats,
         num_warps=cfg.num_warps,
@@ -425,7 +416,7 @@ def logprobs_bwd(
         grad_logits3,
         seq_len, vocab, logits3.stride(0), logits3.stride(1),
         grad_logits3.stride(0), grad_logits3.stride(1),
-        *_split_inv_temperature(temperature), int(ignore_index),
+        *split_inv_temperature(temperature), int(ignore_index),
         BLOCK_V=cfg.block_v,
         HAS_GRAD_LP=grad_logprobs is not None,
         HAS_GRAD_ENT=grad_entropy is not None,
@@ -439,23 +430,6 @@ def logprobs_bwd(
 
 # The vocabularies the default configs are taken at: Qwen2/3 (151936) and a small one.
 _AOT_VOCABS = (151936, 1000)
-_AOT_DTYPES = (("bf16", 2), ("fp16", 2), ("fp32", 4))
-
-
-def _aot_signature(fn: Any, types: dict[str, str]) -> dict[str, str]:
-    """Triton signature of ``fn`` in argument order: pointers ``*fp32`` and the constexprs
-    ``constexpr`` unless given in ``types``; other args must be given."""
-    signature = {}
-    for name in fn.arg_names:
-        if name in types:
-            signature[name] = types[name]
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        elif name.isupper():
-            signature[name] = "constexpr"
-        else:
-            raise KeyError(f"no AOT type for argument {name!r} of {fn.__name__}")
-    return signature
 
 
 def _aot_specs() -> list[dict[str, Any]]:
@@ -480,12 +454,12 @@ def _aot_specs() -> list[dict[str, Any]]:
     bwd_flags = {"lp+ent+lse": {"HAS_GRAD_LP": True, "HAS_GRAD_ENT": True,
                                 "HAS_GRAD_LSE": True}}
     for vocab in _AOT_VOCABS:
-        for dtype, size in _AOT_DTYPES:
+        for dtype, size in AOT_DTYPES:
             cfg = launch_config(vocab, size)
             types = {**scalars, "logits_ptr": f"*{dtype}", "grad_logits_ptr": f"*{dtype}"}
             for fn, flag_sets in ((_logprobs_fwd_kernel, fwd_flags),
                                   (_logprobs_bwd_kernel, bwd_flags)):
-                signature = _aot_signature(fn, types)
+                signature = aot_signature(fn, types, lambda name: "*fp32")  # other pointers
                 divisible = [n for n in signature if n.endswith("_ptr")]
                 if vocab % 16 == 0:
                     divisible += [n for n in signature if n == "vocab" or n.startswith("stride")]
@@ -493,14 +467,8 @@ def _aot_specs() -> list[dict[str, Any]]:
                     constexprs = {"BLOCK_V": cfg.block_v, **flags}
                     if fn is _logprobs_fwd_kernel:
                         constexprs.update(SEG_V=cfg.seg_v, VEC=cfg.vec)
-                    specs.append({
-                        "name": f"{dtype} V={vocab} {label} BLOCK_V={cfg.block_v}",
-                        "fn": fn,
-                        "signature": signature,
-                        "constexprs": constexprs,
-                        "num_warps": cfg.num_warps,
-                        "divisible_by_16": divisible,
-                    })
+                    specs.append(aot_spec(f"{dtype} V={vocab} {label} BLOCK_V={cfg.block_v}",
+                                          fn, signature, constexprs, cfg.num_warps, divisible))
     return specs
 
 

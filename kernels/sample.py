@@ -21,6 +21,8 @@ from typing import Any
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import aot_spec
+
 __all__ = ["AOT_SPECS", "sample"]
 
 
@@ -66,13 +68,42 @@ def _order_key(z):
 
 
 @triton.jit
+def _load_z(row, start, vocab, inv_t, BLOCK_V: tl.constexpr):
+    """Block ``[start, start + BLOCK_V)`` of a row: its indices, in-vocabulary mask and
+    ``z = x · inv_t`` in fp32 (−inf past the end, where it weighs 0)."""
+    offs = start + tl.arange(0, BLOCK_V)
+    mask = offs < vocab
+    z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+    return offs, mask, z
+
+
+@triton.jit
+def _kept(z, mask, tkey, ties_keep, ties_seen):
+    """Which tokens of a block the filters keep: every key above the threshold ``tkey`` and,
+    among the ties at it, the first ``ties_keep`` in vocabulary order (``ties_seen`` of them
+    came in earlier blocks). Returns the mask and the ties seen so far."""
+    key = _order_key(z)
+    eq = (key == tkey) & mask
+    rank = ties_seen + tl.cumsum(eq.to(tl.int64), 0) - 1
+    keep = mask & ((key > tkey) | (eq & (rank < ties_keep)))
+    return keep, ties_seen + tl.sum(eq.to(tl.int64), 0)
+
+
+@triton.jit
+def _row_max(row, vocab, inv_t, BLOCK_V: tl.constexpr):
+    mvec = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        _, _, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+        mvec = tl.maximum(mvec, z)
+    return tl.max(mvec, 0)
+
+
+@triton.jit
 def _measure_at_least(row, vocab, inv_t, m, key, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
     """Count (or Σ exp(z − m)) of the tokens whose key is ≥ ``key``."""
     acc = tl.zeros((), tl.float64)
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
         sel = (_order_key(z) >= key) & mask
         if BY_MASS:
             acc += tl.sum(tl.where(sel, tl.exp(z - m), 0.0).to(tl.float64), 0)
@@ -95,9 +126,7 @@ def _select(row, vocab, inv_t, m, target, BY_MASS: tl.constexpr, BLOCK_V: tl.con
     count_eq = tl.zeros((), tl.int64)
     w_eq = tl.zeros((), tl.float32)
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
         k = _order_key(z)
         w = tl.exp(z - m)
         gt = (k > res) & mask
@@ -126,14 +155,12 @@ def _sample_kernel(
     lse_ptr,  # (N,) fp32 out
     vocab,
     stride_row,
-    HAS_INDICES: tl.constexpr,
-    HAS_TOP_K: tl.constexpr,
-    HAS_TOP_P: tl.constexpr,
-    HAS_MIN_P: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
-    JOINT: tl.constexpr,
-    RAW_TEMPERATURE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    # Which optional inputs / outputs exist (the matching pointers are placeholders otherwise),
+    # the filter order (JOINT: filter_order == joint, rlkern/sample.h), the raw-logprob
+    # convention and the vocabulary block.
+    HAS_INDICES: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+    HAS_MIN_P: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    JOINT: tl.constexpr, RAW_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     if HAS_INDICES:
@@ -145,18 +172,11 @@ def _sample_kernel(
     inv_t = (1.0 / temp).to(tl.float32)
 
     # 1. max, then Σ w and Σ w (z − m) with w = exp(z − m) (two reads; the row stays in L2).
-    mvec = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
-        mvec = tl.maximum(mvec, z)
-    m = tl.max(mvec, 0)
+    m = _row_max(row, vocab, inv_t, BLOCK_V)
     s_tot = tl.zeros((), tl.float64)
     t_tot = tl.zeros((), tl.float64)
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
         w = tl.where(mask, tl.exp(z - m), 0.0)
         s_tot += tl.sum(w.to(tl.float64), 0)
         t_tot += tl.sum(tl.where(w > 0, w * (z - m), 0.0).to(tl.float64), 0)
@@ -189,9 +209,7 @@ def _sample_kernel(
         if mp > 0:
             cnt = tl.zeros((), tl.int64)
             for start in range(0, vocab, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                mask = offs < vocab
-                z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+                _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
                 cnt += tl.sum(((tl.exp(z - m) >= mp) & mask).to(tl.int64), 0)
             M = tl.minimum(M, tl.maximum(cnt, 1))
     tkey = tl.zeros((), tl.int64)
@@ -204,14 +222,8 @@ def _sample_kernel(
     s_kept = tl.zeros((), tl.float64)
     ties_seen = tl.zeros((), tl.int64)
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        key = _order_key(z)
-        eq = (key == tkey) & mask
-        rank = ties_seen + tl.cumsum(eq.to(tl.int64), 0) - 1
-        keep = mask & ((key > tkey) | (eq & (rank < ties_keep)))
-        ties_seen += tl.sum(eq.to(tl.int64), 0)
+        _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+        keep, ties_seen = _kept(z, mask, tkey, ties_keep, ties_seen)
         s_kept += tl.sum(tl.where(keep, tl.exp(z - m), 0.0).to(tl.float64), 0)
     u = _philox_uniform(tl.load(seeds_ptr + i), tl.load(steps_ptr + i))
     target = u * s_kept
@@ -220,15 +232,10 @@ def _sample_kernel(
     last = tl.full((), -1, tl.int64)
     ties_seen = tl.zeros((), tl.int64)
     for start in range(0, vocab, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < vocab
-        z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        key = _order_key(z)
-        eq = (key == tkey) & mask
-        rank = ties_seen + tl.cumsum(eq.to(tl.int64), 0) - 1
+        offs, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+        keep, ties_seen = _kept(z, mask, tkey, ties_keep, ties_seen)
         w = tl.exp(z - m)
-        keep = mask & ((key > tkey) | (eq & (rank < ties_keep))) & (w > 0)
-        ties_seen += tl.sum(eq.to(tl.int64), 0)
+        keep = keep & (w > 0)
         wk = tl.where(keep, w, 0.0).to(tl.float64)
         cs = acc + tl.cumsum(wk, 0)
         hit = keep & (cs > target)
@@ -244,16 +251,11 @@ def _sample_kernel(
     if RAW_TEMPERATURE:
         tl.store(raw_ptr + i, ((z_tok - m).to(tl.float64) - log_s).to(tl.float32))
     else:
-        mx = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
-            mx = tl.maximum(mx, x)
-        mr = tl.max(mx, 0)
+        # The untempered logits: z with inv_t = 1 (an exact multiply).
+        mr = _row_max(row, vocab, 1.0, BLOCK_V)
         sr = tl.zeros((), tl.float64)
         for start in range(0, vocab, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+            _, _, x = _load_z(row, start, vocab, 1.0, BLOCK_V)
             sr += tl.sum(tl.exp(x - mr).to(tl.float64), 0)
         x_tok = tl.load(row + tok).to(tl.float32)
         tl.store(raw_ptr + i, ((x_tok - mr).to(tl.float64) - tl.log(sr)).to(tl.float32))
@@ -302,16 +304,12 @@ def _aot_specs() -> list[dict[str, Any]]:
                      "JOINT", "RAW_TEMPERATURE", "BLOCK_V")
             signature.update({k: "constexpr" for k in names})
             for label, (has_k, has_p) in (("plain", (False, False)), ("top_k+top_p", (True, True))):
-                specs.append({
-                    "name": f"sample {dtype} V={vocab} {label}",
-                    "fn": _sample_kernel,
-                    "signature": signature,
-                    "constexprs": {"HAS_INDICES": False, "HAS_TOP_K": has_k, "HAS_TOP_P": has_p,
-                                   "HAS_MIN_P": False, "HAS_ENTROPY": True, "JOINT": False,
-                                   "RAW_TEMPERATURE": True, "BLOCK_V": _block_v(vocab)},
-                    "num_warps": 8 if vocab > 4096 else 4,
-                    "divisible_by_16": [k for k in signature if k.endswith("_ptr")],
-                })
+                constexprs = {"HAS_INDICES": False, "HAS_TOP_K": has_k, "HAS_TOP_P": has_p,
+                              "HAS_MIN_P": False, "HAS_ENTROPY": True, "JOINT": False,
+                              "RAW_TEMPERATURE": True, "BLOCK_V": _block_v(vocab)}
+                specs.append(aot_spec(f"sample {dtype} V={vocab} {label}", _sample_kernel,
+                                      signature, constexprs, 8 if vocab > 4096 else 4,
+                                      [k for k in signature if k.endswith("_ptr")]))
     return specs
 
 

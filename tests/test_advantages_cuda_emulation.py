@@ -10,22 +10,30 @@ batch constants, row pass). Skipped, with the reason, when no host C++ compiler 
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
 import torch
 
 import advantages_cases
+import rlkern
 from advantages_cases import ESTIMATORS, OUT_TOL, estimator_inputs, make_layout, make_scores
 from cuda_emu import EmulatedLibrary
-from cuda_emu.testing import CSRC, F64, I64, INT, P, emulated
+from cuda_emu.testing import CSRC, F64, I32, I64, INT, P, emulated
 from cuda_emu.testing import ptr as _ptr
+from rlkern.config.advantages import AdvantageConfig, codes, sequence_loglik
 from rlkern.ops.advantages_segmented import run_gigpo, run_segmented
-from rlkern.reference.advantages import group_advantages_reference, sequence_loglik
+from rlkern.reference.advantages import group_advantages_reference
 from rlkern.reference.token_advantages import (
     discounted_returns_reference,
     gigpo_advantages_reference,
 )
+
+
+def _flags(flags) -> ctypes.Array:
+    """The launcher's host array of int32 option codes."""
+    return (I32 * len(flags))(*flags)
 
 
 class EmulatedKernels:
@@ -38,12 +46,14 @@ class EmulatedKernels:
         self.stats.argtypes = [P, INT, P, P, I64, I64, P, P, P, INT, INT, INT, INT, P, P, P, P, P]
         self.stats.restype = INT
         self.finish = lib.rlkern_group_rows_finish_cuda
-        self.finish.argtypes = [P, INT, P, P, P, I64, I64, P, P, P, P, INT, INT, INT, INT, P, P,
-                                P, P, INT, P]
+        self.finish.argtypes = [P, INT, P, P, P, I64, I64, P, P, P, P, P, P, P, P, P, INT, P]
         self.finish.restype = INT
         self.returns = lib.rlkern_discounted_returns_cuda
         self.returns.argtypes = [P, INT, I64, I64, P, F64, P, P]
         self.returns.restype = INT
+        self.merge = lib.rlkern_group_moments_merge_cuda
+        self.merge.argtypes = [P, P, P, I64, P]
+        self.merge.restype = INT
 
     def check(self, rc: int) -> None:
         assert rc == 0, f"rc={rc}: {self.emu.last_error()}"
@@ -57,12 +67,12 @@ class EmulatedKernels:
             None))
 
     def rows_finish(self, scores, xr, loglik, row_group, group_size, ms, mx, ext, params, adv,
-                    mean, std, zv, *, estimator, std_mode, batch_scope, singleton_verl):
+                    mean, std, zv, *, flags, codes):
         self.check(self.finish(
             _ptr(scores), int(scores.dtype == torch.float64), _ptr(xr), _ptr(loglik),
             _ptr(row_group), group_size, scores.numel(), _ptr(ms), _ptr(mx), _ptr(ext),
-            _ptr(params), estimator, std_mode, int(batch_scope), int(singleton_verl), _ptr(adv),
-            _ptr(mean), _ptr(std), _ptr(zv), int(adv.dtype == torch.float64), None))
+            _ptr(params), _flags(flags), _ptr(adv), _ptr(mean), _ptr(std), _ptr(zv),
+            int(adv.dtype == torch.float64), None))
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +95,12 @@ def _run(kernels, scores, *, estimator="grpo", group_ids=None, group_size=None, 
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     adv, mean, sd = (torch.empty(n, dtype=dtype) for _ in range(3))
     zv = torch.empty(n, dtype=torch.bool)
-    lam_value = (0.25 if lam is None else lam)
+    config = AdvantageConfig(estimator=estimator, eps=eps, std=std, std_scope=std_scope,
+                             singleton=singleton, nan_policy=nan_policy, r_max=r_max, lam=lam,
+                             kappa=kappa)
     ids = group_ids.to(torch.int64) if group_ids is not None else None
-    run_segmented(kernels, s, ids, group_size or 0, weights, loglik, estimator, eps, std,
-                  std_scope, singleton, r_max, lam_value, kappa or 0.0, adv, mean, sd,
-                  zv.view(torch.int8))
+    run_segmented(kernels, s, ids, group_size or 0, weights, loglik, *config.kernel_args(), adv,
+                  mean, sd, zv.view(torch.int8))
     if mask is not None:
         adv = adv.unsqueeze(-1) * mask.to(dtype)
     return adv, mean, sd, zv
@@ -196,5 +207,59 @@ def test_invalid_arguments_are_reported(kernels):
                          _ptr(ms), None, None, None, None) == -3
     assert kernels.stats(_ptr(scores), 0, None, None, 4, -1, None, None, _ptr(params), 0, 0, 0,
                          0, _ptr(ms), None, None, None, None) == -2
+    flags, _ = AdvantageConfig().kernel_args()
+    flags[codes().flags.estimator] = 42  # no such estimator
     assert kernels.finish(_ptr(scores), 0, None, None, None, 4, 4, _ptr(ms), _ptr(ms), None,
-                          _ptr(params), 42, 0, 0, 0, None, None, None, None, 0, None) == -2
+                          _ptr(params), _flags(flags), None, None, None, None, 0, None) == -2
+
+
+def test_moments_merge_matches_cpu(kernels):
+    """Chan's merge of two moments tables (GroupStats on GPUs) equals the CPU op's."""
+    gen = torch.Generator().manual_seed(13)
+    ids = torch.randint(0, 40, (300,), generator=gen)
+    scores = torch.randn(300, generator=gen, dtype=torch.float64)
+    scores[::9] = 2.5  # some groups of equal values
+    halves = [rlkern.GroupStats().update(scores[rows], ids[rows])
+              for rows in (torch.arange(0, 300, 2), torch.arange(1, 300, 2))]
+    shared = torch.isin(halves[0].ids, halves[1].ids)
+    a = halves[0].moments[shared].contiguous()
+    b = halves[1].moments[torch.isin(halves[1].ids, halves[0].ids)].contiguous()
+    b[::4] = a[::4]  # identical rows merge exactly
+    b[1, 0] = 0.0  # an empty side
+    b[1, 1:] = torch.tensor([math.nan, 0.0, math.inf, -math.inf], dtype=torch.float64)
+    got = torch.empty_like(a)
+    kernels.check(kernels.merge(a.data_ptr(), b.data_ptr(), got.data_ptr(), a.shape[0], None))
+    want = torch.empty_like(a)
+    torch.ops.rlkern.group_moments_merge_out(a, b, want)
+    # The host compiler may contract a·b + c into an FMA where the emulator does not.
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    assert torch.equal(got[1], a[1])  # an empty side leaves the other as it is
+    m = codes().moments  # equal halves: the mean exactly, twice the count and M2
+    for col, factor in ((m.count, 2), (m.mean, 1), (m.m2, 2), (m.min, 1), (m.max, 1)):
+        assert torch.equal(got[::4, col], factor * a[::4, col]), m(col).name
+
+
+@pytest.mark.parametrize("options", [{}, {"estimator": "rloo", "singleton": "verl"},
+                                     {"std_scope": "batch"}, {"estimator": "gpg"}])
+def test_group_stats_steps(kernels, options):
+    """GroupStats on the CUDA kernels (a batch's moments by the segment pass, advantages from
+    given moments by the row pass) equals the CPU kernels."""
+    from rlkern.ops import advantages_segmented as seg
+
+    gen = torch.Generator().manual_seed(14)
+    ids = torch.randint(0, 9, (70,), generator=gen) * 1001
+    scores = torch.randn(70, generator=gen)
+    stats = rlkern.GroupStats().update(scores, ids)
+    keys, moments = seg.group_moments_segmented(kernels, scores, ids)
+    assert torch.equal(keys, stats.ids)
+    torch.testing.assert_close(moments, stats.moments, rtol=1e-12, atol=1e-12)
+    flags, hparams = rlkern.AdvantageConfig(**options).kernel_args()
+    outs = (torch.empty(70), torch.empty(70), torch.empty(70), torch.empty(70, dtype=torch.bool))
+    row_group = torch.searchsorted(keys, ids)
+    seg.finish_from_moments(kernels, scores, row_group, moments, flags, hparams, outs)
+    want = stats.advantages(scores, ids, **options)
+    for a, b in zip(outs, want, strict=True):
+        if b.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

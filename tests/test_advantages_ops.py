@@ -8,6 +8,7 @@ import torch
 
 import rlkern
 from rlkern import backends
+from rlkern.config.advantages import codes
 
 OPS_BACKENDS = ["cpu", "torch"]
 
@@ -26,10 +27,11 @@ def _group_inputs(n=24):
 @pytest.mark.parametrize("by_ids", [True, False])
 def test_opcheck_group_advantages(backend, estimator, by_ids):
     scores, ids, weights, loglik = _group_inputs()
+    options = {"lam": 0.5, "kappa": 0.3} if estimator == "xrpo" else {}
+    flags, hparams = rlkern.AdvantageConfig(estimator=estimator, **options).kernel_args()
     args = (scores, ids if by_ids else None, 0 if by_ids else 4,
             weights if estimator in ("opo", "reinforce_pp_baseline") else None,
-            loglik if estimator == "xrpo" else None, estimator, 1e-6, "unbiased", "group",
-            "zero", "raise", 1.0, 0.5, 0.3, False, backend)
+            loglik if estimator == "xrpo" else None, flags, hparams, False, backend)
     torch.library.opcheck(torch.ops.rlkern.group_advantages.default, args)
 
 
@@ -38,23 +40,21 @@ def test_opcheck_compiled_out_ops():
     scores, ids, weights, loglik = _group_inputs()
     n = scores.numel()
     outs = (torch.empty(n), torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.bool))
-    torch.library.opcheck(
-        torch.ops.rlkern.group_advantages_out.default,
-        (scores, ids, 0, weights, loglik, "xrpo", 1e-6, "unbiased", "group", "zero", "raise", 1.0,
-         0.5, 0.3, *outs))
+    xrpo = rlkern.AdvantageConfig(estimator="xrpo", lam=0.5, kappa=0.3).kernel_args()
+    torch.library.opcheck(torch.ops.rlkern.group_advantages_out.default,
+                          (scores, ids, 0, weights, loglik, *xrpo, *outs))
     keys = torch.empty(n, dtype=torch.long)
-    moments = torch.empty(n, 5, dtype=torch.float64)
+    moments = torch.empty(n, len(codes().moments), dtype=torch.float64)
     count = torch.empty(1, dtype=torch.long)
+    flags, hparams = rlkern.AdvantageConfig().kernel_args()
     torch.library.opcheck(torch.ops.rlkern.group_moments_out.default,
-                          (scores, ids, 0, "raise", keys, moments, count))
-    torch.ops.rlkern.group_moments_out(scores, ids, 0, "raise", keys, moments, count)
+                          (scores, ids, 0, flags, keys, moments, count))
+    torch.ops.rlkern.group_moments_out(scores, ids, 0, flags, keys, moments, count)
     k = int(count)  # opcheck ran on copies
     assert k == 5
     row_group = torch.randint(0, k, (n,))
-    torch.library.opcheck(
-        torch.ops.rlkern.group_finish_out.default,
-        (scores, row_group, moments[:k].contiguous(), "grpo", 1e-6, "unbiased", "group", "zero",
-         "raise", 1.0, 0.5, 1.0, *outs))
+    torch.library.opcheck(torch.ops.rlkern.group_finish_out.default,
+                          (scores, row_group, moments[:k].contiguous(), flags, hparams, *outs))
     x = torch.randn(6, 5)
     mask = torch.rand(6, 5) > 0.3
     torch.library.opcheck(torch.ops.rlkern.discounted_returns_out.default,
@@ -65,10 +65,11 @@ def test_opcheck_compiled_out_ops():
                           (x.abs(), mask, torch.tensor([4, 4, 1, 1, 1, 9]), 0, 1e-6,
                            torch.empty_like(x), torch.empty_like(x)))
     s = torch.randn(10)
+    modes = codes().gigpo_mode
     torch.library.opcheck(
         torch.ops.rlkern.gigpo_advantages_out.default,
-        (s, s * 2, torch.arange(10) % 3, torch.arange(10) % 2, 1.0, "mean_norm", "std_norm",
-         1e-6, torch.empty(10), torch.empty(10), torch.empty(10)))
+        (s, s * 2, torch.arange(10) % 3, torch.arange(10) % 2, 1.0, modes.mean_norm,
+         modes.std_norm, 1e-6, torch.empty(10), torch.empty(10), torch.empty(10)))
     torch.library.opcheck(torch.ops.rlkern.empg_modulate_out.default,
                           (s, s.abs(), s.abs(), 1.0, 1.0, 0.1, torch.empty(10)))
 
@@ -84,9 +85,10 @@ def test_opcheck_helper_ops(backend):
     torch.library.opcheck(torch.ops.rlkern.gtpo_weights.default,
                           (x.abs(), mask, None, 2, 1e-6, backend))
     s = torch.randn(10)
+    std_norm = codes().gigpo_mode.std_norm
     torch.library.opcheck(torch.ops.rlkern.gigpo_advantages.default,
-                          (s, s * 2, torch.arange(10) % 3, torch.arange(10) % 2, 1.0, "std_norm",
-                           "std_norm", 1e-6, backend))
+                          (s, s * 2, torch.arange(10) % 3, torch.arange(10) % 2, 1.0, std_norm,
+                           std_norm, 1e-6, backend))
     torch.library.opcheck(torch.ops.rlkern.empg_modulate.default,
                           (s, s.abs(), s.abs(), 1.0, 1.0, 0.1, backend))
 
@@ -156,8 +158,8 @@ def test_fake_shapes():
 
     with FakeTensorMode():
         scores = torch.empty(10)
-        out = torch.ops.rlkern.group_advantages(scores, None, 5, None, None, "grpo", 1e-6,
-                                                "unbiased", "group", "zero", "raise", 1.0, 0.25,
-                                                0.0, True, "cpu")
+        out = torch.ops.rlkern.group_advantages(scores, None, 5, None, None,
+                                                *rlkern.AdvantageConfig().kernel_args(), True,
+                                                "cpu")
         assert [t.shape for t in out] == [(10,)] * 4
         assert out[0].dtype == torch.float64 and out[3].dtype == torch.bool

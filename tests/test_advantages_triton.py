@@ -1,5 +1,5 @@
-"""Group advantages and the §2.1 helpers on the Triton backend (kernels/advantages.py) against
-the float64 reference.
+"""Group advantages, GroupStats and the §2.1 helpers on the Triton backend
+(kernels/advantages.py, kernels/token_advantages.py) against the float64 reference.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (the real kernel code,
 executed by numpy); with CUDA the same tests run the compiled kernels on CUDA tensors. The
@@ -196,3 +196,41 @@ def test_empg(n):
     out = rlkern.empg_modulate(adv.to(DEVICE), h.to(DEVICE), hn.to(DEVICE), backend="triton")
     ref = empg_modulate_reference(adv.double(), h.double(), hn.double())
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GroupStats
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"estimator": "rloo", "singleton": "verl"},
+                                    {"std_scope": "batch", "std": "biased"},
+                                    {"estimator": "gpg"}, {"estimator": "ngrpo"}])
+def test_group_stats_steps_on_triton(kwargs):
+    """GroupStats' GPU steps (a batch's moments, Chan's merge, advantages from the moments) in
+    the interpreter equal the CPU kernels'."""
+    from rlkern.ops import group_stats
+
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 7, (50,), generator=gen) * 31
+    scores = torch.randn(50, generator=gen)
+    scores[::13] = math.nan
+    flags, _ = rlkern.AdvantageConfig(nan_policy="omit").kernel_args()
+    halves = (slice(0, 25), slice(25, 50))
+    tables = {}
+    for backend in ("cpu", "triton"):
+        parts = [group_stats._moments(backend, scores[h].to(DEVICE), ids[h].to(DEVICE), flags)
+                 for h in halves]
+        keys, moments = group_stats._merge_tables(backend, *parts[0], *parts[1])
+        tables[backend] = (keys.cpu(), moments.cpu())
+    assert torch.equal(tables["cpu"][0], tables["triton"][0])
+    torch.testing.assert_close(tables["triton"][1], tables["cpu"][1], rtol=1e-12, atol=1e-12,
+                               equal_nan=True)
+    stats = rlkern.GroupStats(nan_policy="omit")
+    stats.ids, stats.moments = tables["cpu"]
+    want = stats.advantages(scores, ids, **kwargs)
+    stats.ids, stats.moments = (t.to(DEVICE) for t in tables["cpu"])
+    got = stats.advantages(scores.to(DEVICE), ids.to(DEVICE), backend="triton", **kwargs)
+    for a, b in zip(got, want, strict=True):
+        if b.dtype == torch.bool:
+            assert torch.equal(a.cpu(), b)
+        else:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6, equal_nan=True)

@@ -234,6 +234,21 @@ def test_estimators_other_index_types_and_epsilon():
         _close(ours, theirs, f"index {type(index).__name__}")
 
 
+def test_estimators_keep_verls_names_signatures_and_docs():
+    """The generated estimators carry verl's function name and parameters (plus **kwargs)."""
+    import inspect
+
+    for fn in set(rv.ADV_ESTIMATORS.values()):
+        theirs = inspect.signature(getattr(core_algos, fn.__name__)).parameters
+        ours = inspect.signature(fn).parameters
+        assert [n for n in ours if n != "kwargs"] == [n for n in theirs if n != "kwargs"]
+        # verl's defaults (its norm flag's True is read from the config here when not given)
+        assert all(ours[n].default == p.default for n, p in theirs.items()
+                   if p.default is not p.empty and n != "norm_adv_by_std_in_grpo"), fn.__name__
+        assert fn.__doc__ and fn.__doc__.startswith("verl's ``")
+        assert getattr(rv, fn.__name__) is fn
+
+
 def test_group_ids_from_index_partition():
     rng = np.random.default_rng(0)
     uid = np.array([f"u{v}" for v in rng.integers(0, 50, 400)], dtype=object)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rlkern
+from rlkern.config.logprobs import outputs
 
 OPS_BACKENDS = ["cpu", "torch"]
 
@@ -47,15 +48,17 @@ def test_opcheck_bwd(backend):
 def test_opcheck_compiled_out_ops():
     logits, labels = _inputs()
     rows = labels.shape
-    outs = [torch.empty(rows) for _ in range(5)]
+    OUT = outputs()  # the ops take the per-row outputs as one list in this order
+    outs = [torch.empty(rows) for _ in OUT]
     torch.library.opcheck(
         torch.ops.rlkern.logprobs_fwd_out.default,
-        (logits, labels, 1.0, -100, *outs),
+        (logits, labels, 1.0, -100, outs),
     )
+    saved = [outs[o] if o in (OUT.lse, OUT.entropy) else None for o in OUT]
+    grads = [outs[OUT.logprobs] if o in (OUT.logprobs, OUT.entropy) else None for o in OUT]
     torch.library.opcheck(
         torch.ops.rlkern.logprobs_bwd_out.default,
-        (logits, labels, outs[1], outs[2], outs[0], outs[0], None, 1.0, -100,
-         torch.empty_like(logits)),
+        (logits, labels, saved, grads, 1.0, -100, torch.empty_like(logits)),
     )
 
 

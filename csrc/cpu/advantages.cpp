@@ -55,7 +55,6 @@ namespace {
 // Rows per thread at least: a parallel region costs ~10 µs when the cores are idle and up to a
 // scheduler time slice when they are shared, so batches below ~2^18 rows run on one thread.
 constexpr int64_t kGrainRows = 1 << 17;
-constexpr double kWhitenEps = 1e-8;
 constexpr double kLowest = -std::numeric_limits<double>::infinity();
 
 int64_t grain_groups(int64_t group_size) {
@@ -281,7 +280,7 @@ GroupSummary summarize_contiguous(const GroupAdvantagesArgs& a, const T* s, int6
   if (xr != nullptr) {
     scratch.clear();
     for (int64_t i = begin; i < end; ++i) scratch.push_back(i);
-    unlikely_group(s, a.loglik, a.unlikely_lam, scratch, xr);
+    unlikely_group(s, a.loglik, a.params.lam, scratch, xr);
     acc = shifted_empty();
     for (int64_t i = begin; i < end; ++i)
       if (score_is_valid(xr[i])) shifted_push(acc, xr[i]);
@@ -302,18 +301,19 @@ GroupSummary summarize_contiguous(const GroupAdvantagesArgs& a, const T* s, int6
 
 template <typename T, typename O>
 void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
-  const T* s = static_cast<const T*>(a.scores);
-  const int64_t gs = a.group_size, k = a.n / gs;
+  const T* s = static_cast<const T*>(a.rows.scores);
+  const int64_t gs = a.rows.group_size, k = a.rows.n / gs;
   const ExtrasNeeded need = extras_needed(p.estimator);
   static thread_local Workspace<double> xr_store;
-  double* xr = p.estimator == kUnlikely ? xr_store.get(size_t(a.n)) : nullptr;
+  double* xr = p.estimator == kUnlikely ? xr_store.get(size_t(a.rows.n)) : nullptr;
   if (p.batch_scope || p.estimator == kReinforcePPBaseline) {
     std::vector<GroupMoments> mx(static_cast<size_t>(k));
     std::vector<GroupExtras> ext(static_cast<size_t>(k));
     at::parallel_for(0, k, grain_groups(gs), [&](int64_t b, int64_t e) {
       std::vector<int64_t> scratch;
       for (int64_t g = b; g < e; ++g) {
-        const GroupSummary sum = summarize_contiguous(a, s, g * gs, (g + 1) * gs, need, xr, scratch);
+        const GroupSummary sum =
+            summarize_contiguous(a, s, g * gs, (g + 1) * gs, need, xr, scratch);
         mx[g] = sum.mx;
         ext[g] = sum.ext;
       }
@@ -321,11 +321,11 @@ void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
     batch_constants(mx.data(), ext.data(), k, 0.0, 0.0, &p);
   } else if (p.estimator == kGpg) {
     double valid = 0.0, nonzero = 0.0;
-    count_rows(s, a.n, &valid, &nonzero);
+    count_rows(s, a.rows.n, &valid, &nonzero);
     batch_constants(nullptr, nullptr, 0, valid, nonzero, &p);
   }
-  const RowOut<O> out{static_cast<O*>(a.advantages), static_cast<O*>(a.group_mean),
-                      static_cast<O*>(a.group_std), a.zero_variance};
+  const RowOut<O> out{static_cast<O*>(a.out.advantages), static_cast<O*>(a.out.group_mean),
+                      static_cast<O*>(a.out.group_std), a.out.zero_variance};
   at::parallel_for(0, k, grain_groups(gs), [&](int64_t b, int64_t e) {
     std::vector<int64_t> scratch;
     for (int64_t g = b; g < e; ++g) {
@@ -378,24 +378,24 @@ bool compact_pass(const GroupAdvantagesArgs& a, const AdvantageParams& p,
     if (!local_ok) ok.store(false, std::memory_order_relaxed);
   });
   if (!ok.load()) return false;
-  const float* x = static_cast<const float*>(a.scores);
-  float* adv = static_cast<float*>(a.advantages);
-  float* mean = static_cast<float*>(a.group_mean);
-  float* sd = static_cast<float*>(a.group_std);
+  const float* x = static_cast<const float*>(a.rows.scores);
+  float* adv = static_cast<float*>(a.out.advantages);
+  float* mean = static_cast<float*>(a.out.group_mean);
+  float* sd = static_cast<float*>(a.out.group_std);
   // Non-temporal stores once the outputs are far larger than the caches (and aligned).
   const bool aligned = ((reinterpret_cast<uintptr_t>(adv) | reinterpret_cast<uintptr_t>(mean) |
                          reinterpret_cast<uintptr_t>(sd)) & 63) == 0;
-  const bool stream = aligned && a.n >= (int64_t(1) << 19);
-  at::parallel_for(0, a.n, kGrainRows, [&](int64_t b, int64_t e) {
-    compact_rows(x, rg, rec, b, e, adv, mean, sd, a.zero_variance, stream);
+  const bool stream = aligned && a.rows.n >= (int64_t(1) << 19);
+  at::parallel_for(0, a.rows.n, kGrainRows, [&](int64_t b, int64_t e) {
+    compact_rows(x, rg, rec, b, e, adv, mean, sd, a.out.zero_variance, stream);
   });
   return true;
 }
 
 template <typename T, typename O>
 void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
-  const T* s = static_cast<const T*>(a.scores);
-  const int64_t n = a.n;
+  const T* s = static_cast<const T*>(a.rows.scores);
+  const int64_t n = a.rows.n;
   // Per-thread scratch kept across calls. Bound to references here: a thread_local named
   // inside a parallel_for body would resolve to the worker thread's own (empty) instance.
   static thread_local Workspace<int32_t> row_group_store;
@@ -405,18 +405,18 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
   std::vector<GroupMoments>& mx_store = mx_tl;
   std::vector<GroupExtras>& ext = ext_tl;
   int32_t* rows = row_group_store.get(size_t(n));
-  const IdRange range = id_range(a.group_ids, n);
+  const IdRange range = id_range(a.rows.group_ids, n);
   const bool dense = dense_enough(range, n);
   Grouping grouping;
   if constexpr (std::is_same_v<T, float>) {
     // Number the groups first (no accumulator: a small table, or none for dense ids), then
     // the moments one L2-sized chunk of groups at a time (advantages_ids.h).
-    grouping = dense ? dense_numbering(a.group_ids, n, range, rows)
-                     : group_by_ids_parallel<T, false>(a.group_ids, n, nullptr, rows, nullptr);
+    grouping = dense ? dense_numbering(a.rows.group_ids, n, range, rows)
+                     : group_by_ids_parallel<T, false>(a.rows.group_ids, n, nullptr, rows, nullptr);
     moments_chunked(s, n, grouping.row_group, grouping.num_groups, &ms);
   } else {  // float64 scores: shifted sums accumulated with the numbering (group_stats.h)
-    grouping = dense ? group_by_dense_ids<T>(a.group_ids, n, range, s, rows, &ms)
-                     : group_by_ids_parallel<T, true>(a.group_ids, n, s, rows, &ms);
+    grouping = dense ? group_by_dense_ids<T>(a.rows.group_ids, n, range, s, rows, &ms)
+                     : group_by_ids_parallel<T, true>(a.rows.group_ids, n, s, rows, &ms);
   }
   const int64_t k = grouping.num_groups;
   const int32_t* rg = grouping.row_group;
@@ -431,7 +431,7 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
       std::vector<int64_t> rows;
       for (int64_t g = b; g < e; ++g) {
         rows.assign(gr.rows.begin() + gr.offsets[g], gr.rows.begin() + gr.offsets[g + 1]);
-        unlikely_group(s, a.loglik, a.unlikely_lam, rows, xr);
+        unlikely_group(s, a.loglik, a.params.lam, rows, xr);
       }
     });
     std::vector<ShiftedSums> acc(size_t(k), shifted_empty());
@@ -489,9 +489,9 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
       if (with_cold) cold[g] = cold_record(mx[g], ex, p);
     }
   });
-  O* adv = static_cast<O*>(a.advantages);
-  O* mean_out = static_cast<O*>(a.group_mean);
-  O* std_out = static_cast<O*>(a.group_std);
+  O* adv = static_cast<O*>(a.out.advantages);
+  O* mean_out = static_cast<O*>(a.out.group_mean);
+  O* std_out = static_cast<O*>(a.out.group_std);
   at::parallel_for(0, n, kGrainRows, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int32_t g = rg[i];
@@ -513,7 +513,7 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
       const int32_t g = rg[i];
       mean_out[i] = g_mean[g];
       std_out[i] = g_std[g];
-      a.zero_variance[i] = g_zv[g] != 0;
+      a.out.zero_variance[i] = g_zv[g] != 0;
     }
   });
 }
@@ -521,36 +521,39 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
 template <typename T>
 Status passk_singletons(const GroupAdvantagesArgs& a) {
   // verl raises on a pass@k group with a single response; so does singleton = "verl".
-  const T* s = static_cast<const T*>(a.scores);
+  const T* s = static_cast<const T*>(a.rows.scores);
   std::vector<GroupMoments> ms;
-  std::vector<int32_t> rg(static_cast<size_t>(a.n));
+  std::vector<int32_t> rg(static_cast<size_t>(a.rows.n));
   const Grouping grouping =
-      a.group_ids != nullptr
-          ? group_by_keys<1, T>(a.group_ids, nullptr, a.n, s, rg.data(), &ms)
-          : contiguous_grouping(a.n, a.group_size);
-  if (a.group_ids == nullptr) {
+      a.rows.group_ids != nullptr
+          ? group_by_keys<1, T>(a.rows.group_ids, nullptr, a.rows.n, s, rg.data(), &ms)
+          : contiguous_grouping(a.rows.n, a.rows.group_size);
+  if (a.rows.group_ids == nullptr) {
     ms.assign(size_t(grouping.num_groups), moments_empty());
-    for (int64_t i = 0; i < a.n; ++i)
+    for (int64_t i = 0; i < a.rows.n; ++i)
       if (score_is_valid(double(s[i]))) moments_push(ms[grouping.group_of(i)], double(s[i]));
   }
-  for (int64_t i = 0; i < a.n; ++i)
+  for (int64_t i = 0; i < a.rows.n; ++i)
     if (score_is_valid(double(s[i])) && ms[grouping.group_of(i)].n == 1.0)
       return {Status::kPasskSingleton, i};
   return {};
 }
 
+// The first non-finite score as a Status when they are an error.
+template <typename T>
+Status check_scores(const T* s, int64_t n, bool nan_omit) {
+  const int64_t bad = nan_omit ? -1 : first_invalid(s, n);
+  return bad >= 0 ? Status{Status::kInvalidScore, bad} : Status{};
+}
+
 template <typename T, typename O>
 Status run_group_advantages(const GroupAdvantagesArgs& a) {
-  const T* s = static_cast<const T*>(a.scores);
-  if (!a.nan_omit) {
-    const int64_t bad = first_invalid(s, a.n);
-    if (bad >= 0) return {Status::kInvalidScore, bad};
-  }
-  if (a.params.estimator == kGrpoPassk && a.params.singleton_verl) {
-    const Status st = passk_singletons<T>(a);
-    if (st.code != Status::kOk) return st;
-  }
-  if (a.group_ids != nullptr) {
+  const T* s = static_cast<const T*>(a.rows.scores);
+  Status st = check_scores(s, a.rows.n, a.params.nan_omit);
+  if (st.code == Status::kOk && a.params.estimator == kGrpoPassk && a.params.singleton_verl)
+    st = passk_singletons<T>(a);
+  if (st.code != Status::kOk) return st;
+  if (a.rows.group_ids != nullptr) {
     run_ids<T, O>(a, a.params);
   } else {
     run_contiguous<T, O>(a, a.params);
@@ -560,80 +563,91 @@ Status run_group_advantages(const GroupAdvantagesArgs& a) {
 
 template <typename T, typename O>
 Status run_group_finish(const GroupFinishArgs& a) {
-  const T* s = static_cast<const T*>(a.scores);
-  if (!a.nan_omit) {
-    const int64_t bad = first_invalid(s, a.n);
-    if (bad >= 0) return {Status::kInvalidScore, bad};
-  }
+  const T* s = static_cast<const T*>(a.rows.scores);
+  const Status st = check_scores(s, a.rows.n, a.params.nan_omit);
+  if (st.code != Status::kOk) return st;
+  AdvantageParams p = a.params;
+  double valid = 0.0, nonzero = 0.0;
+  if (p.estimator == kGpg) count_rows(s, a.rows.n, &valid, &nonzero);
+  batch_constants(a.moments, nullptr, a.num_groups, valid, nonzero, &p);
   std::vector<HotRecord<O>> records(static_cast<size_t>(a.num_groups));
   at::parallel_for(0, a.num_groups, kGrainRows, [&](int64_t b, int64_t e) {
     for (int64_t g = b; g < e; ++g)
-      records[g] = hot_record<O>(a.moments[g], a.moments[g], nullptr, a.params);
+      records[g] = hot_record<O>(a.moments[g], a.moments[g], nullptr, p);
   });
-  const RowOut<O> out{static_cast<O*>(a.advantages), static_cast<O*>(a.group_mean),
-                      static_cast<O*>(a.group_std), a.zero_variance};
-  at::parallel_for(0, a.n, kGrainRows, [&](int64_t b, int64_t e) {
+  const RowOut<O> out{static_cast<O*>(a.out.advantages), static_cast<O*>(a.out.group_mean),
+                      static_cast<O*>(a.out.group_std), a.out.zero_variance};
+  at::parallel_for(0, a.rows.n, kGrainRows, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const double x = double(s[i]);
-      write_row(out, i, x, score_is_valid(x), records[a.row_group[i]], nullptr, a.params,
-                nullptr);
+      write_row(out, i, x, score_is_valid(x), records[a.row_group[i]], nullptr, p, nullptr);
     }
   });
   return {};
 }
 
+// run(T{}, O{}) with the score type T and the output type O of a call (float or double).
+template <typename F>
+Status dispatch(const ScoreRows& rows, const RowOutputs& out, F&& run) {
+  if (rows.f64) return out.f64 ? run(double{}, double{}) : run(double{}, float{});
+  return out.f64 ? run(float{}, double{}) : run(float{}, float{});
+}
+
 }  // namespace
 
 Status group_advantages(const GroupAdvantagesArgs& a) {
-  if (a.n == 0) return {};
-  if (a.scores_f64) {
-    return a.out_f64 ? run_group_advantages<double, double>(a)
-                     : run_group_advantages<double, float>(a);
-  }
-  return a.out_f64 ? run_group_advantages<float, double>(a) : run_group_advantages<float, float>(a);
+  if (a.rows.n == 0) return {};
+  return dispatch(a.rows, a.out, [&](auto t, auto o) {
+    return run_group_advantages<decltype(t), decltype(o)>(a);
+  });
 }
 
-Status group_moments(const GroupMomentsArgs& a, int64_t* num_groups) {
+Status group_finish(const GroupFinishArgs& a) {
+  if (a.rows.n == 0) return {};
+  return dispatch(a.rows, a.out, [&](auto t, auto o) {
+    return run_group_finish<decltype(t), decltype(o)>(a);
+  });
+}
+
+Status group_moments(const ScoreRows& rows, bool nan_omit, int64_t* keys_out,
+                     GroupMoments* moments_out, int64_t* num_groups) {
   *num_groups = 0;
-  if (a.n == 0) return {};
+  if (rows.n == 0) return {};
   auto run = [&](auto* s) -> Status {
-    if (!a.nan_omit) {
-      const int64_t bad = first_invalid(s, a.n);
-      if (bad >= 0) return {Status::kInvalidScore, bad};
-    }
+    const Status st = check_scores(s, rows.n, nan_omit);
+    if (st.code != Status::kOk) return st;
     using T = std::remove_const_t<std::remove_pointer_t<decltype(s)>>;
     std::vector<GroupMoments> mom;
     std::vector<int64_t> keys;
-    if (a.group_ids != nullptr) {
-      std::vector<int32_t> rg(static_cast<size_t>(a.n));
-      group_by_keys<1, T>(a.group_ids, nullptr, a.n, s, rg.data(), &mom, &keys);
+    if (rows.group_ids != nullptr) {
+      std::vector<int32_t> rg(static_cast<size_t>(rows.n));
+      group_by_keys<1, T>(rows.group_ids, nullptr, rows.n, s, rg.data(), &mom, &keys);
     } else {
-      const int64_t k = a.n / a.group_size;
+      const int64_t gs = rows.group_size, k = rows.n / gs;
       mom.resize(size_t(k));
       keys.resize(size_t(k));
       for (int64_t g = 0; g < k; ++g) {
         ShiftedSums acc = shifted_empty();
-        for (int64_t i = g * a.group_size; i < (g + 1) * a.group_size; ++i)
+        for (int64_t i = g * gs; i < (g + 1) * gs; ++i)
           if (score_is_valid(double(s[i]))) shifted_push(acc, double(s[i]));
         mom[g] = shifted_moments(acc);
         keys[g] = g;
       }
     }
     *num_groups = int64_t(mom.size());
-    std::copy(keys.begin(), keys.end(), a.keys);
-    std::copy(mom.begin(), mom.end(), a.moments);
+    std::copy(keys.begin(), keys.end(), keys_out);
+    std::copy(mom.begin(), mom.end(), moments_out);
     return {};
   };
-  return a.scores_f64 ? run(static_cast<const double*>(a.scores))
-                      : run(static_cast<const float*>(a.scores));
+  return rows.f64 ? run(static_cast<const double*>(rows.scores))
+                  : run(static_cast<const float*>(rows.scores));
 }
 
-Status group_finish(const GroupFinishArgs& a) {
-  if (a.n == 0) return {};
-  if (a.scores_f64) {
-    return a.out_f64 ? run_group_finish<double, double>(a) : run_group_finish<double, float>(a);
-  }
-  return a.out_f64 ? run_group_finish<float, double>(a) : run_group_finish<float, float>(a);
+void moments_merge_rows(const GroupMoments* a, const GroupMoments* b, int64_t k,
+                        GroupMoments* out) {
+  at::parallel_for(0, k, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) out[g] = moments_merge(a[g], b[g]);
+  });
 }
 
 }  // namespace rlkern::cpu

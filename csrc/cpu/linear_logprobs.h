@@ -7,15 +7,12 @@
 // place. Torch-free interface: raw pointers, sizes and strides.
 #pragma once
 
+#include <array>
 #include <cstdint>
 
 #include "cpu/logprobs.h"
 
 namespace rlkern::cpu {
-
-// Per-row running state, 4 doubles: m (running max of z, natural units), s = Σexp(z − m),
-// t = Σexp(z − m)(z − m), and the raw label logit x_y once its tile has been seen (NaN before).
-constexpr int kLinearStatsWidth = 4;
 
 struct LinearTileArgs {
   const void* tile;  // (n, vt), column stride 1, row stride `stride_row`
@@ -27,21 +24,19 @@ struct LinearTileArgs {
   int64_t ignore_index;
   double temperature;
   bool with_entropy;
-  double* stats;  // forward: (n, 4) running state, updated in place
-  // backward (per-row, (n,), float32 or float64 like the outputs; nullable grads)
-  const void* lse;
-  const void* entropy;
-  const void* grad_logprobs;
-  const void* grad_entropy;
-  const void* grad_lse;
+  // forward: (n, linear_logprobs::kNumStats) running state (rlkern/logprobs.h), updated in place
+  double* stats;
+  // backward: per-row arrays (n,), float32 or float64 like the outputs
+  logprobs::GradInputs in;
 };
 
 void linear_logprobs_tile_fwd(const LinearTileArgs& a);
 void linear_logprobs_tile_bwd(const LinearTileArgs& a);
 
-// stats (n, 4) → logprobs, lse, entropy (nullable); float32 outputs, or float64 when `f64`.
+// stats → the per-row outputs: outputs[o] as in LogprobsFwdArgs (logprobs and lse required,
+// entropy nullable, no self_certainty / sum_p_sq), float32 or, when `f64`, float64.
 void linear_logprobs_finish(const double* stats, const int64_t* labels, int64_t n,
-                            int64_t ignore_index, double temperature, bool f64, void* logprobs,
-                            void* lse, void* entropy);
+                            int64_t ignore_index, double temperature, bool f64,
+                            const std::array<void*, logprobs::kNumOutputs>& outputs);
 
 }  // namespace rlkern::cpu

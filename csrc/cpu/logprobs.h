@@ -1,18 +1,20 @@
 // CPU kernels for token log-probabilities and entropy (ALGORITHMS.md §1). Torch-free
-// interface: raw pointers, sizes and strides; csrc/ops.cpp adapts tensors to it.
+// interface: raw pointers, sizes and strides; cpu/logprobs_ops.cpp adapts tensors to it.
 #pragma once
 
+#include <array>
 #include <cstdint>
+
+#include "rlkern/logprobs.h"
 
 namespace rlkern::cpu {
 
 enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
-// Rows are (b, l) pairs of a (B, L, V) view whose vocab dim is contiguous; row (b, l) starts
-// at element b * stride_0 + l * stride_1. Per-row arrays (labels, outputs, grads) are
-// contiguous (B * L). Outputs are float32, or float64 for float64 logits. Optional outputs
-// and grads are nullptr when absent.
-struct LogprobsFwdArgs {
+// Rows are the (b, l) pairs of a (B, L, V) view whose vocab dim is contiguous; row (b, l)
+// starts at element b * stride_0 + l * stride_1. Per-row arrays (labels, outputs, grads) are
+// contiguous (B * L), in float32, or float64 for float64 logits.
+struct LogitsRows {
   const void* logits;
   DType dtype;
   int64_t B, L, V;
@@ -20,26 +22,16 @@ struct LogprobsFwdArgs {
   const int64_t* labels;
   double temperature;
   int64_t ignore_index;
-  void* logprobs;
-  void* lse;
-  void* entropy;         // nullable
-  void* self_certainty;  // nullable (set together with sum_p_sq)
-  void* sum_p_sq;        // nullable
 };
 
-struct LogprobsBwdArgs {
-  const void* logits;
-  DType dtype;
-  int64_t B, L, V;
-  int64_t stride_0, stride_1;
-  const int64_t* labels;
-  const void* lse;
-  const void* entropy;        // needed when grad_entropy is given
-  const void* grad_logprobs;  // nullable
-  const void* grad_entropy;   // nullable
-  const void* grad_lse;       // nullable
-  double temperature;
-  int64_t ignore_index;
+// outputs[o]: the per-row output o (rlkern::logprobs::Output); logprobs and lse are required,
+// the others nullptr when not asked for (self_certainty and sum_p_sq together).
+struct LogprobsFwdArgs : LogitsRows {
+  std::array<void*, logprobs::kNumOutputs> outputs;
+};
+
+struct LogprobsBwdArgs : LogitsRows {
+  logprobs::GradInputs in;
   void* grad_logits;  // (B, L, V), vocab contiguous, same dtype as logits; may alias logits
   int64_t grad_stride_0, grad_stride_1;
 };

@@ -18,6 +18,9 @@
 #include <limits>
 #include <type_traits>
 
+#include <ATen/Parallel.h>
+
+#include "cpu/logprobs.h"
 #include "cpu/simd.h"
 #include "rlkern/online_softmax.h"
 
@@ -243,6 +246,111 @@ inline void grad_row_f64(const double* x, double* g, int64_t n, int64_t y_local,
     g[v] = p > 0.0 ? p * (rg.c0 - rg.k * xv) : 0.0;
   }
   if (y_local >= 0 && y_local < n) g[y_local] += rg.g_label;
+}
+
+// -------------------------------------------------------------------------------------------
+// One row function for every dtype: float64 logits (tests, gradcheck) take plain double
+// arithmetic, the others the vectorised blocks above; these wrappers pick the path so that the
+// row loops of the kernels are written once.
+
+// A temperature as the row loops use it: 1/T, and c = log2(e)/T rounded to float, the scale
+// of the vectorised sweeps (see sweep_block).
+struct RowScale {
+  double inv_t;
+  float c;
+};
+
+inline RowScale row_scale(double temperature) {
+  const double inv_t = 1.0 / temperature;
+  return {inv_t, float(kLog2e * inv_t)};
+}
+
+// Storage tag of float64 logits.
+struct F64 {
+  using storage = double;
+};
+
+template <typename Tag>
+constexpr bool kIsF64 = std::is_same_v<Tag, F64>;
+
+// The accumulation (and output) type of a dtype: double for float64 logits, float otherwise.
+template <typename Tag>
+using acc_of = std::conditional_t<kIsF64<Tag>, double, float>;
+
+template <typename Tag>
+inline acc_of<Tag> load_logit(const typename Tag::storage* x) {
+  if constexpr (kIsF64<Tag>) return *x;
+  else return load_scalar<Tag>(x);
+}
+
+// Sets g[0, n) to `value` (0 for ignored rows, NaN for rows that have no valid gradient).
+template <typename Tag>
+inline void fill_row(typename Tag::storage* g, int64_t n, float value) {
+  if constexpr (kIsF64<Tag>) {
+    std::fill(g, g + n, double(value));
+  } else if (value == 0.0f) {
+    std::fill(g, g + n, typename Tag::storage(0));  // +0.0 is all-zero bits in every format
+  } else {
+    for (int64_t j = 0; j < n; ++j) store_scalar<Tag>(g + j, value);
+  }
+}
+
+// Folds x[0, n) into the running summary `row`; `xsum` accumulates Σz for float64 logits and
+// Σx for the others (with kStats; see zsum_of).
+template <typename Tag, bool kEntropy, bool kStats>
+inline void fold_row(const typename Tag::storage* x, int64_t n, const RowScale& t,
+                     SoftmaxStats<double>& row, double* xsum,
+                     const typename Tag::storage* next_row = nullptr) {
+  if constexpr (kIsF64<Tag>) accumulate_row_f64(x, n, t.inv_t, row, xsum);
+  else accumulate_row<Tag, kEntropy, kStats>(x, n, t.c, row, xsum, next_row);
+}
+
+template <typename Tag>
+inline double zsum_of(double xsum, const RowScale& t) {
+  return kIsF64<Tag> ? xsum : xsum * t.inv_t;
+}
+
+// log p_y from the row summary and the raw label logit x_y (see logp_from_stats).
+template <typename Tag>
+inline double label_logp(const SoftmaxStats<double>& row, double lse, acc_of<Tag> x_y,
+                         const RowScale& t) {
+  if constexpr (kIsF64<Tag>) return x_y * t.inv_t - lse;
+  else return logp_from_stats(row, x_y, t.c);
+}
+
+// The backward constants of row r from the per-row arrays of a backward (acc_of<Tag> each).
+template <typename Tag>
+inline RowGrad row_grad(const logprobs::GradInputs& in, int64_t r, double inv_t) {
+  auto get = [r](const void* p) {
+    return p ? double(static_cast<const acc_of<Tag>*>(p)[r]) : 0.0;
+  };
+  return make_row_grad(get(in.grad_logprobs), get(in.grad_entropy), get(in.grad_lse),
+                       get(in.lse), in.grad_entropy ? get(in.entropy) : 0.0, inv_t);
+}
+
+// grad_row / grad_row_f64 for row r of a backward.
+template <typename Tag>
+inline void grad_row_of(const typename Tag::storage* x, typename Tag::storage* g, int64_t n,
+                        int64_t y_local, const logprobs::GradInputs& in, int64_t r,
+                        const RowScale& t) {
+  const acc_of<Tag> lse = static_cast<const acc_of<Tag>*>(in.lse)[r];
+  const RowGrad rg = row_grad<Tag>(in, r, t.inv_t);
+  if constexpr (kIsF64<Tag>) grad_row_f64(x, g, n, y_local, rg, lse, t.inv_t);
+  else grad_row<Tag>(x, g, n, y_local, rg, lse, t.c, t.inv_t);
+}
+
+// Runs fn(tag, begin, end) over the rows [0, n) in parallel chunks (grain_rows(V) rows each),
+// `tag` being the storage tag of `dtype` (BF16, F16, F32 or F64).
+template <typename Fn>
+void parallel_rows(DType dtype, int64_t n, int64_t V, const Fn& fn) {
+  at::parallel_for(0, n, grain_rows(V), [&](int64_t b, int64_t e) {
+    switch (dtype) {
+      case DType::kBFloat16: fn(BF16{}, b, e); break;
+      case DType::kFloat16: fn(F16{}, b, e); break;
+      case DType::kFloat32: fn(F32{}, b, e); break;
+      case DType::kFloat64: fn(F64{}, b, e); break;
+    }
+  });
 }
 
 }  // namespace rlkern::cpu

@@ -12,6 +12,8 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE__)
+#include <xmmintrin.h>  // _mm_prefetch of the portable (baseline x86-64) build
 #endif
 
 namespace rlkern::cpu {
@@ -141,6 +143,10 @@ inline float exp2_scalar(float x) {
   return std::ldexp(p, int(n));
 }
 
+// The polynomial of exp2_scalar in a vector type V (V::set1, V::fma), for VecF::exp2.
+template <typename V>
+V exp2_poly(V r);
+
 #if defined(__AVX512F__)
 
 struct VecF {
@@ -187,13 +193,7 @@ struct VecF {
   // 2^x for x ≥ kExp2Min (callers clamp: they need the clamped value themselves) or NaN.
   static VecF exp2(VecF x) {
     const __m512 n = _mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_sub_ps(x.v, n);
-    __m512 p = _mm512_set1_ps(kExp2C5);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2C1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512 p = exp2_poly(VecF{_mm512_sub_ps(x.v, n)}).v;
     return {_mm512_scalef_ps(p, n)};  // p · 2^n in one instruction, underflowing to 0
   }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
@@ -238,13 +238,7 @@ struct VecF {
   // 2^x for x ≥ kExp2Min (callers clamp: they need the clamped value themselves) or NaN.
   static VecF exp2(VecF x) {
     const __m256 n = _mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 r = _mm256_sub_ps(x.v, n);
-    __m256 p = _mm256_set1_ps(kExp2C5);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2C1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256 p = exp2_poly(VecF{_mm256_sub_ps(x.v, n)}).v;
     // 2^n as two factors 2^(n/2) built in the exponent field, so that n down to −151
     // underflows gracefully instead of wrapping the biased exponent.
     __m256i ni = _mm256_cvtps_epi32(n);
@@ -302,5 +296,15 @@ struct VecF {
 };
 
 #endif
+
+template <typename V>
+inline V exp2_poly(V r) {
+  V p = V::set1(kExp2C5);
+  p = V::fma(p, r, V::set1(kExp2C4));
+  p = V::fma(p, r, V::set1(kExp2C3));
+  p = V::fma(p, r, V::set1(kExp2C2));
+  p = V::fma(p, r, V::set1(kExp2C1));
+  return V::fma(p, r, V::set1(1.0f));
+}
 
 }  // namespace rlkern::cpu

@@ -1,9 +1,9 @@
 // CUDA kernels for group advantages (ALGORITHMS.md §2) and discounted returns (§2.1).
 //
 // Torch-free (DESIGN.md style rule 1): the launchers at the bottom take raw pointers, sizes and
-// a cudaStream_t and return an error code; csrc/cuda_ops.cpp adapts tensors. Declarations and
-// the contract: csrc/include/rlkern/cuda_launchers.h. The Python layer sorts the rows by group
-// once (python/rlkern/ops/advantages_segmented.py); then:
+// a cudaStream_t and return an error code; csrc/cuda/advantages_ops.cpp adapts tensors.
+// Declarations and the contract: csrc/include/rlkern/cuda_launchers.h. The Python layer sorts
+// the rows by group once (python/rlkern/ops/advantages_segmented.py); then:
 //
 //   segment_stats_kernel  one warp per group: the moments (n, mean, M2, min, max) of the valid
 //                         scores by two passes in double (sum, then Σ (x − mean)²), a group of
@@ -12,7 +12,10 @@
 //                         a ballot/popcount prefix); the extras (length-weighted sums, mean
 //                         log-likelihood, top two scores and the top row).
 //   rows_finish_kernel    one thread per row: the shared formula of rlkern/group_stats.h
-//                         (group_affine, passk_top_advantage, xrpo_sharpen).
+//                         (group_affine, passk_top_advantage, xrpo_sharpen), the options
+//                         decoded from the ops' flags and params (advantage_params).
+//   moments_merge_kernel  one thread per group: Chan's merge of two moments tables
+//                         (GroupStats).
 //   discounted_returns_kernel
 //                         one warp per row, back to front in chunks of 32: a warp scan of the
 //                         affine maps G ↦ r + a·G, applied to the carry of the later chunk.
@@ -35,25 +38,26 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kStatsWarpsPerBlock = 4;
 constexpr int kFinishThreads = 256;
 constexpr int kReturnsWarpsPerBlock = 4;
+constexpr int kMergeThreads = 128;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;  // blocks; beyond, the kernels stride
 
-__device__ __forceinline__ double warp_sum(double v) {
+// Butterfly all-reduce of v over the warp with `op` (every lane gets the result).
+template <typename Op>
+__device__ __forceinline__ double warp_all(double v, Op op) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
   return v;
 }
 
-__device__ __forceinline__ double warp_min(double v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmin(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-
-__device__ __forceinline__ double warp_max(double v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
+struct Add {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct Min {
+  __device__ double operator()(double a, double b) const { return fmin(a, b); }
+};
+struct Max {
+  __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
 
 template <typename T>
 __device__ __forceinline__ double load_score(const T* scores, int64_t row) {
@@ -95,11 +99,11 @@ struct StatsArgs {
 __device__ __forceinline__ void store_moments(double* out, double n, double mean, double m2,
                                               double lo, double hi) {
   const bool equal = lo == hi;
-  out[0] = n;
-  out[1] = equal ? lo : mean;
-  out[2] = equal ? 0.0 : m2;
-  out[3] = lo;
-  out[4] = hi;
+  out[kMomCount] = n;
+  out[kMomMean] = equal ? lo : mean;
+  out[kMomM2] = equal ? 0.0 : m2;
+  out[kMomMin] = lo;
+  out[kMomMax] = hi;
 }
 
 // One group, by one warp (lane = this thread's lane).
@@ -122,10 +126,10 @@ __device__ __forceinline__ void segment_stats_group(const T* __restrict__ scores
       hi = fmax(hi, x);
     }
   }
-  n = warp_sum(n);
-  sum = warp_sum(sum);
-  lo = warp_min(lo);
-  hi = warp_max(hi);
+  n = warp_all(n, Add{});
+  sum = warp_all(sum, Add{});
+  lo = warp_all(lo, Min{});
+  hi = warp_all(hi, Max{});
   const double mean = sum / n;  // NaN for an empty group
   // Pass 2: M2 about the mean.
   double m2 = 0.0;
@@ -133,14 +137,14 @@ __device__ __forceinline__ void segment_stats_group(const T* __restrict__ scores
     const double x = load_score(scores, row_of(k));
     if (score_is_valid(x)) m2 += (x - mean) * (x - mean);
   }
-  m2 = warp_sum(m2);
-  if (lane == 0) store_moments(a.ms + g * 5, n, mean, m2, lo, hi);
+  m2 = warp_all(m2, Add{});
+  if (lane == 0) store_moments(a.ms + g * kNumMoments, n, mean, m2, lo, hi);
   double xmean = lo == hi ? lo : mean;
 
   if (a.unlikely) {
     // Rows come sorted by (log-likelihood, row): a valid row's rank is the number of valid rows
     // before it. The warp walks the group in chunks of 32 so that the prefix is a popcount.
-    const double lam = a.params[2];
+    const double lam = a.params[kParamLam];
     double xsum = 0.0, xlo = inf, xhi = -inf, before = 0.0;
     for (int64_t k0 = 0; k0 < count; k0 += kWarp) {
       const int64_t k = k0 + lane;
@@ -158,9 +162,9 @@ __device__ __forceinline__ void segment_stats_group(const T* __restrict__ scores
       }
       before += __popc(ballot);
     }
-    xsum = warp_sum(xsum);
-    xlo = warp_min(xlo);
-    xhi = warp_max(xhi);
+    xsum = warp_all(xsum, Add{});
+    xlo = warp_all(xlo, Min{});
+    xhi = warp_all(xhi, Max{});
     const double xm = xsum / n;
     __syncwarp();  // the r' written above are read back below by other lanes
     double xm2 = 0.0;
@@ -169,8 +173,8 @@ __device__ __forceinline__ void segment_stats_group(const T* __restrict__ scores
       const double xr = a.xr[row];
       if (score_is_valid(load_score(scores, row))) xm2 += (xr - xm) * (xr - xm);
     }
-    xm2 = warp_sum(xm2);
-    if (lane == 0) store_moments(a.mx + g * 5, n, xm, xm2, xlo, xhi);
+    xm2 = warp_all(xm2, Add{});
+    if (lane == 0) store_moments(a.mx + g * kNumMoments, n, xm, xm2, xlo, xhi);
     xmean = xlo == xhi ? xlo : xm;
   }
 
@@ -192,10 +196,10 @@ __device__ __forceinline__ void segment_stats_group(const T* __restrict__ scores
       if (a.with_loglik) aux += a.loglik[row];
       if (a.top) best = top2_merge(best, Top2{x, -inf, row});
     }
-    wsum = warp_sum(wsum);
-    wdev = warp_sum(wdev);
-    wdev2 = warp_sum(wdev2);
-    aux = warp_sum(aux);
+    wsum = warp_all(wsum, Add{});
+    wdev = warp_all(wdev, Add{});
+    wdev2 = warp_all(wdev2, Add{});
+    aux = warp_all(aux, Add{});
 #pragma unroll
     for (int o = kWarp / 2; o > 0; o >>= 1) {
       const Top2 other{__shfl_xor_sync(kFull, best.top1, o), __shfl_xor_sync(kFull, best.top2, o),
@@ -203,14 +207,14 @@ __device__ __forceinline__ void segment_stats_group(const T* __restrict__ scores
       best = top2_merge(best, other);
     }
     if (lane == 0) {
-      double* e = a.ext + g * 7;
-      e[0] = wsum;
-      e[1] = wdev;
-      e[2] = wdev2;
-      e[3] = n > 0.0 ? aux / n : 0.0;
-      e[4] = best.top1;
-      e[5] = best.top2;
-      e[6] = best.top_row == LLONG_MAX ? -1.0 : static_cast<double>(best.top_row);
+      double* e = a.ext + g * kNumExtras;
+      e[kExtWsum] = wsum;
+      e[kExtWdev] = wdev;
+      e[kExtWdev2] = wdev2;
+      e[kExtLoglikMean] = n > 0.0 ? aux / n : 0.0;
+      e[kExtTop1] = best.top1;
+      e[kExtTop2] = best.top2;
+      e[kExtTopRow] = best.top_row == LLONG_MAX ? -1.0 : static_cast<double>(best.top_row);
     }
   }
 }
@@ -238,43 +242,31 @@ struct FinishArgs {
   const double* mx;
   const double* ext;  // nullable
   const double* params;
-  int estimator, std_mode;
-  bool batch_scope, singleton_verl;
+  int32_t flags[kNumFlags];  // enum Flag order
   uint8_t* zv;
 };
 
 __device__ __forceinline__ GroupMoments load_moments(const double* p) {
-  return {p[0], p[1], p[2], p[3], p[4]};
+  return {p[kMomCount], p[kMomMean], p[kMomM2], p[kMomMin], p[kMomMax]};
 }
 
 template <typename T, typename O>
 __global__ void __launch_bounds__(kFinishThreads)
     rows_finish_kernel(const T* __restrict__ scores, O* __restrict__ adv, O* __restrict__ mean,
                        O* __restrict__ sd, FinishArgs a) {
-  AdvantageParams p;
-  p.estimator = a.estimator;
-  p.std_mode = a.std_mode;
-  p.batch_scope = a.batch_scope;
-  p.singleton_verl = a.singleton_verl;
-  p.eps = a.params[0];
-  p.r_max = a.params[1];
-  p.lam = a.params[2];
-  p.kappa = a.params[3];
-  p.batch_std = a.params[4];
-  p.gpg_alpha = a.params[5];
-  p.white_mean = a.params[6];
-  p.white_rstd = a.params[7];
+  const AdvantageParams p = advantage_params(a.flags, a.params, kNumParams);
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.n; i += stride) {
     const int64_t g = a.row_group ? a.row_group[i] : i / a.group_size;
-    const GroupMoments ms = load_moments(a.ms + g * 5);
-    const GroupMoments mx = load_moments(a.mx + g * 5);
+    const GroupMoments ms = load_moments(a.ms + g * kNumMoments);
+    const GroupMoments mx = load_moments(a.mx + g * kNumMoments);
     const double s = load_score(scores, i);
     double out = 0.0;
     if (score_is_valid(s) && group_active(mx, p)) {
-      const double* q = a.ext ? a.ext + g * 7 : nullptr;
-      const GroupExtras e = q ? GroupExtras{q[0], q[1], q[2], q[3], q[4], q[5],
-                                            static_cast<long long>(q[6])}
+      const double* q = a.ext ? a.ext + g * kNumExtras : nullptr;
+      const GroupExtras e = q ? GroupExtras{q[kExtWsum], q[kExtWdev], q[kExtWdev2],
+                                            q[kExtLoglikMean], q[kExtTop1], q[kExtTop2],
+                                            static_cast<long long>(q[kExtTopRow])}
                               : GroupExtras{0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1};
       const double x = a.xr ? a.xr[i] : s;
       out = row_advantage(x, i, a.loglik ? a.loglik[i] : 0.0, mx, &e, p);
@@ -283,6 +275,23 @@ __global__ void __launch_bounds__(kFinishThreads)
     mean[i] = static_cast<O>(ms.mean);
     sd[i] = static_cast<O>(moments_std(ms, p.std_mode));
     a.zv[i] = moments_zero_variance(ms) ? 1 : 0;
+  }
+}
+
+// Chan's merge of two moments tables row by row (moments_merge of rlkern/group_stats.h).
+__global__ void __launch_bounds__(kMergeThreads)
+    moments_merge_kernel(const double* __restrict__ a, const double* __restrict__ b,
+                         double* __restrict__ out, int64_t k) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < k; g += stride) {
+    const GroupMoments m = moments_merge(load_moments(a + g * kNumMoments),
+                                         load_moments(b + g * kNumMoments));
+    double* o = out + g * kNumMoments;
+    o[kMomCount] = m.n;
+    o[kMomMean] = m.mean;
+    o[kMomM2] = m.m2;
+    o[kMomMin] = m.min;
+    o[kMomMax] = m.max;
   }
 }
 
@@ -340,6 +349,7 @@ int launch_status() {
 }  // namespace rlkern
 
 using rlkern::kFinishThreads;
+using rlkern::kMergeThreads;
 using rlkern::kReturnsWarpsPerBlock;
 using rlkern::kStatsWarpsPerBlock;
 using rlkern::kWarp;
@@ -372,13 +382,14 @@ extern "C" int rlkern_group_segment_stats_cuda(
 extern "C" int rlkern_group_rows_finish_cuda(
     const void* scores, int scores_f64, const double* xr, const double* loglik,
     const int64_t* row_group, int64_t group_size, int64_t n, const double* ms, const double* mx,
-    const double* ext, const double* params, int estimator, int std_mode, int batch_scope,
-    int singleton_verl, void* advantages, void* group_mean, void* group_std,
-    uint8_t* zero_variance, int out_f64, cudaStream_t stream) {
-  if (n < 0 || group_size < 0 || estimator < 0 || estimator > rlkern::kXrpo || std_mode < 0 ||
-      std_mode > rlkern::kStdNone)
+    const double* ext, const double* params, const int32_t* flags, void* advantages,
+    void* group_mean, void* group_std, uint8_t* zero_variance, int out_f64,
+    cudaStream_t stream) {
+  if (!flags) return RLKERN_CUDA_ERR_NULL_POINTER;
+  if (n < 0 || group_size < 0 || rlkern::first_invalid_flag(flags) >= 0)
     return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
   if (n == 0) return RLKERN_CUDA_OK;
+  const int estimator = flags[rlkern::kFlagEstimator];
   const bool needs_ext = estimator == rlkern::kOpo || estimator == rlkern::kGrpoPassk ||
                          estimator == rlkern::kXrpo;
   if (!scores || !ms || !mx || !params || !advantages || !group_mean || !group_std ||
@@ -386,8 +397,9 @@ extern "C" int rlkern_group_rows_finish_cuda(
       (estimator == rlkern::kXrpo && !loglik) || (estimator == rlkern::kUnlikely && !xr))
     return RLKERN_CUDA_ERR_NULL_POINTER;
   const unsigned grid = rlkern::grid_for(n, kFinishThreads);
-  rlkern::FinishArgs a{xr, loglik, row_group, group_size, n, ms, mx, ext, params, estimator,
-                       std_mode, batch_scope != 0, singleton_verl != 0, zero_variance};
+  rlkern::FinishArgs a{xr, loglik, row_group, group_size, n, ms, mx, ext, params, {},
+                       zero_variance};
+  for (int f = 0; f < rlkern::kNumFlags; ++f) a.flags[f] = flags[f];
   const dim3 block(kFinishThreads);
 #define RLKERN_FINISH(T, O)                                                              \
   rlkern::rows_finish_kernel<T, O><<<grid, block, 0, stream>>>(                \
@@ -401,6 +413,16 @@ extern "C" int rlkern_group_rows_finish_cuda(
     else RLKERN_FINISH(float, float);
   }
 #undef RLKERN_FINISH
+  return rlkern::launch_status();
+}
+
+extern "C" int rlkern_group_moments_merge_cuda(const double* a, const double* b, double* out,
+                                               int64_t k, cudaStream_t stream) {
+  if (k < 0) return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  if (k == 0) return RLKERN_CUDA_OK;
+  if (!a || !b || !out) return RLKERN_CUDA_ERR_NULL_POINTER;
+  rlkern::moments_merge_kernel<<<rlkern::grid_for(k, kMergeThreads), kMergeThreads, 0, stream>>>(
+      a, b, out, k);
   return rlkern::launch_status();
 }
 

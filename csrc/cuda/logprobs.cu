@@ -1,7 +1,8 @@
 // CUDA kernels for token log-probabilities, entropy and their gradient (ALGORITHMS.md §1).
 //
 // Torch-free (DESIGN.md style rule 1): the launchers at the bottom take raw pointers, sizes,
-// strides and a cudaStream_t and return an error code; csrc/cuda_ops.cpp adapts tensors.
+// strides and a cudaStream_t and return an error code; csrc/cuda/logprobs_ops.cpp adapts
+// tensors.
 // Declarations and the full contract: csrc/include/rlkern/cuda_launchers.h.
 //
 // Forward (one read of the logits). For a row x (length V) with label y and z = x / T:
@@ -29,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "rlkern/cuda_dtype.h"
 #include "rlkern/cuda_launchers.h"
 #include "rlkern/online_softmax.h"
 
@@ -138,7 +140,8 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, int64_t L, int64_t st
 // -------------------------------------------------------------------------------------------
 // Forward
 
-struct FwdArgs {
+// What both kernels read of the rows: the (B, L, V) view of the logits, labels and options.
+struct RowArgs {
   const void* logits;
   int64_t rows, L;
   int V;  // in-row offsets are 32-bit (V < 2^31); row offsets are 64-bit
@@ -146,6 +149,16 @@ struct FwdArgs {
   const int64_t* labels;
   float inv_t;  // 1 / T
   int64_t ignore_index;
+};
+
+RowArgs row_args(const void* logits, int64_t B, int64_t L, int64_t V, int64_t stride_0,
+                 int64_t stride_1, const int64_t* labels, float temperature,
+                 int64_t ignore_index) {
+  return {logits, B * L, L, static_cast<int>(V), stride_0, stride_1, labels, 1.f / temperature,
+          ignore_index};
+}
+
+struct FwdArgs : RowArgs {
   float* logprobs;
   float* lse;
   float* entropy;         // nullable
@@ -316,21 +329,14 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
 // -------------------------------------------------------------------------------------------
 // Backward
 
-struct BwdArgs {
-  const void* logits;
-  void* grad;  // may equal logits (in-place backward)
-  int64_t rows, L;
-  int V;  // in-row offsets are 32-bit (V < 2^31); row offsets are 64-bit
-  int64_t stride_0, stride_1;
-  int64_t grad_stride_0, grad_stride_1;
-  const int64_t* labels;
+struct BwdArgs : RowArgs {
   const float* lse;
   const float* entropy;        // read only when grad_entropy is given
   const float* grad_logprobs;  // nullable
   const float* grad_entropy;   // nullable
   const float* grad_lse;       // nullable
-  float inv_t;
-  int64_t ignore_index;
+  void* grad;                  // may equal logits (in-place backward)
+  int64_t grad_stride_0, grad_stride_1;
 };
 
 // Per-row constants of the gradient.
@@ -457,10 +463,17 @@ struct FwdLaunch {
   int rows_per_block;
 };
 
-FwdLaunch fwd_launch(int64_t V, int vec) {
+// Threads per row: powers of two from one warp up to max_threads while each thread would own
+// more than per_thread chunks (of vec elements) of a row of V.
+int row_threads(int64_t V, int vec, int max_threads, int per_thread) {
   const int64_t chunks = (V + vec - 1) / vec;
   int t = kWarpSize;
-  while (t < kFwdMaxThreads && static_cast<int64_t>(t) * kFwdChunksPerThread < chunks) t *= 2;
+  while (t < max_threads && static_cast<int64_t>(t) * per_thread < chunks) t *= 2;
+  return t;
+}
+
+FwdLaunch fwd_launch(int64_t V, int vec) {
+  const int t = row_threads(V, vec, kFwdMaxThreads, kFwdChunksPerThread);
   return {t, t == kWarpSize ? 8 : 1};
 }
 
@@ -473,9 +486,7 @@ struct BwdLaunch {
 };
 
 BwdLaunch bwd_launch(int64_t V, int vec) {
-  const int64_t chunks = (V + vec - 1) / vec;
-  int t = kWarpSize;
-  while (t < kBwdMaxThreads && static_cast<int64_t>(t) * kBwdUnroll < chunks) t *= 2;
+  const int t = row_threads(V, vec, kBwdMaxThreads, kBwdUnroll);
   const int64_t tile_elems = static_cast<int64_t>(t) * kBwdUnroll * vec;
   return {t, kBwdMaxThreads / t, (V + tile_elems - 1) / tile_elems};
 }
@@ -525,8 +536,14 @@ int launch_bwd(const BwdArgs& a, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-bool valid_temperature(float temperature) {
-  return std::isfinite(temperature) && temperature > 0.f;
+// The checks both launchers start with: a known dtype, sizes in range, a valid temperature.
+int check_rows(int dtype, int64_t B, int64_t L, int64_t V, float temperature) {
+  if (!valid_dtype(dtype)) return RLKERN_CUDA_ERR_DTYPE;
+  if (B < 0 || L < 0 || V < 0 || V > kMaxVocab || !std::isfinite(temperature) ||
+      !(temperature > 0.f)) {
+    return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  }
+  return RLKERN_CUDA_OK;
 }
 
 }  // namespace
@@ -539,38 +556,19 @@ extern "C" int rlkern_logprobs_fwd_cuda(const void* logits, int dtype, int64_t B
                                         float* lse, float* entropy, float* self_certainty,
                                         float* sum_p_sq, cudaStream_t stream) {
   using namespace rlkern;
-  if (dtype != RLKERN_DTYPE_FP32 && dtype != RLKERN_DTYPE_FP16 && dtype != RLKERN_DTYPE_BF16) {
-    return RLKERN_CUDA_ERR_DTYPE;
-  }
-  if (B < 0 || L < 0 || V < 0 || V > kMaxVocab || !valid_temperature(temperature)) {
-    return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
-  }
+  if (const int bad = check_rows(dtype, B, L, V, temperature)) return bad;
   const int64_t rows = B * L;
   if (rows == 0) return RLKERN_CUDA_OK;
   if (labels == nullptr || logprobs == nullptr || lse == nullptr ||
       (V > 0 && logits == nullptr)) {
     return RLKERN_CUDA_ERR_NULL_POINTER;
   }
-  FwdArgs a{};
-  a.logits = logits;
-  a.rows = rows;
-  a.L = L;
-  a.V = static_cast<int>(V);
-  a.stride_0 = stride_logits_0;
-  a.stride_1 = stride_logits_1;
-  a.labels = labels;
-  a.inv_t = 1.f / temperature;
-  a.ignore_index = ignore_index;
-  a.logprobs = logprobs;
-  a.lse = lse;
-  a.entropy = entropy;
-  a.self_certainty = self_certainty;
-  a.sum_p_sq = sum_p_sq;
-  switch (dtype) {
-    case RLKERN_DTYPE_FP32: return launch_fwd<float>(a, stream);
-    case RLKERN_DTYPE_FP16: return launch_fwd<__half>(a, stream);
-    default: return launch_fwd<__nv_bfloat16>(a, stream);
-  }
+  const FwdArgs a{row_args(logits, B, L, V, stride_logits_0, stride_logits_1, labels,
+                           temperature, ignore_index),
+                  logprobs, lse, entropy, self_certainty, sum_p_sq};
+  return dispatch_dtype(dtype, [&](auto t) {
+    return launch_fwd<typename decltype(t)::type>(a, stream);
+  });
 }
 
 extern "C" int rlkern_logprobs_bwd_cuda(const void* logits, int dtype, int64_t B, int64_t L,
@@ -583,41 +581,20 @@ extern "C" int rlkern_logprobs_bwd_cuda(const void* logits, int dtype, int64_t B
                                         int64_t stride_grad_0, int64_t stride_grad_1,
                                         cudaStream_t stream) {
   using namespace rlkern;
-  if (dtype != RLKERN_DTYPE_FP32 && dtype != RLKERN_DTYPE_FP16 && dtype != RLKERN_DTYPE_BF16) {
-    return RLKERN_CUDA_ERR_DTYPE;
-  }
-  if (B < 0 || L < 0 || V < 0 || V > kMaxVocab || !valid_temperature(temperature)) {
-    return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
-  }
+  if (const int bad = check_rows(dtype, B, L, V, temperature)) return bad;
   if (grad_entropy != nullptr && entropy == nullptr) return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
   const int64_t rows = B * L;
   if (rows == 0 || V == 0) return RLKERN_CUDA_OK;
   if (logits == nullptr || labels == nullptr || lse == nullptr || grad_logits == nullptr) {
     return RLKERN_CUDA_ERR_NULL_POINTER;
   }
-  BwdArgs a{};
-  a.logits = logits;
-  a.grad = grad_logits;
-  a.rows = rows;
-  a.L = L;
-  a.V = static_cast<int>(V);
-  a.stride_0 = stride_logits_0;
-  a.stride_1 = stride_logits_1;
-  a.grad_stride_0 = stride_grad_0;
-  a.grad_stride_1 = stride_grad_1;
-  a.labels = labels;
-  a.lse = lse;
-  a.entropy = entropy;
-  a.grad_logprobs = grad_logprobs;
-  a.grad_entropy = grad_entropy;
-  a.grad_lse = grad_lse;
-  a.inv_t = 1.f / temperature;
-  a.ignore_index = ignore_index;
-  switch (dtype) {
-    case RLKERN_DTYPE_FP32: return launch_bwd<float>(a, stream);
-    case RLKERN_DTYPE_FP16: return launch_bwd<__half>(a, stream);
-    default: return launch_bwd<__nv_bfloat16>(a, stream);
-  }
+  const BwdArgs a{row_args(logits, B, L, V, stride_logits_0, stride_logits_1, labels,
+                           temperature, ignore_index),
+                  lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+                  grad_logits, stride_grad_0, stride_grad_1};
+  return dispatch_dtype(dtype, [&](auto t) {
+    return launch_bwd<typename decltype(t)::type>(a, stream);
+  });
 }
 
 extern "C" const char* rlkern_cuda_error_string(int code) {

@@ -4,8 +4,8 @@
 #include "cuda/policy_loss_ops.h"
 
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
+#include "cuda/glue.h"
 #include "policy_loss_checks.h"
 #include "rlkern/cuda_launchers.h"
 
@@ -13,10 +13,8 @@ namespace rlkern {
 namespace {
 
 namespace pl = rlkern::policy_loss;
-
-void check_launch(int code, const char* op) {
-  TORCH_CHECK(code == RLKERN_CUDA_OK, op, " (CUDA) failed: ", rlkern_cuda_error_string(code));
-}
+using cuda::check_launch;
+using cuda::current_stream;
 
 struct CudaKernels {
   static constexpr pl::Backend kBackend{c10::DeviceType::CUDA, /*takes_f64=*/false};
@@ -24,7 +22,7 @@ struct CudaKernels {
   static void fwd(const pl::Args& a, const at::Tensor& like) {
     const c10::cuda::CUDAGuard guard(like.device());
     check_launch(rlkern_policy_loss_fwd_cuda(&a.in, &a.flags, &a.hp, a.row_stats,
-                                             at::cuda::getCurrentCUDAStream().stream()),
+                                             current_stream()),
                  "rlkern::policy_loss_fwd_out");
   }
 
@@ -33,7 +31,7 @@ struct CudaKernels {
     check_launch(rlkern_policy_loss_bwd_cuda(&a.in, &a.flags, &a.hp, a.row_stats, a.grad_rows,
                                              static_cast<float*>(a.grad_logp),
                                              static_cast<float*>(a.grad_entropy),
-                                             at::cuda::getCurrentCUDAStream().stream()),
+                                             current_stream()),
                  "rlkern::policy_loss_bwd_out");
   }
 
@@ -44,7 +42,7 @@ struct CudaKernels {
                                         static_cast<const float*>(a.grad),
                                         static_cast<float*>(a.out), a.n, a.kind,
                                         a.straight_through, a.log_clamp, a.value_clamp,
-                                        at::cuda::getCurrentCUDAStream().stream()),
+                                        current_stream()),
                  a.grad ? "rlkern::kl_penalty_bwd_out" : "rlkern::kl_penalty_fwd_out");
   }
 };

@@ -15,7 +15,7 @@
 // sm_80 and sm_90). The same source runs on the CPU in the CUDA emulator
 // (tests/test_sample_cuda_emulation.py).
 //
-// Declarations: csrc/include/rlkern/cuda_launchers.h; torch glue: csrc/cuda_ops.cpp
+// Declarations: csrc/include/rlkern/cuda_launchers.h; torch glue: csrc/cuda/sample_ops.cpp
 // (registered as the CUDA implementation of rlkern::sample_out).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,6 +23,7 @@
 
 #include <cstdint>
 
+#include "rlkern/cuda_dtype.h"
 #include "rlkern/cuda_launchers.h"
 #include "rlkern/philox.h"
 
@@ -336,8 +337,7 @@ extern "C" int rlkern_sample_cuda(const void* logits, int dtype, int64_t R, int6
                                   int64_t* tokens, float* raw_logprobs,
                                   float* processed_logprobs, float* entropy, float* lse,
                                   cudaStream_t stream) {
-  if (dtype != RLKERN_DTYPE_FP32 && dtype != RLKERN_DTYPE_FP16 && dtype != RLKERN_DTYPE_BF16)
-    return RLKERN_CUDA_ERR_DTYPE;
+  if (!rlkern::valid_dtype(dtype)) return RLKERN_CUDA_ERR_DTYPE;
   // One block per output row: gridDim.x ≤ 2^31 − 1.
   if (N < 0 || V < 0 || R < 0 || (N > 0 && V == 0) || N > 2147483647LL || stride_row < 0)
     return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
@@ -346,15 +346,10 @@ extern "C" int rlkern_sample_cuda(const void* logits, int dtype, int64_t R, int6
   if (!logits || !temperature || !seeds || !steps || !tokens || !raw_logprobs ||
       !processed_logprobs || !lse)
     return RLKERN_CUDA_ERR_NULL_POINTER;
-  if (dtype == RLKERN_DTYPE_BF16)
-    return launch<__nv_bfloat16>(logits, V, stride_row, N, indices, temperature, top_k, top_p,
-                                 min_p, seeds, steps, joint, raw_temperature, tokens,
-                                 raw_logprobs, processed_logprobs, entropy, lse, stream);
-  if (dtype == RLKERN_DTYPE_FP16)
-    return launch<__half>(logits, V, stride_row, N, indices, temperature, top_k, top_p, min_p,
-                          seeds, steps, joint, raw_temperature, tokens, raw_logprobs,
-                          processed_logprobs, entropy, lse, stream);
-  return launch<float>(logits, V, stride_row, N, indices, temperature, top_k, top_p, min_p,
-                       seeds, steps, joint, raw_temperature, tokens, raw_logprobs,
-                       processed_logprobs, entropy, lse, stream);
+  return rlkern::dispatch_dtype(dtype, [&](auto t) {
+    return launch<typename decltype(t)::type>(logits, V, stride_row, N, indices, temperature,
+                                              top_k, top_p, min_p, seeds, steps, joint,
+                                              raw_temperature, tokens, raw_logprobs,
+                                              processed_logprobs, entropy, lse, stream);
+  });
 }

@@ -1,6 +1,7 @@
 """rlkern: fused kernels for the hot path of group-based RL training of language models."""
 
 from rlkern.backends import BackendUnavailableError
+from rlkern.config.advantages import AdvantageConfig
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.advantages import GroupAdvantages, group_advantages
 from rlkern.ops.group_stats import GroupStats
@@ -27,6 +28,7 @@ from rlkern.sampling import GroupRollouts, generate_groups
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdvantageConfig",
     "BackendUnavailableError",
     "GTPOWeights",
     "GiGPOAdvantages",

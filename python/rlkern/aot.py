@@ -10,10 +10,11 @@ and flags Triton uses, with ``-v`` to read the resource usage:
 * shared memory (bytes) from Triton's metadata (Triton allocates it dynamically, so
   ``ptxas`` itself reports none).
 
-A spec is a dict (see ``kernels/logprobs.py``) with the keys ``name`` (config label), ``fn``
-(the ``@triton.jit`` function), ``signature`` (arg name → Triton type, ``"constexpr"`` for
-constexpr args), ``constexprs`` (name → value), ``num_warps`` and optionally
-``divisible_by_16`` (arg names Triton would specialise as 16-divisible at runtime).
+A spec is a dict (built by ``aot_spec`` in ``kernels/_common.py``) with the keys ``name``
+(config label), ``fn`` (the ``@triton.jit`` function), ``signature`` (arg name → Triton type,
+``"constexpr"`` for constexpr args), ``constexprs`` (name → value), ``num_warps`` and optionally
+``divisible_by_16`` (arg names Triton would specialise as 16-divisible at runtime) and
+``num_stages``. Modules whose name starts with ``_`` (shared helpers) are not scanned.
 
 With ``TRITON_INTERPRET=1`` (how the Triton kernels are tested on CPU), ``triton.jit`` returns
 interpreter objects that cannot be compiled, so :func:`compile_all` compiles in a fresh Python

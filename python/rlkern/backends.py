@@ -94,6 +94,17 @@ def has_cuda_kernels() -> bool:
     return bool(getattr(C, "WITH_CUDA", False))
 
 
+def compiled_ops(backend: str) -> object:
+    """``torch.ops.rlkern`` for a compiled backend, ``"cpu"`` or ``"cuda"``; the latter only when
+    ``rlkern._C`` was built with the CUDA kernels (else :class:`BackendUnavailableError`)."""
+    if backend == "cuda" and not has_cuda_kernels():
+        raise BackendUnavailableError(
+            "backend='cuda' needs rlkern._C built with the CUDA kernels (a CUDA toolkit and a "
+            "CUDA build of torch at install time)"
+        )
+    return cpp_ops()
+
+
 def triton_module(name: str, device: torch.device) -> ModuleType:
     """Import ``rlkern.kernels.<name>`` for tensors on ``device``.
 

@@ -73,15 +73,15 @@ int rlkern_logprobs_bwd_cuda(const void* logits, int dtype, int64_t B, int64_t L
                              void* grad_logits, int64_t stride_grad_0, int64_t stride_grad_1,
                              cudaStream_t stream);
 
-// Group advantages (ALGORITHMS.md §2), csrc/cuda/advantages.cu. The caller orders the rows
-// group after group: group g is rows perm[offsets[g] .. offsets[g + 1]) (row order within a
-// group; for unlikely, (log-likelihood, row) order), or, with perm == nullptr, contiguous rows
+// Group advantages (ALGORITHMS.md §2), csrc/cuda/advantages.cu; the codes and table layouts
+// are those of rlkern/group_stats.h. The caller orders the rows group after group: group g is
+// rows perm[offsets[g] .. offsets[g + 1]) (row order within a group; for unlikely,
+// (log-likelihood, row) order), or, with perm == nullptr, contiguous rows
 // [g·group_size, (g + 1)·group_size). `scores` is float64 when scores_f64 else float32.
-// Writes ms[g·5 ..] = (n, mean, M2, min, max) of the valid (finite) scores; with `unlikely`,
-// xr[row] = r' and mx[g·5 ..] its moments; with any of weighted / with_loglik / top,
-// ext[g·7 ..] = (Σw, Σw(x − mean), Σw(x − mean)², mean log-likelihood, top1, top2, top row).
-// `params` (device, 8 doubles): eps, r_max, lam, kappa, batch_std, gpg_alpha, white_mean,
-// white_rstd (rlkern.kernels.advantages.PARAM_FIELDS). One warp per group.
+// Writes the moments row ms[g] (kNumMoments columns) of the valid (finite) scores; with
+// `unlikely`, xr[row] = r' and mx[g] its moments; with any of weighted / with_loglik / top, the
+// extras row ext[g] (kNumExtras columns). `params` (device, kNumParams doubles, enum Param:
+// the hparams, then the batch constants). One warp per group.
 int rlkern_group_segment_stats_cuda(const void* scores, int scores_f64, const int64_t* perm,
                                     const int64_t* offsets, int64_t group_size,
                                     int64_t num_groups, const double* weights,
@@ -90,16 +90,20 @@ int rlkern_group_segment_stats_cuda(const void* scores, int scores_f64, const in
                                     double* mx, double* ext, double* xr, cudaStream_t stream);
 
 // The per-row pass: row i of group row_group[i] (or i / group_size) gets the advantage of
-// rlkern/group_stats.h (estimator and std_mode as enum Estimator / StdMode), and its group's
-// mean, std and zero-variance flag (0/1 bytes). Outputs are float64 when out_f64 else float32.
+// rlkern/group_stats.h for the options `flags` (host array, enum Flag order: an invalid code is
+// RLKERN_CUDA_ERR_INVALID_ARGUMENT), and its group's mean, std and zero-variance flag (0/1
+// bytes). Outputs are float64 when out_f64 else float32.
 int rlkern_group_rows_finish_cuda(const void* scores, int scores_f64, const double* xr,
                                   const double* loglik, const int64_t* row_group,
                                   int64_t group_size, int64_t n, const double* ms,
                                   const double* mx, const double* ext, const double* params,
-                                  int estimator, int std_mode, int batch_scope,
-                                  int singleton_verl, void* advantages, void* group_mean,
+                                  const int32_t* flags, void* advantages, void* group_mean,
                                   void* group_std, uint8_t* zero_variance, int out_f64,
                                   cudaStream_t stream);
+
+// out[g] = Chan's merge of the moments rows a[g] and b[g], g < k (GroupStats).
+int rlkern_group_moments_merge_cuda(const double* a, const double* b, double* out, int64_t k,
+                                    cudaStream_t stream);
 
 // Discounted returns of contiguous (n, t_len) rewards (float64 when f64 else float32):
 // G[t] = r[t] + gamma·G[t + 1], the carry dropped where reset[t] != 0 (nullable bytes).

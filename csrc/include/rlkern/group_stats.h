@@ -25,10 +25,138 @@
 #pragma once
 
 #include <math.h>
+#include <stddef.h>
+
+#include <initializer_list>
 
 #include "rlkern/host_device.h"
+#include "rlkern/layout.h"
 
 namespace rlkern {
+
+// ------------------------------------------------------------------------------------------
+// Layout of the advantages family (rlkern/layout.h): every code and packed array the Python
+// layer, the Triton launchers and the C++ kernels exchange, defined once here and exported
+// through rlkern._C.LAYOUTS["advantages"] (python/rlkern/config/layout.py reads it).
+
+// The options of python/rlkern/config/advantages.py's AdvantageConfig, one code table each.
+#define RLKERN_ADV_ESTIMATORS(X)                                                 \
+  X(kGrpo, "grpo") X(kDrGrpo, "dr_grpo") X(kRloo, "rloo")                         \
+  X(kReinforcePPBaseline, "reinforce_pp_baseline") X(kOpo, "opo") X(kGpg, "gpg") \
+  X(kGrpoPassk, "grpo_passk") X(kNgrpo, "ngrpo")                                  \
+  X(kUnlikely, "unlikely") /* GRPO on the rank-shaped rewards r' (kernels pass r' as x) */ \
+  X(kXrpo, "xrpo")
+// Standard deviation conventions: √(M2 / (n − 1)) (torch.std, verl, TRL), √(M2 / n), or no
+// division by σ (Dr. GRPO style; the reported σ is then the unbiased one).
+#define RLKERN_ADV_STD_MODES(X) \
+  X(kStdUnbiased, "unbiased") X(kStdBiased, "biased") X(kStdNone, "none")
+#define RLKERN_ADV_STD_SCOPES(X) X(kScopeGroup, "group") X(kScopeBatch, "batch")
+// Singleton groups: A = 0, or verl's μ = 0, σ = 1.
+#define RLKERN_ADV_SINGLETONS(X) X(kSingletonZero, "zero") X(kSingletonVerl, "verl")
+#define RLKERN_ADV_NAN_POLICIES(X) X(kNanRaise, "raise") X(kNanOmit, "omit")
+// GiGPO's two levels: mean-centred, or also divided by σ.
+#define RLKERN_ADV_GIGPO_MODES(X) X(kGigpoMeanNorm, "mean_norm") X(kGigpoStdNorm, "std_norm")
+
+// `int[] flags` of the ops: one code per option, each named after its code table.
+#define RLKERN_ADV_FLAGS(X)                                                    \
+  X(kFlagEstimator, "estimator") X(kFlagStd, "std") X(kFlagStdScope, "std_scope") \
+  X(kFlagSingleton, "singleton") X(kFlagNanPolicy, "nan_policy")
+// `float[] hparams` of the ops (the config's floats), and the float64 `params` the GPU passes
+// read by pointer: the hparams followed by the batch-level constants computed between the
+// group pass and the row pass.
+#define RLKERN_ADV_HPARAMS(X) \
+  X(kParamEps, "eps") X(kParamRMax, "r_max") X(kParamLam, "lam") X(kParamKappa, "kappa")
+#define RLKERN_ADV_PARAMS(X)                                                            \
+  RLKERN_ADV_HPARAMS(X)                                                                 \
+  X(kParamBatchStd, "batch_std") X(kParamGpgAlpha, "gpg_alpha")                         \
+  X(kParamWhiteMean, "white_mean") X(kParamWhiteRstd, "white_rstd")
+// Columns of a (K, kNumMoments) moments table (the fields of struct GroupMoments) and of a
+// (K, kNumExtras) extras table (struct GroupExtras, the top row stored as a double).
+#define RLKERN_ADV_MOMENTS(X) \
+  X(kMomCount, "count") X(kMomMean, "mean") X(kMomM2, "m2") X(kMomMin, "min") X(kMomMax, "max")
+#define RLKERN_ADV_EXTRAS(X)                                                     \
+  X(kExtWsum, "wsum") X(kExtWdev, "wdev") X(kExtWdev2, "wdev2")                  \
+  X(kExtLoglikMean, "loglik_mean") X(kExtTop1, "top1") X(kExtTop2, "top2") X(kExtTopRow, "top_row")
+
+enum Estimator : int { RLKERN_ADV_ESTIMATORS(RLKERN_LAYOUT_ENUM) kNumEstimators };
+enum StdMode : int { RLKERN_ADV_STD_MODES(RLKERN_LAYOUT_ENUM) kNumStdModes };
+enum StdScope : int { RLKERN_ADV_STD_SCOPES(RLKERN_LAYOUT_ENUM) kNumStdScopes };
+enum Singleton : int { RLKERN_ADV_SINGLETONS(RLKERN_LAYOUT_ENUM) kNumSingletons };
+enum NanPolicy : int { RLKERN_ADV_NAN_POLICIES(RLKERN_LAYOUT_ENUM) kNumNanPolicies };
+enum GigpoMode : int { RLKERN_ADV_GIGPO_MODES(RLKERN_LAYOUT_ENUM) kNumGigpoModes };
+enum Flag : int { RLKERN_ADV_FLAGS(RLKERN_LAYOUT_ENUM) kNumFlags };
+enum Param : int { RLKERN_ADV_PARAMS(RLKERN_LAYOUT_ENUM) kNumParams };
+enum MomentColumn : int { RLKERN_ADV_MOMENTS(RLKERN_LAYOUT_ENUM) kNumMoments };
+enum ExtraColumn : int { RLKERN_ADV_EXTRAS(RLKERN_LAYOUT_ENUM) kNumExtras };
+// The hparams are the prefix of the params before the batch-level constants.
+inline constexpr int kNumHParams = kParamBatchStd;
+
+// Number of codes of flag `f` (0 for an index outside enum Flag).
+RLKERN_HOST_DEVICE constexpr int flag_code_count(int f) {
+  switch (f) {
+    case kFlagEstimator: return kNumEstimators;
+    case kFlagStd: return kNumStdModes;
+    case kFlagStdScope: return kNumStdScopes;
+    case kFlagSingleton: return kNumSingletons;
+    case kFlagNanPolicy: return kNumNanPolicies;
+    default: return 0;
+  }
+}
+
+namespace advantages {
+
+RLKERN_LAYOUT_NAMES(kEstimatorNames, RLKERN_ADV_ESTIMATORS);
+RLKERN_LAYOUT_NAMES(kStdNames, RLKERN_ADV_STD_MODES);
+RLKERN_LAYOUT_NAMES(kStdScopeNames, RLKERN_ADV_STD_SCOPES);
+RLKERN_LAYOUT_NAMES(kSingletonNames, RLKERN_ADV_SINGLETONS);
+RLKERN_LAYOUT_NAMES(kNanPolicyNames, RLKERN_ADV_NAN_POLICIES);
+RLKERN_LAYOUT_NAMES(kGigpoModeNames, RLKERN_ADV_GIGPO_MODES);
+RLKERN_LAYOUT_NAMES(kFlagNames, RLKERN_ADV_FLAGS);
+RLKERN_LAYOUT_NAMES(kHParamNames, RLKERN_ADV_HPARAMS);
+RLKERN_LAYOUT_NAMES(kParamNames, RLKERN_ADV_PARAMS);
+RLKERN_LAYOUT_NAMES(kMomentNames, RLKERN_ADV_MOMENTS);
+RLKERN_LAYOUT_NAMES(kExtraNames, RLKERN_ADV_EXTRAS);
+
+// The code table of each flag, in enum Flag order (checked below: a flag and its table share
+// their name, and flag_code_count its size).
+inline constexpr LayoutTable kFlagTables[] = {
+    layout_table("estimator", kEstimatorNames), layout_table("std", kStdNames),
+    layout_table("std_scope", kStdScopeNames), layout_table("singleton", kSingletonNames),
+    layout_table("nan_policy", kNanPolicyNames)};
+
+constexpr bool same_text(const char* a, const char* b) {
+  return *a == *b && (*a == '\0' || same_text(a + 1, b + 1));
+}
+
+constexpr bool flag_tables_in_order() {
+  for (int f = 0; f < kNumFlags; ++f)
+    if (!same_text(kFlagTables[f].table, kFlagNames[f]) ||
+        kFlagTables[f].size != flag_code_count(f))
+      return false;
+  return sizeof(kFlagTables) / sizeof(kFlagTables[0]) == kNumFlags;
+}
+static_assert(flag_tables_in_order(), "kFlagTables must list the code table of each flag, in "
+                                      "enum Flag order");
+
+// Every table of the family, exported by csrc/module.cpp.
+inline constexpr std::initializer_list<LayoutTable> kLayout = {
+    kFlagTables[0], kFlagTables[1], kFlagTables[2], kFlagTables[3], kFlagTables[4],
+    layout_table("gigpo_mode", kGigpoModeNames), layout_table("flags", kFlagNames),
+    layout_table("hparams", kHParamNames), layout_table("params", kParamNames),
+    layout_table("moments", kMomentNames), layout_table("extras", kExtraNames)};
+
+}  // namespace advantages
+
+// The first flag whose code is outside its table, or -1 when every code is valid.
+template <typename I>
+RLKERN_HOST_DEVICE int first_invalid_flag(const I* flags) {
+  for (int f = 0; f < kNumFlags; ++f)
+    if (flags[f] < 0 || flags[f] >= flag_code_count(f)) return f;
+  return -1;
+}
+
+// ------------------------------------------------------------------------------------------
+// Group statistics
 
 struct GroupMoments {
   double n;     // number of valid (non-omitted) rows
@@ -37,6 +165,15 @@ struct GroupMoments {
   double min;
   double max;
 };
+
+// A (K, kNumMoments) float64 table is an array of GroupMoments.
+static_assert(sizeof(GroupMoments) == kNumMoments * sizeof(double) &&
+                  offsetof(GroupMoments, n) == kMomCount * sizeof(double) &&
+                  offsetof(GroupMoments, mean) == kMomMean * sizeof(double) &&
+                  offsetof(GroupMoments, m2) == kMomM2 * sizeof(double) &&
+                  offsetof(GroupMoments, min) == kMomMin * sizeof(double) &&
+                  offsetof(GroupMoments, max) == kMomMax * sizeof(double),
+              "struct GroupMoments must follow RLKERN_ADV_MOMENTS");
 
 RLKERN_HOST_DEVICE GroupMoments moments_empty() {
   return {0.0, 0.0, 0.0, static_cast<double>(INFINITY), -static_cast<double>(INFINITY)};
@@ -108,13 +245,6 @@ RLKERN_HOST_DEVICE GroupMoments shifted_moments(const ShiftedSums& s) {
   return m;
 }
 
-// Standard deviation conventions (the `std` option).
-enum StdMode : int {
-  kStdUnbiased = 0,  // √(M2 / (n − 1)): torch.std, verl and TRL
-  kStdBiased = 1,    // √(M2 / n)
-  kStdNone = 2,      // no division by σ (Dr. GRPO style); reported σ is the unbiased one
-};
-
 // σ of a group as reported in `group_std`: NaN for an empty group, 0 for a singleton.
 RLKERN_HOST_DEVICE double moments_std(const GroupMoments& m, int std_mode) {
   if (m.n == 0.0) return static_cast<double>(NAN);
@@ -127,19 +257,6 @@ RLKERN_HOST_DEVICE bool moments_zero_variance(const GroupMoments& m) {
   return m.n >= 2.0 && m.min == m.max;
 }
 
-enum Estimator : int {
-  kGrpo = 0,
-  kDrGrpo = 1,
-  kRloo = 2,
-  kReinforcePPBaseline = 3,
-  kOpo = 4,
-  kGpg = 5,
-  kGrpoPassk = 6,
-  kNgrpo = 7,
-  kUnlikely = 8,  // GRPO on the rank-shaped rewards r' (the kernels pass r' as x)
-  kXrpo = 9,
-};
-
 // Per-group quantities some estimators need beyond the moments (two-pass: around the mean).
 struct GroupExtras {
   double wsum;      // opo / reinforce_pp_baseline: Σ w       (w = response length)
@@ -151,21 +268,53 @@ struct GroupExtras {
   long long top_row;  // row holding top1 (the first such row)
 };
 
-// Batch-level constants, computed between the group pass and the row pass.
+// reinforce_pp_baseline's whitening: (c − mean c) · rsqrt(var c + kWhitenEps), verl's
+// masked_whiten (python/rlkern/config/advantages.py: WHITEN_EPS).
+inline constexpr double kWhitenEps = 1e-8;
+
+// The options of one call, decoded from `flags` and `params` (advantage_params), and the
+// batch-level constants computed between the group pass and the row pass.
 struct AdvantageParams {
-  int estimator;
-  int std_mode;
+  int estimator;        // enum Estimator
+  int std_mode;         // enum StdMode
   bool batch_scope;     // σ_batch instead of σ_g (grpo-family only)
   bool singleton_verl;  // singleton groups: verl's μ = 0, σ = 1 instead of A = 0
+  bool nan_omit;        // non-finite scores are left out (else they are an error)
   double eps;
   double r_max;       // ngrpo virtual sample
-  double lam;         // xrpo λ
+  double lam;         // unlikely / xrpo λ
   double kappa;       // xrpo κ
   double batch_std;   // σ_batch (std_scope = batch)
   double gpg_alpha;   // N / max(#{s ≠ 0}, 1)
   double white_mean;  // reinforce_pp_baseline: weighted mean of the centred scores
   double white_rstd;  //                        rsqrt(var + 1e-8)
 };
+
+// AdvantageParams from `flags` (enum Flag order, codes already checked: first_invalid_flag)
+// and the first `n_params` of `params` (enum Param order: kNumHParams for the ops' hparams,
+// kNumParams for the GPU passes' params); the constants not given are 0 (each is read only
+// by the estimator or option that computes it).
+template <typename I>
+RLKERN_HOST_DEVICE AdvantageParams advantage_params(const I* flags, const double* params,
+                                                    int n_params) {
+  AdvantageParams p{};
+  p.estimator = static_cast<int>(flags[kFlagEstimator]);
+  p.std_mode = static_cast<int>(flags[kFlagStd]);
+  p.batch_scope = flags[kFlagStdScope] == kScopeBatch;
+  p.singleton_verl = flags[kFlagSingleton] == kSingletonVerl;
+  p.nan_omit = flags[kFlagNanPolicy] == kNanOmit;
+  double v[kNumParams] = {};
+  for (int i = 0; i < n_params && i < kNumParams; ++i) v[i] = params[i];
+  p.eps = v[kParamEps];
+  p.r_max = v[kParamRMax];
+  p.lam = v[kParamLam];
+  p.kappa = v[kParamKappa];
+  p.batch_std = v[kParamBatchStd];
+  p.gpg_alpha = v[kParamGpgAlpha];
+  p.white_mean = v[kParamWhiteMean];
+  p.white_rstd = v[kParamWhiteRstd];
+  return p;
+}
 
 // Whether a group's valid rows get a nonzero advantage at all: empty groups never do, and
 // singletons only under verl's convention.

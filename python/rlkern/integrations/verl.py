@@ -34,8 +34,10 @@ not need verl.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -149,125 +151,111 @@ def _norm_flag(norm_adv_by_std_in_grpo: bool | None, config: Any) -> bool:
     return bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
 
 
-@_mark
-def compute_grpo_outcome_advantage(
-    token_level_rewards: Tensor,
-    response_mask: Tensor,
-    index: np.ndarray | None = None,
-    epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: bool | None = None,
-    config: Any = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
-    """verl's ``grpo`` / ``grpo_vectorized``: ``s_i = Σ_t r[i, t]``,
+@dataclass(frozen=True)
+class _EstimatorSpec:
+    """One of verl's outcome estimators: its function name, rlkern's estimator and options, the
+    extra parameters of verl's signature, and the docstring."""
+
+    function: str
+    estimator: str
+    doc: str
+    norm_flag: bool = False  # takes norm_adv_by_std_in_grpo (std="none" when False)
+    singleton: str = "verl"
+    lengths: bool = False  # opo: lengths = mask.sum(-1)
+    f_norm: bool = False  # gpg: f_norm (and alpha, which verl ignores)
+
+
+_ESTIMATOR_SPECS = (
+    _EstimatorSpec(
+        "compute_grpo_outcome_advantage", "grpo", norm_flag=True,
+        doc="""verl's ``grpo`` / ``grpo_vectorized``: ``s_i = Σ_t r[i, t]``,
     ``A_i = (s_i − μ_g) / (σ_g + ε)`` (σ unbiased; no division when
     ``norm_adv_by_std_in_grpo`` is False), singletons ``μ = 0, σ = 1``; returned as
     ``A_i · mask`` ``(bs, response_length)``, twice (advantages, returns).
 
     ``norm_adv_by_std_in_grpo``: the argument, else ``config.norm_adv_by_std_in_grpo``
     (how verl's trainer passes it to registered estimators), else True.
-    """
-    norm = _norm_flag(norm_adv_by_std_in_grpo, config)
-    return _advantages(token_level_rewards, response_mask, index, estimator="grpo",
-                       epsilon=epsilon, std="unbiased" if norm else "none")
-
-
-@_mark
-def compute_grpo_passk_outcome_advantage(
-    token_level_rewards: Tensor,
-    response_mask: Tensor,
-    index: np.ndarray | None = None,
-    epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: bool | None = None,
-    config: Any = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
-    """verl's ``grpo_passk``: the best response of each group gets
+    """),
+    _EstimatorSpec(
+        "compute_grpo_passk_outcome_advantage", "grpo_passk", norm_flag=True,
+        doc="""verl's ``grpo_passk``: the best response of each group gets
     ``(s_max − s_2nd) / (σ_g + ε)`` (no division without std normalisation), the others 0.
-    Groups need ≥ 2 responses (ValueError otherwise, as in verl)."""
-    norm = _norm_flag(norm_adv_by_std_in_grpo, config)
-    return _advantages(token_level_rewards, response_mask, index, estimator="grpo_passk",
-                       epsilon=epsilon, std="unbiased" if norm else "none")
-
-
-@_mark
-def compute_rloo_outcome_advantage(
-    token_level_rewards: Tensor,
-    response_mask: Tensor,
-    index: np.ndarray | None = None,
-    epsilon: float = 1e-6,
-    config: Any = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
-    """verl's ``rloo``: ``A_i = (s_i − μ_g) · n_g / (n_g − 1)``; a singleton keeps ``s_i``."""
-    return _advantages(token_level_rewards, response_mask, index, estimator="rloo",
-                       epsilon=epsilon)
-
-
-@_mark
-def compute_rloo_vectorized_outcome_advantage(
-    token_level_rewards: Tensor,
-    response_mask: Tensor,
-    index: np.ndarray | None = None,
-    epsilon: float = 1e-6,
-    config: Any = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
-    """verl's ``rloo_vectorized``: as ``rloo`` but a singleton gets 0."""
-    return _advantages(token_level_rewards, response_mask, index, estimator="rloo",
-                       epsilon=epsilon, singleton="zero")
-
-
-@_mark
-def compute_opo_outcome_advantage(
-    token_level_rewards: Tensor,
-    response_mask: Tensor,
-    index: np.ndarray | None = None,
-    epsilon: float = 1e-6,
-    config: Any = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
-    """verl's ``opo``: ``A_i = s_i − Σ_j len_j s_j / Σ_j len_j`` over the group,
-    ``len = mask.sum(-1)``; a singleton keeps ``s_i``."""
-    return _advantages(token_level_rewards, response_mask, index, estimator="opo",
-                       epsilon=epsilon, lengths=True)
-
-
-@_mark
-def compute_gpg_outcome_advantage(
-    token_level_rewards: Tensor,
-    response_mask: Tensor,
-    index: np.ndarray | None = None,
-    epsilon: float = 1e-6,
-    f_norm: float = 1.0,
-    alpha: float = 1.0,
-    config: Any = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
-    """verl's ``gpg``: ``A_i = α (s_i − μ_g) / f_norm`` with ``α = bs / max(#{s ≠ 0}, 1)``
+    Groups need ≥ 2 responses (ValueError otherwise, as in verl)."""),
+    _EstimatorSpec(
+        "compute_rloo_outcome_advantage", "rloo",
+        doc="verl's ``rloo``: ``A_i = (s_i − μ_g) · n_g / (n_g − 1)``; a singleton keeps "
+            "``s_i``."),
+    _EstimatorSpec(
+        "compute_rloo_vectorized_outcome_advantage", "rloo", singleton="zero",
+        doc="verl's ``rloo_vectorized``: as ``rloo`` but a singleton gets 0."),
+    _EstimatorSpec(
+        "compute_opo_outcome_advantage", "opo", lengths=True,
+        doc="""verl's ``opo``: ``A_i = s_i − Σ_j len_j s_j / Σ_j len_j`` over the group,
+    ``len = mask.sum(-1)``; a singleton keeps ``s_i``."""),
+    _EstimatorSpec(
+        "compute_gpg_outcome_advantage", "gpg", f_norm=True,
+        doc="""verl's ``gpg``: ``A_i = α (s_i − μ_g) / f_norm`` with ``α = bs / max(#{s ≠ 0}, 1)``
     (verl recomputes α and ignores the ``alpha`` argument; so does this); a singleton has
-    ``μ = 0``."""
-    adv, _ = _advantages(token_level_rewards, response_mask, index, estimator="gpg",
-                         epsilon=epsilon)
-    if f_norm != 1.0:
-        adv = adv / f_norm
-    return adv, adv
-
-
-@_mark
-def compute_reinforce_plus_plus_baseline_outcome_advantage(
-    token_level_rewards: Tensor,
-    response_mask: Tensor,
-    index: np.ndarray | None = None,
-    epsilon: float = 1e-6,
-    config: Any = None,
-    **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
-    """verl's ``reinforce_plus_plus_baseline``: ``c_i = s_i − μ_g`` (singleton: ``s_i``),
+    ``μ = 0``."""),
+    _EstimatorSpec(
+        "compute_reinforce_plus_plus_baseline_outcome_advantage", "reinforce_pp_baseline",
+        doc="""verl's ``reinforce_plus_plus_baseline``: ``c_i = s_i − μ_g`` (singleton: ``s_i``),
     whitened over the batch's valid tokens (``(c − mean) · rsqrt(var + 1e-8)``, unbiased var),
-    times the mask."""
-    return _advantages(token_level_rewards, response_mask, index,
-                       estimator="reinforce_pp_baseline", epsilon=epsilon)
+    times the mask."""),
+)
+
+_KW = inspect.Parameter.POSITIONAL_OR_KEYWORD
+# verl's estimator signature: these, then the estimator's own parameters, then config, **kwargs.
+_HEAD = (inspect.Parameter("token_level_rewards", _KW, annotation=Tensor),
+         inspect.Parameter("response_mask", _KW, annotation=Tensor),
+         inspect.Parameter("index", _KW, default=None, annotation="np.ndarray | None"),
+         inspect.Parameter("epsilon", _KW, default=1e-6, annotation=float))
+_NORM = (inspect.Parameter("norm_adv_by_std_in_grpo", _KW, default=None,
+                           annotation="bool | None"),)
+_GPG = (inspect.Parameter("f_norm", _KW, default=1.0, annotation=float),
+        inspect.Parameter("alpha", _KW, default=1.0, annotation=float))
+_TAIL = (inspect.Parameter("config", _KW, default=None, annotation=Any),
+         inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD, annotation=Any))
+
+
+def _make_estimator(spec: _EstimatorSpec) -> Callable[..., tuple[Tensor, Tensor]]:
+    """verl's estimator ``spec.function`` (same name, signature, outputs) computed by
+    :func:`rlkern.group_advantages`."""
+    signature = inspect.Signature(
+        [*_HEAD, *(_NORM if spec.norm_flag else ()), *(_GPG if spec.f_norm else ()), *_TAIL],
+        return_annotation="tuple[Tensor, Tensor]")
+
+    def fn(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        a = signature.bind(*args, **kwargs)
+        a.apply_defaults()
+        arg = a.arguments
+        std = "unbiased"
+        if spec.norm_flag and not _norm_flag(arg["norm_adv_by_std_in_grpo"], arg["config"]):
+            std = "none"
+        adv, _ = _advantages(arg["token_level_rewards"], arg["response_mask"], arg["index"],
+                             estimator=spec.estimator, epsilon=arg["epsilon"], std=std,
+                             singleton=spec.singleton, lengths=spec.lengths)
+        if spec.f_norm and arg["f_norm"] != 1.0:
+            adv = adv / arg["f_norm"]
+        return adv, adv
+
+    fn.__name__ = fn.__qualname__ = spec.function
+    fn.__doc__ = spec.doc
+    fn.__signature__ = signature  # type: ignore[attr-defined]
+    return _mark(fn)
+
+
+_ESTIMATOR_FUNCTIONS = {spec.function: _make_estimator(spec) for spec in _ESTIMATOR_SPECS}
+compute_grpo_outcome_advantage = _ESTIMATOR_FUNCTIONS["compute_grpo_outcome_advantage"]
+compute_grpo_passk_outcome_advantage = _ESTIMATOR_FUNCTIONS[
+    "compute_grpo_passk_outcome_advantage"]
+compute_rloo_outcome_advantage = _ESTIMATOR_FUNCTIONS["compute_rloo_outcome_advantage"]
+compute_rloo_vectorized_outcome_advantage = _ESTIMATOR_FUNCTIONS[
+    "compute_rloo_vectorized_outcome_advantage"]
+compute_opo_outcome_advantage = _ESTIMATOR_FUNCTIONS["compute_opo_outcome_advantage"]
+compute_gpg_outcome_advantage = _ESTIMATOR_FUNCTIONS["compute_gpg_outcome_advantage"]
+compute_reinforce_plus_plus_baseline_outcome_advantage = _ESTIMATOR_FUNCTIONS[
+    "compute_reinforce_plus_plus_baseline_outcome_advantage"]
 
 
 #: registered name → rlkern function; each mirrors verl's estimator of the name without

@@ -1,40 +1,36 @@
 """Group advantages (ALGORITHMS.md §2): every estimator as one fused segmented reduction.
 
-Public entry point: :func:`group_advantages`. Registered ops (``torch.ops.rlkern``):
+Public entry point: :func:`group_advantages`. It validates its arguments into an
+:class:`~rlkern.AdvantageConfig`, reduces its inputs to per-response vectors with plain torch
+ops (scores summed over tokens, the mean old log-probability of each response, the response
+lengths) and calls one registered op (``torch.ops.rlkern``):
 
-* ``group_advantages(scores, group_ids, group_size, weights, loglik, estimator, eps, std,
-  std_scope, singleton, nan_policy, r_max, lam, kappa, double_output, backend)`` →
-  ``(advantages, group_mean, group_std, zero_variance_mask)``, all ``(N,)``: the functional op
-  that autograd and ``torch.compile`` see (advantages are not differentiable: rewards carry no
-  gradient in GRPO-style training).
-* ``group_advantages_out(...)`` (C++, CPU): the same, filling caller-provided outputs.
+* ``group_advantages(scores, group_ids, group_size, weights, loglik, flags, hparams,
+  double_output, backend)`` → ``(advantages, group_mean, group_std, zero_variance_mask)``, all
+  ``(N,)``: the functional op that autograd and ``torch.compile`` see (advantages are not
+  differentiable: rewards carry no gradient in GRPO-style training). ``flags`` / ``hparams``
+  are :meth:`AdvantageConfig.kernel_args`, whatever the backend; only the kernel call differs
+  (:data:`_KERNELS`): the C++ ``group_advantages_out`` on CPU, the segmented GPU pipeline of
+  :mod:`rlkern.ops.advantages_segmented` with the Triton or CUDA kernels, or the float64
+  reference for ``backend="torch"``.
 
-The public function reduces its inputs to per-response vectors with plain torch ops (scores
-summed over tokens, the mean old log-probability of each response, the response lengths),
-calls the op, and broadcasts the result to tokens with the mask.
+The result is broadcast to tokens with the mask.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from rlkern import backends
-from rlkern.reference.advantages import (
-    ESTIMATORS,
-    GRPO_FAMILY,
-    UNLIKELY_LAMBDA,
-    group_advantages_rows_reference,
-)
+from rlkern.config.advantages import ESTIMATORS, AdvantageConfig, sequence_loglik
+from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
+from rlkern.ops import advantages_segmented
 
-__all__ = ["ESTIMATORS", "GroupAdvantages", "group_advantages"]
-
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-_INT_DTYPES = (torch.int32, torch.int64)
-STD_MODES = ("unbiased", "biased", "none")
+__all__ = ["ESTIMATORS", "AdvantageConfig", "GroupAdvantages", "group_advantages"]
 
 
 class GroupAdvantages(NamedTuple):
@@ -57,18 +53,7 @@ class GroupAdvantages(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend dispatch
-
-
-def _validate_in_op(scores: Tensor, nan_policy: str) -> None:
-    """Data checks the compiled CPU kernel does itself; the other backends run them here."""
-    if nan_policy == "raise" and scores.numel():
-        bad = ~torch.isfinite(scores)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0])
-            raise ValueError(f"scores: row {row} is NaN or infinite (nan_policy='raise'; "
-                             "nan_policy='omit' leaves such rows out of their group's statistics "
-                             "and gives them an advantage of 0)")
+# The op: one pipeline, a kernel per backend
 
 
 def _check_weights(weights: Tensor | None) -> None:
@@ -80,6 +65,31 @@ def _check_weights(weights: Tensor | None) -> None:
                              "must be finite and >= 0")
 
 
+def _cpu_kernel(scores, group_ids, group_size, weights, loglik, flags, hparams, outs) -> None:
+    backends.cpp_ops().group_advantages_out(scores, group_ids, group_size, weights, loglik,
+                                            flags, hparams, *outs)
+
+
+def _reference_kernel(scores, group_ids, group_size, weights, loglik, flags, hparams,
+                      outs) -> None:
+    # backend="torch" is the float64 reference, imported here only: no other backend reads it.
+    from rlkern.reference.advantages import group_advantages_rows_reference
+
+    ref = group_advantages_rows_reference(
+        scores, group_ids=group_ids, group_size=group_size or None, weights=weights,
+        loglik=loglik, config=AdvantageConfig.from_kernel_args(flags, hparams))
+    for out, key in zip(outs, ("advantages", "group_mean", "group_std", "zero_variance_mask"),
+                        strict=True):
+        out.copy_(ref[key])
+
+
+#: backend → the kernel call filling ``(advantages, group_mean, group_std, zero_variance)``.
+_KERNELS = {"cpu": _cpu_kernel,
+            "triton": functools.partial(advantages_segmented.group_advantages_segmented, "triton"),
+            "cuda": functools.partial(advantages_segmented.group_advantages_segmented, "cuda"),
+            "torch": _reference_kernel}
+
+
 @torch.library.custom_op("rlkern::group_advantages", mutates_args=())
 def group_advantages_op(
     scores: Tensor,
@@ -87,53 +97,23 @@ def group_advantages_op(
     group_size: int,
     weights: Tensor | None,
     loglik: Tensor | None,
-    estimator: str,
-    eps: float,
-    std: str,
-    std_scope: str,
-    singleton: str,
-    nan_policy: str,
-    r_max: float,
-    lam: float,
-    kappa: float,
+    flags: list[int],
+    hparams: list[float],
     double_output: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = scores.numel()
     dtype = torch.float64 if double_output else torch.float32
-    adv = torch.empty(n, dtype=dtype, device=scores.device)
-    mean = torch.empty_like(adv)
-    sd = torch.empty_like(adv)
-    zv = torch.empty(n, dtype=torch.bool, device=scores.device)
+    outs = (*(torch.empty(n, dtype=dtype, device=scores.device) for _ in range(3)),
+            torch.empty(n, dtype=torch.bool, device=scores.device))
     _check_weights(weights)
-    if n == 0:
-        return adv, mean, sd, zv
-    if backend == "cpu":
-        backends.cpp_ops().group_advantages_out(
-            scores, group_ids, group_size, weights, loglik, estimator, eps, std, std_scope,
-            singleton, nan_policy, r_max, lam, kappa, adv, mean, sd, zv)
-    elif backend in ("triton", "cuda"):
-        _validate_in_op(scores, nan_policy)
-        from rlkern.ops import advantages_segmented
-
-        advantages_segmented.group_advantages_segmented(
-            backend, scores, group_ids, group_size, weights, loglik, estimator, eps, std,
-            std_scope, singleton, nan_policy, r_max, lam, kappa, adv, mean, sd, zv)
-    else:
-        ref = group_advantages_rows_reference(
-            scores, group_ids=group_ids, group_size=group_size or None, estimator=estimator,
-            eps=eps, std=std, std_scope=std_scope, singleton=singleton, nan_policy=nan_policy,
-            weights=weights, loglik=loglik, r_max=r_max, lam=lam, kappa=kappa)
-        adv.copy_(ref["advantages"])
-        mean.copy_(ref["group_mean"])
-        sd.copy_(ref["group_std"])
-        zv.copy_(ref["zero_variance_mask"])
-    return adv, mean, sd, zv
+    if n:
+        _KERNELS[backend](scores, group_ids, group_size, weights, loglik, flags, hparams, outs)
+    return outs
 
 
 @group_advantages_op.register_fake
-def _(scores, group_ids, group_size, weights, loglik, estimator, eps, std, std_scope, singleton,
-      nan_policy, r_max, lam, kappa, double_output, backend):
+def _(scores, group_ids, group_size, weights, loglik, flags, hparams, double_output, backend):
     dtype = torch.float64 if double_output else torch.float32
     n = scores.shape[0]
     out = lambda: scores.new_empty((n,), dtype=dtype)
@@ -144,12 +124,7 @@ def _(scores, group_ids, group_size, weights, loglik, estimator, eps, std, std_s
 # Argument checking (everything that does not depend on the data; raises before any work)
 
 
-def _choice(value: object, name: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-
-
-def _check_tensor(t: object, name: str) -> Tensor:
+def check_tensor(t: object, name: str) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return t
@@ -170,8 +145,8 @@ def check_grouping(n: int, group_ids: object, group_size: object, device: torch.
             raise ValueError(f"group_size must be a positive divisor of the number of responses "
                              f"N = {n}, got {group_size}")
         return None, group_size
-    ids = _check_tensor(group_ids, "group_ids")
-    if ids.dtype not in _INT_DTYPES:
+    ids = check_tensor(group_ids, "group_ids")
+    if ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"group_ids must be int64 (or int32), got {ids.dtype}")
     if ids.dim() != 1 or ids.shape[0] != n:
         raise ValueError(f"group_ids must have shape (N,) = ({n},), got {tuple(ids.shape)}")
@@ -181,8 +156,8 @@ def check_grouping(n: int, group_ids: object, group_size: object, device: torch.
 
 
 def _check_float(t: object, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    t = _check_tensor(t, name)
-    if not (t.dtype.is_floating_point or t.dtype in _INT_DTYPES):
+    t = check_tensor(t, name)
+    if not (t.dtype.is_floating_point or t.dtype in INDEX_DTYPES):
         raise TypeError(f"{name} must be a float or integer tensor, got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
@@ -192,8 +167,8 @@ def _check_float(t: object, name: str, shape: tuple[int, ...], device: torch.dev
 
 
 def _check_mask(mask: object, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    m = _check_tensor(mask, "mask")
-    if m.dtype != torch.bool and not (m.dtype.is_floating_point or m.dtype in _INT_DTYPES):
+    m = check_tensor(mask, "mask")
+    if m.dtype != torch.bool and not (m.dtype.is_floating_point or m.dtype in INDEX_DTYPES):
         raise TypeError(f"mask must be bool, integer or float, got {m.dtype}")
     if m.dim() != 2 or (shape and tuple(m.shape) != shape):
         want = shape if shape else "(N, T)"
@@ -201,56 +176,6 @@ def _check_mask(mask: object, shape: tuple[int, ...], device: torch.device) -> T
     if m.device != device:
         raise ValueError(f"mask is on {m.device} but scores on {device}")
     return m
-
-
-def _check_options(estimator, eps, std, std_scope, singleton, nan_policy, r_max, lam, kappa,
-                   lengths, old_logprobs) -> tuple[float, float]:
-    _choice(estimator, "estimator", ESTIMATORS)
-    _choice(std, "std", STD_MODES)
-    _choice(std_scope, "std_scope", ("group", "batch"))
-    _choice(singleton, "singleton", ("zero", "verl"))
-    _choice(nan_policy, "nan_policy", ("raise", "omit"))
-    for name, value in (("eps", eps), ("r_max", r_max)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if std_scope == "batch" and estimator not in GRPO_FAMILY:
-        raise ValueError(f"std_scope='batch' normalises by the batch std: it applies to "
-                         f"{GRPO_FAMILY}, not to {estimator!r}")
-    if estimator == "opo" and lengths is None:
-        raise ValueError("estimator='opo' needs lengths: the response lengths (N,), e.g. "
-                         "mask.sum(-1), for its length-weighted baseline")
-    if estimator != "opo" and lengths is not None:
-        raise ValueError(f"lengths only applies to estimator='opo', not {estimator!r}")
-    if estimator in ("unlikely", "xrpo") and old_logprobs is None:
-        raise ValueError(f"estimator={estimator!r} needs old_logprobs (N, T) and mask (N, T): "
-                         "it ranks responses by their mean token log-probability")
-    if estimator not in ("unlikely", "xrpo") and old_logprobs is not None:
-        raise ValueError(f"old_logprobs only applies to 'unlikely' and 'xrpo', not {estimator!r}")
-    if estimator == "xrpo" and (lam is None or kappa is None):
-        raise ValueError("estimator='xrpo' needs lam (λ, the sharpening strength) and kappa "
-                         "(κ, the cap relative to |A|)")
-    if lam is not None and estimator not in ("unlikely", "xrpo"):
-        raise ValueError(f"lam only applies to 'unlikely' and 'xrpo', not {estimator!r}")
-    if kappa is not None and estimator != "xrpo":
-        raise ValueError(f"kappa only applies to 'xrpo', not {estimator!r}")
-    for name, value in (("lam", lam), ("kappa", kappa)):
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                  or not math.isfinite(value)):
-            raise ValueError(f"{name} must be a finite float, got {value!r}")
-    lam_value = UNLIKELY_LAMBDA if lam is None else float(lam)
-    return lam_value, float(kappa or 0.0)
-
-
-def _row_loglik(old_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Mean old token log-probability of each response (0 for an empty one), float64."""
-    m = mask.to(torch.float64)
-    total = (old_logprobs.to(torch.float64) * m).sum(-1)
-    count = m.sum(-1)
-    return torch.where(count > 0, total / count.clamp_min(1e-300), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,8 +282,8 @@ def group_advantages(
         >>> out.advantages                                    # doctest: +SKIP
         tensor([ 0.5773, -1.1547, -1.1547,  0.5773,  0.5773,  0.5773])
     """
-    scores = _check_tensor(scores, "scores")
-    if scores.dtype not in _FLOAT_DTYPES:
+    scores = check_tensor(scores, "scores")
+    if scores.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"scores must be bfloat16, float16, float32 or float64, got {scores.dtype}")
     if scores.dim() not in (1, 2):
@@ -366,8 +291,10 @@ def group_advantages(
     n = scores.shape[0]
     device = scores.device
     ids, size = check_grouping(n, group_ids, group_size, device)
-    lam_value, kappa_value = _check_options(estimator, eps, std, std_scope, singleton, nan_policy,
-                                            r_max, lam, kappa, lengths, old_logprobs)
+    cfg = AdvantageConfig(estimator=estimator, eps=eps, std=std, std_scope=std_scope,
+                          singleton=singleton, nan_policy=nan_policy, r_max=r_max, lam=lam,
+                          kappa=kappa)
+    cfg.check_inputs(lengths=lengths is not None, old_logprobs=old_logprobs is not None)
     token_shape: tuple[int, ...] = tuple(scores.shape) if scores.dim() == 2 else ()
     if mask is not None:
         mask = _check_mask(mask, token_shape, device)
@@ -376,10 +303,10 @@ def group_advantages(
     elif scores.dim() == 2:
         raise ValueError("token-level scores (N, T) need mask (N, T): advantages are returned "
                          "per token as A_i · mask")
-    if estimator in ("unlikely", "xrpo") and mask is None:
+    if cfg.uses_loglik and mask is None:
         raise ValueError(f"estimator={estimator!r} needs mask (N, T) to average old_logprobs")
 
-    double_output = scores.dtype == torch.float64
+    double_output = acc_dtype(scores.dtype) == torch.float64
     if scores.dim() == 2:
         s = scores.sum(-1, dtype=torch.float64)
     else:
@@ -392,11 +319,11 @@ def group_advantages(
         weights = mask.sum(-1, dtype=torch.float64)
     if old_logprobs is not None:
         _check_float(old_logprobs, "old_logprobs", tuple(mask.shape), device)
-        loglik = _row_loglik(old_logprobs, mask)
+        loglik = sequence_loglik(old_logprobs, mask)
     resolved = backends.resolve_backend(backend, device)
+    flags, hparams = cfg.kernel_args()
     adv, mean, sd, zv = torch.ops.rlkern.group_advantages(
-        s, ids, size, weights, loglik, estimator, float(eps), std, std_scope, singleton,
-        nan_policy, float(r_max), lam_value, kappa_value, double_output, resolved)
+        s, ids, size, weights, loglik, flags, hparams, double_output, resolved)
     if mask is not None:
         adv = adv.unsqueeze(-1) * mask.to(adv.dtype)
     return GroupAdvantages(adv, mean, sd, zv)

@@ -7,7 +7,13 @@ one-shot :func:`rlkern.group_advantages` result to float32 rounding.
 
 The moments are kept in float64, with ``min`` and ``max`` as well: they make a group whose
 scores are all equal exactly zero-variance after any sequence of merges (Chan's update of the
-mean is exact only when the means are equal, and min == max says so).
+mean is exact only when the means are equal, and min == max says so). The columns are the
+header's moments table (``rlkern.config.advantages.codes().moments``).
+
+Each step runs on the kernels of the tensors' backend (``backend="auto"`` for the moments and
+the merges): the C++ ops ``group_moments_out``, ``group_moments_merge_out`` and
+``group_finish_out`` on CPU, the segmented kernels of :mod:`rlkern.ops.advantages_segmented`
+(Triton or CUDA) on GPUs, and the float64 reference for ``backend="torch"``.
 """
 
 from __future__ import annotations
@@ -16,51 +22,84 @@ import torch
 from torch import Tensor
 
 from rlkern import backends
-from rlkern.ops.advantages import GroupAdvantages, _check_tensor, check_grouping
-from rlkern.reference.advantages import (
-    MOMENT_FIELDS,
-    advantages_from_moments_reference,
-    chan_merge,
-    group_moments_reference,
-    merge_all,
-)
+from rlkern.config.advantages import NAN_POLICIES, STREAMING_ESTIMATORS, AdvantageConfig, codes
+from rlkern.config.dtypes import FLOAT_DTYPES, acc_dtype
+from rlkern.ops import advantages_segmented as segmented
+from rlkern.ops.advantages import GroupAdvantages, check_grouping, check_tensor
 
 __all__ = ["STREAMING_ESTIMATORS", "GroupStats"]
 
-#: Estimators whose advantages depend only on each group's (n, mean, M2).
-STREAMING_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "gpg", "ngrpo")
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-
 
 def _scores_1d(scores: object, n: int | None = None) -> Tensor:
-    s = _check_tensor(scores, "scores")
-    if s.dtype not in _FLOAT_DTYPES:
+    s = check_tensor(scores, "scores")
+    if s.dtype not in FLOAT_DTYPES:
         raise TypeError(f"scores must be bfloat16, float16, float32 or float64, got {s.dtype}")
     if s.dim() != 1 or (n is not None and s.shape[0] != n):
         raise ValueError(f"scores must have shape (N,), got {tuple(s.shape)}")
-    return s if s.dtype in (torch.float32, torch.float64) else s.float()
+    s = s if s.dtype in (torch.float32, torch.float64) else s.float()
+    return s.contiguous()
 
 
-def _batch_moments(scores: Tensor, ids: Tensor, nan_policy: str) -> tuple[Tensor, Tensor]:
-    """Sorted ids and their moments (K, 5) for one batch of scores."""
-    if scores.device.type == "cpu" and backends.has_cpp() and scores.numel():
+# ---------------------------------------------------------------------------------------------
+# The three steps, one kernel call per backend
+
+
+def _moments(backend: str, scores: Tensor, ids: Tensor, flags: list[int]) -> tuple[Tensor, Tensor]:
+    """Sorted distinct ids (K,) and their moments (K, NM) over one batch of scores."""
+    if backend == "cpu":
         n = scores.numel()
         keys = torch.empty(n, dtype=torch.int64)
-        moments = torch.empty(n, 5, dtype=torch.float64)
+        moments = torch.empty(n, len(codes().moments), dtype=torch.float64)
         count = torch.empty(1, dtype=torch.int64)
-        backends.cpp_ops().group_moments_out(scores.contiguous(), ids, 0, nan_policy, keys,
-                                             moments, count)
+        backends.cpp_ops().group_moments_out(scores, ids, 0, flags, keys, moments, count)
         k = int(count)
-        keys, moments = keys[:k], moments[:k]
-        order = torch.argsort(keys)  # the kernel numbers groups by first appearance
-        return keys[order], moments[order]
-    if nan_policy == "raise":
-        bad = ~torch.isfinite(scores)
-        if bool(bad.any()):
-            raise ValueError(f"scores: row {int(bad.nonzero()[0])} is NaN or infinite "
-                             "(nan_policy='raise')")
-    keys, moments = group_moments_reference(scores, ids)
-    return keys.to(scores.device), moments.to(scores.device)
+        order = torch.argsort(keys[:k])  # the kernel numbers groups by first appearance
+        return keys[:k][order], moments[:k][order]
+    c = codes()
+    segmented.check_finite_scores(scores, flags[c.flags.nan_policy] == c.nan_policy.omit)
+    if backend == "torch":
+        from rlkern.reference.advantages import group_moments_reference
+
+        keys, moments = group_moments_reference(scores, ids)
+        return keys.to(scores.device), moments.to(scores.device)
+    return segmented.group_moments_segmented(segmented.kernels_for(backend, scores.device),
+                                             scores, ids)
+
+
+def _merge_rows(backend: str, a: Tensor, b: Tensor) -> Tensor:
+    """Chan's merge of the moments rows a[g] and b[g]."""
+    out = torch.empty_like(a)
+    if backend == "cpu":
+        backends.cpp_ops().group_moments_merge_out(a, b, out)
+    elif backend == "torch":
+        from rlkern.reference.advantages import chan_merge
+
+        out.copy_(chan_merge(a, b))
+    else:
+        segmented.kernels_for(backend, a.device).moments_merge(a, b, out)
+    return out
+
+
+def _finish(backend: str, scores: Tensor, row_group: Tensor, moments: Tensor,
+            config: AdvantageConfig) -> GroupAdvantages:
+    n = scores.numel()
+    dtype = acc_dtype(scores.dtype)
+    outs = (*(torch.empty(n, dtype=dtype, device=scores.device) for _ in range(3)),
+            torch.empty(n, dtype=torch.bool, device=scores.device))
+    flags, hparams = config.kernel_args()
+    if backend == "cpu":
+        backends.cpp_ops().group_finish_out(scores, row_group, moments, flags, hparams, *outs)
+    elif backend == "torch":
+        from rlkern.reference.advantages import advantages_from_moments_reference
+
+        ref = advantages_from_moments_reference(scores, row_group, moments, config=config)
+        for out, key in zip(outs, ("advantages", "group_mean", "group_std",
+                                   "zero_variance_mask"), strict=True):
+            out.copy_(ref[key])
+    else:
+        segmented.finish_from_moments(segmented.kernels_for(backend, scores.device), scores,
+                                      row_group, moments, flags, hparams, outs)
+    return GroupAdvantages(*outs)
 
 
 class GroupStats:
@@ -80,12 +119,12 @@ class GroupStats:
     """
 
     def __init__(self, *, nan_policy: str = "raise", device: torch.device | str | None = None):
-        if nan_policy not in ("raise", "omit"):
+        if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be 'raise' or 'omit', got {nan_policy!r}")
         self.nan_policy = nan_policy
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.ids = torch.empty(0, dtype=torch.int64, device=dev)
-        self.moments = torch.empty(0, len(MOMENT_FIELDS), dtype=torch.float64, device=dev)
+        self.moments = torch.empty(0, len(codes().moments), dtype=torch.float64, device=dev)
         self._device_set = device is not None
 
     # -- views -------------------------------------------------------------------------------
@@ -96,15 +135,15 @@ class GroupStats:
 
     @property
     def count(self) -> Tensor:
-        return self.moments[:, 0]
+        return self.moments[:, codes().moments.count]
 
     @property
     def mean(self) -> Tensor:
-        return self.moments[:, 1]
+        return self.moments[:, codes().moments.mean]
 
     @property
     def m2(self) -> Tensor:
-        return self.moments[:, 2]
+        return self.moments[:, codes().moments.m2]
 
     def std(self, unbiased: bool = True) -> Tensor:
         n = self.count
@@ -130,8 +169,12 @@ class GroupStats:
         s = _scores_1d(scores)
         ids, _ = check_grouping(s.shape[0], group_ids, None, s.device)
         self._adopt_device(s)
-        keys, moments = _batch_moments(s, ids, self.nan_policy)
-        self.ids, self.moments = _merge_tables(self.ids, self.moments, keys, moments)
+        if s.numel() == 0:
+            return self
+        backend = backends.resolve_backend("auto", s.device)
+        flags, _ = AdvantageConfig(nan_policy=self.nan_policy).kernel_args()
+        keys, moments = _moments(backend, s, ids, flags)
+        self.ids, self.moments = _merge_tables(backend, self.ids, self.moments, keys, moments)
         return self
 
     def merge(self, other: GroupStats) -> GroupStats:
@@ -142,7 +185,9 @@ class GroupStats:
             raise ValueError(f"cannot merge statistics on {other.ids.device} into "
                              f"{self.ids.device}")
         out = GroupStats(nan_policy=self.nan_policy, device=self.ids.device)
-        out.ids, out.moments = _merge_tables(self.ids, self.moments, other.ids, other.moments)
+        backend = backends.resolve_backend("auto", self.ids.device)
+        out.ids, out.moments = _merge_tables(backend, self.ids, self.moments, other.ids,
+                                             other.moments)
         return out
 
     # -- advantages --------------------------------------------------------------------------
@@ -165,14 +210,13 @@ class GroupStats:
         gpg, ngrpo; σ_batch merges every group; GPG's α counts the given rows). Every id in
         ``group_ids`` must have statistics. Returns :class:`GroupAdvantages` of ``(N,)``
         tensors, float32 (float64 for float64 scores)."""
-        from rlkern.ops.advantages import STD_MODES, _choice
-
-        _choice(estimator, "estimator", STREAMING_ESTIMATORS)
-        _choice(std, "std", STD_MODES)
-        _choice(std_scope, "std_scope", ("group", "batch"))
-        _choice(singleton, "singleton", ("zero", "verl"))
+        if estimator not in STREAMING_ESTIMATORS:
+            raise ValueError(f"estimator must be one of {STREAMING_ESTIMATORS}, got "
+                             f"{estimator!r}")
         if std_scope == "batch" and estimator != "grpo":
             raise ValueError("std_scope='batch' applies to estimator='grpo' only")
+        config = AdvantageConfig(estimator=estimator, eps=eps, std=std, std_scope=std_scope,
+                                 singleton=singleton, nan_policy=self.nan_policy, r_max=r_max)
         s = _scores_1d(scores)
         ids, _ = check_grouping(s.shape[0], group_ids, None, s.device)
         if s.device != self.ids.device:
@@ -184,25 +228,8 @@ class GroupStats:
             row = int((~found).nonzero()[0])
             raise ValueError(f"group_ids: row {row} has id {int(ids[row])}, which has no "
                              "statistics (update() it first)")
-        total = merge_all(self.moments)
         resolved = backends.resolve_backend(backend, s.device)
-        dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-        if resolved == "cpu":
-            out = [torch.empty(s.shape[0], dtype=dtype) for _ in range(3)]
-            zv = torch.empty(s.shape[0], dtype=torch.bool)
-            sigma = _batch_sigma(total, std)
-            valid = torch.isfinite(s)
-            alpha = float(valid.sum()) / max(float((valid & (s != 0)).sum()), 1.0)
-            backends.cpp_ops().group_finish_out(
-                s.contiguous(), row_group, self.moments.contiguous(), estimator, float(eps), std,
-                std_scope, singleton, self.nan_policy, float(r_max), sigma, alpha, *out, zv)
-            return GroupAdvantages(*out, zv)
-        ref = advantages_from_moments_reference(
-            s, row_group, self.moments, estimator=estimator, eps=float(eps), std=std,
-            std_scope=std_scope, singleton=singleton, nan_policy=self.nan_policy,
-            r_max=float(r_max))
-        return GroupAdvantages(ref["advantages"].to(dtype), ref["group_mean"].to(dtype),
-                               ref["group_std"].to(dtype), ref["zero_variance_mask"])
+        return _finish(resolved, s, row_group, self.moments.contiguous(), config)
 
     @classmethod
     def from_scores(cls, scores: Tensor, group_ids: Tensor, *,
@@ -211,14 +238,7 @@ class GroupStats:
         return cls(nan_policy=nan_policy, device=scores.device).update(scores, group_ids)
 
 
-def _batch_sigma(total: Tensor, std: str) -> float:
-    n = float(total[0])
-    if n < 2:
-        return 0.0
-    return float((total[2] / (n if std == "biased" else n - 1)).sqrt())
-
-
-def _merge_tables(ids_a: Tensor, mom_a: Tensor, ids_b: Tensor,
+def _merge_tables(backend: str, ids_a: Tensor, mom_a: Tensor, ids_b: Tensor,
                   mom_b: Tensor) -> tuple[Tensor, Tensor]:
     """Union of two id-sorted moment tables; shared ids merge with Chan's formula."""
     if ids_a.numel() == 0:
@@ -226,10 +246,14 @@ def _merge_tables(ids_a: Tensor, mom_a: Tensor, ids_b: Tensor,
     if ids_b.numel() == 0:
         return ids_a, mom_a
     keys, inv = torch.unique(torch.cat([ids_a, ids_b]), return_inverse=True)
-    empty = torch.tensor([0.0, 0.0, 0.0, float("inf"), float("-inf")], dtype=torch.float64,
-                         device=mom_a.device)
-    left = empty.repeat(keys.numel(), 1)
-    right = left.clone()
-    left[inv[: ids_a.numel()]] = mom_a
-    right[inv[ids_a.numel():]] = mom_b
-    return keys, chan_merge(left, right)
+    in_a, in_b = inv[: ids_a.numel()], inv[ids_a.numel():]
+    out = torch.empty(keys.numel(), mom_a.shape[1], dtype=mom_a.dtype, device=mom_a.device)
+    out[in_a] = mom_a
+    seen = torch.zeros(keys.numel(), dtype=torch.bool, device=mom_a.device)
+    seen[in_a] = True
+    shared = seen[in_b]
+    out[in_b[~shared]] = mom_b[~shared]
+    rows = in_b[shared]
+    if rows.numel():
+        out[rows] = _merge_rows(backend, out[rows].contiguous(), mom_b[shared].contiguous())
+    return keys, out

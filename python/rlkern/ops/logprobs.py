@@ -9,8 +9,10 @@ Public entry point: :func:`token_logprobs`. Registered ops (``torch.ops.rlkern``
 * ``logprobs_bwd_inplace(...)``: the same, writing the gradient over ``logits``.
 
 The compiled backends register ``logprobs_fwd_out`` / ``logprobs_bwd_out`` (C++, filling
-caller-provided outputs); this module allocates and dispatches. Backward recomputes from the
-saved per-row ``lse`` and ``entropy``: nothing of size ``(N, V)`` is saved.
+caller-provided outputs); this module allocates and dispatches. The per-row outputs travel as one
+list indexed by :func:`rlkern.config.logprobs.outputs` (the C++ header's layout), and the
+backward takes the forward's outputs and their upstream gradients as two such lists. Backward
+recomputes from the saved per-row ``lse`` and ``entropy``: nothing of size ``(N, V)`` is saved.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import torch
 from torch import Tensor
 
 from rlkern import backends
-from rlkern.reference.logprobs import token_logprobs_reference
-
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
+from rlkern.config.logprobs import STATS_OUTPUTS, output_names, outputs
+from rlkern.reference.logprobs import token_logprobs_grad_reference, token_logprobs_reference
 
 
 class TokenLogprobs(NamedTuple):
@@ -119,110 +121,46 @@ def _validate_rows(lse: Tensor, labels2: Tensor, ignore_index: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend dispatch (each fills caller-provided outputs).
+# Backend dispatch. Each fills caller-provided outputs: ``outputs`` / ``grad_outputs`` are lists
+# indexed by outputs() (None where not computed / no gradient).
 
 
-def _fwd_out(
-    backend: str,
-    logits3: Tensor,
-    labels2: Tensor,
-    temperature: float,
-    ignore_index: int,
-    logprobs: Tensor,
-    lse: Tensor,
-    entropy: Tensor | None,
-    self_certainty: Tensor | None,
-    sum_p_sq: Tensor | None,
-) -> None:
+def _fwd_out(backend: str, logits3: Tensor, labels2: Tensor, temperature: float,
+             ignore_index: int, outs: list[Tensor | None]) -> None:
     if backend in ("cpu", "cuda"):
-        if backend == "cuda" and not backends.has_cuda_kernels():
-            raise backends.BackendUnavailableError(
-                "backend='cuda' needs rlkern._C built with the CUDA kernels (a CUDA toolkit "
-                "and a CUDA build of torch at install time)"
-            )
-        backends.cpp_ops().logprobs_fwd_out(
-            logits3, labels2, temperature, ignore_index, logprobs, lse, entropy,
-            self_certainty, sum_p_sq,
-        )
+        backends.compiled_ops(backend).logprobs_fwd_out(logits3, labels2, temperature,
+                                                        ignore_index, outs)
     elif backend == "triton":
+        # The launcher's output arguments are in the layout's order.
         kernels = backends.triton_module("logprobs", logits3.device)
-        kernels.logprobs_fwd(
-            logits3, labels2, logprobs, lse, entropy, self_certainty, sum_p_sq,
-            temperature=temperature, ignore_index=ignore_index,
-        )
+        kernels.logprobs_fwd(logits3, labels2, *outs, temperature=temperature,
+                             ignore_index=ignore_index)
     else:
-        ref = token_logprobs_reference(
-            logits3, labels2, temperature=temperature, ignore_index=ignore_index
-        )
-        logprobs.copy_(ref["logprobs"])
-        lse.copy_(ref["lse"])
-        for out, key in ((entropy, "entropy"), (self_certainty, "self_certainty"),
-                         (sum_p_sq, "sum_p_sq")):
-            if out is not None:
-                out.copy_(ref[key])
+        ref = token_logprobs_reference(logits3, labels2, temperature=temperature,
+                                       ignore_index=ignore_index)
+        for o in outputs():
+            if outs[o] is not None:
+                outs[o].copy_(ref[o.name])
 
 
-def _bwd_out(
-    backend: str,
-    logits3: Tensor,
-    labels2: Tensor,
-    lse: Tensor,
-    entropy: Tensor | None,
-    grad_logprobs: Tensor | None,
-    grad_entropy: Tensor | None,
-    grad_lse: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    grad_logits3: Tensor,
-) -> None:
+def _bwd_out(backend: str, logits3: Tensor, labels2: Tensor, outs: list[Tensor | None],
+             grad_outs: list[Tensor | None], temperature: float, ignore_index: int,
+             grad_logits3: Tensor) -> None:
     if backend in ("cpu", "cuda"):
-        backends.cpp_ops().logprobs_bwd_out(
-            logits3, labels2, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
-            temperature, ignore_index, grad_logits3,
-        )
-    elif backend == "triton":
+        backends.compiled_ops(backend).logprobs_bwd_out(logits3, labels2, outs, grad_outs,
+                                                        temperature, ignore_index, grad_logits3)
+        return
+    # What the backward reads: lse, entropy, and the gradients of logprobs, entropy and lse.
+    OUT = outputs()
+    rows = (outs[OUT.lse], outs[OUT.entropy], grad_outs[OUT.logprobs], grad_outs[OUT.entropy],
+            grad_outs[OUT.lse])
+    if backend == "triton":
         kernels = backends.triton_module("logprobs", logits3.device)
-        kernels.logprobs_bwd(
-            logits3, labels2, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
-            grad_logits3, temperature=temperature, ignore_index=ignore_index,
-        )
+        kernels.logprobs_bwd(logits3, labels2, *rows, grad_logits3, temperature=temperature,
+                             ignore_index=ignore_index)
     else:
-        _bwd_reference(logits3, labels2, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
-                       temperature, ignore_index, grad_logits3)
-
-
-def _bwd_reference(
-    logits3: Tensor,
-    labels2: Tensor,
-    lse: Tensor,
-    entropy: Tensor | None,
-    grad_logprobs: Tensor | None,
-    grad_entropy: Tensor | None,
-    grad_lse: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    grad_logits3: Tensor,
-) -> None:
-    """ALGORITHMS.md §1 gradients written out in torch (the backend='torch' backward)."""
-    acc = lse.dtype
-    z = logits3.to(acc) / temperature
-    p = torch.exp(z - lse.unsqueeze(-1))
-    valid = (labels2 != ignore_index).unsqueeze(-1)
-    grad = torch.zeros_like(z)
-    if grad_lse is not None:
-        grad = grad + grad_lse.unsqueeze(-1) * p
-    if grad_logprobs is not None:
-        onehot = torch.zeros_like(z)
-        safe = torch.where(labels2 != ignore_index, labels2, 0)
-        onehot.scatter_(-1, safe.unsqueeze(-1), 1.0)
-        grad = grad + grad_logprobs.unsqueeze(-1) * (onehot - p)
-    if grad_entropy is not None:
-        assert entropy is not None
-        e_z = (lse - entropy).unsqueeze(-1)
-        zc = torch.clamp(z, min=torch.finfo(acc).min)
-        grad = grad + grad_entropy.unsqueeze(-1) * torch.where(p > 0, p * (e_z - zc), 0.0)
-    grad = torch.where(valid, grad, 0.0) / temperature
-    grad_logits3.copy_(grad)
+        grad_logits3.copy_(token_logprobs_grad_reference(
+            logits3, labels2, *rows, temperature=temperature, ignore_index=ignore_index))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,39 +178,34 @@ def logprobs_fwd(
     inplace_backward: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The outputs in the order of :func:`rlkern.config.logprobs.outputs`; those not asked for
+    are empty."""
     logits3 = _rows3d(logits)
     lead = logits.shape[:-1]
     labels2 = labels.reshape(logits3.shape[:-1]).to(torch.int64).contiguous()
     _validate_data(logits3, labels2, ignore_index)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    new = lambda: torch.empty(logits3.shape[:-1], dtype=acc, device=logits.device)
-    logprobs, lse = new(), new()
-    entropy = new() if with_entropy else None
-    self_certainty = new() if with_stats else None
-    sum_p_sq = new() if with_stats else None
+    acc = acc_dtype(logits.dtype)
+    outs = [torch.empty(logits3.shape[:-1], dtype=acc, device=logits.device)
+            if _wanted(o.name, with_entropy, with_stats) else None for o in outputs()]
     if labels2.numel() > 0:
-        _fwd_out(backend, logits3, labels2, temperature, ignore_index, logprobs, lse, entropy,
-                 self_certainty, sum_p_sq)
-        _validate_rows(lse, labels2, ignore_index)
-    shaped = lambda t: _empty().to(logits.device) if t is None else t.view(lead)
-    return (shaped(logprobs), shaped(lse), shaped(entropy), shaped(self_certainty),
-            shaped(sum_p_sq))
+        _fwd_out(backend, logits3, labels2, temperature, ignore_index, outs)
+        _validate_rows(outs[outputs().lse], labels2, ignore_index)
+    return tuple(_empty().to(logits.device) if t is None else t.view(lead) for t in outs)
+
+
+def _wanted(name: str, with_entropy: bool, with_stats: bool) -> bool:
+    if name == "entropy":
+        return with_entropy
+    return with_stats if name in STATS_OUTPUTS else True
 
 
 @logprobs_fwd.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, with_stats, inplace_backward,
       backend):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     lead = logits.shape[:-1]
-    full = lambda: logits.new_empty(lead, dtype=acc)
-    none = lambda: logits.new_empty((0,), dtype=torch.float32)
-    return (
-        full(),
-        full(),
-        full() if with_entropy else none(),
-        full() if with_stats else none(),
-        full() if with_stats else none(),
-    )
+    return tuple(logits.new_empty(lead, dtype=acc) if _wanted(o.name, with_entropy, with_stats)
+                 else logits.new_empty((0,), dtype=torch.float32) for o in outputs())
 
 
 def _grad_logits_buffer(logits: Tensor) -> Tensor:
@@ -287,80 +220,68 @@ def _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_
         return
     rows = logits3.shape[:-1]
     as2d = lambda t: None if t is None or t.numel() == 0 else t.reshape(rows).contiguous()
-    grad_logits3 = _rows3d(grad_logits)
-    _bwd_out(backend, logits3, labels.reshape(rows).to(torch.int64).contiguous(), as2d(lse),
-             as2d(entropy), as2d(grad_logprobs), as2d(grad_entropy), as2d(grad_lse),
-             temperature, ignore_index, grad_logits3)
+    OUT = outputs()
+    outs: list[Tensor | None] = [None] * len(OUT)
+    grads: list[Tensor | None] = [None] * len(OUT)
+    outs[OUT.lse], outs[OUT.entropy] = as2d(lse), as2d(entropy)
+    for o, g in ((OUT.logprobs, grad_logprobs), (OUT.entropy, grad_entropy), (OUT.lse, grad_lse)):
+        grads[o] = as2d(g)
+    _bwd_out(backend, logits3, labels.reshape(rows).to(torch.int64).contiguous(), outs, grads,
+             temperature, ignore_index, _rows3d(grad_logits))
 
 
-@torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=())
-def logprobs_bwd(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor | None,
-    grad_logprobs: Tensor | None,
-    grad_entropy: Tensor | None,
-    grad_lse: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-) -> Tensor:
+# The arguments of the two backward ops after `logits`, stated once: logprobs_bwd returns
+# the gradient, logprobs_bwd_inplace writes it over `logits`.
+_BWD_ARGS = ("Tensor labels, Tensor lse, Tensor? entropy, Tensor? grad_logprobs, "
+             "Tensor? grad_entropy, Tensor? grad_lse, float temperature, int ignore_index, "
+             "str backend")
+
+
+@torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=(),
+                         schema=f"(Tensor logits, {_BWD_ARGS}) -> Tensor")
+def logprobs_bwd(logits: Tensor, *args) -> Tensor:
     grad_logits = _grad_logits_buffer(logits)
-    _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
-                temperature, ignore_index, backend, grad_logits)
+    _bwd_common(logits, *args, grad_logits)
     return grad_logits
 
 
 @logprobs_bwd.register_fake
-def _(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, temperature,
-      ignore_index, backend):
+def _(logits, *args):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("rlkern::logprobs_bwd_inplace", mutates_args=("logits",))
-def logprobs_bwd_inplace(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    entropy: Tensor | None,
-    grad_logprobs: Tensor | None,
-    grad_entropy: Tensor | None,
-    grad_lse: Tensor | None,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-) -> None:
+@torch.library.custom_op("rlkern::logprobs_bwd_inplace", mutates_args=("logits",),
+                         schema=f"(Tensor(a!) logits, {_BWD_ARGS}) -> ()")
+def logprobs_bwd_inplace(logits: Tensor, *args) -> None:
     # Each logit is read once and its gradient written to the same address; the per-row
     # constants (lse, entropy) were computed in the forward, so no element is read after
     # it has been overwritten.
-    _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
-                temperature, ignore_index, backend, logits)
+    _bwd_common(logits, *args, logits)
 
 
 @logprobs_bwd_inplace.register_fake
-def _(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, temperature,
-      ignore_index, backend):
+def _(logits, *args):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, with_entropy, _, inplace_backward, backend = inputs
-    _, lse, entropy, self_certainty, sum_p_sq = output
+    OUT = outputs()
     # self_certainty and sum_p_sq are statistics (rewards, baselines), not training targets.
-    ctx.mark_non_differentiable(self_certainty, sum_p_sq)
-    ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+    ctx.mark_non_differentiable(*(output[OUT[name]] for name in STATS_OUTPUTS))
+    ctx.save_for_backward(logits, labels, output[OUT.lse],
+                          output[OUT.entropy] if with_entropy else None)
     ctx.options = (temperature, ignore_index, backend)
     ctx.inplace = inplace_backward
 
 
-def _backward(ctx, grad_logprobs, grad_lse, grad_entropy, grad_sc, grad_sq):
+def _backward(ctx, *grad_outputs):
     logits, labels, lse, entropy = ctx.saved_tensors
     temperature, ignore_index, backend = ctx.options
-    if entropy is None:
-        grad_entropy = None
-    args = (labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse, temperature,
-            ignore_index, backend)
+    OUT = outputs()
+    grad_entropy = grad_outputs[OUT.entropy] if entropy is not None else None
+    args = (labels, lse, entropy, grad_outputs[OUT.logprobs], grad_entropy, grad_outputs[OUT.lse],
+            temperature, ignore_index, backend)
     if ctx.inplace:
         torch.ops.rlkern.logprobs_bwd_inplace(logits, *args)
         grad = logits
@@ -383,9 +304,9 @@ def _check_inputs(logits: Tensor, labels: Tensor, temperature: float) -> None:
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be bfloat16, float16, float32 or float64, got {logits.dtype}")
-    if labels.dtype not in (torch.int32, torch.int64):
+    if labels.dtype not in INDEX_DTYPES:
         raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (N, V) or (B, L, V), got {tuple(logits.shape)}")
@@ -473,14 +394,12 @@ def token_logprobs(
     """
     _check_inputs(logits, labels, temperature)
     resolved = backends.resolve_backend(backend, logits.device)
-    lp, lse, ent, sc, sq = torch.ops.rlkern.logprobs_fwd(
+    out = torch.ops.rlkern.logprobs_fwd(
         logits, labels, float(temperature), int(ignore_index), bool(return_entropy),
         bool(return_stats), bool(inplace_backward), resolved,
     )
-    return TokenLogprobs(
-        logprobs=lp,
-        entropy=ent if return_entropy else None,
-        lse=lse,
-        self_certainty=sc if return_stats else None,
-        sum_p_sq=sq if return_stats else None,
-    )
+    # Traced by torch.compile: output_names() is a constant to it, the enum is not.
+    return TokenLogprobs(**{
+        name: t if _wanted(name, return_entropy, return_stats) else None
+        for name, t in zip(output_names(), out, strict=True)
+    })

@@ -22,11 +22,10 @@ import torch
 from torch import Tensor
 
 from rlkern import backends
+from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES
+from rlkern.config.sample import filter_order_names
 from rlkern.ops.logprobs import checks_enabled
 from rlkern.reference.sample import sample_reference
-
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-FILTER_ORDERS = ("top_k_first", "joint")
 
 
 class SampleOutput(NamedTuple):
@@ -51,13 +50,9 @@ class SampleOutput(NamedTuple):
 def _sample_out(backend, logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
                 raw_temperature, tokens, raw, proc, entropy, lse) -> None:
     if backend in ("cpu", "cuda"):
-        if backend == "cuda" and not backends.has_cuda_kernels():
-            raise backends.BackendUnavailableError(
-                "backend='cuda' needs rlkern._C built with the CUDA kernels"
-            )
-        backends.cpp_ops().sample_out(logits, indices, temperature, top_k, top_p, min_p, seeds,
-                                      steps, joint, raw_temperature, tokens, raw, proc, entropy,
-                                      lse)
+        backends.compiled_ops(backend).sample_out(logits, indices, temperature, top_k, top_p,
+                                                  min_p, seeds, steps, joint, raw_temperature,
+                                                  tokens, raw, proc, entropy, lse)
     elif backend == "triton":
         kernels = backends.triton_module("sample", logits.device)
         kernels.sample(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
@@ -223,18 +218,19 @@ def sample(
     """
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be bfloat16, float16, float32 or float64, got {logits.dtype}")
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape (R, V), got {tuple(logits.shape)}")
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError("logits: the vocab (last) dim must be contiguous")
-    if filter_order not in FILTER_ORDERS:
-        raise ValueError(f"filter_order must be one of {FILTER_ORDERS}, got {filter_order!r}")
+    if filter_order not in filter_order_names():
+        raise ValueError(f"filter_order must be one of {filter_order_names()}, got "
+                         f"{filter_order!r}")
     R, V = logits.shape
     dev = logits.device
     if indices is not None:
-        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int32, torch.int64) \
+        if not isinstance(indices, Tensor) or indices.dtype not in INDEX_DTYPES \
                 or indices.dim() != 1:
             raise TypeError("indices must be a 1-D int32/int64 tensor")
         indices = indices.to(device=dev, dtype=torch.int64).contiguous()
@@ -247,7 +243,7 @@ def sample(
     if n and V == 0:
         raise ValueError("logits: the vocabulary is empty")
     for name, t in (("seeds", seeds), ("steps", steps)):
-        if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64):
+        if not isinstance(t, Tensor) or t.dtype not in INDEX_DTYPES:
             raise TypeError(f"{name} must be an int64 tensor of shape ({n},)")
         if tuple(t.shape) != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")

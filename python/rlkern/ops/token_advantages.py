@@ -4,9 +4,11 @@ Public functions: :func:`discounted_returns`, :func:`position_baseline` (IGPO),
 :func:`gtpo_weights` (GTPO / GRPO-S), :func:`gigpo_advantages` (GiGPO),
 :func:`empg_modulate` (EMPG). Each has a functional registered op ``torch.ops.rlkern.<name>``
 (with a fake implementation, so ``torch.compile(fullgraph=True)`` traces through it) that
-dispatches to the C++ ``<name>_out`` kernel on CPU, the Triton kernels (``backend="triton"``,
-the default on CUDA) or the float64 reference (``backend="torch"``). None is differentiable:
-they shape rewards and advantages, which carry no gradient.
+dispatches to the C++ ``<name>_out`` kernel on CPU, the Triton kernels of
+``rlkern.kernels.token_advantages`` (``backend="triton"``, the default on CUDA; GiGPO uses the
+group kernels of ``rlkern.kernels.advantages``) or the float64 reference (``backend="torch"``,
+imported by that branch only). None is differentiable: they shape rewards and advantages,
+which carry no gradient.
 
 Float inputs may be bfloat16 / float16 / float32 / float64; outputs are float32 (float64 for
 float64 inputs); accumulation is float64 on CPU.
@@ -21,21 +23,13 @@ import torch
 from torch import Tensor
 
 from rlkern import backends
-from rlkern.ops.advantages import check_grouping
+from rlkern.config.advantages import GIGPO_MODES, code, codes
+from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
+from rlkern.ops.advantages import check_grouping, check_tensor
 from rlkern.ops.advantages_segmented import gigpo_segmented, segments
-from rlkern.reference.token_advantages import (
-    discounted_returns_reference,
-    empg_modulate_reference,
-    gigpo_advantages_reference,
-    gtpo_weights_reference,
-    position_baseline_reference,
-)
 
 __all__ = ["GTPOWeights", "GiGPOAdvantages", "discounted_returns", "empg_modulate",
            "gigpo_advantages", "gtpo_weights", "position_baseline"]
-
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-
 
 class GTPOWeights(NamedTuple):
     """``weight = H / Σ_g H`` and ``inverse_weight = h / Σ_g h`` (``h = 1/max(H, eps)``),
@@ -54,9 +48,8 @@ class GiGPOAdvantages(NamedTuple):
 
 
 def _float_input(t: object, name: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    t = check_tensor(t, name)
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {t.dtype}")
     return t
 
@@ -69,8 +62,7 @@ def _kernel_dtype(t: Tensor) -> Tensor:
 
 def _same(t: object, name: str, shape: tuple[int, ...], ref: Tensor, *, bool_like: bool = False,
           ) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    t = check_tensor(t, name)
     if bool_like and t.dtype.is_complex:
         raise TypeError(f"{name} must be bool, integer or float, got {t.dtype}")
     if tuple(t.shape) != shape:
@@ -89,7 +81,7 @@ def _scalar(value: object, name: str) -> float:
 
 
 def _triton(device: torch.device):
-    return backends.triton_module("advantages", device)
+    return backends.triton_module("token_advantages", device)
 
 
 def _no_cuda_kernel(name: str) -> None:
@@ -117,6 +109,8 @@ def discounted_returns_op(rewards: Tensor, reset: Tensor | None, gamma: float,
                 "runs on any GPU")
         backends.cpp_ops().discounted_returns_out(rewards, reset, gamma, out)
     else:
+        from rlkern.reference.token_advantages import discounted_returns_reference
+
         out.copy_(discounted_returns_reference(rewards, gamma=gamma, reset=reset))
     return out
 
@@ -181,6 +175,8 @@ def position_baseline_op(returns: Tensor, mask: Tensor, group_ids: Tensor | None
     elif backend == "cuda":
         _no_cuda_kernel("position_baseline")
     else:
+        from rlkern.reference.token_advantages import position_baseline_reference
+
         out.copy_(position_baseline_reference(returns, mask, group_ids=group_ids,
                                               group_size=group_size or None))
     return out
@@ -251,6 +247,8 @@ def gtpo_weights_op(entropy: Tensor, mask: Tensor, group_ids: Tensor | None, gro
     elif backend == "cuda":
         _no_cuda_kernel("gtpo_weights")
     else:
+        from rlkern.reference.token_advantages import gtpo_weights_reference
+
         w, wi = gtpo_weights_reference(entropy, mask, group_ids=group_ids,
                                        group_size=group_size or None, eps=eps)
         weight.copy_(w)
@@ -306,7 +304,7 @@ def gtpo_weights(entropy: Tensor, mask: Tensor, *, group_ids: Tensor | None = No
 
 @torch.library.custom_op("rlkern::gigpo_advantages", mutates_args=())
 def gigpo_advantages_op(episode_returns: Tensor, step_returns: Tensor, state_keys: Tensor,
-                        group_ids: Tensor, omega: float, episode_mode: str, step_mode: str,
+                        group_ids: Tensor, omega: float, episode_mode: int, step_mode: int,
                         eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     outs = tuple(torch.empty_like(episode_returns) for _ in range(3))
     if episode_returns.numel() == 0:
@@ -321,15 +319,20 @@ def gigpo_advantages_op(episode_returns: Tensor, step_returns: Tensor, state_key
                                                 group_ids, omega, episode_mode, step_mode, eps,
                                                 *outs)
     elif backend == "triton":
+        std_norm = codes().gigpo_mode.std_norm
         gigpo_segmented("triton", episode_returns, step_returns, state_keys, group_ids, outs,
-                        omega=omega, episode_std=episode_mode == "std_norm",
-                        step_std=step_mode == "std_norm", eps=eps)
+                        omega=omega, episode_std=episode_mode == std_norm,
+                        step_std=step_mode == std_norm, eps=eps)
     elif backend == "cuda":
         _no_cuda_kernel("gigpo_advantages")
     else:
+        from rlkern.reference.token_advantages import gigpo_advantages_reference
+
+        modes = codes().gigpo_mode
         ref = gigpo_advantages_reference(episode_returns, step_returns, state_keys,
-                                         group_ids=group_ids, omega=omega, mode=episode_mode,
-                                         step_mode=step_mode, eps=eps)
+                                         group_ids=group_ids, omega=omega,
+                                         mode=modes(episode_mode).name,
+                                         step_mode=modes(step_mode).name, eps=eps)
         for out, key in zip(outs, ("advantages", "episode_advantages", "step_advantages"),
                             strict=True):
             out.copy_(ref[key])
@@ -340,9 +343,6 @@ def gigpo_advantages_op(episode_returns: Tensor, step_returns: Tensor, state_key
 def _(episode_returns, step_returns, state_keys, group_ids, omega, episode_mode, step_mode, eps,
       backend):
     return tuple(torch.empty_like(episode_returns) for _ in range(3))
-
-
-_GIGPO_MODES = ("mean_norm", "std_norm")
 
 
 def gigpo_advantages(episode_returns: Tensor, step_returns: Tensor, state_keys: Tensor, *,
@@ -393,21 +393,21 @@ def gigpo_advantages(episode_returns: Tensor, step_returns: Tensor, state_keys: 
         raise ValueError(f"episode_returns must have shape (S,), got {tuple(ep.shape)}")
     st = _float_input(_same(step_returns, "step_returns", tuple(ep.shape), ep), "step_returns")
     keys = _same(state_keys, "state_keys", tuple(ep.shape), ep)
-    if keys.dtype not in (torch.int32, torch.int64):
+    if keys.dtype not in INDEX_DTYPES:
         raise TypeError(f"state_keys must be int64 (or int32), got {keys.dtype}")
     ids, _ = check_grouping(ep.shape[0], group_ids, None, ep.device)
     if group_ids is None:  # pragma: no cover - check_grouping raises first
         raise ValueError("group_ids is required")
     for name, value in (("mode", mode), ("step_mode", step_mode)):
-        if value not in _GIGPO_MODES:
-            raise ValueError(f"{name} must be one of {_GIGPO_MODES}, got {value!r}")
+        if value not in GIGPO_MODES:
+            raise ValueError(f"{name} must be one of {GIGPO_MODES}, got {value!r}")
     omega = _scalar(omega, "omega")
     eps = _scalar(eps, "eps")
-    dtype = torch.float64 if torch.float64 in (ep.dtype, st.dtype) else torch.float32
+    dtype = acc_dtype(ep.dtype, st.dtype)
     resolved = backends.resolve_backend(backend, ep.device)
     out = torch.ops.rlkern.gigpo_advantages(
         ep.to(dtype).contiguous(), st.to(dtype).contiguous(), keys.to(torch.int64).contiguous(),
-        ids, omega, mode, step_mode, eps, resolved)
+        ids, omega, code("gigpo_mode", mode), code("gigpo_mode", step_mode), eps, resolved)
     return GiGPOAdvantages(*out)
 
 
@@ -432,6 +432,8 @@ def empg_modulate_op(advantages: Tensor, step_entropy: Tensor, next_step_entropy
     elif backend == "cuda":
         _no_cuda_kernel("empg_modulate")
     else:
+        from rlkern.reference.token_advantages import empg_modulate_reference
+
         out.copy_(empg_modulate_reference(advantages, step_entropy, next_step_entropy, k=k,
                                           k_f=k_f, zeta=zeta))
     return out
@@ -479,7 +481,7 @@ def empg_modulate(advantages: Tensor, step_entropy: Tensor, next_step_entropy: T
     hn = _float_input(_same(next_step_entropy, "next_step_entropy", tuple(a.shape), a),
                       "next_step_entropy")
     k, k_f, zeta = _scalar(k, "k"), _scalar(k_f, "k_f"), _scalar(zeta, "zeta")
-    dtype = torch.float64 if torch.float64 in (a.dtype, h.dtype, hn.dtype) else torch.float32
+    dtype = acc_dtype(a.dtype, h.dtype, hn.dtype)
     resolved = backends.resolve_backend(backend, a.device)
     return torch.ops.rlkern.empg_modulate(a.to(dtype).contiguous(), h.to(dtype).contiguous(),
                                           hn.to(dtype).contiguous(), k, k_f, zeta, resolved)

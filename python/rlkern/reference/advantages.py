@@ -30,16 +30,24 @@ computation sits inside ``GRPOTrainer._generate_and_score_completions``).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk",
-              "ngrpo", "unlikely", "xrpo")
-#: Estimators that normalise by a standard deviation (so ``std_scope="batch"`` applies).
-GRPO_FAMILY = ("grpo", "unlikely", "xrpo")
-UNLIKELY_LAMBDA = 0.25
-WHITEN_EPS = 1e-8
+from rlkern.config.advantages import (
+    ESTIMATORS,
+    GRPO_FAMILY,
+    UNLIKELY_LAMBDA,
+    WHITEN_EPS,
+    AdvantageConfig,
+    sequence_loglik,
+)
+
+__all__ = ["ESTIMATORS", "GRPO_FAMILY", "UNLIKELY_LAMBDA", "WHITEN_EPS",
+           "advantages_from_moments_reference", "chan_merge", "dense_group_index",
+           "group_advantages_reference", "group_advantages_rows_reference",
+           "group_moments_reference", "merge_all", "sequence_loglik", "trl_grpo_advantages"]
 
 
 def dense_group_index(group_ids: Tensor | None, group_size: int | None, n: int) -> Tensor:
@@ -78,80 +86,49 @@ def _ranks(loglik: Tensor, rows: Tensor) -> Tensor:
     return ranks
 
 
-def sequence_loglik(old_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Masked mean of each response's token log-probabilities (0 for an empty response)."""
-    m = mask.to(torch.float64)
-    total = (old_logprobs.to(torch.float64) * m).sum(-1)
-    count = m.sum(-1)
-    return torch.where(count > 0, total / count.clamp_min(1e-300), 0.0)
-
-
 def group_advantages_reference(
-    scores: Tensor,
-    *,
-    group_ids: Tensor | None = None,
-    group_size: int | None = None,
-    estimator: str = "grpo",
-    eps: float = 1e-6,
-    std: str = "unbiased",
-    std_scope: str = "group",
-    singleton: str = "zero",
-    nan_policy: str = "raise",
-    mask: Tensor | None = None,
-    lengths: Tensor | None = None,
-    old_logprobs: Tensor | None = None,
-    r_max: float = 1.0,
-    lam: float | None = None,
-    kappa: float | None = None,
+    scores: Tensor, *, group_ids: Tensor | None = None, group_size: int | None = None,
+    mask: Tensor | None = None, lengths: Tensor | None = None, old_logprobs: Tensor | None = None,
+    **options: Any,
 ) -> dict[str, Tensor]:
     """All outputs of ``rlkern.group_advantages`` in float64 (see the module docstring).
 
-    ``scores`` is ``(N,)`` or ``(N, T)`` (summed over T). Returns ``advantages`` (``(N,)``, or
-    ``(N, T)`` = ``A_i · mask`` when ``mask`` is given), ``group_mean``, ``group_std`` (of the
-    valid scores; NaN for a group with none, 0 for a singleton) and ``zero_variance_mask``.
+    ``scores`` is ``(N,)`` or ``(N, T)`` (summed over T); ``options`` are the fields of
+    :class:`rlkern.AdvantageConfig` (estimator, eps, std, std_scope, singleton, nan_policy,
+    r_max, lam, kappa). Returns ``advantages`` (``(N,)``, or ``(N, T)`` = ``A_i · mask`` when
+    ``mask`` is given), ``group_mean``, ``group_std`` (of the valid scores; NaN for a group with
+    none, 0 for a singleton) and ``zero_variance_mask``.
     """
+    config = AdvantageConfig(**options)
     s = scores.to(torch.float64)
     if s.dim() == 2:
         s = s.sum(-1)
     weights = None
-    if estimator == "opo":
+    if config.estimator == "opo":
         weights = lengths.to(torch.float64)
-    elif estimator == "reinforce_pp_baseline" and mask is not None:
+    elif config.estimator == "reinforce_pp_baseline" and mask is not None:
         weights = mask.to(torch.float64).sum(-1)
     loglik = sequence_loglik(old_logprobs, mask) if old_logprobs is not None else None
-    out = group_advantages_rows_reference(
-        s, group_ids=group_ids, group_size=group_size, estimator=estimator, eps=eps, std=std,
-        std_scope=std_scope, singleton=singleton, nan_policy=nan_policy, weights=weights,
-        loglik=loglik, r_max=r_max, lam=lam, kappa=kappa)
+    out = group_advantages_rows_reference(s, group_ids=group_ids, group_size=group_size,
+                                          weights=weights, loglik=loglik, config=config)
     if mask is not None:
         out["advantages"] = out["advantages"].unsqueeze(-1) * mask.to(torch.float64)
     return out
 
 
 def group_advantages_rows_reference(
-    s: Tensor,
-    *,
-    group_ids: Tensor | None,
-    group_size: int | None,
-    estimator: str,
-    eps: float,
-    std: str,
-    std_scope: str,
-    singleton: str,
-    nan_policy: str,
-    weights: Tensor | None,
-    loglik: Tensor | None,
-    r_max: float,
-    lam: float | None,
-    kappa: float | None,
+    s: Tensor, *, group_ids: Tensor | None, group_size: int | None, weights: Tensor | None,
+    loglik: Tensor | None, config: AdvantageConfig,
 ) -> dict[str, Tensor]:
     """The per-response outputs from per-response inputs: scores ``s`` (N,), ``weights``
     (opo: lengths; reinforce_pp_baseline: token counts, default 1) and ``loglik`` (unlikely,
     xrpo: the mean old log-probability of each response)."""
+    estimator, eps, std = config.estimator, config.eps, config.std
+    lam, kappa, r_max = config.lam, config.kappa, config.r_max
     s = s.to(torch.float64)
     n_rows = s.numel()
     valid = torch.isfinite(s)
-    if nan_policy == "raise" and not bool(valid.all()):
+    if config.nan_policy == "raise" and not bool(valid.all()):
         row = int((~valid).nonzero()[0])
         raise ValueError(f"scores: row {row} is {float(s[row])} (nan_policy='raise')")
     gidx = dense_group_index(group_ids, group_size, n_rows)
@@ -159,7 +136,7 @@ def group_advantages_rows_reference(
     if weights is None:
         weights = torch.ones(n_rows, dtype=torch.float64)
     weights = weights.to(torch.float64)
-    verl = singleton == "verl"
+    verl = config.singleton == "verl"
     lam_value = (UNLIKELY_LAMBDA if lam is None else lam) if estimator == "unlikely" else lam
 
     # The values the estimator normalises: s, or unlikely's rank-shaped r'.
@@ -201,7 +178,8 @@ def group_advantages_rows_reference(
         sigma = 1.0 if single else _std(m2, n, std)
         if estimator in GRPO_FAMILY:
             d = xv - baseline
-            a = d if std == "none" else d / ((batch_std if std_scope == "batch" else sigma) + eps)
+            batch = config.std_scope == "batch"
+            a = d if std == "none" else d / ((batch_std if batch else sigma) + eps)
             if estimator == "xrpo":
                 eta = torch.exp(loglik[vrows] - loglik[vrows].mean())
                 bonus = (lam * (1.0 - eta)).clamp_min(0.0)
@@ -285,12 +263,11 @@ def trl_grpo_advantages(rewards: Tensor, num_generations: int, *,
 # ---------------------------------------------------------------------------------------------
 # Streaming statistics: per-group moments and advantages from given moments (GroupStats).
 
-#: Columns of a moments table: count, mean, M2 = Σ (x − mean)², min, max (float64).
-MOMENT_FIELDS = ("count", "mean", "m2", "min", "max")
-
-
 def group_moments_reference(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Sorted unique ids (K,) and their moments (K, 5) over the finite scores, two-pass."""
+    """Sorted unique ids (K,) and their moments (K, 5) over the finite scores, two-pass.
+
+    The columns of a moments table: count, mean, M2 = Σ (x − mean)², min, max (float64;
+    ``rlkern.config.advantages.codes().moments``)."""
     s = scores.to(torch.float64)
     keys, inv = torch.unique(group_ids, return_inverse=True)
     k = keys.numel()
@@ -337,27 +314,26 @@ def merge_all(moments: Tensor) -> Tensor:
                         hi.max() if hi.numel() else mu])
 
 
-def advantages_from_moments_reference(
-    scores: Tensor, row_group: Tensor, moments: Tensor, *, estimator: str, eps: float, std: str,
-    std_scope: str, singleton: str, nan_policy: str, r_max: float,
-) -> dict[str, Tensor]:
+def advantages_from_moments_reference(scores: Tensor, row_group: Tensor, moments: Tensor, *,
+                                      config: AdvantageConfig) -> dict[str, Tensor]:
     """Advantages of rows whose groups' moments are given (grpo, dr_grpo, rloo, gpg, ngrpo);
     the batch std is the std of all groups merged, GPG's α is over the given rows."""
+    estimator, eps, std, r_max = config.estimator, config.eps, config.std, config.r_max
     s = scores.to(torch.float64)
     valid = torch.isfinite(s)
-    if nan_policy == "raise" and not bool(valid.all()):
+    if config.nan_policy == "raise" and not bool(valid.all()):
         raise ValueError(f"scores: row {int((~valid).nonzero()[0])} is NaN or infinite")
     n, mean, m2 = (moments[row_group, c] for c in range(3))
     lo, hi = moments[row_group, 3], moments[row_group, 4]
     unbiased = lambda m, c: torch.sqrt(m / (c - 1).clamp_min(1.0))
     sigma_of = (lambda m, c: torch.sqrt(m / c)) if std == "biased" else unbiased
     single = n < 2
-    active = (n >= 2) | ((n == 1) & (singleton == "verl"))
+    active = (n >= 2) | ((n == 1) & (config.singleton == "verl"))
     base = torch.where(single, 0.0, mean)
     if estimator in ("grpo", "dr_grpo"):
         a = s - base
         if estimator == "grpo" and std != "none":
-            if std_scope == "batch":
+            if config.std_scope == "batch":
                 total = merge_all(moments)
                 sigma = (sigma_of(total[2], total[0]) if float(total[0]) >= 2
                          else torch.zeros((), dtype=torch.float64))

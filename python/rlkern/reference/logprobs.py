@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from rlkern.config.dtypes import acc_dtype
 
 
 def token_logprobs_reference(
@@ -41,7 +39,7 @@ def token_logprobs_reference(
         ``logits.shape[:-1]`` in float32 (float64 for float64 input). Differentiable wrt
         ``logits`` through every output.
     """
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     z = logits.to(acc) / temperature
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -64,3 +62,52 @@ def token_logprobs_reference(
         "self_certainty": torch.where(valid, lse - z.mean(-1), zero),
         "sum_p_sq": torch.where(valid, (p * p).sum(-1), zero),
     }
+
+
+def token_logprobs_grad_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logprobs: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The gradient of ``Σ g_lp·logprobs + g_ent·entropy + g_lse·lse`` wrt ``logits``, from the
+    forward's per-row ``lse`` (and ``entropy``, for an entropy gradient), ALGORITHMS.md §1::
+
+        ∂/∂x_v = [ g_lp (1[v = y] − p_v) + g_ent p_v (E_p[z] − z_v) + g_lse p_v ] / T,
+        p_v = exp(z_v − lse),   E_p[z] = lse − entropy.
+
+    Written out rather than taken from autograd: it is the ``backend="torch"`` backward of
+    :func:`rlkern.token_logprobs`, which runs inside a registered op, below autograd. Rows of
+    ``ignore_index`` get 0; where ``p = 0`` (a ``−inf`` logit) the entropy term is 0, its limit.
+
+    Args:
+        logits: ``(..., V)``; labels and the per-row tensors ``(...)`` (``None``: no such term).
+
+    Returns:
+        ``(..., V)`` in the accumulation dtype (float32; float64 for float64 logits).
+    """
+    acc = lse.dtype
+    z = logits.to(acc) / temperature
+    p = torch.exp(z - lse.unsqueeze(-1))
+    valid = (labels != ignore_index).unsqueeze(-1)
+    grad = torch.zeros_like(z)
+    if grad_lse is not None:
+        grad = grad + grad_lse.unsqueeze(-1) * p
+    if grad_logprobs is not None:
+        onehot = torch.zeros_like(z)
+        safe = torch.where(labels != ignore_index, labels, 0)
+        onehot.scatter_(-1, safe.unsqueeze(-1), 1.0)
+        grad = grad + grad_logprobs.unsqueeze(-1) * (onehot - p)
+    if grad_entropy is not None:
+        if entropy is None:
+            raise ValueError("entropy: required when grad_entropy is given")
+        e_z = (lse - entropy).unsqueeze(-1)
+        zc = torch.clamp(z, min=torch.finfo(acc).min)
+        grad = grad + grad_entropy.unsqueeze(-1) * torch.where(p > 0, p * (e_z - zc), 0.0)
+    return torch.where(valid, grad, 0.0) / temperature

@@ -1,0 +1,25 @@
+// Tensor → kernel-argument helpers shared by the CPU glue of the ops that read logits
+// (cpu/logprobs_ops.cpp, cpu/linear_logprobs_ops.cpp, cpu/sample_ops.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "cpu/logprobs.h"  // DType
+
+namespace rlkern::cpu {
+
+// The storage type of a floating tensor as the CPU kernels name it.
+inline DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    default:
+      TORCH_CHECK_TYPE(false, name, ": expected bfloat16, float16, float32 or float64, got ",
+                       t.scalar_type());
+  }
+}
+
+}  // namespace rlkern::cpu

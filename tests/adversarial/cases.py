@@ -1,0 +1,335 @@
+"""Hypothesis builders of adversarial calls, one per public op.
+
+Each builder draws the shapes (empty dims included), the dtype, the value kind and memory
+layout of each input (``values.py``), the options, and occasionally a foreign device (``meta``)
+or a tensor where a number is expected, and returns a :class:`harness.Call`. Shapes stay tiny:
+every call runs on three backends, one of them the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from hypothesis import strategies as st
+
+import rlkern
+from adversarial.harness import Call
+from adversarial.values import KINDS, LAYOUTS, fill, lay_out
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+BUILDERS: dict[str, Callable[[st.DataObject], Call]] = {}
+
+
+def builder(name: str) -> Callable:
+    def register(fn: Callable[[st.DataObject], Call]) -> Callable[[st.DataObject], Call]:
+        BUILDERS[name] = fn
+        return fn
+    return register
+
+
+def _gen(data: st.DataObject) -> torch.Generator:
+    return torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+
+
+def _float(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
+           dtype: torch.dtype, label: str, *, scale: float = 1.0,
+           kinds: tuple[str, ...] = KINDS, layouts: tuple[str, ...] = LAYOUTS) -> torch.Tensor:
+    kind = data.draw(st.sampled_from(kinds), label=f"{label}.kind")
+    layout = data.draw(st.sampled_from(layouts), label=f"{label}.layout")
+    return lay_out(fill(kind, shape, dtype, gen, scale), layout)
+
+
+def _maybe_meta(data: st.DataObject, t: torch.Tensor | None, label: str) -> torch.Tensor | None:
+    """Rarely move an input to the meta device: every backend must refuse it the same way."""
+    if t is not None and data.draw(st.integers(0, 19), label=f"{label}.meta") == 0:
+        return t.to("meta")
+    return t
+
+
+def _mask(gen: torch.Generator, shape: tuple[int, ...], data: st.DataObject) -> torch.Tensor:
+    density = data.draw(st.sampled_from((0.0, 0.5, 1.0)), label="mask.density")
+    return torch.rand(shape, generator=gen) < density if density < 1 else \
+        torch.ones(shape, dtype=torch.bool)
+
+
+def _count(data: st.DataObject, default: float, label: str) -> float | torch.Tensor | None:
+    """num_tokens / num_seqs: absent, a number, or a tensor (0 and negatives included)."""
+    choice = data.draw(st.sampled_from(("none", "number", "tensor", "zero", "negative")),
+                       label=label)
+    return {"none": None, "number": float(default), "tensor": torch.tensor(float(default)),
+            "zero": torch.tensor(0.0), "negative": torch.tensor(-3.0)}[choice]
+
+
+@builder("token_logprobs")
+def token_logprobs(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    n = data.draw(st.integers(0, 5), label="N")
+    v = data.draw(st.sampled_from((1, 2, 7, 33)), label="V")
+    logits = _float(data, gen, (n, v), dtype, "logits", scale=3.0)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    if n and data.draw(st.booleans(), label="ignored"):
+        labels[0] = -100
+    inplace = data.draw(st.booleans(), label="inplace_backward")
+    temperature = data.draw(st.sampled_from((1.0, 0.7, 1e-10, 1e300)), label="temperature")
+    return Call("token_logprobs", rlkern.token_logprobs, (logits, labels),
+                dict(temperature=temperature, return_entropy=True,
+                     return_stats=data.draw(st.booleans(), label="stats"),
+                     inplace_backward=inplace),
+                grad_wrt=("0",), dtype=dtype)
+
+
+def _linear_inputs(data: st.DataObject, gen: torch.Generator, dtype: torch.dtype, n: int):
+    h = data.draw(st.sampled_from((0, 1, 4, 8)), label="H")
+    v = data.draw(st.sampled_from((1, 5, 19)), label="V")
+    hidden = _float(data, gen, (n, h), dtype, "hidden", scale=0.5,
+                    kinds=("normal", "constant", "tiny", "with_nan", "huge"))
+    weight = _float(data, gen, (v, h), dtype, "weight", scale=0.5,
+                    kinds=("normal", "constant", "tiny", "huge"))
+    bias = None
+    if data.draw(st.booleans(), label="has_bias"):
+        bias = _float(data, gen, (v,), dtype, "bias",
+                      kinds=("normal", "with_neg_inf", "constant"), layouts=("contiguous",))
+    labels = torch.randint(0, v, (n,), generator=gen)
+    return hidden, weight, bias, labels
+
+
+@builder("linear_logprobs")
+def linear_logprobs(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    n = data.draw(st.integers(0, 6), label="N")
+    hidden, weight, bias, labels = _linear_inputs(data, gen, dtype, n)
+    return Call("linear_logprobs", rlkern.linear_logprobs, (hidden, weight, labels),
+                dict(bias=bias, return_entropy=True,
+                     temperature=data.draw(st.sampled_from((1.0, 0.5)), label="temperature")),
+                grad_wrt=("0", "1", "bias"), dtype=dtype)
+
+
+@builder("linear_logprobs_with_grad")
+def linear_logprobs_with_grad(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    n = data.draw(st.integers(0, 6), label="N")
+    hidden, weight, bias, labels = _linear_inputs(data, gen, dtype, n)
+    grad_lp = _maybe_meta(data, torch.randn(n, generator=gen, dtype=torch.float64)
+                          .to(torch.float32 if dtype != torch.float64 else dtype), "grad_lp")
+    grad_ent = torch.randn(n, generator=gen, dtype=torch.float64).to(grad_lp.dtype) \
+        if data.draw(st.booleans(), label="grad_entropy") else None
+    return Call("linear_logprobs_with_grad", rlkern.linear_logprobs_with_grad,
+                (hidden, weight, labels),
+                dict(grad_logprobs=grad_lp, grad_entropy=grad_ent, bias=bias,
+                     return_entropy=grad_ent is not None),
+                dtype=dtype)
+
+
+LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce")
+KL = (None, "k1", "k3", "low_var_kl+")
+
+
+def _loss_inputs(data: st.DataObject, gen: torch.Generator, dtype: torch.dtype, b: int, t: int):
+    old = _float(data, gen, (b, t), dtype, "old", scale=0.3,
+                 kinds=("normal", "with_nan", "with_neg_inf", "huge", "constant"))
+    adv = _float(data, gen, (b,), dtype, "advantages",
+                 kinds=("normal", "constant", "with_nan", "huge"), layouts=("contiguous",))
+    mask = _mask(gen, (b, t), data)
+    return old, adv, mask
+
+
+@builder("policy_loss")
+def policy_loss(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
+    b, t = data.draw(st.integers(0, 4), label="B"), data.draw(st.integers(0, 5), label="T")
+    lp = -_float(data, gen, (b, t), dtype, "logprobs", scale=1.0,
+                 kinds=("normal", "constant", "with_neg_inf", "tiny", "huge")).abs()
+    old, adv, mask = _loss_inputs(data, gen, dtype, b, t)
+    kl = data.draw(st.sampled_from(KL), label="kl")
+    ref = (lp.detach() - 0.1).clone() if kl else None
+    entropy = torch.rand(b, t, generator=gen, dtype=torch.float64).to(dtype) \
+        if data.draw(st.booleans(), label="entropy") else None
+    loss = data.draw(st.sampled_from(LOSSES), label="loss")
+    config = rlkern.PolicyLossConfig(
+        policy_loss=loss, kl_coef=0.1 if kl else 0.0, kl_estimator=kl or "k3",
+        entropy_coef=0.01 if entropy is not None else 0.0,
+        loss_agg_mode=data.draw(st.sampled_from(("token-mean", "seq-mean-token-mean", "sum")),
+                                label="agg"))
+    return Call("policy_loss", rlkern.policy_loss, (lp, _maybe_meta(data, old, "old"), adv, mask),
+                dict(config=config, ref_logprobs=ref, entropy=entropy,
+                     num_tokens=_count(data, max(1, b * t), "num_tokens")),
+                grad_wrt=("0", "entropy"), dtype=dtype, overflow_ok=True)
+
+
+@builder("kl_penalty")
+def kl_penalty(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
+    shape = (data.draw(st.integers(0, 3), label="B"), data.draw(st.integers(0, 6), label="T"))
+    lp = _float(data, gen, shape, dtype, "logprobs", kinds=("normal", "with_neg_inf", "huge"))
+    ref = _float(data, gen, shape, dtype, "ref", kinds=("normal", "with_neg_inf", "with_nan"))
+    est = data.draw(st.sampled_from(("k1", "k2", "k3", "abs", "k3+")), label="estimator")
+    return Call("kl_penalty", rlkern.kl_penalty, (lp, ref), dict(estimator=est),
+                grad_wrt=("0",), dtype=dtype, overflow_ok=True)
+
+
+@builder("linear_grpo_loss")
+def linear_grpo_loss(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
+    b, t = data.draw(st.integers(0, 3), label="B"), data.draw(st.integers(0, 4), label="T")
+    hidden, weight, bias, labels = _linear_inputs(data, gen, dtype, b * t)
+    hidden = hidden.reshape(b, t, -1) if b * t else hidden.new_zeros(b, t, hidden.shape[-1])
+    labels = labels.reshape(b, t)
+    old, adv, mask = _loss_inputs(data, gen, dtype, b, t)
+    old = old.float() if dtype != torch.float64 else old
+    old = _maybe_meta(data, old, "old")
+    return Call("linear_grpo_loss", rlkern.linear_grpo_loss,
+                (hidden, weight, labels, mask, adv.float() if dtype != torch.float64 else adv),
+                dict(bias=bias, old_logprobs=old,
+                     policy_loss=data.draw(st.sampled_from(("ppo", "cispo", "gspo")), label="l"),
+                     entropy_coef=data.draw(st.sampled_from((0.0, 0.01)), label="ent"),
+                     num_tokens=_count(data, max(1, b * t), "num_tokens")),
+                grad_wrt=("0", "1", "bias"), dtype=dtype, overflow_ok=True)
+
+
+def _groups(data: st.DataObject, n: int):
+    if n and data.draw(st.booleans(), label="by_ids"):
+        return dict(group_ids=torch.randint(0, 3, (n,),
+                                            generator=torch.Generator().manual_seed(n)))
+    size = data.draw(st.sampled_from([d for d in (1, 2, 4) if n % d == 0] or [1]), label="G")
+    return dict(group_size=size)
+
+
+@builder("group_advantages")
+def group_advantages(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((0, 1, 4, 8)), label="N")
+    scores = _float(data, gen, (n,), dtype, "scores",
+                    kinds=("normal", "constant", "with_nan", "huge", "tiny", "with_inf"),
+                    layouts=("contiguous", "expanded"))
+    est = data.draw(st.sampled_from(("grpo", "dr_grpo", "rloo", "gpg", "opo", "unlikely",
+                                     "xrpo")), label="estimator")
+    kwargs = dict(estimator=est, eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps"),
+                  nan_policy=data.draw(st.sampled_from(("raise", "omit", "zero")), label="nan"),
+                  **_groups(data, n))
+    if est in ("unlikely", "xrpo", "opo"):
+        t = 3
+        kwargs["mask"] = torch.ones(n, t, dtype=torch.bool)
+        old = _float(data, gen, (n, t), torch.float32, "old", scale=0.5,
+                     kinds=("normal", "with_nan", "constant"))
+        if est != "opo":
+            kwargs["old_logprobs"] = old
+        else:
+            kwargs["lengths"] = torch.full((n,), 3.0)
+    return Call("group_advantages", rlkern.group_advantages, (scores,), kwargs, grad_wrt=("0",),
+                dtype=dtype, nondiff=True, overflow_ok=True)
+
+
+@builder("group_stats")
+def group_stats(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    n = data.draw(st.sampled_from((1, 4, 8)), label="N")
+    scores = _float(data, gen, (n,), torch.float32, "scores",
+                    kinds=("normal", "constant", "huge", "tiny"))
+    ids = torch.randint(0, 3, (n,), generator=gen)
+    eps = data.draw(st.sampled_from((1e-6, 0.0)), label="eps")
+
+    def run(scores: torch.Tensor, ids: torch.Tensor, *, backend: str):
+        stats = rlkern.GroupStats.from_scores(scores, ids)
+        return stats.advantages(scores, ids, eps=eps, backend=backend)
+
+    return Call("GroupStats.advantages", run, (scores, ids), {}, dtype=torch.float32)
+
+
+@builder("discounted_returns")
+def discounted_returns(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = (data.draw(st.integers(0, 3), label="N"), data.draw(st.integers(0, 6), label="T"))
+    rewards = _float(data, gen, shape, dtype, "rewards",
+                     kinds=("normal", "with_inf", "with_nan", "huge", "constant"))
+    reset = torch.rand(shape, generator=gen) < 0.3 if data.draw(st.booleans(), label="r") \
+        else None
+    gamma = data.draw(st.sampled_from((1.0, 0.9, 0.0)), label="gamma")
+    return Call("discounted_returns", rlkern.discounted_returns, (rewards,),
+                dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True,
+                overflow_ok=True)
+
+
+@builder("position_baseline")
+def position_baseline(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((0, 2, 4)), label="N")
+    t = data.draw(st.integers(0, 5), label="T")
+    returns = _float(data, gen, (n, t), dtype, "returns",
+                     kinds=("normal", "constant", "huge", "with_nan"))
+    return Call("position_baseline", rlkern.position_baseline, (returns, _mask(gen, (n, t), data)),
+                _groups(data, n), grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+
+
+@builder("gtpo_weights")
+def gtpo_weights(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((0, 2, 4)), label="N")
+    t = data.draw(st.integers(0, 5), label="T")
+    entropy = _float(data, gen, (n, t), dtype, "entropy",
+                     kinds=("normal", "constant", "tiny", "huge")).abs()
+    return Call("gtpo_weights", rlkern.gtpo_weights, (entropy, _mask(gen, (n, t), data)),
+                _groups(data, n), grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+
+
+@builder("gigpo_advantages")
+def gigpo_advantages(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
+    s = data.draw(st.sampled_from((0, 1, 6)), label="S")
+    ep = _float(data, gen, (s,), dtype, "episode", kinds=("normal", "constant", "huge"),
+                layouts=("contiguous",))
+    st_ret = _float(data, gen, (s,), dtype, "step", kinds=("normal", "constant", "with_nan"),
+                    layouts=("contiguous",))
+    keys = torch.randint(0, 2, (s,), generator=gen)
+    ids = torch.randint(0, 2, (s,), generator=gen)
+    return Call("gigpo_advantages", rlkern.gigpo_advantages, (ep, st_ret, keys),
+                dict(group_ids=ids, omega=1.0,
+                     mode=data.draw(st.sampled_from(("mean_norm", "std_norm")), label="mode"),
+                     eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps")),
+                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+
+
+@builder("empg_modulate")
+def empg_modulate(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
+    s = data.draw(st.sampled_from((0, 1, 5)), label="S")
+    adv = _float(data, gen, (s,), dtype, "adv", kinds=("normal", "huge", "with_nan"),
+                 layouts=("contiguous",))
+    h = _float(data, gen, (s,), dtype, "H", kinds=("normal", "constant", "huge"),
+               layouts=("contiguous",)).abs()
+    h_next = _float(data, gen, (s,), dtype, "H_next", kinds=("normal", "with_nan", "constant"),
+                    layouts=("contiguous",)).abs()
+    return Call("empg_modulate", rlkern.empg_modulate, (adv, h, h_next), {},
+                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+
+
+@builder("sample")
+def sample(data: st.DataObject) -> Call:
+    gen = _gen(data)
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    r = data.draw(st.integers(0, 4), label="R")
+    v = data.draw(st.sampled_from((1, 2, 9, 40)), label="V")
+    logits = _float(data, gen, (r, v), dtype, "logits", scale=2.0,
+                    kinds=("normal", "constant", "big_constant", "with_neg_inf", "one_huge",
+                           "huge", "finfo_min"), layouts=("contiguous", "expanded"))
+    kwargs = dict(seeds=torch.arange(r, dtype=torch.int64), steps=torch.zeros(r, dtype=torch.int64),
+                  temperature=data.draw(st.sampled_from((1.0, 0.3, 1e-10)), label="temperature"),
+                  top_k=data.draw(st.sampled_from((None, 1, 3)), label="top_k"),
+                  top_p=data.draw(st.sampled_from((None, 0.9, 1e-9)), label="top_p"),
+                  min_p=data.draw(st.sampled_from((None, 0.1)), label="min_p"),
+                  return_entropy=True)
+    return Call("sample", rlkern.sample, (logits,), kwargs, grad_wrt=("0",), dtype=dtype,
+                nondiff=True)
