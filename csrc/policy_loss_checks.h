@@ -34,7 +34,14 @@ struct Backend {
   bool takes_f64;  // float64 inputs (else float32 only)
 };
 
-inline RowArray row_array(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(0)}; }
+// A given input's pointer is never null, even for an empty tensor (which may have no storage):
+// null means absent (policy_loss.h check_call). An empty input is never read.
+inline const void* given_ptr(const at::Tensor& t) {
+  static const double kEmpty = 0.0;
+  return t.numel() ? t.const_data_ptr() : &kEmpty;
+}
+
+inline RowArray row_array(const at::Tensor& t) { return {given_ptr(t), t.stride(0)}; }
 
 // The compute dtype of a call (the dtype of logprobs, which every float input shares).
 inline at::ScalarType compute_dtype(const Backend& be, const at::Tensor& logprobs) {
@@ -83,7 +90,7 @@ inline Inputs check_inputs(const Backend& be, const at::Tensor& logprobs,
       in.opt[k] = row_array(*t);
     } else {
       checks::array(*t, kInputNames[k], 1, dtype, logprobs);
-      in.opt[k] = {t->const_data_ptr(), 0};
+      in.opt[k] = {given_ptr(*t), 0};
     }
   }
   return in;

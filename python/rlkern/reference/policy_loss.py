@@ -68,9 +68,25 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: int, straight_thro
     else:
         raise ValueError(f"unknown KL estimator code {kind}")
     if straight_through:
-        k2 = 0.5 * x.square()
-        value = k2 - k2.detach() + value.detach()
+        value = _ValueWithGradOf.apply(value.detach(), 0.5 * x.square())
     return value
+
+
+class _ValueWithGradOf(torch.autograd.Function):
+    """``value`` with the gradient of ``surrogate`` (the straight-through estimators). Not
+    ``surrogate - surrogate.detach() + value``: that is NaN where the surrogate is infinite."""
+
+    @staticmethod
+    def forward(value: Tensor, surrogate: Tensor) -> Tensor:
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
 
 
 def kl_penalty_reference(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", *,
