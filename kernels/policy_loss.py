@@ -36,6 +36,8 @@ from typing import Any
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import aot_signature, aot_spec
+
 __all__ = ["aot_specs", "block_t", "kl_penalty", "layout_tuple", "policy_loss_bwd",
            "policy_loss_fwd"]
 
@@ -689,23 +691,24 @@ def aot_specs(layouts: dict[str, dict[str, list[str]]]) -> list[dict[str, Any]]:
             ROLL_MASK=True, HAS=has(S.ref_logprobs, S.rollout_logprobs, S.entropy,
                                     S.entropy_threshold)),
     }
-    # argument types: those of `base`, else fp32 pointers and constexprs by naming convention
-    kind_of = lambda arg: base.get(arg) or ("*fp32" if arg.endswith("_ptr") else
-                                            "constexpr" if arg.isupper() else None)
     specs: list[dict[str, Any]] = []
     for T in _AOT_T:
         bt = block_t(T)
         for label, flags in configs.items():
             for fn in (_policy_loss_fwd_kernel, _policy_loss_bwd_kernel):
-                signature = {arg: kind_of(arg) for arg in fn.arg_names}
-                if None in signature.values():
-                    raise KeyError(f"no AOT type for an argument of {fn.__name__}: {signature}")
+                signature = aot_signature(fn, base, _fp32_pointer)
                 constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
                 constexprs.update(LAY=LAY, BLOCK_T=bt)
                 if fn is _policy_loss_bwd_kernel:
                     constexprs.update(KL_ST=False, HAS_GRAD_ENT=flags["HAS"][S.entropy])
-                specs.append({"name": f"fp32 T={T} {label} BLOCK_T={bt}", "fn": fn,
-                              "signature": signature, "constexprs": constexprs,
-                              "num_warps": _num_warps(bt),
-                              "divisible_by_16": [a for a in signature if a.endswith("_ptr")]})
+                specs.append(aot_spec(f"fp32 T={T} {label} BLOCK_T={bt}", fn, signature,
+                                      constexprs, _num_warps(bt),
+                                      [a for a in signature if a.endswith("_ptr")]))
     return specs
+
+
+def _fp32_pointer(name: str) -> str:
+    """The AOT type of an argument not listed: the kernels' other pointers are fp32."""
+    if not name.endswith("_ptr"):
+        raise KeyError(f"no AOT type for argument {name!r}")
+    return "*fp32"
