@@ -308,6 +308,24 @@ def test_bad_shapes():
         rlkern.linear_grpo_loss(d["h"], d["w"], y, d["mask"], d["adv"])
 
 
+def test_inputs_on_another_device_and_an_empty_batch():
+    """Every per-token input must be on hidden's device (a meta tensor would otherwise reach
+    the op's fake implementation: uninitialised outputs); B = 0 gives a zero loss."""
+    d = make(torch.float64)
+    for name in ("old_logprobs", "ref_logprobs", "token_weights"):
+        with pytest.raises(ValueError, match=f"{name} is on meta"):
+            rlkern.linear_grpo_loss(d["h"], d["w"], d["y"], d["mask"], d["adv"],
+                                    **{name: torch.zeros(B, T, device="meta")})
+    with pytest.raises(ValueError, match="mask is on meta"):
+        rlkern.linear_grpo_loss(d["h"], d["w"], d["y"], d["mask"].to("meta"), d["adv"])
+    w = d["w"].clone().requires_grad_()
+    out = rlkern.linear_grpo_loss(d["h"][:0], w, d["y"][:0], d["mask"][:0], d["adv"][:0],
+                                  old_logprobs=d["old"][:0])
+    assert out.loss.item() == 0.0 and out.metrics["clipfrac"].item() == 0.0
+    out.loss.backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))
+
+
 @pytest.mark.parametrize("loss", ["ppo", "gspo", "gvpo"])
 @pytest.mark.parametrize("n_seqs,T,vocab", [(8, 256, 151936), (40, 100, 151936), (3, 7, 32),
                                             (64, 4096, 262144)])

@@ -233,11 +233,13 @@ torch.library.register_autograd("rlkern::linear_grpo_loss_fwd", _backward,
 
 
 def _float_rows(t: Tensor | None, name: str, B: int, T: int, acc: torch.dtype,
-                allow_row: bool = False) -> Tensor | None:
+                device: torch.device, allow_row: bool = False) -> Tensor | None:
     if t is None:
         return None
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden on {device}")
     if not (t.dtype.is_floating_point or (allow_row and t.dtype in (torch.int32, torch.int64))):
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     shapes = [(B, T)] + ([(B,), (B, 1)] if allow_row else [])
@@ -371,11 +373,14 @@ def linear_grpo_loss(
                          "no_grad and use policy_loss")
     acc = acc_dtype(hidden.dtype)
     m = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
-    adv = _float_rows(advantages, "advantages", B, T, acc, allow_row=True)
-    old = _float_rows(old_logprobs, "old_logprobs", B, T, acc)
-    ref = _float_rows(ref_logprobs, "ref_logprobs", B, T, acc)
-    rollout = _float_rows(rollout_logprobs, "rollout_logprobs", B, T, acc)
-    tw = _float_rows(token_weights, "token_weights", B, T, acc)
+    dev = hidden.device
+    if mask.device != dev:
+        raise ValueError(f"mask is on {mask.device} but hidden on {dev}")
+    adv = _float_rows(advantages, "advantages", B, T, acc, dev, allow_row=True)
+    old = _float_rows(old_logprobs, "old_logprobs", B, T, acc, dev)
+    ref = _float_rows(ref_logprobs, "ref_logprobs", B, T, acc, dev)
+    rollout = _float_rows(rollout_logprobs, "rollout_logprobs", B, T, acc, dev)
+    tw = _float_rows(token_weights, "token_weights", B, T, acc, dev)
     if cfg.kl_coef != 0.0 and ref is None:
         raise ValueError("linear_grpo_loss: the config has kl_coef != 0 but ref_logprobs is "
                          "None")
@@ -404,8 +409,8 @@ def linear_grpo_loss(
     given = {"ref_logprobs": ref, "rollout_logprobs": rollout, "token_weights": tw}
     inputs = [given.get(slot.name) for slot in layout("policy_loss").inputs]
     loss, values, _, _, _ = torch.ops.rlkern.linear_grpo_loss_fwd(
-        hidden.reshape(B * T, -1), weight, labels.reshape(-1), bias, m, adv, old, inputs,
-        torch.stack([nt, ns]), *cfg.to_args(), float(temperature), int(ignore_index),
+        hidden.reshape(B * T, hidden.shape[-1]), weight, labels.reshape(-1), bias, m, adv, old,
+        inputs, torch.stack([nt, ns]), *cfg.to_args(), float(temperature), int(ignore_index),
         with_entropy, rows, group_name, resolved)
     names = metric_names(with_kl=ref is not None, with_entropy=with_entropy,
                          with_rollout=rollout is not None)
