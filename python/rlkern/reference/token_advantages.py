@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlkern.reference.advantages import dense_group_index
+from rlkern.reference.advantages import dense_group_index, spread_divide
 
 
 def discounted_returns_reference(rewards: Tensor, *, gamma: float,
@@ -77,7 +77,7 @@ def _normalise_in_groups(x: Tensor, gidx: Tensor, divide: bool, eps: float) -> T
         if bool((v == v[0]).all()):
             continue  # zero variance: exactly 0
         d = v - v.mean()
-        out[rows] = d / (v.std() + eps) if divide else d
+        out[rows] = spread_divide(d, float(v.std()) + eps) if divide else d
     return out
 
 
