@@ -27,8 +27,8 @@ void returns_rows(const T* r, int64_t t_len, const uint8_t* reset, double gamma,
     T* oi = out + i * t_len;
     double carry = 0.0;
     for (int64_t t = t_len - 1; t >= 0; --t) {
-      if (reset != nullptr && reset[i * t_len + t]) carry = 0.0;
-      carry = double(ri[t]) + gamma * carry;
+      const double a = (reset != nullptr && reset[i * t_len + t]) ? 0.0 : gamma;
+      carry = double(ri[t]) + discount_product(a, carry);
       oi[t] = T(carry);
     }
   }

@@ -429,4 +429,16 @@ RLKERN_HOST_DEVICE double row_advantage(double x, long long row, double loglik,
 // Whether x counts as a score: NaN and ±inf are invalid (nan_policy decides what happens).
 RLKERN_HOST_DEVICE bool score_is_valid(double x) { return x - x == 0.0; }
 
+// ------------------------------------------------------------------------------------------
+// Discounted returns (ALGORITHMS.md §2.1): G[t] = r[t] + a[t]·G[t + 1], a[t] = γ, or 0 where
+// reset[t]. The CPU kernel scans a row; the GPU kernels scan the affine maps G ↦ r + a·G.
+
+// a·g where a zero factor gives exactly 0 whatever the other one is: a = 0 (a reset, or γ = 0)
+// drops the carry, so no return flows across it even when the carry is ±inf or NaN (IEEE's
+// 0·inf = NaN would leak into the segment before); the scans compose factors and carries
+// with it too, so that they give what the sequential recurrence gives.
+RLKERN_HOST_DEVICE double discount_product(double a, double g) {
+  return (a == 0.0 || g == 0.0) ? 0.0 : a * g;
+}
+
 }  // namespace rlkern

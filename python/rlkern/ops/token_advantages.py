@@ -127,7 +127,9 @@ def discounted_returns(rewards: Tensor, *, gamma: float, reset: Tensor | None = 
         G[i, t] = r[i, t] + gamma · G[i, t + 1]      (G[i, t + 1] dropped where reset[i, t])
 
     ``reset[i, t] = True`` marks position ``t`` as the last of a segment (a turn's end in
-    multi-turn rollouts, the end of a response before padding), so no return flows across it.
+    multi-turn rollouts, the end of a response before padding), so no return flows across it:
+    where ``reset`` is set, and everywhere for ``gamma = 0``, ``G[i, t] = r[i, t]`` exactly,
+    even when ``G[i, t + 1]`` is ±inf or NaN.
     Used for IGPO / multi-turn turn rewards, GiGPO's step returns and PRIME's token returns.
 
     Args:
