@@ -113,6 +113,11 @@ void group_advantages_out_cpu(const at::Tensor& scores, const MaybeTensor& group
   TORCH_CHECK_VALUE(a.weights != nullptr || e != kOpo, "weights: opo needs the response lengths");
   TORCH_CHECK_VALUE(a.loglik != nullptr || (e != kUnlikely && e != kXrpo),
                     "loglik: required by unlikely and xrpo");
+  // unlikely sorts by ŝ and xrpo averages it: a NaN would break the sort's strict weak order.
+  // rlkern.group_advantages applies nan_policy to such rows first (config.loglik_policy).
+  for (int64_t i = 0; a.loglik != nullptr && i < n; ++i)
+    TORCH_CHECK_VALUE(score_is_valid(a.loglik[i]), "loglik: row ", i,
+                      " is NaN or infinite (rlkern.group_advantages applies nan_policy to it)");
   a.out = row_outputs(advantages, group_mean, group_std, zero_variance_mask, scores);
   raise_status(cpu::group_advantages(a), "scores");
 }

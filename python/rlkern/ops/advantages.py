@@ -26,7 +26,13 @@ import torch
 from torch import Tensor
 
 from rlkern import backends
-from rlkern.config.advantages import ESTIMATORS, AdvantageConfig, sequence_loglik
+from rlkern.config.advantages import (
+    ESTIMATORS,
+    AdvantageConfig,
+    codes,
+    loglik_policy,
+    sequence_loglik,
+)
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
 from rlkern.ops import advantages_segmented
 
@@ -107,6 +113,11 @@ def group_advantages_op(
     outs = (*(torch.empty(n, dtype=dtype, device=scores.device) for _ in range(3)),
             torch.empty(n, dtype=torch.bool, device=scores.device))
     _check_weights(weights)
+    if loglik is not None:
+        # Every backend sees the same finite ŝ (malformed flags are the kernels' error).
+        c = codes()
+        omit = len(flags) == len(c.flags) and flags[c.flags.nan_policy] == c.nan_policy.omit
+        scores, loglik = loglik_policy(scores, loglik, omit)
     if n:
         _KERNELS[backend](scores, group_ids, group_size, weights, loglik, flags, hparams, outs)
     return outs
@@ -231,9 +242,11 @@ def group_advantages(
     no relative signal) or verl's ``μ = 0, σ = 1`` (``"verl"``: ``A = s/(1 + eps)`` for grpo,
     ``s`` for rloo/opo/dr_grpo; grpo_passk raises, as verl does). A group whose valid scores are
     all equal gets ``A = 0`` exactly for every mean-centred estimator (its mean is that score,
-    exactly) and is flagged in ``zero_variance_mask``. Non-finite scores raise
-    (``nan_policy="raise"``) or are left out of their group's statistics and get ``A = 0``
-    (``"omit"``: TRL's nanmean / nanstd).
+    exactly) and is flagged in ``zero_variance_mask``; with ``eps = 0`` it gets 0 too, not
+    0/0. Non-finite scores raise (``nan_policy="raise"``) or are left out of their group's
+    statistics and get ``A = 0`` (``"omit"``: TRL's nanmean / nanstd); so does a response of
+    unlikely / xrpo with a NaN or ±inf ``old_logprobs`` at a valid token (values where the mask
+    is 0 are never read).
 
     Groups are contiguous rows (``group_size``, TRL's layout) or arbitrary int64 ``group_ids``
     in any order, of any sizes, not necessarily dense (verl's shuffled uids, hashed to
@@ -252,7 +265,8 @@ def group_advantages(
         std: ``"unbiased"`` (n − 1), ``"biased"`` (n) or ``"none"`` (no division).
         std_scope: ``"group"`` or ``"batch"`` (grpo, unlikely, xrpo only).
         singleton: ``"zero"`` or ``"verl"``.
-        nan_policy: ``"raise"`` or ``"omit"``.
+        nan_policy: ``"raise"`` or ``"omit"``: what a NaN / ±inf score (or unlikely / xrpo's
+            mean old log-probability) does.
         mask: ``(N, T)`` response mask; when given, advantages are ``(N, T) = A_i · mask``.
             reinforce_pp_baseline whitens over its valid tokens (without it, one token per
             response); unlikely / xrpo average ``old_logprobs`` over it.
@@ -271,8 +285,9 @@ def group_advantages(
         TypeError: an argument of the wrong type or dtype (e.g. float group_ids).
         ValueError: wrong shapes, both or neither of group_ids / group_size, a group_size that
         does not divide N, an unknown option, an option the estimator does not take, missing
-        ``lengths`` for opo, non-finite scores under ``nan_policy="raise"``, a singleton group
-        for grpo_passk under ``singleton="verl"``.
+        ``lengths`` for opo, non-finite scores (or old log-probabilities at valid tokens) under
+        ``nan_policy="raise"``, a singleton group for grpo_passk under ``singleton="verl"``, a
+        tensor argument on another device than ``scores``.
 
     Example::
 

@@ -41,6 +41,7 @@ from rlkern.config.advantages import (
     UNLIKELY_LAMBDA,
     WHITEN_EPS,
     AdvantageConfig,
+    loglik_policy,
     sequence_loglik,
 )
 
@@ -118,7 +119,10 @@ def group_advantages_reference(
         weights = lengths.to(torch.float64)
     elif config.estimator == "reinforce_pp_baseline" and mask is not None:
         weights = mask.to(torch.float64).sum(-1)
-    loglik = sequence_loglik(old_logprobs, mask) if old_logprobs is not None else None
+    loglik = None
+    if old_logprobs is not None:
+        s, loglik = loglik_policy(s, sequence_loglik(old_logprobs, mask),
+                                  config.nan_policy == "omit")
     out = group_advantages_rows_reference(s, group_ids=group_ids, group_size=group_size,
                                           weights=weights, loglik=loglik, config=config)
     if mask is not None:
