@@ -321,6 +321,12 @@ def group_advantages(
     if cfg.uses_loglik and mask is None:
         raise ValueError(f"estimator={estimator!r} needs mask (N, T) to average old_logprobs")
 
+    # Advantages are not differentiable (rewards carry no gradient): no input's autograd graph
+    # reaches the outputs, so they never require grad (backward would fail inside the op).
+    scores = scores.detach()
+    mask = mask.detach() if mask is not None else None
+    lengths = lengths.detach() if isinstance(lengths, Tensor) else lengths
+    old_logprobs = old_logprobs.detach() if isinstance(old_logprobs, Tensor) else old_logprobs
     double_output = acc_dtype(scores.dtype) == torch.float64
     if scores.dim() == 2:
         s = scores.sum(-1, dtype=torch.float64)

@@ -48,10 +48,12 @@ class GiGPOAdvantages(NamedTuple):
 
 
 def _float_input(t: object, name: str) -> Tensor:
+    """A float input, detached: these helpers are not differentiable, so no input's autograd
+    graph reaches their outputs (which then never require grad)."""
     t = check_tensor(t, name)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {t.dtype}")
-    return t
+    return t.detach()
 
 
 def _kernel_dtype(t: Tensor) -> Tensor:
