@@ -168,7 +168,7 @@ def test_nonfinite_old_logprobs_at_padding_are_ignored(backend, options):
 def test_nonfinite_loglik_is_refused_by_the_cpu_op():
     # The registered C++ op never sorts NaN log-likelihoods (std::sort needs a strict weak
     # order): it refuses them, naming the row.
-    scores, old, mask = _loglik_case()
+    scores, _, _ = _loglik_case()
     flags, hparams = AdvantageConfig(estimator="unlikely").kernel_args()
     loglik = torch.zeros(8, dtype=torch.float64)
     loglik[5] = NAN
@@ -225,7 +225,7 @@ def _foreign_device_cases():
     x = torch.rand(4, 3)
     m = torch.ones(4, 3, dtype=torch.bool)
     ids = _ids(0, 0, 1, 1)
-    meta = lambda t: t.to("meta")  # noqa: E731
+    meta = lambda t: t.to("meta")
     ga = rlkern.group_advantages
     return [
         ("group_advantages", "group_ids", lambda b: ga(s, group_ids=meta(ids), backend=b)),
@@ -280,7 +280,7 @@ def _op_cases():
     x = torch.rand(4, 3)
     m = torch.ones(4, 3, dtype=torch.bool)
     ids = _ids(0, 0, 1, 1)
-    meta = lambda t: t.to("meta")  # noqa: E731
+    meta = lambda t: t.to("meta")
     flags, hp = AdvantageConfig(estimator="opo").kernel_args()
     ops = torch.ops.rlkern
     return [

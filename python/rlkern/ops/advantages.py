@@ -36,7 +36,7 @@ from rlkern.config.advantages import (
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
 from rlkern.ops import advantages_segmented
 
-__all__ = ["ESTIMATORS", "AdvantageConfig", "GroupAdvantages", "group_advantages"]
+__all__ = ["ESTIMATORS", "AdvantageConfig", "GroupAdvantages", "check_devices", "group_advantages"]
 
 
 class GroupAdvantages(NamedTuple):
@@ -96,6 +96,15 @@ _KERNELS = {"cpu": _cpu_kernel,
             "torch": _reference_kernel}
 
 
+def check_devices(main_name: str, main: Tensor, **others: Tensor | None) -> None:
+    """Every tensor argument of a registered op on ``main``'s device, else ``ValueError``
+    naming it. Run by each op of the family and by its fake implementation: a ``meta`` tensor
+    among CPU ones dispatches to the fake implementation, whose outputs are uninitialised."""
+    for name, t in others.items():
+        if t is not None and t.device != main.device:
+            raise ValueError(f"{name} is on {t.device} but {main_name} on {main.device}")
+
+
 @torch.library.custom_op("rlkern::group_advantages", mutates_args=())
 def group_advantages_op(
     scores: Tensor,
@@ -108,6 +117,7 @@ def group_advantages_op(
     double_output: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_devices("scores", scores, group_ids=group_ids, weights=weights, loglik=loglik)
     n = scores.numel()
     dtype = torch.float64 if double_output else torch.float32
     outs = (*(torch.empty(n, dtype=dtype, device=scores.device) for _ in range(3)),
@@ -125,6 +135,7 @@ def group_advantages_op(
 
 @group_advantages_op.register_fake
 def _(scores, group_ids, group_size, weights, loglik, flags, hparams, double_output, backend):
+    check_devices("scores", scores, group_ids=group_ids, weights=weights, loglik=loglik)
     dtype = torch.float64 if double_output else torch.float32
     n = scores.shape[0]
     out = lambda: scores.new_empty((n,), dtype=dtype)

@@ -25,7 +25,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.advantages import GIGPO_MODES, code, codes
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
-from rlkern.ops.advantages import check_grouping, check_tensor
+from rlkern.ops.advantages import check_devices, check_grouping, check_tensor
 from rlkern.ops.advantages_segmented import gigpo_segmented, segments
 
 __all__ = ["GTPOWeights", "GiGPOAdvantages", "discounted_returns", "empg_modulate",
@@ -97,6 +97,7 @@ def _no_cuda_kernel(name: str) -> None:
 @torch.library.custom_op("rlkern::discounted_returns", mutates_args=())
 def discounted_returns_op(rewards: Tensor, reset: Tensor | None, gamma: float,
                           backend: str) -> Tensor:
+    check_devices("rewards", rewards, reset=reset)
     out = torch.empty_like(rewards)
     if rewards.numel() == 0:
         return out
@@ -119,6 +120,7 @@ def discounted_returns_op(rewards: Tensor, reset: Tensor | None, gamma: float,
 
 @discounted_returns_op.register_fake
 def _(rewards, reset, gamma, backend):
+    check_devices("rewards", rewards, reset=reset)
     return torch.empty_like(rewards)
 
 
@@ -166,6 +168,7 @@ def discounted_returns(rewards: Tensor, *, gamma: float, reset: Tensor | None = 
 @torch.library.custom_op("rlkern::position_baseline", mutates_args=())
 def position_baseline_op(returns: Tensor, mask: Tensor, group_ids: Tensor | None,
                          group_size: int, backend: str) -> Tensor:
+    check_devices("returns", returns, mask=mask, group_ids=group_ids)
     out = torch.empty_like(returns)
     if returns.numel() == 0:
         return out
@@ -188,6 +191,7 @@ def position_baseline_op(returns: Tensor, mask: Tensor, group_ids: Tensor | None
 
 @position_baseline_op.register_fake
 def _(returns, mask, group_ids, group_size, backend):
+    check_devices("returns", returns, mask=mask, group_ids=group_ids)
     return torch.empty_like(returns)
 
 
@@ -236,6 +240,7 @@ def position_baseline(returns: Tensor, mask: Tensor, *, group_ids: Tensor | None
 @torch.library.custom_op("rlkern::gtpo_weights", mutates_args=())
 def gtpo_weights_op(entropy: Tensor, mask: Tensor, group_ids: Tensor | None, group_size: int,
                     eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    check_devices("entropy", entropy, mask=mask, group_ids=group_ids)
     weight = torch.empty_like(entropy)
     inverse = torch.empty_like(entropy)
     if entropy.numel() == 0:
@@ -262,6 +267,7 @@ def gtpo_weights_op(entropy: Tensor, mask: Tensor, group_ids: Tensor | None, gro
 
 @gtpo_weights_op.register_fake
 def _(entropy, mask, group_ids, group_size, eps, backend):
+    check_devices("entropy", entropy, mask=mask, group_ids=group_ids)
     return torch.empty_like(entropy), torch.empty_like(entropy)
 
 
@@ -310,6 +316,8 @@ def gtpo_weights(entropy: Tensor, mask: Tensor, *, group_ids: Tensor | None = No
 def gigpo_advantages_op(episode_returns: Tensor, step_returns: Tensor, state_keys: Tensor,
                         group_ids: Tensor, omega: float, episode_mode: int, step_mode: int,
                         eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_devices("episode_returns", episode_returns, step_returns=step_returns,
+                  state_keys=state_keys, group_ids=group_ids)
     outs = tuple(torch.empty_like(episode_returns) for _ in range(3))
     if episode_returns.numel() == 0:
         return outs
@@ -346,6 +354,8 @@ def gigpo_advantages_op(episode_returns: Tensor, step_returns: Tensor, state_key
 @gigpo_advantages_op.register_fake
 def _(episode_returns, step_returns, state_keys, group_ids, omega, episode_mode, step_mode, eps,
       backend):
+    check_devices("episode_returns", episode_returns, step_returns=step_returns,
+                  state_keys=state_keys, group_ids=group_ids)
     return tuple(torch.empty_like(episode_returns) for _ in range(3))
 
 
@@ -421,6 +431,8 @@ def gigpo_advantages(episode_returns: Tensor, step_returns: Tensor, state_keys: 
 @torch.library.custom_op("rlkern::empg_modulate", mutates_args=())
 def empg_modulate_op(advantages: Tensor, step_entropy: Tensor, next_step_entropy: Tensor,
                      k: float, k_f: float, zeta: float, backend: str) -> Tensor:
+    check_devices("advantages", advantages, step_entropy=step_entropy,
+                  next_step_entropy=next_step_entropy)
     out = torch.empty_like(advantages)
     if advantages.numel() == 0:
         return out
@@ -445,6 +457,8 @@ def empg_modulate_op(advantages: Tensor, step_entropy: Tensor, next_step_entropy
 
 @empg_modulate_op.register_fake
 def _(advantages, step_entropy, next_step_entropy, k, k_f, zeta, backend):
+    check_devices("advantages", advantages, step_entropy=step_entropy,
+                  next_step_entropy=next_step_entropy)
     return torch.empty_like(advantages)
 
 
