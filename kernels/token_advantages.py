@@ -73,6 +73,13 @@ def _discounted_returns_kernel(
 
 
 @triton.jit
+def _floor(x, eps):
+    # max(x, eps) that keeps a NaN x NaN, as std::max(x, eps) in C++ and clamp_min in torch
+    # (tl.maximum returns eps for a NaN x).
+    return tl.where(x < eps, eps, x)
+
+
+@triton.jit
 def _position_values(x_ptr, mask_ptr, perm_ptr, k, t, t_ok, seq_len, CONTIGUOUS: tl.constexpr):
     """The k-th row of the segments (rows perm[k], or k itself): its index, validity and values
     (float64) at the positions t."""
@@ -111,7 +118,7 @@ def _position_sums_kernel(
                                      CONTIGUOUS)
         if GTPO:
             sum_a += tl.where(v, x, 0.0)
-            sum_b += tl.where(v, 1.0 / tl.maximum(x, eps), 0.0)
+            sum_b += tl.where(v, 1.0 / _floor(x, eps), 0.0)
         else:
             sum_a += tl.where(v, x, 0.0)
             sum_b += v.to(tl.float64)
@@ -120,7 +127,7 @@ def _position_sums_kernel(
                                      CONTIGUOUS)
         if GTPO:
             w = tl.where(v & (sum_a != 0.0), x / tl.where(sum_a != 0.0, sum_a, 1.0), 0.0)
-            w_inv = tl.where(v, (1.0 / tl.maximum(x, eps)) / tl.where(v, sum_b, 1.0), 0.0)
+            w_inv = tl.where(v, (1.0 / _floor(x, eps)) / tl.where(v, sum_b, 1.0), 0.0)
             tl.store(out_a_ptr + row * seq_len + t, w, mask=t_ok)
             tl.store(out_b_ptr + row * seq_len + t, w_inv, mask=t_ok)
         else:

@@ -348,3 +348,18 @@ def test_empty_inputs_give_empty_outputs(case, backend):
     call, shapes = _empty_cases()[case]
     outs = _outputs(call(backend))
     assert [tuple(t.shape) for t in outs] == shapes
+
+
+# ---------------------------------------------------------------------------------- GTPO NaN
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gtpo_nan_entropy_gives_nan_weights_at_its_group_position(backend):
+    # A NaN entropy at a valid token poisons its group's sums at that position (both weights
+    # NaN there, as max(NaN, eps) is NaN), and nothing else.
+    h = torch.tensor([[0.5, NAN, 0.2], [0.1, 0.3, 0.0], [0.7, 0.4, 0.9], [0.2, 0.2, 0.2]])
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    out = rlkern.gtpo_weights(h, mask, group_size=2, eps=0.25, backend=backend)
+    for t in out:
+        nan = torch.zeros(4, 3, dtype=torch.bool)
+        nan[:2, 1] = True
+        assert torch.equal(torch.isnan(t), nan), t

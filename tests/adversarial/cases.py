@@ -194,126 +194,212 @@ def linear_grpo_loss(data: st.DataObject) -> Call:
                 grad_wrt=("0", "1", "bias"), dtype=dtype, overflow_ok=True)
 
 
-def _groups(data: st.DataObject, n: int):
+# --------------------------------------------------------------------------------------------
+# The advantages family. Ids come in every form trainers hand over (small dense ids, sparse
+# ids with gaps, negative and near ±2^62, all-distinct ids: singleton groups) or as contiguous
+# groups; scores are often rounded so that ties, zero-variance groups and pass@k ties are
+# common; every option of each op is drawn.
+
+ADV_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg",
+                  "grpo_passk", "ngrpo", "unlikely", "xrpo")
+_SPARSE_IDS = (-(2**62), -7, 0, 5, 2**40, 2**62 - 1)
+
+
+def _group_ids(data: st.DataObject, gen: torch.Generator, n: int) -> torch.Tensor:
+    kind = data.draw(st.sampled_from(("dense", "gaps", "singletons")), label="ids")
+    if kind == "singletons":
+        return torch.randperm(n, generator=gen) * 1000 - 17
+    pool = torch.arange(3) if kind == "dense" else torch.tensor(_SPARSE_IDS)
+    return pool[torch.randint(0, pool.numel(), (n,), generator=gen)]
+
+
+def _groups(data: st.DataObject, n: int, gen: torch.Generator | None = None):
+    gen = gen or torch.Generator().manual_seed(n)
     if n and data.draw(st.booleans(), label="by_ids"):
-        return dict(group_ids=torch.randint(0, 3, (n,),
-                                            generator=torch.Generator().manual_seed(n)))
+        return dict(group_ids=_maybe_meta(data, _group_ids(data, gen, n), "group_ids"))
     size = data.draw(st.sampled_from([d for d in (1, 2, 4) if n % d == 0] or [1]), label="G")
     return dict(group_size=size)
+
+
+def _rounded(data: st.DataObject, t: torch.Tensor, label: str) -> torch.Tensor:
+    """Sometimes round the values (ties, zero-variance groups, pass@k ties)."""
+    if data.draw(st.booleans(), label=f"{label}.round"):
+        return t.round()
+    return t
+
+
+def _token_mask(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
+                label: str = "mask") -> torch.Tensor:
+    return lay_out(_mask(gen, shape, data),
+                   data.draw(st.sampled_from(LAYOUTS), label=f"{label}.layout"))
 
 
 @builder("group_advantages")
 def group_advantages(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     n = data.draw(st.sampled_from((0, 1, 4, 8)), label="N")
-    scores = _float(data, gen, (n,), dtype, "scores",
-                    kinds=("normal", "constant", "with_nan", "huge", "tiny", "with_inf"),
-                    layouts=("contiguous", "expanded"))
-    est = data.draw(st.sampled_from(("grpo", "dr_grpo", "rloo", "gpg", "opo", "unlikely",
-                                     "xrpo")), label="estimator")
-    kwargs = dict(estimator=est, eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps"),
-                  nan_policy=data.draw(st.sampled_from(("raise", "omit", "zero")), label="nan"),
-                  **_groups(data, n))
-    if est in ("unlikely", "xrpo", "opo"):
-        t = 3
-        kwargs["mask"] = torch.ones(n, t, dtype=torch.bool)
-        old = _float(data, gen, (n, t), torch.float32, "old", scale=0.5,
-                     kinds=("normal", "with_nan", "constant"))
-        if est != "opo":
-            kwargs["old_logprobs"] = old
-        else:
-            kwargs["lengths"] = torch.full((n,), 3.0)
+    est = data.draw(st.sampled_from(ADV_ESTIMATORS), label="estimator")
+    token_level = data.draw(st.booleans(), label="token_level")
+    t = data.draw(st.sampled_from((3, 1)), label="T")
+    kind = data.draw(st.sampled_from(("normal", "constant", "with_nan", "huge", "tiny",
+                                      "with_inf")), label="scores.kind")
+    layout = data.draw(st.sampled_from(LAYOUTS), label="scores.layout")
+    scores = lay_out(_rounded(data, fill(kind, (n, t) if token_level else (n,), dtype, gen),
+                              "scores"), layout)
+    batch = est in ("grpo", "unlikely", "xrpo") and data.draw(st.booleans(), label="batch")
+    kwargs = dict(estimator=est, eps=data.draw(st.sampled_from((1e-6, 0.0, 1e-4)), label="eps"),
+                  std=data.draw(st.sampled_from(("unbiased", "biased", "none")), label="std"),
+                  std_scope="batch" if batch else "group",
+                  singleton=data.draw(st.sampled_from(("zero", "verl")), label="singleton"),
+                  nan_policy=data.draw(st.sampled_from(("raise", "omit")), label="nan"),
+                  **_groups(data, n, gen))
+    needs_mask = token_level or est in ("unlikely", "xrpo")
+    if needs_mask or data.draw(st.booleans(), label="has_mask"):
+        kwargs["mask"] = _maybe_meta(data, _token_mask(data, gen, (n, t)), "mask")
+    if est == "opo":
+        lengths = torch.randint(0, 5, (n,), generator=gen).to(
+            data.draw(st.sampled_from((torch.float32, torch.int64)), label="lengths.dtype"))
+        kwargs["lengths"] = _maybe_meta(data, lengths, "lengths")
+    if est in ("unlikely", "xrpo"):
+        old = -_float(data, gen, (n, t), torch.float32, "old", scale=0.5,
+                      kinds=("normal", "with_nan", "with_inf", "with_neg_inf", "constant")).abs()
+        kwargs["old_logprobs"] = _maybe_meta(data, old, "old")
+        lam = data.draw(st.sampled_from((None, 0.5)), label="lam")
+        kwargs.update(lam=0.5 if est == "xrpo" else lam, kappa=0.3 if est == "xrpo" else None)
+    if est == "ngrpo":
+        kwargs["r_max"] = data.draw(st.sampled_from((1.0, 0.0)), label="r_max")
     return Call("group_advantages", rlkern.group_advantages, (scores,), kwargs, grad_wrt=("0",),
-                dtype=dtype, nondiff=True, overflow_ok=True)
+                dtype=dtype, nondiff=True)
 
 
 @builder("group_stats")
 def group_stats(data: st.DataObject) -> Call:
     gen = _gen(data)
-    n = data.draw(st.sampled_from((1, 4, 8)), label="N")
-    scores = _float(data, gen, (n,), torch.float32, "scores",
-                    kinds=("normal", "constant", "huge", "tiny"))
-    ids = torch.randint(0, 3, (n,), generator=gen)
-    eps = data.draw(st.sampled_from((1e-6, 0.0)), label="eps")
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((1, 4, 8, 0)), label="N")
+    scores = _rounded(data, _float(data, gen, (n,), dtype, "scores",
+                                   kinds=("normal", "constant", "huge", "tiny", "with_nan",
+                                          "with_inf"), layouts=("contiguous", "expanded")),
+                      "scores")
+    ids = _group_ids(data, gen, n)
+    est = data.draw(st.sampled_from(("grpo", "dr_grpo", "rloo", "gpg", "ngrpo")),
+                    label="estimator")
+    options = dict(estimator=est, eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps"),
+                   std=data.draw(st.sampled_from(("unbiased", "biased", "none")), label="std"),
+                   std_scope="batch" if est == "grpo" and data.draw(st.booleans(),
+                                                                      label="batch") else "group",
+                   singleton=data.draw(st.sampled_from(("zero", "verl")), label="singleton"),
+                   r_max=data.draw(st.sampled_from((1.0, 0.0)), label="r_max"))
+    nan_policy = data.draw(st.sampled_from(("raise", "omit")), label="nan")
+    # Statistics of one batch, or of two micro-batches merged (Chan's formula).
+    split = data.draw(st.sampled_from((0, 1, n // 2)), label="split")
 
     def run(scores: torch.Tensor, ids: torch.Tensor, *, backend: str):
-        stats = rlkern.GroupStats.from_scores(scores, ids)
-        return stats.advantages(scores, ids, eps=eps, backend=backend)
+        stats = rlkern.GroupStats.from_scores(scores[:split], ids[:split], nan_policy=nan_policy)
+        stats = stats.merge(rlkern.GroupStats.from_scores(scores[split:], ids[split:],
+                                                          nan_policy=nan_policy))
+        return stats.advantages(scores, ids, backend=backend, **options)
 
-    return Call("GroupStats.advantages", run, (scores, ids), {}, dtype=torch.float32)
+    return Call("GroupStats.advantages", run, (scores, _maybe_meta(data, ids, "group_ids")), {},
+                grad_wrt=("0",), dtype=dtype, nondiff=True)
 
 
 @builder("discounted_returns")
 def discounted_returns(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    shape = (data.draw(st.integers(0, 3), label="N"), data.draw(st.integers(0, 6), label="T"))
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    shape = (data.draw(st.integers(0, 3), label="N"),
+             data.draw(st.sampled_from((0, 1, 6, 33)), label="T"))
     rewards = _float(data, gen, shape, dtype, "rewards",
-                     kinds=("normal", "with_inf", "with_nan", "huge", "constant"))
-    reset = torch.rand(shape, generator=gen) < 0.3 if data.draw(st.booleans(), label="r") \
-        else None
-    gamma = data.draw(st.sampled_from((1.0, 0.9, 0.0)), label="gamma")
+                     kinds=("normal", "with_inf", "with_nan", "with_neg_inf", "huge", "constant",
+                            "tiny"))
+    reset = None
+    if data.draw(st.booleans(), label="r"):
+        reset = _maybe_meta(data, _token_mask(data, gen, shape, "reset"), "reset")
+        if data.draw(st.booleans(), label="reset.float"):
+            reset = reset.float()
+    gamma = data.draw(st.sampled_from((1.0, 0.9, 0.0, -0.5, 1.5)), label="gamma")
     return Call("discounted_returns", rlkern.discounted_returns, (rewards,),
-                dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True,
-                overflow_ok=True)
+                dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True)
 
 
 @builder("position_baseline")
 def position_baseline(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((0, 2, 4)), label="N")
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((0, 1, 2, 4, 6)), label="N")
     t = data.draw(st.integers(0, 5), label="T")
-    returns = _float(data, gen, (n, t), dtype, "returns",
-                     kinds=("normal", "constant", "huge", "with_nan"))
-    return Call("position_baseline", rlkern.position_baseline, (returns, _mask(gen, (n, t), data)),
-                _groups(data, n), grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+    returns = _rounded(data, _float(data, gen, (n, t), dtype, "returns",
+                                    kinds=("normal", "constant", "huge", "with_nan", "with_inf",
+                                           "tiny")), "returns")
+    mask = _maybe_meta(data, _token_mask(data, gen, (n, t)), "mask")
+    return Call("position_baseline", rlkern.position_baseline, (returns, mask),
+                _groups(data, n, gen), grad_wrt=("0",), dtype=dtype, nondiff=True)
 
 
 @builder("gtpo_weights")
 def gtpo_weights(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((0, 2, 4)), label="N")
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((0, 1, 2, 4, 6)), label="N")
     t = data.draw(st.integers(0, 5), label="T")
     entropy = _float(data, gen, (n, t), dtype, "entropy",
-                     kinds=("normal", "constant", "tiny", "huge")).abs()
-    return Call("gtpo_weights", rlkern.gtpo_weights, (entropy, _mask(gen, (n, t), data)),
-                _groups(data, n), grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+                     kinds=("normal", "constant", "tiny", "huge", "with_nan", "with_inf")).abs()
+    if data.draw(st.booleans(), label="zeros"):  # confident tokens: H = 0 (below eps)
+        entropy = torch.where(torch.rand(entropy.shape, generator=gen) < 0.5, 0.0,
+                              entropy).to(dtype)
+    mask = _maybe_meta(data, _token_mask(data, gen, (n, t)), "mask")
+    kwargs = dict(_groups(data, n, gen), eps=data.draw(st.sampled_from((1e-6, 0.5)), label="eps"))
+    return Call("gtpo_weights", rlkern.gtpo_weights, (entropy, mask), kwargs, grad_wrt=("0",),
+                dtype=dtype, nondiff=True)
 
 
 @builder("gigpo_advantages")
 def gigpo_advantages(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
-    s = data.draw(st.sampled_from((0, 1, 6)), label="S")
-    ep = _float(data, gen, (s,), dtype, "episode", kinds=("normal", "constant", "huge"),
-                layouts=("contiguous",))
-    st_ret = _float(data, gen, (s,), dtype, "step", kinds=("normal", "constant", "with_nan"),
-                    layouts=("contiguous",))
-    keys = torch.randint(0, 2, (s,), generator=gen)
-    ids = torch.randint(0, 2, (s,), generator=gen)
-    return Call("gigpo_advantages", rlkern.gigpo_advantages, (ep, st_ret, keys),
-                dict(group_ids=ids, omega=1.0,
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    s = data.draw(st.sampled_from((0, 1, 6, 9)), label="S")
+    ep = _rounded(data, _float(data, gen, (s,), dtype, "episode",
+                               kinds=("normal", "constant", "huge", "with_nan", "tiny"),
+                               layouts=("contiguous", "expanded")), "episode")
+    st_ret = _float(data, gen, (s,), dtype, "step",
+                    kinds=("normal", "constant", "with_nan", "with_inf", "huge"),
+                    layouts=("contiguous", "expanded"))
+    keys = _group_ids(data, gen, s) if data.draw(st.booleans(), label="sparse_keys") else \
+        torch.randint(0, 2, (s,), generator=gen)
+    ids = _group_ids(data, gen, s)
+    return Call("gigpo_advantages", rlkern.gigpo_advantages,
+                (ep, st_ret, _maybe_meta(data, keys, "keys")),
+                dict(group_ids=_maybe_meta(data, ids, "group_ids"),
+                     omega=data.draw(st.sampled_from((1.0, 0.0, -0.5)), label="omega"),
                      mode=data.draw(st.sampled_from(("mean_norm", "std_norm")), label="mode"),
+                     step_mode=data.draw(st.sampled_from(("std_norm", "mean_norm")),
+                                         label="step_mode"),
                      eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps")),
-                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+                grad_wrt=("0",), dtype=dtype, nondiff=True)
 
 
 @builder("empg_modulate")
 def empg_modulate(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     s = data.draw(st.sampled_from((0, 1, 5)), label="S")
-    adv = _float(data, gen, (s,), dtype, "adv", kinds=("normal", "huge", "with_nan"),
-                 layouts=("contiguous",))
-    h = _float(data, gen, (s,), dtype, "H", kinds=("normal", "constant", "huge"),
-               layouts=("contiguous",)).abs()
-    h_next = _float(data, gen, (s,), dtype, "H_next", kinds=("normal", "with_nan", "constant"),
-                    layouts=("contiguous",)).abs()
-    return Call("empg_modulate", rlkern.empg_modulate, (adv, h, h_next), {},
-                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+    adv = _float(data, gen, (s,), dtype, "adv", kinds=("normal", "huge", "with_nan", "with_inf"),
+                 layouts=("contiguous", "expanded"))
+    h = _float(data, gen, (s,), dtype, "H", kinds=("normal", "constant", "huge", "tiny",
+                                                   "with_nan"),
+               layouts=("contiguous", "expanded")).abs()
+    h_next = _float(data, gen, (s,), dtype, "H_next",
+                    kinds=("normal", "with_nan", "constant", "with_inf"),
+                    layouts=("contiguous", "expanded")).abs()
+    return Call("empg_modulate", rlkern.empg_modulate,
+                (adv, h, _maybe_meta(data, h_next, "H_next")),
+                dict(k=data.draw(st.sampled_from((1.0, 0.0, 30.0)), label="k"),
+                     k_f=data.draw(st.sampled_from((1.0, 2.0)), label="k_f"),
+                     zeta=data.draw(st.sampled_from((0.1, 0.0)), label="zeta")),
+                grad_wrt=("0",), dtype=dtype, nondiff=True)
 
 
 @builder("sample")
