@@ -315,11 +315,11 @@ def _rows_finish_kernel(
         center = tl.where(single, 0.0, tl.where(wsum > 0.0, mean + wdev / wsum, mean))
     elif ESTIMATOR == "rloo":
         scale = tl.where(single, 1.0, n / (n - 1.0))
-    elif ESTIMATOR == "gpg":
-        scale += tl.load(params_ptr + _P_GPG_ALPHA) - 1.0
+    elif ESTIMATOR == "gpg":  # (scale·0 + a: the constant broadcast without rounding it)
+        scale = scale * 0.0 + tl.load(params_ptr + _P_GPG_ALPHA)
     elif ESTIMATOR == "reinforce_pp_baseline":  # (c − mean c)·rstd with c = x − center
         center += tl.load(params_ptr + _P_WHITE_MEAN)
-        scale += tl.load(params_ptr + _P_WHITE_RSTD) - 1.0
+        scale = scale * 0.0 + tl.load(params_ptr + _P_WHITE_RSTD)
     elif ESTIMATOR == "ngrpo":  # one Welford step with the virtual sample r_max
         r_max = tl.load(params_ptr + _P_R_MAX)
         n2 = n + 1.0

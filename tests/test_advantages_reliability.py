@@ -19,6 +19,7 @@ import torch
 
 import rlkern
 from rlkern.config.advantages import AdvantageConfig
+from rlkern.reference.advantages import group_advantages_reference
 
 BACKENDS = ["cpu", "torch", "triton"]
 NAN = math.nan
@@ -363,3 +364,18 @@ def test_gtpo_nan_entropy_gives_nan_weights_at_its_group_position(backend):
         nan = torch.zeros(4, 3, dtype=torch.bool)
         nan[:2, 1] = True
         assert torch.equal(torch.isnan(t), nan), t
+
+
+# --------------------------------------------------------------------- constants in full
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["reinforce_pp_baseline", "gpg"])
+def test_batch_constants_keep_float64_precision(backend, estimator):
+    # Rewards of scale 1e10: REINFORCE++'s rstd is ~1e-10, and must reach every row in full
+    # float64 precision (not as 1 + (rstd − 1), which keeps only ~6 of its digits).
+    scores = torch.tensor([2.0972596601e10, -1.4304156006e10, 1.1636945876e10, -4.8751259298e8],
+                          dtype=torch.float64)
+    ids = _ids(0, 2, 0, 2)
+    out = rlkern.group_advantages(scores, group_ids=ids, estimator=estimator, backend=backend)
+    ref = group_advantages_reference(scores, group_ids=ids, estimator=estimator)
+    torch.testing.assert_close(out.advantages, ref["advantages"], rtol=1e-12, atol=0)
