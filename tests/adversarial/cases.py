@@ -206,18 +206,28 @@ ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gp
 _SPARSE_IDS = (-(2**62), -7, 0, 5, 2**40, 2**62 - 1)
 
 
+def _rare_meta(data: st.DataObject, t: torch.Tensor, label: str) -> torch.Tensor:
+    """Now and then (an uncommon draw, not the shrink target 0) move ``t`` to meta: every
+    backend must refuse it by name."""
+    return t.to("meta") if data.draw(st.integers(0, 39), label=f"{label}.meta") == 17 else t
+
+
 def _group_ids(data: st.DataObject, gen: torch.Generator, n: int) -> torch.Tensor:
-    kind = data.draw(st.sampled_from(("dense", "gaps", "singletons")), label="ids")
+    kind = data.draw(st.sampled_from(("dense", "gaps", "singletons", "int32", "stride0")),
+                     label="ids")
     if kind == "singletons":
         return torch.randperm(n, generator=gen) * 1000 - 17
-    pool = torch.arange(3) if kind == "dense" else torch.tensor(_SPARSE_IDS)
-    return pool[torch.randint(0, pool.numel(), (n,), generator=gen)]
+    pool = torch.tensor(_SPARSE_IDS) if kind == "gaps" else torch.arange(3)
+    ids = pool[torch.randint(0, pool.numel(), (n,), generator=gen)]
+    if kind == "int32":
+        return ids.to(torch.int32)
+    return lay_out(ids, "expanded") if kind == "stride0" else ids  # stride0: one group
 
 
 def _groups(data: st.DataObject, n: int, gen: torch.Generator | None = None):
     gen = gen or torch.Generator().manual_seed(n)
     if n and data.draw(st.booleans(), label="by_ids"):
-        return dict(group_ids=_maybe_meta(data, _group_ids(data, gen, n), "group_ids"))
+        return dict(group_ids=_rare_meta(data, _group_ids(data, gen, n), "group_ids"))
     size = data.draw(st.sampled_from([d for d in (1, 2, 4) if n % d == 0] or [1]), label="G")
     return dict(group_size=size)
 
@@ -231,15 +241,18 @@ def _rounded(data: st.DataObject, t: torch.Tensor, label: str) -> torch.Tensor:
 
 def _token_mask(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
                 label: str = "mask") -> torch.Tensor:
-    return lay_out(_mask(gen, shape, data),
-                   data.draw(st.sampled_from(LAYOUTS), label=f"{label}.layout"))
+    """A bool, integer or float 0/1 mask in any layout."""
+    dtype = data.draw(st.sampled_from((torch.bool, torch.float32, torch.int64)),
+                      label=f"{label}.dtype")
+    mask = _mask(gen, shape, data).to(dtype)
+    return lay_out(mask, data.draw(st.sampled_from(LAYOUTS), label=f"{label}.layout"))
 
 
 @builder("group_advantages")
 def group_advantages(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((0, 1, 4, 8)), label="N")
+    n = data.draw(st.sampled_from((4, 1, 0, 8)), label="N")
     est = data.draw(st.sampled_from(ADV_ESTIMATORS), label="estimator")
     token_level = data.draw(st.booleans(), label="token_level")
     t = data.draw(st.sampled_from((3, 1)), label="T")
@@ -257,11 +270,11 @@ def group_advantages(data: st.DataObject) -> Call:
                   **_groups(data, n, gen))
     needs_mask = token_level or est in ("unlikely", "xrpo")
     if needs_mask or data.draw(st.booleans(), label="has_mask"):
-        kwargs["mask"] = _maybe_meta(data, _token_mask(data, gen, (n, t)), "mask")
+        kwargs["mask"] = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
     if est == "opo":
         lengths = torch.randint(0, 5, (n,), generator=gen).to(
             data.draw(st.sampled_from((torch.float32, torch.int64)), label="lengths.dtype"))
-        kwargs["lengths"] = _maybe_meta(data, lengths, "lengths")
+        kwargs["lengths"] = _rare_meta(data, lengths, "lengths")
     if est in ("unlikely", "xrpo"):
         old = -_float(data, gen, (n, t), torch.float32, "old", scale=0.5,
                       kinds=("normal", "with_nan", "with_inf", "with_neg_inf", "constant")).abs()
@@ -278,7 +291,7 @@ def group_advantages(data: st.DataObject) -> Call:
 def group_stats(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((1, 4, 8, 0)), label="N")
+    n = data.draw(st.sampled_from((4, 1, 0, 8)), label="N")
     scores = _rounded(data, _float(data, gen, (n,), dtype, "scores",
                                    kinds=("normal", "constant", "huge", "tiny", "with_nan",
                                           "with_inf"), layouts=("contiguous", "expanded")),
@@ -302,7 +315,7 @@ def group_stats(data: st.DataObject) -> Call:
                                                           nan_policy=nan_policy))
         return stats.advantages(scores, ids, backend=backend, **options)
 
-    return Call("GroupStats.advantages", run, (scores, _maybe_meta(data, ids, "group_ids")), {},
+    return Call("GroupStats.advantages", run, (scores, _rare_meta(data, ids, "group_ids")), {},
                 grad_wrt=("0",), dtype=dtype, nondiff=True)
 
 
@@ -310,16 +323,14 @@ def group_stats(data: st.DataObject) -> Call:
 def discounted_returns(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
-    shape = (data.draw(st.integers(0, 3), label="N"),
-             data.draw(st.sampled_from((0, 1, 6, 33)), label="T"))
+    shape = (data.draw(st.sampled_from((2, 1, 0, 3)), label="N"),
+             data.draw(st.sampled_from((6, 1, 0, 33)), label="T"))
     rewards = _float(data, gen, shape, dtype, "rewards",
                      kinds=("normal", "with_inf", "with_nan", "with_neg_inf", "huge", "constant",
                             "tiny"))
     reset = None
     if data.draw(st.booleans(), label="r"):
-        reset = _maybe_meta(data, _token_mask(data, gen, shape, "reset"), "reset")
-        if data.draw(st.booleans(), label="reset.float"):
-            reset = reset.float()
+        reset = _rare_meta(data, _token_mask(data, gen, shape, "reset"), "reset")
     gamma = data.draw(st.sampled_from((1.0, 0.9, 0.0, -0.5, 1.5)), label="gamma")
     return Call("discounted_returns", rlkern.discounted_returns, (rewards,),
                 dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True)
@@ -329,12 +340,12 @@ def discounted_returns(data: st.DataObject) -> Call:
 def position_baseline(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((0, 1, 2, 4, 6)), label="N")
-    t = data.draw(st.integers(0, 5), label="T")
+    n = data.draw(st.sampled_from((4, 1, 2, 0, 6)), label="N")
+    t = data.draw(st.sampled_from((3, 1, 0, 5)), label="T")
     returns = _rounded(data, _float(data, gen, (n, t), dtype, "returns",
                                     kinds=("normal", "constant", "huge", "with_nan", "with_inf",
                                            "tiny")), "returns")
-    mask = _maybe_meta(data, _token_mask(data, gen, (n, t)), "mask")
+    mask = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
     return Call("position_baseline", rlkern.position_baseline, (returns, mask),
                 _groups(data, n, gen), grad_wrt=("0",), dtype=dtype, nondiff=True)
 
@@ -343,14 +354,14 @@ def position_baseline(data: st.DataObject) -> Call:
 def gtpo_weights(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((0, 1, 2, 4, 6)), label="N")
-    t = data.draw(st.integers(0, 5), label="T")
+    n = data.draw(st.sampled_from((4, 1, 2, 0, 6)), label="N")
+    t = data.draw(st.sampled_from((3, 1, 0, 5)), label="T")
     entropy = _float(data, gen, (n, t), dtype, "entropy",
                      kinds=("normal", "constant", "tiny", "huge", "with_nan", "with_inf")).abs()
     if data.draw(st.booleans(), label="zeros"):  # confident tokens: H = 0 (below eps)
         entropy = torch.where(torch.rand(entropy.shape, generator=gen) < 0.5, 0.0,
                               entropy).to(dtype)
-    mask = _maybe_meta(data, _token_mask(data, gen, (n, t)), "mask")
+    mask = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
     kwargs = dict(_groups(data, n, gen), eps=data.draw(st.sampled_from((1e-6, 0.5)), label="eps"))
     return Call("gtpo_weights", rlkern.gtpo_weights, (entropy, mask), kwargs, grad_wrt=("0",),
                 dtype=dtype, nondiff=True)
@@ -360,7 +371,7 @@ def gtpo_weights(data: st.DataObject) -> Call:
 def gigpo_advantages(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
-    s = data.draw(st.sampled_from((0, 1, 6, 9)), label="S")
+    s = data.draw(st.sampled_from((6, 1, 0, 9)), label="S")
     ep = _rounded(data, _float(data, gen, (s,), dtype, "episode",
                                kinds=("normal", "constant", "huge", "with_nan", "tiny"),
                                layouts=("contiguous", "expanded")), "episode")
@@ -371,8 +382,8 @@ def gigpo_advantages(data: st.DataObject) -> Call:
         torch.randint(0, 2, (s,), generator=gen)
     ids = _group_ids(data, gen, s)
     return Call("gigpo_advantages", rlkern.gigpo_advantages,
-                (ep, st_ret, _maybe_meta(data, keys, "keys")),
-                dict(group_ids=_maybe_meta(data, ids, "group_ids"),
+                (ep, st_ret, _rare_meta(data, keys, "keys")),
+                dict(group_ids=_rare_meta(data, ids, "group_ids"),
                      omega=data.draw(st.sampled_from((1.0, 0.0, -0.5)), label="omega"),
                      mode=data.draw(st.sampled_from(("mean_norm", "std_norm")), label="mode"),
                      step_mode=data.draw(st.sampled_from(("std_norm", "mean_norm")),
@@ -385,7 +396,7 @@ def gigpo_advantages(data: st.DataObject) -> Call:
 def empg_modulate(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
-    s = data.draw(st.sampled_from((0, 1, 5)), label="S")
+    s = data.draw(st.sampled_from((5, 1, 0, 7)), label="S")
     adv = _float(data, gen, (s,), dtype, "adv", kinds=("normal", "huge", "with_nan", "with_inf"),
                  layouts=("contiguous", "expanded"))
     h = _float(data, gen, (s,), dtype, "H", kinds=("normal", "constant", "huge", "tiny",
@@ -395,7 +406,7 @@ def empg_modulate(data: st.DataObject) -> Call:
                     kinds=("normal", "with_nan", "constant", "with_inf"),
                     layouts=("contiguous", "expanded")).abs()
     return Call("empg_modulate", rlkern.empg_modulate,
-                (adv, h, _maybe_meta(data, h_next, "H_next")),
+                (adv, h, _rare_meta(data, h_next, "H_next")),
                 dict(k=data.draw(st.sampled_from((1.0, 0.0, 30.0)), label="k"),
                      k_f=data.draw(st.sampled_from((1.0, 2.0)), label="k_f"),
                      zeta=data.draw(st.sampled_from((0.1, 0.0)), label="zeta")),

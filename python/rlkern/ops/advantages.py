@@ -153,8 +153,9 @@ def check_tensor(t: object, name: str) -> Tensor:
 
 
 def check_grouping(n: int, group_ids: object, group_size: object, device: torch.device,
-                   ) -> tuple[Tensor | None, int]:
-    """Validate ``group_ids`` xor ``group_size`` for ``n`` rows; returns (int64 ids, size)."""
+                   main: str = "scores") -> tuple[Tensor | None, int]:
+    """Validate ``group_ids`` xor ``group_size`` for ``n`` rows of the input named ``main``
+    (on ``device``); returns (int64 ids, size)."""
     if group_ids is None and group_size is None:
         raise ValueError("give the groups: either group_ids (an int64 id per response) or "
                          "group_size (contiguous groups), not neither")
@@ -173,7 +174,7 @@ def check_grouping(n: int, group_ids: object, group_size: object, device: torch.
     if ids.dim() != 1 or ids.shape[0] != n:
         raise ValueError(f"group_ids must have shape (N,) = ({n},), got {tuple(ids.shape)}")
     if ids.device != device:
-        raise ValueError(f"group_ids are on {ids.device} but scores on {device}")
+        raise ValueError(f"group_ids are on {ids.device} but {main} on {device}")
     return ids.to(torch.int64).contiguous(), 0
 
 

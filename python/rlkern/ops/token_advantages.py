@@ -200,7 +200,7 @@ def _token_inputs(x: Tensor, name: str, mask: Tensor, group_ids, group_size):
     if x.dim() != 2:
         raise ValueError(f"{name} must have shape (N, T), got {tuple(x.shape)}")
     mask = _same(mask, "mask", tuple(x.shape), x, bool_like=True)
-    ids, size = check_grouping(x.shape[0], group_ids, group_size, x.device)
+    ids, size = check_grouping(x.shape[0], group_ids, group_size, x.device, name)
     return _kernel_dtype(x), (mask != 0).contiguous(), ids, size
 
 
@@ -409,7 +409,7 @@ def gigpo_advantages(episode_returns: Tensor, step_returns: Tensor, state_keys: 
     keys = _same(state_keys, "state_keys", tuple(ep.shape), ep)
     if keys.dtype not in INDEX_DTYPES:
         raise TypeError(f"state_keys must be int64 (or int32), got {keys.dtype}")
-    ids, _ = check_grouping(ep.shape[0], group_ids, None, ep.device)
+    ids, _ = check_grouping(ep.shape[0], group_ids, None, ep.device, "episode_returns")
     if group_ids is None:  # pragma: no cover - check_grouping raises first
         raise ValueError("group_ids is required")
     for name, value in (("mode", mode), ("step_mode", step_mode)):
