@@ -232,19 +232,33 @@ def _groups(data: st.DataObject, n: int, gen: torch.Generator | None = None):
     return dict(group_size=size)
 
 
-def _rounded(data: st.DataObject, t: torch.Tensor, label: str) -> torch.Tensor:
-    """Sometimes round the values (ties, zero-variance groups, pass@k ties)."""
-    if data.draw(st.booleans(), label=f"{label}.round"):
-        return t.round()
-    return t
+#: Kinds whose finite values can overflow a sum or a difference in the output dtype.
+_EXTREME = ("huge", "finfo_min")
+
+
+def _values(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
+            dtype: torch.dtype, label: str, kinds: tuple[str, ...],
+            layouts: tuple[str, ...] = LAYOUTS, *, rounded: bool = False,
+            ) -> tuple[torch.Tensor, bool]:
+    """An input of ``kinds`` (sometimes rounded: ties, zero-variance groups, pass@k ties) and
+    whether its finite values may overflow the outputs (the harness's ``overflow_ok``: only
+    for extreme kinds, so that a NaN from ordinary finite values is never excused)."""
+    kind = data.draw(st.sampled_from(kinds), label=f"{label}.kind")
+    t = fill(kind, shape, dtype, gen)
+    if rounded and data.draw(st.booleans(), label=f"{label}.round"):
+        t = t.round()
+    return lay_out(t, data.draw(st.sampled_from(layouts), label=f"{label}.layout")), \
+        kind in _EXTREME
 
 
 def _token_mask(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
-                label: str = "mask") -> torch.Tensor:
-    """A bool, integer or float 0/1 mask in any layout."""
+                label: str = "mask", densities: tuple[float, ...] = (1.0, 0.5, 0.0),
+                ) -> torch.Tensor:
+    """A bool, integer or float 0/1 mask of a drawn density, in any layout."""
     dtype = data.draw(st.sampled_from((torch.bool, torch.float32, torch.int64)),
                       label=f"{label}.dtype")
-    mask = _mask(gen, shape, data).to(dtype)
+    density = data.draw(st.sampled_from(densities), label=f"{label}.density")
+    mask = (torch.rand(shape, generator=gen) < density).to(dtype)
     return lay_out(mask, data.draw(st.sampled_from(LAYOUTS), label=f"{label}.layout"))
 
 
@@ -256,11 +270,9 @@ def group_advantages(data: st.DataObject) -> Call:
     est = data.draw(st.sampled_from(ADV_ESTIMATORS), label="estimator")
     token_level = data.draw(st.booleans(), label="token_level")
     t = data.draw(st.sampled_from((3, 1)), label="T")
-    kind = data.draw(st.sampled_from(("normal", "constant", "with_nan", "huge", "tiny",
-                                      "with_inf")), label="scores.kind")
-    layout = data.draw(st.sampled_from(LAYOUTS), label="scores.layout")
-    scores = lay_out(_rounded(data, fill(kind, (n, t) if token_level else (n,), dtype, gen),
-                              "scores"), layout)
+    scores, extreme = _values(data, gen, (n, t) if token_level else (n,), dtype, "scores",
+                              ("normal", "constant", "with_nan", "huge", "tiny", "with_inf",
+                               "finfo_min"), rounded=True)
     batch = est in ("grpo", "unlikely", "xrpo") and data.draw(st.booleans(), label="batch")
     kwargs = dict(estimator=est, eps=data.draw(st.sampled_from((1e-6, 0.0, 1e-4)), label="eps"),
                   std=data.draw(st.sampled_from(("unbiased", "biased", "none")), label="std"),
@@ -284,7 +296,7 @@ def group_advantages(data: st.DataObject) -> Call:
     if est == "ngrpo":
         kwargs["r_max"] = data.draw(st.sampled_from((1.0, 0.0)), label="r_max")
     return Call("group_advantages", rlkern.group_advantages, (scores,), kwargs, grad_wrt=("0",),
-                dtype=dtype, nondiff=True)
+                dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
 @builder("group_stats")
@@ -292,10 +304,9 @@ def group_stats(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     n = data.draw(st.sampled_from((4, 1, 0, 8)), label="N")
-    scores = _rounded(data, _float(data, gen, (n,), dtype, "scores",
-                                   kinds=("normal", "constant", "huge", "tiny", "with_nan",
-                                          "with_inf"), layouts=("contiguous", "expanded")),
-                      "scores")
+    scores, extreme = _values(data, gen, (n,), dtype, "scores",
+                              ("normal", "constant", "huge", "tiny", "with_nan", "with_inf",
+                               "finfo_min"), ("contiguous", "expanded"), rounded=True)
     ids = _group_ids(data, gen, n)
     est = data.draw(st.sampled_from(("grpo", "dr_grpo", "rloo", "gpg", "ngrpo")),
                     label="estimator")
@@ -316,7 +327,7 @@ def group_stats(data: st.DataObject) -> Call:
         return stats.advantages(scores, ids, backend=backend, **options)
 
     return Call("GroupStats.advantages", run, (scores, _rare_meta(data, ids, "group_ids")), {},
-                grad_wrt=("0",), dtype=dtype, nondiff=True)
+                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
 @builder("discounted_returns")
@@ -325,15 +336,17 @@ def discounted_returns(data: st.DataObject) -> Call:
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     shape = (data.draw(st.sampled_from((2, 1, 0, 3)), label="N"),
              data.draw(st.sampled_from((6, 1, 0, 33)), label="T"))
-    rewards = _float(data, gen, shape, dtype, "rewards",
-                     kinds=("normal", "with_inf", "with_nan", "with_neg_inf", "huge", "constant",
-                            "tiny"))
+    rewards, extreme = _values(data, gen, shape, dtype, "rewards",
+                               ("normal", "with_inf", "with_nan", "with_neg_inf", "huge",
+                                "constant", "tiny", "finfo_min"))
     reset = None
     if data.draw(st.booleans(), label="r"):
-        reset = _rare_meta(data, _token_mask(data, gen, shape, "reset"), "reset")
+        reset = _rare_meta(data, _token_mask(data, gen, shape, "reset", (0.3, 0.0, 1.0)),
+                           "reset")
     gamma = data.draw(st.sampled_from((1.0, 0.9, 0.0, -0.5, 1.5)), label="gamma")
     return Call("discounted_returns", rlkern.discounted_returns, (rewards,),
-                dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True)
+                dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True,
+                overflow_ok=extreme or abs(gamma) > 1)
 
 
 @builder("position_baseline")
@@ -342,12 +355,13 @@ def position_baseline(data: st.DataObject) -> Call:
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     n = data.draw(st.sampled_from((4, 1, 2, 0, 6)), label="N")
     t = data.draw(st.sampled_from((3, 1, 0, 5)), label="T")
-    returns = _rounded(data, _float(data, gen, (n, t), dtype, "returns",
-                                    kinds=("normal", "constant", "huge", "with_nan", "with_inf",
-                                           "tiny")), "returns")
+    returns, extreme = _values(data, gen, (n, t), dtype, "returns",
+                               ("normal", "constant", "huge", "with_nan", "with_inf", "tiny",
+                                "finfo_min"), rounded=True)
     mask = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
     return Call("position_baseline", rlkern.position_baseline, (returns, mask),
-                _groups(data, n, gen), grad_wrt=("0",), dtype=dtype, nondiff=True)
+                _groups(data, n, gen), grad_wrt=("0",), dtype=dtype, nondiff=True,
+                overflow_ok=extreme)
 
 
 @builder("gtpo_weights")
@@ -356,15 +370,17 @@ def gtpo_weights(data: st.DataObject) -> Call:
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     n = data.draw(st.sampled_from((4, 1, 2, 0, 6)), label="N")
     t = data.draw(st.sampled_from((3, 1, 0, 5)), label="T")
-    entropy = _float(data, gen, (n, t), dtype, "entropy",
-                     kinds=("normal", "constant", "tiny", "huge", "with_nan", "with_inf")).abs()
+    entropy, extreme = _values(data, gen, (n, t), dtype, "entropy",
+                               ("normal", "constant", "tiny", "huge", "with_nan", "with_inf",
+                                "finfo_min"))
+    entropy = entropy.abs()
     if data.draw(st.booleans(), label="zeros"):  # confident tokens: H = 0 (below eps)
         entropy = torch.where(torch.rand(entropy.shape, generator=gen) < 0.5, 0.0,
                               entropy).to(dtype)
     mask = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
     kwargs = dict(_groups(data, n, gen), eps=data.draw(st.sampled_from((1e-6, 0.5)), label="eps"))
     return Call("gtpo_weights", rlkern.gtpo_weights, (entropy, mask), kwargs, grad_wrt=("0",),
-                dtype=dtype, nondiff=True)
+                dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
 @builder("gigpo_advantages")
@@ -372,12 +388,12 @@ def gigpo_advantages(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     s = data.draw(st.sampled_from((6, 1, 0, 9)), label="S")
-    ep = _rounded(data, _float(data, gen, (s,), dtype, "episode",
-                               kinds=("normal", "constant", "huge", "with_nan", "tiny"),
-                               layouts=("contiguous", "expanded")), "episode")
-    st_ret = _float(data, gen, (s,), dtype, "step",
-                    kinds=("normal", "constant", "with_nan", "with_inf", "huge"),
-                    layouts=("contiguous", "expanded"))
+    ep, extreme_ep = _values(data, gen, (s,), dtype, "episode",
+                             ("normal", "constant", "huge", "with_nan", "tiny", "finfo_min"),
+                             ("contiguous", "expanded"), rounded=True)
+    st_ret, extreme_st = _values(data, gen, (s,), dtype, "step",
+                                 ("normal", "constant", "with_nan", "with_inf", "huge",
+                                  "finfo_min"), ("contiguous", "expanded"), rounded=True)
     keys = _group_ids(data, gen, s) if data.draw(st.booleans(), label="sparse_keys") else \
         torch.randint(0, 2, (s,), generator=gen)
     ids = _group_ids(data, gen, s)
@@ -389,7 +405,7 @@ def gigpo_advantages(data: st.DataObject) -> Call:
                      step_mode=data.draw(st.sampled_from(("std_norm", "mean_norm")),
                                          label="step_mode"),
                      eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps")),
-                grad_wrt=("0",), dtype=dtype, nondiff=True)
+                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme_ep or extreme_st)
 
 
 @builder("empg_modulate")
@@ -397,20 +413,20 @@ def empg_modulate(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     s = data.draw(st.sampled_from((5, 1, 0, 7)), label="S")
-    adv = _float(data, gen, (s,), dtype, "adv", kinds=("normal", "huge", "with_nan", "with_inf"),
-                 layouts=("contiguous", "expanded"))
-    h = _float(data, gen, (s,), dtype, "H", kinds=("normal", "constant", "huge", "tiny",
-                                                   "with_nan"),
-               layouts=("contiguous", "expanded")).abs()
-    h_next = _float(data, gen, (s,), dtype, "H_next",
-                    kinds=("normal", "with_nan", "constant", "with_inf"),
-                    layouts=("contiguous", "expanded")).abs()
+    one_d = ("contiguous", "expanded")
+    adv, extreme = _values(data, gen, (s,), dtype, "adv",
+                           ("normal", "huge", "with_nan", "with_inf", "finfo_min"), one_d)
+    h, _ = _values(data, gen, (s,), dtype, "H", ("normal", "constant", "huge", "tiny",
+                                                "with_nan"), one_d)
+    h_next, _ = _values(data, gen, (s,), dtype, "H_next",
+                        ("normal", "with_nan", "constant", "with_inf"), one_d)
+    h, h_next = h.abs(), h_next.abs()
     return Call("empg_modulate", rlkern.empg_modulate,
                 (adv, h, _rare_meta(data, h_next, "H_next")),
                 dict(k=data.draw(st.sampled_from((1.0, 0.0, 30.0)), label="k"),
                      k_f=data.draw(st.sampled_from((1.0, 2.0)), label="k_f"),
                      zeta=data.draw(st.sampled_from((0.1, 0.0)), label="zeta")),
-                grad_wrt=("0",), dtype=dtype, nondiff=True)
+                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
 @builder("sample")
