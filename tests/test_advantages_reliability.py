@@ -379,3 +379,38 @@ def test_batch_constants_keep_float64_precision(backend, estimator):
     out = rlkern.group_advantages(scores, group_ids=ids, estimator=estimator, backend=backend)
     ref = group_advantages_reference(scores, group_ids=ids, estimator=estimator)
     torch.testing.assert_close(out.advantages, ref["advantages"], rtol=1e-12, atol=0)
+
+
+def _out_op_cases():
+    """The C++ ``*_out`` ops with one argument on the meta device (their Meta kernel)."""
+    x = torch.rand(4, 3)
+    s = torch.rand(4)
+    m = torch.ones(4, 3, dtype=torch.bool)
+    meta = lambda t: t.to("meta")
+    flags, hp = AdvantageConfig().kernel_args()
+    outs = lambda: [torch.empty(4) for _ in range(3)] + [torch.empty(4, dtype=torch.bool)]
+    ops = torch.ops.rlkern
+    return [
+        ("group_advantages_out", "group_ids", lambda: ops.group_advantages_out(
+            s, meta(_ids(0, 0, 1, 1)), 0, None, None, flags, hp, *outs())),
+        ("group_advantages_out", "advantages", lambda: ops.group_advantages_out(
+            s, None, 2, None, None, flags, hp, meta(torch.empty(4)), *outs()[1:])),
+        ("discounted_returns_out", "reset", lambda: ops.discounted_returns_out(
+            x, meta(m), 0.9, torch.empty(4, 3))),
+        ("position_baseline_out", "out", lambda: ops.position_baseline_out(
+            x, m, None, 2, meta(torch.empty(4, 3)))),
+        ("empg_modulate_out", "step_entropy", lambda: ops.empg_modulate_out(
+            s, meta(s), s, 1.0, 1.0, 0.1, torch.empty(4))),
+    ]
+
+
+@pytest.mark.parametrize("case", _out_op_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
+def test_out_op_refuses_a_meta_argument_by_name(case):
+    _, name, call = case
+    with pytest.raises(RuntimeError, match=f"{name}: expected device cpu"):
+        call()
+
+
+def test_out_op_on_meta_tensors_only_is_a_no_op():
+    x = torch.empty(4, 3, device="meta")
+    torch.ops.rlkern.discounted_returns_out(x, None, 0.9, torch.empty_like(x))
