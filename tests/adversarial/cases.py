@@ -244,6 +244,11 @@ def _values(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
     whether its finite values may overflow the outputs (the harness's ``overflow_ok``: only
     for extreme kinds, so that a NaN from ordinary finite values is never excused)."""
     kind = data.draw(st.sampled_from(kinds), label=f"{label}.kind")
+    if kind == "finfo_min" and dtype == torch.float64:
+        # float64's extremes overflow the float64 accumulation itself (Σ of two of them), where
+        # no result means anything and where inf or NaN lands depends on the order of the
+        # operations; the extremes of the narrower dtypes are well inside its range.
+        kind = "huge"
     t = fill(kind, shape, dtype, gen)
     if rounded and data.draw(st.booleans(), label=f"{label}.round"):
         t = t.round()
