@@ -220,13 +220,15 @@ def test_outputs_do_not_require_grad(op, backend):
 
 # ------------------------------------------------------------------------------------ devices
 
+def _device_inputs():
+    """Small valid inputs (scores, tokens, mask, ids) and the move of one to meta."""
+    return (torch.tensor([1.0, 0.0, 2.0, 2.0]), torch.rand(4, 3),
+            torch.ones(4, 3, dtype=torch.bool), _ids(0, 0, 1, 1), lambda t: t.to("meta"))
+
+
 def _foreign_device_cases():
     """(op, argument name, call with that argument on the meta device)."""
-    s = torch.tensor([1.0, 0.0, 2.0, 2.0])
-    x = torch.rand(4, 3)
-    m = torch.ones(4, 3, dtype=torch.bool)
-    ids = _ids(0, 0, 1, 1)
-    meta = lambda t: t.to("meta")
+    s, x, m, ids, meta = _device_inputs()
     ga = rlkern.group_advantages
     return [
         ("group_advantages", "group_ids", lambda b: ga(s, group_ids=meta(ids), backend=b)),
@@ -266,22 +268,9 @@ def _foreign_device_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _foreign_device_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
-def test_argument_on_another_device_raises_naming_it(case, backend):
-    _, name, call = case
-    with pytest.raises(ValueError, match=name):
-        call(backend)
-
-
 def _op_cases():
-    """The registered functional ops, called directly with one argument on the meta device:
-    they must refuse it (never return the fake implementation's uninitialised outputs)."""
-    s = torch.tensor([1.0, 0.0, 2.0, 2.0])
-    x = torch.rand(4, 3)
-    m = torch.ones(4, 3, dtype=torch.bool)
-    ids = _ids(0, 0, 1, 1)
-    meta = lambda t: t.to("meta")
+    """The registered functional ops, called directly with one argument on the meta device."""
+    s, x, m, ids, meta = _device_inputs()
     flags, hp = AdvantageConfig(estimator="opo").kernel_args()
     ops = torch.ops.rlkern
     return [
@@ -303,9 +292,13 @@ def _op_cases():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _op_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
-def test_registered_op_refuses_an_argument_on_another_device(case, backend):
-    _, name, call = case
+@pytest.mark.parametrize("case", [("public", *c) for c in _foreign_device_cases()]
+                         + [("registered op", *c) for c in _op_cases()],
+                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_argument_on_another_device_raises_naming_it(case, backend):
+    # The public functions, and the registered functional ops called directly (which must
+    # never return their fake implementation's uninitialised outputs).
+    _, _, name, call = case
     with pytest.raises(ValueError, match=name):
         call(backend)
 
@@ -383,10 +376,7 @@ def test_batch_constants_keep_float64_precision(backend, estimator):
 
 def _out_op_cases():
     """The C++ ``*_out`` ops with one argument on the meta device (their Meta kernel)."""
-    x = torch.rand(4, 3)
-    s = torch.rand(4)
-    m = torch.ones(4, 3, dtype=torch.bool)
-    meta = lambda t: t.to("meta")
+    s, x, m, _, meta = _device_inputs()
     flags, hp = AdvantageConfig().kernel_args()
     outs = lambda: [torch.empty(4) for _ in range(3)] + [torch.empty(4, dtype=torch.bool)]
     ops = torch.ops.rlkern
