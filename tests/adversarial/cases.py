@@ -274,7 +274,7 @@ def group_advantages(data: st.DataObject) -> Call:
     n = data.draw(st.sampled_from((4, 1, 0, 8)), label="N")
     est = data.draw(st.sampled_from(ADV_ESTIMATORS), label="estimator")
     token_level = data.draw(st.booleans(), label="token_level")
-    t = data.draw(st.sampled_from((3, 1)), label="T")
+    t = data.draw(st.sampled_from((1, 0, 3)), label="T")
     scores, extreme = _values(data, gen, (n, t) if token_level else (n,), dtype, "scores",
                               ("normal", "constant", "with_nan", "huge", "tiny", "with_inf",
                                "finfo_min"), rounded=True)
