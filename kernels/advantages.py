@@ -235,6 +235,14 @@ def _sigma(m2, n, BIASED: tl.constexpr):
 
 
 @triton.jit
+def _inverse_spread(sigma, eps):
+    """1 / (σ + eps), or 0 where σ + eps = 0 (inverse_spread of rlkern/group_stats.h: σ = 0
+    puts every row on its group's mean, so A = 0, not 0·(1/0) = NaN)."""
+    d = sigma + eps
+    return tl.where(d != 0.0, 1.0 / tl.where(d != 0.0, d, 1.0), 0.0)
+
+
+@triton.jit
 def _rows_finish_kernel(
     scores_ptr,  # (N,) fp32 / fp64 (the score, or r' for unlikely via xr_ptr)
     xr_ptr,  # (N,) fp64, read when UNLIKELY
@@ -307,11 +315,11 @@ def _rows_finish_kernel(
         center = tl.where(single, 0.0, tl.where(wsum > 0.0, mean + wdev / wsum, mean))
     elif ESTIMATOR == "rloo":
         scale = tl.where(single, 1.0, n / (n - 1.0))
-    elif ESTIMATOR == "gpg":
-        scale += tl.load(params_ptr + _P_GPG_ALPHA) - 1.0
+    elif ESTIMATOR == "gpg":  # (scale·0 + a: the constant broadcast without rounding it)
+        scale = scale * 0.0 + tl.load(params_ptr + _P_GPG_ALPHA)
     elif ESTIMATOR == "reinforce_pp_baseline":  # (c − mean c)·rstd with c = x − center
         center += tl.load(params_ptr + _P_WHITE_MEAN)
-        scale += tl.load(params_ptr + _P_WHITE_RSTD) - 1.0
+        scale = scale * 0.0 + tl.load(params_ptr + _P_WHITE_RSTD)
     elif ESTIMATOR == "ngrpo":  # one Welford step with the virtual sample r_max
         r_max = tl.load(params_ptr + _P_R_MAX)
         n2 = n + 1.0
@@ -319,13 +327,13 @@ def _rows_finish_kernel(
         m22 = m2 + (r_max - mean) * (r_max - mean2)
         center = mean2
         if divide:
-            scale = 1.0 / (_sigma(m22, n2, biased) + eps)
+            scale = _inverse_spread(_sigma(m22, n2, biased), eps)
     elif ESTIMATOR == "grpo" or ESTIMATOR == "unlikely" or ESTIMATOR == "xrpo":
         if divide:
             if BATCH_SCOPE:
-                scale = scale * 0.0 + 1.0 / (tl.load(params_ptr + _P_BATCH_STD) + eps)
+                scale = scale * 0.0 + _inverse_spread(tl.load(params_ptr + _P_BATCH_STD), eps)
             else:
-                scale = 1.0 / (tl.where(single, 1.0, sigma) + eps)
+                scale = _inverse_spread(tl.where(single, 1.0, sigma), eps)
     a = (x - center) * scale
     if ESTIMATOR == "xrpo":  # novelty-aware sharpening of positive advantages
         lam = tl.load(params_ptr + _P_LAM)
@@ -341,7 +349,8 @@ def _rows_finish_kernel(
         top_row = tl.load(ext_ptr + ge + _X_TOP_ROW, mask=in_range, other=-1.0)
         gap = top1 - top2
         if divide:
-            gap = gap / (tl.where(single, 0.0, sigma) + eps)
+            spread = tl.where(single, 0.0, sigma) + eps  # σ = 0: top1 == top2, A = 0
+            gap = tl.where(spread != 0.0, gap / tl.where(spread != 0.0, spread, 1.0), 0.0)
         a = tl.where(rows.to(tl.float64) == top_row, gap, 0.0)
     a = tl.where(valid & active, a, 0.0)
     tl.store(adv_ptr + rows, a, mask=in_range)

@@ -24,9 +24,16 @@ __all__ = ["AOT_SPECS", "discounted_returns", "empg_modulate", "position_sums"]
 
 
 @triton.jit
+def _discount_product(a, g):
+    # a·g, exactly 0 where either factor is 0 (discount_product of rlkern/group_stats.h): a
+    # reset (a = 0) drops the carry even when it is ±inf or NaN, so nothing leaks across it.
+    return tl.where(a == 0.0, 0.0, tl.where(g == 0.0, 0.0, a * g))
+
+
+@triton.jit
 def _affine_combine(a1, b1, a2, b2):
     # f2 ∘ f1 for f(G) = b + a·G: applying the earlier (a1, b1) first.
-    return a1 * a2, b2 + a2 * b1
+    return _discount_product(a1, a2), b2 + _discount_product(a2, b1)
 
 
 @triton.jit
@@ -40,7 +47,8 @@ def _discounted_returns_kernel(
     HAS_RESET: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """One program per row: G[t] = r[t] + γ·(1 − reset[t])·G[t + 1], scanned from the end.
+    """One program per row: G[t] = r[t] + a[t]·G[t + 1], a = γ·(1 − reset[t]), scanned from
+    the end (a zero a drops the carry, whatever it holds).
 
     Each chunk is loaded back to front and scanned forwards as a composition of the affine maps
     G ↦ r + a·G (an associative scan), then applied to the carry of the chunk after it.
@@ -59,9 +67,16 @@ def _discounted_returns_kernel(
             reset = tl.load(reset_ptr + base + t, mask=ok, other=0)
             a = tl.where(reset != 0, 0.0, a)
         a_acc, b_acc = tl.associative_scan((a, r), 0, _affine_combine)
-        g = b_acc + a_acc * carry
+        g = b_acc + _discount_product(a_acc, carry)
         tl.store(out_ptr + base + t, g, mask=ok)
         carry = tl.sum(tl.where(k == BLOCK_T - 1, g, 0.0), axis=0)  # the chunk's last (= t0)
+
+
+@triton.jit
+def _floor(x, eps):
+    # max(x, eps) that keeps a NaN x NaN, as std::max(x, eps) in C++ and clamp_min in torch
+    # (tl.maximum returns eps for a NaN x).
+    return tl.where(x < eps, eps, x)
 
 
 @triton.jit
@@ -103,7 +118,7 @@ def _position_sums_kernel(
                                      CONTIGUOUS)
         if GTPO:
             sum_a += tl.where(v, x, 0.0)
-            sum_b += tl.where(v, 1.0 / tl.maximum(x, eps), 0.0)
+            sum_b += tl.where(v, 1.0 / _floor(x, eps), 0.0)
         else:
             sum_a += tl.where(v, x, 0.0)
             sum_b += v.to(tl.float64)
@@ -112,7 +127,7 @@ def _position_sums_kernel(
                                      CONTIGUOUS)
         if GTPO:
             w = tl.where(v & (sum_a != 0.0), x / tl.where(sum_a != 0.0, sum_a, 1.0), 0.0)
-            w_inv = tl.where(v, (1.0 / tl.maximum(x, eps)) / tl.where(v, sum_b, 1.0), 0.0)
+            w_inv = tl.where(v, (1.0 / _floor(x, eps)) / tl.where(v, sum_b, 1.0), 0.0)
             tl.store(out_a_ptr + row * seq_len + t, w, mask=t_ok)
             tl.store(out_b_ptr + row * seq_len + t, w_inv, mask=t_ok)
         else:

@@ -263,3 +263,32 @@ def test_group_stats_steps(kernels, options):
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "ngrpo", "grpo_passk", "unlikely", "xrpo"])
+def test_zero_variance_group_with_eps_zero_gives_exactly_zero(kernels, estimator):
+    scores = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 2.0])
+    extra = estimator_inputs(estimator, 8, torch.Generator().manual_seed(1))
+    adv, *_ = _run(kernels, scores, estimator=estimator, group_size=4, eps=0.0,
+                   **({"r_max": 0.0} if estimator == "ngrpo" else {}), **extra)
+    adv = adv if adv.dim() == 1 else adv[:, 0]
+    assert torch.isfinite(adv).all(), adv
+    assert torch.equal(adv[:4], torch.zeros(4))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.0])
+def test_discounted_returns_no_return_flows_across_a_reset(kernels, gamma):
+    # Long rows (several warp chunks): ±inf / NaN after a reset (or with γ = 0) stay there.
+    t = 70
+    gen = torch.Generator().manual_seed(4)
+    rewards = torch.randn(3, t, generator=gen, dtype=torch.float64)
+    reset = torch.zeros(3, t, dtype=torch.bool)
+    for row, (pos, bad) in enumerate(((40, math.inf), (33, math.nan), (5, -math.inf))):
+        reset[row, pos - 1] = True
+        rewards[row, pos] = bad
+    out = torch.empty_like(rewards)
+    kernels.check(kernels.returns(rewards.data_ptr(), 1, 3, t, _ptr(reset), gamma,
+                                  out.data_ptr(), None))
+    ref = discounted_returns_reference(rewards, gamma=gamma, reset=reset)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert torch.isfinite(out[0, :40]).all() and torch.isfinite(out[1, :33]).all()

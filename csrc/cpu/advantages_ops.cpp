@@ -5,6 +5,8 @@
 // other caller.
 #include "cpu/advantages_ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -113,6 +115,11 @@ void group_advantages_out_cpu(const at::Tensor& scores, const MaybeTensor& group
   TORCH_CHECK_VALUE(a.weights != nullptr || e != kOpo, "weights: opo needs the response lengths");
   TORCH_CHECK_VALUE(a.loglik != nullptr || (e != kUnlikely && e != kXrpo),
                     "loglik: required by unlikely and xrpo");
+  // unlikely sorts by ŝ and xrpo averages it: a NaN would break the sort's strict weak order.
+  // rlkern.group_advantages applies nan_policy to such rows first (config.loglik_policy).
+  for (int64_t i = 0; a.loglik != nullptr && i < n; ++i)
+    TORCH_CHECK_VALUE(score_is_valid(a.loglik[i]), "loglik: row ", i,
+                      " is NaN or infinite (rlkern.group_advantages applies nan_policy to it)");
   a.out = row_outputs(advantages, group_mean, group_std, zero_variance_mask, scores);
   raise_status(cpu::group_advantages(a), "scores");
 }
@@ -247,7 +254,38 @@ void empg_modulate_out_cpu(const at::Tensor& advantages, const at::Tensor& step_
                      next_step_entropy.const_data_ptr(), f64, n, k, k_f, zeta, out.data_ptr());
 }
 
+// Meta kernel of every op of the family (they only fill caller-provided outputs). On meta
+// tensors there is nothing to compute; a meta tensor among CPU (or CUDA) ones is an argument on
+// the wrong device and is refused by name, as the CPU and CUDA glue refuse any other device
+// (checks::same_device), instead of the dispatcher's "no Meta kernel" error.
+void meta_same_device(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const auto inputs = torch::jit::last(*stack, args.size());
+  const at::Tensor* like = nullptr;
+  const char* like_name = nullptr;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (!inputs[i].isTensor()) continue;  // numbers, lists, absent optionals
+    const at::Tensor& t = inputs[i].toTensor();
+    if (like == nullptr) {
+      like = &t;
+      like_name = args[i].name().c_str();
+      continue;
+    }
+    TORCH_CHECK(t.device() == like->device(), args[i].name(), ": expected device ",
+                like->device(), " (that of ", like_name, "), got ", t.device());
+  }
+  torch::jit::drop(*stack, args.size());
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
+  for (const char* op : {"group_advantages_out", "group_moments_out", "group_finish_out",
+                         "group_moments_merge_out", "discounted_returns_out",
+                         "position_baseline_out", "gtpo_weights_out", "gigpo_advantages_out",
+                         "empg_modulate_out", "group_segment_stats_out", "group_rows_finish_out"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&meta_same_device>());
+}
 
 void register_advantages_cpu(torch::Library& m) {
   // Each op by its name, implemented by <name>_cpu.

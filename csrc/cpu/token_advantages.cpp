@@ -27,8 +27,8 @@ void returns_rows(const T* r, int64_t t_len, const uint8_t* reset, double gamma,
     T* oi = out + i * t_len;
     double carry = 0.0;
     for (int64_t t = t_len - 1; t >= 0; --t) {
-      if (reset != nullptr && reset[i * t_len + t]) carry = 0.0;
-      carry = double(ri[t]) + gamma * carry;
+      const double a = (reset != nullptr && reset[i * t_len + t]) ? 0.0 : gamma;
+      carry = double(ri[t]) + discount_product(a, carry);
       oi[t] = T(carry);
     }
   }
@@ -118,7 +118,10 @@ int64_t first_nonfinite(const T* x, int64_t n) {
 double normalised(const GroupMoments& m, double x, bool divide, double eps) {
   if (m.n < 2.0) return 0.0;  // singleton (step) group: no relative signal
   const double d = x - m.mean;
-  return divide ? d / (moments_std(m, kStdUnbiased) + eps) : d;
+  if (!divide) return d;
+  // σ + eps = 0 (eps = 0, a zero-variance group: d = 0): A = 0, as inverse_spread gives.
+  const double spread = moments_std(m, kStdUnbiased) + eps;
+  return spread != 0.0 ? d / spread : 0.0;
 }
 
 template <typename T>

@@ -313,11 +313,11 @@ __device__ __forceinline__ void returns_row(const T* __restrict__ rewards,
       const double pm = __shfl_up_sync(kFull, m, d);
       const double pb = __shfl_up_sync(kFull, b, d);
       if (lane >= d) {
-        b = b + m * pb;
-        m = m * pm;
+        b = b + discount_product(m, pb);
+        m = discount_product(m, pm);
       }
     }
-    const double g = b + m * carry;
+    const double g = b + discount_product(m, carry);
     if (ok) o[t] = static_cast<T>(g);
     carry = __shfl_sync(kFull, g, kWarp - 1);
   }

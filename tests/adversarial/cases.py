@@ -194,126 +194,244 @@ def linear_grpo_loss(data: st.DataObject) -> Call:
                 grad_wrt=("0", "1", "bias"), dtype=dtype, overflow_ok=True)
 
 
-def _groups(data: st.DataObject, n: int):
+# --------------------------------------------------------------------------------------------
+# The advantages family. Ids come in every form trainers hand over (small dense ids, sparse
+# ids with gaps, negative and near ±2^62, all-distinct ids: singleton groups) or as contiguous
+# groups; scores are often rounded so that ties, zero-variance groups and pass@k ties are
+# common; every option of each op is drawn.
+
+ADV_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo", "gpg",
+                  "grpo_passk", "ngrpo", "unlikely", "xrpo")
+_SPARSE_IDS = (-(2**62), -7, 0, 5, 2**40, 2**62 - 1)
+
+
+def _rare_meta(data: st.DataObject, t: torch.Tensor, label: str) -> torch.Tensor:
+    """Now and then (an uncommon draw, not the shrink target 0) move ``t`` to meta: every
+    backend must refuse it by name."""
+    return t.to("meta") if data.draw(st.integers(0, 39), label=f"{label}.meta") == 17 else t
+
+
+def _group_ids(data: st.DataObject, gen: torch.Generator, n: int) -> torch.Tensor:
+    kind = data.draw(st.sampled_from(("dense", "gaps", "singletons", "int32", "stride0")),
+                     label="ids")
+    if kind == "singletons":
+        return torch.randperm(n, generator=gen) * 1000 - 17
+    pool = torch.tensor(_SPARSE_IDS) if kind == "gaps" else torch.arange(3)
+    ids = pool[torch.randint(0, pool.numel(), (n,), generator=gen)]
+    if kind == "int32":
+        return ids.to(torch.int32)
+    return lay_out(ids, "expanded") if kind == "stride0" else ids  # stride0: one group
+
+
+def _groups(data: st.DataObject, n: int, gen: torch.Generator | None = None):
+    gen = gen or torch.Generator().manual_seed(n)
     if n and data.draw(st.booleans(), label="by_ids"):
-        return dict(group_ids=torch.randint(0, 3, (n,),
-                                            generator=torch.Generator().manual_seed(n)))
+        return dict(group_ids=_rare_meta(data, _group_ids(data, gen, n), "group_ids"))
     size = data.draw(st.sampled_from([d for d in (1, 2, 4) if n % d == 0] or [1]), label="G")
     return dict(group_size=size)
+
+
+#: Kinds whose finite values can overflow a sum or a difference in the output dtype.
+_EXTREME = ("huge", "finfo_min")
+
+
+def _values(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
+            dtype: torch.dtype, label: str, kinds: tuple[str, ...],
+            layouts: tuple[str, ...] = LAYOUTS, *, rounded: bool = False,
+            ) -> tuple[torch.Tensor, bool]:
+    """An input of ``kinds`` (sometimes rounded: ties, zero-variance groups, pass@k ties) and
+    whether its finite values may overflow the outputs (the harness's ``overflow_ok``: only
+    for extreme kinds, so that a NaN from ordinary finite values is never excused)."""
+    kind = data.draw(st.sampled_from(kinds), label=f"{label}.kind")
+    if kind == "finfo_min" and dtype == torch.float64:
+        # float64's extremes overflow the float64 accumulation itself (Σ of two of them), where
+        # no result means anything and where inf or NaN lands depends on the order of the
+        # operations; the extremes of the narrower dtypes are well inside its range.
+        kind = "huge"
+    t = fill(kind, shape, dtype, gen)
+    if rounded and data.draw(st.booleans(), label=f"{label}.round"):
+        t = t.round()
+    return lay_out(t, data.draw(st.sampled_from(layouts), label=f"{label}.layout")), \
+        kind in _EXTREME
+
+
+def _token_mask(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
+                label: str = "mask", densities: tuple[float, ...] = (1.0, 0.5, 0.0),
+                ) -> torch.Tensor:
+    """A bool, integer or float 0/1 mask of a drawn density, in any layout."""
+    dtype = data.draw(st.sampled_from((torch.bool, torch.float32, torch.int64)),
+                      label=f"{label}.dtype")
+    density = data.draw(st.sampled_from(densities), label=f"{label}.density")
+    mask = (torch.rand(shape, generator=gen) < density).to(dtype)
+    return lay_out(mask, data.draw(st.sampled_from(LAYOUTS), label=f"{label}.layout"))
 
 
 @builder("group_advantages")
 def group_advantages(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((0, 1, 4, 8)), label="N")
-    scores = _float(data, gen, (n,), dtype, "scores",
-                    kinds=("normal", "constant", "with_nan", "huge", "tiny", "with_inf"),
-                    layouts=("contiguous", "expanded"))
-    est = data.draw(st.sampled_from(("grpo", "dr_grpo", "rloo", "gpg", "opo", "unlikely",
-                                     "xrpo")), label="estimator")
-    kwargs = dict(estimator=est, eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps"),
-                  nan_policy=data.draw(st.sampled_from(("raise", "omit", "zero")), label="nan"),
-                  **_groups(data, n))
-    if est in ("unlikely", "xrpo", "opo"):
-        t = 3
-        kwargs["mask"] = torch.ones(n, t, dtype=torch.bool)
-        old = _float(data, gen, (n, t), torch.float32, "old", scale=0.5,
-                     kinds=("normal", "with_nan", "constant"))
-        if est != "opo":
-            kwargs["old_logprobs"] = old
-        else:
-            kwargs["lengths"] = torch.full((n,), 3.0)
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((4, 1, 0, 8)), label="N")
+    est = data.draw(st.sampled_from(ADV_ESTIMATORS), label="estimator")
+    token_level = data.draw(st.booleans(), label="token_level")
+    t = data.draw(st.sampled_from((1, 0, 3)), label="T")
+    scores, extreme = _values(data, gen, (n, t) if token_level else (n,), dtype, "scores",
+                              ("normal", "constant", "with_nan", "huge", "tiny", "with_inf",
+                               "finfo_min"), rounded=True)
+    batch = est in ("grpo", "unlikely", "xrpo") and data.draw(st.booleans(), label="batch")
+    kwargs = dict(estimator=est, eps=data.draw(st.sampled_from((1e-6, 0.0, 1e-4)), label="eps"),
+                  std=data.draw(st.sampled_from(("unbiased", "biased", "none")), label="std"),
+                  std_scope="batch" if batch else "group",
+                  singleton=data.draw(st.sampled_from(("zero", "verl")), label="singleton"),
+                  nan_policy=data.draw(st.sampled_from(("raise", "omit")), label="nan"),
+                  **_groups(data, n, gen))
+    needs_mask = token_level or est in ("unlikely", "xrpo")
+    if needs_mask or data.draw(st.booleans(), label="has_mask"):
+        kwargs["mask"] = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
+    if est == "opo":
+        lengths = torch.randint(0, 5, (n,), generator=gen).to(
+            data.draw(st.sampled_from((torch.float32, torch.int64)), label="lengths.dtype"))
+        kwargs["lengths"] = _rare_meta(data, lengths, "lengths")
+    if est in ("unlikely", "xrpo"):
+        old = -_float(data, gen, (n, t), torch.float32, "old", scale=0.5,
+                      kinds=("normal", "with_nan", "with_inf", "with_neg_inf", "constant")).abs()
+        kwargs["old_logprobs"] = _maybe_meta(data, old, "old")
+        lam = data.draw(st.sampled_from((None, 0.5)), label="lam")
+        kwargs.update(lam=0.5 if est == "xrpo" else lam, kappa=0.3 if est == "xrpo" else None)
+    if est == "ngrpo":
+        kwargs["r_max"] = data.draw(st.sampled_from((1.0, 0.0)), label="r_max")
     return Call("group_advantages", rlkern.group_advantages, (scores,), kwargs, grad_wrt=("0",),
-                dtype=dtype, nondiff=True, overflow_ok=True)
+                dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
 @builder("group_stats")
 def group_stats(data: st.DataObject) -> Call:
     gen = _gen(data)
-    n = data.draw(st.sampled_from((1, 4, 8)), label="N")
-    scores = _float(data, gen, (n,), torch.float32, "scores",
-                    kinds=("normal", "constant", "huge", "tiny"))
-    ids = torch.randint(0, 3, (n,), generator=gen)
-    eps = data.draw(st.sampled_from((1e-6, 0.0)), label="eps")
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((4, 1, 0, 8)), label="N")
+    scores, extreme = _values(data, gen, (n,), dtype, "scores",
+                              ("normal", "constant", "huge", "tiny", "with_nan", "with_inf",
+                               "finfo_min"), ("contiguous", "expanded"), rounded=True)
+    ids = _group_ids(data, gen, n)
+    est = data.draw(st.sampled_from(("grpo", "dr_grpo", "rloo", "gpg", "ngrpo")),
+                    label="estimator")
+    options = dict(estimator=est, eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps"),
+                   std=data.draw(st.sampled_from(("unbiased", "biased", "none")), label="std"),
+                   std_scope="batch" if est == "grpo" and data.draw(st.booleans(),
+                                                                      label="batch") else "group",
+                   singleton=data.draw(st.sampled_from(("zero", "verl")), label="singleton"),
+                   r_max=data.draw(st.sampled_from((1.0, 0.0)), label="r_max"))
+    nan_policy = data.draw(st.sampled_from(("raise", "omit")), label="nan")
+    # Statistics of one batch, or of two micro-batches merged (Chan's formula).
+    split = data.draw(st.sampled_from((0, 1, n // 2)), label="split")
 
     def run(scores: torch.Tensor, ids: torch.Tensor, *, backend: str):
-        stats = rlkern.GroupStats.from_scores(scores, ids)
-        return stats.advantages(scores, ids, eps=eps, backend=backend)
+        stats = rlkern.GroupStats.from_scores(scores[:split], ids[:split], nan_policy=nan_policy)
+        stats = stats.merge(rlkern.GroupStats.from_scores(scores[split:], ids[split:],
+                                                          nan_policy=nan_policy))
+        return stats.advantages(scores, ids, backend=backend, **options)
 
-    return Call("GroupStats.advantages", run, (scores, ids), {}, dtype=torch.float32)
+    return Call("GroupStats.advantages", run, (scores, _rare_meta(data, ids, "group_ids")), {},
+                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
 @builder("discounted_returns")
 def discounted_returns(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    shape = (data.draw(st.integers(0, 3), label="N"), data.draw(st.integers(0, 6), label="T"))
-    rewards = _float(data, gen, shape, dtype, "rewards",
-                     kinds=("normal", "with_inf", "with_nan", "huge", "constant"))
-    reset = torch.rand(shape, generator=gen) < 0.3 if data.draw(st.booleans(), label="r") \
-        else None
-    gamma = data.draw(st.sampled_from((1.0, 0.9, 0.0)), label="gamma")
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    shape = (data.draw(st.sampled_from((2, 1, 0, 3)), label="N"),
+             data.draw(st.sampled_from((6, 1, 0, 33)), label="T"))
+    rewards, extreme = _values(data, gen, shape, dtype, "rewards",
+                               ("normal", "with_inf", "with_nan", "with_neg_inf", "huge",
+                                "constant", "tiny", "finfo_min"))
+    reset = None
+    if data.draw(st.booleans(), label="r"):
+        reset = _rare_meta(data, _token_mask(data, gen, shape, "reset", (0.3, 0.0, 1.0)),
+                           "reset")
+    gamma = data.draw(st.sampled_from((1.0, 0.9, 0.0, -0.5, 1.5)), label="gamma")
     return Call("discounted_returns", rlkern.discounted_returns, (rewards,),
                 dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True,
-                overflow_ok=True)
+                overflow_ok=extreme or abs(gamma) > 1)
 
 
 @builder("position_baseline")
 def position_baseline(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((0, 2, 4)), label="N")
-    t = data.draw(st.integers(0, 5), label="T")
-    returns = _float(data, gen, (n, t), dtype, "returns",
-                     kinds=("normal", "constant", "huge", "with_nan"))
-    return Call("position_baseline", rlkern.position_baseline, (returns, _mask(gen, (n, t), data)),
-                _groups(data, n), grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((4, 1, 2, 0, 6)), label="N")
+    t = data.draw(st.sampled_from((3, 1, 0, 5)), label="T")
+    returns, extreme = _values(data, gen, (n, t), dtype, "returns",
+                               ("normal", "constant", "huge", "with_nan", "with_inf", "tiny",
+                                "finfo_min"), rounded=True)
+    mask = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
+    return Call("position_baseline", rlkern.position_baseline, (returns, mask),
+                _groups(data, n, gen), grad_wrt=("0",), dtype=dtype, nondiff=True,
+                overflow_ok=extreme)
 
 
 @builder("gtpo_weights")
 def gtpo_weights(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    n = data.draw(st.sampled_from((0, 2, 4)), label="N")
-    t = data.draw(st.integers(0, 5), label="T")
-    entropy = _float(data, gen, (n, t), dtype, "entropy",
-                     kinds=("normal", "constant", "tiny", "huge")).abs()
-    return Call("gtpo_weights", rlkern.gtpo_weights, (entropy, _mask(gen, (n, t), data)),
-                _groups(data, n), grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    n = data.draw(st.sampled_from((4, 1, 2, 0, 6)), label="N")
+    t = data.draw(st.sampled_from((3, 1, 0, 5)), label="T")
+    entropy, extreme = _values(data, gen, (n, t), dtype, "entropy",
+                               ("normal", "constant", "tiny", "huge", "with_nan", "with_inf",
+                                "finfo_min"))
+    entropy = entropy.abs()
+    if data.draw(st.booleans(), label="zeros"):  # confident tokens: H = 0 (below eps)
+        entropy = torch.where(torch.rand(entropy.shape, generator=gen) < 0.5, 0.0,
+                              entropy).to(dtype)
+    mask = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
+    kwargs = dict(_groups(data, n, gen), eps=data.draw(st.sampled_from((1e-6, 0.5)), label="eps"))
+    return Call("gtpo_weights", rlkern.gtpo_weights, (entropy, mask), kwargs, grad_wrt=("0",),
+                dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
 @builder("gigpo_advantages")
 def gigpo_advantages(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
-    s = data.draw(st.sampled_from((0, 1, 6)), label="S")
-    ep = _float(data, gen, (s,), dtype, "episode", kinds=("normal", "constant", "huge"),
-                layouts=("contiguous",))
-    st_ret = _float(data, gen, (s,), dtype, "step", kinds=("normal", "constant", "with_nan"),
-                    layouts=("contiguous",))
-    keys = torch.randint(0, 2, (s,), generator=gen)
-    ids = torch.randint(0, 2, (s,), generator=gen)
-    return Call("gigpo_advantages", rlkern.gigpo_advantages, (ep, st_ret, keys),
-                dict(group_ids=ids, omega=1.0,
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    s = data.draw(st.sampled_from((6, 1, 0, 9)), label="S")
+    ep, extreme_ep = _values(data, gen, (s,), dtype, "episode",
+                             ("normal", "constant", "huge", "with_nan", "tiny", "finfo_min"),
+                             ("contiguous", "expanded"), rounded=True)
+    st_ret, extreme_st = _values(data, gen, (s,), dtype, "step",
+                                 ("normal", "constant", "with_nan", "with_inf", "huge",
+                                  "finfo_min"), ("contiguous", "expanded"), rounded=True)
+    keys = _group_ids(data, gen, s) if data.draw(st.booleans(), label="sparse_keys") else \
+        torch.randint(0, 2, (s,), generator=gen)
+    ids = _group_ids(data, gen, s)
+    return Call("gigpo_advantages", rlkern.gigpo_advantages,
+                (ep, st_ret, _rare_meta(data, keys, "keys")),
+                dict(group_ids=_rare_meta(data, ids, "group_ids"),
+                     omega=data.draw(st.sampled_from((1.0, 0.0, -0.5)), label="omega"),
                      mode=data.draw(st.sampled_from(("mean_norm", "std_norm")), label="mode"),
+                     step_mode=data.draw(st.sampled_from(("std_norm", "mean_norm")),
+                                         label="step_mode"),
                      eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps")),
-                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme_ep or extreme_st)
 
 
 @builder("empg_modulate")
 def empg_modulate(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from((torch.float32, torch.float64)), label="dtype")
-    s = data.draw(st.sampled_from((0, 1, 5)), label="S")
-    adv = _float(data, gen, (s,), dtype, "adv", kinds=("normal", "huge", "with_nan"),
-                 layouts=("contiguous",))
-    h = _float(data, gen, (s,), dtype, "H", kinds=("normal", "constant", "huge"),
-               layouts=("contiguous",)).abs()
-    h_next = _float(data, gen, (s,), dtype, "H_next", kinds=("normal", "with_nan", "constant"),
-                    layouts=("contiguous",)).abs()
-    return Call("empg_modulate", rlkern.empg_modulate, (adv, h, h_next), {},
-                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=True)
+    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    s = data.draw(st.sampled_from((5, 1, 0, 7)), label="S")
+    one_d = ("contiguous", "expanded")
+    adv, extreme = _values(data, gen, (s,), dtype, "adv",
+                           ("normal", "huge", "with_nan", "with_inf", "finfo_min"), one_d)
+    h, _ = _values(data, gen, (s,), dtype, "H", ("normal", "constant", "huge", "tiny",
+                                                "with_nan"), one_d)
+    h_next, _ = _values(data, gen, (s,), dtype, "H_next",
+                        ("normal", "with_nan", "constant", "with_inf"), one_d)
+    h, h_next = h.abs(), h_next.abs()
+    return Call("empg_modulate", rlkern.empg_modulate,
+                (adv, h, _rare_meta(data, h_next, "H_next")),
+                dict(k=data.draw(st.sampled_from((1.0, 0.0, 30.0)), label="k"),
+                     k_f=data.draw(st.sampled_from((1.0, 2.0)), label="k_f"),
+                     zeta=data.draw(st.sampled_from((0.1, 0.0)), label="zeta")),
+                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
 @builder("sample")

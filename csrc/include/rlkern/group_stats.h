@@ -335,6 +335,15 @@ RLKERN_HOST_DEVICE double group_baseline(const GroupMoments& g, const GroupExtra
   return g.mean;
 }
 
+// 1 / (σ + eps), the scale of the estimators that divide by a spread, or 0 where σ + eps = 0.
+// σ = 0 means every valid value of the group (of the batch, for σ_batch) equals its mean
+// exactly (see above), so x − center = 0 for each row and A = 0: with eps = 0 a plain division
+// would give 0·(1/0) = NaN instead.
+RLKERN_HOST_DEVICE double inverse_spread(double sigma, double eps) {
+  const double d = sigma + eps;
+  return d != 0.0 ? 1.0 / d : 0.0;
+}
+
 // Every estimator except grpo_passk is affine in the row's value within a group:
 //   A = (x − center) · scale               (xrpo then adds a per-row bonus where A > 0).
 // Written as a difference first so that x == center gives exactly 0 (zero-variance groups),
@@ -368,7 +377,7 @@ RLKERN_HOST_DEVICE RowAffine group_affine(const GroupMoments& g, const GroupExtr
       GroupMoments v = g;
       moments_push(v, p.r_max);
       f.center = v.mean;
-      if (p.std_mode != kStdNone) f.scale = 1.0 / (moments_std(v, p.std_mode) + p.eps);
+      if (p.std_mode != kStdNone) f.scale = inverse_spread(moments_std(v, p.std_mode), p.eps);
       break;
     }
     default: {  // kGrpo, kUnlikely, kXrpo
@@ -376,7 +385,7 @@ RLKERN_HOST_DEVICE RowAffine group_affine(const GroupMoments& g, const GroupExtr
         const double sigma = p.batch_scope ? p.batch_std
                              : singleton   ? 1.0
                                            : moments_std(g, p.std_mode);
-        f.scale = 1.0 / (sigma + p.eps);
+        f.scale = inverse_spread(sigma, p.eps);
       }
     }
   }
@@ -389,7 +398,8 @@ RLKERN_HOST_DEVICE double passk_top_advantage(const GroupMoments& g, const Group
   if (!group_active(g, p)) return 0.0;
   const double gap = e->top1 - e->top2;
   if (p.std_mode == kStdNone) return gap;
-  return gap / (moments_std(g, p.std_mode) + p.eps);
+  const double spread = moments_std(g, p.std_mode) + p.eps;
+  return spread != 0.0 ? gap / spread : 0.0;  // σ = 0: top1 == top2, A = 0 (inverse_spread)
 }
 
 // XRPO's novelty-aware sharpening of a positive advantage a: with η = exp(ŝ − mean_g ŝ),
@@ -418,5 +428,17 @@ RLKERN_HOST_DEVICE double row_advantage(double x, long long row, double loglik,
 
 // Whether x counts as a score: NaN and ±inf are invalid (nan_policy decides what happens).
 RLKERN_HOST_DEVICE bool score_is_valid(double x) { return x - x == 0.0; }
+
+// ------------------------------------------------------------------------------------------
+// Discounted returns (ALGORITHMS.md §2.1): G[t] = r[t] + a[t]·G[t + 1], a[t] = γ, or 0 where
+// reset[t]. The CPU kernel scans a row; the GPU kernels scan the affine maps G ↦ r + a·G.
+
+// a·g where a zero factor gives exactly 0 whatever the other one is: a = 0 (a reset, or γ = 0)
+// drops the carry, so no return flows across it even when the carry is ±inf or NaN (IEEE's
+// 0·inf = NaN would leak into the segment before); the scans compose factors and carries
+// with it too, so that they give what the sequential recurrence gives.
+RLKERN_HOST_DEVICE double discount_product(double a, double g) {
+  return (a == 0.0 || g == 0.0) ? 0.0 : a * g;
+}
 
 }  // namespace rlkern

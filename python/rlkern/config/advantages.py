@@ -37,6 +37,7 @@ __all__ = [
     "code",
     "codes",
     "entries",
+    "loglik_policy",
     "sequence_loglik",
 ]
 
@@ -86,11 +87,30 @@ def entries(table: str) -> tuple[str, ...]:
 def sequence_loglik(old_logprobs: Tensor, mask: Tensor) -> Tensor:
     """ŝ_i: the masked mean of response i's old token log-probabilities (0 for an empty
     response), float64 ``(N,)`` — the per-response input of unlikely and xrpo, computed the
-    same way for the kernels and for the reference."""
+    same way for the kernels and for the reference. Tokens outside the mask are not read at
+    all (padding may hold anything, NaN and ±inf included: 0·NaN would be NaN)."""
     m = mask.to(torch.float64)
-    total = (old_logprobs.to(torch.float64) * m).sum(-1)
+    total = torch.where(m != 0, old_logprobs.to(torch.float64) * m, 0.0).sum(-1)
     count = m.sum(-1)
     return torch.where(count > 0, total / count.clamp_min(1e-300), 0.0)
+
+
+def loglik_policy(scores: Tensor, loglik: Tensor, nan_omit: bool) -> tuple[Tensor, Tensor]:
+    """Apply ``nan_policy`` to the responses whose ŝ_i is NaN or ±inf (a non-finite old
+    log-probability at a valid token), as to a non-finite score, the same for every backend:
+    ``"raise"`` raises ``ValueError`` naming the first such row; ``"omit"`` leaves the response
+    out (its score becomes NaN: out of its group's statistics, A = 0) and sets its ŝ to 0, so
+    that no kernel ranks or averages a NaN. Returns ``(scores, loglik)``."""
+    bad = ~torch.isfinite(loglik)
+    if not nan_omit:
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise ValueError(f"old_logprobs: row {row} has a NaN or infinite log-probability at "
+                             "a valid token (nan_policy='raise'; nan_policy='omit' leaves such "
+                             "responses out of their group's statistics and gives them an "
+                             "advantage of 0)")
+        return scores, loglik
+    return torch.where(bad, torch.nan, scores), torch.where(bad, 0.0, loglik)
 
 
 def _choice(value: Any, name: str, options: tuple[str, ...]) -> None:

@@ -26,11 +26,17 @@ import torch
 from torch import Tensor
 
 from rlkern import backends
-from rlkern.config.advantages import ESTIMATORS, AdvantageConfig, sequence_loglik
+from rlkern.config.advantages import (
+    ESTIMATORS,
+    AdvantageConfig,
+    codes,
+    loglik_policy,
+    sequence_loglik,
+)
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
 from rlkern.ops import advantages_segmented
 
-__all__ = ["ESTIMATORS", "AdvantageConfig", "GroupAdvantages", "group_advantages"]
+__all__ = ["ESTIMATORS", "AdvantageConfig", "GroupAdvantages", "check_devices", "group_advantages"]
 
 
 class GroupAdvantages(NamedTuple):
@@ -90,6 +96,15 @@ _KERNELS = {"cpu": _cpu_kernel,
             "torch": _reference_kernel}
 
 
+def check_devices(main_name: str, main: Tensor, **others: Tensor | None) -> None:
+    """Every tensor argument of a registered op on ``main``'s device, else ``ValueError``
+    naming it. Run by each op of the family and by its fake implementation: a ``meta`` tensor
+    among CPU ones dispatches to the fake implementation, whose outputs are uninitialised."""
+    for name, t in others.items():
+        if t is not None and t.device != main.device:
+            raise ValueError(f"{name} is on {t.device} but {main_name} on {main.device}")
+
+
 @torch.library.custom_op("rlkern::group_advantages", mutates_args=())
 def group_advantages_op(
     scores: Tensor,
@@ -102,11 +117,17 @@ def group_advantages_op(
     double_output: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_devices("scores", scores, group_ids=group_ids, weights=weights, loglik=loglik)
     n = scores.numel()
     dtype = torch.float64 if double_output else torch.float32
     outs = (*(torch.empty(n, dtype=dtype, device=scores.device) for _ in range(3)),
             torch.empty(n, dtype=torch.bool, device=scores.device))
     _check_weights(weights)
+    if loglik is not None:
+        # Every backend sees the same finite ŝ (malformed flags are the kernels' error).
+        c = codes()
+        omit = len(flags) == len(c.flags) and flags[c.flags.nan_policy] == c.nan_policy.omit
+        scores, loglik = loglik_policy(scores, loglik, omit)
     if n:
         _KERNELS[backend](scores, group_ids, group_size, weights, loglik, flags, hparams, outs)
     return outs
@@ -114,6 +135,7 @@ def group_advantages_op(
 
 @group_advantages_op.register_fake
 def _(scores, group_ids, group_size, weights, loglik, flags, hparams, double_output, backend):
+    check_devices("scores", scores, group_ids=group_ids, weights=weights, loglik=loglik)
     dtype = torch.float64 if double_output else torch.float32
     n = scores.shape[0]
     out = lambda: scores.new_empty((n,), dtype=dtype)
@@ -131,8 +153,9 @@ def check_tensor(t: object, name: str) -> Tensor:
 
 
 def check_grouping(n: int, group_ids: object, group_size: object, device: torch.device,
-                   ) -> tuple[Tensor | None, int]:
-    """Validate ``group_ids`` xor ``group_size`` for ``n`` rows; returns (int64 ids, size)."""
+                   main: str = "scores") -> tuple[Tensor | None, int]:
+    """Validate ``group_ids`` xor ``group_size`` for ``n`` rows of the input named ``main``
+    (on ``device``); returns (int64 ids, size)."""
     if group_ids is None and group_size is None:
         raise ValueError("give the groups: either group_ids (an int64 id per response) or "
                          "group_size (contiguous groups), not neither")
@@ -151,7 +174,7 @@ def check_grouping(n: int, group_ids: object, group_size: object, device: torch.
     if ids.dim() != 1 or ids.shape[0] != n:
         raise ValueError(f"group_ids must have shape (N,) = ({n},), got {tuple(ids.shape)}")
     if ids.device != device:
-        raise ValueError(f"group_ids are on {ids.device} but scores on {device}")
+        raise ValueError(f"group_ids are on {ids.device} but {main} on {device}")
     return ids.to(torch.int64).contiguous(), 0
 
 
@@ -231,9 +254,11 @@ def group_advantages(
     no relative signal) or verl's ``μ = 0, σ = 1`` (``"verl"``: ``A = s/(1 + eps)`` for grpo,
     ``s`` for rloo/opo/dr_grpo; grpo_passk raises, as verl does). A group whose valid scores are
     all equal gets ``A = 0`` exactly for every mean-centred estimator (its mean is that score,
-    exactly) and is flagged in ``zero_variance_mask``. Non-finite scores raise
-    (``nan_policy="raise"``) or are left out of their group's statistics and get ``A = 0``
-    (``"omit"``: TRL's nanmean / nanstd).
+    exactly) and is flagged in ``zero_variance_mask``; with ``eps = 0`` it gets 0 too, not
+    0/0. Non-finite scores raise (``nan_policy="raise"``) or are left out of their group's
+    statistics and get ``A = 0`` (``"omit"``: TRL's nanmean / nanstd); so does a response of
+    unlikely / xrpo with a NaN or ±inf ``old_logprobs`` at a valid token (values where the mask
+    is 0 are never read).
 
     Groups are contiguous rows (``group_size``, TRL's layout) or arbitrary int64 ``group_ids``
     in any order, of any sizes, not necessarily dense (verl's shuffled uids, hashed to
@@ -252,7 +277,8 @@ def group_advantages(
         std: ``"unbiased"`` (n − 1), ``"biased"`` (n) or ``"none"`` (no division).
         std_scope: ``"group"`` or ``"batch"`` (grpo, unlikely, xrpo only).
         singleton: ``"zero"`` or ``"verl"``.
-        nan_policy: ``"raise"`` or ``"omit"``.
+        nan_policy: ``"raise"`` or ``"omit"``: what a NaN / ±inf score (or unlikely / xrpo's
+            mean old log-probability) does.
         mask: ``(N, T)`` response mask; when given, advantages are ``(N, T) = A_i · mask``.
             reinforce_pp_baseline whitens over its valid tokens (without it, one token per
             response); unlikely / xrpo average ``old_logprobs`` over it.
@@ -271,8 +297,9 @@ def group_advantages(
         TypeError: an argument of the wrong type or dtype (e.g. float group_ids).
         ValueError: wrong shapes, both or neither of group_ids / group_size, a group_size that
         does not divide N, an unknown option, an option the estimator does not take, missing
-        ``lengths`` for opo, non-finite scores under ``nan_policy="raise"``, a singleton group
-        for grpo_passk under ``singleton="verl"``.
+        ``lengths`` for opo, non-finite scores (or old log-probabilities at valid tokens) under
+        ``nan_policy="raise"``, a singleton group for grpo_passk under ``singleton="verl"``, a
+        tensor argument on another device than ``scores``.
 
     Example::
 
@@ -306,6 +333,12 @@ def group_advantages(
     if cfg.uses_loglik and mask is None:
         raise ValueError(f"estimator={estimator!r} needs mask (N, T) to average old_logprobs")
 
+    # Advantages are not differentiable (rewards carry no gradient): no input's autograd graph
+    # reaches the outputs, so they never require grad (backward would fail inside the op).
+    scores = scores.detach()
+    mask = mask.detach() if mask is not None else None
+    lengths = lengths.detach() if isinstance(lengths, Tensor) else lengths
+    old_logprobs = old_logprobs.detach() if isinstance(old_logprobs, Tensor) else old_logprobs
     double_output = acc_dtype(scores.dtype) == torch.float64
     if scores.dim() == 2:
         s = scores.sum(-1, dtype=torch.float64)

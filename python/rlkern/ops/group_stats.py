@@ -37,7 +37,7 @@ def _scores_1d(scores: object, n: int | None = None) -> Tensor:
     if s.dim() != 1 or (n is not None and s.shape[0] != n):
         raise ValueError(f"scores must have shape (N,), got {tuple(s.shape)}")
     s = s if s.dtype in (torch.float32, torch.float64) else s.float()
-    return s.contiguous()
+    return s.detach().contiguous()  # not differentiable: outputs never require grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.advantages import GIGPO_MODES, code, codes
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
-from rlkern.ops.advantages import check_grouping, check_tensor
+from rlkern.ops.advantages import check_devices, check_grouping, check_tensor
 from rlkern.ops.advantages_segmented import gigpo_segmented, segments
 
 __all__ = ["GTPOWeights", "GiGPOAdvantages", "discounted_returns", "empg_modulate",
@@ -48,10 +48,12 @@ class GiGPOAdvantages(NamedTuple):
 
 
 def _float_input(t: object, name: str) -> Tensor:
+    """A float input, detached: these helpers are not differentiable, so no input's autograd
+    graph reaches their outputs (which then never require grad)."""
     t = check_tensor(t, name)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {t.dtype}")
-    return t
+    return t.detach()
 
 
 def _kernel_dtype(t: Tensor) -> Tensor:
@@ -95,6 +97,7 @@ def _no_cuda_kernel(name: str) -> None:
 @torch.library.custom_op("rlkern::discounted_returns", mutates_args=())
 def discounted_returns_op(rewards: Tensor, reset: Tensor | None, gamma: float,
                           backend: str) -> Tensor:
+    check_devices("rewards", rewards, reset=reset)
     out = torch.empty_like(rewards)
     if rewards.numel() == 0:
         return out
@@ -117,6 +120,7 @@ def discounted_returns_op(rewards: Tensor, reset: Tensor | None, gamma: float,
 
 @discounted_returns_op.register_fake
 def _(rewards, reset, gamma, backend):
+    check_devices("rewards", rewards, reset=reset)
     return torch.empty_like(rewards)
 
 
@@ -127,7 +131,9 @@ def discounted_returns(rewards: Tensor, *, gamma: float, reset: Tensor | None = 
         G[i, t] = r[i, t] + gamma · G[i, t + 1]      (G[i, t + 1] dropped where reset[i, t])
 
     ``reset[i, t] = True`` marks position ``t`` as the last of a segment (a turn's end in
-    multi-turn rollouts, the end of a response before padding), so no return flows across it.
+    multi-turn rollouts, the end of a response before padding), so no return flows across it:
+    where ``reset`` is set, and everywhere for ``gamma = 0``, ``G[i, t] = r[i, t]`` exactly,
+    even when ``G[i, t + 1]`` is ±inf or NaN.
     Used for IGPO / multi-turn turn rewards, GiGPO's step returns and PRIME's token returns.
 
     Args:
@@ -162,6 +168,7 @@ def discounted_returns(rewards: Tensor, *, gamma: float, reset: Tensor | None = 
 @torch.library.custom_op("rlkern::position_baseline", mutates_args=())
 def position_baseline_op(returns: Tensor, mask: Tensor, group_ids: Tensor | None,
                          group_size: int, backend: str) -> Tensor:
+    check_devices("returns", returns, mask=mask, group_ids=group_ids)
     out = torch.empty_like(returns)
     if returns.numel() == 0:
         return out
@@ -184,6 +191,7 @@ def position_baseline_op(returns: Tensor, mask: Tensor, group_ids: Tensor | None
 
 @position_baseline_op.register_fake
 def _(returns, mask, group_ids, group_size, backend):
+    check_devices("returns", returns, mask=mask, group_ids=group_ids)
     return torch.empty_like(returns)
 
 
@@ -192,7 +200,7 @@ def _token_inputs(x: Tensor, name: str, mask: Tensor, group_ids, group_size):
     if x.dim() != 2:
         raise ValueError(f"{name} must have shape (N, T), got {tuple(x.shape)}")
     mask = _same(mask, "mask", tuple(x.shape), x, bool_like=True)
-    ids, size = check_grouping(x.shape[0], group_ids, group_size, x.device)
+    ids, size = check_grouping(x.shape[0], group_ids, group_size, x.device, name)
     return _kernel_dtype(x), (mask != 0).contiguous(), ids, size
 
 
@@ -232,6 +240,7 @@ def position_baseline(returns: Tensor, mask: Tensor, *, group_ids: Tensor | None
 @torch.library.custom_op("rlkern::gtpo_weights", mutates_args=())
 def gtpo_weights_op(entropy: Tensor, mask: Tensor, group_ids: Tensor | None, group_size: int,
                     eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    check_devices("entropy", entropy, mask=mask, group_ids=group_ids)
     weight = torch.empty_like(entropy)
     inverse = torch.empty_like(entropy)
     if entropy.numel() == 0:
@@ -258,6 +267,7 @@ def gtpo_weights_op(entropy: Tensor, mask: Tensor, group_ids: Tensor | None, gro
 
 @gtpo_weights_op.register_fake
 def _(entropy, mask, group_ids, group_size, eps, backend):
+    check_devices("entropy", entropy, mask=mask, group_ids=group_ids)
     return torch.empty_like(entropy), torch.empty_like(entropy)
 
 
@@ -306,6 +316,8 @@ def gtpo_weights(entropy: Tensor, mask: Tensor, *, group_ids: Tensor | None = No
 def gigpo_advantages_op(episode_returns: Tensor, step_returns: Tensor, state_keys: Tensor,
                         group_ids: Tensor, omega: float, episode_mode: int, step_mode: int,
                         eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_devices("episode_returns", episode_returns, step_returns=step_returns,
+                  state_keys=state_keys, group_ids=group_ids)
     outs = tuple(torch.empty_like(episode_returns) for _ in range(3))
     if episode_returns.numel() == 0:
         return outs
@@ -342,6 +354,8 @@ def gigpo_advantages_op(episode_returns: Tensor, step_returns: Tensor, state_key
 @gigpo_advantages_op.register_fake
 def _(episode_returns, step_returns, state_keys, group_ids, omega, episode_mode, step_mode, eps,
       backend):
+    check_devices("episode_returns", episode_returns, step_returns=step_returns,
+                  state_keys=state_keys, group_ids=group_ids)
     return tuple(torch.empty_like(episode_returns) for _ in range(3))
 
 
@@ -395,7 +409,7 @@ def gigpo_advantages(episode_returns: Tensor, step_returns: Tensor, state_keys: 
     keys = _same(state_keys, "state_keys", tuple(ep.shape), ep)
     if keys.dtype not in INDEX_DTYPES:
         raise TypeError(f"state_keys must be int64 (or int32), got {keys.dtype}")
-    ids, _ = check_grouping(ep.shape[0], group_ids, None, ep.device)
+    ids, _ = check_grouping(ep.shape[0], group_ids, None, ep.device, "episode_returns")
     if group_ids is None:  # pragma: no cover - check_grouping raises first
         raise ValueError("group_ids is required")
     for name, value in (("mode", mode), ("step_mode", step_mode)):
@@ -417,6 +431,8 @@ def gigpo_advantages(episode_returns: Tensor, step_returns: Tensor, state_keys: 
 @torch.library.custom_op("rlkern::empg_modulate", mutates_args=())
 def empg_modulate_op(advantages: Tensor, step_entropy: Tensor, next_step_entropy: Tensor,
                      k: float, k_f: float, zeta: float, backend: str) -> Tensor:
+    check_devices("advantages", advantages, step_entropy=step_entropy,
+                  next_step_entropy=next_step_entropy)
     out = torch.empty_like(advantages)
     if advantages.numel() == 0:
         return out
@@ -441,6 +457,8 @@ def empg_modulate_op(advantages: Tensor, step_entropy: Tensor, next_step_entropy
 
 @empg_modulate_op.register_fake
 def _(advantages, step_entropy, next_step_entropy, k, k_f, zeta, backend):
+    check_devices("advantages", advantages, step_entropy=step_entropy,
+                  next_step_entropy=next_step_entropy)
     return torch.empty_like(advantages)
 
 

@@ -41,13 +41,15 @@ from rlkern.config.advantages import (
     UNLIKELY_LAMBDA,
     WHITEN_EPS,
     AdvantageConfig,
+    loglik_policy,
     sequence_loglik,
 )
 
 __all__ = ["ESTIMATORS", "GRPO_FAMILY", "UNLIKELY_LAMBDA", "WHITEN_EPS",
            "advantages_from_moments_reference", "chan_merge", "dense_group_index",
            "group_advantages_reference", "group_advantages_rows_reference",
-           "group_moments_reference", "merge_all", "sequence_loglik", "trl_grpo_advantages"]
+           "group_moments_reference", "merge_all", "sequence_loglik", "spread_divide",
+           "trl_grpo_advantages"]
 
 
 def dense_group_index(group_ids: Tensor | None, group_size: int | None, n: int) -> Tensor:
@@ -75,6 +77,15 @@ def _moments(x: Tensor) -> tuple[int, float, float]:
         return n, float(x[0]), 0.0
     mean = float(x.mean())
     return n, mean, float(((x - mean) ** 2).sum())
+
+
+def spread_divide(d: Any, spread: Any) -> Any:
+    """``d / spread``, and 0 where ``spread`` (σ + ε) is 0: σ = 0 means every value equals its
+    group's mean exactly, so d = 0 and A = 0 (rather than 0/0 = NaN when ε = 0)."""
+    if isinstance(spread, Tensor) or isinstance(d, Tensor):
+        spread = torch.as_tensor(spread, dtype=torch.float64)
+        return torch.where(spread != 0, d / torch.where(spread != 0, spread, 1.0), 0.0)
+    return d / spread if spread != 0 else 0.0
 
 
 def _ranks(loglik: Tensor, rows: Tensor) -> Tensor:
@@ -108,7 +119,10 @@ def group_advantages_reference(
         weights = lengths.to(torch.float64)
     elif config.estimator == "reinforce_pp_baseline" and mask is not None:
         weights = mask.to(torch.float64).sum(-1)
-    loglik = sequence_loglik(old_logprobs, mask) if old_logprobs is not None else None
+    loglik = None
+    if old_logprobs is not None:
+        s, loglik = loglik_policy(s, sequence_loglik(old_logprobs, mask),
+                                  config.nan_policy == "omit")
     out = group_advantages_rows_reference(s, group_ids=group_ids, group_size=group_size,
                                           weights=weights, loglik=loglik, config=config)
     if mask is not None:
@@ -179,7 +193,7 @@ def group_advantages_rows_reference(
         if estimator in GRPO_FAMILY:
             d = xv - baseline
             batch = config.std_scope == "batch"
-            a = d if std == "none" else d / ((batch_std if batch else sigma) + eps)
+            a = d if std == "none" else spread_divide(d, (batch_std if batch else sigma) + eps)
             if estimator == "xrpo":
                 eta = torch.exp(loglik[vrows] - loglik[vrows].mean())
                 bonus = (lam * (1.0 - eta)).clamp_min(0.0)
@@ -207,12 +221,12 @@ def group_advantages_rows_reference(
             gap = float(top.values[0] - top.values[1])
             a = torch.zeros_like(xv)
             first = int((xv == top.values[0]).nonzero()[0])
-            a[first] = gap if std == "none" else gap / (sigma + eps)
+            a[first] = gap if std == "none" else spread_divide(gap, sigma + eps)
         elif estimator == "ngrpo":
             ext = torch.cat([xv, torch.tensor([r_max], dtype=torch.float64)])
             n2, mean2, m22 = _moments(ext)
             d = xv - mean2
-            a = d if std == "none" else d / (_std(m22, n2, std) + eps)
+            a = d if std == "none" else spread_divide(d, _std(m22, n2, std) + eps)
         elif estimator == "reinforce_pp_baseline":
             centred[vrows] = xv - baseline
             included[vrows] = True
@@ -339,7 +353,7 @@ def advantages_from_moments_reference(scores: Tensor, row_group: Tensor, moments
                          else torch.zeros((), dtype=torch.float64))
             else:
                 sigma = torch.where(single, 1.0, sigma_of(m2, n))
-            a = a / (sigma + eps)
+            a = spread_divide(a, sigma + eps)
     elif estimator == "rloo":
         a = torch.where(single, s, (s - mean) * n / (n - 1).clamp_min(1.0))
     elif estimator == "gpg":
@@ -351,7 +365,7 @@ def advantages_from_moments_reference(scores: Tensor, row_group: Tensor, moments
         mean2 = mean + (r_max - mean) / n2
         m22 = m2 + (r_max - mean) * (r_max - mean2)
         d = s - mean2
-        a = d if std == "none" else d / (sigma_of(m22, n2) + eps)
+        a = d if std == "none" else spread_divide(d, sigma_of(m22, n2) + eps)
     else:
         raise ValueError(f"estimator {estimator!r}: advantages from group statistics support "
                          "grpo, dr_grpo, rloo, gpg and ngrpo")

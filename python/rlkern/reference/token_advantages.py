@@ -1,7 +1,8 @@
 """Reference for the token-, step- and turn-level helpers of ALGORITHMS.md §2.1 (float64).
 
 * discounted returns with resets:  G[t] = r[t] + γ·G[t+1], the carry dropped where reset[t]
-  (position t ends a segment: a turn end, the end of a response);
+  (position t ends a segment: a turn end, the end of a response) and where γ = 0, whatever
+  it holds (±inf, NaN);
 * position-wise group baseline (IGPO):  A[i,t] = G[i,t] − mean_{j∈g, m[j,t]} G[j,t];
 * GTPO entropy weights [reading]:  w[i,t] = H[i,t] / Σ_{k∈g, m[k,t]} H[k,t], and the inverse
   weights with h = 1 / max(H, eps) in place of H;
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlkern.reference.advantages import dense_group_index
+from rlkern.reference.advantages import dense_group_index, spread_divide
 
 
 def discounted_returns_reference(rewards: Tensor, *, gamma: float,
@@ -25,9 +26,11 @@ def discounted_returns_reference(rewards: Tensor, *, gamma: float,
     out = torch.zeros_like(r)
     carry = torch.zeros(r.shape[0], dtype=torch.float64)
     for t in range(r.shape[1] - 1, -1, -1):
+        a = torch.full_like(carry, gamma)
         if reset is not None:
-            carry = torch.where(reset[:, t].bool(), 0.0, carry)
-        carry = r[:, t] + gamma * carry
+            a = torch.where(reset[:, t].bool(), 0.0, a)
+        # A zero discount (a reset, or γ = 0) drops the carry, also a ±inf / NaN one.
+        carry = r[:, t] + torch.where(a == 0, 0.0, a * carry)
         out[:, t] = carry
     return out
 
@@ -77,7 +80,7 @@ def _normalise_in_groups(x: Tensor, gidx: Tensor, divide: bool, eps: float) -> T
         if bool((v == v[0]).all()):
             continue  # zero variance: exactly 0
         d = v - v.mean()
-        out[rows] = d / (v.std() + eps) if divide else d
+        out[rows] = spread_divide(d, float(v.std()) + eps) if divide else d
     return out
 
 
