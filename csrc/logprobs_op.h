@@ -43,10 +43,14 @@ inline constexpr OpSchema kLinearFinishOut{
     "linear_logprobs_finish_out",
     "linear_logprobs_finish_out(Tensor stats, Tensor labels, float temperature, "
     "int ignore_index, Tensor(a!)?[] outputs) -> ()"};
+// `stats` (optional): complete row summaries (the (n, kNumStats) float64 state after every
+// tile); rows whose m is not NaN take their gradient from it, exactly, rather than from the
+// forward's rounded lse — the caller passes it for rows whose |lse| ≥ kBwdLseBound.
 inline constexpr OpSchema kLinearTileBwd{
     "linear_logprobs_tile_bwd_",
     "linear_logprobs_tile_bwd_(Tensor tile, Tensor labels, int vocab_offset, Tensor?[] outputs, "
-    "Tensor?[] grad_outputs, float temperature, int ignore_index, Tensor(a!) grad_tile) -> ()"};
+    "Tensor?[] grad_outputs, float temperature, int ignore_index, Tensor(a!) grad_tile, "
+    "Tensor? stats=None) -> ()"};
 
 inline constexpr OpSchema kOps[] = {kFwdOut, kBwdOut, kLinearTileFwd, kLinearFinishOut,
                                     kLinearTileBwd};

@@ -22,10 +22,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 
+# The largest finite and the smallest normal float32.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)
+
+
 def split_inv_temperature(temperature: float) -> tuple[float, float]:
     """``1/T`` as an fp32 value plus its fp32 residual: Triton passes float arguments as fp32,
-    and a temperature is a runtime scalar (a constexpr would recompile per value)."""
-    inv_t = 1.0 / float(temperature)
+    and a temperature is a runtime scalar (a constexpr would recompile per value). Beyond the
+    fp32 range ``1/T`` is passed as the largest float (see :func:`row_scales`)."""
+    inv_t = min(1.0 / float(temperature), FLT_MAX.value)
     hi = struct.unpack("f", struct.pack("f", inv_t))[0]
     return hi, inv_t - hi
 
@@ -35,6 +41,17 @@ def inv_t_from(hi, lo, ACC: tl.constexpr):
     """``1/T`` in ``ACC`` from :func:`split_inv_temperature`'s pair: the low part matters only
     in fp64 (in fp32 the sum rounds back to ``hi`` exactly)."""
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def row_scales(hi, lo, ACC: tl.constexpr):
+    """``(1/T, log₂e/T)`` in ``ACC``, both finite and the second normal, as the CPU kernels
+    clamp them: the kernels multiply ``x − max x`` by the scale, so a temperature beyond the
+    float range (``T = 1e300``: ``1/T`` rounds to 0, and ``−inf · 0`` would be NaN) acts as the
+    largest one that is not, which changes nothing unless a row spans more than ~1e30."""
+    inv_t = tl.minimum(inv_t_from(hi, lo, ACC), FLT_MAX)
+    scale = tl.minimum(tl.maximum(inv_t * LOG2E, FLT_MIN), FLT_MAX)
+    return inv_t, scale
 
 
 #: The input dtypes the AOT specs are compiled for: (Triton type name, element size).

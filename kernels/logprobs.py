@@ -46,9 +46,13 @@ from rlkern.kernels._common import (
     LOWEST,
     aot_signature,
     aot_spec,
-    inv_t_from,
+    row_scales,
     split_inv_temperature,
 )
+
+#: Rows with |lse| at or above this bound recompute their normaliser in the backward (the C++
+#: kernels' ``rlkern::logprobs::kBwdLseBound``, csrc/include/rlkern/logprobs.h).
+BWD_LSE_BOUND = tl.constexpr(256.0)
 
 __all__ = ["AOT_SPECS", "LaunchConfig", "launch_config", "logprobs_bwd", "logprobs_fwd"]
 
@@ -97,8 +101,7 @@ def _logprobs_fwd_kernel(
     b = row // seq_len
     l_idx = row - b * seq_len
     row_ptr = logits_ptr + (b * stride_logits_0 + l_idx * stride_logits_1)
-    inv_t = inv_t_from(inv_temperature, inv_temperature_lo, acc)
-    scale = inv_t * LOG2E  # logits → base-2 units
+    inv_t, scale = row_scales(inv_temperature, inv_temperature_lo, acc)  # scale: base 2
 
     label = tl.load(labels_ptr + row)
     row_valid = label != ignore_index
@@ -116,73 +119,77 @@ def _logprobs_fwd_kernel(
             + tl.arange(0, NUM_SEGS)[None, :, None] * VEC
             + tl.arange(0, VEC)[None, None, :])
 
+    # Everything relative to the segment max m of the *raw* logits, scaled after the shift:
+    # d = (x − m)·log₂e/T ≤ 0 neither overflows nor loses the differences of huge logits, at
+    # any temperature (a product x·log₂e/T would, e.g. for x = 1e10 or T = 1e-10).
     m = tl.full((NUM_SEGS,), float("-inf"), acc)  # segment max of x; −inf while empty
-    m2 = tl.zeros((NUM_SEGS,), acc)  # its base-2 reference: m·scale, or 0 while m = −inf
     s = tl.zeros((NUM_SEGS,), acc)
     t = tl.zeros((NUM_SEGS,), acc)
     u = tl.zeros((NUM_SEGS,), acc)
-    xsum = tl.zeros((REPS, NUM_SEGS, VEC), acc)  # Σ x per lane; only its total is used
+    rel = tl.zeros((NUM_SEGS,), acc)  # Σ(x − m) over the segment (HAS_STATS)
+    cnt = tl.zeros((NUM_SEGS,), acc)  # elements seen by the segment (HAS_STATS)
     for start in range(0, v_end, BLOCK_V):
         offs = start + tile
         in_vocab = offs < vocab
-        # Padding lanes read as −inf: they add exp2(−inf) = 0 to s, t, u (xsum masks them).
+        # Padding lanes read as −inf: they add exp2(−inf) = 0 to s, t, u (rel masks them).
         x = tl.load(row_ptr + offs, mask=in_vocab, other=float("-inf")).to(acc)
-        if HAS_STATS:
-            xsum += tl.where(in_vocab, x, 0.0)
-        # New reference (max commutes with the positive scale, so take it on the raw logits).
         m_new = tl.maximum(m, tl.max(tl.max(x, axis=2), axis=0))
-        m2_new = tl.where(m_new == float("-inf"), 0.0, m_new * scale)
-        # Move the summaries to the new reference: with δ = m₂ − m₂' ≤ 0 and α = exp2(δ),
-        # exp2(z₂ − m₂') = α·exp2(z₂ − m₂) and z₂ − m₂' = (z₂ − m₂) + δ, so s ← α s,
-        # t ← α (t + δ s), u ← α² u. An empty summary is all zeros: it takes δ = 0 (an
-        # α = exp2(0 − m₂') could overflow to inf, and inf·0 = NaN).
-        delta = tl.where(m == float("-inf"), 0.0, m2 - m2_new)
+        # The shift: m', or 0 while the segment holds only −inf (x − (−inf) would be NaN).
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # Move the summaries to the new reference: with δ = (m − m')·log₂e/T ≤ 0 and
+        # α = exp2(δ), s ← α s, t ← α (t + δ s), u ← α² u. An empty summary is all zeros: it
+        # takes δ = 0 (−inf − m' would make δ·s = −inf·0 = NaN).
+        delta = tl.where(m == float("-inf"), 0.0, (m - ref) * scale)
         alpha = tl.exp2(delta)
-        # z₂ − m₂' per element, in one FMA (explicit: Triton's default contraction of a·b + c
-        # is changing); clamped so that a −inf logit gives w = 0 and w·d = 0 (the limit)
-        # rather than 0·(−inf) = NaN, while a NaN logit stays NaN (a plain max would turn it
-        # into a silently ignored entry).
-        d = tl.maximum(tl.fma(x, scale, -m2_new[None, :, None]), LOWEST,
-                       propagate_nan=tl.PropagateNan.ALL)
+        # Clamped so that a −inf logit gives w = 0 and w·d = 0 (the limit) rather than
+        # 0·(−inf) = NaN, while a NaN logit (or +inf, for which x − m' = inf − inf) stays NaN
+        # (a plain max would turn it into a silently ignored entry).
+        r = x - ref[None, :, None]
+        d = tl.maximum(r * scale, LOWEST, propagate_nan=tl.PropagateNan.ALL)
         w = tl.exp2(d)
         if HAS_ENTROPY:
             t = alpha * (t + delta * s) + tl.sum(tl.sum(w * d, axis=2), axis=0)
         if HAS_STATS:
             u = (alpha * alpha) * u + tl.sum(tl.sum(w * w, axis=2), axis=0)
+            # Σ(x − m) moves with the reference too: + cnt·(m − m') (−inf if only −inf so far).
+            rel = tl.where(cnt > 0, rel + cnt * (m - ref), rel)
+            rel += tl.sum(tl.sum(tl.where(in_vocab, r, 0.0), axis=2), axis=0)
+            cnt += tl.sum(tl.sum(in_vocab.to(acc), axis=2), axis=0)
         s = alpha * s + tl.sum(tl.sum(w, axis=2), axis=0)
         m = m_new
-        m2 = m2_new
 
-    # Merge the segment summaries onto the row max M₂ (online_softmax.h's merge, all at once).
+    # Merge the segment summaries onto the row max M (online_softmax.h's merge, all at once).
     row_m = tl.max(m, axis=0)
-    lse_ref = tl.where(row_m == float("-inf"), 0.0, row_m * scale)  # M₂ (0 for all −inf)
-    delta = tl.where(m == float("-inf"), 0.0, m2 - lse_ref)  # empty segments: 0, as above
+    row_ref = tl.where(row_m == float("-inf"), 0.0, row_m)  # M (0 for an all −inf row)
+    delta = tl.where(m == float("-inf"), 0.0, (m - row_ref) * scale)  # empty: 0, as above
     beta = tl.exp2(delta)
     s_row = tl.sum(beta * s, axis=0)
-    # An all −inf row has s_row = 0, so lse = −inf (Python raises on it).
+    # An all −inf row has s_row = 0, so lse = −inf (Python raises on it, when checks are on).
     log2_s = tl.log2(s_row)
-    lse2 = lse_ref + log2_s  # lse in base 2
+    # lse = M/T + log s in natural units: only it can leave the float range (it is ±inf then).
+    lse = row_ref * inv_t + log2_s * LN2
 
     # The label's logit: one extra scalar load. An out-of-range label (not ignore_index) is
-    # never dereferenced and yields NaN. logp = (z₂_y − M₂) − log2 s is formed exactly as the
-    # loop formed each term of s (same FMA, same reference M₂) rather than from a rounded lse,
-    # so a confident token (logp ≈ 0, lse large) keeps an error at the resolution of 1, not
-    # of lse: the rounding of M₂ cancels between the two terms.
+    # never dereferenced and yields NaN. logp = (x_y − M)·log₂e/T − log₂ s, formed like every
+    # term of s, so a confident token (logp ≈ 0, lse large) keeps an error at the resolution
+    # of 1, not of lse.
     label_ok = row_valid & (label >= 0) & (label < vocab)
     x_y = tl.load(row_ptr + label, mask=label_ok, other=float("nan"))
-    logp = (tl.fma(x_y.to(acc), scale, -lse_ref) - log2_s) * LN2
+    logp = ((x_y.to(acc) - row_m) * scale - log2_s) * LN2
 
     zero = tl.zeros((), acc)
     tl.store(logprobs_ptr + row, tl.where(row_valid, logp, zero))
-    tl.store(lse_ptr + row, tl.where(row_valid, lse2 * LN2, zero))
+    tl.store(lse_ptr + row, tl.where(row_valid, lse, zero))
     if HAS_ENTROPY:
-        # entropy = lse − E_p[z] = log s − t/s (both relative to M₂), base 2 → nats.
+        # entropy = lse − E_p[z] = log s − t/s (both relative to M), base 2 → nats.
         t_row = tl.sum(beta * (t + delta * s), axis=0)
         entropy = (log2_s - t_row / s_row) * LN2
         tl.store(entropy_ptr + row, tl.where(row_valid, entropy, zero))
     if HAS_STATS:
-        x_total = tl.sum(tl.sum(tl.sum(xsum, axis=2), axis=1), axis=0)
-        self_certainty = lse2 * LN2 - inv_t * x_total / vocab
+        # self_certainty = lse − mean z = log s − mean(x − M)/T; NaN for an all −inf row.
+        rel_row = tl.sum(tl.where(cnt > 0, rel + cnt * (m - row_m), 0.0), axis=0)
+        # (in base 2: the scale, unlike 1/T, never rounds to 0, and 0·(−inf) would be NaN)
+        self_certainty = (log2_s - scale * (rel_row / vocab)) * LN2
         sum_p_sq = tl.sum((beta * beta) * u, axis=0) / (s_row * s_row)
         tl.store(self_certainty_ptr + row, tl.where(row_valid, self_certainty, zero))
         tl.store(sum_p_sq_ptr + row, tl.where(row_valid, sum_p_sq, zero))
@@ -227,13 +234,50 @@ def _logprobs_bwd_kernel(
     label = tl.load(labels_ptr + row)
     row_valid = label != ignore_index
     zero = tl.zeros((), acc)
-    lse = tl.load(lse_ptr + row)
-    inv_t = inv_t_from(inv_temperature, inv_temperature_lo, acc)
-    # Per-row constants. With z_v = x_v / T the gradient is
-    #   grad_v = (1/T) · [ p_v · (c − g_ent z_v) + 1[v = y] · g_lp ],
-    #   c      = g_lse − g_lp + g_ent · E_p[z],   E_p[z] = lse − entropy,
-    # and with 1/T folded into the constants the inner loop is
-    #   p_v = exp2(x_v · log2e/T − lse · log2e),   grad_v = p_v · (c/T − x_v · g_ent/T²) [+ g_lp/T]
+    lse = tl.where(row_valid, tl.load(lse_ptr + row), zero)  # whatever an ignored row holds
+    inv_t, scale = row_scales(inv_temperature, inv_temperature_lo, acc)
+    cols = tl.arange(0, BLOCK_V)
+    # Logits are read in [0, read_end): the whole row, or nothing for an ignored row.
+    read_end = tl.where(row_valid, vocab, 0)
+
+    # p_v = exp2((x_v − shift)·log₂e/T − ref₂). With a moderate lse (the usual case) the
+    # shift is 0 and ref₂ = lse·log₂e: its float rounding moves p by |lse|·2⁻²⁴ at most. Past
+    # BWD_LSE_BOUND (huge logits, a tiny temperature, an lse that overflowed) the row's max M
+    # and normaliser are recomputed (two more reads of the row) and p is formed relative to M,
+    # exactly: shift = M, ref₂ = log₂ s, E_p[z'] = t/s with z' = (x − M)/T.
+    shift = zero
+    ref2 = lse * LOG2E
+    e_z = zero  # E_p[z'] (natural units), needed for an entropy gradient
+    if HAS_GRAD_ENT:
+        e_z = lse - tl.where(row_valid, tl.load(entropy_ptr + row), zero)
+    # A NaN (or +inf) row: its outputs, hence its gradient, are NaN.
+    label_in_range = (label >= 0) & (label < vocab)
+    undefined = lse != lse
+    if row_valid & ~(tl.abs(lse) < BWD_LSE_BOUND) & ~undefined:
+        mx = tl.full((BLOCK_V,), float("-inf"), acc)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            x = tl.load(x_row + offs, mask=offs < vocab, other=float("-inf")).to(acc)
+            mx = tl.maximum(mx, x, propagate_nan=tl.PropagateNan.ALL)
+        row_m = tl.max(mx, axis=0)
+        sv = tl.zeros((BLOCK_V,), acc)
+        tv = tl.zeros((BLOCK_V,), acc)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            x = tl.load(x_row + offs, mask=offs < vocab, other=float("-inf")).to(acc)
+            d = tl.maximum((x - row_m) * scale, LOWEST, propagate_nan=tl.PropagateNan.ALL)
+            w = tl.exp2(d)
+            sv += w
+            tv += w * d
+        s_row = tl.sum(sv, axis=0)
+        # An all −inf row (s = 0, M = −inf) or a NaN one has no gradient.
+        undefined = ~(s_row > 0) | (row_m == float("-inf"))
+        shift = row_m
+        ref2 = tl.log2(s_row)
+        e_z = tl.sum(tv, axis=0) / s_row * LN2
+    # Per-row constants. With z'_v = (x_v − shift)/T and d_v = z'_v·log₂e the gradient is
+    #   grad_v = p_v · (c − g_ent·d_v·ln2/T) + 1[v = y] · g_lp/T,
+    #   c      = (g_lse − g_lp + g_ent·E_p[z'])/T
     # : one exp2 and two FMAs per element. An ignored row has every constant forced to 0 (its
     # upstream gradients may be anything, even NaN) and its logits are not read: every p_v is
     # then exp2(−inf) = 0 and the row's gradient is exactly 0.
@@ -245,34 +289,31 @@ def _logprobs_bwd_kernel(
         c -= g_lp
     if HAS_GRAD_ENT:
         g_ent = tl.where(row_valid, tl.load(grad_entropy_ptr + row), zero)
-        c += g_ent * (lse - tl.load(entropy_ptr + row))
+        c += g_ent * e_z
     if HAS_GRAD_LSE:
         c += tl.load(grad_lse_ptr + row)
     c = tl.where(row_valid, c, zero) * inv_t
     g_lp = g_lp * inv_t
-    g_ent = g_ent * (inv_t * inv_t)
-    scale = inv_t * LOG2E
-    lse2 = tl.where(row_valid, lse, zero) * LOG2E  # whatever an ignored row's lse holds
+    g_ent = g_ent * (inv_t * LN2)
 
     # The label as a 32-bit column index (−1 when out of range: it then matches no column, and
     # nothing is read out of bounds); compared against the chunk's own columns, so the inner
     # loop does one 32-bit compare per element instead of 64-bit ones.
-    label_col = tl.where((label >= 0) & (label < vocab), label, -1).to(tl.int32)
-    # Logits are read in [0, read_end): the whole row, or nothing for an ignored row.
-    read_end = tl.where(row_valid, vocab, 0)
-    cols = tl.arange(0, BLOCK_V)
+    label_col = tl.where(label_in_range, label, -1).to(tl.int32)
     for start in range(0, vocab, BLOCK_V):
         offs = start + cols
         x = tl.load(x_row + offs, mask=offs < read_end, other=float("-inf")).to(acc)
-        p = tl.exp2(tl.fma(x, scale, -lse2))
+        r = x - shift
+        p = tl.exp2(tl.fma(r, scale, -ref2))
         if HAS_GRAD_ENT:
             # Where p = 0 (a −inf logit) the term is 0 (the limit), not 0·(±inf) = NaN; a NaN
             # p (NaN logit or lse) stays NaN.
-            grad = tl.where(p > 0, p * tl.fma(x, -g_ent, c), p)
+            grad = tl.where(p > 0, p * tl.fma(r * scale, -g_ent, c), p)
         else:
             grad = p * c
         if HAS_GRAD_LP:
             grad = tl.where(cols == label_col - start, grad + g_lp, grad)
+        grad = tl.where(undefined, float("nan"), grad)
         tl.store(g_row + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=offs < vocab)
 
 

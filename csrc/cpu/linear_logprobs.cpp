@@ -12,30 +12,35 @@ using logprobs::kEntropy;
 using logprobs::kLogprobs;
 using logprobs::kLse;
 
-SoftmaxStats<double> load_state(const double* st) {
-  return {st[kStatMax], st[kStatSum], st[kStatMoment], 0.0, 0.0};
+// The stats columns (rlkern/logprobs.h): m is the raw max, s and t are relative to m / T; a
+// row that met a NaN or +inf holds m = s = NaN.
+RowState load_state(const double* st) {
+  RowState row;
+  row.m = st[kStatMax];
+  row.s = st[kStatSum];
+  row.t = st[kStatMoment];
+  row.nan = std::isnan(row.s);
+  return row;
 }
 
-void store_state(double* st, const SoftmaxStats<double>& row) {
-  st[kStatMax] = row.m;
-  st[kStatSum] = row.s;
-  st[kStatMoment] = row.t;
+void store_state(double* st, const RowState& row) {
+  st[kStatMax] = row.nan ? kNaN : row.m;
+  st[kStatSum] = row.nan ? kNaN : row.s;
+  st[kStatMoment] = row.nan ? kNaN : row.t;
 }
 
 template <typename Tag>
 void tile_fwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
   using storage = typename Tag::storage;
-  // c as log2(e) / T (not log2(e) · (1/T)): the rounding this epilogue has always used.
-  const RowScale t{1.0 / a.temperature, float(kLog2e / a.temperature)};
+  const RowScale t = row_scale(a.temperature);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t y = a.labels[r];
     if (y == a.ignore_index) continue;
     const storage* x = static_cast<const storage*>(a.tile) + r * a.stride_row;
     double* st = a.stats + r * kNumStats;
-    SoftmaxStats<double> row = load_state(st);
-    double unused = 0.0;
-    if (a.with_entropy) fold_row<Tag, true, false>(x, a.vt, t, row, &unused);
-    else fold_row<Tag, false, false>(x, a.vt, t, row, &unused);
+    RowState row = load_state(st);
+    if (a.with_entropy) fold_row<Tag, true, false>(x, a.vt, t, row, nullptr);
+    else fold_row<Tag, false, false>(x, a.vt, t, row, nullptr);
     store_state(st, row);
     const int64_t y_local = y - a.vocab_offset;
     if (y_local >= 0 && y_local < a.vt) st[kStatLabelLogit] = load_logit<Tag>(x + y_local);
@@ -53,8 +58,21 @@ void tile_bwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
       fill_row<Tag>(g, a.vt, 0.0f);
       continue;
     }
-    grad_row_of<Tag>(static_cast<const storage*>(a.tile) + r * a.stride_row, g, a.vt,
-                     y - a.vocab_offset, a.in, r, t);
+    // With the row's complete summary (`stats`, m not NaN): the exact, max-shifted path. Else
+    // the forward's lse (the caller passes stats for the rows whose lse is not moderate).
+    const RowUpstream u = upstream<Tag>(a.in, r);
+    RowGrad rg{0.0, u.lse, u.g_ent * (u.lse - u.entropy) + u.g_lse - u.g_lp, u.g_ent, u.g_lp};
+    bool ok = !std::isnan(u.lse);
+    if (a.exact_stats && !std::isnan(a.exact_stats[r * kNumStats + kStatMax])) {
+      ok = row_grad_from_state(load_state(a.exact_stats + r * kNumStats), u.g_lp, u.g_ent,
+                               u.g_lse, &rg);
+    }
+    if (!ok) {
+      fill_row<Tag>(g, a.vt, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    grad_row_any<Tag>(static_cast<const storage*>(a.tile) + r * a.stride_row, g, a.vt,
+                      y - a.vocab_offset, rg, t);
   }
 }
 
@@ -74,11 +92,10 @@ void finish_rows(const double* stats, const int64_t* labels, int64_t begin, int6
       continue;
     }
     const double* st = stats + r * kNumStats;
-    const SoftmaxStats<double> row = load_state(st);
-    const RowResult<double> res = softmax_stats_finish(row, 1);
+    const RowState row = load_state(st);
+    const RowResults res = row_results(row, t.inv_t);
     // x_y is NaN if the label was in no tile (out of range).
-    const auto x_y = acc_of<Tag>(st[kStatLabelLogit]);
-    logprobs[r] = out_t(label_logp<Tag>(row, res.lse, x_y, t));
+    logprobs[r] = out_t(label_logp(row, res, st[kStatLabelLogit], t.inv_t));
     lse[r] = out_t(res.lse);
     if (entropy) entropy[r] = out_t(res.entropy);
   }
@@ -101,8 +118,7 @@ void linear_logprobs_tile_bwd(const LinearTileArgs& a) {
 void linear_logprobs_finish(const double* stats, const int64_t* labels, int64_t n,
                             int64_t ignore_index, double temperature, bool f64,
                             const std::array<void*, logprobs::kNumOutputs>& outputs) {
-  // The label logit is rounded as the vectorised sweeps saw it (F32) unless the inputs are
-  // float64; one pass over the rows, 4096 per task.
+  // Float32 outputs unless the inputs are float64; one pass over the rows, 4096 per task.
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     if (f64) finish_rows<F64>(stats, labels, b, e, ignore_index, temperature, outputs);
     else finish_rows<F32>(stats, labels, b, e, ignore_index, temperature, outputs);

@@ -28,6 +28,9 @@ struct LinearTileArgs {
   double* stats;
   // backward: per-row arrays (n,), float32 or float64 like the outputs
   logprobs::GradInputs in;
+  // backward, nullable: (n, kNumStats) complete row summaries; rows whose m is not NaN take the
+  // exact, max-shifted path from them instead of the forward's lse
+  const double* exact_stats;
 };
 
 void linear_logprobs_tile_fwd(const LinearTileArgs& a);

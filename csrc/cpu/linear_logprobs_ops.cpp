@@ -58,7 +58,8 @@ void finish_out(const at::Tensor& stats, const at::Tensor& labels, double temper
 
 void tile_bwd(const at::Tensor& tile, const at::Tensor& labels, int64_t vocab_offset,
               const TensorList& outputs, const TensorList& grad_outputs, double temperature,
-              int64_t ignore_index, const at::Tensor& grad_tile) {
+              int64_t ignore_index, const at::Tensor& grad_tile,
+              const std::optional<at::Tensor>& stats) {
   check_tile(tile, labels, "tile");
   check_tile(grad_tile, labels, "grad_tile");
   check_temperature(temperature);
@@ -72,6 +73,10 @@ void tile_bwd(const at::Tensor& tile, const at::Tensor& labels, int64_t vocab_of
   a.in = in;
   a.grad_tile = grad_tile.data_ptr();
   a.grad_stride_row = grad_tile.stride(0);
+  if (stats.has_value()) {
+    check_stats(*stats, tile.size(0), tile);
+    a.exact_stats = stats->const_data_ptr<double>();
+  }
   linear_logprobs_tile_bwd(a);
 }
 

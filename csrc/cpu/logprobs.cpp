@@ -40,18 +40,18 @@ void fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
     }
     const auto* x = row_start<Tag>(a, r);
     const auto* next = r + 1 < end ? row_start<Tag>(a, r + 1) : nullptr;
-    SoftmaxStats<double> row = softmax_stats_empty<double>();
-    double xsum = 0.0;
+    RowState row;
+    RelSum xsum;
     fold_row<Tag, kWithEntropy, kWithStats>(x, a.V, t, row, &xsum, next);
-    row.zsum = zsum_of<Tag>(xsum, t);
-    const RowResult<double> res = softmax_stats_finish(row, a.V);
+    const RowResults res = row_results(row, t.inv_t);
     logprobs[r] = out_t((y >= 0 && y < a.V)
-                            ? label_logp<Tag>(row, res.lse, load_logit<Tag>(x + y), t)
-                            : std::numeric_limits<double>::quiet_NaN());  // no read
+                            ? label_logp(row, res, load_logit<Tag>(x + y), t.inv_t)
+                            : kNaN);  // no read
     lse[r] = out_t(res.lse);
     if constexpr (kWithEntropy) entropy[r] = out_t(res.entropy);
     if constexpr (kWithStats) {
-      sc[r] = out_t(res.self_certainty);
+      // self_certainty = lse − mean z = log s − mean (x − m) / T (NaN where the row is).
+      sc[r] = out_t(res.log_s - xsum.rel / double(a.V) * t.inv_t);
       psq[r] = out_t(res.sum_p_sq);
     }
   }
@@ -65,12 +65,16 @@ void bwd_rows(const LogprobsBwdArgs& a, int64_t begin, int64_t end) {
     const int64_t y = a.labels[r];
     storage* g = static_cast<storage*>(a.grad_logits) + (r / a.L) * a.grad_stride_0 +
                  (r % a.L) * a.grad_stride_1;
+    RowGrad rg;
     if (y == a.ignore_index) {
       fill_row<Tag>(g, a.V, 0.0f);
-    } else if (y < 0 || y >= a.V) {  // out of range with checks off: undefined, say so with NaN
+    } else if (!row_grad_of<Tag>(row_start<Tag>(a, r), a.V, a.in, r, t, &rg)) {
+      // A row whose outputs are NaN (NaN, +inf, all −inf): no gradient, say so with NaN.
       fill_row<Tag>(g, a.V, std::numeric_limits<float>::quiet_NaN());
     } else {
-      grad_row_of<Tag>(row_start<Tag>(a, r), g, a.V, y, a.in, r, t);
+      // An out-of-range label (checks off) is outside [0, V): it matches no column and adds no
+      // label term (its logprob is NaN, the other outputs are the row's).
+      grad_row_any<Tag>(row_start<Tag>(a, r), g, a.V, y, rg, t);
     }
   }
 }

@@ -1,18 +1,26 @@
 // Per-row building blocks of the CPU logprobs kernels, shared by the materialised-logits op
 // (logprobs.cpp) and the fused linear op (linear_logprobs.cpp), so the numerics exist once.
 //
-// Forward: a row (or a vocab tile of a row) is cut into blocks of kBlock logits; each block is
-// swept twice while it sits in L1, once for its max, once for Σ2^d, Σ2^d·d (and Σ4^d) with
-// d = x·c − m_b in base 2 (c = log2(e)/T folds the temperature and the change of base into one
-// FMA). Block summaries are merged in double with the shared online-softmax merge
-// (rlkern/online_softmax.h), so the logits are read from memory once and the only
-// per-element transcendental is one fast 2^x.
+// Every quantity is formed in coordinates shifted by the row max *before* the temperature
+// scales them: r_v = x_v − m ≤ 0, z'_v = r_v / T. Then only lse = m / T + log s can leave the
+// output's range; logprobs, entropy and the gradient of a finite row stay finite and accurate
+// whatever its magnitude (a constant row of −1e10, one logit of 1e10, bf16's lowest value) or
+// the temperature (1e-10, 1e300).
 //
-// Backward: grad_v = p_v (c0 − k x_v) (+ g_lp/T at the label), one read and one write per
-// element, with p_v = 2^(x_v c − lse·log2 e) recomputed from the saved lse.
+// Forward: a row (or a vocab tile of a row) is cut into blocks of kBlock logits; each block is
+// swept twice while it sits in L1, once for its max m_b, once for Σ2^d, Σ2^d·d (and Σ4^d,
+// Σ(x − m_b)) with d = (x − m_b)·c in base 2 (c = log2(e)/T). Block summaries are merged in
+// double into a RowState, so the logits are read from memory once and the only per-element
+// transcendental is one fast 2^x. A block holding NaN or +inf makes its row NaN.
+//
+// Backward: grad_v = p_v (c0 − g_ent z'_v)/T (+ g_lp/T at the label), one read and one write
+// per element, with p_v = 2^(r_v c − ref·log2 e). A row with a moderate lse takes the shift 0 and
+// ref = lse from the forward; a row whose lse is large (|lse| ≥ kBwdLseBound, where the float
+// lse no longer pins p down) or infinite recomputes its max and normaliser first.
 #pragma once
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -22,13 +30,15 @@
 
 #include "cpu/logprobs.h"
 #include "cpu/simd.h"
-#include "rlkern/online_softmax.h"
+#include "rlkern/logprobs.h"
 
 namespace rlkern::cpu {
 
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kLog2e = 1.44269504088896340736;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // 4096 logits: 8 KiB of bf16 or 16 KiB of fp32, so the second sweep hits L1.
 constexpr int64_t kBlock = 4096;
 
@@ -44,10 +54,96 @@ inline VecF load_tail(const typename Tag::storage* x, int64_t n) {
   return VecF::load(buf);
 }
 
-// Block summary in base 2: s = Σ 2^d, t = Σ 2^d d, u = Σ 4^d with d = x c − m2 (m2 = max x·c).
+// A temperature as the row loops use it: 1/T, and c = log2(e)/T as the float the vectorised
+// sweeps multiply x − m by. c is kept normal and finite: beyond T ≈ 1.2e38 (or below ≈ 4e-39) the
+// float scale saturates, which changes nothing unless a row's spread exceeds ~1e30.
+struct RowScale {
+  double inv_t;
+  float c;
+};
+
+inline RowScale row_scale(double temperature) {
+  const double inv_t = 1.0 / temperature;
+  const double c = std::clamp(kLog2e * inv_t, double(FLT_MIN), double(FLT_MAX));
+  return {inv_t, float(c)};
+}
+
+// The running summary of a row (natural units): m the max of the raw logits seen (−inf while
+// none is finite), s = Σ exp((x − m)/T), t = Σ exp((x − m)/T)·(x − m)/T, u = Σ exp(2(x − m)/T);
+// `nan` once a NaN or +inf logit was seen.
+struct RowState {
+  double m = kNegInfD;
+  double s = 0.0, t = 0.0, u = 0.0;
+  bool nan = false;
+};
+
+// Adds the summary (mx, s, t, u) of more logits of the row (relative to their own max mx).
+inline void state_merge(RowState& row, double mx, double s, double t, double u, double inv_t) {
+  if (std::isnan(s)) {
+    row.nan = true;
+    return;
+  }
+  if (s == 0.0) return;  // only −inf: nothing to add
+  if (row.s == 0.0) {
+    row.m = mx, row.s = s, row.t = t, row.u = u;
+    return;
+  }
+  const double m = std::max(row.m, mx);
+  // Move a summary from reference mo to m ≥ mo: δ = (mo − m)/T ≤ 0, s ← e^δ s,
+  // t ← e^δ (t + δ s), u ← e^{2δ} u (a summary that vanishes is dropped whole, so that an
+  // infinite δ never meets 0).
+  auto move = [&](double mo, double& s_, double& t_, double& u_) {
+    const double d = (mo - m) * inv_t;
+    const double a = std::exp(d);
+    t_ = a == 0.0 ? 0.0 : a * (t_ + d * s_);
+    s_ *= a;
+    u_ *= a * a;
+  };
+  move(row.m, row.s, row.t, row.u);
+  move(mx, s, t, u);
+  row.m = m, row.s += s, row.t += t, row.u += u;
+}
+
+// Σ(x − xm) over the logits seen, xm their max: what self-certainty needs, relative to the max
+// so that it neither overflows nor cancels (a constant row of −3e38 gives exactly 0).
+struct RelSum {
+  double xm = kNegInfD;
+  double rel = 0.0;
+  double n = 0.0;
+
+  // Adds `count` logits with max mx and Σ(x − mx) = rel_part.
+  void add(double mx, double rel_part, double count) {
+    if (mx > xm) {
+      if (n > 0.0) rel += n * (xm - mx);
+      xm = mx;
+    }
+    rel += rel_part + (mx == xm ? 0.0 : count * (mx - xm));
+    n += count;
+  }
+};
+
+// The per-row results of a complete RowState.
+struct RowResults {
+  double log_s, lse, entropy, sum_p_sq;
+};
+
+inline RowResults row_results(const RowState& row, double inv_t) {
+  if (row.nan) return {kNaN, kNaN, kNaN, kNaN};
+  const double log_s = std::log(row.s);  // −inf for an all −inf row: lse = −inf, NaN elsewhere
+  return {log_s, row.m * inv_t + log_s, log_s - row.t / row.s, row.u / (row.s * row.s)};
+}
+
+// log p_y = (x_y − m)/T − log s.
+inline double label_logp(const RowState& row, const RowResults& res, double x_y, double inv_t) {
+  return (x_y - row.m) * inv_t - res.log_s;
+}
+
+// Block summary in base 2, relative to the block max mx of the raw logits:
+// s = Σ 2^d, t = Σ 2^d d, u = Σ 4^d with d = (x − mx)·c, and rel = Σ(x − mx). s is NaN when the
+// block holds a NaN or a +inf; an all −inf block has mx = −inf, s = 0 and rel = −inf.
 struct Block2 {
-  float m2;
-  float s, t, u;
+  float mx;
+  float s, t, u, rel;
 };
 
 // `prefetch` / `prefetch_bytes`: the memory sweep 1 of the next block will read (nullptr for
@@ -55,21 +151,20 @@ struct Block2 {
 // to bring the next block in meanwhile: the row then streams from memory while the exps run,
 // instead of memory and arithmetic taking turns.
 template <typename Tag, bool kEntropy, bool kStats>
-inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, double* xsum,
+inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
                           const char* prefetch = nullptr, int64_t prefetch_bytes = 0) {
   constexpr int W = VecF::size;
   const int64_t nv = n / W * W;
   const int64_t tail = n - nv;
-  // Sweep 1: block max (four independent chains hide the latency of max) and Σx for stats.
-  // 16-bit logits are widened once here and kept in an L1-resident fp32 copy for sweep 2,
-  // which saves sweep 2 the two widening instructions per vector.
+  // Sweep 1: block max (four independent chains hide the latency of max). 16-bit logits are
+  // widened once here and kept in an L1-resident fp32 copy for sweep 2, which saves sweep 2
+  // the two widening instructions per vector.
   constexpr bool kWiden = !std::is_same_v<Tag, F32>;
   alignas(64) float widened[kWiden ? kBlock : 1];
   auto keep = [&](int64_t at, VecF v) {
     if constexpr (kWiden) v.store(widened + at, F32{});
   };
   VecF m0 = VecF::set1(kNegInf), m1 = m0, m2v = m0, m3 = m0;
-  VecF xs = VecF::set1(0.0f);
   int64_t i = 0;
   for (; i + 4 * W <= nv; i += 4 * W) {
     VecF a = VecF::load(x + i, Tag{}), b = VecF::load(x + i + W, Tag{});
@@ -82,38 +177,41 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, do
     m1 = VecF::max(m1, b);
     m2v = VecF::max(m2v, d);
     m3 = VecF::max(m3, e);
-    if constexpr (kStats) xs = xs + ((a + b) + (d + e));
   }
   for (; i < nv; i += W) {
     VecF a = VecF::load(x + i, Tag{});
     keep(i, a);
     m0 = VecF::max(m0, a);
-    if constexpr (kStats) xs = xs + a;
   }
   VecF vtail = VecF::set1(kNegInf);
   if (tail) {
     vtail = load_tail<Tag>(x + nv, tail);
     m0 = VecF::max(m0, vtail);
-    if constexpr (kStats)
-      for (int64_t j = nv; j < n; ++j) *xsum += load_scalar<Tag>(x + j);
   }
-  if constexpr (kStats) *xsum += xs.reduce_add();
   const float mx = VecF::max(VecF::max(m0, m1), VecF::max(m2v, m3)).reduce_max();
-  Block2 out{kNegInf, 0.0f, 0.0f, 0.0f};
-  if (mx == kNegInf) return out;  // an all −inf block adds nothing
-  out.m2 = mx * c;
+  if (mx == kNegInf) {
+    // Only −inf and NaN (which the max may have skipped): the block adds nothing, unless a NaN
+    // is there to poison the row. Rare, so a plain scan.
+    bool nan = false;
+    for (int64_t j = 0; j < n; ++j) nan |= std::isnan(load_scalar<Tag>(x + j));
+    const float s = nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+    return {kNegInf, s, 0.0f, 0.0f, nan ? s : kNegInf};
+  }
 
-  // Sweep 2 (from L1): accumulate relative to the block max.
-  const VecF C = VecF::set1(c), M = VecF::set1(out.m2), lo = VecF::set1(kExp2Min);
-  VecF s = VecF::set1(0.0f), t = s, u = s;
+  // Sweep 2 (from L1): accumulate relative to the block max. r = x − mx ≤ 0 is exact for
+  // nearby values (Sterbenz) and d = r·c never overflows, whatever the magnitude of x or 1/T.
+  const VecF C = VecF::set1(c), M = VecF::set1(mx), lo = VecF::set1(kExp2Min);
+  VecF s = VecF::set1(0.0f), t = s, u = s, rel = s;
   auto step = [&](VecF xv) {
+    const VecF r = xv - M;
     // max(lo, ·) keeps −inf logits finite (their 2^d is 0, so 2^d·d stays 0, not NaN);
-    // NaN logits pass through and poison the row's results, as documented.
-    VecF d = VecF::max(lo, VecF::fms(xv, C, M));
+    // NaN logits (and +inf ones, for which r = inf − inf) pass through and poison the row.
+    VecF d = VecF::max(lo, r * C);
     VecF e = VecF::exp2(d);
     s = s + e;
     if constexpr (kEntropy) t = VecF::fma(e, d, t);
     if constexpr (kStats) u = VecF::fma(e, e, u);
+    return r;
   };
   const char* pf = prefetch;
   const char* const pf_end = prefetch ? prefetch + prefetch_bytes : nullptr;
@@ -123,85 +221,109 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c, do
       pf += 64;
     }
   };
-  if constexpr (kWiden) {
-    for (i = 0; i < nv; i += W) {
-      prefetch_line();
-      step(VecF::load(widened + i));
-    }
-  } else {
-    for (i = 0; i < nv; i += W) {
-      prefetch_line();
-      step(VecF::load(x + i, Tag{}));
-    }
+  for (i = 0; i < nv; i += W) {
+    prefetch_line();
+    const VecF r = step(kWiden ? VecF::load(widened + i) : VecF::load(x + i, Tag{}));
+    if constexpr (kStats) rel = rel + r;
   }
-  if (tail) step(vtail);
-  out.s = s.reduce_add();
-  out.t = t.reduce_add();
-  out.u = u.reduce_add();
-  return out;
+  float rel_sum = 0.0f;
+  if (tail) {
+    step(vtail);  // the −inf padding adds 0 to s, t, u; rel takes the real elements only
+    if constexpr (kStats)
+      for (int64_t j = nv; j < n; ++j) rel_sum += load_scalar<Tag>(x + j) - mx;
+  }
+  if constexpr (kStats) rel_sum += rel.reduce_add();
+  return {mx, s.reduce_add(), t.reduce_add(), u.reduce_add(), rel_sum};
 }
 
-// Folds the logits x[0, n) of one row into its running summary `row` (natural units).
-// `xsum` accumulates Σx when kStats. Any blocking of a row gives the same merge order for the
-// same n, so results are reproducible; rows never interact. `next_row` (nullable, n logits
-// long) is prefetched while the last block is computed.
+// Folds the logits x[0, n) of one row into its running summary `row`. `xsum` (kStats)
+// accumulates Σ(x − max). Any blocking of a row gives the same merge order for the same n, so
+// results are reproducible; rows never interact. `next_row` (nullable, n logits long) is
+// prefetched while the last block is computed.
 template <typename Tag, bool kEntropy, bool kStats>
-inline void accumulate_row(const typename Tag::storage* x, int64_t n, float c,
-                           SoftmaxStats<double>& row, double* xsum,
+inline void accumulate_row(const typename Tag::storage* x, int64_t n, const RowScale& sc,
+                           RowState& row, RelSum* xsum,
                            const typename Tag::storage* next_row = nullptr) {
   using storage = typename Tag::storage;
   for (int64_t b = 0; b < n; b += kBlock) {
     const bool last = b + kBlock >= n;
+    const int64_t nb = std::min(kBlock, n - b);
     const storage* ahead = last ? next_row : x + b + kBlock;
     const int64_t ahead_n = last ? (next_row ? std::min(kBlock, n) : 0)
                                  : std::min(kBlock, n - b - kBlock);
     const Block2 blk = sweep_block<Tag, kEntropy, kStats>(
-        x + b, std::min(kBlock, n - b), c, xsum, reinterpret_cast<const char*>(ahead),
+        x + b, nb, sc.c, reinterpret_cast<const char*>(ahead),
         ahead_n * int64_t(sizeof(storage)));
-    // Base 2 → natural units: m = m2 ln2, t = t2 ln2 (s and u are unitless).
-    const SoftmaxStats<double> part{double(blk.m2) * kLn2, blk.s, double(blk.t) * kLn2, blk.u, 0.0};
-    row = softmax_stats_merge(row, part);
+    // Base 2 → natural units: t = t2 ln2 (s and u are unitless).
+    state_merge(row, blk.mx, blk.s, double(blk.t) * kLn2, blk.u, sc.inv_t);
+    if constexpr (kStats) xsum->add(blk.mx, blk.rel, double(nb));
   }
 }
 
-// log p_y = z_y − lse, with z_y − m formed from the raw logit and the same rounded c and block
-// max as the sweeps, so the large terms cancel exactly: ln2 (x_y c − m2) − log s.
-inline double logp_from_stats(const SoftmaxStats<double>& row, float x_y, float c) {
-  const double m2 = row.m * kLog2e;
-  return kLn2 * (double(x_y) * double(c) - m2) - std::log(row.s);
+// float64 logits (tests, gradcheck): the same summary in plain double arithmetic.
+template <bool kStats>
+inline void accumulate_row_f64(const double* x, int64_t n, double inv_t, RowState& row,
+                               RelSum* xsum) {
+  double mx = kNegInfD;
+  bool nan = false;
+  for (int64_t v = 0; v < n; ++v) {
+    nan |= std::isnan(x[v]);
+    mx = std::max(mx, x[v]);
+  }
+  if (nan || mx == -kNegInfD) {  // NaN or +inf: the row is NaN
+    state_merge(row, mx, kNaN, 0.0, 0.0, inv_t);
+    if constexpr (kStats) xsum->add(mx, kNaN, double(n));
+    return;
+  }
+  double s = 0.0, t = 0.0, u = 0.0, rel = 0.0;
+  if (mx != kNegInfD) {
+    for (int64_t v = 0; v < n; ++v) {
+      const double r = x[v] - mx;
+      const double d = r * inv_t;
+      const double e = std::exp(d);
+      s += e;
+      if (e > 0.0) t += e * d;
+      u += e * e;
+      if constexpr (kStats) rel += r;
+    }
+  } else {
+    rel = kNegInfD;
+  }
+  state_merge(row, mx, s, t, u, inv_t);
+  if constexpr (kStats) xsum->add(mx, rel, double(n));
 }
 
-// Per-row backward constants: grad_v = p_v (c0 − k x_v) + [v = y] g_lp / T, where
-// c0 = (g_ent E_p[z] + g_lse − g_lp) / T and k = g_ent / T² (z_v = x_v / T).
+// What one row's gradient is formed from (natural units), with z'_v = (x_v − shift)/T:
+//   grad_v = p_v (c0 − g_ent z'_v) / T + [v = y] g_lp / T,   p_v = exp(z'_v − ref),
+// c0 = g_ent E_p[z'] + g_lse − g_lp. The shift is 0 (ref = the forward's lse) or the row max
+// (ref = log s, recomputed).
 struct RowGrad {
-  double c0, k, g_label;
+  double shift, ref, c0, g_ent, g_lp;
 };
-
-inline RowGrad make_row_grad(double g_lp, double g_ent, double g_lse, double lse, double entropy,
-                             double inv_t) {
-  const double c0 = logprobs_grad_row_const(g_lp, g_ent, lse, entropy) + g_lse;
-  return {c0 * inv_t, g_ent * inv_t * inv_t, g_lp * inv_t};
-}
 
 // Writes the gradient of one row (or vocab tile) x[0, n) into g[0, n) (g may alias x).
 // y_local is the label's index inside [0, n), or outside it when the label lies in another
 // tile (then no label term here).
 template <typename Tag>
 inline void grad_row(const typename Tag::storage* x, typename Tag::storage* g, int64_t n,
-                     int64_t y_local, const RowGrad& rg, float lse, float c, double inv_t) {
+                     int64_t y_local, const RowGrad& rg, const RowScale& sc) {
   constexpr int W = VecF::size;
-  // lse·log2(e) split into hi + lo so that 2^(x c − lse2) keeps ~fp32 accuracy for large lse.
-  const double lse2 = double(lse) * kLog2e;
-  const float lse2_hi = float(lse2), lse2_lo = float(lse2 - double(lse2_hi));
+  // ref·log2(e) split into hi + lo so that 2^(r c − ref2) keeps ~fp32 accuracy for large ref.
+  const double ref2 = rg.ref * kLog2e;
+  const float ref2_hi = float(ref2), ref2_lo = float(ref2 - double(ref2_hi));
   const bool has_label = y_local >= 0 && y_local < n;
-  const float x_y = has_label ? load_scalar<Tag>(x + y_local) : 0.0f;  // read before writes
+  const double x_y = has_label ? load_scalar<Tag>(x + y_local) : 0.0;  // read before writes
 
-  const VecF C = VecF::set1(c), H = VecF::set1(lse2_hi), NegLo = VecF::set1(-lse2_lo);
-  const VecF lo = VecF::set1(kExp2Min), C0 = VecF::set1(float(rg.c0)), K = VecF::set1(float(rg.k));
+  // grad = p (A − B d) with d = r c = z' log2 e: A = c0/T, B = g_ent ln2 / T.
+  const VecF C = VecF::set1(sc.c), H = VecF::set1(ref2_hi), NegLo = VecF::set1(-ref2_lo);
+  const VecF S = VecF::set1(float(rg.shift)), lo = VecF::set1(kExp2Min);
+  const VecF A = VecF::set1(float(rg.c0 * sc.inv_t));
+  const VecF B = VecF::set1(float(rg.g_ent * kLn2 * sc.inv_t));
   auto grad = [&](VecF xv) {
-    VecF p = VecF::exp2(VecF::max(lo, VecF::fms(xv, C, H) + NegLo));
-    // p (c0 − k x), forced to 0 where x = −inf (p = 0 there, but k x would be −inf).
-    return VecF::zero_where_neginf(p * VecF::fnma(K, xv, C0), xv);
+    const VecF r = xv - S;
+    VecF p = VecF::exp2(VecF::max(lo, VecF::fms(r, C, H) + NegLo));
+    // p (A − B d), forced to 0 where x = −inf (p = 0 there, but B d would be −inf).
+    return VecF::zero_where_neginf(p * VecF::fnma(B, r * C, A), xv);
   };
   const int64_t nv = n / W * W;
   for (int64_t i = 0; i < nv; i += W) grad(VecF::load(x + i, Tag{})).store(g + i, Tag{});
@@ -211,59 +333,28 @@ inline void grad_row(const typename Tag::storage* x, typename Tag::storage* g, i
     for (int64_t j = nv; j < n; ++j) store_scalar<Tag>(g + j, buf[j - nv]);
   }
   if (has_label) {
-    const double p_y = std::exp(double(x_y) * inv_t - lse2 * kLn2);
-    store_scalar<Tag>(g + y_local, float(p_y * (rg.c0 - rg.k * double(x_y)) + rg.g_label));
+    // In double; a label on a −inf logit has p_y = 0 and only the g_lp term (0·∞ is avoided).
+    const double z_y = (x_y - rg.shift) * sc.inv_t;
+    const double p_y = std::exp(z_y - rg.ref);
+    const double term = p_y > 0.0 ? p_y * (rg.c0 - rg.g_ent * z_y) : 0.0;
+    store_scalar<Tag>(g + y_local, float((term + rg.g_lp) * sc.inv_t));
   }
-}
-
-// float64 logits (tests, gradcheck): the same two summaries in plain double arithmetic.
-inline void accumulate_row_f64(const double* x, int64_t n, double inv_t,
-                               SoftmaxStats<double>& row, double* xsum) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t v = 0; v < n; ++v) {
-    const double z = x[v] * inv_t;
-    m = std::isnan(z) ? z : std::max(m, z);
-    *xsum += z;
-  }
-  SoftmaxStats<double> part{m, 0.0, 0.0, 0.0, 0.0};
-  if (m != -std::numeric_limits<double>::infinity()) {
-    for (int64_t v = 0; v < n; ++v) {
-      const double d = x[v] * inv_t - m;
-      const double e = std::exp(d);
-      part.s += e;
-      if (e > 0.0) part.t += e * d;
-      part.u += e * e;
-    }
-  }
-  row = softmax_stats_merge(row, part);
 }
 
 inline void grad_row_f64(const double* x, double* g, int64_t n, int64_t y_local,
-                         const RowGrad& rg, double lse, double inv_t) {
+                         const RowGrad& rg, double inv_t) {
   for (int64_t v = 0; v < n; ++v) {
-    const double xv = x[v];
-    const double p = std::exp(xv * inv_t - lse);
-    g[v] = p > 0.0 ? p * (rg.c0 - rg.k * xv) : 0.0;
+    const double z = (x[v] - rg.shift) * inv_t;
+    const double p = std::exp(z - rg.ref);
+    g[v] = p > 0.0 ? p * (rg.c0 - rg.g_ent * z) * inv_t : 0.0;
   }
-  if (y_local >= 0 && y_local < n) g[y_local] += rg.g_label;
+  if (y_local >= 0 && y_local < n) g[y_local] += rg.g_lp * inv_t;
 }
 
 // -------------------------------------------------------------------------------------------
 // One row function for every dtype: float64 logits (tests, gradcheck) take plain double
 // arithmetic, the others the vectorised blocks above; these wrappers pick the path so that the
 // row loops of the kernels are written once.
-
-// A temperature as the row loops use it: 1/T, and c = log2(e)/T rounded to float, the scale
-// of the vectorised sweeps (see sweep_block).
-struct RowScale {
-  double inv_t;
-  float c;
-};
-
-inline RowScale row_scale(double temperature) {
-  const double inv_t = 1.0 / temperature;
-  return {inv_t, float(kLog2e * inv_t)};
-}
 
 // Storage tag of float64 logits.
 struct F64 {
@@ -295,48 +386,66 @@ inline void fill_row(typename Tag::storage* g, int64_t n, float value) {
   }
 }
 
-// Folds x[0, n) into the running summary `row`; `xsum` accumulates Σz for float64 logits and
-// Σx for the others (with kStats; see zsum_of).
+// Folds x[0, n) into the running summary `row`; with kStats `xsum` accumulates Σ(x − max).
 template <typename Tag, bool kEntropy, bool kStats>
-inline void fold_row(const typename Tag::storage* x, int64_t n, const RowScale& t,
-                     SoftmaxStats<double>& row, double* xsum,
+inline void fold_row(const typename Tag::storage* x, int64_t n, const RowScale& sc,
+                     RowState& row, RelSum* xsum,
                      const typename Tag::storage* next_row = nullptr) {
-  if constexpr (kIsF64<Tag>) accumulate_row_f64(x, n, t.inv_t, row, xsum);
-  else accumulate_row<Tag, kEntropy, kStats>(x, n, t.c, row, xsum, next_row);
+  if constexpr (kIsF64<Tag>) accumulate_row_f64<kStats>(x, n, sc.inv_t, row, xsum);
+  else accumulate_row<Tag, kEntropy, kStats>(x, n, sc, row, xsum, next_row);
 }
 
-template <typename Tag>
-inline double zsum_of(double xsum, const RowScale& t) {
-  return kIsF64<Tag> ? xsum : xsum * t.inv_t;
+// The backward of a row with a moderate lse: the shift 0 and ref = the forward's lse (its
+// rounding moves p by at most |lse|·2^-24 relatively); E_p[z] = lse − entropy.
+inline constexpr double kBwdLseBound = logprobs::kBwdLseBound;
+
+// RowGrad from a complete summary (the exact path): shift = the row max, ref = log s,
+// E_p[z'] = t / s. False when the row's gradient is undefined (NaN, +inf or all −inf).
+inline bool row_grad_from_state(const RowState& row, double g_lp, double g_ent, double g_lse,
+                                RowGrad* rg) {
+  if (row.nan || !(row.s > 0.0)) return false;
+  *rg = {row.m, std::log(row.s), g_ent * (row.t / row.s) + g_lse - g_lp, g_ent, g_lp};
+  return true;
 }
 
-// log p_y from the row summary and the raw label logit x_y (see logp_from_stats).
-template <typename Tag>
-inline double label_logp(const SoftmaxStats<double>& row, double lse, acc_of<Tag> x_y,
-                         const RowScale& t) {
-  if constexpr (kIsF64<Tag>) return x_y * t.inv_t - lse;
-  else return logp_from_stats(row, x_y, t.c);
-}
+// The upstream gradients of row r (acc_of<Tag> arrays; an absent one is 0).
+struct RowUpstream {
+  double lse, entropy, g_lp, g_ent, g_lse;
+};
 
-// The backward constants of row r from the per-row arrays of a backward (acc_of<Tag> each).
 template <typename Tag>
-inline RowGrad row_grad(const logprobs::GradInputs& in, int64_t r, double inv_t) {
+inline RowUpstream upstream(const logprobs::GradInputs& in, int64_t r) {
   auto get = [r](const void* p) {
     return p ? double(static_cast<const acc_of<Tag>*>(p)[r]) : 0.0;
   };
-  return make_row_grad(get(in.grad_logprobs), get(in.grad_entropy), get(in.grad_lse),
-                       get(in.lse), in.grad_entropy ? get(in.entropy) : 0.0, inv_t);
+  return {get(in.lse), in.grad_entropy ? get(in.entropy) : 0.0, get(in.grad_logprobs),
+          get(in.grad_entropy), get(in.grad_lse)};
 }
 
-// grad_row / grad_row_f64 for row r of a backward.
+// RowGrad of row r of a backward over whole rows: from the saved lse when it is moderate, else
+// from the row's summary, recomputed (one more read of the row). False: the gradient row is
+// undefined (NaN lse: a NaN / +inf row; or an all −inf row).
 template <typename Tag>
-inline void grad_row_of(const typename Tag::storage* x, typename Tag::storage* g, int64_t n,
-                        int64_t y_local, const logprobs::GradInputs& in, int64_t r,
-                        const RowScale& t) {
-  const acc_of<Tag> lse = static_cast<const acc_of<Tag>*>(in.lse)[r];
-  const RowGrad rg = row_grad<Tag>(in, r, t.inv_t);
-  if constexpr (kIsF64<Tag>) grad_row_f64(x, g, n, y_local, rg, lse, t.inv_t);
-  else grad_row<Tag>(x, g, n, y_local, rg, lse, t.c, t.inv_t);
+inline bool row_grad_of(const typename Tag::storage* x, int64_t n,
+                        const logprobs::GradInputs& in, int64_t r, const RowScale& sc,
+                        RowGrad* rg) {
+  const RowUpstream u = upstream<Tag>(in, r);
+  if (std::isnan(u.lse)) return false;
+  if (std::abs(u.lse) < kBwdLseBound) {
+    *rg = {0.0, u.lse, u.g_ent * (u.lse - u.entropy) + u.g_lse - u.g_lp, u.g_ent, u.g_lp};
+    return true;
+  }
+  RowState row;
+  fold_row<Tag, true, false>(x, n, sc, row, nullptr);
+  return row_grad_from_state(row, u.g_lp, u.g_ent, u.g_lse, rg);
+}
+
+// grad_row / grad_row_f64 by dtype.
+template <typename Tag>
+inline void grad_row_any(const typename Tag::storage* x, typename Tag::storage* g, int64_t n,
+                         int64_t y_local, const RowGrad& rg, const RowScale& sc) {
+  if constexpr (kIsF64<Tag>) grad_row_f64(x, g, n, y_local, rg, sc.inv_t);
+  else grad_row<Tag>(x, g, n, y_local, rg, sc);
 }
 
 // Runs fn(tag, begin, end) over the rows [0, n) in parallel chunks (grain_rows(V) rows each),

@@ -125,6 +125,7 @@ def triton_module(name: str, device: torch.device) -> ModuleType:
                 "TRITON_INTERPRET=1 before importing rlkern"
             )
         os.environ["TRITON_INTERPRET"] = "1"
+        _interpret_imported_jit_functions()
     if device.type == "cuda" and interpreting:
         raise BackendUnavailableError(
             "TRITON_INTERPRET=1 is set, so Triton kernels cannot run on CUDA tensors"
@@ -136,3 +137,30 @@ def triton_module(name: str, device: torch.device) -> ModuleType:
 
 
 _imported_compiled: set[str] = set()
+
+
+def _interpret_imported_jit_functions() -> None:
+    """Turn the ``@triton.jit`` functions created before the interpreter was switched on into
+    interpreted ones.
+
+    Triton picks compiled or interpreted when a function is decorated. torch imports
+    ``triton.language`` on its own import (so before rlkern can set ``TRITON_INTERPRET``), and
+    the library functions defined there with ``@jit`` (``tl.zeros``, ``tl.max``, ``tl.sum``,
+    …) are then compiled-mode objects, which the interpreter refuses to call from a kernel
+    ("Cannot call @triton.jit'd outside of the scope of a kernel"). Called only on a machine
+    without CUDA, where compiled Triton code cannot run anyway.
+    """
+    import sys
+
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    # Modules, and the tensor class whose methods (``x.sum()``) are library functions too.
+    owners = [m for n, m in list(sys.modules.items())
+              if m is not None and (n.startswith("triton.language") or
+                                    n.startswith("rlkern.kernels"))] + [tl.tensor]
+    for owner in owners:
+        for attr, value in list(vars(owner).items()):
+            if type(value) is JITFunction:
+                setattr(owner, attr, InterpretedFunction(value.fn))

@@ -45,6 +45,12 @@ constexpr bool differentiable(int o) { return o == kLogprobs || o == kLse || o =
 inline constexpr std::initializer_list<LayoutTable> kLayout = {
     layout_table("outputs", kOutputNames)};
 
+// A backward takes p_v = exp(z_v − lse) from the forward's lse while |lse| < kBwdLseBound: the
+// float lse then pins p down to |lse|·2^-24 relatively. A row with a larger (or infinite) lse
+// (huge logits, a tiny temperature) recomputes its max and normaliser from the logits and
+// works in max-shifted coordinates instead, so that its gradient stays exact.
+inline constexpr double kBwdLseBound = 256.0;
+
 // What a backward reads per row, as raw arrays of the accumulation dtype (nullptr: absent):
 // the forward's lse (and its entropy, needed for an entropy gradient) and the upstream
 // gradients of the differentiable outputs (an absent gradient is 0).

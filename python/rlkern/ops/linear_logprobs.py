@@ -15,7 +15,6 @@ and the vocabulary-parallel helpers).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -25,7 +24,13 @@ from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
 from rlkern.ops.linear_logprobs_cpu import LinearTiling, global_vocab, group_of
 from rlkern.ops.linear_logprobs_dispatch import backward, forward, run_fused
-from rlkern.ops.logprobs import TokenLogprobs, _validate_labels, _validate_rows
+from rlkern.ops.logprobs import (
+    TokenLogprobs,
+    _validate_labels,
+    _validate_rows,
+    check_ignore_index,
+    check_temperature,
+)
 
 # The fused losses (rlkern.ops.linear_grpo_loss) drive the same machinery.
 _group, _global_vocab = group_of, global_vocab
@@ -94,7 +99,7 @@ def linear_logprobs_fwd(
     else:
         lp, lse, ent = forward(backend, hidden, weight, labels, bias, temperature, ignore_index,
                                with_entropy, LinearTiling(chunk_size, vocab_tile), group)
-        _validate_rows(lse.view(1, -1), labels.view(1, -1), ignore_index)
+        _validate_rows(lse.view(1, -1), lp.view(1, -1), labels.view(1, -1), ignore_index)
     return lp, lse, ent if ent is not None else _empty()
 
 
@@ -193,7 +198,7 @@ def linear_logprobs_fwd_bwd(
     (lp, lse, ent), gh, gw, gb = run_fused(hidden, weight, labels, bias, temperature,
                                            ignore_index, with_entropy or grad_entropy is not None,
                                            chunk_size, given, group, backend)
-    _validate_rows(lse.view(1, -1), labels.view(1, -1), ignore_index)
+    _validate_rows(lse.view(1, -1), lp.view(1, -1), labels.view(1, -1), ignore_index)
     return (lp, lse, ent if with_entropy else _empty(), gh, gw,
             gb if gb is not None else _empty())
 
@@ -211,7 +216,8 @@ def _(hidden, weight, labels, bias, grad_logprobs, grad_entropy, temperature, ig
 # Public API
 
 
-def _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size) -> None:
+def _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size,
+                         ignore_index: int = -100) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -242,8 +248,8 @@ def _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size) 
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isinf(temperature):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
@@ -258,10 +264,11 @@ class _Call(NamedTuple):
     group_name: str
 
 
-def _prepare(hidden, weight, labels, bias, temperature, chunk_size, process_group,
+def _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size, process_group,
              backend) -> _Call:
-    _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size)
-    return _Call(hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1),
+    _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size, ignore_index)
+    # (N, H) with N given explicitly: with H = 0 a reshape to (-1, 0) would be ambiguous.
+    return _Call(hidden.reshape(labels.numel(), hidden.shape[-1]), labels.reshape(-1),
                  _resolve_backend(backend, hidden.device),
                  "" if process_group is None else process_group.group_name)
 
@@ -332,7 +339,8 @@ def linear_logprobs(
         >>> out.logprobs.shape
         torch.Size([4, 64])
     """
-    c = _prepare(hidden, weight, labels, bias, temperature, chunk_size, process_group, backend)
+    c = _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size,
+                 process_group, backend)
     tiling = LinearTiling.from_shape(c.hidden.shape[0], weight.shape[0], chunk_size)
     lp, lse, ent = torch.ops.rlkern.linear_logprobs_fwd(
         c.hidden, weight, c.labels, bias, float(temperature), int(ignore_index),
@@ -377,11 +385,18 @@ def linear_logprobs_with_grad(
         :class:`LinearLogprobsWithGrad` ``(outputs, grad_hidden, grad_weight, grad_bias)``;
         gradients in the parameters' dtypes, ``grad_bias`` None without a bias.
     """
-    c = _prepare(hidden, weight, labels, bias, temperature, chunk_size, process_group, backend)
+    c = _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size,
+                 process_group, backend)
     lead = hidden.shape[:-1]
     for name, g in (("grad_logprobs", grad_logprobs), ("grad_entropy", grad_entropy)):
-        if g is not None and tuple(g.shape) != tuple(lead):
+        if g is None:
+            continue
+        if not isinstance(g, Tensor) or not g.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor or None")
+        if tuple(g.shape) != tuple(lead):
             raise ValueError(f"{name} must have shape {tuple(lead)}, got {tuple(g.shape)}")
+        if g.device != hidden.device:
+            raise ValueError(f"{name} is on {g.device} but hidden on {hidden.device}")
     flat = lambda g: None if g is None else g.reshape(-1).to(acc_dtype(hidden.dtype))
     rows = LinearTiling.fused_rows(weight.shape[0], chunk_size, n=c.hidden.shape[0])
     lp, lse, ent, gh, gw, gb = torch.ops.rlkern.linear_logprobs_fwd_bwd(

@@ -27,6 +27,10 @@ from rlkern import backends
 from rlkern.config.dtypes import acc_dtype
 from rlkern.config.logprobs import linear_stats, outputs
 
+#: A backward takes ``p`` from the forward's ``lse`` while ``|lse|`` is below this bound (the
+#: C++ ``rlkern::logprobs::kBwdLseBound``); other rows need their complete summary.
+BWD_LSE_BOUND = 256.0
+
 #: ``grad_fn(logprobs_chunk, entropy_chunk, row_slice) -> (grad_logprobs, grad_entropy)``: the
 #: upstream gradient of a row chunk, given its forward results (either may be None).
 GradFn = Callable[[Tensor, Tensor | None, slice], tuple[Tensor | None, Tensor | None]]
@@ -108,11 +112,12 @@ def _vocab_offset(group, local_vocab: int) -> int:
     return 0 if group is None else torch.distributed.get_rank(group) * local_vocab
 
 
-def _allreduce_stats(stats: Tensor, group) -> None:
+def _allreduce_stats(stats: Tensor, group, temperature: float) -> None:
     """Combine per-rank ``(m, s, t)`` into the global row summaries, in place.
 
-    ``m`` by max; then each rank rescales to the global max (s' = α s, t' = α (t + d s),
-    d = m − m_glob, α = e^d) and ``s, t`` are summed. ``x_y`` stays local (NaN off the owner).
+    ``m`` (the raw max) by max; then each rank rescales to the global max (s' = α s,
+    t' = α (t + d s), d = (m − m_glob) / T, α = e^d) and ``s, t`` are summed. ``x_y`` stays
+    local (NaN off the owner).
     """
     dist = torch.distributed
     S = linear_stats()
@@ -121,7 +126,7 @@ def _allreduce_stats(stats: Tensor, group) -> None:
     dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=group)
     s, t = stats[:, S.s], stats[:, S.t]
     empty = s == 0
-    d = torch.where(empty, torch.zeros_like(m), m - m_glob)
+    d = torch.where(empty, torch.zeros_like(m), (m - m_glob) / temperature)
     alpha = torch.where(empty, torch.zeros_like(m), torch.exp(d))
     st = torch.stack([alpha * s, alpha * (t + d * s)], dim=1)
     dist.all_reduce(st, group=group)
@@ -178,16 +183,19 @@ def _finish(stats, labels, temperature, ignore_index, with_entropy, dtype, group
     return logprobs, lse, entropy
 
 
-def _tile_bwd(tile, labels, offset, lse, entropy, g_lp, g_ent, g_lse, temperature, ignore_index):
-    """``tile`` → its gradient ``∂L/∂x``, in place."""
+def _tile_bwd(tile, labels, offset, lse, entropy, g_lp, g_ent, g_lse, temperature, ignore_index,
+              stats=None):
+    """``tile`` → its gradient ``∂L/∂x``, in place; rows with a complete summary in ``stats``
+    (``m`` not NaN) take it from there, exactly (see :func:`_exact_stats`)."""
     backends.cpp_ops().linear_logprobs_tile_bwd_(
         tile, labels, offset, _row_lists(lse=lse, entropy=entropy),
-        _row_lists(logprobs=g_lp, entropy=g_ent, lse=g_lse), temperature, ignore_index, tile)
+        _row_lists(logprobs=g_lp, entropy=g_ent, lse=g_lse), temperature, ignore_index, tile,
+        stats)
 
 
-def forward_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, tiling,
-                group):
-    """``(logprobs, lse, entropy or None)`` of the rows of ``hidden``, tile by tile."""
+def _row_stats(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, tiling,
+               group) -> Tensor:
+    """The complete float64 row summaries ``(n, len(linear_stats()))``, tile by tile."""
     ops = backends.cpp_ops()
     n, vocab = hidden.shape[0], weight.shape[0]
     offset = _vocab_offset(group, vocab)
@@ -204,15 +212,41 @@ def forward_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_en
             ops.linear_logprobs_tile_fwd_(tile, labels[r0:r1], offset + v0, temperature,
                                           ignore_index, with_entropy, stats[r0:r1])
     if group is not None:
-        _allreduce_stats(stats, group)
+        _allreduce_stats(stats, group, temperature)
+    return stats
+
+
+def forward_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, tiling,
+                group):
+    """``(logprobs, lse, entropy or None)`` of the rows of ``hidden``, tile by tile."""
+    stats = _row_stats(hidden, weight, labels, bias, temperature, ignore_index, with_entropy,
+                       tiling, group)
     return _finish(stats, labels, temperature, ignore_index, with_entropy, hidden.dtype, group)
+
+
+def _exact_stats(hidden, weight, labels, bias, lse, temperature, ignore_index, tiling,
+                 group) -> Tensor | None:
+    """The row summaries the backward needs besides the forward's ``lse``: ``None`` while every
+    ``|lse|`` is below :data:`BWD_LSE_BOUND` (the float lse then pins ``p`` down), else the
+    complete summaries, recomputed with the backward's own tiles (one more matmul pass). The
+    same tiles matter: the shift must be the max of exactly the logits the backward forms (a
+    different blocking may round a logit of 1e10 by 1e3, i.e. ``p`` by ``e^1000``).
+
+    With a process group ``lse`` is the global one, the same on every rank, so every rank
+    takes the same branch and joins the same all-reduces."""
+    far = ~(lse.abs() < BWD_LSE_BOUND) & ~torch.isnan(lse) & (labels != ignore_index)
+    if not bool(far.any()):
+        return None
+    return _row_stats(hidden, weight, labels, bias, temperature, ignore_index, True, tiling,
+                      group)
 
 
 def backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse, temperature,
                  ignore_index, tiling, group):
     """Vocab tiles outside, row chunks inside: ∂W of a vocab tile is finished (one write) before
     the next tile, so only a (vocab_tile, H) float32 accumulator is needed for it; ∂h
-    accumulates in a (N, H) float32 buffer."""
+    accumulates in a (N, H) float32 buffer. Rows whose ``|lse|`` is not moderate take their
+    gradient from recomputed summaries (:func:`_exact_stats`)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     offset = _vocab_offset(group, vocab)
     rows, cols = tiling.chunk_size, tiling.vocab_tile
@@ -224,6 +258,8 @@ def backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse,
     single_chunk = n <= rows
     gw_acc = None if single_chunk else torch.empty(min(cols, vocab), weight.shape[1], dtype=acc)
     part = lambda t, sl: None if t is None else t[sl]
+    exact = _exact_stats(hidden, weight, labels, bias, lse, temperature, ignore_index, tiling,
+                         group)
     for v0 in range(0, vocab, cols):
         v1 = min(vocab, v0 + cols)
         w_tile = weight[v0:v1]
@@ -234,7 +270,8 @@ def backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse,
             tile = _tile_logits(hidden[sl], w_tile, None if bias is None else bias[v0:v1],
                                 _tile_buffer(buf, r1 - r0, v1 - v0))
             _tile_bwd(tile, labels[sl], offset + v0, lse[sl], part(entropy, sl), part(g_lp, sl),
-                      part(g_ent, sl), part(g_lse, sl), temperature, ignore_index)
+                      part(g_ent, sl), part(g_lse, sl), temperature, ignore_index,
+                      part(exact, sl))
             if single_chunk:
                 torch.mm(tile.t(), hidden[sl], out=grad_w[v0:v1])
             elif r0 == 0:
@@ -281,15 +318,16 @@ def fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entr
         ops.linear_logprobs_tile_fwd_(tile, labels[sl], offset, temperature, ignore_index,
                                       with_entropy, stats)
         if group is not None:
-            _allreduce_stats(stats, group)
+            _allreduce_stats(stats, group, temperature)
         lp, ls, ent = _finish(stats, labels[sl], temperature, ignore_index, with_entropy,
                               hidden.dtype, group)
         logprobs[sl], lse[sl] = lp, ls
         if entropy is not None:
             entropy[sl] = ent
         g_lp, g_ent = grad_fn(lp, ent, sl)
+        # The chunk's complete summaries are at hand: every row takes the exact path.
         _tile_bwd(tile, labels[sl], offset, ls, ent, g_lp, g_ent, None, temperature,
-                  ignore_index)
+                  ignore_index, stats)
         torch.mm(tile, weight, out=grad_h[sl])
         if r0 == 0:
             torch.mm(tile.t(), hidden[sl], out=grad_w)

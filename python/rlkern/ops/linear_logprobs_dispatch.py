@@ -24,6 +24,7 @@ from rlkern.ops.linear_logprobs_cpu import (
     fused_cpu,
 )
 from rlkern.reference.linear_logprobs import linear_logprobs_reference
+from rlkern.reference.logprobs import token_logprobs_grad_reference
 
 Rows = tuple[Tensor, Tensor, Tensor | None]  # (logprobs, lse, entropy or None)
 Grads = tuple[Tensor, Tensor, Tensor | None]  # (grad_hidden, grad_weight, grad_bias or None)
@@ -105,19 +106,17 @@ def _forward_torch(hidden, weight, labels, bias, temperature, ignore_index, with
 
 def _backward_torch(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse, temperature,
                     ignore_index):
-    with torch.enable_grad():
-        h = hidden.detach().requires_grad_()
-        w = weight.detach().requires_grad_()
-        b = None if bias is None else bias.detach().requires_grad_()
-        ref = linear_logprobs_reference(h, w, labels, bias=b, temperature=temperature,
-                                        ignore_index=ignore_index)
-        total = sum(((g * ref[k]).sum() for g, k in ((g_lp, "logprobs"), (g_ent, "entropy"),
-                                                     (g_lse, "lse")) if g is not None),
-                    start=torch.zeros((), dtype=ref["lse"].dtype))
-        inputs = [h, w] + ([b] if b is not None else [])
-        grads = torch.autograd.grad(total, inputs, allow_unused=True)
-    fill = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs, strict=True)]
-    return fill[0], fill[1], fill[2] if b is not None else None
+    """The chain rule written out (this runs inside a registered op, below autograd, where no
+    graph is recorded): ``∂x`` of the materialised logits by the reference formula, then
+    ``∂h = ∂x W``, ``∂W = ∂xᵀ h``, ``∂b = Σ_rows ∂x``, in float64."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    dx = token_logprobs_grad_reference(logits, labels, lse, entropy, g_lp, g_ent, g_lse,
+                                       temperature=temperature,
+                                       ignore_index=ignore_index).to(torch.float64)
+    gh = (dx @ weight.to(torch.float64)).to(hidden.dtype)
+    gw = (dx.t() @ hidden.to(torch.float64)).to(weight.dtype)
+    gb = None if bias is None else dx.sum(0).to(bias.dtype)
+    return gh, gw, gb
 
 
 # ---------------------------------------------------------------------------------------------

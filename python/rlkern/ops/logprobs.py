@@ -17,6 +17,7 @@ recomputes from the saved per-row ``lse`` and ``entropy``: nothing of size ``(N,
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -108,10 +109,13 @@ def _validate_labels(labels: Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
-def _validate_rows(lse: Tensor, labels2: Tensor, ignore_index: int) -> None:
+def _validate_rows(lse: Tensor, logprobs: Tensor, labels2: Tensor, ignore_index: int) -> None:
+    """An all ``-inf`` row is the one whose ``lse`` is ``-inf`` *and* whose logprob is NaN: a
+    finite row can have ``lse = -inf`` too (``max x / T`` below the float range, e.g. a bf16
+    row of ``finfo.min`` at ``T = 1e-10``), but its logprob is then finite (or ``-inf``)."""
     if not _checks_enabled or lse.numel() == 0:
         return
-    bad = torch.isneginf(lse) & (labels2 != ignore_index)
+    bad = torch.isneginf(lse) & torch.isnan(logprobs) & (labels2 != ignore_index)
     if bool(bad.any()):
         idx = int(bad.flatten().nonzero()[0])
         raise ValueError(
@@ -189,7 +193,7 @@ def logprobs_fwd(
             if _wanted(o.name, with_entropy, with_stats) else None for o in outputs()]
     if labels2.numel() > 0:
         _fwd_out(backend, logits3, labels2, temperature, ignore_index, outs)
-        _validate_rows(outs[outputs().lse], labels2, ignore_index)
+        _validate_rows(outs[outputs().lse], outs[outputs().logprobs], labels2, ignore_index)
     return tuple(_empty().to(logits.device) if t is None else t.view(lead) for t in outs)
 
 
@@ -299,7 +303,37 @@ torch.library.register_autograd(
 # Public API
 
 
-def _check_inputs(logits: Tensor, labels: Tensor, temperature: float) -> None:
+def check_temperature(temperature) -> None:
+    """A number ``T > 0`` whose inverse is finite (so ``x / T`` is defined for every float)."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not temperature > 0 or math.isinf(temperature) or math.isinf(1.0 / temperature):
+        raise ValueError(f"temperature must be finite and > 0 (with 1/T finite), got "
+                         f"{temperature}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    """An ``int`` that fits in int64 (the labels' range)."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+
+
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (a stride-0 expansion, or any view whose
+    strides cannot be ordered so that each exceeds the extent of the smaller ones). Strided
+    views without overlap, such as TRL's ``logits[:, :-1, :]``, are fine."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    extent = 0
+    for stride, size in dims:
+        if stride <= extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def _check_inputs(logits: Tensor, labels: Tensor, temperature: float, ignore_index) -> None:
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(labels, Tensor):
@@ -324,10 +358,8 @@ def _check_inputs(logits: Tensor, labels: Tensor, temperature: float) -> None:
         )
     if logits.shape[-1] == 0 and logits.numel() == 0 and labels.numel() > 0:
         raise ValueError("logits has an empty vocab dim (V = 0) but labels are not empty")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
 
 
 def token_logprobs(
@@ -368,7 +400,8 @@ def token_logprobs(
         ignore_index: rows with this label give 0 for every output and a zero gradient.
         inplace_backward: write the gradient wrt ``logits`` over the ``logits`` buffer
             (saves one ``(N, V)`` allocation in backward; ``logits`` must not be used after
-            the backward pass).
+            the backward pass). Logits whose elements share memory (a stride-0 ``expand``)
+            cannot hold their own gradient: they get it out of place, as without the flag.
         backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"cuda"``, ``"triton"``
             (on CPU tensors: the Triton interpreter) or ``"torch"`` (the reference).
 
@@ -379,10 +412,18 @@ def token_logprobs(
         ``logprobs``, ``entropy`` and ``lse`` are differentiable wrt ``logits``; the backward
         recomputes ``p`` from the saved per-row ``lse`` and ``entropy``.
 
+    Finite logits give finite ``logprobs``, ``entropy``, stats and gradients at any magnitude
+    and temperature (everything is formed relative to the row max before ``1/T`` scales it);
+    only ``lse`` itself may round to ``±inf`` when ``max x / T`` leaves the float range. A row
+    holding NaN or ``+inf`` gives NaN in every output and in its gradient row; a row of all
+    ``-inf`` (checks off) gives ``lse = -inf`` and NaN elsewhere (docs/logprobs.md).
+
     Raises:
-        TypeError: wrong dtypes. ValueError: shape mismatch, non-unit vocab stride,
-        ``temperature <= 0``, labels out of range, or a row of all ``-inf`` logits (the last
-        two only while checks are on, see :func:`set_checks`).
+        TypeError: wrong dtypes, a non-number temperature or a non-int ``ignore_index``.
+        ValueError: shape mismatch, non-unit vocab stride, ``temperature <= 0`` (or ``1/T``
+        not finite), ``ignore_index`` outside int64, tensors on different devices, labels
+        out of range, or a row of all ``-inf`` logits (the last two only while checks are
+        on, see :func:`set_checks`).
 
     Example::
 
@@ -392,8 +433,11 @@ def token_logprobs(
         >>> out.logprobs.shape, out.entropy.dtype
         (torch.Size([2, 5]), torch.float32)
     """
-    _check_inputs(logits, labels, temperature)
+    _check_inputs(logits, labels, temperature, ignore_index)
     resolved = backends.resolve_backend(backend, logits.device)
+    # The gradient cannot be written over logits whose elements share memory (a stride-0
+    # expansion): those get it out of place.
+    inplace_backward = bool(inplace_backward) and not _overlaps_itself(logits)
     out = torch.ops.rlkern.logprobs_fwd(
         logits, labels, float(temperature), int(ignore_index), bool(return_entropy),
         bool(return_stats), bool(inplace_backward), resolved,
