@@ -10,17 +10,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rlkern.kernels._common import LN2, LOG2E, LOWEST, inv_t_from
+from rlkern.kernels._common import LN2, LOG2E, LOWEST, row_scales
 
 # The forward's scratch between its two kernels, (splits, _N_STATS, N) so that each field is
-# contiguous: the fields of a split's online-softmax summary in base 2 (m₂, s, t) and the label's
-# z₂ (valid only in the split that owns the label). The same fields as the CPU path's running
-# state (rlkern/logprobs.h, linear_logprobs.stats), in base 2 and split-major: private to the
-# two kernels below, it never leaves the launcher.
+# contiguous: the fields of a split's online-softmax summary (m the raw max, s and t in base 2
+# relative to it) and the label's raw logit x_y (valid only in the split that owns the label).
+# The same fields as the CPU path's running state (rlkern/logprobs.h, linear_logprobs.stats),
+# in base 2 and split-major: private to the kernels below, it never leaves the launcher.
 _M = tl.constexpr(0)
 _S = tl.constexpr(1)
 _T = tl.constexpr(2)
 _ZY = tl.constexpr(3)
+#: Rows with |lse| at or above this bound take the backward's exact path (the C++ kernels'
+#: ``rlkern::logprobs::kBwdLseBound``, csrc/include/rlkern/logprobs.h).
+BWD_LSE_BOUND = tl.constexpr(256.0)
 N_STATS = 4
 _N_STATS = tl.constexpr(N_STATS)
 
@@ -76,51 +79,56 @@ def _logits_tile(
 
 @triton.jit
 def _row_grad_consts(
-    labels_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,
+    labels_ptr, shift_ptr, ref2_ptr, ez_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,
     rows64, row_ok, vocab, ignore_index, inv_t,
     ACC: tl.constexpr, HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
 ):
     """Per-row constants of the logit gradient (as in kernels/logprobs.py's backward).
 
-    With ``z = x / T`` the gradient of one logit is
-    ``dZ_v = p_v · (c − g_ent·x_v / T²) [+ g_lp / T at v = y]`` with
-    ``c = (g_lse − g_lp + g_ent·E_p[z]) / T`` and ``p_v = exp2(x_v·log₂e/T − lse·log₂e)``.
+    The row references of :func:`_linear_logprobs_refs_kernel` give ``p`` relative to a shift:
+    ``p_v = exp2((x_v − shift)·log₂e/T − ref₂)``; with ``d_v = (x_v − shift)·log₂e/T`` the
+    gradient of one logit is ``dZ_v = p_v · (c − g_ent'·d_v) [+ g_lp / T at v = y]`` with
+    ``c = (g_lse − g_lp + g_ent·E_p[z'])/T`` and ``g_ent' = g_ent·ln2/T``.
 
-    Returns ``(live, label_col, lse₂, c, g_lp / T, g_ent / T²)``: ``live`` marks rows inside
-    the batch that are not ``ignore_index`` (every other row gets a zero gradient row whatever
-    its upstream gradients hold, NaN included); ``label_col`` is the label as an int32 column
-    index, −1 when out of range, so it matches no column and is never dereferenced.
+    Returns ``(live, label_col, shift, ref₂, c, g_lp / T, g_ent')``: ``live`` marks rows
+    inside the batch that are not ``ignore_index`` (every other row gets a zero gradient row
+    whatever its upstream gradients hold, NaN included); ``label_col`` is the label as an int32
+    column index, −1 when out of range, so it matches no column and is never dereferenced.
     """
     label = tl.load(labels_ptr + rows64, mask=row_ok, other=ignore_index)
     live = row_ok & (label != ignore_index)
-    lse = tl.load(lse_ptr + rows64, mask=live, other=0.0).to(ACC)
-    c = tl.zeros(lse.shape, ACC)
-    g_lp = tl.zeros(lse.shape, ACC)
-    g_ent = tl.zeros(lse.shape, ACC)
+    shift = tl.load(shift_ptr + rows64, mask=live, other=0.0).to(ACC)
+    ref2 = tl.load(ref2_ptr + rows64, mask=live, other=0.0).to(ACC)
+    c = tl.zeros(ref2.shape, ACC)
+    g_lp = tl.zeros(ref2.shape, ACC)
+    g_ent = tl.zeros(ref2.shape, ACC)
     if HAS_GRAD_LP:
         g_lp = tl.load(grad_logprobs_ptr + rows64, mask=live, other=0.0).to(ACC)
         c -= g_lp
     if HAS_GRAD_ENT:
         g_ent = tl.load(grad_entropy_ptr + rows64, mask=live, other=0.0).to(ACC)
-        c += g_ent * (lse - tl.load(entropy_ptr + rows64, mask=live, other=0.0).to(ACC))
+        c += g_ent * tl.load(ez_ptr + rows64, mask=live, other=0.0).to(ACC)
     if HAS_GRAD_LSE:
         c += tl.load(grad_lse_ptr + rows64, mask=live, other=0.0).to(ACC)
     label_col = tl.where(live & (label >= 0) & (label < vocab), label, -1).to(tl.int32)
-    return live, label_col, lse * LOG2E, c * inv_t, g_lp * inv_t, g_ent * (inv_t * inv_t)
+    return live, label_col, shift, ref2, c * inv_t, g_lp * inv_t, g_ent * (inv_t * LN2)
 
 
 @triton.jit
 def _dlogits_tile(
-    x, cols, col_ok, live, label_col, lse2, c, g_lp, g_ent, scale,
+    x, cols, col_ok, live, label_col, shift, ref2, c, g_lp, g_ent, scale,
     HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
 ):
     """``dZ`` of one logits tile ``x`` (raw logits, before 1/T): one exp2 and two FMAs per
     element. Entries outside the batch, the vocabulary or on ignored rows are exactly 0 (their
-    recomputed logits are finite but meaningless: exp2 of them may overflow)."""
-    p = tl.exp2(tl.fma(x, scale, -lse2[:, None]))
+    recomputed logits are finite but meaningless: exp2 of them may overflow). Where ``p = 0``
+    (a −inf logit, e.g. from a −inf bias) the entropy term is 0, its limit, not 0·(−inf) = NaN;
+    a NaN ``ref₂`` (a row without a defined gradient) makes the row NaN."""
+    r = x - shift[:, None]
+    p = tl.exp2(tl.fma(r, scale, -ref2[:, None]))
     if HAS_GRAD_ENT:
-        dz = p * tl.fma(x, -g_ent[:, None], c[:, None])
+        dz = tl.where(p > 0, p * tl.fma(r * scale, -g_ent[:, None], c[:, None]), p)
     else:
         dz = p * c[:, None]
     if HAS_GRAD_LP:
@@ -182,6 +190,7 @@ def _linear_logprobs_fwd_kernel(
     weight_ptr,  # (V, H) same dtype, unit last stride
     bias_ptr,  # (V,) same dtype, contiguous; read only when HAS_BIAS
     labels_ptr,  # (N,) int64, contiguous
+    lse_ptr,  # (N,) the forward's lse; read only when ONLY_FAR
     stats_ptr,  # (splits, 4, N) fp32 (fp64 for fp64 inputs) scratch; fixes the acc dtype
     n_rows,  # N
     vocab,  # V
@@ -191,6 +200,7 @@ def _linear_logprobs_fwd_kernel(
     stride_weight_0,
     inv_temperature,  # 1 / T rounded to fp32: a runtime scalar (a constexpr recompiles per T)
     inv_temperature_lo,  # 1 / T − inv_temperature: restores 1 / T to ~48 bits for fp64
+    ignore_index,  # read only when ONLY_FAR
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -198,59 +208,97 @@ def _linear_logprobs_fwd_kernel(
     HAS_ENTROPY: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs (ignored otherwise)
     UPCAST_DOT: tl.constexpr,  # interpreter only (see _mma)
+    ONLY_FAR: tl.constexpr,  # backward: skip row blocks without a row whose |lse| is large
 ):
     """Program ``(i, j)``: rows ``[i·BLOCK_M, (i+1)·BLOCK_M)`` × vocabulary split ``j``
     (columns ``[j·split_cols, min(V, (j+1)·split_cols))``, never empty). Writes the split's
-    per-row ``(m₂, s, t, z₂_y)`` to ``stats[j]``, base-2 units::
+    per-row ``(m, s, t, x_y)`` to ``stats[j]``, relative to the raw max and in base 2::
 
-        m₂ = max z₂,   s = Σ exp2(z₂ − m₂),   t = Σ exp2(z₂ − m₂)(z₂ − m₂),   z₂ = x·log₂e/T
+        m = max x,   s = Σ exp2((x − m)·log₂e/T),   t = Σ exp2(d)·d with d = (x − m)·log₂e/T
 
-    ``z₂_y`` is the label's scaled logit when the label lies in this split (else 0, unused).
+    Shifting by the raw max *before* scaling keeps ``d`` exact for huge logits and any
+    temperature. ``x_y`` is the label's raw logit when the label lies in this split (else 0,
+    unused). With ``ONLY_FAR`` (the backward's recompute, see the refs kernel) a row block none
+    of whose rows has ``|lse| ≥ BWD_LSE_BOUND`` returns at once, writing nothing.
     """
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     pid_s = tl.program_id(1)
     rows64, row_ok = _row_block(tl.program_id(0) * BLOCK_M, n_rows, BLOCK_M)
-    inv_t = inv_t_from(inv_temperature, inv_temperature_lo, ACC)
-    scale = inv_t * LOG2E
+    _, scale = row_scales(inv_temperature, inv_temperature_lo, ACC)
     # Out-of-batch rows get a label that matches no column (they are never stored anyway).
     labels = tl.load(labels_ptr + rows64, mask=row_ok, other=-1)
+    if ONLY_FAR:
+        lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+        far = row_ok & (labels != ignore_index) & ~(tl.abs(lse) < BWD_LSE_BOUND) & (lse == lse)
+        active = tl.max(far.to(tl.int32), axis=0) > 0
+    else:
+        active = True
+    if active:
+        v_begin, v_end = _split_bounds(pid_s, split_cols, vocab)
+        m = tl.full((BLOCK_M,), float("-inf"), ACC)  # running raw max (−inf while empty)
+        s = tl.zeros((BLOCK_M,), ACC)
+        t = tl.zeros((BLOCK_M,), ACC)
+        x_y = tl.zeros((BLOCK_M,), ACC)
+        for v0 in range(v_begin, v_end, BLOCK_N):
+            cols, col_ok = _tile_cols(v0, v_end, BLOCK_N)
+            x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
+                             hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M,
+                             BLOCK_N, BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
+            # Padding columns become −inf: they add exp2(−inf) = 0 below. inf/NaN in the
+            # inputs propagate to their rows only.
+            x = tl.where(col_ok[None, :], x, float("-inf"))
+            # The label's logit: exactly one tile of one split matches, so the sum is exact.
+            x_y += tl.sum(tl.where(cols[None, :] == labels[:, None], x, 0.0), axis=1)
+            # Online softmax (Milakov & Gimelshein 2018): move the running summary to the new
+            # max. With δ = (m − m')·log₂e/T ≤ 0 and α = exp2(δ): s ← α s, t ← α (t + δ s),
+            # since exp2(d − δ') = α·exp2(d). An empty summary (m = −inf, s = t = 0) takes
+            # δ = 0, and an all −inf row the shift 0: −inf − (−inf) would be NaN.
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            delta = tl.where(m == float("-inf"), 0.0, (m - ref) * scale)
+            alpha = tl.exp2(delta)
+            d = tl.maximum((x - ref[:, None]) * scale, LOWEST,
+                           propagate_nan=tl.PropagateNan.ALL)
+            w = tl.exp2(d)
+            if HAS_ENTROPY:
+                t = alpha * (t + delta * s) + tl.sum(w * d, axis=1)
+            s = alpha * s + tl.sum(w, axis=1)
+            m = m_new
 
-    v_begin, v_end = _split_bounds(pid_s, split_cols, vocab)
-    m = tl.full((BLOCK_M,), float("-inf"), ACC)  # running max of z₂ (−inf while empty)
-    s = tl.zeros((BLOCK_M,), ACC)
-    t = tl.zeros((BLOCK_M,), ACC)
-    z_y = tl.zeros((BLOCK_M,), ACC)
-    for v0 in range(v_begin, v_end, BLOCK_N):
-        cols, col_ok = _tile_cols(v0, v_end, BLOCK_N)
-        x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
-                         hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
-                         BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
-        # Padding columns become −inf: they add exp2(−inf) = 0 below. A matmul never yields
-        # −inf itself, so every tile (non-empty by construction) has a finite max per row
-        # unless the inputs hold inf/NaN, which then propagate to that row only.
-        z2 = tl.where(col_ok[None, :], x * scale, float("-inf"))
-        # The label's logit: exactly one tile of one split matches, so the sum is exact.
-        z_y += tl.sum(tl.where(cols[None, :] == labels[:, None], z2, 0.0), axis=1)
-        # Online softmax (Milakov & Gimelshein 2018): move the running summary to the new
-        # max. With δ = m − m' ≤ 0 and α = exp2(δ): s ← α s, t ← α (t + δ s), since
-        # exp2(z − m') = α·exp2(z − m) and z − m' = (z − m) + δ. An empty summary (m = −inf,
-        # s = t = 0) takes δ = 0: −inf − m' would make δ·s = −inf·0 = NaN.
-        m_new = tl.maximum(m, tl.max(z2, axis=1))
-        delta = tl.where(m == float("-inf"), 0.0, m - m_new)
-        alpha = tl.exp2(delta)
-        d = tl.maximum(z2 - m_new[:, None], LOWEST, propagate_nan=tl.PropagateNan.ALL)
-        w = tl.exp2(d)
+        out = stats_ptr + (pid_s.to(tl.int64) * _N_STATS) * n_rows + rows64
+        tl.store(out + _M * n_rows, m, mask=row_ok)
+        tl.store(out + _S * n_rows, s, mask=row_ok)
         if HAS_ENTROPY:
-            t = alpha * (t + delta * s) + tl.sum(w * d, axis=1)
-        s = alpha * s + tl.sum(w, axis=1)
-        m = m_new
+            tl.store(out + _T * n_rows, t, mask=row_ok)
+        tl.store(out + _ZY * n_rows, x_y, mask=row_ok)
 
-    out = stats_ptr + (pid_s.to(tl.int64) * _N_STATS) * n_rows + rows64
-    tl.store(out + _M * n_rows, m, mask=row_ok)
-    tl.store(out + _S * n_rows, s, mask=row_ok)
-    if HAS_ENTROPY:
-        tl.store(out + _T * n_rows, t, mask=row_ok)
-    tl.store(out + _ZY * n_rows, z_y, mask=row_ok)
+
+@triton.jit
+def _merge_splits(stats_ptr, rows64, row_ok, n_rows, n_splits, scale,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    """Each row's split summaries merged in split order (online_softmax.h's exact merge):
+    ``(m, s, t)``, m the raw max, s and t in base 2 relative to it."""
+    m = tl.full((BLOCK,), float("-inf"), ACC)
+    s = tl.zeros((BLOCK,), ACC)
+    t = tl.zeros((BLOCK,), ACC)
+    src = stats_ptr + rows64  # split j's fields start at (j·4 + field)·N (64-bit pointer)
+    for _ in range(0, n_splits):
+        m_j = tl.load(src + _M * n_rows, mask=row_ok, other=float("-inf"))
+        s_j = tl.load(src + _S * n_rows, mask=row_ok, other=0.0)
+        # Both summaries move to the common max M: δ = (m − M)·log₂e/T, s' = 2^δ s,
+        # t' = 2^δ (t + δ s); an empty summary (s = 0) takes δ = 0 and stays empty.
+        m_new = tl.maximum(m, m_j)
+        d_a = tl.where(s == 0, 0.0, (m - m_new) * scale)
+        d_b = tl.where(s_j == 0, 0.0, (m_j - m_new) * scale)
+        a = tl.exp2(d_a)
+        b = tl.exp2(d_b)
+        if HAS_ENTROPY:
+            t_j = tl.load(src + _T * n_rows, mask=row_ok, other=0.0)
+            t = a * (t + d_a * s) + b * (t_j + d_b * s_j)
+        s = a * s + b * s_j
+        m = m_new
+        src += _N_STATS * n_rows
+    return m, s, t
 
 
 @triton.jit
@@ -264,53 +312,81 @@ def _linear_logprobs_merge_kernel(
     vocab,
     n_splits,
     split_cols,
+    inv_temperature,
+    inv_temperature_lo,
     ignore_index,
     BLOCK: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
 ):
-    """Merge each row's split summaries in split order (online_softmax.h's exact merge) and
-    write the per-row results. Ignored rows get 0; an out-of-range label (not ignore_index) is
-    never used as an address and gives a NaN logprob."""
+    """Merge each row's split summaries and write the per-row results. Ignored rows get 0;
+    an out-of-range label (not ignore_index) is never used as an address and gives a NaN
+    logprob. A row holding NaN or +inf is NaN; an all −inf row has lse = −inf."""
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     rows64, row_ok = _row_block(tl.program_id(0) * BLOCK, n_rows, BLOCK)
-    m = tl.full((BLOCK,), float("-inf"), ACC)
-    s = tl.zeros((BLOCK,), ACC)
-    t = tl.zeros((BLOCK,), ACC)
-    src = stats_ptr + rows64  # split j's fields start at (j·4 + field)·N (64-bit pointer)
-    for _ in range(0, n_splits):
-        m_j = tl.load(src + _M * n_rows, mask=row_ok, other=float("-inf"))
-        s_j = tl.load(src + _S * n_rows, mask=row_ok, other=0.0)
-        # Both summaries move to the common max M: δ = m − M, s' = e^δ s, t' = e^δ (t + δ s)
-        # (base 2 here); an empty summary (s = 0) takes δ = 0 and stays empty.
-        m_new = tl.maximum(m, m_j)
-        d_a = tl.where(s == 0, 0.0, m - m_new)
-        d_b = tl.where(s_j == 0, 0.0, m_j - m_new)
-        a = tl.exp2(d_a)
-        b = tl.exp2(d_b)
-        if HAS_ENTROPY:
-            t_j = tl.load(src + _T * n_rows, mask=row_ok, other=0.0)
-            t = a * (t + d_a * s) + b * (t_j + d_b * s_j)
-        s = a * s + b * s_j
-        m = m_new
-        src += _N_STATS * n_rows
+    inv_t, scale = row_scales(inv_temperature, inv_temperature_lo, ACC)
+    m, s, t = _merge_splits(stats_ptr, rows64, row_ok, n_rows, n_splits, scale, ACC, BLOCK,
+                            HAS_ENTROPY)
 
     label = tl.load(labels_ptr + rows64, mask=row_ok, other=ignore_index)
     valid = label != ignore_index
     label_ok = valid & (label >= 0) & (label < vocab)
     owner = tl.where(label_ok, label // split_cols, 0)  # the split whose range holds y
-    z_y = tl.load(stats_ptr + (owner * _N_STATS + _ZY) * n_rows + rows64,
+    x_y = tl.load(stats_ptr + (owner * _N_STATS + _ZY) * n_rows + rows64,
                   mask=row_ok & label_ok, other=float("nan"))
     log2_s = tl.log2(s)
-    # logp = (z₂_y − m₂) − log₂ s: the max cancels before the rounding of lse enters, so a
-    # confident token (logp ≈ 0, lse large) keeps an error at the resolution of 1.
-    logp = ((z_y - m) - log2_s) * LN2
+    # logp = (x_y − m)·log₂e/T − log₂ s: the max cancels before any rounding of lse enters,
+    # so a confident token (logp ≈ 0, lse large) keeps an error at the resolution of 1.
+    logp = ((x_y - m) * scale - log2_s) * LN2
+    # lse = m/T + log s in natural units (only it can leave the float range).
+    lse = tl.fma(tl.where(m == float("-inf"), 0.0, m), inv_t, log2_s * LN2)
     zero = tl.zeros((BLOCK,), ACC)
     tl.store(logprobs_ptr + rows64, tl.where(valid, logp, zero), mask=row_ok)
-    tl.store(lse_ptr + rows64, tl.where(valid, (m + log2_s) * LN2, zero), mask=row_ok)
+    tl.store(lse_ptr + rows64, tl.where(valid, lse, zero), mask=row_ok)
     if HAS_ENTROPY:
         # entropy = lse − E_p[z] = log s − t / s (both relative to m).
         entropy = (log2_s - t / s) * LN2
         tl.store(entropy_ptr + rows64, tl.where(valid, entropy, zero), mask=row_ok)
+
+
+@triton.jit
+def _linear_logprobs_refs_kernel(
+    stats_ptr,  # (splits, 4, N) from the forward kernel run with ONLY_FAR
+    labels_ptr,  # (N,) int64
+    lse_ptr,  # (N,) the forward's lse (fixes the acc dtype)
+    entropy_ptr,  # (N,) the forward's entropy; read only when HAS_ENTROPY
+    shift_ptr,  # (N,) out: the shift of each row's logits (0, or its max)
+    ref2_ptr,  # (N,) out: log₂ Σ exp2((x − shift)·log₂e/T); NaN: no gradient defined
+    ez_ptr,  # (N,) out: E_p[(x − shift)/T] (natural units); written when HAS_ENTROPY
+    n_rows,
+    n_splits,
+    inv_temperature,
+    inv_temperature_lo,
+    ignore_index,
+    BLOCK: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+):
+    """The backward's per-row references. A row with a moderate lse (|lse| < BWD_LSE_BOUND)
+    takes the forward's: shift 0, ref₂ = lse·log₂e, E_p[z] = lse − entropy (the float lse
+    pins p down to |lse|·2⁻²⁴). Any other row (huge logits, a tiny temperature, an lse that
+    overflowed) takes its recomputed summary, formed from the very tiles the backward kernel
+    will form (same blocks, so the same roundings): shift = its max m, ref₂ = log₂ s,
+    E_p[z'] = t/s — exact. An all −inf row, or one whose lse is NaN, gets ref₂ = NaN."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    rows64, row_ok = _row_block(tl.program_id(0) * BLOCK, n_rows, BLOCK)
+    _, scale = row_scales(inv_temperature, inv_temperature_lo, ACC)
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    label = tl.load(labels_ptr + rows64, mask=row_ok, other=ignore_index)
+    far = row_ok & (label != ignore_index) & ~(tl.abs(lse) < BWD_LSE_BOUND) & (lse == lse)
+    m, s, t = _merge_splits(stats_ptr, rows64, far, n_rows, n_splits, scale, ACC, BLOCK,
+                            HAS_ENTROPY)
+    exact_ok = (s > 0) & (m != float("-inf"))
+    tl.store(shift_ptr + rows64, tl.where(far, m, 0.0), mask=row_ok)
+    tl.store(ref2_ptr + rows64,
+             tl.where(far, tl.where(exact_ok, tl.log2(s), float("nan")), lse * LOG2E),
+             mask=row_ok)
+    if HAS_ENTROPY:
+        entropy = tl.load(entropy_ptr + rows64, mask=row_ok, other=0.0)
+        tl.store(ez_ptr + rows64, tl.where(far, t / s * LN2, lse - entropy), mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,9 +396,10 @@ def _linear_logprobs_merge_kernel(
 @triton.jit
 def _linear_logprobs_bwd_dh_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr,  # (N, H), (V, H), (V,) if HAS_BIAS, (N,) int64
-    # (N,) each, fp32 (fp64 for fp64 inputs): the forward's lse (it fixes the acc dtype) and
-    # entropy (read when HAS_GRAD_ENT), the upstream gradients (read when their HAS_GRAD_*)
-    lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,
+    # (N,) each, fp32 (fp64 for fp64 inputs): the row references of the refs kernel (ref₂
+    # fixes the acc dtype; E_p[z'] read when HAS_GRAD_ENT), the upstream gradients (read when
+    # their HAS_GRAD_*)
+    shift_ptr, ref2_ptr, ez_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,
     grad_hidden_ptr,  # (splits, N, H) contiguous, acc dtype: ∂h of each split, += into it
     n_rows, vocab, hidden_size, split_cols, stride_hidden_0, stride_weight_0,
     inv_temperature, inv_temperature_lo, ignore_index,
@@ -336,15 +413,14 @@ def _linear_logprobs_bwd_dh_kernel(
     read-modify-write needs no atomics and is deterministic. ``dZ`` is rounded to the weight
     dtype for the tensor-core product (as the CPU path rounds its logits tile).
     """
-    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    ACC: tl.constexpr = ref2_ptr.dtype.element_ty
     pid_s = tl.program_id(1)
     rows64, row_ok = _row_block(tl.program_id(0) * BLOCK_M, n_rows, BLOCK_M)
-    inv_t = inv_t_from(inv_temperature, inv_temperature_lo, ACC)
-    scale = inv_t * LOG2E
-    live, label_col, lse2, c, g_lp, g_ent = _row_grad_consts(
-        labels_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,
-        rows64, row_ok, vocab, ignore_index, inv_t, ACC, HAS_GRAD_LP, HAS_GRAD_ENT,
-        HAS_GRAD_LSE)
+    inv_t, scale = row_scales(inv_temperature, inv_temperature_lo, ACC)
+    live, label_col, shift, ref2, c, g_lp, g_ent = _row_grad_consts(
+        labels_ptr, shift_ptr, ref2_ptr, ez_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+        grad_lse_ptr, rows64, row_ok, vocab, ignore_index, inv_t, ACC, HAS_GRAD_LP,
+        HAS_GRAD_ENT, HAS_GRAD_LSE)
 
     kk = tl.arange(0, BLOCK_K)
     gh_ptrs = (grad_hidden_ptr + (pid_s.to(tl.int64) * n_rows + rows64[:, None]) * hidden_size
@@ -355,8 +431,8 @@ def _linear_logprobs_bwd_dh_kernel(
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                          hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
                          BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
-        dz = _dlogits_tile(x, cols, col_ok, live, label_col, lse2, c, g_lp, g_ent, scale,
-                           HAS_GRAD_LP, HAS_GRAD_ENT).to(weight_ptr.dtype.element_ty)
+        dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, c, g_lp, g_ent,
+                           scale, HAS_GRAD_LP, HAS_GRAD_ENT).to(weight_ptr.dtype.element_ty)
         w_ptrs = weight_ptr + (cols.to(tl.int64)[:, None] * stride_weight_0 + kk[None, :])
         _add_product(gh_ptrs, row_ok, dz, w_ptrs, col_ok, hidden_size, BLOCK_K,
                      INPUT_PRECISION, UPCAST_DOT)
@@ -365,7 +441,8 @@ def _linear_logprobs_bwd_dh_kernel(
 @triton.jit
 def _linear_logprobs_bwd_dw_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr,  # as in the ∂h kernel
-    lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,  # as in the ∂h kernel
+    shift_ptr, ref2_ptr, ez_ptr,  # as in the ∂h kernel (from the refs of *this* kernel's tiles)
+    grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,  # as in the ∂h kernel
     grad_weight_ptr,  # (V, H) contiguous, acc dtype, += into it; used when HAS_GRAD_WEIGHT
     grad_bias_ptr,  # (V,) contiguous, acc dtype, += into it; used when HAS_GRAD_BIAS
     n_rows, vocab, hidden_size, stride_hidden_0, stride_weight_0,
@@ -378,25 +455,24 @@ def _linear_logprobs_bwd_dw_kernel(
     """Program ``j`` owns vocabulary rows ``cols_j`` of ``∂W`` and ``∂b`` and walks all row
     blocks in order: ``grad_weight[cols_j] += Σ_i dZ_ijᵀ h_i``, ``grad_bias[cols_j] += Σ dZ``.
     No other program writes these elements, so no atomics and a fixed summation order."""
-    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    ACC: tl.constexpr = ref2_ptr.dtype.element_ty
     cols, col_ok = _tile_cols(tl.program_id(0) * BLOCK_N, vocab, BLOCK_N)
     cols64 = cols.to(tl.int64)
-    inv_t = inv_t_from(inv_temperature, inv_temperature_lo, ACC)
-    scale = inv_t * LOG2E
+    inv_t, scale = row_scales(inv_temperature, inv_temperature_lo, ACC)
     kk = tl.arange(0, BLOCK_K)
     gw_ptrs = grad_weight_ptr + (cols64[:, None] * hidden_size + kk[None, :])
     gb = tl.zeros((BLOCK_N,), ACC)
     for r0 in range(0, n_rows, BLOCK_M):
         rows64, row_ok = _row_block(r0, n_rows, BLOCK_M)
-        live, label_col, lse2, c, g_lp, g_ent = _row_grad_consts(
-            labels_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+        live, label_col, shift, ref2, c, g_lp, g_ent = _row_grad_consts(
+            labels_ptr, shift_ptr, ref2_ptr, ez_ptr, grad_logprobs_ptr, grad_entropy_ptr,
             grad_lse_ptr, rows64, row_ok, vocab, ignore_index, inv_t, ACC, HAS_GRAD_LP,
             HAS_GRAD_ENT, HAS_GRAD_LSE)
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                          hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
                          BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
-        dz = _dlogits_tile(x, cols, col_ok, live, label_col, lse2, c, g_lp, g_ent, scale,
-                           HAS_GRAD_LP, HAS_GRAD_ENT)
+        dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, c, g_lp, g_ent,
+                           scale, HAS_GRAD_LP, HAS_GRAD_ENT)
         if HAS_GRAD_BIAS:
             gb += tl.sum(dz, axis=0)
         if HAS_GRAD_WEIGHT:

@@ -88,6 +88,7 @@ from rlkern.kernels._linear_logprobs_kernels import (
     _linear_logprobs_bwd_dw_kernel,
     _linear_logprobs_fwd_kernel,
     _linear_logprobs_merge_kernel,
+    _linear_logprobs_refs_kernel,
     _sum_splits_kernel,
 )
 
@@ -161,19 +162,59 @@ def linear_logprobs_fwd(
     stats = lse.new_empty((n_splits, N_STATS, n_rows))
     inv_t = split_inv_temperature(temperature)
     has_entropy = entropy is not None
-    _linear_logprobs_fwd_kernel[(triton.cdiv(n_rows, cfg.block_m), n_splits)](
-        hidden, weight, bias if bias is not None else hidden, labels, stats,
-        n_rows, vocab, hidden_size, cfg.split_cols, hidden.stride(0), weight.stride(0),
-        *inv_t,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None, HAS_ENTROPY=has_entropy, **dot_options(hidden.element_size()),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    _split_stats(hidden, weight, labels, bias, lse, stats, cfg, inv_t, ignore_index,
+                 has_entropy, only_far=False)
     _linear_logprobs_merge_kernel[(triton.cdiv(n_rows, _MERGE_BLOCK),)](
         stats, labels, logprobs, lse, entropy if has_entropy else lse,
-        n_rows, vocab, n_splits, cfg.split_cols, int(ignore_index),
+        n_rows, vocab, n_splits, cfg.split_cols, *inv_t, int(ignore_index),
         BLOCK=_MERGE_BLOCK, HAS_ENTROPY=has_entropy, num_warps=4,
     )
+
+
+def _split_stats(hidden, weight, labels, bias, lse, stats, cfg: LinearLaunchConfig, inv_t,
+                 ignore_index: int, has_entropy: bool, *, only_far: bool) -> None:
+    """The forward tile kernel: per (split, row) summaries into ``stats``."""
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    _linear_logprobs_fwd_kernel[(triton.cdiv(n_rows, cfg.block_m), stats.shape[0])](
+        hidden, weight, bias if bias is not None else hidden, labels, lse, stats,
+        n_rows, vocab, hidden_size, cfg.split_cols, hidden.stride(0), weight.stride(0),
+        *inv_t, int(ignore_index),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None, HAS_ENTROPY=has_entropy, **dot_options(hidden.element_size()),
+        ONLY_FAR=only_far, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _row_refs(hidden, weight, labels, bias, lse, entropy, cfg: LinearLaunchConfig, inv_t,
+              ignore_index: int, with_ez: bool) -> tuple[Any, Any, Any]:
+    """The per-row references ``(shift, ref₂, E_p[z'])`` a backward pass needs, for the tiles
+    of the pass configuration ``cfg`` (see ``_linear_logprobs_refs_kernel``). Rows with a
+    moderate lse take them from the forward; the rest are recomputed by the forward's tile
+    kernel run with ``cfg``'s blocks, so that their max is that of exactly the logits the
+    pass forms (another blocking may round a logit of 1e10 by 1e3, i.e. ``p`` by ``e^1000``).
+    Row blocks without such a row return at once: on ordinary inputs this costs two small
+    launches and reads of ``lse``, no matmul."""
+    n_rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    tiles = triton.cdiv(vocab, cfg.block_n)
+    # Whole tiles per split, as the pass walks them (at most _MAX_REF_SPLITS splits).
+    split_cols = cfg.block_n * triton.cdiv(tiles, min(tiles, _MAX_REF_SPLITS))
+    ref_cfg = cfg._replace(split_cols=split_cols)
+    n_splits = triton.cdiv(vocab, split_cols)
+    stats = lse.new_empty((n_splits, N_STATS, n_rows))
+    _split_stats(hidden, weight, labels, bias, lse, stats, ref_cfg, inv_t, ignore_index, with_ez,
+                 only_far=True)
+    shift, ref2 = lse.new_empty((n_rows,)), lse.new_empty((n_rows,))
+    ez = lse.new_empty((n_rows,)) if with_ez else ref2
+    _linear_logprobs_refs_kernel[(triton.cdiv(n_rows, _MERGE_BLOCK),)](
+        stats, labels, lse, entropy if with_ez else lse, shift, ref2, ez, n_rows, n_splits,
+        *inv_t, int(ignore_index), BLOCK=_MERGE_BLOCK, HAS_ENTROPY=with_ez, num_warps=4,
+    )
+    return shift, ref2, ez
+
+
+_MAX_REF_SPLITS = 64
 
 
 _MERGE_BLOCK = 128
@@ -244,18 +285,21 @@ def linear_logprobs_bwd(
         if acc.dtype != lse.dtype:
             raise TypeError(f"{name} must have the accumulator dtype {lse.dtype}, got "
                             f"{acc.dtype} (cast to the parameter dtype afterwards)")
-    if n_rows == 0 or vocab == 0 or hidden_size == 0:
+    if n_rows == 0 or vocab == 0:  # H = 0 still has a bias gradient (the logits are b)
         return
     cfg = config or bwd_config(n_rows, vocab, hidden_size, hidden.element_size())
     inv_t = split_inv_temperature(temperature)
     has = {"HAS_BIAS": bias is not None, "HAS_GRAD_LP": grad_logprobs is not None,
            "HAS_GRAD_ENT": grad_entropy is not None, "HAS_GRAD_LSE": grad_lse is not None,
            **dot_options(hidden.element_size())}
-    rows_in = (hidden, weight, bias if bias is not None else hidden, labels, lse,
-               entropy if entropy is not None else lse,  # placeholders are never read
-               grad_logprobs if grad_logprobs is not None else lse,
-               grad_entropy if grad_entropy is not None else lse,
-               grad_lse if grad_lse is not None else lse)
+
+    def rows_in(pass_cfg: LinearLaunchConfig) -> tuple:
+        refs = _row_refs(hidden, weight, labels, bias, lse, entropy, pass_cfg, inv_t,
+                         ignore_index, grad_entropy is not None)
+        return (hidden, weight, bias if bias is not None else hidden, labels, *refs,
+                grad_logprobs if grad_logprobs is not None else lse,  # placeholders: unread
+                grad_entropy if grad_entropy is not None else lse,
+                grad_lse if grad_lse is not None else lse)
 
     if grad_hidden is not None:
         dh = cfg.dh
@@ -265,7 +309,7 @@ def linear_logprobs_bwd(
         partial = grad_hidden if n_splits == 1 else grad_hidden.new_zeros(
             (n_splits, n_rows, hidden_size))
         _linear_logprobs_bwd_dh_kernel[(triton.cdiv(n_rows, dh.block_m), n_splits)](
-            *rows_in, partial, n_rows, vocab, hidden_size, dh.split_cols,
+            *rows_in(dh), partial, n_rows, vocab, hidden_size, dh.split_cols,
             hidden.stride(0), weight.stride(0), *inv_t, int(ignore_index), **has,
             BLOCK_M=dh.block_m, BLOCK_N=dh.block_n, BLOCK_K=dh.block_k,
             num_warps=dh.num_warps, num_stages=dh.num_stages,
@@ -278,7 +322,7 @@ def linear_logprobs_bwd(
     if grad_weight is not None or grad_bias is not None:
         dw = cfg.dw
         _linear_logprobs_bwd_dw_kernel[(triton.cdiv(vocab, dw.block_n),)](
-            *rows_in,
+            *rows_in(dw),
             grad_weight if grad_weight is not None else lse,
             grad_bias if grad_bias is not None else lse,
             n_rows, vocab, hidden_size, hidden.stride(0), weight.stride(0), *inv_t,

@@ -167,7 +167,7 @@ def _logprobs_fwd_kernel(
     # An all −inf row has s_row = 0, so lse = −inf (Python raises on it, when checks are on).
     log2_s = tl.log2(s_row)
     # lse = M/T + log s in natural units: only it can leave the float range (it is ±inf then).
-    lse = row_ref * inv_t + log2_s * LN2
+    lse = tl.fma(row_ref, inv_t, log2_s * LN2)
 
     # The label's logit: one extra scalar load. An out-of-range label (not ignore_index) is
     # never dereferenced and yields NaN. logp = (x_y − M)·log₂e/T − log₂ s, formed like every

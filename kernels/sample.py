@@ -2,7 +2,8 @@
 
 The same algorithm as the CPU kernel (csrc/cpu/sample.cpp), in a form that suits a GPU:
 
-1. one pass over the row for the online max / normaliser / entropy of ``z = x / T``;
+1. a pass over the row for the max of the logits, one for the normaliser / entropy of
+   ``z = (x − max x) / T`` (shifted before the temperature scales, so finite rows never overflow);
 2. filters as lengths of a prefix of the order "value descending, index ascending"; the
    threshold of a prefix is found by a bit-by-bit search over the 32-bit order key of ``z``
    (each probe is one pass counting the tokens / summing the mass at or above a key) — no sort;
@@ -21,7 +22,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from rlkern.kernels._common import aot_spec
+from rlkern.kernels._common import FLT_MAX, FLT_MIN, aot_spec
 
 __all__ = ["AOT_SPECS", "sample"]
 
@@ -68,13 +69,24 @@ def _order_key(z):
 
 
 @triton.jit
-def _load_z(row, start, vocab, inv_t, BLOCK_V: tl.constexpr):
+def _load_z(row, start, vocab, shift, inv_t, BLOCK_V: tl.constexpr):
     """Block ``[start, start + BLOCK_V)`` of a row: its indices, in-vocabulary mask and
-    ``z = x · inv_t`` in fp32 (−inf past the end, where it weighs 0)."""
+    ``z = (x − shift) · inv_t`` in fp32 (−inf past the end, where it weighs 0). The shift is
+    the row's raw max, subtracted before the temperature scales: huge logits or a tiny T then
+    neither overflow nor lose their differences (``x · inv_t`` would)."""
     offs = start + tl.arange(0, BLOCK_V)
     mask = offs < vocab
-    z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-    return offs, mask, z
+    x = tl.load(row + offs, mask=mask, other=float("-inf"))
+    return offs, mask, _shifted(x, shift, inv_t)
+
+
+@triton.jit
+def _shifted(x, shift, inv_t):
+    """``(x − shift) · inv_t`` as fp32: float64 logits (which may lie beyond the float range)
+    are shifted and scaled in float64 first, the others widened to fp32 exactly."""
+    if x.dtype == tl.float64:
+        return ((x - shift) * inv_t).to(tl.float32)
+    return (x.to(tl.float32) - shift) * inv_t
 
 
 @triton.jit
@@ -90,20 +102,26 @@ def _kept(z, mask, tkey, ties_keep, ties_seen):
 
 
 @triton.jit
-def _row_max(row, vocab, inv_t, BLOCK_V: tl.constexpr):
-    mvec = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+def _row_max(row, vocab, BLOCK_V: tl.constexpr):
+    """The max of the raw logits of a row, in fp64 for fp64 logits and fp32 otherwise (NaN may
+    or may not survive it; a NaN makes the normaliser NaN further on, which is where bad rows
+    are detected)."""
+    ACC: tl.constexpr = tl.float64 if row.dtype.element_ty == tl.float64 else tl.float32
+    mvec = tl.full((BLOCK_V,), float("-inf"), ACC)
     for start in range(0, vocab, BLOCK_V):
-        _, _, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
-        mvec = tl.maximum(mvec, z)
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row + offs, mask=offs < vocab, other=float("-inf")).to(ACC)
+        mvec = tl.maximum(mvec, x)
     return tl.max(mvec, 0)
 
 
 @triton.jit
-def _measure_at_least(row, vocab, inv_t, m, key, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _measure_at_least(row, vocab, shift, inv_t, m, key, BY_MASS: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
     """Count (or Σ exp(z − m)) of the tokens whose key is ≥ ``key``."""
     acc = tl.zeros((), tl.float64)
     for start in range(0, vocab, BLOCK_V):
-        _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+        _, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
         sel = (_order_key(z) >= key) & mask
         if BY_MASS:
             acc += tl.sum(tl.where(sel, tl.exp(z - m), 0.0).to(tl.float64), 0)
@@ -113,20 +131,21 @@ def _measure_at_least(row, vocab, inv_t, m, key, BY_MASS: tl.constexpr, BLOCK_V:
 
 
 @triton.jit
-def _select(row, vocab, inv_t, m, target, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _select(row, vocab, shift, inv_t, m, target, BY_MASS: tl.constexpr,
+            BLOCK_V: tl.constexpr):
     """Largest key t with measure(key ≥ t) ≥ target; returns (t, count_gt, mass_gt, count_eq,
     w_eq). A bit-by-bit search, most significant bit first (32 probes)."""
     res = tl.zeros((), tl.int64)
     for b in range(32):  # a runtime loop: 32 inlined probes would bloat the kernel
         cand = res | (tl.full((), 1, tl.int64) << (31 - b))
-        if _measure_at_least(row, vocab, inv_t, m, cand, BY_MASS, BLOCK_V) >= target:
+        if _measure_at_least(row, vocab, shift, inv_t, m, cand, BY_MASS, BLOCK_V) >= target:
             res = cand
     count_gt = tl.zeros((), tl.int64)
     mass_gt = tl.zeros((), tl.float64)
     count_eq = tl.zeros((), tl.int64)
     w_eq = tl.zeros((), tl.float32)
     for start in range(0, vocab, BLOCK_V):
-        _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+        _, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
         k = _order_key(z)
         w = tl.exp(z - m)
         gt = (k > res) & mask
@@ -169,19 +188,29 @@ def _sample_kernel(
         r = i
     row = logits_ptr + r * stride_row
     temp = tl.load(temperature_ptr + i)
-    inv_t = (1.0 / temp).to(tl.float32)
+    # 1/T: in float64 for float64 logits; else as a float kept normal and finite (T = 1e300
+    # would round it to 0, and −inf · 0 is NaN): beyond the float range a temperature acts as
+    # the largest one within it.
+    if logits_ptr.dtype.element_ty == tl.float64:
+        inv_t = 1.0 / temp
+    else:
+        inv_t = tl.minimum(tl.maximum((1.0 / temp).to(tl.float32), FLT_MIN), FLT_MAX)
 
-    # 1. max, then Σ w and Σ w (z − m) with w = exp(z − m) (two reads; the row stays in L2).
-    m = _row_max(row, vocab, inv_t, BLOCK_V)
+    # 1. the raw max (the shift), then Σ w and Σ w z with z = (x − max)/T ≤ 0, w = exp(z)
+    #    (the max of z is m = 0 exactly). An all −inf row is shifted by 0 (z = −inf, S = 0,
+    #    lse = −inf); NaN or +inf make S NaN.
+    x_max = _row_max(row, vocab, BLOCK_V)
+    shift = tl.where(x_max == float("-inf"), 0.0, x_max)
+    m = tl.zeros((), tl.float32)
     s_tot = tl.zeros((), tl.float64)
     t_tot = tl.zeros((), tl.float64)
     for start in range(0, vocab, BLOCK_V):
-        _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+        _, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
         w = tl.where(mask, tl.exp(z - m), 0.0)
         s_tot += tl.sum(w.to(tl.float64), 0)
         t_tot += tl.sum(tl.where(w > 0, w * (z - m), 0.0).to(tl.float64), 0)
     log_s = tl.log(s_tot)
-    tl.store(lse_ptr + i, (m.to(tl.float64) + log_s).to(tl.float32))
+    tl.store(lse_ptr + i, (shift.to(tl.float64) / temp + log_s).to(tl.float32))
     if HAS_ENTROPY:
         tl.store(entropy_ptr + i, (log_s - t_tot / s_tot).to(tl.float32))
 
@@ -195,12 +224,12 @@ def _sample_kernel(
         base = s_tot
         if not JOINT:
             if M < vocab:
-                _, cg, mg, _ce, we = _select(row, vocab, inv_t, m, M.to(tl.float64), False,
-                                             BLOCK_V)
+                _, cg, mg, _ce, we = _select(row, vocab, shift, inv_t, m, M.to(tl.float64),
+                                             False, BLOCK_V)
                 base = mg + (M - cg).to(tl.float64) * we.to(tl.float64)
         if p < 1.0:
             target = p * base
-            _, cg, mg, ce, we = _select(row, vocab, inv_t, m, target, True, BLOCK_V)
+            _, cg, mg, ce, we = _select(row, vocab, shift, inv_t, m, target, True, BLOCK_V)
             take = tl.where(we > 0, tl.ceil((target - mg) / we.to(tl.float64)).to(tl.int64), ce)
             take = tl.minimum(tl.maximum(take, 1), ce)
             M = tl.minimum(M, cg + take)
@@ -209,20 +238,21 @@ def _sample_kernel(
         if mp > 0:
             cnt = tl.zeros((), tl.int64)
             for start in range(0, vocab, BLOCK_V):
-                _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+                _, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
                 cnt += tl.sum(((tl.exp(z - m) >= mp) & mask).to(tl.int64), 0)
             M = tl.minimum(M, tl.maximum(cnt, 1))
     tkey = tl.zeros((), tl.int64)
     ties_keep = vocab.to(tl.int64)
     if M < vocab:
-        tkey, cg, _mg, _ce, _we = _select(row, vocab, inv_t, m, M.to(tl.float64), False, BLOCK_V)
+        tkey, cg, _mg, _ce, _we = _select(row, vocab, shift, inv_t, m, M.to(tl.float64),
+                                          False, BLOCK_V)
         ties_keep = M - cg
 
     # 3. kept mass, then the inverse-CDF draw in vocabulary order.
     s_kept = tl.zeros((), tl.float64)
     ties_seen = tl.zeros((), tl.int64)
     for start in range(0, vocab, BLOCK_V):
-        _, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+        _, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
         keep, ties_seen = _kept(z, mask, tkey, ties_keep, ties_seen)
         s_kept += tl.sum(tl.where(keep, tl.exp(z - m), 0.0).to(tl.float64), 0)
     u = _philox_uniform(tl.load(seeds_ptr + i), tl.load(steps_ptr + i))
@@ -232,7 +262,7 @@ def _sample_kernel(
     last = tl.full((), -1, tl.int64)
     ties_seen = tl.zeros((), tl.int64)
     for start in range(0, vocab, BLOCK_V):
-        offs, mask, z = _load_z(row, start, vocab, inv_t, BLOCK_V)
+        offs, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
         keep, ties_seen = _kept(z, mask, tkey, ties_keep, ties_seen)
         w = tl.exp(z - m)
         keep = keep & (w > 0)
@@ -244,21 +274,25 @@ def _sample_kernel(
         last = tl.maximum(last, tl.max(tl.where(keep, offs.to(tl.int64), -1), 0))
         acc += tl.sum(wk, 0)
     tok = tl.where(tok < 0, last, tok)  # u · S rounded above the last step: the last kept token
+    # A row that cannot be sampled (NaN or +inf: S is NaN; all −inf: S = 0) gets token −1 and
+    # NaN logprobs; its logits are not read at −1.
+    tok = tl.where(s_tot > 0, tok, -1)
+    tok_ok = tok >= 0
     tl.store(tokens_ptr + i, tok)
-    z_tok = tl.load(row + tok).to(tl.float32) * inv_t
+    x_tok = tl.load(row + tok, mask=tok_ok, other=float("nan"))
+    z_tok = _shifted(x_tok, shift, inv_t)
     w_tok = tl.exp(z_tok - m).to(tl.float64)
     tl.store(proc_ptr + i, (tl.log(w_tok) - tl.log(s_kept)).to(tl.float32))
     if RAW_TEMPERATURE:
         tl.store(raw_ptr + i, ((z_tok - m).to(tl.float64) - log_s).to(tl.float32))
     else:
-        # The untempered logits: z with inv_t = 1 (an exact multiply).
-        mr = _row_max(row, vocab, 1.0, BLOCK_V)
+        # The untempered logits: z with inv_t = 1 (an exact multiply), shifted by the max.
         sr = tl.zeros((), tl.float64)
         for start in range(0, vocab, BLOCK_V):
-            _, _, x = _load_z(row, start, vocab, 1.0, BLOCK_V)
-            sr += tl.sum(tl.exp(x - mr).to(tl.float64), 0)
-        x_tok = tl.load(row + tok).to(tl.float32)
-        tl.store(raw_ptr + i, ((x_tok - mr).to(tl.float64) - tl.log(sr)).to(tl.float32))
+            _, _, x = _load_z(row, start, vocab, shift, 1.0, BLOCK_V)
+            sr += tl.sum(tl.exp(x).to(tl.float64), 0)
+        tl.store(raw_ptr + i, (_shifted(x_tok, shift, 1.0).to(tl.float64) - tl.log(sr))
+                 .to(tl.float32))
 
 
 def _block_v(vocab: int) -> int:

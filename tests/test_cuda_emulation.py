@@ -471,6 +471,83 @@ def test_backward_out_of_range_label_has_no_label_term(kernels):
     assert_close_grad(grad, expected, torch.float32)
 
 
+# ------------------------------------------------- edge inputs (issue 14: max-shifted math)
+
+
+@pytest.mark.parametrize("case", ["constant -1e10", "temperature 1e38", "one logit 1e10",
+                                  "temperature 1e-10", "bf16 finfo.min", "all NaN"])
+def test_extreme_finite_rows_stay_finite(kernels, case):
+    """Everything relative to the row max before 1/T scales it: a constant row of −1e10 gave
+    logprob −inf and lse +inf, huge temperatures NaN, and finite rows were taken for all −inf
+    ones. An all-NaN row is NaN everywhere (it was lse = −inf, "all -inf")."""
+    dtype, temperature, vocab = torch.float32, 1.0, 40
+    values = make_values((1, 3, vocab), dtype)
+    if case == "constant -1e10":
+        values[0, 1] = -1e10
+    elif case == "temperature 1e38":
+        temperature = 1e38
+    elif case == "one logit 1e10":
+        values[0, 1, 7] = 1e10
+    elif case == "temperature 1e-10":
+        temperature = 1e-10
+    elif case == "bf16 finfo.min":
+        dtype = torch.bfloat16
+        values = values.to(dtype)
+        values[0, 1] = torch.finfo(dtype).min
+    else:
+        values[0, 1] = float("nan")
+    labels = torch.tensor([[3, 7, 39]])
+    out = kernels.forward(place(values), labels, temperature=temperature)
+    ref = reference(values, labels, temperature=temperature)
+    if case == "all NaN":
+        for name in FIELDS:
+            assert torch.isnan(out[name][0, 1]), name
+        return
+    for name in ("logprobs", "entropy", "self_certainty", "sum_p_sq"):
+        assert torch.isfinite(out[name]).all(), name
+        torch.testing.assert_close(out[name].double(), ref[name], rtol=1e-5, atol=2e-5,
+                                   msg=name)
+    torch.testing.assert_close(out["lse"].double(), ref["lse"], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 1e-10])
+def test_backward_of_huge_rows_takes_the_exact_path(kernels, temperature, in_place):
+    """|lse| ≥ kBwdLseBound: p relative to the recomputed row max (each warp of the row on its
+    own); the rounded lse would move p by up to e^1000. In place, too: one block per row, and
+    its warps read the whole row before any of them writes."""
+    vocab = 3000  # several warps per row, several column tiles
+    values = make_values((1, 4, vocab), torch.float32, scale=1.0)
+    values[0, 0] += 1e10
+    values[0, 1, :] = 5.0  # ties
+    values[0, 2, [10, 2000]] = 40.0  # two equal maxima
+    labels = torch.tensor([[1, 2, 10, 2999]])
+    grads = {k: torch.linspace(0.5, 1.5, 4).view(1, 4) for k in ("logprobs", "entropy", "lse")}
+    logits = place(values)
+    fwd = kernels.forward(logits, labels, temperature=temperature, outputs=("entropy",))
+    expected = reference_grad(values, labels, grads, temperature=temperature)
+    if in_place:
+        s = Strided(values.shape, torch.float32)
+        s.view.copy_(values)
+        kernels.backward(s.view, labels, fwd, grads, temperature=temperature, grad=s)
+        grad = s.view
+    else:
+        grad = kernels.backward(logits, labels, fwd, grads, temperature=temperature)
+    assert torch.isfinite(grad).all()
+    assert_close_grad(grad, expected, torch.float32, "exact path")
+
+
+def test_backward_label_on_a_neg_inf_logit(kernels):
+    values = make_values((1, 2, 70), torch.float32)
+    values[0, :, 5] = float("-inf")
+    labels = torch.tensor([[5, 6]])
+    logits = place(values)
+    fwd = kernels.forward(logits, labels, outputs=("entropy",))
+    grad = kernels.backward(logits, labels, fwd, {"logprobs": torch.ones(1, 2),
+                                                  "entropy": torch.ones(1, 2)})
+    assert torch.isfinite(grad).all() and float(grad[0, 0, 5]) == 1.0
+
+
 # ------------------------------------------------------------- scheduling and grid size
 
 SETTINGS = [

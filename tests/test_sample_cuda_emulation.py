@@ -234,6 +234,42 @@ def test_rows_that_cannot_be_sampled(emu):
     assert torch.isfinite(got["lse"][2]) and 0 <= int(got["tokens"][2]) < 50
 
 
+@pytest.mark.parametrize("case", ["bf16 finfo.min", "one logit 1e10", "temperature 1e-10",
+                                  "lse beyond float", "all NaN", "+inf"])
+def test_rows_at_the_edges_of_the_float_range(emu, case):
+    """z = (x − max x)/T: finite rows are sampled at any magnitude and temperature (they were
+    flagged as NaN or all −inf once x/T overflowed); an all-NaN or +inf row is flagged as
+    NaN (not as all −inf)."""
+    logits, temperature = torch.randn(2, 40), 1.0
+    if case == "bf16 finfo.min":
+        logits = torch.full((2, 40), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16)
+        temperature = 0.3
+    elif case == "one logit 1e10":
+        logits[:, 17] = 1e10
+    elif case == "temperature 1e-10":
+        logits[:, 5] = 10.0
+        temperature = 1e-10
+    elif case == "lse beyond float":
+        logits[:, 3] = 3e38
+        temperature = 1e-10
+    elif case == "all NaN":
+        logits[0] = float("nan")
+    else:
+        logits[0, 9] = float("inf")
+    got = emu_sample(emu, logits, seeds=torch.arange(2), steps=torch.zeros(2, dtype=torch.long),
+                     temperature=temperature, top_p=0.9)
+    if case in ("all NaN", "+inf"):
+        assert int(got["tokens"][0]) == -1 and torch.isnan(got["lse"][0])
+        assert 0 <= int(got["tokens"][1]) < 40
+        return
+    assert ((got["tokens"] >= 0) & (got["tokens"] < 40)).all()
+    for name in ("raw_logprobs", "processed_logprobs", "entropy"):
+        assert torch.isfinite(got[name]).all(), name
+    expected = {"one logit 1e10": 17, "temperature 1e-10": 5, "lse beyond float": 3}.get(case)
+    if expected is not None:
+        assert got["tokens"].tolist() == [expected] * 2
+
+
 def test_launcher_rejects_bad_arguments(emu):
     f = emu.lib.rlkern_sample_cuda
     x = torch.randn(2, 8)

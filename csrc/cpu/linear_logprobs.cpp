@@ -13,20 +13,15 @@ using logprobs::kLogprobs;
 using logprobs::kLse;
 
 // The stats columns (rlkern/logprobs.h): m is the raw max, s and t are relative to m / T; a
-// row that met a NaN or +inf holds m = s = NaN.
+// row that met a NaN or +inf has s = NaN.
 RowState load_state(const double* st) {
-  RowState row;
-  row.m = st[kStatMax];
-  row.s = st[kStatSum];
-  row.t = st[kStatMoment];
-  row.nan = std::isnan(row.s);
-  return row;
+  return {st[kStatMax], st[kStatSum], st[kStatMoment], 0.0, 0.0};
 }
 
 void store_state(double* st, const RowState& row) {
-  st[kStatMax] = row.nan ? kNaN : row.m;
-  st[kStatSum] = row.nan ? kNaN : row.s;
-  st[kStatMoment] = row.nan ? kNaN : row.t;
+  st[kStatMax] = row.m;
+  st[kStatSum] = row.s;
+  st[kStatMoment] = row.t;
 }
 
 template <typename Tag>
@@ -39,8 +34,8 @@ void tile_fwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
     const storage* x = static_cast<const storage*>(a.tile) + r * a.stride_row;
     double* st = a.stats + r * kNumStats;
     RowState row = load_state(st);
-    if (a.with_entropy) fold_row<Tag, true, false>(x, a.vt, t, row, nullptr);
-    else fold_row<Tag, false, false>(x, a.vt, t, row, nullptr);
+    if (a.with_entropy) fold_row<Tag, true, false>(x, a.vt, t, row);
+    else fold_row<Tag, false, false>(x, a.vt, t, row);
     store_state(st, row);
     const int64_t y_local = y - a.vocab_offset;
     if (y_local >= 0 && y_local < a.vt) st[kStatLabelLogit] = load_logit<Tag>(x + y_local);
@@ -93,7 +88,7 @@ void finish_rows(const double* stats, const int64_t* labels, int64_t begin, int6
     }
     const double* st = stats + r * kNumStats;
     const RowState row = load_state(st);
-    const RowResults res = row_results(row, t.inv_t);
+    const RowResult<double> res = softmax_stats_finish(row, 1, t.inv_t);
     // x_y is NaN if the label was in no tile (out of range).
     logprobs[r] = out_t(label_logp(row, res, st[kStatLabelLogit], t.inv_t));
     lse[r] = out_t(res.lse);

@@ -40,18 +40,20 @@ void fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
     }
     const auto* x = row_start<Tag>(a, r);
     const auto* next = r + 1 < end ? row_start<Tag>(a, r + 1) : nullptr;
-    RowState row;
-    RelSum xsum;
-    fold_row<Tag, kWithEntropy, kWithStats>(x, a.V, t, row, &xsum, next);
-    const RowResults res = row_results(row, t.inv_t);
+    RowState row = softmax_stats_empty<double>();
+    // zsum's constant: the first logit (0 unless finite), so that Σ(x − c) neither overflows
+    // nor cancels.
+    const double x0 = kWithStats && a.V > 0 ? double(load_logit<Tag>(x)) : 0.0;
+    const double c = std::isfinite(x0) ? x0 : 0.0;
+    fold_row<Tag, kWithEntropy, kWithStats>(x, a.V, t, row, c, next);
+    const RowResult<double> res = softmax_stats_finish(row, a.V, t.inv_t, c);
     logprobs[r] = out_t((y >= 0 && y < a.V)
                             ? label_logp(row, res, load_logit<Tag>(x + y), t.inv_t)
                             : kNaN);  // no read
     lse[r] = out_t(res.lse);
     if constexpr (kWithEntropy) entropy[r] = out_t(res.entropy);
     if constexpr (kWithStats) {
-      // self_certainty = lse − mean z = log s − mean (x − m) / T (NaN where the row is).
-      sc[r] = out_t(res.log_s - xsum.rel / double(a.V) * t.inv_t);
+      sc[r] = out_t(res.self_certainty);
       psq[r] = out_t(res.sum_p_sq);
     }
   }

@@ -31,6 +31,7 @@
 #include "cpu/logprobs.h"
 #include "cpu/simd.h"
 #include "rlkern/logprobs.h"
+#include "rlkern/online_softmax.h"
 
 namespace rlkern::cpu {
 
@@ -68,73 +69,13 @@ inline RowScale row_scale(double temperature) {
   return {inv_t, float(c)};
 }
 
-// The running summary of a row (natural units): m the max of the raw logits seen (−inf while
-// none is finite), s = Σ exp((x − m)/T), t = Σ exp((x − m)/T)·(x − m)/T, u = Σ exp(2(x − m)/T);
-// `nan` once a NaN or +inf logit was seen.
-struct RowState {
-  double m = kNegInfD;
-  double s = 0.0, t = 0.0, u = 0.0;
-  bool nan = false;
-};
-
-// Adds the summary (mx, s, t, u) of more logits of the row (relative to their own max mx).
-inline void state_merge(RowState& row, double mx, double s, double t, double u, double inv_t) {
-  if (std::isnan(s)) {
-    row.nan = true;
-    return;
-  }
-  if (s == 0.0) return;  // only −inf: nothing to add
-  if (row.s == 0.0) {
-    row.m = mx, row.s = s, row.t = t, row.u = u;
-    return;
-  }
-  const double m = std::max(row.m, mx);
-  // Move a summary from reference mo to m ≥ mo: δ = (mo − m)/T ≤ 0, s ← e^δ s,
-  // t ← e^δ (t + δ s), u ← e^{2δ} u (a summary that vanishes is dropped whole, so that an
-  // infinite δ never meets 0).
-  auto move = [&](double mo, double& s_, double& t_, double& u_) {
-    const double d = (mo - m) * inv_t;
-    const double a = std::exp(d);
-    t_ = a == 0.0 ? 0.0 : a * (t_ + d * s_);
-    s_ *= a;
-    u_ *= a * a;
-  };
-  move(row.m, row.s, row.t, row.u);
-  move(mx, s, t, u);
-  row.m = m, row.s += s, row.t += t, row.u += u;
-}
-
-// Σ(x − xm) over the logits seen, xm their max: what self-certainty needs, relative to the max
-// so that it neither overflows nor cancels (a constant row of −3e38 gives exactly 0).
-struct RelSum {
-  double xm = kNegInfD;
-  double rel = 0.0;
-  double n = 0.0;
-
-  // Adds `count` logits with max mx and Σ(x − mx) = rel_part.
-  void add(double mx, double rel_part, double count) {
-    if (mx > xm) {
-      if (n > 0.0) rel += n * (xm - mx);
-      xm = mx;
-    }
-    rel += rel_part + (mx == xm ? 0.0 : count * (mx - xm));
-    n += count;
-  }
-};
-
-// The per-row results of a complete RowState.
-struct RowResults {
-  double log_s, lse, entropy, sum_p_sq;
-};
-
-inline RowResults row_results(const RowState& row, double inv_t) {
-  if (row.nan) return {kNaN, kNaN, kNaN, kNaN};
-  const double log_s = std::log(row.s);  // −inf for an all −inf row: lse = −inf, NaN elsewhere
-  return {log_s, row.m * inv_t + log_s, log_s - row.t / row.s, row.u / (row.s * row.s)};
-}
+// The running summary of a row: rlkern/online_softmax.h's, in double (m is the raw max, s, t
+// and u are in natural units relative to it, zsum = Σ(x − m) feeds self-certainty).
+using RowState = SoftmaxStats<double>;
 
 // log p_y = (x_y − m)/T − log s.
-inline double label_logp(const RowState& row, const RowResults& res, double x_y, double inv_t) {
+inline double label_logp(const RowState& row, const RowResult<double>& res, double x_y,
+                         double inv_t) {
   return (x_y - row.m) * inv_t - res.log_s;
 }
 
@@ -242,7 +183,7 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
 // prefetched while the last block is computed.
 template <typename Tag, bool kEntropy, bool kStats>
 inline void accumulate_row(const typename Tag::storage* x, int64_t n, const RowScale& sc,
-                           RowState& row, RelSum* xsum,
+                           RowState& row, double c,
                            const typename Tag::storage* next_row = nullptr) {
   using storage = typename Tag::storage;
   for (int64_t b = 0; b < n; b += kBlock) {
@@ -255,42 +196,40 @@ inline void accumulate_row(const typename Tag::storage* x, int64_t n, const RowS
         x + b, nb, sc.c, reinterpret_cast<const char*>(ahead),
         ahead_n * int64_t(sizeof(storage)));
     // Base 2 → natural units: t = t2 ln2 (s and u are unitless).
-    state_merge(row, blk.mx, blk.s, double(blk.t) * kLn2, blk.u, sc.inv_t);
-    if constexpr (kStats) xsum->add(blk.mx, blk.rel, double(nb));
+    // Σ(x − c) = Σ(x − m_b) + n_b (m_b − c), in double (−inf for a block of −inf only).
+    const double zsum = kStats ? double(blk.rel) + double(nb) * (double(blk.mx) - c) : 0.0;
+    const RowState part{blk.mx, blk.s, double(blk.t) * kLn2, blk.u, zsum};
+    row = softmax_stats_merge(row, part, sc.inv_t);
   }
 }
 
 // float64 logits (tests, gradcheck): the same summary in plain double arithmetic.
 template <bool kStats>
 inline void accumulate_row_f64(const double* x, int64_t n, double inv_t, RowState& row,
-                               RelSum* xsum) {
+                               double c) {
   double mx = kNegInfD;
   bool nan = false;
   for (int64_t v = 0; v < n; ++v) {
     nan |= std::isnan(x[v]);
     mx = std::max(mx, x[v]);
   }
+  RowState part{mx, 0.0, 0.0, 0.0, 0.0};
   if (nan || mx == -kNegInfD) {  // NaN or +inf: the row is NaN
-    state_merge(row, mx, kNaN, 0.0, 0.0, inv_t);
-    if constexpr (kStats) xsum->add(mx, kNaN, double(n));
-    return;
-  }
-  double s = 0.0, t = 0.0, u = 0.0, rel = 0.0;
-  if (mx != kNegInfD) {
+    part.s = part.zsum = kNaN;
+  } else if (mx == kNegInfD) {  // all −inf: nothing to add but −inf to Σx
+    part.zsum = kNegInfD;
+  } else {
     for (int64_t v = 0; v < n; ++v) {
       const double r = x[v] - mx;
       const double d = r * inv_t;
       const double e = std::exp(d);
-      s += e;
-      if (e > 0.0) t += e * d;
-      u += e * e;
-      if constexpr (kStats) rel += r;
+      part.s += e;
+      if (e > 0.0) part.t += e * d;
+      part.u += e * e;
+      if constexpr (kStats) part.zsum += x[v] - c;
     }
-  } else {
-    rel = kNegInfD;
   }
-  state_merge(row, mx, s, t, u, inv_t);
-  if constexpr (kStats) xsum->add(mx, rel, double(n));
+  row = softmax_stats_merge(row, part, inv_t);
 }
 
 // What one row's gradient is formed from (natural units), with z'_v = (x_v − shift)/T:
@@ -346,9 +285,11 @@ inline void grad_row_f64(const double* x, double* g, int64_t n, int64_t y_local,
   for (int64_t v = 0; v < n; ++v) {
     const double z = (x[v] - rg.shift) * inv_t;
     const double p = std::exp(z - rg.ref);
-    g[v] = p > 0.0 ? p * (rg.c0 - rg.g_ent * z) * inv_t : 0.0;
+    // The label's two terms are added before 1/T scales them: g_lp (1 − p_y) cancels there,
+    // exactly when p_y = 1, rather than leaving the rounding of two products of size 1/T.
+    const double label = v == y_local ? rg.g_lp : 0.0;
+    g[v] = ((p > 0.0 ? p * (rg.c0 - rg.g_ent * z) : 0.0) + label) * inv_t;
   }
-  if (y_local >= 0 && y_local < n) g[y_local] += rg.g_lp * inv_t;
 }
 
 // -------------------------------------------------------------------------------------------
@@ -386,13 +327,13 @@ inline void fill_row(typename Tag::storage* g, int64_t n, float value) {
   }
 }
 
-// Folds x[0, n) into the running summary `row`; with kStats `xsum` accumulates Σ(x − max).
+// Folds x[0, n) into the running summary `row` (its zsum = Σ(x − c) only with kStats).
 template <typename Tag, bool kEntropy, bool kStats>
 inline void fold_row(const typename Tag::storage* x, int64_t n, const RowScale& sc,
-                     RowState& row, RelSum* xsum,
+                     RowState& row, double c = 0.0,
                      const typename Tag::storage* next_row = nullptr) {
-  if constexpr (kIsF64<Tag>) accumulate_row_f64<kStats>(x, n, sc.inv_t, row, xsum);
-  else accumulate_row<Tag, kEntropy, kStats>(x, n, sc, row, xsum, next_row);
+  if constexpr (kIsF64<Tag>) accumulate_row_f64<kStats>(x, n, sc.inv_t, row, c);
+  else accumulate_row<Tag, kEntropy, kStats>(x, n, sc, row, c, next_row);
 }
 
 // The backward of a row with a moderate lse: the shift 0 and ref = the forward's lse (its
@@ -403,7 +344,7 @@ inline constexpr double kBwdLseBound = logprobs::kBwdLseBound;
 // E_p[z'] = t / s. False when the row's gradient is undefined (NaN, +inf or all −inf).
 inline bool row_grad_from_state(const RowState& row, double g_lp, double g_ent, double g_lse,
                                 RowGrad* rg) {
-  if (row.nan || !(row.s > 0.0)) return false;
+  if (!(row.s > 0.0)) return false;  // NaN (NaN / +inf logits) or 0 (all −inf)
   *rg = {row.m, std::log(row.s), g_ent * (row.t / row.s) + g_lse - g_lp, g_ent, g_lp};
   return true;
 }
@@ -435,8 +376,8 @@ inline bool row_grad_of(const typename Tag::storage* x, int64_t n,
     *rg = {0.0, u.lse, u.g_ent * (u.lse - u.entropy) + u.g_lse - u.g_lp, u.g_ent, u.g_lp};
     return true;
   }
-  RowState row;
-  fold_row<Tag, true, false>(x, n, sc, row, nullptr);
+  RowState row = softmax_stats_empty<double>();
+  fold_row<Tag, true, false>(x, n, sc, row);
   return row_grad_from_state(row, u.g_lp, u.g_ent, u.g_lse, rg);
 }
 

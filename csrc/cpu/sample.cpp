@@ -1,7 +1,7 @@
 // CPU sampler: one output row at a time, rows in parallel (at::parallel_for), so a row's
 // result never depends on the batch. Per row:
 //
-//  1. z = x / T into an fp32 scratch row (the only read of the logits) and its max m;
+//  1. z = (x − max x) / T into an fp32 scratch row (the only read of the logits; max z = 0);
 //  2. w_v = exp(z_v − m) (fast 2^x), S = Σ w (per-block partial sums), Σ w (z − m) (entropy);
 //  3. filters as lengths of a prefix of the order "value descending, index ascending": every
 //     filter keeps such a prefix (top-k: k; top-p: the shortest prefix whose mass reaches p;
@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -46,34 +47,13 @@ inline uint32_t float_key(float f) {
 }
 
 template <typename Tag>
-void load_scaled(const typename Tag::storage* x, int64_t V, float inv_t, float* z) {
-  const VecF C = VecF::set1(inv_t);
+void load_raw(const typename Tag::storage* x, int64_t V, float* z) {
   const int64_t nv = V / W * W;
-  for (int64_t i = 0; i < nv; i += W) (VecF::load(x + i, Tag{}) * C).store(z + i, F32{});
+  for (int64_t i = 0; i < nv; i += W) VecF::load(x + i, Tag{}).store(z + i, F32{});
   if (nv < V) {
     alignas(64) float buf[W];
-    (load_tail<Tag>(x + nv, V - nv) * C).store(buf, F32{});
+    load_tail<Tag>(x + nv, V - nv).store(buf, F32{});
     for (int64_t j = nv; j < V; ++j) z[j] = buf[j - nv];
-  }
-}
-
-void load_row(const SampleArgs& a, int64_t r, float scale, float* z) {
-  const int64_t off = r * a.stride_row;
-  switch (a.dtype) {
-    case DType::kFloat32:
-      load_scaled<F32>(static_cast<const float*>(a.logits) + off, a.V, scale, z);
-      break;
-    case DType::kBFloat16:
-      load_scaled<BF16>(static_cast<const uint16_t*>(a.logits) + off, a.V, scale, z);
-      break;
-    case DType::kFloat16:
-      load_scaled<F16>(static_cast<const uint16_t*>(a.logits) + off, a.V, scale, z);
-      break;
-    case DType::kFloat64: {
-      const double* x = static_cast<const double*>(a.logits) + off;
-      for (int64_t v = 0; v < a.V; ++v) z[v] = float(x[v]) * scale;
-      break;
-    }
   }
 }
 
@@ -215,6 +195,51 @@ double prefix_mass(const float* z, const float* w, int64_t V, int64_t M, Scratch
   return sel.mass_gt + double(M - sel.count_gt) * sel.w_eq;
 }
 
+// z = (x − shift) · inv_t in place over the padded row (the padding stays −inf).
+void shift_scale(float* z, int64_t Vp, float shift, float inv_t) {
+  const VecF S = VecF::set1(shift), C = VecF::set1(inv_t);
+  for (int64_t i = 0; i < Vp; i += W) ((VecF::load(z + i) - S) * C).store(z + i, F32{});
+}
+
+// z = (x − max x) · inv_t into the padded scratch row (padding −inf; the max of z is 0) and
+// returns max x: shifted by the raw max before the temperature scales it, so that huge logits
+// or a tiny T neither overflow nor lose their differences (x/T first would). NaN or ±inf
+// returned: the row cannot be sampled (NaN or +inf logits, or all −inf) and z is not formed.
+// float64 logits are shifted and scaled in double (they may lie beyond the float range);
+// the others are widened to float exactly. inv_t as a float is kept normal and finite (T =
+// 1e300 would round it to 0, and −inf · 0 is NaN): beyond the float range a temperature acts
+// as the largest one within it.
+double load_shifted(const SampleArgs& a, int64_t r, double inv_t, float* z) {
+  const int64_t V = a.V, Vp = (V + W - 1) / W * W;
+  const int64_t off = r * a.stride_row;
+  if (a.dtype == DType::kFloat64) {
+    const double* x = static_cast<const double*>(a.logits) + off;
+    double mx = -std::numeric_limits<double>::infinity();
+    bool nan = false;
+    for (int64_t v = 0; v < V; ++v) {
+      nan |= std::isnan(x[v]);
+      mx = std::max(mx, x[v]);
+    }
+    if (nan) return std::numeric_limits<double>::quiet_NaN();
+    if (std::isinf(mx)) return mx;
+    for (int64_t v = 0; v < V; ++v) z[v] = float((x[v] - mx) * inv_t);
+    std::fill(z + V, z + Vp, kNegInf);
+    return mx;
+  }
+  switch (a.dtype) {
+    case DType::kFloat32: load_raw<F32>(static_cast<const float*>(a.logits) + off, V, z); break;
+    case DType::kBFloat16:
+      load_raw<BF16>(static_cast<const uint16_t*>(a.logits) + off, V, z);
+      break;
+    default: load_raw<F16>(static_cast<const uint16_t*>(a.logits) + off, V, z); break;
+  }
+  std::fill(z + V, z + Vp, kNegInf);
+  const float mx = row_max(z, Vp);  // a NaN it skips shows as S = NaN later
+  if (!std::isfinite(mx)) return mx;
+  shift_scale(z, Vp, mx, std::clamp(float(inv_t), FLT_MIN, FLT_MAX));
+  return mx;
+}
+
 void sample_row(const SampleArgs& a, int64_t i, Scratch& s) {
   const int64_t V = a.V;
   const int64_t Vp = (V + W - 1) / W * W;
@@ -223,21 +248,27 @@ void sample_row(const SampleArgs& a, int64_t i, Scratch& s) {
   float* z = s.z.data();
   float* w = s.w.data();
   double* block = s.block.data();
-  load_row(a, r, float(1.0 / T), z);
-  std::fill(z + V, z + Vp, kNegInf);
-  const float m = row_max(z, Vp);
+  const double xmax = load_shifted(a, r, 1.0 / T, z);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  double ent_t = 0.0;
-  const double S = (std::isnan(m) || std::isinf(m)) ? double(nan) : exp_row(z, w, Vp, m, block, &ent_t);
-  if (std::isnan(S) || m == kNegInf) {
+  if (!std::isfinite(xmax)) {  // NaN or +inf logits, or all −inf
     a.tokens[i] = -1;
     a.raw_logprobs[i] = a.processed_logprobs[i] = nan;
     if (a.entropy) a.entropy[i] = nan;
-    a.lse[i] = m == kNegInf ? kNegInf : nan;
+    a.lse[i] = xmax == -std::numeric_limits<double>::infinity() ? kNegInf : nan;
+    return;
+  }
+  const float m = 0.0f;  // the max of z, exactly
+  double ent_t = 0.0;
+  const double S = exp_row(z, w, Vp, m, block, &ent_t);
+  if (std::isnan(S)) {  // a NaN the max skipped
+    a.tokens[i] = -1;
+    a.raw_logprobs[i] = a.processed_logprobs[i] = nan;
+    if (a.entropy) a.entropy[i] = nan;
+    a.lse[i] = nan;
     return;
   }
   const double log_s = std::log(S);
-  a.lse[i] = float(double(m) + log_s);
+  a.lse[i] = float(xmax / T + log_s);
   if (a.entropy) a.entropy[i] = float(log_s - ent_t / S);
 
   // Filters → the length M of the kept prefix.
@@ -307,12 +338,10 @@ void sample_row(const SampleArgs& a, int64_t i, Scratch& s) {
     a.raw_logprobs[i] = float(zt - log_s);
   } else {
     // vLLM-style raw logprobs of the untempered logits: log_softmax(x)[tok], one more pass.
-    load_row(a, r, 1.0f, z);
-    std::fill(z + V, z + Vp, kNegInf);
-    const float mx = row_max(z, Vp);
+    load_shifted(a, r, 1.0, z);
     double t2 = 0.0;
-    const double S2 = exp_row(z, w, Vp, mx, block, &t2);
-    a.raw_logprobs[i] = float(double(z[tok]) - double(mx) - std::log(S2));
+    const double S2 = exp_row(z, w, Vp, 0.0f, block, &t2);
+    a.raw_logprobs[i] = float(double(z[tok]) - std::log(S2));
   }
 }
 

@@ -6,17 +6,23 @@
 // Declarations and the full contract: csrc/include/rlkern/cuda_launchers.h.
 //
 // Forward (one read of the logits). For a row x (length V) with label y and z = x / T:
-//   lse = log Σ exp(z),  logp = z_y − lse,  entropy = log s − t / s,
-//   self_certainty = lse − Σz / V,  Σp² = u / s²
-// with the streaming statistics (m, s, t, u, Σz) of rlkern/online_softmax.h (the online
+//   lse = m/T + log s,  logp = (x_y − m)/T − log s,  entropy = log s − t / s,
+//   self_certainty = log s − Σ(x − m) / (T V),  Σp² = u / s²
+// with the streaming statistics (m, s, t, u, Σ(x − m)) of rlkern/online_softmax.h (the online
 // normaliser of Milakov & Gimelshein 2018, "Online normalizer calculation for softmax",
-// extended with the shifted first and second moments). Each thread summarises a fixed set of
-// vocab chunks; the summaries are merged with softmax_stats_merge, first across the lanes of a
-// warp (shuffles), then across the warps of the block (shared memory).
+// extended with the shifted first and second moments), m being the max of the raw logits:
+// everything is shifted before 1/T scales it, so finite rows stay finite at any magnitude and
+// temperature. Each thread summarises a fixed set of vocab chunks; the summaries are merged
+// with softmax_stats_merge, first across the lanes of a warp (shuffles), then across the
+// warps of the block (shared memory).
 //
 // Backward (one read and one write of the logits, nothing of size V saved by the forward):
-//   grad_v = [ p_v (c0 − g_ent z_v) + 1[v = y] g_lp ] / T,   p_v = exp(z_v − lse),
-//   c0 = g_ent E_p[z] − g_lp + g_lse  (logprobs_grad_row_const + g_lse),  E_p[z] = lse − entropy.
+//   grad_v = [ p_v (c0 − g_ent z'_v) + 1[v = y] g_lp ] / T,   p_v = exp(z'_v − ref),
+//   z'_v = (x_v − shift)/T,  c0 = g_ent E_p[z'] − g_lp + g_lse.
+// A row with a moderate lse (|lse| < kBwdLseBound) takes shift = 0, ref = lse, E_p[z] =
+// lse − entropy; any other one recomputes its max M and normaliser (each warp of the row on
+// its own, so no barrier is needed) and takes shift = M, ref = log s, E_p[z'] = t / s: exact
+// where the rounded lse would move p by up to e^1000 (huge logits, a tiny T).
 //
 // Batch invariance: which thread reads which element, the order in which a thread
 // accumulates, and the merge tree all depend only on V and the dtype (the launch shape is a
@@ -32,6 +38,7 @@
 
 #include "rlkern/cuda_dtype.h"
 #include "rlkern/cuda_launchers.h"
+#include "rlkern/logprobs.h"
 #include "rlkern/online_softmax.h"
 
 namespace rlkern {
@@ -147,14 +154,19 @@ struct RowArgs {
   int V;  // in-row offsets are 32-bit (V < 2^31); row offsets are 64-bit
   int64_t stride_0, stride_1;
   const int64_t* labels;
-  float inv_t;  // 1 / T
+  float inv_t;  // 1 / T: the scale of lse = m / T + log s
+  float k;      // 1 / T kept normal and finite: the scale of x − m (see row_args)
   int64_t ignore_index;
 };
 
+// 1/T scales x − m, which is ≤ 0: it is kept normal (a temperature so large that 1/T is
+// denormal or 0 would make −inf · 0 = NaN) and finite, as the CPU and Triton kernels do.
 RowArgs row_args(const void* logits, int64_t B, int64_t L, int64_t V, int64_t stride_0,
                  int64_t stride_1, const int64_t* labels, float temperature,
                  int64_t ignore_index) {
-  return {logits, B * L, L, static_cast<int>(V), stride_0, stride_1, labels, 1.f / temperature,
+  const float inv_t = 1.f / temperature;
+  const float k = fminf(fmaxf(inv_t, 1.17549435e-38f), 3.40282347e38f);
+  return {logits, B * L, L, static_cast<int>(V), stride_0, stride_1, labels, inv_t, k,
           ignore_index};
 }
 
@@ -182,38 +194,39 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ x, int k, bool 
   }
 }
 
-// Add the first n (≤ N) logits of a chunk to a thread's running summary `st` (natural units,
-// reference max st.m) and, with kStats, to the raw sum Σx (Σz = Σx / T is formed once later).
+// Add the first n (≤ N) logits of a chunk to a thread's running summary `st` (reference max
+// st.m of the raw logits, k = 1/T; with kStats also Σ(x − c), c the row's constant).
 //
 // Tricks:
 //  * one max per chunk: the reference moves at most once per chunk, so the rescale (one exp,
 //    via softmax_stats_rescale) is paid per chunk at most, not per element as in the
 //    textbook online softmax — and, once the row max has been seen, almost never;
-//  * z − m is one fma (x · (1/T) − m); exp is the fast __expf (ex2.approx with a log2(e)
+//  * the shift comes before the scale, (x − m)·k, so neither huge logits nor a tiny T
+//    overflow or lose their differences; exp is the fast __expf (ex2.approx with a log2(e)
 //    prescale, ~2 ulp), the accumulation is float32;
-//  * max(z) = max(x) / T since T > 0, so the max is taken on raw logits;
-//  * −inf logits give e = 0; their t term would be 0 · (−inf) = NaN, so z − m is clamped to
-//    the lowest finite float there (0 · finite = 0). NaN logits still make s (and lse) NaN.
+//  * −inf logits give e = 0; their t term would be 0 · (−inf) = NaN, so (x − m)·k is clamped
+//    to the lowest finite float there (0 · finite = 0). NaN logits (and +inf ones, for which
+//    x − m = inf − inf) still make s (and every result) NaN.
 template <int N, bool kEntropy, bool kStats>
-__device__ __forceinline__ void accumulate_chunk(SoftmaxStats<float>& st, float& xsum,
-                                                 const float (&x)[N], int n, float inv_t) {
+__device__ __forceinline__ void accumulate_chunk(SoftmaxStats<float>& st, const float (&x)[N],
+                                                 int n, float k, float c) {
   float xmax = x[0];
 #pragma unroll
   for (int i = 1; i < N; ++i) xmax = fmaxf(xmax, x[i]);
-  const float cm = xmax * inv_t;
-  if (cm > st.m) softmax_stats_rescale(st, cm);
-  // While only −inf (or NaN) has been seen the reference is −inf; use 0 instead so that
-  // z − m is −inf (e = 0) rather than −inf − (−inf) = NaN.
-  const float m = st.m == neg_inf<float>() ? 0.f : st.m;
+  if (xmax > st.m) softmax_stats_rescale(st, xmax, k);
+  // While only −inf (or NaN) has been seen the reference is −inf; shift by 0 instead so that
+  // x − m is −inf (e = 0) rather than −inf − (−inf) = NaN.
+  const float m = softmax_stats_ref(st.m);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const float d = fmaf(x[i], inv_t, -m);
+    const float r = x[i] - m;
+    const float d = r * k;
     const float e = __expf(d);
     st.s += e;
     if constexpr (kEntropy) st.t = fmaf(e, fmaxf(d, kLowestFloat), st.t);
     if constexpr (kStats) {
       st.u = fmaf(e, e, st.u);
-      xsum += i < n ? x[i] : 0.f;  // padding of a partial chunk is −inf: keep it out of Σx
+      st.zsum += i < n ? x[i] - c : 0.f;  // padding of a partial chunk is −inf: keep it out
     }
   }
 }
@@ -222,7 +235,7 @@ __device__ __forceinline__ void accumulate_chunk(SoftmaxStats<float>& st, float&
 // The tree (xor distances 16, 8, 4, 2, 1) is fixed; fields the outputs do not need are not
 // shuffled (they stay 0 in the partner's copy and their merged value is dead code).
 template <bool kEntropy, bool kStats>
-__device__ __forceinline__ SoftmaxStats<float> warp_merge(SoftmaxStats<float> st) {
+__device__ __forceinline__ SoftmaxStats<float> warp_merge(SoftmaxStats<float> st, float k) {
 #pragma unroll
   for (int off = kWarpSize / 2; off > 0; off >>= 1) {
     SoftmaxStats<float> other;
@@ -231,7 +244,7 @@ __device__ __forceinline__ SoftmaxStats<float> warp_merge(SoftmaxStats<float> st
     other.t = kEntropy ? __shfl_xor_sync(kFullMask, st.t, off) : 0.f;
     other.u = kStats ? __shfl_xor_sync(kFullMask, st.u, off) : 0.f;
     other.zsum = kStats ? __shfl_xor_sync(kFullMask, st.zsum, off) : 0.f;
-    st = softmax_stats_merge(st, other);
+    st = softmax_stats_merge(st, other, k);
   }
   return st;
 }
@@ -275,7 +288,12 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
 
     const bool vec_ok = is_aligned16(x);
     SoftmaxStats<float> st = softmax_stats_empty<float>();
-    float xsum = 0.f;
+    // zsum's constant: the row's first logit (0 unless finite), the same for every thread.
+    float c = 0.f;
+    if (kStats && a.V > 0) {
+      c = Elem<T>::to_float(x[0]);
+      c = isfinite(c) ? c : 0.f;
+    }
     // Thread tid owns chunks tid, tid + nthreads, ... and accumulates them in that order.
     // Two chunks are loaded before either is accumulated (two 16-byte loads in flight per
     // thread); the accumulation order is unchanged, so the result equals the plain loop's.
@@ -284,13 +302,13 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
       float c0[kVec], c1[kVec];
       load_chunk(x, k, vec_ok, c0);
       load_chunk(x, k + nthreads, vec_ok, c1);
-      accumulate_chunk<kVec, kEntropy, kStats>(st, xsum, c0, kVec, a.inv_t);
-      accumulate_chunk<kVec, kEntropy, kStats>(st, xsum, c1, kVec, a.inv_t);
+      accumulate_chunk<kVec, kEntropy, kStats>(st, c0, kVec, a.k, c);
+      accumulate_chunk<kVec, kEntropy, kStats>(st, c1, kVec, a.k, c);
     }
     if (k < nfull) {
       float c0[kVec];
       load_chunk(x, k, vec_ok, c0);
-      accumulate_chunk<kVec, kEntropy, kStats>(st, xsum, c0, kVec, a.inv_t);
+      accumulate_chunk<kVec, kEntropy, kStats>(st, c0, kVec, a.k, c);
       k += nthreads;
     }
     if (rem > 0 && k == nfull) {  // the partial last chunk, owned like any other chunk
@@ -299,26 +317,27 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
       for (int i = 0; i < kVec; ++i) {
         c0[i] = i < rem ? Elem<T>::to_float(x[nfull * kVec + i]) : neg_inf<float>();
       }
-      accumulate_chunk<kVec, kEntropy, kStats>(st, xsum, c0, rem, a.inv_t);
+      accumulate_chunk<kVec, kEntropy, kStats>(st, c0, rem, a.k, c);
     }
-    if constexpr (kStats) st.zsum = xsum * a.inv_t;
 
     // Merge: lanes → warp (shuffles), then warps → row (shared memory, read by warp 0).
-    st = warp_merge<kEntropy, kStats>(st);
+    st = warp_merge<kEntropy, kStats>(st, a.k);
     if (nthreads > kWarpSize) {  // uniform: blockDim.y == 1 on this path
       if (lane == 0) warp_stats[warp] = st;
       __syncthreads();
       if (warp == 0) {
         st = lane < nthreads / kWarpSize ? warp_stats[lane] : softmax_stats_empty<float>();
-        st = warp_merge<kEntropy, kStats>(st);
+        st = warp_merge<kEntropy, kStats>(st, a.k);
       }
       __syncthreads();  // warp_stats is reused by this block's next row
     }
 
     if (tid == 0) {
-      const RowResult<float> r = softmax_stats_finish(st, a.V);
-      a.lse[row] = r.lse;
-      a.logprobs[row] = label_ok ? fmaf(x_y, a.inv_t, -r.lse) : __int_as_float(0x7fc00000);
+      const RowResult<float> r = softmax_stats_finish(st, a.V, a.k, c);
+      const float m = softmax_stats_ref(st.m);
+      a.lse[row] = fmaf(m, a.inv_t, r.log_s);
+      // logp = (x_y − m)/T − log s: the max cancels before any rounding of lse enters.
+      a.logprobs[row] = label_ok ? fmaf(x_y - m, a.k, -r.log_s) : __int_as_float(0x7fc00000);
       if (kEntropy && a.entropy) a.entropy[row] = r.entropy;
       if (kStats && a.self_certainty) a.self_certainty[row] = r.self_certainty;
       if (kStats && a.sum_p_sq) a.sum_p_sq[row] = r.sum_p_sq;
@@ -341,20 +360,54 @@ struct BwdArgs : RowArgs {
 
 // Per-row constants of the gradient.
 struct BwdRow {
-  float lse;    // log Σ exp(z)
-  float c0;     // g_ent E_p[z] − g_lp + g_lse
+  float shift;  // subtracted from every logit: 0, or the row max (exact path)
+  float ref;    // log Σ exp((x − shift)/T): lse, or log s (exact path); NaN: no gradient
+  float c0;     // g_ent E_p[z'] − g_lp + g_lse
   float g_lp;   // added at the label
-  float g_ent;  // coefficient of −p_v z_v
+  float g_ent;  // coefficient of −p_v z'_v
 };
 
-// grad_v · T = p_v (c0 − g_ent z_v) + label_term, p_v = exp(z_v − lse). A −inf logit (or one
-// whose p underflows) has p = 0 and contributes exactly 0: the select avoids 0 · ∞ = NaN from
-// c0 − g_ent · (−inf). NaN logits give NaN. (ALGORITHMS.md §1; reference: the p > 0 `where`.)
+// grad_v · T = p_v (c0 − g_ent z'_v) + label_term, p_v = exp(z'_v − ref), z'_v = (x − shift)/T.
+// A −inf logit (or one whose p underflows) has p = 0 and contributes exactly 0: the select
+// avoids 0 · ∞ = NaN from c0 − g_ent · (−inf). NaN logits give NaN. (ALGORITHMS.md §1;
+// reference: the p > 0 `where`.)
 __device__ __forceinline__ float grad_elem(float x, const BwdRow& r, float label_term,
-                                           float inv_t) {
-  const float p = __expf(fmaf(x, inv_t, -r.lse));
-  const float pg = p == 0.f ? 0.f : p * fmaf(-r.g_ent, x * inv_t, r.c0);
+                                           float k, float inv_t) {
+  const float z = (x - r.shift) * k;
+  const float p = __expf(z - r.ref);
+  const float pg = p == 0.f ? 0.f : p * fmaf(-r.g_ent, z, r.c0);
   return (pg + label_term) * inv_t;
+}
+
+// The max M of a row's raw logits and, relative to it, s = Σ exp((x − M) k) and
+// t = Σ exp(·)·(x − M) k, computed by one warp on its own (lanes stride the row, butterflies
+// merge them): the rows of the exact backward path, where no barrier can be assumed. Every
+// warp of a row gets the same bits (same code, same order).
+template <typename T>
+__device__ void warp_row_stats(const T* x, int V, float k, float& m, float& s, float& t) {
+  const int lane = threadIdx.x % kWarpSize;
+  float mx = neg_inf<float>();
+  for (int v = lane; v < V; v += kWarpSize) mx = fmaxf(mx, Elem<T>::to_float(x[v]));
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
+  }
+  const float ref = softmax_stats_ref(mx);
+  float ss = 0.f, tt = 0.f;
+  for (int v = lane; v < V; v += kWarpSize) {
+    const float d = (Elem<T>::to_float(x[v]) - ref) * k;
+    const float e = __expf(d);
+    ss += e;
+    tt = fmaf(e, fmaxf(d, kLowestFloat), tt);
+  }
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+    ss += __shfl_xor_sync(kFullMask, ss, off);
+    tt += __shfl_xor_sync(kFullMask, tt, off);
+  }
+  m = mx;
+  s = ss;
+  t = tt;
 }
 
 // The backward is elementwise given the per-row constants, so it needs no fixed thread ↔
@@ -363,7 +416,9 @@ __device__ __forceinline__ float grad_elem(float x, const BwdRow& r, float label
 // (kBwdUnroll loads in flight per thread). The few elements before the first aligned address
 // (head) and after the last full vector (tail) go through scalar accesses in tile 0. If
 // logits and grad are misaligned differently, the row is processed with scalar accesses.
-// In-place: every element is loaded and stored by the same thread, load before store.
+// In-place: every element is loaded and stored by the same thread, load before store; the
+// launcher then runs one block per row (grid.y = 1) and the block waits at a barrier between
+// the exact path's reads of the whole row and the first write.
 template <typename T>
 __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) logprobs_bwd_kernel(const BwdArgs a) {
   constexpr int kVec = Elem<T>::kVec;
@@ -373,23 +428,37 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) logprobs_bwd_ke
   const int tile_elems = tile_vecs * kVec;
   const int ntiles = static_cast<int>((static_cast<int64_t>(a.V) + tile_elems - 1) / tile_elems);
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < a.rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const T* x = static_cast<const T*>(a.logits) + row_offset(row, a.L, a.stride_0, a.stride_1);
-    T* g = static_cast<T*>(a.grad) + row_offset(row, a.L, a.grad_stride_0, a.grad_stride_1);
-    const int64_t y = a.labels[row];
+  // Every thread of the block runs the same number of iterations (rows past the end are
+  // inactive), so the barrier below is reached uniformly.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < a.rows;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = base + threadIdx.y;
+    const bool active = row < a.rows;
+    const int64_t r_row = active ? row : base;  // inactive threads read a valid row, write none
+    const T* x = static_cast<const T*>(a.logits) + row_offset(r_row, a.L, a.stride_0, a.stride_1);
+    T* g = static_cast<T*>(a.grad) + row_offset(r_row, a.L, a.grad_stride_0, a.grad_stride_1);
+    const int64_t y = a.labels[r_row];
     const bool ignored = y == a.ignore_index;  // uniform over the row: zero row, no reads
     const int col_y = (y >= 0 && y < a.V) ? static_cast<int>(y) : -1;  // −1: no label term
 
-    BwdRow r{0.f, 0.f, 0.f, 0.f};
+    BwdRow r{0.f, 0.f, 0.f, 0.f, 0.f};
     if (!ignored) {
-      r.lse = a.lse[row];
-      r.g_lp = a.grad_logprobs ? a.grad_logprobs[row] : 0.f;
-      r.g_ent = a.grad_entropy ? a.grad_entropy[row] : 0.f;
-      const float ent = a.grad_entropy ? a.entropy[row] : 0.f;
-      const float g_lse = a.grad_lse ? a.grad_lse[row] : 0.f;
-      r.c0 = logprobs_grad_row_const(r.g_lp, r.g_ent, r.lse, ent) + g_lse;
+      const float lse = a.lse[r_row];
+      r.g_lp = a.grad_logprobs ? a.grad_logprobs[r_row] : 0.f;
+      r.g_ent = a.grad_entropy ? a.grad_entropy[r_row] : 0.f;
+      const float g_lse = a.grad_lse ? a.grad_lse[r_row] : 0.f;
+      float e_z = lse - (a.grad_entropy ? a.entropy[r_row] : 0.f);  // E_p[z]
+      r.ref = lse;
+      if (!(fabsf(lse) < float(logprobs::kBwdLseBound)) && !isnan(lse)) {
+        float m, s_row, t_row;
+        warp_row_stats(x, a.V, a.k, m, s_row, t_row);
+        r.shift = softmax_stats_ref(m);
+        r.ref = s_row > 0.f ? logf(s_row) : __int_as_float(0x7fc00000);  // NaN: no gradient
+        e_z = t_row / s_row;
+      }
+      r.c0 = r.g_ent * e_z - r.g_lp + g_lse;
     }
+    __syncthreads();  // in place: every warp has read its row before any writes it
 
     // Split [0, V) into head (scalar) | body of 16-byte vectors | tail (scalar).
     const uintptr_t mis_x = reinterpret_cast<uintptr_t>(x) & 15u;
@@ -406,12 +475,12 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) logprobs_bwd_ke
     auto scalar_elem = [&](int v) {
       float out = 0.f;
       if (!ignored) {
-        out = grad_elem(Elem<T>::to_float(x[v]), r, v == col_y ? r.g_lp : 0.f, a.inv_t);
+        out = grad_elem(Elem<T>::to_float(x[v]), r, v == col_y ? r.g_lp : 0.f, a.k, a.inv_t);
       }
       g[v] = Elem<T>::from_float(out);
     };
 
-    for (int tile = blockIdx.y; tile < ntiles; tile += gridDim.y) {
+    for (int tile = blockIdx.y; active && tile < ntiles; tile += gridDim.y) {
       if (vec_ok) {
         const uint4* xv = reinterpret_cast<const uint4*>(x + head);
         uint4* gv = reinterpret_cast<uint4*>(g + head);
@@ -434,7 +503,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) logprobs_bwd_ke
             const int hit = col_y - (head + vi * kVec);  // label's slot in this vector
 #pragma unroll
             for (int i = 0; i < kVec; ++i) {
-              v[i] = grad_elem(v[i], r, i == hit ? r.g_lp : 0.f, a.inv_t);
+              v[i] = grad_elem(v[i], r, i == hit ? r.g_lp : 0.f, a.k, a.inv_t);
             }
           }
           gv[vi] = Elem<T>::pack(v);
@@ -530,8 +599,11 @@ template <typename T>
 int launch_bwd(const BwdArgs& a, cudaStream_t stream) {
   const BwdLaunch cfg = bwd_launch(a.V, Elem<T>::kVec);
   const dim3 block(cfg.threads_per_row, cfg.rows_per_block);
+  // In place, one block per row (its tiles in turn): a row on the exact path reads all of
+  // its logits first, which another block's tile could have overwritten already.
+  const bool in_place = a.grad == a.logits;
   const dim3 grid(grid_dim((a.rows + cfg.rows_per_block - 1) / cfg.rows_per_block, kMaxGridX),
-                  grid_dim(cfg.tiles, kMaxGridY));
+                  in_place ? 1u : grid_dim(cfg.tiles, kMaxGridY));
   logprobs_bwd_kernel<T><<<grid, block, 0, stream>>>(a);
   return static_cast<int>(cudaGetLastError());
 }

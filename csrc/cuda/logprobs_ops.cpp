@@ -6,6 +6,9 @@
 
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
+#include <cfloat>
+
 #include "cuda/glue.h"
 #include "logprobs_op.h"
 
@@ -13,6 +16,13 @@ namespace rlkern::cuda {
 namespace {
 
 using namespace rlkern::logprobs;
+
+// The launchers take the temperature as a float: one beyond the float range (T = 1e300) acts
+// as the largest float (the kernels then see a uniform softmax, as T = 1e300 gives), one below
+// it as the smallest normal float (the kernels shift by the max first, so nothing overflows).
+float launch_temperature(double temperature) {
+  return static_cast<float>(std::clamp(temperature, double(FLT_MIN), double(FLT_MAX)));
+}
 
 void launch_fwd(const at::Tensor& logits, const at::Tensor& labels, double temperature,
                 int64_t ignore_index, const RowPointers& out) {
@@ -23,7 +33,7 @@ void launch_fwd(const at::Tensor& logits, const at::Tensor& labels, double tempe
   check_launch(
       rlkern_logprobs_fwd_cuda(logits.const_data_ptr(), dtype, logits.size(0), logits.size(1),
                                logits.size(2), logits.stride(0), logits.stride(1),
-                               labels.const_data_ptr<int64_t>(), static_cast<float>(temperature),
+                               labels.const_data_ptr<int64_t>(), launch_temperature(temperature),
                                ignore_index, row(kLogprobs), row(kLse), row(kEntropy),
                                row(kSelfCertainty), row(kSumPSq), current_stream()),
       "rlkern::logprobs_fwd_out");
@@ -40,7 +50,7 @@ void launch_bwd(const at::Tensor& logits, const at::Tensor& labels, const GradIn
                                logits.size(2), logits.stride(0), logits.stride(1),
                                labels.const_data_ptr<int64_t>(), row(in.lse), row(in.entropy),
                                row(in.grad_logprobs), row(in.grad_entropy), row(in.grad_lse),
-                               static_cast<float>(temperature), ignore_index,
+                               launch_temperature(temperature), ignore_index,
                                grad_logits.data_ptr(), grad_logits.stride(0),
                                grad_logits.stride(1), current_stream()),
       "rlkern::logprobs_bwd_out");

@@ -100,13 +100,17 @@ __device__ __forceinline__ double block_inclusive_sum(double v, double* part, do
   return before + v;
 }
 
-// One logits row, temperature-scaled: z_v = x_v · inv_t (fp32, as every backend forms it).
+// One logits row, shifted by its max and temperature-scaled: z_v = (x_v − shift) · inv_t (fp32,
+// as every backend forms it). The shift comes first, so huge logits or a tiny T neither
+// overflow nor lose their differences; inv_t is kept normal and finite (T = 1e300 would make
+// it 0, and −inf · 0 is NaN).
 template <typename T>
 struct Row {
   const T* x;
   int64_t V;
   float inv_t;
-  __device__ __forceinline__ float z(int64_t v) const { return to_f(x[v]) * inv_t; }
+  float shift;
+  __device__ __forceinline__ float z(int64_t v) const { return (to_f(x[v]) - shift) * inv_t; }
 };
 
 struct Sel {
@@ -175,12 +179,17 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(
   __shared__ double part[kWarps];
   const int64_t i = blockIdx.x;
   const int64_t r = indices ? indices[i] : i;
-  const Row<T> row{logits + r * stride_row, V, float(1.0 / temperature[i])};
+  const T* x = logits + r * stride_row;
+  // The shift: the max of the raw logits (fmax skips NaN; S below does not), 0 for a row
+  // without a finite one (so that z is −inf, not −inf − (−inf)).
+  double xm = -INFINITY;
+  for (int64_t v = threadIdx.x; v < V; v += kThreads) xm = fmax(xm, double(to_f(x[v])));
+  const float xmax = float(block_max(xm, part));
+  const float k = fminf(fmaxf(float(1.0 / temperature[i]), 1.17549435e-38f), 3.40282347e38f);
+  const Row<T> row{x, V, k, xmax == -INFINITY ? 0.f : xmax};
 
-  // m = max z; S = Σ exp(z − m); entropy = log S − Σ w (z − m) / S.
-  double mx = -INFINITY;
-  for (int64_t v = threadIdx.x; v < V; v += kThreads) mx = fmax(mx, double(row.z(v)));
-  const float m = float(block_max(mx, part));
+  // m = max z = 0; S = Σ exp(z − m); entropy = log S − Σ w (z − m) / S.
+  const float m = 0.f;
   double s = 0.0, t = 0.0;
   for (int64_t v = threadIdx.x; v < V; v += kThreads) {
     const float d = row.z(v) - m;
@@ -190,21 +199,22 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(
   }
   s = block_sum(s, part);
   t = block_sum(t, part);
-  // A NaN (fmax skips it, S does not) or +inf poisons S; an all −inf row has m = −inf. Both
-  // are flagged through lse, as the CPU kernel does (the Python layer raises on them).
-  if (isnan(s) || isinf(m)) {
+  // A NaN (fmax skips it, S does not) or +inf (then z = inf − inf) poisons S; an all −inf
+  // row has S = 0. Both are flagged through token −1 and lse, as the CPU kernel does (the
+  // Python layer raises on them).
+  if (isnan(s) || !(s > 0.0) || isinf(xmax)) {
     if (threadIdx.x == 0) {
       const float nan = __int_as_float(0x7fc00000);
       tokens[i] = -1;
       raw[i] = proc[i] = nan;
       if (entropy) entropy[i] = nan;
-      lse[i] = (m == -INFINITY) ? -INFINITY : nan;
+      lse[i] = (s == 0.0) ? -INFINITY : nan;
     }
     return;  // uniform across the block: no barrier is left waiting
   }
   const double log_s = log(s);
   if (threadIdx.x == 0) {
-    lse[i] = float(double(m) + log_s);
+    lse[i] = float(double(xmax) / temperature[i] + log_s);
     if (entropy) entropy[i] = float(log_s - t / s);
   }
 

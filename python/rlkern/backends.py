@@ -125,7 +125,9 @@ def triton_module(name: str, device: torch.device) -> ModuleType:
                 "TRITON_INTERPRET=1 before importing rlkern"
             )
         os.environ["TRITON_INTERPRET"] = "1"
+    if device.type == "cpu" and not _interpreted_jit[0]:
         _interpret_imported_jit_functions()
+        _interpreted_jit[0] = True
     if device.type == "cuda" and interpreting:
         raise BackendUnavailableError(
             "TRITON_INTERPRET=1 is set, so Triton kernels cannot run on CUDA tensors"
@@ -137,18 +139,21 @@ def triton_module(name: str, device: torch.device) -> ModuleType:
 
 
 _imported_compiled: set[str] = set()
+_interpreted_jit = [False]
 
 
 def _interpret_imported_jit_functions() -> None:
     """Turn the ``@triton.jit`` functions created before the interpreter was switched on into
     interpreted ones.
 
-    Triton picks compiled or interpreted when a function is decorated. torch imports
-    ``triton.language`` on its own import (so before rlkern can set ``TRITON_INTERPRET``), and
-    the library functions defined there with ``@jit`` (``tl.zeros``, ``tl.max``, ``tl.sum``,
-    …) are then compiled-mode objects, which the interpreter refuses to call from a kernel
-    ("Cannot call @triton.jit'd outside of the scope of a kernel"). Called only on a machine
-    without CUDA, where compiled Triton code cannot run anyway.
+    Triton picks compiled or interpreted when a function is decorated. ``torch._dynamo``
+    imports ``triton.language`` (rlkern's own import reaches it through
+    ``torch.compiler.assume_constant_result``, as does any use of ``torch.compile``), so
+    unless ``TRITON_INTERPRET=1`` was set before that, the library functions defined there
+    with ``@jit`` (``tl.zeros``, ``tl.max``, ``tl.sum``, …) are compiled-mode objects, which
+    the interpreter refuses to call from a kernel ("Cannot call @triton.jit'd outside of the
+    scope of a kernel"). Called once, the first time Triton runs on CPU tensors (in the
+    interpreter, the only way it can); a no-op when everything was interpreted from the start.
     """
     import sys
 

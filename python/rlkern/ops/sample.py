@@ -25,7 +25,7 @@ from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES
 from rlkern.config.sample import filter_order_names
 from rlkern.ops.logprobs import checks_enabled
-from rlkern.reference.sample import sample_reference
+from rlkern.reference.sample import row_lse, sample_reference
 
 
 class SampleOutput(NamedTuple):
@@ -70,9 +70,9 @@ def _sample_out(backend, logits, indices, temperature, top_k, top_p, min_p, seed
         proc.copy_(ref["processed_logprobs"])
         if entropy is not None:
             entropy.copy_(ref["entropy"])
-        rows = indices if indices is not None else torch.arange(logits.shape[0])
-        z = logits.to(torch.float64)[rows.cpu()] / temperature.unsqueeze(-1)
-        lse.copy_(torch.logsumexp(z, -1))
+        rows = (indices if indices is not None else torch.arange(logits.shape[0])).tolist()
+        lse.copy_(torch.tensor([row_lse(logits[r].cpu(), float(t))
+                                for r, t in zip(rows, temperature.tolist(), strict=True)]))
 
 
 @torch.library.custom_op("rlkern::sample", mutates_args=())
@@ -126,6 +126,7 @@ def _per_row(name: str, value, n: int, device, *, integer: bool, lo, hi, lo_open
         return None
     dtype = torch.int64 if integer else torch.float64
     if isinstance(value, Tensor):
+        _check_readable(name, value)
         if value.dim() > 1 or (value.dim() == 1 and value.numel() != n):
             raise ValueError(f"{name}: a per-row tensor must have shape ({n},), got "
                              f"{tuple(value.shape)}")
@@ -152,6 +153,14 @@ def _per_row(name: str, value, n: int, device, *, integer: bool, lo, hi, lo_open
         if off is not None and bool(off(t).all()):
             return None
     return t
+
+
+def _check_readable(name: str, t: Tensor) -> None:
+    """A tensor argument must hold data: tensors on another device are copied to the logits'
+    device, but a meta tensor has nothing to copy."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (no data); pass it on the device of "
+                         "logits (or on the CPU)")
 
 
 def _interval(lo, hi, lo_open) -> str:
@@ -207,7 +216,14 @@ def sample(
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (reference).
 
     Returns:
-        :class:`SampleOutput` ``(tokens, raw_logprobs, processed_logprobs, entropy)``.
+        :class:`SampleOutput` ``(tokens, raw_logprobs, processed_logprobs, entropy)``; none
+        of them requires grad (sampling is not differentiable).
+
+    Finite logits are sampled at any magnitude and temperature (``z`` is formed relative to
+    the row max). A row that cannot be sampled — NaN or ``+inf`` logits, or all ``-inf`` —
+    raises ``ValueError`` while checks are on (:func:`rlkern.set_checks`); with checks off it
+    gives token ``-1`` and NaN logprobs and entropy, on every backend. Tensor arguments on
+    another device are copied to the logits' device; meta tensors are refused.
 
     The draw is exact for the filtered distribution: an inverse CDF over the kept tokens in
     vocabulary order with one Philox uniform per row; the kept set is found by radix selection
@@ -233,6 +249,7 @@ def sample(
         if not isinstance(indices, Tensor) or indices.dtype not in INDEX_DTYPES \
                 or indices.dim() != 1:
             raise TypeError("indices must be a 1-D int32/int64 tensor")
+        _check_readable("indices", indices)
         indices = indices.to(device=dev, dtype=torch.int64).contiguous()
         n = indices.numel()
         if n and not torch.compiler.is_compiling() and (
@@ -247,6 +264,7 @@ def sample(
             raise TypeError(f"{name} must be an int64 tensor of shape ({n},)")
         if tuple(t.shape) != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+        _check_readable(name, t)
     seeds = seeds.to(device=dev, dtype=torch.int64).contiguous()
     steps = steps.to(device=dev, dtype=torch.int64).contiguous()
     temp = _per_row("temperature", temperature, n, dev, integer=False, lo=0.0, hi=None,
@@ -260,11 +278,17 @@ def sample(
     mp = _per_row("min_p", min_p, n, dev, integer=False, lo=0.0, hi=1.0, lo_open=False,
                   off=lambda t: t <= 0.0)
     be = backends.resolve_backend(backend, dev)
+    # Sampling is not differentiable: the op sees detached inputs, so its outputs never require
+    # grad (and no backward can reach it).
     tokens, raw, proc, ent, lse = torch.ops.rlkern.sample(
-        logits, indices, temp, k, p, mp, seeds, steps, filter_order == "joint", raw_temperature,
-        return_entropy, be)
+        logits.detach(), indices, temp.detach(), k, None if p is None else p.detach(),
+        None if mp is None else mp.detach(), seeds, steps, filter_order == "joint",
+        raw_temperature, return_entropy, be)
     if checks_enabled() and n and not torch.compiler.is_compiling():
-        bad = ~torch.isfinite(lse)
+        # A row that cannot be sampled gets token −1 (lse: NaN for NaN or +inf logits, −inf
+        # for all −inf ones). A finite row never does, even when its lse overflows (huge
+        # logits at a tiny temperature).
+        bad = tokens < 0
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             row = int(indices[i]) if indices is not None else i

@@ -57,6 +57,24 @@ def _per_row(value, n: int, dtype) -> list:
     return [value] * n
 
 
+def sampleable(row: Tensor) -> bool:
+    """A row can be sampled when it holds no NaN or +inf and at least one finite logit."""
+    return not bool(torch.isnan(row).any() | torch.isposinf(row).any()) and \
+        bool(torch.isfinite(row).any())
+
+
+def row_lse(row: Tensor, temperature: float) -> float:
+    """``log Σ exp(x / T)`` of one row, in float64 and shifted by its max before ``1/T`` scales
+    it; NaN for a row with NaN or +inf, −inf for an all −inf row."""
+    x = row.to(torch.float64)
+    if bool(torch.isnan(x).any() | torch.isposinf(x).any()):
+        return float("nan")
+    m = float(x.max())
+    if m == float("-inf"):
+        return m
+    return m / temperature + float(torch.logsumexp((x - m) / temperature, -1))
+
+
 def filtered_probs(
     row: Tensor,
     *,
@@ -67,7 +85,8 @@ def filtered_probs(
     filter_order: str = "top_k_first",
 ) -> Tensor:
     """The exact filtered, renormalised distribution of one logits row, float64 ``(V,)``."""
-    z = row.to(torch.float64) / temperature
+    x = row.to(torch.float64)
+    z = (x - x.max()) / temperature  # shifted first: finite at any magnitude and temperature
     p = torch.softmax(z, dim=-1)
     _, order = torch.sort(z, descending=True, stable=True)
     ps = p[order]
@@ -110,6 +129,12 @@ def sample_reference(
     out = {k: [] for k in ("tokens", "raw_logprobs", "processed_logprobs", "entropy")}
     for i, r in enumerate(rows):
         x = logits[r].to(torch.float64)
+        if not sampleable(x):
+            # Nothing to draw from (NaN or +inf logits, or all −inf): token −1, NaN logprobs.
+            out["tokens"].append(-1)
+            for k in ("raw_logprobs", "processed_logprobs", "entropy"):
+                out[k].append(float("nan"))
+            continue
         q = filtered_probs(x, temperature=temps[i], top_k=ks[i], top_p=ps_[i], min_p=mps[i],
                            filter_order=filter_order)
         u = philox_uniform(int(seeds[i]), int(steps[i]), 0)
@@ -117,7 +142,7 @@ def sample_reference(
         tok = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=cum.dtype),
                                      right=True)[0])
         tok = min(tok, int((q > 0).nonzero()[-1]))
-        z = x / temps[i]
+        z = (x - x.max()) / temps[i]
         logp = torch.log_softmax(z, -1)
         raw = logp if raw_temperature else torch.log_softmax(x, -1)
         out["tokens"].append(tok)

@@ -1,0 +1,123 @@
+"""rlkern.sample on edge inputs, on every backend (cpu, torch, triton in the interpreter): its
+outputs never require grad; finite rows are sampled at any magnitude and temperature; rows that
+cannot be sampled raise (checks on) or give token −1 and NaN (checks off); tensor arguments
+without data (meta) are refused clearly. docs/sampling.md states these behaviours.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+import rlkern
+
+BACKENDS = ["cpu", "torch", "triton"]
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _sample(logits, backend, **kw):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    n = logits.shape[0] if kw.get("indices") is None else kw["indices"].numel()
+    kw.setdefault("seeds", torch.arange(n))
+    kw.setdefault("steps", torch.zeros(n, dtype=torch.long))
+    return rlkern.sample(logits, return_entropy=True, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_do_not_require_grad(backend):
+    """Sampling is not differentiable: with logits (or a temperature tensor) requiring grad the
+    outputs required grad too, and a backward then failed deep inside autograd."""
+    logits = torch.randn(3, 9, requires_grad=True)
+    temperature = torch.full((3,), 0.7, requires_grad=True)
+    out = _sample(logits, backend, temperature=temperature, top_p=0.9)
+    for name in ("tokens", "raw_logprobs", "processed_logprobs", "entropy"):
+        assert not getattr(out, name).requires_grad, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["bf16 finfo.min", "one logit 1e10", "temperature 1e-10",
+                                  "constant -1e10", "huge lse", "float64 finfo.min",
+                                  "float64 beyond float"])
+def test_finite_rows_are_sampled_at_any_magnitude(backend, case):
+    """z = (x − max x) / T: finite rows never overflow into a "NaN" or "all -inf" error."""
+    temperature = 1.0
+    if case == "bf16 finfo.min":
+        logits = torch.full((2, 9), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16)
+        temperature = 0.3
+    elif case == "one logit 1e10":
+        logits = torch.randn(2, 9)
+        logits[:, 4] = 1e10
+    elif case == "temperature 1e-10":
+        logits = torch.tensor([[0.0, 1.0, 3.0, 2.0, -1.0]] * 2)
+        temperature = 1e-10
+    elif case == "constant -1e10":
+        logits = torch.full((2, 9), -1e10)
+    elif case == "float64 finfo.min":  # beyond the float range: shifted in float64 first
+        logits = torch.full((2, 9), torch.finfo(torch.float64).min, dtype=torch.float64)
+    elif case == "float64 beyond float":
+        logits = torch.tensor([[1e300, 1e300 - 1e290, -1e300]] * 2, dtype=torch.float64)
+        temperature = 1e290
+    else:  # lse = 3e38 / 1e-10 leaves the float range: the row is still fine
+        logits = torch.tensor([[3e38, 0.0, -3e38]] * 2)
+        temperature = 1e-10
+    out = _sample(logits, backend, temperature=temperature)
+    assert ((out.tokens >= 0) & (out.tokens < logits.shape[1])).all()
+    for name in ("raw_logprobs", "processed_logprobs", "entropy"):
+        assert torch.isfinite(getattr(out, name)).all(), name
+    if case in ("one logit 1e10", "temperature 1e-10", "huge lse"):
+        expected = {"one logit 1e10": 4, "temperature 1e-10": 2, "huge lse": 0}[case]
+        assert out.tokens.tolist() == [expected] * 2
+        assert out.raw_logprobs.tolist() == [0.0, 0.0]
+    elif case == "float64 beyond float":  # z = (0, −1, −2e10): p = (e/(1 + e), 1/(1 + e), 0)
+        assert set(out.tokens.tolist()) <= {0, 1}
+        torch.testing.assert_close(out.entropy, torch.full((2,), 0.5822031), rtol=1e-5,
+                                   atol=1e-6)
+    else:  # equal logits: uniform
+        torch.testing.assert_close(out.raw_logprobs, torch.full((2,), -math.log(9)))
+        torch.testing.assert_close(out.entropy, torch.full((2,), math.log(9)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsampleable_rows_with_checks_off_give_token_minus_one(backend):
+    """NaN, +inf or all −inf rows: token −1 and NaN logprobs and entropy, on every backend
+    (the torch backend raised an IndexError)."""
+    logits = torch.randn(4, 6)
+    logits[0, 2] = float("nan")
+    logits[1] = float("-inf")
+    logits[2, 5] = float("inf")
+    with pytest.raises(ValueError, match="row 0 contains NaN"):
+        _sample(logits, backend)
+    with pytest.raises(ValueError, match="row 0 is all -inf"):
+        _sample(logits[1:], backend)
+    with pytest.raises(ValueError, match="row 0 contains NaN"):
+        _sample(logits[2:], backend)
+    rlkern.set_checks(False)
+    try:
+        out = _sample(logits, backend, top_k=3)
+    finally:
+        rlkern.set_checks(True)
+    assert out.tokens[:3].tolist() == [-1, -1, -1] and 0 <= int(out.tokens[3]) < 6
+    for name in ("raw_logprobs", "processed_logprobs", "entropy"):
+        values = getattr(out, name)
+        assert torch.isnan(values[:3]).all() and torch.isfinite(values[3]), name
+
+
+@pytest.mark.parametrize("name", ["seeds", "steps", "indices", "temperature", "top_p"])
+def test_meta_tensor_arguments_are_refused_clearly(name):
+    logits = torch.randn(2, 5)
+    kw = {"seeds": torch.arange(2), "steps": torch.zeros(2, dtype=torch.long)}
+    value = {"seeds": torch.arange(2), "steps": torch.zeros(2, dtype=torch.long),
+             "indices": torch.arange(2), "temperature": torch.ones(2),
+             "top_p": torch.full((2,), 0.5)}[name]
+    kw[name] = value.to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on the meta device"):
+        rlkern.sample(logits, **kw)
