@@ -307,7 +307,8 @@ def check_temperature(temperature) -> None:
     """A number ``T > 0`` whose inverse is finite (so ``x / T`` is defined for every float)."""
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not temperature > 0 or math.isinf(temperature) or math.isinf(1.0 / temperature):
+    # Comparisons, not math.isinf: under torch.compile(dynamic=True) T is a symbolic float.
+    if not temperature > 0 or temperature == math.inf or 1.0 / temperature == math.inf:
         raise ValueError(f"temperature must be finite and > 0 (with 1/T finite), got "
                          f"{temperature}")
 
