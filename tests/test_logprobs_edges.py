@@ -196,14 +196,17 @@ def test_inplace_backward_on_expanded_logits_is_out_of_place(backend):
     torch.testing.assert_close(kept, row)
 
 
-def test_triton_backend_in_a_fresh_process_without_the_interpreter_variable():
+@pytest.mark.parametrize("when", ["never set", "set after import"])
+def test_triton_backend_in_a_fresh_process_without_the_interpreter_variable(when):
     """The docs promise the interpreter is switched on automatically on a machine without
-    CUDA, although torch imports triton.language (and its @jit library functions) first."""
+    CUDA, although importing rlkern imports torch._dynamo, hence triton.language (and its
+    @jit library functions), first; the same when the variable is set after that import."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("on a CUDA machine backend='triton' compiles for the GPU")
+    late = "import os; os.environ['TRITON_INTERPRET'] = '1'\n" if when != "never set" else ""
     code = (
-        "import torch, rlkern\n"
+        "import torch, rlkern\n" + late +
         "x = torch.randn(3, 11); y = torch.tensor([0, 5, 10])\n"
         "a = rlkern.token_logprobs(x, y, return_entropy=True, backend='triton')\n"
         "b = rlkern.token_logprobs(x, y, return_entropy=True, backend='cpu')\n"

@@ -54,6 +54,23 @@ def _mask(gen: torch.Generator, shape: tuple[int, ...], data: st.DataObject) -> 
         torch.ones(shape, dtype=torch.bool)
 
 
+def _unchecked(fn: Callable) -> Callable:
+    """``fn`` with the data-dependent checks off (rlkern.set_checks(False)) during the call:
+    what the ops promise for inputs the checks would refuse (documented per op)."""
+    def call(*args, **kwargs):
+        was = rlkern.ops.logprobs.checks_enabled()
+        rlkern.set_checks(False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            rlkern.set_checks(was)
+    return call
+
+
+def _maybe_unchecked(data: st.DataObject, fn: Callable) -> Callable:
+    return _unchecked(fn) if data.draw(st.integers(0, 3), label="checks_off") == 0 else fn
+
+
 def _count(data: st.DataObject, default: float, label: str) -> float | torch.Tensor | None:
     """num_tokens / num_seqs: absent, a number, or a tensor (0 and negatives included)."""
     choice = data.draw(st.sampled_from(("none", "number", "tensor", "zero", "negative")),
@@ -65,20 +82,48 @@ def _count(data: st.DataObject, default: float, label: str) -> float | torch.Ten
 @builder("token_logprobs")
 def token_logprobs(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dtype = data.draw(st.sampled_from((*DTYPES, torch.float16)), label="dtype")
     n = data.draw(st.integers(0, 5), label="N")
     v = data.draw(st.sampled_from((1, 2, 7, 33)), label="V")
     logits = _float(data, gen, (n, v), dtype, "logits", scale=3.0)
     labels = torch.randint(0, v, (n,), generator=gen)
+    ignore_index = data.draw(st.sampled_from((-100, 0)), label="ignore_index")
     if n and data.draw(st.booleans(), label="ignored"):
-        labels[0] = -100
+        labels[0] = ignore_index
+    if n > 1 and data.draw(st.booleans(), label="as_3d"):
+        # TRL's logits[:, :-1, :]: a (B, L, V) view with a row stride that skips a position.
+        full = torch.cat([logits, logits[-1:]]).reshape(1, n + 1, v)
+        logits, labels = full[:, :-1, :], labels.reshape(1, n)
     inplace = data.draw(st.booleans(), label="inplace_backward")
     temperature = data.draw(st.sampled_from((1.0, 0.7, 1e-10, 1e300)), label="temperature")
-    return Call("token_logprobs", rlkern.token_logprobs, (logits, labels),
+    labels = _maybe_meta(data, labels, "labels")
+    return Call("token_logprobs", _maybe_unchecked(data, rlkern.token_logprobs), (logits, labels),
                 dict(temperature=temperature, return_entropy=True,
                      return_stats=data.draw(st.booleans(), label="stats"),
-                     inplace_backward=inplace),
-                grad_wrt=("0",), dtype=dtype)
+                     inplace_backward=inplace, ignore_index=ignore_index),
+                grad_wrt=("0",), dtype=dtype,
+                # lse = max x / T + log s is unbounded, and the gradient (up to 1/T) is stored
+                # in the logits' dtype: beyond its range either rounds to ±inf on every
+                # backend (finite rows keep finite logprobs and entropy).
+                overflow_ok=_lse_may_overflow(logits, temperature)
+                or 1.0 / temperature > torch.finfo(dtype).max / 2)
+
+
+def _lse_may_overflow(x: torch.Tensor, temperature: float, acc: torch.dtype | None = None) -> bool:
+    """Whether max |x| / T of these logits nears the end of the accumulation dtype's range."""
+    finite = x[torch.isfinite(x)] if x.numel() else x
+    peak = float(finite.double().abs().max()) if finite.numel() else 0.0
+    acc = acc or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return peak / temperature > torch.finfo(acc).max / 2
+
+
+#: The fused linear ops in 16 bits: the CPU path forms each logits tile in the inputs' dtype,
+#: as F.linear (and so the torch backend) does, while Triton keeps the fp32 accumulator
+#: (docs/linear_logprobs.md). The backends then differ by one rounding of the logits
+#: (2^-9 relative) propagated to every output, beyond the fp32 tolerance of AGREE_TOL; and
+#: huge logits whose top two are within that rounding may be tied on one backend and not on
+#: the other, so 16-bit draws keep the logits moderate.
+LINEAR_16BIT_TOL = (2.0**-6, 2.0**-6)
 
 
 def _linear_inputs(data: st.DataObject, gen: torch.Generator, dtype: torch.dtype, n: int):
@@ -96,16 +141,70 @@ def _linear_inputs(data: st.DataObject, gen: torch.Generator, dtype: torch.dtype
     return hidden, weight, bias, labels
 
 
+def _linear_lp_inputs(data: st.DataObject, gen: torch.Generator, dtype: torch.dtype, n: int,
+                      temperature: float = 1.0):
+    """The inputs of the fused linear logprobs ops (``_linear_inputs`` with their own edges:
+    a constant −1e10 bias, ignored rows, no huge values in 16 bits).
+
+    Each backend forms the logits with its own GEMM, hence its own summation order. Where the
+    scaled logits are huge (|x| / T beyond 1/ε: huge operands, T = 1e-10) a one-ulp difference
+    between two logits decides their softmax, so logits that are tied in exact arithmetic (all
+    vocabulary rows of W equal: a constant or stride-0 weight) come out tied on one backend and
+    not on another — the rounding of the matmul, not of the epilogue. Such draws keep W's
+    rows distinct (ties of a bias, added exactly, stay: H = 0 draws them)."""
+    h = data.draw(st.sampled_from((0, 1, 4, 8)), label="H")
+    v = data.draw(st.sampled_from((1, 5, 19)), label="V")
+    wide = dtype in (torch.float32, torch.float64)
+    huge = ("huge",) if wide else ()
+    hidden_kind = data.draw(st.sampled_from(("normal", "constant", "tiny", "with_nan", *huge)),
+                            label="hidden.kind")
+    hidden = lay_out(fill(hidden_kind, (n, h), dtype, gen, 0.5),
+                     data.draw(st.sampled_from(LAYOUTS), label="hidden.layout"))
+    weight_kind = data.draw(st.sampled_from(("normal", "constant", "tiny", *huge)),
+                            label="weight.kind")
+    sharp = "huge" in (hidden_kind, weight_kind) or temperature < 1e-6
+    if sharp and weight_kind == "constant":
+        weight_kind = "normal"
+    layouts = ("contiguous", "transposed") if sharp else LAYOUTS
+    weight = lay_out(fill(weight_kind, (v, h), dtype, gen, 0.5),
+                     data.draw(st.sampled_from(layouts), label="weight.layout"))
+    bias = None
+    if data.draw(st.booleans(), label="has_bias"):
+        bias = _float(data, gen, (v,), dtype, "bias",
+                      kinds=("normal", "with_neg_inf", "constant", "big_constant"),
+                      layouts=("contiguous",))
+    labels = torch.randint(0, v, (n,), generator=gen)
+    if n and data.draw(st.booleans(), label="ignored"):
+        labels[-1] = -100
+    return hidden, weight, bias, labels
+
+
+def _linear_overflow(hidden, weight, bias, temperature: float) -> bool:
+    """Whether lse (max x / T) of the materialised logits can leave the float range."""
+    b = None if bias is None else bias.double()
+    x = torch.nn.functional.linear(hidden.double(), weight.double(), b)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return _lse_may_overflow(x, temperature, acc)
+
+
+def _linear_tol(dtype: torch.dtype) -> tuple[float, float] | None:
+    return LINEAR_16BIT_TOL if dtype in (torch.bfloat16, torch.float16) else None
+
+
 @builder("linear_logprobs")
 def linear_logprobs(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     n = data.draw(st.integers(0, 6), label="N")
-    hidden, weight, bias, labels = _linear_inputs(data, gen, dtype, n)
+    temperature = data.draw(st.sampled_from((1.0, 0.5, 1e-10)), label="temperature")
+    hidden, weight, bias, labels = _linear_lp_inputs(data, gen, dtype, n, temperature)
+    if n and n % 2 == 0 and data.draw(st.booleans(), label="as_3d"):
+        hidden, labels = hidden.reshape(2, n // 2, -1), labels.reshape(2, n // 2)
     return Call("linear_logprobs", rlkern.linear_logprobs, (hidden, weight, labels),
-                dict(bias=bias, return_entropy=True,
-                     temperature=data.draw(st.sampled_from((1.0, 0.5)), label="temperature")),
-                grad_wrt=("0", "1", "bias"), dtype=dtype)
+                dict(bias=bias, return_entropy=True, temperature=temperature,
+                     chunk_size=data.draw(st.sampled_from((None, 1, 2)), label="chunk_size")),
+                grad_wrt=("0", "1", "bias"), dtype=dtype, tol=_linear_tol(dtype),
+                overflow_ok=_linear_overflow(hidden, weight, bias, temperature))
 
 
 @builder("linear_logprobs_with_grad")
@@ -113,16 +212,23 @@ def linear_logprobs_with_grad(data: st.DataObject) -> Call:
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     n = data.draw(st.integers(0, 6), label="N")
-    hidden, weight, bias, labels = _linear_inputs(data, gen, dtype, n)
-    grad_lp = _maybe_meta(data, torch.randn(n, generator=gen, dtype=torch.float64)
-                          .to(torch.float32 if dtype != torch.float64 else dtype), "grad_lp")
-    grad_ent = torch.randn(n, generator=gen, dtype=torch.float64).to(grad_lp.dtype) \
-        if data.draw(st.booleans(), label="grad_entropy") else None
+    hidden, weight, bias, labels = _linear_lp_inputs(data, gen, dtype, n)
+    acc = torch.float32 if dtype != torch.float64 else dtype
+    grad_lp = None
+    if data.draw(st.integers(0, 4), label="grad_logprobs") > 0:
+        grad_lp = _maybe_meta(data, torch.randn(n, generator=gen, dtype=torch.float64).to(acc),
+                              "grad_lp")
+    grad_ent = None
+    if data.draw(st.booleans(), label="grad_entropy"):
+        grad_ent = _maybe_meta(data, torch.randn(n, generator=gen, dtype=torch.float64).to(acc),
+                               "grad_ent")
     return Call("linear_logprobs_with_grad", rlkern.linear_logprobs_with_grad,
                 (hidden, weight, labels),
                 dict(grad_logprobs=grad_lp, grad_entropy=grad_ent, bias=bias,
-                     return_entropy=grad_ent is not None),
-                dtype=dtype)
+                     return_entropy=grad_ent is not None,
+                     chunk_size=data.draw(st.sampled_from((None, 1, 4)), label="chunk_size")),
+                dtype=dtype, tol=_linear_tol(dtype),
+                overflow_ok=_linear_overflow(hidden, weight, bias, 1.0))
 
 
 LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce")
@@ -437,17 +543,34 @@ def empg_modulate(data: st.DataObject) -> Call:
 @builder("sample")
 def sample(data: st.DataObject) -> Call:
     gen = _gen(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dtype = data.draw(st.sampled_from((*DTYPES, torch.float16)), label="dtype")
     r = data.draw(st.integers(0, 4), label="R")
     v = data.draw(st.sampled_from((1, 2, 9, 40)), label="V")
     logits = _float(data, gen, (r, v), dtype, "logits", scale=2.0,
                     kinds=("normal", "constant", "big_constant", "with_neg_inf", "one_huge",
-                           "huge", "finfo_min"), layouts=("contiguous", "expanded"))
-    kwargs = dict(seeds=torch.arange(r, dtype=torch.int64), steps=torch.zeros(r, dtype=torch.int64),
-                  temperature=data.draw(st.sampled_from((1.0, 0.3, 1e-10)), label="temperature"),
+                           "huge", "finfo_min", "with_nan", "with_inf"),
+                    layouts=("contiguous", "expanded"))
+    n = r
+    indices = None
+    if r and data.draw(st.booleans(), label="indices"):
+        # Output rows sharing logits rows (a group's first step), in any order.
+        n = r + 2
+        indices = torch.randint(0, r, (n,), generator=gen)
+    temperature = data.draw(st.sampled_from((1.0, 0.3, 1e-10, "per_row")), label="temperature")
+    if temperature == "per_row":
+        temperature = torch.tensor([0.5, 1.0, 2.0, 1e-10, 0.7, 1.3])[:n].to(torch.float64)
+    seeds = _maybe_meta(data, torch.arange(n, dtype=torch.int64), "seeds")
+    kwargs = dict(seeds=seeds, steps=torch.zeros(n, dtype=torch.int64), indices=indices,
+                  temperature=temperature,
                   top_k=data.draw(st.sampled_from((None, 1, 3)), label="top_k"),
                   top_p=data.draw(st.sampled_from((None, 0.9, 1e-9)), label="top_p"),
                   min_p=data.draw(st.sampled_from((None, 0.1)), label="min_p"),
+                  filter_order=data.draw(st.sampled_from(("top_k_first", "joint")),
+                                         label="filter_order"),
+                  raw_temperature=data.draw(st.booleans(), label="raw_temperature"),
                   return_entropy=True)
-    return Call("sample", rlkern.sample, (logits,), kwargs, grad_wrt=("0",), dtype=dtype,
-                nondiff=True)
+    # The sampler computes in float32 whatever the logits' dtype (docs/sampling.md): float64
+    # logits are judged with float32's tolerance.
+    return Call("sample", _maybe_unchecked(data, rlkern.sample), (logits,), kwargs,
+                grad_wrt=("0",),
+                dtype=torch.float32 if dtype == torch.float64 else dtype, nondiff=True)
