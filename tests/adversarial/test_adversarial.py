@@ -24,7 +24,17 @@ PROFILE = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, datab
                    suppress_health_check=list(HealthCheck), print_blob=True)
 
 
-@pytest.mark.parametrize("op", sorted(BUILDERS))
+#: Ops with a known open finding of the reliability issue: expected to fail until it is fixed
+#: (strict, so the fix turns this into a failure that asks for the entry's removal).
+OPEN_FINDINGS = {
+    "linear_grpo_loss": "num_tokens / num_seqs as a tensor of 0: the fused backends give "
+                        "non-finite gradients where the torch backend does not (issue 14)",
+}
+
+
+@pytest.mark.parametrize("op", [
+    pytest.param(op, marks=pytest.mark.xfail(strict=True, reason=OPEN_FINDINGS[op]))
+    if op in OPEN_FINDINGS else op for op in sorted(BUILDERS)])
 def test_backends_agree_on_adversarial_inputs(op: str) -> None:
     @PROFILE
     @given(data=st.data())
