@@ -23,6 +23,7 @@ from advantages_cases import (
     make_layout,
     make_scores,
 )
+from conftest import stable_seed
 
 BACKENDS = ["cpu", "torch"]
 
@@ -36,7 +37,7 @@ def _layout_args(layout: dict) -> dict:
 @pytest.mark.parametrize("layout_kind", LAYOUTS)
 @pytest.mark.parametrize("score_kind", SCORE_KINDS)
 def test_estimators_match_reference(backend, estimator, layout_kind, score_kind):
-    case = estimator_case(hash((estimator, layout_kind, score_kind)) % 2**31, estimator,
+    case = estimator_case(stable_seed(estimator, layout_kind, score_kind), estimator,
                           layout_kind, score_kind)
     check_against_reference(case.scores, backend=backend, estimator=estimator,
                             what=f"{layout_kind}/{score_kind}", **case.layout, **case.extra)

@@ -33,6 +33,7 @@ from advantages_cases import (
     make_layout,
     make_scores,
 )
+from conftest import stable_seed
 from rlkern.reference.advantages import group_advantages_reference
 from rlkern.reference.token_advantages import (
     discounted_returns_reference,
@@ -81,7 +82,7 @@ def _layout(layout):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("layout_kind", LAYOUTS)
 def test_estimators(estimator, layout_kind):
-    gen = torch.Generator().manual_seed(hash((estimator, layout_kind)) % 2**31)
+    gen = torch.Generator().manual_seed(stable_seed(estimator, layout_kind))
     layout = make_layout(layout_kind, gen, n_groups=9)
     for kind in ("binary", "normal", "constant_groups"):
         scores = make_scores(layout["n"], kind, gen, layout).float()

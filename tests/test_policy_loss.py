@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rlkern
+from conftest import stable_seed
 from policy_loss_cases import CASES, Case, call_kwargs, make_inputs
 from rlkern import PolicyLossConfig
 from rlkern.ops.policy_loss import finish_metrics, policy_loss_chunk
@@ -50,10 +51,27 @@ def _reference(case: Case, inp):
     return loss, metrics, grads
 
 
-def _check(out, grads, ref, dtype, what):
+def _terms_per_unit(config: PolicyLossConfig, inp) -> float:
+    """How many O(1) per-token terms one unit of the loss sums before any division.
+
+    An fp32 sum of n such terms carries a rounding error that grows like eps·√n (a random
+    walk), so the loss tolerance scales with √n: "sum" / "token-sum" add every valid token,
+    "seq-mean-token-sum" a row's tokens, the mean modes divide by as many terms as they add.
+    """
+    mask = inp["mask"].bool()
+    mode = config.loss_agg_mode
+    if mode in ("sum", "token-sum"):
+        return float(mask.sum())
+    if mode.startswith("seq-mean-token-sum"):
+        return float(mask.sum(-1).max()) if mask.numel() else 1.0
+    return 1.0
+
+
+def _check(out, grads, ref, dtype, what, *, terms: float = 1.0):
     loss, metrics, ref_grads = ref
     rtol, atol = LOSS_TOL[dtype]
-    torch.testing.assert_close(out.loss.double(), loss, rtol=rtol, atol=atol,
+    torch.testing.assert_close(out.loss.double(), loss, rtol=rtol,
+                               atol=atol * math.sqrt(max(terms, 1.0)),
                                msg=lambda m: f"{what} loss: {m}")
     assert out.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     for key, value in metrics.items():
@@ -74,7 +92,7 @@ def _check(out, grads, ref, dtype, what):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_case_float64(name, backend):
     case = CASES[name]
-    inp = make_inputs(6, 11, torch.float64, seed=hash(name) % 1000)
+    inp = make_inputs(6, 11, torch.float64, seed=stable_seed(name) % 1000)
     out, grads = _run(case, inp, backend)
     _check(out, grads, _reference(case, inp), torch.float64, f"{name}/{backend}")
 
@@ -82,9 +100,10 @@ def test_every_case_float64(name, backend):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_case_float32_cpu(name):
     case = CASES[name]
-    inp = make_inputs(12, 37, torch.float32, seed=1 + hash(name) % 1000)
+    inp = make_inputs(12, 37, torch.float32, seed=1 + stable_seed(name) % 1000)
     out, grads = _run(case, inp, "cpu")
-    _check(out, grads, _reference(case, inp), torch.float32, f"{name}/cpu fp32")
+    _check(out, grads, _reference(case, inp), torch.float32, f"{name}/cpu fp32",
+           terms=_terms_per_unit(case.config, inp))
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (1, 99), (3, 1), (5, 16), (2, 33), (7, 1025)])
