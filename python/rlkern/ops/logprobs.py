@@ -17,7 +17,6 @@ recomputes from the saved per-row ``lse`` and ``entropy``: nothing of size ``(N,
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -307,7 +306,10 @@ def check_temperature(temperature) -> None:
     """A number ``T > 0`` whose inverse is finite (so ``x / T`` is defined for every float)."""
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not temperature > 0 or math.isinf(temperature) or math.isinf(1.0 / temperature):
+    # Comparisons only: under torch.compile(dynamic=True) T may be a symbolic float, which
+    # math.isinf cannot take.
+    inf = float("inf")
+    if not temperature > 0 or temperature == inf or 1.0 / temperature == inf:
         raise ValueError(f"temperature must be finite and > 0 (with 1/T finite), got "
                          f"{temperature}")
 
