@@ -21,10 +21,13 @@ handles one row with a fixed chunking of the vocabulary, so a row's results neve
 other rows or on the batch size (batch invariance).
 
 The forward keeps the streaming summary of ``csrc/include/rlkern/online_softmax.h``:
-``m`` (running max), ``s = Σ exp(z − m)``, ``t = Σ exp(z − m)(z − m)``, ``u = Σ exp(2(z − m))``,
-``zsum = Σ z``, from which ``lse = m + log s``, ``entropy = log s − t/s``, ``Σp² = u/s²``. It
-keeps one summary per thread-sized segment of the vocabulary chunk (so the loop needs no
-cross-thread communication) and merges them once per row; see ``_logprobs_fwd_kernel``.
+``m`` (running max of the *raw* logits), ``s = Σ exp((x − m)/T)``, ``t = Σ exp(·)·(x − m)/T``,
+``u = Σ exp(2(x − m)/T)``, ``Σ(x − m)``, from which ``lse = m/T + log s``,
+``entropy = log s − t/s``, ``Σp² = u/s²``: shifted before ``1/T`` scales, so finite rows stay
+finite at any magnitude and temperature. It keeps one summary per thread-sized segment of the
+vocabulary chunk (so the loop needs no cross-thread communication) and merges them once per
+row; see ``_logprobs_fwd_kernel``. The backward takes ``p`` from the saved ``lse`` unless
+``|lse| ≥ BWD_LSE_BOUND``, where it recomputes the row's max and normaliser first.
 
 The launchers ``logprobs_fwd`` / ``logprobs_bwd`` take torch tensors (or anything Triton accepts
 as a pointer) but this module imports only triton: it never sees torch. ``AOT_SPECS`` lists the
@@ -88,9 +91,9 @@ def _logprobs_fwd_kernel(
     The row is summarised as in online_softmax.h, but per *segment* rather than per row: every
     chunk is split into ``BLOCK_V / SEG_V`` segments and segment ``j`` of every chunk feeds
     summary ``j``, which keeps its own reference max ``m`` (raw logit units) and, in base-2
-    units relative to ``m₂ = m·log₂e/T``::
+    units with ``d = (x − m)·log₂e/T``::
 
-        s = Σ exp2(z₂ − m₂),   t = Σ exp2(z₂ − m₂)(z₂ − m₂),   u = Σ exp2(2(z₂ − m₂))
+        s = Σ exp2(d),   t = Σ exp2(d)·d,   u = Σ exp2(2d)
 
     The summaries are merged once, after the loop, with the exact merge of online_softmax.h.
     """
