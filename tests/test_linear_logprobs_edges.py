@@ -212,3 +212,21 @@ def test_linear_grpo_loss_with_entropy_bonus_and_neg_inf_bias_is_finite(backend)
     out.loss.backward()
     for t in (hidden, weight, bias):
         assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_entropy_gradient_of_a_near_uniform_row_keeps_tiny_differences(backend):
+    """Logits of ~1e-20 (tiny h, huge W): E_p[z] − z_v ~ 1e-20 must not be formed from
+    log p = z − log s, whose O(1) log s rounds it away (the torch backend's ∂h was off by
+    1e4×); the float64 paths keep it to the last bit."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 1, generator=gen, dtype=torch.float64) * 1e-30
+    w = torch.randn(5, 1, generator=gen, dtype=torch.float64) * 1e10
+    y = torch.tensor([0, 1, 2])
+    g = torch.randn(3, generator=gen, dtype=torch.float64)
+    res = rlkern.linear_logprobs_with_grad(h, w, y, grad_entropy=g, return_entropy=True,
+                                           backend=backend)
+    x = h @ w.T
+    p = torch.softmax(x, -1)
+    expected = (g[:, None] * p * ((p * x).sum(-1, keepdim=True) - x)) @ w
+    torch.testing.assert_close(res.grad_hidden, expected, rtol=1e-9, atol=0)
