@@ -278,12 +278,13 @@ def _logprobs_bwd_kernel(
         shift = row_m
         ref2 = tl.log2(s_row)
         e_z = tl.sum(tv, axis=0) / s_row * LN2
-    # Per-row constants. With z'_v = (x_v − shift)/T and d_v = z'_v·log₂e the gradient is
-    #   grad_v = p_v · (c − g_ent·d_v·ln2/T) + 1[v = y] · g_lp/T,
-    #   c      = (g_lse − g_lp + g_ent·E_p[z'])/T
-    # : one exp2 and two FMAs per element. An ignored row has every constant forced to 0 (its
-    # upstream gradients may be anything, even NaN) and its logits are not read: every p_v is
-    # then exp2(−inf) = 0 and the row's gradient is exactly 0.
+    # Per-row constants. With z'_v = (x_v − shift)/T the gradient is
+    #   grad_v = p_v · (g_ent/T · (E_p[z'] − z'_v) + c) + 1[v = y] · g_lp/T,
+    #   c      = (g_lse − g_lp)/T
+    # : one exp2 and two FMAs per element. E_p[z'] − z'_v is formed first, so it cancels
+    # exactly where it should (a row of one logit: 0). An ignored row has every constant forced
+    # to 0 (its upstream gradients may be anything, even NaN) and its logits are not read:
+    # every p_v is then exp2(−inf) = 0 and the row's gradient is exactly 0.
     c = zero
     g_lp = zero
     g_ent = zero
@@ -292,12 +293,11 @@ def _logprobs_bwd_kernel(
         c -= g_lp
     if HAS_GRAD_ENT:
         g_ent = tl.where(row_valid, tl.load(grad_entropy_ptr + row), zero)
-        c += g_ent * e_z
     if HAS_GRAD_LSE:
         c += tl.load(grad_lse_ptr + row)
     c = tl.where(row_valid, c, zero) * inv_t
     g_lp = g_lp * inv_t
-    g_ent = g_ent * (inv_t * LN2)
+    g_ent = g_ent * inv_t
 
     # The label as a 32-bit column index (−1 when out of range: it then matches no column, and
     # nothing is read out of bounds); compared against the chunk's own columns, so the inner
@@ -311,7 +311,7 @@ def _logprobs_bwd_kernel(
         if HAS_GRAD_ENT:
             # Where p = 0 (a −inf logit) the term is 0 (the limit), not 0·(±inf) = NaN; a NaN
             # p (NaN logit or lse) stays NaN.
-            grad = tl.where(p > 0, p * tl.fma(r * scale, -g_ent, c), p)
+            grad = tl.where(p > 0, p * tl.fma(e_z - r * inv_t, g_ent, c), p)
         else:
             grad = p * c
         if HAS_GRAD_LP:

@@ -230,3 +230,23 @@ def test_entropy_gradient_of_a_near_uniform_row_keeps_tiny_differences(backend):
     p = torch.softmax(x, -1)
     expected = (g[:, None] * p * ((p * x).sum(-1, keepdim=True) - x)) @ w
     torch.testing.assert_close(res.grad_hidden, expected, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_gradient_of_a_single_logit_is_exactly_zero(backend):
+    """V = 1: the entropy is 0 whatever the logit, so is its gradient. E_p[z] − z_v must
+    cancel exactly (formed before anything scales it): Triton's ∂h was ~400 through a weight of
+    1e10, the rounding of x·log₂e against lse·log₂e."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 4, generator=gen) * 1e-30
+    w = torch.randn(1, 4, generator=gen) * 1e10
+    b = torch.randn(1, generator=gen)
+    g = torch.randn(3, generator=gen)
+    for temperature in (1.0, 0.7):
+        res = rlkern.linear_logprobs_with_grad(h, w, torch.zeros(3, dtype=torch.long),
+                                               grad_entropy=g, bias=b, return_entropy=True,
+                                               temperature=temperature, backend=backend)
+        assert res.outputs.entropy.tolist() == [0.0, 0.0, 0.0]
+        assert torch.all(res.grad_hidden == 0) and torch.all(res.grad_weight == 0)
