@@ -87,14 +87,17 @@ def _row_grad_consts(
     """Per-row constants of the logit gradient (as in kernels/logprobs.py's backward).
 
     The row references of :func:`_linear_logprobs_refs_kernel` give ``p`` relative to a shift:
-    ``p_v = exp2((x_v − shift)·log₂e/T − ref₂)``; with ``d_v = (x_v − shift)·log₂e/T`` the
-    gradient of one logit is ``dZ_v = p_v · (c − g_ent'·d_v) [+ g_lp / T at v = y]`` with
-    ``c = (g_lse − g_lp + g_ent·E_p[z'])/T`` and ``g_ent' = g_ent·ln2/T``.
+    ``p_v = exp2((x_v − shift)·log₂e/T − ref₂)``; with ``z'_v = (x_v − shift)/T`` the
+    gradient of one logit is ``dZ_v = p_v · (g_ent/T · (E_p[z'] − z'_v) + c) [+ g_lp / T at
+    v = y]`` with ``c = (g_lse − g_lp)/T``; ``E_p[z'] − z'_v`` is formed first, so it cancels
+    exactly where it should (a row of one logit: 0) instead of leaving a rounding that huge
+    weights would amplify.
 
-    Returns ``(live, label_col, shift, ref₂, c, g_lp / T, g_ent')``: ``live`` marks rows
-    inside the batch that are not ``ignore_index`` (every other row gets a zero gradient row
-    whatever its upstream gradients hold, NaN included); ``label_col`` is the label as an int32
-    column index, −1 when out of range, so it matches no column and is never dereferenced.
+    Returns ``(live, label_col, shift, ref₂, E_p[z'], c, g_lp / T, g_ent / T)``: ``live`` marks
+    rows inside the batch that are not ``ignore_index`` (every other row gets a zero gradient
+    row whatever its upstream gradients hold, NaN included); ``label_col`` is the label as an
+    int32 column index, −1 when out of range, so it matches no column and is never
+    dereferenced.
     """
     label = tl.load(labels_ptr + rows64, mask=row_ok, other=ignore_index)
     live = row_ok & (label != ignore_index)
@@ -103,21 +106,22 @@ def _row_grad_consts(
     c = tl.zeros(ref2.shape, ACC)
     g_lp = tl.zeros(ref2.shape, ACC)
     g_ent = tl.zeros(ref2.shape, ACC)
+    e_z = tl.zeros(ref2.shape, ACC)
     if HAS_GRAD_LP:
         g_lp = tl.load(grad_logprobs_ptr + rows64, mask=live, other=0.0).to(ACC)
         c -= g_lp
     if HAS_GRAD_ENT:
         g_ent = tl.load(grad_entropy_ptr + rows64, mask=live, other=0.0).to(ACC)
-        c += g_ent * tl.load(ez_ptr + rows64, mask=live, other=0.0).to(ACC)
+        e_z = tl.load(ez_ptr + rows64, mask=live, other=0.0).to(ACC)
     if HAS_GRAD_LSE:
         c += tl.load(grad_lse_ptr + rows64, mask=live, other=0.0).to(ACC)
     label_col = tl.where(live & (label >= 0) & (label < vocab), label, -1).to(tl.int32)
-    return live, label_col, shift, ref2, c * inv_t, g_lp * inv_t, g_ent * (inv_t * LN2)
+    return live, label_col, shift, ref2, e_z, c * inv_t, g_lp * inv_t, g_ent * inv_t
 
 
 @triton.jit
 def _dlogits_tile(
-    x, cols, col_ok, live, label_col, shift, ref2, c, g_lp, g_ent, scale,
+    x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent, scale, inv_t,
     HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
 ):
     """``dZ`` of one logits tile ``x`` (raw logits, before 1/T): one exp2 and two FMAs per
@@ -128,7 +132,8 @@ def _dlogits_tile(
     r = x - shift[:, None]
     p = tl.exp2(tl.fma(r, scale, -ref2[:, None]))
     if HAS_GRAD_ENT:
-        dz = tl.where(p > 0, p * tl.fma(r * scale, -g_ent[:, None], c[:, None]), p)
+        dz = tl.where(p > 0, p * tl.fma(e_z[:, None] - r * inv_t, g_ent[:, None], c[:, None]),
+                      p)
     else:
         dz = p * c[:, None]
     if HAS_GRAD_LP:
@@ -417,7 +422,7 @@ def _linear_logprobs_bwd_dh_kernel(
     pid_s = tl.program_id(1)
     rows64, row_ok = _row_block(tl.program_id(0) * BLOCK_M, n_rows, BLOCK_M)
     inv_t, scale = row_scales(inv_temperature, inv_temperature_lo, ACC)
-    live, label_col, shift, ref2, c, g_lp, g_ent = _row_grad_consts(
+    live, label_col, shift, ref2, e_z, c, g_lp, g_ent = _row_grad_consts(
         labels_ptr, shift_ptr, ref2_ptr, ez_ptr, grad_logprobs_ptr, grad_entropy_ptr,
         grad_lse_ptr, rows64, row_ok, vocab, ignore_index, inv_t, ACC, HAS_GRAD_LP,
         HAS_GRAD_ENT, HAS_GRAD_LSE)
@@ -431,8 +436,9 @@ def _linear_logprobs_bwd_dh_kernel(
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                          hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
                          BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
-        dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, c, g_lp, g_ent,
-                           scale, HAS_GRAD_LP, HAS_GRAD_ENT).to(weight_ptr.dtype.element_ty)
+        dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
+                           scale, inv_t, HAS_GRAD_LP, HAS_GRAD_ENT
+                           ).to(weight_ptr.dtype.element_ty)
         w_ptrs = weight_ptr + (cols.to(tl.int64)[:, None] * stride_weight_0 + kk[None, :])
         _add_product(gh_ptrs, row_ok, dz, w_ptrs, col_ok, hidden_size, BLOCK_K,
                      INPUT_PRECISION, UPCAST_DOT)
@@ -464,15 +470,15 @@ def _linear_logprobs_bwd_dw_kernel(
     gb = tl.zeros((BLOCK_N,), ACC)
     for r0 in range(0, n_rows, BLOCK_M):
         rows64, row_ok = _row_block(r0, n_rows, BLOCK_M)
-        live, label_col, shift, ref2, c, g_lp, g_ent = _row_grad_consts(
+        live, label_col, shift, ref2, e_z, c, g_lp, g_ent = _row_grad_consts(
             labels_ptr, shift_ptr, ref2_ptr, ez_ptr, grad_logprobs_ptr, grad_entropy_ptr,
             grad_lse_ptr, rows64, row_ok, vocab, ignore_index, inv_t, ACC, HAS_GRAD_LP,
             HAS_GRAD_ENT, HAS_GRAD_LSE)
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                          hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
                          BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
-        dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, c, g_lp, g_ent,
-                           scale, HAS_GRAD_LP, HAS_GRAD_ENT)
+        dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
+                           scale, inv_t, HAS_GRAD_LP, HAS_GRAD_ENT)
         if HAS_GRAD_BIAS:
             gb += tl.sum(dz, axis=0)
         if HAS_GRAD_WEIGHT:

@@ -24,14 +24,19 @@ range in ``BLOCK_N``-wide tiles and folds every tile into per-row online-softmax
 (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"; the summary and merge
 of ``csrc/include/rlkern/online_softmax.h``)::
 
-    m = max z,   s = Σ exp(z − m),   t = Σ exp(z − m)(z − m)
+    m = max x,   s = Σ exp((x − m)/T),   t = Σ exp((x − m)/T)·(x − m)/T
 
-written per (split, row) to a small fp32 scratch together with the label's logit (kept by
-the split that owns the label). A second tiny kernel merges the splits of each row in a fixed
-order and writes ``logp = z_y − lse``, ``lse = m + log s``, ``entropy = log s − t/s``.
+(the max of the *raw* logits, subtracted before ``1/T`` scales them: finite rows stay finite
+at any magnitude and temperature), written per (split, row) to a small fp32 scratch together
+with the label's logit (kept by the split that owns the label). A second tiny kernel merges
+the splits of each row in a fixed order and writes ``logp = (x_y − m)/T − log s``,
+``lse = m/T + log s``, ``entropy = log s − t/s``.
 
-Backward (deterministic, three kernels). Every logits tile is recomputed from ``h`` and ``W``
-and turned into ``dZ`` in registers; then
+Backward (deterministic, three kernels, plus two small ones for the row references). Every
+logits tile is recomputed from ``h`` and ``W`` and turned into ``dZ`` in registers, with
+``p = exp((x − shift)/T − ref)``: ``shift = 0, ref = lse`` for a row with a moderate lse
+(``|lse| < 256``), else the row's max and ``log s`` recomputed from the pass's own tiles
+(``_linear_logprobs_refs_kernel``; row blocks without such a row skip the recompute); then
 
 * ``_linear_logprobs_bwd_dh_kernel`` (grid ``(row blocks, vocab splits)``) accumulates
   ``dZ @ W_tile`` into the program's own slice of a per-split fp32 buffer and
@@ -47,9 +52,9 @@ read-modify-writes ``(BLOCK_M + BLOCK_N)·H`` accumulator elements, atomically o
 that traffic, not the tensor-core work, bounds the backward at LM-head shapes, so the extra
 recompute costs little wall time; see :func:`bwd_config`.
 
-Units: the epilogues work in base 2, ``z₂ = x · (log₂e / T)``, so that ``exp(z − m)`` is one
-``exp2`` of a difference (kernels/_common.py); per-row results are converted back with one
-multiply by ``ln 2``.
+Units: the epilogues work in base 2, ``d = (x − m) · (log₂e / T)``, so that ``exp(z − m)`` is
+one ``exp2`` (kernels/_common.py); per-row results are converted back with one multiply by
+``ln 2``.
 
 Files: the ``@triton.jit`` kernels and their tile helpers are in
 ``kernels/_linear_logprobs_kernels.py``, the launch heuristics (:func:`fwd_config`,
@@ -246,6 +251,9 @@ def linear_logprobs_bwd(
 
         dZ = [ g_lp (1[v = y] − p) + g_ent p (E_p[z] − z) + g_lse p ] / T,  E_p[z] = lse − entropy
 
+    (``p`` and ``E_p[z] − z`` taken relative to the row max, recomputed, for rows whose
+    ``|lse|`` is 256 or more: see ``_linear_logprobs_refs_kernel``).
+
     and ``grad_hidden += dZ W``, ``grad_weight += dZᵀ h``, ``grad_bias += Σ_rows dZ``.
 
     Args:
@@ -361,7 +369,7 @@ def _aot_specs() -> list[dict[str, Any]]:
     ``_AOT_SHAPES``, for bf16 / fp16 / fp32: the forward tile kernel with entropy (the common
     case; no bias, as LM heads have none), the ∂h and ∂W kernels with every gradient term
     (the most live registers; ∂W with a bias and its gradient), and once per shape the
-    dtype-independent merge and split-sum kernels.
+    dtype-independent merge, row-reference and split-sum kernels.
 
     Keys as in ``kernels/logprobs.py``, plus ``num_stages``: what the launcher passes (3,
     which is also Triton's default, the value ``rlkern.aot`` compiles with).
@@ -376,7 +384,7 @@ def _aot_specs() -> list[dict[str, Any]]:
             precision = input_precision(size)
             kernels = (
                 (_linear_logprobs_fwd_kernel, fwd, "entropy",
-                 {"HAS_BIAS": False, "HAS_ENTROPY": True}),
+                 {"HAS_BIAS": False, "HAS_ENTROPY": True, "ONLY_FAR": False}),
                 (_linear_logprobs_bwd_dh_kernel, bwd.dh, "lp+ent+lse",
                  {"HAS_BIAS": False, **grads}),
                 (_linear_logprobs_bwd_dw_kernel, bwd.dw, "lp+ent+lse bias",
@@ -396,6 +404,7 @@ def _aot_specs() -> list[dict[str, Any]]:
                     num_stages=cfg.num_stages))
         for fn, block, constexprs in (
             (_linear_logprobs_merge_kernel, _MERGE_BLOCK, {"HAS_ENTROPY": True}),
+            (_linear_logprobs_refs_kernel, _MERGE_BLOCK, {"HAS_ENTROPY": True}),
             (_sum_splits_kernel, _SUM_BLOCK, {}),
         ):
             signature = _aot_signature(fn, "fp32")

@@ -21,10 +21,13 @@ handles one row with a fixed chunking of the vocabulary, so a row's results neve
 other rows or on the batch size (batch invariance).
 
 The forward keeps the streaming summary of ``csrc/include/rlkern/online_softmax.h``:
-``m`` (running max), ``s = Σ exp(z − m)``, ``t = Σ exp(z − m)(z − m)``, ``u = Σ exp(2(z − m))``,
-``zsum = Σ z``, from which ``lse = m + log s``, ``entropy = log s − t/s``, ``Σp² = u/s²``. It
-keeps one summary per thread-sized segment of the vocabulary chunk (so the loop needs no
-cross-thread communication) and merges them once per row; see ``_logprobs_fwd_kernel``.
+``m`` (running max of the *raw* logits), ``s = Σ exp((x − m)/T)``, ``t = Σ exp(·)·(x − m)/T``,
+``u = Σ exp(2(x − m)/T)``, ``Σ(x − m)``, from which ``lse = m/T + log s``,
+``entropy = log s − t/s``, ``Σp² = u/s²``: shifted before ``1/T`` scales, so finite rows stay
+finite at any magnitude and temperature. It keeps one summary per thread-sized segment of the
+vocabulary chunk (so the loop needs no cross-thread communication) and merges them once per
+row; see ``_logprobs_fwd_kernel``. The backward takes ``p`` from the saved ``lse`` unless
+``|lse| ≥ BWD_LSE_BOUND``, where it recomputes the row's max and normaliser first.
 
 The launchers ``logprobs_fwd`` / ``logprobs_bwd`` take torch tensors (or anything Triton accepts
 as a pointer) but this module imports only triton: it never sees torch. ``AOT_SPECS`` lists the
@@ -88,9 +91,9 @@ def _logprobs_fwd_kernel(
     The row is summarised as in online_softmax.h, but per *segment* rather than per row: every
     chunk is split into ``BLOCK_V / SEG_V`` segments and segment ``j`` of every chunk feeds
     summary ``j``, which keeps its own reference max ``m`` (raw logit units) and, in base-2
-    units relative to ``m₂ = m·log₂e/T``::
+    units with ``d = (x − m)·log₂e/T``::
 
-        s = Σ exp2(z₂ − m₂),   t = Σ exp2(z₂ − m₂)(z₂ − m₂),   u = Σ exp2(2(z₂ − m₂))
+        s = Σ exp2(d),   t = Σ exp2(d)·d,   u = Σ exp2(2d)
 
     The summaries are merged once, after the loop, with the exact merge of online_softmax.h.
     """
@@ -275,12 +278,13 @@ def _logprobs_bwd_kernel(
         shift = row_m
         ref2 = tl.log2(s_row)
         e_z = tl.sum(tv, axis=0) / s_row * LN2
-    # Per-row constants. With z'_v = (x_v − shift)/T and d_v = z'_v·log₂e the gradient is
-    #   grad_v = p_v · (c − g_ent·d_v·ln2/T) + 1[v = y] · g_lp/T,
-    #   c      = (g_lse − g_lp + g_ent·E_p[z'])/T
-    # : one exp2 and two FMAs per element. An ignored row has every constant forced to 0 (its
-    # upstream gradients may be anything, even NaN) and its logits are not read: every p_v is
-    # then exp2(−inf) = 0 and the row's gradient is exactly 0.
+    # Per-row constants. With z'_v = (x_v − shift)/T the gradient is
+    #   grad_v = p_v · (g_ent/T · (E_p[z'] − z'_v) + c) + 1[v = y] · g_lp/T,
+    #   c      = (g_lse − g_lp)/T
+    # : one exp2 and two FMAs per element. E_p[z'] − z'_v is formed first, so it cancels
+    # exactly where it should (a row of one logit: 0). An ignored row has every constant forced
+    # to 0 (its upstream gradients may be anything, even NaN) and its logits are not read:
+    # every p_v is then exp2(−inf) = 0 and the row's gradient is exactly 0.
     c = zero
     g_lp = zero
     g_ent = zero
@@ -289,12 +293,11 @@ def _logprobs_bwd_kernel(
         c -= g_lp
     if HAS_GRAD_ENT:
         g_ent = tl.where(row_valid, tl.load(grad_entropy_ptr + row), zero)
-        c += g_ent * e_z
     if HAS_GRAD_LSE:
         c += tl.load(grad_lse_ptr + row)
     c = tl.where(row_valid, c, zero) * inv_t
     g_lp = g_lp * inv_t
-    g_ent = g_ent * (inv_t * LN2)
+    g_ent = g_ent * inv_t
 
     # The label as a 32-bit column index (−1 when out of range: it then matches no column, and
     # nothing is read out of bounds); compared against the chunk's own columns, so the inner
@@ -308,7 +311,7 @@ def _logprobs_bwd_kernel(
         if HAS_GRAD_ENT:
             # Where p = 0 (a −inf logit) the term is 0 (the limit), not 0·(±inf) = NaN; a NaN
             # p (NaN logit or lse) stays NaN.
-            grad = tl.where(p > 0, p * tl.fma(r * scale, -g_ent, c), p)
+            grad = tl.where(p > 0, p * tl.fma(e_z - r * inv_t, g_ent, c), p)
         else:
             grad = p * c
         if HAS_GRAD_LP:

@@ -592,6 +592,35 @@ def test_results_do_not_depend_on_scheduling(kernels, vocab, dtype, rows):
         assert torch.equal(grad, base_grad), settings
 
 
+@pytest.mark.parametrize("vocab", [700, 9000])
+def test_exact_path_in_place_does_not_depend_on_scheduling(kernels, vocab):
+    """Rows on the backward's exact path mixed with ordinary ones, in place: with two warps
+    per row and four rows per block (V = 700; the last block has inactive rows) every warp
+    reads its whole row before any thread of the block writes (the barrier); with several
+    column tiles per row (V = 9000) one block does all of a row's tiles, so no other block
+    overwrites logits a row's recompute still reads. Under every thread order, worker count
+    and grid clamp."""
+    rows = 7
+    values = make_values((1, rows, vocab), torch.float32)
+    values[0, ::2] += 1e10  # rows 0, 2, 4, 6: |lse| ≥ kBwdLseBound
+    labels = make_labels((1, rows), vocab, ignored=[(0, 3)])
+    grads = {k: torch.randn(1, rows) for k in ("logprobs", "entropy", "lse")}
+    fwd = kernels.forward(place(values), labels, outputs=("entropy",))
+
+    def run():
+        s = Strided(values.shape, torch.float32)
+        s.view.copy_(values)
+        kernels.backward(s.view, labels, fwd, grads, grad=s)
+        return s.view.clone()
+
+    base = run()
+    assert torch.isfinite(base).all()
+    assert_close_grad(base, reference_grad(values, labels, grads), torch.float32)
+    for settings in SETTINGS:
+        with kernels.emu.settings(**settings):
+            assert torch.equal(run(), base), settings
+
+
 def test_grid_clamp_really_runs_fewer_blocks(kernels):
     values = make_values((1, 24, 64), torch.float32)
     labels = make_labels((1, 24), 64)

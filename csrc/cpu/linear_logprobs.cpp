@@ -56,7 +56,7 @@ void tile_bwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
     // With the row's complete summary (`stats`, m not NaN): the exact, max-shifted path. Else
     // the forward's lse (the caller passes stats for the rows whose lse is not moderate).
     const RowUpstream u = upstream<Tag>(a.in, r);
-    RowGrad rg{0.0, u.lse, u.g_ent * (u.lse - u.entropy) + u.g_lse - u.g_lp, u.g_ent, u.g_lp};
+    RowGrad rg{0.0, u.lse, u.lse - u.entropy, u.g_lse - u.g_lp, u.g_ent, u.g_lp};
     bool ok = !std::isnan(u.lse);
     if (a.exact_stats && !std::isnan(a.exact_stats[r * kNumStats + kStatMax])) {
       ok = row_grad_from_state(load_state(a.exact_stats + r * kNumStats), u.g_lp, u.g_ent,

@@ -233,12 +233,20 @@ inline void accumulate_row_f64(const double* x, int64_t n, double inv_t, RowStat
 }
 
 // What one row's gradient is formed from (natural units), with z'_v = (x_v − shift)/T:
-//   grad_v = p_v (c0 − g_ent z'_v) / T + [v = y] g_lp / T,   p_v = exp(z'_v − ref),
-// c0 = g_ent E_p[z'] + g_lse − g_lp. The shift is 0 (ref = the forward's lse) or the row max
-// (ref = log s, recomputed).
+//   grad_v = p_v (g_ent (e_z − z'_v) + c) / T + [v = y] g_lp / T,   p_v = exp(z'_v − ref),
+// e_z = E_p[z'], c = g_lse − g_lp. The shift is 0 (ref = the forward's lse, e_z = lse −
+// entropy) or the row max (ref = log s, e_z = t / s, recomputed). e_z − z'_v is formed first:
+// it cancels exactly where it should (a row of one logit, or all equal: 0), rather than leaving
+// the rounding of two products that huge weights would amplify in the fused linear op.
 struct RowGrad {
-  double shift, ref, c0, g_ent, g_lp;
+  double shift, ref, e_z, c, g_ent, g_lp;
 };
+
+// 1/T as the float the vectorised backward scales x − shift by, kept normal and finite (as c:
+// 1/T = 0 would turn a −inf logit into −inf · 0 = NaN).
+inline float inv_t_float(const RowScale& sc) {
+  return float(std::clamp(sc.inv_t, double(FLT_MIN), double(FLT_MAX)));
+}
 
 // Writes the gradient of one row (or vocab tile) x[0, n) into g[0, n) (g may alias x).
 // y_local is the label's index inside [0, n), or outside it when the label lies in another
@@ -253,16 +261,19 @@ inline void grad_row(const typename Tag::storage* x, typename Tag::storage* g, i
   const bool has_label = y_local >= 0 && y_local < n;
   const double x_y = has_label ? load_scalar<Tag>(x + y_local) : 0.0;  // read before writes
 
-  // grad = p (A − B d) with d = r c = z' log2 e: A = c0/T, B = g_ent ln2 / T.
+  // grad = p (G (E − z') + A) with G = g_ent/T, A = c/T. Where p = 0, z' may be anything down
+  // to −inf: it is clamped 200 below ref (p < e^-200 is 0 in float), which keeps E − z'
+  // finite there (0 · finite = 0) and changes no other entry; NaN passes through.
   const VecF C = VecF::set1(sc.c), H = VecF::set1(ref2_hi), NegLo = VecF::set1(-ref2_lo);
   const VecF S = VecF::set1(float(rg.shift)), lo = VecF::set1(kExp2Min);
-  const VecF A = VecF::set1(float(rg.c0 * sc.inv_t));
-  const VecF B = VecF::set1(float(rg.g_ent * kLn2 * sc.inv_t));
+  const VecF IT = VecF::set1(inv_t_float(sc)), Zlo = VecF::set1(float(rg.ref - 200.0));
+  const VecF E = VecF::set1(float(rg.e_z)), G = VecF::set1(float(rg.g_ent * sc.inv_t));
+  const VecF A = VecF::set1(float(rg.c * sc.inv_t));
   auto grad = [&](VecF xv) {
     const VecF r = xv - S;
-    VecF p = VecF::exp2(VecF::max(lo, VecF::fms(r, C, H) + NegLo));
-    // p (A − B d), forced to 0 where x = −inf (p = 0 there, but B d would be −inf).
-    return VecF::zero_where_neginf(p * VecF::fnma(B, r * C, A), xv);
+    const VecF p = VecF::exp2(VecF::max(lo, VecF::fms(r, C, H) + NegLo));
+    const VecF z = VecF::max(Zlo, r * IT);
+    return p * VecF::fma(E - z, G, A);
   };
   const int64_t nv = n / W * W;
   for (int64_t i = 0; i < nv; i += W) grad(VecF::load(x + i, Tag{})).store(g + i, Tag{});
@@ -275,7 +286,7 @@ inline void grad_row(const typename Tag::storage* x, typename Tag::storage* g, i
     // In double; a label on a −inf logit has p_y = 0 and only the g_lp term (0·∞ is avoided).
     const double z_y = (x_y - rg.shift) * sc.inv_t;
     const double p_y = std::exp(z_y - rg.ref);
-    const double term = p_y > 0.0 ? p_y * (rg.c0 - rg.g_ent * z_y) : 0.0;
+    const double term = p_y > 0.0 ? p_y * (rg.g_ent * (rg.e_z - z_y) + rg.c) : 0.0;
     store_scalar<Tag>(g + y_local, float((term + rg.g_lp) * sc.inv_t));
   }
 }
@@ -288,7 +299,7 @@ inline void grad_row_f64(const double* x, double* g, int64_t n, int64_t y_local,
     // The label's two terms are added before 1/T scales them: g_lp (1 − p_y) cancels there,
     // exactly when p_y = 1, rather than leaving the rounding of two products of size 1/T.
     const double label = v == y_local ? rg.g_lp : 0.0;
-    g[v] = ((p > 0.0 ? p * (rg.c0 - rg.g_ent * z) : 0.0) + label) * inv_t;
+    g[v] = ((p > 0.0 ? p * (rg.g_ent * (rg.e_z - z) + rg.c) : 0.0) + label) * inv_t;
   }
 }
 
@@ -345,7 +356,7 @@ inline constexpr double kBwdLseBound = logprobs::kBwdLseBound;
 inline bool row_grad_from_state(const RowState& row, double g_lp, double g_ent, double g_lse,
                                 RowGrad* rg) {
   if (!(row.s > 0.0)) return false;  // NaN (NaN / +inf logits) or 0 (all −inf)
-  *rg = {row.m, std::log(row.s), g_ent * (row.t / row.s) + g_lse - g_lp, g_ent, g_lp};
+  *rg = {row.m, std::log(row.s), row.t / row.s, g_lse - g_lp, g_ent, g_lp};
   return true;
 }
 
@@ -373,7 +384,7 @@ inline bool row_grad_of(const typename Tag::storage* x, int64_t n,
   const RowUpstream u = upstream<Tag>(in, r);
   if (std::isnan(u.lse)) return false;
   if (std::abs(u.lse) < kBwdLseBound) {
-    *rg = {0.0, u.lse, u.g_ent * (u.lse - u.entropy) + u.g_lse - u.g_lp, u.g_ent, u.g_lp};
+    *rg = {0.0, u.lse, u.lse - u.entropy, u.g_lse - u.g_lp, u.g_ent, u.g_lp};
     return true;
   }
   RowState row = softmax_stats_empty<double>();

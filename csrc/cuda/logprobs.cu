@@ -17,8 +17,8 @@
 // warps of the block (shared memory).
 //
 // Backward (one read and one write of the logits, nothing of size V saved by the forward):
-//   grad_v = [ p_v (c0 − g_ent z'_v) + 1[v = y] g_lp ] / T,   p_v = exp(z'_v − ref),
-//   z'_v = (x_v − shift)/T,  c0 = g_ent E_p[z'] − g_lp + g_lse.
+//   grad_v = [ p_v (g_ent (E_p[z'] − z'_v) + g_lse − g_lp) + 1[v = y] g_lp ] / T,
+//   p_v = exp(z'_v − ref),  z'_v = (x_v − shift)/T.
 // A row with a moderate lse (|lse| < kBwdLseBound) takes shift = 0, ref = lse, E_p[z] =
 // lse − entropy; any other one recomputes its max M and normaliser (each warp of the row on
 // its own, so no barrier is needed) and takes shift = M, ref = log s, E_p[z'] = t / s: exact
@@ -362,20 +362,22 @@ struct BwdArgs : RowArgs {
 struct BwdRow {
   float shift;  // subtracted from every logit: 0, or the row max (exact path)
   float ref;    // log Σ exp((x − shift)/T): lse, or log s (exact path); NaN: no gradient
-  float c0;     // g_ent E_p[z'] − g_lp + g_lse
+  float e_z;    // E_p[z'], z' = (x − shift)/T
+  float c;      // g_lse − g_lp
   float g_lp;   // added at the label
-  float g_ent;  // coefficient of −p_v z'_v
+  float g_ent;  // coefficient of p_v (E_p[z'] − z'_v)
 };
 
-// grad_v · T = p_v (c0 − g_ent z'_v) + label_term, p_v = exp(z'_v − ref), z'_v = (x − shift)/T.
-// A −inf logit (or one whose p underflows) has p = 0 and contributes exactly 0: the select
-// avoids 0 · ∞ = NaN from c0 − g_ent · (−inf). NaN logits give NaN. (ALGORITHMS.md §1;
+// grad_v · T = p_v (g_ent (e_z − z'_v) + c) + label_term, p_v = exp(z'_v − ref),
+// z'_v = (x − shift)/T. e_z − z'_v is formed first, so it cancels exactly where it should (a
+// row of one logit: 0). A −inf logit (or one whose p underflows) has p = 0 and contributes
+// exactly 0: the select avoids 0 · ∞ = NaN. NaN logits give NaN. (ALGORITHMS.md §1;
 // reference: the p > 0 `where`.)
 __device__ __forceinline__ float grad_elem(float x, const BwdRow& r, float label_term,
                                            float k, float inv_t) {
   const float z = (x - r.shift) * k;
   const float p = __expf(z - r.ref);
-  const float pg = p == 0.f ? 0.f : p * fmaf(-r.g_ent, z, r.c0);
+  const float pg = p == 0.f ? 0.f : p * fmaf(r.g_ent, r.e_z - z, r.c);
   return (pg + label_term) * inv_t;
 }
 
@@ -441,22 +443,21 @@ __global__ void __launch_bounds__(kBwdMaxThreads, kBwdMinBlocks) logprobs_bwd_ke
     const bool ignored = y == a.ignore_index;  // uniform over the row: zero row, no reads
     const int col_y = (y >= 0 && y < a.V) ? static_cast<int>(y) : -1;  // −1: no label term
 
-    BwdRow r{0.f, 0.f, 0.f, 0.f, 0.f};
+    BwdRow r{0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (!ignored) {
       const float lse = a.lse[r_row];
       r.g_lp = a.grad_logprobs ? a.grad_logprobs[r_row] : 0.f;
       r.g_ent = a.grad_entropy ? a.grad_entropy[r_row] : 0.f;
-      const float g_lse = a.grad_lse ? a.grad_lse[r_row] : 0.f;
-      float e_z = lse - (a.grad_entropy ? a.entropy[r_row] : 0.f);  // E_p[z]
+      r.c = (a.grad_lse ? a.grad_lse[r_row] : 0.f) - r.g_lp;
+      r.e_z = lse - (a.grad_entropy ? a.entropy[r_row] : 0.f);  // E_p[z]
       r.ref = lse;
       if (!(fabsf(lse) < float(logprobs::kBwdLseBound)) && !isnan(lse)) {
         float m, s_row, t_row;
         warp_row_stats(x, a.V, a.k, m, s_row, t_row);
         r.shift = softmax_stats_ref(m);
         r.ref = s_row > 0.f ? logf(s_row) : __int_as_float(0x7fc00000);  // NaN: no gradient
-        e_z = t_row / s_row;
+        r.e_z = t_row / s_row;
       }
-      r.c0 = r.g_ent * e_z - r.g_lp + g_lse;
     }
     __syncthreads();  // in place: every warp has read its row before any writes it
 

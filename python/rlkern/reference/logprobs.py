@@ -141,9 +141,12 @@ def token_logprobs_grad_reference(
         onehot.scatter_(-1, safe.unsqueeze(-1), (valid & in_range).to(r.dtype).unsqueeze(-1))
         grad = grad + as64(grad_logprobs) * (onehot - p)
     if grad_entropy is not None:
-        # E_p[z] − z_v = E_p[log p] − log p_v (the shift and lse cancel), 0 where p = 0.
-        e_rel = torch.where(p > 0, p * torch.where(p > 0, rel, 0.0), 0.0).sum(-1, keepdim=True)
-        grad = grad + as64(grad_entropy) * torch.where(p > 0, p * (e_rel - rel), 0.0)
+        # E_p[z] − z_v = E_p[r] − r_v (the shift cancels), 0 where p = 0. Formed from r, not
+        # from log p = r − log s: for a near-uniform row the O(1) log s would drown
+        # differences far below its rounding (logits of 1e-20 over W of 1e10).
+        r_safe = torch.where(p > 0, r, 0.0)
+        e_r = (p * r_safe).sum(-1, keepdim=True)
+        grad = grad + as64(grad_entropy) * torch.where(p > 0, p * (e_r - r_safe), 0.0)
     undefined = torch.isnan(log_s) | torch.isneginf(log_s)
     grad = torch.where(undefined, torch.nan, grad)
     return (torch.where(valid.unsqueeze(-1), grad, 0.0) / temperature).to(acc)
