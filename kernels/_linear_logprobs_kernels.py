@@ -127,13 +127,14 @@ def _dlogits_tile(
     """``dZ`` of one logits tile ``x`` (raw logits, before 1/T): one exp2 and two FMAs per
     element. Entries outside the batch, the vocabulary or on ignored rows are exactly 0 (their
     recomputed logits are finite but meaningless: exp2 of them may overflow). Where ``p = 0``
-    (a −inf logit, e.g. from a −inf bias) the entropy term is 0, its limit, not 0·(−inf) = NaN;
-    a NaN ``ref₂`` (a row without a defined gradient) makes the row NaN."""
+    (a −inf logit, e.g. from a −inf bias) the entropy term is 0, its limit, not 0·(−inf) = NaN,
+    unless a coefficient is NaN (0·NaN = NaN, as on the CPU); a NaN ``ref₂`` (a row without a
+    defined gradient) makes the row NaN."""
     r = x - shift[:, None]
     p = tl.exp2(tl.fma(r, scale, -ref2[:, None]))
     if HAS_GRAD_ENT:
         dz = tl.where(p > 0, p * tl.fma(e_z[:, None] - r * inv_t, g_ent[:, None], c[:, None]),
-                      p)
+                      p * (g_ent[:, None] + c[:, None]))
     else:
         dz = p * c[:, None]
     if HAS_GRAD_LP:

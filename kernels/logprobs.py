@@ -311,7 +311,7 @@ def _logprobs_bwd_kernel(
         if HAS_GRAD_ENT:
             # Where p = 0 (a −inf logit) the term is 0 (the limit), not 0·(±inf) = NaN; a NaN
             # p (NaN logit or lse) stays NaN.
-            grad = tl.where(p > 0, p * tl.fma(e_z - r * inv_t, g_ent, c), p)
+            grad = tl.where(p > 0, p * tl.fma(e_z - r * inv_t, g_ent, c), p * (g_ent + c))
         else:
             grad = p * c
         if HAS_GRAD_LP:

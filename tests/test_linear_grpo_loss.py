@@ -373,3 +373,26 @@ def test_backward_does_not_fill_a_zero_weight_gradient():
              and any(list(s) == [vocab, hid] for s in e.input_shapes if s)]
     assert not fills, [(e.name, e.input_shapes) for e in fills]
     assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+@pytest.mark.parametrize("count", [0.0, -3.0])
+@pytest.mark.parametrize("which", ["num_tokens", "num_seqs"])
+def test_count_tensor_not_positive(which, count, backend):
+    """A tensor count ≤ 0: ValueError while checks are on; NaN loss and gradients (no host
+    sync) with checks off — as rlkern.policy_loss."""
+    d = make(torch.float32)
+    h = d["h"].clone().requires_grad_()
+    mode = "token-mean" if which == "num_tokens" else "seq-mean-token-mean"
+    kw = {which: torch.tensor(count), "config": PolicyLossConfig(loss_agg_mode=mode),
+          "backend": backend}
+    with pytest.raises(ValueError, match=f"{which} must be finite and > 0"):
+        rlkern.linear_grpo_loss(h, d["w"], d["y"], d["mask"], d["adv"], **kw)
+    rlkern.set_checks(False)
+    try:
+        out = rlkern.linear_grpo_loss(h, d["w"], d["y"], d["mask"], d["adv"], **kw)
+    finally:
+        rlkern.set_checks(True)
+    out.loss.backward()
+    assert out.loss.isnan()
+    assert h.grad[d["mask"]].isnan().all()

@@ -545,3 +545,37 @@ def test_nan_at_a_valid_token_raises(field, backend):
         assert math.isnan(out.loss.item())
     finally:
         rlkern.set_checks(True)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
+@pytest.mark.parametrize("count", [0.0, -3.0, math.inf, math.nan])
+@pytest.mark.parametrize("which", ["num_tokens", "num_seqs"])
+def test_count_tensor_not_positive(which, count, backend):
+    """A tensor count ≤ 0 or non-finite: ValueError while checks are on; with checks off (no
+    host sync) the loss and gradient are NaN on every backend, never a finite wrong value."""
+    inp = make_inputs(3, 5, torch.float32, seed=11)
+    mode = "token-mean" if which == "num_tokens" else "seq-mean-token-mean"
+    lp = inp["logprobs"].clone().requires_grad_()
+    args = (lp, inp["old_logprobs"], inp["advantages"], inp["mask"])
+    kw = {which: torch.tensor(count), "loss_agg_mode": mode, "backend": backend}
+    with pytest.raises(ValueError, match=f"{which} must be finite and > 0"):
+        rlkern.policy_loss(*args, **kw)
+    rlkern.set_checks(False)
+    try:
+        out = rlkern.policy_loss(*args, **kw)
+    finally:
+        rlkern.set_checks(True)
+    (grad,) = torch.autograd.grad(out.loss, lp)
+    assert out.loss.isnan()
+    assert grad[inp["mask"]].isnan().all()
+
+
+def test_count_tensor_bad_type_or_device():
+    inp = make_inputs(2, 3, torch.float32, seed=12)
+    args = (inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])
+    with pytest.raises(TypeError, match="num_tokens must be a real tensor"):
+        rlkern.policy_loss(*args, num_tokens=torch.tensor(True))
+    with pytest.raises(ValueError, match="num_tokens is on meta"):
+        rlkern.policy_loss(*args, num_tokens=torch.tensor(4.0, device="meta"))
+    out = rlkern.policy_loss(*args, num_tokens=torch.tensor(4))  # an integer count is fine
+    assert torch.isfinite(out.loss)

@@ -299,7 +299,8 @@ inline void grad_row_f64(const double* x, double* g, int64_t n, int64_t y_local,
     // The label's two terms are added before 1/T scales them: g_lp (1 − p_y) cancels there,
     // exactly when p_y = 1, rather than leaving the rounding of two products of size 1/T.
     const double label = v == y_local ? rg.g_lp : 0.0;
-    g[v] = ((p > 0.0 ? p * (rg.g_ent * (rg.e_z - z) + rg.c) : 0.0) + label) * inv_t;
+    g[v] = ((p > 0.0 ? p * (rg.g_ent * (rg.e_z - z) + rg.c) : p * (rg.g_ent + rg.c)) + label)
+           * inv_t;
   }
 }
 

@@ -371,13 +371,14 @@ struct BwdRow {
 // grad_v · T = p_v (g_ent (e_z − z'_v) + c) + label_term, p_v = exp(z'_v − ref),
 // z'_v = (x − shift)/T. e_z − z'_v is formed first, so it cancels exactly where it should (a
 // row of one logit: 0). A −inf logit (or one whose p underflows) has p = 0 and contributes
-// exactly 0: the select avoids 0 · ∞ = NaN. NaN logits give NaN. (ALGORITHMS.md §1;
-// reference: the p > 0 `where`.)
+// exactly 0: the select avoids 0 · ∞ = NaN, but keeps 0 · NaN = NaN for a NaN coefficient (as
+// the CPU and Triton kernels do). NaN logits give NaN. (ALGORITHMS.md §1; reference: the
+// p > 0 `where`.)
 __device__ __forceinline__ float grad_elem(float x, const BwdRow& r, float label_term,
                                            float k, float inv_t) {
   const float z = (x - r.shift) * k;
   const float p = __expf(z - r.ref);
-  const float pg = p == 0.f ? 0.f : p * fmaf(r.g_ent, r.e_z - z, r.c);
+  const float pg = p == 0.f ? p * (r.g_ent + r.c) : p * fmaf(r.g_ent, r.e_z - z, r.c);
   return (pg + label_term) * inv_t;
 }
 

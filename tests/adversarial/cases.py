@@ -64,6 +64,7 @@ def _unchecked(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         finally:
             rlkern.set_checks(was)
+    call.unchecked = True
     return call
 
 
@@ -77,6 +78,12 @@ def _count(data: st.DataObject, default: float, label: str) -> float | torch.Ten
                        label=label)
     return {"none": None, "number": float(default), "tensor": torch.tensor(float(default)),
             "zero": torch.tensor(0.0), "negative": torch.tensor(-3.0)}[choice]
+
+
+def _poisoned(fn: Callable, count: float | torch.Tensor | None) -> bool:
+    """A tensor count ≤ 0 with checks off: the ops answer NaN (documented), not an error."""
+    return (getattr(fn, "unchecked", False) and isinstance(count, torch.Tensor)
+            and not bool(count > 0))
 
 
 @builder("token_logprobs")
@@ -262,10 +269,12 @@ def policy_loss(data: st.DataObject) -> Call:
         entropy_coef=0.01 if entropy is not None else 0.0,
         loss_agg_mode=data.draw(st.sampled_from(("token-mean", "seq-mean-token-mean", "sum")),
                                 label="agg"))
-    return Call("policy_loss", rlkern.policy_loss, (lp, _maybe_meta(data, old, "old"), adv, mask),
-                dict(config=config, ref_logprobs=ref, entropy=entropy,
-                     num_tokens=_count(data, max(1, b * t), "num_tokens")),
-                grad_wrt=("0", "entropy"), dtype=dtype, overflow_ok=True)
+    count = _count(data, max(1, b * t), "num_tokens")
+    fn = _maybe_unchecked(data, rlkern.policy_loss)
+    return Call("policy_loss", fn, (lp, _maybe_meta(data, old, "old"), adv, mask),
+                dict(config=config, ref_logprobs=ref, entropy=entropy, num_tokens=count),
+                grad_wrt=("0", "entropy"), dtype=dtype, overflow_ok=True,
+                poisoned=_poisoned(fn, count))
 
 
 @builder("kl_penalty")
@@ -291,13 +300,16 @@ def linear_grpo_loss(data: st.DataObject) -> Call:
     old, adv, mask = _loss_inputs(data, gen, dtype, b, t)
     old = old.float() if dtype != torch.float64 else old
     old = _maybe_meta(data, old, "old")
-    return Call("linear_grpo_loss", rlkern.linear_grpo_loss,
+    count = _count(data, max(1, b * t), "num_tokens")
+    fn = _maybe_unchecked(data, rlkern.linear_grpo_loss)
+    return Call("linear_grpo_loss", fn,
                 (hidden, weight, labels, mask, adv.float() if dtype != torch.float64 else adv),
                 dict(bias=bias, old_logprobs=old,
                      policy_loss=data.draw(st.sampled_from(("ppo", "cispo", "gspo")), label="l"),
                      entropy_coef=data.draw(st.sampled_from((0.0, 0.01)), label="ent"),
-                     num_tokens=_count(data, max(1, b * t), "num_tokens")),
-                grad_wrt=("0", "1", "bias"), dtype=dtype, overflow_ok=True)
+                     num_tokens=count),
+                grad_wrt=("0", "1", "bias"), dtype=dtype, overflow_ok=True,
+                poisoned=_poisoned(fn, count))
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,10 +26,7 @@ PROFILE = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, datab
 
 #: Ops with a known open finding of the reliability issue: expected to fail until it is fixed
 #: (strict, so the fix turns this into a failure that asks for the entry's removal).
-OPEN_FINDINGS = {
-    "linear_grpo_loss": "num_tokens / num_seqs as a tensor of 0: the fused backends give "
-                        "non-finite gradients where the torch backend does not (issue 14)",
-}
+OPEN_FINDINGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("op", [

@@ -322,6 +322,8 @@ def linear_grpo_loss(
         num_tokens / num_seqs: global normalisers (token-mean / the sequence-mean modes);
             default: this batch's valid tokens / its responses (all rows with
             ``count_empty_seqs`` or for gmpo / gvpo, else the rows with a valid token).
+            Checked as :func:`rlkern.policy_loss` checks them (a tensor ≤ 0: ValueError, or
+            NaN results with checks off).
         ignore_index: label of rows that are skipped entirely (their ``logp`` is 0).
         chunk_size: rows per chunk (default: about 2^28 logits).
         process_group: vocabulary-parallel group, as in :func:`rlkern.linear_logprobs`.

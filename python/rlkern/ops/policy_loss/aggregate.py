@@ -142,9 +142,15 @@ def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
                    ) -> dict[str, Tensor]:
     """Metrics (0-dim tensors) from the per-row statistics of one or several chunks
     (concatenated along dim 1), and optionally the aggregated loss parts: means over the
-    valid tokens, and the ratio's min / max (NaN without a valid token)."""
+    valid tokens, and the ratio's min / max (NaN without a valid token).
+
+    Every metric is NaN when a row saw a non-finite input at a valid token (possible only with
+    checks off): the loss is NaN then, and a clip fraction or ratio bound that skipped the bad
+    token would read as a healthy step — and each backend would skip it differently.
+    """
     S = layout("policy_loss").row_stats
     rs = row_stats.detach()
+    poisoned = rs[S.non_finite].sum() > 0 if rs.shape[1] else torch.tensor(False)
     n_valid = rs[S.len].sum()
     n = n_valid.clamp(min=1.0)
     nan = torch.tensor(math.nan, dtype=rs.dtype, device=rs.device)
@@ -161,4 +167,4 @@ def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
             out[name] = torch.where(n_valid > 0, rs[S[name]].max(), nan) if rs.shape[1] else nan
         elif name in parts:  # a loss part (the KL part only exists with kl_coef != 0)
             out[name] = parts[name].detach()
-    return {k: v.to(dtype) for k, v in out.items()}
+    return {k: torch.where(poisoned, nan, v).to(dtype) for k, v in out.items()}

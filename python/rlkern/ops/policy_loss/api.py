@@ -86,6 +86,9 @@ def policy_loss(
         num_tokens: global token count for token-mean (data parallel; verl's
             ``batch_num_tokens``, TRL's dapo normaliser). Default: the local count.
         num_seqs: global sequence count for the seq-mean modes (verl's ``global_batch_size``).
+            A count must be > 0 and finite: a number is checked at once; a tensor count raises
+            ``ValueError`` while checks are on and makes the loss, its gradient and every
+            metric NaN with checks off (no host sync).
         entropy_threshold: the entropy-mask threshold, when computed elsewhere (chunks).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
         **overrides: any :class:`PolicyLossConfig` field, e.g. ``clip_ratio_high=0.28``.

@@ -16,6 +16,7 @@ from rlkern import backends
 from rlkern.config.dtypes import INDEX_DTYPES, acc_dtype
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
+from rlkern.ops.logprobs import checks_enabled
 
 __all__ = ["Prepared", "entropy_quantile_threshold", "float_input", "normaliser", "prepare",
            "raise_non_finite"]
@@ -63,14 +64,32 @@ def float_input(t: Any, name: str, shape: tuple[int, ...], device: torch.device,
 
 def normaliser(value: Any, name: str, device: torch.device) -> Tensor | float | None:
     """A global count (``num_tokens`` / ``num_seqs``): None, a finite number > 0, or a
-    1-element tensor (float64 on ``device``)."""
+    1-element real tensor (returned as float64 on ``device``).
+
+    A number is checked on the host. A tensor count ≤ 0 or non-finite is a caller's bug (a
+    count that was never all-reduced, a wrong sign) that would otherwise divide the loss into
+    ±inf or flip its sign: while checks are on (:func:`rlkern.set_checks`) it raises
+    ``ValueError`` (one host sync); with checks off — no sync — it is replaced by NaN, so the
+    loss and every gradient are NaN on every backend instead of silently wrong.
+    """
     if value is None:
         return None
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 1-element tensor, got shape "
                              f"{tuple(value.shape)}")
-        return value.reshape(()).to(device=device, dtype=torch.float64)
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
+        if value.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"{name} is on meta (no data) but the inputs are on {device}")
+        count = value.detach().reshape(()).to(device=device, dtype=torch.float64)
+        valid = (count > 0) & torch.isfinite(count)
+        if checks_enabled() and not torch.compiler.is_compiling() and count.device.type != "meta":
+            if not bool(valid):
+                raise ValueError(f"{name} must be finite and > 0, got {count.item()} (disable "
+                                 "this check with rlkern.set_checks(False): the loss is then "
+                                 "NaN)")
+        return torch.where(valid, count, torch.nan)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
