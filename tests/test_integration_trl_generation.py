@@ -37,7 +37,11 @@ import rlkern  # noqa: E402
 import rlkern.integrations.trl as rt  # noqa: E402
 import rlkern.sampling.generate as gen_module  # noqa: E402
 import test_integration_trl as trl_tests  # noqa: E402
-from rlkern.integrations.trl_generation import GENERATION_METHOD, plan_groups  # noqa: E402
+from rlkern.integrations.trl_generation import (  # noqa: E402
+    GENERATION_METHOD,
+    check_generation_config,
+    plan_groups,
+)
 from rlkern.sampling import SCHEDULES  # noqa: E402
 from test_integration_trl import VOCAB, _config, _reward  # noqa: E402
 
@@ -246,6 +250,8 @@ def test_min_p_passes_through_generate_groups(model_dir):
 def test_repetition_penalty_raises(model_dir, dataset, tmp_path):
     rt.apply(generation="micro_groups")
     trainer = _trainer(model_dir, dataset, tmp_path, repetition_penalty=1.1, max_steps=1)
+    with pytest.raises(ValueError, match=r"repetition_penalty=1\.1"):
+        check_generation_config(trainer)  # before training, for users who want it early
     with pytest.raises(ValueError, match=r"repetition_penalty=1\.1"):
         trainer.train()
     assert rt.usage()["generation_micro_groups"] == 0
