@@ -412,7 +412,8 @@ def test_logps_fallback_logit_softcapping(trainer):
     finally:
         del text_config.final_logit_softcapping
     assert rt.usage() == {"logps_rlkern": 0, "logps_fallback": 1, "loss_rlkern": 0,
-                          "loss_fallback": 0}
+                          "loss_fallback": 0, "generation_micro_groups": 0,
+                          "generation_split_groups": 0}
     assert torch.equal(lp, ref) and ent is not None and aux is None
 
 

@@ -41,8 +41,15 @@ reason is logged once):
   (DTensor, FSDP2) head weight.
 * loss: ``loss_type="vespo"`` and the adaptive entropy controller (``use_adaptive_entropy``).
 
+Generation (opt-in): ``apply(generation="micro_groups", kv_budget_tokens=..., schedule=...,
+micro_group_size=...)`` also replaces ``GRPOTrainer._generate_single_turn`` so that TRL's
+transformers generation (no vLLM) runs through :func:`rlkern.generate_groups`, group by group
+under rlkern's KV-budgeted scheduler, with GRPOConfig's sampling parameters; an option the
+sampler cannot honour raises (see :mod:`rlkern.integrations.trl_generation`).
+
 Verified by ``tests/test_integration_trl.py`` (TRL's real ``GRPOTrainer`` patched vs
-unpatched, same seed: per-step loss and grad norm).
+unpatched, same seed: per-step loss and grad norm) and
+``tests/test_integration_trl_generation.py``.
 """
 
 from __future__ import annotations
@@ -63,12 +70,20 @@ from torch import Tensor, nn
 import rlkern
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import TRL_LOSS_TYPES
+from rlkern.integrations import trl_generation
+from rlkern.integrations.trl_generation import (
+    GENERATION_METHOD,
+    GENERATIONS,
+    GenerationOptions,
+    last_rollouts,
+)
 from rlkern.ops.policy_loss import prepare, run
 
 __all__ = [
     "apply",
     "compute_loss",
     "is_applied",
+    "last_rollouts",
     "patched",
     "per_token_logps_and_entropies",
     "remove",
@@ -96,6 +111,8 @@ _HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_h
                      "logits_to_keep", "return_dict")
 
 _ORIGINALS: dict[str, Any] = {}
+# The options of the generation patch while it is applied (apply(generation="micro_groups")).
+_GENERATION: dict[str, GenerationOptions] = {}
 _USAGE: Counter[str] = Counter()
 _WARNED: set[str] = set()
 # Models whose instance ``forward`` got the rlkern wrapper (restored by remove()).
@@ -118,14 +135,21 @@ def _note_fallback(kind: str, reason: str) -> None:
 
 def usage() -> dict[str, int]:
     """How often each path ran since the last :func:`reset_usage`: ``logps_rlkern``,
-    ``logps_fallback``, ``loss_rlkern``, ``loss_fallback``."""
-    return {k: _USAGE.get(k, 0) for k in ("logps_rlkern", "logps_fallback", "loss_rlkern",
-                                          "loss_fallback")}
+    ``logps_fallback``, ``loss_rlkern``, ``loss_fallback``; ``generation_micro_groups`` (TRL's
+    generation calls that went through :func:`rlkern.generate_groups`; 0 while TRL generates
+    itself) and ``generation_split_groups`` (those of them whose rows held a prompt with fewer
+    than ``num_generations`` consecutive copies, generated as smaller groups)."""
+    counts = {k: _USAGE.get(k, 0) for k in ("logps_rlkern", "logps_fallback", "loss_rlkern",
+                                            "loss_fallback")}
+    for k in ("generation_micro_groups", "generation_split_groups"):
+        counts[k] = trl_generation.USAGE.get(k, 0)
+    return counts
 
 
 def reset_usage() -> None:
     """Zero the :func:`usage` counters."""
     _USAGE.clear()
+    trl_generation.USAGE.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +539,14 @@ def _patched_loss(self: Any, model: nn.Module, inputs: dict[str, Any]) -> Tensor
     return compute_loss(self, model, inputs)
 
 
+def _patched_generate(self: Any, prompt_ids: list[list[int]], images: Any,
+                      multimodal_fields: dict[str, Any], num_generations: int,
+                      has_tool_images: bool = False) -> tuple[list[list[int]], list[list[float]]]:
+    return trl_generation.generate_single_turn(self, _GENERATION["options"], prompt_ids, images,
+                                               multimodal_fields, num_generations,
+                                               has_tool_images)
+
+
 _REPLACEMENTS = {
     PATCHED_METHODS[0]: _profiled(_patched_logps, PATCHED_METHODS[0]),
     PATCHED_METHODS[1]: _profiled(_patched_loss, PATCHED_METHODS[1]),
@@ -526,15 +558,47 @@ def is_applied() -> bool:
     return bool(_ORIGINALS)
 
 
-def apply() -> None:
+def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
+          schedule: str = "length_aware", micro_group_size: int | None = None) -> None:
     """Swap ``GRPOTrainer._get_per_token_logps_and_entropies`` and ``_compute_loss`` for rlkern
     (see the module doc). Idempotent; :func:`remove` undoes it.
 
+    Args:
+        generation: ``"micro_groups"`` also makes ``GRPOTrainer`` (without vLLM) generate
+            through :func:`rlkern.generate_groups` (``_generate_single_turn`` is replaced; see
+            :mod:`rlkern.integrations.trl_generation`); a later call with other options
+            replaces them. ``None`` (default) leaves generation as it is: TRL's own, or
+            rlkern's if an earlier call turned it on (so :func:`patched` keeps it).
+        kv_budget_tokens: the generation's KV-cache budget in tokens (prompt prefixes plus the
+            resident members' generated tokens); ``None``: one micro group (or group) at a
+            time. Only with ``generation="micro_groups"``.
+        schedule: ``"length_aware"`` (default), ``"micro_group"`` or ``"full_group"``
+            (:mod:`rlkern.sampling.scheduler`). Completions do not depend on it.
+        micro_group_size: members per micro group (default ``max(1, num_generations // 8)``).
+
     Raises:
         ImportError: TRL is not installed.
+        ValueError: an unknown ``generation`` / ``schedule``, a non-positive budget or micro
+            group size, or generation options given without ``generation="micro_groups"``.
     """
+    if generation not in GENERATIONS:
+        raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
+    if generation is None and (kv_budget_tokens is not None or micro_group_size is not None
+                               or schedule != "length_aware"):
+        raise ValueError("kv_budget_tokens, schedule and micro_group_size configure rlkern's "
+                         "generation: pass generation='micro_groups' with them")
+    options = None if generation is None else GenerationOptions(
+        kv_budget_tokens=kv_budget_tokens, schedule=schedule, micro_group_size=micro_group_size)
     cls = _grpo_trainer()
-    if _ORIGINALS:
+    if options is not None:
+        if GENERATION_METHOD not in cls.__dict__ and GENERATION_METHOD not in _ORIGINALS:
+            raise ValueError(f"this TRL's GRPOTrainer has no {GENERATION_METHOD} (written "
+                             f"against TRL {TESTED_TRL}): generation='micro_groups' cannot "
+                             "be installed")
+        _ORIGINALS.setdefault(GENERATION_METHOD, cls.__dict__[GENERATION_METHOD])
+        _GENERATION["options"] = options
+        setattr(cls, GENERATION_METHOD, _patched_generate)
+    if all(name in _ORIGINALS for name in PATCHED_METHODS):
         return
     import trl
 
@@ -556,6 +620,7 @@ def remove() -> None:
         for name, original in _ORIGINALS.items():
             setattr(cls, name, original)
         _ORIGINALS.clear()
+    _GENERATION.clear()
     _unwrap_all()
 
 

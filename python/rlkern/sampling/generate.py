@@ -69,6 +69,7 @@ def generate_groups(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     seed: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
     reward_fn: Callable[[int, list[int]], float] | None = None,
@@ -86,7 +87,7 @@ def generate_groups(
         micro_group_size: ``m`` (default ``max(1, G // 8)``, see
             :func:`rlkern.sampling.scheduler.default_micro_group_size`).
         kv_budget_bytes: KV memory budget; tokens = bytes // :func:`kv_bytes_per_token`.
-        temperature, top_k, top_p: sampler options (:func:`rlkern.sample`).
+        temperature, top_k, top_p, min_p: sampler options (:func:`rlkern.sample`).
         seed: base seed; member j of prompt p uses :func:`member_seed` and step = position.
         eos_token_id: token(s) that end a completion (kept in it).
         reward_fn: ``(prompt index, completion) → score`` for the streaming group statistics;
@@ -152,7 +153,7 @@ def generate_groups(
         seeds = torch.tensor([member_seed(seed, p, j, G) for p, j in active], dtype=torch.int64)
         steps = torch.tensor([len(toks[mem]) for mem in active], dtype=torch.int64)
         res = sample(torch.stack(rows).cpu(), temperature=temperature, top_k=top_k, top_p=top_p,
-                     seeds=seeds, steps=steps)
+                     min_p=min_p, seeds=seeds, steps=steps)
         done = []
         for i, mem in enumerate(active):
             t = int(res.tokens[i])
