@@ -1,5 +1,7 @@
-"""Importing this module registers rlkern in verl: ``rlkern.integrations.verl.register()``,
-and, when ``RLKERN_VERL_PATCH_LOGPROBS=1``, ``patch_torch_functional()``.
+"""Importing this module registers rlkern in verl: ``rlkern.integrations.verl.register()``;
+when ``RLKERN_VERL_PATCH_LOGPROBS=1``, ``patch_torch_functional()``; when
+``RLKERN_VERL_PATCH_FUSED=1``, ``rlkern.integrations.verl_fused.patch_fused_kernels()`` (the
+actor's ``use_fused_kernels`` path).
 
 It exists for verl's ``VERL_USE_EXTERNAL_MODULES`` hook: verl imports the listed modules in
 every process that imports verl, including its Ray workers (the trainer and the actor run
@@ -13,7 +15,10 @@ from __future__ import annotations
 import os
 
 from rlkern.integrations import verl as _verl
+from rlkern.integrations import verl_fused as _verl_fused
 
 _verl.register()
 if os.environ.get("RLKERN_VERL_PATCH_LOGPROBS", "0") == "1":
     _verl.patch_torch_functional()
+if os.environ.get("RLKERN_VERL_PATCH_FUSED", "0") == "1":
+    _verl_fused.patch_fused_kernels()

@@ -173,6 +173,13 @@ def _floor(mode: str):
     return fwd if mode == "fwd" else fwd_bwd
 
 
+def row_and_grad_tolerances(row: Tolerance, grad_rtol: float) -> dict[str, Tolerance]:
+    """Tolerances of the outputs of a logprobs-from-hidden-states case: ``row`` for the
+    per-token log-probs and entropy, ``grad_rtol`` (of the largest entry) for both gradients."""
+    grad = Tolerance(rtol=grad_rtol, scale_by_max=True)
+    return {"logprobs": row, "entropy": row, "grad_hidden": grad, "grad_weight": grad}
+
+
 @register("linear_logprobs")
 def linear_logprobs_case(options: CaseOptions) -> Case:
     """The ``linear_logprobs`` case for ``options`` (device, dtype, rlkern backend)."""
@@ -195,12 +202,7 @@ def linear_logprobs_case(options: CaseOptions) -> Case:
         modes=("fwd", "fwd+bwd"),
         make_inputs=make_inputs,
         implementations=implementations,
-        tolerances={
-            "logprobs": Tolerance(atol=1e-4, rtol=1e-4),
-            "entropy": Tolerance(atol=1e-4, rtol=1e-4),
-            "grad_hidden": Tolerance(rtol=tol, scale_by_max=True),
-            "grad_weight": Tolerance(rtol=tol, scale_by_max=True),
-        },
+        tolerances=row_and_grad_tolerances(Tolerance(atol=1e-4, rtol=1e-4), tol),
         notes=(*backend.notes, *FLOOR_NOTES.values()),
         warnings=backend.notes,
         environment=backend.environment,

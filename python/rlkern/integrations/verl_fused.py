@@ -1,0 +1,135 @@
+"""rlkern in verl's fused actor path: per-token log-probabilities and entropy from the hidden
+states and the LM head, without a logits tensor.
+
+verl's actor computes ``log π(y_t)`` and the entropy of every response token. Its default path
+materialises the ``(tokens, V)`` logits (plus their float32 upcast and the softmax for the
+entropy). With ``actor_rollout_ref.model.use_fused_kernels=True`` verl instead patches the
+model's ``forward`` to hand the last hidden states and ``lm_head.weight`` to a fused function:
+``FusedLinearForPPO`` (``fused_kernel_options.impl_backend=torch``, chunked but still
+materialising a chunk's logits and their softmax twice in the backward) or
+``verl.utils.kernel.linear_cross_entropy`` (``impl_backend=triton``, CUDA only).
+:func:`patch_fused_kernels` makes both routes call :func:`fused_linear_for_ppo`, i.e.
+:func:`rlkern.linear_logprobs` with the entropy — tile by tile, one logits tile alive at a
+time, exact gradients for the hidden states and the weight — so the fused path runs on CPU and
+GPU and keeps verl's outputs: ``log_probs`` float32 and ``entropy`` as verl's backend returns it
+(the hidden dtype for ``torch``, float32 for ``triton``), shaped like the labels.
+
+Config lines (see docs/integrations/verl.md)::
+
+    actor_rollout_ref.model.use_fused_kernels=True
+    actor_rollout_ref.model.fused_kernel_options.impl_backend=torch   # or triton (on CUDA)
+    # and in every verl process (the actor runs in a Ray worker):
+    export VERL_USE_EXTERNAL_MODULES=rlkern.integrations.verl_plugin
+    export RLKERN_VERL_PATCH_FUSED=1
+
+verl is imported lazily, when a patch function is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlkern.ops.linear_logprobs import linear_logprobs
+
+__all__ = ["fused_linear_for_ppo", "is_fused_patched", "patch_fused_kernels",
+           "unpatch_fused_kernels"]
+
+
+def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
+                         temperature: float = 1.0, *, entropy_dtype: torch.dtype | None = None,
+                         ) -> tuple[Tensor, Tensor]:
+    """``(log_probs, entropy)`` of ``softmax(hidden_states @ vocab_weights.T / temperature)``
+    at ``input_ids``, without forming the logits (ALGORITHMS.md §1, fused linear form).
+
+    Args:
+        hidden_states: ``(B, L, H)`` or ``(N, H)``, any float dtype.
+        vocab_weights: ``(V, H)`` LM-head weight, same dtype.
+        input_ids: ``hidden_states.shape[:-1]`` integer token ids in ``[0, V)`` (verl's labels,
+            the input ids rolled by one; every position is a valid id).
+        temperature: ``T > 0`` (a float, as verl passes it).
+        entropy_dtype: dtype of the returned entropy (default float32).
+
+    Returns:
+        ``log_probs`` float32 and ``entropy`` (``entropy_dtype``), both shaped like
+        ``input_ids``; differentiable wrt ``hidden_states`` and ``vocab_weights``.
+    """
+    if input_ids.shape != hidden_states.shape[:-1]:
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)} must match hidden_states "
+                         f"shape {tuple(hidden_states.shape[:-1])}")
+    out = linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
+                          temperature=float(temperature), return_entropy=True)
+    entropy = out.entropy if entropy_dtype is None else out.entropy.to(entropy_dtype)
+    return out.logprobs.float(), entropy
+
+
+def _torch_backend_forward(self: Any, hidden_states: Tensor, vocab_weights: Tensor,
+                           input_ids: Tensor, temperature: float = 1.0,
+                           ) -> tuple[Tensor, Tensor]:
+    """``FusedLinearForPPO.forward`` (verl's ``torch`` / ``liger`` backends): its entropy
+    comes in the hidden states' dtype."""
+    return fused_linear_for_ppo(hidden_states, vocab_weights, input_ids, temperature,
+                                entropy_dtype=hidden_states.dtype)
+
+
+def _triton_backend(hidden: Tensor, weight: Tensor, labels: Tensor,
+                    temperature: float | None = 1.0, reduction: str | None = "none",
+                    dist_process_group: Any = None) -> tuple[Tensor, Tensor]:
+    """``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` with ``reduction="none"``
+    (the only one verl's actor uses): float32 log-probs and entropy."""
+    if reduction is not None and reduction.lower() != "none":
+        raise ValueError(f"rlkern's fused actor path computes per-token values only; got "
+                         f"reduction={reduction!r}")
+    if dist_process_group is not None:
+        raise ValueError("rlkern's verl fused path takes the full LM head; pass "
+                         "dist_process_group=None (or use rlkern.linear_logprobs with "
+                         "process_group directly)")
+    return fused_linear_for_ppo(hidden, weight, labels, 1.0 if temperature is None
+                                else temperature)
+
+
+# (owner, attribute, verl's original) for every swap made by patch_fused_kernels
+_PATCHED: list[tuple[Any, str, Any]] = []
+
+
+def _targets() -> list[tuple[Any, str, Callable[..., Any]]]:
+    from verl.utils.experimental import torch_functional as verl_exp
+
+    targets: list[tuple[Any, str, Callable[..., Any]]] = [
+        (verl_exp.FusedLinearForPPO, "forward", _torch_backend_forward)]
+    try:  # the Triton route's module imports its CUDA kernels lazily; absent in old verls
+        from verl.utils.kernel import linear_cross_entropy as verl_lce
+    except ImportError:
+        return targets
+    targets.append((verl_lce, "linear_cross_entropy", _triton_backend))
+    return targets
+
+
+def patch_fused_kernels() -> list[str]:
+    """Route verl's fused actor path (``use_fused_kernels=True``, both ``impl_backend``
+    values) through :func:`fused_linear_for_ppo`. verl's model forwards import the fused
+    function at call time, so this works whenever it is called before the first forward.
+
+    Idempotent. Returns the patched ``owner.attribute`` names.
+    """
+    done = {(id(owner), attr) for owner, attr, _ in _PATCHED}
+    for owner, attr, replacement in _targets():
+        if (id(owner), attr) in done:
+            continue
+        _PATCHED.append((owner, attr, owner.__dict__[attr]))
+        setattr(owner, attr, replacement)
+    return [f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in _PATCHED]
+
+
+def unpatch_fused_kernels() -> None:
+    """Put verl's fused functions back. Idempotent."""
+    while _PATCHED:
+        owner, attr, original = _PATCHED.pop()
+        setattr(owner, attr, original)
+
+
+def is_fused_patched() -> bool:
+    return bool(_PATCHED)
