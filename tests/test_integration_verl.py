@@ -509,3 +509,38 @@ def test_patch_and_unpatch_torch_functional():
     assert verl_F.entropy_from_logits is VERL_ENTROPY
     assert verl_F.entropy_from_logits_with_chunking is VERL_ENTROPY_CHUNKED
     assert naive.logprobs_from_logits is VERL_LOGPROBS
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage of verl's registries, enumerated at run time
+
+
+def _verl_names(registry: dict) -> set[str]:
+    return {n for n in registry if not n.startswith("rlkern_")}
+
+
+def test_every_verl_registry_name_is_covered_or_listed_with_a_reason():
+    """A verl release that adds an estimator or a loss fails here until rlkern covers it or
+    lists it (with the reason) in rlkern.integrations.verl_coverage."""
+    from rlkern.integrations import verl_coverage as cov
+
+    for registry, covered, missing in (
+            (core_algos.ADV_ESTIMATOR_REGISTRY, cov.covered_estimators(),
+             cov.NOT_COVERED_ESTIMATORS),
+            (core_algos.POLICY_LOSS_REGISTRY, cov.covered_losses(), cov.NOT_COVERED_LOSSES)):
+        names = _verl_names(registry)
+        assert not set(covered) & set(missing), "listed as missing but covered"
+        assert names - set(covered) - set(missing) == set(), "verl names rlkern does not know"
+        assert set(covered) <= names, "rlkern covers a name verl does not have"
+        assert set(missing) <= names, "listed as missing but absent from verl"
+        assert all(reason.strip() for reason in missing.values())
+
+
+def test_coverage_table_in_docs_is_generated_from_the_code():
+    from pathlib import Path
+
+    from rlkern.integrations.verl_coverage import coverage_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "integrations" / "verl.md").read_text()
+    table = doc.split("<!-- coverage:begin -->\n", 1)[1].split("<!-- coverage:end -->", 1)[0]
+    assert table == coverage_markdown(), "regenerate the table: see docs/integrations/verl.md"
