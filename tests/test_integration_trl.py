@@ -349,6 +349,22 @@ def _logps_and_grads(fn, trainer, model, ids, am, K, weights):
                                        if p.grad is not None}
 
 
+def _trl_and_rlkern_logps(trainer, model, seed: int):
+    """TRL's and rlkern's log-probs, entropies and gradients on one batch; rlkern's path must
+    be taken (no fallback)."""
+    inputs = _batch(seed=seed)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    K = inputs["completion_ids"].shape[1]
+    w = torch.randn(ids.shape[0], K, generator=torch.Generator().manual_seed(seed + 1))
+    rt.reset_usage()
+    a = _logps_and_grads(GRPOTrainer.__dict__["_get_per_token_logps_and_entropies"],
+                         trainer, model, ids, am, K, w)
+    b = _logps_and_grads(rt.per_token_logps_and_entropies, trainer, model, ids, am, K, w)
+    assert rt.usage()["logps_rlkern"] == 1 and rt.usage()["logps_fallback"] == 0
+    return inputs, a, b
+
+
 @pytest.mark.parametrize("variant", ["plain", "bias", "tied", "temperature"])
 def test_logps_parity(variant, trainer):
     rt.remove()
@@ -370,16 +386,7 @@ def test_logps_parity(variant, trainer):
             # TRL's head takes the temperature when it is added (at trainer init)
             trainer.temperature = 0.7
             add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
-        inputs = _batch(seed=5)
-        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-        am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-        K = inputs["completion_ids"].shape[1]
-        w = torch.randn(ids.shape[0], K, generator=torch.Generator().manual_seed(4))
-        rt.reset_usage()
-        a = _logps_and_grads(GRPOTrainer.__dict__["_get_per_token_logps_and_entropies"],
-                             trainer, model, ids, am, K, w)
-        b = _logps_and_grads(rt.per_token_logps_and_entropies, trainer, model, ids, am, K, w)
-        assert rt.usage()["logps_rlkern"] == 1 and rt.usage()["logps_fallback"] == 0
+        inputs, a, b = _trl_and_rlkern_logps(trainer, model, seed=5)
     finally:
         rt.remove()  # take the forward wrapper off again
         model.lm_head, trainer.temperature = head, temperature
@@ -415,6 +422,40 @@ def test_logps_fallback_logit_softcapping(trainer):
                           "loss_fallback": 0, "generation_micro_groups": 0,
                           "generation_split_groups": 0}
     assert torch.equal(lp, ref) and ent is not None and aux is None
+
+
+def _scaled_model(kind: str) -> torch.nn.Module:
+    """A tiny random model of a family that scales its logits (the trainer's vocabulary)."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(7)
+    if kind == "cohere":  # logits * logit_scale
+        return transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=0.3,
+                                                                        **common))
+    return transformers.GraniteForCausalLM(  # logits / logits_scaling
+        transformers.GraniteConfig(logits_scaling=4.0, **common))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("kind", ["cohere", "granite"])
+def test_logps_parity_logit_scaling(kind, temperature, trainer):
+    """Models that scale their logits (Cohere's logit_scale, Granite's logits_scaling) take
+    the fused path — the scale folds into the temperature — and match TRL's own head."""
+    rt.remove()
+    model = _scaled_model(kind)
+    # TRL's method reads log-probs from its own fused head, added at trainer init
+    add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
+    saved = trainer.temperature
+    trainer.temperature = temperature
+    try:
+        _, a, b = _trl_and_rlkern_logps(trainer, model, seed=8)
+    finally:
+        rt.remove()
+        trainer.temperature = saved
+    torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-5)
+    for n, g in a[2].items():
+        assert float((g - b[2][n]).norm()) <= 1e-4 * float(g.norm()) + 1e-8, n
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,9 +36,9 @@ reason is logged once):
   ``token_type_ids``), MoE router auxiliary loss requested (``compute_aux_loss``), a model
   whose config is not its text config (VLMs), a model without a separate backbone
   (``base_model``) or without an ``nn.Linear`` output layer (e.g. a LoRA-wrapped ``lm_head``),
-  logit soft-capping or scaling (``final_logit_softcapping``, ``logit_scale``,
-  ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``), and a sharded
-  (DTensor, FSDP2) head weight.
+  logit soft-capping (``final_logit_softcapping``, ``output_multiplier``), and a sharded
+  (DTensor, FSDP2) head weight. Logit scales (``logit_scale``, ``logits_scaling``,
+  ``lm_head_multiplier``) take the fused path: a scale folds exactly into the temperature.
 * loss: ``loss_type="vespo"`` and the adaptive entropy controller (``use_adaptive_entropy``).
 
 Generation (opt-in): ``apply(generation="micro_groups", kv_budget_tokens=..., schedule=...,
@@ -102,10 +102,14 @@ PATCHED_METHODS = ("_get_per_token_logps_and_entropies", "_compute_loss")
 _MULTIMODAL_KWARGS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
                       "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
                       "mm_token_type_ids", "image_position_ids")
-# Config fields that make the logits something other than ``h W^T + b`` (TRL's fused head
-# reads the same ones); rlkern's op has no such transform.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
-                     "lm_head_multiplier", "logits_scaling")
+# Config fields that scale the logits, ``logits = s·(h Wᵀ + b)``, and how each model family
+# applies them (Cohere: ``* logit_scale``; Granite: ``/ logits_scaling``; Falcon-H1:
+# ``* lm_head_multiplier``). A scale folds exactly into the temperature: softmax(s·z / T) =
+# softmax(z / (T / s)), so these take the fused path with T / s.
+_LOGIT_MULTIPLIERS = {"logit_scale": False, "lm_head_multiplier": False, "logits_scaling": True}
+# Config fields of logit transforms the fused op does not have (soft-capping is nonlinear;
+# ``output_multiplier`` comes with it in the models that use it).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "output_multiplier")
 # Keyword arguments a wrapper (PEFT, TRL) may pass to the model that the backbone must not see.
 _HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head",
                      "logits_to_keep", "return_dict")
@@ -183,6 +187,9 @@ def _logps_fallback_reason(target: nn.Module, compute_aux_loss: bool,
         value = getattr(text_config, name, None)
         if value is not None and value != 1.0:
             return f"the model transforms its logits ({name}={value!r})"
+    scale = logit_multiplier(text_config)
+    if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
+        return f"the model scales its logits by {scale!r}"
     backbone = getattr(target, "base_model", None)
     if backbone is None or backbone is target:
         return f"{type(target).__name__} has no separate backbone (base_model)"
@@ -193,6 +200,22 @@ def _logps_fallback_reason(target: nn.Module, compute_aux_loss: bool,
     if type(head.weight).__name__ == "DTensor":
         return "the LM head weight is sharded (DTensor)"
     return None
+
+
+def logit_multiplier(text_config: Any) -> float:
+    """The factor ``s`` the model multiplies its logits by (1.0 for most models), from the
+    config fields of :data:`_LOGIT_MULTIPLIERS`."""
+    scale = 1.0
+    for name, divides in _LOGIT_MULTIPLIERS.items():
+        value = getattr(text_config, name, None)
+        if value is None:
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return value  # not a number: the caller falls back and says why
+        scale = scale / value if divides else scale * value
+    return scale
 
 
 def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] | None = None,
@@ -315,7 +338,9 @@ def per_token_logps_and_entropies(
         ids = input_ids[start:start + batch_size]
         am = attention_mask[start:start + batch_size]
         labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
-        request = {"labels": labels, "temperature": trainer.temperature,
+        # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s))
+        temperature = trainer.temperature / logit_multiplier(target.config.get_text_config())
+        request = {"labels": labels, "temperature": temperature,
                    "entropy": compute_entropy, "fp32_head": fp32_head}
         with trainer.accelerator.autocast():
             lp, ent = model(input_ids=ids, attention_mask=am, rlkern_request=request)
