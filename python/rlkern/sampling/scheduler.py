@@ -11,41 +11,70 @@ scheduler until then). Resident KV tokens at a step are
 with one copy of a prompt's prefix per group (prefill once, shared by the members), resident
 from the admission of the group's first member to the end of its last one.
 
-Budget. Lengths are unknown at admission, so each admission *reserves* the worst case:
-``max_new_tokens`` per active member plus ``prompt_len`` for a prefix not yet resident; a unit is
-admitted only if the reservations fit ``kv_budget_tokens``. The budget is therefore never
-exceeded whatever the lengths turn out to be, and every schedule runs under the same rule.
+Budget: admission by predicted length, growth on demand, recompute preemption. With
+``kv_budget_tokens`` a member is admitted against its *predicted* KV, not its worst case
+(``max_new_tokens``), and its KV grows by one token per step as it decodes:
+
+* Prediction (:meth:`Scheduler.remaining`). A member of prompt ``p`` with ``n`` tokens so far
+  is expected to need ``E[L | L > n] − n`` more tokens, estimated by the mean of its finished
+  siblings longer than ``n``; without one, :meth:`Scheduler.predict`: the mean length of its
+  finished siblings, else the mean of all finished lengths scaled by ``prompt_len[p] /`` the
+  mean prompt length of those, else ``length_prior`` (default ``max_new_tokens / 2``). Always
+  ≥ 1 (a member that outlived every prediction is expected to need one more token at a time)
+  and ≤ ``max_new_tokens − n``.
+* Admission (at refill points only: the start, after a finish or a preemption, or when
+  nothing runs). ``reserved()`` = resident KV + every active member's predicted remainder;
+  candidates are admitted while ``reserved() +`` their predicted KV (a new prefix, their
+  tokens so far — rebuilt on resumption — and their predicted remainder) fits the budget.
+  Each remainder is ≥ 1, so whatever is admitted fits the next step.
+* Preemption (before every step, :meth:`Scheduler.make_room`). If the next step (every
+  active member + 1 token) would exceed the budget, the active member with the longest
+  predicted remainder (ties: the later one in group-major order) is evicted, until it fits:
+  its KV is freed (its prefix too when no sibling runs) and it is queued again with the
+  tokens it has. Resuming, its KV is rebuilt (recompute, as vLLM's recompute preemption;
+  :func:`rlkern.generate_groups` replays the tokens, never re-draws them), counted in
+  ``recomputed_tokens``. ``length_aware`` resumes preempted members first, in eviction order,
+  and a preempted member that does not fit yet holds back fresh admissions (it cannot starve);
+  the static schedules put it back at its place in group-major order.
+* Limits. The budget is never exceeded (:func:`drive` checks it after every step). A budget
+  below the longest prompt + 1 token is refused up front; above it, every run progresses —
+  when nothing runs, the first candidate is admitted alone whatever its prediction — and
+  only a member that alone needs more than the budget (prompt + its length) stops the run
+  with a ``ValueError``. Tokens are never lost or drawn twice, so the number of steps is at
+  most ``Σ L`` and every run ends.
+
+Without a budget nothing is preempted: ``full_group`` / ``micro_group`` run one unit at a time
+and ``length_aware`` keeps ``micro_group_size`` members running. Every schedule runs under the
+same budget rule.
 
 Schedules:
 
 * ``"full_group"``: the unit of admission is a whole group (G members); groups are admitted in
-  order while their reservation fits (without a budget: one group at a time).
+  order while their predicted KV fits (without a budget: one group at a time).
 * ``"micro_group"`` (naive micro groups): units of ``micro_group_size`` members of one prompt in
   group-major order, admitted in *rounds*: a round starts when every member of the previous
   one has finished (without a budget: one micro group per round).
 * ``"length_aware"``: continuous refill at member granularity. Whenever KV frees (a member
-  finishes), the pending members to admit are chosen by a knapsack (below), so a finished
-  member's slot is refilled at once. The prediction for a member of prompt ``p`` is the mean
-  length of its finished siblings; before any sibling finishes, the mean of all finished
-  lengths scaled by ``prompt_len[p] / mean prompt_len of those``; before anything finishes,
-  ``max_new_tokens / 2``.
+  finishes or is preempted), the pending members to admit are chosen by a knapsack (below),
+  so a finished member's slot is refilled at once.
 
 Length-aware admission (the Infinite Sampling paper's FPTAS grouping, adapted). At a refill
-point the pending members form one class per prompt ``p`` (``n_p`` members, all with the same
-prediction ``L̂_p``). Admitting ``c`` members of ``p`` costs ``c · max_new_tokens`` reserved
+point the fresh pending members form one class per prompt ``p`` (``n_p`` members, all with the
+same prediction ``L̂_p``). Admitting ``c`` members of ``p`` costs ``c · ⌈L̂_p⌉`` predicted KV
 tokens plus ``prompt_len[p]`` once if its prefix is not resident (the shared prefix is a setup
 cost), and is worth ``c / L̂_p`` — the rate at which those members are expected to finish and
-free their KV, so that shortest-predicted-first (SJF) is the special case of equal costs. The
-admitted set maximises the total value under the free budget (``kv_budget_tokens − reserved``;
+free their KV, so that shortest-predicted-first (SJF) wins among equal costs. The admitted
+set maximises the total value under the free budget (``kv_budget_tokens − reserved()``;
 without a budget: the free slots of ``micro_group_size`` concurrent members, unit costs, no
 setup): a knapsack with setup costs, NP-hard in general, solved by :func:`knapsack_fptas` to
 within ``(1 − ε)`` of the optimum (dynamic programming over values scaled by
-``K = ε · v_max / n_max``; ``ε = 0.1`` by default). The paper plans rounds globally up front;
-here the plan is recomputed at every refill point over all pending members, because the
-predictions improve as siblings finish. Among choices of equal value the lighter one wins (a
-resident or shorter prefix), then the earlier prompt in SJF order, and members are taken in
-index order within a prompt; so, before any prediction exists, groups are filled one after
-another and the groups started first finish first (their advantages stream out early).
+``K = ε · LB / n_max``, LB a feasible greedy value; ``ε = 0.1`` by default). The paper plans
+rounds globally up front; here the plan is recomputed at every refill point over all pending
+members, because the predictions improve as siblings finish. Among choices of equal value the
+lighter one wins (a resident or shorter prefix), then the earlier prompt in SJF order, and
+members are taken in index order within a prompt; so, before any prediction exists, groups
+are filled one after another and the groups started first finish first (their advantages
+stream out early).
 """
 
 from __future__ import annotations
