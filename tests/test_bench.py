@@ -379,3 +379,24 @@ def test_floors_touch_inputs_and_return_nothing() -> None:
     kit.write_once(x, torch.float32)
     leaf = kit.fresh_leaf(x)
     assert leaf.requires_grad and leaf.is_leaf and leaf.data_ptr() == x.data_ptr()
+
+
+def test_micro_groups_summary_reports_the_kv_budget_simulation(tmp_path) -> None:
+    """The micro_groups case's summary (no real run given) has the issue 18 simulation per
+    schedule, with and without the budget, and its plot has the budget row."""
+    pytest.importorskip("matplotlib", reason="the summary's plot needs matplotlib")
+    from rlkern.bench.cases.sample import kv_budget_report, micro_groups_summary
+
+    small = kv_budget_report(P=6, G=8, prompt_len=32, max_new=512, seed=1)
+    budget = small["kv_budget_tokens"]
+    assert budget == small["unbudgeted"]["full_group"]["peak_tokens"] // 2
+    assert set(small["budgeted"]) == {"full_group", "micro_group", "length_aware"}
+    for r in small["budgeted"].values():
+        assert r["peak_tokens"] <= budget and 0 < r["kv_utilisation"] <= 1
+    lines = micro_groups_summary([], str(tmp_path))
+    budget_lines = [line for line in lines if line.startswith("issue 18 simulation, ")]
+    assert len(budget_lines) == 6
+    assert all("preemptions" in line and "recomputed" in line
+               for line in budget_lines if ", budget:" in line)
+    assert any("target ≥ 25%" in line for line in lines)
+    assert (tmp_path / "micro_groups.png").stat().st_size > 0

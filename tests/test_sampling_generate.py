@@ -86,3 +86,54 @@ def test_bad_inputs(model):
 
     with pytest.raises(ValueError, match="KV cache"):
         rlkern.generate_groups(NoCache(), prompts, group_size=2, max_new_tokens=5)
+
+
+def test_identical_completions_under_budgets_with_preemption(model):
+    """Admission by predicted length under tight budgets preempts members and rebuilds their
+    KV on resumption: completions and logprobs stay bitwise the same, and the run's metrics
+    are those rlkern.sampling.simulate gives for the same lengths (one scheduler)."""
+    from rlkern.sampling import simulate
+
+    prompts = _prompts()
+    kw = dict(group_size=4, max_new_tokens=10, seed=7, temperature=1.0, top_k=20,
+              eos_token_id=[3, 17, 40, 64, 99], micro_group_size=2)
+    ref = rlkern.generate_groups(model, prompts, schedule="full_group", **kw)
+    assert ref.lengths.min() < ref.lengths.max()  # lengths differ: predictions matter
+    preempted = {}
+    # 17 = longest prompt + max_new_tokens: every member fits alone; prior 1 admits eagerly.
+    for schedule in ("full_group", "micro_group", "length_aware"):
+        for budget, prior in ((17, 1), (17, None), (25, 2), (40, 1)):
+            r = rlkern.generate_groups(model, prompts, schedule=schedule,
+                                       kv_budget_tokens=budget, length_prior=prior, **kw)
+            key = (schedule, budget, prior)
+            assert r.completions == ref.completions, key
+            for a, b in zip(r.logprobs, ref.logprobs, strict=True):
+                assert torch.equal(a, b), key
+            assert r.schedule.peak_tokens <= budget, key
+            assert r.stats.num_groups == 3
+            sim = simulate(ref.lengths.reshape(3, 4), [5, 7, 3], schedule=schedule,
+                           group_size=4, micro_group_size=2, kv_budget_tokens=budget,
+                           length_prior=prior, max_new_tokens=10)
+            assert sim == r.schedule, key
+            preempted[key] = r.schedule
+    for schedule in ("full_group", "micro_group", "length_aware"):
+        run = preempted[(schedule, 17, 1)]
+        assert run.preemptions > 0 and run.recomputed_tokens > 0, schedule
+
+
+def test_budget_errors(model):
+    prompts = _prompts()  # longest prompt: 7 tokens
+    kw = dict(group_size=2, max_new_tokens=5, seed=0)
+    with pytest.raises(ValueError, match="too small for one member"):
+        rlkern.generate_groups(model, prompts, kv_budget_tokens=7, **kw)
+    with pytest.raises(ValueError, match="not both"):
+        rlkern.generate_groups(model, prompts, kv_budget_tokens=20, kv_budget_bytes=10**6,
+                               **kw)
+    # 8 tokens admit any member, but no member can reach 5 tokens alone: a clear error.
+    with pytest.raises(ValueError, match="alone"):
+        rlkern.generate_groups(model, prompts, kv_budget_tokens=8, **kw)
+    # The same budget in bytes and in tokens is the same run.
+    per_tok = kv_bytes_per_token(model.config, torch.float32)
+    a = rlkern.generate_groups(model, prompts, kv_budget_tokens=12, **kw)
+    b = rlkern.generate_groups(model, prompts, kv_budget_bytes=12 * per_tok + per_tok - 1, **kw)
+    assert a.completions == b.completions and a.schedule == b.schedule

@@ -9,6 +9,15 @@ with ragged caches would need a variable-length attention kernel whose per-row r
 depend on the batch; until then the schedules differ in *when* a member runs (and in the memory
 and decode steps they need), never in *what* it produces. The sampler call itself is batched
 over all active members (it is batch invariant).
+
+Preemption (under ``kv_budget_bytes`` / ``kv_budget_tokens``, see
+:mod:`rlkern.sampling.scheduler`): an evicted member's cache is freed and its tokens and
+logprobs are kept; when it resumes its KV is rebuilt by replaying its generated tokens one
+batch-of-one forward at a time on a copy of the prompt's prefix — the very computations that
+first built that KV, so it is bitwise the same and the member continues exactly as if it had
+never been evicted. (A one-shot prefill over those tokens, as vLLM's recompute does, would be
+cheaper but its KV can differ from incremental decoding in the last bits — other matmul
+shapes — which could move a token at a near-tie.) Nothing already drawn is drawn again.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ class GroupRollouts(NamedTuple):
     logprob (``log_softmax(x/T)``) of each generated token; ``lengths``: int64 ``(P·G,)``;
     ``group_ids``: int64 ``(P·G,)`` (= p); ``stats``: :class:`rlkern.GroupStats` of the scores,
     filled group by group as each completes; ``schedule``: the scheduler's
-    :class:`SimResult` (peak KV tokens, decode steps, utilisation) for this run.
+    :class:`SimResult` for this run (peak KV tokens, decode steps, utilisation, preemptions,
+    recomputed tokens, mean KV tokens and KV utilisation), from the same code as
+    :func:`rlkern.sampling.simulate`.
     """
 
     completions: list[list[int]]
@@ -66,6 +77,8 @@ def generate_groups(
     schedule: str = "length_aware",
     micro_group_size: int | None = None,
     kv_budget_bytes: int | None = None,
+    kv_budget_tokens: int | None = None,
+    length_prior: float | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -80,13 +93,19 @@ def generate_groups(
         model: a Hugging Face causal LM whose forward accepts ``past_key_values`` and
             ``use_cache=True`` and returns a cache (e.g. ``LlamaForCausalLM``).
         prompts: ``P`` 1-D int token tensors.
-        group_size: ``G``. max_new_tokens: per-member cap (also the per-member reservation).
+        group_size: ``G``. max_new_tokens: per-member cap.
         schedule: ``"length_aware"`` (continuous refill, FPTAS knapsack admission of the
             shortest predicted members), ``"micro_group"`` (rounds of
             micro groups) or ``"full_group"`` — see :mod:`rlkern.sampling.scheduler`.
         micro_group_size: ``m`` (default ``max(1, G // 8)``, see
             :func:`rlkern.sampling.scheduler.default_micro_group_size`).
         kv_budget_bytes: KV memory budget; tokens = bytes // :func:`kv_bytes_per_token`.
+            Members are admitted against predicted lengths and preempted (KV freed, rebuilt
+            on resumption) when the next step would exceed it; at least the longest prompt
+            + 1 token, and a member longer than the budget minus its prompt is an error.
+        kv_budget_tokens: the same budget in tokens (give one of the two).
+        length_prior: predicted length before any member has finished (default
+            ``max_new_tokens / 2``).
         temperature, top_k, top_p, min_p: sampler options (:func:`rlkern.sample`).
         seed: base seed; member j of prompt p uses :func:`member_seed` and step = position.
         eos_token_id: token(s) that end a completion (kept in it).
@@ -108,7 +127,9 @@ def generate_groups(
                          "generate_groups needs a causal LM with a KV cache")
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    budget_tokens = None
+    if kv_budget_bytes is not None and kv_budget_tokens is not None:
+        raise ValueError("give kv_budget_bytes or kv_budget_tokens, not both")
+    budget_tokens = kv_budget_tokens
     if kv_budget_bytes is not None:
         per_tok = kv_bytes_per_token(config, dtype)
         budget_tokens = int(kv_budget_bytes) // per_tok
@@ -116,7 +137,7 @@ def generate_groups(
     G = group_size
     sched = Scheduler([int(p.numel()) for p in prompts], group_size=G, schedule=schedule,
                       max_new_tokens=max_new_tokens, kv_budget_tokens=budget_tokens,
-                      micro_group_size=micro_group_size)
+                      micro_group_size=micro_group_size, length_prior=length_prior)
     P = len(prompts)
     prefix: dict[int, tuple[object, Tensor]] = {}  # prompt → (cache, last-position logits)
     caches: dict[tuple[int, int], object] = {}
@@ -124,6 +145,13 @@ def generate_groups(
     toks: dict[tuple[int, int], list[int]] = {}
     lps: dict[tuple[int, int], list[float]] = {}
     stats = GroupStats()
+
+    def decode(token: int, cache):
+        """One batch-of-one forward of ``token`` on ``cache``: (new cache, fp32 logits)."""
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[token]], device=dev), past_key_values=cache,
+                        use_cache=True)
+        return out.past_key_values, out.logits[0, -1].float()
 
     def on_admit(new):
         for p, j in new:
@@ -135,9 +163,20 @@ def generate_groups(
                                      "a causal LM with a KV cache")
                 prefix[p] = (out.past_key_values, out.logits[0, -1].float())
             cache, logits = prefix[p]
-            caches[(p, j)] = copy.deepcopy(cache)  # the member's own copy of the prefix KV
-            pending_logits[(p, j)] = logits
-            toks[(p, j)], lps[(p, j)] = [], []
+            cache = copy.deepcopy(cache)  # the member's own copy of the prefix KV
+            if (p, j) in toks:
+                # Resumed after a preemption: rebuild the KV of every generated token but the
+                # last (the next step feeds it) by replaying them; nothing is sampled again.
+                for t in toks[(p, j)][:-1]:
+                    cache, _ = decode(t, cache)
+            else:
+                pending_logits[(p, j)] = logits
+                toks[(p, j)], lps[(p, j)] = [], []
+            caches[(p, j)] = cache
+
+    def on_preempt(evicted):
+        for mem in evicted:
+            del caches[mem]  # its tokens and logprobs stay; on_admit rebuilds the KV
 
     def on_step(active):
         rows = []
@@ -145,11 +184,8 @@ def generate_groups(
             if mem in pending_logits:  # first token: from the shared prefill logits
                 rows.append(pending_logits.pop(mem))
                 continue
-            with torch.no_grad():
-                out = model(input_ids=torch.tensor([[toks[mem][-1]]], device=dev),
-                            past_key_values=caches[mem], use_cache=True)
-            caches[mem] = out.past_key_values
-            rows.append(out.logits[0, -1].float())
+            caches[mem], logits = decode(toks[mem][-1], caches[mem])
+            rows.append(logits)
         seeds = torch.tensor([member_seed(seed, p, j, G) for p, j in active], dtype=torch.int64)
         steps = torch.tensor([len(toks[mem]) for mem in active], dtype=torch.int64)
         res = sample(torch.stack(rows).cpu(), temperature=temperature, top_k=top_k, top_p=top_p,
@@ -171,7 +207,8 @@ def generate_groups(
         stats.update(torch.tensor(scores, dtype=torch.float64),
                      torch.full((G,), p, dtype=torch.int64))
 
-    result = drive(sched, on_admit=on_admit, on_step=on_step, on_group_done=on_group_done)
+    result = drive(sched, on_admit=on_admit, on_step=on_step, on_group_done=on_group_done,
+                   on_preempt=on_preempt)
     order = [(p, j) for p in range(P) for j in range(G)]
     return GroupRollouts(
         completions=[toks[m] for m in order],

@@ -22,7 +22,9 @@ Benchmark case ``micro_groups``: :func:`rlkern.generate_groups` on a tiny random
 wall time (timed by the harness), peak KV tokens, decode steps and utilisation (the
 scheduler's :class:`~rlkern.sampling.SimResult` of the run) — checked to give the same
 completions; its summary adds the simulation of a lognormal length distribution at scale
-(:func:`micro_group_report`) and, with ``--plot``, ``micro_groups.png``.
+(:func:`micro_group_report`), every schedule on the workload of issue 18 with and without a
+KV budget of half the full group's peak — decode steps, peak KV, preemptions, recomputed
+tokens (:func:`kv_budget_report`) — and, with ``--plot``, ``micro_groups.png``.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def micro_group_report(P: int = 64, G: int = 16, m: int | None = None,
     * ``peak_ratio`` — micro groups of ``m`` (default: the schedulers' default micro-group
       size, one micro group at a time) vs the full group of ``G``: peak resident KV tokens;
     * ``step_reduction`` — length-aware vs naive micro groups, same budget (two micro groups'
-      worst-case reservation): 1 − decode steps ratio.
+      worst case, ``2 · (300 + m · L_max)`` tokens; both admit by predicted length): 1 −
+      decode steps ratio.
     """
     from rlkern.sampling import simulate
     from rlkern.sampling.scheduler import default_micro_group_size
@@ -146,6 +149,41 @@ def micro_group_report(P: int = 64, G: int = 16, m: int | None = None,
         "naive_peak_tokens": naive.peak_tokens, "length_aware_peak_tokens": la.peak_tokens,
         "step_reduction": 1 - la.decode_steps / naive.decode_steps,
         "naive_utilisation": naive.utilisation, "length_aware_utilisation": la.utilisation,
+        "naive_kv_utilisation": naive.kv_utilisation,
+        "length_aware_kv_utilisation": la.kv_utilisation,
+        "naive_preemptions": naive.preemptions, "length_aware_preemptions": la.preemptions,
+    }
+
+
+def kv_budget_report(P: int = 64, G: int = 16, prompt_len: int = 256, max_new: int = 4096,
+                     seed: int = 0) -> dict[str, Any]:
+    """Every schedule on the workload of issue 18, via :func:`rlkern.sampling.simulate`:
+    ``P`` prompts of ``prompt_len`` tokens × ``G`` members, lognormal lengths (μ = 6, σ = 0.8
+    in log tokens) capped at ``max_new``; first one unit at a time (no budget, default
+    micro-group size), then all under a KV budget of half the full group's peak (admission by
+    predicted length, recompute preemption).
+
+    Returns ``{"kv_budget_tokens": B, "unbudgeted": {schedule: SimResult fields},
+    "budgeted": {schedule: SimResult fields}, "peak_ratio": micro / full peak without a
+    budget, "step_reduction": 1 − length-aware under B / micro groups without a budget}``.
+    """
+    from dataclasses import asdict
+
+    from rlkern.sampling import SCHEDULES, simulate
+
+    g = torch.Generator().manual_seed(seed)
+    L = torch.exp(torch.randn(P, G, generator=g) * 0.8 + 6.0).round().long().clamp(1, max_new)
+    pl = [prompt_len] * P
+    free = {s: asdict(simulate(L, pl, schedule=s, group_size=G, max_new_tokens=max_new))
+            for s in SCHEDULES}
+    budget = free["full_group"]["peak_tokens"] // 2
+    held = {s: asdict(simulate(L, pl, schedule=s, group_size=G, max_new_tokens=max_new,
+                               kv_budget_tokens=budget)) for s in SCHEDULES}
+    return {
+        "P": P, "G": G, "kv_budget_tokens": budget, "unbudgeted": free, "budgeted": held,
+        "peak_ratio": free["micro_group"]["peak_tokens"] / free["full_group"]["peak_tokens"],
+        "step_reduction": 1 - (held["length_aware"]["decode_steps"]
+                               / free["micro_group"]["decode_steps"]),
     }
 
 
@@ -261,7 +299,8 @@ def micro_groups_summary(results: list[Any], plot_dir: str | None) -> tuple[str,
                         "decode_steps": stats.decode_steps, "utilisation": stats.utilisation}
         lines.append(f"real run {r.impl}: median {r.timing.median:.3f} s, peak KV "
                      f"{stats.peak_tokens} tokens, {stats.decode_steps} decode steps, "
-                     f"utilisation {stats.utilisation:.2f}")
+                     f"utilisation {stats.utilisation:.2f}, {stats.preemptions} preemptions "
+                     f"({stats.recomputed_tokens} tokens recomputed)")
     if {"micro_group", "full_group", "length_aware"} <= set(real):
         mg, fg, la = real["micro_group"], real["full_group"], real["length_aware"]
         lines.append(
@@ -275,22 +314,48 @@ def micro_groups_summary(results: list[Any], plot_dir: str | None) -> tuple[str,
         f"{sim['peak_ratio']:.3f} (target ≤ 0.5); decode steps length-aware/naive micro, "
         f"budget {sim['kv_budget_tokens']} tokens: {sim['length_aware_decode_steps']}/"
         f"{sim['naive_decode_steps']}, {sim['step_reduction']:.1%} fewer (target ≥ 25%)")
+    kv = kv_budget_report()
+    lines.extend(kv_budget_lines(kv))
     if plot_dir is not None:
-        lines.append(f"wrote {plot_micro_groups(Path(plot_dir) / 'micro_groups.png', real, sim)}")
+        lines.append(
+            f"wrote {plot_micro_groups(Path(plot_dir) / 'micro_groups.png', real, sim, kv)}")
     return tuple(lines)
 
 
+def kv_budget_lines(kv: dict[str, Any]) -> list[str]:
+    """The summary lines of :func:`kv_budget_report`: one per schedule and budget setting."""
+    head = "issue 18 simulation"
+    lines = [f"{head}: P={kv['P']} prompts of 256 tokens × G={kv['G']}, lognormal lengths "
+             f"μ=6 σ=0.8 capped at 4096; KV budget {kv['kv_budget_tokens']} tokens = half the "
+             f"full-group peak"]
+    for s, r in kv["unbudgeted"].items():
+        lines.append(f"{head}, {s}, no budget: peak KV {r['peak_tokens']} tokens, "
+                     f"{r['decode_steps']} decode steps")
+    for s, r in kv["budgeted"].items():
+        lines.append(
+            f"{head}, {s}, budget: peak KV {r['peak_tokens']} tokens, {r['decode_steps']} "
+            f"decode steps, {r['preemptions']} preemptions, {r['recomputed_tokens']} tokens "
+            f"recomputed, KV utilisation {r['kv_utilisation']:.2f}")
+    lines.append(f"{head}: peak KV micro/full (no budget) {kv['peak_ratio']:.3f} (target ≤ "
+                 f"0.5); decode steps length-aware under the budget vs micro groups without "
+                 f"one: {kv['step_reduction']:.1%} fewer (target ≥ 25%)")
+    return lines
+
+
 def plot_micro_groups(path: Path, real: dict[str, dict[str, float]],
-                      sim: dict[str, float]) -> Path:
-    """Two rows of bars: the real run per schedule (wall time, peak KV tokens, decode steps)
-    and the simulation (peak KV tokens, decode steps)."""
+                      sim: dict[str, float], kv: dict[str, Any] | None = None) -> Path:
+    """Rows of bars: the real run per schedule (wall time, peak KV tokens, decode steps),
+    the simulation (peak KV tokens, decode steps) and, given ``kv``
+    (:func:`kv_budget_report`), the issue 18 workload per schedule under its KV budget
+    (decode steps, peak KV tokens, preemptions)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
     colours = {"full_group": "tab:gray", "micro_group": "tab:blue", "length_aware": "tab:orange"}
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(3 if kv is not None else 2, 3,
+                             figsize=(13, 10.5 if kv is not None else 7))
     order = [s for s in ("full_group", "micro_group", "length_aware") if s in real]
     for ax, key, title in zip(axes[0], ("wall_s", "peak_tokens", "decode_steps"),
                               ("wall time (s, median)", "peak KV tokens", "decode steps"),
@@ -307,9 +372,9 @@ def plot_micro_groups(path: Path, real: dict[str, dict[str, float]],
         ("decode steps, same KV budget",
          {f"micro_group m={m}": sim["naive_decode_steps"],
           "length_aware": sim["length_aware_decode_steps"]}),
-        ("utilisation, same KV budget",
-         {f"micro_group m={m}": sim["naive_utilisation"],
-          "length_aware": sim["length_aware_utilisation"]}),
+        ("KV utilisation (mean KV / budget), same budget",
+         {f"micro_group m={m}": sim["naive_kv_utilisation"],
+          "length_aware": sim["length_aware_kv_utilisation"]}),
     )
     for ax, (title, vals) in zip(axes[1], panels, strict=True):
         names = list(vals)
@@ -318,12 +383,26 @@ def plot_micro_groups(path: Path, real: dict[str, dict[str, float]],
         for i, v in enumerate(vals.values()):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"simulation: {title}", fontsize=9)
+    if kv is not None:
+        held = kv["budgeted"]
+        for ax, key, title in zip(axes[2], ("decode_steps", "peak_tokens", "preemptions"),
+                                  ("decode steps", "peak KV tokens", "preemptions"),
+                                  strict=True):
+            names = list(held)
+            vals = [held[s][key] for s in names]
+            ax.bar(names, vals, color=[colours[s] for s in names])
+            for i, v in enumerate(vals):
+                ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+            ax.set_title(f"issue 18 workload, budget {kv['kv_budget_tokens']} tokens: {title}",
+                         fontsize=9)
     for ax in axes.flat:
         ax.tick_params(labelsize=8)
     fig.suptitle("micro-group generation, G = 16 — top: generate_groups on a tiny random Llama "
-                 "(same completions under every schedule);\nbottom: simulation, lognormal "
-                 f"lengths, P = {sim['P']}, m = {m}, KV budget {sim['kv_budget_tokens']} tokens",
-                 fontsize=10)
+                 "(same completions under every schedule);\n"
+                 f"{'middle' if kv is not None else 'bottom'}: simulation, lognormal "
+                 f"lengths, P = {sim['P']}, m = {m}, KV budget {sim['kv_budget_tokens']} tokens"
+                 + ("; bottom: the issue 18 workload under its KV budget" if kv is not None
+                    else ""), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
