@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from rlkern.sampling.generate import GroupRollouts, generate_groups, kv_bytes_per_token
+from rlkern.sampling.generate import GroupRollouts, generate_groups
 from rlkern.sampling.scheduler import SCHEDULES
 
 __all__ = [
@@ -93,10 +93,10 @@ class GenerationOptions:
     """How rlkern generates inside TRL (the arguments of ``apply(generation="micro_groups")``).
 
     ``kv_budget_tokens``: KV-cache budget in tokens (prompt prefixes + generated tokens of the
-    resident members, see :mod:`rlkern.sampling.scheduler`), or ``None`` for one unit at a time;
-    converted to bytes with :func:`rlkern.sampling.kv_bytes_per_token` for the generating
-    model. ``schedule``: one of :data:`rlkern.sampling.SCHEDULES`. ``micro_group_size``: ``m``
-    (default ``max(1, G // 8)``).
+    resident members, see :mod:`rlkern.sampling.scheduler`), or ``None`` for one unit at a time
+    (``generate_groups``' own ``kv_budget_tokens``). ``schedule``: one of
+    :data:`rlkern.sampling.SCHEDULES`. ``micro_group_size``: ``m`` (default
+    ``max(1, G // 8)``).
     """
 
     kv_budget_tokens: int | None = None
@@ -259,10 +259,6 @@ def generate_single_turn(trainer: Any, options: GenerationOptions, prompt_ids: l
         use_cache = config.use_cache
         config.use_cache = True
         try:
-            budget = None
-            if options.kv_budget_tokens is not None:
-                dtype = next(model.parameters()).dtype
-                budget = options.kv_budget_tokens * kv_bytes_per_token(config, dtype)
             for part, (size, chunks) in enumerate(sorted(plan.items(), reverse=True)):
                 out = generate_groups(
                     model, [torch.tensor(prompt_ids[c[0]], dtype=torch.long) for c in chunks],
@@ -270,7 +266,7 @@ def generate_single_turn(trainer: Any, options: GenerationOptions, prompt_ids: l
                     # a smaller chunk (split group) caps m at its own size
                     micro_group_size=None if options.micro_group_size is None
                     else min(options.micro_group_size, size),
-                    kv_budget_bytes=budget,
+                    kv_budget_tokens=options.kv_budget_tokens,
                     seed=_call_seed(trainer, call, part), **sampling)
                 rollouts.append(out)
                 for p, rows in enumerate(chunks):  # rollout row p·G + j is member j of chunk p
