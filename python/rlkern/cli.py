@@ -13,10 +13,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from rlkern.aot import add_arguments as add_aot_arguments
+    from rlkern.bench import cli as bench_cli
     from rlkern.bench.cli import add_arguments as add_bench_arguments
     from rlkern.demo import add_arguments as add_demo_arguments
 
-    add_bench_arguments(sub.add_parser("bench", help="time rlkern against its peers"))
+    add_bench_arguments(sub.add_parser(
+        "bench", help="time rlkern against its peers", description=bench_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     add_aot_arguments(sub.add_parser("aot-report", help="compile GPU kernels ahead of time "
                                                        "and report their resource usage"))
     add_demo_arguments(sub.add_parser("demo", help="train a tiny model with GRPO on a toy task "
