@@ -168,7 +168,7 @@ def _check_header(line: str) -> None:
     when = dt.datetime.fromisoformat(date)
     assert when.utcoffset() == dt.timedelta(0)  # UTC, ISO 8601
     assert abs((dt.datetime.now(dt.timezone.utc) - when).total_seconds()) < 600
-    assert report._cpu_model() in line and "cores" in line
+    assert report.cpu_model() in line and "cores" in line
     assert f"torch {torch.__version__}" in line and "triton " in line
     assert "noisy = IQR ≥ 10% of the median after up to 8 rounds" in line
 

@@ -1,6 +1,7 @@
 """The ``rlkern`` command: ``rlkern bench`` (benchmarks), ``rlkern aot-report`` (GPU code
-compiled ahead of time: registers, spills, shared memory) and ``rlkern demo`` (a GRPO loop on
-CPU that learns a toy task)."""
+compiled ahead of time: registers, spills, shared memory), ``rlkern demo`` (a GRPO loop on
+CPU that learns a toy task) and ``rlkern gpu-check`` (tests and timings on a CUDA machine in
+one run; ``--dry-run`` on CPU)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
                                                        "and report their resource usage"))
     add_demo_arguments(sub.add_parser("demo", help="train a tiny model with GRPO on a toy task "
                                                    "(CPU, a few minutes); plot its reward"))
+    from rlkern import gpu_check
+
+    gpu_check.add_arguments(sub.add_parser(
+        "gpu-check", help="validate on a CUDA machine: tests on CUDA tensors, timings against "
+        "peers and the bandwidth floor, one JSON + Markdown report (--dry-run: on CPU)",
+        description=gpu_check.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -31,7 +31,8 @@ _MIB = 1024 * 1024
 # Environment
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -53,7 +54,7 @@ def environment(device: torch.device | str, extra: Mapping[str, Any] | None = No
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(dev),
@@ -250,14 +251,14 @@ def print_tables(results: Sequence[Measurement], console: Any | None = None,
 # JSON
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: non-finite floats become strings (JSON has no inf/NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -272,7 +273,7 @@ def to_json(results: Sequence[Measurement], env: Mapping[str, Any],
     ``ratio_floor`` null, and so does every ratio taken to it (``extra.ratio_withheld`` names
     those).
     """
-    return _clean({
+    return json_safe({
         "schema": SCHEMA,
         "header": header_line(env),
         "environment": dict(env),
