@@ -181,6 +181,16 @@ def test_bandwidth_table_misses_unknown_gpus() -> None:
     assert bw["bytes_per_s"] == bw["measured_copy_bytes_per_s"] and "measured" in bw["source"]
 
 
+def test_registered_ops_come_from_the_dispatcher() -> None:
+    from rlkern import backends
+
+    if not backends.has_cpp():
+        pytest.skip("rlkern._C is not built")
+    cpu = machine.ops_registered("CPU")
+    assert "rlkern::logprobs_fwd_out" in cpu and all(n.startswith("rlkern::") for n in cpu)
+    assert bool(machine.ops_registered("CUDA")) == backends.has_cuda_kernels()
+
+
 def test_peers_are_found_not_imported(monkeypatch) -> None:
     import importlib.util
 
@@ -202,3 +212,21 @@ def test_traffic_of_the_floors() -> None:
     assert views.total == 0
     mm = count_traffic(lambda: torch.ones(8, 16) @ torch.ones(16, 4))
     assert mm.compute_bound and mm.read == (8 * 16 + 16 * 4) * 4 and mm.written == 8 * 4 * 4
+
+
+def test_no_case_starts_after_the_deadline() -> None:
+    import time
+
+    bench = steps.run_bench(device=torch.device("cpu"), dry_run=True, bytes_per_s=1e10,
+                            deadline=time.monotonic() - 1)
+    assert bench["passes"] == [{"backend": "auto", "results": []}]
+    names = sorted(set(case_names()) - steps.NOT_OPS)
+    assert bench["skipped"] == [f"{n} [auto]: the check's time limit was reached" for n in names]
+
+
+def test_op_selects_the_cases(tmp_path) -> None:
+    assert cli.main(["gpu-check", "--dry-run", "--skip-tests", "--op", "gigpo",
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["bench"]["passes"][0]["results"]
+    assert {r["case"] for r in rows} == {"gigpo"} and {r["impl"] for r in rows} == {"rlkern",
+                                                                                   "floor"}

@@ -32,8 +32,8 @@ import torch
 SCHEMA = "rlkern-gpu-check/1"
 DEFAULT_OUT = "gpu_check"
 #: Whole check, seconds: the timing step starts no new case after this (target: < 8 min).
-DEFAULT_DEADLINE_S = 400.0
-DEFAULT_PYTEST_TIMEOUT_S = 240.0
+DEFAULT_DEADLINE_S = 330.0
+DEFAULT_PYTEST_TIMEOUT_S = 210.0
 #: Bytes per buffer of the measured copy (GPU / dry run).
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 

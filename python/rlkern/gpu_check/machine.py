@@ -102,22 +102,16 @@ def peers() -> dict[str, str | None]:
     return found
 
 
-def cuda_ops_registered() -> list[str]:
-    """Names of the ``rlkern::*`` custom ops that have a CUDA kernel registered."""
+def ops_registered(dispatch_key: str = "CUDA") -> list[str]:
+    """Sorted names of the ``rlkern::*`` ops of ``rlkern._C`` with a kernel registered for
+    ``dispatch_key`` (``"CUDA"``: the CUDA kernels; ``"CPU"``: the C++ CPU kernels), read from
+    the dispatcher (``torch.ops.rlkern`` lists only the ops already looked up)."""
     from rlkern import backends
 
     if not backends.has_cpp():
         return []
-    names = []
-    for name in sorted(dir(torch.ops.rlkern)):
-        packet = getattr(torch.ops.rlkern, name, None)
-        if not hasattr(packet, "overloads"):
-            continue
-        for overload in packet.overloads():
-            qualified = f"rlkern::{name}" + ("" if overload == "default" else f".{overload}")
-            if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA"):
-                names.append(qualified)
-    return names
+    return sorted(n for n in torch._C._dispatch_get_registrations_for_dispatch_key(dispatch_key)
+                  if n.startswith("rlkern::"))
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -136,7 +130,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "rlkern": rlkern.__version__,
         "rlkern_C_built": backends.has_cpp(),
         "rlkern_C_with_cuda": backends.has_cuda_kernels(),
-        "cuda_ops_registered": cuda_ops_registered(),
+        "cuda_ops_registered": ops_registered("CUDA"),
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "driver": _driver(),
