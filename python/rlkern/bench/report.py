@@ -219,7 +219,7 @@ def print_tables(results: Sequence[Measurement], console: Any | None = None,
         # Piped or captured output: rich would assume 80 columns and wrap every row.
         console = Console(width=160)
     if env is not None:
-        console.print(header_line(env), highlight=False, markup=False)
+        console.print(header_line(env), highlight=False, markup=False, soft_wrap=True)
     for (case, mode), rows in _groups(results).items():
         table = Table(title=f"{case} — {mode} ({rows[0].dtype}, {rows[0].device})",
                       title_justify="left")
