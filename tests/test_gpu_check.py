@@ -61,7 +61,8 @@ def test_dry_run_tests_step(dry_run) -> None:
 def test_dry_run_times_every_op_against_the_bandwidth_floor(dry_run) -> None:
     _, out = dry_run
     bench = json.loads((out / "gpu_check.json").read_text())["bench"]
-    assert [p["backend"] for p in bench["passes"]] == ["auto"] and bench["skipped"] == []
+    assert [p["backend"] for p in bench["passes"]] == ["auto"]
+    assert bench["skipped"] == bench["failed"] == []
     rows = bench["passes"][0]["results"]
     assert {r["case"] for r in rows} == set(case_names()) - steps.NOT_OPS
     for r in rows:
@@ -230,3 +231,23 @@ def test_op_selects_the_cases(tmp_path) -> None:
     rows = json.loads((tmp_path / "gpu_check.json").read_text())["bench"]["passes"][0]["results"]
     assert {r["case"] for r in rows} == {"gigpo"} and {r["impl"] for r in rows} == {"rlkern",
                                                                                    "floor"}
+
+
+def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path, monkeypatch) -> None:
+    real = steps._time_case
+
+    def flaky(case, **kw):
+        if case.name == "gigpo":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(case, **kw)
+
+    monkeypatch.setattr(steps, "_time_case", flaky)
+    assert cli.main(["gpu-check", "--dry-run", "--skip-tests", "--op", "gigpo", "--op",
+                     "advantages", "--op", "nonexistent", "--out", str(tmp_path)]) == 1
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    bench = data["bench"]
+    assert bench["failed"][0] == "gigpo [auto]: OutOfMemoryError: CUDA out of memory"
+    assert bench["failed"][1].startswith("nonexistent [auto]: KeyError")
+    assert {r["case"] for r in bench["passes"][0]["results"]} == {"advantages"}
+    assert data["steps"][-1]["status"] == "failed" and "gigpo [auto]" in data["steps"][-1]["reason"]
+    assert "- failed: gigpo [auto]: OutOfMemoryError" in (tmp_path / "gpu_check.md").read_text()

@@ -106,6 +106,9 @@ def check(out_dir: Path, *, dry_run: bool, pytest_timeout_s: float = DEFAULT_PYT
         report["bench"] = _step(report, "bench", lambda: steps.run_bench(
             device=device, dry_run=dry_run, bytes_per_s=report["bandwidth"]["bytes_per_s"],
             deadline=began + deadline_s, ops=ops))
+        if report["bench"] is not None and report["bench"]["failed"]:
+            report["steps"][-1].update(status="failed", reason="case(s) failed: " + "; ".join(
+                report["bench"]["failed"]))
     else:
         report["bench"] = None
         report["steps"].append({"name": "bench", "status": "skipped",

@@ -53,6 +53,7 @@ def _bench_lines(bench: dict[str, Any]) -> list[str]:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"- not timed: {s}" for s in bench.get("skipped", ())]
+    lines += [f"- failed: {s}" for s in bench.get("failed", ())]
     return lines
 
 

@@ -151,13 +151,46 @@ def _hbm_floor(case: Any, size: Any, mode: str, dtype: torch.dtype, device: torc
     return {"hbm_floor_s": traffic.total / bytes_per_s, "floor_bytes": traffic.total}
 
 
+def _time_case(case: Any, *, device: torch.device, dry_run: bool, bytes_per_s: float,
+               budget_s: float, peers: bool) -> list[dict[str, Any]]:
+    """Rows of one case: its measurements (JSON-ready) with the bandwidth floor and ratio."""
+    from rlkern.bench.cases import CaseOptions
+    from rlkern.bench.runner import DEFAULT_MAX_IQR, DEFAULT_MAX_REPEATS, OK, run_case
+
+    dtype = CaseOptions().dtype
+    sizes = _tiny(case.quick_sizes) if dry_run else case.quick_sizes
+    measured = run_case(
+        case, sizes=sizes, repeats=3 if dry_run else 5, budget_s=budget_s, device=device,
+        dtype=dtype, only=None if peers and not dry_run else (), max_iqr=DEFAULT_MAX_IQR,
+        max_repeats=3 if dry_run else DEFAULT_MAX_REPEATS)
+    floors: dict[tuple[str, str], dict[str, Any]] = {}
+    rows = []
+    for m in measured:
+        key = (m.mode, repr(m.size))
+        if key not in floors:
+            size = next(s for s in sizes if dict(s.dims) == m.size)
+            try:
+                floors[key] = _hbm_floor(case, size, m.mode, dtype, device, bytes_per_s)
+            except Exception as exc:  # the timings stand without it
+                floors[key] = {"hbm_floor_s": None, "floor_bytes": None,
+                               "why": f"bytes not counted: {type(exc).__name__}: {exc}"}
+        row = asdict(m)
+        row.update(floors[key])
+        hbm = floors[key]["hbm_floor_s"]
+        row["ratio_hbm"] = (m.timing.median / hbm if m.status == OK and m.timing and hbm
+                            and not m.noisy else None)
+        rows.append(row)
+    return rows
+
+
 def run_bench(*, device: torch.device, dry_run: bool, bytes_per_s: float, deadline: float,
               ops: list[str] | None = None, budget_s: float = 10.0) -> dict[str, Any]:
-    """Time every op case (see the module doc). Cases not started by ``deadline`` (a
-    ``time.monotonic()`` value) are listed as skipped. Returns the report's ``bench`` part."""
+    """Time every op case (see the module doc); peers only in the first backend's pass.
+    Cases not started by ``deadline`` (a ``time.monotonic()`` value) are listed in
+    ``skipped``, cases that raised in ``failed``, with the reason. Returns the report's
+    ``bench`` part."""
     from rlkern import backends
     from rlkern.bench.cases import CaseOptions, case_names, get_case
-    from rlkern.bench.runner import DEFAULT_MAX_IQR, DEFAULT_MAX_REPEATS, OK, run_case
 
     names = [n for n in (ops or case_names()) if n not in NOT_OPS]
     if device.type == "cuda":
@@ -166,6 +199,7 @@ def run_bench(*, device: torch.device, dry_run: bool, bytes_per_s: float, deadli
         kinds = ["auto"]  # the dry run: the CPU kernels
     passes: list[dict[str, Any]] = []
     skipped: list[str] = []
+    failed: list[str] = []
     for backend in kinds:
         rows: list[dict[str, Any]] = []
         for name in names:
@@ -174,27 +208,13 @@ def run_bench(*, device: torch.device, dry_run: bool, bytes_per_s: float, deadli
             if time.monotonic() > deadline:
                 skipped.append(f"{name} [{backend}]: the check's time limit was reached")
                 continue
-            case = get_case(name, CaseOptions(device=device, rlkern_backend=backend))
-            sizes = _tiny(case.quick_sizes) if dry_run else case.quick_sizes
-            # Peers run once, with the first backend; later passes time rlkern and the floor.
-            only = () if (dry_run or backend != kinds[0]) else None
-            measured = run_case(
-                case, sizes=sizes, repeats=3 if dry_run else 5, budget_s=budget_s,
-                device=device, dtype=CaseOptions().dtype, only=only, max_iqr=DEFAULT_MAX_IQR,
-                max_repeats=3 if dry_run else DEFAULT_MAX_REPEATS)
-            floors: dict[tuple[str, str], dict[str, Any]] = {}
-            for m in measured:
-                key = (m.mode, repr(m.size))
-                if key not in floors:
-                    size = next(s for s in sizes if dict(s.dims) == m.size)
-                    floors[key] = _hbm_floor(case, size, m.mode, CaseOptions().dtype, device,
-                                             bytes_per_s)
-                row = asdict(m)
-                row["extra"] = {k: v for k, v in m.extra.items() if k != "traceback"}
-                row.update(floors[key])
-                hbm = floors[key]["hbm_floor_s"]
-                row["ratio_hbm"] = (m.timing.median / hbm if m.status == OK and m.timing
-                                    and hbm and not m.noisy else None)
-                rows.append(row)
+            try:  # one case failing (e.g. out of memory) must not lose the others' rows
+                rows += _time_case(get_case(name, CaseOptions(device=device,
+                                                              rlkern_backend=backend)),
+                                   device=device, dry_run=dry_run, bytes_per_s=bytes_per_s,
+                                   budget_s=budget_s, peers=backend == kinds[0])
+            except Exception as exc:
+                failed.append(f"{name} [{backend}]: "
+                              + f"{type(exc).__name__}: {exc}".splitlines()[0])
         passes.append({"backend": backend, "results": rows})
-    return {"passes": passes, "skipped": skipped, "bytes_per_s": bytes_per_s}
+    return {"passes": passes, "skipped": skipped, "failed": failed, "bytes_per_s": bytes_per_s}
