@@ -26,6 +26,7 @@ LAYERS = {
     "ops": 2,
     "sampling": 3,
     "integrations": 4, "bench": 4, "demo": 4, "aot": 4, "cli": 4, "__main__": 4,
+    "gpu_check": 4,
 }
 
 

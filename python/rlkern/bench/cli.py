@@ -8,6 +8,14 @@ Examples::
 
 All implementations run in this one process, one after another, with their timed calls
 interleaved; on CPU, glibc's allocator is set as :mod:`rlkern.bench.allocator` describes.
+
+Noise rule: the timed calls run in interleaved rounds (one call per implementation, the order
+rotating each round). After --repeats rounds, more rounds run until every implementation's
+interquartile range (IQR) is below --max-iqr × its median (default 0.10), or --max-repeats
+rounds have run, or one more round would take an implementation past --budget. A measurement
+whose IQR is still at or above that bound is noisy: its median is printed with a "~" prefix
+and every ratio that involves it (× rlkern, × floor) reads "noisy" instead of a number (null,
+with "noisy": true, in the JSON). Every table starts with the run's UTC date and the machine.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 
 from rlkern.backends import BACKENDS
 from rlkern.bench import allocator
+from rlkern.bench.runner import DEFAULT_MAX_IQR, DEFAULT_MAX_REPEATS
 
 DEFAULT_BUDGET_S = 45.0
 DEFAULT_REPEATS = 5
@@ -43,8 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="PATH", help="write Markdown tables")
     parser.add_argument("--plot", metavar="DIR", help="write PNG plots (time, memory vs size)")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="K",
-                        help="timed calls per measurement; the median is reported "
-                        "(default %(default)s)")
+                        help="timed calls (rounds) per measurement at least; the median is "
+                        "reported (default %(default)s)")
+    parser.add_argument("--max-iqr", type=float, default=DEFAULT_MAX_IQR, metavar="FRACTION",
+                        help="repeat rounds until every IQR is below FRACTION × its median; "
+                        "one still at or above it is reported noisy, with no ratio "
+                        "(default %(default)g; 0 = no repeats and no noise rule)")
+    parser.add_argument("--max-repeats", type=int, default=DEFAULT_MAX_REPEATS, metavar="K",
+                        help="at most K rounds of timed calls in all (>= --repeats; default "
+                        "%(default)s)")
     parser.add_argument("--mode", action="append", metavar="MODE",
                         help="only this mode, e.g. fwd or fwd+bwd (repeatable)")
     parser.add_argument("--impl", action="append", metavar="NAME",
@@ -67,6 +83,14 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.repeats < 1:
         print("rlkern bench: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.max_iqr < 0:
+        print("rlkern bench: --max-iqr must be >= 0 (0 turns the noise rule off)",
+              file=sys.stderr)
+        return 2
+    if args.max_repeats < args.repeats:
+        print(f"rlkern bench: --max-repeats ({args.max_repeats}) must be >= --repeats "
+              f"({args.repeats})", file=sys.stderr)
         return 2
     if args.repeats < DEFAULT_REPEATS:
         print(f"rlkern bench: note: {args.repeats} timed calls per measurement; medians of fewer "
@@ -92,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     notes: dict[str, tuple[str, ...]] = {}
     extra_env: dict[str, str] = {}
     budget = args.budget if args.budget and args.budget > 0 else None
-    env = report.environment(device)  # dated when the run starts
+    max_iqr = args.max_iqr or None  # 0: off
+    # Dated when the run starts; the noise rule goes into every table's header line.
+    env = report.environment(device, {"max_iqr": max_iqr, "max_repeats": args.max_repeats})
     with report.Progress(console) as progress:
         for name in names:
             case = get_case(name, options)
@@ -112,12 +138,13 @@ def run(args: argparse.Namespace) -> int:
                 continue
             measured = run_case(case, sizes=sizes, modes=modes, repeats=args.repeats,
                                 budget_s=budget, device=device, dtype=options.dtype,
-                                only=args.impl, listener=progress)
+                                only=args.impl, listener=progress, max_iqr=max_iqr,
+                                max_repeats=args.max_repeats)
             results += measured
             if case.summary is not None:
                 notes[name] = (*notes[name], *case.summary(measured, args.plot))
     env.update(extra_env)
-    report.print_tables(results, console, notes)
+    report.print_tables(results, console, notes, env)
     if args.json:
         console.print(f"wrote {report.write_json(args.json, results, env, notes)}")
     if args.markdown:

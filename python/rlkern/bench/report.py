@@ -31,7 +31,8 @@ _MIB = 1024 * 1024
 # Environment
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -53,7 +54,7 @@ def environment(device: torch.device | str, extra: Mapping[str, Any] | None = No
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(dev),
@@ -66,13 +67,29 @@ def environment(device: torch.device | str, extra: Mapping[str, Any] | None = No
     if dev.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(dev)
         env["cuda"] = torch.version.cuda
-    try:
-        # Metadata, not an import: importing trl takes seconds.
-        env["trl"] = importlib.metadata.version("trl")
-    except importlib.metadata.PackageNotFoundError:  # an optional peer; the case says so
-        env["trl"] = None
+    for package in ("triton", "trl"):
+        try:
+            # Metadata, not an import: importing trl takes seconds.
+            env[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:  # optional; the cases say so
+            env[package] = None
     env.update(extra or {})
     return env
+
+
+def header_line(env: Mapping[str, Any]) -> str:
+    """One line that dates a table and names the machine: UTC date (ISO 8601), CPU model and
+    cores, GPU where there is one, torch / triton versions, and the noise rule of the run."""
+    parts = [f"run {env.get('date')}", f"{env.get('cpu')}, {env.get('cpu_count')} cores "
+             f"({env.get('torch_threads')} torch threads)"]
+    if env.get("gpu"):
+        parts.append(f"{env.get('gpu')} (CUDA {env.get('cuda')})")
+    parts.append(f"torch {env.get('torch')}, triton {env.get('triton') or 'not installed'}")
+    parts.append(f"device {env.get('device')}")
+    if env.get("max_iqr") is not None:
+        parts.append(f"noisy = IQR ≥ {float(env['max_iqr']):.0%} of the median after up to "
+                     f"{env.get('max_repeats')} rounds (no ratio given)")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +116,34 @@ def fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.3g}×"
 
 
+#: What a table prints in place of a ratio withheld because a median in it is noisy.
+NOISY = "noisy"
+
+
+def ratio_cell(m: Measurement, which: str) -> str:
+    """``m.ratio_rlkern`` / ``m.ratio_floor`` (``which``) as printed: ``noisy`` where the
+    runner withheld it because a median in it is noisy, ``—`` where there is none."""
+    if which in m.extra.get("ratio_withheld", ()):  # type: ignore[operator]
+        return NOISY
+    return fmt_ratio(getattr(m, which))
+
+
+def median_cell(m: Measurement) -> str:
+    """The median as printed; a noisy one carries a ``~`` prefix."""
+    text = fmt_time(m.timing.median if m.timing else None)
+    return f"~{text}" if m.noisy else text
+
+
 def _check_text(m: Measurement) -> str:
     """The check column: agreement with rlkern, or why there is no number."""
     if m.status != OK:
         return f"{m.status}: {m.reason}"
+    if m.noisy:
+        noisy = (f"{NOISY}: IQR {m.timing.iqr / m.timing.median:.0%} of the median"
+                 if m.timing is not None and m.timing.median > 0 else NOISY)
+        if m.reason or m.check is not None:
+            return f"{noisy}; {m.reason or m.check.message}"  # type: ignore[union-attr]
+        return noisy
     if m.reason:
         return m.reason
     if m.check is None:
@@ -166,8 +207,10 @@ class Progress(Listener):
 
 
 def print_tables(results: Sequence[Measurement], console: Any | None = None,
-                 notes: Mapping[str, Sequence[str]] | None = None) -> None:
-    """One rich table per (case, mode); a section per size."""
+                 notes: Mapping[str, Sequence[str]] | None = None,
+                 env: Mapping[str, Any] | None = None) -> None:
+    """One rich table per (case, mode); a section per size. With ``env``, the
+    :func:`header_line` (date, machine) is printed first."""
     from rich.console import Console
     from rich.table import Table
 
@@ -175,6 +218,8 @@ def print_tables(results: Sequence[Measurement], console: Any | None = None,
     if not console.is_terminal and console.width < 160:
         # Piped or captured output: rich would assume 80 columns and wrap every row.
         console = Console(width=160)
+    if env is not None:
+        console.print(header_line(env), highlight=False, markup=False, soft_wrap=True)
     for (case, mode), rows in _groups(results).items():
         table = Table(title=f"{case} — {mode} ({rows[0].dtype}, {rows[0].device})",
                       title_justify="left")
@@ -190,13 +235,12 @@ def print_tables(results: Sequence[Measurement], console: Any | None = None,
             last = m.size
             warned = m.check is not None and bool(m.check.warnings)
             style = ("red" if m.status in ("error", "mismatch") else "dim"
-                     if m.status == "skipped" else "yellow" if warned else None)
+                     if m.status == "skipped" else "yellow" if warned or m.noisy else None)
             table.add_row(
-                _size_text(m.size) if first else "", m.impl,
-                fmt_time(m.timing.median if m.timing else None),
+                _size_text(m.size) if first else "", m.impl, median_cell(m),
                 fmt_time(m.timing.iqr if m.timing else None),
-                fmt_bytes(m.peak_bytes), fmt_ratio(m.ratio_rlkern), fmt_ratio(m.ratio_floor),
-                _check_text(m), style=style,
+                fmt_bytes(m.peak_bytes), ratio_cell(m, "ratio_rlkern"),
+                ratio_cell(m, "ratio_floor"), _check_text(m), style=style,
             )
         console.print(table)
         for note in (notes or {}).get(case, ()):
@@ -207,26 +251,31 @@ def print_tables(results: Sequence[Measurement], console: Any | None = None,
 # JSON
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: non-finite floats become strings (JSON has no inf/NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def to_json(results: Sequence[Measurement], env: Mapping[str, Any],
             notes: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """The whole run as one JSON-ready dict: ``schema``, ``environment``, ``notes``, ``results``.
+    """The whole run as one JSON-ready dict: ``schema``, ``header`` (:func:`header_line`),
+    ``environment``, ``notes``, ``results``.
 
     Each result holds every timed call (``timing.times``, seconds), the warm-up calls, the
     summary (median, min, IQR), peak extra memory in bytes, ratios and the check's errors.
+    A result with ``noisy: true`` keeps its raw timing but has ``ratio_rlkern`` and
+    ``ratio_floor`` null, and so does every ratio taken to it (``extra.ratio_withheld`` names
+    those).
     """
-    return _clean({
+    return json_safe({
         "schema": SCHEMA,
+        "header": header_line(env),
         "environment": dict(env),
         "notes": {k: list(v) for k, v in (notes or {}).items()},
         "results": [asdict(m) for m in results],
@@ -251,9 +300,10 @@ def to_markdown(results: Sequence[Measurement], env: Mapping[str, Any],
     lines = [
         "# rlkern benchmark",
         "",
-        f"torch {env.get('torch')}, {env.get('cpu')}, {env.get('torch_threads')} threads, "
-        f"device {env.get('device')}, {env.get('date')}. Median of the timed calls; "
-        "ratios are to rlkern and to the floor measured in the same run.",
+        header_line(env) + ".",
+        "",
+        "Median of the timed calls; ratios are to rlkern and to the floor measured in the same "
+        f"run. A `~` median is noisy; a ratio that involves one reads `{NOISY}`.",
         "",
     ]
     for (case, mode), rows in _groups(results).items():
@@ -266,9 +316,9 @@ def to_markdown(results: Sequence[Measurement], env: Mapping[str, Any],
                                  for h in head) + "|"]
         for m in rows:
             cells = [str(m.size[d]) for d in dims] + [
-                m.impl, fmt_time(m.timing.median if m.timing else None),
+                m.impl, median_cell(m),
                 fmt_time(m.timing.iqr if m.timing else None), fmt_bytes(m.peak_bytes),
-                fmt_ratio(m.ratio_rlkern), fmt_ratio(m.ratio_floor),
+                ratio_cell(m, "ratio_rlkern"), ratio_cell(m, "ratio_floor"),
                 _check_text(m).replace("|", "/"),
             ]
             lines.append("| " + " | ".join(cells) + " |")

@@ -295,7 +295,8 @@ def micro_groups_summary(results: list[Any], plot_dir: str | None) -> tuple[str,
         stats = _RUN_STATS.get((",".join(f"{k}={v}" for k, v in r.size.items()), r.impl))
         if stats is None or r.timing is None:
             continue
-        real[r.impl] = {"wall_s": r.timing.median, "peak_tokens": stats.peak_tokens,
+        real[r.impl] = {"wall_s": r.timing.median, "noisy": float(r.noisy),
+                        "peak_tokens": stats.peak_tokens,
                         "decode_steps": stats.decode_steps, "utilisation": stats.utilisation}
         lines.append(f"real run {r.impl}: median {r.timing.median:.3f} s, peak KV "
                      f"{stats.peak_tokens} tokens, {stats.decode_steps} decode steps, "
@@ -306,7 +307,10 @@ def micro_groups_summary(results: list[Any], plot_dir: str | None) -> tuple[str,
         lines.append(
             f"real run ratios: peak KV micro/full {mg['peak_tokens'] / fg['peak_tokens']:.3f}, "
             f"decode steps length-aware/micro {la['decode_steps'] / mg['decode_steps']:.3f}, "
-            f"wall time length-aware/micro {la['wall_s'] / mg['wall_s']:.3f}")
+            "wall time length-aware/micro " + (
+                # A noisy median gives no ratio (the rule of rlkern.bench.runner).
+                "noisy" if la["noisy"] or mg["noisy"]
+                else f"{la['wall_s'] / mg['wall_s']:.3f}"))
     sim = micro_group_report()
     lines.append(
         f"simulation (lognormal μ=5.5 σ=0.8, P={sim['P']}, G={sim['G']}, m={sim['m']}): peak KV "

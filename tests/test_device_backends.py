@@ -1,0 +1,120 @@
+"""The device suite: every compiled backend of the device under test against the float64
+reference (or, for sampling, the CPU kernel's tokens), on tensors on that device.
+
+The device is ``$RLKERN_TEST_DEVICE`` (``cpu`` or ``cuda``), by default ``cuda`` where CUDA is
+available. On CUDA the backends are ``triton`` and ``cuda`` (the CUDA C++ kernels of
+``rlkern._C``; skipped, with the reason, where ``_C`` was built without them); on CPU the C++
+kernels (``cpu``). ``rlkern gpu-check`` runs this file with ``RLKERN_TEST_DEVICE=cuda``: it is
+where the CUDA C++ kernels meet CUDA tensors in the test suite (the ``*_triton.py`` files
+cover the Triton kernels on CUDA tensors in depth). Small shapes: the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import rlkern
+from conftest import assert_close_grad, assert_close_rows, stable_seed
+from policy_loss_cases import CASES, make_inputs
+from rlkern import backends
+from rlkern.reference import token_logprobs_reference
+from test_policy_loss import _check, _reference, _run
+
+DEVICE = os.environ.get("RLKERN_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"RLKERN_TEST_DEVICE must be cpu or cuda, got {DEVICE!r}")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("RLKERN_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+
+
+def _backends() -> list[object]:
+    if DEVICE == "cpu":
+        return ["cpu"]
+    no_cuda = pytest.mark.skipif(not backends.has_cuda_kernels(),
+                                 reason="rlkern._C was built without the CUDA kernels")
+    return ["triton", pytest.param("cuda", marks=no_cuda)]
+
+
+BACKENDS = _backends()
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().cpu()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 1000), (1, 4097)], ids=str)
+def test_token_logprobs_forward_backward(backend, dtype, shape) -> None:
+    gen = torch.Generator().manual_seed(stable_seed("device-lp", shape, str(dtype)))
+    logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    if labels.numel() > 1:
+        labels.view(-1)[0] = -100  # an ignored position
+    x = logits.to(DEVICE, copy=True).requires_grad_()
+    out = rlkern.token_logprobs(x, labels.to(DEVICE), return_entropy=True, backend=backend)
+    w_lp, w_ent = torch.randn(shape[:-1], generator=gen), torch.randn(shape[:-1], generator=gen)
+    ((out.logprobs * w_lp.to(DEVICE)).sum() + (out.entropy * w_ent.to(DEVICE)).sum()).backward()
+
+    ref_x = logits.double().requires_grad_()
+    ref = token_logprobs_reference(ref_x, labels)
+    ((ref["logprobs"] * w_lp.double()).sum() + (ref["entropy"] * w_ent.double()).sum()).backward()
+    assert out.logprobs.device.type == DEVICE
+    assert_close_rows(_cpu(out.logprobs), ref["logprobs"], dtype, f"logprobs/{backend}")
+    assert_close_rows(_cpu(out.entropy), ref["entropy"], dtype, f"entropy/{backend}")
+    assert x.grad is not None and x.grad.dtype == dtype
+    assert_close_grad(_cpu(x.grad), ref_x.grad, dtype, f"grad/{backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_policy_loss_every_case_float32(name, backend) -> None:
+    case = CASES[name]
+    inp = make_inputs(6, 11, torch.float32, seed=stable_seed("device-pl", name) % 1000)
+    out, grads = _run(case, {k: v.to(DEVICE) for k, v in inp.items()}, backend)
+    assert out.loss.device.type == DEVICE
+    on_cpu = SimpleNamespace(loss=_cpu(out.loss),
+                             metrics={k: _cpu(v) for k, v in out.metrics.items()})
+    _check(on_cpu, [_cpu(g) for g in grads], _reference(case, inp), torch.float32,
+           f"{name}/{backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "dr_grpo"])
+def test_group_advantages(backend, estimator) -> None:
+    gen = torch.Generator().manual_seed(stable_seed("device-adv", estimator))
+    scores = torch.randn(64, generator=gen)
+    scores[8:16] = 0.5  # a group with zero variance
+    got = rlkern.group_advantages(scores.to(DEVICE), group_size=8, estimator=estimator,
+                                  backend=backend)
+    ref = rlkern.group_advantages(scores.double(), group_size=8, estimator=estimator,
+                                  backend="torch")
+    assert got.advantages.device.type == DEVICE
+    for field in ("advantages", "group_mean", "group_std"):
+        torch.testing.assert_close(_cpu(getattr(got, field)).double(), getattr(ref, field),
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, f=field: f"{f}: {m}")
+    assert torch.equal(_cpu(got.zero_variance_mask), ref.zero_variance_mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", [dict(temperature=0.7), dict(top_k=8, top_p=0.8, min_p=0.05)],
+                         ids=str)
+def test_sample_matches_the_cpu_kernel(backend, opts) -> None:
+    gen = torch.Generator().manual_seed(stable_seed("device-sample", str(opts)))
+    x = torch.randn(16, 300, generator=gen) * 2
+    seeds = torch.randint(0, 2**40, (16,), generator=gen)
+    steps = torch.randint(0, 99, (16,), generator=gen)
+    got = rlkern.sample(x.to(DEVICE), seeds=seeds.to(DEVICE), steps=steps.to(DEVICE),
+                        return_entropy=True, backend=backend, **opts)
+    cpu = rlkern.sample(x, seeds=seeds, steps=steps, return_entropy=True, backend="cpu", **opts)
+    assert got.tokens.device.type == DEVICE
+    # The counter-based draws are the same on every backend (docs/sampling.md).
+    assert torch.equal(_cpu(got.tokens), cpu.tokens)
+    for f in ("raw_logprobs", "processed_logprobs", "entropy"):
+        torch.testing.assert_close(_cpu(getattr(got, f)).double(), getattr(cpu, f).double(),
+                                   rtol=1e-5, atol=2e-5, msg=lambda m, f=f: f"{f}: {m}")
