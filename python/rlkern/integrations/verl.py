@@ -62,6 +62,7 @@ __all__ = [
     "logprobs_from_logits",
     "patch_torch_functional",
     "register",
+    "scan_estimator",
     "unpatch_torch_functional",
     "unregister",
 ]
@@ -292,6 +293,38 @@ def _as_float(x: Any, name: str) -> float:
     return float(x)
 
 
+def scan_estimator(name: str, token_level_rewards: Tensor, response_mask: Tensor, *,
+                   values: Tensor | None = None, gamma: float = 1.0, lam: float = 1.0,
+                   reward_baselines: Tensor | None = None,
+                   backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """verl's token-level estimator ``name`` (``"gae"``, ``"reinforce_plus_plus"``,
+    ``"remax"``) as ``(advantages, returns)``: one :func:`rlkern.gae` scan on ``backend``, then
+    what verl does after its loop (whitening, masking, the baseline). The registered functions
+    below call it with verl's arguments; ``rlkern bench --op gae`` with its backend."""
+    with torch.no_grad():
+        if name == "gae":
+            if values is None:
+                raise ValueError("gae needs values (verl's trainer passes the critic's)")
+            dtype = torch.promote_types(token_level_rewards.dtype, values.dtype)
+            out = gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam,
+                      backend=backend)
+            return _masked_whiten(out.advantages.to(dtype), response_mask), out.returns.to(dtype)
+        dtype = token_level_rewards.dtype
+        if name == "reinforce_plus_plus":
+            out = gae(token_level_rewards, None, response_mask, gamma=gamma, lam=1.0,
+                      backend=backend)
+            returns = out.advantages.to(dtype) * response_mask
+            return _masked_whiten(returns, response_mask) * response_mask, returns
+        if name == "remax":
+            if reward_baselines is None:
+                raise ValueError("remax needs reward_baselines (the greedy rollout's rewards)")
+            out = gae(token_level_rewards, None, response_mask, gamma=1.0, lam=1.0,
+                      backend=backend)
+            returns = out.advantages.to(dtype)
+            return returns - reward_baselines.unsqueeze(-1) * response_mask, returns
+    raise ValueError(f"name must be gae, reinforce_plus_plus or remax, got {name!r}")
+
+
 def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor,
                                  response_mask: Tensor, gamma: Any,
                                  lam: Any) -> tuple[Tensor, Tensor]:
@@ -303,12 +336,8 @@ def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor,
     verl's trainer routes only ``adv_estimator=gae`` to this signature (with ``values`` from
     its critic); it calls any other name, ``rlkern_gae`` included, without ``values``.
     """
-    dtype = torch.promote_types(token_level_rewards.dtype, values.dtype)
-    with torch.no_grad():
-        out = gae(token_level_rewards, values, response_mask, gamma=_as_float(gamma, "gamma"),
-                  lam=_as_float(lam, "lam"))
-        advantages = _masked_whiten(out.advantages.to(dtype), response_mask)
-    return advantages, out.returns.to(dtype)
+    return scan_estimator("gae", token_level_rewards, response_mask, values=values,
+                          gamma=_as_float(gamma, "gamma"), lam=_as_float(lam, "lam"))
 
 
 def compute_reinforce_plus_plus_outcome_advantage(
@@ -320,12 +349,8 @@ def compute_reinforce_plus_plus_outcome_advantage(
     if config is None:
         raise ValueError("rlkern_reinforce_plus_plus needs verl's algorithm config (config=..., "
                          "for gamma), as verl's compute_reinforce_plus_plus_outcome_advantage does")
-    gamma = _as_float(_cfg_get(config, "gamma", 1.0), "gamma")
-    with torch.no_grad():
-        out = gae(token_level_rewards, None, response_mask, gamma=gamma, lam=1.0)
-        returns = out.advantages.to(token_level_rewards.dtype) * response_mask
-        advantages = _masked_whiten(returns, response_mask) * response_mask
-    return advantages, returns
+    return scan_estimator("reinforce_plus_plus", token_level_rewards, response_mask,
+                          gamma=_as_float(_cfg_get(config, "gamma", 1.0), "gamma"))
 
 
 def compute_remax_outcome_advantage(token_level_rewards: Tensor, reward_baselines: Tensor,
@@ -335,11 +360,8 @@ def compute_remax_outcome_advantage(token_level_rewards: Tensor, reward_baseline
     ``values=None, gamma=lam=1``), ``advantages = returns − baseline_b · mask``;
     ``reward_baselines`` ``(bs,)`` is the greedy rollout's reward (verl's trainer generates it
     only for ``adv_estimator=remax``)."""
-    with torch.no_grad():
-        out = gae(token_level_rewards, None, response_mask, gamma=1.0, lam=1.0)
-        returns = out.advantages.to(token_level_rewards.dtype)
-        advantages = returns - reward_baselines.unsqueeze(-1) * response_mask
-    return advantages, returns
+    return scan_estimator("remax", token_level_rewards, response_mask,
+                          reward_baselines=reward_baselines)
 
 
 for _fn in (compute_gae_advantage_return, compute_reinforce_plus_plus_outcome_advantage,

@@ -41,7 +41,7 @@ __all__ = ["fused_linear_for_ppo", "is_fused_patched", "patch_fused_kernels",
 
 def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
                          temperature: float = 1.0, *, entropy_dtype: torch.dtype | None = None,
-                         ) -> tuple[Tensor, Tensor]:
+                         backend: str = "auto") -> tuple[Tensor, Tensor]:
     """``(log_probs, entropy)`` of ``softmax(hidden_states @ vocab_weights.T / temperature)``
     at ``input_ids``, without forming the logits (ALGORITHMS.md §1, fused linear form).
 
@@ -52,6 +52,7 @@ def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids
             the input ids rolled by one; every position is a valid id).
         temperature: ``T > 0`` (a float, as verl passes it).
         entropy_dtype: dtype of the returned entropy (default float32).
+        backend: :func:`rlkern.linear_logprobs`'s backend (``"auto"``: the device's default).
 
     Returns:
         ``log_probs`` float32 and ``entropy`` (``entropy_dtype``), both shaped like
@@ -61,7 +62,8 @@ def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)} must match hidden_states "
                          f"shape {tuple(hidden_states.shape[:-1])}")
     out = linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
-                          temperature=float(temperature), return_entropy=True)
+                          temperature=float(temperature), return_entropy=True,
+                          backend=backend)
     entropy = out.entropy if entropy_dtype is None else out.entropy.to(entropy_dtype)
     return out.logprobs.float(), entropy
 

@@ -21,6 +21,7 @@ The figure that matters is the peak extra memory: the non-fused path holds ``N Ã
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from rlkern.bench.cases.linear_logprobs import (
     make_inputs,
     row_and_grad_tolerances,
 )
-from rlkern.bench.kit import Peer, fresh_leaf
+from rlkern.bench.kit import Peer, RlkernBackend, fresh_leaf
 
 FULL_SIZES = [Size({"N": 4096, "H": 512, "V": V_QWEN}), Size({"N": 1024, "H": 1024, "V": V_QWEN})]
 QUICK_SIZES = [Size({"N": 1024, "H": 512, "V": V_QWEN})]
@@ -63,10 +64,13 @@ def _run(fn, mode: str):
     return fwd if mode == "fwd" else fwd_bwd
 
 
-def _rlkern(hidden, weight, labels):
+def _rlkern(backend: str) -> Callable:
     from rlkern.integrations.verl_fused import fused_linear_for_ppo
 
-    return fused_linear_for_ppo(hidden, weight, labels)
+    def call(hidden, weight, labels):
+        return fused_linear_for_ppo(hidden, weight, labels, backend=backend)
+
+    return call
 
 
 def _verl_fused(hidden, weight, labels):
@@ -84,10 +88,13 @@ def _verl_non_fused(hidden, weight, labels):
 
 @register("verl_actor")
 def verl_actor_case(options: CaseOptions) -> Case:
-    """The ``verl_actor`` case (CPU or CUDA; the rlkern side picks its backend itself)."""
+    """The ``verl_actor`` case (CPU or CUDA)."""
+    backend = RlkernBackend.choose(options)
+
     def implementations(mode: str) -> list[Impl]:
         return [
-            Impl.rlkern(_run(_rlkern, mode), note="fused_linear_for_ppo (verl_fused)"),
+            Impl.rlkern(_run(_rlkern(backend.name), mode),
+                        note="; ".join(("fused_linear_for_ppo (verl_fused)", *backend.notes))),
             Impl("verl fused (torch)", _run(_verl_fused, mode), skip=VERL_EXP.missing()),
             Impl("verl (non-fused)", _run(_verl_non_fused, mode), skip=VERL_F.missing()),
             Impl.floor(_floor(mode), note=FLOOR_NOTES[mode]),
@@ -98,4 +105,5 @@ def verl_actor_case(options: CaseOptions) -> Case:
     return Case(name="verl_actor", sizes=FULL_SIZES, quick_sizes=QUICK_SIZES,
                 modes=("fwd", "fwd+bwd"), make_inputs=make_inputs,
                 implementations=implementations, tolerances=tolerances,
-                notes=tuple(FLOOR_NOTES.values()))
+                notes=(*FLOOR_NOTES.values(), *backend.notes), warnings=backend.notes,
+                environment=backend.environment)
