@@ -301,3 +301,48 @@ def test_reference_matches_verl_reinforce_plus_plus_and_remax(gamma):
     ref, _ = gae_reference(r, None, m, gamma=1.0, lam=1.0)
     torch.testing.assert_close(ref, ret, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ref - baseline[:, None] * mask, adv, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------ verl's estimators on it (verl not needed)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_scan_estimators_on_every_backend(backend):
+    """rlkern.integrations.verl.scan_estimator (the body of rlkern_gae, _reinforce_plus_plus,
+    _remax) gives the same on every backend, and its definitions from the reference hold."""
+    from rlkern.integrations.verl import scan_estimator
+
+    rewards, values, mask = _inputs((5, 21), torch.float32, 12)
+    mask = mask.float()
+    baselines = torch.randn(5)
+    dev = _device(backend)
+    for name, kw in (("gae", dict(values=values, gamma=0.99, lam=0.95)),
+                     ("reinforce_plus_plus", dict(gamma=0.9)),
+                     ("remax", dict(reward_baselines=baselines))):
+        kw_dev = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        adv, ret = scan_estimator(name, rewards.to(dev), mask.to(dev), backend=backend, **kw_dev)
+        want_adv, want_ret = scan_estimator(name, rewards, mask, backend="torch", **kw)
+        torch.testing.assert_close(adv.cpu(), want_adv, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ret.cpu(), want_ret, rtol=1e-5, atol=1e-5)
+    # remax: returns = the masked reverse cumsum, advantages = returns − b·mask
+    adv, ret = scan_estimator("remax", rewards, mask, reward_baselines=baselines)
+    torch.testing.assert_close(ret, (rewards * mask).flip(-1).cumsum(-1).flip(-1), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(adv, ret - baselines[:, None] * mask)
+    # reinforce++: whitened over the valid tokens (mean 0, unbiased std 1), 0 elsewhere
+    adv, ret = scan_estimator("reinforce_plus_plus", rewards, mask, gamma=0.9)
+    valid = adv[mask.bool()]
+    assert (adv[~mask.bool()] == 0).all() and (ret[~mask.bool()] == 0).all()
+    assert abs(float(valid.mean())) < 1e-5 and abs(float(valid.std()) - 1) < 1e-4
+
+
+@pytest.mark.parametrize(("name", "kwargs", "match"), [
+    ("gae", {}, "values"),
+    ("remax", {}, "reward_baselines"),
+    ("grpo", {}, "name"),
+])
+def test_scan_estimator_bad_input(name, kwargs, match):
+    from rlkern.integrations.verl import scan_estimator
+
+    with pytest.raises(ValueError, match=match):
+        scan_estimator(name, torch.zeros(2, 3), torch.ones(2, 3), **kwargs)
