@@ -23,7 +23,8 @@ TORCH_LIBRARY(rlkern, m) {
   // Group advantages and the §2.1 helpers (schemas in cpu/advantages_ops.cpp).
   for (const char* schema :
        {kGroupAdvantagesOutSchema, kGroupMomentsOutSchema, kGroupFinishOutSchema,
-        kGroupMomentsMergeOutSchema, kDiscountedReturnsOutSchema, kPositionBaselineOutSchema,
+        kGroupMomentsMergeOutSchema, kDiscountedReturnsOutSchema, kGaeOutSchema,
+        kPositionBaselineOutSchema,
         kGtpoWeightsOutSchema, kGigpoAdvantagesOutSchema, kEmpgModulateOutSchema,
         kGroupSegmentStatsOutSchema, kGroupRowsFinishOutSchema})
     m.def(schema);

@@ -2,6 +2,8 @@
 
 * ``_discounted_returns_kernel`` — one program per row, a reverse linear-recurrence scan with
   ``tl.associative_scan``;
+* ``_gae_kernel`` — one program per block of rows, a sequential reverse loop over T (GAE with
+  verl's carry over masked tokens);
 * ``_position_sums_kernel`` — per group × block of positions: the IGPO baseline or the GTPO
   weights;
 * ``_empg_kernel`` — one program: two reductions and the modulation.
@@ -20,7 +22,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-__all__ = ["AOT_SPECS", "discounted_returns", "empg_modulate", "position_sums"]
+__all__ = ["AOT_SPECS", "discounted_returns", "empg_modulate", "gae", "position_sums"]
 
 
 @triton.jit
@@ -70,6 +72,51 @@ def _discounted_returns_kernel(
         g = b_acc + _discount_product(a_acc, carry)
         tl.store(out_ptr + base + t, g, mask=ok)
         carry = tl.sum(tl.where(k == BLOCK_T - 1, g, 0.0), axis=0)  # the chunk's last (= t0)
+
+
+@triton.jit
+def _gae_kernel(
+    rewards_ptr,  # (N, T) fp32 / fp64, contiguous
+    values_ptr,  # (N, T) like rewards, read when HAS_VALUES
+    mask_ptr,  # (N, T) bool
+    adv_ptr,  # (N, T) like rewards
+    ret_ptr,  # (N, T) like rewards
+    n_rows,
+    seq_len,
+    gamma,  # γ rounded to fp32 ...
+    gamma_lo,  # ... and its residual (Triton float arguments are fp32)
+    gamma_lam,  # γλ, likewise
+    gamma_lam_lo,
+    HAS_VALUES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program per block of BLOCK_N rows, positions from last to first (gae_step of
+    rlkern/group_stats.h)::
+
+        g = (r_t + γ·nv − V_t) + γλ·lg;   where mask_t: nv ← V_t, lg ← g
+        advantages_t = lg,   returns_t = lg + V_t
+
+    The carry is sequential in t; the rows of a block advance together (the loads of one step
+    are strided by T: each element is read once). Accumulation is float64."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    g64 = tl.cast(gamma, tl.float64) + tl.cast(gamma_lo, tl.float64)
+    gl64 = tl.cast(gamma_lam, tl.float64) + tl.cast(gamma_lam_lo, tl.float64)
+    next_value = tl.zeros((BLOCK_N,), tl.float64)
+    last_gae = tl.zeros((BLOCK_N,), tl.float64)
+    for k in range(0, seq_len):
+        offs = rows * seq_len + (seq_len - 1 - k)
+        r = tl.load(rewards_ptr + offs, mask=row_ok, other=0.0).to(tl.float64)
+        if HAS_VALUES:
+            v = tl.load(values_ptr + offs, mask=row_ok, other=0.0).to(tl.float64)
+        else:
+            v = tl.zeros((BLOCK_N,), tl.float64)
+        valid = tl.load(mask_ptr + offs, mask=row_ok, other=0) != 0
+        g = (r + _discount_product(g64, next_value) - v) + _discount_product(gl64, last_gae)
+        next_value = tl.where(valid, v, next_value)
+        last_gae = tl.where(valid, g, last_gae)
+        tl.store(adv_ptr + offs, last_gae, mask=row_ok)
+        tl.store(ret_ptr + offs, last_gae + v, mask=row_ok)
 
 
 @triton.jit
@@ -188,6 +235,20 @@ def discounted_returns(rewards: Any, reset: Any | None, out: Any, *, gamma: floa
         HAS_RESET=reset is not None, BLOCK_T=block_t, num_warps=4)
 
 
+def gae(rewards: Any, values: Any | None, mask: Any, adv: Any, ret: Any, *, gamma: float,
+        lam: float) -> None:
+    """``adv``, ``ret`` = GAE advantages and returns of contiguous ``(N, T)`` inputs (float64
+    accumulation); ``values`` None means V = 0."""
+    n, t = rewards.shape
+    if n * t == 0:
+        return
+    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    _gae_kernel[(triton.cdiv(n, block_n),)](
+        rewards, values if values is not None else rewards, mask, adv, ret, n, t,
+        *_split_fp32(gamma), *_split_fp32(float(gamma) * float(lam)),
+        HAS_VALUES=values is not None, BLOCK_N=block_n, num_warps=2)
+
+
 def _split_fp32(value: float) -> tuple[float, float]:
     """``value`` as an fp32 number plus its fp32 residual (Triton float arguments are fp32)."""
     hi = struct.unpack("f", struct.pack("f", float(value)))[0]
@@ -232,6 +293,16 @@ def _aot_specs() -> list[dict[str, Any]]:
                                 "BLOCK_T": "constexpr"},
                   "constexprs": {"HAS_RESET": True, "BLOCK_T": 1024}, "num_warps": 4,
                   "divisible_by_16": ["rewards_ptr", "reset_ptr", "out_ptr"]})
+    specs.append({"name": "gae BLOCK_N=64", "fn": _gae_kernel,
+                  "signature": {"rewards_ptr": "*fp32", "values_ptr": "*fp32",
+                                "mask_ptr": "*i1", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
+                                "n_rows": "i32", "seq_len": "i32", "gamma": "fp32",
+                                "gamma_lo": "fp32", "gamma_lam": "fp32",
+                                "gamma_lam_lo": "fp32", "HAS_VALUES": "constexpr",
+                                "BLOCK_N": "constexpr"},
+                  "constexprs": {"HAS_VALUES": True, "BLOCK_N": 64}, "num_warps": 2,
+                  "divisible_by_16": ["rewards_ptr", "values_ptr", "mask_ptr", "adv_ptr",
+                                      "ret_ptr"]})
     for gtpo in (False, True):
         specs.append({"name": f"position_sums {'gtpo' if gtpo else 'baseline'} ids",
                       "fn": _position_sums_kernel,

@@ -28,6 +28,7 @@ from rlkern.ops.advantages_segmented import run_gigpo, run_segmented
 from rlkern.reference.advantages import group_advantages_reference
 from rlkern.reference.token_advantages import (
     discounted_returns_reference,
+    gae_reference,
     gigpo_advantages_reference,
 )
 
@@ -52,6 +53,9 @@ class EmulatedKernels:
         self.returns = lib.rlkern_discounted_returns_cuda
         self.returns.argtypes = [P, INT, I64, I64, P, F64, P, P]
         self.returns.restype = INT
+        self.gae = lib.rlkern_gae_cuda
+        self.gae.argtypes = [P, P, INT, I64, I64, P, F64, F64, P, P, P]
+        self.gae.restype = INT
         self.merge = lib.rlkern_group_moments_merge_cuda
         self.merge.argtypes = [P, P, P, I64, P]
         self.merge.restype = INT
@@ -293,3 +297,35 @@ def test_discounted_returns_no_return_flows_across_a_reset(kernels, gamma):
     ref = discounted_returns_reference(rewards, gamma=gamma, reset=reset)
     torch.testing.assert_close(out, ref, equal_nan=True)
     assert torch.isfinite(out[0, :40]).all() and torch.isfinite(out[1, :33]).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 31), (130, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("gamma", "lam"), [(0.99, 0.95), (1.0, 1.0), (0.0, 0.5)])
+def test_gae(kernels, shape, dtype, gamma, lam):
+    """One thread per row (130 rows: two blocks, the second partly idle); masks with holes and
+    an all-masked row; values given or absent (V = 0)."""
+    gen = torch.Generator().manual_seed(shape[0] + shape[1])
+    rewards = torch.randn(shape, generator=gen).to(dtype)
+    values = torch.randn(shape, generator=gen).to(dtype)
+    mask = torch.rand(shape, generator=gen) < 0.7
+    mask[shape[0] // 2] = False
+    for v in (values, None):
+        adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
+        kernels.check(kernels.gae(rewards.data_ptr(), _ptr(v), int(dtype == torch.float64),
+                                  shape[0], shape[1], _ptr(mask), gamma, lam, adv.data_ptr(),
+                                  ret.data_ptr(), None))
+        ref_adv, ref_ret = gae_reference(rewards.double(), None if v is None else v.double(),
+                                         mask, gamma=gamma, lam=lam)
+        rtol, atol = OUT_TOL[dtype]
+        torch.testing.assert_close(adv.double(), ref_adv, rtol=rtol, atol=atol)
+        torch.testing.assert_close(ret.double(), ref_ret, rtol=rtol, atol=atol)
+
+
+def test_gae_launcher_rejects_bad_arguments(kernels):
+    x = torch.zeros(2, 3)
+    assert kernels.gae(x.data_ptr(), None, 0, -1, 3, None, 0.9, 0.9, x.data_ptr(),
+                       x.data_ptr(), None) != 0
+    assert kernels.gae(x.data_ptr(), None, 0, 2, 3, None, 0.9, 0.9, x.data_ptr(),
+                       x.data_ptr(), None) != 0  # no mask
+    assert kernels.gae(None, None, 0, 0, 3, None, 0.9, 0.9, None, None, None) == 0  # empty

@@ -334,6 +334,23 @@ def test_linear_grpo_loss_case_peers_agree_tiny(tmp_path) -> None:
         assert rows[name]["status"] == OK and rows[name]["check"]["ok"], rows[name]
 
 
+def test_gae_case_peers_agree_tiny(tmp_path) -> None:
+    """The ``gae`` case runs its three estimators end to end and verl's functions pass the
+    agreement gate against rlkern's (advantages and returns)."""
+    pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--op", "gae", "--size", "B=5,T=40", "--repeats", "1",
+                              "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    peers = [r for r in results if r["impl"].startswith("verl ")]
+    assert sorted(r["impl"] for r in peers) == ["verl gae", "verl reinforce_plus_plus",
+                                                 "verl remax"]
+    for row in peers:
+        assert row["status"] == OK and row["check"]["ok"], row
+
+
 # ---------------------------------------------------------------------------------------------
 # kit: the building blocks the cases share
 

@@ -63,6 +63,17 @@ def test_matches_verls_fused_torch_backend_fp32(shape, temperature):
         assert_close_grad(a, b, torch.float32, name)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_backend_is_passed_through(backend):
+    hidden, weight, labels = _inputs(torch.float32, (2, 7))
+    want = vf.fused_linear_for_ppo(hidden, weight, labels)
+    got = vf.fused_linear_for_ppo(hidden, weight, labels, backend=backend)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="backend"):
+        vf.fused_linear_for_ppo(hidden, weight, labels, backend="numpy")
+
+
 def test_bf16_as_accurate_as_verl():
     """In bf16 both round the logits to bf16 (a bf16 matmul), then work in float32: judged
     against float64 on the same rounded inputs, rlkern's error is of verl's size (the rounding

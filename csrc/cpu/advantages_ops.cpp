@@ -35,6 +35,9 @@ const char* const kGroupMomentsMergeOutSchema =
     "group_moments_merge_out(Tensor a, Tensor b, Tensor(a!) out) -> ()";
 const char* const kDiscountedReturnsOutSchema =
     "discounted_returns_out(Tensor rewards, Tensor? reset, float gamma, Tensor(a!) out) -> ()";
+const char* const kGaeOutSchema =
+    "gae_out(Tensor rewards, Tensor? values, Tensor mask, float gamma, float lam, "
+    "Tensor(a!) advantages, Tensor(b!) returns) -> ()";
 const char* const kPositionBaselineOutSchema =
     "position_baseline_out(Tensor returns, Tensor mask, Tensor? group_ids, int group_size, "
     "Tensor(a!) out) -> ()";
@@ -181,6 +184,19 @@ void discounted_returns_out_cpu(const at::Tensor& rewards, const MaybeTensor& re
                           out.data_ptr());
 }
 
+void gae_out_cpu(const at::Tensor& rewards, const MaybeTensor& values, const at::Tensor& mask,
+                 double gamma, double lam, const at::Tensor& advantages,
+                 const at::Tensor& returns) {
+  const bool f64 = float_rows(rewards, "rewards");
+  const void* v = checks::maybe_array<void>(values, "values", rewards.numel(),
+                                            rewards.scalar_type(), rewards);
+  checks::array(advantages, "advantages", rewards.numel(), rewards.scalar_type(), rewards);
+  checks::array(returns, "returns", rewards.numel(), rewards.scalar_type(), rewards);
+  cpu::gae(rewards.const_data_ptr(), v, f64, rewards.size(0), rewards.size(1),
+           bytes_of_mask(mask, "mask", rewards), gamma, lam, advantages.data_ptr(),
+           returns.data_ptr());
+}
+
 void position_baseline_out_cpu(const at::Tensor& returns, const at::Tensor& mask,
                                const MaybeTensor& group_ids, int64_t group_size,
                                const at::Tensor& out) {
@@ -281,7 +297,7 @@ void meta_same_device(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   for (const char* op : {"group_advantages_out", "group_moments_out", "group_finish_out",
-                         "group_moments_merge_out", "discounted_returns_out",
+                         "group_moments_merge_out", "discounted_returns_out", "gae_out",
                          "position_baseline_out", "gtpo_weights_out", "gigpo_advantages_out",
                          "empg_modulate_out", "group_segment_stats_out", "group_rows_finish_out"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&meta_same_device>());
@@ -291,7 +307,8 @@ void register_advantages_cpu(torch::Library& m) {
   // Each op by its name, implemented by <name>_cpu.
 #define IMPL(op) m.impl(#op, &op##_cpu)
   IMPL(group_advantages_out); IMPL(group_moments_out); IMPL(group_finish_out);
-  IMPL(group_moments_merge_out); IMPL(discounted_returns_out); IMPL(position_baseline_out);
+  IMPL(group_moments_merge_out); IMPL(discounted_returns_out); IMPL(gae_out);
+  IMPL(position_baseline_out);
   IMPL(gtpo_weights_out); IMPL(gigpo_advantages_out); IMPL(empg_modulate_out);
 #undef IMPL
 }

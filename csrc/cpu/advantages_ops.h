@@ -17,6 +17,7 @@ extern const char* const kGroupMomentsOutSchema;
 extern const char* const kGroupFinishOutSchema;
 extern const char* const kGroupMomentsMergeOutSchema;
 extern const char* const kDiscountedReturnsOutSchema;
+extern const char* const kGaeOutSchema;
 extern const char* const kPositionBaselineOutSchema;
 extern const char* const kGtpoWeightsOutSchema;
 extern const char* const kGigpoAdvantagesOutSchema;

@@ -34,6 +34,22 @@ void returns_rows(const T* r, int64_t t_len, const uint8_t* reset, double gamma,
   }
 }
 
+template <typename T>
+void gae_rows(const T* r, const T* v, int64_t t_len, const uint8_t* valid, double gamma,
+              double gamma_lam, T* adv, T* ret, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t base = i * t_len;
+    GaeCarry c{0.0, 0.0};
+    for (int64_t t = t_len - 1; t >= 0; --t) {
+      const double vt = v != nullptr ? double(v[base + t]) : 0.0;
+      const double a = gae_step(double(r[base + t]), vt, valid[base + t] != 0, gamma, gamma_lam,
+                                &c);
+      adv[base + t] = T(a);
+      ret[base + t] = T(a + vt);
+    }
+  }
+}
+
 Grouping make_grouping(TokenGrouping g, int64_t n) {
   if (g.group_ids == nullptr) return contiguous_grouping(n, g.group_size);
   static thread_local Workspace<int32_t> store;
@@ -224,6 +240,22 @@ void discounted_returns(const void* rewards, bool f64, int64_t n, int64_t t, con
     } else {
       returns_rows(static_cast<const float*>(rewards), t, reset, gamma, static_cast<float*>(out),
                    begin, end);
+    }
+  });
+}
+
+void gae(const void* rewards, const void* values, bool f64, int64_t n, int64_t t,
+         const uint8_t* valid, double gamma, double lam, void* advantages, void* returns) {
+  const double gamma_lam = gamma * lam;
+  at::parallel_for(0, n, grain_rows(t), [&](int64_t begin, int64_t end) {
+    if (f64) {
+      gae_rows(static_cast<const double*>(rewards), static_cast<const double*>(values), t, valid,
+               gamma, gamma_lam, static_cast<double*>(advantages), static_cast<double*>(returns),
+               begin, end);
+    } else {
+      gae_rows(static_cast<const float*>(rewards), static_cast<const float*>(values), t, valid,
+               gamma, gamma_lam, static_cast<float*>(advantages), static_cast<float*>(returns),
+               begin, end);
     }
   });
 }

@@ -1,5 +1,5 @@
 // CPU kernels for the token-, step- and turn-level helpers of ALGORITHMS.md §2.1: discounted
-// returns with resets, the position-wise group baseline (IGPO), GTPO entropy weights, GiGPO's
+// returns with resets, GAE, the position-wise group baseline (IGPO), GTPO entropy weights, GiGPO's
 // two-level advantages and EMPG's entropy modulation. Torch-free interface.
 //
 // Float arrays are float32 or float64 (`f64`), outputs of the same type; (N, T) arrays are
@@ -15,6 +15,12 @@ namespace rlkern::cpu {
 // G[i,t] = r[i,t] + γ·G[i,t+1], the carry dropped where reset[i,t] (position t ends a segment).
 void discounted_returns(const void* rewards, bool f64, int64_t n, int64_t t, const uint8_t* reset,
                         double gamma, void* out);
+
+// GAE with verl's carry over masked tokens (rlkern/group_stats.h, gae_step), one reverse scan
+// per row: advantages[i,t] = the row's last_gae after position t, returns = advantages + V.
+// values may be null (V = 0); valid bytes (0 = observation / padding token).
+void gae(const void* rewards, const void* values, bool f64, int64_t n, int64_t t,
+         const uint8_t* valid, double gamma, double lam, void* advantages, void* returns);
 
 // Rows grouped by ids (non-null) or contiguously by group_size.
 struct TokenGrouping {

@@ -19,6 +19,8 @@
 //   discounted_returns_kernel
 //                         one warp per row, back to front in chunks of 32: a warp scan of the
 //                         affine maps G ↦ r + a·G, applied to the carry of the later chunk.
+//   gae_kernel            one thread per row: the reverse scan of gae_step (rlkern/group_stats.h)
+//                         with verl's carry over masked tokens, in double.
 //
 // Reductions are shuffle trees of fixed shape, so results do not depend on scheduling.
 #include <cuda_runtime.h>
@@ -38,6 +40,7 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kStatsWarpsPerBlock = 4;
 constexpr int kFinishThreads = 256;
 constexpr int kReturnsWarpsPerBlock = 4;
+constexpr int kGaeThreads = 128;
 constexpr int kMergeThreads = 128;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;  // blocks; beyond, the kernels stride
 
@@ -334,6 +337,28 @@ __global__ void __launch_bounds__(kReturnsWarpsPerBlock * kWarp)
     returns_row(rewards, reset, out, row, t_len, gamma, lane);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kGaeThreads)
+    gae_kernel(const T* __restrict__ rewards, const T* __restrict__ values,
+               const uint8_t* __restrict__ valid, T* __restrict__ advantages,
+               T* __restrict__ returns, int64_t n, int64_t t_len, double gamma, double gamma_lam) {
+  // One thread per row, back to front: the carry (next value, last GAE) is sequential in t.
+  // Neighbouring threads read rows t_len apart (uncoalesced), a fair price for an op that
+  // reads each element once; the rows of a batch keep every thread busy.
+  const int64_t stride = int64_t(gridDim.x) * kGaeThreads;
+  for (int64_t row = int64_t(blockIdx.x) * kGaeThreads + threadIdx.x; row < n; row += stride) {
+    const int64_t base = row * t_len;
+    GaeCarry c{0.0, 0.0};
+    for (int64_t t = t_len - 1; t >= 0; --t) {
+      const double v = values ? static_cast<double>(values[base + t]) : 0.0;
+      const double a = gae_step(static_cast<double>(rewards[base + t]), v, valid[base + t] != 0,
+                                gamma, gamma_lam, &c);
+      advantages[base + t] = static_cast<T>(a);
+      returns[base + t] = static_cast<T>(a + v);
+    }
+  }
+}
+
 // Blocks for `units` work items of `per_block` each; the kernels stride, so the grid is capped.
 unsigned grid_for(int64_t units, int per_block) {
   const int64_t blocks = (units + per_block - 1) / per_block;
@@ -349,6 +374,7 @@ int launch_status() {
 }  // namespace rlkern
 
 using rlkern::kFinishThreads;
+using rlkern::kGaeThreads;
 using rlkern::kMergeThreads;
 using rlkern::kReturnsWarpsPerBlock;
 using rlkern::kStatsWarpsPerBlock;
@@ -440,6 +466,27 @@ extern "C" int rlkern_discounted_returns_cuda(const void* rewards, int f64, int6
   } else {
     rlkern::discounted_returns_kernel<float><<<grid, block, 0, stream>>>(
         static_cast<const float*>(rewards), reset, static_cast<float*>(out), n, t_len, gamma);
+  }
+  return rlkern::launch_status();
+}
+
+extern "C" int rlkern_gae_cuda(const void* rewards, const void* values, int f64, int64_t n,
+                               int64_t t_len, const uint8_t* valid, double gamma, double lam,
+                               void* advantages, void* returns, cudaStream_t stream) {
+  if (n < 0 || t_len < 0) return RLKERN_CUDA_ERR_INVALID_ARGUMENT;
+  if (n == 0 || t_len == 0) return RLKERN_CUDA_OK;
+  if (!rewards || !valid || !advantages || !returns) return RLKERN_CUDA_ERR_NULL_POINTER;
+  const unsigned grid = rlkern::grid_for(n, kGaeThreads);
+  if (f64) {
+    rlkern::gae_kernel<double><<<grid, kGaeThreads, 0, stream>>>(
+        static_cast<const double*>(rewards), static_cast<const double*>(values), valid,
+        static_cast<double*>(advantages), static_cast<double*>(returns), n, t_len, gamma,
+        gamma * lam);
+  } else {
+    rlkern::gae_kernel<float><<<grid, kGaeThreads, 0, stream>>>(
+        static_cast<const float*>(rewards), static_cast<const float*>(values), valid,
+        static_cast<float*>(advantages), static_cast<float*>(returns), n, t_len, gamma,
+        gamma * lam);
   }
   return rlkern::launch_status();
 }

@@ -117,13 +117,33 @@ void discounted_returns_out_cuda(const at::Tensor& rewards, const MaybeTensor& r
                "rlkern::discounted_returns_out");
 }
 
+void gae_out_cuda(const at::Tensor& rewards, const MaybeTensor& values, const at::Tensor& mask,
+                  double gamma, double lam, const at::Tensor& advantages,
+                  const at::Tensor& returns) {
+  TORCH_CHECK(rewards.dim() == 2, "rewards: expected a (N, T) tensor, got shape ",
+              rewards.sizes());
+  const int64_t numel = rewards.numel();
+  const bool f64 = chk::float_array(rewards, "rewards", numel, rewards);
+  const void* v =
+      checks::maybe_array<void>(values, "values", numel, rewards.scalar_type(), rewards);
+  checks::array(mask, "mask", numel, at::kBool, rewards);
+  checks::array(advantages, "advantages", numel, rewards.scalar_type(), rewards);
+  checks::array(returns, "returns", numel, rewards.scalar_type(), rewards);
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  check_launch(rlkern_gae_cuda(rewards.const_data_ptr(), v, f64, rewards.size(0), rewards.size(1),
+                               reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()),
+                               gamma, lam, advantages.data_ptr(), returns.data_ptr(),
+                               stream_of(rewards)),
+               "rlkern::gae_out");
+}
+
 }  // namespace
 
 void register_advantages_cuda(torch::Library& m) {
   // Each op by its name, implemented by <name>_cuda.
 #define IMPL(op) m.impl(#op, &op##_cuda)
   IMPL(group_segment_stats_out); IMPL(group_rows_finish_out); IMPL(group_moments_merge_out);
-  IMPL(discounted_returns_out);
+  IMPL(discounted_returns_out); IMPL(gae_out);
 #undef IMPL
 }
 

@@ -15,10 +15,12 @@ from rlkern.ops.logprobs import TokenLogprobs, set_checks, token_logprobs
 from rlkern.ops.policy_loss import PolicyLossOutput, kl_penalty, policy_loss
 from rlkern.ops.sample import SampleOutput, sample
 from rlkern.ops.token_advantages import (
+    GAEAdvantages,
     GiGPOAdvantages,
     GTPOWeights,
     discounted_returns,
     empg_modulate,
+    gae,
     gigpo_advantages,
     gtpo_weights,
     position_baseline,
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdvantageConfig",
     "BackendUnavailableError",
+    "GAEAdvantages",
     "GTPOWeights",
     "GiGPOAdvantages",
     "GroupAdvantages",
@@ -43,6 +46,7 @@ __all__ = [
     "TokenLogprobs",
     "discounted_returns",
     "empg_modulate",
+    "gae",
     "generate_groups",
     "gigpo_advantages",
     "group_advantages",

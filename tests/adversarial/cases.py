@@ -453,15 +453,23 @@ def group_stats(data: st.DataObject) -> Call:
                 grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme)
 
 
-@builder("discounted_returns")
-def discounted_returns(data: st.DataObject) -> Call:
+_REWARD_KINDS = ("normal", "with_inf", "with_nan", "with_neg_inf", "huge", "constant", "tiny",
+                 "finfo_min")
+
+
+def _token_rewards(data: st.DataObject):
+    """``(gen, dtype, shape, rewards, extreme)`` of the scans over (N, T) token rewards."""
     gen = _gen(data)
     dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
     shape = (data.draw(st.sampled_from((2, 1, 0, 3)), label="N"),
              data.draw(st.sampled_from((6, 1, 0, 33)), label="T"))
-    rewards, extreme = _values(data, gen, shape, dtype, "rewards",
-                               ("normal", "with_inf", "with_nan", "with_neg_inf", "huge",
-                                "constant", "tiny", "finfo_min"))
+    rewards, extreme = _values(data, gen, shape, dtype, "rewards", _REWARD_KINDS)
+    return gen, dtype, shape, rewards, extreme
+
+
+@builder("discounted_returns")
+def discounted_returns(data: st.DataObject) -> Call:
+    gen, dtype, shape, rewards, extreme = _token_rewards(data)
     reset = None
     if data.draw(st.booleans(), label="r"):
         reset = _rare_meta(data, _token_mask(data, gen, shape, "reset", (0.3, 0.0, 1.0)),
@@ -470,6 +478,21 @@ def discounted_returns(data: st.DataObject) -> Call:
     return Call("discounted_returns", rlkern.discounted_returns, (rewards,),
                 dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True,
                 overflow_ok=extreme or abs(gamma) > 1)
+
+
+@builder("gae")
+def gae(data: st.DataObject) -> Call:
+    gen, dtype, shape, rewards, extreme = _token_rewards(data)
+    values = None
+    if data.draw(st.booleans(), label="v"):
+        values, extreme_v = _values(data, gen, shape, dtype, "values", _REWARD_KINDS)
+        values, extreme = _rare_meta(data, values, "values"), extreme or extreme_v
+    mask = _rare_meta(data, _token_mask(data, gen, shape, "mask", (0.7, 1.0, 0.0)), "mask")
+    gamma = data.draw(st.sampled_from((1.0, 0.99, 0.0, -0.5, 1.5)), label="gamma")
+    lam = data.draw(st.sampled_from((0.95, 1.0, 0.0, 2.0)), label="lam")
+    return Call("gae", rlkern.gae, (rewards, values, mask), dict(gamma=gamma, lam=lam),
+                grad_wrt=("0",), dtype=dtype, nondiff=True,
+                overflow_ok=extreme or abs(gamma) > 1 or abs(gamma * lam) > 1)
 
 
 @builder("position_baseline")

@@ -34,6 +34,7 @@ PRIMARY = {
     "token_logprobs": "logits", "linear_logprobs": "hidden", "linear_logprobs_with_grad":
     "hidden", "linear_grpo_loss": "old", "policy_loss": "logprobs", "kl_penalty": "logprobs",
     "group_advantages": "scores", "group_stats": "scores", "discounted_returns": "rewards",
+    "gae": "rewards",
     "position_baseline": "returns", "gtpo_weights": "entropy", "gigpo_advantages": "step",
     "empg_modulate": "adv", "sample": "logits",
 }

@@ -112,6 +112,14 @@ int rlkern_discounted_returns_cuda(const void* rewards, int f64, int64_t n, int6
                                    const uint8_t* reset, double gamma, void* out,
                                    cudaStream_t stream);
 
+// GAE with verl's carry over masked tokens (gae_step of rlkern/group_stats.h) for contiguous
+// (n, t_len) rewards and values (float64 when f64 else float32; values nullable: V = 0) and
+// valid bytes (0 = masked): advantages = the carried last GAE, returns = advantages + V.
+// One thread per row.
+int rlkern_gae_cuda(const void* rewards, const void* values, int f64, int64_t n, int64_t t_len,
+                    const uint8_t* valid, double gamma, double lam, void* advantages,
+                    void* returns, cudaStream_t stream);
+
 // Policy losses (ALGORITHMS.md §3; per-token math, argument structs and codes in
 // rlkern/policy_loss.h). float32 only (in->f64 = 0). `in` holds the (B, T) inputs (unit stride
 // along T, `stride` elements between rows), adv (B,) or (B, T), the bool-byte mask and the

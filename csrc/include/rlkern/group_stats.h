@@ -441,4 +441,30 @@ RLKERN_HOST_DEVICE double discount_product(double a, double g) {
   return (a == 0.0 || g == 0.0) ? 0.0 : a * g;
 }
 
+// ------------------------------------------------------------------------------------------
+// Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438) with verl's carry
+// over masked tokens (observation spans of multi-turn rollouts, padding): one step of the
+// reverse scan at position t, given the carries (next_value, last_gae) of the later positions:
+//   δ = r_t + γ·next_value − V_t,   g = δ + γλ·last_gae,
+//   valid: next_value ← V_t, last_gae ← g;   masked: both carried over unchanged.
+// The advantage of t is last_gae after the step (a masked t carries the later value); the
+// return is advantage + V_t. With V = 0 and λ = 1 it is REINFORCE++'s masked discounted return;
+// with γ = λ = 1 too, ReMax's reverse cumulative sum of the valid rewards. A zero factor
+// drops its carry (discount_product), as in the discounted returns.
+struct GaeCarry {
+  double next_value;
+  double last_gae;
+};
+
+// Returns the advantage of position t and advances the carry.
+RLKERN_HOST_DEVICE double gae_step(double r, double v, bool valid, double gamma, double gamma_lam,
+                                   GaeCarry* c) {
+  if (valid) {
+    c->last_gae = (r + discount_product(gamma, c->next_value) - v) +
+                  discount_product(gamma_lam, c->last_gae);
+    c->next_value = v;
+  }
+  return c->last_gae;
+}
+
 }  // namespace rlkern

@@ -12,10 +12,12 @@ under new names, so a run switches with two config values and nothing else chang
 
 Every registered function has verl's signature and returns what verl's function of the same
 name returns: advantage estimators ``(advantages, returns)``, both ``(bs, response_length)``
-(the same tensor, as verl does); policy losses ``(pg_loss, pg_metrics)`` with a 0-dim loss and
-verl's metric keys (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) as
-Python floats (``gpg``: ``{}``). The values are computed by :func:`rlkern.group_advantages`
-and :func:`rlkern.policy_loss` with :meth:`rlkern.PolicyLossConfig.verl`.
+(the same tensor for the outcome estimators, as verl does); policy losses
+``(pg_loss, pg_metrics)`` with a 0-dim loss and verl's metric keys (``actor/pg_clipfrac``,
+``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) as Python floats (``gpg``: ``{}``). The values
+are computed by :func:`rlkern.group_advantages` (outcome estimators), :func:`rlkern.gae` (the
+token-level ``gae``, ``reinforce_plus_plus``, ``remax``: one fused reverse scan, then verl's
+whitening in torch) and :func:`rlkern.policy_loss` with :meth:`rlkern.PolicyLossConfig.verl`.
 
 verl runs its trainer and its actor in Ray worker processes: a registration made in the
 launching process does not reach them. The environment variable
@@ -48,6 +50,7 @@ from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.advantages import group_advantages
 from rlkern.ops.logprobs import token_logprobs
 from rlkern.ops.policy_loss import policy_loss
+from rlkern.ops.token_advantages import gae
 
 __all__ = [
     "ADV_ESTIMATORS",
@@ -59,6 +62,7 @@ __all__ = [
     "logprobs_from_logits",
     "patch_torch_functional",
     "register",
+    "scan_estimator",
     "unpatch_torch_functional",
     "unregister",
 ]
@@ -258,6 +262,113 @@ compute_reinforce_plus_plus_baseline_outcome_advantage = _ESTIMATOR_FUNCTIONS[
     "compute_reinforce_plus_plus_baseline_outcome_advantage"]
 
 
+# ---------------------------------------------------------------------------------------------
+# Token-level estimators: one fused reverse scan (rlkern.gae), then verl's whitening
+
+
+def _masked_whiten(x: Tensor, mask: Tensor) -> Tensor:
+    """verl's ``masked_whiten(x, mask)`` (shift_mean=True), operation for operation so that the
+    float32 results agree: mean and unbiased variance over the masked entries of the whole
+    batch (``Σ / (count + 1e-8)``, Bessel ``count / (count − 1)``), then
+    ``(x − mean) · rsqrt(var + 1e-8)``. A small torch whitening: the scan is the fused part."""
+    valid = mask.bool()
+    count = mask.sum()
+    if count == 0:
+        raise ValueError("At least one element in the mask has to be 1.")
+    if count == 1:
+        raise ValueError("The sum of the mask is one, which can cause a division by zero.")
+    mean = (torch.where(valid, x, 0.0) * mask).sum() / (count + 1e-8)
+    centered = x - mean
+    var = (torch.where(valid, centered**2, 0.0) * mask).sum() / (count + 1e-8)
+    var = var * (count / (count - 1))
+    return centered * torch.rsqrt(var + 1e-8)
+
+
+def _as_float(x: Any, name: str) -> float:
+    """verl types γ / λ as tensors but passes floats; either is accepted."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(x.shape)}")
+        return float(x.item())
+    return float(x)
+
+
+def scan_estimator(name: str, token_level_rewards: Tensor, response_mask: Tensor, *,
+                   values: Tensor | None = None, gamma: float = 1.0, lam: float = 1.0,
+                   reward_baselines: Tensor | None = None,
+                   backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """verl's token-level estimator ``name`` (``"gae"``, ``"reinforce_plus_plus"``,
+    ``"remax"``) as ``(advantages, returns)``: one :func:`rlkern.gae` scan on ``backend``, then
+    what verl does after its loop (whitening, masking, the baseline). The registered functions
+    below call it with verl's arguments; ``rlkern bench --op gae`` with its backend."""
+    with torch.no_grad():
+        if name == "gae":
+            if values is None:
+                raise ValueError("gae needs values (verl's trainer passes the critic's)")
+            dtype = torch.promote_types(token_level_rewards.dtype, values.dtype)
+            out = gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam,
+                      backend=backend)
+            return _masked_whiten(out.advantages.to(dtype), response_mask), out.returns.to(dtype)
+        dtype = token_level_rewards.dtype
+        if name == "reinforce_plus_plus":
+            out = gae(token_level_rewards, None, response_mask, gamma=gamma, lam=1.0,
+                      backend=backend)
+            returns = out.advantages.to(dtype) * response_mask
+            return _masked_whiten(returns, response_mask) * response_mask, returns
+        if name == "remax":
+            if reward_baselines is None:
+                raise ValueError("remax needs reward_baselines (the greedy rollout's rewards)")
+            out = gae(token_level_rewards, None, response_mask, gamma=1.0, lam=1.0,
+                      backend=backend)
+            returns = out.advantages.to(dtype)
+            return returns - reward_baselines.unsqueeze(-1) * response_mask, returns
+    raise ValueError(f"name must be gae, reinforce_plus_plus or remax, got {name!r}")
+
+
+def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor,
+                                 response_mask: Tensor, gamma: Any,
+                                 lam: Any) -> tuple[Tensor, Tensor]:
+    """verl's ``gae``: the reverse GAE scan with verl's carry over masked (observation)
+    tokens, fused in :func:`rlkern.gae`; ``returns = A + V`` (unwhitened A), then
+    ``advantages = masked_whiten(A, response_mask)`` over the batch. Inputs
+    ``(bs, response_length)``; ``gamma``, ``lam`` floats (or 1-element tensors).
+
+    verl's trainer routes only ``adv_estimator=gae`` to this signature (with ``values`` from
+    its critic); it calls any other name, ``rlkern_gae`` included, without ``values``.
+    """
+    return scan_estimator("gae", token_level_rewards, response_mask, values=values,
+                          gamma=_as_float(gamma, "gamma"), lam=_as_float(lam, "lam"))
+
+
+def compute_reinforce_plus_plus_outcome_advantage(
+        token_level_rewards: Tensor, response_mask: Tensor, config: Any = None,
+        **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """verl's ``reinforce_plus_plus``: ``returns_t = mask_t · (r_t + γ·G)``, the running
+    return ``G`` carried over masked tokens (:func:`rlkern.gae` with ``values=None, lam=1``;
+    ``γ = config.gamma``), then ``advantages = masked_whiten(returns, mask) · mask``."""
+    if config is None:
+        raise ValueError("rlkern_reinforce_plus_plus needs verl's algorithm config (config=..., "
+                         "for gamma), as verl's compute_reinforce_plus_plus_outcome_advantage does")
+    return scan_estimator("reinforce_plus_plus", token_level_rewards, response_mask,
+                          gamma=_as_float(_cfg_get(config, "gamma", 1.0), "gamma"))
+
+
+def compute_remax_outcome_advantage(token_level_rewards: Tensor, reward_baselines: Tensor,
+                                    response_mask: Tensor, config: Any = None,
+                                    **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """verl's ``remax``: ``returns_t = Σ_{s ≥ t} r_s · mask_s`` (:func:`rlkern.gae` with
+    ``values=None, gamma=lam=1``), ``advantages = returns − baseline_b · mask``;
+    ``reward_baselines`` ``(bs,)`` is the greedy rollout's reward (verl's trainer generates it
+    only for ``adv_estimator=remax``)."""
+    return scan_estimator("remax", token_level_rewards, response_mask,
+                          reward_baselines=reward_baselines)
+
+
+for _fn in (compute_gae_advantage_return, compute_reinforce_plus_plus_outcome_advantage,
+            compute_remax_outcome_advantage):
+    _mark(_fn)
+
+
 #: registered name → rlkern function; each mirrors verl's estimator of the name without
 #: the ``rlkern_`` prefix.
 ADV_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
@@ -269,6 +380,9 @@ ADV_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "rlkern_opo": compute_opo_outcome_advantage,
     "rlkern_gpg": compute_gpg_outcome_advantage,
     "rlkern_reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+    "rlkern_gae": compute_gae_advantage_return,
+    "rlkern_reinforce_plus_plus": compute_reinforce_plus_plus_outcome_advantage,
+    "rlkern_remax": compute_remax_outcome_advantage,
 }
 
 
@@ -406,7 +520,8 @@ def _core_algos() -> Any:
 def register() -> list[str]:
     """Add rlkern's estimators (``rlkern_grpo``, ``rlkern_grpo_vectorized``,
     ``rlkern_grpo_passk``, ``rlkern_rloo``, ``rlkern_rloo_vectorized``, ``rlkern_opo``,
-    ``rlkern_gpg``, ``rlkern_reinforce_plus_plus_baseline``) and policy losses
+    ``rlkern_gpg``, ``rlkern_reinforce_plus_plus_baseline``, ``rlkern_gae``,
+    ``rlkern_reinforce_plus_plus``, ``rlkern_remax``) and policy losses
     (``rlkern_vanilla``, ``rlkern_gspo``, ``rlkern_cispo``, ``rlkern_sapo``,
     ``rlkern_geo_mean``, ``rlkern_gpg``) to verl's registries, through verl's own
     ``register_adv_est`` / ``register_policy_loss``.

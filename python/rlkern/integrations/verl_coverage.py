@@ -19,10 +19,6 @@ __all__ = ["NOT_COVERED_ESTIMATORS", "NOT_COVERED_LOSSES", "coverage_markdown"]
 
 #: verl 0.9.1 advantage estimators without an ``rlkern_`` counterpart yet → why.
 NOT_COVERED_ESTIMATORS: dict[str, str] = {
-    "gae": "needs a fused reverse scan over values (γ, λ) with verl's mask carry; "
-           "rlkern.discounted_returns has resets, not verl's carry over observation tokens",
-    "reinforce_plus_plus": "the same masked-carry discounted scan (γ) plus batch whitening",
-    "remax": "token-level returns minus a greedy-rollout baseline; needs the masked scan",
     "gdpo": "per-reward-component group normalisation; not implemented",
     "optimal_token_baseline": "per-token optimal baseline weighted by squared log-prob "
                               "gradients; not implemented",

@@ -1,10 +1,12 @@
 """Token-, step- and turn-level advantage helpers (ALGORITHMS.md §2.1), each one fused kernel.
 
-Public functions: :func:`discounted_returns`, :func:`position_baseline` (IGPO),
+Public functions: :func:`discounted_returns`, :func:`gae` (GAE with verl's masked carry;
+REINFORCE++ and ReMax returns as its special cases), :func:`position_baseline` (IGPO),
 :func:`gtpo_weights` (GTPO / GRPO-S), :func:`gigpo_advantages` (GiGPO),
 :func:`empg_modulate` (EMPG). Each has a functional registered op ``torch.ops.rlkern.<name>``
 (with a fake implementation, so ``torch.compile(fullgraph=True)`` traces through it) that
-dispatches to the C++ ``<name>_out`` kernel on CPU, the Triton kernels of
+dispatches to the C++ ``<name>_out`` kernel on CPU (and on CUDA for ``backend="cuda"``
+where one exists: discounted returns, GAE), the Triton kernels of
 ``rlkern.kernels.token_advantages`` (``backend="triton"``, the default on CUDA; GiGPO uses the
 group kernels of ``rlkern.kernels.advantages``) or the float64 reference (``backend="torch"``,
 imported by that branch only). None is differentiable: they shape rewards and advantages,
@@ -28,8 +30,16 @@ from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
 from rlkern.ops.advantages import check_devices, check_grouping, check_tensor
 from rlkern.ops.advantages_segmented import gigpo_segmented, segments
 
-__all__ = ["GTPOWeights", "GiGPOAdvantages", "discounted_returns", "empg_modulate",
-           "gigpo_advantages", "gtpo_weights", "position_baseline"]
+__all__ = ["GAEAdvantages", "GTPOWeights", "GiGPOAdvantages", "discounted_returns",
+           "empg_modulate", "gae", "gigpo_advantages", "gtpo_weights", "position_baseline"]
+
+class GAEAdvantages(NamedTuple):
+    """The raw (unwhitened) GAE ``advantages`` and ``returns = advantages + values``,
+    ``(N, T)`` each."""
+
+    advantages: Tensor
+    returns: Tensor
+
 
 class GTPOWeights(NamedTuple):
     """``weight = H / Σ_g H`` and ``inverse_weight = h / Σ_g h`` (``h = 1/max(H, eps)``),
@@ -86,6 +96,13 @@ def _triton(device: torch.device):
     return backends.triton_module("token_advantages", device)
 
 
+def _cuda_kernels_or_raise() -> None:
+    if not backends.has_cuda_kernels():
+        raise backends.BackendUnavailableError(
+            "backend='cuda' needs rlkern._C built with the CUDA kernels; backend='triton' "
+            "runs on any GPU")
+
+
 def _no_cuda_kernel(name: str) -> None:
     raise backends.BackendUnavailableError(
         f"{name} has no CUDA C++ kernel; on GPUs use backend='triton' (the default)")
@@ -106,10 +123,7 @@ def discounted_returns_op(rewards: Tensor, reset: Tensor | None, gamma: float,
     elif backend == "triton":
         _triton(rewards.device).discounted_returns(rewards, reset, out, gamma=gamma)
     elif backend == "cuda":
-        if not backends.has_cuda_kernels():
-            raise backends.BackendUnavailableError(
-                "backend='cuda' needs rlkern._C built with the CUDA kernels; backend='triton' "
-                "runs on any GPU")
+        _cuda_kernels_or_raise()
         backends.cpp_ops().discounted_returns_out(rewards, reset, gamma, out)
     else:
         from rlkern.reference.token_advantages import discounted_returns_reference
@@ -160,6 +174,94 @@ def discounted_returns(rewards: Tensor, *, gamma: float, reset: Tensor | None = 
         reset = (reset != 0).contiguous()
     resolved = backends.resolve_backend(backend, rewards.device)
     return torch.ops.rlkern.discounted_returns(_kernel_dtype(rewards), reset, gamma, resolved)
+
+
+# --------------------------------------------------------------------------------------- GAE
+
+
+@torch.library.custom_op("rlkern::gae", mutates_args=())
+def gae_op(rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float,
+           backend: str) -> tuple[Tensor, Tensor]:
+    check_devices("rewards", rewards, values=values, mask=mask)
+    adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
+    if rewards.numel() == 0:
+        return adv, ret
+    if backend in ("cpu", "cuda"):
+        if backend == "cuda":
+            _cuda_kernels_or_raise()
+        backends.cpp_ops().gae_out(rewards, values, mask, gamma, lam, adv, ret)
+    elif backend == "triton":
+        _triton(rewards.device).gae(rewards, values, mask, adv, ret, gamma=gamma, lam=lam)
+    else:
+        from rlkern.reference.token_advantages import gae_reference
+
+        for out, ref in zip((adv, ret), gae_reference(rewards, values, mask, gamma=gamma,
+                                                      lam=lam), strict=True):
+            out.copy_(ref)
+    return adv, ret
+
+
+@gae_op.register_fake
+def _(rewards, values, mask, gamma, lam, backend):
+    check_devices("rewards", rewards, values=values, mask=mask)
+    return tuple(torch.empty_like(rewards) for _ in range(2))
+
+
+def gae(rewards: Tensor, values: Tensor | None, mask: Tensor, *, gamma: float, lam: float,
+        backend: str = "auto") -> GAEAdvantages:
+    r"""Generalised advantage estimation (Schulman et al. 2016) with verl's carry over masked
+    tokens, one reverse scan per row (``t = T−1 … 0``, carries ``nv = lg = 0`` at the end)::
+
+        δ_t = r_t + γ·nv − V_t,      g = δ_t + γλ·lg
+        where mask_t:  nv ← V_t,  lg ← g          (masked t: both carried unchanged)
+        advantages_t = lg,           returns_t = advantages_t + V_t
+
+    A masked position (an observation span of a multi-turn rollout, padding) contributes no
+    TD error and takes the advantage of the next valid position after it (0 after the last);
+    this is verl's ``compute_gae_advantage_return`` before its whitening, so that
+    ``masked_whiten(advantages, mask)`` gives verl's advantages. Special cases:
+
+    * REINFORCE++ (verl): ``values=None, lam=1`` → ``advantages`` is the discounted return
+      carried over masked tokens; verl's returns are ``advantages · mask``.
+    * ReMax (verl): ``values=None, gamma=lam=1`` → the reverse cumulative sum of ``r·mask``.
+
+    A zero factor drops its carry exactly (γ = 0: ``δ_t = r_t − V_t`` even after a ±inf value).
+
+    Args:
+        rewards: ``(N, T)`` float token rewards.
+        values: ``(N, T)`` float value estimates, or None (V = 0).
+        mask: ``(N, T)`` bool or 0/1 response mask (0 = observation / padding token).
+        gamma: discount γ (finite), lam: GAE λ (finite); typically in [0, 1].
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        :class:`GAEAdvantages` ``(advantages, returns)``, ``(N, T)`` float32 each (float64 when
+        an input is float64); accumulated in float64 by every backend; no gradient.
+
+    Example::
+
+        >>> r = torch.tensor([[0.0, 0.0, 1.0]])
+        >>> v = torch.tensor([[0.5, 0.5, 0.5]])
+        >>> out = rlkern.gae(r, v, torch.tensor([[1, 0, 1]]), gamma=1.0, lam=1.0)
+        >>> out.advantages
+        tensor([[0.5000, 0.5000, 0.5000]])
+        >>> out.returns
+        tensor([[1., 1., 1.]])
+    """
+    rewards = _float_input(rewards, "rewards")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape (N, T), got {tuple(rewards.shape)}")
+    shape = tuple(rewards.shape)
+    if values is not None:
+        values = _float_input(_same(values, "values", shape, rewards), "values")
+    mask = _same(mask, "mask", shape, rewards, bool_like=True)
+    gamma, lam = _scalar(gamma, "gamma"), _scalar(lam, "lam")
+    dtype = acc_dtype(rewards.dtype, *(() if values is None else (values.dtype,)))
+    resolved = backends.resolve_backend(backend, rewards.device)
+    return GAEAdvantages(*torch.ops.rlkern.gae(
+        rewards.to(dtype).contiguous(),
+        None if values is None else values.to(dtype).contiguous(),
+        (mask.detach() != 0).contiguous(), gamma, lam, resolved))
 
 
 # ---------------------------------------------------------------------- position baseline

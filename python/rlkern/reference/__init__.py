@@ -17,6 +17,7 @@ from rlkern.reference.sample import sample_reference
 from rlkern.reference.token_advantages import (
     discounted_returns_reference,
     empg_modulate_reference,
+    gae_reference,
     gigpo_advantages_reference,
     gtpo_weights_reference,
     position_baseline_reference,
@@ -26,6 +27,7 @@ __all__ = [
     "agg_loss_reference",
     "discounted_returns_reference",
     "empg_modulate_reference",
+    "gae_reference",
     "gigpo_advantages_reference",
     "group_advantages_reference",
     "gtpo_weights_reference",

@@ -3,6 +3,8 @@
 * discounted returns with resets:  G[t] = r[t] + γ·G[t+1], the carry dropped where reset[t]
   (position t ends a segment: a turn end, the end of a response) and where γ = 0, whatever
   it holds (±inf, NaN);
+* GAE with verl's carry over masked tokens: δ_t = r_t + γ·nv − V_t, g = δ_t + γλ·lg, and
+  where mask_t: nv ← V_t, lg ← g (carried unchanged elsewhere); A_t = lg, R_t = A_t + V_t;
 * position-wise group baseline (IGPO):  A[i,t] = G[i,t] − mean_{j∈g, m[j,t]} G[j,t];
 * GTPO entropy weights [reading]:  w[i,t] = H[i,t] / Σ_{k∈g, m[k,t]} H[k,t], and the inverse
   weights with h = 1 / max(H, eps) in place of H;
@@ -33,6 +35,32 @@ def discounted_returns_reference(rewards: Tensor, *, gamma: float,
         carry = r[:, t] + torch.where(a == 0, 0.0, a * carry)
         out[:, t] = carry
     return out
+
+
+def _drop_zero(a: float, x: Tensor) -> Tensor:
+    """a·x, exactly 0 where a = 0 or x = 0 (a zero discount drops even a ±inf / NaN carry)."""
+    return torch.where((x == 0) | (a == 0), 0.0, a * x)
+
+
+def gae_reference(rewards: Tensor, values: Tensor | None, mask: Tensor, *, gamma: float,
+                  lam: float) -> tuple[Tensor, Tensor]:
+    """``(advantages, returns)``, each ``(N, T)`` float64, scanning each row from its end.
+
+    Masked positions (mask 0: observation tokens, padding) leave both carries unchanged and
+    take the advantage of the next valid position after them (0 after the last one)."""
+    r = rewards.to(torch.float64)
+    v = torch.zeros_like(r) if values is None else values.to(torch.float64)
+    valid = mask.bool()
+    adv = torch.zeros_like(r)
+    next_value = torch.zeros(r.shape[0], dtype=torch.float64)
+    last_gae = torch.zeros_like(next_value)
+    for t in range(r.shape[1] - 1, -1, -1):
+        g = (r[:, t] + _drop_zero(gamma, next_value) - v[:, t]) + _drop_zero(gamma * lam,
+                                                                               last_gae)
+        next_value = torch.where(valid[:, t], v[:, t], next_value)
+        last_gae = torch.where(valid[:, t], g, last_gae)
+        adv[:, t] = last_gae
+    return adv, adv + v
 
 
 def _position_sums(x: Tensor, valid: Tensor, gidx: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,135 @@
+"""Benchmark case ``gae``: verl's token-level estimators on :func:`rlkern.gae` against verl's.
+
+B responses of T tokens (float32): small dense rewards plus an outcome reward at each
+response's last token, critic values, a multi-turn response mask (ragged lengths, an
+observation span in every response). Three modes, one per verl estimator, each timed as verl's
+trainer calls it (whitening included):
+
+* ``gae`` (γ = 1, λ = 0.95) — ``rlkern_gae`` (:func:`rlkern.integrations.verl.scan_estimator`,
+  what the registered function runs: the fused scan, then verl's whitening in torch) vs verl's
+  ``compute_gae_advantage_return`` (a Python loop over T of eager torch ops on (B,) columns);
+* ``reinforce_plus_plus`` (γ = 0.99) — the same pair for REINFORCE++;
+* ``remax`` — vs verl's ``flip · cumsum · flip`` (already vectorised: the fair peer).
+
+The floor is one read of the inputs and one write of the two outputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
+from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
+
+GAMMA, LAM, GAMMA_RPP = 1.0, 0.95, 0.99
+ESTIMATORS = ("gae", "reinforce_plus_plus", "remax")
+
+
+class GaeInputs(NamedTuple):
+    rewards: Tensor  # (B, T) float32
+    values: Tensor  # (B, T) float32
+    mask: Tensor  # (B, T) float32 0/1, as verl's trainer passes it
+    baselines: Tensor  # (B,) float32 greedy-rollout rewards (remax)
+
+
+def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> GaeInputs:
+    """float32 whatever ``dtype`` (verl keeps rewards and values in float32)."""
+    b, t = size["B"], size["T"]
+    gen = torch.Generator().manual_seed(b * 31 + t)
+    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    start = torch.randint(0, t, (b,), generator=gen)
+    span = (torch.arange(t)[None, :] >= start[:, None]) & \
+        (torch.arange(t)[None, :] < start[:, None] + t // 16)
+    mask &= ~span  # one observation span per response
+    rewards = torch.randn(b, t, generator=gen) * 0.01
+    rewards[torch.arange(b), lengths - 1] += torch.randint(0, 2, (b,), generator=gen).float()
+    values = torch.randn(b, t, generator=gen) * 0.1
+    baselines = torch.rand(b, generator=gen)
+    return GaeInputs(*(x.to(device) for x in (rewards, values, mask.float(), baselines)))
+
+
+#: verl's core_algos.
+VERL = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos"),
+            hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
+
+
+class _AlgoConfig(dict):
+    """What verl's estimators read of its AlgoConfig (``config.gamma``, ``config.get``)."""
+
+    def __init__(self, gamma: float) -> None:
+        super().__init__(gamma=gamma)
+        self.gamma = gamma
+
+
+def _verl(mode: str) -> Callable[[GaeInputs], Outputs]:
+    def call(inp: GaeInputs) -> Outputs:
+        core_algos = VERL.get()
+        if mode == "gae":
+            adv, ret = core_algos.compute_gae_advantage_return(inp.rewards, inp.values, inp.mask,
+                                                               GAMMA, LAM)
+        elif mode == "reinforce_plus_plus":
+            adv, ret = core_algos.compute_reinforce_plus_plus_outcome_advantage(
+                inp.rewards, inp.mask, config=_AlgoConfig(GAMMA_RPP))
+        else:
+            adv, ret = core_algos.compute_remax_outcome_advantage(inp.rewards, inp.baselines,
+                                                                  inp.mask)
+        return {"advantages": adv, "returns": ret}
+
+    return call
+
+
+def _rlkern(mode: str, backend: str) -> Callable[[GaeInputs], Outputs]:
+    from rlkern.integrations.verl import scan_estimator
+
+    gamma, lam = {"gae": (GAMMA, LAM), "reinforce_plus_plus": (GAMMA_RPP, 1.0)}.get(mode,
+                                                                                  (1.0, 1.0))
+
+    def call(inp: GaeInputs) -> Outputs:
+        adv, ret = scan_estimator(mode, inp.rewards, inp.mask, values=inp.values, gamma=gamma,
+                                  lam=lam, reward_baselines=inp.baselines, backend=backend)
+        return {"advantages": adv, "returns": ret}
+
+    return call
+
+
+def _floor(inp: GaeInputs) -> Outputs:
+    read_once(inp.rewards, inp.values, inp.mask)
+    write_once(inp.rewards)
+    write_once(inp.rewards)
+    return {}
+
+
+@register("gae")
+def gae_case(options: CaseOptions) -> Case:
+    backend = RlkernBackend.choose(options)
+
+    def implementations(mode: str) -> list[Impl]:
+        return [
+            Impl.rlkern(_rlkern(mode, backend.name), note=backend.note),
+            Impl(f"verl {mode}", _verl(mode), skip=VERL.missing()),
+            Impl.floor(_floor, note="one read of rewards, values, mask; two (B, T) writes"),
+        ]
+
+    return Case(
+        name="gae",
+        sizes=[Size({"B": 512, "T": 1024}), Size({"B": 1024, "T": 8192})],
+        quick_sizes=[Size({"B": 64, "T": 256})],
+        modes=ESTIMATORS,
+        make_inputs=make_inputs,
+        implementations=implementations,
+        # verl accumulates the scan and the whitening statistics in float32, rlkern the scan in
+        # float64: over T = 8192 steps the float32 sums drift by a few 1e-5 of O(1) values.
+        tolerances={"advantages": Tolerance(atol=1e-4, rtol=1e-4),
+                    "returns": Tolerance(atol=1e-4, rtol=1e-4)},
+        notes=("issue 16: each fused estimator against verl's own function",
+               "rlkern = the rlkern_<name> functions verl's registry hands out (whitening "
+               "included)", *backend.notes),
+        warnings=backend.notes,
+        environment=backend.environment,
+    )
