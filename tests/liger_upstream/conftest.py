@@ -7,8 +7,50 @@ from __future__ import annotations
 
 import pytest
 
+# Parameter ids of Liger's test_correctness with luspo at the sequence level whose per-token
+# loss is (B, T) (a KL term or vLLM's token ratio): Liger 0.8.5 does not mask padded tokens
+# there, the drop-in masks them as TRL does.
+_LUSPO_UNMASKED = {
+    'None-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-True-1.0-dtype0-0.1-0.5-8-128-1024-4096',
+    'None-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-True-1.0-dtype1-2e-05-0.001-8-128-1024-4096',
+    'None-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-True-1.0-dtype1-2e-05-0.001-3-47-31-123',
+    'None-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-False-1.0-dtype1-2e-05-0.001-8-128-1024-4096',
+    'None-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-False-1.0-dtype1-2e-05-0.001-3-47-31-123',
+    'None-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-True-1.0-dtype0-0.1-0.5-8-128-1024-4096',
+    'None-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-True-1.0-dtype1-2e-05-0.001-8-128-1024-4096',
+    'None-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-True-1.0-dtype1-2e-05-0.001-3-47-31-123',
+    'None-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-False-1.0-dtype0-0.1-0.5-8-128-1024-4096',
+    'None-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-False-1.0-dtype1-2e-05-0.001-8-128-1024-4096',
+    'None-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-False-1.0-dtype1-2e-05-0.001-3-47-31-123',
+    'None-sequence-luspo-False-False-True-0.1-0.2-0.2-1.0-True-1.0-dtype0-0.1-0.5-8-128-1024-4096',
+    'None-sequence-luspo-False-False-True-0.1-0.2-0.2-1.0-True-1.0-dtype0-0.1-0.5-3-47-31-123',
+    '2.0-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-True-1.0-dtype0-0.1-0.5-8-128-1024-4096',
+    '2.0-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-True-1.0-dtype1-2e-05-0.001-8-128-1024-4096',
+    '2.0-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-True-1.0-dtype1-2e-05-0.001-3-47-31-123',
+    '2.0-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-False-1.0-dtype1-2e-05-0.001-8-128-1024-4096',
+    '2.0-sequence-luspo-True-True-True-0.1-0.2-0.2-1.0-False-1.0-dtype1-2e-05-0.001-3-47-31-123',
+    '2.0-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-True-1.0-dtype0-0.1-0.5-8-128-1024-4096',
+    '2.0-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-True-1.0-dtype1-2e-05-0.001-8-128-1024-4096',
+    '2.0-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-True-1.0-dtype1-2e-05-0.001-3-47-31-123',
+    '2.0-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-False-1.0-dtype0-0.1-0.5-8-128-1024-4096',
+    '2.0-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-False-1.0-dtype1-2e-05-0.001-8-128-1024-4096',
+    '2.0-sequence-luspo-True-False-False-0.1-0.2-0.2-1.0-False-1.0-dtype1-2e-05-0.001-3-47-31-123',
+    '2.0-sequence-luspo-False-False-True-0.1-0.2-0.2-1.0-True-1.0-dtype0-0.1-0.5-8-128-1024-4096',
+    '2.0-sequence-luspo-False-False-True-0.1-0.2-0.2-1.0-True-1.0-dtype0-0.1-0.5-3-47-31-123',
+}
+# Liger's own Triton kernel (liger_kernel.transformers.grpo_loss.triton_grpo_loss): the
+# drop-in is not involved; these cases fail in Liger's code on this CPU-only machine.
+_LIGER_TRITON = {'bnpo-0.0', 'dapo-0.04'}
+
 # test name (without parameters) → (a predicate on the parameter id, the reason)
-XFAIL: dict[str, tuple] = {}
+XFAIL: dict[str, tuple] = {
+    "test_correctness": (_LUSPO_UNMASKED.__contains__,
+                         "luspo: the drop-in masks padded tokens as TRL does; Liger 0.8.5 keeps "
+                         "them when the per-token loss is (B, T) (documented difference)"),
+    "test_triton_grpo_loss_matches_reference": (
+        _LIGER_TRITON.__contains__,
+        "Liger's own triton_grpo_loss (not the drop-in) fails here on CPU"),
+}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,7 +24,9 @@ Differences, on purpose (Liger's own test file, run against this class by
 batch rows, and its epilogue is already compiled code); ``loss_type="luspo"`` masks padded
 tokens out as TRL does (Liger 0.8.5 does not mask them with token-level importance sampling);
 vespo sums the logarithm of ``vllm_is_ratio`` over the valid tokens only (Liger sums it over
-every position, padding included; TRL's ratio is 1 at padding, where both agree).
+every position, padding included; TRL's ratio is 1 at padding, where both agree). Liger's
+test file also has two cases of Liger's own Triton kernel (not this class) that fail on a
+CPU-only machine; they are marked likewise.
 """
 
 from __future__ import annotations
