@@ -97,7 +97,7 @@ def _token_loss(KIND: tl.constexpr, rho, a, lp, lo, hi, hp_ptr, LAY: tl.constexp
         clip_low = zero
         clip_high = zero
         dual = zero
-    elif KIND == K.reinforce:
+    elif (KIND == K.reinforce) or (KIND == K.vespo):  # vespo: scaled by φ (_vespo_phis)
         loss = -a * lp
         d_r = zero
         d_lp = -a
@@ -193,6 +193,49 @@ def _rollout_weight(d, log_clamp, wmin, wmax, MASK_MODE: tl.constexpr):
     return w
 
 
+_VESPO_LOG_W_MIN = tl.constexpr(-18.420680743952367)  # log(1e-8), policy_loss.h kVespoLogWMin
+_VESPO_LOG_W_MAX = tl.constexpr(20.0)
+_VESPO_LOG_RATIO_CLAMP = tl.constexpr(20.0)
+
+
+@triton.jit
+def _vespo_phi(log_w, k, lam):
+    """VESPO's gamma weight exp(λ + k·log w − λ·w), λ ≥ 1e-4, NaN / inf → 0 (float64)."""
+    lam = tl.maximum(lam, 1e-4)
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    return tl.where((phi == phi) & (phi != float("inf")), phi, 0.0)
+
+
+@triton.jit
+def _vespo_phis(s, hp_ptr, LAY: tl.constexpr):
+    """(log w, φ_pos, φ_neg) of a row from S (float64; policy_loss.h vespo_phis)."""
+    H: tl.constexpr = LAY.hparams
+    lw = tl.where(s < _VESPO_LOG_W_MIN, _VESPO_LOG_W_MIN,
+                  tl.where(s > _VESPO_LOG_W_MAX, _VESPO_LOG_W_MAX, s))
+    pos = _vespo_phi(lw, _hp(hp_ptr, H.vespo_k_pos).to(tl.float64),
+                     _hp(hp_ptr, H.vespo_lambda_pos).to(tl.float64))
+    neg = _vespo_phi(lw, _hp(hp_ptr, H.vespo_k_neg).to(tl.float64),
+                     _hp(hp_ptr, H.vespo_lambda_neg).to(tl.float64))
+    return lw, pos, neg
+
+
+@triton.jit
+def _vespo_log_rollout(d, log_clamp, wmin, wmax, MASK_MODE: tl.constexpr):
+    """A token's rollout term of vespo's S: log of _rollout_weight, in log space, clamped to
+    [log 1e-8, 20] (policy_loss.h vespo_log_rollout)."""
+    d = tl.where(d != d, 0.0, d)
+    x = _clampv(d, -log_clamp, log_clamp)
+    w = tl.exp(x)
+    ninf = float("-inf")
+    if MASK_MODE:
+        lw = tl.where(_in_closed(w, wmin, wmax), x, ninf)
+    else:
+        log_lo = tl.where(wmin > 0.0, tl.log(tl.maximum(wmin, 1e-30)), ninf)
+        log_hi = tl.where(wmax > 0.0, tl.log(tl.maximum(wmax, 1e-30)), ninf)
+        lw = tl.where(w < wmin, log_lo, tl.where(w > wmax, log_hi, x))
+    return _clampv(lw, _VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX)
+
+
 # ---------------------------------------------------------------------------------------------
 # Row and tile access, shared by the forward and the backward
 
@@ -281,17 +324,25 @@ def _seq_quantities(n, lps, rs, hp_ptr, LAY: tl.constexpr, ROLL: tl.constexpr,
 
 @triton.jit
 def _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w, hp_ptr, LAY: tl.constexpr,
-                ROLL: tl.constexpr, ROLL_MASK: tl.constexpr, HAS: tl.constexpr):
-    """(rollout weight w, entropy mask em, entropy H, token weight) of a block (0 at masked)."""
+                LOSS: tl.constexpr, ROLL: tl.constexpr, ROLL_MASK: tl.constexpr,
+                HAS: tl.constexpr):
+    """(rollout weight w, entropy mask em, entropy H, token weight, vespo's rollout term of S)
+    of a block (0 at masked)."""
     S: tl.constexpr = LAY.inputs
     H: tl.constexpr = LAY.hparams
     one = tl.full(old.shape, 1.0, old.dtype)
     w = one
+    vlw = tl.zeros_like(old)
     if ROLL == LAY.rollout_levels.token:
         roll = tl.load(_opt_row(opt, stride_opt, row, S.rollout_logprobs) + offs, mask=v,
                        other=0.0)
-        w = _rollout_weight(tl.where(v, old - roll, 0.0), _hp(hp_ptr, H.rollout_log_clamp),
-                            _hp(hp_ptr, H.rollout_min), _hp(hp_ptr, H.rollout_max), ROLL_MASK)
+        d = tl.where(v, old - roll, 0.0)
+        w = _rollout_weight(d, _hp(hp_ptr, H.rollout_log_clamp), _hp(hp_ptr, H.rollout_min),
+                            _hp(hp_ptr, H.rollout_max), ROLL_MASK)
+        if LOSS == LAY.loss_kinds.vespo:
+            vlw = _vespo_log_rollout(d, _hp(hp_ptr, H.rollout_log_clamp),
+                                     _hp(hp_ptr, H.rollout_min), _hp(hp_ptr, H.rollout_max),
+                                     ROLL_MASK)
     if ROLL == LAY.rollout_levels.sequence:
         w = one * seq_w.to(old.dtype)
     h = tl.zeros_like(old)
@@ -303,7 +354,7 @@ def _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w, hp_ptr, LAY: tl.
     wt = one
     if HAS[S.token_weights]:
         wt = tl.load(_opt_row(opt, stride_opt, row, S.token_weights) + offs, mask=v, other=0.0)
-    return w, em, h, wt
+    return w, em, h, wt, vlw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +400,9 @@ def _policy_loss_fwd_kernel(
     acc_w = zero
     acc_check = zero  # Σ of the other inputs: the NaN policy reads only row sums
     acc_dc = zero
+    acc_pgn = zero  # vespo: the A < 0 part of the policy term (acc_pg: the A ≥ 0 part)
+    acc_npos = zero
+    acc_vs = zero  # vespo: S
     acc_logw = tl.zeros((BLOCK_T,), tl.float64)
     rmin = tl.full((BLOCK_T,), float("inf"), dt)
     rmax = tl.full((BLOCK_T,), float("-inf"), dt)
@@ -357,9 +411,12 @@ def _policy_loss_fwd_kernel(
                                           ADV_TOKEN, BLOCK_T)
         d = lp - old
         dc = _clampv(d, -C, C)
-        w, em, h, wt = _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w, hp_ptr, LAY,
-                                   ROLL, ROLL_MASK, HAS)
-        mult = tl.where(v, w * em * wt, 0.0)
+        w, em, h, wt, vlw = _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w, hp_ptr,
+                                        LAY, LOSS, ROLL, ROLL_MASK, HAS)
+        if LOSS == LAY.loss_kinds.vespo:  # the rollout weight is folded into S instead
+            mult = tl.where(v, em * wt, 0.0)
+        else:
+            mult = tl.where(v, w * em * wt, 0.0)
         if LOSS == LAY.loss_kinds.gmpo:
             gdc, _gd, gclip = _gmpo_clip(d, a, lo, hi)
             acc_dc += gdc
@@ -376,7 +433,16 @@ def _policy_loss_fwd_kernel(
                 rho = zero + tl.exp(r_seq_t)
             loss, _dr, _dl, clipped, clo, chi, dual = _token_loss(LOSS, rho, a, lp, lo, hi,
                                                                   hp_ptr, LAY)
-            acc_pg += tl.where(v, mult * loss, 0.0)
+            if LOSS == LAY.loss_kinds.vespo:  # split by the sign of A (NaN: A < 0)
+                val = tl.where(v, mult * loss, 0.0)
+                pos = a >= 0.0
+                acc_pg += tl.where(pos, val, 0.0)
+                acc_pgn += tl.where(pos, 0.0, val)
+                acc_npos += tl.where(v & pos, 1.0, 0.0)
+                acc_vs += tl.where(v, _clampv(d, -_VESPO_LOG_RATIO_CLAMP, _VESPO_LOG_RATIO_CLAMP)
+                                   + vlw, 0.0)
+            else:
+                acc_pg += tl.where(v, mult * loss, 0.0)
             acc_clip += tl.where(v, clipped, 0.0)
             acc_clo += tl.where(v, clo, 0.0)
             acc_chi += tl.where(v, chi, 0.0)
@@ -423,6 +489,12 @@ def _policy_loss_fwd_kernel(
         ratio_sum = n * rho_i
         ratio_min = tl.where(n > 0, rho_i, float("inf"))
         ratio_max = tl.where(n > 0, rho_i, float("-inf"))
+    phi_sum = tl.zeros((), tl.float64)
+    if LOSS == LAY.loss_kinds.vespo:
+        seq_r_out, phi_pos, phi_neg = _vespo_phis(_s64(acc_vs), hp_ptr, LAY)
+        n_pos = _s64(acc_npos)
+        pg = phi_pos * pg + phi_neg * _s64(acc_pgn)
+        phi_sum = phi_pos * n_pos + phi_neg * (n - n_pos)
     out = stats_ptr + row
     tl.store(out + S.len * B, n)
     tl.store(out + S.pg_sum * B, pg)
@@ -449,6 +521,7 @@ def _policy_loss_fwd_kernel(
     # NaN policy: a non-finite input at a valid token makes the row's input sums non-finite.
     check = _s64(acc_check) + _s64(acc_ent_valid) + adv_sum + lps
     tl.store(out + S.non_finite * B, tl.where(check - check == 0.0, 0.0, 1.0).to(tl.float64))
+    tl.store(out + S.phi_sum * B, phi_sum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +564,12 @@ def _policy_loss_bwd_kernel(
     gmpo_coef = (g_pg.to(tl.float64) * tl.load(stats_ptr + S.pg_sum * B + row) / len1).to(dt)
     grad_lp_row = grad_lp_ptr + row * T
     grad_ent_row = grad_ent_ptr + row * T
+    phi_pos = tl.zeros((), dt)
+    phi_neg = tl.zeros((), dt)
+    if LOSS == LAY.loss_kinds.vespo:  # φ from the forward's log w (clamped again: a no-op)
+        _lw, pp, pn = _vespo_phis(tl.load(stats_ptr + S.seq_log_ratio * B + row), hp_ptr, LAY)
+        phi_pos = pp.to(dt)
+        phi_neg = pn.to(dt)
 
     # Ratio part of the sequence mean's exact gradient: G = Σ_t m·∂(loss terms)/∂r.
     G = tl.zeros((), dt)
@@ -500,8 +579,8 @@ def _policy_loss_bwd_kernel(
             offs, _inb, v, lp, old, a = _tile(t0, T, lp_row, old_row, adv_row, mask_row, adv0,
                                               ADV_TOKEN, BLOCK_T)
             rho = tl.zeros((BLOCK_T,), dt) + tl.exp(r_seq_t)
-            w, em, _h, wt = _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w, hp_ptr,
-                                        LAY, ROLL, ROLL_MASK, HAS)
+            w, em, _h, wt, _vlw = _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w,
+                                              hp_ptr, LAY, LOSS, ROLL, ROLL_MASK, HAS)
             _l, d_r, _dl, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, lo, hi, hp_ptr,
                                                             LAY)
             gr = g_pg * (w * em * wt) * d_r
@@ -517,8 +596,8 @@ def _policy_loss_bwd_kernel(
         offs, inb, v, lp, old, a = _tile(t0, T, lp_row, old_row, adv_row, mask_row, adv0,
                                          ADV_TOKEN, BLOCK_T)
         d = lp - old
-        w, em, _h, wt = _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w, hp_ptr, LAY,
-                                    ROLL, ROLL_MASK, HAS)
+        w, em, _h, wt, _vlw = _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w,
+                                          hp_ptr, LAY, LOSS, ROLL, ROLL_MASK, HAS)
         if LOSS == LAY.loss_kinds.gmpo:
             _gdc, gd, _gc = _gmpo_clip(d, a, lo, hi)
             g = gmpo_coef * gd
@@ -533,7 +612,10 @@ def _policy_loss_bwd_kernel(
                 pass_r = tl.zeros((BLOCK_T,), dt) + pass_seq
             _l, d_r, d_lp, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, lo, hi, hp_ptr,
                                                              LAY)
-            wgt = g_pg * (w * em * wt)
+            if LOSS == LAY.loss_kinds.vespo:  # −sg[φ]·A·logp: φ of A's sign, no rollout factor
+                wgt = g_pg * (em * wt) * tl.where(a >= 0.0, phi_pos, phi_neg)
+            else:
+                wgt = g_pg * (w * em * wt)
             g = wgt * d_lp
             if RATIO != R.seq_full:
                 g += wgt * d_r * pass_r

@@ -20,6 +20,10 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("RLKERN_HYPOTHESIS_PROFILE", "ci"))
 
+# Liger-Kernel's own test suite is run by tests/test_liger_upstream.py in its own pytest process
+# (its `test` package and conftest must not mix with this suite's).
+collect_ignore = ["liger_upstream"]
+
 # Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before
 # any kernel module is imported (Triton decides when a kernel is decorated).
 if not torch.cuda.is_available():

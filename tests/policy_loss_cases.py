@@ -50,6 +50,18 @@ CASES: dict[str, Case] = {
     "gvpo": Case(C(policy_loss="gvpo", group_size=3, gvpo_beta=0.5)),
     "gvpo-sum-kl": Case(C(policy_loss="gvpo", group_size=2, loss_agg_mode="sum", kl_coef=0.1),
                         ref=True),
+    "vespo": Case(C(policy_loss="vespo")),
+    "vespo-params-adv-per-token": Case(C(policy_loss="vespo", vespo_k_pos=1.5,
+                                         vespo_lambda_pos=0.5, vespo_k_neg=4.0,
+                                         vespo_lambda_neg=0.0, loss_agg_mode="sum"),
+                                       adv_per_token=True),
+    "vespo-rollout-truncate": Case(C(policy_loss="vespo", rollout_correction="token_truncate",
+                                     rollout_min=0.9, rollout_max=1.1), rollout=True),
+    "vespo-rollout-mask-addons": Case(C(policy_loss="vespo", rollout_correction="token_mask",
+                                        rollout_min=0.8, rollout_max=1.25, kl_coef=0.1,
+                                        kl_bias_correction=True, entropy_coef=0.01,
+                                        top_entropy_quantile=0.7),
+                                      ref=True, rollout=True, entropy=True, token_weights=True),
     # KL estimators
     **{f"kl-{est}": Case(C(kl_coef=0.05, kl_estimator=est), ref=True)
        for est in ("k1", "k2", "k3", "abs", "k1+", "k3+", "abs+", "low_var_kl", "mse")},
@@ -94,6 +106,10 @@ CASES: dict[str, Case] = {
     "trl-preset": Case(C.trl(loss_type="grpo", beta=0.04, top_entropy_quantile=0.5,
                              entropy_coef=0.01, importance_sampling_level="sequence"),
                        ref=True, rollout=True, entropy=True),
+    "trl-preset-vespo": Case(C.trl(loss_type="vespo", beta=0.04, vespo_k_pos=2.5,
+                                   vespo_lambda_neg=1.5,
+                                   vllm_importance_sampling_mode="token_truncate"),
+                             ref=True, rollout=True, entropy=True),
 }
 
 

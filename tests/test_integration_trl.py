@@ -118,7 +118,7 @@ def _train(model_dir, dataset, out_dir, *, patch: bool, **overrides) -> tuple[li
     return trainer.state.log_history, rt.usage()
 
 
-# Each case: GRPOConfig overrides; every TRL loss type but vespo. The grpo case adds the KL to
+# Each case: GRPOConfig overrides; every TRL loss type. The grpo case adds the KL to
 # a reference model (beta > 0, TRL loads it from the model's path) and the sequence-level
 # importance ratio (GSPO); luspo requires the sequence level. More options are checked batch
 # by batch below (test_compute_loss_parity).
@@ -130,6 +130,7 @@ TRAIN_CASES = {
     "cispo": dict(loss_type="cispo"),
     "sapo": dict(loss_type="sapo"),
     "luspo-sequence": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo"),
 }
 _BASELINES: dict[str, list] = {}
 
@@ -252,6 +253,14 @@ LOSS_CASES = {
     "dapo-vllm-is-token": dict(loss_type="dapo", vllm_is="token"),
     "sapo-vllm-is-sequence-offpolicy": dict(loss_type="sapo", vllm_is="sequence",
                                             off_policy_mask_threshold=0.02),
+    "vespo-params-kl": dict(loss_type="vespo", beta=0.04, vespo_k_pos=1.5,
+                            vespo_lambda_pos=0.5, vespo_k_neg=4.0, vespo_lambda_neg=0.0),
+    "vespo-entropy-mask-bonus-ga2": dict(loss_type="vespo", top_entropy_quantile=0.4,
+                                         entropy_coef=0.01, ga=2),
+    "vespo-vllm-is-token": dict(loss_type="vespo", vllm_is="token"),
+    "vespo-vllm-is-token-offpolicy": dict(loss_type="vespo", vllm_is="token",
+                                          off_policy_mask_threshold=0.02),
+    "vespo-eval": dict(loss_type="vespo", eval=True),
     "dr_grpo-eval": dict(loss_type="dr_grpo", eval=True),
     "dapo-eval": dict(loss_type="dapo", eval=True),
 }
@@ -271,6 +280,9 @@ def _configure(trainer, case: dict) -> None:
     args.delta = case.get("delta")
     args.use_bias_correction_kl = case.get("use_bias_correction_kl", True)
     args.steps_per_generation = 2
+    for name, default in (("vespo_k_pos", 2.0), ("vespo_lambda_pos", 3.0), ("vespo_k_neg", 3.0),
+                          ("vespo_lambda_neg", 2.0)):
+        setattr(args, name, case.get(name, default))
     trainer.off_policy_mask_threshold = case.get("off_policy_mask_threshold")
     trainer.use_vllm = trainer.vllm_importance_sampling_correction = "vllm_is" in case
     trainer.model.train(not case.get("eval", False))
@@ -299,7 +311,12 @@ def test_compute_loss_parity(name, trainer):
             B, T = inputs["completion_mask"].shape
             shape = (B, T) if case["vllm_is"] == "token" else (B, 1)
             ratio = torch.rand(shape, generator=torch.Generator().manual_seed(8)) * 2.5
-            inputs = {**inputs, "importance_sampling_ratio": ratio.masked_fill(ratio > 2, 0.0)}
+            ratio = ratio.masked_fill(ratio > 2, 0.0)
+            if case["loss_type"] == "vespo":
+                # TRL's ratio is exp(0) = 1 at padding, and vespo sums its logs over every
+                # position (rlkern: over the valid tokens, equal then)
+                ratio = ratio.masked_fill(inputs["completion_mask"] == 0, 1.0)
+            inputs = {**inputs, "importance_sampling_ratio": ratio}
         original = GRPOTrainer.__dict__["_compute_loss"]
         rt.reset_usage()
         loss_a, grads_a, metrics_a = _loss_and_grads(original, trainer, inputs)
@@ -322,16 +339,18 @@ def test_compute_loss_parity(name, trainer):
                     math.isnan(x) and math.isnan(y)), f"{key}: {x} vs {y}"
 
 
-def test_compute_loss_fallback_vespo(trainer):
-    """vespo is not covered: TRL's own loss runs (no error) and the fallback is counted."""
-    _configure(trainer, dict(loss_type="dapo"))
-    trainer.loss_type = "vespo"
+def test_compute_loss_fallback_adaptive_entropy(trainer):
+    """The adaptive entropy controller is not covered: TRL's own loss runs (no error) and the
+    fallback is counted (eval mode: the controller's state does not move between the runs)."""
+    _configure(trainer, dict(loss_type="dapo", entropy_coef=0.01, eval=True))
+    trainer.use_adaptive_entropy = True
     try:
         inputs = _loss_batch(trainer)
         rt.reset_usage()
         loss_a, _, _ = _loss_and_grads(GRPOTrainer.__dict__["_compute_loss"], trainer, inputs)
         loss_b, _, _ = _loss_and_grads(rt.compute_loss, trainer, inputs)
     finally:
+        trainer.use_adaptive_entropy = False
         _configure(trainer, dict(loss_type="dapo"))
     assert rt.usage()["loss_fallback"] == 1 and rt.usage()["loss_rlkern"] == 0
     assert loss_a == loss_b

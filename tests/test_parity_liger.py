@@ -16,7 +16,7 @@ liger = pytest.importorskip("liger_kernel.chunked_loss",
                             reason="liger-kernel is not installed (pip install liger-kernel)")
 
 B, T, H, V = 4, 6, 16, 40
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
 
 def data(seed=0, bias=True):
@@ -63,7 +63,7 @@ CASES = [
     (lt, level, beta, bc)
     for lt, level, beta, bc in itertools.product(LOSS_TYPES, ["token", "sequence"],
                                                  [0.0, 0.04], [False, True])
-    if not (level == "sequence" and lt in ("cispo", "sapo"))
+    if not (level == "sequence" and lt in ("cispo", "sapo", "vespo"))
     # Liger 0.8.5's luspo does not mask padded tokens once the per-token loss is (B, T)
     # (token-level ratios, or a KL term); rlkern follows TRL there (test below).
     and not (lt == "luspo" and (level == "token" or beta != 0.0))
@@ -137,14 +137,53 @@ def test_luspo_with_kl_follows_trl():
     torch.testing.assert_close(ours[0], ref.loss, rtol=1e-6, atol=1e-7)
 
 
+def test_vespo_params_kl_and_is_ratio_match_liger():
+    """vespo with its own (k, λ), a KL term and vLLM's ratio folded into the sequence weight
+    (1 at padding, as TRL hands it over: Liger sums its log over every position)."""
+    d = data(3)
+    g = torch.Generator().manual_seed(9)
+    ratio = (torch.rand(B, T, generator=g) * 2.0).masked_fill(d["mask"] == 0, 1.0)
+    ratio[0, 0] = 0.0  # a masked-out token: log 0 → log 1e-8
+    kw = dict(loss_type="vespo", beta=0.04, vespo_k_pos=1.5, vespo_lambda_pos=0.5,
+              vespo_k_neg=4.0, vespo_lambda_neg=1.0)
+    assert_matches_liger(kw, d, ref_per_token_logps=d["ref"], old_per_token_logps=d["old"],
+                         vllm_is_ratio=ratio)
+    assert_matches_liger(dict(kw, beta=0.0), d, ref_per_token_logps=d["ref"],
+                         old_per_token_logps=d["old"],
+                         vllm_is_ratio=ratio[:, :1])  # one ratio per sequence
+
+
+def test_cispo_clip_metric_counts_positive_advantages_only():
+    """Liger and TRL count a cispo token as clipped when its ratio exceeds ε_high and A > 0."""
+    d = data(4)
+    d["adv"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    eps_high = 1.02
+    loss_fn = RlkernLiger(loss_type="cispo", beta=0.0, epsilon_high=eps_high)
+    _, metrics, _ = run(loss_fn, d, old_per_token_logps=d["old"])
+    lp = rlkern.linear_logprobs(d["x"], d["w"], d["y"], bias=d["b"]).logprobs.view(B, T)
+    hit = (torch.exp(lp - d["old"]) > eps_high) & (d["adv"][:, None] > 0) & (d["mask"] > 0)
+    expected = hit.sum() / d["mask"].sum()
+    torch.testing.assert_close(metrics[0], expected.float(), rtol=1e-6, atol=1e-7)
+    assert_matches_liger(dict(loss_type="cispo", beta=0.0, epsilon_high=eps_high), d,
+                         ref_per_token_logps=d["ref"], old_per_token_logps=d["old"])
+
+
+def test_ref_logps_and_ref_input_warn_like_liger():
+    d = data()
+    with pytest.warns(UserWarning, match="Both ref_per_token_logps and ref_input are provided"):
+        run(RlkernLiger(beta=0.04), d, ref_per_token_logps=d["ref"], ref_input=d["x"])
+
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="vespo"):
-        RlkernLiger(loss_type="vespo")
-    with pytest.raises(ValueError, match="sequence"):
-        RlkernLiger(loss_type="cispo", importance_sampling_level="sequence")
+    d = data()
+    for loss_type in ("cispo", "sapo", "vespo"):  # Liger refuses them in forward, in its words
+        with pytest.raises(ValueError, match="Sequence-level importance sampling is not "
+                                             f"supported for loss_type='{loss_type}'"):
+            run(RlkernLiger(loss_type=loss_type, importance_sampling_level="sequence"), d)
+    with pytest.raises(TypeError, match="vespo_k"):
+        RlkernLiger(vespo_k=2.0)  # a misspelt argument is still refused
     with pytest.raises(ValueError, match="sapo_temperature_pos"):
         RlkernLiger(sapo_temperature_pos=0.0)
-    d = data()
     with pytest.raises(ValueError, match="max_completion_length"):
         run(RlkernLiger(loss_type="dr_grpo", beta=0.0), d)
     with pytest.raises(ValueError, match="ref_per_token_logps"):

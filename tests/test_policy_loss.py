@@ -468,7 +468,7 @@ def test_bad_preset_names_list_valid_ones():
     with pytest.raises(ValueError, match="'vanilla', 'gspo', 'cispo', 'sapo', 'geo_mean', 'gpg'"):
         PolicyLossConfig.verl(policy_loss="clip_cov")
     with pytest.raises(ValueError, match="'grpo', 'bnpo', 'dr_grpo', 'dapo'"):
-        PolicyLossConfig.trl(loss_type="vespo")
+        PolicyLossConfig.trl(loss_type="gspo")
     with pytest.raises(ValueError, match="clip_ratio_c"):
         PolicyLossConfig.verl(clip_ratio_c=1.0)
     with pytest.raises(ValueError, match=">= 0"):

@@ -93,7 +93,8 @@ NAMES = ["ppo", "ppo-clip-higher-dual", "ppo-delta", "ppo-adv-per-token", "gspo"
          "cispo-verl", "cispo-trl", "sapo", "sapo-seq", "gmpo", "gmpo-adv-per-token-rollout",
          "reinforce", "gvpo", "kl-k3", "kl-abs+", "kl-bias-seq-full", "kl-bias-gspo",
          "entropy-mask", "rollout-token_mask", "rollout-sequence_truncate", "token-weights",
-         "all-addons", "trl-preset", "verl-preset"]
+         "all-addons", "trl-preset", "verl-preset", "vespo", "vespo-params-adv-per-token",
+         "vespo-rollout-truncate", "vespo-rollout-mask-addons", "trl-preset-vespo"]
 
 
 @pytest.mark.parametrize("name", NAMES)

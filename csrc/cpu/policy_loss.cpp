@@ -137,6 +137,9 @@ struct Acc {
   double kl = 0, ent = 0, ent_count = 0, ent_valid = 0, w_sum = 0;
   double seq_w = 1, seq_r = 0, adv_sum = 0;
   double len = 0, lp_sum = 0;  // token-level kinds without the prefix pass
+  // vespo: S (its rollout part from aux_pass), the A < 0 part of pg (pg holds A ≥ 0's), the
+  // valid tokens with A ≥ 0
+  double vespo_s = 0, pg_neg = 0, n_pos = 0, phi_sum = 0;
 };
 
 template <typename V>
@@ -155,11 +158,13 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
   const bool roll_seq = a.flags.rollout_level == pl::kRolloutSeq;
   const bool mask_mode = a.flags.rollout_mask != 0;
   const bool has_thr = has(a, pl::kInEntropyThreshold);
+  // vespo folds the rollout weight into its sequence weight instead of multiplying by it
+  const bool fold = a.flags.loss_kind == pl::kVespo;
   const V thr(double(entropy_threshold<T>(a)));
   const V zero(0.0), one(1.0);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
-    V ent(0.0), ent_count(0.0), ent_valid(0.0), w_sum(0.0), tws(0.0);
+    V ent(0.0), ent_count(0.0), ent_valid(0.0), w_sum(0.0), tws(0.0), vs(0.0);
     for (int64_t t = t0; t < t1; t += P::L) {
       const auto ln = P::lanes(t1 - t);
       const auto v = P::valid(r.m + t, ln);
@@ -167,6 +172,7 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
       if (roll_tok) {
         const V d = sel(v, P::load(r.old + t, ln) - P::load(r.opt[pl::kInRollout] + t, ln), zero);
         w = pl::rollout_weight<V>(d, a.hp, mask_mode);
+        if (fold) vs = vs + sel(v, pl::vespo_log_rollout<V>(d, a.hp, mask_mode), zero);
       }
       if (roll_seq) w = V(double(c.seq_w));
       V em = one;
@@ -185,8 +191,9 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
         tws = tws + wt;
       }
       w_sum = w_sum + sel(v, w, zero);
-      if (write_mult) P::store(mult + t, sel(v, w * em * wt, zero), ln);
+      if (write_mult) P::store(mult + t, sel(v, (fold ? one : w) * em * wt, zero), ln);
     }
+    acc.vespo_s += P::hsum(vs);
     acc.ent += P::hsum(ent);
     acc.ent_count += P::hsum(ent_count);
     acc.ent_valid += P::hsum(ent_valid);
@@ -229,8 +236,8 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
-    V pg(0.0), nlr(0.0), rs(0.0), as(0.0), lps(0.0);
-    int64_t clip = 0, clo = 0, chi = 0, dual = 0, len = 0;
+    V pg(0.0), nlr(0.0), rs(0.0), as(0.0), lps(0.0), pgn(0.0), vs(0.0);
+    int64_t clip = 0, clo = 0, chi = 0, dual = 0, len = 0, npos = 0;
     V rmin = inf, rmax = ninf;
     for (int64_t t = t0; t < t1; t += P::L) {
       const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
@@ -238,7 +245,18 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const V dc = clampv(d, -C, C);
       const V rho = expv(SEQ ? r_seq : dc);
       const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, h);
-      pg = P::madd(pg, s.v, MULT ? P::load(mult + t, s.ln) * L.loss : L.loss);
+      const V val = MULT ? P::load(mult + t, s.ln) * L.loss : L.loss;
+      if constexpr (K == pl::kVespo) {  // split by the sign of A (a NaN A counts as A < 0)
+        const auto pos = s.a >= V(0.0);
+        const V vpos = sel(pos, val, V(0.0));
+        pg = P::madd(pg, s.v, vpos);
+        pgn = P::madd(pgn, s.v, val - vpos);
+        npos += P::count(s.v && pos);
+        const V L20(pl::kVespoLogRatioClamp);
+        vs = vs + clampv(d, -L20, L20);  // masked tokens load as 0
+      } else {
+        pg = P::madd(pg, s.v, val);
+      }
       clip += P::count(s.v && L.clipped);
       clo += P::count(s.v && L.clip_low);
       chi += P::count(s.v && L.clip_high);
@@ -252,6 +270,9 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       rmax = P::mmax(rmax, s.v, rho);
     }
     acc.pg += P::hsum(pg);
+    acc.pg_neg += P::hsum(pgn);
+    acc.vespo_s += P::hsum(vs);
+    acc.n_pos += double(npos);
     acc.clip += double(clip);
     acc.clip_low += double(clo);
     acc.clip_high += double(chi);
@@ -342,7 +363,7 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
 // Writes the policy part of ∂/∂logp into g; for kRatioSeqFull adds Σ_t m·∂/∂r to *G.
 template <typename T, int K, int MODE, bool MULT, bool ADVTOK>
 void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
-              const HParams h, T g_pg, T* g, double* G) {
+              const HParams h, T g_pg, T* g, double* G, pl::VespoPhi phi) {
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V C(h.log_ratio_clamp), zero(0.0), gpg = V(double(g_pg));
@@ -357,7 +378,8 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const V d = s.lp - s.old;
       const V rho = expv(MODE == pl::kRatioToken ? clampv(d, -C, C) : r_seq);
       const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, h);
-      const V w = MULT ? gpg * P::load(mult + t, s.ln) : gpg;
+      V w = MULT ? gpg * P::load(mult + t, s.ln) : gpg;
+      if constexpr (K == pl::kVespo) w = w * sel(s.a >= zero, V(phi.pos), V(phi.neg));
       const V direct = w * L.d_logp;
       const V gr = w * L.d_r;
       if constexpr (MODE == pl::kRatioSeqFull) {
@@ -439,7 +461,7 @@ void with_bool(bool b, F&& f) {
 // gmpo has its own kernels; kPpo also runs GSPO (its ratio mode differs).
 template <typename F>
 void with_kind(int kind, F&& f) {
-  with_code<pl::kPpo, pl::kCispo, pl::kSapo, pl::kReinforce, pl::kGvpo>(kind, f);
+  with_code<pl::kPpo, pl::kCispo, pl::kSapo, pl::kReinforce, pl::kGvpo, pl::kVespo>(kind, f);
 }
 
 template <typename F>
@@ -507,6 +529,12 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
         c.len = acc.len;
         c.lp_sum = acc.lp_sum;
       }
+      if (f.loss_kind == pl::kVespo) {
+        const pl::VespoPhi phi = pl::vespo_phis(acc.vespo_s, a.hp);
+        acc.pg = phi.pos * acc.pg + phi.neg * acc.pg_neg;
+        acc.phi_sum = phi.pos * acc.n_pos + phi.neg * (c.len - acc.n_pos);
+        acc.seq_r = phi.log_w;
+      }
     }
     if (f.kl_kind != pl::kKlNone) {
       with_kl(f.kl_kind, [&](auto kl) {
@@ -542,6 +570,7 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     s(pl::kRolloutWSum) = f.rollout_level != pl::kRolloutNone ? acc.w_sum : 0.0;
     const double check = acc.check + acc.ent_valid + acc.adv_sum + c.lp_sum;
     s(pl::kNonFinite) = std::isfinite(check) ? 0.0 : 1.0;
+    s(pl::kPhiSum) = acc.phi_sum;
   }
 }
 
@@ -576,6 +605,8 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
       aux_pass<T>(r, n, a, c, mult.data(), unused, true);
     }
     double G = 0;
+    // vespo: φ from the forward's log w (vespo_phis clamps it again: a no-op)
+    const pl::VespoPhi phi = pl::vespo_phis(s(pl::kSeqLogRatio), a.hp);
     if (f.loss_kind == pl::kGmpo) {
       const double len1 = c.len > 1 ? c.len : 1.0;
       const T coef = T(double(g_pg) * s(pl::kPgSum) / len1);  // ∂ℓ_i/∂logp_t = ℓ_i/len · ∂Δc/∂Δ
@@ -588,7 +619,7 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
           with_bool(mult_on, [&](auto mo) {
             with_bool(a.in.adv_per_token, [&](auto at) {
               bwd_main<T, decltype(k)::value, decltype(mode)::value, decltype(mo)::value,
-                       decltype(at)::value>(r, n, mult.data(), c, a.hp, g_pg, g, &G);
+                       decltype(at)::value>(r, n, mult.data(), c, a.hp, g_pg, g, &G, phi);
             });
           });
         });

@@ -112,16 +112,24 @@ __device__ __forceinline__ Token load_token(const RowPtrs& r, bool adv_tok, int6
 // weight (valid tokens only; callers zero masked tokens).
 struct Mult {
   float w, em, h, wt;
+  float wp;        // the rollout weight as it multiplies the policy term (w; vespo: 1)
+  float vespo_lw;  // vespo: the token's rollout term of S (0 without a rollout correction)
 };
 
 __device__ __forceinline__ Mult load_mult(const Args& a, const RowPtrs& r, const Token& k,
                                           int64_t t, float seq_w, float thr) {
-  Mult u{1.f, 1.f, 0.f, 1.f};
-  if (a.flags.rollout_level == pl::kRolloutToken)
-    u.w = pl::rollout_weight<float>(k.v ? k.old - __ldg(r.opt[pl::kInRollout] + t) : 0.f, a.hp,
-                                    a.flags.rollout_mask != 0);
-  else if (a.flags.rollout_level == pl::kRolloutSeq)
+  Mult u{1.f, 1.f, 0.f, 1.f, 1.f, 0.f};
+  if (a.flags.rollout_level == pl::kRolloutToken) {
+    const float d = k.v ? k.old - __ldg(r.opt[pl::kInRollout] + t) : 0.f;
+    u.w = pl::rollout_weight<float>(d, a.hp, a.flags.rollout_mask != 0);
+    if (a.flags.loss_kind == pl::kVespo) {
+      // vespo folds the weight into its sequence weight instead of multiplying by it
+      u.vespo_lw = pl::vespo_log_rollout<float>(d, a.hp, a.flags.rollout_mask != 0);
+    }
+  } else if (a.flags.rollout_level == pl::kRolloutSeq) {
     u.w = seq_w;
+  }
+  if (a.flags.loss_kind != pl::kVespo) u.wp = u.w;
   if (r.opt[pl::kInEntropy]) {
     u.h = k.v ? __ldg(r.opt[pl::kInEntropy] + t) : 0.f;
     if (a.in.opt[pl::kInEntropyThreshold].p) u.em = u.h >= thr ? 1.f : 0.f;
@@ -202,7 +210,8 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
 
     float pg = 0.f, kl = 0.f, ent = 0.f, ent_n = 0.f, ent_valid = 0.f, clip = 0.f, clo = 0.f;
     float chi = 0.f, dual = 0.f, nlr = 0.f, rsum = 0.f, adv = 0.f, wsum = 0.f, check = 0.f;
-    float sdc = 0.f, slogw = 0.f;
+    float sdc = 0.f, slogw = 0.f, pg_neg = 0.f, vespo_s = 0.f, n_pos = 0.f;
+    const bool vespo = a.flags.loss_kind == pl::kVespo;
     float rmin = INFINITY, rmax = -INFINITY;
     for (int64_t t = lane; t < T; t += kWarpSize) {
       const Token k = load_token(r, adv_tok, t);
@@ -222,7 +231,17 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
       } else {
         rho = pl::expv(seq_ratio ? c.r_seq : dc);
         const pl::TokenLoss<float> L = loss_at(a, rho, k);
-        pg += u.w * u.em * u.wt * L.loss;
+        const float val = u.wp * u.em * u.wt * L.loss;
+        if (vespo && !(k.a >= 0.f)) {  // vespo: split by the sign of A (NaN: A < 0)
+          pg_neg += val;
+        } else {
+          pg += val;
+          n_pos += vespo ? 1.f : 0.f;
+        }
+        if (vespo) {
+          const float c20 = float(pl::kVespoLogRatioClamp);
+          vespo_s += pl::clampv(d, -c20, c20) + u.vespo_lw;
+        }
         clip += L.clipped;
         clo += L.clip_low;
         chi += L.clip_high;
@@ -255,7 +274,14 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
     const double s_adv = warp_sum(adv), s_ent_valid = warp_sum(ent_valid);
     // NaN policy: a non-finite input at a valid token makes the row's input sums non-finite.
     const double s_check = double(warp_sum(check)) + s_ent_valid + s_adv + lp_sum;
-    double seq_r = seq_ratio ? double(c.r_seq) : 0.0, seq_w = c.seq_w;
+    double seq_r = seq_ratio ? double(c.r_seq) : 0.0, seq_w = c.seq_w, phi_sum = 0.0;
+    if (vespo) {
+      const pl::VespoPhi phi = pl::vespo_phis(warp_sum(vespo_s), a.hp);
+      const double np = warp_sum(n_pos);
+      s_pg = phi.pos * s_pg + phi.neg * double(warp_sum(pg_neg));
+      phi_sum = phi.pos * np + phi.neg * (n - np);
+      seq_r = phi.log_w;
+    }
     if (gmpo) {
       const double len1 = n > 1 ? n : 1.0;
       seq_r = double(warp_sum(sdc)) / len1;
@@ -288,6 +314,7 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
     vals[pl::kRolloutWSum] =
         a.flags.rollout_level != pl::kRolloutNone ? double(warp_sum(wsum)) : 0.0;
     vals[pl::kNonFinite] = s_check - s_check == 0.0 ? 0.0 : 1.0;
+    vals[pl::kPhiSum] = phi_sum;
     static_assert(pl::kNumRowStats <= kWarpSize, "one lane stores one statistic");
     if (lane < pl::kNumRowStats) {
       double out = 0.0;
@@ -319,6 +346,10 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
     const double len1 = n > 1 ? n : 1.0;
     const float gmpo_coef = float(double(g_pg) * a.row_stats[pl::kPgSum * B + b] / len1);
     const float rho_seq = pl::expv(c0.r_seq);
+    // vespo: φ from the forward's log w (vespo_phis clamps it again: a no-op)
+    const pl::VespoPhi phi = pl::vespo_phis(a.row_stats[pl::kSeqLogRatio * B + b], a.hp);
+    const float phi_pos = float(phi.pos), phi_neg = float(phi.neg);
+    const bool vespo = a.flags.loss_kind == pl::kVespo;
 
     float G = 0.f;  // Σ_t m·∂(loss terms)/∂r, spread over the row (exact sequence gradient)
     if (mode == pl::kRatioSeqFull) {
@@ -327,7 +358,7 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
         const Token k = load_token(r, adv_tok, t);
         if (!k.v) continue;
         const Mult u = load_mult(a, r, k, t, seq_w, thr);
-        acc += g_pg * (u.w * u.em * u.wt) * loss_at(a, rho_seq, k).d_r;
+        acc += g_pg * (u.wp * u.em * u.wt) * loss_at(a, rho_seq, k).d_r;
         if (has_kl && bias) {
           const float ref = __ldg(r.opt[pl::kInRef] + t);
           acc += g_kl * rho_seq *
@@ -360,7 +391,8 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
           pass = c0.pass_seq ? 1.f : 0.f;
         }
         const pl::TokenLoss<float> L = loss_at(a, rho, k);
-        const float w = g_pg * (u.w * u.em * u.wt);
+        float w = g_pg * (u.wp * u.em * u.wt);
+        if (vespo) w *= k.a >= 0.f ? phi_pos : phi_neg;
         g = w * L.d_logp;
         if (mode != pl::kRatioSeqFull) g += w * L.d_r * pass;
       }

@@ -238,7 +238,7 @@ def linear_logprobs_with_grad(data: st.DataObject) -> Call:
                 overflow_ok=_linear_overflow(hidden, weight, bias, 1.0))
 
 
-LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce")
+LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "vespo")
 KL = (None, "k1", "k3", "low_var_kl+")
 
 

@@ -50,7 +50,8 @@ namespace policy_loss {
   X(kSapo, "sapo")   /* −σ(τ(ρ − 1))·(4/τ)·A (soft adaptive gate, Qwen 2025) */                   \
   X(kReinforce, "reinforce") /* −A·logp (GPG / bypass) */                                         \
   X(kGmpo, "gmpo")   /* per sequence: −Ā·exp(Σ m Δc / len) (Zhao et al. 2025, GMPO) */            \
-  X(kGvpo, "gvpo")   /* group-centred MSE on β·Σ m (logp − old) (Zhang et al. 2025, GVPO) */
+  X(kGvpo, "gvpo")   /* group-centred MSE on β·Σ m (logp − old) (Zhang et al. 2025, GVPO) */ \
+  X(kVespo, "vespo") /* −sg[φ(w_i)]·A·logp, φ a gamma weight of the sequence ratio (VESPO) */
 
 // Importance ratios (flags[ratio_mode]): per token, or the sequence ratio with GSPO-token's
 // straight-through gradient / the exact gradient of the mean (see the top of this file).
@@ -90,7 +91,11 @@ namespace policy_loss {
   X(kHpKlValueClamp, kl_value_clamp)       /* k3: |k3| clamp */                               \
   X(kHpRolloutLogClamp, rollout_log_clamp) /* |old − rollout| (or its row sum) clamp */       \
   X(kHpRolloutMin, rollout_min)            /* rollout weight bounds (−inf / inf: off) */      \
-  X(kHpRolloutMax, rollout_max)
+  X(kHpRolloutMax, rollout_max)                                                               \
+  X(kHpVespoKPos, vespo_k_pos)             /* vespo's gamma shape k and rate λ for A ≥ 0 */    \
+  X(kHpVespoLambdaPos, vespo_lambda_pos)                                                      \
+  X(kHpVespoKNeg, vespo_k_neg)             /* ... and for A < 0 */                            \
+  X(kHpVespoLambdaNeg, vespo_lambda_neg)
 
 // The optional inputs: the `Tensor?[] inputs` of the ops, by slot. Shape kRows: (B, T) like
 // logprobs (unit stride along T); kOne: a single value.
@@ -112,7 +117,7 @@ namespace policy_loss {
   X(kLpSum, "lp_sum")                /* Σ m·(logp − old), unclamped */                          \
   X(kEntCount, "ent_count")          /* Σ m·em */                                               \
   X(kSeqLogRatio, "seq_log_ratio")   /* the row's sequence log-ratio r (seq modes); gmpo:      \
-                                        Σ m Δc / len */                                         \
+                                        Σ m Δc / len; vespo: its log-weight log w */            \
   X(kSeqWeight, "seq_weight")        /* sequence rollout weight (gmpo: geometric mean of the   \
                                         token weights) */                                       \
   X(kAdvSum, "adv_sum")              /* Σ m·A */                                                \
@@ -128,7 +133,9 @@ namespace policy_loss {
   X(kEntropyValid, "entropy_valid")  /* Σ m·H */                                                \
   X(kRolloutWSum, "rollout_w_sum")   /* Σ m·w (rollout weight) */                               \
   X(kNonFinite, "non_finite")        /* 1 if the row's input sums are not finite (a NaN / ±inf  \
-                                        input at a valid token; NaN policy), else 0 */
+                                        input at a valid token; NaN policy), else 0 */          \
+  X(kPhiSum, "phi_sum")              /* vespo: Σ m·φ (the gamma weight of each token's sign    \
+                                        of A); 0 for the other kinds */
 
 // The differentiable statistics, in the order of the backward's `grad_rows` ((kNumRowGrads, B)
 // float64: one coefficient per row and statistic). Named like their row_stats rows; they are
@@ -282,6 +289,9 @@ inline Problem check_call(const Flags& f, const Inputs& in) {
     return {"rollout_logprobs: required for the rollout correction", true};
   if (in.opt[kInEntropyThreshold].p && !in.opt[kInEntropy].p)
     return {"entropy: required with entropy_threshold", false};
+  if (f.loss_kind == kVespo && (f.ratio_mode != kRatioToken || f.rollout_level == kRolloutSeq))
+    return {"flags: vespo forms its own sequence weight: token ratio mode and token-level "
+            "rollout weights only", false};
   return {nullptr, false};
 }
 
@@ -464,12 +474,13 @@ RLKERN_HOST_DEVICE TokenLoss<T> reinforce_loss(T adv, T logp) {
   return out;
 }
 
-// The token losses by kind (kPpo, kCispo, kSapo, kReinforce; kGvpo has no token loss).
+// The token losses by kind (kPpo, kCispo, kSapo, kReinforce; kGvpo has no token loss;
+// kVespo's is −A·logp, which the kernels scale by the row's φ for the sign of A: vespo_phi).
 template <typename T>
 RLKERN_HOST_DEVICE TokenLoss<T> token_loss(int kind, T rho, T adv, T logp, const HParams& h) {
   if (kind == kCispo) return cispo_loss(rho, adv, logp, T(h.clip_lo), T(h.clip_hi));
   if (kind == kSapo) return sapo_loss(rho, adv, T(h.sapo_tau_pos), T(h.sapo_tau_neg));
-  if (kind == kReinforce) return reinforce_loss(adv, logp);
+  if (kind == kReinforce || kind == kVespo) return reinforce_loss(adv, logp);
   if (kind == kGvpo) return zero_loss<T>();
   return ppo_loss(rho, adv, T(h.clip_lo), T(h.clip_hi), T(h.delta), T(h.dual_clip_c));
 }
@@ -494,6 +505,61 @@ RLKERN_HOST_DEVICE GmpoClip<T> gmpo_clip(T delta, T adv, T lo, T hi) {
   out.d = sel((a < b) || in_closed(delta, lo, hi), sg * sg, T(0));
   out.clipped = delta != c;
   return out;
+}
+
+// --------------------------------------------------------------------------------------------
+// VESPO (TRL's GRPOTrainer.get_gamma_weights; Liger's get_gamma_weights): per row i,
+//   S_i = Σ_t m·clamp(Δ_t, ±20) + Σ_t m·clamp(log w_t, log 1e-8, 20)   (w: token rollout weight)
+//   log w_i = clamp(S_i, log 1e-8, 20);  φ = exp(λ + k·log w_i − λ·w_i), NaN / ±inf → 0,
+// with (k, λ) = (k_pos, λ_pos) where A ≥ 0, else (k_neg, λ_neg), λ clamped to ≥ 1e-4 (φ(1) = 1).
+// ℓ_t = −sg[φ]·A_t·logp_t: φ depends on the row only through S_i and the sign of A_t, so the
+// forward sums −m·mult·A·logp split by that sign and scales the two sums by φ at the row's end;
+// the backward recomputes φ from the saved log w_i (row_stats[kSeqLogRatio]).
+
+// The (φ_pos, φ_neg) of a row from its S.
+struct VespoPhi {
+  double log_w, pos, neg;
+};
+
+inline constexpr double kVespoLogRatioClamp = 20.0;              // |Δ| clamp of S's terms
+inline constexpr double kVespoLogWMin = -18.420680743952367;     // log(1e-8)
+inline constexpr double kVespoLogWMax = 20.0;
+
+// log w of the row from S (NaN stays NaN, so a poisoned row gets φ = 0, as in TRL).
+RLKERN_HOST_DEVICE double vespo_log_w(double s) {
+  return s < kVespoLogWMin ? kVespoLogWMin : (s > kVespoLogWMax ? kVespoLogWMax : s);
+}
+
+// The gamma weight φ for log w and one sign's (k, λ).
+RLKERN_HOST_DEVICE double vespo_phi(double log_w, double k, double lambda) {
+  const double lam = lambda < 1e-4 ? 1e-4 : lambda;
+  const double phi = exp(lam + k * log_w - lam * exp(log_w));
+  return (phi == phi && phi != static_cast<double>(INFINITY)) ? phi : 0.0;  // exp(·) ≥ 0
+}
+
+RLKERN_HOST_DEVICE VespoPhi vespo_phis(double s, const HParams& h) {
+  const double lw = vespo_log_w(s);
+  return {lw, vespo_phi(lw, h.vespo_k_pos, h.vespo_lambda_pos),
+          vespo_phi(lw, h.vespo_k_neg, h.vespo_lambda_neg)};
+}
+
+// One token's term of S from its rollout weight's log-ratio d = old − rollout (kRolloutToken):
+// the log of rollout_weight(d), clamped to [log 1e-8, 20]. Formed in log space (log w is the
+// clamped d, or the log of a truncation bound, or −inf for a masked-out weight), so no log is
+// taken per token; exact up to the rounding of exp / log.
+template <typename T>
+RLKERN_HOST_DEVICE T vespo_log_rollout(T d, const HParams& h, bool mask_mode) {
+  d = sel(d != d, T(0), d);
+  const T x = clampv(d, T(-h.rollout_log_clamp), T(h.rollout_log_clamp));
+  const T w = expv(x);
+  const T lo = T(h.rollout_min), hi = T(h.rollout_max);
+  const double ninf_d = -static_cast<double>(INFINITY);
+  const T log_lo = T(h.rollout_min > 0.0 ? log(h.rollout_min) : ninf_d);
+  const T log_hi = T(h.rollout_max > 0.0 ? log(h.rollout_max) : ninf_d);
+  const T ninf = T(ninf_d);
+  const T lw = mask_mode ? sel(in_closed(w, lo, hi), x, ninf)
+                         : sel(w < lo, log_lo, sel(w > hi, log_hi, x));
+  return clampv(lw, T(kVespoLogWMin), T(kVespoLogWMax));
 }
 
 // --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: rlkern's loss names (ALGORITHMS.md §3).
-POLICY_LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "gvpo")
+POLICY_LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "gvpo", "vespo")
 #: Aggregation modes; "token-sum" is verl's name for "sum".
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm", "sum", "token-sum")
@@ -54,7 +54,7 @@ KL_ESTIMATORS = tuple(n + s for n in (*_KL_BASE, *_KL_ALIASES) for s in ("", "+"
 ROLLOUT_CORRECTIONS = (None, "token_truncate", "token_mask", "sequence_truncate",
                        "sequence_mask")
 VERL_POLICY_LOSSES = ("vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg")
-TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 # rlkern's loss name → (the kernels' loss kind, their ratio mode for token-level sampling):
 # names of policy_loss.h's loss_kinds / ratio_modes tables. gspo is PPO on the sequence ratio
@@ -62,7 +62,12 @@ TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 _LOSS_CODES = {"ppo": ("ppo", "token"), "gspo": ("ppo", "seq_detached"),
                "cispo": ("cispo", "token"), "sapo": ("sapo", "token"),
                "reinforce": ("reinforce", "token"), "gmpo": ("gmpo", "token"),
-               "gvpo": ("gvpo", "token")}
+               "gvpo": ("gvpo", "token"), "vespo": ("vespo", "token")}
+
+
+# vespo's hyperparameters: the same names in PolicyLossConfig, the kernels' hparams and TRL's
+# GRPOConfig.
+_VESPO_FIELDS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 
 
 def _choice(value: Any, name: str, options: tuple) -> None:
@@ -116,7 +121,9 @@ class PolicyLossConfig:
         policy_loss: ``"ppo"`` (clipped surrogate; + dual clip, two-sided δ), ``"gspo"``
             (PPO on the sequence ratio with GSPO-token's straight-through gradient, verl),
             ``"cispo"``, ``"sapo"``, ``"gmpo"`` (geometric mean, per sequence), ``"reinforce"``
-            (−A·logp, verl's gpg), ``"gvpo"`` (group-centred MSE; needs ``group_size``).
+            (−A·logp, verl's gpg), ``"gvpo"`` (group-centred MSE; needs ``group_size``),
+            ``"vespo"`` (−sg[φ]·A·logp with φ = exp(λ + k·log w − λ·w) a gamma weight of the
+            row's clamped sequence ratio w; TRL's ``loss_type="vespo"``).
         clip_ratio_low / clip_ratio_high: ε_low / ε_high ≥ 0 (``None`` high = low): the ratio
             is clipped to [1 − ε_low, 1 + ε_high] (gmpo: the log-ratio to [−ε_low, ε_high]).
         ratio_min / ratio_max: explicit ratio bounds replacing 1 − ε_low / 1 + ε_high (TRL's
@@ -156,6 +163,10 @@ class PolicyLossConfig:
         loss_scale: multiplies the whole loss (verl's dp_size; TRL's 1 / grad-accumulation).
     gvpo:
         group_size: responses per prompt, contiguous rows; gvpo_beta: β of GVPO's reward.
+    vespo:
+        vespo_k_pos / vespo_lambda_pos: the gamma weight's shape k and rate λ where A ≥ 0;
+        vespo_k_neg / vespo_lambda_neg: where A < 0 (λ is clamped to ≥ 1e-4). A token-level
+        rollout correction is folded into w (log-weights summed) instead of multiplying.
     """
 
     policy_loss: str = "ppo"
@@ -190,6 +201,10 @@ class PolicyLossConfig:
     loss_scale: float = 1.0
     group_size: int | None = None
     gvpo_beta: float = 0.1
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     # ----------------------------------------------------------------------------- validation
 
@@ -209,7 +224,8 @@ class PolicyLossConfig:
                     "log_ratio_clamp", "seq_log_ratio_max", "kl_log_clamp", "kl_value_clamp",
                     "rollout_min", "rollout_max", "rollout_log_clamp"}
         for name in ("clip_ratio_low", "sapo_tau_pos", "sapo_tau_neg", "kl_coef", "entropy_coef",
-                     "top_entropy_quantile", "loss_scale", "gvpo_beta", *sorted(optional)):
+                     "top_entropy_quantile", "loss_scale", "gvpo_beta", *_VESPO_FIELDS,
+                     *sorted(optional)):
             object.__setattr__(self, name, _float(getattr(self, name), name,
                                                   optional=name in optional))
         for name in ("clip_ratio_low", "clip_ratio_high"):
@@ -231,7 +247,7 @@ class PolicyLossConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
-        for name in ("kl_coef", "entropy_coef", "loss_scale", "gvpo_beta"):
+        for name in ("kl_coef", "entropy_coef", "loss_scale", "gvpo_beta", *_VESPO_FIELDS):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if not 0.0 < self.top_entropy_quantile <= 1.0:
@@ -245,11 +261,11 @@ class PolicyLossConfig:
                                          or not isinstance(self.max_len, int)
                                          or self.max_len <= 0):
             raise ValueError(f"max_len must be a positive int or None, got {self.max_len!r}")
-        seq_loss = self.policy_loss in ("gspo", "gmpo", "gvpo", "reinforce")
+        seq_loss = self.policy_loss in ("gspo", "gmpo", "gvpo", "reinforce", "vespo")
         if seq_loss and self.importance_sampling_level != "token":
             raise ValueError(f"importance_sampling_level='sequence' applies to ppo, cispo and "
                              f"sapo; policy_loss={self.policy_loss!r} fixes its own ratio")
-        if self.policy_loss in ("gmpo", "reinforce", "gvpo") and (
+        if self.policy_loss in ("gmpo", "reinforce", "gvpo", "vespo") and (
                 self.ratio_min is not None or self.ratio_max is not None):
             raise ValueError(f"ratio_min / ratio_max do not apply to {self.policy_loss!r}")
         if self.policy_loss == "gvpo":
@@ -266,6 +282,10 @@ class PolicyLossConfig:
         if self.policy_loss in ("gmpo", "gvpo") and self.kl_bias_correction:
             raise ValueError(f"kl_bias_correction applies to token-level losses, not "
                              f"{self.policy_loss!r}")
+        if self.policy_loss == "vespo" and (self.rollout_correction or "").startswith("sequence"):
+            raise ValueError("vespo folds token-level rollout weights into its sequence weight: "
+                             "rollout_correction must be 'token_truncate', 'token_mask' or None, "
+                             f"got {self.rollout_correction!r}")
         if self.policy_loss == "gmpo" and self.top_entropy_quantile < 1.0:
             raise ValueError("gmpo is a sequence-level loss: top_entropy_quantile < 1 does not "
                              "apply to it")
@@ -329,6 +349,7 @@ class PolicyLossConfig:
             "rollout_log_clamp": _inf(self.rollout_log_clamp),
             "rollout_min": _inf(self.rollout_min, -math.inf),
             "rollout_max": _inf(self.rollout_max),
+            **{name: getattr(self, name) for name in _VESPO_FIELDS},
         }
         return ([int(flags[f.name]) for f in lay.flags],
                 [float(hparams[h.name]) for h in lay.hparams])
@@ -470,6 +491,10 @@ class PolicyLossConfig:
         vllm_importance_sampling_clip_min: float | None = None,
         vllm_importance_sampling_clip_max: float | None = 3.0,
         gradient_accumulation_steps: int = 1,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
     ) -> PolicyLossConfig:
         """TRL's ``GRPOTrainer._compute_loss`` (TRL 1.16), with ``GRPOConfig``'s names and
         defaults.
@@ -480,6 +505,10 @@ class PolicyLossConfig:
         ``max_completion_length`` is ``dr_grpo``'s L (``None``: the padded width). The
         rollout correction applies when ``rollout_logprobs`` (vLLM's sampling logprobs) are
         given to the call. ``gradient_accumulation_steps`` reproduces TRL's loss scaling.
+        ``vespo`` normalises like ``dapo`` (pass ``num_tokens``) and folds a token-level
+        rollout correction into its sequence weight; with a sequence-level
+        ``vllm_importance_sampling_mode`` (which TRL refuses for vespo under vLLM) the
+        rollout correction is off, so rollout_logprobs given to the call raise.
         """
         _choice(loss_type, "loss_type (trl)", TRL_LOSS_TYPES)
         _choice(importance_sampling_level, "importance_sampling_level", IS_LEVELS)
@@ -489,17 +518,19 @@ class PolicyLossConfig:
             raise ValueError(f"gradient_accumulation_steps must be a positive int, got {ga!r}")
         agg = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean",
                "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-               "dapo": "token-mean", "cispo": "token-mean",
+               "dapo": "token-mean", "cispo": "token-mean", "vespo": "token-mean",
                "luspo": "seq-mean-token-sum"}[loss_type]
-        name = {"cispo": "cispo", "sapo": "sapo"}.get(loss_type, "ppo")
+        name = {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}.get(loss_type, "ppo")
         rollout = None
         if vllm_importance_sampling_correction:
             _choice(vllm_importance_sampling_mode, "vllm_importance_sampling_mode",
                     ROLLOUT_CORRECTIONS[1:])
             rollout = vllm_importance_sampling_mode
-        # dapo / cispo fold the accumulation steps into num_items_in_batch (the call's
+            if name == "vespo" and rollout.startswith("sequence"):
+                rollout = None
+        # dapo / cispo / vespo fold the accumulation steps into num_items_in_batch (the call's
         # num_tokens); the others divide by them. The entropy bonus always does.
-        scale = 1.0 if loss_type in ("dapo", "cispo") else 1.0 / ga
+        scale = 1.0 if loss_type in ("dapo", "cispo", "vespo") else 1.0 / ga
         return cls(
             policy_loss=name,
             loss_agg_mode=agg,
@@ -529,6 +560,10 @@ class PolicyLossConfig:
             count_empty_seqs=True,
             max_len=max_completion_length,
             loss_scale=scale,
+            vespo_k_pos=vespo_k_pos,
+            vespo_lambda_pos=vespo_lambda_pos,
+            vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg,
         )
 
 

@@ -11,18 +11,31 @@ order and returns what Liger returns: ``(loss, metrics)`` with ``metrics`` a tup
 mean KL (only when ``beta != 0``) and the clip ratio, each a 0-dim tensor averaged over the
 valid tokens. Liger-Kernel itself is not needed.
 
-Differences, on purpose: ``compiled`` and ``chunk_size`` are accepted and ignored (rlkern's
-chunks are sized by logits count, not by batch rows, and its epilogue is already compiled
-code); ``loss_type="luspo"`` masks padded tokens out as TRL does (Liger 0.8.5 does not mask them
-with token-level importance sampling); ``loss_type="vespo"`` is not supported (ValueError).
+The clip metric is Liger's: the fraction of valid tokens with (ratio < 1 − ε_low and A < 0)
+or (ratio > 1 + ε_high and A > 0); for cispo only ratio > ε_high with A > 0; 0 for sapo and
+vespo. ``importance_sampling_level="sequence"`` with cispo, sapo or vespo raises Liger's
+ValueError in ``forward``; ``ref_per_token_logps`` and ``ref_input`` both given warn as Liger
+does (the log-probabilities are used). ``vllm_is_ratio`` multiplies the per-token loss, except
+for vespo, which folds its logarithm into the sequence weight (as Liger and TRL do).
+
+Differences, on purpose (Liger's own test file, run against this class by
+``tests/test_liger_upstream.py``, marks each one ``xfail(strict=True)``): ``compiled`` and
+``chunk_size`` are accepted and ignored (rlkern's chunks are sized by logits count, not by
+batch rows, and its epilogue is already compiled code); ``loss_type="luspo"`` masks padded
+tokens out as TRL does (Liger 0.8.5 does not mask them with token-level importance sampling);
+vespo sums the logarithm of ``vllm_is_ratio`` over the valid tokens only (Liger sums it over
+every position, padding included; TRL's ratio is 1 at padding, where both agree).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
 
 from rlkern.config.policy_loss import PolicyLossConfig
+from rlkern.integrations._is_ratio import fold_is_ratio
 from rlkern.ops.linear_grpo_loss import linear_grpo_loss
 from rlkern.ops.linear_logprobs import linear_logprobs
 
@@ -59,34 +72,39 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         temperature: float = 1.0,
         delta: float | None = None,
         use_bias_correction_kl: bool = False,
-        **unsupported: float,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
     ) -> None:
         super().__init__()
-        if loss_type == "vespo":
-            raise ValueError("loss_type='vespo' is not implemented by rlkern")
-        if unsupported:
-            raise TypeError(f"unsupported arguments: {sorted(unsupported)}")
         for name, value in (("sapo_temperature_pos", sapo_temperature_pos),
                             ("sapo_temperature_neg", sapo_temperature_neg)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if delta is not None and not delta > 0:
             raise ValueError(f"delta must be positive, got {delta}")
-        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
-            raise ValueError(f"importance_sampling_level='sequence' is not supported for "
-                             f"loss_type={loss_type!r}")
         self.beta = float(beta)
+        self.importance_sampling_level = importance_sampling_level
         self.use_ref_model = use_ref_model
         self.loss_type = loss_type
         self.max_completion_length = max_completion_length
         self.temperature = temperature
+        # Liger refuses the sequence level for these in forward; the config takes token level
+        level = "token" if self._sequence_unsupported() else importance_sampling_level
         self.config = PolicyLossConfig.trl(
             loss_type=loss_type, epsilon=epsilon_low, epsilon_high=epsilon_high,
-            beta=self.beta, delta=delta, importance_sampling_level=importance_sampling_level,
+            beta=self.beta, delta=delta, importance_sampling_level=level,
             max_completion_length=max_completion_length,
             sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
             use_bias_correction_kl=use_bias_correction_kl,
-            vllm_importance_sampling_correction=False)
+            vllm_importance_sampling_correction=False, vespo_k_pos=vespo_k_pos,
+            vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg)
+
+    def _sequence_unsupported(self) -> bool:
+        return self.importance_sampling_level == "sequence" and self.loss_type in (
+            "cispo", "sapo", "vespo")
 
     def forward(
         self,
@@ -105,6 +123,13 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         num_items_in_batch: int | float | Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         B, T = attention_mask.shape
+        if self._sequence_unsupported():  # Liger's check and wording
+            raise ValueError(
+                f"Sequence-level importance sampling is not supported for "
+                f"loss_type='{self.loss_type}'. Use importance_sampling_level='token' instead.")
+        if self.use_ref_model and ref_per_token_logps is not None and ref_input is not None:
+            warnings.warn("Both ref_per_token_logps and ref_input are provided. Using "
+                          "ref_per_token_logps.", stacklevel=2)
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
         cfg = self.config
@@ -121,12 +146,22 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                     ).logprobs.view(B, T)
             if ref is None:  # no reference model: Liger compares the policy with itself
                 cfg = cfg.replace(kl_coef=0.0)
-        token_weights = None
+        token_weights = rollout = None
         if vllm_is_ratio is not None:
             ratio = vllm_is_ratio if vllm_is_ratio.dim() == 2 else vllm_is_ratio.view(B, 1)
-            token_weights = ratio.expand(B, T)
+            if self.loss_type == "vespo":  # folded into the sequence weight, not multiplied
+                old = old_per_token_logps
+                if old is None:  # Liger's old policy is then the policy itself
+                    with torch.no_grad():
+                        old = linear_logprobs(_input, lin_weight, selected_token_ids, bias=bias,
+                                              temperature=self.temperature).logprobs.view(B, T)
+                if ratio.shape[1] == 1:  # one ratio per sequence: Liger adds its log once
+                    ratio = torch.cat([ratio, ratio.new_ones(B, T - 1)], 1) if T else ratio[:, :0]
+                cfg, rollout = fold_is_ratio(cfg, old, ratio)
+            else:
+                token_weights = ratio.expand(B, T)
         num_tokens = None
-        if self.loss_type in ("dapo", "cispo"):
+        if self.loss_type in ("dapo", "cispo", "vespo"):
             world = _world_size()
             if num_items_in_batch is not None:
                 count = torch.as_tensor(num_items_in_batch, dtype=torch.float64)
@@ -138,10 +173,22 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         out = linear_grpo_loss(
             _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=bias,
             old_logprobs=old_per_token_logps, ref_logprobs=ref, token_weights=token_weights,
-            config=cfg, temperature=self.temperature, num_tokens=num_tokens)
+            rollout_logprobs=rollout, config=cfg, temperature=self.temperature,
+            num_tokens=num_tokens)
         metrics = []
         if self.beta != 0.0:
             kl = out.metrics.get("kl")
             metrics.append(torch.zeros_like(out.loss) if kl is None else kl)
-        metrics.append(out.metrics["clipfrac"])
+        metrics.append(self._clip_metric(out.metrics))
         return out.loss, tuple(metrics)
+
+    def _clip_metric(self, metrics: dict[str, Tensor]) -> Tensor:
+        """Liger's clip fraction from rlkern's: (ratio < lo and A < 0) or (ratio > hi and
+        A > 0), which for PPO is exactly when the clipped branch is chosen (``clipfrac``); for
+        cispo, whose clip is one-sided, ratio > ε_high with A > 0 (``clipfrac_high``); 0 for
+        sapo and vespo, which do not clip."""
+        if self.loss_type in ("sapo", "vespo"):
+            return torch.zeros_like(metrics["clipfrac"])
+        if self.loss_type == "cispo":
+            return metrics["clipfrac_high"]
+        return metrics["clipfrac"]

@@ -14,14 +14,15 @@
   at a time (measured at V = 32768: 26 MiB vs 228 MiB peak for forward + backward).
 * ``GRPOTrainer._compute_loss`` — the per-token loss, its aggregation and the KL / entropy
   terms become one :func:`rlkern.policy_loss` call configured by
-  :meth:`rlkern.PolicyLossConfig.trl` (every ``loss_type`` of TRL 1.16 except ``vespo``:
-  ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo``), with TRL's
-  normalisers (``num_items_in_batch / num_processes · grad_accum / steps_per_generation`` for
-  dapo and cispo, the accumulation steps for the others, none in eval mode) and TRL's metrics:
+  :meth:`rlkern.PolicyLossConfig.trl` (every ``loss_type`` of TRL 1.16:
+  ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo``, ``vespo``), with
+  TRL's normalisers (``num_items_in_batch / num_processes · grad_accum / steps_per_generation``
+  for dapo, cispo and vespo, the accumulation steps for the others, none in eval mode) and
+  TRL's metrics:
   the same keys in ``trainer._metrics[mode]`` with the same values, reduced across processes
   the way TRL reduces them (``kl`` and ``entropy`` from rlkern's metrics; the clip fractions
-  from the op's per-row clip counts, which TRL averages per token, or per sequence at the
-  sequence level).
+  and vespo's ``vespo/phi_seq_mean`` from the op's per-row statistics, which TRL averages per
+  token, or per sequence at the sequence level / for vespo's per-sequence φ).
 
 Why these two methods: they are where the trainer spends its memory (the LM head) and where
 the loss math lives; everything else (generation, rewards, advantages, the optimizer step)
@@ -39,7 +40,7 @@ reason is logged once):
   logit soft-capping (``final_logit_softcapping``, ``output_multiplier``), and a sharded
   (DTensor, FSDP2) head weight. Logit scales (``logit_scale``, ``logits_scaling``,
   ``lm_head_multiplier``) take the fused path: a scale folds exactly into the temperature.
-* loss: ``loss_type="vespo"`` and the adaptive entropy controller (``use_adaptive_entropy``).
+* loss: the adaptive entropy controller (``use_adaptive_entropy``).
 
 Generation (opt-in): ``apply(generation="micro_groups", kv_budget_tokens=..., schedule=...,
 micro_group_size=...)`` also replaces ``GRPOTrainer._generate_single_turn`` so that TRL's
@@ -71,6 +72,7 @@ import rlkern
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import TRL_LOSS_TYPES
 from rlkern.integrations import trl_generation
+from rlkern.integrations._is_ratio import fold_is_ratio
 from rlkern.integrations.trl_generation import (
     GENERATION_METHOD,
     GENERATIONS,
@@ -393,6 +395,17 @@ def _log_clip_metrics(trainer: Any, metrics: dict[str, list], row_stats: Tensor,
     if trainer.loss_type == "cispo":  # its clip is one-sided: ratio > ε_high with A > 0
         metrics["cispo_clip_ratio"].append(mean("clip_high"))
         return
+    if trainer.loss_type == "vespo":
+        phi = row_stats[S.phi_sum]
+        if advantages.shape[1] == 1:  # TRL's φ is then (B, 1): a mean over the sequences
+            # an empty row has S = 0, hence φ(w = 1) = 1 (the gamma weight's normalisation)
+            per_seq_phi = torch.where(lens > 0, phi / lens.clamp(min=1.0), torch.ones_like(phi))
+            value = _global_mean(trainer, per_seq_phi.sum(),
+                                 torch.tensor(float(lens.shape[0]), device=lens.device))
+        else:
+            value = _global_mean(trainer, phi.sum(), lens.sum())
+        metrics["vespo/phi_seq_mean"].append(value)
+        return
     if trainer.loss_type == "sapo":
         return
     low, high = mean("clip_low"), mean("clip_high")
@@ -430,7 +443,8 @@ def _token_weights(trainer: Any, inputs: dict[str, Any], logps: Tensor, old: Ten
         weights = trainer.get_off_policy_mask(
             advantages=advantages, per_token_logps=logps, sampling_per_token_logps=sampling,
             mask=mask, off_policy_threshold=trainer.off_policy_mask_threshold)
-    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction and (
+            trainer.loss_type != "vespo"):  # vespo folds the ratio into its sequence weight
         ratio = inputs["importance_sampling_ratio"]
         weights = ratio if weights is None else weights * ratio
     if weights is None:
@@ -450,7 +464,7 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
 
     The loss is ``rlkern.policy_loss(logps, old, A, mask, config=PolicyLossConfig.trl(...))``
     with ``num_tokens = num_items_in_batch / num_processes · GA / steps_per_generation`` for
-    dapo and cispo (no GA / steps factor in eval mode); the entropy bonus
+    dapo, cispo and vespo (no GA / steps factor in eval mode); the entropy bonus
     (``entropy_coef``), the high-entropy token mask (``top_entropy_quantile``), the KL term
     (``beta``, ``use_bias_correction_kl``), vLLM's importance-sampling ratio and the
     off-policy mask are applied by the same call.
@@ -498,9 +512,17 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
         # a token weight, exactly the tensor TRL multiplies by
         vllm_importance_sampling_correction=False,
         gradient_accumulation_steps=ga,
+        vespo_k_pos=args.vespo_k_pos,
+        vespo_lambda_pos=args.vespo_lambda_pos,
+        vespo_k_neg=args.vespo_k_neg,
+        vespo_lambda_neg=args.vespo_lambda_neg,
     )
+    rollout = None
+    if trainer.loss_type == "vespo" and trainer.use_vllm and (
+            trainer.vllm_importance_sampling_correction):
+        config, rollout = fold_is_ratio(config, old, inputs["importance_sampling_ratio"])
     num_tokens = None
-    if trainer.loss_type in ("dapo", "cispo"):
+    if trainer.loss_type in ("dapo", "cispo", "vespo"):
         num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
         if mode == "train":  # the count spans the generation batch: one accumulation window
             num_tokens = num_tokens * ga / args.steps_per_generation
@@ -510,6 +532,7 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
     out, row_stats = run(prepare(
         logps, old, advantages, mask, config=config,
         ref_logprobs=inputs["ref_per_token_logps"] if trainer.beta != 0.0 else None,
+        rollout_logprobs=rollout,
         entropy=entropy_in,
         token_weights=_token_weights(trainer, inputs, logps, old, advantages, mask),
         entropy_threshold=_entropy_threshold(trainer, entropies, mask),

@@ -41,7 +41,7 @@ from rlkern.ops.policy_loss.inputs import normaliser
 
 __all__ = ["LinearGRPOLoss", "linear_grpo_loss"]
 
-_SEQ_LEVEL_LOSSES = ("gspo", "gmpo", "gvpo")
+_SEQ_LEVEL_LOSSES = ("gspo", "gmpo", "gvpo", "vespo")
 
 
 def _has(inputs: list[Tensor | None], slot: str) -> bool:
@@ -179,7 +179,8 @@ def linear_grpo_loss_fwd(
                  else torch.zeros(len(layout("policy_loss").row_stats), 0, dtype=acc))
     metrics = finish_metrics(row_stats, with_kl=_has(inputs, "ref_logprobs"),
                              with_entropy=with_entropy,
-                             with_rollout=_has(inputs, "rollout_logprobs"), dtype=acc)
+                             with_rollout=_has(inputs, "rollout_logprobs"),
+                             vespo=cfg.policy_loss == "vespo", dtype=acc)
     values = torch.stack(list(metrics.values())) if metrics else torch.zeros(0, dtype=acc)
     return loss, values, gh, gw, gb if gb is not None else hidden.new_empty((0,))
 
@@ -189,8 +190,9 @@ def _(hidden, weight, labels, bias, mask, advantages, old_logprobs, inputs, norm
       config_ints, config_floats, temperature, ignore_index, with_entropy, chunk_size,
       group_name, backend):
     acc = acc_dtype(hidden.dtype)
+    vespo = PolicyLossConfig.from_args(config_ints, config_floats).policy_loss == "vespo"
     k = len(metric_names(with_kl=_has(inputs, "ref_logprobs"), with_entropy=with_entropy,
-                         with_rollout=_has(inputs, "rollout_logprobs")))
+                         with_rollout=_has(inputs, "rollout_logprobs"), vespo=vespo))
     gb = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((k,), dtype=acc),
             torch.empty_like(hidden), torch.empty_like(weight), gb)
@@ -415,7 +417,7 @@ def linear_grpo_loss(
         inputs, torch.stack([nt, ns]), *cfg.to_args(), float(temperature), int(ignore_index),
         with_entropy, rows, group_name, resolved)
     names = metric_names(with_kl=ref is not None, with_entropy=with_entropy,
-                         with_rollout=rollout is not None)
+                         with_rollout=rollout is not None, vespo=cfg.policy_loss == "vespo")
     return PolicyLossOutput(loss, dict(zip(names, values.detach().unbind(0), strict=True)))
 
 

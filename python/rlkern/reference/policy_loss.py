@@ -165,6 +165,7 @@ class _Terms(NamedTuple):
     dual: Tensor
     neg_log_ratio: Tensor   # (B, T) −clamp(Δ, ±log_ratio_clamp)
     non_finite: Tensor      # (B,) bool: a NaN / ±inf input at a valid token (NaN policy)
+    phi: Tensor             # (B, T) vespo's gamma weight φ at each valid token (0 otherwise)
 
 
 def _terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
@@ -224,7 +225,9 @@ def _terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Ten
     if opt["entropy_threshold"] is not None:
         thr = torch.as_tensor(opt["entropy_threshold"], dtype=dt, device=logp.device)
         ent_mask = (ent.detach() >= thr).to(dt) * mf
-    mult = (torch.ones_like(mf) if rollout_w is None else rollout_w) * ent_mask
+    # vespo folds the rollout weight into its sequence weight instead (below)
+    fold = kind == kinds.vespo
+    mult = (torch.ones_like(mf) if rollout_w is None or fold else rollout_w) * ent_mask
     if opt["token_weights"] is not None:
         mult = mult * zero(opt["token_weights"]).detach()
 
@@ -251,6 +254,21 @@ def _terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Ten
         pg = -torch.sigmoid(tau * (rho - 1)) * (4 / tau) * adv
     elif kind == kinds.reinforce:  # −A·logp
         pg = -adv * logp
+    phi = rows0()
+    if kind == kinds.vespo:  # −sg[φ]·A·logp (TRL's get_gamma_weights)
+        s = (delta.clamp(-20.0, 20.0) * mf).sum(-1)
+        if rollout_w is not None:  # log of the rollout weight, as TRL folds its IS ratio
+            s = s + (torch.log(rollout_w).clamp(math.log(1e-8), 20.0) * mf).sum(-1)
+        log_w = s.clamp(math.log(1e-8), 20.0).detach()[:, None]
+        nonneg = adv >= 0
+        pick = lambda pos, neg: torch.where(nonneg, torch.full_like(adv, pos),
+                                            torch.full_like(adv, neg))
+        kk = pick(k.vespo_k_pos, k.vespo_k_neg)
+        lam = pick(k.vespo_lambda_pos, k.vespo_lambda_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + kk * log_w - lam * torch.exp(log_w))
+        phi = phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) * mf
+        pg = -phi * adv * logp
+        seq_r = log_w[:, 0]
     pg_row = (pg * mult * mf).sum(-1)
     if kind == kinds.gmpo:  # −Ā·exp(Σ m Δc / len), Δc = sgn(A)·min(sgn(A)·Δ, sgn(A)·clip(Δ))
         sgn = torch.sign(adv)
@@ -284,7 +302,7 @@ def _terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Ten
                   clipped=clipped * mf, clip_low=clip_low * mf, clip_high=clip_high * mf,
                   dual=dual * mf,
                   neg_log_ratio=-delta.clamp(-k.log_ratio_clamp, k.log_ratio_clamp) * mf,
-                  non_finite=~torch.isfinite(check))
+                  non_finite=~torch.isfinite(check), phi=phi)
 
 
 def policy_loss_row_stats(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
@@ -328,6 +346,7 @@ def policy_loss_row_stats(logprobs: Tensor, old_logprobs: Tensor, advantages: Te
         "entropy_valid": zeros if t.ent is None else rsum(t.ent),
         "rollout_w_sum": zeros if t.rollout_w is None else rsum(t.rollout_w),
         "non_finite": t.non_finite.to(t.mf.dtype),
+        "phi_sum": rsum(t.phi),
     }
     return torch.stack([stats[s.name] for s in lay.row_stats])
 
@@ -411,4 +430,6 @@ def policy_loss_reference(logprobs: Tensor, old_logprobs: Tensor, advantages: Te
     )
     if t.rollout_w is not None:
         metrics["rollout_weight_mean"] = mean(t.rollout_w)
+    if cfg.policy_loss == "vespo":
+        metrics["vespo_phi_mean"] = mean(t.phi)
     return total.to(dt), metrics

@@ -30,7 +30,8 @@ _TOKEN_MEANS = {"clipfrac": "clip", "clipfrac_low": "clip_low", "clipfrac_high":
                 "ratio_mean": "ratio_sum"}
 # ... and those of an add-on (present when the add-on is): metric → (statistic, add-on).
 _ADDON_MEANS = {"kl": ("kl_sum", "kl"), "entropy_mean": ("entropy_valid", "entropy"),
-                "rollout_weight_mean": ("rollout_w_sum", "rollout")}
+                "rollout_weight_mean": ("rollout_w_sum", "rollout"),
+                "vespo_phi_mean": ("phi_sum", "vespo")}
 
 
 def _agg_weights(counts: Tensor, mode: str, *, num_tokens, num_seqs, count_empty: bool,
@@ -128,9 +129,10 @@ def aggregate_grad(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, w
 
 
 def metric_names(*, with_kl: bool, with_entropy: bool, with_rollout: bool,
-                 with_parts: bool = False) -> list[str]:
-    """The keys of :func:`finish_metrics`, in its order."""
-    addons = {"kl": with_kl, "entropy": with_entropy, "rollout": with_rollout}
+                 with_parts: bool = False, vespo: bool = False) -> list[str]:
+    """The keys of :func:`finish_metrics`, in its order (``vespo``: the loss is vespo, whose
+    metric ``vespo_phi_mean`` is the mean of φ over the valid tokens)."""
+    addons = {"kl": with_kl, "entropy": with_entropy, "rollout": with_rollout, "vespo": vespo}
     parts = [p for p, addon in _PARTS.items() if addon is None or addons[addon]]
     return [*(parts if with_parts else []), *_TOKEN_MEANS, "ratio_min", "ratio_max",
             *(name for name, (_, addon) in _ADDON_MEANS.items() if addons[addon])]
@@ -138,8 +140,8 @@ def metric_names(*, with_kl: bool, with_entropy: bool, with_rollout: bool,
 
 def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
                    with_kl: bool = False, with_entropy: bool = False,
-                   with_rollout: bool = False, dtype: torch.dtype = torch.float32
-                   ) -> dict[str, Tensor]:
+                   with_rollout: bool = False, vespo: bool = False,
+                   dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Metrics (0-dim tensors) from the per-row statistics of one or several chunks
     (concatenated along dim 1), and optionally the aggregated loss parts: means over the
     valid tokens, and the ratio's min / max (NaN without a valid token).
@@ -156,7 +158,8 @@ def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
     nan = torch.tensor(math.nan, dtype=rs.dtype, device=rs.device)
     out: dict[str, Tensor] = {}
     for name in metric_names(with_kl=with_kl, with_entropy=with_entropy,
-                             with_rollout=with_rollout, with_parts=parts is not None):
+                             with_rollout=with_rollout, with_parts=parts is not None,
+                             vespo=vespo):
         if name in _TOKEN_MEANS:
             out[name] = rs[S[_TOKEN_MEANS[name]]].sum() / n
         elif name in _ADDON_MEANS:

@@ -131,7 +131,7 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     metrics = finish_metrics(row_stats, parts, with_kl=p.get("ref_logprobs") is not None,
                              with_entropy=with_entropy,
                              with_rollout=p.get("rollout_logprobs") is not None,
-                             dtype=p.out_dtype)
+                             vespo=p.cfg.policy_loss == "vespo", dtype=p.out_dtype)
     return PolicyLossOutput(loss.to(p.out_dtype), metrics), row_stats
 
 
