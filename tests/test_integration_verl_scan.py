@@ -136,3 +136,38 @@ def test_reinforce_plus_plus_needs_the_config():
     rewards, _, mask, _ = _batch(42)
     with pytest.raises(ValueError, match="config"):
         rv.compute_reinforce_plus_plus_outcome_advantage(rewards, mask)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "remax", "reinforce_plus_plus"])
+def test_replace_runs_rlkern_under_verls_names_in_its_trainer(estimator):
+    """replace_verl_estimators(): verl's trainer step ``compute_advantage`` with
+    ``adv_estimator=gae`` / ``remax`` (the names it treats specially: the critic's values, the
+    greedy baseline) runs rlkern's function and gets verl's result; restore puts verl's back."""
+    # verl's trainer module also needs torchdata: pip install --no-deps torchdata
+    ray_trainer = pytest.importorskip("verl.trainer.ppo.ray_trainer")
+    from verl import DataProto
+
+    rewards, values, mask, uid = _batch(11)
+    baselines = torch.randn(rewards.shape[0], generator=torch.Generator().manual_seed(12))
+
+    def step():
+        data = DataProto.from_dict(
+            tensors={"token_level_rewards": rewards.clone(), "values": values.clone(),
+                     "response_mask": mask.clone(), "reward_baselines": baselines.clone()},
+            non_tensors={"uid": uid})
+        out = ray_trainer.compute_advantage(data, adv_estimator=estimator, gamma=0.99, lam=0.95,
+                                            config=AlgoConfig(gamma=0.99, lam=0.95))
+        return out.batch["advantages"], out.batch["returns"]
+
+    verl_fn = core_algos.ADV_ESTIMATOR_REGISTRY[estimator]
+    theirs = step()
+    replaced = rv.replace_verl_estimators()
+    try:
+        assert estimator in replaced and rv.replace_verl_estimators() == replaced  # idempotent
+        assert core_algos.ADV_ESTIMATOR_REGISTRY[estimator] is not verl_fn
+        assert (core_algos.compute_gae_advantage_return is rv.compute_gae_advantage_return)
+        ours = step()
+    finally:
+        rv.restore_verl_estimators()
+    assert core_algos.ADV_ESTIMATOR_REGISTRY[estimator] is verl_fn
+    _check(estimator, ours, theirs, mask)

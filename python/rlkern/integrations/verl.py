@@ -62,6 +62,8 @@ __all__ = [
     "logprobs_from_logits",
     "patch_torch_functional",
     "register",
+    "replace_verl_estimators",
+    "restore_verl_estimators",
     "scan_estimator",
     "unpatch_torch_functional",
     "unregister",
@@ -556,6 +558,52 @@ def unregister() -> list[str]:
             del reg[name]
             removed.append(name)
     return removed
+
+
+# verl's trainer calls GAE by attribute (``core_algos.compute_gae_advantage_return``) and gives
+# the critic's values / the greedy baseline only under the literal names ``gae`` / ``remax``:
+# (core_algos attribute, verl's registry name, rlkern's function of verl's signature).
+_UNDER_VERL_NAMES = (
+    ("compute_gae_advantage_return", "gae", compute_gae_advantage_return),
+    ("compute_remax_outcome_advantage", "remax", compute_remax_outcome_advantage),
+    ("compute_reinforce_plus_plus_outcome_advantage", "reinforce_plus_plus",
+     compute_reinforce_plus_plus_outcome_advantage),
+)
+# (container, key, verl's original) for every swap replace_verl_estimators made
+_REPLACED: list[tuple[Any, str, Any]] = []
+
+
+def replace_verl_estimators() -> list[str]:
+    """Run rlkern's ``gae``, ``remax`` and ``reinforce_plus_plus`` under verl's own names.
+
+    verl's trainer treats ``algorithm.adv_estimator=gae`` and ``remax`` specially (a critic's
+    ``values``; a greedy baseline rollout), so ``rlkern_gae`` / ``rlkern_remax`` cannot stand
+    in for them in a config. This swaps rlkern's functions (verl's signatures and results) into
+    ``core_algos`` and its registry under verl's names instead: the config keeps
+    ``adv_estimator=gae`` and the trainer's special handling stays. Idempotent; with
+    ``RLKERN_VERL_REPLACE_ESTIMATORS=1`` the plugin calls it in every verl process.
+    :func:`restore_verl_estimators` undoes it. Returns the replaced names.
+    """
+    core = _core_algos()
+    done = {(id(c), k) for c, k, _ in _REPLACED}
+    for attr, name, fn in _UNDER_VERL_NAMES:
+        for container, key, get, put in (
+                (core, attr, getattr, setattr),
+                (core.ADV_ESTIMATOR_REGISTRY, name, dict.get, dict.__setitem__)):
+            if (id(container), key) not in done and get(container, key) is not fn:
+                _REPLACED.append((container, key, get(container, key)))
+                put(container, key, fn)
+    return sorted({k for _, k, _ in _REPLACED})
+
+
+def restore_verl_estimators() -> None:
+    """Put verl's functions back where :func:`replace_verl_estimators` swapped rlkern's in."""
+    while _REPLACED:
+        container, key, original = _REPLACED.pop()
+        if isinstance(container, dict):
+            container[key] = original
+        else:
+            setattr(container, key, original)
 
 
 def is_registered() -> bool:
