@@ -78,3 +78,11 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+def pytest_runtest_logreport(report):
+    """Print the reason of every skip of Liger's file (its own ``pytest.skip`` calls, kept as
+    Liger wrote them), so that the log of this process says why each case did not run."""
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        print(f"\nskipped {report.nodeid}: {reason}")
