@@ -210,8 +210,7 @@ def _vespo_phi(log_w, k, lam):
 def _vespo_phis(s, hp_ptr, LAY: tl.constexpr):
     """(log w, φ_pos, φ_neg) of a row from S (float64; policy_loss.h vespo_phis)."""
     H: tl.constexpr = LAY.hparams
-    lw = tl.where(s < _VESPO_LOG_W_MIN, _VESPO_LOG_W_MIN,
-                  tl.where(s > _VESPO_LOG_W_MAX, _VESPO_LOG_W_MAX, s))
+    lw = _clampv(s, _VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX)
     pos = _vespo_phi(lw, _hp(hp_ptr, H.vespo_k_pos).to(tl.float64),
                      _hp(hp_ptr, H.vespo_lambda_pos).to(tl.float64))
     neg = _vespo_phi(lw, _hp(hp_ptr, H.vespo_k_neg).to(tl.float64),

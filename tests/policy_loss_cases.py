@@ -58,7 +58,7 @@ CASES: dict[str, Case] = {
     "vespo-rollout-truncate": Case(C(policy_loss="vespo", rollout_correction="token_truncate",
                                      rollout_min=0.9, rollout_max=1.1), rollout=True),
     "vespo-rollout-mask-addons": Case(C(policy_loss="vespo", rollout_correction="token_mask",
-                                        rollout_min=0.8, rollout_max=1.25, kl_coef=0.1,
+                                        rollout_min=0.5, rollout_max=2.0, kl_coef=0.1,
                                         kl_bias_correction=True, entropy_coef=0.01,
                                         top_entropy_quantile=0.7),
                                       ref=True, rollout=True, entropy=True, token_weights=True),

@@ -20,6 +20,7 @@ its own order, and the gradients are then ~0.4 % from float64 (each), too coarse
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from collections import defaultdict
 
@@ -453,6 +454,30 @@ def _scaled_model(kind: str) -> torch.nn.Module:
                                                                         **common))
     return transformers.GraniteForCausalLM(  # logits / logits_scaling
         transformers.GraniteConfig(logits_scaling=4.0, **common))
+
+
+@pytest.mark.parametrize(("fields", "scale"), [
+    ({}, 1.0),
+    ({"logit_scale": 0.25}, 0.25),                  # Cohere: logits * logit_scale
+    ({"logits_scaling": 4.0}, 0.25),                # Granite: logits / logits_scaling
+    ({"lm_head_multiplier": 3.0}, 3.0),             # Falcon-H1: lm_head(h) * multiplier
+    ({"logit_scale": 2.0, "logits_scaling": 8.0}, 0.25),
+])
+def test_logit_multiplier(fields, scale):
+    config = types.SimpleNamespace(**fields)
+    assert rt.logit_multiplier(config) == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.inf, "big"])
+def test_logps_fallback_bad_logit_scale(value, trainer):
+    """A scale the temperature cannot absorb (≤ 0, inf, not a number): TRL's head, said why."""
+    config = trainer.model.config
+    config.logit_scale = value
+    try:
+        reason = rt._logps_fallback_reason(trainer.model, False, {})
+    finally:
+        del config.logit_scale
+    assert reason is not None and "scales its logits" in reason
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -104,7 +104,14 @@ def test_patch_routes_both_backends_and_unpatch_restores():
             ref = vf.fused_linear_for_ppo(hidden, weight, labels, 0.8)
             torch.testing.assert_close(lp, ref[0], rtol=0, atol=0)
             assert ent.dtype == hidden.dtype  # verl's torch backend's entropy dtype
+            h16, w16 = hidden.bfloat16(), weight.bfloat16()  # where the dtypes differ
+            lp16, ent16 = verl_exp.FusedLinearForPPO(impl_backend=backend)(h16, w16, labels)
+            assert lp16.dtype == torch.float32 and ent16.dtype == torch.bfloat16
+            torch.testing.assert_close(ent16, vf.fused_linear_for_ppo(h16, w16, labels)[1]
+                                       .bfloat16(), rtol=0, atol=0)
         lp, ent = lce.linear_cross_entropy(hidden, weight, labels, 0.8, "none")
+        assert vf.fused_linear_for_ppo(hidden.bfloat16(), weight.bfloat16(), labels)[1].dtype \
+            == torch.float32  # the triton route's entropy: the function's default
         torch.testing.assert_close(ent, vf.fused_linear_for_ppo(hidden, weight, labels, 0.8)[1])
         with pytest.raises(ValueError, match="per-token values only"):
             lce.linear_cross_entropy(hidden, weight, labels, 0.8, "mean")

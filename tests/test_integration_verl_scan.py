@@ -160,14 +160,23 @@ def test_replace_runs_rlkern_under_verls_names_in_its_trainer(estimator):
         return out.batch["advantages"], out.batch["returns"]
 
     verl_fn = core_algos.ADV_ESTIMATOR_REGISTRY[estimator]
+    verl_attrs = {a: getattr(core_algos, a) for a, _, _ in rv._UNDER_VERL_NAMES}
     theirs = step()
     replaced = rv.replace_verl_estimators()
     try:
         assert estimator in replaced and rv.replace_verl_estimators() == replaced  # idempotent
         assert core_algos.ADV_ESTIMATOR_REGISTRY[estimator] is not verl_fn
         assert (core_algos.compute_gae_advantage_return is rv.compute_gae_advantage_return)
-        ours = step()
+        calls = []
+        original_scan = rv.scan_estimator
+        rv.scan_estimator = lambda *a, **k: calls.append(a[0]) or original_scan(*a, **k)
+        try:
+            ours = step()
+        finally:
+            rv.scan_estimator = original_scan
+        assert calls == [estimator]  # rlkern's scan ran, not verl's function
     finally:
         rv.restore_verl_estimators()
     assert core_algos.ADV_ESTIMATOR_REGISTRY[estimator] is verl_fn
+    assert all(getattr(core_algos, a) is f for a, f in verl_attrs.items())
     _check(estimator, ours, theirs, mask)

@@ -455,6 +455,12 @@ def _inputs():
     ({"policy_loss": "gspo", "importance_sampling_level": "sequence"}, "applies to ppo"),
     ({"policy_loss": "gmpo", "kl_bias_correction": True, "kl_coef": 1.0}, "token-level"),
     ({"no_such_option": 1}, "unknown PolicyLossConfig field"),
+    ({"policy_loss": "vespo", "rollout_correction": "sequence_truncate"},
+     "vespo folds token-level rollout weights"),
+    ({"policy_loss": "vespo", "importance_sampling_level": "sequence"}, "fixes its own ratio"),
+    ({"policy_loss": "vespo", "ratio_max": 2.0}, "do not apply to 'vespo'"),
+    ({"policy_loss": "vespo", "vespo_k_pos": math.inf}, "vespo_k_pos must be finite"),
+    ({"policy_loss": "vespo", "vespo_lambda_neg": math.nan}, "vespo_lambda_neg"),
 ])
 def test_bad_config(bad, match):
     if match is None:
@@ -579,3 +585,14 @@ def test_count_tensor_bad_type_or_device():
         rlkern.policy_loss(*args, num_tokens=torch.tensor(4.0, device="meta"))
     out = rlkern.policy_loss(*args, num_tokens=torch.tensor(4))  # an integer count is fine
     assert torch.isfinite(out.loss)
+
+
+def test_trl_vespo_refuses_sequence_level_vllm_correction():
+    """TRL refuses a sequence-level vLLM correction with vespo; the preset does too, rather
+    than dropping the correction."""
+    with pytest.raises(ValueError, match="needs a token-level vllm_importance_sampling_mode"):
+        PolicyLossConfig.trl("vespo", vllm_importance_sampling_correction=True,
+                             vllm_importance_sampling_mode="sequence_truncate")
+    cfg = PolicyLossConfig.trl("vespo", vllm_importance_sampling_correction=True,
+                               vllm_importance_sampling_mode="token_truncate")
+    assert cfg.rollout_correction == "token_truncate"

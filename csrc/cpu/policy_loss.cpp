@@ -605,8 +605,11 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
       aux_pass<T>(r, n, a, c, mult.data(), unused, true);
     }
     double G = 0;
-    // vespo: φ from the forward's log w (vespo_phis clamps it again: a no-op)
-    const pl::VespoPhi phi = pl::vespo_phis(s(pl::kSeqLogRatio), a.hp);
+    // vespo: φ from the forward's log w (vespo_phis clamps it again: a no-op); other kinds
+    // skip its two exps
+    const pl::VespoPhi phi = f.loss_kind == pl::kVespo
+                                 ? pl::vespo_phis(s(pl::kSeqLogRatio), a.hp)
+                                 : pl::VespoPhi{0.0, 0.0, 0.0};
     if (f.loss_kind == pl::kGmpo) {
       const double len1 = c.len > 1 ? c.len : 1.0;
       const T coef = T(double(g_pg) * s(pl::kPgSum) / len1);  // ∂ℓ_i/∂logp_t = ℓ_i/len · ∂Δc/∂Δ

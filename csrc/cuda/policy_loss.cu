@@ -346,10 +346,12 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
     const double len1 = n > 1 ? n : 1.0;
     const float gmpo_coef = float(double(g_pg) * a.row_stats[pl::kPgSum * B + b] / len1);
     const float rho_seq = pl::expv(c0.r_seq);
-    // vespo: φ from the forward's log w (vespo_phis clamps it again: a no-op)
-    const pl::VespoPhi phi = pl::vespo_phis(a.row_stats[pl::kSeqLogRatio * B + b], a.hp);
-    const float phi_pos = float(phi.pos), phi_neg = float(phi.neg);
+    // vespo: φ from the forward's log w (vespo_phis clamps it again: a no-op); other kinds
+    // skip its two exps
     const bool vespo = a.flags.loss_kind == pl::kVespo;
+    const pl::VespoPhi phi = vespo ? pl::vespo_phis(a.row_stats[pl::kSeqLogRatio * B + b], a.hp)
+                                   : pl::VespoPhi{0.0, 0.0, 0.0};
+    const float phi_pos = float(phi.pos), phi_neg = float(phi.neg);
 
     float G = 0.f;  // Σ_t m·∂(loss terms)/∂r, spread over the row (exact sequence gradient)
     if (mode == pl::kRatioSeqFull) {

@@ -527,7 +527,7 @@ inline constexpr double kVespoLogWMax = 20.0;
 
 // log w of the row from S (NaN stays NaN, so a poisoned row gets φ = 0, as in TRL).
 RLKERN_HOST_DEVICE double vespo_log_w(double s) {
-  return s < kVespoLogWMin ? kVespoLogWMin : (s > kVespoLogWMax ? kVespoLogWMax : s);
+  return clampv(s, kVespoLogWMin, kVespoLogWMax);
 }
 
 // The gamma weight φ for log w and one sign's (k, λ).

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rlkern.bench import allocator
-from rlkern.bench.runner import OK, Listener, Measurement
+from rlkern.bench.runner import OK, Listener, Measurement, iqr_text
 
 SCHEMA = "rlkern-bench/1"
 _MIB = 1024 * 1024
@@ -139,8 +139,7 @@ def _check_text(m: Measurement) -> str:
     if m.status != OK:
         return f"{m.status}: {m.reason}"
     if m.noisy:
-        noisy = (f"{NOISY}: IQR {m.timing.iqr / m.timing.median:.0%} of the median"
-                 if m.timing is not None and m.timing.median > 0 else NOISY)
+        noisy = f"{NOISY}: {iqr_text(m.timing)}" if m.timing is not None else NOISY
         if m.reason or m.check is not None:
             return f"{noisy}; {m.reason or m.check.message}"  # type: ignore[union-attr]
         return noisy

@@ -211,6 +211,13 @@ def is_noisy(timing: Timing, max_iqr: float | None) -> bool:
     return timing.iqr >= max_iqr * timing.median and not (timing.iqr == 0 == timing.median)
 
 
+def iqr_text(timing: Timing) -> str:
+    """``"IQR 13% of the median"`` (``"IQR > 0 at a median of 0"`` for a clock too coarse)."""
+    if timing.median > 0:
+        return f"IQR {timing.iqr / timing.median:.0%} of the median"
+    return "IQR > 0 at a median of 0"
+
+
 def _stop_reason(pending: list[_Pending], rounds: int, max_iqr: float | None,
                  max_repeats: int, budget_s: float | None) -> str | None:
     """Why no further round runs after ``rounds`` rounds, or ``None`` to run one more."""
@@ -412,8 +419,8 @@ def _run_group(
         if m.status != OK:
             listener.note(f"{where} {m.impl}: {m.status}: {m.reason}")
         elif m.noisy and m.timing is not None:
-            listener.note(f"{where} {m.impl}: noisy: IQR {m.timing.iqr / m.timing.median:.0%} "
-                          f"of the median after {m.extra.get('rounds')} rounds "
+            listener.note(f"{where} {m.impl}: noisy: {iqr_text(m.timing)} "
+                          f"after {m.extra.get('rounds')} rounds "
                           f"(stopped: {m.extra.get('stopped')}); no ratio given")
         listener.done(m)
     return group

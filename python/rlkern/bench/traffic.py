@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm"}
+# op names without leading / trailing underscores (``_scaled_mm`` → ``scaled_mm``)
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "scaled_mm"}
 
 
 @dataclass

@@ -527,7 +527,9 @@ class PolicyLossConfig:
                     ROLLOUT_CORRECTIONS[1:])
             rollout = vllm_importance_sampling_mode
             if name == "vespo" and rollout.startswith("sequence"):
-                rollout = None
+                # TRL refuses this too: vespo folds token-level ratios into its weight
+                raise ValueError(f"loss_type='vespo' needs a token-level "
+                                 f"vllm_importance_sampling_mode, got {rollout!r}")
         # dapo / cispo / vespo fold the accumulation steps into num_items_in_batch (the call's
         # num_tokens); the others divide by them. The entropy bonus always does.
         scale = 1.0 if loss_type in ("dapo", "cispo", "vespo") else 1.0 / ga

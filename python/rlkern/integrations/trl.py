@@ -335,13 +335,13 @@ def per_token_logps_and_entropies(
     _ensure_wrapped(target)
     batch_size = batch_size or input_ids.size(0)
     fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
+    # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s))
+    temperature = trainer.temperature / logit_multiplier(target.config.get_text_config())
     logps, entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
         ids = input_ids[start:start + batch_size]
         am = attention_mask[start:start + batch_size]
         labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
-        # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s))
-        temperature = trainer.temperature / logit_multiplier(target.config.get_text_config())
         request = {"labels": labels, "temperature": temperature,
                    "entropy": compute_entropy, "fp32_head": fp32_head}
         with trainer.accelerator.autocast():

@@ -275,9 +275,10 @@ def _masked_whiten(x: Tensor, mask: Tensor) -> Tensor:
     ``(x − mean) · rsqrt(var + 1e-8)``. A small torch whitening: the scan is the fused part."""
     valid = mask.bool()
     count = mask.sum()
-    if count == 0:
+    n = float(count)  # one host sync for both of verl's checks
+    if n == 0:
         raise ValueError("At least one element in the mask has to be 1.")
-    if count == 1:
+    if n == 1:
         raise ValueError("The sum of the mask is one, which can cause a division by zero.")
     mean = (torch.where(valid, x, 0.0) * mask).sum() / (count + 1e-8)
     centered = x - mean

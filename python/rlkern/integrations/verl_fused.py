@@ -51,7 +51,8 @@ def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids
         input_ids: ``hidden_states.shape[:-1]`` integer token ids in ``[0, V)`` (verl's labels,
             the input ids rolled by one; every position is a valid id).
         temperature: ``T > 0`` (a float, as verl passes it).
-        entropy_dtype: dtype of the returned entropy (default float32).
+        entropy_dtype: dtype of the returned entropy (default: float32, float64 for float64
+            inputs).
         backend: :func:`rlkern.linear_logprobs`'s backend (``"auto"``: CPU tensors → ``"cpu"``,
             CUDA tensors → ``"triton"``).
 

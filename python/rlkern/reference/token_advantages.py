@@ -26,7 +26,7 @@ def discounted_returns_reference(rewards: Tensor, *, gamma: float,
     """``(N, T)`` returns of ``(N, T)`` rewards, scanning each row from its end."""
     r = rewards.to(torch.float64)
     out = torch.zeros_like(r)
-    carry = torch.zeros(r.shape[0], dtype=torch.float64)
+    carry = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
     for t in range(r.shape[1] - 1, -1, -1):
         a = torch.full_like(carry, gamma)
         if reset is not None:
@@ -52,7 +52,7 @@ def gae_reference(rewards: Tensor, values: Tensor | None, mask: Tensor, *, gamma
     v = torch.zeros_like(r) if values is None else values.to(torch.float64)
     valid = mask.bool()
     adv = torch.zeros_like(r)
-    next_value = torch.zeros(r.shape[0], dtype=torch.float64)
+    next_value = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
     last_gae = torch.zeros_like(next_value)
     for t in range(r.shape[1] - 1, -1, -1):
         g = (r[:, t] + _drop_zero(gamma, next_value) - v[:, t]) + _drop_zero(gamma * lam,
@@ -66,7 +66,7 @@ def gae_reference(rewards: Tensor, values: Tensor | None, mask: Tensor, *, gamma
 def _position_sums(x: Tensor, valid: Tensor, gidx: Tensor) -> tuple[Tensor, Tensor]:
     """Per group and position: Σ x over valid rows, and the count; gathered back per row."""
     num_groups = int(gidx.max()) + 1 if gidx.numel() else 0
-    sums = torch.zeros(num_groups, x.shape[1], dtype=torch.float64)
+    sums = torch.zeros(num_groups, x.shape[1], dtype=torch.float64, device=x.device)
     counts = torch.zeros_like(sums)
     sums.index_add_(0, gidx, torch.where(valid, x, 0.0))
     counts.index_add_(0, gidx, valid.to(torch.float64))

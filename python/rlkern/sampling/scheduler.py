@@ -261,7 +261,7 @@ def default_micro_group_size(group_size: int) -> int:
     response — ``prompt + L_max + (m − 1)`` siblings' lengths — against ``prompt + L_max +
     (G − 1)`` siblings for the full group. On long-tailed (lognormal) lengths ``L_max`` is
     several times the mean, so the peak only halves once ``m`` is a small fraction of ``G``:
-    measured at ``G = 16`` (``rlkern bench --op micro_groups``; docs/sampling.md), ``m = 4``
+    simulated at ``G = 16`` (``rlkern.sampling.simulate``; docs/sampling.md), ``m = 4``
     keeps 54 % of the full group's peak, ``m = 2`` 48 %. A budget (``kv_budget_tokens``)
     raises the concurrency of every schedule to what it affords, whatever ``m`` is.
     """

@@ -152,22 +152,26 @@ def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
     """
     S = layout("policy_loss").row_stats
     rs = row_stats.detach()
-    poisoned = rs[S.non_finite].sum() > 0 if rs.shape[1] else torch.tensor(False)
-    n_valid = rs[S.len].sum()
+    sums = rs.sum(1)  # one reduction for every per-row sum (no per-metric kernels)
+    poisoned = sums[S.non_finite] > 0
+    n_valid = sums[S.len]
     n = n_valid.clamp(min=1.0)
-    nan = torch.tensor(math.nan, dtype=rs.dtype, device=rs.device)
+    nan = rs.new_full((), math.nan)  # on rs's device: no host-to-device copy per call
     out: dict[str, Tensor] = {}
     for name in metric_names(with_kl=with_kl, with_entropy=with_entropy,
                              with_rollout=with_rollout, with_parts=parts is not None,
                              vespo=vespo):
         if name in _TOKEN_MEANS:
-            out[name] = rs[S[_TOKEN_MEANS[name]]].sum() / n
+            out[name] = sums[S[_TOKEN_MEANS[name]]] / n
         elif name in _ADDON_MEANS:
-            out[name] = rs[S[_ADDON_MEANS[name][0]]].sum() / n
+            out[name] = sums[S[_ADDON_MEANS[name][0]]] / n
         elif name == "ratio_min":
             out[name] = torch.where(n_valid > 0, rs[S[name]].min(), nan) if rs.shape[1] else nan
         elif name == "ratio_max":
             out[name] = torch.where(n_valid > 0, rs[S[name]].max(), nan) if rs.shape[1] else nan
         elif name in parts:  # a loss part (the KL part only exists with kl_coef != 0)
             out[name] = parts[name].detach()
-    return {k: torch.where(poisoned, nan, v).to(dtype) for k, v in out.items()}
+    if not out:
+        return out
+    values = torch.where(poisoned, nan, torch.stack([v.to(rs.dtype) for v in out.values()]))
+    return dict(zip(out, values.to(dtype).unbind(0), strict=True))

@@ -69,8 +69,9 @@ def normaliser(value: Any, name: str, device: torch.device) -> Tensor | float | 
     A number is checked on the host. A tensor count ≤ 0 or non-finite is a caller's bug (a
     count that was never all-reduced, a wrong sign) that would otherwise divide the loss into
     ±inf or flip its sign: while checks are on (:func:`rlkern.set_checks`) it raises
-    ``ValueError`` (one host sync); with checks off — no sync — it is replaced by NaN, so the
-    loss and every gradient are NaN on every backend instead of silently wrong.
+    ``ValueError`` (one host sync); with checks off — no sync, if the count already lives on
+    ``device`` (a CPU count for CUDA inputs is copied, which waits) — it is replaced by NaN, so
+    the loss and every gradient are NaN on every backend instead of silently wrong.
     """
     if value is None:
         return None
@@ -89,6 +90,7 @@ def normaliser(value: Any, name: str, device: torch.device) -> Tensor | float | 
                 raise ValueError(f"{name} must be finite and > 0, got {count.item()} (disable "
                                  "this check with rlkern.set_checks(False): the loss is then "
                                  "NaN)")
+            return count  # checked: no poisoning needed
         return torch.where(valid, count, torch.nan)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")

@@ -24,6 +24,7 @@ Backends: ``cpu`` / ``cuda`` — ``torch.ops.rlkern.policy_loss_{fwd,bwd}_out`` 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -108,22 +109,23 @@ def _bwd_out(backend, lp, old, adv, mask, opt, row_stats, grad_rows, flags, hp, 
 
         wrt = [lp] + ([opt[entropy]] if grad_ent is not None else [])
         grads = gradients(sums, wrt, grad_rows)
-        grad_lp.copy_(_propagate_bad_coefficients(grads[0], grad_rows, mask, flags))
+        _propagate_bad_coefficients(grad_lp.copy_(grads[0]), grad_rows, mask, flags)
         if grad_ent is not None:
             grad_ent.copy_(grads[1])
 
 
 def _propagate_bad_coefficients(grad_lp: Tensor, grad_rows: Tensor, mask: Tensor,
                                 flags: list[int]) -> Tensor:
-    """NaN at the valid tokens of rows whose loss coefficient is not finite (a NaN count with
-    checks off), as the fused kernels give: they multiply the coefficient by each token's
-    derivative, and NaN·0 is NaN, where autograd drops the coefficient at a clipped token."""
+    """``grad_lp`` (in place) with NaN at the valid tokens of rows whose loss coefficient is
+    not finite (a NaN count with checks off), as the fused kernels give: they multiply the
+    coefficient by each token's derivative, and NaN·0 is NaN, where autograd drops the
+    coefficient at a clipped token."""
     lay = layout("policy_loss")
-    rows = [lay.row_grads.pg_sum, lay.row_grads.lp_sum]
+    ok = torch.isfinite(grad_rows[lay.row_grads.pg_sum]) & torch.isfinite(
+        grad_rows[lay.row_grads.lp_sum])
     if flags[lay.flags.kl_kind] != lay.kl_kinds.none:
-        rows.append(lay.row_grads.kl_sum)
-    bad = ~torch.isfinite(grad_rows[rows]).all(0)
-    return torch.where(bad[:, None] & mask.bool(), torch.nan, grad_lp)
+        ok &= torch.isfinite(grad_rows[lay.row_grads.kl_sum])
+    return grad_lp.masked_fill_(~ok[:, None] & mask.bool(), math.nan)
 
 
 # ---------------------------------------------------------------------------------------------
