@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -27,9 +28,18 @@ def _data(dtype):
     return h, w, b, y
 
 
-def _check_case(rank: int, dtype: torch.dtype, fused: bool) -> None:
+# Rank 0's first id, each rank's shard: equal halves, and FSDP2's uneven dim-0 chunks of a
+# vocabulary the world size does not divide (torch.chunk(w, 2) of 199 rows: 100 + 99).
+_EQUAL = (slice(0, 100), slice(100, 200))
+_UNEQUAL = (slice(0, 100), slice(100, 199))
+_UNEQUAL_FIRST_SMALL = (slice(0, 37), slice(37, 200))
+
+
+def _check_case(rank: int, dtype: torch.dtype, fused: bool, shards=_EQUAL) -> None:
     h, w, b, y = _data(dtype)
-    shard = slice(rank * 100, (rank + 1) * 100)
+    vocab = shards[-1].stop
+    w, b, y = w[:vocab], b[:vocab], y.clamp(max=vocab - 1)
+    shard = shards[rank]
     group = dist.group.WORLD
     g_lp, g_ent = torch.randn(13, generator=torch.Generator().manual_seed(7)), torch.ones(13)
     if fused:
@@ -59,11 +69,31 @@ def _check_case(rank: int, dtype: torch.dtype, fused: bool) -> None:
     torch.testing.assert_close(gb, bb.grad[shard], **tol)
 
 
-def _check_unequal_shards(rank: int) -> None:
+def _check_ranks_disagree(rank: int) -> None:
+    """Hidden states or labels that differ across ranks are refused with checks on (and the
+    op runs without the check when checks are off)."""
     h, w, _, y = _data(torch.float32)
-    local = w[:100] if rank == 0 else w[100:190]
-    with pytest.raises(ValueError, match="equal shard of the vocabulary"):
-        rlkern.linear_logprobs(h, local, y.clamp(max=189), process_group=dist.group.WORLD)
+    local = w[_EQUAL[rank]]
+    h_bad = h.clone()
+    if rank == 1:
+        h_bad[3, 5] = torch.nextafter(h_bad[3, 5], torch.tensor(math.inf))
+    with pytest.raises(ValueError, match="hidden differ across ranks"):
+        rlkern.linear_logprobs(h_bad, local, y, process_group=dist.group.WORLD)
+    y_bad = y.clone()
+    if rank == 0:
+        y_bad[[0, 1]] = y_bad[[1, 0]]  # a permutation keeps the plain sum
+    with pytest.raises(ValueError, match="labels differ across ranks"):
+        rlkern.linear_logprobs(h, local, y_bad, process_group=dist.group.WORLD)
+    mask = torch.ones(1, 13)
+    with pytest.raises(ValueError, match="hidden differ across ranks"):
+        rlkern.linear_grpo_loss(h_bad.view(1, 13, -1), local, y.view(1, 13), mask,
+                                torch.ones(1, 13), process_group=dist.group.WORLD)
+    rlkern.set_checks(False)
+    try:
+        out = rlkern.linear_logprobs(h_bad, local, y, process_group=dist.group.WORLD)
+        assert out.logprobs.shape == (13,)
+    finally:
+        rlkern.set_checks(True)
 
 
 def _worker(rank: int, init_file: str) -> None:
@@ -74,8 +104,9 @@ def _worker(rank: int, init_file: str) -> None:
         torch.set_num_threads(1)
         for dtype in (torch.float32, torch.float64):
             for fused in (False, True):
-                _check_case(rank, dtype, fused)
-        _check_unequal_shards(rank)
+                for shards in (_EQUAL, _UNEQUAL, _UNEQUAL_FIRST_SMALL):
+                    _check_case(rank, dtype, fused, shards)
+        _check_ranks_disagree(rank)
     finally:
         dist.destroy_process_group()
 
@@ -87,5 +118,6 @@ def _spawn(fn) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_vocab_parallel_matches_single_process():
-    """float32 / float64 × autograd / with_grad, and unequal shards raising, on 2 ranks."""
+    """float32 / float64 × autograd / with_grad × equal and unequal shards, and ranks whose
+    rows disagree refused, on 2 ranks."""
     _spawn(_worker)

@@ -37,9 +37,11 @@ reason is logged once):
   ``token_type_ids``), MoE router auxiliary loss requested (``compute_aux_loss``), a model
   whose config is not its text config (VLMs), a model without a separate backbone
   (``base_model``) or without an ``nn.Linear`` output layer (e.g. a LoRA-wrapped ``lm_head``),
-  logit soft-capping (``final_logit_softcapping``, ``output_multiplier``), and a sharded
-  (DTensor, FSDP2) head weight. Logit scales (``logit_scale``, ``logits_scaling``,
-  ``lm_head_multiplier``) take the fused path: a scale folds exactly into the temperature.
+  and logit soft-capping (``final_logit_softcapping``, ``output_multiplier``). Logit scales
+  (``logit_scale``, ``logits_scaling``, ``lm_head_multiplier``) take the fused path: a scale
+  folds exactly into the temperature. A sharded (FSDP2) head takes the fused path too: the
+  head's half runs inside the head module's own call, so FSDP2 gathers its weight and reduces
+  its gradient as for the model's own head call.
 * loss: the adaptive entropy controller (``use_adaptive_entropy``).
 
 Generation (opt-in): ``apply(generation="micro_groups", kv_budget_tokens=..., schedule=...,
@@ -199,8 +201,6 @@ def _logps_fallback_reason(target: nn.Module, compute_aux_loss: bool,
     head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear) or hasattr(head, "base_layer"):
         return f"the output layer is {type(head).__name__}, not a plain nn.Linear"
-    if type(head.weight).__name__ == "DTensor":
-        return "the LM head weight is sharded (DTensor)"
     return None
 
 
@@ -220,7 +220,7 @@ def logit_multiplier(text_config: Any) -> float:
     return scale
 
 
-def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] | None = None,
+def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any],
                    **kwargs: Any) -> Any:
     """The model's forward with one more mode: ``rlkern_request`` set → ``(logps, entropy)``.
 
@@ -234,10 +234,7 @@ def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] |
     ``cast_lm_head_to_fp32``). Returns ``logps (B, K)`` float32 and ``entropy (B, K)`` (or
     None), both 0 where the label is ``-100``.
     """
-    if rlkern_request is None:
-        return self._rlkern_prev_forward(*args, **kwargs)
-    labels: Tensor = rlkern_request["labels"]
-    keep = labels.shape[1]
+    keep = rlkern_request["labels"].shape[1]
     for name in _HEAD_ONLY_KWARGS:
         kwargs.pop(name, None)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -247,7 +244,19 @@ def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] |
     # tokens (TRL's logits_to_keep), so the prompt positions never reach the head.
     hidden = hidden[:, -keep - 1:-1, :]
     head = self.get_output_embeddings()
-    weight, bias = head.weight, head.bias
+    _ensure_wrapped(head, _fused_head_forward)
+    # Through the head module's own call, so that whatever manages its parameters runs its
+    # hooks: FSDP2 all-gathers a sharded (DTensor) weight for the call and again for the
+    # backward, and reduce-scatters its gradient, as for the model's own head call.
+    return head(hidden, rlkern_request=rlkern_request)
+
+
+def _fused_head_forward(self: nn.Linear, hidden: Tensor,
+                        rlkern_request: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    """The LM head's half of :func:`_fused_forward`: ``hidden (B, K, H)`` → ``(logps,
+    entropy)`` through :func:`rlkern.linear_logprobs` with the head's (unsharded) parameters."""
+    labels: Tensor = rlkern_request["labels"]
+    weight, bias = self.weight, self.bias
     hidden = hidden.to(weight.device)
     device_type = hidden.device.type
     if rlkern_request["fp32_head"]:
@@ -266,12 +275,16 @@ def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] |
     return out.logprobs, out.entropy
 
 
-def _ensure_wrapped(target: nn.Module) -> None:
+def _ensure_wrapped(target: nn.Module, fused: Callable[..., Any]) -> None:
+    """Give ``target`` (the model, or its LM head) a forward with an ``rlkern_request`` mode
+    served by ``fused``; without the keyword the previous forward runs."""
     if getattr(target.forward, "_rlkern_fused", False):
         return
     def wrapper(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] | None = None,
                 **kwargs: Any) -> Any:
-        return _fused_forward(self, *args, rlkern_request=rlkern_request, **kwargs)
+        if rlkern_request is None:
+            return self._rlkern_prev_forward(*args, **kwargs)
+        return fused(self, *args, rlkern_request=rlkern_request, **kwargs)
 
     # Keep the class forward's signature visible: ``generate`` validates its kwargs against it.
     functools.update_wrapper(wrapper, type(target).forward)
@@ -332,7 +345,7 @@ def per_token_logps_and_entropies(
                         batch_size=batch_size, compute_entropy=compute_entropy,
                         compute_aux_loss=compute_aux_loss, **extra)
     _USAGE["logps_rlkern"] += 1
-    _ensure_wrapped(target)
+    _ensure_wrapped(target, _fused_forward)
     batch_size = batch_size or input_ids.size(0)
     fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
     # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s))

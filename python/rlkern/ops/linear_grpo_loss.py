@@ -30,12 +30,11 @@ from rlkern.ops.linear_logprobs import (
     LinearTiling,
     _check_backend,
     _check_linear_inputs,
-    _global_vocab,
     _group,
     _resolve_backend,
+    _validate_group_rows,
     run_fused,
 )
-from rlkern.ops.logprobs import _validate_labels
 from rlkern.ops.policy_loss import PolicyLossOutput, finish_metrics, metric_names, policy_loss_chunk
 from rlkern.ops.policy_loss.inputs import normaliser
 
@@ -164,7 +163,7 @@ def linear_grpo_loss_fwd(
     group = _group(group_name)
     _check_backend(backend, group)
     labels = labels.to(torch.int64).contiguous()
-    _validate_labels(labels, _global_vocab(weight, group), ignore_index)
+    _validate_group_rows(hidden, weight, labels, ignore_index, group)
     batch = _Batch(mask, advantages, old_logprobs, inputs)
     # The per-chunk loss runs on the chunk's device: the "cpu"/"torch" choice carries over,
     # Triton GEMMs (CUDA or the interpreter) pair with the device's default loss kernels.

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
-from rlkern.ops.linear_logprobs_cpu import LinearTiling, global_vocab, group_of
+from rlkern.ops.linear_logprobs_cpu import LinearTiling, check_replicated, global_vocab, group_of
 from rlkern.ops.linear_logprobs_dispatch import backward, forward, run_fused
 from rlkern.ops.logprobs import (
     TokenLogprobs,
@@ -30,10 +30,11 @@ from rlkern.ops.logprobs import (
     _validate_rows,
     check_ignore_index,
     check_temperature,
+    checks_enabled,
 )
 
 # The fused losses (rlkern.ops.linear_grpo_loss) drive the same machinery.
-_group, _global_vocab = group_of, global_vocab
+_group = group_of
 
 
 class LinearLogprobsWithGrad(NamedTuple):
@@ -49,6 +50,15 @@ class LinearLogprobsWithGrad(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Registered ops.
 
+
+
+def _validate_group_rows(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                         group) -> None:
+    """Labels within the (global) vocabulary; with a process group and checks on, the same
+    hidden states and labels on every rank."""
+    _validate_labels(labels, global_vocab(weight, group), ignore_index)
+    if group is not None and checks_enabled():
+        check_replicated(group, hidden=hidden, labels=labels)
 
 def _check_backend(backend: str, group) -> None:
     if backend == "cuda":
@@ -93,7 +103,7 @@ def linear_logprobs_fwd(
     group = group_of(group_name)
     _check_backend(backend, group)
     labels = labels.to(torch.int64).contiguous()
-    _validate_labels(labels, global_vocab(weight, group), ignore_index)
+    _validate_group_rows(hidden, weight, labels, ignore_index, group)
     if labels.numel() == 0:
         lp, lse, ent = _empty_rows(hidden, with_entropy)
     else:
@@ -189,7 +199,7 @@ def linear_logprobs_fwd_bwd(
     group = group_of(group_name)
     _check_backend(backend, group)
     labels = labels.to(torch.int64).contiguous()
-    _validate_labels(labels, global_vocab(weight, group), ignore_index)
+    _validate_group_rows(hidden, weight, labels, ignore_index, group)
 
     def given(lp, ent, sl):
         return (None if grad_logprobs is None else grad_logprobs[sl],
@@ -305,7 +315,8 @@ def linear_logprobs(
     Args:
         hidden: ``(N, H)`` or ``(B, L, H)`` bf16 / fp16 / fp32 / fp64 hidden states.
         weight: ``(V, H)`` LM-head weight, same dtype (with ``process_group``: this rank's
-            shard of ``V / P`` consecutive rows, rank ``r`` holding rows ``[r V/P, (r+1) V/P)``).
+            shard: a block of consecutive rows, rank ``r``'s after rank ``r − 1``'s; blocks
+            may differ in size, as FSDP2's dim-0 chunks do when ``P`` does not divide ``V``).
         labels: int32 / int64 of shape ``hidden.shape[:-1]``, global vocab ids or
             ``ignore_index``.
         bias: optional ``(V,)`` (this rank's shard with ``process_group``).
@@ -317,7 +328,9 @@ def linear_logprobs(
         process_group: vocabulary-parallel group: per-row ``(max, Σexp, Σp·z)`` are combined
             with all-reduces, the label logit comes from the rank that owns it, ``∂W`` and
             ``∂b`` stay local and ``∂hidden`` is all-reduced (it equals the single-process
-            gradient on every rank).
+            gradient on every rank). Every rank passes the same ``hidden`` and ``labels``;
+            with checks on (:func:`rlkern.set_checks`) a checksum all-reduce verifies it and
+            raises ``ValueError`` where ranks differ.
         backend: ``"auto"`` (CPU tensors → ``"cpu"``, CUDA tensors → ``"triton"``),
             ``"cpu"`` (ATen matmul tiles + C++ epilogue), ``"triton"`` (GEMM tiles with an
             online-softmax epilogue, the logits only ever in registers; its backward forms

@@ -9,9 +9,9 @@ recomputes each tile, turns it into ``∂/∂x`` in place (``linear_logprobs_til
 accumulates ``∂/∂h`` and ``∂/∂W`` in float32 with two more matmuls. Peak extra memory is the tile
 buffer plus the float32 accumulators, independent of ``N·V``.
 
-With a vocabulary-parallel ``group`` each rank holds rows ``[r·V/P, (r+1)·V/P)`` of ``W``: the
-per-row ``(m, s, t)`` are combined with all-reduces, the label logit comes from the rank that
-owns it, ``∂W`` / ``∂b`` stay local and ``∂h`` is all-reduced.
+With a vocabulary-parallel ``group`` each rank holds a consecutive block of ``W``'s rows (ranks
+in order, blocks of any size): the per-row ``(m, s, t)`` are combined with all-reduces, the label
+logit comes from the rank that owns it, ``∂W`` / ``∂b`` stay local and ``∂h`` is all-reduced.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class LinearTiling:
 
 
 # ---------------------------------------------------------------------------------------------
-# Vocabulary-parallel helpers: each rank holds rows [r·V/P, (r+1)·V/P) of W.
+# Vocabulary-parallel helpers: rank r holds a consecutive block of W's rows, after those of the
+# ranks before it (blocks may differ in size).
 
 
 def group_of(group_name: str):
@@ -93,23 +94,55 @@ def group_of(group_name: str):
     return _resolve_process_group(group_name)
 
 
-def global_vocab(weight: Tensor, group) -> int:
-    """V of the full vocabulary: this rank's rows times the world size (shards must be equal)."""
-    if group is None:
-        return weight.shape[0]
+def _shard_sizes(weight: Tensor, group) -> list[int]:
+    """Every rank's number of vocabulary rows (one small all-gather)."""
     world = torch.distributed.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     torch.distributed.all_gather(sizes, torch.tensor([weight.shape[0]]), group=group)
-    if len({int(s) for s in sizes}) != 1:
-        raise ValueError(
-            "process_group: every rank must hold an equal shard of the vocabulary (V divisible "
-            f"by the world size); got shard sizes {[int(s) for s in sizes]}"
-        )
-    return weight.shape[0] * world
+    return [int(s) for s in sizes]
 
 
-def _vocab_offset(group, local_vocab: int) -> int:
-    return 0 if group is None else torch.distributed.get_rank(group) * local_vocab
+def global_vocab(weight: Tensor, group) -> int:
+    """V of the full vocabulary: the sum of the ranks' shard sizes (which may differ, as when
+    FSDP2 chunks dim 0 of a V not divisible by the world size)."""
+    if group is None:
+        return weight.shape[0]
+    return sum(_shard_sizes(weight, group))
+
+
+def _vocab_offset(group, weight: Tensor) -> int:
+    """The first vocabulary id of this rank's shard: the rows of the ranks before it."""
+    if group is None:
+        return 0
+    return sum(_shard_sizes(weight, group)[: torch.distributed.get_rank(group)])
+
+
+def _bit_checksum(t: Tensor) -> Tensor:
+    """An exact, order-independent fingerprint of ``t``'s bits: Σ bits·(i mod 65521 + 1) in
+    int64 (wrapping), so equal tensors give equal sums on every rank whatever the threading,
+    and a swap of two elements changes it."""
+    flat = t.detach().contiguous().view(-1)
+    if flat.is_floating_point():
+        flat = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[flat.element_size()])
+    weights = torch.arange(flat.numel(), device=flat.device) % 65521 + 1
+    return (flat.to(torch.int64) * weights).sum()
+
+
+def check_replicated(group, **tensors: Tensor) -> None:
+    """With a vocabulary-parallel group every rank must pass the same hidden states and labels
+    (only the head is sharded). One all-reduce of a checksum per tensor (MAX and −MIN in one
+    call) detects ranks that disagree; raises ``ValueError`` naming the tensor."""
+    if group is None:
+        return
+    sums = torch.stack([_bit_checksum(t) for t in tensors.values()])
+    both = torch.cat([sums, -sums])
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
+    hi, neg_lo = both[: len(sums)], both[len(sums):]
+    for name, h, lo in zip(tensors, hi.tolist(), (-neg_lo).tolist(), strict=True):
+        if h != lo:
+            raise ValueError(
+                f"process_group: {name} differ across ranks (only the LM head may be sharded; "
+                "every rank must pass the same rows)")
 
 
 def _allreduce_stats(stats: Tensor, group, temperature: float) -> None:
@@ -198,7 +231,7 @@ def _row_stats(hidden, weight, labels, bias, temperature, ignore_index, with_ent
     """The complete float64 row summaries ``(n, len(linear_stats()))``, tile by tile."""
     ops = backends.cpp_ops()
     n, vocab = hidden.shape[0], weight.shape[0]
-    offset = _vocab_offset(group, vocab)
+    offset = _vocab_offset(group, weight)
     stats = _stats_init(n, hidden.device)
     rows, cols = tiling.chunk_size, tiling.vocab_tile
     buf = torch.empty(min(rows, n) * min(cols, vocab), dtype=hidden.dtype)
@@ -248,7 +281,7 @@ def backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse,
     accumulates in a (N, H) float32 buffer. Rows whose ``|lse|`` is not moderate take their
     gradient from recomputed summaries (:func:`_exact_stats`)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    offset = _vocab_offset(group, vocab)
+    offset = _vocab_offset(group, weight)
     rows, cols = tiling.chunk_size, tiling.vocab_tile
     acc = acc_dtype(hidden.dtype)
     grad_h = torch.zeros(n, hidden.shape[1], dtype=acc)
@@ -301,7 +334,7 @@ def fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entr
     handful of roundings at most."""
     ops = backends.cpp_ops()
     n, vocab = hidden.shape[0], weight.shape[0]
-    offset = _vocab_offset(group, vocab)
+    offset = _vocab_offset(group, weight)
     acc = acc_dtype(hidden.dtype)
     grad_h = torch.empty_like(hidden)
     grad_w = torch.empty_like(weight)
