@@ -474,7 +474,7 @@ def test_logps_fallback_bad_logit_scale(value, trainer):
     config = trainer.model.config
     config.logit_scale = value
     try:
-        reason = rt._logps_fallback_reason(trainer.model, False, {})
+        reason = rt._logps_fallback_reason(trainer.model)
     finally:
         del config.logit_scale
     assert reason is not None and "scales its logits" in reason

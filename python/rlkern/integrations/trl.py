@@ -4,8 +4,9 @@
 
 * ``GRPOTrainer._get_per_token_logps_and_entropies`` — every per-token log-probability the
   trainer needs (the policy's during the loss, the old policy's and the reference model's while
-  scoring completions) and the per-token entropy. rlkern runs the model's backbone, keeps the
-  hidden states of the ``logits_to_keep`` positions that predict completion tokens and calls
+  scoring completions) and the per-token entropy. TRL's method builds the model calls; rlkern
+  serves them: it runs the model's backbone, keeps the hidden states of the positions that
+  predict completion tokens and calls
   :func:`rlkern.linear_logprobs` on them and ``lm_head.weight`` (and ``lm_head.bias``), with the
   trainer's temperature: the ``(N, V)`` logits never exist. TRL 1.16's own fused head
   (``trl.trainer.utils.add_fused_lm_head``) scores every position of prompt and completion
@@ -33,15 +34,14 @@ that override these methods in a subclass keep their overrides.
 Fallbacks (TRL's original method runs, nothing raises; :func:`usage` counts them and each
 reason is logged once):
 
-* log-probabilities: vision-language inputs (``pixel_values`` and the other image fields,
-  ``token_type_ids``), MoE router auxiliary loss requested (``compute_aux_loss``), a model
-  whose config is not its text config (VLMs), a model without a separate backbone
-  (``base_model``) or without an ``nn.Linear`` output layer (e.g. a LoRA-wrapped ``lm_head``),
-  and logit soft-capping (``final_logit_softcapping``, ``output_multiplier``). Logit scales
-  (``logit_scale``, ``logits_scaling``, ``lm_head_multiplier``) take the fused path: a scale
-  folds exactly into the temperature. A sharded (FSDP2) head takes the fused path too: the
-  head's half runs inside the head module's own call, so FSDP2 gathers its weight and reduces
-  its gradient as for the model's own head call.
+* log-probabilities: a model without a separate backbone (``base_model``) or without an
+  ``nn.Linear`` output layer (e.g. a LoRA-wrapped ``lm_head``), and logit soft-capping
+  (``final_logit_softcapping``, ``output_multiplier``). Everything else takes the fused path:
+  vision-language models and inputs and the MoE router auxiliary loss (TRL's own method
+  prepares the backbone's inputs; rlkern serves its fused-head calls), logit scales
+  (``logit_scale``, ``logits_scaling``, ``lm_head_multiplier``: a scale folds exactly into the
+  temperature) and a sharded (FSDP2) head (the head's half runs inside the head module's own
+  call, so FSDP2 gathers its weight and reduces its gradient as for the model's head call).
 * loss: the adaptive entropy controller (``use_adaptive_entropy``).
 
 Generation (opt-in): ``apply(generation="micro_groups", kv_budget_tokens=..., schedule=...,
@@ -57,6 +57,7 @@ unpatched, same seed: per-step loss and grad norm) and
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import math
@@ -102,7 +103,8 @@ TESTED_TRL = "1.16"
 #: The ``GRPOTrainer`` attributes that :func:`apply` replaces.
 PATCHED_METHODS = ("_get_per_token_logps_and_entropies", "_compute_loss")
 
-# Keyword arguments of TRL's method that carry vision-language inputs: not handled here.
+# Keyword arguments of TRL's method that carry vision-language inputs (TRL's loss passes them
+# from its batch; TRL's method slices them per chunk and hands them to the backbone).
 _MULTIMODAL_KWARGS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
                       "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
                       "mm_token_type_ids", "image_position_ids")
@@ -114,9 +116,14 @@ _LOGIT_MULTIPLIERS = {"logit_scale": False, "lm_head_multiplier": False, "logits
 # Config fields of logit transforms the fused op does not have (soft-capping is nonlinear;
 # ``output_multiplier`` comes with it in the models that use it).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "output_multiplier")
-# Keyword arguments a wrapper (PEFT, TRL) may pass to the model that the backbone must not see.
+# Keyword arguments of TRL's fused-head call (and of wrappers such as PEFT) that the backbone
+# must not see.
 _HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head",
                      "logits_to_keep", "return_dict")
+# The request of the per_token_logps_and_entropies call in progress: while it is set, TRL's
+# fused-head calls (``model(..., labels=..., fused_lm_head=True)``) are served by rlkern.
+_REQUEST: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "rlkern_trl_request", default=None)
 
 _ORIGINALS: dict[str, Any] = {}
 # The options of the generation patch while it is applied (apply(generation="micro_groups")).
@@ -171,22 +178,11 @@ def _head_model(trainer: Any, model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else inner
 
 
-def _logps_fallback_reason(target: nn.Module, compute_aux_loss: bool,
-                           extra: dict[str, Any]) -> str | None:
-    present = [k for k in _MULTIMODAL_KWARGS if extra.get(k) is not None]
-    if present:
-        return f"vision-language inputs ({', '.join(present)})"
-    unknown = sorted(set(extra) - set(_MULTIMODAL_KWARGS))
-    if unknown:
-        return f"arguments this integration does not know ({', '.join(unknown)})"
-    if compute_aux_loss:
-        return "the MoE router auxiliary loss is requested (compute_aux_loss=True)"
+def _logps_fallback_reason(target: nn.Module) -> str | None:
     config = getattr(target, "config", None)
     if config is None or not hasattr(config, "get_text_config"):
         return f"{type(target).__name__} has no transformers config"
     text_config = config.get_text_config()
-    if text_config is not config:
-        return f"{type(target).__name__} is a multimodal model (its text config is nested)"
     for name in _LOGIT_TRANSFORMS:
         value = getattr(text_config, name, None)
         if value is not None and value != 1.0:
@@ -222,39 +218,68 @@ def logit_multiplier(text_config: Any) -> float:
 
 def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any],
                    **kwargs: Any) -> Any:
-    """The model's forward with one more mode: ``rlkern_request`` set → ``(logps, entropy)``.
+    """TRL's fused-head call ``model(**inputs, labels=labels, fused_lm_head=True)`` served by
+    rlkern: the backbone, then :func:`rlkern.linear_logprobs` on the hidden states of the
+    scored positions only (labels ≠ −100: the completion tokens), through the LM head module's
+    own call. Returns what TRL's fused head returns and its method reads: ``log_probs`` and
+    ``entropy`` of shape ``labels[:, 1:]`` (0 where unscored), and ``aux_loss`` (the MoE
+    load-balancing loss, when the call asks for router logits).
 
-    Installed on the model instance (over whatever ``forward`` it had, e.g. TRL's fused head)
-    so that the call still goes through every wrapper's ``forward`` (DDP, DeepSpeed, PEFT),
-    which need to see the parameters used. Without ``rlkern_request`` it is the previous
-    forward, so generation and every other caller are unchanged.
+    TRL's method builds the call — its chunking, the vision-language inputs sliced per chunk,
+    ``output_router_logits`` for the auxiliary loss — so every input it supports reaches the
+    backbone exactly as TRL sends it; this function replaces only the head.
 
-    ``rlkern_request`` keys: ``labels (B, K)`` completion token ids with ``-100`` at padding,
-    ``temperature``, ``entropy`` (bool), ``fp32_head`` (bool: TRL's
-    ``cast_lm_head_to_fp32``). Returns ``logps (B, K)`` float32 and ``entropy (B, K)`` (or
-    None), both 0 where the label is ``-100``.
+    ``rlkern_request`` keys: ``temperature``, ``entropy`` (bool), ``fp32_head`` (bool: TRL's
+    ``cast_lm_head_to_fp32``); ``served`` counts the calls served.
     """
-    keep = rlkern_request["labels"].shape[1]
+    labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
     for name in _HEAD_ONLY_KWARGS:
         kwargs.pop(name, None)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs["use_cache"] = False
-    hidden = self.base_model(*args, **kwargs).last_hidden_state  # (B, L, H)
-    # Position t predicts token t + 1: the K positions before the last score the K completion
-    # tokens (TRL's logits_to_keep), so the prompt positions never reach the head.
-    hidden = hidden[:, -keep - 1:-1, :]
+    text_config = self.config.get_text_config()
+    if getattr(text_config, "output_router_logits", False):  # as the model's own forward does
+        kwargs.setdefault("output_router_logits", True)
+    outputs = self.base_model(*args, **kwargs)
+    hidden = outputs.last_hidden_state  # (B, L, H)
+    if shift_labels is None:  # position t predicts token t + 1
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:  # pre-shifted (context / sequence parallelism)
+        labels = shift_labels
+    scored = labels != -100
     head = self.get_output_embeddings()
     _ensure_wrapped(head, _fused_head_forward)
     # Through the head module's own call, so that whatever manages its parameters runs its
     # hooks: FSDP2 all-gathers a sharded (DTensor) weight for the call and again for the
-    # backward, and reduce-scatters its gradient, as for the model's own head call.
-    return head(hidden, rlkern_request=rlkern_request)
+    # backward, and reduces its gradient, as for the model's own head call.
+    logps, entropy = head(hidden[scored.to(hidden.device)],
+                          rlkern_request={**rlkern_request, "labels": labels[scored]})
+    scored = scored.to(logps.device)
+    # masked_scatter keeps an all-unscored chunk connected to the graph (a zero gradient)
+    log_probs = logps.new_zeros(scored.shape).masked_scatter(scored, logps)
+    if entropy is not None:
+        entropy = entropy.new_zeros(scored.shape).masked_scatter(scored, entropy)
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        aux_loss = _router_aux_loss(outputs, text_config, kwargs.get("attention_mask"))
+    rlkern_request["served"] += 1
+    return types.SimpleNamespace(log_probs=log_probs, entropy=entropy, aux_loss=aux_loss)
+
+
+def _router_aux_loss(outputs: Any, text_config: Any, attention_mask: Tensor | None) -> Tensor:
+    """The MoE load-balancing loss of the backbone's router logits: transformers' Mixtral
+    function, which every MoE family shares, as the model's own forward and TRL compute it."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(outputs.router_logits, text_config.num_experts,
+                                    text_config.num_experts_per_tok, attention_mask)
 
 
 def _fused_head_forward(self: nn.Linear, hidden: Tensor,
                         rlkern_request: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
-    """The LM head's half of :func:`_fused_forward`: ``hidden (B, K, H)`` → ``(logps,
-    entropy)`` through :func:`rlkern.linear_logprobs` with the head's (unsharded) parameters."""
+    """The LM head's half of :func:`_fused_forward`: ``hidden (M, H)`` rows and their
+    ``labels (M,)`` → ``(logps, entropy or None)`` (M,) through :func:`rlkern.linear_logprobs`
+    with the head's (unsharded) parameters."""
     labels: Tensor = rlkern_request["labels"]
     weight, bias = self.weight, self.bias
     hidden = hidden.to(weight.device)
@@ -276,12 +301,17 @@ def _fused_head_forward(self: nn.Linear, hidden: Tensor,
 
 
 def _ensure_wrapped(target: nn.Module, fused: Callable[..., Any]) -> None:
-    """Give ``target`` (the model, or its LM head) a forward with an ``rlkern_request`` mode
-    served by ``fused``; without the keyword the previous forward runs."""
+    """Give ``target`` a forward that ``fused`` serves when a request is given: for the model
+    (``fused`` = :func:`_fused_forward`), a fused-head call while a
+    :func:`per_token_logps_and_entropies` request is active; for its LM head, an explicit
+    ``rlkern_request`` keyword. Every other call runs the previous forward (generation, TRL's
+    own paths)."""
     if getattr(target.forward, "_rlkern_fused", False):
         return
     def wrapper(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] | None = None,
                 **kwargs: Any) -> Any:
+        if rlkern_request is None and fused is _fused_forward and kwargs.get("fused_lm_head"):
+            rlkern_request = _REQUEST.get()
         if rlkern_request is None:
             return self._rlkern_prev_forward(*args, **kwargs)
         return fused(self, *args, rlkern_request=rlkern_request, **kwargs)
@@ -317,54 +347,62 @@ def per_token_logps_and_entropies(
     compute_aux_loss: bool = False,
     **extra: Any,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``GRPOTrainer._get_per_token_logps_and_entropies`` through :func:`rlkern.linear_logprobs`.
+    """``GRPOTrainer._get_per_token_logps_and_entropies`` with the LM head through
+    :func:`rlkern.linear_logprobs`.
+
+    TRL's own method runs — its chunking into ``batch_size`` rows, the vision-language inputs
+    sliced per chunk, the MoE auxiliary loss request — and each of its fused-head calls
+    ``model(**inputs, labels=labels, fused_lm_head=True)`` is served by rlkern's wrapper over
+    the model's forward (:func:`_fused_forward`): the backbone as TRL calls it, then rlkern on
+    the scored positions' hidden states, with the trainer's temperature (a logit scale folded
+    in), ``cast_lm_head_to_fp32`` and the entropy.
 
     Args:
         trainer: the ``GRPOTrainer`` (``self``).
-        model: the policy or the reference model, possibly wrapped (DDP, DeepSpeed, PEFT).
+        model: the policy or the reference model, possibly wrapped (DDP, DeepSpeed, PEFT,
+            FSDP2).
         input_ids / attention_mask: ``(B, L)`` prompt + completion tokens and their mask.
         logits_to_keep: ``K``, the completion width: the last ``K`` tokens are scored.
         batch_size: rows per model call (TRL's chunking; default all ``B``).
         compute_entropy: also return the per-token entropy of ``softmax(logits / T)``.
-        compute_aux_loss / extra: TRL's MoE and vision-language arguments; when set (or for a
-            model this path cannot handle, see the module doc) TRL's original method runs.
+        compute_aux_loss: also return the MoE router load-balancing loss.
+        extra: TRL's vision-language arguments (``pixel_values``, ``image_grid_thw``, ...).
 
     Returns:
         ``(logps (B, K), entropy (B, K) or None, aux_loss or None)``: float32, 0 where the
         token is padding (``attention_mask == 0``), as TRL returns them. Differentiable wrt the
-        model's parameters when grad is enabled.
+        model's parameters when grad is enabled. For a model this path cannot handle (see the
+        module doc) TRL's original head runs, counted in :func:`usage`.
     """
     target = _head_model(trainer, model)
-    reason = _logps_fallback_reason(target, compute_aux_loss, extra)
-    if reason is None and logits_to_keep < 1:
-        reason = f"logits_to_keep={logits_to_keep} (no completion token to score)"
+    reason = _logps_fallback_reason(target)
     original = _ORIGINALS.get(PATCHED_METHODS[0]) or _grpo_trainer().__dict__[PATCHED_METHODS[0]]
+    call = functools.partial(original, trainer, model, input_ids, attention_mask, logits_to_keep,
+                             batch_size=batch_size, compute_entropy=compute_entropy,
+                             compute_aux_loss=compute_aux_loss, **extra)
     if reason is not None:
         _note_fallback("logps", reason)
-        return original(trainer, model, input_ids, attention_mask, logits_to_keep,
-                        batch_size=batch_size, compute_entropy=compute_entropy,
-                        compute_aux_loss=compute_aux_loss, **extra)
-    _USAGE["logps_rlkern"] += 1
+        return call()
     _ensure_wrapped(target, _fused_forward)
-    batch_size = batch_size or input_ids.size(0)
-    fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
-    # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s))
-    temperature = trainer.temperature / logit_multiplier(target.config.get_text_config())
-    logps, entropies = [], []
-    for start in range(0, input_ids.size(0), batch_size):
-        ids = input_ids[start:start + batch_size]
-        am = attention_mask[start:start + batch_size]
-        labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
-        request = {"labels": labels, "temperature": temperature,
-                   "entropy": compute_entropy, "fp32_head": fp32_head}
-        with trainer.accelerator.autocast():
-            lp, ent = model(input_ids=ids, attention_mask=am, rlkern_request=request)
-        logps.append(lp)
-        if compute_entropy:
-            entropies.append(ent)
-    logp = torch.cat(logps, dim=0)
-    entropy = torch.cat(entropies, dim=0) if compute_entropy else None
-    return logp, entropy, None
+    request = {
+        # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s))
+        "temperature": trainer.temperature / logit_multiplier(target.config.get_text_config()),
+        "entropy": compute_entropy,
+        "fp32_head": bool(getattr(trainer.args, "cast_lm_head_to_fp32", False)),
+        "served": 0,
+    }
+    token = _REQUEST.set(request)
+    try:
+        out = call()
+    finally:
+        _REQUEST.reset(token)
+    if request["served"] == 0:
+        # TRL's fused head ran instead: a wrapper did not pass the call to the model's forward
+        _note_fallback("logps", f"{type(model).__name__} did not route TRL's fused-head call "
+                                "through the model's forward")
+    else:
+        _USAGE["logps_rlkern"] += 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
