@@ -126,7 +126,7 @@ def test_fused_loss_with_rejection(option, threshold, name, agg):
     lp, old, adv, mask, rollout, ref, entropy = _batch(seed=RS_OPTIONS.index(option))
     rc = dict(rollout_is="token", rollout_is_threshold=1.2, rollout_rs=option,
               rollout_rs_threshold=threshold, rollout_is_batch_normalize=True)
-    w, new_mask, _ = rollout_corr.compute_rollout_correction_and_rejection_mask(
+    w, new_mask, verl_metrics = rollout_corr.compute_rollout_correction_and_rejection_mask(
         old, rollout, mask, **rc)
     fn = core_algos.get_policy_loss_fn(name)
     vcfg = fsdp_actor_config()
@@ -146,6 +146,10 @@ def test_fused_loss_with_rejection(option, threshold, name, agg):
                                                   entropy=e).loss, lp, entropy)
     for a, b, what in zip(ours, theirs, ("loss", "∂/∂logp", "∂/∂entropy"), strict=True):
         _close(a, b, f"{option} {name} {what}")
+    metrics = rlkern.policy_loss(lp, old, adv, mask, config=cfg, rollout_logprobs=rollout,
+                                 ref_logprobs=ref, entropy=entropy).metrics
+    _close(metrics["rollout_rs_masked_fraction"],
+           verl_metrics["rollout_corr/rollout_rs_masked_fraction"], "masked fraction")
 
 
 @pytest.mark.parametrize("level,threshold,normalize", IS_CASES)

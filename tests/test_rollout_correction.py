@@ -166,6 +166,14 @@ def test_rejection_equals_the_loss_on_the_reduced_mask(backend):
     torch.testing.assert_close(ours.loss, want.loss)
     for k in want.metrics:
         torch.testing.assert_close(ours.metrics[k], want.metrics[k], msg=k)
+    # the one metric rejection adds: verl's rollout_rs_masked_fraction, from the row counts
+    assert set(ours.metrics) - set(want.metrics) == {"rollout_rs_masked_fraction"}
+    verl_like = rlkern.rollout_correction(inp["old_logprobs"], inp["rollout_logprobs"],
+                                          inp["mask"], rollout_rs=cfg.rollout_rs,
+                                          rollout_rs_threshold=cfg.rollout_rs_threshold)
+    assert float(ours.metrics["rollout_rs_masked_fraction"]) == pytest.approx(
+        verl_like.metrics["rollout_corr/rollout_rs_masked_fraction"], rel=1e-12)
+    assert torch.equal(verl_like.mask, keep)
     g, g2 = torch.autograd.grad(ours.loss, lp)[0], torch.autograd.grad(want.loss, lp2)[0]
     torch.testing.assert_close(g, g2)
     assert (g[inp["mask"] & ~keep] == 0).all()

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.policy_loss.aggregate import aggregate, aggregate_grad, finish_metrics
 from rlkern.ops.policy_loss.inputs import Prepared, normaliser, prepare
@@ -31,7 +32,8 @@ class PolicyLossOutput(NamedTuple):
       ``clipfrac``, ``clipfrac_low``, ``clipfrac_high``, ``dualclip_frac``, ``approx_kl``,
       ``ratio_mean``, ``ratio_min``, ``ratio_max``; with a KL term ``kl_loss`` and ``kl``; with
       ``entropy`` ``entropy_loss`` and ``entropy_mean``; with a rollout correction
-      ``rollout_weight_mean``. Means are over the valid tokens.
+      ``rollout_weight_mean``; with rejection sampling ``rollout_rs_masked_fraction``
+      (rejected / valid tokens, verl's). Means are over the valid tokens (after rejection).
     """
 
     loss: Tensor
@@ -126,6 +128,7 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     ns = normaliser(num_seqs, "num_seqs", dev)
     # verl's rejection sampling: a pre-pass reduces the mask (and, with it, gives the batch
     # normalisation's divisor over the original mask); a no-op without rollout_rs
+    before = p.mask
     p, norm_factor = apply_rejection(p)
     row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
         p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs), p.flags, p.hparams, p.backend)
@@ -138,6 +141,10 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
                              with_rollout=(p.get("rollout_logprobs") is not None
                                            and p.cfg.rollout_correction is not None),
                              vespo=p.cfg.policy_loss == "vespo", dtype=p.out_dtype)
+    if p.mask is not before:  # verl's rollout_rs_masked_fraction: rejected / valid tokens
+        n = before.sum().to(row_stats.dtype)
+        kept = row_stats[layout("policy_loss").row_stats.len].sum()
+        metrics["rollout_rs_masked_fraction"] = ((n - kept) / (n + 1e-8)).to(p.out_dtype)
     return PolicyLossOutput(loss.to(p.out_dtype), metrics), row_stats
 
 
