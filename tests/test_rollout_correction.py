@@ -236,3 +236,19 @@ def test_standalone_bad_inputs():
         rlkern.rollout_correction(old, rollout, mask[:, 1:])
     with pytest.raises(TypeError, match="floating-point"):
         rlkern.rollout_correction(old.long(), rollout, mask)
+
+
+@pytest.mark.parametrize("B,T,masked", [(0, 5, False), (3, 0, False), (3, 4, True)])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fused_loss_on_empty_inputs(B, T, masked, backend):
+    """No rows, no tokens or no valid token: loss 0, zero gradient, nothing rejected."""
+    cfg = PolicyLossConfig(rollout_correction="token_truncate", rollout_batch_normalize=True,
+                           rollout_rs="seq_max_k2,seq_mean_k1,token_k3",
+                           rollout_rs_threshold="0.1,2,0.1")
+    lp = torch.randn(B, T).requires_grad_()
+    mask = torch.full((B, T), not masked)
+    out = rlkern.policy_loss(lp, lp.detach(), torch.randn(B), mask, config=cfg,
+                             rollout_logprobs=lp.detach() + 0.01, backend=backend)
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and not lp.grad.any()
+    assert float(out.metrics["rollout_rs_masked_fraction"]) == 0.0

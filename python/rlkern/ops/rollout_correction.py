@@ -78,6 +78,8 @@ def _row_stat(opt: RejectionOption, k: Tensor, m: Tensor, lens: Tensor) -> Tenso
     """A sequence option's per-row statistic (sum / mean / max of the token divergence; a row
     without valid tokens gets 0 for max, as in verl)."""
     if opt.level == "max":
+        if k.shape[1] == 0:  # amax refuses an empty dimension
+            return k.new_zeros(k.shape[0])
         mx = torch.where(m, k, -math.inf).amax(1)
         return torch.where(mx == -math.inf, 0.0, mx)
     s = torch.where(m, k, 0.0).sum(1)
