@@ -26,7 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from rlkern.config.layout import layout
-from rlkern.config.rollout_correction import RolloutCorrection
+from rlkern.config.rollout_correction import RejectionOption, RolloutCorrection
 
 __all__ = [
     "AGG_MODES",
@@ -326,7 +326,7 @@ class PolicyLossConfig:
                 raise ValueError(f"rollout_batch_normalize scales the policy term linearly: "
                                  f"not {self.policy_loss!r}, which folds or ignores the weights")
 
-    def rejection(self) -> tuple:
+    def rejection(self) -> tuple[RejectionOption, ...]:
         """The parsed rejection-sampling options (:class:`RejectionOption`; empty: none)."""
         if self.rollout_rs is None:
             return ()
