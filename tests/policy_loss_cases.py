@@ -110,6 +110,26 @@ CASES: dict[str, Case] = {
                                    vespo_lambda_neg=1.5,
                                    vllm_importance_sampling_mode="token_truncate"),
                              ref=True, rollout=True, entropy=True),
+    # verl's rejection sampling (a pre-pass reduces the mask) and batch-normalised weights
+    "rollout-rs-token": Case(C(rollout_rs="token_k1,token_k2,token_k3",
+                               rollout_rs_threshold="0.85_1.2,0.02,0.02"), rollout=True),
+    "rollout-rs-seq-addons": Case(C(rollout_rs="seq_sum_k1,seq_mean_k2,seq_max_k3",
+                                    rollout_rs_threshold="0.6_1.6,0.015,0.06",
+                                    rollout_correction="sequence_truncate", rollout_max=2.0,
+                                    kl_coef=0.1, entropy_coef=0.01,
+                                    loss_agg_mode="seq-mean-token-mean"),
+                                  ref=True, rollout=True, entropy=True),
+    "rollout-rs-batch-norm": Case(C(rollout_correction="token_mask", rollout_min=0.8,
+                                    rollout_max=1.2, rollout_batch_normalize=True,
+                                    rollout_rs="seq_sum_k2,token_k3",
+                                    rollout_rs_threshold="0.1,0.02"), rollout=True),
+    "rollout-batch-norm-seq": Case(C(rollout_correction="sequence_truncate", rollout_max=1.5,
+                                     rollout_batch_normalize=True, policy_loss="gmpo"),
+                                   rollout=True),
+    "verl-preset-rs": Case(C.verl(rollout_is="token", rollout_is_batch_normalize=True,
+                                  rollout_rs="seq_mean_k3,seq_sum_k3,seq_max_k2",
+                                  rollout_rs_threshold="0.012,0.1,0.05",
+                                  loss_agg_mode="seq-mean-token-sum"), rollout=True),
 }
 
 

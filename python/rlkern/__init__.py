@@ -13,6 +13,7 @@ from rlkern.ops.linear_logprobs import (
 )
 from rlkern.ops.logprobs import TokenLogprobs, set_checks, token_logprobs
 from rlkern.ops.policy_loss import PolicyLossOutput, kl_penalty, policy_loss
+from rlkern.ops.rollout_correction import RolloutCorrectionOutput, rollout_correction
 from rlkern.ops.sample import SampleOutput, sample
 from rlkern.ops.token_advantages import (
     GAEAdvantages,
@@ -42,6 +43,7 @@ __all__ = [
     "LinearLogprobsWithGrad",
     "PolicyLossConfig",
     "PolicyLossOutput",
+    "RolloutCorrectionOutput",
     "SampleOutput",
     "TokenLogprobs",
     "discounted_returns",
@@ -57,6 +59,7 @@ __all__ = [
     "linear_logprobs_with_grad",
     "policy_loss",
     "position_baseline",
+    "rollout_correction",
     "sample",
     "set_checks",
     "token_logprobs",

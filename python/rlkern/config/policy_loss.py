@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from rlkern.config.layout import layout
+from rlkern.config.rollout_correction import RejectionOption, RolloutCorrection
 
 __all__ = [
     "AGG_MODES",
@@ -154,6 +155,12 @@ class PolicyLossConfig:
             ``"sequence_mask"`` (TRL's names) or ``None``.
         rollout_min / rollout_max: weight bounds (``None``: unbounded on that side).
         rollout_log_clamp: clamp of the (token or summed) log-ratio before exp (verl 20).
+        rollout_batch_normalize: divide the weights by their batch mean (verl's
+            ``rollout_is_batch_normalize``: the token mean, or the mean of the rows' weights).
+        rollout_rs / rollout_rs_threshold: verl's rejection sampling (comma-separated options
+            of ``token_k{1,2,3}``, ``seq_sum_k{1,2,3}``, ``seq_mean_k{1,2,3}``,
+            ``seq_max_k{2,3}``, verl's threshold strings): rejected tokens leave the mask of
+            every term (docs/policy_loss.md).
     Aggregation:
         loss_agg_mode: ``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum``,
             ``seq-mean-token-sum-norm``, ``sum`` (alias ``token-sum``).
@@ -205,6 +212,9 @@ class PolicyLossConfig:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    rollout_rs: str | None = None
+    rollout_rs_threshold: str | float | None = None
+    rollout_batch_normalize: bool = False
 
     # ----------------------------------------------------------------------------- validation
 
@@ -289,6 +299,40 @@ class PolicyLossConfig:
         if self.policy_loss == "gmpo" and self.top_entropy_quantile < 1.0:
             raise ValueError("gmpo is a sequence-level loss: top_entropy_quantile < 1 does not "
                              "apply to it")
+        self._check_rollout_rs()
+
+    def _check_rollout_rs(self) -> None:
+        """Rejection sampling and batch-normalised weights (verl's ``rollout_rs``,
+        ``rollout_rs_threshold``, ``rollout_is_batch_normalize``), parsed with verl's rules."""
+        if not isinstance(self.rollout_batch_normalize, bool):
+            raise TypeError("rollout_batch_normalize must be a bool, got "
+                            f"{type(self.rollout_batch_normalize).__name__}")
+        if self.rollout_rs is not None:
+            options = self.rejection()
+            if self.top_entropy_quantile < 1.0:
+                raise ValueError("rollout_rs with top_entropy_quantile < 1: the entropy "
+                                 "quantile would be taken over the tokens before rejection")
+            level = (self.rollout_correction or "").split("_")[0]
+            if level == "sequence" and any(o.level == "token" for o in options):
+                raise ValueError(
+                    "a sequence-level rollout_correction with a token-level rollout_rs option: "
+                    "verl sums the log-ratio over the mask before rejection, the fused loss "
+                    "after it; compute the weights with rlkern.rollout_correction and pass "
+                    "them as token_weights")
+        if self.rollout_batch_normalize:
+            if self.rollout_correction is None:
+                raise ValueError("rollout_batch_normalize needs a rollout_correction")
+            if self.policy_loss in ("gvpo", "vespo"):
+                raise ValueError(f"rollout_batch_normalize scales the policy term linearly: "
+                                 f"not {self.policy_loss!r}, which folds or ignores the weights")
+
+    def rejection(self) -> tuple[RejectionOption, ...]:
+        """The parsed rejection-sampling options (:class:`RejectionOption`; empty: none)."""
+        if self.rollout_rs is None:
+            return ()
+        return RolloutCorrection.from_verl(rollout_rs=self.rollout_rs,
+                                           rollout_rs_threshold=self.rollout_rs_threshold
+                                           ).rejection
 
     # ------------------------------------------------------------------------------- derived
 
@@ -360,7 +404,13 @@ class PolicyLossConfig:
         Names are indices into their option tuples, ``None`` is −1 (ints) or NaN (floats: NaN
         is never a valid value)."""
         lists: tuple[list[int], list[float]] = ([], [])
+        if self.rollout_rs is not None:
+            raise ValueError("rollout_rs (rejection sampling) needs whole batches: the chunked "
+                             "and fused-linear losses do not take it; apply "
+                             "rlkern.rollout_correction's mask instead")
         for f in fields(self):
+            if f.name in _NOT_CARRIED:
+                continue
             encode, _, is_float = _codec(f)
             lists[is_float].append(encode(getattr(self, f.name)))
         return lists
@@ -371,6 +421,8 @@ class PolicyLossConfig:
         values = (iter(ints), iter(floats))
         kw = {}
         for f in fields(cls):
+            if f.name in _NOT_CARRIED:
+                continue
             _, decode, is_float = _codec(f)
             kw[f.name] = decode(next(values[is_float]))
         return cls(**kw)
@@ -408,6 +460,9 @@ class PolicyLossConfig:
         rollout_is_threshold: float | str = 2.0,
         loss_scale_factor: int | None = None,
         dp_size: int = 1,
+        rollout_is_batch_normalize: bool = False,
+        rollout_rs: str | None = None,
+        rollout_rs_threshold: str | float | None = None,
     ) -> PolicyLossConfig:
         """verl's actor loss (``verl.workers.utils.losses.ppo_loss``): the registered
         ``compute_policy_loss_<policy_loss>`` + ``agg_loss``, the KL loss (``use_kl_loss``,
@@ -415,8 +470,11 @@ class PolicyLossConfig:
 
         ``rollout_is`` (``"token"`` / ``"sequence"``) with ``rollout_is_threshold`` (a float:
         truncate above it; ``"lower_upper"``: zero outside [lower, upper]) reproduces
-        ``compute_rollout_correction_weights`` applied to the policy term. Global batch
-        normalisers (``batch_num_tokens``, ``global_batch_size``) are call arguments
+        ``compute_rollout_correction_weights`` applied to the policy term;
+        ``rollout_is_batch_normalize``, ``rollout_rs`` and ``rollout_rs_threshold`` its batch
+        normalisation and rejection sampling (``compute_rollout_rejection_mask``: the rejected
+        tokens leave the mask of every term, as verl's trainer replaces ``response_mask``).
+        Global batch normalisers (``batch_num_tokens``, ``global_batch_size``) are call arguments
         (``num_tokens``, ``num_seqs``); ``dp_size`` scales the loss as verl does. verl's
         ``geo_mean`` averages its policy term over the call's rows whatever the mode, dp size
         or global batch size: do not pass ``num_seqs`` for it (the preset folds ``dp_size``
@@ -468,6 +526,10 @@ class PolicyLossConfig:
             count_empty_seqs=False,
             max_len=loss_scale_factor,
             loss_scale=dp,
+            rollout_rs=rollout_rs,
+            rollout_rs_threshold=rollout_rs_threshold,
+            # verl ignores the normalisation when there are no weights
+            rollout_batch_normalize=rollout_is_batch_normalize and rollout is not None,
         )
 
     @classmethod
@@ -579,6 +641,10 @@ _CHOICES: dict[str, tuple] = {
     "entropy_agg_mode": (None, *AGG_MODES),
     "rollout_correction": ROLLOUT_CORRECTIONS,
 }
+
+
+# Fields to_args does not carry (free-form strings; to_args refuses a config that sets them).
+_NOT_CARRIED = ("rollout_rs", "rollout_rs_threshold")
 
 
 def _codec(f: dataclasses.Field) -> tuple[Any, Any, bool]:

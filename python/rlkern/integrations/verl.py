@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from rlkern.config.policy_loss import PolicyLossConfig
+from rlkern.integrations.verl_rollout import compute_policy_loss_rlkern_bypass_mode
 from rlkern.ops.advantages import group_advantages
 from rlkern.ops.logprobs import token_logprobs
 from rlkern.ops.policy_loss import policy_loss
@@ -418,7 +419,10 @@ def _global_batch_info(config: Any) -> dict[str, Any]:
 
 def _pg_loss(name: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
              response_mask: Tensor, loss_agg_mode: str, config: Any,
-             rollout_is_weights: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
+             rollout_is_weights: Tensor | None, *,
+             spec: dict[str, str | None] | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_<name>`` by rlkern; ``spec``: the metrics to report
+    (verl key → rlkern metric; default: those of ``name``)."""
     if config is None:
         raise ValueError(f"rlkern_{name} needs verl's actor config (config=...), as verl's "
                          f"compute_policy_loss_{name} does")
@@ -463,7 +467,7 @@ def _pg_loss(name: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
     out = policy_loss(log_prob, old_log_prob, advantages, response_mask, config=cfg,
                       token_weights=token_weights, rollout_logprobs=rollout,
                       num_tokens=num_tokens, num_seqs=num_seqs)
-    spec = _LOSS_SPECS[name][1]
+    spec = _LOSS_SPECS[name][1] if spec is None else spec
     if not spec:
         return out.loss, {}
     zero = torch.zeros((), dtype=out.loss.dtype, device=out.loss.device)
@@ -505,6 +509,8 @@ def _make_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Any]]]] = {
     f"rlkern_{name}": _make_policy_loss(name) for name in _LOSS_SPECS
 }
+# verl's bypass_mode: the rollout correction + ppo_clip / reinforce (verl_rollout.py)
+POLICY_LOSSES["rlkern_bypass_mode"] = _mark(compute_policy_loss_rlkern_bypass_mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,8 +532,8 @@ def register() -> list[str]:
     ``rlkern_gpg``, ``rlkern_reinforce_plus_plus_baseline``, ``rlkern_gae``,
     ``rlkern_reinforce_plus_plus``, ``rlkern_remax``) and policy losses
     (``rlkern_vanilla``, ``rlkern_gspo``, ``rlkern_cispo``, ``rlkern_sapo``,
-    ``rlkern_geo_mean``, ``rlkern_gpg``) to verl's registries, through verl's own
-    ``register_adv_est`` / ``register_policy_loss``.
+    ``rlkern_geo_mean``, ``rlkern_gpg``, ``rlkern_bypass_mode``) to verl's registries, through
+    verl's own ``register_adv_est`` / ``register_policy_loss``.
 
     Idempotent: calling it again (also after this module was reloaded) re-registers the same
     names. A name already registered by someone else raises ``ValueError`` and nothing is

@@ -34,8 +34,6 @@ NOT_COVERED_LOSSES: dict[str, str] = {
     "dppo_tv": "DPPO's total-variation trust region; not implemented",
     "dppo_kl": "DPPO's KL trust region; not implemented",
     "dro": "direct reward optimisation's squared loss; not implemented",
-    "bypass_mode": "verl's rollout-correction bypass (policy gradient against rollout "
-                   "log-probs); not implemented",
 }
 
 

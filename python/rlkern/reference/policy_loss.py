@@ -35,6 +35,10 @@ from rlkern.config.policy_loss import (
     canonical_kl_estimator,
     decode_kernel_args,
 )
+from rlkern.reference.rollout_correction import (
+    batch_norm_factor_reference,
+    rejection_mask_reference,
+)
 
 __all__ = [
     "agg_loss_reference",
@@ -43,6 +47,7 @@ __all__ = [
     "kl_penalty_reference",
     "policy_loss_reference",
     "policy_loss_row_stats",
+    "rollout_weights",
 ]
 
 
@@ -168,6 +173,24 @@ class _Terms(NamedTuple):
     phi: Tensor             # (B, T) vespo's gamma weight φ at each valid token (0 otherwise)
 
 
+def rollout_weights(old: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                    k: SimpleNamespace) -> Tensor:
+    """The rollout weights w of policy_loss.h's ``rollout_weight`` for the kernel arguments
+    ``k`` (``rollout_level`` not none): ``(B, T)`` in ``old``'s dtype, every token of a row
+    carrying the row's weight at the sequence level; values at masked tokens are not zeroed."""
+    codes = layout("policy_loss")
+    m = mask.bool()
+    rollout = torch.where(m, rollout_logprobs.to(old.dtype), 0.0)
+    old = torch.where(m, old, 0.0)
+    d = torch.nan_to_num(old - rollout, nan=0.0)  # a NaN (unscored) token: no correction
+    if k.rollout_level == codes.rollout_levels.sequence:
+        d = (d * m.to(d.dtype)).sum(-1, keepdim=True).expand_as(old)
+    w = torch.exp(d.clamp(-k.rollout_log_clamp, k.rollout_log_clamp))
+    inside = (w >= k.rollout_min) & (w <= k.rollout_max)
+    return torch.where(inside, w, 0.0) if k.rollout_mask else w.clamp(k.rollout_min,
+                                                                      k.rollout_max)
+
+
 def _terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
            k: SimpleNamespace, opt: dict[str, Tensor | None]) -> _Terms:
     """The per-token formulas of policy_loss.h for the kernel arguments ``k``
@@ -209,14 +232,7 @@ def _terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Ten
     # multipliers of the policy term (all stop-gradient)
     rollout_w, seq_w = None, row(1.0)
     if k.rollout_level != codes.rollout_levels.none:
-        rollout = torch.where(m, opt["rollout_logprobs"].to(dt), 0.0)
-        d = torch.nan_to_num(old - rollout, nan=0.0)  # a NaN (unscored) token: no correction
-        if k.rollout_level == codes.rollout_levels.sequence:
-            d = (d * mf).sum(-1, keepdim=True).expand(B, T)
-        w = torch.exp(d.clamp(-k.rollout_log_clamp, k.rollout_log_clamp))
-        inside = (w >= k.rollout_min) & (w <= k.rollout_max)
-        w = torch.where(inside, w, 0.0) if k.rollout_mask else w.clamp(k.rollout_min,
-                                                                       k.rollout_max)
+        w = rollout_weights(old, opt["rollout_logprobs"], m, k)
         rollout_w = (w * mf).detach()
         if k.rollout_level == codes.rollout_levels.sequence:
             seq_w = w[:, 0].detach() if T else row(1.0)
@@ -368,6 +384,14 @@ def policy_loss_reference(logprobs: Tensor, old_logprobs: Tensor, advantages: Te
     m = mask.bool()
     with_kl = opt["ref_logprobs"] is not None and cfg.kl_coef != 0.0
     with_rollout = opt["rollout_logprobs"] is not None and cfg.rollout_correction is not None
+    pg_scale = 1.0
+    if with_rollout and cfg.rollout_batch_normalize:  # over the mask before rejection
+        k = decode_kernel_args(*cfg.kernel_args(with_kl=with_kl, with_rollout=True))
+        w = rollout_weights(old_logprobs.double(), opt["rollout_logprobs"], m, k)
+        pg_scale = 1.0 / batch_norm_factor_reference(w, m, cfg.rollout_correction.split("_")[0])
+    if opt["rollout_logprobs"] is not None and cfg.rollout_rs is not None:
+        m = rejection_mask_reference(old_logprobs, opt["rollout_logprobs"], m, cfg.rejection())
+        mask = m
     if cfg.top_entropy_quantile < 1.0:
         assert opt["entropy"] is not None
         if opt["entropy_threshold"] is None:
@@ -398,6 +422,7 @@ def policy_loss_reference(logprobs: Tensor, old_logprobs: Tensor, advantages: Te
         pg_loss = (0.5 * e.square().reshape(-1) / (g - 1)).sum() / seq_denominator
     else:
         pg_loss = agg(t.pg * t.mult, cfg.loss_agg_mode)
+    pg_loss = pg_loss * pg_scale
 
     total = pg_loss
     metrics: dict[str, Tensor] = {}

@@ -92,10 +92,12 @@ def _term_weights(row_stats: Tensor, cfg: PolicyLossConfig, width: int, num_toke
 
 def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
               scores: Tensor, num_tokens, num_seqs, *, with_entropy: bool,
-              seq_lens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              seq_lens: Tensor | None = None,
+              pg_scale: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss (float64, differentiable wrt ``row_sums``) and its parts (``pg_loss``,
     ``kl_loss``, ``entropy_loss``). ``width``: T (seq-mean-token-sum-norm's default L);
-    ``scores``: gvpo's per-response scores (the advantages)."""
+    ``scores``: gvpo's per-response scores (the advantages); ``pg_scale``: a constant factor
+    of the policy term (batch-normalised rollout weights), None: 1."""
     G = layout("policy_loss").row_grads
     w_pg, w_kl, w_ent = _term_weights(row_stats, cfg, width, num_tokens, num_seqs,
                                       with_entropy=with_entropy, seq_lens=seq_lens)
@@ -107,6 +109,8 @@ def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width:
             cfg, row_stats.shape[1], num_seqs)
     else:
         pg = (w_pg * row_sums[G.pg_sum]).sum()
+    if pg_scale is not None:
+        pg = pg * pg_scale
     parts = {"pg_loss": pg}
     total = pg
     if w_kl is not None:

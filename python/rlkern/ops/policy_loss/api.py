@@ -13,10 +13,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.policy_loss.aggregate import aggregate, aggregate_grad, finish_metrics
 from rlkern.ops.policy_loss.inputs import Prepared, normaliser, prepare
 from rlkern.ops.policy_loss.register import split_inputs
+from rlkern.ops.policy_loss.rollout_rs import apply_rejection, norm_scale
 
 __all__ = ["PolicyLossChunk", "PolicyLossOutput", "policy_loss", "policy_loss_chunk", "run"]
 
@@ -30,7 +32,8 @@ class PolicyLossOutput(NamedTuple):
       ``clipfrac``, ``clipfrac_low``, ``clipfrac_high``, ``dualclip_frac``, ``approx_kl``,
       ``ratio_mean``, ``ratio_min``, ``ratio_max``; with a KL term ``kl_loss`` and ``kl``; with
       ``entropy`` ``entropy_loss`` and ``entropy_mean``; with a rollout correction
-      ``rollout_weight_mean``. Means are over the valid tokens.
+      ``rollout_weight_mean``; with rejection sampling ``rollout_rs_masked_fraction``
+      (rejected / valid tokens, verl's). Means are over the valid tokens (after rejection).
     """
 
     loss: Tensor
@@ -123,15 +126,25 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     dev = p.lp.device
     nt = normaliser(num_tokens, "num_tokens", dev)
     ns = normaliser(num_seqs, "num_seqs", dev)
+    # verl's rejection sampling: a pre-pass reduces the mask (and, with it, gives the batch
+    # normalisation's divisor over the original mask); a no-op without rollout_rs
+    before = p.mask
+    p, norm_factor = apply_rejection(p)
     row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
         p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs), p.flags, p.hparams, p.backend)
     with_entropy = p.get("entropy") is not None
     loss, parts = aggregate(row_sums, row_stats, p.cfg, p.mask.shape[1], p.adv, nt, ns,
-                            with_entropy=with_entropy)
+                            with_entropy=with_entropy,
+                            pg_scale=norm_scale(p, row_stats, norm_factor))
     metrics = finish_metrics(row_stats, parts, with_kl=p.get("ref_logprobs") is not None,
                              with_entropy=with_entropy,
-                             with_rollout=p.get("rollout_logprobs") is not None,
+                             with_rollout=(p.get("rollout_logprobs") is not None
+                                           and p.cfg.rollout_correction is not None),
                              vespo=p.cfg.policy_loss == "vespo", dtype=p.out_dtype)
+    if p.mask is not before:  # verl's rollout_rs_masked_fraction: rejected / valid tokens
+        n = before.sum().to(row_stats.dtype)
+        kept = row_stats[layout("policy_loss").row_stats.len].sum()
+        metrics["rollout_rs_masked_fraction"] = ((n - kept) / (n + 1e-8)).to(p.out_dtype)
     return PolicyLossOutput(loss.to(p.out_dtype), metrics), row_stats
 
 
@@ -217,6 +230,10 @@ def policy_loss_chunk(
 def _check_chunkable(cfg: PolicyLossConfig, with_entropy: bool, *, num_tokens, num_seqs,
                      entropy_threshold) -> None:
     """The global normalisers a chunk needs, and the entropy bonus that cannot be chunked."""
+    if cfg.rollout_rs is not None or cfg.rollout_batch_normalize:
+        raise ValueError("policy_loss_chunk: rollout_rs / rollout_batch_normalize need the "
+                         "whole batch; apply rlkern.rollout_correction's mask and weights "
+                         "(token_weights) to the chunks instead")
     seq_level_pg = cfg.policy_loss in ("gmpo", "gvpo")
     modes = set() if seq_level_pg else {cfg.loss_agg_mode}
     if cfg.kl_coef:

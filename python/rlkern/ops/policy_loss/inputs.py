@@ -113,7 +113,8 @@ def _check_options(cfg: PolicyLossConfig, B: int, adv: Tensor, opt: dict[str, Te
     kind = cfg.policy_loss
     if cfg.kl_coef != 0.0 and opt["ref_logprobs"] is None:
         raise ValueError(f"kl_coef = {cfg.kl_coef} needs ref_logprobs (or set kl_coef=0)")
-    if opt["rollout_logprobs"] is not None and cfg.rollout_correction is None:
+    if (opt["rollout_logprobs"] is not None and cfg.rollout_correction is None
+            and cfg.rollout_rs is None):
         raise ValueError("rollout_logprobs given but config.rollout_correction is None: choose "
                          "'token_truncate', 'token_mask', 'sequence_truncate' or 'sequence_mask'")
     if cfg.entropy_coef != 0.0 and opt["entropy"] is None:
