@@ -28,13 +28,14 @@ __all__ = ["AOT_SPECS", "sample"]
 
 
 @triton.jit
-def _philox_uniform(seed, step):
-    """Uniform in [0, 1) (float64) for (seed, step, index 0): Philox-4x32-10, 53 bits."""
+def _philox_uniform(seed, step, index):
+    """Uniform in [0, 1) (float64) for (seed, step, index): Philox-4x32-10, 53 bits (counter
+    word 0 = index: draw j of a row with num_samples uses index j)."""
     s = seed.to(tl.uint64, bitcast=True)
     t = step.to(tl.uint64, bitcast=True)
     k0 = (s & 0xFFFFFFFF).to(tl.uint32)
     k1 = (s >> 32).to(tl.uint32)
-    c0 = tl.zeros((), tl.uint32)
+    c0 = (tl.zeros((), tl.int64) + index).to(tl.uint32)
     c1 = tl.zeros((), tl.uint32)
     c2 = (t & 0xFFFFFFFF).to(tl.uint32)
     c3 = (t >> 32).to(tl.uint32)
@@ -158,44 +159,22 @@ def _select(row, vocab, shift, inv_t, m, target, BY_MASS: tl.constexpr,
 
 
 @triton.jit
-def _sample_kernel(
-    logits_ptr,  # (R, V) bf16/fp16/fp32/fp64, unit vocab stride
-    indices_ptr,  # (N,) int64; unused unless HAS_INDICES
-    temperature_ptr,  # (N,) fp64
-    top_k_ptr,  # (N,) int64; unused unless HAS_TOP_K
-    top_p_ptr,  # (N,) fp64; unused unless HAS_TOP_P
-    min_p_ptr,  # (N,) fp64; unused unless HAS_MIN_P
-    seeds_ptr,  # (N,) int64
-    steps_ptr,  # (N,) int64
-    tokens_ptr,  # (N,) int64 out
-    raw_ptr,  # (N,) fp32 out
-    proc_ptr,  # (N,) fp32 out
-    entropy_ptr,  # (N,) fp32 out; untouched unless HAS_ENTROPY
-    lse_ptr,  # (N,) fp32 out
-    vocab,
-    stride_row,
-    # Which optional inputs / outputs exist (the matching pointers are placeholders otherwise),
-    # the filter order (JOINT: filter_order == joint, rlkern/sample.h), the raw-logprob
-    # convention and the vocabulary block.
-    HAS_INDICES: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
-    HAS_MIN_P: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-    JOINT: tl.constexpr, RAW_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    i = tl.program_id(0).to(tl.int64)
-    if HAS_INDICES:
-        r = tl.load(indices_ptr + i)
-    else:
-        r = i
-    row = logits_ptr + r * stride_row
-    temp = tl.load(temperature_ptr + i)
+def _kept_row(row, vocab, temp, i, top_k_ptr, top_p_ptr, min_p_ptr, HAS_TOP_K: tl.constexpr,
+              HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, JOINT: tl.constexpr,
+              BLOCK_V: tl.constexpr):
+    """The sampler's kept set of one row (shared with kernels/truncated_logprobs.py, so that
+    both find it — and sum its mass — the same way). Returns ``(shift, inv_t, s_tot, t_tot,
+    tkey, ties_keep, s_kept)``: ``z = (x − shift)·inv_t`` (``m = max z = 0``), ``s_tot = Σ
+    exp(z)``, ``t_tot = Σ exp(z) z``, the threshold key and how many ties at it are kept (see
+    :func:`_kept`), and the kept mass. The filters of row ``i`` are read at ``i`` of their
+    arrays."""
     # 1/T: in float64 for float64 logits; else as a float kept normal and finite (T = 1e300
     # would round it to 0, and −inf · 0 is NaN): beyond the float range a temperature acts as
     # the largest one within it.
-    if logits_ptr.dtype.element_ty == tl.float64:
+    if row.dtype.element_ty == tl.float64:
         inv_t = 1.0 / temp
     else:
         inv_t = tl.minimum(tl.maximum((1.0 / temp).to(tl.float32), FLT_MIN), FLT_MAX)
-
     # 1. the raw max (the shift), then Σ w and Σ w z with z = (x − max)/T ≤ 0, w = exp(z)
     #    (the max of z is m = 0 exactly). An all −inf row is shifted by 0 (z = −inf, S = 0,
     #    lse = −inf); NaN or +inf make S NaN.
@@ -209,10 +188,6 @@ def _sample_kernel(
         w = tl.where(mask, tl.exp(z - m), 0.0)
         s_tot += tl.sum(w.to(tl.float64), 0)
         t_tot += tl.sum(tl.where(w > 0, w * (z - m), 0.0).to(tl.float64), 0)
-    log_s = tl.log(s_tot)
-    tl.store(lse_ptr + i, (shift.to(tl.float64) / temp + log_s).to(tl.float32))
-    if HAS_ENTROPY:
-        tl.store(entropy_ptr + i, (log_s - t_tot / s_tot).to(tl.float32))
 
     # 2. filters → length M of the kept prefix.
     M = vocab.to(tl.int64)
@@ -248,51 +223,111 @@ def _sample_kernel(
                                           False, BLOCK_V)
         ties_keep = M - cg
 
-    # 3. kept mass, then the inverse-CDF draw in vocabulary order.
+    # 3. the kept mass.
     s_kept = tl.zeros((), tl.float64)
     ties_seen = tl.zeros((), tl.int64)
     for start in range(0, vocab, BLOCK_V):
         _, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
         keep, ties_seen = _kept(z, mask, tkey, ties_keep, ties_seen)
         s_kept += tl.sum(tl.where(keep, tl.exp(z - m), 0.0).to(tl.float64), 0)
-    u = _philox_uniform(tl.load(seeds_ptr + i), tl.load(steps_ptr + i))
-    target = u * s_kept
-    acc = tl.zeros((), tl.float64)
-    tok = tl.full((), -1, tl.int64)
-    last = tl.full((), -1, tl.int64)
-    ties_seen = tl.zeros((), tl.int64)
-    for start in range(0, vocab, BLOCK_V):
-        offs, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
-        keep, ties_seen = _kept(z, mask, tkey, ties_keep, ties_seen)
-        w = tl.exp(z - m)
-        keep = keep & (w > 0)
-        wk = tl.where(keep, w, 0.0).to(tl.float64)
-        cs = acc + tl.cumsum(wk, 0)
-        hit = keep & (cs > target)
-        first = tl.min(tl.where(hit, offs.to(tl.int64), vocab.to(tl.int64)), 0)
-        tok = tl.where((tok < 0) & (first < vocab), first, tok)
-        last = tl.maximum(last, tl.max(tl.where(keep, offs.to(tl.int64), -1), 0))
-        acc += tl.sum(wk, 0)
-    tok = tl.where(tok < 0, last, tok)  # u · S rounded above the last step: the last kept token
-    # A row that cannot be sampled (NaN or +inf: S is NaN; all −inf: S = 0) gets token −1 and
-    # NaN logprobs; its logits are not read at −1.
-    tok = tl.where(s_tot > 0, tok, -1)
-    tok_ok = tok >= 0
-    tl.store(tokens_ptr + i, tok)
-    x_tok = tl.load(row + tok, mask=tok_ok, other=float("nan"))
+    return shift, inv_t, s_tot, t_tot, tkey, ties_keep, s_kept
+
+
+@triton.jit
+def _kept_logprob(x_tok, shift, inv_t, s_kept):
+    """log(w_tok / S_kept) of a kept token (fp32): the processed log-prob of the sampler and
+    the truncated log-prob of kernels/truncated_logprobs.py, one expression."""
     z_tok = _shifted(x_tok, shift, inv_t)
-    w_tok = tl.exp(z_tok - m).to(tl.float64)
-    tl.store(proc_ptr + i, (tl.log(w_tok) - tl.log(s_kept)).to(tl.float32))
-    if RAW_TEMPERATURE:
-        tl.store(raw_ptr + i, ((z_tok - m).to(tl.float64) - log_s).to(tl.float32))
+    w_tok = tl.exp(z_tok - tl.zeros((), tl.float32)).to(tl.float64)
+    return (tl.log(w_tok) - tl.log(s_kept)).to(tl.float32)
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr,  # (R, V) bf16/fp16/fp32/fp64, unit vocab stride
+    indices_ptr,  # (N,) int64; unused unless HAS_INDICES
+    temperature_ptr,  # (N,) fp64
+    top_k_ptr,  # (N,) int64; unused unless HAS_TOP_K
+    top_p_ptr,  # (N,) fp64; unused unless HAS_TOP_P
+    min_p_ptr,  # (N,) fp64; unused unless HAS_MIN_P
+    seeds_ptr,  # (N,) int64
+    steps_ptr,  # (N,) int64
+    tokens_ptr,  # (N·G,) int64 out
+    raw_ptr,  # (N·G,) fp32 out
+    proc_ptr,  # (N·G,) fp32 out
+    entropy_ptr,  # (N·G,) fp32 out; untouched unless HAS_ENTROPY
+    lse_ptr,  # (N·G,) fp32 out
+    vocab,
+    stride_row,
+    num_samples,  # G: draws per row (draw j: Philox index j, output row i·G + j)
+    # Which optional inputs / outputs exist (the matching pointers are placeholders otherwise),
+    # the filter order (JOINT: filter_order == joint, rlkern/sample.h), the raw-logprob
+    # convention and the vocabulary block.
+    HAS_INDICES: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+    HAS_MIN_P: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    JOINT: tl.constexpr, RAW_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    if HAS_INDICES:
+        r = tl.load(indices_ptr + i)
     else:
+        r = i
+    row = logits_ptr + r * stride_row
+    temp = tl.load(temperature_ptr + i)
+    shift, inv_t, s_tot, t_tot, tkey, ties_keep, s_kept = _kept_row(
+        row, vocab, temp, i, top_k_ptr, top_p_ptr, min_p_ptr, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P,
+        JOINT, BLOCK_V)
+    m = tl.zeros((), tl.float32)
+    log_s = tl.log(s_tot)
+    lse = (shift.to(tl.float64) / temp + log_s).to(tl.float32)
+    ent = (log_s - t_tot / s_tot).to(tl.float32)
+    sr = tl.zeros((), tl.float64)
+    if not RAW_TEMPERATURE:
         # The untempered logits: z with inv_t = 1 (an exact multiply), shifted by the max.
-        sr = tl.zeros((), tl.float64)
         for start in range(0, vocab, BLOCK_V):
             _, _, x = _load_z(row, start, vocab, shift, 1.0, BLOCK_V)
             sr += tl.sum(tl.exp(x).to(tl.float64), 0)
-        tl.store(raw_ptr + i, (_shifted(x_tok, shift, 1.0).to(tl.float64) - tl.log(sr))
-                 .to(tl.float32))
+    seed = tl.load(seeds_ptr + i)
+    step = tl.load(steps_ptr + i)
+
+    # 4. one inverse-CDF draw in vocabulary order per sample, over the kept set.
+    for j in range(num_samples):
+        o = i * num_samples + j
+        tl.store(lse_ptr + o, lse)
+        if HAS_ENTROPY:
+            tl.store(entropy_ptr + o, ent)
+        u = _philox_uniform(seed, step, j)
+        target = u * s_kept
+        acc = tl.zeros((), tl.float64)
+        tok = tl.full((), -1, tl.int64)
+        last = tl.full((), -1, tl.int64)
+        ties_seen = tl.zeros((), tl.int64)
+        for start in range(0, vocab, BLOCK_V):
+            offs, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
+            keep, ties_seen = _kept(z, mask, tkey, ties_keep, ties_seen)
+            w = tl.exp(z - m)
+            keep = keep & (w > 0)
+            wk = tl.where(keep, w, 0.0).to(tl.float64)
+            cs = acc + tl.cumsum(wk, 0)
+            hit = keep & (cs > target)
+            first = tl.min(tl.where(hit, offs.to(tl.int64), vocab.to(tl.int64)), 0)
+            tok = tl.where((tok < 0) & (first < vocab), first, tok)
+            last = tl.maximum(last, tl.max(tl.where(keep, offs.to(tl.int64), -1), 0))
+            acc += tl.sum(wk, 0)
+        tok = tl.where(tok < 0, last, tok)  # u · S rounded above the last step: last kept token
+        # A row that cannot be sampled (NaN or +inf: S is NaN; all −inf: S = 0) gets token −1
+        # and NaN logprobs; its logits are not read at −1.
+        tok = tl.where(s_tot > 0, tok, -1)
+        tok_ok = tok >= 0
+        tl.store(tokens_ptr + o, tok)
+        x_tok = tl.load(row + tok, mask=tok_ok, other=float("nan"))
+        tl.store(proc_ptr + o, _kept_logprob(x_tok, shift, inv_t, s_kept))
+        if RAW_TEMPERATURE:
+            z_tok = _shifted(x_tok, shift, inv_t)
+            tl.store(raw_ptr + o, ((z_tok - m).to(tl.float64) - log_s).to(tl.float32))
+        else:
+            tl.store(raw_ptr + o, (_shifted(x_tok, shift, 1.0).to(tl.float64) - tl.log(sr))
+                     .to(tl.float32))
 
 
 def _block_v(vocab: int) -> int:
@@ -300,9 +335,10 @@ def _block_v(vocab: int) -> int:
 
 
 def sample(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
-           raw_temperature, tokens, raw, proc, entropy, lse) -> None:
-    """Launch one program per output row (``tokens.numel()`` rows); fills the outputs."""
-    n = tokens.numel()
+           raw_temperature, tokens, raw, proc, entropy, lse, num_samples: int = 1) -> None:
+    """Launch one program per source row (``seeds.numel()`` rows, ``num_samples`` draws each
+    into ``tokens.numel()`` output rows); fills the outputs."""
+    n = seeds.numel()
     if n == 0:
         return
     vocab = logits.shape[1]
@@ -312,7 +348,7 @@ def sample(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, join
         top_k if top_k is not None else dummy, top_p if top_p is not None else temperature,
         min_p if min_p is not None else temperature, seeds, steps, tokens, raw, proc,
         entropy if entropy is not None else raw, lse, vocab,
-        logits.stride(0) if logits.shape[0] > 1 else vocab,
+        logits.stride(0) if logits.shape[0] > 1 else vocab, num_samples,
         HAS_INDICES=indices is not None, HAS_TOP_K=top_k is not None,
         HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
         HAS_ENTROPY=entropy is not None, JOINT=bool(joint),
@@ -333,6 +369,7 @@ def _aot_specs() -> list[dict[str, Any]]:
                 "seeds_ptr": "*i64", "steps_ptr": "*i64", "tokens_ptr": "*i64",
                 "raw_ptr": "*fp32", "proc_ptr": "*fp32", "entropy_ptr": "*fp32",
                 "lse_ptr": "*fp32", "vocab": "i32", "stride_row": "i64",
+                "num_samples": "i32",
             }
             names = ("HAS_INDICES", "HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P", "HAS_ENTROPY",
                      "JOINT", "RAW_TEMPERATURE", "BLOCK_V")
