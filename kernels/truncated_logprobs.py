@@ -1,10 +1,10 @@
 """Triton token log-probs under the sampler's truncated distribution (ALGORITHMS.md §4, §1):
 one program per row.
 
-The kept set and the kept mass come from the sampler's own helper (``_kept_row`` of
-kernels/sample.py: the same passes, the same block size, the same summation order), and the
-label's log-prob is the sampler's expression ``_kept_logprob`` — so ``logprobs`` equal the
-Triton sampler's processed log-probs bit for bit. Then::
+The kept set and the kept mass come from the sampler's own helpers (``_row_sums``,
+``_kept_set`` of kernels/sample.py: the same passes, the same block size, the same summation
+order), and the label's log-prob is the sampler's expression ``_kept_logprob`` — so
+``logprobs`` equal the Triton sampler's processed log-probs bit for bit. Then::
 
     logprobs = log q_y  (−inf for y ∉ K),   entropy = log S_K − Σ_K w z / S_K,
     lse      = max x / T + log S
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from rlkern.kernels._common import aot_signature, aot_spec
-from rlkern.kernels.sample import _block_v, _kept, _kept_logprob, _kept_row, _load_z
+from rlkern.kernels.sample import _block_v, _kept, _kept_logprob, _kept_set, _load_z, _row_sums
 
 __all__ = ["AOT_SPECS", "truncated_logprobs_bwd", "truncated_logprobs_fwd"]
 
@@ -52,13 +52,15 @@ def _row_kept(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, r, v
               stride_0, stride_1, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
               HAS_MIN_P: tl.constexpr, JOINT: tl.constexpr, BLOCK_V: tl.constexpr):
     """Row r of the (B, L, V) logits, its temperature and the sampler's kept set of it:
-    ``(row, temp, shift, inv_t, s_tot, tkey, ties_keep, s_kept)`` (see ``_kept_row``)."""
+    ``(row, temp, shift, inv_t, s_tot, lse, tkey, ties_keep, s_kept)`` (see ``_row_sums``,
+    ``_kept_set``)."""
     row = logits_ptr + (r // L) * stride_0 + (r % L) * stride_1
     temp = tl.load(temperature_ptr + r)
-    shift, inv_t, s_tot, _t_tot, tkey, ties_keep, s_kept = _kept_row(
-        row, vocab, temp, r, top_k_ptr, top_p_ptr, min_p_ptr, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P,
-        JOINT, BLOCK_V)
-    return row, temp, shift, inv_t, s_tot, tkey, ties_keep, s_kept
+    shift, inv_t, s_tot, lse, _ent = _row_sums(row, vocab, temp, BLOCK_V)
+    tkey, ties_keep, s_kept = _kept_set(row, vocab, shift, inv_t, s_tot, r, top_k_ptr, top_p_ptr,
+                                        min_p_ptr, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, JOINT,
+                                        BLOCK_V)
+    return row, temp, shift, inv_t, s_tot, lse, tkey, ties_keep, s_kept
 
 
 @triton.jit
@@ -84,11 +86,11 @@ def _truncated_fwd_kernel(
         if HAS_ENTROPY:
             tl.store(entropy_ptr + r, 0.0)
     else:
-        row, temp, shift, inv_t, s_tot, tkey, ties_keep, s_kept = _row_kept(
+        row, _temp, shift, inv_t, s_tot, lse, tkey, ties_keep, s_kept = _row_kept(
             logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, r, vocab, L, stride_0,
             stride_1, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, JOINT, BLOCK_V)
         # lse: NaN for NaN / +inf rows (S NaN), −inf for all −inf rows (S = 0, shift 0).
-        tl.store(lse_ptr + r, (shift.to(tl.float64) / temp + tl.log(s_tot)).to(tl.float32))
+        tl.store(lse_ptr + r, lse)
         e, y_kept = _kept_pass(row, vocab, shift, inv_t, tkey, ties_keep, y, BLOCK_V)
         in_range = (y >= 0) & (y < vocab)
         x_y = tl.load(row + y, mask=in_range, other=float("nan"))
@@ -122,7 +124,7 @@ def _truncated_bwd_kernel(
             tl.store(out + offs, tl.zeros((BLOCK_V,), tl.float32).to(out.dtype.element_ty),
                      mask=offs < vocab)
     else:
-        row, temp, shift, inv_t, s_tot, tkey, ties_keep, s_kept = _row_kept(
+        row, temp, shift, inv_t, s_tot, _lse, tkey, ties_keep, s_kept = _row_kept(
             logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, r, vocab, L, stride_0,
             stride_1, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, JOINT, BLOCK_V)
         e, y_kept = _kept_pass(row, vocab, shift, inv_t, tkey, ties_keep, y, BLOCK_V)

@@ -56,3 +56,21 @@ def test_backward_labels_outside_and_ignore():
     closed = truncated_logprobs_grad_reference(x, y, *g, temperature=0.9, top_p=0.6)
     torch.testing.assert_close(xx.grad.double(), closed, rtol=1e-5, atol=1e-6)
     assert (xx.grad[2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_raw_equal_to_token_logprobs(dtype):
+    """The Triton sampler's raw log-probs come from the token-logprobs forward's row summary:
+    equal to token_logprobs (Triton) bit for bit, with and without raw_temperature, for G > 1
+    draws, and for a row at another batch position."""
+    torch.manual_seed(2)
+    x = (torch.randn(3, 45) * 3).to(dtype)
+    seeds, steps = torch.arange(3), torch.zeros(3, dtype=torch.long)
+    for raw_t in (True, False):
+        s = rlkern.sample(x, temperature=0.7, top_k=9, seeds=seeds, steps=steps,
+                          raw_temperature=raw_t, num_samples=2, backend="triton")
+        t = rlkern.token_logprobs(x.repeat_interleave(2, 0), s.tokens,
+                                  temperature=0.7 if raw_t else 1.0, backend="triton")
+        assert torch.equal(t.logprobs, s.raw_logprobs)
+    one = rlkern.token_logprobs(x[2:3], s.tokens[4:5], temperature=1.0, backend="triton")
+    assert one.logprobs[0] == s.raw_logprobs[4]
