@@ -95,6 +95,11 @@ def test_bad_num_samples():
     x[1, 2] = float("nan")
     with pytest.raises(ValueError, match="row 1 contains NaN"):
         rlkern.sample(x, num_samples=3, **kw)
+    x = torch.randn(3, 5)
+    x[2] = float("-inf")
+    kw = dict(seeds=torch.arange(3), steps=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="row 2 is all -inf"):
+        rlkern.sample(x, num_samples=3, **kw)
 
 
 def test_opcheck_and_compile():

@@ -343,8 +343,9 @@ def sample(
         # logits at a tiny temperature).
         bad = tokens < 0
         if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0]) // num_samples
+            o = int(bad.nonzero()[0, 0])  # an output row; its source row is o // num_samples
+            i = o // num_samples
             row = int(indices[i]) if indices is not None else i
-            what = "contains NaN (or +inf)" if not bool(torch.isneginf(lse[i])) else "is all -inf"
+            what = "contains NaN (or +inf)" if not bool(torch.isneginf(lse[o])) else "is all -inf"
             raise ValueError(f"logits: row {row} {what}; it cannot be sampled")
     return SampleOutput(tokens, raw, proc, ent if return_entropy else None)
