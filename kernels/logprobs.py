@@ -65,52 +65,14 @@ __all__ = ["AOT_SPECS", "LaunchConfig", "launch_config", "logprobs_bwd", "logpro
 
 
 @triton.jit
-def _logprobs_fwd_kernel(
-    logits_ptr,  # (B, L, V) bf16/fp16/fp32/fp64, unit vocab stride
-    labels_ptr,  # (B, L) int64, contiguous
-    logprobs_ptr,  # (B, L) fp32 (fp64 for fp64 logits), contiguous; also fixes the acc dtype
-    lse_ptr,  # (B, L) like logprobs
-    entropy_ptr,  # (B, L) like logprobs; untouched unless HAS_ENTROPY
-    self_certainty_ptr,  # (B, L) like logprobs; untouched unless HAS_STATS
-    sum_p_sq_ptr,  # (B, L) like logprobs; untouched unless HAS_STATS
-    seq_len,  # L
-    vocab,  # V
-    stride_logits_0,
-    stride_logits_1,
-    inv_temperature,  # 1 / T rounded to fp32: a runtime scalar (a constexpr recompiles per T)
-    inv_temperature_lo,  # 1 / T − inv_temperature: restores 1 / T to ~48 bits for fp64 logits
-    ignore_index,
-    BLOCK_V: tl.constexpr,  # vocabulary chunk per loop iteration
-    SEG_V: tl.constexpr,  # elements of a chunk summarised together (one thread's share)
-    VEC: tl.constexpr,  # contiguous elements of a segment (one 16-byte load)
-    HAS_ENTROPY: tl.constexpr,
-    HAS_STATS: tl.constexpr,
-):
-    """One program per row: stream the row once in BLOCK_V chunks and write its statistics.
-
-    The row is summarised as in online_softmax.h, but per *segment* rather than per row: every
-    chunk is split into ``BLOCK_V / SEG_V`` segments and segment ``j`` of every chunk feeds
-    summary ``j``, which keeps its own reference max ``m`` (raw logit units) and, in base-2
-    units with ``d = (x − m)·log₂e/T``::
-
-        s = Σ exp2(d),   t = Σ exp2(d)·d,   u = Σ exp2(2d)
-
-    The summaries are merged once, after the loop, with the exact merge of online_softmax.h.
-    """
+def row_summary(row_ptr, v_end, vocab, scale, acc: tl.constexpr, BLOCK_V: tl.constexpr,
+                SEG_V: tl.constexpr, VEC: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                HAS_STATS: tl.constexpr):
+    """The per-segment summaries ``(m, s, t, u, rel, cnt)`` of logits ``[0, v_end)`` of a row
+    (see the forward kernel's docstring); shared with the sampler (kernels/sample.py), whose
+    raw log-probs are then this kernel's log-probs bit for bit."""
     NUM_SEGS: tl.constexpr = BLOCK_V // SEG_V
     REPS: tl.constexpr = SEG_V // VEC
-    acc = logprobs_ptr.dtype.element_ty  # fp32, or fp64 for fp64 logits
-    row = tl.program_id(0).to(tl.int64)
-    b = row // seq_len
-    l_idx = row - b * seq_len
-    row_ptr = logits_ptr + (b * stride_logits_0 + l_idx * stride_logits_1)
-    inv_t, scale = row_scales(inv_temperature, inv_temperature_lo, acc)  # scale: base 2
-
-    label = tl.load(labels_ptr + row)
-    row_valid = label != ignore_index
-    # An ignored row runs the vocabulary loop zero times: its logits are never read.
-    v_end = tl.where(row_valid, vocab, 0)
-
     # The inner-loop trick: a chunk is read as a (REPS, NUM_SEGS, VEC) tile in which segment j
     # is the VEC-runs j, j + NUM_SEGS, ... — exactly the elements one thread holds when each
     # thread loads VEC contiguous logits at a time. Every reduction over a segment (axes 0 and
@@ -161,7 +123,13 @@ def _logprobs_fwd_kernel(
         s = alpha * s + tl.sum(tl.sum(w, axis=2), axis=0)
         m = m_new
 
-    # Merge the segment summaries onto the row max M (online_softmax.h's merge, all at once).
+    return m, s, t, u, rel, cnt
+
+
+@triton.jit
+def merge_summaries(m, s, scale):
+    """Merge the segment summaries onto the row max M: ``(row_m, row_ref, delta, beta, s_row,
+    log2_s)`` (online_softmax.h's merge, all at once)."""
     row_m = tl.max(m, axis=0)
     row_ref = tl.where(row_m == float("-inf"), 0.0, row_m)  # M (0 for an all −inf row)
     delta = tl.where(m == float("-inf"), 0.0, (m - row_ref) * scale)  # empty: 0, as above
@@ -169,6 +137,57 @@ def _logprobs_fwd_kernel(
     s_row = tl.sum(beta * s, axis=0)
     # An all −inf row has s_row = 0, so lse = −inf (Python raises on it, when checks are on).
     log2_s = tl.log2(s_row)
+    return row_m, row_ref, delta, beta, s_row, log2_s
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,  # (B, L, V) bf16/fp16/fp32/fp64, unit vocab stride
+    labels_ptr,  # (B, L) int64, contiguous
+    logprobs_ptr,  # (B, L) fp32 (fp64 for fp64 logits), contiguous; also fixes the acc dtype
+    lse_ptr,  # (B, L) like logprobs
+    entropy_ptr,  # (B, L) like logprobs; untouched unless HAS_ENTROPY
+    self_certainty_ptr,  # (B, L) like logprobs; untouched unless HAS_STATS
+    sum_p_sq_ptr,  # (B, L) like logprobs; untouched unless HAS_STATS
+    seq_len,  # L
+    vocab,  # V
+    stride_logits_0,
+    stride_logits_1,
+    inv_temperature,  # 1 / T rounded to fp32: a runtime scalar (a constexpr recompiles per T)
+    inv_temperature_lo,  # 1 / T − inv_temperature: restores 1 / T to ~48 bits for fp64 logits
+    ignore_index,
+    BLOCK_V: tl.constexpr,  # vocabulary chunk per loop iteration
+    SEG_V: tl.constexpr,  # elements of a chunk summarised together (one thread's share)
+    VEC: tl.constexpr,  # contiguous elements of a segment (one 16-byte load)
+    HAS_ENTROPY: tl.constexpr,
+    HAS_STATS: tl.constexpr,
+):
+    """One program per row: stream the row once in BLOCK_V chunks and write its statistics.
+
+    The row is summarised as in online_softmax.h, but per *segment* rather than per row: every
+    chunk is split into ``BLOCK_V / SEG_V`` segments and segment ``j`` of every chunk feeds
+    summary ``j``, which keeps its own reference max ``m`` (raw logit units) and, in base-2
+    units with ``d = (x − m)·log₂e/T``::
+
+        s = Σ exp2(d),   t = Σ exp2(d)·d,   u = Σ exp2(2d)
+
+    The summaries are merged once, after the loop, with the exact merge of online_softmax.h.
+    """
+    acc = logprobs_ptr.dtype.element_ty  # fp32, or fp64 for fp64 logits
+    row = tl.program_id(0).to(tl.int64)
+    b = row // seq_len
+    l_idx = row - b * seq_len
+    row_ptr = logits_ptr + (b * stride_logits_0 + l_idx * stride_logits_1)
+    inv_t, scale = row_scales(inv_temperature, inv_temperature_lo, acc)  # scale: base 2
+
+    label = tl.load(labels_ptr + row)
+    row_valid = label != ignore_index
+    # An ignored row runs the vocabulary loop zero times: its logits are never read.
+    v_end = tl.where(row_valid, vocab, 0)
+
+    m, s, t, u, rel, cnt = row_summary(row_ptr, v_end, vocab, scale, acc, BLOCK_V, SEG_V, VEC,
+                                       HAS_ENTROPY, HAS_STATS)
+    row_m, row_ref, delta, beta, s_row, log2_s = merge_summaries(m, s, scale)
     # lse = M/T + log s in natural units: only it can leave the float range (it is ±inf then).
     lse = tl.fma(row_ref, inv_t, log2_s * LN2)
 

@@ -417,3 +417,24 @@ def test_micro_groups_summary_reports_the_kv_budget_simulation(tmp_path) -> None
                for line in budget_lines if ", budget:" in line)
     assert any("target ≥ 25%" in line for line in lines)
     assert (tmp_path / "micro_groups.png").stat().st_size > 0
+
+
+def test_truncated_logprobs_and_sample_groups_cases_tiny(tmp_path) -> None:
+    """Functional run at a tiny size (no timing claims): top-p log-probs against plain
+    log-probs, and sample(num_samples=8) against 8 separate draws, all run."""
+    for op, modes in (("truncated_logprobs", ("fwd", "fwd+bwd")), ("sample", ("G=8",))):
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser)
+        argv = ["--op", op, "--size", "N=4,V=300", "--repeats", "1", "--device", "cpu",
+                "--json", str(tmp_path / f"{op}.json")]
+        for mode in modes:
+            argv += ["--mode", mode]
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+        rows = json.loads((tmp_path / f"{op}.json").read_text())["results"]
+        names = {"truncated_logprobs": {"rlkern", "plain token_logprobs", "floor"},
+                 "sample": {"rlkern", "8 separate draws", "floor"}}[op]
+        assert {r["impl"] for r in rows} == names
+        assert len(rows) == 3 * len(modes)
+        for r in rows:
+            assert r["status"] == OK, r

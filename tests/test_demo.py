@@ -123,3 +123,16 @@ def test_example_script_runs(tmp_path, capsys):
     assert rc == 0
     assert "loss=two-op" in capsys.readouterr().out
     assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_top_p_logs_importance_ratios():
+    """With --top-p the loop logs the mean importance ratio of the trainer's log-probs to the
+    sampler's processed ones: below 1 over the full vocabulary (≈ the kept mass), 1 under the
+    same truncation (rlkern.token_logprobs(top_p=...))."""
+    res = demo.run(tiny(top_p=0.8))
+    assert len(res.ratio_full) == len(res.ratio_truncated) == 2
+    for full, trunc in zip(res.ratio_full, res.ratio_truncated, strict=True):
+        assert 0.5 < full < 0.99
+        assert abs(trunc - 1.0) < 1e-3
+    plain = demo.run(tiny(steps=1))
+    assert plain.ratio_full == plain.ratio_truncated == []

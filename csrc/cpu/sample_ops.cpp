@@ -13,7 +13,7 @@ namespace {
 void launch_sample(const at::Tensor& logits, const sample::Shape& shape,
                    const sample::RowArrays& rows, bool joint, bool raw_temperature) {
   // The indices are checked here, before any row is read through them.
-  for (int64_t i = 0; rows.indices != nullptr && i < shape.N; ++i) {
+  for (int64_t i = 0; rows.indices != nullptr && i < shape.N / shape.G; ++i) {
     TORCH_CHECK_INDEX(rows.indices[i] >= 0 && rows.indices[i] < shape.R, "indices: value ",
                       rows.indices[i], " at ", i, " is outside [0, ", shape.R, ")");
   }
@@ -25,6 +25,7 @@ void launch_sample(const at::Tensor& logits, const sample::Shape& shape,
   a.V = shape.V;
   a.stride_row = shape.stride_row;
   a.N = shape.N;
+  a.num_samples = shape.G;
   a.joint = joint;
   a.raw_temperature = raw_temperature;
   cpu::sample(a);
@@ -34,6 +35,7 @@ void launch_sample(const at::Tensor& logits, const sample::Shape& shape,
 
 void impl_sample_ops(torch::Library& m) {
   m.impl(sample::kSampleOut.name, &sample::sample_out<&launch_sample>);
+  m.impl(sample::kSampleNOut.name, &sample::sample_n_out<&launch_sample>);
 }
 
 }  // namespace rlkern::cpu

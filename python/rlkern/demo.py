@@ -40,6 +40,7 @@ __all__ = [
     "add_arguments",
     "build_model",
     "config_from_args",
+    "importance_ratios",
     "main",
     "make_prompts",
     "plot_rewards",
@@ -100,6 +101,7 @@ class DemoConfig:
     inner_steps: int = 2
     max_grad_norm: float = 1.0
     temperature: float = 1.0
+    top_p: float | None = None
     schedule: str = "length_aware"
     loss: str = "auto"
     seed: int = 0
@@ -119,6 +121,11 @@ class DemoResult:
     lengths: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    #: With a filter (``top_p``): per step, the mean over completion tokens of the importance
+    #: ratio exp(trainer log-prob − the sampler's processed log-prob) at the rollout policy,
+    #: for trainer log-probs over the full vocabulary and under the sampler's truncation.
+    ratio_full: list[float] = field(default_factory=list)
+    ratio_truncated: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     png: str | None = None
 
@@ -202,6 +209,26 @@ def _policy_loss(path: str, hidden: Tensor, weight: Tensor, labels: Tensor, mask
     return rlkern.policy_loss(logprobs, old_logprobs, advantages, mask, config=config).loss
 
 
+def importance_ratios(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
+                      processed: Tensor, temperature: float, top_p: float) -> tuple[float, float]:
+    """Mean importance ratio ``exp(trainer − sampler)`` over the masked tokens, for trainer
+    log-probs over the full vocabulary and under the sampler's top-p truncation
+    (``rlkern.token_logprobs(..., top_p=...)``), against the sampler's processed log-probs.
+
+    Without truncated support the ratio of a kept token is its kept mass (< 1): the trainer's
+    probability is not renormalised over the kept set. With it the ratio is 1 up to the
+    difference between the rollout's and the trainer's logits (incremental decode vs one
+    forward over the sequence)."""
+    with torch.no_grad():
+        logits = hidden.detach() @ weight.detach().T  # (B, T, V): a 12-token vocabulary
+        full = rlkern.token_logprobs(logits, labels, temperature=temperature).logprobs
+        trunc = rlkern.token_logprobs(logits, labels, temperature=temperature,
+                                      top_p=top_p).logprobs
+        m = mask > 0
+        return (float((full - processed).exp()[m].mean()),
+                float((trunc - processed).exp()[m].mean()))
+
+
 def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     """Train for ``cfg.steps`` GRPO steps; return the per-step rewards, losses and timings,
     and write the reward curve to ``cfg.out`` (unless it is ``None``)."""
@@ -243,7 +270,8 @@ def _train(cfg: DemoConfig, path: str, log: Callable[[str], None]) -> DemoResult
         model.eval()
         roll = rlkern.generate_groups(
             model, prompts, group_size=G, max_new_tokens=n + 1, schedule=cfg.schedule,
-            temperature=cfg.temperature, seed=cfg.seed * 1_000_003 + step, eos_token_id=EOS,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step,
+            eos_token_id=EOS,
             # Also feeds the streaming per-group statistics (roll.stats), group by group.
             reward_fn=partial(_score_member, digits, cfg.task),
         )
@@ -266,8 +294,15 @@ def _train(cfg: DemoConfig, path: str, log: Callable[[str], None]) -> DemoResult
         input_ids = torch.cat([torch.stack(prompts).repeat_interleave(G, 0), completions], 1)
         model.train()
         step_loss = 0.0
-        for _ in range(cfg.inner_steps):
+        for inner in range(cfg.inner_steps):
             hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, n+1+T, H)
+            if inner == 0 and cfg.top_p is not None:  # still the rollout's policy
+                processed = _pad(roll.processed_logprobs, T, 0.0, torch.float32)
+                full, trunc = importance_ratios(hidden[:, n : n + T], model.lm_head.weight,
+                                                completions, mask, processed, cfg.temperature,
+                                                cfg.top_p)
+                result.ratio_full.append(full)
+                result.ratio_truncated.append(trunc)
             # The state at position n + k (SEP for k = 0) predicts completion token k.
             loss = _policy_loss(path, hidden[:, n : n + T], model.lm_head.weight, completions,
                                 mask, adv, old, loss_config, cfg.temperature)
@@ -288,8 +323,10 @@ def _train(cfg: DemoConfig, path: str, log: Callable[[str], None]) -> DemoResult
         result.losses.append(step_loss)
         result.seconds.append(dt)
         if not cfg.quiet:
+            ratios = (f"  ratio full {result.ratio_full[-1]:.4f} truncated "
+                      f"{result.ratio_truncated[-1]:.4f}" if cfg.top_p is not None else "")
             log(f"step {step:4d}  reward {reward:.3f}  exact {exact:.3f}  "
-                f"len {result.lengths[-1]:.2f}  loss {step_loss:+.4f}  {dt:.2f}s")
+                f"len {result.lengths[-1]:.2f}  loss {step_loss:+.4f}  {dt:.2f}s{ratios}")
     result.wall_s = time.perf_counter() - t_start
     if cfg.out:
         result.png = str(plot_rewards(result, cfg.out))
@@ -360,6 +397,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--inner-steps", type=int, default=d.inner_steps, dest="inner_steps",
       help="optimizer steps per batch of samples, TRL's num_iterations (default: %(default)s)")
     a("--temperature", type=float, default=d.temperature)
+    a("--top-p", type=float, default=d.top_p, dest="top_p",
+      help="sample with top-p and log the mean importance ratio of the trainer's log-probs "
+           "(full vocabulary, and under the same truncation) to the sampler's processed ones")
     a("--schedule", choices=("length_aware", "micro_group", "full_group"), default=d.schedule,
       help="generate_groups schedule (default: %(default)s)")
     a("--loss", choices=_LOSSES, default=d.loss,

@@ -373,6 +373,10 @@ def token_logprobs(
     ignore_index: int = -100,
     inplace_backward: bool = False,
     backend: str = "auto",
+    top_k: int | Tensor | None = None,
+    top_p: float | Tensor | None = None,
+    min_p: float | Tensor | None = None,
+    filter_order: str = "top_k_first",
 ) -> TokenLogprobs:
     r"""Log-probability of each label, and optionally the entropy, in one pass over the logits.
 
@@ -405,6 +409,17 @@ def token_logprobs(
             cannot hold their own gradient: they get it out of place, as without the flag.
         backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"cuda"``, ``"triton"``
             (on CPU tensors: the Triton interpreter) or ``"torch"`` (the reference).
+        top_k, top_p, min_p, filter_order: the sampler's filters (:func:`rlkern.sample`:
+            same semantics, tie rule, checks and messages; numbers or per-row tensors of shape
+            ``(N,)`` or ``logits.shape[:-1]``). With any of them given, ``logprobs`` is the
+            log-probability under the truncated, renormalised distribution the sampler draws
+            from (``−inf`` for a label outside the kept set; bitwise equal to ``sample(...)
+            .processed_logprobs`` of that token on the same backend, the filters acting on
+            ``x / T``) and ``entropy`` that distribution's entropy; ``lse`` stays the whole
+            row's. Gradients hold the kept set fixed (0 outside it). Not with
+            ``return_stats``; the gradient is then written out of place; no ``cuda`` C++
+            kernel (Triton, CPU C++ and ``torch`` have it). Outputs are computed in fp32 (the
+            sampler's arithmetic) on the compiled backends, in float64 by ``"torch"``.
 
     Returns:
         :class:`TokenLogprobs` ``(logprobs, entropy, lse, self_certainty, sum_p_sq)``, each of
@@ -436,6 +451,9 @@ def token_logprobs(
     """
     _check_inputs(logits, labels, temperature, ignore_index)
     resolved = backends.resolve_backend(backend, logits.device)
+    if top_k is not None or top_p is not None or min_p is not None:
+        return _truncated(logits, labels, temperature, ignore_index, return_entropy,
+                          return_stats, resolved, top_k, top_p, min_p, filter_order)
     # The gradient cannot be written over logits whose elements share memory (a stride-0
     # expansion): those get it out of place.
     inplace_backward = bool(inplace_backward) and not _overlaps_itself(logits)
@@ -448,3 +466,21 @@ def token_logprobs(
         name: t if _wanted(name, return_entropy, return_stats) else None
         for name, t in zip(output_names(), out, strict=True)
     })
+
+
+def _truncated(logits, labels, temperature, ignore_index, return_entropy, return_stats,
+               backend, top_k, top_p, min_p, filter_order) -> TokenLogprobs:
+    """token_logprobs with the sampler's filters (rlkern/ops/truncated_logprobs.py)."""
+    from rlkern.ops.truncated_logprobs import row_filters
+
+    if return_stats:
+        raise ValueError("return_stats is not available with top_k / top_p / min_p")
+    temp, k, p, mp = row_filters(logits, temperature, top_k, top_p, min_p, filter_order)
+    logits3 = _rows3d(logits)
+    lead = logits.shape[:-1]
+    labels1 = labels.reshape(-1).to(torch.int64).contiguous()
+    lp, ent, lse = torch.ops.rlkern.truncated_logprobs_fwd(
+        logits3, labels1, temp, k, p, mp, filter_order == "joint", int(ignore_index),
+        bool(return_entropy), backend)
+    return TokenLogprobs(lp.view(lead), ent.view(lead) if return_entropy else None,
+                         lse.view(lead), None, None)

@@ -48,15 +48,23 @@ class SampleOutput(NamedTuple):
 
 
 def _sample_out(backend, logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
-                raw_temperature, tokens, raw, proc, entropy, lse) -> None:
+                raw_temperature, tokens, raw, proc, entropy, lse, num_samples: int = 1) -> None:
     if backend in ("cpu", "cuda"):
-        backends.compiled_ops(backend).sample_out(logits, indices, temperature, top_k, top_p,
-                                                  min_p, seeds, steps, joint, raw_temperature,
-                                                  tokens, raw, proc, entropy, lse)
+        ops = backends.compiled_ops(backend)
+        if num_samples == 1:
+            ops.sample_out(logits, indices, temperature, top_k, top_p, min_p, seeds, steps,
+                           joint, raw_temperature, tokens, raw, proc, entropy, lse)
+        elif backend == "cuda":
+            raise NotImplementedError(
+                "sample(num_samples > 1) has no CUDA C++ kernel yet; use backend='triton' (the "
+                "default on CUDA tensors) or 'torch'")
+        else:
+            ops.sample_n_out(logits, indices, temperature, top_k, top_p, min_p, seeds, steps,
+                             joint, raw_temperature, num_samples, tokens, raw, proc, entropy, lse)
     elif backend == "triton":
         kernels = backends.triton_module("sample", logits.device)
         kernels.sample(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
-                       raw_temperature, tokens, raw, proc, entropy, lse)
+                       raw_temperature, tokens, raw, proc, entropy, lse, num_samples=num_samples)
     else:
         ref = sample_reference(
             logits.cpu(), temperature=temperature.cpu(),
@@ -64,7 +72,8 @@ def _sample_out(backend, logits, indices, temperature, top_k, top_p, min_p, seed
             top_p=None if top_p is None else top_p.cpu(),
             min_p=None if min_p is None else min_p.cpu(), seeds=seeds.cpu(), steps=steps.cpu(),
             indices=None if indices is None else indices.cpu(),
-            filter_order="joint" if joint else "top_k_first", raw_temperature=raw_temperature)
+            filter_order="joint" if joint else "top_k_first", raw_temperature=raw_temperature,
+            num_samples=num_samples)
         tokens.copy_(ref["tokens"])
         raw.copy_(ref["raw_logprobs"])
         proc.copy_(ref["processed_logprobs"])
@@ -72,7 +81,8 @@ def _sample_out(backend, logits, indices, temperature, top_k, top_p, min_p, seed
             entropy.copy_(ref["entropy"])
         rows = (indices if indices is not None else torch.arange(logits.shape[0])).tolist()
         lse.copy_(torch.tensor([row_lse(logits[r].cpu(), float(t))
-                                for r, t in zip(rows, temperature.tolist(), strict=True)]))
+                                for r, t in zip(rows, temperature.tolist(), strict=True)
+                                for _ in range(num_samples)]))
 
 
 @torch.library.custom_op("rlkern::sample", mutates_args=())
@@ -90,7 +100,13 @@ def _sample_op(
     with_entropy: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    n = seeds.numel()
+    return _sample_impl(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
+                        raw_temperature, with_entropy, backend, 1)
+
+
+def _sample_impl(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
+                 raw_temperature, with_entropy, backend, num_samples):
+    n = seeds.numel() * num_samples
     dev = logits.device
     tokens = torch.empty(n, dtype=torch.int64, device=dev)
     new = lambda: torch.empty(n, dtype=torch.float32, device=dev)
@@ -98,17 +114,41 @@ def _sample_op(
     entropy = new() if with_entropy else None
     if n > 0:
         _sample_out(backend, logits, indices, temperature, top_k, top_p, min_p, seeds, steps,
-                    joint, raw_temperature, tokens, raw, proc, entropy, lse)
+                    joint, raw_temperature, tokens, raw, proc, entropy, lse, num_samples)
     return tokens, raw, proc, entropy if entropy is not None else new()[:0], lse
+
+
+def _sample_fake(logits, seeds, with_entropy, num_samples):
+    n = seeds.shape[0] * num_samples
+    f = lambda m: logits.new_empty((m,), dtype=torch.float32)
+    return (logits.new_empty((n,), dtype=torch.int64), f(n), f(n), f(n) if with_entropy else f(0),
+            f(n))
 
 
 @_sample_op.register_fake
 def _(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint, raw_temperature,
       with_entropy, backend):
-    n = seeds.shape[0]
-    f = lambda m: logits.new_empty((m,), dtype=torch.float32)
-    return (logits.new_empty((n,), dtype=torch.int64), f(n), f(n), f(n) if with_entropy else f(0),
-            f(n))
+    return _sample_fake(logits, seeds, with_entropy, 1)
+
+
+@torch.library.custom_op(
+    "rlkern::sample_n", mutates_args=(),
+    schema="(Tensor logits, Tensor? indices, Tensor temperature, Tensor? top_k, Tensor? top_p, "
+           "Tensor? min_p, Tensor seeds, Tensor steps, bool joint, bool raw_temperature, "
+           "bool with_entropy, str backend, int num_samples) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _sample_n_op(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
+                 raw_temperature, with_entropy, backend, num_samples):
+    """``rlkern::sample`` with ``num_samples`` draws per row from one filtering pass: outputs
+    of ``seeds.numel() · num_samples`` rows (row ``i``, draw ``j`` at ``i·G + j``)."""
+    return _sample_impl(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint,
+                        raw_temperature, with_entropy, backend, num_samples)
+
+
+@_sample_n_op.register_fake
+def _(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint, raw_temperature,
+      with_entropy, backend, num_samples):
+    return _sample_fake(logits, seeds, with_entropy, num_samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +232,7 @@ def sample(
     raw_temperature: bool = True,
     return_entropy: bool = False,
     backend: str = "auto",
+    num_samples: int = 1,
 ) -> SampleOutput:
     """Draw one token per output row from temperature-scaled, filtered logits.
 
@@ -214,6 +255,11 @@ def sample(
             ``raw_logprobs``).
         return_entropy: also return the entropy of ``softmax(x / T)``.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (reference).
+        num_samples: ``G ≥ 1`` draws per row from one filtering pass (the GRPO group): the
+            outputs have ``N·G`` rows, row ``i``'s draw ``j`` at ``i·G + j``. Draw ``j`` is
+            keyed by ``(seeds[i], steps[i], j)`` — the Philox counter's first word is ``j`` —
+            so it is a pure function of its row, seed, step and ``j`` (batch invariant,
+            replayable), and draw 0 is the token of ``num_samples=1``. Not on ``"cuda"``.
 
     Returns:
         :class:`SampleOutput` ``(tokens, raw_logprobs, processed_logprobs, entropy)``; none
@@ -277,21 +323,29 @@ def sample(
                  off=lambda t: t >= 1.0)
     mp = _per_row("min_p", min_p, n, dev, integer=False, lo=0.0, hi=1.0, lo_open=False,
                   off=lambda t: t <= 0.0)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, Integral):
+        raise TypeError(f"num_samples: expected an int, got {type(num_samples).__name__}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     be = backends.resolve_backend(backend, dev)
     # Sampling is not differentiable: the op sees detached inputs, so its outputs never require
     # grad (and no backward can reach it).
-    tokens, raw, proc, ent, lse = torch.ops.rlkern.sample(
-        logits.detach(), indices, temp.detach(), k, None if p is None else p.detach(),
-        None if mp is None else mp.detach(), seeds, steps, filter_order == "joint",
-        raw_temperature, return_entropy, be)
+    args = (logits.detach(), indices, temp.detach(), k, None if p is None else p.detach(),
+            None if mp is None else mp.detach(), seeds, steps, filter_order == "joint",
+            raw_temperature, return_entropy, be)
+    if num_samples == 1:
+        tokens, raw, proc, ent, lse = torch.ops.rlkern.sample(*args)
+    else:
+        tokens, raw, proc, ent, lse = torch.ops.rlkern.sample_n(*args, int(num_samples))
     if checks_enabled() and n and not torch.compiler.is_compiling():
         # A row that cannot be sampled gets token −1 (lse: NaN for NaN or +inf logits, −inf
         # for all −inf ones). A finite row never does, even when its lse overflows (huge
         # logits at a tiny temperature).
         bad = tokens < 0
         if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
+            o = int(bad.nonzero()[0, 0])  # an output row; its source row is o // num_samples
+            i = o // num_samples
             row = int(indices[i]) if indices is not None else i
-            what = "contains NaN (or +inf)" if not bool(torch.isneginf(lse[i])) else "is all -inf"
+            what = "contains NaN (or +inf)" if not bool(torch.isneginf(lse[o])) else "is all -inf"
             raise ValueError(f"logits: row {row} {what}; it cannot be sampled")
     return SampleOutput(tokens, raw, proc, ent if return_entropy else None)

@@ -117,9 +117,12 @@ def sample_reference(
     indices: Tensor | None = None,
     filter_order: str = "top_k_first",
     raw_temperature: bool = True,
+    num_samples: int = 1,
 ) -> dict[str, Tensor]:
     """Reference sampler for ``logits (R, V)``; returns tokens (int64), raw / processed
-    logprobs and entropy (float64), one per output row (``indices`` picks each row's logits)."""
+    logprobs and entropy (float64), one per output row (``indices`` picks each row's logits).
+    With ``num_samples = G`` each row gives ``G`` output rows: draw ``j`` uses the uniform
+    ``philox_uniform(seed, step, j)``."""
     rows = indices.tolist() if indices is not None else list(range(logits.shape[0]))
     n = len(rows)
     temps = _per_row(temperature, n, torch.float64)
@@ -131,25 +134,28 @@ def sample_reference(
         x = logits[r].to(torch.float64)
         if not sampleable(x):
             # Nothing to draw from (NaN or +inf logits, or all −inf): token −1, NaN logprobs.
-            out["tokens"].append(-1)
-            for k in ("raw_logprobs", "processed_logprobs", "entropy"):
-                out[k].append(float("nan"))
+            for _ in range(num_samples):
+                out["tokens"].append(-1)
+                for k in ("raw_logprobs", "processed_logprobs", "entropy"):
+                    out[k].append(float("nan"))
             continue
         q = filtered_probs(x, temperature=temps[i], top_k=ks[i], top_p=ps_[i], min_p=mps[i],
                            filter_order=filter_order)
-        u = philox_uniform(int(seeds[i]), int(steps[i]), 0)
         cum = torch.cumsum(q, 0)
-        tok = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=cum.dtype),
-                                     right=True)[0])
-        tok = min(tok, int((q > 0).nonzero()[-1]))
         z = (x - x.max()) / temps[i]
         logp = torch.log_softmax(z, -1)
         raw = logp if raw_temperature else torch.log_softmax(x, -1)
-        out["tokens"].append(tok)
-        out["raw_logprobs"].append(float(raw[tok]))
-        out["processed_logprobs"].append(float(torch.log(q[tok])))
         p = logp.exp()
-        out["entropy"].append(float(-(torch.where(p > 0, p * logp, 0.0)).sum()))
+        entropy = float(-(torch.where(p > 0, p * logp, 0.0)).sum())
+        for j in range(num_samples):
+            u = philox_uniform(int(seeds[i]), int(steps[i]), j)
+            tok = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])],
+                                                           dtype=cum.dtype), right=True)[0])
+            tok = min(tok, int((q > 0).nonzero()[-1]))
+            out["tokens"].append(tok)
+            out["raw_logprobs"].append(float(raw[tok]))
+            out["processed_logprobs"].append(float(torch.log(q[tok])))
+            out["entropy"].append(entropy)
     return {
         "tokens": torch.tensor(out["tokens"], dtype=torch.int64),
         **{k: torch.tensor(out[k], dtype=torch.float64) for k in

@@ -52,6 +52,10 @@ class GroupRollouts(NamedTuple):
     group_ids: Tensor
     stats: GroupStats
     schedule: SimResult
+    #: Per completion, float32: each token's log-prob under the filtered, renormalised
+    #: distribution it was drawn from (the sampler's ``processed_logprobs``; equal to
+    #: ``logprobs`` without top-k / top-p / min-p up to rounding).
+    processed_logprobs: list[Tensor] | None = None
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -144,6 +148,7 @@ def generate_groups(
     pending_logits: dict[tuple[int, int], Tensor] = {}
     toks: dict[tuple[int, int], list[int]] = {}
     lps: dict[tuple[int, int], list[float]] = {}
+    plps: dict[tuple[int, int], list[float]] = {}
     stats = GroupStats()
 
     def decode(token: int, cache):
@@ -171,7 +176,7 @@ def generate_groups(
                     cache, _ = decode(t, cache)
             else:
                 pending_logits[(p, j)] = logits
-                toks[(p, j)], lps[(p, j)] = [], []
+                toks[(p, j)], lps[(p, j)], plps[(p, j)] = [], [], []
             caches[(p, j)] = cache
 
     def on_preempt(evicted):
@@ -195,6 +200,7 @@ def generate_groups(
             t = int(res.tokens[i])
             toks[mem].append(t)
             lps[mem].append(float(res.raw_logprobs[i]))
+            plps[mem].append(float(res.processed_logprobs[i]))
             if t in eos or len(toks[mem]) >= max_new_tokens:
                 done.append(mem)
                 del caches[mem]
@@ -217,4 +223,5 @@ def generate_groups(
         group_ids=torch.tensor([p for p, _ in order], dtype=torch.int64),
         stats=stats,
         schedule=result,
+        processed_logprobs=[torch.tensor(plps[m], dtype=torch.float32) for m in order],
     )

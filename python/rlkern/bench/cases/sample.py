@@ -3,7 +3,10 @@
 Modes:
 
 * ``top_k+top_p`` — temperature 0.7, top-k 50, top-p 0.9 (a common RL rollout setting);
-* ``plain`` — temperature 0.7 only.
+* ``plain`` — temperature 0.7 only;
+* ``G=8`` — top-k + top-p, 8 draws per row: ``rlkern.sample(num_samples=8)`` (one filtering
+  pass per row) against ``rlkern.sample`` drawing 8 times from each row through ``indices``
+  (8 filtering passes per row) — that second implementation is named ``8 separate draws``.
 
 Implementations:
 
@@ -42,6 +45,7 @@ from rlkern.bench.kit import Peer, RlkernBackend, peaked_logits, read_once
 
 V_QWEN = 151936
 TEMPERATURE, TOP_K, TOP_P = 0.7, 50, 0.9
+GROUP = 8  # draws per row of mode G=8
 
 
 class SampleInputs(NamedTuple):
@@ -84,7 +88,9 @@ def sample_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
 
     def impls(mode: str) -> list[Impl]:
-        k, p = (TOP_K, TOP_P) if mode == "top_k+top_p" else (None, None)
+        k, p = (None, None) if mode == "plain" else (TOP_K, TOP_P)
+        if mode == f"G={GROUP}":
+            return group_impls(k, p)
 
         def ours(x: SampleInputs):
             rlkern.sample(x.logits, temperature=TEMPERATURE, top_k=k, top_p=p, seeds=x.seeds,
@@ -99,11 +105,29 @@ def sample_case(options: CaseOptions) -> Case:
                 Impl("torch sort (HF/vLLM style)", peer),
                 Impl.floor(lambda x: read_once(x.logits))]
 
+    def group_impls(k, p) -> list[Impl]:
+        def draw(x: SampleInputs, **kw):
+            return rlkern.sample(x.logits, temperature=TEMPERATURE, top_k=k, top_p=p,
+                                 backend=backend.name, **kw)
+
+        def ours(x: SampleInputs):
+            draw(x, seeds=x.seeds, steps=x.steps, num_samples=GROUP)
+            return {}
+
+        def separate(x: SampleInputs):
+            rows = torch.arange(x.seeds.numel(), device=x.seeds.device)
+            draw(x, seeds=x.seeds.repeat_interleave(GROUP), steps=x.steps.repeat_interleave(GROUP),
+                 indices=rows.repeat_interleave(GROUP))
+            return {}
+
+        return [Impl.rlkern(ours, note=backend.note), Impl(f"{GROUP} separate draws", separate),
+                Impl.floor(lambda x: read_once(x.logits))]
+
     return Case(
         name="sample",
         sizes=[Size({"N": 256, "V": V_QWEN}), Size({"N": 1024, "V": V_QWEN})],
         quick_sizes=[Size({"N": 256, "V": V_QWEN})],
-        modes=("top_k+top_p", "plain"),
+        modes=("top_k+top_p", "plain", f"G={GROUP}"),
         make_inputs=make_inputs,
         implementations=impls,
         tolerances={},
