@@ -244,7 +244,7 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
       const V rho = expv(SEQ ? r_seq : dc);
-      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, h);
+      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, h);
       const V val = MULT ? P::load(mult + t, s.ln) * L.loss : L.loss;
       if constexpr (K == pl::kVespo) {  // split by the sign of A (a NaN A counts as A < 0)
         const auto pos = s.a >= V(0.0);
@@ -377,7 +377,7 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
       const V d = s.lp - s.old;
       const V rho = expv(MODE == pl::kRatioToken ? clampv(d, -C, C) : r_seq);
-      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, h);
+      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, h);
       V w = MULT ? gpg * P::load(mult + t, s.ln) : gpg;
       if constexpr (K == pl::kVespo) w = w * sel(s.a >= zero, V(phi.pos), V(phi.neg));
       const V direct = w * L.d_logp;
@@ -461,7 +461,8 @@ void with_bool(bool b, F&& f) {
 // gmpo has its own kernels; kPpo also runs GSPO (its ratio mode differs).
 template <typename F>
 void with_kind(int kind, F&& f) {
-  with_code<pl::kPpo, pl::kCispo, pl::kSapo, pl::kReinforce, pl::kGvpo, pl::kVespo>(kind, f);
+  with_code<pl::kPpo, pl::kCispo, pl::kSapo, pl::kReinforce, pl::kGvpo, pl::kVespo, pl::kDro,
+            pl::kDppoTv, pl::kDppoKl>(kind, f);
 }
 
 template <typename F>

@@ -159,7 +159,7 @@ __device__ __forceinline__ SeqConst seq_const(const Args& a, double len, double 
 
 __device__ __forceinline__ pl::TokenLoss<float> loss_at(const Args& a, float rho,
                                                         const Token& k) {
-  return pl::token_loss<float>(a.flags.loss_kind, rho, k.a, k.lp, a.hp);
+  return pl::token_loss<float>(a.flags.loss_kind, rho, k.a, k.lp, k.old, a.hp);
 }
 
 // What both kernels read once per thread: the lane, the sizes and the row-independent values.

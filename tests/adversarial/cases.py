@@ -238,7 +238,8 @@ def linear_logprobs_with_grad(data: st.DataObject) -> Call:
                 overflow_ok=_linear_overflow(hidden, weight, bias, 1.0))
 
 
-LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "vespo")
+LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "vespo", "dro", "dppo_tv",
+          "dppo_kl")
 KL = (None, "k1", "k3", "low_var_kl+")
 
 
@@ -266,6 +267,7 @@ def policy_loss(data: st.DataObject) -> Call:
     loss = data.draw(st.sampled_from(LOSSES), label="loss")
     config = rlkern.PolicyLossConfig(
         policy_loss=loss, kl_coef=0.1 if kl else 0.0, kl_estimator=kl or "k3",
+        dro_beta=0.5 if loss == "dro" else None,
         entropy_coef=0.01 if entropy is not None else 0.0,
         loss_agg_mode=data.draw(st.sampled_from(("token-mean", "seq-mean-token-mean", "sum")),
                                 label="agg"))

@@ -14,7 +14,8 @@ Every registered function has verl's signature and returns what verl's function 
 name returns: advantage estimators ``(advantages, returns)``, both ``(bs, response_length)``
 (the same tensor for the outcome estimators, as verl does); policy losses
 ``(pg_loss, pg_metrics)`` with a 0-dim loss and verl's metric keys (``actor/pg_clipfrac``,
-``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) as Python floats (``gpg``: ``{}``). The values
+``actor/ppo_kl``, ``actor/pg_clipfrac_lower``; ``dro``: ``actor/ppo_kl`` only) as Python
+floats (``gpg``: ``{}``). The values
 are computed by :func:`rlkern.group_advantages` (outcome estimators), :func:`rlkern.gae` (the
 token-level ``gae``, ``reinforce_plus_plus``, ``remax``: one fused reverse scan, then verl's
 whitening in torch) and :func:`rlkern.policy_loss` with :meth:`rlkern.PolicyLossConfig.verl`.
@@ -408,6 +409,10 @@ _LOSS_SPECS: dict[str, tuple[str, dict[str, str | None]]] = {
                                 "actor/ppo_kl": "approx_kl",
                                 "actor/pg_clipfrac_lower": "clipfrac_low"}),
     "gpg": ("token-mean", {}),
+    "dro": ("token-mean", {"actor/ppo_kl": "approx_kl"}),
+    **{name: ("token-mean", {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl",
+                             "actor/pg_clipfrac_lower": "dualclip_frac"})
+       for name in ("dppo_tv", "dppo_kl")},
 }
 
 
@@ -440,11 +445,15 @@ def _pg_loss(name: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
         clip_ratio=float(_cfg_get(config, "clip_ratio", 0.2)),
         clip_ratio_low=_cfg_get(config, "clip_ratio_low", None),
         clip_ratio_high=_cfg_get(config, "clip_ratio_high", None),
-        clip_ratio_c=float(_cfg_get(config, "clip_ratio_c", 3.0)),
+        # dppo reads config.get("clip_ratio_c", 20.0), the others config.clip_ratio_c
+        clip_ratio_c=float(_cfg_get(config, "clip_ratio_c",
+                                    20.0 if name.startswith("dppo") else 3.0)),
         tau_pos=float(_cfg_get(config, "tau_pos", 1.0)),
         tau_neg=float(_cfg_get(config, "tau_neg", 1.05)),
         loss_scale_factor=info.get("loss_scale_factor"),
         dp_size=dp_size,
+        dro_beta=_cfg_get(_cfg_get(config, "policy_loss", None), "dro_beta", None)
+        if name == "dro" else None,
     )
     token_weights = rollout = None
     if rollout_is_weights is not None:
@@ -493,10 +502,10 @@ def _make_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]
         f"verl's ``{name}`` policy loss (``compute_policy_loss_{name}``) computed by "
         f"``rlkern.policy_loss`` with ``PolicyLossConfig.verl(policy_loss={name!r}, ...)``.\n\n"
         "Inputs ``(bs, response_length)``; ``config`` is verl's actor config (clip ratios, "
-        "``clip_ratio_c``, ``tau_pos/neg``, ``global_batch_info``: dp_size, batch_num_tokens, "
-        "global_batch_size, loss_scale_factor); ``rollout_is_weights`` multiply the per-token "
-        "loss. Returns ``(pg_loss, pg_metrics)``: a 0-dim loss, differentiable wrt "
-        "``log_prob``, and verl's metrics as Python floats.")
+        "``clip_ratio_c``, ``tau_pos/neg``, ``policy_loss.dro_beta``, ``global_batch_info``: "
+        "dp_size, batch_num_tokens, global_batch_size, loss_scale_factor); "
+        "``rollout_is_weights`` multiply the per-token loss. Returns ``(pg_loss, pg_metrics)``: "
+        "a 0-dim loss, differentiable wrt ``log_prob``, and verl's metrics as Python floats.")
     return _mark(fn)
 
 
@@ -526,7 +535,8 @@ def register() -> list[str]:
     ``rlkern_gpg``, ``rlkern_reinforce_plus_plus_baseline``, ``rlkern_gae``,
     ``rlkern_reinforce_plus_plus``, ``rlkern_remax``) and policy losses
     (``rlkern_vanilla``, ``rlkern_gspo``, ``rlkern_cispo``, ``rlkern_sapo``,
-    ``rlkern_geo_mean``, ``rlkern_gpg``) to verl's registries, through verl's own
+    ``rlkern_geo_mean``, ``rlkern_gpg``, ``rlkern_dro``, ``rlkern_dppo_tv``,
+    ``rlkern_dppo_kl``) to verl's registries, through verl's own
     ``register_adv_est`` / ``register_policy_loss``.
 
     Idempotent: calling it again (also after this module was reloaded) re-registers the same
