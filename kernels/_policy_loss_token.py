@@ -49,12 +49,23 @@ def _dppo_valid(BINARY_KL: tl.constexpr, a, lp, old, lo, hi):
 
 
 @triton.jit
-def _token_loss(KIND: tl.constexpr, rho, a, lp, old, lo, hi, hp_ptr, LAY: tl.constexpr):
+def _token_loss(KIND: tl.constexpr, rho, a, lp, old, cov, lo, hi, hp_ptr, LAY: tl.constexpr):
     """(ℓ, ∂ℓ/∂r, direct ∂ℓ/∂logp, clipped, clip_low, clip_high, dual) of one token kind;
-    ``old``: the old log-probability (dro and dppo read it)."""
+    ``old``: the old log-probability (dro, dppo, kl_cov read it); ``cov``: the cov_select
+    value (clip_cov / kl_cov)."""
     K: tl.constexpr = LAY.loss_kinds
     zero = tl.zeros_like(rho)
-    if KIND == K.dro:  # −(logp·A − ½β·Δ²), Δ unclamped; ∂/∂logp = β·Δ − A
+    if KIND == K.kl_cov:  # −A·ρ + s·k·|Δ|; ∂|Δ|/∂logp = sign(Δ)
+        k = _hp(hp_ptr, LAY.hparams.cov_kl_coef)
+        d = lp - old
+        loss = -a * rho + cov * (k * tl.where(d < 0.0, -d, d))
+        d_r = -a * rho
+        d_lp = cov * k * tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+        clipped = zero
+        clip_low = zero
+        clip_high = zero
+        dual = zero
+    elif KIND == K.dro:  # −(logp·A − ½β·Δ²), Δ unclamped; ∂/∂logp = β·Δ − A
         half_beta = 0.5 * _hp(hp_ptr, LAY.hparams.dro_beta)
         d = lp - old
         loss = -(lp * a - half_beta * (d * d))
@@ -112,7 +123,7 @@ def _token_loss(KIND: tl.constexpr, rho, a, lp, old, lo, hi, hp_ptr, LAY: tl.con
         clip_low = zero
         clip_high = zero
         dual = zero
-    else:  # PPO: max(−A·min(ρ, δ), −A·clip(ρ, lo, hi)), dual clip for A < 0
+    else:  # PPO (also clip_cov): max(−A·min(ρ, δ), −A·clip(ρ, lo, hi)), dual clip for A < 0
         delta = _hp(hp_ptr, LAY.hparams.delta)
         c = _hp(hp_ptr, LAY.hparams.dual_clip_c)
         rho_d = tl.where(rho > delta, delta, rho)
@@ -132,4 +143,11 @@ def _token_loss(KIND: tl.constexpr, rho, a, lp, old, lo, hi, hp_ptr, LAY: tl.con
         clip_low = _one((rho_d < lo) & neg, rho)  # the ratio as the loss sees it
         clip_high = _one((rho_d > hi) & (a > 0.0), rho)
         dual = _one(is_dual, rho)
+        if KIND == K.clip_cov:  # PPO × (1 − s); clipped: the selected tokens
+            loss = loss * (1.0 - cov)
+            d_r = d_r * (1.0 - cov)
+            clipped = _one(cov > 0.0, rho)
+            clip_low = zero
+            clip_high = zero
+            dual = zero
     return loss, d_r, d_lp, clipped, clip_low, clip_high, dual

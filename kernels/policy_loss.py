@@ -272,6 +272,18 @@ def _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w, hp_ptr, LAY: tl.
     return w, em, h, wt, vlw
 
 
+@triton.jit
+def _cov_at(opt, stride_opt, row, offs, v, like, LOSS: tl.constexpr, LAY: tl.constexpr):
+    """The block's cov_select values (clip_cov / kl_cov; 0 for the other kinds, at masked)."""
+    K: tl.constexpr = LAY.loss_kinds
+    if (LOSS == K.clip_cov) or (LOSS == K.kl_cov):
+        cov = tl.load(_opt_row(opt, stride_opt, row, LAY.inputs.cov_select) + offs, mask=v,
+                      other=0.0)
+    else:
+        cov = tl.zeros_like(like)
+    return cov
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 
@@ -346,7 +358,8 @@ def _policy_loss_fwd_kernel(
                 rho = tl.exp(dc)
             else:
                 rho = zero + tl.exp(r_seq_t)
-            loss, _dr, _dl, clipped, clo, chi, dual = _token_loss(LOSS, rho, a, lp, old, lo, hi,
+            loss, _dr, _dl, clipped, clo, chi, dual = _token_loss(LOSS, rho, a, lp, old,
+                        _cov_at(opt, stride_opt, row, offs, v, lp, LOSS, LAY), lo, hi,
                                                                   hp_ptr, LAY)
             if LOSS == LAY.loss_kinds.vespo:  # split by the sign of A (NaN: A < 0)
                 val = tl.where(v, mult * loss, 0.0)
@@ -496,7 +509,8 @@ def _policy_loss_bwd_kernel(
             rho = tl.zeros((BLOCK_T,), dt) + tl.exp(r_seq_t)
             w, em, _h, wt, _vlw = _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w,
                                               hp_ptr, LAY, LOSS, ROLL, ROLL_MASK, HAS)
-            _l, d_r, _dl, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, old, lo, hi, hp_ptr,
+            _l, d_r, _dl, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, old,
+                        _cov_at(opt, stride_opt, row, offs, v, lp, LOSS, LAY), lo, hi, hp_ptr,
                                                             LAY)
             gr = g_pg * (w * em * wt) * d_r
             if KL != LAY.kl_kinds.none:
@@ -525,7 +539,8 @@ def _policy_loss_bwd_kernel(
             else:
                 rho = tl.zeros((BLOCK_T,), dt) + tl.exp(r_seq_t)
                 pass_r = tl.zeros((BLOCK_T,), dt) + pass_seq
-            _l, d_r, d_lp, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, old, lo, hi, hp_ptr,
+            _l, d_r, d_lp, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, old,
+                        _cov_at(opt, stride_opt, row, offs, v, lp, LOSS, LAY), lo, hi, hp_ptr,
                                                              LAY)
             if LOSS == LAY.loss_kinds.vespo:  # −sg[φ]·A·logp: φ of A's sign, no rollout factor
                 wgt = g_pg * (em * wt) * tl.where(a >= 0.0, phi_pos, phi_neg)

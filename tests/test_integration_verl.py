@@ -48,8 +48,8 @@ ADV_NAMES = ["grpo", "grpo_vectorized", "grpo_passk", "rloo", "rloo_vectorized",
 # the token-level estimators on rlkern.gae (parity in test_integration_verl_scan.py)
 SCAN_ADV_NAMES = ["gae", "reinforce_plus_plus", "remax"]
 LOSS_NAMES = ["vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg"]
-# the losses with their own config fields (parity in test_integration_verl_dro_dppo.py)
-OWN_CONFIG_LOSS_NAMES = ["dro", "dppo_tv", "dppo_kl"]
+# the losses with their own config fields (parity in test_integration_verl_losses.py)
+OWN_CONFIG_LOSS_NAMES = ["dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov"]
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm", "token-sum"]
 

@@ -3,7 +3,7 @@ reference and the kernels), their options, the verl preset and the errors on bad
 
 Every backend against the reference (gradient included) runs through the rows of
 ``tests/policy_loss_cases.py``; parity with verl's own functions is in
-``test_integration_verl_dro_dppo.py`` (the ``parity`` extra).
+``test_integration_verl_losses.py`` (the ``parity`` extra).
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ def linear_logprobs_with_grad(data: st.DataObject) -> Call:
 
 
 LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "vespo", "dro", "dppo_tv",
-          "dppo_kl")
+          "dppo_kl", "clip_cov", "kl_cov")
 KL = (None, "k1", "k3", "low_var_kl+")
 
 
@@ -272,9 +272,13 @@ def policy_loss(data: st.DataObject) -> Call:
         loss_agg_mode=data.draw(st.sampled_from(("token-mean", "seq-mean-token-mean", "sum")),
                                 label="agg"))
     count = _count(data, max(1, b * t), "num_tokens")
+    # clip_cov / kl_cov: a fixed selection (their own draws would differ between backends)
+    cov = (torch.rand(b, t, generator=gen) < 0.3).to(dtype) \
+        if loss in ("clip_cov", "kl_cov") else None
     fn = _maybe_unchecked(data, rlkern.policy_loss)
     return Call("policy_loss", fn, (lp, _maybe_meta(data, old, "old"), adv, mask),
-                dict(config=config, ref_logprobs=ref, entropy=entropy, num_tokens=count),
+                dict(config=config, ref_logprobs=ref, entropy=entropy, num_tokens=count,
+                     cov_select=cov),
                 grad_wrt=("0", "entropy"), dtype=dtype, overflow_ok=True,
                 poisoned=_poisoned(fn, count))
 

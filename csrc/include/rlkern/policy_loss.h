@@ -54,7 +54,9 @@ namespace policy_loss {
   X(kVespo, "vespo") /* −sg[φ(w_i)]·A·logp, φ a gamma weight of the sequence ratio (VESPO) */ \
   X(kDro, "dro")     /* −(A·logp − ½β·Δ²) (verl's DRO: quadratic log-ratio penalty) */           \
   X(kDppoTv, "dppo_tv") /* −A·sg[min(ρ, c)]·logp·1[p − p_old in the TV region] (DPPO) */         \
-  X(kDppoKl, "dppo_kl") /* ... 1[binary KL(p_old ‖ p) in the region] (DPPO-Binary-KL) */
+  X(kDppoKl, "dppo_kl") /* ... 1[binary KL(p_old ‖ p) in the region] (DPPO-Binary-KL) */  \
+  X(kClipCov, "clip_cov") /* PPO's clipped term × (1 − s), s = cov_select (Clip-Cov) */          \
+  X(kKlCov, "kl_cov")     /* −A·ρ + s·k·|Δ|, s = cov_select (KL-Cov) */
 
 // Importance ratios (flags[ratio_mode]): per token, or the sequence ratio with GSPO-token's
 // straight-through gradient / the exact gradient of the mean (see the top of this file).
@@ -99,7 +101,8 @@ namespace policy_loss {
   X(kHpVespoLambdaPos, vespo_lambda_pos)                                                      \
   X(kHpVespoKNeg, vespo_k_neg)             /* ... and for A < 0 */                            \
   X(kHpVespoLambdaNeg, vespo_lambda_neg)                                                     \
-  X(kHpDroBeta, dro_beta)                  /* dro's β of ½β·Δ² */
+  X(kHpDroBeta, dro_beta)                  /* dro's β of ½β·Δ² */                            \
+  X(kHpCovKlCoef, cov_kl_coef)             /* kl_cov's k of s·k·|Δ| */
 
 // The optional inputs: the `Tensor?[] inputs` of the ops, by slot. Shape kRows: (B, T) like
 // logprobs (unit stride along T); kOne: a single value.
@@ -108,7 +111,8 @@ namespace policy_loss {
   X(kInRollout, "rollout_logprobs", kRows) /* rollout engine (rollout correction) */          \
   X(kInEntropy, "entropy", kRows)          /* per-token entropy (bonus, entropy mask) */      \
   X(kInTokenWeights, "token_weights", kRows) /* multipliers of the policy term */             \
-  X(kInEntropyThreshold, "entropy_threshold", kOne) /* the entropy mask's threshold */
+  X(kInEntropyThreshold, "entropy_threshold", kOne) /* the entropy mask's threshold */          \
+  X(kInCovSelect, "cov_select", kRows) /* clip_cov / kl_cov: 1 at the selected tokens, else 0 */
 
 // Per-row partial sums written by the forward (`row_stats`, (kNumRowStats, B) float64,
 // statistic-major so that each statistic is a contiguous (B,) vector). Sums are over the
@@ -293,6 +297,8 @@ inline Problem check_call(const Flags& f, const Inputs& in) {
     return {"rollout_logprobs: required for the rollout correction", true};
   if (in.opt[kInEntropyThreshold].p && !in.opt[kInEntropy].p)
     return {"entropy: required with entropy_threshold", false};
+  if ((f.loss_kind == kClipCov || f.loss_kind == kKlCov) && !in.opt[kInCovSelect].p)
+    return {"cov_select: required for clip_cov / kl_cov (the selected tokens)", true};
   if (f.loss_kind == kVespo && (f.ratio_mode != kRatioToken || f.rollout_level == kRolloutSeq))
     return {"flags: vespo forms its own sequence weight: token ratio mode and token-level "
             "rollout weights only", false};
@@ -528,12 +534,43 @@ RLKERN_HOST_DEVICE TokenLoss<T> dppo_loss(bool binary_kl, T rho, T adv, T logp, 
   return out;
 }
 
-// The token losses by kind (kPpo, kCispo, kSapo, kReinforce, kDro, kDppoTv, kDppoKl; kGvpo
-// has no token loss; kVespo's is −A·logp, which the kernels scale by the row's φ for the sign
-// of A: vespo_phi). `old`: the old log-probability (dro, dppo read it; 0 at masked tokens).
+// Clip-Cov / KL-Cov (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for
+// Reasoning Language Models"; verl's compute_policy_loss_clip_cov / _kl_cov), with s the
+// token's cov_select value (1: picked by the covariance selection, 0 otherwise):
+//   clip_cov: PPO's max(−A·ρ, −A·clip(ρ, lo, hi)) (ppo_loss) × (1 − s); clipped = s > 0
+//             (verl's pg_clipfrac is the selected fraction);
+//   kl_cov:   −A·ρ + s·k·|Δ| (no clip), Δ = logp − old; ∂/∂logp of |Δ| is sign(Δ) (torch's).
 template <typename T>
-RLKERN_HOST_DEVICE TokenLoss<T> token_loss(int kind, T rho, T adv, T logp, T old,
+RLKERN_HOST_DEVICE TokenLoss<T> cov_loss(bool kl, T rho, T adv, T logp, T old, T s,
+                                         const HParams& h) {
+  if (kl) {
+    const T d = logp - old;
+    const T k = T(h.cov_kl_coef);
+    TokenLoss<T> out = zero_loss<T>();
+    out.loss = -adv * rho + s * (k * sel(d < T(0), -d, d));
+    out.d_r = -adv * rho;
+    out.d_logp = s * k * sel(d > T(0), T(1), sel(d < T(0), T(-1), T(0)));
+    return out;
+  }
+  TokenLoss<T> out =
+      ppo_loss(rho, adv, T(h.clip_lo), T(h.clip_hi), T(h.delta), T(h.dual_clip_c));
+  const T keep = T(1) - s;
+  out.loss = out.loss * keep;
+  out.d_r = out.d_r * keep;
+  out.clipped = s > T(0);
+  out.clip_low = out.clip_high = out.dual = T(0) < T(0);
+  return out;
+}
+
+// The token losses by kind (kPpo, kCispo, kSapo, kReinforce, kDro, kDppoTv, kDppoKl, kClipCov,
+// kKlCov; kGvpo has no token loss; kVespo's is −A·logp, which the kernels scale by the row's φ
+// for the sign of A: vespo_phi). `old`: the old log-probability (dro, dppo, kl_cov read it);
+// `cov`: the cov_select value (clip_cov / kl_cov); both 0 at masked tokens.
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> token_loss(int kind, T rho, T adv, T logp, T old, T cov,
                                            const HParams& h) {
+  if (kind == kClipCov || kind == kKlCov)
+    return cov_loss(kind == kKlCov, rho, adv, logp, old, cov, h);
   if (kind == kDro) return dro_loss(adv, logp, old, T(0.5 * h.dro_beta));
   if (kind == kDppoTv || kind == kDppoKl)
     return dppo_loss(kind == kDppoKl, rho, adv, logp, old, T(h.clip_lo), T(h.clip_hi),
