@@ -498,7 +498,7 @@ RLKERN_HOST_DEVICE TokenLoss<T> dro_loss(T adv, T logp, T old, T half_beta) {
   return out;
 }
 
-// DPPO's binary trust regions (Qi et al. 2026, arXiv 2602.04879; verl's
+// DPPO's binary trust regions (arXiv 2602.04879, as verl's docstring cites it; verl's
 // compute_policy_loss_dppo_tv / _dppo_kl), with p = e^logp, p_old = e^old, lo = −ε_low,
 // hi = ε_high (clip_lo / clip_hi) and c the truncation (dual_clip_c):
 //   ℓ = −A·sg[min(ρ, c)]·logp·valid,
@@ -534,9 +534,9 @@ RLKERN_HOST_DEVICE TokenLoss<T> dppo_loss(bool binary_kl, T rho, T adv, T logp, 
   return out;
 }
 
-// Clip-Cov / KL-Cov (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for
-// Reasoning Language Models"; verl's compute_policy_loss_clip_cov / _kl_cov), with s the
-// token's cov_select value (1: picked by the covariance selection, 0 otherwise):
+// Clip-Cov / KL-Cov (verl's compute_policy_loss_clip_cov / _kl_cov, adapted from
+// PRIME-RL/Entropy-Mechanism-of-RL), with s the token's cov_select value (1: picked by the
+// covariance selection, 0 otherwise):
 //   clip_cov: PPO's max(−A·ρ, −A·clip(ρ, lo, hi)) (ppo_loss) × (1 − s); clipped = s > 0
 //             (verl's pg_clipfrac is the selected fraction);
 //   kl_cov:   −A·ρ + s·k·|Δ| (no clip), Δ = logp − old; ∂/∂logp of |Δ| is sign(Δ) (torch's).

@@ -1,7 +1,6 @@
-"""The token selection of clip_cov / kl_cov (Cui et al. 2025, "The Entropy Mechanism of
-Reinforcement Learning for Reasoning Language Models"; verl's ``compute_policy_loss_clip_cov``
-/ ``_kl_cov``): which tokens the fused loss treats differently, handed to it as the per-token
-``cov_select`` input (1 = selected).
+"""The token selection of clip_cov / kl_cov (verl's ``compute_policy_loss_clip_cov`` /
+``_kl_cov``, adapted from PRIME-RL/Entropy-Mechanism-of-RL): which tokens the fused loss
+treats differently, handed to it as the per-token ``cov_select`` input (1 = selected).
 
 Per valid token the covariance term ``c = (A − Ā)·(logp − l̄ogp)`` (Ā, l̄ogp: means over the
 batch's valid tokens, verl's ``masked_mean``: ``Σ m·x / (Σ m + 1e-8)``):
