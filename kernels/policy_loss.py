@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from rlkern.kernels._common import aot_signature, aot_spec
+from rlkern.kernels._policy_loss_token import _clampv, _hp, _in_closed, _one, _token_loss
 
 __all__ = ["aot_specs", "block_t", "kl_penalty", "layout_tuple", "policy_loss_bwd",
            "policy_loss_fwd"]
@@ -47,93 +48,8 @@ __all__ = ["aot_specs", "block_t", "kl_penalty", "layout_tuple", "policy_loss_bw
 
 
 @triton.jit
-def _clampv(x, lo, hi):
-    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
-
-
-@triton.jit
-def _in_closed(x, lo, hi):
-    return (x >= lo) & (x <= hi)
-
-
-@triton.jit
 def _s64(x):
     return tl.sum(x, axis=0).to(tl.float64)
-
-
-@triton.jit
-def _one(c, like):
-    return tl.where(c, 1.0, 0.0).to(like.dtype)
-
-
-@triton.jit
-def _hp(hp_ptr, FIELD: tl.constexpr):
-    """One hyperparameter (policy_loss.h struct HParams field index FIELD)."""
-    return tl.load(hp_ptr + FIELD)
-
-
-@triton.jit
-def _token_loss(KIND: tl.constexpr, rho, a, lp, lo, hi, hp_ptr, LAY: tl.constexpr):
-    """(ℓ, ∂ℓ/∂r, direct ∂ℓ/∂logp, clipped, clip_low, clip_high, dual) of one token kind."""
-    K: tl.constexpr = LAY.loss_kinds
-    zero = tl.zeros_like(rho)
-    if KIND == K.cispo:
-        coef = -_clampv(rho, lo, hi) * a
-        loss = coef * lp
-        d_r = zero
-        d_lp = coef
-        clipped = _one((rho < lo) | (rho > hi), rho)
-        clip_low = _one((rho < lo) & (a < 0.0), rho)
-        clip_high = _one((rho > hi) & (a > 0.0), rho)
-        dual = zero
-    elif KIND == K.sapo:
-        tau = tl.where(a > 0.0, _hp(hp_ptr, LAY.hparams.sapo_tau_pos),
-                       _hp(hp_ptr, LAY.hparams.sapo_tau_neg))
-        s = 1.0 / (1.0 + tl.exp(-(tau * (rho - 1.0))))
-        loss = -(s * (4.0 / tau)) * a
-        d_r = -4.0 * a * s * (1.0 - s) * rho
-        d_lp = zero
-        clipped = zero
-        clip_low = zero
-        clip_high = zero
-        dual = zero
-    elif (KIND == K.reinforce) or (KIND == K.vespo):  # vespo: scaled by φ (_vespo_phis)
-        loss = -a * lp
-        d_r = zero
-        d_lp = -a
-        clipped = zero
-        clip_low = zero
-        clip_high = zero
-        dual = zero
-    elif KIND == K.gvpo:
-        loss = zero
-        d_r = zero
-        d_lp = zero
-        clipped = zero
-        clip_low = zero
-        clip_high = zero
-        dual = zero
-    else:  # PPO: max(−A·min(ρ, δ), −A·clip(ρ, lo, hi)), dual clip for A < 0
-        delta = _hp(hp_ptr, LAY.hparams.delta)
-        c = _hp(hp_ptr, LAY.hparams.dual_clip_c)
-        rho_d = tl.where(rho > delta, delta, rho)
-        g1 = tl.where(rho <= delta, rho, 0.0)
-        g2 = tl.where(_in_closed(rho, lo, hi), rho, 0.0)
-        l1 = -a * rho_d
-        l2 = -a * _clampv(rho, lo, hi)
-        loss = tl.where(l1 >= l2, l1, l2)
-        d_r = tl.where(l1 > l2, -a * g1, tl.where(l1 < l2, -a * g2, -0.5 * a * (g1 + g2)))
-        l3 = -a * c
-        neg = a < 0.0
-        is_dual = neg & (loss > l3)
-        d_r = tl.where(neg, tl.where(loss > l3, 0.0, tl.where(loss == l3, 0.5 * d_r, d_r)), d_r)
-        loss = tl.where(is_dual, l3, loss)
-        d_lp = zero
-        clipped = _one(l2 > l1, rho)
-        clip_low = _one((rho_d < lo) & neg, rho)  # the ratio as the loss sees it
-        clip_high = _one((rho_d > hi) & (a > 0.0), rho)
-        dual = _one(is_dual, rho)
-    return loss, d_r, d_lp, clipped, clip_low, clip_high, dual
 
 
 @triton.jit
@@ -356,6 +272,18 @@ def _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w, hp_ptr, LAY: tl.
     return w, em, h, wt, vlw
 
 
+@triton.jit
+def _cov_at(opt, stride_opt, row, offs, v, like, LOSS: tl.constexpr, LAY: tl.constexpr):
+    """The block's cov_select values (clip_cov / kl_cov; 0 for the other kinds, at masked)."""
+    K: tl.constexpr = LAY.loss_kinds
+    if (LOSS == K.clip_cov) or (LOSS == K.kl_cov):
+        cov = tl.load(_opt_row(opt, stride_opt, row, LAY.inputs.cov_select) + offs, mask=v,
+                      other=0.0)
+    else:
+        cov = tl.zeros_like(like)
+    return cov
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 
@@ -430,7 +358,8 @@ def _policy_loss_fwd_kernel(
                 rho = tl.exp(dc)
             else:
                 rho = zero + tl.exp(r_seq_t)
-            loss, _dr, _dl, clipped, clo, chi, dual = _token_loss(LOSS, rho, a, lp, lo, hi,
+            loss, _dr, _dl, clipped, clo, chi, dual = _token_loss(LOSS, rho, a, lp, old,
+                        _cov_at(opt, stride_opt, row, offs, v, lp, LOSS, LAY), lo, hi,
                                                                   hp_ptr, LAY)
             if LOSS == LAY.loss_kinds.vespo:  # split by the sign of A (NaN: A < 0)
                 val = tl.where(v, mult * loss, 0.0)
@@ -580,7 +509,8 @@ def _policy_loss_bwd_kernel(
             rho = tl.zeros((BLOCK_T,), dt) + tl.exp(r_seq_t)
             w, em, _h, wt, _vlw = _multiplier(old, opt, stride_opt, row, offs, v, thr, seq_w,
                                               hp_ptr, LAY, LOSS, ROLL, ROLL_MASK, HAS)
-            _l, d_r, _dl, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, lo, hi, hp_ptr,
+            _l, d_r, _dl, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, old,
+                        _cov_at(opt, stride_opt, row, offs, v, lp, LOSS, LAY), lo, hi, hp_ptr,
                                                             LAY)
             gr = g_pg * (w * em * wt) * d_r
             if KL != LAY.kl_kinds.none:
@@ -609,7 +539,8 @@ def _policy_loss_bwd_kernel(
             else:
                 rho = tl.zeros((BLOCK_T,), dt) + tl.exp(r_seq_t)
                 pass_r = tl.zeros((BLOCK_T,), dt) + pass_seq
-            _l, d_r, d_lp, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, lo, hi, hp_ptr,
+            _l, d_r, d_lp, _c, _clo, _chi, _du = _token_loss(LOSS, rho, a, lp, old,
+                        _cov_at(opt, stride_opt, row, offs, v, lp, LOSS, LAY), lo, hi, hp_ptr,
                                                              LAY)
             if LOSS == LAY.loss_kinds.vespo:  # −sg[φ]·A·logp: φ of A's sign, no rollout factor
                 wgt = g_pg * (em * wt) * tl.where(a >= 0.0, phi_pos, phi_neg)

@@ -22,6 +22,7 @@ class Case:
     entropy: bool = False
     token_weights: bool = False
     adv_per_token: bool = False
+    cov_select: bool = False  # clip_cov / kl_cov: pass the inputs' random selection
     kwargs: dict = field(default_factory=dict)  # num_tokens / num_seqs
 
 
@@ -130,6 +131,42 @@ CASES: dict[str, Case] = {
                                   rollout_rs="seq_mean_k3,seq_sum_k3,seq_max_k2",
                                   rollout_rs_threshold="0.012,0.1,0.05",
                                   loss_agg_mode="seq-mean-token-sum"), rollout=True),
+    "dro": Case(C(policy_loss="dro", dro_beta=0.7, log_ratio_clamp=None)),
+    "dro-adv-per-token-addons": Case(C(policy_loss="dro", dro_beta=2.0,
+                                       loss_agg_mode="seq-mean-token-sum", kl_coef=0.1,
+                                       rollout_correction="token_truncate", rollout_max=1.1),
+                                     ref=True, rollout=True, token_weights=True,
+                                     adv_per_token=True),
+    "dppo-tv": Case(C(policy_loss="dppo_tv", clip_ratio_low=0.03, clip_ratio_high=0.05,
+                      clip_ratio_c=1.2)),
+    "dppo-tv-adv-per-token-weights": Case(C(policy_loss="dppo_tv", clip_ratio_low=0.05,
+                                            loss_agg_mode="seq-mean-token-mean"),
+                                          token_weights=True, adv_per_token=True),
+    "dppo-kl": Case(C(policy_loss="dppo_kl", clip_ratio_low=0.002, clip_ratio_high=0.004,
+                      clip_ratio_c=1.2)),
+    "dppo-kl-adv-per-token-addons": Case(C(policy_loss="dppo_kl", clip_ratio_low=0.003,
+                                           clip_ratio_c=None, entropy_coef=0.01,
+                                           top_entropy_quantile=0.7, kl_coef=0.05,
+                                           kl_bias_correction=True),
+                                         ref=True, entropy=True, adv_per_token=True),
+    "verl-preset-dppo-kl": Case(C.verl(policy_loss="dppo_kl", clip_ratio=0.003, clip_ratio_c=1.3,
+                                       use_kl_loss=True, rollout_is="token"),
+                                ref=True, rollout=True),
+    "clip-cov": Case(C(policy_loss="clip_cov", log_ratio_clamp=None, clip_ratio_high=0.28),
+                     cov_select=True),
+    "clip-cov-dual-addons": Case(C(policy_loss="clip_cov", clip_ratio_c=2.0, kl_coef=0.1,
+                                   entropy_coef=0.01, rollout_correction="token_mask",
+                                   rollout_min=0.5, rollout_max=2.0,
+                                   loss_agg_mode="seq-mean-token-mean"),
+                                 ref=True, rollout=True, entropy=True, token_weights=True,
+                                 adv_per_token=True, cov_select=True),
+    "kl-cov": Case(C(policy_loss="kl_cov", log_ratio_clamp=None, cov_kl_coef=0.7),
+                   cov_select=True),
+    "kl-cov-adv-per-token-addons": Case(C(policy_loss="kl_cov", cov_kl_coef=2.0,
+                                          rollout_correction="sequence_truncate",
+                                          rollout_max=1.5, loss_agg_mode="sum"),
+                                        rollout=True, token_weights=True, adv_per_token=True,
+                                        cov_select=True),
 }
 
 
@@ -158,9 +195,11 @@ def make_inputs(B: int = 6, T: int = 11, dtype: torch.dtype = torch.float64, see
         "entropy": torch.rand(B, T, generator=g, dtype=torch.float64) * 2,
         "token_weights": torch.rand(B, T, generator=g, dtype=torch.float64) * 2,
     }
+    # drawn after the others, so that their values do not depend on it
+    out["cov_select"] = (torch.rand(B, T, generator=g) < 0.3).to(torch.float64)
     out = {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in out.items()}
     for k in ("logprobs", "old_logprobs", "ref_logprobs", "entropy", "token_weights",
-              "adv_per_token"):
+              "adv_per_token", "cov_select"):
         out[k] = torch.where(mask, out[k], torch.full_like(out[k], math.nan))
     return out
 
@@ -178,4 +217,6 @@ def call_kwargs(case: Case, inp: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
         kw["entropy"] = inp["entropy"]
     if case.token_weights:
         kw["token_weights"] = inp["token_weights"]
+    if case.cov_select:
+        kw["cov_select"] = inp["cov_select"]
     return args, kw

@@ -51,6 +51,8 @@ LOSS_NAMES = ["vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg"]
 # registered losses driven by verl's rollout-correction config (their parity tests:
 # test_parity_verl_rollout_correction.py)
 ROLLOUT_LOSS_NAMES = ["bypass_mode"]
+# the losses with their own config fields (parity in test_integration_verl_losses.py)
+OWN_CONFIG_LOSS_NAMES = ["dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov"]
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm", "token-sum"]
 
@@ -72,10 +74,10 @@ _close = close
 def test_register_adds_every_name_and_is_idempotent():
     names = rv.register()
     assert set(names) == {f"rlkern_{n}" for n in ADV_NAMES + SCAN_ADV_NAMES} | \
-        {f"rlkern_{n}" for n in LOSS_NAMES + ROLLOUT_LOSS_NAMES}
+        {f"rlkern_{n}" for n in LOSS_NAMES + ROLLOUT_LOSS_NAMES + OWN_CONFIG_LOSS_NAMES}
     for n in ADV_NAMES + SCAN_ADV_NAMES:
         assert core_algos.get_adv_estimator_fn(f"rlkern_{n}") is rv.ADV_ESTIMATORS[f"rlkern_{n}"]
-    for n in LOSS_NAMES + ROLLOUT_LOSS_NAMES:
+    for n in LOSS_NAMES + ROLLOUT_LOSS_NAMES + OWN_CONFIG_LOSS_NAMES:
         assert core_algos.get_policy_loss_fn(f"rlkern_{n}") is rv.POLICY_LOSSES[f"rlkern_{n}"]
     before = (dict(core_algos.ADV_ESTIMATOR_REGISTRY), dict(core_algos.POLICY_LOSS_REGISTRY))
     rv.register()
@@ -87,7 +89,7 @@ def test_register_adds_every_name_and_is_idempotent():
 def test_unregister_and_reload():
     removed = rv.unregister()
     assert len(removed) == (len(ADV_NAMES) + len(SCAN_ADV_NAMES) + len(LOSS_NAMES)
-                            + len(ROLLOUT_LOSS_NAMES))
+                            + len(ROLLOUT_LOSS_NAMES) + len(OWN_CONFIG_LOSS_NAMES))
     assert not rv.is_registered()
     assert not any(k.startswith("rlkern_") for k in core_algos.ADV_ESTIMATOR_REGISTRY)
     with pytest.raises(ValueError, match="Unknown advantage estimator"):

@@ -472,7 +472,7 @@ def test_bad_config(bad, match):
 
 def test_bad_preset_names_list_valid_ones():
     with pytest.raises(ValueError, match="'vanilla', 'gspo', 'cispo', 'sapo', 'geo_mean', 'gpg'"):
-        PolicyLossConfig.verl(policy_loss="clip_cov")
+        PolicyLossConfig.verl(policy_loss="not_a_verl_loss")
     with pytest.raises(ValueError, match="'grpo', 'bnpo', 'dr_grpo', 'dapo'"):
         PolicyLossConfig.trl(loss_type="gspo")
     with pytest.raises(ValueError, match="clip_ratio_c"):

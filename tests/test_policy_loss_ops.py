@@ -179,7 +179,7 @@ def test_python_spec_matches_the_header():
     from rlkern.config.policy_loss import POLICY_LOSSES, PolicyLossConfig
 
     for name in POLICY_LOSSES:
-        extra = {"group_size": 2} if name == "gvpo" else {}
+        extra = {"gvpo": {"group_size": 2}, "dro": {"dro_beta": 1.0}}.get(name, {})
         flags, hparams = PolicyLossConfig(policy_loss=name, **extra).kernel_args(
             with_kl=False, with_rollout=False)
         assert len(flags) == len(L.flags) and len(hparams) == len(L.hparams)

@@ -225,6 +225,15 @@ Step<P, T> load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) 
   return s;
 }
 
+// The token's cov_select value (clip_cov / kl_cov; 0 for the other kinds and masked tokens).
+template <typename P, int K, typename T>
+typename P::V cov_at(const Row<T> r, int64_t t, typename P::M v) {
+  if constexpr (K == pl::kClipCov || K == pl::kKlCov)
+    return P::load_valid(r.opt[pl::kInCovSelect] + t, v);
+  else
+    return typename P::V(0.0);
+}
+
 // [main] forward, token-level kinds (ppo / cispo / sapo / reinforce / gvpo's metrics).
 template <typename T, int K, bool SEQ, bool MULT, bool ADVTOK>
 void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
@@ -244,7 +253,7 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
       const V rho = expv(SEQ ? r_seq : dc);
-      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, h);
+      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       const V val = MULT ? P::load(mult + t, s.ln) * L.loss : L.loss;
       if constexpr (K == pl::kVespo) {  // split by the sign of A (a NaN A counts as A < 0)
         const auto pos = s.a >= V(0.0);
@@ -377,7 +386,7 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
       const V d = s.lp - s.old;
       const V rho = expv(MODE == pl::kRatioToken ? clampv(d, -C, C) : r_seq);
-      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, h);
+      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       V w = MULT ? gpg * P::load(mult + t, s.ln) : gpg;
       if constexpr (K == pl::kVespo) w = w * sel(s.a >= zero, V(phi.pos), V(phi.neg));
       const V direct = w * L.d_logp;
@@ -461,7 +470,8 @@ void with_bool(bool b, F&& f) {
 // gmpo has its own kernels; kPpo also runs GSPO (its ratio mode differs).
 template <typename F>
 void with_kind(int kind, F&& f) {
-  with_code<pl::kPpo, pl::kCispo, pl::kSapo, pl::kReinforce, pl::kGvpo, pl::kVespo>(kind, f);
+  with_code<pl::kPpo, pl::kCispo, pl::kSapo, pl::kReinforce, pl::kGvpo, pl::kVespo, pl::kDro,
+            pl::kDppoTv, pl::kDppoKl, pl::kClipCov, pl::kKlCov>(kind, f);
 }
 
 template <typename F>

@@ -118,6 +118,14 @@ inline VF expv(VF x) {
   return res;
 }
 
+// log per lane (dppo_kl's binary KL only): lane by lane through logf, exact as the scalar path.
+inline VF logv(VF x) {
+  alignas(64) float b[16];
+  _mm512_store_ps(b, x.v);
+  for (float& v : b) v = logf(v);
+  return _mm512_load_ps(b);
+}
+
 struct Avx512F {
   using V = VF;
   using M = MF;

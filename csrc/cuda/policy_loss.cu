@@ -157,9 +157,13 @@ __device__ __forceinline__ SeqConst seq_const(const Args& a, double len, double 
   return c;
 }
 
-__device__ __forceinline__ pl::TokenLoss<float> loss_at(const Args& a, float rho,
-                                                        const Token& k) {
-  return pl::token_loss<float>(a.flags.loss_kind, rho, k.a, k.lp, a.hp);
+// The token loss at token t of row r (clip_cov / kl_cov read the token's cov_select value).
+__device__ __forceinline__ pl::TokenLoss<float> loss_at(const Args& a, const RowPtrs& r,
+                                                        int64_t t, float rho, const Token& k) {
+  const int kind = a.flags.loss_kind;
+  const float cov = (kind == pl::kClipCov || kind == pl::kKlCov) && k.v
+                        ? __ldg(r.opt[pl::kInCovSelect] + t) : 0.f;
+  return pl::token_loss<float>(kind, rho, k.a, k.lp, k.old, cov, a.hp);
 }
 
 // What both kernels read once per thread: the lane, the sizes and the row-independent values.
@@ -230,7 +234,7 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
         if (a.flags.rollout_level != pl::kRolloutNone) slogw += logf(u.w + 1e-10f);
       } else {
         rho = pl::expv(seq_ratio ? c.r_seq : dc);
-        const pl::TokenLoss<float> L = loss_at(a, rho, k);
+        const pl::TokenLoss<float> L = loss_at(a, r, t, rho, k);
         const float val = u.wp * u.em * u.wt * L.loss;
         if (vespo && !(k.a >= 0.f)) {  // vespo: split by the sign of A (NaN: A < 0)
           pg_neg += val;
@@ -360,7 +364,7 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
         const Token k = load_token(r, adv_tok, t);
         if (!k.v) continue;
         const Mult u = load_mult(a, r, k, t, seq_w, thr);
-        acc += g_pg * (u.wp * u.em * u.wt) * loss_at(a, rho_seq, k).d_r;
+        acc += g_pg * (u.wp * u.em * u.wt) * loss_at(a, r, t, rho_seq, k).d_r;
         if (has_kl && bias) {
           const float ref = __ldg(r.opt[pl::kInRef] + t);
           acc += g_kl * rho_seq *
@@ -392,7 +396,7 @@ __global__ void __launch_bounds__(kWarpSize * kRowsPerBlock)
           rho = rho_seq;
           pass = c0.pass_seq ? 1.f : 0.f;
         }
-        const pl::TokenLoss<float> L = loss_at(a, rho, k);
+        const pl::TokenLoss<float> L = loss_at(a, r, t, rho, k);
         float w = g_pg * (u.wp * u.em * u.wt);
         if (vespo) w *= k.a >= 0.f ? phi_pos : phi_neg;
         g = w * L.d_logp;

@@ -238,7 +238,8 @@ def linear_logprobs_with_grad(data: st.DataObject) -> Call:
                 overflow_ok=_linear_overflow(hidden, weight, bias, 1.0))
 
 
-LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "vespo")
+LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "vespo", "dro", "dppo_tv",
+          "dppo_kl", "clip_cov", "kl_cov")
 KL = (None, "k1", "k3", "low_var_kl+")
 
 
@@ -266,13 +267,18 @@ def policy_loss(data: st.DataObject) -> Call:
     loss = data.draw(st.sampled_from(LOSSES), label="loss")
     config = rlkern.PolicyLossConfig(
         policy_loss=loss, kl_coef=0.1 if kl else 0.0, kl_estimator=kl or "k3",
+        dro_beta=0.5 if loss == "dro" else None,
         entropy_coef=0.01 if entropy is not None else 0.0,
         loss_agg_mode=data.draw(st.sampled_from(("token-mean", "seq-mean-token-mean", "sum")),
                                 label="agg"))
     count = _count(data, max(1, b * t), "num_tokens")
+    # clip_cov / kl_cov: a fixed selection (their own draws would differ between backends)
+    cov = (torch.rand(b, t, generator=gen) < 0.3).to(dtype) \
+        if loss in ("clip_cov", "kl_cov") else None
     fn = _maybe_unchecked(data, rlkern.policy_loss)
     return Call("policy_loss", fn, (lp, _maybe_meta(data, old, "old"), adv, mask),
-                dict(config=config, ref_logprobs=ref, entropy=entropy, num_tokens=count),
+                dict(config=config, ref_logprobs=ref, entropy=entropy, num_tokens=count,
+                     cov_select=cov),
                 grad_wrt=("0", "entropy"), dtype=dtype, overflow_ok=True,
                 poisoned=_poisoned(fn, count))
 

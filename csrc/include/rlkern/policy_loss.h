@@ -51,7 +51,12 @@ namespace policy_loss {
   X(kReinforce, "reinforce") /* −A·logp (GPG / bypass) */                                         \
   X(kGmpo, "gmpo")   /* per sequence: −Ā·exp(Σ m Δc / len) (Zhao et al. 2025, GMPO) */            \
   X(kGvpo, "gvpo")   /* group-centred MSE on β·Σ m (logp − old) (Zhang et al. 2025, GVPO) */ \
-  X(kVespo, "vespo") /* −sg[φ(w_i)]·A·logp, φ a gamma weight of the sequence ratio (VESPO) */
+  X(kVespo, "vespo") /* −sg[φ(w_i)]·A·logp, φ a gamma weight of the sequence ratio (VESPO) */ \
+  X(kDro, "dro")     /* −(A·logp − ½β·Δ²) (verl's DRO: quadratic log-ratio penalty) */           \
+  X(kDppoTv, "dppo_tv") /* −A·sg[min(ρ, c)]·logp·1[p − p_old in the TV region] (DPPO) */         \
+  X(kDppoKl, "dppo_kl") /* ... 1[binary KL(p_old ‖ p) in the region] (DPPO-Binary-KL) */  \
+  X(kClipCov, "clip_cov") /* PPO's clipped term × (1 − s), s = cov_select (Clip-Cov) */          \
+  X(kKlCov, "kl_cov")     /* −A·ρ + s·k·|Δ|, s = cov_select (KL-Cov) */
 
 // Importance ratios (flags[ratio_mode]): per token, or the sequence ratio with GSPO-token's
 // straight-through gradient / the exact gradient of the mean (see the top of this file).
@@ -95,7 +100,9 @@ namespace policy_loss {
   X(kHpVespoKPos, vespo_k_pos)             /* vespo's gamma shape k and rate λ for A ≥ 0 */    \
   X(kHpVespoLambdaPos, vespo_lambda_pos)                                                      \
   X(kHpVespoKNeg, vespo_k_neg)             /* ... and for A < 0 */                            \
-  X(kHpVespoLambdaNeg, vespo_lambda_neg)
+  X(kHpVespoLambdaNeg, vespo_lambda_neg)                                                     \
+  X(kHpDroBeta, dro_beta)                  /* dro's β of ½β·Δ² */                            \
+  X(kHpCovKlCoef, cov_kl_coef)             /* kl_cov's k of s·k·|Δ| */
 
 // The optional inputs: the `Tensor?[] inputs` of the ops, by slot. Shape kRows: (B, T) like
 // logprobs (unit stride along T); kOne: a single value.
@@ -104,7 +111,8 @@ namespace policy_loss {
   X(kInRollout, "rollout_logprobs", kRows) /* rollout engine (rollout correction) */          \
   X(kInEntropy, "entropy", kRows)          /* per-token entropy (bonus, entropy mask) */      \
   X(kInTokenWeights, "token_weights", kRows) /* multipliers of the policy term */             \
-  X(kInEntropyThreshold, "entropy_threshold", kOne) /* the entropy mask's threshold */
+  X(kInEntropyThreshold, "entropy_threshold", kOne) /* the entropy mask's threshold */          \
+  X(kInCovSelect, "cov_select", kRows) /* clip_cov / kl_cov: 1 at the selected tokens, else 0 */
 
 // Per-row partial sums written by the forward (`row_stats`, (kNumRowStats, B) float64,
 // statistic-major so that each statistic is a contiguous (B,) vector). Sums are over the
@@ -289,6 +297,8 @@ inline Problem check_call(const Flags& f, const Inputs& in) {
     return {"rollout_logprobs: required for the rollout correction", true};
   if (in.opt[kInEntropyThreshold].p && !in.opt[kInEntropy].p)
     return {"entropy: required with entropy_threshold", false};
+  if ((f.loss_kind == kClipCov || f.loss_kind == kKlCov) && !in.opt[kInCovSelect].p)
+    return {"cov_select: required for clip_cov / kl_cov (the selected tokens)", true};
   if (f.loss_kind == kVespo && (f.ratio_mode != kRatioToken || f.rollout_level == kRolloutSeq))
     return {"flags: vespo forms its own sequence weight: token ratio mode and token-level "
             "rollout weights only", false};
@@ -358,6 +368,9 @@ RLKERN_HOST_DEVICE float expv(float x) {
 #endif
 }
 RLKERN_HOST_DEVICE double expv(double x) { return exp(x); }
+// log (dppo_kl's binary KL); the CPU's SIMD type has a lane-wise one (policy_loss_simd.h).
+RLKERN_HOST_DEVICE float logv(float x) { return logf(x); }
+RLKERN_HOST_DEVICE double logv(double x) { return log(x); }
 
 // --------------------------------------------------------------------------------------------
 // Ratios and weights (per-row quantities: scalar double)
@@ -474,10 +487,94 @@ RLKERN_HOST_DEVICE TokenLoss<T> reinforce_loss(T adv, T logp) {
   return out;
 }
 
-// The token losses by kind (kPpo, kCispo, kSapo, kReinforce; kGvpo has no token loss;
-// kVespo's is −A·logp, which the kernels scale by the row's φ for the sign of A: vespo_phi).
+// DRO (verl's compute_policy_loss_dro): ℓ = −(logp·A − ½β·Δ²) with the unclamped
+// Δ = logp − old; ∂ℓ/∂logp = β·Δ − A. `half_beta` = ½β.
 template <typename T>
-RLKERN_HOST_DEVICE TokenLoss<T> token_loss(int kind, T rho, T adv, T logp, const HParams& h) {
+RLKERN_HOST_DEVICE TokenLoss<T> dro_loss(T adv, T logp, T old, T half_beta) {
+  const T d = logp - old;
+  TokenLoss<T> out = zero_loss<T>();
+  out.loss = -(logp * adv - half_beta * (d * d));
+  out.d_logp = T(2) * half_beta * d - adv;
+  return out;
+}
+
+// DPPO's binary trust regions (arXiv 2602.04879, as verl's docstring cites it; verl's
+// compute_policy_loss_dppo_tv / _dppo_kl), with p = e^logp, p_old = e^old, lo = −ε_low,
+// hi = ε_high (clip_lo / clip_hi) and c the truncation (dual_clip_c):
+//   ℓ = −A·sg[min(ρ, c)]·logp·valid,
+//   TV: valid = A > 0 ? p − p_old ≤ hi : p − p_old ≥ lo;
+//   KL: b = p_old·(old − logp) + (1 − p_old)·log((1 − p_old + 1e-8) / (1 − p + 1e-8)),
+//       valid = A > 0 ? (b ≤ hi or p ≤ p_old) : (b ≤ −lo or p ≥ p_old)
+// (a NaN A takes the A ≤ 0 side, as torch.where(A > 0, ...) does). Metric indicators:
+// clipped = not valid (verl's pg_clipfrac), dual = ρ > c and valid (its pg_clipfrac_lower).
+template <typename T>
+RLKERN_HOST_DEVICE MaskOf<T> dppo_valid(bool binary_kl, T adv, T logp, T old, T lo, T hi) {
+  const T p = expv(logp), po = expv(old);
+  const auto pos = adv > T(0);
+  if (binary_kl) {
+    const T b = po * (old - logp) +
+                (T(1) - po) * logv((T(1) - po + T(1e-8)) / (T(1) - p + T(1e-8)));
+    return (pos && ((b <= hi) || (p <= po))) || (!pos && ((b <= -lo) || (p >= po)));
+  }
+  const T diff = p - po;
+  return (pos && (diff <= hi)) || (!pos && (diff >= lo));
+}
+
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> dppo_loss(bool binary_kl, T rho, T adv, T logp, T old, T lo,
+                                          T hi, T c) {
+  const MaskOf<T> valid = dppo_valid(binary_kl, adv, logp, old, lo, hi);
+  const T vf = sel(valid, T(1), T(0));
+  const T coef = -adv * sel(rho > c, c, rho);  // torch.clamp(ρ, max=c): NaN stays NaN
+  TokenLoss<T> out = zero_loss<T>();
+  out.loss = coef * logp * vf;
+  out.d_logp = coef * vf;
+  out.clipped = !valid;
+  out.dual = (rho > c) && valid;
+  return out;
+}
+
+// Clip-Cov / KL-Cov (verl's compute_policy_loss_clip_cov / _kl_cov, adapted from
+// PRIME-RL/Entropy-Mechanism-of-RL), with s the token's cov_select value (1: picked by the
+// covariance selection, 0 otherwise):
+//   clip_cov: PPO's max(−A·ρ, −A·clip(ρ, lo, hi)) (ppo_loss) × (1 − s); clipped = s > 0
+//             (verl's pg_clipfrac is the selected fraction);
+//   kl_cov:   −A·ρ + s·k·|Δ| (no clip), Δ = logp − old; ∂/∂logp of |Δ| is sign(Δ) (torch's).
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> cov_loss(bool kl, T rho, T adv, T logp, T old, T s,
+                                         const HParams& h) {
+  if (kl) {
+    const T d = logp - old;
+    const T k = T(h.cov_kl_coef);
+    TokenLoss<T> out = zero_loss<T>();
+    out.loss = -adv * rho + s * (k * sel(d < T(0), -d, d));
+    out.d_r = -adv * rho;
+    out.d_logp = s * k * sel(d > T(0), T(1), sel(d < T(0), T(-1), T(0)));
+    return out;
+  }
+  TokenLoss<T> out =
+      ppo_loss(rho, adv, T(h.clip_lo), T(h.clip_hi), T(h.delta), T(h.dual_clip_c));
+  const T keep = T(1) - s;
+  out.loss = out.loss * keep;
+  out.d_r = out.d_r * keep;
+  out.clipped = s > T(0);
+  out.clip_low = out.clip_high = out.dual = T(0) < T(0);
+  return out;
+}
+
+// The token losses by kind (kPpo, kCispo, kSapo, kReinforce, kDro, kDppoTv, kDppoKl, kClipCov,
+// kKlCov; kGvpo has no token loss; kVespo's is −A·logp, which the kernels scale by the row's φ
+// for the sign of A: vespo_phi). `old`: the old log-probability (dro, dppo, kl_cov read it);
+// `cov`: the cov_select value (clip_cov / kl_cov); both 0 at masked tokens.
+template <typename T>
+RLKERN_HOST_DEVICE TokenLoss<T> token_loss(int kind, T rho, T adv, T logp, T old, T cov,
+                                           const HParams& h) {
+  if (kind == kClipCov || kind == kKlCov)
+    return cov_loss(kind == kKlCov, rho, adv, logp, old, cov, h);
+  if (kind == kDro) return dro_loss(adv, logp, old, T(0.5 * h.dro_beta));
+  if (kind == kDppoTv || kind == kDppoKl)
+    return dppo_loss(kind == kDppoKl, rho, adv, logp, old, T(h.clip_lo), T(h.clip_hi),
+                     T(h.dual_clip_c));
   if (kind == kCispo) return cispo_loss(rho, adv, logp, T(h.clip_lo), T(h.clip_hi));
   if (kind == kSapo) return sapo_loss(rho, adv, T(h.sapo_tau_pos), T(h.sapo_tau_neg));
   if (kind == kReinforce || kind == kVespo) return reinforce_loss(adv, logp);

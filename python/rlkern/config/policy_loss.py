@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 #: rlkern's loss names (ALGORITHMS.md §3).
-POLICY_LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "gvpo", "vespo")
+POLICY_LOSSES = ("ppo", "gspo", "cispo", "sapo", "gmpo", "reinforce", "gvpo", "vespo", "dro",
+                 "dppo_tv", "dppo_kl", "clip_cov", "kl_cov")
 #: Aggregation modes; "token-sum" is verl's name for "sum".
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm", "sum", "token-sum")
@@ -54,7 +55,8 @@ _KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 KL_ESTIMATORS = tuple(n + s for n in (*_KL_BASE, *_KL_ALIASES) for s in ("", "+"))
 ROLLOUT_CORRECTIONS = (None, "token_truncate", "token_mask", "sequence_truncate",
                        "sequence_mask")
-VERL_POLICY_LOSSES = ("vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg")
+VERL_POLICY_LOSSES = ("vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg", "dro", "dppo_tv",
+                      "dppo_kl", "clip_cov", "kl_cov")
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 # rlkern's loss name → (the kernels' loss kind, their ratio mode for token-level sampling):
@@ -63,7 +65,16 @@ TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "
 _LOSS_CODES = {"ppo": ("ppo", "token"), "gspo": ("ppo", "seq_detached"),
                "cispo": ("cispo", "token"), "sapo": ("sapo", "token"),
                "reinforce": ("reinforce", "token"), "gmpo": ("gmpo", "token"),
-               "gvpo": ("gvpo", "token"), "vespo": ("vespo", "token")}
+               "gvpo": ("gvpo", "token"), "vespo": ("vespo", "token"),
+               "dro": ("dro", "token"), "dppo_tv": ("dppo_tv", "token"),
+               "dppo_kl": ("dppo_kl", "token"), "clip_cov": ("clip_cov", "token"),
+               "kl_cov": ("kl_cov", "token")}
+# DPPO's trust regions: clip_ratio_low / clip_ratio_high are divergence thresholds, not ratio
+# bounds, and clip_ratio_c is the truncation of the (stop-gradient) ratio.
+_DPPO = ("dppo_tv", "dppo_kl")
+# The covariance-selected losses: a per-token selection (the cov_select input) switches the
+# token's term.
+_COV = ("clip_cov", "kl_cov")
 
 
 # vespo's hyperparameters: the same names in PolicyLossConfig, the kernels' hparams and TRL's
@@ -101,6 +112,13 @@ def decode_kernel_args(flags: list[int], hparams: list[float]) -> SimpleNamespac
                            **{h.name: float(hparams[h]) for h in lay.hparams})
 
 
+def _verl_dro_beta(beta: float | None) -> float:
+    """verl's check of ``policy_loss.dro_beta`` (compute_policy_loss_dro), its wording."""
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    return float(beta)
+
+
 def _float(value: Any, name: str, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
@@ -124,12 +142,18 @@ class PolicyLossConfig:
             ``"cispo"``, ``"sapo"``, ``"gmpo"`` (geometric mean, per sequence), ``"reinforce"``
             (−A·logp, verl's gpg), ``"gvpo"`` (group-centred MSE; needs ``group_size``),
             ``"vespo"`` (−sg[φ]·A·logp with φ = exp(λ + k·log w − λ·w) a gamma weight of the
-            row's clamped sequence ratio w; TRL's ``loss_type="vespo"``).
+            row's clamped sequence ratio w; TRL's ``loss_type="vespo"``), ``"dro"``
+            (−(A·logp − ½β·Δ²), Δ = logp − old; verl's dro; needs ``dro_beta``),
+            ``"dppo_tv"`` / ``"dppo_kl"`` (−A·sg[min(ρ, c)]·logp on the tokens inside DPPO's
+            binary total-variation / binary-KL trust region; verl's dppo_tv / dppo_kl),
+            ``"clip_cov"`` (PPO's clipped term, 0 at the covariance-selected tokens) /
+            ``"kl_cov"`` (−A·ρ, + k·|Δ| at the selected tokens); verl's clip_cov / kl_cov.
         clip_ratio_low / clip_ratio_high: ε_low / ε_high ≥ 0 (``None`` high = low): the ratio
             is clipped to [1 − ε_low, 1 + ε_high] (gmpo: the log-ratio to [−ε_low, ε_high]).
         ratio_min / ratio_max: explicit ratio bounds replacing 1 − ε_low / 1 + ε_high (TRL's
             cispo clips only above, at ``epsilon_high``: ``ratio_min=-inf, ratio_max=ε_high``).
-        clip_ratio_c: dual clip c > 1 for A < 0 (``None``: off; verl's vanilla uses 3).
+        clip_ratio_c: dual clip c > 1 for A < 0 (``None``: off; verl's vanilla uses 3);
+            dppo: the truncation c > 0 of the ratio, min(ρ, c) (``None``: off).
         delta: two-sided clip δ of the unclipped ratio (``None``: off; TRL ``delta``).
         importance_sampling_level: ``"token"`` or ``"sequence"`` (ρ_i = exp(mean Δ) with the
             exact gradient of the mean, TRL's GSPO); ppo, cispo and sapo only.
@@ -170,6 +194,20 @@ class PolicyLossConfig:
         loss_scale: multiplies the whole loss (verl's dp_size; TRL's 1 / grad-accumulation).
     gvpo:
         group_size: responses per prompt, contiguous rows; gvpo_beta: β of GVPO's reward.
+    dro:
+        dro_beta: β > 0 of the quadratic penalty ½β·(logp − old)² (required for dro).
+    dppo (dppo_tv / dppo_kl):
+        clip_ratio_low / clip_ratio_high: the trust region's thresholds ε_low / ε_high: a
+        token with A > 0 counts when p − p_old ≤ ε_high (tv; kl: its binary KL ≤ ε_high or
+        p ≤ p_old), one with A ≤ 0 when p − p_old ≥ −ε_low (kl: binary KL ≤ ε_low or
+        p ≥ p_old), p = exp(logp).
+    clip_cov / kl_cov (the selection, when ``cov_select`` is not given to the call):
+        cov_ratio: the fraction of valid tokens to select (> 0; at least one token);
+        cov_lb / cov_ub: clip_cov picks, at random (``torch.randperm``, the global generator,
+            as verl), among the valid tokens the PPO clip did not clip whose covariance term
+            ``(A − Ā)·(logp − l̄ogp)`` lies in (cov_lb, cov_ub); kl_cov takes the top
+            ``cov_ratio`` by that term.
+        cov_kl_coef: kl_cov's k (verl's ``ppo_kl_coef``).
     vespo:
         vespo_k_pos / vespo_lambda_pos: the gamma weight's shape k and rate λ where A ≥ 0;
         vespo_k_neg / vespo_lambda_neg: where A < 0 (λ is clamped to ≥ 1e-4). A token-level
@@ -215,6 +253,11 @@ class PolicyLossConfig:
     rollout_rs: str | None = None
     rollout_rs_threshold: str | float | None = None
     rollout_batch_normalize: bool = False
+    dro_beta: float | None = None
+    cov_ratio: float = 0.0002
+    cov_lb: float = 1.0
+    cov_ub: float = 5.0
+    cov_kl_coef: float = 1.0
 
     # ----------------------------------------------------------------------------- validation
 
@@ -232,9 +275,10 @@ class PolicyLossConfig:
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         optional = {"clip_ratio_high", "ratio_min", "ratio_max", "clip_ratio_c", "delta",
                     "log_ratio_clamp", "seq_log_ratio_max", "kl_log_clamp", "kl_value_clamp",
-                    "rollout_min", "rollout_max", "rollout_log_clamp"}
+                    "rollout_min", "rollout_max", "rollout_log_clamp", "dro_beta"}
         for name in ("clip_ratio_low", "sapo_tau_pos", "sapo_tau_neg", "kl_coef", "entropy_coef",
                      "top_entropy_quantile", "loss_scale", "gvpo_beta", *_VESPO_FIELDS,
+                     "cov_ratio", "cov_lb", "cov_ub", "cov_kl_coef",
                      *sorted(optional)):
             object.__setattr__(self, name, _float(getattr(self, name), name,
                                                   optional=name in optional))
@@ -242,7 +286,11 @@ class PolicyLossConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} (an epsilon) must be >= 0, got {value}")
-        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
+        if self.policy_loss in _DPPO:
+            if self.clip_ratio_c is not None and not self.clip_ratio_c > 0.0:
+                raise ValueError(f"clip_ratio_c (dppo's ratio truncation) must be > 0, got "
+                                 f"{self.clip_ratio_c}; use None to turn it off")
+        elif self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
             raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {self.clip_ratio_c}; "
                              "use None to turn the dual clip off")
         if self.delta is not None and not self.delta > 0:
@@ -257,7 +305,8 @@ class PolicyLossConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
-        for name in ("kl_coef", "entropy_coef", "loss_scale", "gvpo_beta", *_VESPO_FIELDS):
+        for name in ("kl_coef", "entropy_coef", "loss_scale", "gvpo_beta", *_VESPO_FIELDS,
+                     "cov_kl_coef"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if not 0.0 < self.top_entropy_quantile <= 1.0:
@@ -271,11 +320,13 @@ class PolicyLossConfig:
                                          or not isinstance(self.max_len, int)
                                          or self.max_len <= 0):
             raise ValueError(f"max_len must be a positive int or None, got {self.max_len!r}")
-        seq_loss = self.policy_loss in ("gspo", "gmpo", "gvpo", "reinforce", "vespo")
+        seq_loss = self.policy_loss in ("gspo", "gmpo", "gvpo", "reinforce", "vespo", "dro",
+                                        *_DPPO, *_COV)
         if seq_loss and self.importance_sampling_level != "token":
             raise ValueError(f"importance_sampling_level='sequence' applies to ppo, cispo and "
                              f"sapo; policy_loss={self.policy_loss!r} fixes its own ratio")
-        if self.policy_loss in ("gmpo", "reinforce", "gvpo", "vespo") and (
+        if self.policy_loss in ("gmpo", "reinforce", "gvpo", "vespo", "dro", *_DPPO,
+                                "kl_cov") and (
                 self.ratio_min is not None or self.ratio_max is not None):
             raise ValueError(f"ratio_min / ratio_max do not apply to {self.policy_loss!r}")
         if self.policy_loss == "gvpo":
@@ -296,6 +347,16 @@ class PolicyLossConfig:
             raise ValueError("vespo folds token-level rollout weights into its sequence weight: "
                              "rollout_correction must be 'token_truncate', 'token_mask' or None, "
                              f"got {self.rollout_correction!r}")
+        if self.policy_loss == "dro":
+            if self.dro_beta is None or not self.dro_beta > 0 or not math.isfinite(self.dro_beta):
+                # verl's wording (compute_policy_loss_dro)
+                raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+        elif self.dro_beta is not None:
+            raise ValueError("dro_beta applies to policy_loss='dro' only")
+        if not (self.cov_ratio > 0 and math.isfinite(self.cov_ratio)):
+            raise ValueError(f"cov_ratio must be finite and > 0, got {self.cov_ratio}")
+        if not self.cov_lb <= self.cov_ub:
+            raise ValueError(f"cov_lb must be <= cov_ub, got {self.cov_lb} > {self.cov_ub}")
         if self.policy_loss == "gmpo" and self.top_entropy_quantile < 1.0:
             raise ValueError("gmpo is a sequence-level loss: top_entropy_quantile < 1 does not "
                              "apply to it")
@@ -342,8 +403,8 @@ class PolicyLossConfig:
 
     def clip_bounds(self) -> tuple[float, float]:
         """The loss's clip interval: ratio bounds (ppo, gspo, cispo) or log-ratio bounds
-        (gmpo: [−ε_low, ε_high])."""
-        if self.policy_loss == "gmpo":
+        (gmpo: [−ε_low, ε_high]) or trust-region thresholds (dppo: [−ε_low, ε_high])."""
+        if self.policy_loss in ("gmpo", *_DPPO):
             return -self.clip_ratio_low, self.eps_high
         lo = 1.0 - self.clip_ratio_low if self.ratio_min is None else self.ratio_min
         hi = 1.0 + self.eps_high if self.ratio_max is None else self.ratio_max
@@ -394,6 +455,8 @@ class PolicyLossConfig:
             "rollout_min": _inf(self.rollout_min, -math.inf),
             "rollout_max": _inf(self.rollout_max),
             **{name: getattr(self, name) for name in _VESPO_FIELDS},
+            "dro_beta": 0.0 if self.dro_beta is None else self.dro_beta,
+            "cov_kl_coef": self.cov_kl_coef,
         }
         return ([int(flags[f.name]) for f in lay.flags],
                 [float(hparams[h.name]) for h in lay.hparams])
@@ -448,7 +511,7 @@ class PolicyLossConfig:
         clip_ratio: float = 0.2,
         clip_ratio_low: float | None = None,
         clip_ratio_high: float | None = None,
-        clip_ratio_c: float = 3.0,
+        clip_ratio_c: float | None = None,
         *,
         tau_pos: float = 1.0,
         tau_neg: float = 1.05,
@@ -463,6 +526,11 @@ class PolicyLossConfig:
         rollout_is_batch_normalize: bool = False,
         rollout_rs: str | None = None,
         rollout_rs_threshold: str | float | None = None,
+        dro_beta: float | None = None,
+        cov_ratio: float | None = None,
+        cov_lb: float = 1.0,
+        cov_ub: float = 5.0,
+        ppo_kl_coef: float = 1.0,
     ) -> PolicyLossConfig:
         """verl's actor loss (``verl.workers.utils.losses.ppo_loss``): the registered
         ``compute_policy_loss_<policy_loss>`` + ``agg_loss``, the KL loss (``use_kl_loss``,
@@ -479,6 +547,13 @@ class PolicyLossConfig:
         ``geo_mean`` averages its policy term over the call's rows whatever the mode, dp size
         or global batch size: do not pass ``num_seqs`` for it (the preset folds ``dp_size``
         into the KL and entropy coefficients only).
+
+        ``clip_ratio_c`` (``None``: verl's default for the loss): vanilla's dual clip (3) or
+        dppo's ratio truncation (20, ``config.get("clip_ratio_c", 20.0)``; an ``ActorConfig``
+        carries 3.0, pass it). ``dro_beta``: verl's ``policy_loss.dro_beta`` (dro only).
+        ``cov_ratio`` (verl's ``clip_cov_ratio`` / ``kl_cov_ratio``; ``None``: 0.0002),
+        ``cov_lb`` / ``cov_ub`` (``clip_cov_lb`` / ``clip_cov_ub``) and ``ppo_kl_coef``: the
+        token selection of clip_cov / kl_cov (ratios unclamped, as verl's).
         """
         _choice(policy_loss, "policy_loss (verl)", VERL_POLICY_LOSSES)
         _choice(loss_agg_mode, "loss_agg_mode", AGG_MODES)
@@ -487,7 +562,10 @@ class PolicyLossConfig:
         if not isinstance(dp_size, int) or isinstance(dp_size, bool) or dp_size < 1:
             raise ValueError(f"dp_size must be a positive int, got {dp_size!r}")
         name = {"vanilla": "ppo", "gspo": "gspo", "cispo": "cispo", "sapo": "sapo",
-                "geo_mean": "gmpo", "gpg": "reinforce"}[policy_loss]
+                "geo_mean": "gmpo", "gpg": "reinforce", "dro": "dro", "dppo_tv": "dppo_tv",
+                "dppo_kl": "dppo_kl", "clip_cov": "clip_cov", "kl_cov": "kl_cov"}[policy_loss]
+        if clip_ratio_c is None:
+            clip_ratio_c = 20.0 if name in _DPPO else 3.0
         rollout, rmin, rmax = None, None, None
         if rollout_is is not None:
             _choice(rollout_is, "rollout_is", ("token", "sequence"))
@@ -509,8 +587,8 @@ class PolicyLossConfig:
             entropy_agg_mode=loss_agg_mode if own_agg else None,
             clip_ratio_low=low,
             clip_ratio_high=high,
-            clip_ratio_c=clip_ratio_c if name == "ppo" else None,
-            log_ratio_clamp=20.0 if name in ("ppo", "cispo", "sapo") else None,
+            clip_ratio_c=clip_ratio_c if name in ("ppo", *_DPPO) else None,
+            log_ratio_clamp=20.0 if name in ("ppo", "cispo", "sapo", *_DPPO) else None,
             seq_log_ratio_max=10.0,
             sapo_tau_pos=tau_pos,
             sapo_tau_neg=tau_neg,
@@ -530,6 +608,11 @@ class PolicyLossConfig:
             rollout_rs_threshold=rollout_rs_threshold,
             # verl ignores the normalisation when there are no weights
             rollout_batch_normalize=rollout_is_batch_normalize and rollout is not None,
+            dro_beta=_verl_dro_beta(dro_beta) if name == "dro" else None,
+            cov_ratio=0.0002 if cov_ratio is None else cov_ratio,
+            cov_lb=cov_lb,
+            cov_ub=cov_ub,
+            cov_kl_coef=ppo_kl_coef,
         )
 
     @classmethod

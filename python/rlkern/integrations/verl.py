@@ -14,7 +14,10 @@ Every registered function has verl's signature and returns what verl's function 
 name returns: advantage estimators ``(advantages, returns)``, both ``(bs, response_length)``
 (the same tensor for the outcome estimators, as verl does); policy losses
 ``(pg_loss, pg_metrics)`` with a 0-dim loss and verl's metric keys (``actor/pg_clipfrac``,
-``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) as Python floats (``gpg``: ``{}``). The values
+``actor/ppo_kl``, ``actor/pg_clipfrac_lower``; ``dro``, ``kl_cov``: ``actor/ppo_kl`` only;
+``clip_cov``: ``actor/pg_clipfrac`` and ``actor/ppo_kl``) as Python floats (``gpg``: ``{}``).
+clip_cov / kl_cov select their tokens as verl does (clip_cov draws from the global generator
+with ``torch.randperm``: a seeded run picks verl's tokens). The values
 are computed by :func:`rlkern.group_advantages` (outcome estimators), :func:`rlkern.gae` (the
 token-level ``gae``, ``reinforce_plus_plus``, ``remax``: one fused reverse scan, then verl's
 whitening in torch) and :func:`rlkern.policy_loss` with :meth:`rlkern.PolicyLossConfig.verl`.
@@ -62,6 +65,7 @@ __all__ = [
     "is_registered",
     "logprobs_from_logits",
     "patch_torch_functional",
+    "policy_loss_function",
     "register",
     "replace_verl_estimators",
     "restore_verl_estimators",
@@ -409,6 +413,13 @@ _LOSS_SPECS: dict[str, tuple[str, dict[str, str | None]]] = {
                                 "actor/ppo_kl": "approx_kl",
                                 "actor/pg_clipfrac_lower": "clipfrac_low"}),
     "gpg": ("token-mean", {}),
+    "dro": ("token-mean", {"actor/ppo_kl": "approx_kl"}),
+    **{name: ("token-mean", {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl",
+                             "actor/pg_clipfrac_lower": "dualclip_frac"})
+       for name in ("dppo_tv", "dppo_kl")},
+    "clip_cov": ("token-mean", {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl"}),
+    # kl_cov's ppo_kl is mean |Δ| (abs_log_ratio: computed in _pg_loss)
+    "kl_cov": ("token-mean", {"actor/ppo_kl": "abs_log_ratio"}),
 }
 
 
@@ -417,9 +428,18 @@ def _global_batch_info(config: Any) -> dict[str, Any]:
     return dict(info) if info else {}
 
 
+def _cov_options(name: str, pl_cfg: Any) -> dict[str, float]:
+    """clip_cov / kl_cov's selection options from verl's ``policy_loss`` config, with verl's
+    defaults for unset fields."""
+    return {"cov_ratio": float(_cfg_get(pl_cfg, f"{name}_ratio", 0.0002)),
+            "cov_lb": float(_cfg_get(pl_cfg, "clip_cov_lb", 1.0)),
+            "cov_ub": float(_cfg_get(pl_cfg, "clip_cov_ub", 5.0)),
+            "ppo_kl_coef": float(_cfg_get(pl_cfg, "ppo_kl_coef", 1.0))}
+
+
 def _pg_loss(name: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor,
              response_mask: Tensor, loss_agg_mode: str, config: Any,
-             rollout_is_weights: Tensor | None, *,
+             rollout_is_weights: Tensor | None, backend: str = "auto", *,
              spec: dict[str, str | None] | None = None) -> tuple[Tensor, dict[str, Any]]:
     """verl's ``compute_policy_loss_<name>`` by rlkern; ``spec``: the metrics to report
     (verl key → rlkern metric; default: those of ``name``)."""
@@ -439,16 +459,21 @@ def _pg_loss(name: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
             raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
         if agg.startswith("seq-mean") and num_seqs is None:
             raise ValueError("global_batch_size is required when dp_size > 1")
+    pl_cfg = _cfg_get(config, "policy_loss", None)  # verl's PolicyLossConfig
     cfg = PolicyLossConfig.verl(
         policy_loss=name, loss_agg_mode=loss_agg_mode,
         clip_ratio=float(_cfg_get(config, "clip_ratio", 0.2)),
         clip_ratio_low=_cfg_get(config, "clip_ratio_low", None),
         clip_ratio_high=_cfg_get(config, "clip_ratio_high", None),
-        clip_ratio_c=float(_cfg_get(config, "clip_ratio_c", 3.0)),
+        # dppo reads config.get("clip_ratio_c", 20.0), the others config.clip_ratio_c
+        clip_ratio_c=float(_cfg_get(config, "clip_ratio_c",
+                                    20.0 if name.startswith("dppo") else 3.0)),
         tau_pos=float(_cfg_get(config, "tau_pos", 1.0)),
         tau_neg=float(_cfg_get(config, "tau_neg", 1.05)),
         loss_scale_factor=info.get("loss_scale_factor"),
         dp_size=dp_size,
+        dro_beta=_cfg_get(pl_cfg, "dro_beta", None) if name == "dro" else None,
+        **(_cov_options(name, pl_cfg) if name in ("clip_cov", "kl_cov") else {}),
     )
     token_weights = rollout = None
     if rollout_is_weights is not None:
@@ -466,18 +491,29 @@ def _pg_loss(name: str, old_log_prob: Tensor, log_prob: Tensor, advantages: Tens
         num_tokens = num_seqs = None
     out = policy_loss(log_prob, old_log_prob, advantages, response_mask, config=cfg,
                       token_weights=token_weights, rollout_logprobs=rollout,
-                      num_tokens=num_tokens, num_seqs=num_seqs)
+                      num_tokens=num_tokens, num_seqs=num_seqs, backend=backend)
     spec = _LOSS_SPECS[name][1] if spec is None else spec
     if not spec:
         return out.loss, {}
     zero = torch.zeros((), dtype=out.loss.dtype, device=out.loss.device)
+    metrics = out.metrics
+    if name == "kl_cov":  # verl's masked_mean(|Δ|): not a metric of the fused loss
+        m = response_mask.to(zero.dtype)
+        d = (log_prob.detach() - old_log_prob).to(zero.dtype).abs()
+        metrics = {"abs_log_ratio": (torch.where(m > 0, d, 0.0) * m).sum() / (m.sum() + 1e-8)}
     # verl reports Python floats (.item()); one stacked transfer instead of three syncs.
-    values = torch.stack([zero if k is None else out.metrics[k].detach().to(zero.dtype)
+    values = torch.stack([zero if k is None else metrics[k].detach().to(zero.dtype)
                           for k in spec.values()]).tolist()
     return out.loss, dict(zip(spec.keys(), values, strict=True))
 
 
-def _make_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
+def policy_loss_function(name: str,
+                         backend: str = "auto") -> Callable[..., tuple[Tensor, dict[str, Any]]]:
+    """verl's policy loss ``name`` (``"vanilla"``, ``"dro"``, ...; a key of verl's registry)
+    as rlkern computes it, with verl's signature, on ``backend`` (the registered
+    ``rlkern_<name>`` functions are these with ``backend="auto"``)."""
+    if name not in _LOSS_SPECS:
+        raise ValueError(f"name must be one of {sorted(_LOSS_SPECS)}, got {name!r}")
     default_agg = _LOSS_SPECS[name][0]
 
     def fn(
@@ -490,24 +526,24 @@ def _make_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]
         rollout_is_weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         return _pg_loss(name, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                        config, rollout_is_weights)
+                        config, rollout_is_weights, backend)
 
     fn.__name__ = fn.__qualname__ = f"compute_policy_loss_rlkern_{name}"
     fn.__doc__ = (
         f"verl's ``{name}`` policy loss (``compute_policy_loss_{name}``) computed by "
         f"``rlkern.policy_loss`` with ``PolicyLossConfig.verl(policy_loss={name!r}, ...)``.\n\n"
         "Inputs ``(bs, response_length)``; ``config`` is verl's actor config (clip ratios, "
-        "``clip_ratio_c``, ``tau_pos/neg``, ``global_batch_info``: dp_size, batch_num_tokens, "
-        "global_batch_size, loss_scale_factor); ``rollout_is_weights`` multiply the per-token "
-        "loss. Returns ``(pg_loss, pg_metrics)``: a 0-dim loss, differentiable wrt "
-        "``log_prob``, and verl's metrics as Python floats.")
+        "``clip_ratio_c``, ``tau_pos/neg``, ``policy_loss.dro_beta``, ``global_batch_info``: "
+        "dp_size, batch_num_tokens, global_batch_size, loss_scale_factor); "
+        "``rollout_is_weights`` multiply the per-token loss. Returns ``(pg_loss, pg_metrics)``: "
+        "a 0-dim loss, differentiable wrt ``log_prob``, and verl's metrics as Python floats.")
     return _mark(fn)
 
 
 #: registered name → rlkern policy loss; each mirrors verl's loss of the name without the
 #: ``rlkern_`` prefix.
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Any]]]] = {
-    f"rlkern_{name}": _make_policy_loss(name) for name in _LOSS_SPECS
+    f"rlkern_{name}": policy_loss_function(name) for name in _LOSS_SPECS
 }
 # verl's bypass_mode: the rollout correction + ppo_clip / reinforce (verl_rollout.py)
 POLICY_LOSSES["rlkern_bypass_mode"] = _mark(compute_policy_loss_rlkern_bypass_mode)
@@ -532,7 +568,9 @@ def register() -> list[str]:
     ``rlkern_gpg``, ``rlkern_reinforce_plus_plus_baseline``, ``rlkern_gae``,
     ``rlkern_reinforce_plus_plus``, ``rlkern_remax``) and policy losses
     (``rlkern_vanilla``, ``rlkern_gspo``, ``rlkern_cispo``, ``rlkern_sapo``,
-    ``rlkern_geo_mean``, ``rlkern_gpg``, ``rlkern_bypass_mode``) to verl's registries, through
+    ``rlkern_geo_mean``, ``rlkern_gpg``, ``rlkern_dro``, ``rlkern_dppo_tv``,
+    ``rlkern_dppo_kl``, ``rlkern_clip_cov``, ``rlkern_kl_cov``, ``rlkern_bypass_mode``) to
+    verl's registries, through
     verl's own ``register_adv_est`` / ``register_policy_loss``.
 
     Idempotent: calling it again (also after this module was reloaded) re-registers the same

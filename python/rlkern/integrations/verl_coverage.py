@@ -28,12 +28,6 @@ NOT_COVERED_ESTIMATORS: dict[str, str] = {
 
 #: verl 0.9.1 policy losses without an ``rlkern_`` counterpart yet → why.
 NOT_COVERED_LOSSES: dict[str, str] = {
-    "clip_cov": "clips the tokens of highest advantage–log-prob covariance: needs a batch "
-                "covariance and a top-k selection inside the loss",
-    "kl_cov": "a KL penalty on the tokens of highest covariance: same selection as clip_cov",
-    "dppo_tv": "DPPO's total-variation trust region; not implemented",
-    "dppo_kl": "DPPO's KL trust region; not implemented",
-    "dro": "direct reward optimisation's squared loss; not implemented",
 }
 
 

@@ -196,7 +196,7 @@ def _terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Ten
     """The per-token formulas of policy_loss.h for the kernel arguments ``k``
     (:func:`~rlkern.config.policy_loss.decode_kernel_args`) and the optional inputs ``opt``
     (by slot name: ref_logprobs, rollout_logprobs, entropy, token_weights,
-    entropy_threshold)."""
+    entropy_threshold, cov_select)."""
     codes = layout("policy_loss")
     kinds = codes.loss_kinds
     dt = acc_dtype(logprobs.dtype)
@@ -270,6 +270,31 @@ def _terms(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Ten
         pg = -torch.sigmoid(tau * (rho - 1)) * (4 / tau) * adv
     elif kind == kinds.reinforce:  # −A·logp
         pg = -adv * logp
+    elif kind == kinds.dro:  # −(logp·A − ½β·Δ²), Δ unclamped (verl's dro)
+        pg = -(logp * adv - 0.5 * k.dro_beta * delta.square())
+    elif kind in (kinds.dppo_tv, kinds.dppo_kl):  # −A·sg[min(ρ, c)]·logp·valid (DPPO)
+        p, po = torch.exp(logp.detach()), torch.exp(old)
+        pos = adv > 0
+        if kind == kinds.dppo_tv:
+            valid = torch.where(pos, (p - po) <= hi, (p - po) >= lo)
+        else:  # binary KL of (p_old, 1 − p_old) from (p, 1 − p), verl's 1e-8 terms
+            b = po * (old - logp.detach()) + (1 - po) * torch.log(
+                (1.0 - po + 1e-8) / (1.0 - p + 1e-8))
+            valid = torch.where(pos, (b <= hi) | (p <= po), (b <= -lo) | (p >= po))
+        vf = valid.to(dt)
+        pg = -adv * rho.clamp(max=k.dual_clip_c).detach() * logp * vf
+        clipped = 1.0 - vf  # outside the trust region (verl's pg_clipfrac)
+        dual = ((rho > k.dual_clip_c) & valid).to(dt)  # truncated (its pg_clipfrac_lower)
+    if kind == kinds.clip_cov:  # PPO's max(−A·ρ, −A·clip(ρ)) × (1 − s), s = cov_select
+        cov = zero(opt["cov_select"]).detach()
+        l1, l2 = -adv * rho.clamp(max=k.delta), -adv * rho.clamp(lo, hi)
+        pg = torch.maximum(l1, l2)
+        l3 = -adv * k.dual_clip_c
+        pg = torch.where(adv < 0, torch.minimum(pg, l3), pg) * (1.0 - cov)
+        clipped = (cov > 0).to(dt)  # verl's pg_clipfrac: the selected fraction
+    elif kind == kinds.kl_cov:  # −A·ρ + s·k·|Δ|
+        cov = zero(opt["cov_select"]).detach()
+        pg = -adv * rho + cov * (k.cov_kl_coef * delta.abs())
     phi = rows0()
     if kind == kinds.vespo:  # −sg[φ]·A·logp (TRL's get_gamma_weights)
         s = (delta.clamp(-20.0, 20.0) * mf).sum(-1)

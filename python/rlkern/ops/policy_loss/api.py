@@ -55,6 +55,7 @@ def policy_loss(
     num_seqs: float | Tensor | None = None,
     entropy_threshold: float | Tensor | None = None,
     backend: str = "auto",
+    cov_select: Tensor | None = None,
     **overrides: Any,
 ) -> PolicyLossOutput:
     r"""Policy loss of the clipped-surrogate family (ALGORITHMS.md §3), fused.
@@ -68,6 +69,9 @@ def policy_loss(
         reinforce  ℓ = −A·logp
         gmpo       ℓ_i = −Ā_i·exp(Σ_t m·Δc / len_i)   (per sequence; Δc the sign-aware clip)
         gvpo       ℓ_i = ½[(R_i − R̄_g) − (s_i − s̄_g)]² / (n_g − 1),  R_i = β·Σ_t m·Δ
+        dro        ℓ = −(A·logp − ½β·Δ²)
+        dppo_*     ℓ = −A·sg[min(ρ, c)]·logp·1[token inside the TV / binary-KL trust region]
+        clip_cov   ℓ = PPO's term × (1 − s);   kl_cov  ℓ = −A·ρ + s·k·|Δ|   (s: cov_select)
 
     The policy term is ``agg(ℓ · w_rollout · 1[H ≥ q-quantile] · token_weights)``; the loss is
     ``loss_scale · (policy + β·agg(kl) − c_H·agg(entropy))`` with the aggregation of
@@ -94,6 +98,9 @@ def policy_loss(
             metric NaN with checks off (no host sync).
         entropy_threshold: the entropy-mask threshold, when computed elsewhere (chunks).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+        cov_select: ``(B, T)`` 0 / 1, the tokens clip_cov / kl_cov treat differently (not
+            differentiated); default: verl's selection (``rlkern.ops.policy_loss.cov_select``,
+            clip_cov draws from the global generator). Other losses refuse it.
         **overrides: any :class:`PolicyLossConfig` field, e.g. ``clip_ratio_high=0.28``.
 
     Returns:
@@ -114,7 +121,7 @@ def policy_loss(
     p = prepare(logprobs, old_logprobs, advantages, mask, config=config,
                 ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, entropy=entropy,
                 token_weights=token_weights, entropy_threshold=entropy_threshold,
-                backend=backend, overrides=overrides)
+                backend=backend, overrides=overrides, cov_select=cov_select)
     return run(p, num_tokens=num_tokens, num_seqs=num_seqs)[0]
 
 
@@ -234,6 +241,9 @@ def _check_chunkable(cfg: PolicyLossConfig, with_entropy: bool, *, num_tokens, n
         raise ValueError("policy_loss_chunk: rollout_rs / rollout_batch_normalize need the "
                          "whole batch; apply rlkern.rollout_correction's mask and weights "
                          "(token_weights) to the chunks instead")
+    if cfg.policy_loss in ("clip_cov", "kl_cov"):
+        raise ValueError("policy_loss_chunk: clip_cov / kl_cov select their tokens over the "
+                         "whole batch; use rlkern.policy_loss")
     seq_level_pg = cfg.policy_loss in ("gmpo", "gvpo")
     modes = set() if seq_level_pg else {cfg.loss_agg_mode}
     if cfg.kl_coef:

@@ -17,6 +17,7 @@ from rlkern.config.dtypes import INDEX_DTYPES, acc_dtype
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.logprobs import checks_enabled
+from rlkern.ops.policy_loss.cov_select import cov_selection
 
 __all__ = ["Prepared", "entropy_quantile_threshold", "float_input", "normaliser", "prepare",
            "raise_non_finite"]
@@ -139,8 +140,11 @@ def prepare(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Te
             rollout_logprobs: Tensor | None = None, entropy: Tensor | None = None,
             token_weights: Tensor | None = None,
             entropy_threshold: float | Tensor | None = None, backend: str = "auto",
-            overrides: dict[str, Any] | None = None) -> Prepared:
-    """Check :func:`rlkern.policy_loss`'s arguments (same names) and turn them into the ops'."""
+            overrides: dict[str, Any] | None = None,
+            cov_select: Tensor | None = None) -> Prepared:
+    """Check :func:`rlkern.policy_loss`'s arguments (same names) and turn them into the ops'.
+    clip_cov / kl_cov without ``cov_select``: the selection of
+    :func:`~rlkern.ops.policy_loss.cov_select.cov_selection` (verl's)."""
     cfg = _config(config, overrides or {})
     lp = tensor_arg(logprobs, "logprobs")
     if not lp.dtype.is_floating_point:
@@ -170,8 +174,13 @@ def prepare(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Te
                          f"{tuple(adv.shape)}")
     if adv.device != dev:
         raise ValueError(f"advantages are on {adv.device} but logprobs on {dev}")
+    if cfg.policy_loss in ("clip_cov", "kl_cov"):
+        if cov_select is None:
+            cov_select = cov_selection(logprobs, old_logprobs, advantages, mask, cfg)
+    elif cov_select is not None:
+        raise ValueError(f"cov_select applies to clip_cov / kl_cov, not {cfg.policy_loss!r}")
     given = {"ref_logprobs": ref_logprobs, "rollout_logprobs": rollout_logprobs,
-             "entropy": entropy, "token_weights": token_weights}
+             "entropy": entropy, "token_weights": token_weights, "cov_select": cov_select}
     opt = {name: None if t is None else float_input(t, name, (B, T), dev, dt)
            for name, t in given.items()}
     _check_options(cfg, B, adv, opt)
