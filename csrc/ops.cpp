@@ -12,6 +12,7 @@
 #include "cpu/logprobs_ops.h"
 #include "cpu/policy_loss_ops.h"
 #include "cpu/sample_ops.h"
+#include "cpu/token_baseline_ops.h"
 #include "logprobs_op.h"
 #include "sample_op.h"
 
@@ -34,6 +35,8 @@ TORCH_LIBRARY(rlkern, m) {
     m.def(schema);
   // Sampler (sample_op.h).
   define_ops(m, sample::kOps);
+  // verl's optimal token baseline (schema in cpu/token_baseline_ops.cpp).
+  m.def(kOptimalTokenBaselineOutSchema);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
@@ -42,6 +45,7 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   register_advantages_cpu(m);  // cpu/advantages_ops.cpp
   impl_policy_loss_cpu(m);  // policy_loss_{fwd,bwd}_out, kl_penalty_{fwd,bwd}_out
   cpu::impl_sample_ops(m);
+  register_token_baseline_cpu(m);  // cpu/token_baseline_ops.cpp
 }
 
 }  // namespace rlkern

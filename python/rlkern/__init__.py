@@ -25,6 +25,7 @@ from rlkern.ops.token_advantages import (
     gtpo_weights,
     position_baseline,
 )
+from rlkern.ops.token_baseline import TokenBaseline, optimal_token_baseline
 from rlkern.sampling import GroupRollouts, generate_groups
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "PolicyLossConfig",
     "PolicyLossOutput",
     "SampleOutput",
+    "TokenBaseline",
     "TokenLogprobs",
     "discounted_returns",
     "empg_modulate",
@@ -55,6 +57,7 @@ __all__ = [
     "linear_grpo_loss",
     "linear_logprobs",
     "linear_logprobs_with_grad",
+    "optimal_token_baseline",
     "policy_loss",
     "position_baseline",
     "sample",

@@ -707,3 +707,29 @@ def unpatch_torch_functional() -> None:
 
 for _fn in _DROP_INS.values():
     _mark(_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# gdpo and the optimal token baselines (rlkern/integrations/verl_estimators.py): imported here,
+# after the helpers they use, and registered / swapped in with the others.
+
+from rlkern.integrations.verl_estimators import (  # noqa: E402
+    compute_gdpo_outcome_advantage,
+    compute_multi_turn_optimal_token_baseline_advantage,
+    compute_optimal_token_baseline_advantage,
+)
+
+ADV_ESTIMATORS.update({
+    "rlkern_gdpo": _mark(compute_gdpo_outcome_advantage),
+    "rlkern_optimal_token_baseline": _mark(compute_optimal_token_baseline_advantage),
+    "rlkern_tir_optimal_token_baseline": _mark(
+        compute_multi_turn_optimal_token_baseline_advantage),
+})
+# verl's trainer passes their extra inputs only under verl's names (see verl_estimators.py)
+_UNDER_VERL_NAMES += (
+    ("compute_gdpo_outcome_advantage", "gdpo", compute_gdpo_outcome_advantage),
+    ("compute_optimal_token_baseline_advantage", "optimal_token_baseline",
+     compute_optimal_token_baseline_advantage),
+    ("compute_multi_turn_optimal_token_baseline_advantage", "tir_optimal_token_baseline",
+     compute_multi_turn_optimal_token_baseline_advantage),
+)
