@@ -12,7 +12,7 @@ import rlkern
 from rlkern import backends
 from rlkern.reference.token_baseline import optimal_token_baseline_reference
 
-BACKENDS = ["cpu", "torch"]
+BACKENDS = ["cpu", "torch", "triton"]  # triton: the interpreter on CPU tensors
 
 
 def _inputs(seed: int, n: int = 14, t: int = 9, *, holes: bool = True, isw: bool = False,
@@ -205,13 +205,23 @@ def test_dtypes_and_empty_inputs():
             assert out.advantages.shape == shape and out.returns.shape == shape
 
 
-def test_gpu_backends_raise_instead_of_computing_something_else():
+def test_cuda_backend_raises_instead_of_computing_something_else():
     r, m, lp, sp, _, ids = _inputs(0)
-    with pytest.raises(backends.BackendUnavailableError, match="backend='torch'"):
-        rlkern.optimal_token_baseline(r, m, lp, sp, group_ids=ids, backend="triton")
     with pytest.raises(backends.BackendUnavailableError, match="no cuda kernel"):
         torch.ops.rlkern.optimal_token_baseline(r, m, lp, sp, None, ids, 0, False, True, 1e-8,
                                                 "cuda")
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_triton_kernel_chunks_long_rows_and_contiguous_groups(multi_turn):
+    """T above the Triton rows kernel's largest block (1024): the carries across chunks."""
+    r, m, lp, sp, rho, _ = _inputs(8, n=6, t=1100, isw=True)
+    want = optimal_token_baseline_reference(r, m, lp, sp, group_size=3, rollout_is_weights=rho,
+                                            multi_turn=multi_turn)
+    got = rlkern.optimal_token_baseline(r, m, lp, sp, group_size=3, rollout_is_weights=rho,
+                                        multi_turn=multi_turn, backend="triton")
+    torch.testing.assert_close(got.advantages.double(), want[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.returns.double(), want[1], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs():

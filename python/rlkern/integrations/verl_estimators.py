@@ -8,9 +8,9 @@ with verl's signatures, computed by rlkern (no call into verl).
   the weighted sum and verl's ``masked_whiten`` follow in torch (rlkern's whitening of
   ``rlkern_reinforce_plus_plus``).
 * :func:`compute_optimal_token_baseline_advantage` and
-  :func:`compute_multi_turn_optimal_token_baseline_advantage`: :func:`rlkern.optimal_token_baseline`
-  (the C++ kernel on CPU tensors; on other devices the vectorised float64 reference,
-  ``backend="torch"``, since the op has no GPU kernel yet).
+  :func:`compute_multi_turn_optimal_token_baseline_advantage`:
+  :func:`rlkern.optimal_token_baseline` on ``backend="auto"`` (the C++ kernel on CPU tensors,
+  the Triton kernels on CUDA tensors).
 
 verl's trainer (``ray_trainer.compute_advantage``) passes the per-component rewards
 (``non_tensor_batch``, ``batch``) only to ``adv_estimator=gdpo``, and ``old_log_probs`` /
@@ -34,9 +34,12 @@ from torch import Tensor
 from rlkern.ops.advantages import group_advantages
 from rlkern.ops.token_baseline import optimal_token_baseline
 
-__all__ = ["compute_gdpo_outcome_advantage",
-           "compute_multi_turn_optimal_token_baseline_advantage",
-           "compute_optimal_token_baseline_advantage"]
+__all__ = [
+    "compute_gdpo_outcome_advantage",
+    "compute_multi_turn_optimal_token_baseline_advantage",
+    "compute_optimal_token_baseline_advantage",
+    "gdpo_advantages",
+]
 
 
 def _gdpo_scores(token_level_rewards: Tensor, config: Any, non_tensor_batch: Any,
@@ -102,6 +105,16 @@ def compute_gdpo_outcome_advantage(
     keys', and when ``gdpo_reward_keys`` is configured but ``non_tensor_batch`` is missing
     (verl's trainer passes it only under the name ``gdpo``).
     """
+    return gdpo_advantages(token_level_rewards, response_mask, index, epsilon,
+                           norm_adv_by_std_in_grpo, config, non_tensor_batch, batch)
+
+
+def gdpo_advantages(token_level_rewards: Tensor, response_mask: Tensor, index: Any,
+                    epsilon: float, norm_adv_by_std_in_grpo: bool, config: Any,
+                    non_tensor_batch: Any, batch: Any, *,
+                    backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """:func:`compute_gdpo_outcome_advantage` with the backend of its
+    :func:`rlkern.group_advantages` call (``rlkern bench --op gdpo``)."""
     from rlkern.integrations.verl import _masked_whiten, group_ids_from_index
 
     if index is None:
@@ -120,7 +133,7 @@ def compute_gdpo_outcome_advantage(
         out = group_advantages(scores.reshape(-1), group_ids=stacked_ids, estimator="grpo",
                                eps=float(epsilon),
                                std="unbiased" if norm_adv_by_std_in_grpo else "none",
-                               singleton="verl")
+                               singleton="verl", backend=backend)
         adv_k = out.advantages.to(torch.float32).view(k, n)
         mask = response_mask.to(torch.float32)
         w = (torch.ones(k, device=device) if weights is None
@@ -151,8 +164,7 @@ def _token_baseline(name: str, token_level_rewards: Tensor, response_mask: Tenso
     out = optimal_token_baseline(
         token_level_rewards, response_mask, old_log_probs, sum_pi_squared,
         group_ids=group_ids_from_index(index, device), rollout_is_weights=rollout_is_weights,
-        multi_turn=multi_turn, zero_tail=bool(handle_zero_tail), eps=float(epsilon),
-        backend="cpu" if device.type == "cpu" else "torch")
+        multi_turn=multi_turn, zero_tail=bool(handle_zero_tail), eps=float(epsilon))
     dtype = torch.promote_types(token_level_rewards.dtype, response_mask.dtype)
     return out.advantages.to(dtype), out.returns.to(dtype)
 

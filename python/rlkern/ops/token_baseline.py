@@ -27,8 +27,11 @@ Backends (no backend computes anything but the formula above):
   (results independent of the thread count).
 * ``"torch"``: the float64 reference (``rlkern.reference.token_baseline``), vectorised
   (``index_add`` over (group, k)); runs on any device, CUDA included.
-* ``"triton"`` / ``"cuda"`` (and ``"auto"`` on CUDA tensors): no kernel yet; they raise
-  :class:`rlkern.BackendUnavailableError` naming ``backend="torch"`` as the GPU path.
+* ``"triton"`` (``"auto"`` on CUDA tensors; on CPU tensors the Triton interpreter): the kernels
+  of ``rlkern.kernels.token_baseline`` — one program per row for ``G`` and ``W`` (float64
+  scratch rows at the aligned index), one per (group, block of k) for the group sums and the
+  writes; rows visited group after group (``unique`` + stable ``argsort`` of the ids).
+* ``"cuda"``: no CUDA C++ kernel; it raises :class:`rlkern.BackendUnavailableError`.
 
 Not differentiable (advantages carry no gradient).
 """
@@ -43,6 +46,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES
 from rlkern.ops.advantages import check_devices, check_grouping, check_tensor
+from rlkern.ops.advantages_segmented import segments
 
 __all__ = ["TokenBaseline", "optimal_token_baseline"]
 
@@ -52,6 +56,31 @@ class TokenBaseline(NamedTuple):
 
     advantages: Tensor
     returns: Tensor
+
+
+def _triton_otb(rewards: Tensor, mask: Tensor, logprobs: Tensor, sum_pi_squared: Tensor,
+                is_weights: Tensor | None, group_ids: Tensor | None, group_size: int,
+                multi_turn: bool, zero_tail: bool, eps: float, adv: Tensor,
+                ret: Tensor) -> None:
+    """The Triton kernels (``rlkern.kernels.token_baseline``): rows visited group after group
+    (``segments``: one ``unique`` + stable ``argsort`` for ids), float64 scratch rows."""
+    n, t = rewards.shape
+    if group_ids is None:
+        num_groups = n // group_size
+        perm = torch.arange(n, device=rewards.device)
+        offsets = torch.arange(0, n + 1, group_size, device=rewards.device)
+    else:
+        seg = segments(group_ids, 0, n)
+        num_groups, perm, offsets = seg.num_groups, seg.perm, seg.offsets
+    scratch_g = torch.zeros(n, t, dtype=torch.float64, device=rewards.device)
+    scratch_w = torch.zeros_like(scratch_g)
+    pos = torch.empty((n, t) if multi_turn else (1,), dtype=torch.int32, device=rewards.device)
+    lengths = torch.empty(n, dtype=torch.int64, device=rewards.device)
+    adv.zero_()
+    backends.triton_module("token_baseline", rewards.device).optimal_token_baseline(
+        rewards, mask, logprobs, sum_pi_squared, is_weights, perm, offsets, num_groups, adv,
+        ret, scratch_g, scratch_w, pos, lengths, multi_turn=multi_turn, zero_tail=zero_tail,
+        eps=eps)
 
 
 @torch.library.custom_op("rlkern::optimal_token_baseline", mutates_args=())
@@ -69,10 +98,13 @@ def optimal_token_baseline_op(rewards: Tensor, mask: Tensor, logprobs: Tensor,
         backends.cpp_ops().optimal_token_baseline_out(
             rewards, mask, logprobs, sum_pi_squared, is_weights, group_ids, group_size,
             multi_turn, zero_tail, eps, adv, ret)
-    elif backend in ("triton", "cuda"):
+    elif backend == "triton":
+        _triton_otb(rewards, mask, logprobs, sum_pi_squared, is_weights, group_ids, group_size,
+                    multi_turn, zero_tail, eps, adv, ret)
+    elif backend == "cuda":
         raise backends.BackendUnavailableError(
-            f"optimal_token_baseline has no {backend} kernel; use backend='torch' (the float64 "
-            "reference, vectorised, runs on CUDA tensors) or backend='cpu' on CPU tensors")
+            "optimal_token_baseline has no cuda kernel; use backend='triton' (the default on "
+            "CUDA tensors) or backend='torch' (the float64 reference, vectorised)")
     else:
         from rlkern.reference.token_baseline import optimal_token_baseline_reference
 
@@ -131,7 +163,7 @@ def optimal_token_baseline(
             ``tir_optimal_token_baseline``) instead of by position.
         zero_tail: verl's ``handle_zero_tail`` (see the module docstring).
         eps: added to the denominator (verl's ``epsilon``, default 1e-8).
-        backend: ``"auto"``, ``"cpu"`` or ``"torch"`` (``"triton"`` / ``"cuda"`` raise).
+        backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"`` (``"cuda"`` raises).
 
     Returns:
         :class:`TokenBaseline` ``(advantages, returns)``, each ``(N, T)`` float32 (float64

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import Peer, read_once, write_once
+from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
 
 GROUP = 8
 KEYS = ("format_reward", "accuracy_reward", "length_reward")
@@ -59,19 +59,22 @@ VERL = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos
             hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
 
 
-def _call(get_fn: Callable[[], Callable[..., Any]]) -> Callable[[GdpoInputs], Outputs]:
+def _verl(inp: GdpoInputs) -> Outputs:
+    adv, _ = VERL.get().compute_gdpo_outcome_advantage(
+        inp.rewards, inp.mask, inp.uid, config=inp.config,
+        non_tensor_batch=inp.non_tensor_batch, batch=inp.batch)
+    return {"advantages": adv}
+
+
+def _rlkern(backend: str) -> Callable[[GdpoInputs], Outputs]:
+    from rlkern.integrations.verl_estimators import gdpo_advantages
+
     def call(inp: GdpoInputs) -> Outputs:
-        adv, _ = get_fn()(inp.rewards, inp.mask, inp.uid, config=inp.config,
-                          non_tensor_batch=inp.non_tensor_batch, batch=inp.batch)
+        adv, _ = gdpo_advantages(inp.rewards, inp.mask, inp.uid, 1e-6, True, inp.config,
+                                 inp.non_tensor_batch, inp.batch, backend=backend)
         return {"advantages": adv}
 
     return call
-
-
-def _rlkern_fn() -> Callable[..., Any]:
-    from rlkern.integrations.verl_estimators import compute_gdpo_outcome_advantage
-
-    return compute_gdpo_outcome_advantage
 
 
 def _floor(inp: GdpoInputs) -> Outputs:
@@ -82,11 +85,12 @@ def _floor(inp: GdpoInputs) -> Outputs:
 
 @register("gdpo")
 def gdpo_case(options: CaseOptions) -> Case:
+    backend = RlkernBackend.choose(options)
+
     def implementations(mode: str) -> list[Impl]:
         return [
-            Impl.rlkern(_call(_rlkern_fn), note="group_advantages on backend='auto'"),
-            Impl("verl gdpo", _call(lambda: VERL.get().compute_gdpo_outcome_advantage),
-                 skip=VERL.missing()),
+            Impl.rlkern(_rlkern(backend.name), note=backend.note),
+            Impl("verl gdpo", _verl, skip=VERL.missing()),
             Impl.floor(_floor, note="one read of the mask; one (N, T) write"),
         ]
 
@@ -100,5 +104,7 @@ def gdpo_case(options: CaseOptions) -> Case:
         # both whiten in float32; rlkern's group statistics are float64, verl's float32
         tolerances={"advantages": Tolerance(atol=1e-5, rtol=1e-5)},
         notes=("issue 16: gdpo against verl's own function (K = 3 components, uid strings → "
-               "group ids inside the timed call)",),
+               "group ids inside the timed call)", *backend.notes),
+        warnings=backend.notes,
+        environment=backend.environment,
     )

@@ -107,11 +107,10 @@ def _floor(inp: OtbInputs) -> Outputs:
 def token_baseline_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
     name, notes = backend.name, backend.notes
-    if backend.concrete in ("triton", "cuda"):
-        # no GPU kernel yet: what rlkern_<name> runs on GPU tensors (the vectorised reference)
-        name, notes = "torch", (*notes, "optimal_token_baseline has no Triton / CUDA kernel: "
-                                "the rlkern rows run backend='torch' (the vectorised float64 "
-                                "reference), as rlkern_<name> does on GPU tensors")
+    if backend.concrete == "cuda":
+        # no CUDA C++ kernel: the Triton kernels, what rlkern_<name> runs on GPU tensors
+        name, notes = "triton", (*notes, "optimal_token_baseline has no CUDA C++ kernel: the "
+                                 "rlkern rows run backend='triton'")
 
     def implementations(mode: str) -> list[Impl]:
         return [
@@ -134,5 +133,5 @@ def token_baseline_case(options: CaseOptions) -> Case:
         notes=("issue 16: each estimator against verl's own function (uid strings → group "
                "ids inside the timed call)", *notes),
         warnings=notes,
-        environment={"rlkern_backend": name},
+        environment={"rlkern_backend": backend.concrete if name == backend.name else name},
     )
