@@ -2,9 +2,10 @@
 ``rlkern.ops.token_baseline`` for the formula.
 
 * ``_otb_rows_kernel`` — one program per row, chunks of T: the reward-to-go ``G`` (the
-  ``returns`` output) and the cumulative weight ``W``, both written into float64 scratch rows
-  at the aligned index ``k`` of each valid token (``k = t``, or its rank among the row's valid
-  tokens for TIR-OTB, whose position is kept in ``pos``), and the row's valid-token count;
+  ``returns`` output; a reverse scan, chunks back to front) and the cumulative weight ``W``,
+  both written into float64 scratch rows at the aligned index ``k`` of each valid token
+  (``k = t``, or its rank among the row's valid tokens for TIR-OTB, whose position is kept in
+  ``pos``), and the row's valid-token count;
 * ``_otb_groups_kernel`` — one program per (group, block of k): the zero-tail bookkeeping of
   the group (its rows' lengths), the sums ``Σ G·W`` and ``Σ W`` over its rows, then
   ``A = G − B`` written at each member's valid tokens.
@@ -43,20 +44,36 @@ def _otb_rows_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * seq_len
-    total = tl.zeros((), tl.float64)
-    for start in range(0, seq_len, BLOCK_T):
-        t = start + tl.arange(0, BLOCK_T)
-        ok = t < seq_len
-        v = tl.load(mask_ptr + base + t, mask=ok, other=0) != 0
-        total += tl.sum(tl.load(rewards_ptr + base + t, mask=v, other=0.0).to(tl.float64))
-    carry_r = tl.zeros((), tl.float64)
-    carry_w = tl.zeros((), tl.float64)
-    carry_c = tl.zeros((), tl.int64)
-    for start in range(0, seq_len, BLOCK_T):
-        t = start + tl.arange(0, BLOCK_T)
+    num_chunks = tl.cdiv(seq_len, BLOCK_T)
+    # the row's valid-token count L (TIR-OTB's aligned index of t is L − #valid at ≥ t)
+    length = tl.zeros((), tl.int64)
+    for c in range(0, num_chunks):
+        t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+        length += tl.sum((tl.load(mask_ptr + base + t, mask=t < seq_len, other=0) != 0)
+                         .to(tl.int64))
+    # G, chunks back to front: a reverse scan, so a non-finite reward reaches only the
+    # positions before it (as the sequential sum does)
+    carry_g = tl.zeros((), tl.float64)
+    carry_n = tl.zeros((), tl.int64)
+    for c in range(0, num_chunks):
+        t = (num_chunks - 1 - c) * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = t < seq_len
         v = tl.load(mask_ptr + base + t, mask=ok, other=0) != 0
         r = tl.load(rewards_ptr + base + t, mask=v, other=0.0).to(tl.float64)
+        g = carry_g + tl.cumsum(r, axis=0, reverse=True)
+        tl.store(ret_ptr + base + t, g, mask=ok)
+        at_or_after = carry_n + tl.cumsum(v.to(tl.int64), axis=0, reverse=True)
+        k = length - at_or_after if MULTI else t.to(tl.int64)
+        tl.store(g_ptr + base + k, g, mask=v)
+        carry_g += tl.sum(r)
+        carry_n += tl.sum(v.to(tl.int64))
+    # W, chunks front to back
+    carry_w = tl.zeros((), tl.float64)
+    carry_c = tl.zeros((), tl.int64)
+    for c in range(0, num_chunks):
+        t = c * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = t < seq_len
+        v = tl.load(mask_ptr + base + t, mask=ok, other=0) != 0
         lp = tl.load(logp_ptr + base + t, mask=v, other=0.0).to(tl.float64)
         sp = tl.load(spi2_ptr + base + t, mask=v, other=0.0).to(tl.float64)
         w = 1.0 - 2.0 * tl.exp(lp) + sp
@@ -64,17 +81,11 @@ def _otb_rows_kernel(
             rho = tl.load(rho_ptr + base + t, mask=v, other=0.0).to(tl.float64)
             w = w * rho * rho
         w = tl.where(v, w, 0.0)
-        prefix = carry_r + tl.cumsum(r, axis=0)  # Σ_{s≤t} r
-        g = total - prefix + r  # Σ_{s≥t} r
         cw = carry_w + tl.cumsum(w, axis=0)
-        rank = carry_c + tl.cumsum(v.to(tl.int64), axis=0) - 1
-        tl.store(ret_ptr + base + t, g, mask=ok)
-        k = rank if MULTI else t.to(tl.int64)
-        tl.store(g_ptr + base + k, g, mask=v)
+        k = carry_c + tl.cumsum(v.to(tl.int64), axis=0) - 1 if MULTI else t.to(tl.int64)
         tl.store(w_ptr + base + k, cw, mask=v)
         if MULTI:
             tl.store(pos_ptr + base + k, t, mask=v)
-        carry_r += tl.sum(r)
         carry_w += tl.sum(w)
         carry_c += tl.sum(v.to(tl.int64))
     tl.store(len_ptr + row, carry_c)

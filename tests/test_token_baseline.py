@@ -294,3 +294,34 @@ def test_torch_compile_fullgraph():
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(r, m, lp, sp, rho, ids)
     for x, y in zip(got, step(r, m, lp, sp, rho, ids), strict=True):
         torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_non_finite_inputs_agree_on_every_backend(multi_turn):
+    """Padding is never read (NaN there changes nothing); a NaN / ±inf at a valid token flows
+    into the sums it enters — the returns before it, the weights after it, its group's
+    baselines — identically on every backend."""
+    r, m, lp, sp, rho, ids = _inputs(9, isw=True)
+    clean = rlkern.optimal_token_baseline(r, m, lp, sp, group_ids=ids, rollout_is_weights=rho,
+                                          multi_turn=multi_turn)
+    junk = [x.clone() for x in (r, lp, sp, rho)]
+    for x in junk:
+        x[~m] = float("nan")
+    padded = rlkern.optimal_token_baseline(junk[0], m, junk[1], junk[2], group_ids=ids,
+                                           rollout_is_weights=junk[3], multi_turn=multi_turn)
+    assert torch.equal(padded.advantages, clean.advantages)
+    assert torch.equal(padded.returns, clean.returns)
+    rows = m.sum(-1).nonzero().flatten()
+    i, j = int(rows[0]), int(rows[1])
+    ti, tj = m[i].nonzero().flatten(), m[j].nonzero().flatten()
+    bad_r, bad_lp = r.clone(), lp.clone()
+    bad_r[i, ti[-1]] = float("inf")
+    bad_r[i, ti[0]] = float("-inf")
+    bad_lp[j, tj[len(tj) // 2]] = float("nan")
+    outs = [rlkern.optimal_token_baseline(bad_r, m, bad_lp, sp, group_ids=ids,
+                                          multi_turn=multi_turn, backend=b) for b in BACKENDS]
+    assert not outs[0].advantages.isfinite().all()
+    for out in outs[1:]:
+        torch.testing.assert_close(out.advantages, outs[0].advantages, equal_nan=True,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.returns, outs[0].returns, equal_nan=True)

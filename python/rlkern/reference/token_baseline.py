@@ -33,9 +33,8 @@ def optimal_token_baseline_reference(
 ) -> tuple[Tensor, Tensor]:
     """``(advantages, returns)``, each ``(N, T)`` float64, of ``(N, T)`` inputs."""
     valid = mask.bool()
-    vf = valid.to(torch.float64)
     n, t_len = rewards.shape
-    r = rewards.to(torch.float64) * vf
+    r = torch.where(valid, rewards.to(torch.float64), 0.0)  # padding never read (NaN included)
     returns = r.flip(-1).cumsum(-1).flip(-1)
     w = 1.0 - 2.0 * logprobs.to(torch.float64).exp() + sum_pi_squared.to(torch.float64)
     if rollout_is_weights is not None:
