@@ -524,7 +524,8 @@ def register() -> list[str]:
     """Add rlkern's estimators (``rlkern_grpo``, ``rlkern_grpo_vectorized``,
     ``rlkern_grpo_passk``, ``rlkern_rloo``, ``rlkern_rloo_vectorized``, ``rlkern_opo``,
     ``rlkern_gpg``, ``rlkern_reinforce_plus_plus_baseline``, ``rlkern_gae``,
-    ``rlkern_reinforce_plus_plus``, ``rlkern_remax``) and policy losses
+    ``rlkern_reinforce_plus_plus``, ``rlkern_remax``, ``rlkern_gdpo``,
+    ``rlkern_optimal_token_baseline``, ``rlkern_tir_optimal_token_baseline``) and policy losses
     (``rlkern_vanilla``, ``rlkern_gspo``, ``rlkern_cispo``, ``rlkern_sapo``,
     ``rlkern_geo_mean``, ``rlkern_gpg``) to verl's registries, through verl's own
     ``register_adv_est`` / ``register_policy_loss``.
@@ -575,7 +576,9 @@ _REPLACED: list[tuple[Any, str, Any]] = []
 
 
 def replace_verl_estimators() -> list[str]:
-    """Run rlkern's ``gae``, ``remax`` and ``reinforce_plus_plus`` under verl's own names.
+    """Run rlkern's ``gae``, ``remax`` and ``reinforce_plus_plus`` (and ``gdpo``,
+    ``optimal_token_baseline``, ``tir_optimal_token_baseline``, whose extra inputs verl's
+    trainer passes only under those names) under verl's own names.
 
     verl's trainer treats ``algorithm.adv_estimator=gae`` and ``remax`` specially (a critic's
     ``values``; a greedy baseline rollout), so ``rlkern_gae`` / ``rlkern_remax`` cannot stand
