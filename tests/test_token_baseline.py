@@ -268,6 +268,16 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="group_size"):
         torch.ops.rlkern.optimal_token_baseline_out(r, m, lp, sp, None, None, 5, False, True,
                                                     1e-8, out, out.clone())
+    # a meta tensor among CPU ones reaches the Meta kernel: refused by name, not a no-op
+    with pytest.raises(RuntimeError, match="group_ids: expected device cpu"):
+        torch.ops.rlkern.optimal_token_baseline_out(r, m, lp, sp, None, ids.to("meta"), 0,
+                                                    False, True, 1e-8, out, out.clone())
+    with pytest.raises(RuntimeError, match="returns: expected device cpu"):
+        torch.ops.rlkern.optimal_token_baseline_out(r, m, lp, sp, None, ids, 0, False, True,
+                                                    1e-8, out, out.to("meta"))
+    meta = [x.to("meta") for x in (r, m, lp, sp, ids, out, out)]
+    torch.ops.rlkern.optimal_token_baseline_out(*meta[:4], None, meta[4], 0, False, True, 1e-8,
+                                                *meta[5:])  # all on meta: nothing to do
 
 
 @pytest.mark.parametrize("multi_turn", [False, True])

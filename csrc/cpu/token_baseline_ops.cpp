@@ -60,11 +60,23 @@ void optimal_token_baseline_out_cpu(const at::Tensor& rewards, const at::Tensor&
   cpu::optimal_token_baseline(a);
 }
 
-// Fills caller-provided outputs only: on meta tensors there is nothing to compute.
-void optimal_token_baseline_out_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const MaybeTensor&, const MaybeTensor&,
-                                     int64_t, bool, bool, double, const at::Tensor&,
-                                     const at::Tensor&) {}
+// Fills caller-provided outputs only: on meta tensors there is nothing to compute. A meta
+// tensor among CPU (or CUDA) ones also dispatches here: it is an argument on the wrong device
+// and is refused by name, as the CPU glue refuses any other device (never a silent no-op that
+// would leave the outputs uninitialised).
+void optimal_token_baseline_out_meta(const at::Tensor& rewards, const at::Tensor& mask,
+                                     const at::Tensor& logprobs, const at::Tensor& sum_pi_squared,
+                                     const MaybeTensor& is_weights, const MaybeTensor& group_ids,
+                                     int64_t, bool, bool, double, const at::Tensor& advantages,
+                                     const at::Tensor& returns) {
+  checks::same_device(mask, "mask", rewards);
+  checks::same_device(logprobs, "logprobs", rewards);
+  checks::same_device(sum_pi_squared, "sum_pi_squared", rewards);
+  if (is_weights.has_value()) checks::same_device(*is_weights, "is_weights", rewards);
+  if (group_ids.has_value()) checks::same_device(*group_ids, "group_ids", rewards);
+  checks::same_device(advantages, "advantages", rewards);
+  checks::same_device(returns, "returns", rewards);
+}
 
 }  // namespace
 
