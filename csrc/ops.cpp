@@ -13,6 +13,7 @@
 #include "cpu/policy_loss_ops.h"
 #include "cpu/sample_ops.h"
 #include "cpu/truncated_logprobs_ops.h"
+#include "cpu/token_baseline_ops.h"
 #include "logprobs_op.h"
 #include "sample_op.h"
 
@@ -37,6 +38,8 @@ TORCH_LIBRARY(rlkern, m) {
   define_ops(m, sample::kOps);
   // Token log-probs under the sampler's truncated distribution (cpu/truncated_logprobs_ops.h).
   define_ops(m, truncated_logprobs::kOps);
+  // verl's optimal token baseline (schema in cpu/token_baseline_ops.cpp).
+  m.def(kOptimalTokenBaselineOutSchema);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
@@ -46,6 +49,7 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   impl_policy_loss_cpu(m);  // policy_loss_{fwd,bwd}_out, kl_penalty_{fwd,bwd}_out
   cpu::impl_sample_ops(m);
   cpu::impl_truncated_logprobs_ops(m);
+  register_token_baseline_cpu(m);  // cpu/token_baseline_ops.cpp
 }
 
 }  // namespace rlkern

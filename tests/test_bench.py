@@ -351,6 +351,27 @@ def test_gae_case_peers_agree_tiny(tmp_path) -> None:
         assert row["status"] == OK and row["check"]["ok"], row
 
 
+
+@pytest.mark.parametrize(("op", "size", "peers"), [
+    ("token_baseline", "B=6,T=24", ["verl optimal_token_baseline",
+                                    "verl tir_optimal_token_baseline"]),
+    ("gdpo", "N=24,T=10", ["verl gdpo"])])
+def test_verl_estimator_cases_peers_agree_tiny(tmp_path, op, size, peers) -> None:
+    """The ``token_baseline`` and ``gdpo`` cases run end to end and verl's functions pass the
+    agreement gate against rlkern's."""
+    pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--op", op, "--size", size, "--repeats", "1",
+                              "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    rows = [r for r in results if r["impl"].startswith("verl ")]
+    assert sorted(r["impl"] for r in rows) == peers
+    for row in rows:
+        assert row["status"] == OK and row["check"]["ok"], row
+    assert any(r["impl"] == "rlkern" and r["status"] == OK for r in results)
+
 # ---------------------------------------------------------------------------------------------
 # kit: the building blocks the cases share
 

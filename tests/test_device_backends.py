@@ -118,3 +118,35 @@ def test_sample_matches_the_cpu_kernel(backend, opts) -> None:
     for f in ("raw_logprobs", "processed_logprobs", "entropy"):
         torch.testing.assert_close(_cpu(getattr(got, f)).double(), getattr(cpu, f).double(),
                                    rtol=1e-5, atol=2e-5, msg=lambda m, f=f: f"{f}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_optimal_token_baseline(backend, multi_turn) -> None:
+    """verl's OTB / TIR-OTB on the device (no CUDA C++ kernel: backend='cuda' raises)."""
+    gen = torch.Generator().manual_seed(stable_seed("device-otb", str(multi_turn)))
+    n, t = 24, 300
+    rewards = torch.randn(n, t, generator=gen)
+    mask = (torch.arange(t)[None] < torch.randint(0, t + 1, (n,), generator=gen)[:, None]) & \
+        (torch.rand(n, t, generator=gen) > 0.2)
+    probs = torch.rand(n, t, generator=gen).clamp_min(1e-3)
+    spi2 = probs**2 + (1 - probs) ** 2 * torch.rand(n, t, generator=gen)
+    rho = torch.rand(n, t, generator=gen) + 0.5
+    ids = torch.randint(0, 5, (n,), generator=gen) * 1009
+    args = (rewards, mask, probs.log(), spi2, ids, rho)
+
+    def run(x, m, lp, sp, g, w, b):
+        return rlkern.optimal_token_baseline(x, m, lp, sp, group_ids=g, rollout_is_weights=w,
+                                             multi_turn=multi_turn, backend=b)
+
+    on_device = [x.to(DEVICE) for x in args]
+    if backend == "cuda":
+        with pytest.raises(backends.BackendUnavailableError, match="no cuda kernel"):
+            run(*on_device, backend)
+        return
+    got = run(*on_device, backend)
+    ref = run(*(x.double() if x.is_floating_point() else x for x in args), "torch")
+    assert got.advantages.device.type == DEVICE
+    torch.testing.assert_close(_cpu(got.advantages).double(), ref.advantages, rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(_cpu(got.returns).double(), ref.returns, rtol=1e-5, atol=1e-5)

@@ -47,6 +47,8 @@ ADV_NAMES = ["grpo", "grpo_vectorized", "grpo_passk", "rloo", "rloo_vectorized",
              "reinforce_plus_plus_baseline"]
 # the token-level estimators on rlkern.gae (parity in test_integration_verl_scan.py)
 SCAN_ADV_NAMES = ["gae", "reinforce_plus_plus", "remax"]
+# gdpo and the optimal token baselines (parity in test_parity_verl_estimators.py)
+OTB_ADV_NAMES = ["gdpo", "optimal_token_baseline", "tir_optimal_token_baseline"]
 LOSS_NAMES = ["vanilla", "gspo", "cispo", "sapo", "geo_mean", "gpg"]
 # registered losses driven by verl's rollout-correction config (their parity tests:
 # test_parity_verl_rollout_correction.py)
@@ -73,9 +75,9 @@ _close = close
 
 def test_register_adds_every_name_and_is_idempotent():
     names = rv.register()
-    assert set(names) == {f"rlkern_{n}" for n in ADV_NAMES + SCAN_ADV_NAMES} | \
+    assert set(names) == {f"rlkern_{n}" for n in ADV_NAMES + SCAN_ADV_NAMES + OTB_ADV_NAMES} | \
         {f"rlkern_{n}" for n in LOSS_NAMES + ROLLOUT_LOSS_NAMES + OWN_CONFIG_LOSS_NAMES}
-    for n in ADV_NAMES + SCAN_ADV_NAMES:
+    for n in ADV_NAMES + SCAN_ADV_NAMES + OTB_ADV_NAMES:
         assert core_algos.get_adv_estimator_fn(f"rlkern_{n}") is rv.ADV_ESTIMATORS[f"rlkern_{n}"]
     for n in LOSS_NAMES + ROLLOUT_LOSS_NAMES + OWN_CONFIG_LOSS_NAMES:
         assert core_algos.get_policy_loss_fn(f"rlkern_{n}") is rv.POLICY_LOSSES[f"rlkern_{n}"]
@@ -88,8 +90,9 @@ def test_register_adds_every_name_and_is_idempotent():
 
 def test_unregister_and_reload():
     removed = rv.unregister()
-    assert len(removed) == (len(ADV_NAMES) + len(SCAN_ADV_NAMES) + len(LOSS_NAMES)
-                            + len(ROLLOUT_LOSS_NAMES) + len(OWN_CONFIG_LOSS_NAMES))
+    assert len(removed) == (len(ADV_NAMES) + len(SCAN_ADV_NAMES) + len(OTB_ADV_NAMES)
+                            + len(LOSS_NAMES) + len(ROLLOUT_LOSS_NAMES)
+                            + len(OWN_CONFIG_LOSS_NAMES))
     assert not rv.is_registered()
     assert not any(k.startswith("rlkern_") for k in core_algos.ADV_ESTIMATOR_REGISTRY)
     with pytest.raises(ValueError, match="Unknown advantage estimator"):

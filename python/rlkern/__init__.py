@@ -26,6 +26,7 @@ from rlkern.ops.token_advantages import (
     gtpo_weights,
     position_baseline,
 )
+from rlkern.ops.token_baseline import TokenBaseline, optimal_token_baseline
 from rlkern.sampling import GroupRollouts, generate_groups
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "PolicyLossOutput",
     "RolloutCorrectionOutput",
     "SampleOutput",
+    "TokenBaseline",
     "TokenLogprobs",
     "discounted_returns",
     "empg_modulate",
@@ -57,6 +59,7 @@ __all__ = [
     "linear_grpo_loss",
     "linear_logprobs",
     "linear_logprobs_with_grad",
+    "optimal_token_baseline",
     "policy_loss",
     "position_baseline",
     "rollout_correction",

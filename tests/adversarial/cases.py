@@ -615,3 +615,27 @@ def sample(data: st.DataObject) -> Call:
     return Call("sample", _maybe_unchecked(data, rlkern.sample), (logits,), kwargs,
                 grad_wrt=("0",),
                 dtype=torch.float32 if dtype == torch.float64 else dtype, nondiff=True)
+
+
+@builder("optimal_token_baseline")
+def optimal_token_baseline(data: st.DataObject) -> Call:
+    gen, dtype, shape, rewards, extreme = _token_rewards(data)
+    n = shape[0]
+    mask = _rare_meta(data, _token_mask(data, gen, shape, "mask", (0.7, 1.0, 0.0)), "mask")
+    # π < 1 and Σπ² ∈ [π², 1], as a policy gives them: w = (1 − π)²(1 + u) > 0, so that
+    # eps = 0 never divides 0 by 0 for finite inputs
+    pi = 1 - torch.rand(shape, generator=gen) * 0.95 - 0.01
+    logprobs = pi.log().to(dtype)
+    spi2 = (pi**2 + (1 - pi) ** 2 * torch.rand(shape, generator=gen)).to(dtype)
+    rho = None
+    if data.draw(st.booleans(), label="rho"):
+        rho, extreme_rho = _values(data, gen, shape, dtype, "rho", ("normal", "with_nan",
+                                                                   "huge", "tiny"))
+        extreme = extreme or extreme_rho
+    kwargs = dict(**_groups(data, n, gen), rollout_is_weights=rho,
+                  multi_turn=data.draw(st.booleans(), label="multi_turn"),
+                  zero_tail=not data.draw(st.booleans(), label="no_zero_tail"),
+                  eps=data.draw(st.sampled_from((1e-8, 0.0)), label="eps"))
+    return Call("optimal_token_baseline", rlkern.optimal_token_baseline,
+                (rewards, mask, logprobs, spi2), kwargs, grad_wrt=("0",), dtype=dtype,
+                nondiff=True, overflow_ok=extreme)

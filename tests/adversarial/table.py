@@ -36,7 +36,7 @@ PRIMARY = {
     "group_advantages": "scores", "group_stats": "scores", "discounted_returns": "rewards",
     "gae": "rewards",
     "position_baseline": "returns", "gtpo_weights": "entropy", "gigpo_advantages": "step",
-    "empg_modulate": "adv", "sample": "logits",
+    "empg_modulate": "adv", "sample": "logits", "optimal_token_baseline": "rewards",
 }
 
 #: Named edges: label overrides, with "{p}" standing for the op's primary input.

@@ -566,7 +566,8 @@ def register() -> list[str]:
     """Add rlkern's estimators (``rlkern_grpo``, ``rlkern_grpo_vectorized``,
     ``rlkern_grpo_passk``, ``rlkern_rloo``, ``rlkern_rloo_vectorized``, ``rlkern_opo``,
     ``rlkern_gpg``, ``rlkern_reinforce_plus_plus_baseline``, ``rlkern_gae``,
-    ``rlkern_reinforce_plus_plus``, ``rlkern_remax``) and policy losses
+    ``rlkern_reinforce_plus_plus``, ``rlkern_remax``, ``rlkern_gdpo``,
+    ``rlkern_optimal_token_baseline``, ``rlkern_tir_optimal_token_baseline``) and policy losses
     (``rlkern_vanilla``, ``rlkern_gspo``, ``rlkern_cispo``, ``rlkern_sapo``,
     ``rlkern_geo_mean``, ``rlkern_gpg``, ``rlkern_dro``, ``rlkern_dppo_tv``,
     ``rlkern_dppo_kl``, ``rlkern_clip_cov``, ``rlkern_kl_cov``, ``rlkern_bypass_mode``) to
@@ -619,7 +620,9 @@ _REPLACED: list[tuple[Any, str, Any]] = []
 
 
 def replace_verl_estimators() -> list[str]:
-    """Run rlkern's ``gae``, ``remax`` and ``reinforce_plus_plus`` under verl's own names.
+    """Run rlkern's ``gae``, ``remax`` and ``reinforce_plus_plus`` (and ``gdpo``,
+    ``optimal_token_baseline``, ``tir_optimal_token_baseline``, whose extra inputs verl's
+    trainer passes only under those names) under verl's own names.
 
     verl's trainer treats ``algorithm.adv_estimator=gae`` and ``remax`` specially (a critic's
     ``values``; a greedy baseline rollout), so ``rlkern_gae`` / ``rlkern_remax`` cannot stand
@@ -751,3 +754,29 @@ def unpatch_torch_functional() -> None:
 
 for _fn in _DROP_INS.values():
     _mark(_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# gdpo and the optimal token baselines (rlkern/integrations/verl_estimators.py): imported here,
+# after the helpers they use, and registered / swapped in with the others.
+
+from rlkern.integrations.verl_estimators import (  # noqa: E402
+    compute_gdpo_outcome_advantage,
+    compute_multi_turn_optimal_token_baseline_advantage,
+    compute_optimal_token_baseline_advantage,
+)
+
+ADV_ESTIMATORS.update({
+    "rlkern_gdpo": _mark(compute_gdpo_outcome_advantage),
+    "rlkern_optimal_token_baseline": _mark(compute_optimal_token_baseline_advantage),
+    "rlkern_tir_optimal_token_baseline": _mark(
+        compute_multi_turn_optimal_token_baseline_advantage),
+})
+# verl's trainer passes their extra inputs only under verl's names (see verl_estimators.py)
+_UNDER_VERL_NAMES += (
+    ("compute_gdpo_outcome_advantage", "gdpo", compute_gdpo_outcome_advantage),
+    ("compute_optimal_token_baseline_advantage", "optimal_token_baseline",
+     compute_optimal_token_baseline_advantage),
+    ("compute_multi_turn_optimal_token_baseline_advantage", "tir_optimal_token_baseline",
+     compute_multi_turn_optimal_token_baseline_advantage),
+)

@@ -18,13 +18,7 @@ from rlkern.integrations.verl import ADV_ESTIMATORS, POLICY_LOSSES
 __all__ = ["NOT_COVERED_ESTIMATORS", "NOT_COVERED_LOSSES", "coverage_markdown"]
 
 #: verl 0.9.1 advantage estimators without an ``rlkern_`` counterpart yet → why.
-NOT_COVERED_ESTIMATORS: dict[str, str] = {
-    "gdpo": "per-reward-component group normalisation; not implemented",
-    "optimal_token_baseline": "per-token optimal baseline weighted by squared log-prob "
-                              "gradients; not implemented",
-    "tir_optimal_token_baseline": "the tool-integrated variant of optimal_token_baseline; "
-                                  "not implemented",
-}
+NOT_COVERED_ESTIMATORS: dict[str, str] = {}
 
 #: verl 0.9.1 policy losses without an ``rlkern_`` counterpart yet → why.
 NOT_COVERED_LOSSES: dict[str, str] = {
