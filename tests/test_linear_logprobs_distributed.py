@@ -27,7 +27,7 @@ def _data(dtype):
     return h, w, b, y
 
 
-def _check_case(rank: int, dtype: torch.dtype, fused: bool) -> None:
+def _check_case(rank: int, dtype: torch.dtype, fused: bool, softcap: float | None = None) -> None:
     h, w, b, y = _data(dtype)
     shard = slice(rank * 100, (rank + 1) * 100)
     group = dist.group.WORLD
@@ -35,19 +35,19 @@ def _check_case(rank: int, dtype: torch.dtype, fused: bool) -> None:
     if fused:
         res = rlkern.linear_logprobs_with_grad(
             h, w[shard], y, bias=b[shard], grad_logprobs=g_lp, grad_entropy=g_ent,
-            return_entropy=True, process_group=group)
+            return_entropy=True, process_group=group, softcap=softcap)
         out, gh, gw, gb = res.outputs, res.grad_hidden, res.grad_weight, res.grad_bias
     else:
         hh = h.clone().requires_grad_()
         ww = w[shard].clone().requires_grad_()
         bb = b[shard].clone().requires_grad_()
         out = rlkern.linear_logprobs(hh, ww, y, bias=bb, return_entropy=True,
-                                     process_group=group, chunk_size=5)
+                                     process_group=group, chunk_size=5, softcap=softcap)
         ((out.logprobs * g_lp).sum() + (out.entropy * g_ent).sum()).backward()
         gh, gw, gb = hh.grad, ww.grad, bb.grad
 
     hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
-    ref = rlkern.linear_logprobs(hh, ww, y, bias=bb, return_entropy=True)
+    ref = rlkern.linear_logprobs(hh, ww, y, bias=bb, return_entropy=True, softcap=softcap)
     ((ref.logprobs * g_lp).sum() + (ref.entropy * g_ent).sum()).backward()
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10,
                                                                      "atol": 1e-10}
@@ -75,6 +75,8 @@ def _worker(rank: int, init_file: str) -> None:
         for dtype in (torch.float32, torch.float64):
             for fused in (False, True):
                 _check_case(rank, dtype, fused)
+                # soft-capped logits (Gemma 2): the max / sums all-reduced are those of c·tanh(x/c)
+                _check_case(rank, dtype, fused, softcap=2.5)
         _check_unequal_shards(rank)
     finally:
         dist.destroy_process_group()

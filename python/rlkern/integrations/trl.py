@@ -37,10 +37,14 @@ reason is logged once):
   ``token_type_ids``), MoE router auxiliary loss requested (``compute_aux_loss``), a model
   whose config is not its text config (VLMs), a model without a separate backbone
   (``base_model``) or without an ``nn.Linear`` output layer (e.g. a LoRA-wrapped ``lm_head``),
-  logit soft-capping (``final_logit_softcapping``, ``output_multiplier``), and a sharded
-  (DTensor, FSDP2) head weight. Logit scales (``logit_scale``, ``logits_scaling``,
-  ``lm_head_multiplier``) take the fused path: a scale folds exactly into the temperature.
-* loss: the adaptive entropy controller (``use_adaptive_entropy``).
+  and a sharded (DTensor, FSDP2) head weight. Logit scales (``logit_scale``, ``logits_scaling``,
+  ``lm_head_multiplier``, ``output_multiplier``) take the fused path: a scale folds exactly
+  into the temperature. Logit soft-capping (Gemma 2's ``final_logit_softcapping``:
+  ``c·tanh(s·x/c) / T``) takes it too, fused into the head's tile epilogue
+  (``rlkern.linear_logprobs(..., softcap=c / s)`` with temperature ``T / s``).
+* loss: none. The adaptive entropy controller (``use_adaptive_entropy``) runs as TRL's
+  (:mod:`rlkern.integrations.trl_entropy`): the coefficient it applies is the fused loss's
+  ``entropy_coef`` and its state is updated on the trainer as TRL updates it.
 
 Generation (opt-in): ``apply(generation="micro_groups", kv_budget_tokens=..., schedule=...,
 micro_group_size=...)`` also replaces ``GRPOTrainer._generate_single_turn`` so that TRL's
@@ -71,7 +75,7 @@ from torch import Tensor, nn
 import rlkern
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import TRL_LOSS_TYPES
-from rlkern.integrations import trl_generation
+from rlkern.integrations import trl_entropy, trl_generation
 from rlkern.integrations._is_ratio import fold_is_ratio
 from rlkern.integrations.trl_generation import (
     GENERATION_METHOD,
@@ -108,10 +112,12 @@ _MULTIMODAL_KWARGS = ("pixel_values", "image_grid_thw", "num_images", "pixel_att
 # applies them (Cohere: ``* logit_scale``; Granite: ``/ logits_scaling``; Falcon-H1:
 # ``* lm_head_multiplier``). A scale folds exactly into the temperature: softmax(s·z / T) =
 # softmax(z / (T / s)), so these take the fused path with T / s.
-_LOGIT_MULTIPLIERS = {"logit_scale": False, "lm_head_multiplier": False, "logits_scaling": True}
-# Config fields of logit transforms the fused op does not have (soft-capping is nonlinear;
-# ``output_multiplier`` comes with it in the models that use it).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "output_multiplier")
+_LOGIT_MULTIPLIERS = {"logit_scale": False, "lm_head_multiplier": False, "logits_scaling": True,
+                      "output_multiplier": False}
+# The config field of logit soft-capping, ``z = c·tanh(s·x / c)`` (Gemma 2, applied after the
+# multiplier s and before the temperature, as TRL's fused head applies it): rlkern's
+# ``softcap`` option, with the multiplier folded in (c·tanh(s·x/c) = s·c'·tanh(x/c'), c' = c/s).
+_SOFTCAP_FIELD = "final_logit_softcapping"
 # Keyword arguments a wrapper (PEFT, TRL) may pass to the model that the backbone must not see.
 _HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head",
                      "logits_to_keep", "return_dict")
@@ -185,10 +191,10 @@ def _logps_fallback_reason(target: nn.Module, compute_aux_loss: bool,
     text_config = config.get_text_config()
     if text_config is not config:
         return f"{type(target).__name__} is a multimodal model (its text config is nested)"
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(text_config, name, None)
-        if value is not None and value != 1.0:
-            return f"the model transforms its logits ({name}={value!r})"
+    cap = getattr(text_config, _SOFTCAP_FIELD, None)
+    if cap is not None and not (isinstance(cap, (int, float)) and not isinstance(cap, bool)
+                                and math.isfinite(cap) and cap > 0):
+        return f"the model caps its logits by {_SOFTCAP_FIELD}={cap!r} (not a finite float > 0)"
     scale = logit_multiplier(text_config)
     if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
         return f"the model scales its logits by {scale!r}"
@@ -231,8 +237,9 @@ def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] |
 
     ``rlkern_request`` keys: ``labels (B, K)`` completion token ids with ``-100`` at padding,
     ``temperature``, ``entropy`` (bool), ``fp32_head`` (bool: TRL's
-    ``cast_lm_head_to_fp32``). Returns ``logps (B, K)`` float32 and ``entropy (B, K)`` (or
-    None), both 0 where the label is ``-100``.
+    ``cast_lm_head_to_fp32``), ``softcap`` (float or None: logit soft-capping). Returns
+    ``logps (B, K)`` float32 and ``entropy (B, K)`` (or None), both 0 where the label is
+    ``-100``.
     """
     if rlkern_request is None:
         return self._rlkern_prev_forward(*args, **kwargs)
@@ -262,7 +269,8 @@ def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] |
     with torch.autocast(device_type, enabled=False):
         out = rlkern.linear_logprobs(hidden, weight, labels.to(weight.device), bias=bias,
                                      temperature=float(rlkern_request["temperature"]),
-                                     return_entropy=bool(rlkern_request["entropy"]))
+                                     return_entropy=bool(rlkern_request["entropy"]),
+                                     softcap=rlkern_request.get("softcap"))
     return out.logprobs, out.entropy
 
 
@@ -335,15 +343,20 @@ def per_token_logps_and_entropies(
     _ensure_wrapped(target)
     batch_size = batch_size or input_ids.size(0)
     fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
-    # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s))
-    temperature = trainer.temperature / logit_multiplier(target.config.get_text_config())
+    # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s)), and
+    # into the cap: c·tanh(s·x/c) = s·c'·tanh(x/c') with c' = c / s
+    text_config = target.config.get_text_config()
+    scale = logit_multiplier(text_config)
+    temperature = trainer.temperature / scale
+    cap = getattr(text_config, _SOFTCAP_FIELD, None)
+    softcap = None if cap is None else float(cap) / scale
     logps, entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
         ids = input_ids[start:start + batch_size]
         am = attention_mask[start:start + batch_size]
         labels = ids[:, -logits_to_keep:].masked_fill(am[:, -logits_to_keep:] == 0, -100)
         request = {"labels": labels, "temperature": temperature,
-                   "entropy": compute_entropy, "fp32_head": fp32_head}
+                   "entropy": compute_entropy, "fp32_head": fp32_head, "softcap": softcap}
         with trainer.accelerator.autocast():
             lp, ent = model(input_ids=ids, attention_mask=am, rlkern_request=request)
         logps.append(lp)
@@ -361,8 +374,6 @@ def per_token_logps_and_entropies(
 def _loss_fallback_reason(trainer: Any) -> str | None:
     if trainer.loss_type not in TRL_LOSS_TYPES:
         return f"loss_type={trainer.loss_type!r} (rlkern covers {', '.join(TRL_LOSS_TYPES)})"
-    if getattr(trainer, "use_adaptive_entropy", False):
-        return "the adaptive entropy controller (use_adaptive_entropy=True)"
     return None
 
 
@@ -494,6 +505,8 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
     old = inputs.get("old_per_token_logps")
     old = logps.detach() if old is None else old
     bonus = bool(trainer._entropy_bonus_enabled)
+    # the adaptive controller's coefficient for this window (TRL's static one otherwise)
+    coef = trl_entropy.applied_coef(trainer) if bonus else 0.0
     args = trainer.args
     config = rlkern.PolicyLossConfig.trl(
         trainer.loss_type,
@@ -507,7 +520,7 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
         sapo_temperature_neg=args.sapo_temperature_neg,
         use_bias_correction_kl=bool(args.use_bias_correction_kl),
         top_entropy_quantile=trainer.top_entropy_quantile,
-        entropy_coef=trainer.entropy_coef if bonus else 0.0,
+        entropy_coef=coef,
         # vLLM's ratio arrives precomputed (inputs["importance_sampling_ratio"]): applied as
         # a token weight, exactly the tensor TRL multiplies by
         vllm_importance_sampling_correction=False,
@@ -528,7 +541,7 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
             num_tokens = num_tokens * ga / args.steps_per_generation
     # The entropy is differentiated only through the bonus; otherwise it feeds the mask and
     # the metric, and a detached input spares the LM head's backward an all-zero gradient.
-    entropy_in = entropies if bonus and trainer.entropy_coef != 0.0 else entropies.detach()
+    entropy_in = entropies if coef != 0.0 else entropies.detach()
     out, row_stats = run(prepare(
         logps, old, advantages, mask, config=config,
         ref_logprobs=inputs["ref_per_token_logps"] if trainer.beta != 0.0 else None,
@@ -543,6 +556,7 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
         # TRL's "policy_loss": the policy + KL terms before the accumulation scaling
         policy = metrics["pg_loss"] + trainer.beta * metrics.get("kl_loss", 0.0)
         log["policy_loss"].append(trainer.accelerator.gather(policy.float()).nanmean().item())
+        trl_entropy.update(trainer, entropies.detach(), mask, mode)
         if mode == "train" and trainer.accelerator.sync_gradients:
             log["entropy_coef"].append(trainer.entropy_coef)
     if trainer.aux_loss_enabled and aux_loss is not None:
