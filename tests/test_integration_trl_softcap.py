@@ -292,3 +292,39 @@ def test_adaptive_entropy_training_parity(llama_dir, dataset, tmp_path):
     coefs = [h["entropy_coef"] for h in ours if "entropy_coef" in h]
     assert coefs == pytest.approx([0.07, 0.09, 0.11, 0.13])
     assert coefs == pytest.approx([h["entropy_coef"] for h in base if "entropy_coef" in h])
+
+
+def test_apply_backend_reaches_the_fused_head(gemma_trainer, monkeypatch):
+    """``apply(backend=...)`` sets the fused head's backend (the soft-capped torch reference
+    here gives TRL's values too); ``remove()`` resets it; a bad name raises."""
+    import rlkern
+
+    seen = []
+    real = rlkern.linear_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rlkern, "linear_logprobs", spy)
+    inputs = _batch(seed=13)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    K = inputs["completion_ids"].shape[1]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rt.apply(backend="nope")
+    try:
+        rt.apply(backend="torch")
+        rt.apply()  # None: leaves the backend as it is
+        with torch.no_grad():
+            lp, _, _ = rt.per_token_logps_and_entropies(gemma_trainer, gemma_trainer.model, ids,
+                                                        am, K)
+    finally:
+        rt.remove()
+    with torch.no_grad():
+        rt.per_token_logps_and_entropies(gemma_trainer, gemma_trainer.model, ids, am, K)
+        rt.remove()
+        ref, _, _ = GRPOTrainer.__dict__["_get_per_token_logps_and_entropies"](
+            gemma_trainer, gemma_trainer.model, ids, am, K)
+    assert seen == ["torch", "auto"]
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)

@@ -125,6 +125,8 @@ _HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_h
 _ORIGINALS: dict[str, Any] = {}
 # The options of the generation patch while it is applied (apply(generation="micro_groups")).
 _GENERATION: dict[str, GenerationOptions] = {}
+# The backend of the fused head's rlkern.linear_logprobs call while applied (apply(backend=)).
+_HEAD_BACKEND: dict[str, str] = {}
 _USAGE: Counter[str] = Counter()
 _WARNED: set[str] = set()
 # Models whose instance ``forward`` got the rlkern wrapper (restored by remove()).
@@ -270,7 +272,8 @@ def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any] |
         out = rlkern.linear_logprobs(hidden, weight, labels.to(weight.device), bias=bias,
                                      temperature=float(rlkern_request["temperature"]),
                                      return_entropy=bool(rlkern_request["entropy"]),
-                                     softcap=rlkern_request.get("softcap"))
+                                     softcap=rlkern_request.get("softcap"),
+                                     backend=_HEAD_BACKEND.get("backend", "auto"))
     return out.logprobs, out.entropy
 
 
@@ -621,7 +624,8 @@ def is_applied() -> bool:
 
 
 def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
-          schedule: str = "length_aware", micro_group_size: int | None = None) -> None:
+          schedule: str = "length_aware", micro_group_size: int | None = None,
+          backend: str | None = None) -> None:
     """Swap ``GRPOTrainer._get_per_token_logps_and_entropies`` and ``_compute_loss`` for rlkern
     (see the module doc). Idempotent; :func:`remove` undoes it.
 
@@ -637,12 +641,17 @@ def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
         schedule: ``"length_aware"`` (default), ``"micro_group"`` or ``"full_group"``
             (:mod:`rlkern.sampling.scheduler`). Completions do not depend on it.
         micro_group_size: members per micro group (default ``max(1, num_generations // 8)``).
+        backend: the ``backend`` of the fused head's :func:`rlkern.linear_logprobs` calls
+            (e.g. ``"torch"`` where ``rlkern._C`` is not built). ``None`` (default) leaves it
+            as it is: ``"auto"``, or what an earlier call set (until :func:`remove`).
 
     Raises:
         ImportError: TRL is not installed.
         ValueError: an unknown ``generation`` / ``schedule``, a non-positive budget or micro
             group size, or generation options given without ``generation="micro_groups"``.
     """
+    if backend is not None and backend not in rlkern.backends.BACKENDS:
+        raise ValueError(f"backend must be one of {rlkern.backends.BACKENDS}, got {backend!r}")
     if generation not in GENERATIONS:
         raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
     if generation is None and (kv_budget_tokens is not None or micro_group_size is not None
@@ -651,6 +660,8 @@ def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
                          "generation: pass generation='micro_groups' with them")
     options = None if generation is None else GenerationOptions(
         kv_budget_tokens=kv_budget_tokens, schedule=schedule, micro_group_size=micro_group_size)
+    if backend is not None:
+        _HEAD_BACKEND["backend"] = backend
     cls = _grpo_trainer()
     if options is not None:
         if GENERATION_METHOD not in cls.__dict__ and GENERATION_METHOD not in _ORIGINALS:
@@ -683,6 +694,7 @@ def remove() -> None:
             setattr(cls, name, original)
         _ORIGINALS.clear()
     _GENERATION.clear()
+    _HEAD_BACKEND.clear()
     _unwrap_all()
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import Peer
+from rlkern.bench.kit import Peer, RlkernBackend
 
 V_QWEN = 151936
 FULL_SIZES = [Size({"V": V_QWEN, "H": 512, "L": 2, "G": 8, "K": 256})]
@@ -143,6 +143,7 @@ class _Stepper:
     bf16: bool
     patched: bool
     lora: bool
+    backend: str
     go: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     done: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     stopping: bool = False
@@ -205,7 +206,7 @@ class _Stepper:
         if self.error is not None or not self.thread.is_alive():
             raise RuntimeError(f"the trainer stopped: {self.error!r}")
         was = rt.is_applied()
-        rt.apply() if self.patched else rt.remove()
+        rt.apply(backend=self.backend) if self.patched else rt.remove()
         torch.manual_seed(SEED + self.steps)  # step k sees the same random state in every impl
         measure = _reset_peak_rss()
         try:
@@ -235,12 +236,14 @@ class TrlStepInputs:
     model_dir: str
     size: Size
     bf16: bool
+    backend: str
     steppers: dict[str, _Stepper] = field(default_factory=dict)
 
     def stepper(self, name: str) -> _Stepper:
         if name not in self.steppers:
             patched, lora = IMPLS[name]
-            self.steppers[name] = _Stepper(self.model_dir, self.size, self.bf16, patched, lora)
+            self.steppers[name] = _Stepper(self.model_dir, self.size, self.bf16, patched, lora,
+                                           self.backend)
         return self.steppers[name]
 
     def close(self) -> None:
@@ -255,7 +258,9 @@ def _stop_all(steppers: dict[str, _Stepper]) -> None:
 
 @register("trl_step")
 def trl_step_case(options: CaseOptions) -> Case:
-    """The ``trl_step`` case (CPU only: TRL's trainer is run with ``use_cpu=True``)."""
+    """The ``trl_step`` case (CPU only: TRL's trainer is run with ``use_cpu=True``); the
+    rlkern rows' fused head runs the run's backend (``apply(backend=...)``)."""
+    backend = RlkernBackend.choose(options)
     peaks: dict[str, list[int]] = {}
     live: list[TrlStepInputs] = []
 
@@ -268,7 +273,8 @@ def trl_step_case(options: CaseOptions) -> Case:
         live.clear()
         model_dir = tempfile.mkdtemp(prefix="rlkern_trl_step_model_")
         save_model(model_dir, size)
-        inputs = TrlStepInputs(model_dir, size, bf16=dtype == torch.bfloat16)
+        inputs = TrlStepInputs(model_dir, size, bf16=dtype == torch.bfloat16,
+                               backend=backend.name)
         weakref.finalize(inputs, _stop_all, inputs.steppers)
         atexit.register(inputs.close)
         live.append(inputs)
@@ -291,7 +297,7 @@ def trl_step_case(options: CaseOptions) -> Case:
         for name, (_, lora) in IMPLS.items():
             skip = TRL.missing() or (PEFT.missing() if lora else None)
             if name == "rlkern":
-                impls.append(Impl.rlkern(run(name), note="GRPOTrainer, rlkern applied"))
+                impls.append(Impl.rlkern(run(name), note=backend.note))
             else:
                 impls.append(Impl(name, run(name), skip=skip))
         return impls
@@ -316,8 +322,8 @@ def trl_step_case(options: CaseOptions) -> Case:
                 make_inputs=make_inputs, implementations=implementations,
                 tolerances=tolerances, summary=summary,
                 notes=("one call = one optimizer step of GRPOTrainer (G completions of K "
-                       "tokens for one prompt): seconds per step",),
-                environment={"rlkern_backend": "auto (TRL integration)"})
+                       "tokens for one prompt): seconds per step", *backend.notes),
+                warnings=backend.notes, environment=backend.environment)
 
 
 __all__ = ["FULL_SIZES", "IMPLS", "QUICK_SIZES", "TrlStepInputs", "save_model",
