@@ -15,6 +15,10 @@ and for the backward, with upstream gradients ``g_lp``, ``g_ent``, ``g_lse`` per
     E_p[z] = lse − entropy,
     ∂h = dZ W,   ∂W = dZᵀ h,   ∂b = Σ_rows dZ.
 
+Logit soft-capping (``softcap=c``, Gemma 2): right after each tile's GEMM, ``x`` is replaced
+by ``c·tanh(x/c)`` in registers (everything above then reads that ``x``), and the backward
+multiplies ``dZ`` by ``∂z/∂x = 1 − tanh²(x/c)`` before its products.
+
 The ``(N, V)`` logits never exist in memory: each program forms a ``(BLOCK_M, BLOCK_N)`` logits
 tile in registers with ``tl.dot`` over ``K = H`` in ``BLOCK_K`` steps (fp32 accumulation) and
 consumes it at once.

@@ -9,6 +9,10 @@ recomputes each tile, turns it into ``∂/∂x`` in place (``linear_logprobs_til
 accumulates ``∂/∂h`` and ``∂/∂W`` in float32 with two more matmuls. Peak extra memory is the tile
 buffer plus the float32 accumulators, independent of ``N·V``.
 
+With ``softcap`` c > 0 (logit soft-capping) the C++ epilogues read ``z = c·tanh(x/c)`` of the
+tile's ``x`` and the backward epilogue applies ``∂z/∂x = 1 − tanh²(x/c)``; the tiles and the
+matmuls are unchanged.
+
 With a vocabulary-parallel ``group`` each rank holds rows ``[r·V/P, (r+1)·V/P)`` of ``W``: the
 per-row ``(m, s, t)`` are combined with all-reduces, the label logit comes from the rank that
 owns it, ``∂W`` / ``∂b`` stay local and ``∂h`` is all-reduced.
