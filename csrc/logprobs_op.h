@@ -35,10 +35,12 @@ inline constexpr OpSchema kBwdOut{
     "float temperature, int ignore_index, Tensor(a!) grad_logits) -> ()"};
 // The fused linear form (CPU): fold a logits tile into the running `stats`, turn them into the
 // outputs, and turn a recomputed tile into its gradient (grad_tile may be tile itself).
+// `softcap` c > 0: the logits are z = c·tanh(x/c) of the tile's x (0: z = x); the backward's
+// grad_tile is then ∂L/∂x = ∂L/∂z · (1 − tanh²(x/c)).
 inline constexpr OpSchema kLinearTileFwd{
     "linear_logprobs_tile_fwd_",
     "linear_logprobs_tile_fwd_(Tensor tile, Tensor labels, int vocab_offset, float temperature, "
-    "int ignore_index, bool with_entropy, Tensor(a!) stats) -> ()"};
+    "int ignore_index, bool with_entropy, Tensor(a!) stats, float softcap=0.0) -> ()"};
 inline constexpr OpSchema kLinearFinishOut{
     "linear_logprobs_finish_out",
     "linear_logprobs_finish_out(Tensor stats, Tensor labels, float temperature, "
@@ -50,7 +52,7 @@ inline constexpr OpSchema kLinearTileBwd{
     "linear_logprobs_tile_bwd_",
     "linear_logprobs_tile_bwd_(Tensor tile, Tensor labels, int vocab_offset, Tensor?[] outputs, "
     "Tensor?[] grad_outputs, float temperature, int ignore_index, Tensor(a!) grad_tile, "
-    "Tensor? stats=None) -> ()"};
+    "Tensor? stats=None, float softcap=0.0) -> ()"};
 
 inline constexpr OpSchema kOps[] = {kFwdOut, kBwdOut, kLinearTileFwd, kLinearFinishOut,
                                     kLinearTileBwd};

@@ -78,6 +78,32 @@ def _logits_tile(
 
 
 @triton.jit
+def _tanh(u):
+    """``tanh(u)`` from ``exp`` (no libdevice, so the interpreter runs it too):
+    ``sign(u)·(1 − e^{−2|u|}) / (1 + e^{−2|u|})``, which is ±1 at ±inf and NaN at NaN; below
+    ``|u| = 2⁻⁴`` the odd Taylor series to ``u⁷`` instead, where ``1 − e^{−2|u|}`` would cancel
+    (its truncation error there is below ``u⁹·0.022 ≈ 8e-13``)."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    small = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
+    return tl.where(a < 0.0625, small, tl.where(u < 0, -big, big))
+
+
+@triton.jit
+def _softcap_tile(x, softcap, SOFTCAP: tl.constexpr):
+    """Logit soft-capping of a raw logits tile: ``(z, tanh(x/c))`` with ``z = c·tanh(x/c)``
+    when ``SOFTCAP`` (the backward multiplies ``∂L/∂z`` by ``1 − tanh²``), else ``(x, x)``
+    (the second value unused)."""
+    th = x
+    if SOFTCAP:
+        th = _tanh(x / softcap)
+        x = softcap * th
+    return x, th
+
+
+@triton.jit
 def _row_grad_consts(
     labels_ptr, shift_ptr, ref2_ptr, ez_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,
     rows64, row_ok, vocab, ignore_index, inv_t,
@@ -207,6 +233,7 @@ def _linear_logprobs_fwd_kernel(
     inv_temperature,  # 1 / T rounded to fp32: a runtime scalar (a constexpr recompiles per T)
     inv_temperature_lo,  # 1 / T − inv_temperature: restores 1 / T to ~48 bits for fp64
     ignore_index,  # read only when ONLY_FAR
+    softcap,  # the cap c of z = c·tanh(x/c); read only when SOFTCAP
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -215,6 +242,7 @@ def _linear_logprobs_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs (ignored otherwise)
     UPCAST_DOT: tl.constexpr,  # interpreter only (see _mma)
     ONLY_FAR: tl.constexpr,  # backward: skip row blocks without a row whose |lse| is large
+    SOFTCAP: tl.constexpr,  # the logits are c·tanh(x/c) (every "x" below is that z)
 ):
     """Program ``(i, j)``: rows ``[i·BLOCK_M, (i+1)·BLOCK_M)`` × vocabulary split ``j``
     (columns ``[j·split_cols, min(V, (j+1)·split_cols))``, never empty). Writes the split's
@@ -250,6 +278,7 @@ def _linear_logprobs_fwd_kernel(
             x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                              hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M,
                              BLOCK_N, BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
+            x, _th = _softcap_tile(x, softcap, SOFTCAP)
             # Padding columns become −inf: they add exp2(−inf) = 0 below. inf/NaN in the
             # inputs propagate to their rows only.
             x = tl.where(col_ok[None, :], x, float("-inf"))
@@ -408,10 +437,10 @@ def _linear_logprobs_bwd_dh_kernel(
     shift_ptr, ref2_ptr, ez_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_lse_ptr,
     grad_hidden_ptr,  # (splits, N, H) contiguous, acc dtype: ∂h of each split, += into it
     n_rows, vocab, hidden_size, split_cols, stride_hidden_0, stride_weight_0,
-    inv_temperature, inv_temperature_lo, ignore_index,
+    inv_temperature, inv_temperature_lo, ignore_index, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Program ``(i, j)``: ``grad_hidden[j, rows_i] += Σ_{tiles of split j} dZ_tile W_tile``.
 
@@ -437,9 +466,12 @@ def _linear_logprobs_bwd_dh_kernel(
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                          hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
                          BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
+        x, th = _softcap_tile(x, softcap, SOFTCAP)
         dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
-                           scale, inv_t, HAS_GRAD_LP, HAS_GRAD_ENT
-                           ).to(weight_ptr.dtype.element_ty)
+                           scale, inv_t, HAS_GRAD_LP, HAS_GRAD_ENT)
+        if SOFTCAP:
+            dz = dz * ((1.0 - th) * (1.0 + th))  # ∂z/∂x of z = c·tanh(x/c)
+        dz = dz.to(weight_ptr.dtype.element_ty)
         w_ptrs = weight_ptr + (cols.to(tl.int64)[:, None] * stride_weight_0 + kk[None, :])
         _add_product(gh_ptrs, row_ok, dz, w_ptrs, col_ok, hidden_size, BLOCK_K,
                      INPUT_PRECISION, UPCAST_DOT)
@@ -453,11 +485,11 @@ def _linear_logprobs_bwd_dw_kernel(
     grad_weight_ptr,  # (V, H) contiguous, acc dtype, += into it; used when HAS_GRAD_WEIGHT
     grad_bias_ptr,  # (V,) contiguous, acc dtype, += into it; used when HAS_GRAD_BIAS
     n_rows, vocab, hidden_size, stride_hidden_0, stride_weight_0,
-    inv_temperature, inv_temperature_lo, ignore_index,
+    inv_temperature, inv_temperature_lo, ignore_index, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Program ``j`` owns vocabulary rows ``cols_j`` of ``∂W`` and ``∂b`` and walks all row
     blocks in order: ``grad_weight[cols_j] += Σ_i dZ_ijᵀ h_i``, ``grad_bias[cols_j] += Σ dZ``.
@@ -478,8 +510,11 @@ def _linear_logprobs_bwd_dw_kernel(
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                          hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
                          BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
+        x, th = _softcap_tile(x, softcap, SOFTCAP)
         dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
                            scale, inv_t, HAS_GRAD_LP, HAS_GRAD_ENT)
+        if SOFTCAP:
+            dz = dz * ((1.0 - th) * (1.0 + th))  # ∂z/∂x of z = c·tanh(x/c)
         if HAS_GRAD_BIAS:
             gb += tl.sum(dz, axis=0)
         if HAS_GRAD_WEIGHT:

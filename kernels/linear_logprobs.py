@@ -15,6 +15,10 @@ and for the backward, with upstream gradients ``g_lp``, ``g_ent``, ``g_lse`` per
     E_p[z] = lse − entropy,
     ∂h = dZ W,   ∂W = dZᵀ h,   ∂b = Σ_rows dZ.
 
+Logit soft-capping (``softcap=c``, Gemma 2): right after each tile's GEMM, ``x`` is replaced
+by ``c·tanh(x/c)`` in registers (everything above then reads that ``x``), and the backward
+multiplies ``dZ`` by ``∂z/∂x = 1 − tanh²(x/c)`` before its products.
+
 The ``(N, V)`` logits never exist in memory: each program forms a ``(BLOCK_M, BLOCK_N)`` logits
 tile in registers with ``tl.dot`` over ``K = H`` in ``BLOCK_K`` steps (fp32 accumulation) and
 consumes it at once.
@@ -136,6 +140,7 @@ def linear_logprobs_fwd(
     temperature: float,
     ignore_index: int,
     config: LinearLaunchConfig | None = None,
+    softcap: float = 0.0,
 ) -> None:
     """Fill the per-row outputs of ``token_logprobs(hidden @ weight.T + bias, labels)``.
 
@@ -149,6 +154,8 @@ def linear_logprobs_fwd(
         temperature: ``T > 0``; logits are multiplied by ``1/T`` (a runtime scalar).
         ignore_index: rows with this label get 0 in every output.
         config: override of :func:`fwd_config` (tests, tuning).
+        softcap: ``c > 0``: every logit is ``c·tanh(x/c)`` (formed in the tile epilogue,
+            before ``1/T``; ``c`` is a runtime fp32 scalar); 0: none.
 
     Formulas: ``lse = m + log s``, ``logp = z_y − lse``, ``entropy = log s − t/s`` from the
     merged summaries (module docstring). A label outside ``[0, V)`` that is not
@@ -168,7 +175,7 @@ def linear_logprobs_fwd(
     inv_t = split_inv_temperature(temperature)
     has_entropy = entropy is not None
     _split_stats(hidden, weight, labels, bias, lse, stats, cfg, inv_t, ignore_index,
-                 has_entropy, only_far=False)
+                 has_entropy, only_far=False, softcap=softcap)
     _linear_logprobs_merge_kernel[(triton.cdiv(n_rows, _MERGE_BLOCK),)](
         stats, labels, logprobs, lse, entropy if has_entropy else lse,
         n_rows, vocab, n_splits, cfg.split_cols, *inv_t, int(ignore_index),
@@ -177,22 +184,24 @@ def linear_logprobs_fwd(
 
 
 def _split_stats(hidden, weight, labels, bias, lse, stats, cfg: LinearLaunchConfig, inv_t,
-                 ignore_index: int, has_entropy: bool, *, only_far: bool) -> None:
+                 ignore_index: int, has_entropy: bool, *, only_far: bool,
+                 softcap: float = 0.0) -> None:
     """The forward tile kernel: per (split, row) summaries into ``stats``."""
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     _linear_logprobs_fwd_kernel[(triton.cdiv(n_rows, cfg.block_m), stats.shape[0])](
         hidden, weight, bias if bias is not None else hidden, labels, lse, stats,
         n_rows, vocab, hidden_size, cfg.split_cols, hidden.stride(0), weight.stride(0),
-        *inv_t, int(ignore_index),
+        *inv_t, int(ignore_index), float(softcap),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         HAS_BIAS=bias is not None, HAS_ENTROPY=has_entropy, **dot_options(hidden.element_size()),
-        ONLY_FAR=only_far, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ONLY_FAR=only_far, SOFTCAP=softcap > 0, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
 def _row_refs(hidden, weight, labels, bias, lse, entropy, cfg: LinearLaunchConfig, inv_t,
-              ignore_index: int, with_ez: bool) -> tuple[Any, Any, Any]:
+              ignore_index: int, with_ez: bool, softcap: float = 0.0) -> tuple[Any, Any, Any]:
     """The per-row references ``(shift, ref₂, E_p[z'])`` a backward pass needs, for the tiles
     of the pass configuration ``cfg`` (see ``_linear_logprobs_refs_kernel``). Rows with a
     moderate lse take them from the forward; the rest are recomputed by the forward's tile
@@ -209,7 +218,7 @@ def _row_refs(hidden, weight, labels, bias, lse, entropy, cfg: LinearLaunchConfi
     n_splits = triton.cdiv(vocab, split_cols)
     stats = lse.new_empty((n_splits, N_STATS, n_rows))
     _split_stats(hidden, weight, labels, bias, lse, stats, ref_cfg, inv_t, ignore_index, with_ez,
-                 only_far=True)
+                 only_far=True, softcap=softcap)
     shift, ref2 = lse.new_empty((n_rows,)), lse.new_empty((n_rows,))
     ez = lse.new_empty((n_rows,)) if with_ez else ref2
     _linear_logprobs_refs_kernel[(triton.cdiv(n_rows, _MERGE_BLOCK),)](
@@ -243,6 +252,7 @@ def linear_logprobs_bwd(
     temperature: float,
     ignore_index: int,
     config: LinearBwdConfig | None = None,
+    softcap: float = 0.0,
 ) -> None:
     """Add the parameter gradients of ``L = Σ g_lp·logp + Σ g_ent·entropy + Σ g_lse·lse``
     into fp32 accumulators.
@@ -268,6 +278,8 @@ def linear_logprobs_bwd(
             (pass zeros for a plain gradient); the caller casts them to the parameter dtype.
             Each may be ``None`` to skip it (e.g. a frozen LM head: ``grad_weight=None``).
         config: override of :func:`bwd_config` (tests, tuning).
+        softcap: as in :func:`linear_logprobs_fwd`; ``dZ`` is then taken wrt the capped
+            logits and multiplied by ``1 − tanh²(x/c)``.
 
     Ignored rows contribute nothing (whatever their upstream gradients hold). ``dZ`` is rounded
     to the input dtype before the ∂h / ∂W products (tensor-core inputs), as the CPU path
@@ -299,11 +311,11 @@ def linear_logprobs_bwd(
     inv_t = split_inv_temperature(temperature)
     has = {"HAS_BIAS": bias is not None, "HAS_GRAD_LP": grad_logprobs is not None,
            "HAS_GRAD_ENT": grad_entropy is not None, "HAS_GRAD_LSE": grad_lse is not None,
-           **dot_options(hidden.element_size())}
+           "SOFTCAP": softcap > 0, **dot_options(hidden.element_size())}
 
     def rows_in(pass_cfg: LinearLaunchConfig) -> tuple:
         refs = _row_refs(hidden, weight, labels, bias, lse, entropy, pass_cfg, inv_t,
-                         ignore_index, grad_entropy is not None)
+                         ignore_index, grad_entropy is not None, softcap)
         return (hidden, weight, bias if bias is not None else hidden, labels, *refs,
                 grad_logprobs if grad_logprobs is not None else lse,  # placeholders: unread
                 grad_entropy if grad_entropy is not None else lse,
@@ -318,7 +330,7 @@ def linear_logprobs_bwd(
             (n_splits, n_rows, hidden_size))
         _linear_logprobs_bwd_dh_kernel[(triton.cdiv(n_rows, dh.block_m), n_splits)](
             *rows_in(dh), partial, n_rows, vocab, hidden_size, dh.split_cols,
-            hidden.stride(0), weight.stride(0), *inv_t, int(ignore_index), **has,
+            hidden.stride(0), weight.stride(0), *inv_t, int(ignore_index), float(softcap), **has,
             BLOCK_M=dh.block_m, BLOCK_N=dh.block_n, BLOCK_K=dh.block_k,
             num_warps=dh.num_warps, num_stages=dh.num_stages,
         )
@@ -334,7 +346,7 @@ def linear_logprobs_bwd(
             grad_weight if grad_weight is not None else lse,
             grad_bias if grad_bias is not None else lse,
             n_rows, vocab, hidden_size, hidden.stride(0), weight.stride(0), *inv_t,
-            int(ignore_index), **has, HAS_GRAD_WEIGHT=grad_weight is not None,
+            int(ignore_index), float(softcap), **has, HAS_GRAD_WEIGHT=grad_weight is not None,
             HAS_GRAD_BIAS=grad_bias is not None,
             BLOCK_M=dw.block_m, BLOCK_N=dw.block_n, BLOCK_K=dw.block_k,
             num_warps=dw.num_warps, num_stages=dw.num_stages,
@@ -353,7 +365,8 @@ def _aot_signature(fn: Any, dtype: str) -> dict[str, str]:
     """Triton signature of ``fn`` in argument order: ``hidden/weight/bias`` in ``dtype``,
     labels int64, other pointers fp32, constexprs ``constexpr``, scalars i32 / fp32."""
     types = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
-             "labels_ptr": "*i64", "inv_temperature": "fp32", "inv_temperature_lo": "fp32"}
+             "labels_ptr": "*i64", "inv_temperature": "fp32", "inv_temperature_lo": "fp32",
+             "softcap": "fp32"}
     return aot_signature(fn, types, lambda name: "*fp32" if name.endswith("_ptr") else "i32")
 
 
@@ -384,11 +397,12 @@ def _aot_specs() -> list[dict[str, Any]]:
             precision = input_precision(size)
             kernels = (
                 (_linear_logprobs_fwd_kernel, fwd, "entropy",
-                 {"HAS_BIAS": False, "HAS_ENTROPY": True, "ONLY_FAR": False}),
+                 {"HAS_BIAS": False, "HAS_ENTROPY": True, "ONLY_FAR": False, "SOFTCAP": False}),
                 (_linear_logprobs_bwd_dh_kernel, bwd.dh, "lp+ent+lse",
-                 {"HAS_BIAS": False, **grads}),
+                 {"HAS_BIAS": False, **grads, "SOFTCAP": False}),
                 (_linear_logprobs_bwd_dw_kernel, bwd.dw, "lp+ent+lse bias",
-                 {"HAS_BIAS": True, **grads, "HAS_GRAD_WEIGHT": True, "HAS_GRAD_BIAS": True}),
+                 {"HAS_BIAS": True, **grads, "HAS_GRAD_WEIGHT": True, "HAS_GRAD_BIAS": True,
+                  "SOFTCAP": False}),
             )
             for fn, cfg, label, flags in kernels:
                 signature = _aot_signature(fn, dtype)

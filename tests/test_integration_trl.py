@@ -340,21 +340,28 @@ def test_compute_loss_parity(name, trainer):
                     math.isnan(x) and math.isnan(y)), f"{key}: {x} vs {y}"
 
 
-def test_compute_loss_fallback_adaptive_entropy(trainer):
-    """The adaptive entropy controller is not covered: TRL's own loss runs (no error) and the
-    fallback is counted (eval mode: the controller's state does not move between the runs)."""
+def test_compute_loss_adaptive_entropy(trainer):
+    """The adaptive entropy controller takes the rlkern path (no fallback) and matches TRL's
+    loss (eval mode: the controller's state does not move between the runs; train-mode
+    windows and whole runs are in tests/test_integration_trl_softcap.py)."""
     _configure(trainer, dict(loss_type="dapo", entropy_coef=0.01, eval=True))
     trainer.use_adaptive_entropy = True
+    trainer._entropy_bonus_enabled = True
+    trainer._last_world_entropy = 0.0  # at or below the target: the bonus applies
     try:
         inputs = _loss_batch(trainer)
         rt.reset_usage()
-        loss_a, _, _ = _loss_and_grads(GRPOTrainer.__dict__["_compute_loss"], trainer, inputs)
-        loss_b, _, _ = _loss_and_grads(rt.compute_loss, trainer, inputs)
+        loss_a, grads_a, _ = _loss_and_grads(GRPOTrainer.__dict__["_compute_loss"], trainer,
+                                             inputs)
+        loss_b, grads_b, _ = _loss_and_grads(rt.compute_loss, trainer, inputs)
     finally:
         trainer.use_adaptive_entropy = False
+        trainer._last_world_entropy = math.inf
         _configure(trainer, dict(loss_type="dapo"))
-    assert rt.usage()["loss_fallback"] == 1 and rt.usage()["loss_rlkern"] == 0
-    assert loss_a == loss_b
+    assert rt.usage()["loss_fallback"] == 0 and rt.usage()["loss_rlkern"] == 1
+    assert _close(loss_a, loss_b, 1e-5, 1e-7)
+    for n, g in grads_a.items():
+        assert float((g - grads_b[n]).norm()) <= 1e-4 * float(g.norm()) + 1e-8, n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,14 +428,15 @@ def test_logps_parity(variant, trainer):
         assert float((g - b[2][n]).norm()) <= 1e-4 * float(g.norm()) + 1e-8, n
 
 
-def test_logps_fallback_logit_softcapping(trainer):
-    """A model that transforms its logits is left to TRL's head (no error, counted)."""
+def test_logps_fallback_bad_logit_softcapping(trainer):
+    """A model whose soft-capping value is not a finite float > 0 is left to TRL's head (no
+    error, counted). Valid caps take the rlkern path: tests/test_integration_trl_softcap.py."""
     rt.remove()
     text_config = trainer.model.config
     inputs = _batch(seed=6)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    text_config.final_logit_softcapping = 30.0
+    text_config.final_logit_softcapping = -30.0
     try:
         rt.reset_usage()
         with torch.no_grad():

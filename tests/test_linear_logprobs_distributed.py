@@ -35,7 +35,8 @@ _UNEQUAL = (slice(0, 100), slice(100, 199))
 _UNEQUAL_FIRST_SMALL = (slice(0, 37), slice(37, 200))
 
 
-def _check_case(rank: int, dtype: torch.dtype, fused: bool, shards=_EQUAL) -> None:
+def _check_case(rank: int, dtype: torch.dtype, fused: bool, shards=_EQUAL,
+                softcap: float | None = None) -> None:
     h, w, b, y = _data(dtype)
     vocab = shards[-1].stop
     w, b, y = w[:vocab], b[:vocab], y.clamp(max=vocab - 1)
@@ -45,19 +46,19 @@ def _check_case(rank: int, dtype: torch.dtype, fused: bool, shards=_EQUAL) -> No
     if fused:
         res = rlkern.linear_logprobs_with_grad(
             h, w[shard], y, bias=b[shard], grad_logprobs=g_lp, grad_entropy=g_ent,
-            return_entropy=True, process_group=group)
+            return_entropy=True, process_group=group, softcap=softcap)
         out, gh, gw, gb = res.outputs, res.grad_hidden, res.grad_weight, res.grad_bias
     else:
         hh = h.clone().requires_grad_()
         ww = w[shard].clone().requires_grad_()
         bb = b[shard].clone().requires_grad_()
         out = rlkern.linear_logprobs(hh, ww, y, bias=bb, return_entropy=True,
-                                     process_group=group, chunk_size=5)
+                                     process_group=group, chunk_size=5, softcap=softcap)
         ((out.logprobs * g_lp).sum() + (out.entropy * g_ent).sum()).backward()
         gh, gw, gb = hh.grad, ww.grad, bb.grad
 
     hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
-    ref = rlkern.linear_logprobs(hh, ww, y, bias=bb, return_entropy=True)
+    ref = rlkern.linear_logprobs(hh, ww, y, bias=bb, return_entropy=True, softcap=softcap)
     ((ref.logprobs * g_lp).sum() + (ref.entropy * g_ent).sum()).backward()
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10,
                                                                      "atol": 1e-10}
@@ -106,6 +107,8 @@ def _worker(rank: int, init_file: str) -> None:
             for fused in (False, True):
                 for shards in (_EQUAL, _UNEQUAL, _UNEQUAL_FIRST_SMALL):
                     _check_case(rank, dtype, fused, shards)
+                # soft-capped logits (Gemma 2): the max / sums all-reduced are those of c·tanh(x/c)
+                _check_case(rank, dtype, fused, _UNEQUAL, softcap=2.5)
         _check_ranks_disagree(rank)
     finally:
         dist.destroy_process_group()

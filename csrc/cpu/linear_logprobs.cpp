@@ -2,6 +2,8 @@
 // op through logprobs_row.h. Threads split rows of a tile, never a row.
 #include "cpu/linear_logprobs.h"
 
+#include <vector>
+
 #include "cpu/logprobs_row.h"
 
 namespace rlkern::cpu {
@@ -24,6 +26,34 @@ void store_state(double* st, const RowState& row) {
   st[kStatMoment] = row.t;
 }
 
+// Logit soft-capping: the row math runs on z = c·tanh(x/c), formed per row in the accumulation
+// type (float, or double for float64 tiles) into a per-thread buffer, never written back to the
+// tile (whose dtype would round z a second time). The forward and the backward form z with the
+// same expression from the same x, so the backward's max shift matches the forward's exactly.
+template <typename Tag>
+using AccTag = std::conditional_t<kIsF64<Tag>, F64, F32>;
+
+// z[j] = c·tanh(x[j]/c) and, when `dz` is given, dz[j] = ∂z/∂x = 1 − tanh²(x[j]/c), computed
+// in double and rounded once. tanh(±inf) = ±1, so an infinite logit is capped like a large one.
+template <typename Tag>
+void softcap_row(const typename Tag::storage* x, int64_t n, double cap, acc_of<Tag>* z,
+                 acc_of<Tag>* dz) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double th = std::tanh(double(load_logit<Tag>(x + j)) / cap);
+    z[j] = acc_of<Tag>(cap * th);
+    if (dz) dz[j] = acc_of<Tag>((1.0 - th) * (1.0 + th));
+  }
+}
+
+// A per-thread row buffer of at least n entries (reused across rows and calls).
+template <typename T>
+T* row_buffer(int64_t n, int slot) {
+  thread_local std::vector<T> buffers[2];
+  std::vector<T>& b = buffers[slot];
+  if (int64_t(b.size()) < n) b.resize(size_t(n));
+  return b.data();
+}
+
 template <typename Tag>
 void tile_fwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
   using storage = typename Tag::storage;
@@ -34,11 +64,21 @@ void tile_fwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
     const storage* x = static_cast<const storage*>(a.tile) + r * a.stride_row;
     double* st = a.stats + r * kNumStats;
     RowState row = load_state(st);
-    if (a.with_entropy) fold_row<Tag, true, false>(x, a.vt, t, row);
-    else fold_row<Tag, false, false>(x, a.vt, t, row);
-    store_state(st, row);
     const int64_t y_local = y - a.vocab_offset;
-    if (y_local >= 0 && y_local < a.vt) st[kStatLabelLogit] = load_logit<Tag>(x + y_local);
+    const bool owns_label = y_local >= 0 && y_local < a.vt;
+    if (a.softcap > 0.0) {
+      using acc_t = acc_of<Tag>;
+      acc_t* z = row_buffer<acc_t>(a.vt, 0);
+      softcap_row<Tag>(x, a.vt, a.softcap, z, nullptr);
+      if (a.with_entropy) fold_row<AccTag<Tag>, true, false>(z, a.vt, t, row);
+      else fold_row<AccTag<Tag>, false, false>(z, a.vt, t, row);
+      if (owns_label) st[kStatLabelLogit] = z[y_local];
+    } else {
+      if (a.with_entropy) fold_row<Tag, true, false>(x, a.vt, t, row);
+      else fold_row<Tag, false, false>(x, a.vt, t, row);
+      if (owns_label) st[kStatLabelLogit] = load_logit<Tag>(x + y_local);
+    }
+    store_state(st, row);
   }
 }
 
@@ -66,8 +106,21 @@ void tile_bwd_rows(const LinearTileArgs& a, int64_t begin, int64_t end) {
       fill_row<Tag>(g, a.vt, std::numeric_limits<float>::quiet_NaN());
       continue;
     }
-    grad_row_any<Tag>(static_cast<const storage*>(a.tile) + r * a.stride_row, g, a.vt,
-                      y - a.vocab_offset, rg, t);
+    const storage* x = static_cast<const storage*>(a.tile) + r * a.stride_row;
+    if (a.softcap > 0.0) {
+      // ∂L/∂z on the capped row, then the chain rule ∂L/∂x = ∂L/∂z · (1 − tanh²)
+      using acc_t = acc_of<Tag>;
+      acc_t* z = row_buffer<acc_t>(a.vt, 0);
+      acc_t* dz = row_buffer<acc_t>(a.vt, 1);
+      softcap_row<Tag>(x, a.vt, a.softcap, z, dz);
+      grad_row_any<AccTag<Tag>>(z, z, a.vt, y - a.vocab_offset, rg, t);
+      for (int64_t j = 0; j < a.vt; ++j) {
+        if constexpr (kIsF64<Tag>) g[j] = z[j] * dz[j];
+        else store_scalar<Tag>(g + j, z[j] * dz[j]);
+      }
+    } else {
+      grad_row_any<Tag>(x, g, a.vt, y - a.vocab_offset, rg, t);
+    }
   }
 }
 

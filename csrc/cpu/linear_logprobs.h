@@ -23,6 +23,8 @@ struct LinearTileArgs {
   const int64_t* labels;  // (n,) global vocab ids or ignore_index
   int64_t ignore_index;
   double temperature;
+  // c > 0: the row math sees z = c·tanh(x/c) (logit soft-capping, Gemma 2); 0: z = x
+  double softcap;
   bool with_entropy;
   // forward: (n, linear_logprobs::kNumStats) running state (rlkern/logprobs.h), updated in place
   double* stats;

@@ -1,6 +1,8 @@
 // Glue from tensors to the CPU epilogues of the fused linear op (see linear_logprobs_ops.h).
 #include "cpu/linear_logprobs_ops.h"
 
+#include <cmath>
+
 #include "cpu/glue.h"
 #include "cpu/linear_logprobs.h"
 #include "logprobs_op.h"
@@ -9,6 +11,12 @@ namespace rlkern::cpu {
 namespace {
 
 using namespace rlkern::logprobs;
+
+// 0 (no soft-capping) or a finite positive cap.
+void check_softcap(double softcap) {
+  TORCH_CHECK_VALUE(softcap == 0.0 || (std::isfinite(softcap) && softcap > 0.0),
+                    "softcap must be 0 (none) or a finite positive float, got ", softcap);
+}
 
 LinearTileArgs tile_args(const at::Tensor& tile, const at::Tensor& labels, int64_t vocab_offset,
                          double temperature, int64_t ignore_index) {
@@ -27,13 +35,15 @@ LinearTileArgs tile_args(const at::Tensor& tile, const at::Tensor& labels, int64
 
 void tile_fwd(const at::Tensor& tile, const at::Tensor& labels, int64_t vocab_offset,
               double temperature, int64_t ignore_index, bool with_entropy,
-              const at::Tensor& stats) {
+              const at::Tensor& stats, double softcap) {
   check_tile(tile, labels, "tile");
   check_temperature(temperature);
+  check_softcap(softcap);
   check_stats(stats, tile.size(0), tile);
   if (tile.numel() == 0) return;
   LinearTileArgs a = tile_args(tile, labels, vocab_offset, temperature, ignore_index);
   a.with_entropy = with_entropy;
+  a.softcap = softcap;
   a.stats = stats.data_ptr<double>();
   linear_logprobs_tile_fwd(a);
 }
@@ -59,10 +69,11 @@ void finish_out(const at::Tensor& stats, const at::Tensor& labels, double temper
 void tile_bwd(const at::Tensor& tile, const at::Tensor& labels, int64_t vocab_offset,
               const TensorList& outputs, const TensorList& grad_outputs, double temperature,
               int64_t ignore_index, const at::Tensor& grad_tile,
-              const std::optional<at::Tensor>& stats) {
+              const std::optional<at::Tensor>& stats, double softcap) {
   check_tile(tile, labels, "tile");
   check_tile(grad_tile, labels, "grad_tile");
   check_temperature(temperature);
+  check_softcap(softcap);
   TORCH_CHECK(grad_tile.sizes() == tile.sizes(), "grad_tile: expected the tile's shape ",
               tile.sizes(), ", got ", grad_tile.sizes());
   checks::dtype(grad_tile, "grad_tile", tile.scalar_type());
@@ -73,6 +84,7 @@ void tile_bwd(const at::Tensor& tile, const at::Tensor& labels, int64_t vocab_of
   a.in = in;
   a.grad_tile = grad_tile.data_ptr();
   a.grad_stride_row = grad_tile.stride(0);
+  a.softcap = softcap;
   if (stats.has_value()) {
     check_stats(*stats, tile.size(0), tile);
     a.exact_stats = stats->const_data_ptr<double>();

@@ -35,14 +35,19 @@ Fallbacks (TRL's original method runs, nothing raises; :func:`usage` counts them
 reason is logged once):
 
 * log-probabilities: a model without a separate backbone (``base_model``) or without an
-  ``nn.Linear`` output layer (e.g. a LoRA-wrapped ``lm_head``), and logit soft-capping
-  (``final_logit_softcapping``, ``output_multiplier``). Everything else takes the fused path:
-  vision-language models and inputs and the MoE router auxiliary loss (TRL's own method
-  prepares the backbone's inputs; rlkern serves its fused-head calls), logit scales
-  (``logit_scale``, ``logits_scaling``, ``lm_head_multiplier``: a scale folds exactly into the
-  temperature) and a sharded (FSDP2) head (the head's half runs inside the head module's own
-  call, so FSDP2 gathers its weight and reduces its gradient as for the model's head call).
-* loss: the adaptive entropy controller (``use_adaptive_entropy``).
+  ``nn.Linear`` output layer (e.g. a LoRA-wrapped ``lm_head``), and a logit scale or cap that is
+  not a finite positive number. Everything else takes the fused path: vision-language models
+  and inputs and the MoE router auxiliary loss (TRL's own method prepares the backbone's
+  inputs; rlkern serves its fused-head calls), logit scales (``logit_scale``,
+  ``logits_scaling``, ``lm_head_multiplier``, ``output_multiplier``: a scale folds exactly into
+  the temperature), logit soft-capping (Gemma 2's ``final_logit_softcapping``:
+  ``c·tanh(s·x/c) / T``, fused into the head's tile epilogue as
+  ``rlkern.linear_logprobs(..., softcap=c / s)`` with temperature ``T / s``) and a sharded
+  (FSDP2) head (the head's half runs inside the head module's own call, so FSDP2 gathers its
+  weight and reduces its gradient as for the model's head call).
+* loss: none. The adaptive entropy controller (``use_adaptive_entropy``) runs as TRL's
+  (:mod:`rlkern.integrations.trl_entropy`): the coefficient it applies is the fused loss's
+  ``entropy_coef`` and its state is updated on the trainer as TRL updates it.
 
 Generation (opt-in): ``apply(generation="micro_groups", kv_budget_tokens=..., schedule=...,
 micro_group_size=...)`` also replaces ``GRPOTrainer._generate_single_turn`` so that TRL's
@@ -74,7 +79,7 @@ from torch import Tensor, nn
 import rlkern
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import TRL_LOSS_TYPES
-from rlkern.integrations import trl_generation
+from rlkern.integrations import trl_entropy, trl_generation
 from rlkern.integrations._is_ratio import fold_is_ratio
 from rlkern.integrations.trl_generation import (
     GENERATION_METHOD,
@@ -112,10 +117,12 @@ _MULTIMODAL_KWARGS = ("pixel_values", "image_grid_thw", "num_images", "pixel_att
 # applies them (Cohere: ``* logit_scale``; Granite: ``/ logits_scaling``; Falcon-H1:
 # ``* lm_head_multiplier``). A scale folds exactly into the temperature: softmax(s·z / T) =
 # softmax(z / (T / s)), so these take the fused path with T / s.
-_LOGIT_MULTIPLIERS = {"logit_scale": False, "lm_head_multiplier": False, "logits_scaling": True}
-# Config fields of logit transforms the fused op does not have (soft-capping is nonlinear;
-# ``output_multiplier`` comes with it in the models that use it).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "output_multiplier")
+_LOGIT_MULTIPLIERS = {"logit_scale": False, "lm_head_multiplier": False, "logits_scaling": True,
+                      "output_multiplier": False}
+# The config field of logit soft-capping, ``z = c·tanh(s·x / c)`` (Gemma 2, applied after the
+# multiplier s and before the temperature, as TRL's fused head applies it): rlkern's
+# ``softcap`` option, with the multiplier folded in (c·tanh(s·x/c) = s·c'·tanh(x/c'), c' = c/s).
+_SOFTCAP_FIELD = "final_logit_softcapping"
 # Keyword arguments of TRL's fused-head call (and of wrappers such as PEFT) that the backbone
 # must not see.
 _HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head",
@@ -128,6 +135,8 @@ _REQUEST: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
 _ORIGINALS: dict[str, Any] = {}
 # The options of the generation patch while it is applied (apply(generation="micro_groups")).
 _GENERATION: dict[str, GenerationOptions] = {}
+# The backend of the fused head's rlkern.linear_logprobs call while applied (apply(backend=)).
+_HEAD_BACKEND: dict[str, str] = {}
 _USAGE: Counter[str] = Counter()
 _WARNED: set[str] = set()
 # Models whose instance ``forward`` got the rlkern wrapper (restored by remove()).
@@ -183,10 +192,10 @@ def _logps_fallback_reason(target: nn.Module) -> str | None:
     if config is None or not hasattr(config, "get_text_config"):
         return f"{type(target).__name__} has no transformers config"
     text_config = config.get_text_config()
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(text_config, name, None)
-        if value is not None and value != 1.0:
-            return f"the model transforms its logits ({name}={value!r})"
+    cap = getattr(text_config, _SOFTCAP_FIELD, None)
+    if cap is not None and not (isinstance(cap, (int, float)) and not isinstance(cap, bool)
+                                and math.isfinite(cap) and cap > 0):
+        return f"the model caps its logits by {_SOFTCAP_FIELD}={cap!r} (not a finite float > 0)"
     scale = logit_multiplier(text_config)
     if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
         return f"the model scales its logits by {scale!r}"
@@ -230,7 +239,8 @@ def _fused_forward(self: nn.Module, *args: Any, rlkern_request: dict[str, Any],
     backbone exactly as TRL sends it; this function replaces only the head.
 
     ``rlkern_request`` keys: ``temperature``, ``entropy`` (bool), ``fp32_head`` (bool: TRL's
-    ``cast_lm_head_to_fp32``); ``served`` counts the calls served.
+    ``cast_lm_head_to_fp32``), ``softcap`` (float or None: logit soft-capping); ``served``
+    counts the calls served.
     """
     labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
     for name in _HEAD_ONLY_KWARGS:
@@ -296,7 +306,9 @@ def _fused_head_forward(self: nn.Linear, hidden: Tensor,
     with torch.autocast(device_type, enabled=False):
         out = rlkern.linear_logprobs(hidden, weight, labels.to(weight.device), bias=bias,
                                      temperature=float(rlkern_request["temperature"]),
-                                     return_entropy=bool(rlkern_request["entropy"]))
+                                     return_entropy=bool(rlkern_request["entropy"]),
+                                     softcap=rlkern_request.get("softcap"),
+                                     backend=_HEAD_BACKEND.get("backend", "auto"))
     return out.logprobs, out.entropy
 
 
@@ -384,9 +396,14 @@ def per_token_logps_and_entropies(
         _note_fallback("logps", reason)
         return call()
     _ensure_wrapped(target, _fused_forward)
+    # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s)), and
+    # into the cap: c·tanh(s·x/c) = s·c'·tanh(x/c') with c' = c / s
+    text_config = target.config.get_text_config()
+    scale = logit_multiplier(text_config)
+    cap = getattr(text_config, _SOFTCAP_FIELD, None)
     request = {
-        # a logit scale s folds into the temperature: softmax(s·z / T) = softmax(z / (T / s))
-        "temperature": trainer.temperature / logit_multiplier(target.config.get_text_config()),
+        "temperature": trainer.temperature / scale,
+        "softcap": None if cap is None else float(cap) / scale,
         "entropy": compute_entropy,
         "fp32_head": bool(getattr(trainer.args, "cast_lm_head_to_fp32", False)),
         "served": 0,
@@ -412,8 +429,6 @@ def per_token_logps_and_entropies(
 def _loss_fallback_reason(trainer: Any) -> str | None:
     if trainer.loss_type not in TRL_LOSS_TYPES:
         return f"loss_type={trainer.loss_type!r} (rlkern covers {', '.join(TRL_LOSS_TYPES)})"
-    if getattr(trainer, "use_adaptive_entropy", False):
-        return "the adaptive entropy controller (use_adaptive_entropy=True)"
     return None
 
 
@@ -545,6 +560,8 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
     old = inputs.get("old_per_token_logps")
     old = logps.detach() if old is None else old
     bonus = bool(trainer._entropy_bonus_enabled)
+    # the adaptive controller's coefficient for this window (TRL's static one otherwise)
+    coef = trl_entropy.applied_coef(trainer) if bonus else 0.0
     args = trainer.args
     config = rlkern.PolicyLossConfig.trl(
         trainer.loss_type,
@@ -558,7 +575,7 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
         sapo_temperature_neg=args.sapo_temperature_neg,
         use_bias_correction_kl=bool(args.use_bias_correction_kl),
         top_entropy_quantile=trainer.top_entropy_quantile,
-        entropy_coef=trainer.entropy_coef if bonus else 0.0,
+        entropy_coef=coef,
         # vLLM's ratio arrives precomputed (inputs["importance_sampling_ratio"]): applied as
         # a token weight, exactly the tensor TRL multiplies by
         vllm_importance_sampling_correction=False,
@@ -579,7 +596,7 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
             num_tokens = num_tokens * ga / args.steps_per_generation
     # The entropy is differentiated only through the bonus; otherwise it feeds the mask and
     # the metric, and a detached input spares the LM head's backward an all-zero gradient.
-    entropy_in = entropies if bonus and trainer.entropy_coef != 0.0 else entropies.detach()
+    entropy_in = entropies if coef != 0.0 else entropies.detach()
     out, row_stats = run(prepare(
         logps, old, advantages, mask, config=config,
         ref_logprobs=inputs["ref_per_token_logps"] if trainer.beta != 0.0 else None,
@@ -594,6 +611,7 @@ def compute_loss(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> Tens
         # TRL's "policy_loss": the policy + KL terms before the accumulation scaling
         policy = metrics["pg_loss"] + trainer.beta * metrics.get("kl_loss", 0.0)
         log["policy_loss"].append(trainer.accelerator.gather(policy.float()).nanmean().item())
+        trl_entropy.update(trainer, entropies.detach(), mask, mode)
         if mode == "train" and trainer.accelerator.sync_gradients:
             log["entropy_coef"].append(trainer.entropy_coef)
     if trainer.aux_loss_enabled and aux_loss is not None:
@@ -658,7 +676,8 @@ def is_applied() -> bool:
 
 
 def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
-          schedule: str = "length_aware", micro_group_size: int | None = None) -> None:
+          schedule: str = "length_aware", micro_group_size: int | None = None,
+          backend: str | None = None) -> None:
     """Swap ``GRPOTrainer._get_per_token_logps_and_entropies`` and ``_compute_loss`` for rlkern
     (see the module doc). Idempotent; :func:`remove` undoes it.
 
@@ -674,12 +693,17 @@ def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
         schedule: ``"length_aware"`` (default), ``"micro_group"`` or ``"full_group"``
             (:mod:`rlkern.sampling.scheduler`). Completions do not depend on it.
         micro_group_size: members per micro group (default ``max(1, num_generations // 8)``).
+        backend: the ``backend`` of the fused head's :func:`rlkern.linear_logprobs` calls
+            (e.g. ``"torch"`` where ``rlkern._C`` is not built). ``None`` (default) leaves it
+            as it is: ``"auto"``, or what an earlier call set (until :func:`remove`).
 
     Raises:
         ImportError: TRL is not installed.
         ValueError: an unknown ``generation`` / ``schedule``, a non-positive budget or micro
             group size, or generation options given without ``generation="micro_groups"``.
     """
+    if backend is not None and backend not in rlkern.backends.BACKENDS:
+        raise ValueError(f"backend must be one of {rlkern.backends.BACKENDS}, got {backend!r}")
     if generation not in GENERATIONS:
         raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
     if generation is None and (kv_budget_tokens is not None or micro_group_size is not None
@@ -688,6 +712,8 @@ def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
                          "generation: pass generation='micro_groups' with them")
     options = None if generation is None else GenerationOptions(
         kv_budget_tokens=kv_budget_tokens, schedule=schedule, micro_group_size=micro_group_size)
+    if backend is not None:
+        _HEAD_BACKEND["backend"] = backend
     cls = _grpo_trainer()
     if options is not None:
         if GENERATION_METHOD not in cls.__dict__ and GENERATION_METHOD not in _ORIGINALS:
@@ -720,6 +746,7 @@ def remove() -> None:
             setattr(cls, name, original)
         _ORIGINALS.clear()
     _GENERATION.clear()
+    _HEAD_BACKEND.clear()
     _unwrap_all()
 
 

@@ -32,6 +32,7 @@ from rlkern.ops.linear_logprobs import (
     _check_linear_inputs,
     _group,
     _resolve_backend,
+    _softcap_arg,
     _validate_group_rows,
     run_fused,
 )
@@ -155,6 +156,7 @@ def linear_grpo_loss_fwd(
     chunk_size: int,
     group_name: str,
     backend: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, metric values, ∂h, ∂W, ∂b)``; see :func:`linear_grpo_loss`. ``inputs``: the
     policy loss's optional inputs by slot; ``normalisers``: ``(num_tokens, num_seqs)`` float64;
@@ -171,7 +173,7 @@ def linear_grpo_loss_fwd(
     grad_fn, losses, stats = _loss_fn(batch, cfg, normalisers[0], normalisers[1], with_entropy,
                                       loss_backend)
     _, gh, gw, gb = run_fused(hidden, weight, labels, bias, temperature, ignore_index,
-                              with_entropy, chunk_size, grad_fn, group, backend)
+                              with_entropy, chunk_size, grad_fn, group, backend, softcap)
     acc = acc_dtype(hidden.dtype)
     loss = torch.stack(losses).sum().to(acc) if losses else torch.zeros((), dtype=acc)
     row_stats = (torch.cat(stats, 1) if stats
@@ -187,7 +189,7 @@ def linear_grpo_loss_fwd(
 @linear_grpo_loss_fwd.register_fake
 def _(hidden, weight, labels, bias, mask, advantages, old_logprobs, inputs, normalisers,
       config_ints, config_floats, temperature, ignore_index, with_entropy, chunk_size,
-      group_name, backend):
+      group_name, backend, softcap=0.0):
     acc = acc_dtype(hidden.dtype)
     vespo = PolicyLossConfig.from_args(config_ints, config_floats).policy_loss == "vespo"
     k = len(metric_names(with_kl=_has(inputs, "ref_logprobs"), with_entropy=with_entropy,
@@ -215,18 +217,18 @@ def _setup_context(ctx, inputs, output):
     # fill a zero (V, H) tensor as their "incoming gradient" on every backward.
     ctx.set_materialize_grads(False)
     ctx.has_bias = inputs[3] is not None
-    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_loss, grad_metrics, grad_gh, grad_gw, grad_gb):
     gh, gw, gb = ctx.saved_tensors
     if grad_loss is None:  # only other outputs were differentiated (gradcheck does this)
-        return (None,) * ctx.num_inputs
+        return (None,) * len(ctx.needs_input_grad)
     if not _is_one(grad_loss):
         gh, gw, gb = (t * grad_loss.to(t.dtype) for t in (gh, gw, gb))
     # hidden, weight, labels, bias; the other inputs are not differentiated
     grads = (gh, gw, None, gb if ctx.has_bias else None)
-    return grads + (None,) * (ctx.num_inputs - len(grads))
+    # one entry per argument the caller passed (a defaulted softcap may be absent)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 torch.library.register_autograd("rlkern::linear_grpo_loss_fwd", _backward,
@@ -281,6 +283,7 @@ def linear_grpo_loss(
     chunk_size: int | None = None,
     process_group: torch.distributed.ProcessGroup | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
     **overrides: Any,
 ) -> PolicyLossOutput:
     r"""The policy loss of :func:`rlkern.policy_loss` computed straight from hidden states.
@@ -327,6 +330,8 @@ def linear_grpo_loss(
             NaN results with checks off).
         ignore_index: label of rows that are skipped entirely (their ``logp`` is 0).
         chunk_size: rows per chunk (default: about 2^28 logits).
+        softcap: logit soft-capping ``z = c·tanh(x/c)`` before the temperature (Gemma 2), as
+            in :func:`rlkern.linear_logprobs`; ``None``: none.
         process_group: vocabulary-parallel group, as in :func:`rlkern.linear_logprobs`.
         backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"`` (logits materialised: the
             reference), as in :func:`rlkern.linear_logprobs_with_grad`.
@@ -369,7 +374,8 @@ def linear_grpo_loss(
             raise ValueError(f"hidden of shape (N, H) needs N = B·T = {B * T} rows, got "
                              f"{tuple(hidden.shape)}")
         hidden = hidden.view(B, T, hidden.shape[1])
-    _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size)
+    _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size,
+                         softcap=softcap)
     if cfg.top_entropy_quantile < 1.0:
         raise ValueError("linear_grpo_loss: top_entropy_quantile < 1 needs the entropy of every "
                          "token before the loss; compute entropies with linear_logprobs under "
@@ -414,7 +420,7 @@ def linear_grpo_loss(
     loss, values, _, _, _ = torch.ops.rlkern.linear_grpo_loss_fwd(
         hidden.reshape(B * T, hidden.shape[-1]), weight, labels.reshape(-1), bias, m, adv, old,
         inputs, torch.stack([nt, ns]), *cfg.to_args(), float(temperature), int(ignore_index),
-        with_entropy, rows, group_name, resolved)
+        with_entropy, rows, group_name, resolved, _softcap_arg(softcap))
     names = metric_names(with_kl=ref is not None, with_entropy=with_entropy,
                          with_rollout=rollout is not None, vespo=cfg.policy_loss == "vespo")
     return PolicyLossOutput(loss, dict(zip(names, values.detach().unbind(0), strict=True)))
@@ -433,10 +439,12 @@ class LinearGRPOLoss(torch.nn.Module):
     """
 
     def __init__(self, config: PolicyLossConfig | None = None, *, temperature: float = 1.0,
-                 chunk_size: int | None = None, backend: str = "auto") -> None:
+                 chunk_size: int | None = None, backend: str = "auto",
+                 softcap: float | None = None) -> None:
         super().__init__()
         self.config = PolicyLossConfig.trl() if config is None else config
         self.temperature = temperature
+        self.softcap = softcap
         self.chunk_size = chunk_size
         self.backend = backend
 
@@ -448,7 +456,7 @@ class LinearGRPOLoss(torch.nn.Module):
             _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=bias,
             old_logprobs=old_per_token_logps, ref_logprobs=ref_per_token_logps,
             config=self.config, temperature=self.temperature, chunk_size=self.chunk_size,
-            backend=self.backend)
+            backend=self.backend, softcap=self.softcap)
         return out.loss, out.metrics
 
     def extra_repr(self) -> str:

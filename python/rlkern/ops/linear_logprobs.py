@@ -15,6 +15,7 @@ and the vocabulary-parallel helpers).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -99,6 +100,7 @@ def linear_logprobs_fwd(
     vocab_tile: int,
     group_name: str,
     backend: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     group = group_of(group_name)
     _check_backend(backend, group)
@@ -108,14 +110,15 @@ def linear_logprobs_fwd(
         lp, lse, ent = _empty_rows(hidden, with_entropy)
     else:
         lp, lse, ent = forward(backend, hidden, weight, labels, bias, temperature, ignore_index,
-                               with_entropy, LinearTiling(chunk_size, vocab_tile), group)
+                               with_entropy, LinearTiling(chunk_size, vocab_tile), group,
+                               softcap)
         _validate_rows(lse.view(1, -1), lp.view(1, -1), labels.view(1, -1), ignore_index)
     return lp, lse, ent if ent is not None else _empty()
 
 
 @linear_logprobs_fwd.register_fake
 def _(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk_size,
-      vocab_tile, group_name, backend):
+      vocab_tile, group_name, backend, softcap=0.0):
     rows = lambda: hidden.new_empty((hidden.shape[0],), dtype=acc_dtype(hidden.dtype))
     return rows(), rows(), rows() if with_entropy else hidden.new_empty((0,), dtype=torch.float32)
 
@@ -137,6 +140,7 @@ def linear_logprobs_bwd(
     vocab_tile: int,
     group_name: str,
     backend: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     labels = labels.to(torch.int64).contiguous()
     if labels.numel() == 0:
@@ -146,35 +150,38 @@ def linear_logprobs_bwd(
     gh, gw, gb = backward(backend, hidden, weight, labels, bias, rows(lse), rows(entropy),
                           rows(grad_logprobs), rows(grad_entropy), rows(grad_lse), temperature,
                           ignore_index, LinearTiling(chunk_size, vocab_tile),
-                          group_of(group_name))
+                          group_of(group_name), softcap)
     return gh, gw, gb if gb is not None else _empty()
 
 
 @linear_logprobs_bwd.register_fake
 def _(hidden, weight, labels, bias, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
-      temperature, ignore_index, chunk_size, vocab_tile, group_name, backend):
+      temperature, ignore_index, chunk_size, vocab_tile, group_name, backend, softcap=0.0):
     gb = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk_size,
-     vocab_tile, group_name, backend) = inputs
+     vocab_tile, group_name, backend, *rest) = inputs
+    softcap = rest[0] if rest else 0.0
     _, lse, entropy = output
     ctx.save_for_backward(hidden, weight, labels, bias, lse, entropy if with_entropy else None)
-    ctx.options = (temperature, ignore_index, chunk_size, vocab_tile, group_name, backend)
+    ctx.options = (temperature, ignore_index, chunk_size, vocab_tile, group_name, backend,
+                   softcap)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_logprobs, grad_lse, grad_entropy):
     hidden, weight, labels, bias, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, chunk_size, vocab_tile, group_name, backend = ctx.options
+    temperature, ignore_index, chunk_size, vocab_tile, group_name, backend, softcap = ctx.options
     gh, gw, gb = torch.ops.rlkern.linear_logprobs_bwd(
         hidden, weight, labels, bias, lse, entropy, grad_logprobs,
         grad_entropy if entropy is not None else None, grad_lse, temperature, ignore_index,
-        chunk_size, vocab_tile, group_name, backend)
-    return (gh, gw, None, gb if ctx.has_bias else None, None, None, None, None, None, None,
-            None)
+        chunk_size, vocab_tile, group_name, backend, softcap)
+    # one entry per argument the caller passed (a defaulted softcap may be absent)
+    grads = (gh, gw, None, gb if ctx.has_bias else None)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 torch.library.register_autograd("rlkern::linear_logprobs_fwd", _backward,
@@ -195,6 +202,7 @@ def linear_logprobs_fwd_bwd(
     chunk_size: int,
     group_name: str,
     backend: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     group = group_of(group_name)
     _check_backend(backend, group)
@@ -207,7 +215,7 @@ def linear_logprobs_fwd_bwd(
 
     (lp, lse, ent), gh, gw, gb = run_fused(hidden, weight, labels, bias, temperature,
                                            ignore_index, with_entropy or grad_entropy is not None,
-                                           chunk_size, given, group, backend)
+                                           chunk_size, given, group, backend, softcap)
     _validate_rows(lse.view(1, -1), lp.view(1, -1), labels.view(1, -1), ignore_index)
     return (lp, lse, ent if with_entropy else _empty(), gh, gw,
             gb if gb is not None else _empty())
@@ -215,7 +223,7 @@ def linear_logprobs_fwd_bwd(
 
 @linear_logprobs_fwd_bwd.register_fake
 def _(hidden, weight, labels, bias, grad_logprobs, grad_entropy, temperature, ignore_index,
-      with_entropy, chunk_size, group_name, backend):
+      with_entropy, chunk_size, group_name, backend, softcap=0.0):
     rows = lambda: hidden.new_empty((hidden.shape[0],), dtype=acc_dtype(hidden.dtype))
     gb = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
     return (rows(), rows(), rows() if with_entropy else hidden.new_empty((0,), dtype=torch.float32),
@@ -226,8 +234,24 @@ def _(hidden, weight, labels, bias, grad_logprobs, grad_entropy, temperature, ig
 # Public API
 
 
+def check_softcap(softcap: float | None) -> None:
+    """``softcap`` must be None (no capping) or a finite float > 0 (the cap ``c`` of
+    ``c·tanh(x/c)``)."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite float > 0 (or None), got {softcap!r}")
+
+
+def _softcap_arg(softcap: float | None) -> float:
+    """The registered ops' encoding: 0.0 for no capping."""
+    return 0.0 if softcap is None else float(softcap)
+
+
 def _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size,
-                         ignore_index: int = -100) -> None:
+                         ignore_index: int = -100, softcap: float | None = None) -> None:
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -260,6 +284,7 @@ def _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size,
             raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}")
     check_temperature(temperature)
     check_ignore_index(ignore_index)
+    check_softcap(softcap)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
@@ -275,8 +300,9 @@ class _Call(NamedTuple):
 
 
 def _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size, process_group,
-             backend) -> _Call:
-    _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size, ignore_index)
+             backend, softcap=None) -> _Call:
+    _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size, ignore_index,
+                         softcap)
     # (N, H) with N given explicitly: with H = 0 a reshape to (-1, 0) would be ambiguous.
     return _Call(hidden.reshape(labels.numel(), hidden.shape[-1]), labels.reshape(-1),
                  _resolve_backend(backend, hidden.device),
@@ -302,6 +328,7 @@ def linear_logprobs(
     chunk_size: int | None = None,
     process_group: torch.distributed.ProcessGroup | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> TokenLogprobs:
     r""":func:`rlkern.token_logprobs` of ``hidden @ weight.T + bias`` without forming the logits.
 
@@ -338,6 +365,10 @@ def linear_logprobs(
             Triton's interpreter; ``chunk_size`` is ignored, the kernels pick their own
             tiles) or ``"torch"`` (materialises the logits: the
             reference). There is no ``"cuda"`` C++ backend for this op.
+        softcap: logit soft-capping (Gemma 2's ``final_logit_softcapping``): with ``c`` given,
+            the logits are ``z = c·tanh(x/c)`` of the head's output ``x = h Wᵀ + b``, before
+            the temperature divides them (``softmax(z / T)``); applied in every backend's tile
+            epilogue with its exact gradient ``∂z/∂x = 1 − tanh²(x/c)``. ``None``: ``z = x``.
 
     Returns:
         :class:`rlkern.TokenLogprobs` with ``logprobs``, ``lse`` (and ``entropy``) of shape
@@ -353,11 +384,12 @@ def linear_logprobs(
         torch.Size([4, 64])
     """
     c = _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size,
-                 process_group, backend)
+                 process_group, backend, softcap)
     tiling = LinearTiling.from_shape(c.hidden.shape[0], weight.shape[0], chunk_size)
     lp, lse, ent = torch.ops.rlkern.linear_logprobs_fwd(
         c.hidden, weight, c.labels, bias, float(temperature), int(ignore_index),
-        bool(return_entropy), tiling.chunk_size, tiling.vocab_tile, c.group_name, c.backend)
+        bool(return_entropy), tiling.chunk_size, tiling.vocab_tile, c.group_name, c.backend,
+        _softcap_arg(softcap))
     return _token_logprobs(lp, lse, ent, hidden.shape[:-1], return_entropy)
 
 
@@ -375,6 +407,7 @@ def linear_logprobs_with_grad(
     chunk_size: int | None = None,
     process_group: torch.distributed.ProcessGroup | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> LinearLogprobsWithGrad:
     r"""Forward results and parameter gradients in one chunked pass (no recompute).
 
@@ -399,7 +432,7 @@ def linear_logprobs_with_grad(
         gradients in the parameters' dtypes, ``grad_bias`` None without a bias.
     """
     c = _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size,
-                 process_group, backend)
+                 process_group, backend, softcap)
     lead = hidden.shape[:-1]
     for name, g in (("grad_logprobs", grad_logprobs), ("grad_entropy", grad_entropy)):
         if g is None:
@@ -415,7 +448,7 @@ def linear_logprobs_with_grad(
     lp, lse, ent, gh, gw, gb = torch.ops.rlkern.linear_logprobs_fwd_bwd(
         c.hidden, weight, c.labels, bias, flat(grad_logprobs), flat(grad_entropy),
         float(temperature), int(ignore_index), bool(return_entropy), rows, c.group_name,
-        c.backend)
+        c.backend, _softcap_arg(softcap))
     return LinearLogprobsWithGrad(_token_logprobs(lp, lse, ent, lead, return_entropy),
                                   gh.view(hidden.shape), gw, gb if bias is not None else None)
 

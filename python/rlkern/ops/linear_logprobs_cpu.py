@@ -9,6 +9,10 @@ recomputes each tile, turns it into ``∂/∂x`` in place (``linear_logprobs_til
 accumulates ``∂/∂h`` and ``∂/∂W`` in float32 with two more matmuls. Peak extra memory is the tile
 buffer plus the float32 accumulators, independent of ``N·V``.
 
+With ``softcap`` c > 0 (logit soft-capping) the C++ epilogues read ``z = c·tanh(x/c)`` of the
+tile's ``x`` and the backward epilogue applies ``∂z/∂x = 1 − tanh²(x/c)``; the tiles and the
+matmuls are unchanged.
+
 With a vocabulary-parallel ``group`` each rank holds a consecutive block of ``W``'s rows (ranks
 in order, blocks of any size): the per-row ``(m, s, t)`` are combined with all-reduces, the label
 logit comes from the rank that owns it, ``∂W`` / ``∂b`` stay local and ``∂h`` is all-reduced.
@@ -217,17 +221,18 @@ def _finish(stats, labels, temperature, ignore_index, with_entropy, dtype, group
 
 
 def _tile_bwd(tile, labels, offset, lse, entropy, g_lp, g_ent, g_lse, temperature, ignore_index,
-              stats=None):
+              stats=None, softcap=0.0):
     """``tile`` → its gradient ``∂L/∂x``, in place; rows with a complete summary in ``stats``
-    (``m`` not NaN) take it from there, exactly (see :func:`_exact_stats`)."""
+    (``m`` not NaN) take it from there, exactly (see :func:`_exact_stats`). With ``softcap``
+    c > 0 the epilogue forms ``z = c·tanh(x/c)`` itself and applies ``∂z/∂x = 1 − tanh²``."""
     backends.cpp_ops().linear_logprobs_tile_bwd_(
         tile, labels, offset, _row_lists(lse=lse, entropy=entropy),
         _row_lists(logprobs=g_lp, entropy=g_ent, lse=g_lse), temperature, ignore_index, tile,
-        stats)
+        stats, softcap)
 
 
 def _row_stats(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, tiling,
-               group) -> Tensor:
+               group, softcap=0.0) -> Tensor:
     """The complete float64 row summaries ``(n, len(linear_stats()))``, tile by tile."""
     ops = backends.cpp_ops()
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -243,22 +248,23 @@ def _row_stats(hidden, weight, labels, bias, temperature, ignore_index, with_ent
                                 None if bias is None else bias[v0:v1],
                                 _tile_buffer(buf, r1 - r0, v1 - v0))
             ops.linear_logprobs_tile_fwd_(tile, labels[r0:r1], offset + v0, temperature,
-                                          ignore_index, with_entropy, stats[r0:r1])
+                                          ignore_index, with_entropy, stats[r0:r1], softcap)
     if group is not None:
         _allreduce_stats(stats, group, temperature)
     return stats
 
 
 def forward_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entropy, tiling,
-                group):
-    """``(logprobs, lse, entropy or None)`` of the rows of ``hidden``, tile by tile."""
+                group, softcap=0.0):
+    """``(logprobs, lse, entropy or None)`` of the rows of ``hidden``, tile by tile (of the
+    soft-capped logits ``c·tanh(x/c)`` when ``softcap`` c > 0)."""
     stats = _row_stats(hidden, weight, labels, bias, temperature, ignore_index, with_entropy,
-                       tiling, group)
+                       tiling, group, softcap)
     return _finish(stats, labels, temperature, ignore_index, with_entropy, hidden.dtype, group)
 
 
 def _exact_stats(hidden, weight, labels, bias, lse, temperature, ignore_index, tiling,
-                 group) -> Tensor | None:
+                 group, softcap=0.0) -> Tensor | None:
     """The row summaries the backward needs besides the forward's ``lse``: ``None`` while every
     ``|lse|`` is below :data:`BWD_LSE_BOUND` (the float lse then pins ``p`` down), else the
     complete summaries, recomputed with the backward's own tiles (one more matmul pass). The
@@ -271,11 +277,11 @@ def _exact_stats(hidden, weight, labels, bias, lse, temperature, ignore_index, t
     if not bool(far.any()):
         return None
     return _row_stats(hidden, weight, labels, bias, temperature, ignore_index, True, tiling,
-                      group)
+                      group, softcap)
 
 
 def backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse, temperature,
-                 ignore_index, tiling, group):
+                 ignore_index, tiling, group, softcap=0.0):
     """Vocab tiles outside, row chunks inside: ∂W of a vocab tile is finished (one write) before
     the next tile, so only a (vocab_tile, H) float32 accumulator is needed for it; ∂h
     accumulates in a (N, H) float32 buffer. Rows whose ``|lse|`` is not moderate take their
@@ -292,7 +298,7 @@ def backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse,
     gw_acc = None if single_chunk else torch.empty(min(cols, vocab), weight.shape[1], dtype=acc)
     part = lambda t, sl: None if t is None else t[sl]
     exact = _exact_stats(hidden, weight, labels, bias, lse, temperature, ignore_index, tiling,
-                         group)
+                         group, softcap)
     for v0 in range(0, vocab, cols):
         v1 = min(vocab, v0 + cols)
         w_tile = weight[v0:v1]
@@ -304,7 +310,7 @@ def backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse,
                                 _tile_buffer(buf, r1 - r0, v1 - v0))
             _tile_bwd(tile, labels[sl], offset + v0, lse[sl], part(entropy, sl), part(g_lp, sl),
                       part(g_ent, sl), part(g_lse, sl), temperature, ignore_index,
-                      part(exact, sl))
+                      part(exact, sl), softcap)
             if single_chunk:
                 torch.mm(tile.t(), hidden[sl], out=grad_w[v0:v1])
             elif r0 == 0:
@@ -324,7 +330,7 @@ def backward_cpu(hidden, weight, labels, bias, lse, entropy, g_lp, g_ent, g_lse,
 
 
 def fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entropy,
-              chunk_rows, grad_fn: GradFn, group):
+              chunk_rows, grad_fn: GradFn, group, softcap=0.0):
     """One pass: per row chunk, the full logits rows → stats → upstream grads → ∂x in place →
     ∂h = ∂x W (one matmul over V) and ∂W += ∂xᵀ h.
 
@@ -349,7 +355,7 @@ def fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entr
         tile = _tile_logits(hidden[sl], weight, bias, _tile_buffer(buf, r1 - r0, vocab))
         stats = _stats_init(r1 - r0, hidden.device)
         ops.linear_logprobs_tile_fwd_(tile, labels[sl], offset, temperature, ignore_index,
-                                      with_entropy, stats)
+                                      with_entropy, stats, softcap)
         if group is not None:
             _allreduce_stats(stats, group, temperature)
         lp, ls, ent = _finish(stats, labels[sl], temperature, ignore_index, with_entropy,
@@ -360,7 +366,7 @@ def fused_cpu(hidden, weight, labels, bias, temperature, ignore_index, with_entr
         g_lp, g_ent = grad_fn(lp, ent, sl)
         # The chunk's complete summaries are at hand: every row takes the exact path.
         _tile_bwd(tile, labels[sl], offset, ls, ent, g_lp, g_ent, None, temperature,
-                  ignore_index, stats)
+                  ignore_index, stats, softcap)
         torch.mm(tile, weight, out=grad_h[sl])
         if r0 == 0:
             torch.mm(tile.t(), hidden[sl], out=grad_w)
