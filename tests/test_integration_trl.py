@@ -470,6 +470,8 @@ def _scaled_model(kind: str) -> torch.nn.Module:
     ({"logits_scaling": 4.0}, 0.25),                # Granite: logits / logits_scaling
     ({"lm_head_multiplier": 3.0}, 3.0),             # Falcon-H1: lm_head(h) * multiplier
     ({"logit_scale": 2.0, "logits_scaling": 8.0}, 0.25),
+    ({"logits_scaling": 4.0, "model_type": "hyperclovax"}, 4.0),  # HyperCLOVA X multiplies
+    ({"output_multiplier": 2.0}, 2.0),
 ])
 def test_logit_multiplier(fields, scale):
     config = types.SimpleNamespace(**fields)

@@ -151,6 +151,39 @@ def test_batch_format_is_trls(model_dir, dataset, tmp_path):
     torch.testing.assert_close(lp[mask == 1], mine[mask == 1], rtol=1e-4, atol=1e-4)
 
 
+def test_truncated_support_makes_the_ratio_unbiased(model_dir, dataset, tmp_path):
+    """``apply(truncated_support=True)``: the sampler stores its processed log-probabilities
+    and the trainer recomputes them under GRPOConfig's top-k / top-p / min-p at its
+    temperature — they agree (ratio 1, all finite); without it the trainer's full-vocabulary
+    log-probabilities sit below the sampler's processed ones (mean ratio ≈ the kept mass)."""
+    trainer = _trainer(model_dir, dataset, tmp_path, temperature=0.7, top_k=20, top_p=0.6,
+                       min_p=0.02)
+    texts = [*dataset["prompt"][:2], "w1 w2 w3"]
+    rt.apply(generation="micro_groups", micro_group_size=2, truncated_support=True)
+    out = _score_batch(trainer, texts)
+    ids, mask = out["completion_ids"], out["completion_mask"] == 1
+    full = torch.cat([out["prompt_ids"], ids], 1)
+    am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+
+    def trainer_logps():
+        with torch.no_grad():
+            lp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, full, am,
+                                                                  ids.shape[1])
+        return lp[mask]
+
+    sampled = out["sampling_per_token_logps"][mask]
+    truncated = trainer_logps()
+    assert bool(torch.isfinite(truncated).all())
+    torch.testing.assert_close(truncated, sampled, rtol=1e-4, atol=1e-4)
+    assert rt.usage()["logps_fallback"] == 0
+    rt.apply(truncated_support=False)
+    whole = trainer_logps()
+    ratio = float(torch.exp(whole - sampled).mean())
+    assert bool((whole <= truncated + 1e-6).all()) and ratio < 0.97, ratio
+    assert float(torch.exp(truncated - sampled).mean()) == pytest.approx(1.0, abs=1e-4)
+    assert rt.sampler_filters(trainer) == dict(top_k=20, top_p=0.6, min_p=0.02)
+
+
 def test_greedy_equals_trl_generate(model_dir, dataset, tmp_path):
     """``do_sample=False`` (generation_kwargs): the completions of TRL's own ``generate``."""
     trainer = _trainer(model_dir, dataset, tmp_path, generation_kwargs={"do_sample": False},

@@ -63,6 +63,7 @@ unpatched, same seed: per-step loss and grad norm) and
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import logging
 import math
@@ -114,9 +115,9 @@ _MULTIMODAL_KWARGS = ("pixel_values", "image_grid_thw", "num_images", "pixel_att
                       "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
                       "mm_token_type_ids", "image_position_ids")
 # Config fields that scale the logits, ``logits = s·(h Wᵀ + b)``, and how each model family
-# applies them (Cohere: ``* logit_scale``; Granite: ``/ logits_scaling``; Falcon-H1:
-# ``* lm_head_multiplier``). A scale folds exactly into the temperature: softmax(s·z / T) =
-# softmax(z / (T / s)), so these take the fused path with T / s.
+# applies them (Cohere: ``* logit_scale``; Granite, MiniCPM3: ``/ logits_scaling``, HyperCLOVA X:
+# ``* logits_scaling``; Falcon-H1: ``* lm_head_multiplier``). A scale folds exactly into the
+# temperature: softmax(s·z / T) = softmax(z / (T / s)), so these take the fused path with T / s.
 _LOGIT_MULTIPLIERS = {"logit_scale": False, "lm_head_multiplier": False, "logits_scaling": True,
                       "output_multiplier": False}
 # The config field of logit soft-capping, ``z = c·tanh(s·x / c)`` (Gemma 2, applied after the
@@ -137,6 +138,8 @@ _ORIGINALS: dict[str, Any] = {}
 _GENERATION: dict[str, GenerationOptions] = {}
 # The backend of the fused head's rlkern.linear_logprobs call while applied (apply(backend=)).
 _HEAD_BACKEND: dict[str, str] = {}
+# apply(truncated_support=...) while applied: {"on": bool}.
+_TRUNCATED: dict[str, bool] = {}
 _USAGE: Counter[str] = Counter()
 _WARNED: set[str] = set()
 # Models whose instance ``forward`` got the rlkern wrapper (restored by remove()).
@@ -209,6 +212,20 @@ def _logps_fallback_reason(target: nn.Module) -> str | None:
     return None
 
 
+def sampler_filters(trainer: Any) -> dict[str, int | float]:
+    """``GRPOConfig``'s sampling filters as :func:`rlkern.linear_logprobs` options: the ones
+    that are on (TRL: ``top_k`` 0 or None, ``top_p`` 1.0, ``min_p`` None or 0 are off)."""
+    out: dict[str, int | float] = {}
+    top_k, top_p, min_p = (getattr(trainer, n, None) for n in ("top_k", "top_p", "min_p"))
+    if top_k is not None and int(top_k) > 0:
+        out["top_k"] = int(top_k)
+    if top_p is not None and float(top_p) < 1.0:
+        out["top_p"] = float(top_p)
+    if min_p is not None and float(min_p) > 0.0:
+        out["min_p"] = float(min_p)
+    return out
+
+
 def logit_multiplier(text_config: Any) -> float:
     """The factor ``s`` the model multiplies its logits by (1.0 for most models), from the
     config fields of :data:`_LOGIT_MULTIPLIERS`."""
@@ -221,6 +238,9 @@ def logit_multiplier(text_config: Any) -> float:
             value = float(value)
         except (TypeError, ValueError):
             return value  # not a number: the caller falls back and says why
+        # HyperCLOVA X multiplies by its logits_scaling where Granite and MiniCPM3 divide
+        if divides and getattr(text_config, "model_type", None) == "hyperclovax":
+            divides = False
         scale = scale / value if divides else scale * value
     return scale
 
@@ -308,6 +328,9 @@ def _fused_head_forward(self: nn.Linear, hidden: Tensor,
                                      temperature=float(rlkern_request["temperature"]),
                                      return_entropy=bool(rlkern_request["entropy"]),
                                      softcap=rlkern_request.get("softcap"),
+                                     top_k=rlkern_request.get("top_k"),
+                                     top_p=rlkern_request.get("top_p"),
+                                     min_p=rlkern_request.get("min_p"),
                                      backend=_HEAD_BACKEND.get("backend", "auto"))
     return out.logprobs, out.entropy
 
@@ -404,6 +427,8 @@ def per_token_logps_and_entropies(
     request = {
         "temperature": trainer.temperature / scale,
         "softcap": None if cap is None else float(cap) / scale,
+        **(sampler_filters(trainer) if _TRUNCATED.get("on") and model is not
+           getattr(trainer, "ref_model", None) else {}),
         "entropy": compute_entropy,
         "fp32_head": bool(getattr(trainer.args, "cast_lm_head_to_fp32", False)),
         "served": 0,
@@ -677,7 +702,7 @@ def is_applied() -> bool:
 
 def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
           schedule: str = "length_aware", micro_group_size: int | None = None,
-          backend: str | None = None) -> None:
+          backend: str | None = None, truncated_support: bool | None = None) -> None:
     """Swap ``GRPOTrainer._get_per_token_logps_and_entropies`` and ``_compute_loss`` for rlkern
     (see the module doc). Idempotent; :func:`remove` undoes it.
 
@@ -696,6 +721,14 @@ def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
         backend: the ``backend`` of the fused head's :func:`rlkern.linear_logprobs` calls
             (e.g. ``"torch"`` where ``rlkern._C`` is not built). ``None`` (default) leaves it
             as it is: ``"auto"``, or what an earlier call set (until :func:`remove`).
+        truncated_support: ``True``: the policy's and the old policy's log-probabilities (and
+            entropies) are those of the sampler's truncated distribution — ``GRPOConfig``'s
+            ``top_k``, ``top_p``, ``min_p`` at its ``temperature``, renormalised over the kept
+            set (:func:`rlkern.linear_logprobs` with the filters) — so that they match the
+            rollout engine's processed log-probabilities and vLLM's importance ratio is
+            unbiased. The reference model's stay full-vocabulary. A completion token outside
+            the trainer's kept set gets log-prob −inf (ratio 0, no gradient). ``None``
+            (default) leaves it as it is (off, or what an earlier call set).
 
     Raises:
         ImportError: TRL is not installed.
@@ -710,10 +743,16 @@ def apply(*, generation: str | None = None, kv_budget_tokens: int | None = None,
                                or schedule != "length_aware"):
         raise ValueError("kv_budget_tokens, schedule and micro_group_size configure rlkern's "
                          "generation: pass generation='micro_groups' with them")
-    options = None if generation is None else GenerationOptions(
-        kv_budget_tokens=kv_budget_tokens, schedule=schedule, micro_group_size=micro_group_size)
     if backend is not None:
         _HEAD_BACKEND["backend"] = backend
+    if truncated_support is not None:
+        _TRUNCATED["on"] = bool(truncated_support)
+        if "options" in _GENERATION:  # generation turned on earlier: its log-probs follow
+            _GENERATION["options"] = dataclasses.replace(
+                _GENERATION["options"], processed_logprobs=_TRUNCATED["on"])
+    options = None if generation is None else GenerationOptions(
+        kv_budget_tokens=kv_budget_tokens, schedule=schedule, micro_group_size=micro_group_size,
+        processed_logprobs=_TRUNCATED.get("on", False))
     cls = _grpo_trainer()
     if options is not None:
         if GENERATION_METHOD not in cls.__dict__ and GENERATION_METHOD not in _ORIGINALS:
@@ -747,6 +786,7 @@ def remove() -> None:
         _ORIGINALS.clear()
     _GENERATION.clear()
     _HEAD_BACKEND.clear()
+    _TRUNCATED.clear()
     _unwrap_all()
 
 

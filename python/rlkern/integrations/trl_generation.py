@@ -30,12 +30,14 @@ With the patch the rows go through :func:`rlkern.generate_groups`:
   and images or other multimodal inputs raise ``ValueError`` naming the option: nothing falls
   back to TRL's generate.
 * **Log-probabilities.** The sampler's raw log-probabilities (``log_softmax(logits / T)`` of
-  the drawn token, before top-k / top-p / min-p: the quantity TRL's loss recomputes) fill TRL's
-  ``logprobs`` slot, so TRL stores them as ``inputs["sampling_per_token_logps"]``. TRL's
-  transformers path leaves that slot empty; filled, TRL uses it only in the off-policy sequence
-  mask (``off_policy_mask_threshold``), as the sampling policy's log-probabilities (it falls
-  back to the old policy's otherwise). The last call's :class:`rlkern.GroupRollouts` (with the
-  scheduler's peak KV tokens and decode steps) are kept for users: :func:`last_rollouts`.
+  the drawn token, before top-k / top-p / min-p: the quantity TRL's loss recomputes; with
+  ``apply(truncated_support=True)`` the processed ones, under the truncated distribution, which
+  the trainer then recomputes) fill TRL's ``logprobs`` slot, so TRL stores them as
+  ``inputs["sampling_per_token_logps"]``. TRL's transformers path leaves that slot empty;
+  filled, TRL uses it only in the off-policy sequence mask (``off_policy_mask_threshold``), as
+  the sampling policy's log-probabilities (it falls back to the old policy's otherwise). The
+  last call's :class:`rlkern.GroupRollouts` (with the scheduler's peak KV tokens and decode
+  steps) are kept for users: :func:`last_rollouts`.
 * **Seeds.** Each call draws with a base seed hashed from ``args.seed``, the process index, the
   global step and the trainer's count of generation calls: reproducible runs, fresh samples at
   every generation, distinct samples across processes; the same seed gives the same completions
@@ -96,12 +98,15 @@ class GenerationOptions:
     resident members, see :mod:`rlkern.sampling.scheduler`), or ``None`` for one unit at a time
     (``generate_groups``' own ``kv_budget_tokens``). ``schedule``: one of
     :data:`rlkern.sampling.SCHEDULES`. ``micro_group_size``: ``m`` (default
-    ``max(1, G // 8)``).
+    ``max(1, G // 8)``). ``processed_logprobs``: store the sampler's log-probabilities under
+    the truncated distribution it drew from instead of the raw ones (set by
+    ``apply(truncated_support=True)``, whose trainer log-probabilities are truncated too).
     """
 
     kv_budget_tokens: int | None = None
     schedule: str = "length_aware"
     micro_group_size: int | None = None
+    processed_logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -272,7 +277,9 @@ def generate_single_turn(trainer: Any, options: GenerationOptions, prompt_ids: l
                 for p, rows in enumerate(chunks):  # rollout row p·G + j is member j of chunk p
                     for j, row in enumerate(rows):
                         completions[row] = out.completions[p * size + j]
-                        logprobs[row] = out.logprobs[p * size + j].tolist()
+                        sampled = (out.processed_logprobs if options.processed_logprobs
+                                   else out.logprobs)
+                        logprobs[row] = sampled[p * size + j].tolist()
         finally:
             config.use_cache = use_cache
     trainer._rlkern_rollouts = rollouts

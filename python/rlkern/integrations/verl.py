@@ -39,6 +39,7 @@ not need verl.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -512,8 +513,11 @@ def policy_loss_function(name: str,
     """verl's policy loss ``name`` (``"vanilla"``, ``"dro"``, ...; a key of verl's registry)
     as rlkern computes it, with verl's signature, on ``backend`` (the registered
     ``rlkern_<name>`` functions are these with ``backend="auto"``)."""
+    if name == "bypass_mode":
+        return functools.partial(compute_policy_loss_rlkern_bypass_mode, backend=backend)
     if name not in _LOSS_SPECS:
-        raise ValueError(f"name must be one of {sorted(_LOSS_SPECS)}, got {name!r}")
+        raise ValueError(f"name must be one of {sorted([*_LOSS_SPECS, 'bypass_mode'])}, got "
+                         f"{name!r}")
     default_agg = _LOSS_SPECS[name][0]
 
     def fn(

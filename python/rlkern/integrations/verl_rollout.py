@@ -41,8 +41,10 @@ def compute_policy_loss_rlkern_bypass_mode(
     loss_agg_mode: str = "token-mean",
     config: Any = None,
     rollout_is_weights: Tensor | None = None,
+    *,
+    backend: str = "auto",
 ) -> tuple[Tensor, dict[str, Any]]:
-    """verl's ``bypass_mode`` policy loss computed by rlkern.
+    """verl's ``bypass_mode`` policy loss computed by rlkern (the fused loss on ``backend``).
 
     Inputs ``(bs, response_length)``: ``old_log_prob`` is the rollout engine's log-probs (the
     trainer's bypass substitution), ``log_prob`` the current policy's (differentiable).
@@ -76,6 +78,6 @@ def compute_policy_loss_rlkern_bypass_mode(
     name, spec = _BYPASS_LOSSES[loss_type]
     weights = corr.weights if loss_type == "reinforce" else None
     loss, metrics = _pg_loss(name, old_log_prob, log_prob, advantages, corr.mask, loss_agg_mode,
-                             config, weights, spec=spec)
+                             config, weights, backend, spec=spec)
     metrics.update(corr.metrics)
     return loss, metrics

@@ -25,6 +25,11 @@ from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
 from rlkern.ops.linear_logprobs_cpu import LinearTiling, check_replicated, global_vocab, group_of
 from rlkern.ops.linear_logprobs_dispatch import backward, forward, run_fused
+from rlkern.ops.linear_truncated import (
+    check_filters_allowed,
+    filters_given,
+    truncated_linear_logprobs,
+)
 from rlkern.ops.logprobs import (
     TokenLogprobs,
     _validate_labels,
@@ -309,6 +314,11 @@ def _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size
                  "" if process_group is None else process_group.group_name)
 
 
+def _flat(value):
+    """A per-row filter tensor shaped like ``labels`` → ``(N,)``; numbers pass through."""
+    return value.reshape(-1) if isinstance(value, Tensor) else value
+
+
 def _token_logprobs(lp: Tensor, lse: Tensor, ent: Tensor, lead: torch.Size,
                     return_entropy: bool) -> TokenLogprobs:
     """The per-row results, shaped like ``hidden.shape[:-1]``; this op has no statistics."""
@@ -329,6 +339,10 @@ def linear_logprobs(
     process_group: torch.distributed.ProcessGroup | None = None,
     backend: str = "auto",
     softcap: float | None = None,
+    top_k: int | Tensor | None = None,
+    top_p: float | Tensor | None = None,
+    min_p: float | Tensor | None = None,
+    filter_order: str = "top_k_first",
 ) -> TokenLogprobs:
     r""":func:`rlkern.token_logprobs` of ``hidden @ weight.T + bias`` without forming the logits.
 
@@ -370,6 +384,15 @@ def linear_logprobs(
             the temperature divides them (``softmax(z / T)``); applied in every backend's tile
             epilogue with its exact gradient ``∂z/∂x = 1 − tanh²(x/c)``. ``None``: ``z = x``.
 
+        top_k / top_p / min_p / filter_order: the sampler's filters (numbers, or tensors of
+            one value per row, shaped like ``labels``), as in :func:`rlkern.token_logprobs`:
+            ``logprobs`` and ``entropy`` of the truncated, renormalised distribution (a label
+            outside the kept set: −inf, no gradient), bitwise equal to
+            ``sample(...).processed_logprobs`` of the same logits. The kept set needs whole
+            rows: the head runs on checkpointed chunks of complete rows (about 16M logits
+            each, :mod:`rlkern.ops.linear_truncated`), not in vocabulary tiles; not with
+            ``process_group``.
+
     Returns:
         :class:`rlkern.TokenLogprobs` with ``logprobs``, ``lse`` (and ``entropy``) of shape
         ``hidden.shape[:-1]``, float32 (float64 for float64 inputs); the stats fields are None.
@@ -383,8 +406,18 @@ def linear_logprobs(
         >>> out.logprobs.shape
         torch.Size([4, 64])
     """
+    truncated = filters_given(top_k, top_p, min_p)
+    if truncated:
+        check_filters_allowed(process_group)
     c = _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size,
                  process_group, backend, softcap)
+    if truncated:
+        lp, lse, ent = truncated_linear_logprobs(
+            c.hidden, weight, c.labels, bias, temperature=temperature, softcap=softcap,
+            return_entropy=return_entropy, ignore_index=ignore_index, chunk_size=chunk_size,
+            backend=c.backend, top_k=_flat(top_k), top_p=_flat(top_p), min_p=_flat(min_p),
+            filter_order=filter_order)
+        return _token_logprobs(lp, lse, ent, hidden.shape[:-1], return_entropy)
     tiling = LinearTiling.from_shape(c.hidden.shape[0], weight.shape[0], chunk_size)
     lp, lse, ent = torch.ops.rlkern.linear_logprobs_fwd(
         c.hidden, weight, c.labels, bias, float(temperature), int(ignore_index),

@@ -3,13 +3,16 @@ verl's own functions.
 
 B responses of T tokens (float32, ragged lengths, advantages broadcast to (B, T) as verl's
 actor passes them), forward and backward (∂loss/∂log_prob). One mode per verl loss:
-``dro``, ``dppo_tv``, ``dppo_kl``, ``clip_cov``, ``kl_cov``. Each side is called as verl's actor
-calls it, with one actor config (clip ratios 0.2 / 0.28, ``clip_ratio_c`` 3, dro's β = 0.5,
-clip_cov's and kl_cov's selection options) and token-mean:
+``dro``, ``dppo_tv``, ``dppo_kl``, ``clip_cov``, ``kl_cov``, ``bypass_mode``. Each side is called
+as verl's actor calls it, with one actor config (clip ratios 0.2 / 0.28, ``clip_ratio_c`` 3, dro's
+β = 0.5, clip_cov's and kl_cov's selection options; bypass_mode: ``reinforce`` with token
+importance weights truncated at 2 and the ``seq_mean_k3`` / ``token_k1`` rejection options) and
+token-mean:
 
 * ``rlkern`` — the registered ``rlkern_<name>`` function on the run's backend
   (:func:`rlkern.integrations.verl.policy_loss_function`): the fused loss; clip_cov /
   kl_cov first select their tokens (``cov_selection``: a few torch reductions, the selection);
+  bypass_mode first computes its weights and rejection mask (``rlkern.rollout_correction``);
 * ``verl <name>`` — verl's ``compute_policy_loss_<name>`` (eager torch + ``agg_loss``).
 
 clip_cov draws its tokens from the global generator: each call seeds it identically, so both
@@ -28,7 +31,7 @@ from torch import Tensor
 from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
 from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
 
-LOSSES = ("dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov")
+LOSSES = ("dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "bypass_mode")
 SEED = 0  # the global generator's seed before each call (clip_cov's torch.randperm)
 
 
@@ -64,8 +67,10 @@ class _Attrs(dict):
 
 def actor_config() -> _Attrs:
     """The actor config both sides get."""
+    bypass = _Attrs(loss_type="reinforce", rollout_is="token", rollout_is_threshold=2.0,
+                    rollout_rs="seq_mean_k3,token_k1", rollout_rs_threshold="0.05,0.5_2.0")
     policy = _Attrs(dro_beta=0.5, clip_cov_ratio=0.02, clip_cov_lb=1.0, clip_cov_ub=5.0,
-                    kl_cov_ratio=0.02, ppo_kl_coef=1.0)
+                    kl_cov_ratio=0.02, ppo_kl_coef=1.0, rollout_correction=bypass)
     return _Attrs(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                   policy_loss=policy, global_batch_info={})
 

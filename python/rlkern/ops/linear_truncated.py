@@ -1,0 +1,94 @@
+""":func:`rlkern.linear_logprobs` under the sampler's truncated distribution (``top_k``,
+``top_p``, ``min_p``): the trainer's side of the rollout's truncation without the ``(N, V)``
+logits.
+
+The kept set of a row needs the whole row, so the head is applied to a chunk of complete rows
+at a time: ``x = h[rows] Wᵀ (+ b)`` (``(rows, V)``, about :data:`CHUNK_LOGITS` logits), the
+optional soft cap ``c·tanh(x/c)``, then :func:`rlkern.token_logprobs` with the filters — the
+sampler's own kept-set search, so the log-probs equal ``sample(...).processed_logprobs`` of the
+same logits bit for bit. With autograd each chunk is checkpointed
+(:func:`torch.utils.checkpoint.checkpoint`): the backward recomputes the chunk's logits, so peak
+extra memory stays one chunk of logits (plus its gradient) whatever ``N``. Gradients are exact
+with the kept set fixed (0 outside it; a label outside it has log-prob −inf and no gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from rlkern.ops.logprobs import token_logprobs
+
+__all__ = ["CHUNK_LOGITS", "check_filters_allowed", "filters_given", "truncated_linear_logprobs"]
+
+#: Logits per chunk of complete rows (16M: 32 MiB in bf16, 64 MiB in fp32).
+CHUNK_LOGITS = 1 << 24
+
+# linear_logprobs backend → token_logprobs backend for the chunk's epilogue
+_EPILOGUE_BACKEND = {"auto": "auto", "cpu": "cpu", "triton": "triton", "torch": "torch"}
+
+
+def _rows(value: int | float | Tensor | None, sl: slice) -> int | float | Tensor | None:
+    """A per-row filter tensor sliced to the chunk's rows; numbers pass through."""
+    return value[sl] if isinstance(value, Tensor) and value.dim() == 1 else value
+
+
+def _chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+           temperature: float, softcap: float | None, return_entropy: bool,
+           ignore_index: int, backend: str, top_k, top_p, min_p,
+           filter_order: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    x = F.linear(hidden, weight, bias)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    out = token_logprobs(x, labels, temperature=temperature, return_entropy=return_entropy,
+                         ignore_index=ignore_index, backend=backend, top_k=top_k, top_p=top_p,
+                         min_p=min_p, filter_order=filter_order)
+    return out.logprobs, out.lse, out.entropy
+
+
+def truncated_linear_logprobs(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, *,
+    temperature: float, softcap: float | None, return_entropy: bool, ignore_index: int,
+    chunk_size: int | None, backend: str, top_k: int | Tensor | None,
+    top_p: float | Tensor | None, min_p: float | Tensor | None, filter_order: str,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(logprobs, lse, entropy or None)`` of the ``(N, H)`` rows of ``hidden`` under the
+    filtered distribution of ``softmax(z / T)`` (``z`` the head's, soft-capped, logits);
+    per-row filter tensors have shape ``(N,)``. ``lse`` is the whole row's, as in
+    :func:`rlkern.token_logprobs`."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows = chunk_size or max(1, CHUNK_LOGITS // max(vocab, 1))
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    epilogue = _EPILOGUE_BACKEND[backend]
+    parts: list[tuple[Tensor, Tensor, Tensor | None]] = []
+    for r0 in range(0, n, rows):
+        sl = slice(r0, min(n, r0 + rows))
+        args = (hidden[sl], weight, bias, labels[sl], temperature, softcap, return_entropy,
+                ignore_index, epilogue, _rows(top_k, sl), _rows(top_p, sl), _rows(min_p, sl),
+                filter_order)
+        # checkpointed: the backward recomputes the chunk's logits instead of keeping them
+        parts.append(checkpoint(_chunk, *args, use_reentrant=False) if need_grad
+                     else _chunk(*args))
+    if not parts:
+        empty = hidden.new_zeros((0,), dtype=torch.float32 if hidden.dtype != torch.float64
+                                 else torch.float64)
+        return empty, empty, empty if return_entropy else None
+    lp = torch.cat([p[0] for p in parts])
+    lse = torch.cat([p[1] for p in parts])
+    ent = torch.cat([p[2] for p in parts]) if return_entropy else None
+    return lp, lse, ent
+
+
+def filters_given(top_k, top_p, min_p) -> bool:
+    """Whether any filter is set (``top_k`` / ``top_p`` / ``min_p`` not ``None``)."""
+    return any(f is not None for f in (top_k, top_p, min_p))
+
+
+def check_filters_allowed(process_group) -> None:
+    """The filters need each whole row on one rank."""
+    if process_group is not None:
+        raise ValueError("top_k / top_p / min_p need each row's whole vocabulary on one rank: "
+                         "not supported with process_group")
