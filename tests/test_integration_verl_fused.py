@@ -126,6 +126,37 @@ def test_patch_routes_both_backends_and_unpatch_restores():
     assert not vf.is_fused_patched()
 
 
+def test_truncated_support_filters():
+    """``patch_fused_kernels(top_k=, top_p=)``: verl's fused path returns the log-probs and
+    entropy of the sampler's truncated distribution; verl's "off" values are off; unpatching
+    clears them; the plugin's environment string parses (bad items refused)."""
+    import rlkern
+
+    hidden, weight, labels = _inputs(torch.float32, shape=(40,))
+    with torch.no_grad():
+        labels = (hidden @ weight.T).argsort(1, descending=True)[:, 2]  # often near the edge
+    vf.patch_fused_kernels(top_k=6, top_p=0.8, min_p=0.0)
+    try:
+        assert vf._FILTERS == {"top_k": 6, "top_p": 0.8}
+        lp, ent = verl_exp.FusedLinearForPPO(impl_backend="torch")(hidden, weight, labels,
+                                                                  temperature=0.8)
+        ref = rlkern.token_logprobs(torch.nn.functional.linear(hidden, weight), labels,
+                                    temperature=0.8, top_k=6, top_p=0.8, return_entropy=True)
+        assert torch.equal(torch.isinf(lp), torch.isinf(ref.logprobs))
+        assert bool(torch.isinf(lp).any()) and bool(torch.isfinite(lp).any())
+        torch.testing.assert_close(lp, ref.logprobs, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ent, ref.entropy, rtol=1e-6, atol=1e-6)
+        vf.patch_fused_kernels(top_k=0, top_p=1.0)  # verl's "off"
+        assert vf._FILTERS == {}
+    finally:
+        vf.unpatch_fused_kernels()
+    assert vf._FILTERS == {}
+    assert vf.parse_filters("top_k=50, top_p=0.9") == {"top_k": 50.0, "top_p": 0.9}
+    assert vf.parse_filters("") == {}
+    with pytest.raises(ValueError, match="RLKERN_VERL_TRUNCATED_SUPPORT"):
+        vf.parse_filters("temperature=0.7")
+
+
 def _tiny_llama():
     """A tiny random Llama of its own subclass: verl's patch replaces ``forward`` on the class,
     and must not leak into other tests' LlamaForCausalLM."""
@@ -177,9 +208,10 @@ def test_plugin_patches_in_a_fresh_process():
     """``VERL_USE_EXTERNAL_MODULES`` + ``RLKERN_VERL_PATCH_FUSED=1``: importing verl patches its
     fused path in every process (Ray workers included)."""
     code = ("import verl, rlkern.integrations.verl_fused as vf; "
-            "assert vf.is_fused_patched(), 'not patched'; print('ok')")
+            "assert vf.is_fused_patched(), 'not patched'; "
+            "assert vf._FILTERS == {'top_p': 0.9}, vf._FILTERS; print('ok')")
     env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rlkern.integrations.verl_plugin",
-               RLKERN_VERL_PATCH_FUSED="1")
+               RLKERN_VERL_PATCH_FUSED="1", RLKERN_VERL_TRUNCATED_SUPPORT="top_p=0.9")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300, cwd="/")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

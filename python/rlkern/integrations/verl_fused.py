@@ -21,6 +21,8 @@ Config lines (see docs/integrations/verl.md)::
     # and in every verl process (the actor runs in a Ray worker):
     export VERL_USE_EXTERNAL_MODULES=rlkern.integrations.verl_plugin
     export RLKERN_VERL_PATCH_FUSED=1
+    # optional, truncated support: the rollout's filters (e.g. its top_k / top_p)
+    export RLKERN_VERL_TRUNCATED_SUPPORT="top_k=50,top_p=0.9"
 
 verl is imported lazily, when a patch function is called.
 """
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from rlkern.ops.linear_logprobs import linear_logprobs
 
-__all__ = ["fused_linear_for_ppo", "is_fused_patched", "patch_fused_kernels",
+__all__ = ["fused_linear_for_ppo", "is_fused_patched", "parse_filters", "patch_fused_kernels",
            "unpatch_fused_kernels"]
 
 
@@ -56,6 +58,10 @@ def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids
         backend: :func:`rlkern.linear_logprobs`'s backend (``"auto"``: CPU tensors → ``"cpu"``,
             CUDA tensors → ``"triton"``).
 
+    With the sampler's filters set by ``patch_fused_kernels(top_k=, top_p=, min_p=)`` the
+    values are those of the truncated, renormalised distribution (a label outside the kept
+    set: −inf).
+
     Returns:
         ``log_probs`` float32 and ``entropy`` (``entropy_dtype``), both shaped like
         ``input_ids``; differentiable wrt ``hidden_states`` and ``vocab_weights``.
@@ -65,7 +71,7 @@ def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids
                          f"shape {tuple(hidden_states.shape[:-1])}")
     out = linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
                           temperature=float(temperature), return_entropy=True,
-                          backend=backend)
+                          backend=backend, **_FILTERS)
     entropy = out.entropy if entropy_dtype is None else out.entropy.to(entropy_dtype)
     return out.logprobs.float(), entropy
 
@@ -97,6 +103,8 @@ def _triton_backend(hidden: Tensor, weight: Tensor, labels: Tensor,
 
 # (owner, attribute, verl's original) for every swap made by patch_fused_kernels
 _PATCHED: list[tuple[Any, str, Any]] = []
+# the rollout's sampling filters the fused path applies (patch_fused_kernels(top_k=, ...))
+_FILTERS: dict[str, int | float] = {}
 
 
 def _targets() -> list[tuple[Any, str, Callable[..., Any]]]:
@@ -112,13 +120,29 @@ def _targets() -> list[tuple[Any, str, Callable[..., Any]]]:
     return targets
 
 
-def patch_fused_kernels() -> list[str]:
+def patch_fused_kernels(*, top_k: int | None = None, top_p: float | None = None,
+                        min_p: float | None = None) -> list[str]:
     """Route verl's fused actor path (``use_fused_kernels=True``, both ``impl_backend``
     values) through :func:`fused_linear_for_ppo`. verl's model forwards import the fused
     function at call time, so this works whenever it is called before the first forward.
 
+    ``top_k`` / ``top_p`` / ``min_p`` (truncated support): the rollout's sampling filters —
+    ``actor_rollout_ref.rollout.top_k`` / ``top_p`` (and ``min_p``; verl's "off" values
+    ``top_k`` ≤ 0, ``top_p`` 1, ``min_p`` 0 are off) — so that every log-probability of the
+    fused path (the actor's old and current ones; the reference model's too when it runs the
+    fused path) is that of the sampler's truncated distribution, matching a rollout engine
+    that reports processed log-probabilities (vLLM ``logprobs_mode="processed_logprobs"``).
+    A later call replaces the filters (none: off).
+
     Idempotent. Returns the patched ``owner.attribute`` names.
     """
+    _FILTERS.clear()
+    if top_k is not None and int(top_k) > 0:
+        _FILTERS["top_k"] = int(top_k)
+    if top_p is not None and float(top_p) < 1.0:
+        _FILTERS["top_p"] = float(top_p)
+    if min_p is not None and float(min_p) > 0.0:
+        _FILTERS["min_p"] = float(min_p)
     done = {(id(owner), attr) for owner, attr, _ in _PATCHED}
     for owner, attr, replacement in _targets():
         if (id(owner), attr) in done:
@@ -128,8 +152,22 @@ def patch_fused_kernels() -> list[str]:
     return [f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in _PATCHED]
 
 
+def parse_filters(spec: str) -> dict[str, float]:
+    """``"top_k=50,top_p=0.9"`` (``RLKERN_VERL_TRUNCATED_SUPPORT``) → keyword arguments of
+    :func:`patch_fused_kernels`; ``""`` → none. Unknown names raise ``ValueError``."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in ("top_k", "top_p", "min_p"):
+            raise ValueError(f"RLKERN_VERL_TRUNCATED_SUPPORT: expected top_k=, top_p=, min_p= "
+                             f"items, got {item!r}")
+        out[name.strip()] = float(value)
+    return out
+
+
 def unpatch_fused_kernels() -> None:
-    """Put verl's fused functions back. Idempotent."""
+    """Put verl's fused functions back (and clear the filters). Idempotent."""
+    _FILTERS.clear()
     while _PATCHED:
         owner, attr, original = _PATCHED.pop()
         setattr(owner, attr, original)

@@ -1,7 +1,8 @@
 """Importing this module registers rlkern in verl: ``rlkern.integrations.verl.register()``;
 when ``RLKERN_VERL_PATCH_LOGPROBS=1``, ``patch_torch_functional()``; when
 ``RLKERN_VERL_PATCH_FUSED=1``, ``rlkern.integrations.verl_fused.patch_fused_kernels()`` (the
-actor's ``use_fused_kernels`` path); when ``RLKERN_VERL_REPLACE_ESTIMATORS=1``,
+actor's ``use_fused_kernels`` path; ``RLKERN_VERL_TRUNCATED_SUPPORT="top_k=50,top_p=0.9"``
+gives it the rollout's sampling filters); when ``RLKERN_VERL_REPLACE_ESTIMATORS=1``,
 ``replace_verl_estimators()`` (rlkern under verl's own ``gae`` / ``remax`` /
 ``reinforce_plus_plus``).
 
@@ -23,6 +24,7 @@ _verl.register()
 if os.environ.get("RLKERN_VERL_PATCH_LOGPROBS", "0") == "1":
     _verl.patch_torch_functional()
 if os.environ.get("RLKERN_VERL_PATCH_FUSED", "0") == "1":
-    _verl_fused.patch_fused_kernels()
+    _verl_fused.patch_fused_kernels(
+        **_verl_fused.parse_filters(os.environ.get("RLKERN_VERL_TRUNCATED_SUPPORT", "")))
 if os.environ.get("RLKERN_VERL_REPLACE_ESTIMATORS", "0") == "1":
     _verl.replace_verl_estimators()
