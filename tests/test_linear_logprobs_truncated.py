@@ -127,3 +127,53 @@ def test_bad_filters_and_process_group_refused():
         rlkern.linear_logprobs(h, w, y, top_k=0)
     with pytest.raises(ValueError, match="process_group"):
         rlkern.linear_logprobs(h, w, y, top_k=3, process_group=object())
+
+
+def _loss_inputs(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, V = 4, 6, 16, 40
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4
+    with torch.no_grad():
+        y = (h @ w.T).argsort(-1, descending=True)[..., 1]
+    mask = torch.arange(T)[None] < torch.tensor([6, 3, 1, 5])[:, None]
+    y[~mask] = 12345  # garbage ids at padding: never scored
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64)
+    return h, w, y, mask, adv, old
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(policy_loss="cispo", entropy_coef=0.01,
+                                             loss_agg_mode="seq-mean-token-mean"),
+                                 dict(top_entropy_quantile=0.5, entropy_coef=0.02)],
+                         ids=["ppo", "cispo-entropy", "entropy-quantile"])
+def test_linear_grpo_loss_with_filters_is_the_composition(cfg):
+    h, w, y, mask, adv, old = _loss_inputs()
+    config = rlkern.PolicyLossConfig(**cfg)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = rlkern.linear_grpo_loss(hh, ww, y, mask, adv, old_logprobs=old, config=config,
+                                  temperature=0.9, top_k=8, top_p=0.9, backend="cpu")
+    out.loss.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    scored = y.masked_fill(~mask, -100)
+    lp = rlkern.token_logprobs(torch.nn.functional.linear(h2, w2), scored, temperature=0.9,
+                               top_k=8, top_p=0.9, return_entropy=True, backend="cpu")
+    need_entropy = config.entropy_coef != 0 or config.top_entropy_quantile < 1
+    ref = rlkern.policy_loss(lp.logprobs, old, adv, mask, config=config,
+                             entropy=lp.entropy if need_entropy else None, backend="cpu")
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hh.grad, h2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ww.grad, w2.grad, rtol=1e-10, atol=1e-12)
+    assert out.metrics.keys() == ref.metrics.keys()
+
+
+def test_linear_grpo_loss_filters_off_equal_the_fused_loss():
+    """top_k = V keeps every token: the composition gives the one-pass loss (to the CPU
+    truncated kernel's float64 rounding)."""
+    h, w, y, mask, adv, old = _loss_inputs()
+    y = y.masked_fill(~mask, 0)
+    a = rlkern.linear_grpo_loss(h, w, y, mask, adv, old_logprobs=old, top_k=w.shape[0],
+                                backend="cpu")
+    b = rlkern.linear_grpo_loss(h, w, y, mask, adv, old_logprobs=old, backend="cpu")
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-9, atol=1e-12)

@@ -34,9 +34,17 @@ from rlkern.ops.linear_logprobs import (
     _resolve_backend,
     _softcap_arg,
     _validate_group_rows,
+    linear_logprobs,
     run_fused,
 )
-from rlkern.ops.policy_loss import PolicyLossOutput, finish_metrics, metric_names, policy_loss_chunk
+from rlkern.ops.linear_truncated import check_filters_allowed, filters_given
+from rlkern.ops.policy_loss import (
+    PolicyLossOutput,
+    finish_metrics,
+    metric_names,
+    policy_loss,
+    policy_loss_chunk,
+)
 from rlkern.ops.policy_loss.inputs import normaliser
 
 __all__ = ["LinearGRPOLoss", "linear_grpo_loss"]
@@ -284,6 +292,10 @@ def linear_grpo_loss(
     process_group: torch.distributed.ProcessGroup | None = None,
     backend: str = "auto",
     softcap: float | None = None,
+    top_k: int | Tensor | None = None,
+    top_p: float | Tensor | None = None,
+    min_p: float | Tensor | None = None,
+    filter_order: str = "top_k_first",
     **overrides: Any,
 ) -> PolicyLossOutput:
     r"""The policy loss of :func:`rlkern.policy_loss` computed straight from hidden states.
@@ -335,6 +347,13 @@ def linear_grpo_loss(
         process_group: vocabulary-parallel group, as in :func:`rlkern.linear_logprobs`.
         backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"`` (logits materialised: the
             reference), as in :func:`rlkern.linear_logprobs_with_grad`.
+        top_k / top_p / min_p / filter_order: the sampler's filters (truncated support): the
+            log-probs (and entropy) are those of the truncated distribution, as
+            :func:`rlkern.linear_logprobs` computes them with the same options; the loss is then
+            exactly the composition above (``linear_logprobs`` with the filters on checkpointed
+            chunks of whole rows, then :func:`rlkern.policy_loss` with every option, all its
+            metrics), not the one-pass epilogue. Masked tokens are not scored; a valid token
+            outside the kept set has log-prob −inf (ratio 0, no gradient).
 
     Returns:
         :class:`rlkern.PolicyLossOutput` ``(loss, metrics)``: ``loss`` a 0-dim float32 tensor
@@ -376,6 +395,16 @@ def linear_grpo_loss(
         hidden = hidden.view(B, T, hidden.shape[1])
     _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size,
                          softcap=softcap)
+    if filters_given(top_k, top_p, min_p):
+        check_filters_allowed(process_group)
+        return _truncated_loss(hidden, weight, labels, mask, advantages, bias=bias,
+                               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                               rollout_logprobs=rollout_logprobs, token_weights=token_weights,
+                               cfg=cfg, temperature=temperature, num_tokens=num_tokens,
+                               num_seqs=num_seqs, ignore_index=ignore_index,
+                               chunk_size=chunk_size, backend=backend, softcap=softcap,
+                               filters=dict(top_k=top_k, top_p=top_p, min_p=min_p,
+                                            filter_order=filter_order))
     if cfg.top_entropy_quantile < 1.0:
         raise ValueError("linear_grpo_loss: top_entropy_quantile < 1 needs the entropy of every "
                          "token before the loss; compute entropies with linear_logprobs under "
@@ -462,3 +491,24 @@ class LinearGRPOLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"config={self.config}, temperature={self.temperature}"
 
+
+def _truncated_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
+                    advantages: Tensor, *, bias: Tensor | None, old_logprobs: Tensor | None,
+                    ref_logprobs: Tensor | None, rollout_logprobs: Tensor | None,
+                    token_weights: Tensor | None, cfg: PolicyLossConfig, temperature: float,
+                    num_tokens: float | Tensor | None, num_seqs: float | Tensor | None,
+                    ignore_index: int, chunk_size: int | None, backend: str,
+                    softcap: float | None, filters: dict[str, Any]) -> PolicyLossOutput:
+    """:func:`linear_grpo_loss` under the sampler's filters: ``linear_logprobs`` with them
+    (masked tokens not scored), then :func:`rlkern.policy_loss`."""
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    scored = labels.masked_fill(~keep.to(labels.device), ignore_index)
+    need_entropy = cfg.entropy_coef != 0.0 or cfg.top_entropy_quantile < 1.0
+    out = linear_logprobs(hidden, weight, scored, bias=bias, temperature=temperature,
+                          return_entropy=need_entropy, ignore_index=ignore_index,
+                          chunk_size=chunk_size, backend=backend, softcap=softcap, **filters)
+    loss_backend = backend if backend in ("cpu", "torch") else "auto"
+    return policy_loss(out.logprobs, old_logprobs, advantages, mask, config=cfg,
+                       ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+                       token_weights=token_weights, entropy=out.entropy, num_tokens=num_tokens,
+                       num_seqs=num_seqs, backend=loss_backend)
