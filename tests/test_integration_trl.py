@@ -110,9 +110,15 @@ def _train(model_dir, dataset, out_dir, *, patch: bool, **overrides) -> tuple[li
     rt.reset_usage()
     if patch:
         rt.apply()
+    lora = overrides.pop("lora", None)
+    peft_config = None
+    if lora:
+        peft = pytest.importorskip("peft", reason="peft is not installed (the parity extra)")
+        peft_config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                      target_modules=["q_proj", "v_proj", "up_proj"])
     try:
         trainer = GRPOTrainer(model=model_dir, reward_funcs=_reward, train_dataset=dataset,
-                              args=_config(out_dir, **overrides))
+                              args=_config(out_dir, **overrides), peft_config=peft_config)
         trainer.train()
     finally:
         rt.remove()
@@ -132,6 +138,10 @@ TRAIN_CASES = {
     "sapo": dict(loss_type="sapo"),
     "luspo-sequence": dict(loss_type="luspo", importance_sampling_level="sequence"),
     "vespo": dict(loss_type="vespo"),
+    # under bf16 autocast: the backbone in bf16, the head cast to fp32 on both sides
+    "dapo-fp32-head": dict(loss_type="dapo", cast_lm_head_to_fp32=True, bf16=True),
+    # a peft LoRA model, adapters on the backbone (TRL 1.16 refuses one on lm_head)
+    "dapo-peft-lora": dict(loss_type="dapo", lora=True),
 }
 _BASELINES: dict[str, list] = {}
 

@@ -66,7 +66,7 @@ def errors(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> tuple[float,
         return 0.0 if num == 0 else num / den if den > 0 else float("inf")
 
     precision = ratio(diff_max, tol.rtol * ref_max) if tol.scale_by_max else elem
-    return precision, ratio(diff_max, tol.gate * ref_max)
+    return precision, ratio(diff_max, tol.gate * ref_max + tol.gate_atol)
 
 
 def compare(out: Outputs, ref: Outputs, tolerances: Mapping[str, Tolerance]) -> CheckResult:

@@ -296,6 +296,7 @@ def linear_grpo_loss(
     top_p: float | Tensor | None = None,
     min_p: float | Tensor | None = None,
     filter_order: str = "top_k_first",
+    lora: tuple[Tensor, Tensor, float] | None = None,
     **overrides: Any,
 ) -> PolicyLossOutput:
     r"""The policy loss of :func:`rlkern.policy_loss` computed straight from hidden states.
@@ -354,6 +355,9 @@ def linear_grpo_loss(
             chunks of whole rows, then :func:`rlkern.policy_loss` with every option, all its
             metrics), not the one-pass epilogue. Masked tokens are not scored; a valid token
             outside the kept set has log-prob −inf (ratio 0, no gradient).
+        lora: ``(A, B, s)`` of a LoRA-adapted head, as in :func:`rlkern.linear_logprobs`
+            (logits ``h Wᵀ + s·(h Aᵀ) Bᵀ + b``, ``W + s·B·A`` never formed; gradients for
+            ``A`` and ``B``); computed as the same composition as the filters.
 
     Returns:
         :class:`rlkern.PolicyLossOutput` ``(loss, metrics)``: ``loss`` a 0-dim float32 tensor
@@ -395,7 +399,7 @@ def linear_grpo_loss(
         hidden = hidden.view(B, T, hidden.shape[1])
     _check_linear_inputs(hidden, weight, labels, bias, temperature, chunk_size,
                          softcap=softcap)
-    if filters_given(top_k, top_p, min_p):
+    if filters_given(top_k, top_p, min_p) or lora is not None:
         check_filters_allowed(process_group)
         return _truncated_loss(hidden, weight, labels, mask, advantages, bias=bias,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
@@ -404,7 +408,7 @@ def linear_grpo_loss(
                                num_seqs=num_seqs, ignore_index=ignore_index,
                                chunk_size=chunk_size, backend=backend, softcap=softcap,
                                filters=dict(top_k=top_k, top_p=top_p, min_p=min_p,
-                                            filter_order=filter_order))
+                                            filter_order=filter_order, lora=lora))
     if cfg.top_entropy_quantile < 1.0:
         raise ValueError("linear_grpo_loss: top_entropy_quantile < 1 needs the entropy of every "
                          "token before the loss; compute entropies with linear_logprobs under "
@@ -499,8 +503,8 @@ def _truncated_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor
                     num_tokens: float | Tensor | None, num_seqs: float | Tensor | None,
                     ignore_index: int, chunk_size: int | None, backend: str,
                     softcap: float | None, filters: dict[str, Any]) -> PolicyLossOutput:
-    """:func:`linear_grpo_loss` under the sampler's filters: ``linear_logprobs`` with them
-    (masked tokens not scored), then :func:`rlkern.policy_loss`."""
+    """:func:`linear_grpo_loss` under the sampler's filters and / or with a LoRA head:
+    ``linear_logprobs`` with them (masked tokens not scored), then :func:`rlkern.policy_loss`."""
     keep = mask if mask.dtype == torch.bool else mask != 0
     scored = labels.masked_fill(~keep.to(labels.device), ignore_index)
     need_entropy = cfg.entropy_coef != 0.0 or cfg.top_entropy_quantile < 1.0

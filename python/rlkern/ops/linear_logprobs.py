@@ -27,6 +27,7 @@ from rlkern.ops.linear_logprobs_cpu import LinearTiling, check_replicated, globa
 from rlkern.ops.linear_logprobs_dispatch import backward, forward, run_fused
 from rlkern.ops.linear_truncated import (
     check_filters_allowed,
+    check_lora,
     filters_given,
     truncated_linear_logprobs,
 )
@@ -343,6 +344,7 @@ def linear_logprobs(
     top_p: float | Tensor | None = None,
     min_p: float | Tensor | None = None,
     filter_order: str = "top_k_first",
+    lora: tuple[Tensor, Tensor, float] | None = None,
 ) -> TokenLogprobs:
     r""":func:`rlkern.token_logprobs` of ``hidden @ weight.T + bias`` without forming the logits.
 
@@ -392,6 +394,12 @@ def linear_logprobs(
             rows: the head runs on checkpointed chunks of complete rows (about 16M logits
             each, :mod:`rlkern.ops.linear_truncated`), not in vocabulary tiles; not with
             ``process_group``.
+        lora: ``(A, B, s)`` of a LoRA-adapted head — ``A (r, H)``, ``B (V, r)`` (peft's
+            ``lora_A.weight`` / ``lora_B.weight``), ``s`` its scaling (``lora_alpha / r``): the
+            logits are ``h Wᵀ + s·(h Aᵀ) Bᵀ + b``, the adapted weight ``W + s·B·A`` never
+            formed; differentiable wrt ``A`` and ``B`` (and ``W``, ``hidden``, ``bias``). Runs on
+            checkpointed chunks of whole rows, as with the filters (combinable with them and
+            with ``softcap``); not with ``process_group``.
 
     Returns:
         :class:`rlkern.TokenLogprobs` with ``logprobs``, ``lse`` (and ``entropy``) of shape
@@ -406,14 +414,16 @@ def linear_logprobs(
         >>> out.logprobs.shape
         torch.Size([4, 64])
     """
-    truncated = filters_given(top_k, top_p, min_p)
-    if truncated:
+    by_rows = filters_given(top_k, top_p, min_p) or lora is not None
+    if by_rows:
         check_filters_allowed(process_group)
+    lora_a, lora_b, lora_scale = check_lora(lora, weight)
     c = _prepare(hidden, weight, labels, bias, temperature, ignore_index, chunk_size,
                  process_group, backend, softcap)
-    if truncated:
+    if by_rows:
         lp, lse, ent = truncated_linear_logprobs(
-            c.hidden, weight, c.labels, bias, temperature=temperature, softcap=softcap,
+            c.hidden, weight, c.labels, bias, lora_a=lora_a, lora_b=lora_b,
+            lora_scale=lora_scale, temperature=temperature, softcap=softcap,
             return_entropy=return_entropy, ignore_index=ignore_index, chunk_size=chunk_size,
             backend=c.backend, top_k=_flat(top_k), top_p=_flat(top_p), min_p=_flat(min_p),
             filter_order=filter_order)

@@ -93,13 +93,16 @@ class Tolerance:
     * Identity (a mismatch when exceeded, and the implementation is not timed):
       ``max|a − b| <= gate·max|b|``. Peers that compute in bf16 round intermediate results
       (e.g. a bf16 logsumexp) and miss the precision level while computing the same quantity;
-      a wrong formula, label or sign misses this coarser level.
+      a wrong formula, label or sign misses this coarser level. ``gate_atol`` adds an absolute
+      term, ``max|a − b| <= gate·max|b| + gate_atol``, for outputs that may be exactly 0 (an
+      on-policy GRPO step's loss, whose mean advantage is 0).
     """
 
     atol: float = 0.0
     rtol: float = 0.0
     scale_by_max: bool = False
     gate: float = 0.1
+    gate_atol: float = 0.0
 
 
 @dataclass(frozen=True)
