@@ -161,6 +161,23 @@ def _opt(t, placeholder):
     return t if t is not None else placeholder
 
 
+def _filter_args(logits, labels, temperature, top_k, top_p, min_p, joint):
+    """The kernels' leading arguments (logits, labels, per-row temperature and filters, a
+    placeholder pointer for a filter that is off) and their filter constexprs."""
+    args = (logits, labels, temperature, _opt(top_k, labels), _opt(top_p, temperature),
+            _opt(min_p, temperature))
+    flags = dict(HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
+                 HAS_MIN_P=min_p is not None, JOINT=bool(joint),
+                 BLOCK_V=_block_v(logits.shape[2]))
+    return args, flags
+
+
+def _layout(logits):
+    """``V, L, stride_0, stride_1`` of the ``(B, L, V)`` logits."""
+    _, L, V = logits.shape
+    return V, L, logits.stride(0), logits.stride(1)
+
+
 def truncated_logprobs_fwd(logits, labels, temperature, top_k, top_p, min_p, joint,
                            ignore_index, logprobs, entropy, lse) -> None:
     """One program per row of ``logits (B, L, V)``; fills ``logprobs``, ``entropy`` (optional)
@@ -168,14 +185,10 @@ def truncated_logprobs_fwd(logits, labels, temperature, top_k, top_p, min_p, joi
     n = labels.numel()
     if n == 0:
         return
-    _, L, V = logits.shape
+    filters, flags = _filter_args(logits, labels, temperature, top_k, top_p, min_p, joint)
     _truncated_fwd_kernel[(n,)](
-        logits, labels, temperature, _opt(top_k, labels), _opt(top_p, temperature),
-        _opt(min_p, temperature), logprobs, _opt(entropy, logprobs), lse, V, L,
-        logits.stride(0), logits.stride(1), ignore_index,
-        HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
-        HAS_ENTROPY=entropy is not None, JOINT=bool(joint), BLOCK_V=_block_v(V),
-    )
+        *filters, logprobs, _opt(entropy, logprobs), lse, *_layout(logits), ignore_index,
+        HAS_ENTROPY=entropy is not None, **flags)
 
 
 def truncated_logprobs_bwd(logits, labels, temperature, top_k, top_p, min_p, joint,
@@ -185,16 +198,12 @@ def truncated_logprobs_bwd(logits, labels, temperature, top_k, top_p, min_p, joi
     n = labels.numel()
     if n == 0:
         return
-    _, L, V = logits.shape
+    filters, flags = _filter_args(logits, labels, temperature, top_k, top_p, min_p, joint)
     _truncated_bwd_kernel[(n,)](
-        logits, labels, temperature, _opt(top_k, labels), _opt(top_p, temperature),
-        _opt(min_p, temperature), _opt(grad_logprobs, temperature),
-        _opt(grad_entropy, temperature), _opt(grad_lse, temperature), grad_logits, V, L,
-        logits.stride(0), logits.stride(1), ignore_index,
-        HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
+        *filters, _opt(grad_logprobs, temperature), _opt(grad_entropy, temperature),
+        _opt(grad_lse, temperature), grad_logits, *_layout(logits), ignore_index,
         HAS_G_LP=grad_logprobs is not None, HAS_G_ENT=grad_entropy is not None,
-        HAS_G_LSE=grad_lse is not None, JOINT=bool(joint), BLOCK_V=_block_v(V),
-    )
+        HAS_G_LSE=grad_lse is not None, **flags)
 
 
 def _aot_specs() -> list[dict[str, Any]]:

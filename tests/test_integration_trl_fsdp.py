@@ -33,17 +33,9 @@ from torch.distributed.fsdp import fully_shard
 from trl import GRPOTrainer
 
 import rlkern.integrations.trl as rt
-from test_integration_trl import (
-    _batch,
-    _config,
-    _configure,
-    _reward,
-    _save_model,
-    _with_logps,
-)
+import test_integration_trl as trl_tests
 
-pytestmark = [pytest.mark.parity,
-              pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")]
+pytestmark = trl_tests.pytestmark  # the parity mark and the warning filter
 
 WORLD = 2
 # Odd: FSDP2 chunks the LM head's dim 0 unevenly (the shards differ in size).
@@ -72,15 +64,16 @@ def _worker(rank: int, init_file: str, model_dir: str, out_dir: str) -> None:
     try:
         torch.set_num_threads(1)
         dataset = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"] * 8})
-        trainer = GRPOTrainer(model=model_dir, reward_funcs=_reward, train_dataset=dataset,
-                              args=_config(os.path.join(out_dir, str(rank)), beta=0.0))
+        trainer = GRPOTrainer(model=model_dir, reward_funcs=trl_tests._reward,
+                              train_dataset=dataset,
+                              args=trl_tests._config(os.path.join(out_dir, str(rank)), beta=0.0))
         trainer.current_gradient_accumulation_steps = 1
-        inputs = _with_logps(trainer, _batch())
+        inputs = trl_tests._with_logps(trainer, trl_tests._batch())
         rt.apply()
         for loss_type, shard in CASES:
-            _configure(trainer, dict(loss_type=loss_type))
+            trl_tests._configure(trainer, dict(loss_type=loss_type))
             _check(trainer, inputs, rank, shard)
-        _configure(trainer, dict(loss_type="dapo"))
+        trl_tests._configure(trainer, dict(loss_type="dapo"))
         _check_training(trainer, inputs, rank)
     finally:
         rt.remove()
@@ -159,7 +152,7 @@ def _check_training(trainer, inputs: dict, rank: int, steps: int = 4) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fsdp2_sharded_model_matches_single_process(tmp_path):
-    model_dir = _save_model(tmp_path / "model", VOCAB)
+    model_dir = trl_tests._save_model(tmp_path / "model", VOCAB)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), model_dir, str(tmp_path)),
                  nprocs=WORLD, join=True)

@@ -19,17 +19,9 @@ from trl import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 import rlkern.integrations.trl as rt  # noqa: E402
-from test_integration_trl import (  # noqa: E402
-    _close,
-    _config,
-    _reward,
-    _save_model,
-    _tokenizer,
-    _train,
-)
+import test_integration_trl as trl_tests  # noqa: E402
 
-pytestmark = [pytest.mark.parity,
-              pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")]
+pytestmark = trl_tests.pytestmark  # the parity mark and the warning filter
 
 VOCAB, HIDDEN = 300, 64
 IMAGE, VISION_START, VISION_END = 290, 292, 293
@@ -38,9 +30,9 @@ IMAGE, VISION_START, VISION_END = 290, 292, 293
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory, dataset):
     rt.remove()
-    path = _save_model(tmp_path_factory.mktemp("llama"), 512)
-    t = GRPOTrainer(model=path, reward_funcs=_reward, train_dataset=dataset,
-                    args=_config(tmp_path_factory.mktemp("out"), beta=0.0))
+    path = trl_tests._save_model(tmp_path_factory.mktemp("llama"), 512)
+    t = GRPOTrainer(model=path, reward_funcs=trl_tests._reward, train_dataset=dataset,
+                    args=trl_tests._config(tmp_path_factory.mktemp("out"), beta=0.0))
     t.current_gradient_accumulation_steps = 1
     return t
 
@@ -143,7 +135,7 @@ def _save_moe(path) -> str:
     with torch.no_grad():  # EOS likely after some tokens: completions of varying length
         model.lm_head.weight[2] = torch.randn(HIDDEN) * 0.6
     model.save_pretrained(path)
-    _tokenizer(512).save_pretrained(path)
+    trl_tests._tokenizer(512).save_pretrained(path)
     return str(path)
 
 
@@ -168,13 +160,13 @@ def test_moe_training_parity(tmp_path, dataset):
     unpatched, same seed, 4 steps with ``num_iterations=2``: loss and grad norm to 1e-3, no
     fallback."""
     path = _save_moe(tmp_path / "moe")
-    base, _ = _train(path, dataset, tmp_path / "a", patch=False)
-    logs, usage = _train(path, dataset, tmp_path / "b", patch=True)
+    base, _ = trl_tests._train(path, dataset, tmp_path / "a", patch=False)
+    logs, usage = trl_tests._train(path, dataset, tmp_path / "b", patch=True)
     assert usage["logps_fallback"] == 0 and usage["loss_fallback"] == 0, usage
     assert usage["logps_rlkern"] > 0 and usage["loss_rlkern"] > 0, usage
     steps = [(x, y) for x, y in zip(base, logs, strict=True) if "loss" in x]
     assert len(steps) == 4
     for x, y in steps:
-        assert _close(x["loss"], y["loss"]), (x["loss"], y["loss"])
-        assert _close(x["grad_norm"], y["grad_norm"]), (x["grad_norm"], y["grad_norm"])
-        assert math.isfinite(x["aux_loss"]) and _close(x["aux_loss"], y["aux_loss"])
+        assert trl_tests._close(x["loss"], y["loss"]), (x["loss"], y["loss"])
+        assert trl_tests._close(x["grad_norm"], y["grad_norm"]), (x["grad_norm"], y["grad_norm"])
+        assert math.isfinite(x["aux_loss"]) and trl_tests._close(x["aux_loss"], y["aux_loss"])

@@ -32,21 +32,10 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from trl import GRPOTrainer  # noqa: E402
 
 import rlkern.integrations.trl as rt  # noqa: E402
-from test_integration_trl import (  # noqa: E402
-    VOCAB,
-    _batch,
-    _close,
-    _config,
-    _one_thread,  # noqa: F401 (that module's autouse fixture: one intra-op thread here too)
-    _reward,
-    _save_model,
-    _tokenizer,
-    _train,
-    _with_logps,
-)
+import test_integration_trl as trl_tests  # noqa: E402
+from test_integration_trl import _one_thread  # noqa: E402, F401 (its autouse fixture: one thread)
 
-pytestmark = [pytest.mark.parity,
-              pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")]
+pytestmark = trl_tests.pytestmark  # the parity mark and the warning filter
 
 CAP = 1.0
 
@@ -54,14 +43,14 @@ CAP = 1.0
 def _save_gemma2(path) -> str:
     torch.manual_seed(0)
     config = transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=trl_tests.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
         max_position_embeddings=128, sliding_window=16, final_logit_softcapping=CAP,
         initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         attn_implementation="eager")
     model = transformers.Gemma2ForCausalLM(config)
     model.save_pretrained(path)
-    _tokenizer(VOCAB).save_pretrained(path)
+    trl_tests._tokenizer(trl_tests.VOCAB).save_pretrained(path)
     return str(path)
 
 
@@ -80,7 +69,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> str:
-    return _save_model(tmp_path_factory.mktemp("tiny_llama_adaptive"), VOCAB)
+    return trl_tests._save_model(tmp_path_factory.mktemp("tiny_llama_adaptive"), trl_tests.VOCAB)
 
 
 def _assert_runs_match(base: list, ours: list, used: dict, steps: int = 4) -> None:
@@ -92,10 +81,10 @@ def _assert_runs_match(base: list, ours: list, used: dict, steps: int = 4) -> No
     for x, y in zip(a, b, strict=True):
         assert set(x) == set(y), f"logged keys differ: {set(x) ^ set(y)}"
         for key in ("loss", "grad_norm"):
-            assert _close(x[key], y[key]), f"step {x['step']} {key}: {x[key]} vs {y[key]}"
+            assert trl_tests._close(x[key], y[key]), f"step {x['step']} {key}: {x[key]} vs {y[key]}"
         for key in x:
             if key.startswith(("clip_ratio", "kl", "entropy")):
-                assert _close(x[key], y[key], 1e-3, 1e-5), f"step {x['step']} {key}: " \
+                assert trl_tests._close(x[key], y[key], 1e-3, 1e-5), f"step {x['step']} {key}: " \
                     f"{x[key]} vs {y[key]}"
 
 
@@ -108,8 +97,8 @@ def gemma_trainer(gemma_dir, dataset, tmp_path_factory):
     rt.remove()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = GRPOTrainer(model=gemma_dir, reward_funcs=_reward, train_dataset=dataset,
-                        args=_config(tmp_path_factory.mktemp("gemma_batch"), beta=0.0,
+        t = GRPOTrainer(model=gemma_dir, reward_funcs=trl_tests._reward, train_dataset=dataset,
+                        args=trl_tests._config(tmp_path_factory.mktemp("gemma_batch"), beta=0.0,
                                      temperature=0.8))
     t.current_gradient_accumulation_steps = 1
     return t
@@ -128,7 +117,7 @@ def test_gemma2_logps_parity(gemma_trainer):
     """TRL's fused head (which caps the logits) vs rlkern's capped epilogue on one batch."""
     trainer = gemma_trainer
     assert trainer.model.config.final_logit_softcapping == CAP
-    inputs = _batch(seed=11)
+    inputs = trl_tests._batch(seed=11)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     K = inputs["completion_ids"].shape[1]
@@ -172,9 +161,9 @@ def test_gemma2_bad_softcap_falls_back(gemma_trainer):
 
 def test_gemma2_training_parity(gemma_dir, dataset, tmp_path):
     kwargs = dict(loss_type="dapo", temperature=0.8)
-    base, used = _train(gemma_dir, dataset, tmp_path / "base", patch=False, **kwargs)
+    base, used = trl_tests._train(gemma_dir, dataset, tmp_path / "base", patch=False, **kwargs)
     assert used["logps_rlkern"] == used["loss_rlkern"] == 0
-    ours, used = _train(gemma_dir, dataset, tmp_path / "ours", patch=True, **kwargs)
+    ours, used = trl_tests._train(gemma_dir, dataset, tmp_path / "ours", patch=True, **kwargs)
     assert used["loss_rlkern"] == 4, used
     _assert_runs_match(base, ours, used)
 
@@ -186,8 +175,8 @@ def test_gemma2_training_parity(gemma_dir, dataset, tmp_path):
 @pytest.fixture(scope="module")
 def llama_trainer(llama_dir, dataset, tmp_path_factory):
     rt.remove()
-    t = GRPOTrainer(model=llama_dir, reward_funcs=_reward, train_dataset=dataset,
-                    args=_config(tmp_path_factory.mktemp("adaptive_batch"), beta=0.0,
+    t = GRPOTrainer(model=llama_dir, reward_funcs=trl_tests._reward, train_dataset=dataset,
+                    args=trl_tests._config(tmp_path_factory.mktemp("adaptive_batch"), beta=0.0,
                                  loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.05,
                                  entropy_coef_delta=0.02, entropy_target=100.0,
                                  top_entropy_quantile=0.5))
@@ -233,7 +222,8 @@ def _window(fn, trainer, batches: list[dict], start_state: dict) -> tuple[list, 
 def test_adaptive_entropy_compute_loss_parity(llama_trainer, last_entropy, target):
     trainer = llama_trainer
     trainer.args.entropy_target = target
-    batches = [_with_logps(trainer, _batch(seed=s), seed=s + 1) for s in (21, 22)]
+    batches = [trl_tests._with_logps(trainer, trl_tests._batch(seed=s), seed=s + 1)
+               for s in (21, 22)]
     start = {"entropy_coef": 0.05, "_last_world_entropy": last_entropy,
              "_entropy_window_stats": None}
     rt.reset_usage()
@@ -242,7 +232,7 @@ def test_adaptive_entropy_compute_loss_parity(llama_trainer, last_entropy, targe
     loss_b, grads_b, state_b = _window(rt.compute_loss, trainer, batches, start)
     assert rt.usage()["loss_rlkern"] == 2 and rt.usage()["loss_fallback"] == 0
     for a, b in zip(loss_a, loss_b, strict=True):
-        assert _close(a, b, 1e-5, 1e-7), (loss_a, loss_b)
+        assert trl_tests._close(a, b, 1e-5, 1e-7), (loss_a, loss_b)
     assert set(grads_a) == set(grads_b)
     for n, g in grads_a.items():
         assert float((g - grads_b[n]).norm()) <= 1e-4 * float(g.norm()) + 1e-8, n
@@ -255,13 +245,13 @@ def test_adaptive_entropy_compute_loss_parity(llama_trainer, last_entropy, targe
     assert state_a["metrics"].keys() == state_b["metrics"].keys()
     for key, values in state_a["metrics"].items():
         for x, y in zip(values, state_b["metrics"][key], strict=True):
-            assert _close(x, y, 1e-4, 1e-6), f"{key}: {x} vs {y}"
+            assert trl_tests._close(x, y, 1e-4, 1e-6), f"{key}: {x} vs {y}"
 
 
 def test_adaptive_entropy_eval_leaves_the_controller(llama_trainer):
     """In eval mode the controller's state does not move (TRL gates its update on train)."""
     trainer = llama_trainer
-    inputs = _with_logps(trainer, _batch(seed=31), seed=32)
+    inputs = trl_tests._with_logps(trainer, trl_tests._batch(seed=31), seed=32)
     trainer.entropy_coef, trainer._last_world_entropy = 0.05, 1.0
     trainer._entropy_window_stats = None
     trainer.args.entropy_target = 100.0
@@ -273,7 +263,7 @@ def test_adaptive_entropy_eval_leaves_the_controller(llama_trainer):
             loss_b = rt.compute_loss(trainer, trainer.model, inputs)
     finally:
         trainer.model.train()
-    assert _close(float(loss_a), float(loss_b), 1e-5, 1e-7)
+    assert trl_tests._close(float(loss_a), float(loss_b), 1e-5, 1e-7)
     assert trainer.entropy_coef == 0.05 and trainer._last_world_entropy == 1.0
     assert trainer._entropy_window_stats is None
 
@@ -284,9 +274,9 @@ def test_adaptive_entropy_training_parity(llama_dir, dataset, tmp_path):
     kwargs = dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.05,
                   entropy_coef_delta=0.02, entropy_target=100.0, gradient_accumulation_steps=2,
                   per_device_train_batch_size=4)
-    base, used = _train(llama_dir, dataset, tmp_path / "base", patch=False, **kwargs)
+    base, used = trl_tests._train(llama_dir, dataset, tmp_path / "base", patch=False, **kwargs)
     assert used["loss_rlkern"] == 0
-    ours, used = _train(llama_dir, dataset, tmp_path / "ours", patch=True, **kwargs)
+    ours, used = trl_tests._train(llama_dir, dataset, tmp_path / "ours", patch=True, **kwargs)
     assert used["loss_rlkern"] == 8, used
     _assert_runs_match(base, ours, used)
     coefs = [h["entropy_coef"] for h in ours if "entropy_coef" in h]
@@ -307,7 +297,7 @@ def test_apply_backend_reaches_the_fused_head(gemma_trainer, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rlkern, "linear_logprobs", spy)
-    inputs = _batch(seed=13)
+    inputs = trl_tests._batch(seed=13)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     K = inputs["completion_ids"].shape[1]

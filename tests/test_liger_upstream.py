@@ -2,7 +2,9 @@
 
 The file is in ``tests/liger_upstream/`` as Liger ships it (with its ``test/utils.py`` helpers,
 its conftest and its licence); only the import of ``LigerFusedLinearGRPOLoss`` is swapped to
-``rlkern.integrations.liger_compat``. It runs in its own pytest process (its ``test`` package
+``rlkern.integrations.liger_compat``, and two of Liger's ``pytest.skip`` calls that spread their
+reason over three lines are joined onto one (the same text: every skip names its reason on its
+line). It runs in its own pytest process (its ``test`` package
 and fixtures stay out of this suite), and must pass except for the documented differences,
 which ``tests/liger_upstream/conftest.py`` marks ``xfail(strict=True)``. Of the 1,536
 parameter combinations of ``test_correctness`` it runs a fixed eighth plus every marked one

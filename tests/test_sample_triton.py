@@ -12,6 +12,7 @@ from scipy import stats
 
 from rlkern.ops.sample import sample
 from rlkern.reference.sample import filtered_probs
+from sample_cases import tied_rows
 
 # The interpreter runs each probe of the threshold search as Python (≈ 0.7 s per filtered row),
 # so these tests use few rows; the CPU tests cover every option at scale with the same algorithm.
@@ -21,10 +22,7 @@ OPTS = [dict(raw_temperature=False, temperature=0.7),
 
 @pytest.mark.parametrize("opts", OPTS, ids=str)
 def test_matches_reference(opts):
-    torch.manual_seed(0)
-    x = torch.randn(3, 37) * 2
-    x[1, 5] = x[1, 6] = x[1].max()  # a tie at the top
-    seeds, steps = torch.randint(0, 2**40, (3,)), torch.randint(0, 99, (3,))
+    x, seeds, steps = tied_rows()
     got = sample(x, seeds=seeds, steps=steps, backend="triton", return_entropy=True, **opts)
     ref = sample(x, seeds=seeds, steps=steps, backend="torch", return_entropy=True, **opts)
     cpu = sample(x, seeds=seeds, steps=steps, backend="cpu", return_entropy=True, **opts)

@@ -15,16 +15,14 @@ from rlkern.reference.truncated_logprobs import (
     truncated_logprobs_grad_reference,
     truncated_logprobs_reference,
 )
+from sample_cases import tied_rows
 
 OPTS = [dict(top_k=8, top_p=0.8, min_p=0.05), dict(top_p=0.7, filter_order="joint", top_k=5)]
 
 
 @pytest.mark.parametrize("opts", OPTS, ids=str)
 def test_bitwise_equal_to_triton_sampler(opts):
-    torch.manual_seed(0)
-    x = torch.randn(3, 37) * 2
-    x[1, 5] = x[1, 6] = x[1].max()  # a tie at the top
-    seeds, steps = torch.randint(0, 2**40, (3,)), torch.randint(0, 99, (3,))
+    x, seeds, steps = tied_rows()
     s = rlkern.sample(x, temperature=0.8, seeds=seeds, steps=steps, backend="triton", **opts)
     t = rlkern.token_logprobs(x, s.tokens, temperature=0.8, return_entropy=True,
                               backend="triton", **opts)

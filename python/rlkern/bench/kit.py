@@ -158,3 +158,35 @@ def peaked_logits(n: int, v: int, dtype: torch.dtype, device: torch.device,
     gen = torch.Generator(device="cpu").manual_seed(seed)
     logits = (torch.randn(n, v, generator=gen) * 4).to(dtype=dtype, device=device)
     return logits, gen
+
+
+#: verl's ``core_algos``: the peer of the cases that time an ``rlkern_<name>`` function against
+#: verl's own (gae, gdpo, token_baseline, verl_losses).
+VERL_CORE = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos"),
+                 hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
+
+
+def verl_peer_case(*, name: str, backend: RlkernBackend,
+                   rlkern: Callable[[str], Callable[[Any], Outputs]],
+                   verl: Callable[[str], Callable[[Any], Outputs]],
+                   floor: Callable[[Any], Outputs], floor_note: str, notes: tuple[str, ...],
+                   warnings: tuple[str, ...] | None = None,
+                   environment: dict[str, Any] | None = None, **case: Any) -> Any:
+    """A :class:`~rlkern.bench.cases.Case` of three rows per mode: ``rlkern`` (``rlkern(mode)``,
+    on ``backend``), ``verl <mode>`` (``verl(mode)``, skipped without verl) and the floor.
+    ``notes`` are printed as they are (add ``backend.notes``); ``warnings`` default to the
+    backend's notes. ``case``: the rest of the Case's fields (sizes, modes, make_inputs,
+    tolerances, ...)."""
+    from rlkern.bench.cases import Case, Impl
+
+    def implementations(mode: str) -> list[Impl]:
+        return [
+            Impl.rlkern(rlkern(mode), note=backend.note),
+            Impl(f"verl {mode}", verl(mode), skip=VERL_CORE.missing()),
+            Impl.floor(floor, note=floor_note),
+        ]
+
+    return Case(name=name, implementations=implementations, notes=notes,
+                warnings=backend.notes if warnings is None else warnings,
+                environment=backend.environment if environment is None else environment,
+                **case)

@@ -88,6 +88,7 @@ from rlkern.integrations.trl_generation import (
     GenerationOptions,
     last_rollouts,
 )
+from rlkern.ops.linear_truncated import active_filters
 from rlkern.ops.policy_loss import prepare, run
 
 __all__ = [
@@ -215,15 +216,7 @@ def _logps_fallback_reason(target: nn.Module) -> str | None:
 def sampler_filters(trainer: Any) -> dict[str, int | float]:
     """``GRPOConfig``'s sampling filters as :func:`rlkern.linear_logprobs` options: the ones
     that are on (TRL: ``top_k`` 0 or None, ``top_p`` 1.0, ``min_p`` None or 0 are off)."""
-    out: dict[str, int | float] = {}
-    top_k, top_p, min_p = (getattr(trainer, n, None) for n in ("top_k", "top_p", "min_p"))
-    if top_k is not None and int(top_k) > 0:
-        out["top_k"] = int(top_k)
-    if top_p is not None and float(top_p) < 1.0:
-        out["top_p"] = float(top_p)
-    if min_p is not None and float(min_p) > 0.0:
-        out["min_p"] = float(min_p)
-    return out
+    return active_filters(*(getattr(trainer, n, None) for n in ("top_k", "top_p", "min_p")))
 
 
 def logit_multiplier(text_config: Any) -> float:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from rlkern.ops.linear_logprobs import linear_logprobs
+from rlkern.ops.linear_truncated import active_filters
 
 __all__ = ["fused_linear_for_ppo", "is_fused_patched", "parse_filters", "patch_fused_kernels",
            "unpatch_fused_kernels"]
@@ -137,12 +138,7 @@ def patch_fused_kernels(*, top_k: int | None = None, top_p: float | None = None,
     Idempotent. Returns the patched ``owner.attribute`` names.
     """
     _FILTERS.clear()
-    if top_k is not None and int(top_k) > 0:
-        _FILTERS["top_k"] = int(top_k)
-    if top_p is not None and float(top_p) < 1.0:
-        _FILTERS["top_p"] = float(top_p)
-    if min_p is not None and float(min_p) > 0.0:
-        _FILTERS["min_p"] = float(min_p)
+    _FILTERS.update(active_filters(top_k, top_p, min_p))
     done = {(id(owner), attr) for owner, attr, _ in _PATCHED}
     for owner, attr, replacement in _targets():
         if (id(owner), attr) in done:

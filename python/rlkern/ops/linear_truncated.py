@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlkern.ops.logprobs import token_logprobs
 
-__all__ = ["CHUNK_LOGITS", "check_filters_allowed", "check_lora", "filters_given",
+__all__ = ["CHUNK_LOGITS", "active_filters", "check_filters_allowed", "check_lora", "filters_given",
            "truncated_linear_logprobs"]
 
 #: Logits per chunk of complete rows (16M: 32 MiB in bf16, 64 MiB in fp32).
@@ -90,6 +90,21 @@ def truncated_linear_logprobs(
     lse = torch.cat([p[1] for p in parts])
     ent = torch.cat([p[2] for p in parts]) if return_entropy else None
     return lp, lse, ent
+
+
+def active_filters(top_k: int | float | None, top_p: float | None,
+                   min_p: float | None) -> dict[str, int | float]:
+    """A trainer's sampling settings as ``top_k`` / ``top_p`` / ``min_p`` options, keeping the
+    ones that are on (the engines' "off" values — ``top_k`` ≤ 0, ``top_p`` ≥ 1, ``min_p`` ≤ 0,
+    or None — dropped)."""
+    out: dict[str, int | float] = {}
+    if top_k is not None and int(top_k) > 0:
+        out["top_k"] = int(top_k)
+    if top_p is not None and float(top_p) < 1.0:
+        out["top_p"] = float(top_p)
+    if min_p is not None and float(min_p) > 0.0:
+        out["min_p"] = float(min_p)
+    return out
 
 
 def filters_given(top_k, top_p, min_p) -> bool:

@@ -16,15 +16,14 @@ The floor is one read of the inputs and one write of the two outputs.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
+from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
+from rlkern.bench.kit import VERL_CORE, RlkernBackend, read_once, verl_peer_case, write_once
 
 GAMMA, LAM, GAMMA_RPP = 1.0, 0.95, 0.99
 ESTIMATORS = ("gae", "reinforce_plus_plus", "remax")
@@ -54,9 +53,8 @@ def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> GaeInpu
     return GaeInputs(*(x.to(device) for x in (rewards, values, mask.float(), baselines)))
 
 
-#: verl's core_algos.
-VERL = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos"),
-            hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
+#: verl's core_algos (shared by the verl cases).
+VERL = VERL_CORE
 
 
 class _AlgoConfig(dict):
@@ -108,21 +106,14 @@ def _floor(inp: GaeInputs) -> Outputs:
 @register("gae")
 def gae_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
-
-    def implementations(mode: str) -> list[Impl]:
-        return [
-            Impl.rlkern(_rlkern(mode, backend.name), note=backend.note),
-            Impl(f"verl {mode}", _verl(mode), skip=VERL.missing()),
-            Impl.floor(_floor, note="one read of rewards, values, mask; two (B, T) writes"),
-        ]
-
-    return Case(
-        name="gae",
+    return verl_peer_case(
+        name="gae", backend=backend, rlkern=lambda mode: _rlkern(mode, backend.name),
+        verl=_verl, floor=_floor,
+        floor_note="one read of rewards, values, mask; two (B, T) writes",
         sizes=[Size({"B": 512, "T": 1024}), Size({"B": 1024, "T": 8192})],
         quick_sizes=[Size({"B": 64, "T": 256})],
         modes=ESTIMATORS,
         make_inputs=make_inputs,
-        implementations=implementations,
         # verl accumulates the scan and the whitening statistics in float32, rlkern the scan in
         # float64: over T = 8192 steps the float32 sums drift by a few 1e-5 of O(1) values.
         tolerances={"advantages": Tolerance(atol=1e-4, rtol=1e-4),
@@ -130,6 +121,4 @@ def gae_case(options: CaseOptions) -> Case:
         notes=("issue 16: each fused estimator against verl's own function",
                "rlkern = the rlkern_<name> functions verl's registry hands out (whitening "
                "included)", *backend.notes),
-        warnings=backend.notes,
-        environment=backend.environment,
     )

@@ -10,7 +10,6 @@ its GRPO loop once per component. The floor is one read of the mask and one (N, 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
+from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
+from rlkern.bench.kit import VERL_CORE, RlkernBackend, read_once, verl_peer_case, write_once
 
 GROUP = 8
 KEYS = ("format_reward", "accuracy_reward", "length_reward")
@@ -54,9 +53,8 @@ def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> GdpoInp
     return GdpoInputs(rewards.to(device), mask.to(device), uid, ntb, batch, config)
 
 
-#: verl's core_algos.
-VERL = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos"),
-            hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
+#: verl's core_algos (shared by the verl cases).
+VERL = VERL_CORE
 
 
 def _verl(inp: GdpoInputs) -> Outputs:
@@ -86,25 +84,15 @@ def _floor(inp: GdpoInputs) -> Outputs:
 @register("gdpo")
 def gdpo_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
-
-    def implementations(mode: str) -> list[Impl]:
-        return [
-            Impl.rlkern(_rlkern(backend.name), note=backend.note),
-            Impl("verl gdpo", _verl, skip=VERL.missing()),
-            Impl.floor(_floor, note="one read of the mask; one (N, T) write"),
-        ]
-
-    return Case(
-        name="gdpo",
+    return verl_peer_case(
+        name="gdpo", backend=backend, rlkern=lambda mode: _rlkern(backend.name),
+        verl=lambda mode: _verl, floor=_floor, floor_note="one read of the mask; one (N, T) write",
         sizes=[Size({"N": 4096, "T": 1024}), Size({"N": 16384, "T": 2048})],
         quick_sizes=[Size({"N": 256, "T": 128})],
         modes=("gdpo",),
         make_inputs=make_inputs,
-        implementations=implementations,
         # both whiten in float32; rlkern's group statistics are float64, verl's float32
         tolerances={"advantages": Tolerance(atol=1e-5, rtol=1e-5)},
         notes=("issue 16: gdpo against verl's own function (K = 3 components, uid strings → "
                "group ids inside the timed call)", *backend.notes),
-        warnings=backend.notes,
-        environment=backend.environment,
     )

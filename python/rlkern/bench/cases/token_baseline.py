@@ -17,7 +17,6 @@ The floor is one read of the five (B, T) inputs and two (B, T) writes.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -25,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
+from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
+from rlkern.bench.kit import VERL_CORE, RlkernBackend, read_once, verl_peer_case, write_once
 
 ESTIMATORS = ("optimal_token_baseline", "tir_optimal_token_baseline")
 GROUP = 8
@@ -63,9 +62,8 @@ def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> OtbInpu
     return OtbInputs(*(x.to(device) for x in tensors), uid)
 
 
-#: verl's core_algos.
-VERL = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos"),
-            hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
+#: verl's core_algos (shared by the verl cases).
+VERL = VERL_CORE
 _VERL_FN = {"optimal_token_baseline": "compute_optimal_token_baseline_advantage",
             "tir_optimal_token_baseline": "compute_multi_turn_optimal_token_baseline_advantage"}
 
@@ -112,20 +110,14 @@ def token_baseline_case(options: CaseOptions) -> Case:
         name, notes = "triton", (*notes, "optimal_token_baseline has no CUDA C++ kernel: the "
                                  "rlkern rows run backend='triton'")
 
-    def implementations(mode: str) -> list[Impl]:
-        return [
-            Impl.rlkern(_rlkern(mode, name), note=backend.note),
-            Impl(f"verl {mode}", _verl(mode), skip=VERL.missing()),
-            Impl.floor(_floor, note="one read of the five (B, T) inputs; two (B, T) writes"),
-        ]
-
-    return Case(
-        name="token_baseline",
+    return verl_peer_case(
+        name="token_baseline", backend=backend, rlkern=lambda mode: _rlkern(mode, name),
+        verl=_verl, floor=_floor,
+        floor_note="one read of the five (B, T) inputs; two (B, T) writes",
         sizes=[Size({"B": 512, "T": 1024}), Size({"B": 2048, "T": 4096})],
         quick_sizes=[Size({"B": 64, "T": 256})],
         modes=ESTIMATORS,
         make_inputs=make_inputs,
-        implementations=implementations,
         # verl sums the group's G·W and W in float32 (T positions of O(T) cumulative weights),
         # rlkern in float64: a few 1e-6 relative.
         tolerances={"advantages": Tolerance(atol=1e-4, rtol=1e-4),

@@ -21,15 +21,14 @@ sides select the same tokens. The floor reads the inputs once and writes the gra
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
+from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
+from rlkern.bench.kit import VERL_CORE, RlkernBackend, read_once, verl_peer_case, write_once
 
 LOSSES = ("dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "bypass_mode")
 SEED = 0  # the global generator's seed before each call (clip_cov's torch.randperm)
@@ -75,9 +74,8 @@ def actor_config() -> _Attrs:
                   policy_loss=policy, global_batch_info={})
 
 
-#: verl's core_algos.
-VERL = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos"),
-            hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
+#: verl's core_algos (shared by the verl cases).
+VERL = VERL_CORE
 
 
 def _loss_and_grad(fn: Callable[..., Any], inp: LossInputs) -> Outputs:
@@ -117,26 +115,18 @@ def _floor(inp: LossInputs) -> Outputs:
 def verl_losses_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
 
-    def implementations(mode: str) -> list[Impl]:
-        return [
-            Impl.rlkern(_rlkern(mode, backend.name), note=backend.note),
-            Impl(f"verl {mode}", _verl(mode), skip=VERL.missing()),
-            Impl.floor(_floor, note="one read of logp, old, adv, mask; one (B, T) write"),
-        ]
-
-    return Case(
-        name="verl_losses",
+    return verl_peer_case(
+        name="verl_losses", backend=backend, rlkern=lambda mode: _rlkern(mode, backend.name),
+        verl=_verl, floor=_floor,
+        floor_note="one read of logp, old, adv, mask; one (B, T) write",
         sizes=[Size({"B": 256, "T": 1024}), Size({"B": 512, "T": 4096})],
         quick_sizes=[Size({"B": 32, "T": 256})],
         modes=LOSSES,
         make_inputs=make_inputs,
-        implementations=implementations,
         tolerances={"loss": Tolerance(atol=1e-5, rtol=1e-4),
                     "grad": Tolerance(rtol=1e-4, scale_by_max=True)},
         notes=("issue 16: each fused policy loss against verl's own function (forward + "
                "∂loss/∂log_prob, token-mean)",
                "rlkern = the rlkern_<name> functions verl's registry hands out (clip_cov / "
                "kl_cov: their token selection included)", *backend.notes),
-        warnings=backend.notes,
-        environment=backend.environment,
     )
