@@ -87,13 +87,36 @@ struct Block2 {
   float s, t, u, rel;
 };
 
+// Candidate collection riding on sweep 2 (the sampler's kept-set search, kept_set.h): appends
+// the row indices v (to `out`) and logits x_v as floats (to `vals`) of the block's tokens with
+// x_v ≥ ref + rel: rel ≤ 0 a cutoff relative to the row's max (by_lse false) or to its
+// T·log Σ exp(x/T) (by_lse true; −inf: every token), ref the running value of that reference
+// over the blocks so far (this block's max included). The running value never exceeds the
+// row's, so the list holds every token with x_v ≥ (the row's reference) + rel, and more.
+struct Collect {
+  double rel;
+  bool by_lse;
+  int32_t* out;     // room for the whole row plus VecF::size
+  float* vals;      // as much
+  int64_t n = 0;    // indices appended so far
+  int64_t base = 0;  // row index of the block's first logit
+  float m_run = -std::numeric_limits<float>::infinity();
+  double lse_run = -std::numeric_limits<double>::infinity();  // T·log Σ exp(x/T), blocks before
+
+  void push(int64_t v, float x) {
+    out[n] = int32_t(v);
+    vals[n++] = x;
+  }
+};
+
 // `prefetch` / `prefetch_bytes`: the memory sweep 1 of the next block will read (nullptr for
 // none). Sweep 2 computes from L1 without touching memory, so it issues one prefetch per vector
 // to bring the next block in meanwhile: the row then streams from memory while the exps run,
 // instead of memory and arithmetic taking turns.
-template <typename Tag, bool kEntropy, bool kStats>
+template <typename Tag, bool kEntropy, bool kStats, bool kCollect = false>
 inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
-                          const char* prefetch = nullptr, int64_t prefetch_bytes = 0) {
+                          const char* prefetch = nullptr, int64_t prefetch_bytes = 0,
+                          Collect* col = nullptr) {
   constexpr int W = VecF::size;
   const int64_t nv = n / W * W;
   const int64_t tail = n - nv;
@@ -130,6 +153,22 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
     m0 = VecF::max(m0, vtail);
   }
   const float mx = VecF::max(VecF::max(m0, m1), VecF::max(m2v, m3)).reduce_max();
+  [[maybe_unused]] float xcf = kNegInf;  // kCollect: the block's cutoff
+  [[maybe_unused]] bool collect = false;
+  if constexpr (kCollect) {
+    // The cutoff as a float rounded down, so that the float compare keeps every x ≥ it. A NaN
+    // max (a NaN row, refused later) collects nothing.
+    col->m_run = std::max(col->m_run, mx);
+    double ref = col->m_run;
+    if (col->by_lse && col->lse_run > ref) ref = col->lse_run;  // T·log Σ ≥ max
+    const double xc = ref + col->rel;
+    xcf = float(xc);
+    if (double(xcf) > xc) xcf = std::nextafter(xcf, kNegInf);
+    collect = !std::isnan(xcf);
+    if (collect && mx == kNegInf)  // a block of −inf only (returns below): a plain scan
+      for (int64_t j = 0; j < n; ++j)
+        if (load_scalar<Tag>(x + j) >= xcf) col->push(col->base + j, load_scalar<Tag>(x + j));
+  }
   if (mx == kNegInf) {
     // Only −inf and NaN (which the max may have skipped): the block adds nothing, unless a NaN
     // is there to poison the row. Rare, so a plain scan.
@@ -142,6 +181,7 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
   // Sweep 2 (from L1): accumulate relative to the block max. r = x − mx ≤ 0 is exact for
   // nearby values (Sterbenz) and d = r·c never overflows, whatever the magnitude of x or 1/T.
   const VecF C = VecF::set1(c), M = VecF::set1(mx), lo = VecF::set1(kExp2Min);
+  [[maybe_unused]] const VecF XC = VecF::set1(xcf);
   VecF s = VecF::set1(0.0f), t = s, u = s, rel = s;
   auto step = [&](VecF xv) {
     const VecF r = xv - M;
@@ -162,13 +202,39 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
       pf += 64;
     }
   };
-  for (i = 0; i < nv; i += W) {
-    prefetch_line();
-    const VecF r = step(kWiden ? VecF::load(widened + i) : VecF::load(x + i, Tag{}));
-    if constexpr (kStats) rel = rel + r;
+  auto sweep2 = [&](auto&& each) {
+    for (i = 0; i < nv; i += W) {
+      prefetch_line();
+      const VecF xv = kWiden ? VecF::load(widened + i) : VecF::load(x + i, Tag{});
+      const VecF r = step(xv);
+      if constexpr (kStats) rel = rel + r;
+      each(xv, i);
+    }
+  };
+  auto nothing = [](VecF, int64_t) {};
+  if constexpr (kCollect) {
+    if (collect) {
+      // The count in a register: stores through the outputs could alias col->n.
+      int64_t cn = col->n;
+      int32_t* const out = col->out;
+      float* const vals = col->vals;
+      const int32_t base = int32_t(col->base);
+      sweep2([&](VecF xv, int64_t at) {
+        cn += xv.compress_ge(XC, base + int32_t(at), out + cn, vals + cn);
+      });
+      col->n = cn;
+    } else {
+      sweep2(nothing);
+    }
+  } else {
+    sweep2(nothing);
   }
   float rel_sum = 0.0f;
   if (tail) {
+    if constexpr (kCollect)
+      if (collect)
+        for (int64_t j = nv; j < n; ++j)
+          if (load_scalar<Tag>(x + j) >= xcf) col->push(col->base + j, load_scalar<Tag>(x + j));
     step(vtail);  // the −inf padding adds 0 to s, t, u; rel takes the real elements only
     if constexpr (kStats)
       for (int64_t j = nv; j < n; ++j) rel_sum += load_scalar<Tag>(x + j) - mx;
@@ -181,10 +247,11 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
 // accumulates Σ(x − max). Any blocking of a row gives the same merge order for the same n, so
 // results are reproducible; rows never interact. `next_row` (nullable, n logits long) is
 // prefetched while the last block is computed.
-template <typename Tag, bool kEntropy, bool kStats>
+template <typename Tag, bool kEntropy, bool kStats, bool kCollect = false>
 inline void accumulate_row(const typename Tag::storage* x, int64_t n, const RowScale& sc,
                            RowState& row, double c,
-                           const typename Tag::storage* next_row = nullptr) {
+                           const typename Tag::storage* next_row = nullptr,
+                           Collect* col = nullptr) {
   using storage = typename Tag::storage;
   for (int64_t b = 0; b < n; b += kBlock) {
     const bool last = b + kBlock >= n;
@@ -192,9 +259,13 @@ inline void accumulate_row(const typename Tag::storage* x, int64_t n, const RowS
     const storage* ahead = last ? next_row : x + b + kBlock;
     const int64_t ahead_n = last ? (next_row ? std::min(kBlock, n) : 0)
                                  : std::min(kBlock, n - b - kBlock);
-    const Block2 blk = sweep_block<Tag, kEntropy, kStats>(
+    if constexpr (kCollect) {
+      col->base = b;
+      if (row.s > 0.0) col->lse_run = row.m + std::log(row.s) / sc.inv_t;
+    }
+    const Block2 blk = sweep_block<Tag, kEntropy, kStats, kCollect>(
         x + b, nb, sc.c, reinterpret_cast<const char*>(ahead),
-        ahead_n * int64_t(sizeof(storage)));
+        ahead_n * int64_t(sizeof(storage)), col);
     // Base 2 → natural units: t = t2 ln2 (s and u are unitless).
     // Σ(x − c) = Σ(x − m_b) + n_b (m_b − c), in double (−inf for a block of −inf only).
     const double zsum = kStats ? double(blk.rel) + double(nb) * (double(blk.mx) - c) : 0.0;

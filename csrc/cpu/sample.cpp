@@ -3,17 +3,14 @@
 //
 //  1. z = (x − max x) / T into an fp32 scratch row (the only read of the logits; max z = 0);
 //  2. w_v = exp(z_v − m) (fast 2^x), S = Σ w (per-block partial sums), Σ w (z − m) (entropy);
-//  3. filters as lengths of a prefix of the order "value descending, index ascending": every
-//     filter keeps such a prefix (top-k: k; top-p: the shortest prefix whose mass reaches p;
-//     min-p: the tokens with w ≥ min_p), so the kept set is the prefix of the smallest length.
-//     Lengths and thresholds come from a radix select over the fp32 bit pattern of z (three
-//     histogram levels of 11/11/10 bits, candidates narrowed after each) — no sort;
+//  3. the kept set of the filters: a prefix of the order "value descending, index ascending"
+//     found by a radix select over the tokens a cutoff leaves as candidates (kept_set.h);
 //  4. inverse-CDF draw over the kept set in vocab order with one Philox uniform u per draw:
 //     the token whose cumulative weight first exceeds u · S_kept (block sums find the block,
 //     a scan of one block finds the token). Exact for the filtered distribution. With
 //     num_samples = G, steps 1–3 run once per row and step 4 G times (draw j: Philox index j).
 //
-// Steps 1–3 are sample_row.h's filter_row(), shared with the truncated token log-probs; the
+// Steps 1–3 are kept_set.h's filter_row(), shared with the truncated token log-probs; the
 // raw log-probs come from the token-logprobs row code (logprobs_row.h), so both ops' outputs
 // agree bit for bit (processed: truncated token_logprobs; raw: plain token_logprobs).
 #include "cpu/sample.h"
@@ -23,7 +20,7 @@
 #include <cmath>
 #include <limits>
 
-#include "cpu/sample_row.h"
+#include "cpu/kept_set.h"
 #include "rlkern/philox.h"
 
 namespace rlkern::cpu {
@@ -31,47 +28,19 @@ namespace {
 
 using namespace sampler;
 
-// Inverse-CDF draw over the kept weights w in vocabulary order for the uniform u.
-int64_t draw(const Scratch& s, int64_t V, double u, double S_kept) {
-  const int64_t Vp = (V + W - 1) / W * W;
-  const float* w = s.w.data();
-  const double* block = s.block.data();
-  const double target = u * S_kept;
-  double acc = 0.0;
-  int64_t tok = -1;
-  const int64_t nb = (Vp + kSumBlock - 1) / kSumBlock;
-  int64_t b = 0;
-  for (; b < nb - 1; ++b) {
-    if (acc + block[b] > target) break;
-    acc += block[b];
-  }
-  const int64_t e = std::min(V, (b + 1) * kSumBlock);
-  for (int64_t v = b * kSumBlock; v < e; ++v) {
-    if (w[v] <= 0.0f) continue;
-    acc += w[v];
-    tok = v;  // the last kept token seen: the answer if rounding leaves acc ≤ target
-    if (acc > target) break;
-  }
-  if (tok < 0)  // the block's sum rounded above its elements' sum: take the last kept token
-    for (int64_t v = V - 1; v >= 0; --v)
-      if (w[v] > 0.0f) {
-        tok = v;
-        break;
-      }
-  return tok;
-}
-
 // log_softmax(x / T)[tok] of each drawn token by the token-logprobs row code (logprobs_row.h:
 // fold_row, softmax_stats_finish, label_logp) — the reduction rlkern.token_logprobs runs, so a
 // raw log-prob equals token_logprobs(...).logprobs of the token bit for bit (one more read of
 // the row, usually from cache).
+// `folded`: the row's summary at T when filter_row() already folded it (nullptr: fold here).
 template <typename Tag>
 void raw_logprobs(const void* row, int64_t V, double T, const int64_t* toks, float* out,
-                  int64_t G) {
+                  int64_t G, const RowState* folded) {
   const auto* x = static_cast<const typename Tag::storage*>(row);
   const RowScale sc = row_scale(T);
   RowState st = softmax_stats_empty<double>();
-  fold_row<Tag, false, false>(x, V, sc, st);
+  if (folded) st = *folded;
+  else fold_row<Tag, false, false>(x, V, sc, st);
   const RowResult<double> res = softmax_stats_finish(st, V, sc.inv_t, 0.0);
   for (int64_t j = 0; j < G; ++j)
     out[j] = float(label_logp(st, res, load_logit<Tag>(x + toks[j]), sc.inv_t));
@@ -103,7 +72,7 @@ void sample_row(const SampleArgs& a, int64_t i, Scratch& s) {
     const int64_t o = i * G + j;
     a.lse[o] = lse;
     if (a.entropy) a.entropy[o] = ent;
-    const int64_t tok = draw(s, V, philox_uniform(a.seeds[i], a.steps[i], uint32_t(j)), k.S_kept);
+    const int64_t tok = draw(s, k, V, philox_uniform(a.seeds[i], a.steps[i], uint32_t(j)));
     a.tokens[o] = tok;
     // log(w_tok / S_kept): the probability of the distribution the draw actually used (and
     // exactly 0 when one token is kept).
@@ -113,11 +82,12 @@ void sample_row(const SampleArgs& a, int64_t i, Scratch& s) {
   const double T_raw = a.raw_temperature ? T : 1.0;
   int64_t* toks = a.tokens + i * G;
   float* raw = a.raw_logprobs + i * G;
+  const RowState* folded = k.folded && a.raw_temperature ? &k.fold : nullptr;
   switch (a.dtype) {
-    case DType::kFloat64: raw_logprobs<F64>(row, V, T_raw, toks, raw, G); break;
-    case DType::kFloat32: raw_logprobs<F32>(row, V, T_raw, toks, raw, G); break;
-    case DType::kBFloat16: raw_logprobs<BF16>(row, V, T_raw, toks, raw, G); break;
-    default: raw_logprobs<F16>(row, V, T_raw, toks, raw, G); break;
+    case DType::kFloat64: raw_logprobs<F64>(row, V, T_raw, toks, raw, G, folded); break;
+    case DType::kFloat32: raw_logprobs<F32>(row, V, T_raw, toks, raw, G, folded); break;
+    case DType::kBFloat16: raw_logprobs<BF16>(row, V, T_raw, toks, raw, G, folded); break;
+    default: raw_logprobs<F16>(row, V, T_raw, toks, raw, G, folded); break;
   }
 }
 

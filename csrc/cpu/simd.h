@@ -197,6 +197,31 @@ struct VecF {
     const __m512 p = exp2_poly(VecF{_mm512_sub_ps(x.v, n)}).v;
     return {_mm512_scalef_ps(p, n)};  // p · 2^n in one instruction, underflowing to 0
   }
+  // Bit i set where lane i ≥ t (false for NaN lanes).
+  uint32_t ge_mask(VecF t) const { return _mm512_cmp_ps_mask(v, t.v, _CMP_GE_OQ); }
+  // a where a ≥ t, else 0.
+  static VecF keep_ge(VecF a, VecF t) {
+    return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, t.v, _CMP_GE_OQ), a.v)};
+  }
+  // Compaction of the lanes with v ≥ t (stream compaction, in index order): their values to
+  // vout and their ids to iout, ids = base + lane (compress_ge) or ids[lane] (compress_ge_ids);
+  // returns how many. Always stores 16 of each (the outputs need room for them). Branch-free:
+  // the compress runs in registers (a compressing store to memory is microcoded and slow on
+  // some x86 cores).
+  int compress_ge(VecF t, int32_t base, int32_t* iout, float* vout) const {
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(base),
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    return compress(_mm512_cmp_ps_mask(v, t.v, _CMP_GE_OQ), ids, iout, vout);
+  }
+  int compress_ge_ids(VecF t, const int32_t* ids, int32_t* iout, float* vout) const {
+    return compress(_mm512_cmp_ps_mask(v, t.v, _CMP_GE_OQ), _mm512_loadu_si512(ids), iout, vout);
+  }
+  int compress(__mmask16 m, __m512i ids, int32_t* iout, float* vout) const {
+    if (__builtin_expect(m == 0, 1)) return 0;
+    _mm512_storeu_si512(iout, _mm512_maskz_compress_epi32(m, ids));
+    _mm512_storeu_ps(vout, _mm512_maskz_compress_ps(m, v));
+    return __builtin_popcount(m);
+  }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
 };
@@ -254,6 +279,34 @@ struct VecF {
     // correctly underflowed product.
     return {res};
   }
+  uint32_t ge_mask(VecF t) const {
+    return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, t.v, _CMP_GE_OQ)));
+  }
+  static VecF keep_ge(VecF a, VecF t) {
+    return {_mm256_and_ps(a.v, _mm256_cmp_ps(a.v, t.v, _CMP_GE_OQ))};
+  }
+  int compress_ge(VecF t, int32_t base, int32_t* iout, float* vout) const {
+    alignas(32) float x[8];
+    _mm256_store_ps(x, v);
+    int n = 0;
+    for (uint32_t m = ge_mask(t); m; m &= m - 1) {
+      const int l = __builtin_ctz(m);
+      iout[n] = base + l;
+      vout[n++] = x[l];
+    }
+    return n;
+  }
+  int compress_ge_ids(VecF t, const int32_t* ids, int32_t* iout, float* vout) const {
+    alignas(32) float x[8];
+    _mm256_store_ps(x, v);
+    int n = 0;
+    for (uint32_t m = ge_mask(t); m; m &= m - 1) {
+      const int l = __builtin_ctz(m);
+      iout[n] = ids[l];
+      vout[n++] = x[l];
+    }
+    return n;
+  }
   float reduce_add() const {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -294,6 +347,18 @@ struct VecF {
     return {keep.v == -std::numeric_limits<float>::infinity() ? 0.0f : a.v};
   }
   static VecF exp2(VecF x) { return {exp2_scalar(x.v)}; }
+  uint32_t ge_mask(VecF t) const { return v >= t.v ? 1u : 0u; }
+  static VecF keep_ge(VecF a, VecF t) { return {a.v >= t.v ? a.v : 0.0f}; }
+  int compress_ge(VecF t, int32_t base, int32_t* iout, float* vout) const {
+    iout[0] = base;
+    vout[0] = v;
+    return v >= t.v ? 1 : 0;
+  }
+  int compress_ge_ids(VecF t, const int32_t* ids, int32_t* iout, float* vout) const {
+    iout[0] = ids[0];
+    vout[0] = v;
+    return v >= t.v ? 1 : 0;
+  }
   float reduce_add() const { return v; }
   float reduce_max() const { return v; }
 };
