@@ -3,6 +3,8 @@
     python examples/grpo_toy.py                      # the measured run of docs/demo.md
     python examples/grpo_toy.py --steps 40 --out curve.png
     python examples/grpo_toy.py --loss two-op        # linear_logprobs + policy_loss
+    python examples/grpo_toy.py --top-p 0.9 --ratio-out docs/img/truncated_support_ratio.png
+                                                     # docs/sampling.md's ratio figure
 
 Same as ``rlkern demo``. The loop lives in ``python/rlkern/demo.py`` (function ``run``) so that
 the command, this script and the tests run one copy of it. One step of it, in short::

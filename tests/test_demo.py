@@ -10,7 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("matplotlib")
+pytest.importorskip("matplotlib",
+                    reason="the demo writes its reward and ratio figures with matplotlib")
 
 import rlkern
 from rlkern import demo
@@ -136,3 +137,81 @@ def test_top_p_logs_importance_ratios():
         assert abs(trunc - 1.0) < 1e-3
     plain = demo.run(tiny(steps=1))
     assert plain.ratio_full == plain.ratio_truncated == []
+
+
+def test_top_p_logs_the_samplers_kept_mass():
+    """kept_mass is the sampler's own Σ_K p / Σ_V p of each sampled token's row (raw minus
+    processed log-prob); the full-vocabulary ratio is that same mass to rounding, since the
+    trainer's logits equal the rollout's up to rounding before the first update."""
+    res = demo.run(tiny(top_p=0.8))
+    assert len(res.kept_mass) == 2
+    for mass, full in zip(res.kept_mass, res.ratio_full, strict=True):
+        assert 0.5 < mass < 0.99
+        assert mass == pytest.approx(full, abs=1e-4)
+    assert demo.run(tiny(steps=1)).kept_mass == []
+
+
+def test_ratio_figure_of_a_tiny_run(tmp_path):
+    """--ratio-out: the importance-ratio figure of a few-step top-p run is written as a PNG
+    (skipped, with its reason, where matplotlib is missing: the module skips then)."""
+    out = tmp_path / "fig" / "ratio.png"
+    res = demo.run(tiny(steps=3, top_p=0.9, ratio_out=str(out)))
+    assert res.ratio_png == str(out)
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    again = tmp_path / "again.png"
+    assert demo.plot_ratios(res, again, date="2026-12-05") == again
+    assert again.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_ratio_figure_errors(tmp_path):
+    with pytest.raises(ValueError, match="only a run with top_p"):
+        demo.run(tiny(ratio_out=str(tmp_path / "r.png")))
+    plain = demo.run(tiny(steps=1))
+    with pytest.raises(ValueError, match="no importance ratios to plot"):
+        demo.plot_ratios(plain, tmp_path / "r.png")
+    with pytest.raises(ValueError, match="no importance ratios"):
+        demo.ratio_table(plain)
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_ratio_table_rows_and_steps():
+    res = demo.run(tiny(steps=3, top_p=0.9))
+    lines = demo.ratio_table(res).splitlines()
+    assert lines[0] == "| step | 1 | 2 | 3 | mean of 3 |"
+    assert lines[1] == "|---|---|---|---|---|"
+    full, trunc, mass = (line.split(" | ") for line in lines[2:])
+    assert full[0] == "| full-vocabulary log-probs"
+    assert full[1:4] == [f"{x:.3f}" for x in res.ratio_full]
+    assert trunc[0] == "| `token_logprobs(top_p=0.9)`"
+    assert trunc[-1] == f"{sum(res.ratio_truncated) / 3:.4f} |"
+    assert mass[0] == "| kept mass (sampler)"
+    # A 100-step run shows step 1 and every tenth step, as docs/sampling.md's table.
+    assert demo._ratio_steps(100) == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    assert demo._ratio_steps(5) == [1, 2, 3, 4, 5]
+
+
+def test_cli_demo_ratio_out(tmp_path, capsys):
+    out = tmp_path / "ratio.png"
+    rc = cli_main(["demo", "--steps", "2", "--prompts", "2", "-G", "4", "--hidden-size", "16",
+                   "--layers", "1", "--heads", "2", "--top-p", "0.9", "--out", "",
+                   "--ratio-out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| step | 1 | 2 | mean of 2 |" in text
+    assert f"importance-ratio figure: {out}" in text
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_missing_matplotlib_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match="needs matplotlib: pip install matplotlib"):
+        demo._pyplot()

@@ -12,13 +12,18 @@ namespace rlkern::cpu {
 enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
 // Rows are the (b, l) pairs of a (B, L, V) view whose vocab dim is contiguous; row (b, l)
-// starts at element b * stride_0 + l * stride_1. Per-row arrays (labels, outputs, grads) are
-// contiguous (B * L), in float32, or float64 for float64 logits.
-struct LogitsRows {
+// starts at element b * stride_0 + l * stride_1. One definition for every op that reads
+// logit rows by (b, l) (logprobs, truncated log-probs); cpu/glue.h's logits_layout fills it.
+struct LogitsLayout {
   const void* logits;
   DType dtype;
   int64_t B, L, V;
   int64_t stride_0, stride_1;
+};
+
+// Per-row arrays (labels, outputs, grads) are contiguous (B * L), in float32, or float64 for
+// float64 logits.
+struct LogitsRows : LogitsLayout {
   const int64_t* labels;
   double temperature;
   int64_t ignore_index;

@@ -15,13 +15,7 @@ using namespace rlkern::logprobs;
 
 void set_rows(LogitsRows& a, const at::Tensor& logits, const at::Tensor& labels,
               double temperature, int64_t ignore_index) {
-  a.logits = logits.const_data_ptr();
-  a.dtype = dtype_of(logits, "logits");
-  a.B = logits.size(0);
-  a.L = logits.size(1);
-  a.V = logits.size(2);
-  a.stride_0 = logits.stride(0);
-  a.stride_1 = logits.stride(1);
+  static_cast<LogitsLayout&>(a) = logits_layout(logits);
   a.labels = labels.const_data_ptr<int64_t>();
   a.temperature = temperature;
   a.ignore_index = ignore_index;

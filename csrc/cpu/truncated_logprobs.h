@@ -21,10 +21,7 @@ namespace rlkern::cpu {
 
 // Row r of the (B, L, V) logits starts at (r / L)·stride_0 + (r % L)·stride_1 (vocab
 // contiguous); every per-row array has B·L entries.
-struct TruncatedLogprobsArgs {
-  const void* logits;
-  DType dtype;
-  int64_t B, L, V, stride_0, stride_1;
+struct TruncatedLogprobsArgs : LogitsLayout {
   const int64_t* labels;
   int64_t ignore_index;
   const double* temperature;

@@ -20,13 +20,7 @@ TruncatedLogprobsArgs row_args(const at::Tensor& logits, const at::Tensor& label
   TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1,
               "logits: the vocab (last) dim must be contiguous");
   TruncatedLogprobsArgs a{};
-  a.logits = logits.const_data_ptr();
-  a.dtype = dtype_of(logits, "logits");
-  a.B = logits.size(0);
-  a.L = logits.size(1);
-  a.V = logits.size(2);
-  a.stride_0 = logits.stride(0);
-  a.stride_1 = logits.stride(1);
+  static_cast<LogitsLayout&>(a) = logits_layout(logits);
   const int64_t N = a.B * a.L;
   TORCH_CHECK(a.V > 0 || N == 0, "logits: empty vocabulary");
   checks::array(labels, "labels", N, at::kLong, logits);

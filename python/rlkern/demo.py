@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -43,7 +44,9 @@ __all__ = [
     "importance_ratios",
     "main",
     "make_prompts",
+    "plot_ratios",
     "plot_rewards",
+    "ratio_table",
     "run",
     "toy_reward",
     "toy_target",
@@ -107,6 +110,8 @@ class DemoConfig:
     seed: int = 0
     threads: int = 1
     out: str | None = "grpo_toy_reward.png"
+    #: With ``top_p``: where to write the importance-ratio figure (:func:`plot_ratios`).
+    ratio_out: str | None = None
     quiet: bool = False
 
 
@@ -126,8 +131,12 @@ class DemoResult:
     #: for trainer log-probs over the full vocabulary and under the sampler's truncation.
     ratio_full: list[float] = field(default_factory=list)
     ratio_truncated: list[float] = field(default_factory=list)
+    #: With a filter: per step, the mean over completion tokens of the sampler's kept mass
+    #: Σ_K p / Σ_V p of the token's row, exp(raw log-prob − processed log-prob) as sampled.
+    kept_mass: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     png: str | None = None
+    ratio_png: str | None = None
 
 
 def build_model(cfg: DemoConfig):
@@ -234,6 +243,9 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     and write the reward curve to ``cfg.out`` (unless it is ``None``)."""
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; choose from {sorted(TASKS)}")
+    if cfg.ratio_out and cfg.top_p is None:
+        raise ValueError("ratio_out (--ratio-out) plots the importance ratios that only a run "
+                         "with top_p (--top-p) measures")
     path = _resolve_loss(cfg.loss)
     threads = torch.get_num_threads()
     if cfg.threads > 0:
@@ -303,6 +315,8 @@ def _train(cfg: DemoConfig, path: str, log: Callable[[str], None]) -> DemoResult
                                                 cfg.top_p)
                 result.ratio_full.append(full)
                 result.ratio_truncated.append(trunc)
+                raw = _pad(roll.logprobs, T, 0.0, torch.float32)
+                result.kept_mass.append(float((raw - processed).exp()[mask > 0].mean()))
             # The state at position n + k (SEP for k = 0) predicts completion token k.
             loss = _policy_loss(path, hidden[:, n : n + T], model.lm_head.weight, completions,
                                 mask, adv, old, loss_config, cfg.temperature)
@@ -330,6 +344,8 @@ def _train(cfg: DemoConfig, path: str, log: Callable[[str], None]) -> DemoResult
     result.wall_s = time.perf_counter() - t_start
     if cfg.out:
         result.png = str(plot_rewards(result, cfg.out))
+    if cfg.ratio_out:
+        result.ratio_png = str(plot_ratios(result, cfg.ratio_out))
     if not cfg.quiet:
         k = max(1, min(10, len(result.rewards) // 5))
         first = sum(result.rewards[:k]) / k
@@ -337,16 +353,31 @@ def _train(cfg: DemoConfig, path: str, log: Callable[[str], None]) -> DemoResult
         log(f"done: {cfg.steps} steps in {result.wall_s:.1f}s; mean reward of the first {k} "
             f"steps {first:.3f} -> last {k} steps {last:.3f}"
             + (f"; curve: {result.png}" if result.png else ""))
+        if cfg.top_p is not None and result.ratio_full:
+            log("mean importance ratio per step (the table of docs/sampling.md):")
+            log(ratio_table(result))
+            if result.ratio_png:
+                log(f"importance-ratio figure: {result.ratio_png}")
     return result
+
+
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, imported only when a figure is
+    written (matplotlib is an optional dependency: rlkern's ``test`` and ``bench`` extras)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("writing the demo's figures needs matplotlib: pip install matplotlib "
+                          "(in rlkern's test and bench extras)") from e
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_rewards(result: DemoResult, out: str | Path) -> Path:
     """Write the per-step mean reward (and exact-answer rate) as a PNG; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     cfg = result.config
     steps = list(range(1, len(result.rewards) + 1))
     k = max(1, min(10, len(steps) // 5))
@@ -361,20 +392,82 @@ def plot_rewards(result: DemoResult, out: str | Path) -> Path:
             label=f"mean reward ({k}-step moving average)")
     ax.plot(steps, smooth(result.exact), color="tab:green", lw=1.5, ls="--",
             label=f"exact answers ({k}-step moving average)")
-    ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward")
     ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"rlkern demo: {cfg.task} {cfg.digits} digits (0-{cfg.base - 1}), Llama "
-                 f"{cfg.layers}x{cfg.hidden_size}, {cfg.prompts_per_step}x{cfg.group_size} "
-                 f"samples/step, {result.wall_s:.0f}s on CPU", fontsize=9)
+    return _save_figure(plt, fig, ax, out,
+                        f"rlkern demo: {cfg.task} {cfg.digits} digits (0-{cfg.base - 1}), Llama "
+                        f"{cfg.layers}x{cfg.hidden_size}, {cfg.prompts_per_step}x"
+                        f"{cfg.group_size} samples/step, {result.wall_s:.0f}s on CPU")
+
+
+def _save_figure(plt, fig, ax, out: str | Path, title: str) -> Path:
+    """The demo figures' common ending: steps on x, a grid, the title; written to ``out``
+    (its folder created) and closed."""
+    ax.set_xlabel("GRPO step")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _ratio_steps(n: int) -> list[int]:
+    """The steps a ratio table shows: 1, then every tenth of the run (1, 10, 20, ..., 100)."""
+    every = max(1, n // 10)
+    return sorted({1, *range(every, n + 1, every)})
+
+
+def ratio_table(result: DemoResult) -> str:
+    """The per-step mean importance ratios of a ``top_p`` run as a Markdown table: steps 1,
+    then every tenth of the run, and the mean over all steps; rows for the full-vocabulary
+    log-probs, the truncated ones and the sampler's kept mass."""
+    if not result.ratio_full:
+        raise ValueError("no importance ratios: the run had no top_p")
+    steps = _ratio_steps(len(result.ratio_full))
+    rows = (("full-vocabulary log-probs", result.ratio_full, 3),
+            (f"`token_logprobs(top_p={result.config.top_p:g})`", result.ratio_truncated, 4),
+            ("kept mass (sampler)", result.kept_mass, 3))
+    lines = ["| step | " + " | ".join(map(str, steps)) + f" | mean of {len(result.ratio_full)} |",
+             "|---" * (len(steps) + 2) + "|"]
+    for name, xs, digits in rows:
+        cells = [f"{xs[s - 1]:.{digits}f}" for s in steps] + [f"{sum(xs) / len(xs):.{digits}f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_ratios(result: DemoResult, out: str | Path, date: str | None = None) -> Path:
+    """Write the per-step mean importance ratio ``exp(trainer − sampler)`` of a ``top_p`` run
+    as a PNG (returns its path): the trainer's log-probs over the full vocabulary and under the
+    sampler's truncation, the sampler's mean kept mass, and the line at 1. ``date`` (default:
+    today, UTC) goes into the title with V, top-p and the temperature."""
+    if not result.ratio_full:
+        raise ValueError("no importance ratios to plot: the run had no top_p (--top-p)")
+    plt = _pyplot()
+    cfg = result.config
+    date = date or datetime.now(timezone.utc).date().isoformat()
+    steps = list(range(1, len(result.ratio_full) + 1))
+    fig, ax = plt.subplots(figsize=(7, 4.6), dpi=110)
+    ax.axhline(1.0, color="black", lw=0.8, ls=":", label="ratio 1 (unbiased)")
+    # Drawn wide under the full-vocabulary curve, which it matches token for token.
+    ax.plot(steps, result.kept_mass, color="tab:gray", lw=6, alpha=0.3,
+            label="kept mass of the sampled rows (sampler)")
+    ax.plot(steps, result.ratio_full, color="tab:red", lw=1.5, marker=".", ms=3,
+            label="trainer log-probs over the full vocabulary")
+    ax.plot(steps, result.ratio_truncated, color="tab:blue", lw=1.5, marker=".", ms=3,
+            label=f"trainer log-probs with truncated support (top_p={cfg.top_p:g})")
+    ax.set_ylabel("mean importance ratio exp(trainer − sampler)")
+    lo = min(min(result.ratio_full), min(result.kept_mass), 1.0)
+    ax.set_ylim(lo - 0.25 * (1.02 - lo), 1.02 + 0.05 * (1.02 - lo))
+    # Below the axes: the curves of a run may cross any spot inside them.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
+    return _save_figure(plt, fig, ax, out,
+                        f"rlkern demo, rollout vs trainer log-probs: V={VOCAB_SIZE}, top-p "
+                        f"{cfg.top_p:g}, T={cfg.temperature:g}, {cfg.prompts_per_step}x"
+                        f"{cfg.group_size} samples/step, run {date}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -409,6 +502,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--threads", type=int, default=d.threads,
       help="torch threads; 0 leaves torch's default (default: %(default)s)")
     a("--out", default=d.out, help="reward-curve PNG (default: %(default)s); '' for none")
+    a("--ratio-out", default=d.ratio_out, dest="ratio_out",
+      help="with --top-p: write the per-step importance-ratio figure to this PNG")
     a("--quiet", action="store_true", help="no per-step lines")
     parser.set_defaults(func=main)
 
@@ -418,6 +513,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     names = asdict(DemoConfig()).keys()
     kw = {k: getattr(args, k) for k in names if hasattr(args, k)}
     kw["out"] = kw.get("out") or None
+    kw["ratio_out"] = kw.get("ratio_out") or None
     return DemoConfig(**kw)
 
 

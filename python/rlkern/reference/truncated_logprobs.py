@@ -18,6 +18,9 @@ gives NaN (``lse`` NaN), an all −inf row NaN with ``lse = −inf``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -40,6 +43,36 @@ def kept_mask(row: Tensor, *, temperature: float, top_k=None, top_p=None, min_p=
     return q > 0
 
 
+class _Row(NamedTuple):
+    """One row as both references see it: ``keep`` is ``None`` for an ignored row (``label ==
+    ignore_index``) and for a row the sampler cannot draw from (NaN, +inf, all −inf)."""
+
+    index: int
+    x: Tensor  # (V,) float64, the logits' row (differentiable in the forward reference)
+    label: int
+    ignored: bool
+    temperature: float
+    keep: Tensor | None  # (V,) bool: the sampler's kept set K
+
+
+def _rows(x2: Tensor, labels: Tensor, *, temperature, top_k, top_p, min_p, filter_order: str,
+          ignore_index: int) -> Iterator[_Row]:
+    """The per-row setup shared by the forward and the backward reference: each row's label,
+    its temperature and filters (numbers, or one value per row), and its kept set."""
+    y1 = labels.reshape(-1).tolist()
+    n = len(y1)
+    temps, ks, ps, mps = (_row_values(v, n) for v in (temperature, top_k, top_p, min_p))
+    for r, y in enumerate(y1):
+        x = x2[r]
+        if y == ignore_index or not sampleable(x.detach()):
+            yield _Row(r, x, y, y == ignore_index, 0.0, None)
+            continue
+        T = float(temps[r])
+        keep = kept_mask(x, temperature=T, top_k=None if ks[r] is None else int(ks[r]),
+                         top_p=ps[r], min_p=mps[r], filter_order=filter_order)
+        yield _Row(r, x, y, False, T, keep)
+
+
 def truncated_logprobs_reference(
     logits: Tensor,
     labels: Tensor,
@@ -56,29 +89,24 @@ def truncated_logprobs_reference(
     one value per row (``labels.numel()`` of them)."""
     V = logits.shape[-1]
     x2 = logits.reshape(-1, V).to(torch.float64)
-    y1 = labels.reshape(-1).tolist()
-    n = len(y1)
-    temps, ks, ps, mps = (_row_values(v, n) for v in (temperature, top_k, top_p, min_p))
+    n = labels.numel()
     lp, ent, lse = [], [], []
     nan = x2.new_tensor(float("nan"))
-    for r in range(n):
-        x = x2[r]
-        if y1[r] == ignore_index:
+    for row in _rows(x2, labels, temperature=temperature, top_k=top_k, top_p=top_p,
+                     min_p=min_p, filter_order=filter_order, ignore_index=ignore_index):
+        x, keep, T = row.x, row.keep, row.temperature
+        if row.ignored:
             zero = (x * 0).sum() if x.requires_grad else x.new_zeros(())
             lp.append(zero)
             ent.append(zero)
             lse.append(zero)
             continue
-        if not sampleable(x.detach()):
+        if keep is None:  # cannot be sampled
             lp.append(nan)
             ent.append(nan)
             ninf = bool(torch.isneginf(x.detach()).all()) and not bool(torch.isnan(x).any())
             lse.append(x.new_tensor(float("-inf")) if ninf else nan)
             continue
-        T = float(temps[r])
-        k = None if ks[r] is None else int(ks[r])
-        keep = kept_mask(x, temperature=T, top_k=k, top_p=ps[r], min_p=mps[r],
-                         filter_order=filter_order)
         m = x.detach().max()
         z = (x - m) / T
         lse.append(m / T + torch.logsumexp(z, -1))
@@ -86,7 +114,7 @@ def truncated_logprobs_reference(
         # log q masked to 0 outside K first: q · log q there would back-propagate 0 · (−inf).
         lq = torch.where(keep, logq, 0.0)
         ent.append(-(lq.exp() * lq * keep).sum())
-        y = y1[r]
+        y = row.label
         if 0 <= y < V and bool(keep[y]):
             lp.append(logq[y])
         else:
@@ -120,28 +148,24 @@ def truncated_logprobs_grad_reference(
     """
     V = logits.shape[-1]
     x2 = logits.detach().reshape(-1, V).to(torch.float64)
-    y1 = labels.reshape(-1).tolist()
-    n = len(y1)
-    temps, ks, ps, mps = (_row_values(v, n) for v in (temperature, top_k, top_p, min_p))
+    n = labels.numel()
     gl, ge, gs = (_row_values(g, n) if g is not None else [0.0] * n
                   for g in (grad_logprobs, grad_entropy, grad_lse))
     out = torch.zeros_like(x2)
-    for r in range(n):
-        x = x2[r]
-        if y1[r] == ignore_index:
+    for row in _rows(x2, labels, temperature=temperature, top_k=top_k, top_p=top_p,
+                     min_p=min_p, filter_order=filter_order, ignore_index=ignore_index):
+        r, x, keep, T = row.index, row.x, row.keep, row.temperature
+        if row.ignored:
             continue
-        if not sampleable(x):
+        if keep is None:  # cannot be sampled
             out[r] = float("nan")
             continue
-        T = float(temps[r])
-        keep = kept_mask(x, temperature=T, top_k=None if ks[r] is None else int(ks[r]),
-                         top_p=ps[r], min_p=mps[r], filter_order=filter_order)
         z = (x - x.max()) / T
         p = torch.softmax(z, -1)
         q = torch.softmax(z.masked_fill(~keep, float("-inf")), -1)
         zk = torch.where(keep, z, 0.0)
         e = float((q * zk).sum())
-        y = y1[r]
+        y = row.label
         g_lp = float(gl[r]) if 0 <= y < V and bool(keep[y]) else 0.0
         g = float(gs[r]) * p + torch.where(keep, q * (float(ge[r]) * (e - zk) - g_lp), 0.0)
         if g_lp:
