@@ -134,3 +134,28 @@ def test_same_kept_set_whatever_the_row_history(opts):
         lp = rlkern.token_logprobs(rows[r].expand(idx.numel(), V), idx, temperature=0.7,
                                    **opts).logprobs
         assert torch.equal(torch.isfinite(lp), kept[idx])
+
+
+def test_unfiltered_draw_walks_the_folds_blocks():
+    """With no filter the sampler folds the row once and draws from its per-block sums (blocks
+    of 4,096 logits), re-forming one block's weights. At V = 12,289 (four blocks, a short last
+    one), eight heavy tokens sit at block edges and in the short block: the draws follow the
+    softmax (χ² over the heavy tokens and the rest), and the processed and raw log-probs equal
+    token_logprobs bit for bit."""
+    from scipy import stats
+
+    x = torch.zeros(V)
+    heavy = torch.tensor([0, 4095, 4096, 8191, 8192, 12287, 12288, 6000])
+    x[heavy] = torch.tensor([6.0, 5.5, 5.0, 6.5, 4.5, 5.8, 6.2, 3.0])
+    n = 4000
+    rows = x.expand(n, V)
+    out = rlkern.sample(rows, temperature=1.0, seeds=torch.arange(n) + 11,
+                        steps=torch.zeros(n, dtype=torch.long))
+    p = torch.softmax(x.double(), -1)
+    counts = torch.stack([(out.tokens == h).sum() for h in heavy] +
+                         [(~torch.isin(out.tokens, heavy)).sum()]).double()
+    probs = torch.cat([p[heavy], (1 - p[heavy].sum()).reshape(1)])
+    assert stats.chisquare(counts.numpy(), (probs * n).numpy()).pvalue > 1e-4
+    lp = rlkern.token_logprobs(rows, out.tokens).logprobs
+    assert torch.equal(lp, out.processed_logprobs)
+    assert torch.equal(lp, out.raw_logprobs)

@@ -62,7 +62,21 @@ struct KeptRow {
   bool all;       // the kept set is the whole row (s.z, s.w, s.block); else s.ki / s.kz / s.kw
   bool folded;    // `fold` holds the row's token-logprobs summary at the row's temperature
   RowState fold;
+  double inv_t;     // 1 / T
+  float c;          // log2(e)/T as the fold's sweeps use it
+  const void* row;  // the row's logits (folded whole rows: kept_logprob reads the label's)
+  DType dtype;
 };
+
+// Logit v of a row, widened exactly.
+inline double logit_at(const void* row, DType dtype, int64_t v) {
+  switch (dtype) {
+    case DType::kFloat64: return static_cast<const double*>(row)[v];
+    case DType::kFloat32: return static_cast<const float*>(row)[v];
+    case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(row)[v]);
+    default: return f16_to_float(static_cast<const uint16_t*>(row)[v]);
+  }
+}
 
 // Candidates {v : x_v ≥ xc} into s.ci / s.cz / s.ck / s.cw in index order, z and w formed as
 // sample_row.h forms them for the whole row (the same operations, so the same bits); returns
@@ -298,6 +312,60 @@ inline KeptRow whole_row(const void* row, DType dtype, int64_t V, double tempera
   return k;
 }
 
+// The whole row as the kept set, from one read: the fold (its summary gives S, the log-probs
+// and the entropy) logs each block's max and sum, and s.kblock gets the blocks' masses relative
+// to the row max — the draw walks them and re-forms one block's weights.
+template <typename Tag>
+inline KeptRow folded_row(const typename Tag::storage* x, DType dtype, int64_t V,
+                          double temperature, Scratch& s) {
+  if constexpr (kIsF64<Tag>) {
+    return whole_row(x, dtype, V, temperature, s);  // float64 (tests): the plain path
+  } else {
+    KeptRow k{};
+    const RowScale sc = row_scale(temperature);
+    k.inv_t = sc.inv_t;
+    k.c = sc.c;
+    k.row = x;
+    k.dtype = dtype;
+    k.fold = softmax_stats_empty<double>();
+    Collect col{std::numeric_limits<double>::infinity(), false, nullptr, nullptr};
+    col.block_mx = s.block_mx.data();
+    col.block_s = s.block_s.data();
+    accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+    k.folded = true;
+    if (!(k.fold.s > 0.0)) {  // NaN (NaN / +inf logits) or 0 (all −inf)
+      k.xmax = std::isnan(k.fold.s) ? std::numeric_limits<double>::quiet_NaN() : k.fold.m;
+      return k;
+    }
+    k.ok = k.all = true;
+    k.xmax = k.fold.m;
+    k.S = k.S_kept = k.fold.s;
+    k.log_s = std::log(k.S);
+    k.ent_t = k.fold.t;
+    k.M = V;
+    const int64_t nb = (V + kBlock - 1) / kBlock;
+    s.kblock.resize(nb);
+    for (int64_t b = 0; b < nb; ++b)
+      s.kblock[b] = s.block_s[b] > 0.0f
+                        ? double(s.block_s[b]) * std::exp((double(s.block_mx[b]) - k.xmax) * k.inv_t)
+                        : 0.0;
+    return k;
+  }
+}
+
+// The whole row as the kept set, by dtype.
+inline KeptRow whole_kept(const void* row, DType dtype, int64_t V, double temperature,
+                          Scratch& s) {
+  switch (dtype) {
+    case DType::kFloat64: return whole_row(row, dtype, V, temperature, s);
+    case DType::kFloat32:
+      return folded_row<F32>(static_cast<const float*>(row), dtype, V, temperature, s);
+    case DType::kBFloat16:
+      return folded_row<BF16>(static_cast<const uint16_t*>(row), dtype, V, temperature, s);
+    default: return folded_row<F16>(static_cast<const uint16_t*>(row), dtype, V, temperature, s);
+  }
+}
+
 // Steps 1–4 of the top of this file for a row with a filter active.
 template <typename Tag>
 inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t V,
@@ -396,7 +464,7 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
       have_sel = false;
     }
   }
-  if (M >= V) return whole_row(x, dtype, V, f.temperature, s);  // every token kept
+  if (M >= V) return whole_kept(x, dtype, V, f.temperature, s);  // every token kept
 
   // 4. The kept list and its mass.
   if (!have_sel) sel = radix_select<false>(s.ck.data(), s.cw.data(), n, double(M), s);
@@ -410,7 +478,7 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
 inline KeptRow filter_row(const void* row, DType dtype, int64_t V, const RowFilter& f,
                           Scratch& s) {
   if (f.top_k >= V && f.top_p >= 1.0 && f.min_p <= 0.0)
-    return whole_row(row, dtype, V, f.temperature, s);
+    return whole_kept(row, dtype, V, f.temperature, s);
   switch (dtype) {
     case DType::kFloat64: return filtered_row<F64>(static_cast<const double*>(row), dtype, V, f, s);
     case DType::kFloat32: return filtered_row<F32>(static_cast<const float*>(row), dtype, V, f, s);
@@ -423,6 +491,8 @@ inline KeptRow filter_row(const void* row, DType dtype, int64_t V, const RowFilt
 // distribution — the one expression the sampler's processed log-prob and the truncated
 // log-probs both evaluate (−inf for a token outside the kept set).
 inline float kept_logprob(const Scratch& s, const KeptRow& k, int64_t v) {
+  // A folded whole row: (x_v − max)/T − log S, the raw log-prob's expression (sample.cpp).
+  if (k.all && k.folded) return float((logit_at(k.row, k.dtype, v) - k.fold.m) * k.inv_t - k.log_s);
   float wv = 0.0f;
   if (k.all) {
     wv = s.w[v];
@@ -436,21 +506,76 @@ inline float kept_logprob(const Scratch& s, const KeptRow& k, int64_t v) {
 
 // Σ_K w z over the kept set (tokens of weight 0, where z may be −inf, left out).
 inline double kept_moment(const Scratch& s, const KeptRow& k, int64_t V) {
+  if (k.all) return k.ent_t;
   double e = 0.0;
-  if (k.all) {
-    for (int64_t v = 0; v < V; ++v)
-      if (s.w[v] > 0.0f) e += double(s.w[v]) * double(s.z[v]);
-  } else {
+  {
     for (size_t j = 0; j < s.ki.size(); ++j)
       if (s.kw[j] > 0.0f) e += double(s.kw[j]) * double(s.kz[j]);
   }
   return e;
 }
 
+// The draw over a folded whole row: the block whose cumulative mass first exceeds u·Σ blocks,
+// then that block's weights 2^((x − block max)·c) re-formed as the fold formed them, walked in
+// 16-lane chunks and then lanes. Rounding that leaves the walk short takes the block's last
+// token of nonzero weight (or the last such block's).
+template <typename Tag>
+inline int64_t draw_folded(Scratch& s, const KeptRow& k, int64_t V, double u) {
+  const auto* x = static_cast<const typename Tag::storage*>(k.row);
+  const int64_t nb = int64_t(s.kblock.size());
+  double total = 0.0;
+  for (int64_t b = 0; b < nb; ++b) total += s.kblock[b];
+  const double target = u * total;
+  double acc = 0.0;
+  int64_t b = 0;
+  for (; b < nb - 1; ++b) {
+    if (acc + s.kblock[b] > target) break;
+    acc += s.kblock[b];
+  }
+  while (b > 0 && s.kblock[b] <= 0.0) --b;  // a trailing block of −inf only
+  const double scale = s.kblock[b] / double(s.block_s[b]);  // 2^… of the block → the row's
+  const double local = (target - acc) / scale;
+  const int64_t lo_v = b * kBlock, n = std::min(kBlock, V - lo_v);
+  const int64_t nv = n / W * W;
+  const VecF C = VecF::set1(k.c), M = VecF::set1(s.block_mx[b]);
+  const VecF lo = VecF::set1(kExp2Min);
+  float* e = s.e.data();
+  for (int64_t i = 0; i < nv; i += W)
+    VecF::exp2(VecF::max(lo, (VecF::load(x + lo_v + i, Tag{}) - M) * C)).store(e + i, F32{});
+  if (nv < n) {
+    VecF::exp2(VecF::max(lo, (load_tail<Tag>(x + lo_v + nv, n - nv) - M) * C)).store(e + nv, F32{});
+  }
+  double a = 0.0;
+  int64_t j = 0;
+  for (; j + W < nv; j += W) {
+    const double c = VecF::load(e + j).reduce_add();
+    if (a + c > local) break;
+    a += c;
+  }
+  int64_t tok = -1;
+  for (; j < n; ++j) {
+    if (!(e[j] > 0.0f)) continue;
+    a += e[j];
+    tok = lo_v + j;
+    if (a > local) break;
+  }
+  if (tok < 0)
+    for (j = n - 1; j >= 0; --j)
+      if (e[j] > 0.0f) return lo_v + j;
+  return tok;
+}
+
 // Inverse-CDF draw over the kept set in vocabulary order for the uniform u: the token whose
 // cumulative weight first exceeds u · S_kept (block sums find the block, a scan of one block
 // finds the token). Weights walked: the row's w (k.all) or the kept list.
-inline int64_t draw(const Scratch& s, const KeptRow& k, int64_t V, double u) {
+inline int64_t draw(Scratch& s, const KeptRow& k, int64_t V, double u) {
+  if (k.all && k.folded) {
+    switch (k.dtype) {
+      case DType::kFloat32: return draw_folded<F32>(s, k, V, u);
+      case DType::kBFloat16: return draw_folded<BF16>(s, k, V, u);
+      default: return draw_folded<F16>(s, k, V, u);
+    }
+  }
   const bool all = k.all;
   const int64_t len = all ? V : int64_t(s.ki.size());
   const float* w = all ? s.w.data() : s.kw.data();

@@ -102,6 +102,10 @@ struct Collect {
   int64_t base = 0;  // row index of the block's first logit
   float m_run = -std::numeric_limits<float>::infinity();
   double lse_run = -std::numeric_limits<double>::infinity();  // T·log Σ exp(x/T), blocks before
+  // Optional (non-null): each block's max and Σ 2^((x − max)·c), block b at [b] (the sampler's
+  // draw walks them). rel = +inf collects no candidate at all.
+  float* block_mx = nullptr;
+  float* block_s = nullptr;
 
   void push(int64_t v, float x) {
     out[n] = int32_t(v);
@@ -164,7 +168,7 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
     const double xc = ref + col->rel;
     xcf = float(xc);
     if (double(xcf) > xc) xcf = std::nextafter(xcf, kNegInf);
-    collect = !std::isnan(xcf);
+    collect = !std::isnan(xcf) && xcf != std::numeric_limits<float>::infinity();
     if (collect && mx == kNegInf)  // a block of −inf only (returns below): a plain scan
       for (int64_t j = 0; j < n; ++j)
         if (load_scalar<Tag>(x + j) >= xcf) col->push(col->base + j, load_scalar<Tag>(x + j));
@@ -266,6 +270,11 @@ inline void accumulate_row(const typename Tag::storage* x, int64_t n, const RowS
     const Block2 blk = sweep_block<Tag, kEntropy, kStats, kCollect>(
         x + b, nb, sc.c, reinterpret_cast<const char*>(ahead),
         ahead_n * int64_t(sizeof(storage)), col);
+    if constexpr (kCollect)
+      if (col->block_s) {
+        col->block_mx[b / kBlock] = blk.mx;
+        col->block_s[b / kBlock] = blk.s;
+      }
     // Base 2 → natural units: t = t2 ln2 (s and u are unitless).
     // Σ(x − c) = Σ(x − m_b) + n_b (m_b − c), in double (−inf for a block of −inf only).
     const double zsum = kStats ? double(blk.rel) + double(nb) * (double(blk.mx) - c) : 0.0;

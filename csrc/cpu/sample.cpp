@@ -96,7 +96,7 @@ void sample_row(const SampleArgs& a, int64_t i, Scratch& s) {
 void sample(const SampleArgs& a) {
   if (a.N == 0) return;
   at::parallel_for(0, a.N / a.num_samples, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(a.V);
+    Scratch& s = Scratch::for_thread(a.V);
     for (int64_t i = begin; i < end; ++i) sample_row(a, i, s);
   });
 }

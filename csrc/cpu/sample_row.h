@@ -35,9 +35,25 @@ struct Scratch {
   std::vector<float> kz, kw;
   std::vector<double> kblock;
   std::vector<float> sample;
+  std::vector<float> block_mx, block_s;  // the fold's per-block max and sum (kBlock logits)
+  std::vector<float> e;                  // one block's weights (the draw)
   double top_p_guess = 0.0;  // the previous top-p row's kept threshold w/S (kept_set.h)
 
-  explicit Scratch(int64_t V) {
+  int64_t capacity = 0;  // the largest V the arrays serve
+
+  explicit Scratch(int64_t V) { grow(V); }
+
+  // The calling thread's scratch, grown to V and kept across calls: its arrays take ~37 bytes
+  // per logit (5.6 MB at V = 151,936), and fresh ones per call cost a page fault per 4 KiB.
+  static Scratch& for_thread(int64_t V) {
+    thread_local Scratch s(0);
+    s.grow(V);
+    return s;
+  }
+
+  void grow(int64_t V) {
+    if (V <= capacity) return;
+    capacity = V;
     const int64_t Vp = (V + W - 1) / W * W;
     z.resize(Vp);
     w.resize(Vp);
@@ -47,6 +63,9 @@ struct Scratch {
     ck.resize(Vp);
     cz.resize(Vp);
     cw.resize(Vp);
+    block_mx.resize((V + kBlock - 1) / kBlock);
+    block_s.resize((V + kBlock - 1) / kBlock);
+    e.resize(kBlock + W);
   }
 };
 

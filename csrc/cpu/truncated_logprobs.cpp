@@ -85,7 +85,9 @@ void bwd_row(const TruncatedLogprobsArgs& a, int64_t r, Scratch& s, std::vector<
     std::fill(g, g + Vp, 0.0f);
   } else {
     const RowFilter f = row_filter(a, r);
-    const KeptRow k = filter_row(row_ptr(a, r), a.dtype, V, f, s);
+    KeptRow k = filter_row(row_ptr(a, r), a.dtype, V, f, s);
+    // A whole row kept: its gradient needs z and w over the row.
+    if (k.ok && k.all && k.folded) k = whole_row(row_ptr(a, r), a.dtype, V, f.temperature, s);
     if (!k.ok) {
       std::fill(g, g + Vp, std::numeric_limits<float>::quiet_NaN());
     } else {
@@ -141,7 +143,7 @@ void truncated_logprobs_fwd(const TruncatedLogprobsArgs& a) {
   const int64_t N = a.B * a.L;
   if (N == 0) return;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(a.V);
+    Scratch& s = Scratch::for_thread(a.V);
     for (int64_t r = begin; r < end; ++r) fwd_row(a, r, s);
   });
 }
@@ -150,7 +152,7 @@ void truncated_logprobs_bwd(const TruncatedLogprobsArgs& a) {
   const int64_t N = a.B * a.L;
   if (N == 0) return;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(a.V);
+    Scratch& s = Scratch::for_thread(a.V);
     std::vector<double> kd;
     for (int64_t r = begin; r < end; ++r) bwd_row(a, r, s, kd);
   });
