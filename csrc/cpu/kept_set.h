@@ -150,6 +150,20 @@ inline double top_k_cutoff(const typename Tag::storage* x, int64_t V, int64_t k,
   return kIsF64<Tag> ? c - std::abs(c) * 1e-6 - 1e-30 : c;
 }
 
+// Keeps the candidates i < n with keep(i), in place and in index order; returns their number.
+template <typename Keep>
+inline int64_t compact_candidates(int64_t n, const Keep& keep, Scratch& s) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (keep(i)) {
+      s.ci[m] = s.ci[i];
+      s.cz[m] = s.cz[i];
+      s.ck[m] = s.ck[i];
+      s.cw[m++] = s.cw[i];
+    }
+  return m;
+}
+
 // Top-p alone: narrows the n candidates (in place, index order kept) to L_j = {w ≥ 2^-j} for
 // the smallest j whose tokens weigh ≥ target (with a 1e-9 relative margin), looking only at
 // levels j ≤ j_max: those the candidates are known to hold whole. The masses come from one
@@ -178,15 +192,7 @@ inline int64_t narrow_by_mass(int64_t n, double target, int j_max, Scratch& s) {
   }
   if (j > j_max) return -1;
   const float t = std::ldexp(1.0f, -j);
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i)
-    if (cw[i] >= t) {
-      s.ci[m] = s.ci[i];
-      s.cz[m] = s.cz[i];
-      s.ck[m] = s.ck[i];
-      s.cw[m++] = s.cw[i];
-    }
-  return m;
+  return compact_candidates(n, [&](int64_t i) { return cw[i] >= t; }, s);
 }
 
 // The deepest level j with 2^-j ≥ w_c·(1 + 1e-6): the levels a candidate set holding every
@@ -194,6 +200,14 @@ inline int64_t narrow_by_mass(int64_t n, double target, int j_max, Scratch& s) {
 inline int levels_held(double wc) {
   if (!(wc > 0.0)) return 1 << 20;
   return int(std::floor(-std::log2(wc * (1.0 + 1e-6))));
+}
+
+// The float whose order key is `key` (float_key's inverse).
+inline float key_value(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 struct Sel {
@@ -388,8 +402,15 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
   k.fold = softmax_stats_empty<double>();
   int64_t pre = -1;
   double guess = 0.0;  // top-p: the collected set holds every token with w ≥ guess·S
+  // top-k: the collected set holds every token with x ≥ max x + rel_k (a guess from the
+  // thread's previous top-k row: its k-th logit below the max, ×1.25 and T/2 lower).
+  const double rel_k = 1.25 * s.top_k_guess - 0.5 * f.temperature;
   if constexpr (!kIsF64<Tag>) {
-    if (!by_k) {
+    if (by_k && !std::isnan(rel_k)) {
+      Collect col{rel_k, false, s.ci.data(), s.cx.data()};
+      accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+      pre = col.n;
+    } else if (!by_k) {
       const double safe = 1.0 - f.top_p < 1e-6 ? 0.0 : (1.0 - f.top_p) / double(2 * V);
       guess = std::max(safe, s.top_p_guess / 16.0);
       Collect col{rel_of(by_p ? guess : std::min(double(mp), 1.0)), by_p, s.ci.data(),
@@ -417,11 +438,20 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
   const double xc = k.xmax + rel_of(wc);
   int64_t n = 0;
   if (by_k) {
-    // The top k tokens suffice whatever the order: top-k first keeps a subset of them; joint,
-    // a top-p prefix longer than the candidates is longer than k.
-    const double xk = top_k_cutoff<Tag>(x, V, kk, s);
-    n = collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, xk, s);
-    if (n < kk && xk > -inf) n = collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, -inf, s);
+    // The k largest tokens and their ties, C_k, are all any order of the filters needs: top-k
+    // first keeps a subset of them; joint, a top-p prefix longer than C_k is longer than k.
+    // Collected from the guess's list when it holds k tokens, else by one sweep above a
+    // strided-sample cutoff (every token if fewer than k lie above it); C_k is the same set
+    // either way.
+    n = pre >= 0 ? collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, k.xmax + rel_k, s, pre) : 0;
+    if (n < kk) {
+      const double xk = top_k_cutoff<Tag>(x, V, kk, s);
+      n = collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, xk, s);
+      if (n < kk && xk > -inf) n = collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, -inf, s);
+    }
+    const Sel sk = radix_select<false>(s.ck.data(), s.cw.data(), n, double(kk), s);
+    n = compact_candidates(n, [&](int64_t i) { return s.ck[i] >= sk.key; }, s);
+    s.top_k_guess = double(key_value(sk.key)) * f.temperature;  // (performance only)
   } else if (!by_p) {
     n = collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, xc, s, pre);
   } else {

@@ -38,6 +38,8 @@ struct Scratch {
   std::vector<float> block_mx, block_s;  // the fold's per-block max and sum (kBlock logits)
   std::vector<float> e;                  // one block's weights (the draw)
   double top_p_guess = 0.0;  // the previous top-p row's kept threshold w/S (kept_set.h)
+  // The previous top-k row's k-th logit minus its max (NaN: none yet; kept_set.h).
+  double top_k_guess = std::numeric_limits<double>::quiet_NaN();
 
   int64_t capacity = 0;  // the largest V the arrays serve
 
