@@ -219,12 +219,15 @@ __device__ __forceinline__ Filtered<T> filter_row(const T* x, int64_t V, double 
   int64_t M = V;
   if (top_k < V) M = top_k < 1 ? 1 : top_k;
   if (top_p < 1.0) {
+    // The kept set must not depend on the kernel this code is inlined into: the products
+    // below are rounded on their own (__dmul_rn / __dadd_rn are never contracted into an
+    // FMA, which the compiler could otherwise decide differently per kernel).
     double base = f.s;
     if (!joint && M < V) {
       const Sel a = select_key(row, m, double(M), false, part);
-      base = a.mass_gt + double(M - a.count_gt) * a.w_eq;
+      base = __dadd_rn(a.mass_gt, __dmul_rn(double(M - a.count_gt), a.w_eq));
     }
-    const double target = top_p * base;
+    const double target = __dmul_rn(top_p, base);
     const Sel a = select_key(row, m, target, true, part);
     // Ties at the threshold are taken in index order while the mass before them is < target.
     int64_t take = a.w_eq > 0.0 ? int64_t(ceil((target - a.mass_gt) / a.w_eq)) : a.count_eq;
