@@ -12,6 +12,7 @@
 #include "cuda/logprobs_ops.h"
 #include "cuda/policy_loss_ops.h"
 #include "cuda/sample_ops.h"
+#include "cuda/truncated_logprobs_ops.h"
 
 namespace rlkern {
 
@@ -20,6 +21,7 @@ TORCH_LIBRARY_IMPL(rlkern, CUDA, m) {
   register_advantages_cuda(m);  // cuda/advantages_ops.cpp
   impl_policy_loss_cuda(m);     // policy_loss_{fwd,bwd}_out, kl_penalty_{fwd,bwd}_out
   cuda::impl_sample_ops(m);
+  cuda::impl_truncated_logprobs_ops(m);
 }
 
 }  // namespace rlkern

@@ -36,7 +36,7 @@ TORCH_LIBRARY(rlkern, m) {
     m.def(schema);
   // Sampler (sample_op.h).
   define_ops(m, sample::kOps);
-  // Token log-probs under the sampler's truncated distribution (cpu/truncated_logprobs_ops.h).
+  // Token log-probs under the sampler's truncated distribution (truncated_logprobs_op.h).
   define_ops(m, truncated_logprobs::kOps);
   // verl's optimal token baseline (schema in cpu/token_baseline_ops.cpp).
   m.def(kOptimalTokenBaselineOutSchema);

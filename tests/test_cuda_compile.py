@@ -13,7 +13,8 @@ from rlkern import nvcc
 
 ARCHS = (80, 90)
 # Kernels on the training hot path: every instantiation must be spill-free.
-HOT_KERNELS = ("logprobs_fwd_kernel", "logprobs_bwd_kernel", "sample_kernel")
+HOT_KERNELS = ("logprobs_fwd_kernel", "logprobs_bwd_kernel", "sample_kernel",
+               "truncated_fwd_kernel", "truncated_bwd_kernel")
 ROW_KEYS = {"file", "kernel", "arch", "registers", "spill_stores", "spill_loads", "shared_bytes"}
 
 
@@ -63,6 +64,16 @@ def test_sample_instantiations(rows: list[dict]) -> None:
         got = [r for r in rows if "sample_kernel" in r["kernel"] and r["arch"] == arch]
         assert len(got) == 3, [r["kernel"] for r in got]
         assert all(r["file"] == "csrc/cuda/sample.cu" for r in got)
+
+
+def test_truncated_logprobs_instantiations(rows: list[dict]) -> None:
+    # Truncated token log-probs: a forward and a backward kernel per logits dtype and arch, all
+    # on the no-spill list; the sampler's per-row code (rlkern/cuda_sample_row.cuh) inlined.
+    for arch in ARCHS:
+        for name in ("truncated_fwd_kernel", "truncated_bwd_kernel"):
+            got = [r for r in rows if name in r["kernel"] and r["arch"] == arch]
+            assert len(got) == 3, [r["kernel"] for r in got]
+            assert all(r["file"] == "csrc/cuda/truncated_logprobs.cu" for r in got)
 
 
 def test_hot_kernels_do_not_spill(rows: list[dict]) -> None:

@@ -33,14 +33,23 @@ from rlkern.ops.sample import sample
 from rlkern.reference.sample import filtered_probs
 
 GUARD = 8
+OUTPUTS = ("tokens", "raw_logprobs", "processed_logprobs", "entropy", "lse")
+# rlkern_sample_cuda's ctypes signature; rlkern_sample_n_cuda has num_samples after n.
+SAMPLE_ARGS = [P, INT, I64, I64, I64, I64, P, P, P, P, P, P, P, INT, INT, P, P, P, P, P, P]
+
+
+def sample_library() -> EmulatedLibrary:
+    """csrc/cuda/sample.cu built for the emulator, both launchers bound (also used by
+    tests/test_sample_groups_cuda_emulation.py and the truncated log-probs' emulation tests)."""
+    lib = emulated(CSRC / "cuda" / "sample.cu")
+    bind(lib, "rlkern_sample_cuda", SAMPLE_ARGS)
+    bind(lib, "rlkern_sample_n_cuda", [*SAMPLE_ARGS[:6], I64, *SAMPLE_ARGS[6:]])
+    return lib
 
 
 @pytest.fixture(scope="module")
 def emu() -> EmulatedLibrary:
-    lib = emulated(CSRC / "cuda" / "sample.cu")
-    bind(lib, "rlkern_sample_cuda",
-         [P, INT, I64, I64, I64, I64, P, P, P, P, P, P, P, INT, INT, P, P, P, P, P, P])
-    return lib
+    return sample_library()
 
 
 def _per_row(value, n: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -62,29 +71,42 @@ def _padded_logits(logits: torch.Tensor, pad: int = 5) -> torch.Tensor:
 
 def emu_sample(emu: EmulatedLibrary, logits: torch.Tensor, *, seeds, steps, temperature=1.0,
                top_k=None, top_p=None, min_p=None, indices=None, filter_order="top_k_first",
-               raw_temperature=True) -> dict[str, torch.Tensor]:
-    """Call the launcher on CPU tensors; check its return code and the guard bands."""
+               raw_temperature=True, num_samples=None) -> dict[str, torch.Tensor]:
+    """Call the launcher on CPU tensors (rlkern_sample_n_cuda when num_samples is given: n·G
+    outputs); check its return code and the guard bands."""
     R, V = logits.shape
     n = seeds.numel() if indices is None else indices.numel()
+    G = 1 if num_samples is None else num_samples
     temp = _per_row(temperature, n, torch.float64)
     k = _per_row(top_k, n, torch.int64)
     p = _per_row(top_p, n, torch.float64)
     mp = _per_row(min_p, n, torch.float64)
     idx = None if indices is None else indices.to(torch.int64).contiguous()
-    bufs = {name: Guarded((n,), dt, pad=GUARD) for name, dt in (
-        ("tokens", torch.int64), ("raw_logprobs", torch.float32),
-        ("processed_logprobs", torch.float32), ("entropy", torch.float32),
-        ("lse", torch.float32))}
-    rc = emu.lib.rlkern_sample_cuda(
-        logits.data_ptr(), DTYPE_CODE[logits.dtype], R, V, logits.stride(0) if R > 1 else V, n,
-        ptr(idx), temp.data_ptr(), ptr(k), ptr(p), ptr(mp), seeds.data_ptr(), steps.data_ptr(),
-        int(filter_order == "joint"), int(raw_temperature), *(bufs[name].ptr() for name in
-        ("tokens", "raw_logprobs", "processed_logprobs", "entropy", "lse")), None)
+    bufs = {name: Guarded((n * G,), torch.int64 if name == "tokens" else torch.float32,
+                          pad=GUARD) for name in OUTPUTS}
+    head = [logits.data_ptr(), DTYPE_CODE[logits.dtype], R, V, logits.stride(0) if R > 1 else V,
+            n, *([] if num_samples is None else [num_samples])]
+    fn = emu.lib.rlkern_sample_cuda if num_samples is None else emu.lib.rlkern_sample_n_cuda
+    rc = fn(*head, ptr(idx), temp.data_ptr(), ptr(k), ptr(p), ptr(mp), seeds.data_ptr(),
+            steps.data_ptr(), int(filter_order == "joint"), int(raw_temperature),
+            *(bufs[name].ptr() for name in OUTPUTS), None)
     assert rc == 0, f"rc={rc}: {emu.last_error()}"
     for name, out in bufs.items():
         assert out.untouched(), f"{name}: a write outside the output"
         assert out.written(), f"{name}: a row was never written"
     return {name: out.view for name, out in bufs.items()}
+
+
+def same_under_every_schedule(emu: EmulatedLibrary, expected: dict[str, torch.Tensor],
+                              run) -> None:
+    """``run()`` gives ``expected`` bit for bit under thread schedules the emulator can pick
+    (reverse, random, one warp racing ahead, one worker): a missing barrier would not."""
+    for settings in (dict(order="reverse"), dict(order="random", seed=3),
+                     dict(run_ahead=True), dict(order="reverse", run_ahead=True, workers=1)):
+        with emu.settings(**settings):
+            other = run()
+        for name, out in expected.items():
+            assert torch.equal(out, other[name]), (settings, name)
 
 
 def _seeds(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,13 +119,12 @@ OPTIONS = [*sample_cases.OPTIONS, dict(top_k=50), dict(top_p=0.95, temperature=1
 _ids = sample_cases.option_id
 
 
-def _check_against_cpu(got, logits, seeds, steps, indices=None, **opts) -> None:
+def check_against_cpu(got, logits, seeds, steps, indices=None, num_samples=1, **opts) -> None:
     """Tokens equal to the C++ CPU kernel and the reference; values within the fp32 tolerance
     of the float64 reference (ALGORITHMS.md §4; the tolerance of tests/test_sample.py)."""
-    cpu = sample(logits, seeds=seeds, steps=steps, indices=indices, backend="cpu",
-                 return_entropy=True, **opts)
-    ref = sample(logits, seeds=seeds, steps=steps, indices=indices, backend="torch",
-                 return_entropy=True, **opts)
+    kw = dict(indices=indices, return_entropy=True, num_samples=num_samples, **opts)
+    cpu = sample(logits, seeds=seeds, steps=steps, backend="cpu", **kw)
+    ref = sample(logits, seeds=seeds, steps=steps, backend="torch", **kw)
     assert torch.equal(got["tokens"], cpu.tokens), (got["tokens"], cpu.tokens)
     assert torch.equal(got["tokens"], ref.tokens)
     for name in ("raw_logprobs", "processed_logprobs", "entropy"):
@@ -111,7 +132,7 @@ def _check_against_cpu(got, logits, seeds, steps, indices=None, **opts) -> None:
                                    atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
     rows = indices if indices is not None else torch.arange(logits.shape[0])
     temp = opts.get("temperature", 1.0)
-    lse = torch.logsumexp(logits.double()[rows] / temp, -1)
+    lse = torch.logsumexp(logits.double()[rows] / temp, -1).repeat_interleave(num_samples)
     torch.testing.assert_close(got["lse"].double(), lse, rtol=1e-5, atol=2e-5)
 
 
@@ -122,7 +143,7 @@ def test_matches_cpu_kernel_and_reference(emu, opts, V):
     logits = torch.randn(13, V, generator=gen) * 3
     seeds, steps = _seeds(13, gen)
     got = emu_sample(emu, _padded_logits(logits), seeds=seeds, steps=steps, **opts)
-    _check_against_cpu(got, logits, seeds, steps, **opts)
+    check_against_cpu(got, logits, seeds, steps, **opts)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -133,7 +154,7 @@ def test_half_precision_inputs(emu, dtype, opts):
     logits = (torch.randn(9, 2053, generator=gen) * 4).to(dtype)
     seeds, steps = _seeds(9, gen)
     got = emu_sample(emu, _padded_logits(logits), seeds=seeds, steps=steps, **opts)
-    _check_against_cpu(got, logits, seeds, steps, **opts)
+    check_against_cpu(got, logits, seeds, steps, **opts)
 
 
 def test_qwen_vocabulary_bf16(emu):
@@ -143,7 +164,7 @@ def test_qwen_vocabulary_bf16(emu):
     seeds, steps = _seeds(3, gen)
     for opts in (dict(temperature=0.7), dict(temperature=0.7, top_k=50, top_p=0.9)):
         got = emu_sample(emu, logits, seeds=seeds, steps=steps, **opts)
-        _check_against_cpu(got, logits, seeds, steps, **opts)
+        check_against_cpu(got, logits, seeds, steps, **opts)
 
 
 def test_per_row_options_and_shared_rows(emu):
@@ -215,12 +236,8 @@ def test_batch_invariance_replay_and_schedules(emu):
         assert torch.equal(out[perm], permuted[name]), name
         assert torch.equal(out[2:3], alone[name]), name
     # Every legal thread schedule gives the same bits (a race would not).
-    for settings in (dict(order="reverse"), dict(order="random", seed=3),
-                     dict(run_ahead=True), dict(order="reverse", run_ahead=True, workers=1)):
-        with emu.settings(**settings):
-            other = emu_sample(emu, logits, seeds=seeds, steps=steps, **opts)
-        for name, out in full.items():
-            assert torch.equal(out, other[name]), (settings, name)
+    same_under_every_schedule(emu, full,
+                              lambda: emu_sample(emu, logits, seeds=seeds, steps=steps, **opts))
 
 
 def test_rows_that_cannot_be_sampled(emu):

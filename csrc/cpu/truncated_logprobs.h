@@ -16,28 +16,14 @@
 #include <cstdint>
 
 #include "cpu/logprobs.h"  // DType
+#include "rlkern/truncated_logprobs.h"
 
 namespace rlkern::cpu {
 
-// Row r of the (B, L, V) logits starts at (r / L)·stride_0 + (r % L)·stride_1 (vocab
-// contiguous); every per-row array has B·L entries.
-struct TruncatedLogprobsArgs : LogitsLayout {
-  const int64_t* labels;
-  int64_t ignore_index;
-  const double* temperature;
-  const int64_t* top_k;  // nullable (off); per row ≥ V is off
-  const double* top_p;   // nullable; ≥ 1 is off
-  const double* min_p;   // nullable; ≤ 0 is off
-  bool joint;            // filter_order == joint
-  // Forward outputs (fp32; entropy nullable).
-  float* logprobs;
-  float* entropy;
-  float* lse;
-  // Backward: upstream gradients (nullable: 0) and the contiguous (B·L, V) gradient.
-  const float* grad_logprobs;
-  const float* grad_entropy;
-  const float* grad_lse;
-  void* grad_logits;
+// The per-row arrays and outputs (rlkern/truncated_logprobs.h) and the logits.
+struct TruncatedLogprobsArgs : truncated_logprobs::Rows {
+  const void* logits;
+  DType dtype;
 };
 
 void truncated_logprobs_fwd(const TruncatedLogprobsArgs& args);

@@ -16,18 +16,20 @@ void launch_sample(const at::Tensor& logits, const sample::Shape& s,
   check_cuda(logits, "logits");
   const int dtype = dtype_of(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
-  check_launch(rlkern_sample_cuda(logits.const_data_ptr(), dtype, s.R, s.V, s.stride_row, s.N,
-                                  r.indices, r.temperature, r.top_k, r.top_p, r.min_p, r.seeds,
-                                  r.steps, joint ? 1 : 0, raw_temperature ? 1 : 0, r.tokens,
-                                  r.raw_logprobs, r.processed_logprobs, r.entropy, r.lse,
-                                  current_stream()),
-               "rlkern::sample_out");
+  // s.N output rows, s.G draws per source row (sample_out: G = 1).
+  check_launch(rlkern_sample_n_cuda(logits.const_data_ptr(), dtype, s.R, s.V, s.stride_row,
+                                    s.N / s.G, s.G, r.indices, r.temperature, r.top_k, r.top_p,
+                                    r.min_p, r.seeds, r.steps, joint ? 1 : 0,
+                                    raw_temperature ? 1 : 0, r.tokens, r.raw_logprobs,
+                                    r.processed_logprobs, r.entropy, r.lse, current_stream()),
+               s.G == 1 ? "rlkern::sample_out" : "rlkern::sample_n_out");
 }
 
 }  // namespace
 
 void impl_sample_ops(torch::Library& m) {
   m.impl(sample::kSampleOut.name, &sample::sample_out<&launch_sample>);
+  m.impl(sample::kSampleNOut.name, &sample::sample_n_out<&launch_sample>);
 }
 
 }  // namespace rlkern::cuda

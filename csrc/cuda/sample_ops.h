@@ -6,7 +6,7 @@
 
 namespace rlkern::cuda {
 
-// m.impl() of sample_out (inside TORCH_LIBRARY_IMPL(rlkern, CUDA)).
+// m.impl() of sample_out and sample_n_out (inside TORCH_LIBRARY_IMPL(rlkern, CUDA)).
 void impl_sample_ops(torch::Library& m);
 
 }  // namespace rlkern::cuda

@@ -170,6 +170,45 @@ int rlkern_sample_cuda(const void* logits, int dtype, int64_t R, int64_t V, int6
                        float* processed_logprobs, float* entropy, float* lse,
                        cudaStream_t stream);
 
+// The sampler with num_samples = G draws per source row from one filtering pass: n source
+// rows (per-row arrays of n entries; without indices n ≤ R), outputs of n·G entries (row i,
+// draw j at i·G + j; draw j uses Philox index j, so draw 0 is rlkern_sample_cuda's token).
+int rlkern_sample_n_cuda(const void* logits, int dtype, int64_t R, int64_t V, int64_t stride_row,
+                         int64_t n, int64_t num_samples, const int64_t* indices,
+                         const double* temperature, const int64_t* top_k, const double* top_p,
+                         const double* min_p, const int64_t* seeds, const int64_t* steps,
+                         int joint, int raw_temperature, int64_t* tokens, float* raw_logprobs,
+                         float* processed_logprobs, float* entropy, float* lse,
+                         cudaStream_t stream);
+
+// Token log-probs under the sampler's truncated distribution (ALGORITHMS.md §4, §1;
+// csrc/cuda/truncated_logprobs.cu): the kept set K of the sampler's filters (per-row arrays of
+// B·L entries: temperature, and top_k / top_p / min_p nullable = off; joint = filter_order
+// joint), rows laid out as in rlkern_logprobs_fwd_cuda, labels B·L int64:
+//   logprobs = log q_y (q: the renormalised distribution on K; −inf for y ∉ K; bitwise the
+//   sampler's processed log-prob), entropy = H(q) (nullable), lse = the whole row's.
+// Rows with y == ignore_index get 0 and are not read; an out-of-range label gets NaN; a row
+// with NaN / +inf logits gets NaN (lse NaN), an all −inf row NaN with lse = −inf.
+int rlkern_truncated_logprobs_fwd_cuda(const void* logits, int dtype, int64_t B, int64_t L,
+                                       int64_t V, int64_t stride_0, int64_t stride_1,
+                                       const int64_t* labels, int64_t ignore_index,
+                                       const double* temperature, const int64_t* top_k,
+                                       const double* top_p, const double* min_p, int joint,
+                                       float* logprobs, float* entropy, float* lse,
+                                       cudaStream_t stream);
+
+// The gradient wrt the logits of Σ g_lp·logprobs + g_ent·entropy + g_lse·lse with K held fixed
+// (each upstream gradient nullable = 0): grad_logits is a contiguous (B·L, V) array of the
+// logits' dtype; ignored rows get 0, unsampleable rows NaN.
+int rlkern_truncated_logprobs_bwd_cuda(const void* logits, int dtype, int64_t B, int64_t L,
+                                       int64_t V, int64_t stride_0, int64_t stride_1,
+                                       const int64_t* labels, int64_t ignore_index,
+                                       const double* temperature, const int64_t* top_k,
+                                       const double* top_p, const double* min_p, int joint,
+                                       const float* grad_logprobs, const float* grad_entropy,
+                                       const float* grad_lse, void* grad_logits,
+                                       cudaStream_t stream);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif

@@ -54,10 +54,6 @@ def _sample_out(backend, logits, indices, temperature, top_k, top_p, min_p, seed
         if num_samples == 1:
             ops.sample_out(logits, indices, temperature, top_k, top_p, min_p, seeds, steps,
                            joint, raw_temperature, tokens, raw, proc, entropy, lse)
-        elif backend == "cuda":
-            raise NotImplementedError(
-                "sample(num_samples > 1) has no CUDA C++ kernel yet; use backend='triton' (the "
-                "default on CUDA tensors) or 'torch'")
         else:
             ops.sample_n_out(logits, indices, temperature, top_k, top_p, min_p, seeds, steps,
                              joint, raw_temperature, num_samples, tokens, raw, proc, entropy, lse)

@@ -2,8 +2,9 @@
 ``top_k`` / ``top_p`` / ``min_p``; ALGORITHMS.md §4 and §1).
 
 For each row: ``z = (x − max x) / T``; the kept set ``K`` of the filters is found by the
-sampler's own code (CPU: ``csrc/cpu/sample_row.h``; Triton: the helpers of
-``kernels/sample.py``), then::
+sampler's own code (CPU: ``csrc/cpu/sample_row.h``; CUDA C++:
+``csrc/include/rlkern/cuda_sample_row.cuh``; Triton: the helpers of ``kernels/sample.py``),
+then::
 
     logprobs = log q_y,   q_v = [v ∈ K] exp(z_v) / Σ_K exp(z)   (−inf for y ∉ K)
     entropy  = −Σ_v q_v log q_v
@@ -43,17 +44,9 @@ def _ref(logits3, labels, temperature, top_k, top_p, min_p, joint, ignore_index)
         ignore_index=ignore_index)
 
 
-def _no_cuda_kernel() -> None:
-    raise NotImplementedError(
-        "token_logprobs with top_k / top_p / min_p has no CUDA C++ kernel yet; use "
-        "backend='triton' (the default on CUDA tensors) or 'torch'")
-
-
 def _fwd_out(backend, logits3, labels, temperature, top_k, top_p, min_p, joint, ignore_index,
              logprobs, entropy, lse) -> None:
     if backend in ("cpu", "cuda"):
-        if backend == "cuda":
-            _no_cuda_kernel()
         backends.compiled_ops(backend).truncated_logprobs_fwd_out(
             logits3, labels, temperature, top_k, top_p, min_p, joint, ignore_index, logprobs,
             entropy, lse)
@@ -121,7 +114,7 @@ def truncated_logprobs_bwd(logits, labels, temperature, top_k, top_p, min_p, joi
     if logits.numel() == 0:
         return grad.zero_()
     f32 = lambda g: None if g is None else g.to(torch.float32).contiguous()
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         backends.compiled_ops(backend).truncated_logprobs_bwd_out(
             logits, labels, temperature, top_k, top_p, min_p, joint, ignore_index,
             f32(grad_logprobs), f32(grad_entropy), f32(grad_lse), grad)
@@ -131,8 +124,6 @@ def truncated_logprobs_bwd(logits, labels, temperature, top_k, top_p, min_p, joi
                                        ignore_index, f32(grad_logprobs), f32(grad_entropy),
                                        f32(grad_lse), grad)
     else:
-        if backend == "cuda":
-            _no_cuda_kernel()
         opt = lambda t: None if t is None else t.cpu()
         grad.copy_(truncated_logprobs_grad_reference(
             logits.cpu(), labels.cpu(), opt(grad_logprobs), opt(grad_entropy), opt(grad_lse),
