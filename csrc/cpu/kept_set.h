@@ -37,8 +37,9 @@
 //
 // At V = 151,936 and a trained model's peaked rows, C holds tens to a few hundred tokens; a flat
 // row can put every token in C, at the cost of a full-row selection. With no filter active, or
-// when the filters keep every token (M = V), the kept set is the row: z and w are formed over
-// the whole row (sample_row.h) and the row's block sums serve.
+// when the filters keep every token (M = V), the kept set is the row: folded_row() logs the
+// fold's per-block sums for the draw, and the log-probs are the fold's (the raw ones'
+// expression). float64 logits and the backward form z and w over the whole row (sample_row.h).
 #pragma once
 
 #include <algorithm>

@@ -13,7 +13,7 @@ enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
 // Rows are the (b, l) pairs of a (B, L, V) view whose vocab dim is contiguous; row (b, l)
 // starts at element b * stride_0 + l * stride_1. One definition for every op that reads
-// logit rows by (b, l) (logprobs, truncated log-probs); cpu/glue.h's logits_layout fills it.
+// logit rows by (b, l) (logprobs); cpu/glue.h's logits_layout fills it.
 struct LogitsLayout {
   const void* logits;
   DType dtype;

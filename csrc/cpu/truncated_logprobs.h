@@ -1,6 +1,6 @@
 // CPU token log-probs under the sampler's truncated distribution (ALGORITHMS.md §4, §1): for
 // each row the kept set of top-k / top-p / min-p is found by the sampler's own code
-// (sample_row.h), and
+// (kept_set.h), and
 //
 //   logprobs = log q_y,  q_v = [v ∈ K] w_v / Σ_K w,  w = exp(z), z = (x − max x)/T
 //              (−inf for a label outside K; bitwise the sampler's processed log-prob)

@@ -1,0 +1,79 @@
+// Per-row cost of the CPU row kernels on one thread, rows streamed from memory: a bare read,
+// the token-logprobs fold, and the sampler's kept-set search with each filter. Built and run by
+// bench/profile/rows.sh; the figures and a perf profile are in docs/benchmarks.md ("Where the
+// CPU time goes").
+//
+//   rows [rows=512]     bf16 rows of V = 151,936 logits (σ = 4, as the bench's peaked_logits),
+//                       512 rows = 156 MB, well beyond the last-level cache.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/kept_set.h"
+
+using namespace rlkern::cpu;
+using namespace rlkern::cpu::sampler;
+
+int main(int argc, char** argv) {
+  constexpr int64_t V = 151936;
+  constexpr double T = 0.7;
+  const int64_t R = argc > 1 ? std::atol(argv[1]) : 512;
+  // 64 random rows' worth of N(0, 16) values spread over all rows by a multiplicative hash
+  // (drawing R·V normals would take longer than the measurement).
+  std::mt19937 gen(1);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  std::vector<uint16_t> x(R * V);
+  const int64_t pool = 64 * V;
+  for (int64_t i = 0; i < std::min(pool, R * V); ++i) x[i] = float_to_bf16(normal(gen));
+  for (int64_t i = pool; i < R * V; ++i) x[i] = x[(uint64_t(i) * 2654435761u) % pool];
+  Scratch s(V);
+  double sink = 0.0;
+  auto filtered = [&](RowFilter f) {
+    return [&s, &sink, f](const uint16_t* row) {
+      const KeptRow k = filter_row(row, DType::kBFloat16, V, f, s);
+      sink += double(draw(s, k, V, 0.37));
+    };
+  };
+  const std::vector<std::pair<std::string, std::function<void(const uint16_t*)>>> cases = {
+      {"read (vector max)", [&](const uint16_t* row) {
+         VecF m = VecF::set1(-1e30f);
+         for (int64_t i = 0; i + W <= V; i += W) m = VecF::max(m, VecF::load(row + i, BF16{}));
+         sink += m.reduce_max();
+       }},
+      {"fold (token_logprobs)", [&](const uint16_t* row) {
+         RowState st = rlkern::softmax_stats_empty<double>();
+         fold_row<BF16, false, false>(row, V, row_scale(T), st);
+         sink += st.s;
+       }},
+      {"fold + entropy", [&](const uint16_t* row) {
+         RowState st = rlkern::softmax_stats_empty<double>();
+         fold_row<BF16, true, false>(row, V, row_scale(T), st);
+         sink += st.t;
+       }},
+      {"sample: no filter", filtered({T, V, 1.0, 0.0, false})},
+      {"sample: top-p 0.9", filtered({T, V, 0.9, 0.0, false})},
+      {"sample: min-p 0.05", filtered({T, V, 1.0, 0.05, false})},
+      {"sample: top-k 50", filtered({T, 50, 1.0, 0.0, false})},
+      {"sample: top-k 50 + top-p 0.9", filtered({T, 50, 0.9, 0.0, false})},
+  };
+  double read_us = 0.0;
+  std::printf("%-30s %10s %8s %8s\n", "one thread, bf16 V=151936", "us / row", "GB/s", "x read");
+  for (const auto& [name, fn] : cases) {
+    double best = 1e30;
+    for (int rep = 0; rep < 5; ++rep) {  // the best of 5 sweeps over all rows
+      const auto a = std::chrono::steady_clock::now();
+      for (int64_t r = 0; r < R; ++r) fn(x.data() + r * V);
+      const auto b = std::chrono::steady_clock::now();
+      best = std::min(best, std::chrono::duration<double, std::micro>(b - a).count() / R);
+    }
+    if (read_us == 0.0) read_us = best;
+    std::printf("%-30s %10.1f %8.1f %8.2f\n", name.c_str(), best, V * 2.0 / best / 1e3,
+                best / read_us);
+  }
+  return sink == 12345.678 ? 1 : 0;  // keeps the work observable
+}
