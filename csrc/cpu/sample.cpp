@@ -1,18 +1,19 @@
 // CPU sampler: one output row at a time, rows in parallel (at::parallel_for), so a row's
 // result never depends on the batch. Per row:
 //
-//  1. z = (x − max x) / T into an fp32 scratch row (the only read of the logits; max z = 0);
-//  2. w_v = exp(z_v − m) (fast 2^x), S = Σ w (per-block partial sums), Σ w (z − m) (entropy);
-//  3. the kept set of the filters: a prefix of the order "value descending, index ascending"
-//     found by a radix select over the tokens a cutoff leaves as candidates (kept_set.h);
-//  4. inverse-CDF draw over the kept set in vocab order with one Philox uniform u per draw:
+//  1. kept_set.h's filter_row(): one read of the row by the token-logprobs fold (max, S, the
+//     entropy's sum) and the kept set of the filters — a prefix of the order "value
+//     descending, index ascending", found by a radix select over a short candidate list — or,
+//     with no filter, the fold's per-block sums;
+//  2. inverse-CDF draw over the kept set in vocab order with one Philox uniform u per draw:
 //     the token whose cumulative weight first exceeds u · S_kept (block sums find the block,
 //     a scan of one block finds the token). Exact for the filtered distribution. With
-//     num_samples = G, steps 1–3 run once per row and step 4 G times (draw j: Philox index j).
+//     num_samples = G, step 1 runs once per row and step 2 G times (draw j: Philox index j).
 //
-// Steps 1–3 are kept_set.h's filter_row(), shared with the truncated token log-probs; the
-// raw log-probs come from the token-logprobs row code (logprobs_row.h), so both ops' outputs
-// agree bit for bit (processed: truncated token_logprobs; raw: plain token_logprobs).
+// filter_row() is shared with the truncated token log-probs; the raw log-probs come from the
+// token-logprobs row code (logprobs_row.h; the fold of step 1 when it ran at the raw
+// temperature), so both ops' outputs agree bit for bit (processed: truncated token_logprobs;
+// raw: plain token_logprobs).
 #include "cpu/sample.h"
 
 #include <ATen/Parallel.h>
@@ -30,9 +31,9 @@ using namespace sampler;
 
 // log_softmax(x / T)[tok] of each drawn token by the token-logprobs row code (logprobs_row.h:
 // fold_row, softmax_stats_finish, label_logp) — the reduction rlkern.token_logprobs runs, so a
-// raw log-prob equals token_logprobs(...).logprobs of the token bit for bit (one more read of
-// the row, usually from cache).
-// `folded`: the row's summary at T when filter_row() already folded it (nullptr: fold here).
+// raw log-prob equals token_logprobs(...).logprobs of the token bit for bit. `folded`: the
+// row's summary at T when filter_row() already folded it; nullptr (an unfiltered float64 row,
+// or the raw log-prob at T = 1) folds the row once more, usually from cache.
 template <typename Tag>
 void raw_logprobs(const void* row, int64_t V, double T, const int64_t* toks, float* out,
                   int64_t G, const RowState* folded) {
