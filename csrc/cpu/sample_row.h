@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu/logprobs.h"  // DType
@@ -20,15 +21,36 @@ namespace rlkern::cpu::sampler {
 constexpr int W = VecF::size;
 constexpr int64_t kSumBlock = 1024;  // granularity of the block sums used by the draw
 
+// An allocator that leaves new elements uninitialised: the pages of a row-sized array that a
+// row never reaches are never touched, so they cost no memory (every element is written before
+// it is read).
+template <typename T>
+struct NoInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInit<U>;
+  };
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... A>
+  void construct(U* p, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+};
+template <typename T>
+using RowBuf = std::vector<T, NoInit<T>>;
+
 // Per-thread scratch: z and w padded to a multiple of W (padding −inf / 0) with the row's block
 // sums; the candidates of the kept set (index, logit, z, order key, w; index order); the radix
 // select's narrowed lists; the kept set (index order) with its block sums.
 struct Scratch {
-  std::vector<float> z, w;
+  RowBuf<float> z, w;
   std::vector<double> block;
-  std::vector<int32_t> ci;
-  std::vector<uint32_t> ck;
-  std::vector<float> cx, cz, cw;
+  RowBuf<int32_t> ci;
+  RowBuf<uint32_t> ck;
+  RowBuf<float> cx, cz, cw;
   std::vector<uint32_t> nk, nk2;
   std::vector<float> nw, nw2;
   std::vector<int32_t> ki;
@@ -45,8 +67,10 @@ struct Scratch {
 
   explicit Scratch(int64_t V) { grow(V); }
 
-  // The calling thread's scratch, grown to V and kept across calls: its arrays take ~37 bytes
-  // per logit (5.6 MB at V = 151,936), and fresh ones per call cost a page fault per 4 KiB.
+  // The calling thread's scratch, grown to V and kept across calls: fresh arrays per call cost
+  // a page fault per 4 KiB. Its arrays reserve ~37 bytes per logit (5.6 MB at V = 151,936) but
+  // hold memory only where rows reach: the candidate lists' first entries, and z and w only
+  // for float64 logits and the backward.
   static Scratch& for_thread(int64_t V) {
     thread_local Scratch s(0);
     s.grow(V);
