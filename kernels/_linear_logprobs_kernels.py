@@ -169,6 +169,21 @@ def _dlogits_tile(
 
 
 @triton.jit
+def _dx_tile(
+    x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent, scale, inv_t, softcap,
+    SOFTCAP: tl.constexpr, HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
+):
+    """The gradient wrt the raw tile ``x`` (before the soft cap): :func:`_dlogits_tile` of the
+    capped logits ``z = c·tanh(x/c)`` times ``∂z/∂x = 1 − tanh²`` (with SOFTCAP), or of ``x``."""
+    z, th = _softcap_tile(x, softcap, SOFTCAP)
+    dz = _dlogits_tile(z, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
+                       scale, inv_t, HAS_GRAD_LP, HAS_GRAD_ENT)
+    if SOFTCAP:
+        dz = dz * ((1.0 - th) * (1.0 + th))
+    return dz
+
+
+@triton.jit
 def _split_bounds(split, split_cols, vocab):
     """Columns ``[begin, end)`` of vocabulary split ``split`` (``split_cols`` wide, the last one
     cut at ``V``)."""
@@ -466,11 +481,8 @@ def _linear_logprobs_bwd_dh_kernel(
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                          hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
                          BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
-        x, th = _softcap_tile(x, softcap, SOFTCAP)
-        dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
-                           scale, inv_t, HAS_GRAD_LP, HAS_GRAD_ENT)
-        if SOFTCAP:
-            dz = dz * ((1.0 - th) * (1.0 + th))  # ∂z/∂x of z = c·tanh(x/c)
+        dz = _dx_tile(x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
+                      scale, inv_t, softcap, SOFTCAP, HAS_GRAD_LP, HAS_GRAD_ENT)
         dz = dz.to(weight_ptr.dtype.element_ty)
         w_ptrs = weight_ptr + (cols.to(tl.int64)[:, None] * stride_weight_0 + kk[None, :])
         _add_product(gh_ptrs, row_ok, dz, w_ptrs, col_ok, hidden_size, BLOCK_K,
@@ -510,11 +522,8 @@ def _linear_logprobs_bwd_dw_kernel(
         x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows64, row_ok, cols, col_ok,
                          hidden_size, stride_hidden_0, stride_weight_0, ACC, BLOCK_M, BLOCK_N,
                          BLOCK_K, HAS_BIAS, INPUT_PRECISION, UPCAST_DOT)
-        x, th = _softcap_tile(x, softcap, SOFTCAP)
-        dz = _dlogits_tile(x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
-                           scale, inv_t, HAS_GRAD_LP, HAS_GRAD_ENT)
-        if SOFTCAP:
-            dz = dz * ((1.0 - th) * (1.0 + th))  # ∂z/∂x of z = c·tanh(x/c)
+        dz = _dx_tile(x, cols, col_ok, live, label_col, shift, ref2, e_z, c, g_lp, g_ent,
+                      scale, inv_t, softcap, SOFTCAP, HAS_GRAD_LP, HAS_GRAD_ENT)
         if HAS_GRAD_BIAS:
             gb += tl.sum(dz, axis=0)
         if HAS_GRAD_WEIGHT:

@@ -287,22 +287,35 @@ def test_rows_at_the_edges_of_the_float_range(emu, case):
         assert got["tokens"].tolist() == [expected] * 2
 
 
+class LauncherCall:
+    """Valid buffers for the sampler launchers' argument checks: 2 rows of 8 fp32 logits,
+    temperature 1, seeds and steps 0, room for 8 output rows. ``args`` gives the arguments of
+    ``rlkern_sample_cuda`` (``G`` None) or ``rlkern_sample_n_cuda`` with one of them changed."""
+
+    def __init__(self) -> None:
+        self.x = torch.randn(2, 8)
+        self.t = torch.ones(2, dtype=torch.float64)
+        self.s = torch.zeros(2, dtype=torch.int64)
+        self.tok = torch.empty(8, dtype=torch.int64)
+        self.o = [torch.empty(8) for _ in range(4)]
+
+    def args(self, *, G=None, dtype=0, R=2, V=8, n=2, logits=True, seeds=True) -> list:
+        x = self.x.data_ptr() if logits is True else logits
+        sd = self.s.data_ptr() if seeds is True else seeds
+        o = [b.data_ptr() for b in self.o]
+        return ([x, dtype, R, V, 8, n] + ([] if G is None else [G])
+                + [None, self.t.data_ptr(), None, None, None, sd, self.s.data_ptr(), 0, 1,
+                   self.tok.data_ptr(), o[0], o[1], None, o[3], None])
+
+
 def test_launcher_rejects_bad_arguments(emu):
     f = emu.lib.rlkern_sample_cuda
-    x = torch.randn(2, 8)
-    t = torch.ones(2, dtype=torch.float64)
-    s = torch.zeros(2, dtype=torch.int64)
-    tok = torch.empty(2, dtype=torch.int64)
-    o = [torch.empty(2) for _ in range(4)]
-    x_ptr, s_ptr = x.data_ptr(), s.data_ptr()
-    args = lambda dtype=0, R=2, V=8, N=2, logits=x_ptr, seeds=s_ptr: [
-        logits, dtype, R, V, 8, N, None, t.data_ptr(), None, None, None, seeds, s_ptr, 0, 1,
-        tok.data_ptr(), o[0].data_ptr(), o[1].data_ptr(), None, o[3].data_ptr(), None]
+    args = LauncherCall().args
     assert f(*args()) == 0
     assert f(*args(dtype=7)) == ERR_DTYPE
-    assert f(*args(N=3)) == ERR_INVALID  # more output rows than logits rows, no indices
+    assert f(*args(n=3)) == ERR_INVALID  # more output rows than logits rows, no indices
     assert f(*args(V=0)) == ERR_INVALID
-    assert f(*args(N=-1)) == ERR_INVALID
+    assert f(*args(n=-1)) == ERR_INVALID
     assert f(*args(logits=None)) == ERR_NULL
     assert f(*args(seeds=None)) == ERR_NULL
-    assert f(*args(N=0, logits=None)) == 0  # empty: nothing to read
+    assert f(*args(n=0, logits=None)) == 0  # empty: nothing to read

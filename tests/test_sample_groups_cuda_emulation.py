@@ -20,6 +20,7 @@ from cuda_emu.testing import ERR_INVALID_ARGUMENT as ERR_INVALID
 from rlkern.reference.sample import filtered_probs
 from test_sample_cuda_emulation import OUTPUTS as NAMES
 from test_sample_cuda_emulation import (
+    LauncherCall,
     _seeds,
     check_against_cpu,
     emu_sample,
@@ -105,19 +106,9 @@ def test_rows_that_cannot_be_sampled_flag_every_draw(emu):
 
 def test_launcher_rejects_bad_arguments(emu):
     f = emu.lib.rlkern_sample_n_cuda
-    x = torch.randn(2, 8)
-    t = torch.ones(2, dtype=torch.float64)
-    s = torch.zeros(2, dtype=torch.int64)
-    tok = torch.empty(6, dtype=torch.int64)
-    o = [torch.empty(6) for _ in range(4)]
-
-    def args(n=2, G=3):
-        return [x.data_ptr(), 0, 2, 8, 8, n, G, None, t.data_ptr(), None, None, None,
-                s.data_ptr(), s.data_ptr(), 0, 1, tok.data_ptr(), o[0].data_ptr(),
-                o[1].data_ptr(), None, o[3].data_ptr(), None]
-
-    assert f(*args()) == 0
+    args = LauncherCall().args
+    assert f(*args(G=3)) == 0
     assert f(*args(G=0)) == ERR_INVALID
     assert f(*args(G=-2)) == ERR_INVALID
     assert f(*args(G=2**62)) == ERR_INVALID  # n·G overflows
-    assert f(*args(n=3)) == ERR_INVALID  # more source rows than logits rows, no indices
+    assert f(*args(G=3, n=3)) == ERR_INVALID  # more source rows than logits rows, no indices

@@ -35,7 +35,9 @@
 //  4. The kept tokens (index order) with their z and w, and S_kept = Σ_kept w as per-block sums
 //     (kSumBlock entries of the kept list), the sums the draw walks.
 //
-// At V = 151,936 and a trained model's peaked rows, C holds tens to a few hundred tokens; a flat
+// On the bench's peaked rows (V = 151,936, σ = 4, T = 0.7; bench/profile/rows.cpp) top-p 0.9
+// collected ~480 candidates and narrowed them to ~40, top-k 50 ~380 (from the strided-sample
+// cutoff); a flat
 // row can put every token in C, at the cost of a full-row selection. With no filter active, or
 // when the filters keep every token (M = V), the kept set is the row: folded_row() logs the
 // fold's per-block sums for the draw, and the log-probs are the fold's (the raw ones'
@@ -121,12 +123,11 @@ inline int64_t collect_candidates(const typename Tag::storage* x, int64_t V, dou
     const VecF M = VecF::set1(float(mx)), C = VecF::set1(std::clamp(float(inv_t), FLT_MIN, FLT_MAX));
     for (int64_t j = 0; j < n; j += W) ((VecF::load(cx + j) - M) * C).store(cz + j, F32{});
   }
-  // w = 2^max(lo, z·log2 e) in vectors, as exp_row forms it (padding z = −inf gives w = 0).
+  // w as exp_row forms it (padding z = −inf gives w = 0).
   const int64_t np = (n + W - 1) / W * W;
   std::fill(cz + n, cz + np, kNegInf);
-  const VecF L2E = VecF::set1(float(kLog2e)), lo = VecF::set1(kExp2Min);
   for (int64_t j = 0; j < np; j += W)
-    VecF::exp2(VecF::max(lo, VecF::load(cz + j) * L2E)).store(s.cw.data() + j, F32{});
+    VecF::exp2(weight_exponent(VecF::load(cz + j))).store(s.cw.data() + j, F32{});
   for (int64_t j = 0; j < n; ++j) s.ck[j] = float_key(cz[j]);
   return n;
 }
@@ -315,7 +316,7 @@ inline KeptRow whole_row(const void* row, DType dtype, int64_t V, double tempera
   KeptRow k{};
   k.xmax = load_shifted(row, dtype, V, 1.0 / temperature, s.z.data());
   if (!std::isfinite(k.xmax)) return k;  // NaN or +inf logits, or all −inf
-  k.S = exp_row(s.z.data(), s.w.data(), Vp, 0.0f, s.block.data(), &k.ent_t);
+  k.S = exp_row(s.z.data(), s.w.data(), Vp, s.block.data(), &k.ent_t);
   if (std::isnan(k.S)) {  // a NaN the max skipped
     k.xmax = std::numeric_limits<double>::quiet_NaN();
     return k;

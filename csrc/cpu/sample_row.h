@@ -121,18 +121,23 @@ inline float row_max(const float* z, int64_t Vp) {
   return m0.reduce_max();
 }
 
-// w = exp(z − m) over the padded row; returns S = Σ w (double sum of fp32 block sums) and the
-// block sums; *ent_t = Σ w (z − m).
-inline double exp_row(const float* z, float* w, int64_t Vp, float m, double* block, double* ent_t) {
-  // d = (z − m)·log2 e: the max gives exactly 2^0 = 1 (an FMA form z·c − m·c would not).
-  const VecF L2E = VecF::set1(float(kLog2e)), NegM = VecF::set1(-m), One = VecF::set1(1.0f);
-  const VecF lo = VecF::set1(kExp2Min);
+// The base-2 exponent of a weight: w = 2^d with d = max(lo, z·log2 e), z ≤ 0 (the max has
+// z = 0, so w = 1 exactly). The whole-row pass (exp_row) and the candidate lists (kept_set.h)
+// both form weights with it, so a token's weight has the same bits either way. The clamp keeps
+// z = −inf finite (w = 0, and w·d = 0, not NaN).
+inline VecF weight_exponent(VecF z) {
+  return VecF::max(VecF::set1(kExp2Min), z * VecF::set1(float(kLog2e)));
+}
+
+// w = exp(z) over the padded row (z ≤ 0, the max z = 0); returns S = Σ w (double sum of fp32
+// block sums) and the block sums; *ent_t = Σ w z.
+inline double exp_row(const float* z, float* w, int64_t Vp, double* block, double* ent_t) {
   double S = 0.0, T = 0.0;
   for (int64_t b = 0, nb = 0; b < Vp; b += kSumBlock, ++nb) {
     const int64_t e = std::min(Vp, b + kSumBlock);
     VecF s = VecF::set1(0.0f), t = s;
     for (int64_t i = b; i < e; i += W) {
-      VecF d = VecF::max(lo, VecF::fma(VecF::load(z + i), One, NegM) * L2E);
+      const VecF d = weight_exponent(VecF::load(z + i));
       VecF ev = VecF::exp2(d);
       ev.store(w + i, F32{});
       s = s + ev;

@@ -14,27 +14,31 @@ namespace {
 
 using truncated_logprobs::Rows;
 
-void launch_fwd(const at::Tensor& logits, const Rows& r) {
+// Checks the logits and runs `launcher(dtype)` on their device's current stream.
+template <typename Launcher>
+void on_device(const at::Tensor& logits, const char* op, const Launcher& launcher) {
   check_cuda(logits, "logits");
   const int dtype = dtype_of(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
-  check_launch(rlkern_truncated_logprobs_fwd_cuda(
-                   logits.const_data_ptr(), dtype, r.B, r.L, r.V, r.stride_0, r.stride_1,
-                   r.labels, r.ignore_index, r.temperature, r.top_k, r.top_p, r.min_p,
-                   r.joint ? 1 : 0, r.logprobs, r.entropy, r.lse, current_stream()),
-               "rlkern::truncated_logprobs_fwd_out");
+  check_launch(launcher(dtype), op);
+}
+
+void launch_fwd(const at::Tensor& logits, const Rows& r) {
+  on_device(logits, "rlkern::truncated_logprobs_fwd_out", [&](int dtype) {
+    return rlkern_truncated_logprobs_fwd_cuda(
+        logits.const_data_ptr(), dtype, r.B, r.L, r.V, r.stride_0, r.stride_1, r.labels,
+        r.ignore_index, r.temperature, r.top_k, r.top_p, r.min_p, r.joint ? 1 : 0, r.logprobs,
+        r.entropy, r.lse, current_stream());
+  });
 }
 
 void launch_bwd(const at::Tensor& logits, const Rows& r) {
-  check_cuda(logits, "logits");
-  const int dtype = dtype_of(logits, "logits");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  check_launch(rlkern_truncated_logprobs_bwd_cuda(
-                   logits.const_data_ptr(), dtype, r.B, r.L, r.V, r.stride_0, r.stride_1,
-                   r.labels, r.ignore_index, r.temperature, r.top_k, r.top_p, r.min_p,
-                   r.joint ? 1 : 0, r.grad_logprobs, r.grad_entropy, r.grad_lse,
-                   r.grad_logits, current_stream()),
-               "rlkern::truncated_logprobs_bwd_out");
+  on_device(logits, "rlkern::truncated_logprobs_bwd_out", [&](int dtype) {
+    return rlkern_truncated_logprobs_bwd_cuda(
+        logits.const_data_ptr(), dtype, r.B, r.L, r.V, r.stride_0, r.stride_1, r.labels,
+        r.ignore_index, r.temperature, r.top_k, r.top_p, r.min_p, r.joint ? 1 : 0,
+        r.grad_logprobs, r.grad_entropy, r.grad_lse, r.grad_logits, current_stream());
+  });
 }
 
 }  // namespace

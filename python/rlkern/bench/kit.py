@@ -141,6 +141,20 @@ def write_once(src: Tensor, dtype: torch.dtype | None = None) -> None:
     torch.empty(src.shape, dtype=dtype or src.dtype, device=src.device).copy_(src)
 
 
+def traffic_floor(reads: tuple[str, ...], writes: tuple[str, ...]) -> Callable[[Any], Outputs]:
+    """The floor of an op whose inputs are the fields of a NamedTuple: one read of each field in
+    ``reads`` (:func:`read_once`), one fresh write shaped like each field in ``writes`` (a name
+    may repeat: one write per output of that shape)."""
+
+    def floor(inp: Any) -> Outputs:
+        read_once(*(getattr(inp, name) for name in reads))
+        for name in writes:
+            write_once(getattr(inp, name))
+        return {}
+
+    return floor
+
+
 # ------------------------------------------------------------------------------------- inputs
 
 

@@ -169,33 +169,37 @@ def _token_baseline(name: str, token_level_rewards: Tensor, response_mask: Tenso
     return out.advantages.to(dtype), out.returns.to(dtype)
 
 
-def compute_optimal_token_baseline_advantage(
-    token_level_rewards: Tensor, response_mask: Tensor, index: Any,
-    old_log_probs: Tensor | None = None, sum_pi_squared: Tensor | None = None,
-    rollout_is_weights: Tensor | None = None, handle_zero_tail: bool = True,
-    epsilon: float = 1e-8, **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
+def _token_baseline_estimator(function: str, name: str, multi_turn: bool, doc: str):
+    """verl's estimator ``name`` as the function ``function`` (verl's signature, keyword names
+    and defaults) by :func:`rlkern.optimal_token_baseline` with ``multi_turn``."""
+
+    def estimator(
+        token_level_rewards: Tensor, response_mask: Tensor, index: Any,
+        old_log_probs: Tensor | None = None, sum_pi_squared: Tensor | None = None,
+        rollout_is_weights: Tensor | None = None, handle_zero_tail: bool = True,
+        epsilon: float = 1e-8, **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        return _token_baseline(name, token_level_rewards, response_mask, index, old_log_probs,
+                               sum_pi_squared, rollout_is_weights, handle_zero_tail, epsilon,
+                               multi_turn=multi_turn)
+
+    estimator.__doc__ = doc
+    estimator.__name__ = estimator.__qualname__ = function
+    return estimator
+
+
+compute_optimal_token_baseline_advantage = _token_baseline_estimator(
+    "compute_optimal_token_baseline_advantage", "optimal_token_baseline", False,
     """verl's ``optimal_token_baseline``: ``G`` = reward-to-go, ``W_t = Σ_{s≤t} (1 − 2π_s +
     Σπ²_s)·ρ_s²``, per uid group and position ``B_t = Σ G_t W_t / (Σ W_t + ε)`` over valid
     tokens (0 for a singleton; the zero-tail rule of ``handle_zero_tail``), ``A = (G − B) ·
     mask``. Returns ``(advantages, returns = G)``, ``(bs, response_length)``, by
-    :func:`rlkern.optimal_token_baseline`."""
-    return _token_baseline("optimal_token_baseline", token_level_rewards, response_mask, index,
-                           old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail,
-                           epsilon, multi_turn=False)
+    :func:`rlkern.optimal_token_baseline`.""")
 
-
-def compute_multi_turn_optimal_token_baseline_advantage(
-    token_level_rewards: Tensor, response_mask: Tensor, index: Any,
-    old_log_probs: Tensor | None = None, sum_pi_squared: Tensor | None = None,
-    rollout_is_weights: Tensor | None = None, handle_zero_tail: bool = True,
-    epsilon: float = 1e-8, **kwargs: Any,
-) -> tuple[Tensor, Tensor]:
+compute_multi_turn_optimal_token_baseline_advantage = _token_baseline_estimator(
+    "compute_multi_turn_optimal_token_baseline_advantage", "tir_optimal_token_baseline", True,
     """verl's ``tir_optimal_token_baseline``: as ``optimal_token_baseline`` but each response's
     valid tokens are compacted before the group sums (a group's responses are aligned by
     valid-token rank, not by position), and responses without valid tokens belong to no group.
     Returns ``(advantages, returns)``, ``(bs, response_length)``, by
-    :func:`rlkern.optimal_token_baseline` with ``multi_turn=True``."""
-    return _token_baseline("tir_optimal_token_baseline", token_level_rewards, response_mask,
-                           index, old_log_probs, sum_pi_squared, rollout_is_weights,
-                           handle_zero_tail, epsilon, multi_turn=True)
+    :func:`rlkern.optimal_token_baseline` with ``multi_turn=True``.""")

@@ -55,8 +55,8 @@ class _Row(NamedTuple):
     keep: Tensor | None  # (V,) bool: the sampler's kept set K
 
 
-def _rows(x2: Tensor, labels: Tensor, *, temperature, top_k, top_p, min_p, filter_order: str,
-          ignore_index: int) -> Iterator[_Row]:
+def _rows(x2: Tensor, labels: Tensor, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+          filter_order: str = "top_k_first", ignore_index: int = -100) -> Iterator[_Row]:
     """The per-row setup shared by the forward and the backward reference: each row's label,
     its temperature and filters (numbers, or one value per row), and its kept set."""
     y1 = labels.reshape(-1).tolist()
@@ -131,13 +131,7 @@ def truncated_logprobs_grad_reference(
     grad_logprobs: Tensor | None,
     grad_entropy: Tensor | None,
     grad_lse: Tensor | None,
-    *,
-    temperature=1.0,
-    top_k=None,
-    top_p=None,
-    min_p=None,
-    filter_order: str = "top_k_first",
-    ignore_index: int = -100,
+    **options,
 ) -> Tensor:
     """The gradient wrt ``logits`` of ``Σ g_lp·logprobs + g_ent·entropy + g_lse·lse`` in
     closed form (float64, the logits' shape), ``K`` held fixed, with ``E = Σ_K q z``::
@@ -145,6 +139,8 @@ def truncated_logprobs_grad_reference(
         ∂/∂x_v = ( g_lse p_v + [v ∈ K] q_v (g_ent (E − z_v) − g_lp') + [v = y] g_lp' ) / T
 
     ``g_lp' = g_lp`` for ``y ∈ K``, else 0; ignored rows 0; rows that cannot be sampled NaN.
+    ``options``: :func:`truncated_logprobs_reference`'s (``temperature``, ``top_k``, ``top_p``,
+    ``min_p``, ``filter_order``, ``ignore_index``).
     """
     V = logits.shape[-1]
     x2 = logits.detach().reshape(-1, V).to(torch.float64)
@@ -152,8 +148,7 @@ def truncated_logprobs_grad_reference(
     gl, ge, gs = (_row_values(g, n) if g is not None else [0.0] * n
                   for g in (grad_logprobs, grad_entropy, grad_lse))
     out = torch.zeros_like(x2)
-    for row in _rows(x2, labels, temperature=temperature, top_k=top_k, top_p=top_p,
-                     min_p=min_p, filter_order=filter_order, ignore_index=ignore_index):
+    for row in _rows(x2, labels, **options):
         r, x, keep, T = row.index, row.x, row.keep, row.temperature
         if row.ignored:
             continue

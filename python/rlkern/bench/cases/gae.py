@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import VERL_CORE, RlkernBackend, read_once, verl_peer_case, write_once
+from rlkern.bench.kit import VERL_CORE, RlkernBackend, traffic_floor, verl_peer_case
 
 GAMMA, LAM, GAMMA_RPP = 1.0, 0.95, 0.99
 ESTIMATORS = ("gae", "reinforce_plus_plus", "remax")
@@ -96,19 +96,12 @@ def _rlkern(mode: str, backend: str) -> Callable[[GaeInputs], Outputs]:
     return call
 
 
-def _floor(inp: GaeInputs) -> Outputs:
-    read_once(inp.rewards, inp.values, inp.mask)
-    write_once(inp.rewards)
-    write_once(inp.rewards)
-    return {}
-
-
 @register("gae")
 def gae_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
     return verl_peer_case(
         name="gae", backend=backend, rlkern=lambda mode: _rlkern(mode, backend.name),
-        verl=_verl, floor=_floor,
+        verl=_verl, floor=traffic_floor(("rewards", "values", "mask"), ("rewards", "rewards")),
         floor_note="one read of rewards, values, mask; two (B, T) writes",
         sizes=[Size({"B": 512, "T": 1024}), Size({"B": 1024, "T": 8192})],
         quick_sizes=[Size({"B": 64, "T": 256})],

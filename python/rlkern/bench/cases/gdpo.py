@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import VERL_CORE, RlkernBackend, read_once, verl_peer_case, write_once
+from rlkern.bench.kit import VERL_CORE, RlkernBackend, traffic_floor, verl_peer_case
 
 GROUP = 8
 KEYS = ("format_reward", "accuracy_reward", "length_reward")
@@ -75,18 +75,13 @@ def _rlkern(backend: str) -> Callable[[GdpoInputs], Outputs]:
     return call
 
 
-def _floor(inp: GdpoInputs) -> Outputs:
-    read_once(inp.mask)
-    write_once(inp.rewards)
-    return {}
-
-
 @register("gdpo")
 def gdpo_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
     return verl_peer_case(
         name="gdpo", backend=backend, rlkern=lambda mode: _rlkern(backend.name),
-        verl=lambda mode: _verl, floor=_floor, floor_note="one read of the mask; one (N, T) write",
+        verl=lambda mode: _verl, floor=traffic_floor(("mask",), ("rewards",)),
+        floor_note="one read of the mask; one (N, T) write",
         sizes=[Size({"N": 4096, "T": 1024}), Size({"N": 16384, "T": 2048})],
         quick_sizes=[Size({"N": 256, "T": 128})],
         modes=("gdpo",),

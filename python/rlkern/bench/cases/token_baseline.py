@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import VERL_CORE, RlkernBackend, read_once, verl_peer_case, write_once
+from rlkern.bench.kit import VERL_CORE, RlkernBackend, traffic_floor, verl_peer_case
 
 ESTIMATORS = ("optimal_token_baseline", "tir_optimal_token_baseline")
 GROUP = 8
@@ -93,14 +93,6 @@ def _rlkern(mode: str, backend: str) -> Callable[[OtbInputs], Outputs]:
     return call
 
 
-def _floor(inp: OtbInputs) -> Outputs:
-    read_once(inp.rewards, inp.mask, inp.old_log_probs, inp.sum_pi_squared,
-              inp.rollout_is_weights)
-    write_once(inp.rewards)
-    write_once(inp.rewards)
-    return {}
-
-
 @register("token_baseline")
 def token_baseline_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
@@ -112,7 +104,9 @@ def token_baseline_case(options: CaseOptions) -> Case:
 
     return verl_peer_case(
         name="token_baseline", backend=backend, rlkern=lambda mode: _rlkern(mode, name),
-        verl=_verl, floor=_floor,
+        verl=_verl, floor=traffic_floor(
+            ("rewards", "mask", "old_log_probs", "sum_pi_squared", "rollout_is_weights"),
+            ("rewards", "rewards")),
         floor_note="one read of the five (B, T) inputs; two (B, T) writes",
         sizes=[Size({"B": 512, "T": 1024}), Size({"B": 2048, "T": 4096})],
         quick_sizes=[Size({"B": 64, "T": 256})],

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import VERL_CORE, RlkernBackend, read_once, verl_peer_case, write_once
+from rlkern.bench.kit import VERL_CORE, RlkernBackend, traffic_floor, verl_peer_case
 
 LOSSES = ("dro", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "bypass_mode")
 SEED = 0  # the global generator's seed before each call (clip_cov's torch.randperm)
@@ -105,19 +105,13 @@ def _rlkern(name: str, backend: str) -> Callable[[LossInputs], Outputs]:
     return call
 
 
-def _floor(inp: LossInputs) -> Outputs:
-    read_once(inp.logp, inp.old, inp.adv, inp.mask)
-    write_once(inp.logp)
-    return {}
-
-
 @register("verl_losses")
 def verl_losses_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
 
     return verl_peer_case(
         name="verl_losses", backend=backend, rlkern=lambda mode: _rlkern(mode, backend.name),
-        verl=_verl, floor=_floor,
+        verl=_verl, floor=traffic_floor(("logp", "old", "adv", "mask"), ("logp",)),
         floor_note="one read of logp, old, adv, mask; one (B, T) write",
         sizes=[Size({"B": 256, "T": 1024}), Size({"B": 512, "T": 4096})],
         quick_sizes=[Size({"B": 32, "T": 256})],
