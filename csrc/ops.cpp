@@ -32,6 +32,7 @@ TORCH_LIBRARY(rlkern, m) {
     m.def(schema);
   // Policy losses and the KL estimators (schemas in cpu/policy_loss_ops.cpp).
   for (const char* schema : {kPolicyLossFwdOutSchema, kPolicyLossBwdOutSchema,
+                             kPolicyLossFusedFwdOutSchema, kPolicyLossFusedBwdSchema,
                              kKlPenaltyFwdOutSchema, kKlPenaltyBwdOutSchema})
     m.def(schema);
   // Sampler (sample_op.h).
@@ -46,7 +47,7 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   cpu::impl_logprobs_ops(m);
   cpu::impl_linear_logprobs_ops(m);
   register_advantages_cpu(m);  // cpu/advantages_ops.cpp
-  impl_policy_loss_cpu(m);  // policy_loss_{fwd,bwd}_out, kl_penalty_{fwd,bwd}_out
+  impl_policy_loss_cpu(m);  // policy_loss_{fwd,bwd}_out, the fused pair, kl_penalty_*
   cpu::impl_sample_ops(m);
   cpu::impl_truncated_logprobs_ops(m);
   register_token_baseline_cpu(m);  // cpu/token_baseline_ops.cpp

@@ -14,6 +14,8 @@
 //                    [kl]      the KL term (with a reference only)
 // Backward, per row: the same passes, writing ∂/∂logp; the sequence values come from the
 // forward's row_stats (nothing per token was saved).
+// Fused (Args::token_grad, policy_loss_fused_ok): the forward's [main] and [kl] passes also
+// write each token's gradient factor; policy_loss_fused_bwd scales them into the gradient.
 #include "cpu/policy_loss.h"
 
 // GCC 12 flags the deliberately undefined upper lanes inside its own AVX-512 reduction
@@ -234,10 +236,32 @@ typename P::V cov_at(const Row<T> r, int64_t t, typename P::M v) {
     return typename P::V(0.0);
 }
 
+// ∂ℓ_t/∂logp_t in the token-ratio mode, times the token's multiplier `mt` (MULT): the direct
+// term plus the ratio's, which dc = clamp(Δ, ±C) passes where it leaves Δ unchanged (inside
+// [−C, C]: one compare, where in_closed takes two; a NaN Δ compares unequal, as it fails
+// in_closed). The fused forward stores it and the backward scales it by the row's
+// coefficient; both form it here, so the two paths give the same bits.
+template <bool MULT, typename V>
+V token_d_pg(const pl::TokenLoss<V>& L, V d, V dc, V mt) {
+  const V dl = L.d_logp + sel(dc == d, L.d_r, V(0.0));
+  if constexpr (MULT) return mt * dl;
+  else return dl;
+}
+
+// ∂kl_t/∂logp_t in the token-ratio mode; with bias correction the KL value is weighted by the
+// clamped ratio ρ (whose clamp passes the gradient inside [−C, C]). Shared as token_d_pg is.
+template <bool BIAS, typename V>
+V token_d_kl(const pl::KlTerm<V>& k, V rho, V d, V dc) {
+  if constexpr (BIAS) return k.d_logp * rho + sel(dc == d, k.value * rho, V(0.0));
+  else return k.d_logp;
+}
+
 // [main] forward, token-level kinds (ppo / cispo / sapo / reinforce / gvpo's metrics).
-template <typename T, int K, bool SEQ, bool MULT, bool ADVTOK>
+// STORE (the fused forward, token-ratio mode): also writes token_d_pg to dg (0 at masked tokens).
+template <typename T, int K, bool SEQ, bool MULT, bool ADVTOK, bool STORE>
 void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
-              const HParams h, Acc& acc) {
+              const HParams h, Acc& acc, T* dg) {
+  static_assert(!(STORE && (SEQ || K == pl::kVespo)), "the fused forward: token-level kinds");
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V C(h.log_ratio_clamp), inf(kInf<double>), ninf(-kInf<double>);
@@ -254,7 +278,10 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const V dc = clampv(d, -C, C);
       const V rho = expv(SEQ ? r_seq : dc);
       const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
-      const V val = MULT ? P::load(mult + t, s.ln) * L.loss : L.loss;
+      const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
+      const V val = MULT ? mt * L.loss : L.loss;
+      if constexpr (STORE)
+        P::store(dg + t, sel(s.v, token_d_pg<MULT>(L, d, dc, mt), V(0.0)), s.ln);
       if constexpr (K == pl::kVespo) {  // split by the sign of A (a NaN A counts as A < 0)
         const auto pos = s.a >= V(0.0);
         const V vpos = sel(pos, val, V(0.0));
@@ -273,7 +300,7 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       len += P::count(s.v);
       nlr = nlr - dc;
       rs = P::madd(rs, s.v, rho);
-      as = P::madd(as, s.v, s.a);
+      if constexpr (ADVTOK) as = P::madd(as, s.v, s.a);  // else adv0 · len, below
       lps = lps + d;
       rmin = P::mmin(rmin, s.v, rho);
       rmax = P::mmax(rmax, s.v, rho);
@@ -290,7 +317,7 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
     acc.ratio_sum += P::hsum(rs);
     acc.ratio_min = std::min(acc.ratio_min, double(P::hmin(rmin)));
     acc.ratio_max = std::max(acc.ratio_max, double(P::hmax(rmax)));
-    acc.adv_sum += P::hsum(as);
+    acc.adv_sum += ADVTOK ? double(P::hsum(as)) : len ? double(*r.adv) * double(len) : 0.0;
     acc.len += double(len);
     acc.lp_sum += P::hsum(lps);
   }
@@ -341,8 +368,11 @@ void fwd_gmpo(const Row<T> r, int64_t n, const T* wts, const RowConst<T> c,
 }
 
 // [kl] forward.
-template <typename T, int KL, bool BIAS, bool SEQ>
-void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc& acc) {
+// STORE (the fused forward, token-ratio mode): also writes token_d_kl to dk (0 at masked
+// tokens); ST, the straight-through gradient, matters only then.
+template <typename T, int KL, bool BIAS, bool SEQ, bool ST, bool STORE>
+void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc& acc, T* dk) {
+  static_assert(!(STORE && SEQ), "the fused forward: token-ratio mode");
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp), zero(0.0);
@@ -355,11 +385,16 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
       const auto v = P::valid(r.m + t, ln);
       const V ref_raw = P::load(r.opt[pl::kInRef] + t, ln);
       const V lp = sel(v, P::load(r.lp + t, ln), zero), ref = sel(v, ref_raw, zero);
-      V val = pl::kl_term<V>(KL, false, lp, ref, Ck, Cv).value;
+      const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv);
+      V val = k.value;
+      V rho(1.0), d(0.0), dc(0.0);
       if (BIAS) {
-        const V d = lp - sel(v, P::load(r.old + t, ln), zero);
-        val = val * expv(SEQ ? r_seq : clampv(d, -C, C));
+        d = lp - sel(v, P::load(r.old + t, ln), zero);
+        dc = clampv(d, -C, C);
+        rho = expv(SEQ ? r_seq : dc);
+        val = val * rho;
       }
+      if constexpr (STORE) P::store(dk + t, sel(v, token_d_kl<BIAS>(k, rho, d, dc), zero), ln);
       kl = kl + sel(v, val, zero);
       refs = refs + ref;
     }
@@ -385,17 +420,23 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
     for (int64_t t = t0; t < t1; t += P::L) {
       const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
       const V d = s.lp - s.old;
-      const V rho = expv(MODE == pl::kRatioToken ? clampv(d, -C, C) : r_seq);
+      const V dc = clampv(d, -C, C);
+      const V rho = expv(MODE == pl::kRatioToken ? dc : r_seq);
       const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
-      V w = MULT ? gpg * P::load(mult + t, s.ln) : gpg;
-      if constexpr (K == pl::kVespo) w = w * sel(s.a >= zero, V(phi.pos), V(phi.neg));
+      V wpg = gpg;
+      if constexpr (K == pl::kVespo) wpg = wpg * sel(s.a >= zero, V(phi.pos), V(phi.neg));
+      if constexpr (MODE == pl::kRatioToken) {
+        // g_pg times the fused forward's stored factor (the same expression, the same bits)
+        const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
+        P::store(g + t, sel(s.v, wpg * token_d_pg<MULT>(L, d, dc, mt), zero), s.ln);
+        continue;
+      }
+      const V w = MULT ? wpg * P::load(mult + t, s.ln) : wpg;
       const V direct = w * L.d_logp;
       const V gr = w * L.d_r;
       if constexpr (MODE == pl::kRatioSeqFull) {
         P::store(g + t, sel(s.v, direct, zero), s.ln);
         Gl = Gl + sel(s.v, gr, zero);
-      } else if constexpr (MODE == pl::kRatioToken) {
-        P::store(g + t, sel(s.v, direct + sel(pl::in_closed(d, -C, C), gr, zero), zero), s.ln);
       } else {
         P::store(g + t, sel(s.v, direct + gr * pass_seq, zero), s.ln);
       }
@@ -436,14 +477,21 @@ void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g
       const V ref = sel(v, P::load(r.opt[pl::kInRef] + t, ln), zero);
       const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv);
       V add = gkl * k.d_logp;
-      if constexpr (BIAS) {
+      if constexpr (!kSeq) {  // g_kl times the fused forward's stored factor
+        V rho(1.0), d(0.0), dc(0.0);
+        if constexpr (BIAS) {
+          d = lp - sel(v, P::load(r.old + t, ln), zero);
+          dc = clampv(d, -C, C);
+          rho = expv(dc);
+        }
+        add = gkl * token_d_kl<BIAS>(k, rho, d, dc);
+      } else if constexpr (BIAS) {
         const V d = lp - sel(v, P::load(r.old + t, ln), zero);
         const V rho = expv(kSeq ? r_seq : clampv(d, -C, C));
         add = add * rho;
         const V gr = gkl * k.value * rho;
         if constexpr (MODE == pl::kRatioSeqFull) Gl = Gl + sel(v, gr, zero);
-        else if constexpr (kSeq) add = add + gr * pass_seq;
-        else add = add + sel(pl::in_closed(d, -C, C), gr, zero);
+        else add = add + gr * pass_seq;
       }
       P::store(g + t, P::load(g + t, ln) + sel(v, add, zero), ln);
     }
@@ -505,8 +553,13 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   const bool seq_ratio = f.ratio_mode != pl::kRatioToken;
   const bool aux = needs_aux(a), mult_on = has_mult(a);
   std::vector<T> mult(mult_on ? n : 0);
+  // The fused forward's per-token factors (policy_loss_fused_ok): ∂pg_sum/∂logp, then, with
+  // a KL term, ∂kl_sum/∂logp, each (B, T).
+  T* const dg_all = static_cast<T*>(a.token_grad);
   for (int64_t b = b0; b < b1; ++b) {
     const Row<T> r = row_ptrs<T>(a, b);
+    T* const dg = dg_all ? dg_all + b * n : nullptr;
+    T* const dk = dg_all && f.kl_kind != pl::kKlNone ? dg_all + (a.in.B + b) * n : nullptr;
     // The prefix pass (row sums before the token pass) only when a sequence quantity needs
     // them; token-level kinds accumulate the length and Σ m·Δ in their main pass.
     const bool prefix = seq_ratio || f.rollout_level == pl::kRolloutSeq ||
@@ -527,8 +580,17 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
         with_bool(seq_ratio, [&](auto seq) {
           with_bool(mult_on, [&](auto mo) {
             with_bool(a.in.adv_per_token, [&](auto at) {
-              fwd_main<T, decltype(k)::value, decltype(seq)::value, decltype(mo)::value,
-                       decltype(at)::value>(r, n, mp, c, a.hp, acc);
+              constexpr int K = decltype(k)::value;
+              constexpr bool kSeq = decltype(seq)::value;
+              if constexpr (!kSeq && K != pl::kVespo) {
+                if (dg) {
+                  fwd_main<T, K, kSeq, decltype(mo)::value, decltype(at)::value, true>(
+                      r, n, mp, c, a.hp, acc, dg);
+                  return;
+                }
+              }
+              fwd_main<T, K, kSeq, decltype(mo)::value, decltype(at)::value, false>(
+                  r, n, mp, c, a.hp, acc, nullptr);
             });
           });
         });
@@ -550,8 +612,17 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
       with_kl(f.kl_kind, [&](auto kl) {
         with_bool(f.kl_bias_correction != 0, [&](auto bias) {
           with_bool(seq_ratio, [&](auto seq) {
-            fwd_kl<T, decltype(kl)::value, decltype(bias)::value, decltype(seq)::value>(
-                r, n, c, a.hp, acc);
+            constexpr int KL = decltype(kl)::value;
+            constexpr bool kBias = decltype(bias)::value, kSeq = decltype(seq)::value;
+            if constexpr (!kSeq) {
+              if (dk) {
+                with_bool(f.kl_straight_through != 0, [&](auto st) {
+                  fwd_kl<T, KL, kBias, kSeq, decltype(st)::value, true>(r, n, c, a.hp, acc, dk);
+                });
+                return;
+              }
+            }
+            fwd_kl<T, KL, kBias, kSeq, false, false>(r, n, c, a.hp, acc, nullptr);
           });
         });
       });
@@ -676,6 +747,49 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
+// --------------------------------------------------------------------------- fused backward
+
+// In place, per row: D_pg ← g_pg·D_pg (+ g_kl·D_kl) (+ g_lp at valid tokens), in the order
+// and with the factors of bwd_rows (token_d_pg, token_d_kl), so the gradient has its bits. The
+// stored factors are 0 at masked tokens, so a row with g_pg finite and nothing to add is one
+// multiply a token. Otherwise the mask is read, as bwd_rows does: a non-finite coefficient
+// must not reach masked tokens, and each product is selected by the mask before it is added
+// (which also keeps the compiler from contracting g_pg·D_pg + g_kl·D_kl into an FMA that the
+// two-pass backward does not form).
+template <typename T>
+void fused_bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const int64_t n = a.in.T, B = a.in.B;
+  const bool kl = a.flags.kl_kind != pl::kKlNone;
+  T* const d_all = static_cast<T*>(a.token_grad);
+  const V zero(0.0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const auto gr = [&](int k) { return T(a.grad_rows[k * B + b]); };
+    const T g_pg = gr(pl::kGradPg), g_kl = kl ? gr(pl::kGradKl) : T(0), g_lp = gr(pl::kGradLp);
+    const bool finite = std::isfinite(g_pg) && std::isfinite(g_kl);
+    const V gpg = V(double(g_pg)), gkl = V(double(g_kl)), glp = V(double(g_lp));
+    T* const g = d_all + b * n;
+    const T* const dk = kl ? d_all + (B + b) * n : nullptr;
+    const uint8_t* const m = static_cast<const uint8_t*>(a.in.mask.p) + b * a.in.mask.stride;
+    if (finite && !kl && g_lp == T(0)) {
+      for (int64_t t = 0; t < n; t += P::L) {
+        const auto ln = P::lanes(n - t);
+        P::store(g + t, gpg * P::load(g + t, ln), ln);
+      }
+      continue;
+    }
+    for (int64_t t = 0; t < n; t += P::L) {
+      const auto ln = P::lanes(n - t);
+      const auto v = P::valid(m + t, ln);
+      V x = sel(v, gpg * P::load(g + t, ln), zero);
+      if (kl) x = x + sel(v, gkl * P::load(dk + t, ln), zero);
+      if (g_lp != T(0)) x = x + sel(v, glp, zero);
+      P::store(g + t, x, ln);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------- KL op
 
 template <typename T, int KL, bool ST>
@@ -731,6 +845,13 @@ void policy_loss_bwd(const PolicyLossArgs& a) {
   parallel_rows(a.in.B, a.in.T, [&](int64_t b0, int64_t b1) {
     if (a.in.f64) bwd_rows<double>(a, b0, b1);
     else bwd_rows<float>(a, b0, b1);
+  });
+}
+
+void policy_loss_fused_bwd(const PolicyLossArgs& a) {
+  parallel_rows(a.in.B, a.in.T, [&](int64_t b0, int64_t b1) {
+    if (a.in.f64) fused_bwd_rows<double>(a, b0, b1);
+    else fused_bwd_rows<float>(a, b0, b1);
   });
 }
 

@@ -15,6 +15,11 @@ void policy_loss_fwd(const PolicyLossArgs& args);
 // Reads the forward's row_stats (the per-row sequence values it saved).
 void policy_loss_bwd(const PolicyLossArgs& args);
 
+// The fused path (args.token_grad set; policy_loss_fused_ok): the forward also writes each
+// token's ∂(row sums)/∂logp; this backward scales them in place by grad_rows into the gradient,
+// bitwise what policy_loss_bwd would write.
+void policy_loss_fused_bwd(const PolicyLossArgs& args);
+
 using KlArgs = policy_loss::KlArgs;
 void kl_penalty(const KlArgs& args);
 

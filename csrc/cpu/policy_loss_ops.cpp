@@ -17,6 +17,15 @@ const char* const kPolicyLossBwdOutSchema =
     "policy_loss_bwd_out(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
     "Tensor?[] inputs, Tensor row_stats, Tensor grad_rows, int[] flags, float[] hparams, "
     "Tensor(a!) grad_logprobs, Tensor(b!)? grad_entropy) -> ()";
+// CPU only: the fused path (policy_loss_fused_ok): the forward also fills token_grad
+// (1 + with KL, B, T), the backward scales it in place into the gradient (token_grad[0]).
+const char* const kPolicyLossFusedFwdOutSchema =
+    "policy_loss_fused_fwd_out(Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
+    "Tensor mask, Tensor?[] inputs, int[] flags, float[] hparams, Tensor(a!) row_stats, "
+    "Tensor(b!) token_grad) -> ()";
+const char* const kPolicyLossFusedBwdSchema =
+    "policy_loss_fused_bwd_(Tensor mask, Tensor grad_rows, int[] flags, Tensor(a!) token_grad) "
+    "-> ()";
 const char* const kKlPenaltyFwdOutSchema =
     "kl_penalty_fwd_out(Tensor logprobs, Tensor ref_logprobs, int kind, bool straight_through, "
     "float log_clamp, float value_clamp, Tensor(a!) out) -> ()";
@@ -33,8 +42,60 @@ struct CpuKernels {
   static void kl(const policy_loss::KlArgs& a, const at::Tensor&) { cpu::kl_penalty(a); }
 };
 
+// (1 + with KL, B, T) contiguous, of the compute dtype.
+void check_token_grad(const policy_loss::Flags& f, int64_t B, int64_t T, at::ScalarType dtype,
+                      const at::Tensor& token_grad, const at::Tensor& like) {
+  TORCH_CHECK(policy_loss::fused_ok(f),
+              "the fused policy loss needs the token ratio mode and a token-level kind (not "
+              "gmpo or vespo)");
+  const int64_t k = f.kl_kind != policy_loss::kKlNone ? 2 : 1;
+  checks::array(token_grad, "token_grad", k * B * T, dtype, like);
+}
+
+void fused_fwd_out(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+                   const at::Tensor& advantages, const at::Tensor& mask,
+                   const policy_loss::InputList& inputs, at::IntArrayRef flags,
+                   at::ArrayRef<double> hparams, const at::Tensor& row_stats,
+                   const at::Tensor& token_grad) {
+  policy_loss::Args a = policy_loss::check_args(CpuKernels::kBackend, logprobs, old_logprobs,
+                                                advantages, mask, inputs, flags, hparams);
+  checks::array(row_stats, "row_stats", policy_loss::kNumRowStats * a.in.B,
+                             at::kDouble, logprobs);
+  check_token_grad(a.flags, a.in.B, a.in.T, logprobs.scalar_type(), token_grad, logprobs);
+  a.row_stats = row_stats.data_ptr<double>();
+  a.token_grad = token_grad.data_ptr();
+  if (a.in.B > 0) cpu::policy_loss_fwd(a);
+}
+
+void fused_bwd(const at::Tensor& mask, const at::Tensor& grad_rows, at::IntArrayRef flags,
+               const at::Tensor& token_grad) {
+  TORCH_CHECK(mask.dim() == 2, "mask: expected (B, T), got shape ", mask.sizes());
+  checks::rows(mask, "mask", mask.size(0), mask.size(1), at::kBool, token_grad);
+  TORCH_CHECK(static_cast<int64_t>(flags.size()) == policy_loss::kNumFlags, "flags: expected ",
+              policy_loss::kNumFlags, " values");
+  policy_loss::Args a{};
+  a.flags = policy_loss::from_fields<policy_loss::Flags>(flags.data());
+  a.in.B = mask.size(0);
+  a.in.T = mask.size(1);
+  const at::ScalarType dtype = token_grad.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "token_grad: expected float32 or float64, got ", dtype);
+  a.in.f64 = dtype == at::kDouble;
+  check_token_grad(a.flags, a.in.B, a.in.T, dtype, token_grad, mask);
+  checks::array(grad_rows, "grad_rows", policy_loss::kNumRowGrads * a.in.B,
+                             at::kDouble, mask);
+  a.in.mask = {mask.const_data_ptr(), mask.stride(0)};
+  a.grad_rows = grad_rows.const_data_ptr<double>();
+  a.token_grad = token_grad.data_ptr();
+  if (a.in.B > 0 && a.in.T > 0) cpu::policy_loss_fused_bwd(a);
+}
+
 }  // namespace
 
-void impl_policy_loss_cpu(torch::Library& m) { policy_loss::impl_ops<CpuKernels>(m); }
+void impl_policy_loss_cpu(torch::Library& m) {
+  policy_loss::impl_ops<CpuKernels>(m);
+  m.impl("policy_loss_fused_fwd_out", &fused_fwd_out);
+  m.impl("policy_loss_fused_bwd_", &fused_bwd);
+}
 
 }  // namespace rlkern

@@ -11,6 +11,8 @@ namespace rlkern {
 
 extern const char* const kPolicyLossFwdOutSchema;
 extern const char* const kPolicyLossBwdOutSchema;
+extern const char* const kPolicyLossFusedFwdOutSchema;
+extern const char* const kPolicyLossFusedBwdSchema;
 extern const char* const kKlPenaltyFwdOutSchema;
 extern const char* const kKlPenaltyBwdOutSchema;
 

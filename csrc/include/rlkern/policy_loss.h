@@ -261,6 +261,10 @@ struct Args {
   const double* grad_rows;  // backward: (kNumRowGrads, B) contiguous
   void* grad_logp;          // backward: (B, T) contiguous, compute dtype
   void* grad_entropy;       // backward: (B, T) contiguous, nullable
+  // CPU's fused path (policy_loss_fused_ok): (1 + with KL, B, T) contiguous, compute dtype;
+  // the forward writes ∂pg_sum/∂logp (and ∂kl_sum/∂logp) per token, the backward scales them
+  // in place into the gradient. nullptr otherwise.
+  void* token_grad;
 };
 
 // One call of the elementwise KL estimator (kl_term) over n contiguous values of the compute
@@ -303,6 +307,13 @@ inline Problem check_call(const Flags& f, const Inputs& in) {
     return {"flags: vespo forms its own sequence weight: token ratio mode and token-level "
             "rollout weights only", false};
   return {nullptr, false};
+}
+
+// Whether CPU's fused path (Args::token_grad) applies: every token's gradient is then a row
+// coefficient times a factor the forward forms (token ratio mode; not gmpo, whose factor needs
+// its row's loss, nor vespo, whose needs its row's φ).
+inline bool fused_ok(const Flags& f) {
+  return f.ratio_mode == kRatioToken && f.loss_kind != kGmpo && f.loss_kind != kVespo;
 }
 
 // --------------------------------------------------------------------------------------------

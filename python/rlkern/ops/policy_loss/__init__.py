@@ -10,6 +10,8 @@ of rlkern.kernels.policy_loss and the reference rlkern.reference.policy_loss):
 * :mod:`~rlkern.ops.policy_loss.register` — the registered ops ``rlkern::policy_loss_fwd`` /
   ``policy_loss_bwd`` (per-row statistics forward, ∂/∂logprobs backward), their fake
   implementations, autograd and the dispatch to the backends;
+* :mod:`~rlkern.ops.policy_loss.fused` — the CPU's fused path: the forward also writes each
+  token's gradient factor, the backward scales it in place (same bits as the two-pass form);
 * :mod:`~rlkern.ops.policy_loss.aggregate` — the O(B) aggregation of the per-row sums into the
   loss (token-mean, seq-mean-*, sum; gvpo's group centring) and the metrics;
 * :mod:`~rlkern.ops.policy_loss.api` — :func:`policy_loss` and :func:`policy_loss_chunk`;

@@ -16,6 +16,7 @@ from torch import Tensor
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.policy_loss.aggregate import aggregate, aggregate_grad, finish_metrics
+from rlkern.ops.policy_loss.fused import fused_applies, fused_rows
 from rlkern.ops.policy_loss.inputs import Prepared, normaliser, prepare
 from rlkern.ops.policy_loss.register import split_inputs
 from rlkern.ops.policy_loss.rollout_rs import apply_rejection, norm_scale
@@ -137,8 +138,11 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     # normalisation's divisor over the original mask); a no-op without rollout_rs
     before = p.mask
     p, norm_factor = apply_rejection(p)
-    row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
-        p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs), p.flags, p.hparams, p.backend)
+    if fused_applies(p):  # CPU: the gradient's factors formed in the forward
+        row_sums, row_stats = fused_rows(p)
+    else:
+        row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
+            p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs), p.flags, p.hparams, p.backend)
     with_entropy = p.get("entropy") is not None
     loss, parts = aggregate(row_sums, row_stats, p.cfg, p.mask.shape[1], p.adv, nt, ns,
                             with_entropy=with_entropy,

@@ -9,7 +9,9 @@ fake implementations and autograd, and the dispatch to each backend's kernels.
   bookkeeping at a few (B,) vectors.
 * ``policy_loss_bwd`` — given the gradient of the loss wrt ``row_sums`` (one coefficient per
   row and statistic), one pass over each row recomputes what it needs and writes
-  ∂loss/∂logprobs (and ∂/∂entropy). Nothing per token is saved by the forward.
+  ∂loss/∂logprobs (and ∂/∂entropy). Nothing per token is saved by the forward. (On the CPU,
+  :mod:`rlkern.ops.policy_loss.fused` serves most calls with a gradient instead: its forward
+  saves each token's gradient factor, bitwise what this backward forms.)
 
 The optional inputs travel as the list of the given ones (``inputs``) with their slots
 (``slots``, codes of ``layout("policy_loss").inputs``): a ``Tensor?[]`` holding ``None`` could

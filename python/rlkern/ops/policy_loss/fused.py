@@ -1,0 +1,112 @@
+"""CPU's fused policy loss: one pass over the tokens in all, the gradient scaled in the backward.
+
+The two-pass form (:mod:`~rlkern.ops.policy_loss.register`) saves nothing per token: its
+backward reads every input again and recomputes each token's derivative, so a forward plus
+backward reads the inputs twice and, on the CPU, evaluates the per-token math (an ``exp`` and
+the clipping) twice. Every loss it serves is a linear aggregate of per-row sums, so where each
+token's gradient is ``coefficient(row) × factor(token)`` — the token ratio mode and a
+token-level kind (``fused_ok`` in ``rlkern/policy_loss.h``) — the forward can write the factors
+as it computes the sums (``rlkern::policy_loss_fused_fwd_out``) and the backward only scales
+them, in place, by the per-row coefficients (``rlkern::policy_loss_fused_bwd_``):
+
+* factors, ``(k, B, T)`` of the compute dtype: ``∂pg_sum/∂logp`` and, with a KL term,
+  ``∂kl_sum/∂logp`` per token (0 at masked tokens); the backward turns slot 0 into the
+  gradient ``g_pg·D_pg + g_kl·D_kl + g_lp·m`` and returns it;
+* the result is bitwise the two-pass backward's (both form the factors with the same
+  expressions, csrc/cpu/policy_loss.cpp ``token_d_pg`` / ``token_d_kl``);
+* cost: one ``(k, B, T)`` buffer held from the forward to the backward (4 bytes a token in
+  float32 without KL) — the two-pass form holds none.
+
+The factors are consumed by the first backward; a second backward through the same graph
+(``retain_graph=True``) runs the two-pass backward kernel instead, with the same bits.
+
+:func:`fused_applies` says when :func:`~rlkern.ops.policy_loss.api.run` takes this path: the
+CPU backend, in eager mode (torch.compile traces the registered two-pass ops), a gradient
+wanted for the log-probabilities and none for the entropy (whose gradient only the two-pass
+backward writes), and a kind the header's ``fused_ok`` accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlkern.config.layout import layout
+from rlkern.ops.logprobs import checks_enabled
+from rlkern.ops.policy_loss.inputs import Prepared, raise_non_finite
+from rlkern.ops.policy_loss.register import grad_rows_slice, split_inputs
+
+__all__ = ["fused_applies", "fused_rows"]
+
+
+def fused_applies(p: Prepared) -> bool:
+    """Whether :func:`fused_rows` serves ``p`` (see the module docstring)."""
+    if p.backend != "cpu" or not (torch.is_grad_enabled() and p.lp.requires_grad):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    entropy = p.get("entropy")
+    if entropy is not None and entropy.requires_grad:
+        return False
+    lay = layout("policy_loss")
+    return (p.flags[lay.flags.ratio_mode] == lay.ratio_modes.token
+            and p.flags[lay.flags.loss_kind] not in (lay.loss_kinds.gmpo, lay.loss_kinds.vespo))
+
+
+def _factor_count(flags: list[int]) -> int:
+    lay = layout("policy_loss")
+    return 2 if flags[lay.flags.kl_kind] != lay.kl_kinds.none else 1
+
+
+class _FusedRows(torch.autograd.Function):
+    """``(row_sums, row_stats)`` as ``rlkern::policy_loss_fwd`` gives them; differentiable in
+    ``lp`` only."""
+
+    @staticmethod
+    def forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
+                inputs: list[Tensor | None], flags: list[int], hparams: list[float],
+                ) -> tuple[Tensor, Tensor]:
+        lay = layout("policy_loss")
+        B, T = mask.shape
+        row_stats = torch.empty(len(lay.row_stats), B, dtype=torch.float64)
+        factors = torch.empty(_factor_count(flags), B, T, dtype=lp.dtype)
+        if B > 0:
+            torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
+                                                       hparams, row_stats, factors)
+            if checks_enabled() and bool(row_stats[lay.row_stats.non_finite].sum() > 0):
+                raise_non_finite(lp, old, adv, mask, inputs, flags)
+        ctx.mark_non_differentiable(row_stats)
+        ctx.set_materialize_grads(False)
+        given, slots = split_inputs(inputs)
+        ctx.save_for_backward(lp, old, adv, mask, row_stats, *given)
+        ctx.slots, ctx.flags, ctx.hparams = slots, list(flags), list(hparams)
+        ctx.factors = factors  # consumed (scaled in place) by the first backward
+        return row_stats[grad_rows_slice()].clone(), row_stats
+
+    @staticmethod
+    def backward(ctx: Any, grad_row_sums: Tensor | None, _grad_row_stats: Tensor | None,
+                 ) -> tuple[Tensor | None, ...]:
+        none = (None,) * 6
+        if grad_row_sums is None:
+            return (None, *none)
+        lp, old, adv, mask, row_stats, *given = ctx.saved_tensors
+        grad_rows = grad_row_sums.to(torch.float64).contiguous()
+        factors, ctx.factors = ctx.factors, None
+        if factors is None:  # a second backward (retain_graph=True): the two-pass kernel
+            grad_lp, _ = torch.ops.rlkern.policy_loss_bwd(
+                lp, old, adv, mask, given, ctx.slots, row_stats, grad_rows, ctx.flags,
+                ctx.hparams, False, "cpu")
+            return (grad_lp, *none)
+        if mask.numel():
+            torch.ops.rlkern.policy_loss_fused_bwd_(mask, grad_rows, ctx.flags, factors)
+        else:
+            factors.zero_()
+        return (factors[0], *none)
+
+
+def fused_rows(p: Prepared) -> tuple[Tensor, Tensor]:
+    """``(row_sums, row_stats)`` of ``p`` by the fused kernels (:func:`fused_applies` must
+    hold)."""
+    return _FusedRows.apply(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams)

@@ -1,0 +1,181 @@
+"""CPU's fused policy loss (rlkern.ops.policy_loss.fused): the forward writes each token's
+gradient factor, the backward scales it in place.
+
+Its claim is that the gradient is bitwise the two-pass backward's, so every test compares the
+two paths on the same inputs (the two-pass path is reached by switching the fused one off);
+the two-pass path itself is checked against the float64 reference by test_policy_loss.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rlkern
+import rlkern.ops.policy_loss.api as api
+from policy_loss_cases import CASES, C, Case, call_kwargs, make_inputs
+from rlkern.config.layout import layout
+from rlkern.ops.policy_loss.fused import fused_applies
+from rlkern.ops.policy_loss.inputs import prepare
+
+#: The shared cases the fused path serves: token ratio mode, not gmpo / vespo.
+FUSED = [name for name, case in CASES.items()
+         if case.config.policy_loss not in ("gmpo", "vespo", "gspo")
+         and case.config.importance_sampling_level == "token"]
+
+
+def _grad(case: Case, inp: dict, *, fused: bool, monkeypatch, retain: bool = False,
+          ) -> tuple[rlkern.PolicyLossOutput, torch.Tensor, list[bool]]:
+    """The loss and ∂loss/∂logprobs on the CPU, by the fused path or the two-pass one;
+    `taken` records whether the fused path was taken."""
+    taken: list[bool] = []
+
+    def spy(p):
+        ok = fused and fused_applies(p)
+        taken.append(ok)
+        return ok
+
+    monkeypatch.setattr(api, "fused_applies", spy)
+    args, kw = call_kwargs(case, inp)
+    lp = args[0].detach().clone().requires_grad_()
+    out = rlkern.policy_loss(lp, *args[1:], config=case.config, backend="cpu", **kw)
+    (g,) = torch.autograd.grad(out.loss, lp, retain_graph=retain)
+    if retain:
+        out = (out, torch.autograd.grad(out.loss, lp)[0])
+    return out, g, taken
+
+
+def _assert_same(a: rlkern.PolicyLossOutput, b: rlkern.PolicyLossOutput) -> None:
+    assert torch.equal(a.loss, b.loss)
+    assert a.metrics.keys() == b.metrics.keys()
+    for k in a.metrics:
+        assert torch.equal(a.metrics[k], b.metrics[k]) or (
+            a.metrics[k].isnan().all() and b.metrics[k].isnan().all()), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_gradient_is_the_two_pass_gradient(name, dtype, monkeypatch):
+    case = CASES[name]
+    inp = make_inputs(12, 37, dtype, seed=len(name))  # B: whole gvpo groups
+    out_f, g_f, taken_f = _grad(case, inp, fused=True, monkeypatch=monkeypatch)
+    out_t, g_t, taken_t = _grad(case, inp, fused=False, monkeypatch=monkeypatch)
+    assert taken_f == [True] and taken_t == [False]
+    _assert_same(out_f, out_t)
+    assert torch.equal(g_f, g_t)
+    assert g_f.isfinite().all()
+    assert (g_f[~inp["mask"]] == 0).all()
+
+
+def test_a_second_backward_recomputes_the_same_gradient(monkeypatch):
+    """The first backward consumes the factors; retain_graph=True and a second backward run
+    the two-pass kernel, with the same bits."""
+    case = CASES["all-addons"]
+    inp = make_inputs(8, 29, torch.float32, seed=3)
+    case = Case(case.config, ref=True, rollout=True, entropy=True, token_weights=True)
+    (_, g2), g1, taken = _grad(case, inp, fused=True, monkeypatch=monkeypatch, retain=True)
+    assert taken == [True]
+    assert torch.equal(g1, g2)
+    _, g_t, _ = _grad(case, inp, fused=False, monkeypatch=monkeypatch)
+    assert torch.equal(g1, g_t)
+
+
+def test_backward_with_an_upstream_gradient(monkeypatch):
+    """The coefficients carry the upstream gradient (here 3.5 and a metric-free loss)."""
+    inp = make_inputs(6, 40, torch.float32, seed=5)
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+        lp = inp["logprobs"].clone().requires_grad_()
+        out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                                 ref_logprobs=inp["ref_logprobs"], config=C(kl_coef=0.2))
+        (3.5 * out.loss).backward()
+        grads.append(lp.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+def test_non_finite_coefficient_reaches_valid_tokens_only(monkeypatch):
+    """A NaN count (checks off) makes the gradient NaN at valid tokens and leaves masked ones
+    0, on both paths."""
+    inp = make_inputs(5, 21, torch.float32, seed=6)
+    rlkern.set_checks(False)
+    try:
+        for kl in (0.0, 0.1):
+            case = Case(C(kl_coef=kl), ref=kl > 0,
+                        kwargs={"num_tokens": torch.tensor(math.nan)})
+            _, g_f, taken = _grad(case, inp, fused=True, monkeypatch=monkeypatch)
+            _, g_t, _ = _grad(case, inp, fused=False, monkeypatch=monkeypatch)
+            assert taken == [True]
+            assert torch.equal(g_f.isnan(), g_t.isnan())
+            assert g_f[inp["mask"]].isnan().all() and (g_f[~inp["mask"]] == 0).all()
+    finally:
+        rlkern.set_checks(True)
+
+
+def test_when_the_fused_path_applies():
+    inp = make_inputs(4, 9, torch.float32, seed=7)
+    lp = inp["logprobs"].clone().requires_grad_()
+    ent = inp["entropy"].clone()
+
+    def applies(config=None, *, logprobs=lp, backend="cpu", **kw):
+        p = prepare(logprobs, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                    config=config, backend=backend, **kw)
+        return fused_applies(p)
+
+    assert applies()
+    assert applies(C(kl_coef=0.1), ref_logprobs=inp["ref_logprobs"])
+    assert applies(C(entropy_coef=0.01), entropy=ent)  # the entropy needs no gradient
+    assert not applies(C(entropy_coef=0.01), entropy=ent.requires_grad_())
+    assert not applies(logprobs=inp["logprobs"])  # no gradient wanted
+    with torch.no_grad():
+        assert not applies()
+    assert not applies(backend="torch")
+    for kind in ("gmpo", "vespo", "gspo"):
+        assert not applies(C(policy_loss=kind))
+    assert not applies(C(importance_sampling_level="sequence"))
+
+
+def test_the_ops_refuse_bad_arguments():
+    inp = make_inputs(3, 8, torch.float32, seed=8)
+    p = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])
+    stats = torch.empty(len(layout("policy_loss").row_stats), 3, dtype=torch.float64)
+    fwd = torch.ops.rlkern.policy_loss_fused_fwd_out
+    with pytest.raises(RuntimeError, match="token_grad"):
+        fwd(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams, stats,
+            torch.empty(2, 3, 8))  # two slots without a KL term
+    gmpo = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"],
+                   config=C(policy_loss="gmpo"))
+    with pytest.raises(RuntimeError, match="fused policy loss needs"):
+        fwd(gmpo.lp, gmpo.old, gmpo.adv, gmpo.mask, gmpo.inputs, gmpo.flags, gmpo.hparams,
+            stats, torch.empty(1, 3, 8))
+    bwd = torch.ops.rlkern.policy_loss_fused_bwd_
+    rows = torch.zeros(len(layout("policy_loss").row_grads), 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="mask: expected Bool"):
+        bwd(p.mask.float(), rows, p.flags, torch.empty(1, 3, 8))
+    with pytest.raises(RuntimeError, match="grad_rows"):
+        bwd(p.mask, rows[:, :2], p.flags, torch.empty(1, 3, 8))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        bwd(p.mask, rows, p.flags, torch.empty(1, 3, 8, dtype=torch.bfloat16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 6), T=st.integers(1, 70), seed=st.integers(0, 2**16),
+       name=st.sampled_from(FUSED), spread=st.sampled_from([0.01, 0.3, 3.0]),
+       f64=st.booleans())
+def test_property_fused_equals_two_pass(B, T, seed, name, spread, f64):
+    """Any shape (tails of every length), mask and ratio spread: the same bits."""
+    case = CASES[name]
+    if case.config.policy_loss == "gvpo":
+        B = 6  # whole groups of 2 or 3
+    dtype = torch.float64 if f64 else torch.float32
+    inp = make_inputs(B, T, dtype, seed=seed, spread=spread)
+    with pytest.MonkeyPatch.context() as mp:
+        out_f, g_f, taken = _grad(case, inp, fused=True, monkeypatch=mp)
+        out_t, g_t, _ = _grad(case, inp, fused=False, monkeypatch=mp)
+    assert taken == [True]
+    _assert_same(out_f, out_t)
+    assert torch.equal(g_f, g_t)
