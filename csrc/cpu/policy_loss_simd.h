@@ -156,13 +156,7 @@ struct Avx512F {
   static V mmin(V acc, M m, V x) { return _mm512_mask_min_ps(acc.v, m.k, acc.v, x.v); }
   static V mmax(V acc, M m, V x) { return _mm512_mask_max_ps(acc.v, m.k, acc.v, x.v); }
   static V bcast(float x) { return _mm512_set1_ps(x); }
-  // A masked store only for a row's tail: on some cores (AMD Zen 4) a masked 512-bit store
-  // costs several times a plain one, which made the stores of the backward (and the fused
-  // forward's factors) the loops' bottleneck.
-  static void store(float* p, V v, M ln) {
-    if (__builtin_expect(ln.k == 0xffff, 1)) _mm512_storeu_ps(p, v.v);
-    else _mm512_mask_storeu_ps(p, ln.k, v.v);
-  }
+  static void store(float* p, V v, M ln) { _mm512_mask_storeu_ps(p, ln.k, v.v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v.v); }
   static float hmin(V v) { return _mm512_reduce_min_ps(v.v); }
   static float hmax(V v) { return _mm512_reduce_max_ps(v.v); }
