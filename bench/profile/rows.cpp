@@ -1,5 +1,8 @@
 // Per-row cost of the CPU row kernels on one thread, rows streamed from memory: a bare read,
-// the token-logprobs fold, and the sampler's kept-set search with each filter. Built and run by
+// the token-logprobs fold, and the sampler's kept-set search with each filter; and two
+// arithmetic-only rows with no memory traffic (the data stays in L1): the fold's own
+// instructions, and the least any exact fp32 softmax needs here — one 2^x and one add per
+// logit, V of them (the "arithmetic floor"). Built and run by
 // bench/profile/rows.sh; the figures and a perf profile are in docs/benchmarks.md ("Where the
 // CPU time goes").
 //
@@ -31,6 +34,9 @@ int main(int argc, char** argv) {
   const int64_t pool = 64 * V;
   for (int64_t i = 0; i < std::min(pool, R * V); ++i) x[i] = float_to_bf16(normal(gen));
   for (int64_t i = pool; i < R * V; ++i) x[i] = x[(uint64_t(i) * 2654435761u) % pool];
+  // An L1-resident block of the row's values as fp32, shifted by its max, for the 2^x row.
+  alignas(64) static float l1_block[kBlock];
+  for (int64_t i = 0; i < kBlock; ++i) l1_block[i] = bf16_to_float(x[i]) - 20.0f;
   Scratch s(V);
   double sink = 0.0;
   auto filtered = [&](RowFilter f) {
@@ -54,6 +60,21 @@ int main(int argc, char** argv) {
          RowState st = rlkern::softmax_stats_empty<double>();
          fold_row<BF16, true, false>(row, V, row_scale(T), st);
          sink += st.t;
+       }},
+      // The arithmetic-only rows: the same row-sized work on one L1-resident block.
+      {"fold, block in L1", [&](const uint16_t* row) {
+         RowState st = rlkern::softmax_stats_empty<double>();
+         for (int64_t b = 0; b < V; b += kBlock)
+           fold_row<BF16, false, false>(x.data(), std::min(kBlock, V - b), row_scale(T), st);
+         sink += st.s + double(row[0]);
+       }},
+      {"2^x + add only, in L1", [&](const uint16_t* row) {
+         VecF acc = VecF::set1(0.0f);
+         const VecF C = VecF::set1(row_scale(T).c), lo = VecF::set1(kExp2Min);
+         for (int64_t b = 0; b < V; b += kBlock)
+           for (int64_t i = 0; i + W <= std::min(kBlock, V - b); i += W)
+             acc = acc + VecF::exp2(VecF::max(lo, VecF::load(l1_block + i) * C));
+         sink += acc.reduce_add() + double(row[0]);
        }},
       {"sample: no filter", filtered({T, V, 1.0, 0.0, false})},
       {"sample: top-p 0.9", filtered({T, V, 0.9, 0.0, false})},
