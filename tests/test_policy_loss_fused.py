@@ -84,6 +84,24 @@ def test_a_second_backward_recomputes_the_same_gradient(monkeypatch):
     assert torch.equal(g1, g_t)
 
 
+def test_create_graph_takes_the_two_pass_op(monkeypatch):
+    """A backward that builds a graph runs the registered two-pass op (whose own backward is
+    not defined: second-order gradients fail loudly on both paths, never silently zero)."""
+    inp = make_inputs(5, 19, torch.float64, seed=11)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+        lp = inp["logprobs"].clone().requires_grad_()
+        out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                                 ref_logprobs=inp["ref_logprobs"], config=C(kl_coef=0.1))
+        (g,) = torch.autograd.grad(out.loss, lp, create_graph=True)
+        assert g.requires_grad
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            g.sum().backward()
+        results.append(g.detach())
+    assert torch.equal(results[0], results[1])
+
+
 def test_backward_with_an_upstream_gradient(monkeypatch):
     """The coefficients carry the upstream gradient (here 3.5 and a metric-free loss)."""
     inp = make_inputs(6, 40, torch.float32, seed=5)

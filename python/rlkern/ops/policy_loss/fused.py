@@ -18,7 +18,8 @@ them, in place, by the per-row coefficients (``rlkern::policy_loss_fused_bwd_``)
   float32 without KL) — the two-pass form holds none.
 
 The factors are consumed by the first backward; a second backward through the same graph
-(``retain_graph=True``) runs the two-pass backward kernel instead, with the same bits.
+(``retain_graph=True``), or one that builds a graph (``create_graph=True``), runs the registered
+two-pass backward op instead, with the same bits.
 
 :func:`fused_applies` says when :func:`~rlkern.ops.policy_loss.api.run` takes this path: the
 CPU backend, in eager mode (torch.compile traces the registered two-pass ops), a gradient
@@ -93,12 +94,17 @@ class _FusedRows(torch.autograd.Function):
             return (None, *none)
         lp, old, adv, mask, row_stats, *given = ctx.saved_tensors
         grad_rows = grad_row_sums.to(torch.float64).contiguous()
-        factors, ctx.factors = ctx.factors, None
-        if factors is None:  # a second backward (retain_graph=True): the two-pass kernel
+        # A backward that builds a graph (create_graph=True) or a second one through the same
+        # graph (retain_graph=True; the first consumed the factors) runs the registered
+        # two-pass backward op, as the two-pass form would: the same bits, and the same
+        # graph for higher-order gradients.
+        factors = None if torch.is_grad_enabled() else ctx.factors
+        if factors is None:
             grad_lp, _ = torch.ops.rlkern.policy_loss_bwd(
                 lp, old, adv, mask, given, ctx.slots, row_stats, grad_rows, ctx.flags,
                 ctx.hparams, False, "cpu")
             return (grad_lp, *none)
+        ctx.factors = None
         if mask.numel():
             torch.ops.rlkern.policy_loss_fused_bwd_(mask, grad_rows, ctx.flags, factors)
         else:
