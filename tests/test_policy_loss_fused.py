@@ -84,17 +84,23 @@ def test_a_second_backward_recomputes_the_same_gradient(monkeypatch):
     assert torch.equal(g1, g_t)
 
 
+def _kl_loss(inp: dict, fused: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A leaf for the log-probabilities and the PPO + KL loss on it, by either path."""
+    monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+    lp = inp["logprobs"].clone().requires_grad_()
+    out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                             ref_logprobs=inp["ref_logprobs"], config=C(kl_coef=0.1))
+    return lp, out.loss
+
+
 def test_create_graph_takes_the_two_pass_op(monkeypatch):
     """A backward that builds a graph runs the registered two-pass op (whose own backward is
     not defined: second-order gradients fail loudly on both paths, never silently zero)."""
     inp = make_inputs(5, 19, torch.float64, seed=11)
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
-        lp = inp["logprobs"].clone().requires_grad_()
-        out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
-                                 ref_logprobs=inp["ref_logprobs"], config=C(kl_coef=0.1))
-        (g,) = torch.autograd.grad(out.loss, lp, create_graph=True)
+        lp, loss = _kl_loss(inp, fused, monkeypatch)
+        (g,) = torch.autograd.grad(loss, lp, create_graph=True)
         assert g.requires_grad
         with pytest.raises(RuntimeError, match="no autograd formula"):
             g.sum().backward()
@@ -103,15 +109,12 @@ def test_create_graph_takes_the_two_pass_op(monkeypatch):
 
 
 def test_backward_with_an_upstream_gradient(monkeypatch):
-    """The coefficients carry the upstream gradient (here 3.5 and a metric-free loss)."""
+    """The coefficients carry the upstream gradient (here 3.5, through .backward())."""
     inp = make_inputs(6, 40, torch.float32, seed=5)
     grads = []
     for fused in (True, False):
-        monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
-        lp = inp["logprobs"].clone().requires_grad_()
-        out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
-                                 ref_logprobs=inp["ref_logprobs"], config=C(kl_coef=0.2))
-        (3.5 * out.loss).backward()
+        lp, loss = _kl_loss(inp, fused, monkeypatch)
+        (3.5 * loss).backward()
         grads.append(lp.grad)
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
 
