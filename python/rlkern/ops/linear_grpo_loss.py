@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlkern.config.dtypes import acc_dtype
+from rlkern.config.dtypes import acc_dtype, bool_mask
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.linear_logprobs import (
@@ -414,7 +414,7 @@ def linear_grpo_loss(
                          "token before the loss; compute entropies with linear_logprobs under "
                          "no_grad and use policy_loss")
     acc = acc_dtype(hidden.dtype)
-    m = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+    m = bool_mask(mask)
     dev = hidden.device
     if mask.device != dev:
         raise ValueError(f"mask is on {mask.device} but hidden on {dev}")
@@ -505,7 +505,7 @@ def _truncated_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor
                     softcap: float | None, filters: dict[str, Any]) -> PolicyLossOutput:
     """:func:`linear_grpo_loss` under the sampler's filters and / or with a LoRA head:
     ``linear_logprobs`` with them (masked tokens not scored), then :func:`rlkern.policy_loss`."""
-    keep = mask if mask.dtype == torch.bool else mask != 0
+    keep = mask if mask.dtype == torch.bool else mask.bool()
     scored = labels.masked_fill(~keep.to(labels.device), ignore_index)
     need_entropy = cfg.entropy_coef != 0.0 or cfg.top_entropy_quantile < 1.0
     out = linear_logprobs(hidden, weight, scored, bias=bias, temperature=temperature,

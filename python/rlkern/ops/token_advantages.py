@@ -26,7 +26,7 @@ from torch import Tensor
 
 from rlkern import backends
 from rlkern.config.advantages import GIGPO_MODES, code, codes
-from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
+from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype, bool_mask
 from rlkern.ops.advantages import check_devices, check_grouping, check_tensor
 from rlkern.ops.advantages_segmented import gigpo_segmented, segments
 
@@ -153,7 +153,7 @@ def discounted_returns(rewards: Tensor, *, gamma: float, reset: Tensor | None = 
     Args:
         rewards: ``(N, T)`` float rewards.
         gamma: discount factor (finite; typically in [0, 1]).
-        reset: optional ``(N, T)`` bool (or 0/1) segment-end flags.
+        reset: optional ``(N, T)`` segment-end flags of any dtype (nonzero = an end).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -171,7 +171,7 @@ def discounted_returns(rewards: Tensor, *, gamma: float, reset: Tensor | None = 
     gamma = _scalar(gamma, "gamma")
     if reset is not None:
         reset = _same(reset, "reset", tuple(rewards.shape), rewards, bool_like=True)
-        reset = (reset != 0).contiguous()
+        reset = bool_mask(reset)
     resolved = backends.resolve_backend(backend, rewards.device)
     return torch.ops.rlkern.discounted_returns(_kernel_dtype(rewards), reset, gamma, resolved)
 
@@ -261,7 +261,7 @@ def gae(rewards: Tensor, values: Tensor | None, mask: Tensor, *, gamma: float, l
     return GAEAdvantages(*torch.ops.rlkern.gae(
         rewards.to(dtype).contiguous(),
         None if values is None else values.to(dtype).contiguous(),
-        (mask.detach() != 0).contiguous(), gamma, lam, resolved))
+        bool_mask(mask.detach()), gamma, lam, resolved))
 
 
 # ---------------------------------------------------------------------- position baseline
@@ -303,7 +303,7 @@ def _token_inputs(x: Tensor, name: str, mask: Tensor, group_ids, group_size):
         raise ValueError(f"{name} must have shape (N, T), got {tuple(x.shape)}")
     mask = _same(mask, "mask", tuple(x.shape), x, bool_like=True)
     ids, size = check_grouping(x.shape[0], group_ids, group_size, x.device, name)
-    return _kernel_dtype(x), (mask != 0).contiguous(), ids, size
+    return _kernel_dtype(x), bool_mask(mask), ids, size
 
 
 def position_baseline(returns: Tensor, mask: Tensor, *, group_ids: Tensor | None = None,

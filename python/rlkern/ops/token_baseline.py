@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from rlkern import backends
-from rlkern.config.dtypes import FLOAT_DTYPES
+from rlkern.config.dtypes import FLOAT_DTYPES, bool_mask
 from rlkern.ops.advantages import check_devices, check_grouping, check_tensor
 from rlkern.ops.advantages_segmented import segments
 
@@ -202,6 +202,6 @@ def optimal_token_baseline(
     ids, size = check_grouping(shape[0], group_ids, group_size, x.device, "rewards")
     resolved = backends.resolve_backend(backend, x.device)
     adv, ret = torch.ops.rlkern.optimal_token_baseline(
-        x.detach().to(dtype).contiguous(), (m.detach() != 0).contiguous(), lp, sp, rho, ids,
+        x.detach().to(dtype).contiguous(), bool_mask(m.detach()), lp, sp, rho, ids,
         size, bool(multi_turn), bool(zero_tail), float(eps), resolved)
     return TokenBaseline(adv, ret)

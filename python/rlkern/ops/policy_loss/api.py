@@ -85,7 +85,9 @@ def policy_loss(
             policy (differentiable). float32 math (float64 for float64 input).
         old_logprobs: ``(B, T)`` under the policy that generated / was last synced.
         advantages: ``(B,)`` (one per response) or ``(B, T)``; for gvpo the ``(B,)`` scores.
-        mask: ``(B, T)`` bool (or 0/1) — valid response tokens. Masked values are never read.
+        mask: ``(B, T)`` of any dtype, nonzero = a valid response token (verl's float
+            ``response_mask`` and TRL's integer ``completion_mask`` as they are). Masked values
+            are never read.
         config: a :class:`PolicyLossConfig` (default: PPO, ε = 0.2, token-mean).
         ref_logprobs: ``(B, T)`` reference log-probabilities (KL term when ``kl_coef != 0``).
         rollout_logprobs: ``(B, T)`` rollout-engine log-probabilities (rollout correction).

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from rlkern import backends
-from rlkern.config.dtypes import INDEX_DTYPES, acc_dtype
+from rlkern.config.dtypes import INDEX_DTYPES, acc_dtype, bool_mask
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.logprobs import checks_enabled
@@ -161,7 +161,7 @@ def prepare(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Te
         raise ValueError(f"mask must have shape (B, T) = {(B, T)}, got {tuple(m.shape)}")
     if m.device != dev:
         raise ValueError(f"mask is on {m.device} but logprobs on {dev}")
-    m = (m if m.dtype == torch.bool else m != 0).contiguous()
+    m = bool_mask(m)
     adv = tensor_arg(advantages, "advantages")
     if not (adv.dtype.is_floating_point or adv.dtype in INDEX_DTYPES):
         raise TypeError(f"advantages must be a float tensor, got {adv.dtype}")
