@@ -23,5 +23,5 @@ def bool_mask(mask: torch.Tensor) -> torch.Tensor:
     """A mask of any dtype as the bool tensor the kernels read (nonzero → True; NaN → True),
     contiguous. Trainers pass float (verl's ``response_mask``) or integer (TRL's
     ``completion_mask``) masks: ``mask.bool()`` is the same test as ``mask != 0`` but a plain
-    cast, on CPU about 8× faster (0.16 ms against 1.32 ms for a 4M-token float32 mask)."""
+    cast, which torch's CPU kernels run several times faster than the comparison."""
     return (mask if mask.dtype == torch.bool else mask.bool()).contiguous()
