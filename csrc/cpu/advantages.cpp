@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu/advantages_ids.h"
+#include "cpu/advantages_lanes.h"
 #include "cpu/group_index.h"
 
 namespace rlkern::cpu {
@@ -68,6 +69,9 @@ int64_t first_invalid(const T* x, int64_t n) {
       0, n, kGrainRows, int64_t(-1),
       [&](int64_t begin, int64_t end, int64_t found) {
         if (found >= 0) return found;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<T, float>) return lanes::first_nonfinite(x, begin, end);
+#endif
         for (int64_t i = begin; i < end; ++i)
           if (!score_is_valid(double(x[i]))) return i;
         return found;
@@ -326,7 +330,21 @@ void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
   }
   const RowOut<O> out{static_cast<O*>(a.out.advantages), static_cast<O*>(a.out.group_mean),
                       static_cast<O*>(a.out.group_std), a.out.zero_variance};
-  at::parallel_for(0, k, grain_groups(gs), [&](int64_t b, int64_t e) {
+  int64_t done = 0;  // groups written by the eight-lane path
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
+    if (lanes::applies(p) && xr == nullptr) {
+      const lanes::Out lo{out.adv, out.mean, out.std, out.zv};
+      const int64_t blocks = k / 8;
+      at::parallel_for(0, blocks, std::max<int64_t>(1, grain_groups(gs) / 8),
+                       [&](int64_t b, int64_t e) {
+                         for (int64_t i = b; i < e; ++i) lanes::contiguous8(s, i * 8, gs, p, lo);
+                       });
+      done = blocks * 8;
+    }
+  }
+#endif
+  at::parallel_for(done, k, grain_groups(gs), [&](int64_t b, int64_t e) {
     std::vector<int64_t> scratch;
     for (int64_t g = b; g < e; ++g) {
       const int64_t begin = g * gs, end = begin + gs;
