@@ -165,22 +165,29 @@ def test_the_ops_refuse_bad_arguments():
     p = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])
     stats = torch.empty(len(layout("policy_loss").row_stats), 3, dtype=torch.float64)
     fwd = torch.ops.rlkern.policy_loss_fused_fwd_out
+    d = torch.empty(3, 8)
+    with pytest.raises(RuntimeError, match="token_grad_kl: only with a KL term"):
+        fwd(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams, stats, d, d.clone())
     with pytest.raises(RuntimeError, match="token_grad"):
         fwd(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams, stats,
-            torch.empty(2, 3, 8))  # two slots without a KL term
+            torch.empty(3, 7), None)
+    kl = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"],
+                 ref_logprobs=inp["ref_logprobs"], config=C(kl_coef=0.1))
+    with pytest.raises(RuntimeError, match="token_grad_kl: required with a KL term"):
+        fwd(kl.lp, kl.old, kl.adv, kl.mask, kl.inputs, kl.flags, kl.hparams, stats, d, None)
     gmpo = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"],
                    config=C(policy_loss="gmpo"))
     with pytest.raises(RuntimeError, match="fused policy loss needs"):
         fwd(gmpo.lp, gmpo.old, gmpo.adv, gmpo.mask, gmpo.inputs, gmpo.flags, gmpo.hparams,
-            stats, torch.empty(1, 3, 8))
+            stats, d, None)
     bwd = torch.ops.rlkern.policy_loss_fused_bwd_
     rows = torch.zeros(len(layout("policy_loss").row_grads), 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="mask: expected Bool"):
-        bwd(p.mask.float(), rows, p.flags, torch.empty(1, 3, 8))
+        bwd(p.mask.float(), rows, p.flags, d, None)
     with pytest.raises(RuntimeError, match="grad_rows"):
-        bwd(p.mask, rows[:, :2], p.flags, torch.empty(1, 3, 8))
+        bwd(p.mask, rows[:, :2], p.flags, d, None)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        bwd(p.mask, rows, p.flags, torch.empty(1, 3, 8, dtype=torch.bfloat16))
+        bwd(p.mask, rows, p.flags, d.bfloat16(), None)
 
 
 @settings(max_examples=40, deadline=None)

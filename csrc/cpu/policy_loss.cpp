@@ -553,13 +553,14 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   const bool seq_ratio = f.ratio_mode != pl::kRatioToken;
   const bool aux = needs_aux(a), mult_on = has_mult(a);
   std::vector<T> mult(mult_on ? n : 0);
-  // The fused forward's per-token factors (policy_loss_fused_ok): ∂pg_sum/∂logp, then, with
-  // a KL term, ∂kl_sum/∂logp, each (B, T).
+  // The fused forward's per-token factors (policy_loss_fused_ok): ∂pg_sum/∂logp and, with a
+  // KL term, ∂kl_sum/∂logp, each (B, T).
   T* const dg_all = static_cast<T*>(a.token_grad);
+  T* const dk_all = static_cast<T*>(a.token_grad_kl);
   for (int64_t b = b0; b < b1; ++b) {
     const Row<T> r = row_ptrs<T>(a, b);
     T* const dg = dg_all ? dg_all + b * n : nullptr;
-    T* const dk = dg_all && f.kl_kind != pl::kKlNone ? dg_all + (a.in.B + b) * n : nullptr;
+    T* const dk = dk_all ? dk_all + b * n : nullptr;
     // The prefix pass (row sums before the token pass) only when a sequence quantity needs
     // them; token-level kinds accumulate the length and Σ m·Δ in their main pass.
     const bool prefix = seq_ratio || f.rollout_level == pl::kRolloutSeq ||
@@ -753,9 +754,8 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
 // and with the factors of bwd_rows (token_d_pg, token_d_kl), so the gradient has its bits. The
 // stored factors are 0 at masked tokens, so a row with g_pg finite and nothing to add is one
 // multiply a token. Otherwise the mask is read, as bwd_rows does: a non-finite coefficient
-// must not reach masked tokens, and each product is selected by the mask before it is added
-// (which also keeps the compiler from contracting g_pg·D_pg + g_kl·D_kl into an FMA that the
-// two-pass backward does not form).
+// must not reach masked tokens, and each product is selected by the mask before it is added,
+// in bwd_rows' order.
 template <typename T>
 void fused_bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   using P = typename plsimd::LanesFor<T>::type;
@@ -763,6 +763,7 @@ void fused_bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   const int64_t n = a.in.T, B = a.in.B;
   const bool kl = a.flags.kl_kind != pl::kKlNone;
   T* const d_all = static_cast<T*>(a.token_grad);
+  const T* const dk_all = static_cast<const T*>(a.token_grad_kl);
   const V zero(0.0);
   for (int64_t b = b0; b < b1; ++b) {
     const auto gr = [&](int k) { return T(a.grad_rows[k * B + b]); };
@@ -770,7 +771,7 @@ void fused_bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     const bool finite = std::isfinite(g_pg) && std::isfinite(g_kl);
     const V gpg = V(double(g_pg)), gkl = V(double(g_kl)), glp = V(double(g_lp));
     T* const g = d_all + b * n;
-    const T* const dk = kl ? d_all + (B + b) * n : nullptr;
+    const T* const dk = kl ? dk_all + b * n : nullptr;
     const uint8_t* const m = static_cast<const uint8_t*>(a.in.mask.p) + b * a.in.mask.stride;
     if (finite && !kl && g_lp == T(0)) {
       for (int64_t t = 0; t < n; t += P::L) {

@@ -17,15 +17,16 @@ const char* const kPolicyLossBwdOutSchema =
     "policy_loss_bwd_out(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
     "Tensor?[] inputs, Tensor row_stats, Tensor grad_rows, int[] flags, float[] hparams, "
     "Tensor(a!) grad_logprobs, Tensor(b!)? grad_entropy) -> ()";
-// CPU only: the fused path (policy_loss_fused_ok): the forward also fills token_grad
-// (1 + with KL, B, T), the backward scales it in place into the gradient (token_grad[0]).
+// CPU only: the fused path (policy_loss_fused_ok): the forward also fills token_grad (and,
+// with a KL term, token_grad_kl), (B, T) each; the backward scales them in place into the
+// gradient, which it leaves in token_grad.
 const char* const kPolicyLossFusedFwdOutSchema =
     "policy_loss_fused_fwd_out(Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
     "Tensor mask, Tensor?[] inputs, int[] flags, float[] hparams, Tensor(a!) row_stats, "
-    "Tensor(b!) token_grad) -> ()";
+    "Tensor(b!) token_grad, Tensor(c!)? token_grad_kl) -> ()";
 const char* const kPolicyLossFusedBwdSchema =
-    "policy_loss_fused_bwd_(Tensor mask, Tensor grad_rows, int[] flags, Tensor(a!) token_grad) "
-    "-> ()";
+    "policy_loss_fused_bwd_(Tensor mask, Tensor grad_rows, int[] flags, Tensor(a!) token_grad, "
+    "Tensor? token_grad_kl) -> ()";
 const char* const kKlPenaltyFwdOutSchema =
     "kl_penalty_fwd_out(Tensor logprobs, Tensor ref_logprobs, int kind, bool straight_through, "
     "float log_clamp, float value_clamp, Tensor(a!) out) -> ()";
@@ -42,33 +43,44 @@ struct CpuKernels {
   static void kl(const policy_loss::KlArgs& a, const at::Tensor&) { cpu::kl_penalty(a); }
 };
 
-// (1 + with KL, B, T) contiguous, of the compute dtype.
+// The factors' buffers: (B, T) contiguous of the compute dtype each, token_grad_kl exactly
+// when there is a KL term.
 void check_token_grad(const policy_loss::Flags& f, int64_t B, int64_t T, at::ScalarType dtype,
-                      const at::Tensor& token_grad, const at::Tensor& like) {
+                      const at::Tensor& token_grad,
+                      const std::optional<at::Tensor>& token_grad_kl, const at::Tensor& like) {
   TORCH_CHECK(policy_loss::fused_ok(f),
               "the fused policy loss needs the token ratio mode and a token-level kind (not "
               "gmpo or vespo)");
-  const int64_t k = f.kl_kind != policy_loss::kKlNone ? 2 : 1;
-  checks::array(token_grad, "token_grad", k * B * T, dtype, like);
+  checks::array(token_grad, "token_grad", B * T, dtype, like);
+  const bool kl = f.kl_kind != policy_loss::kKlNone;
+  TORCH_CHECK(kl == token_grad_kl.has_value(), "token_grad_kl: ",
+              kl ? "required with a KL term" : "only with a KL term");
+  if (kl) checks::array(*token_grad_kl, "token_grad_kl", B * T, dtype, like);
+}
+
+void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
 }
 
 void fused_fwd_out(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
                    const at::Tensor& advantages, const at::Tensor& mask,
                    const policy_loss::InputList& inputs, at::IntArrayRef flags,
                    at::ArrayRef<double> hparams, const at::Tensor& row_stats,
-                   const at::Tensor& token_grad) {
+                   const at::Tensor& token_grad, const std::optional<at::Tensor>& token_grad_kl) {
   policy_loss::Args a = policy_loss::check_args(CpuKernels::kBackend, logprobs, old_logprobs,
                                                 advantages, mask, inputs, flags, hparams);
-  checks::array(row_stats, "row_stats", policy_loss::kNumRowStats * a.in.B,
-                             at::kDouble, logprobs);
-  check_token_grad(a.flags, a.in.B, a.in.T, logprobs.scalar_type(), token_grad, logprobs);
+  checks::array(row_stats, "row_stats", policy_loss::kNumRowStats * a.in.B, at::kDouble,
+                logprobs);
+  check_token_grad(a.flags, a.in.B, a.in.T, logprobs.scalar_type(), token_grad, token_grad_kl,
+                   logprobs);
   a.row_stats = row_stats.data_ptr<double>();
   a.token_grad = token_grad.data_ptr();
+  a.token_grad_kl = data_or_null(token_grad_kl);
   if (a.in.B > 0) cpu::policy_loss_fwd(a);
 }
 
 void fused_bwd(const at::Tensor& mask, const at::Tensor& grad_rows, at::IntArrayRef flags,
-               const at::Tensor& token_grad) {
+               const at::Tensor& token_grad, const std::optional<at::Tensor>& token_grad_kl) {
   TORCH_CHECK(mask.dim() == 2, "mask: expected (B, T), got shape ", mask.sizes());
   checks::rows(mask, "mask", mask.size(0), mask.size(1), at::kBool, token_grad);
   TORCH_CHECK(static_cast<int64_t>(flags.size()) == policy_loss::kNumFlags, "flags: expected ",
@@ -81,12 +93,12 @@ void fused_bwd(const at::Tensor& mask, const at::Tensor& grad_rows, at::IntArray
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "token_grad: expected float32 or float64, got ", dtype);
   a.in.f64 = dtype == at::kDouble;
-  check_token_grad(a.flags, a.in.B, a.in.T, dtype, token_grad, mask);
-  checks::array(grad_rows, "grad_rows", policy_loss::kNumRowGrads * a.in.B,
-                             at::kDouble, mask);
+  check_token_grad(a.flags, a.in.B, a.in.T, dtype, token_grad, token_grad_kl, mask);
+  checks::array(grad_rows, "grad_rows", policy_loss::kNumRowGrads * a.in.B, at::kDouble, mask);
   a.in.mask = {mask.const_data_ptr(), mask.stride(0)};
   a.grad_rows = grad_rows.const_data_ptr<double>();
   a.token_grad = token_grad.data_ptr();
+  a.token_grad_kl = data_or_null(token_grad_kl);
   if (a.in.B > 0 && a.in.T > 0) cpu::policy_loss_fused_bwd(a);
 }
 

@@ -261,10 +261,12 @@ struct Args {
   const double* grad_rows;  // backward: (kNumRowGrads, B) contiguous
   void* grad_logp;          // backward: (B, T) contiguous, compute dtype
   void* grad_entropy;       // backward: (B, T) contiguous, nullable
-  // CPU's fused path (policy_loss_fused_ok): (1 + with KL, B, T) contiguous, compute dtype;
-  // the forward writes ∂pg_sum/∂logp (and ∂kl_sum/∂logp) per token, the backward scales them
-  // in place into the gradient. nullptr otherwise.
+  // CPU's fused path (policy_loss_fused_ok): (B, T) contiguous, compute dtype; the forward
+  // writes ∂pg_sum/∂logp per token to token_grad (and ∂kl_sum/∂logp to token_grad_kl, with a
+  // KL term), the backward scales them in place into the gradient (in token_grad). nullptr
+  // otherwise.
   void* token_grad;
+  void* token_grad_kl;
 };
 
 // One call of the elementwise KL estimator (kl_term) over n contiguous values of the compute

@@ -9,13 +9,14 @@ token-level kind (``fused_ok`` in ``rlkern/policy_loss.h``) — the forward can 
 as it computes the sums (``rlkern::policy_loss_fused_fwd_out``) and the backward only scales
 them, in place, by the per-row coefficients (``rlkern::policy_loss_fused_bwd_``):
 
-* factors, ``(k, B, T)`` of the compute dtype: ``∂pg_sum/∂logp`` and, with a KL term,
-  ``∂kl_sum/∂logp`` per token (0 at masked tokens); the backward turns slot 0 into the
-  gradient ``g_pg·D_pg + g_kl·D_kl + g_lp·m`` and returns it;
+* factors, ``(B, T)`` each, of the compute dtype: ``D_pg = ∂pg_sum/∂logp`` and, with a KL
+  term, ``D_kl = ∂kl_sum/∂logp`` per token (0 at masked tokens); the backward turns ``D_pg``
+  into the gradient ``g_pg·D_pg + g_kl·D_kl + g_lp·m`` and returns it (``D_kl`` is freed with
+  the graph, not kept alive by the gradient);
 * the result is bitwise the two-pass backward's (both form the factors with the same
   expressions, csrc/cpu/policy_loss.cpp ``token_d_pg`` / ``token_d_kl``);
-* cost: one ``(k, B, T)`` buffer held from the forward to the backward (4 bytes a token in
-  float32 without KL) — the two-pass form holds none.
+* cost: the factors, held from the forward to the backward (4 bytes a token in float32, 8
+  with a KL term) — the two-pass form holds nothing per token.
 
 The factors are consumed by the first backward; a second backward through the same graph
 (``retain_graph=True``), or one that builds a graph (``create_graph=True``), runs the registered
@@ -56,11 +57,6 @@ def fused_applies(p: Prepared) -> bool:
             and p.flags[lay.flags.loss_kind] not in (lay.loss_kinds.gmpo, lay.loss_kinds.vespo))
 
 
-def _factor_count(flags: list[int]) -> int:
-    lay = layout("policy_loss")
-    return 2 if flags[lay.flags.kl_kind] != lay.kl_kinds.none else 1
-
-
 class _FusedRows(torch.autograd.Function):
     """``(row_sums, row_stats)`` as ``rlkern::policy_loss_fwd`` gives them; differentiable in
     ``lp`` only."""
@@ -72,10 +68,12 @@ class _FusedRows(torch.autograd.Function):
         lay = layout("policy_loss")
         B, T = mask.shape
         row_stats = torch.empty(len(lay.row_stats), B, dtype=torch.float64)
-        factors = torch.empty(_factor_count(flags), B, T, dtype=lp.dtype)
+        with_kl = flags[lay.flags.kl_kind] != lay.kl_kinds.none
+        factors = (torch.empty(B, T, dtype=lp.dtype),
+                   torch.empty(B, T, dtype=lp.dtype) if with_kl else None)
         if B > 0:
             torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
-                                                       hparams, row_stats, factors)
+                                                       hparams, row_stats, *factors)
             if checks_enabled() and bool(row_stats[lay.row_stats.non_finite].sum() > 0):
                 raise_non_finite(lp, old, adv, mask, inputs, flags)
         ctx.mark_non_differentiable(row_stats)
@@ -106,9 +104,7 @@ class _FusedRows(torch.autograd.Function):
             return (grad_lp, *none)
         ctx.factors = None
         if mask.numel():
-            torch.ops.rlkern.policy_loss_fused_bwd_(mask, grad_rows, ctx.flags, factors)
-        else:
-            factors.zero_()
+            torch.ops.rlkern.policy_loss_fused_bwd_(mask, grad_rows, ctx.flags, *factors)
         return (factors[0], *none)
 
 
