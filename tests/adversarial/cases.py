@@ -9,6 +9,7 @@ every call runs on three backends, one of them the Triton interpreter.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -29,8 +30,20 @@ def builder(name: str) -> Callable:
     return register
 
 
+def advantage_call(name: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any], **fields: Any) -> Call:
+    """A call of an advantage / return op: not differentiable (its outputs must not require
+    grad even when the first argument, the rewards or scores, does)."""
+    return Call(name, fn, args, kwargs, grad_wrt=("0",), nondiff=True, **fields)
+
+
 def _gen(data: st.DataObject) -> torch.Generator:
     return torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+
+
+def _adv_start(data: st.DataObject) -> tuple[torch.Generator, torch.dtype]:
+    """The seeded generator and the score dtype an advantage-family builder starts from."""
+    return _gen(data), data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
 
 
 def _float(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...],
@@ -393,8 +406,7 @@ def _token_mask(data: st.DataObject, gen: torch.Generator, shape: tuple[int, ...
 
 @builder("group_advantages")
 def group_advantages(data: st.DataObject) -> Call:
-    gen = _gen(data)
-    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    gen, dtype = _adv_start(data)
     n = data.draw(st.sampled_from((4, 1, 0, 8)), label="N")
     est = data.draw(st.sampled_from(ADV_ESTIMATORS), label="estimator")
     token_level = data.draw(st.booleans(), label="token_level")
@@ -424,14 +436,13 @@ def group_advantages(data: st.DataObject) -> Call:
         kwargs.update(lam=0.5 if est == "xrpo" else lam, kappa=0.3 if est == "xrpo" else None)
     if est == "ngrpo":
         kwargs["r_max"] = data.draw(st.sampled_from((1.0, 0.0)), label="r_max")
-    return Call("group_advantages", rlkern.group_advantages, (scores,), kwargs, grad_wrt=("0",),
-                dtype=dtype, nondiff=True, overflow_ok=extreme)
+    return advantage_call("group_advantages", rlkern.group_advantages, (scores,), kwargs,
+                          dtype=dtype, overflow_ok=extreme)
 
 
 @builder("group_stats")
 def group_stats(data: st.DataObject) -> Call:
-    gen = _gen(data)
-    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    gen, dtype = _adv_start(data)
     n = data.draw(st.sampled_from((4, 1, 0, 8)), label="N")
     scores, extreme = _values(data, gen, (n,), dtype, "scores",
                               ("normal", "constant", "huge", "tiny", "with_nan", "with_inf",
@@ -455,8 +466,9 @@ def group_stats(data: st.DataObject) -> Call:
                                                           nan_policy=nan_policy))
         return stats.advantages(scores, ids, backend=backend, **options)
 
-    return Call("GroupStats.advantages", run, (scores, _rare_meta(data, ids, "group_ids")), {},
-                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme)
+    return advantage_call("GroupStats.advantages", run,
+                          (scores, _rare_meta(data, ids, "group_ids")), {}, dtype=dtype,
+                          overflow_ok=extreme)
 
 
 _REWARD_KINDS = ("normal", "with_inf", "with_nan", "with_neg_inf", "huge", "constant", "tiny",
@@ -465,8 +477,7 @@ _REWARD_KINDS = ("normal", "with_inf", "with_nan", "with_neg_inf", "huge", "cons
 
 def _token_rewards(data: st.DataObject):
     """``(gen, dtype, shape, rewards, extreme)`` of the scans over (N, T) token rewards."""
-    gen = _gen(data)
-    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    gen, dtype = _adv_start(data)
     shape = (data.draw(st.sampled_from((2, 1, 0, 3)), label="N"),
              data.draw(st.sampled_from((6, 1, 0, 33)), label="T"))
     rewards, extreme = _values(data, gen, shape, dtype, "rewards", _REWARD_KINDS)
@@ -481,9 +492,9 @@ def discounted_returns(data: st.DataObject) -> Call:
         reset = _rare_meta(data, _token_mask(data, gen, shape, "reset", (0.3, 0.0, 1.0)),
                            "reset")
     gamma = data.draw(st.sampled_from((1.0, 0.9, 0.0, -0.5, 1.5)), label="gamma")
-    return Call("discounted_returns", rlkern.discounted_returns, (rewards,),
-                dict(gamma=gamma, reset=reset), grad_wrt=("0",), dtype=dtype, nondiff=True,
-                overflow_ok=extreme or abs(gamma) > 1)
+    return advantage_call("discounted_returns", rlkern.discounted_returns, (rewards,),
+                          dict(gamma=gamma, reset=reset), dtype=dtype,
+                          overflow_ok=extreme or abs(gamma) > 1)
 
 
 @builder("gae")
@@ -496,30 +507,27 @@ def gae(data: st.DataObject) -> Call:
     mask = _rare_meta(data, _token_mask(data, gen, shape, "mask", (0.7, 1.0, 0.0)), "mask")
     gamma = data.draw(st.sampled_from((1.0, 0.99, 0.0, -0.5, 1.5)), label="gamma")
     lam = data.draw(st.sampled_from((0.95, 1.0, 0.0, 2.0)), label="lam")
-    return Call("gae", rlkern.gae, (rewards, values, mask), dict(gamma=gamma, lam=lam),
-                grad_wrt=("0",), dtype=dtype, nondiff=True,
-                overflow_ok=extreme or abs(gamma) > 1 or abs(gamma * lam) > 1)
+    return advantage_call("gae", rlkern.gae, (rewards, values, mask), dict(gamma=gamma, lam=lam),
+                          dtype=dtype,
+                          overflow_ok=extreme or abs(gamma) > 1 or abs(gamma * lam) > 1)
 
 
 @builder("position_baseline")
 def position_baseline(data: st.DataObject) -> Call:
-    gen = _gen(data)
-    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    gen, dtype = _adv_start(data)
     n = data.draw(st.sampled_from((4, 1, 2, 0, 6)), label="N")
     t = data.draw(st.sampled_from((3, 1, 0, 5)), label="T")
     returns, extreme = _values(data, gen, (n, t), dtype, "returns",
                                ("normal", "constant", "huge", "with_nan", "with_inf", "tiny",
                                 "finfo_min"), rounded=True)
     mask = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
-    return Call("position_baseline", rlkern.position_baseline, (returns, mask),
-                _groups(data, n, gen), grad_wrt=("0",), dtype=dtype, nondiff=True,
-                overflow_ok=extreme)
+    return advantage_call("position_baseline", rlkern.position_baseline, (returns, mask),
+                          _groups(data, n, gen), dtype=dtype, overflow_ok=extreme)
 
 
 @builder("gtpo_weights")
 def gtpo_weights(data: st.DataObject) -> Call:
-    gen = _gen(data)
-    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    gen, dtype = _adv_start(data)
     n = data.draw(st.sampled_from((4, 1, 2, 0, 6)), label="N")
     t = data.draw(st.sampled_from((3, 1, 0, 5)), label="T")
     entropy, extreme = _values(data, gen, (n, t), dtype, "entropy",
@@ -531,14 +539,13 @@ def gtpo_weights(data: st.DataObject) -> Call:
                               entropy).to(dtype)
     mask = _rare_meta(data, _token_mask(data, gen, (n, t)), "mask")
     kwargs = dict(_groups(data, n, gen), eps=data.draw(st.sampled_from((1e-6, 0.5)), label="eps"))
-    return Call("gtpo_weights", rlkern.gtpo_weights, (entropy, mask), kwargs, grad_wrt=("0",),
-                dtype=dtype, nondiff=True, overflow_ok=extreme)
+    return advantage_call("gtpo_weights", rlkern.gtpo_weights, (entropy, mask), kwargs,
+                          dtype=dtype, overflow_ok=extreme)
 
 
 @builder("gigpo_advantages")
 def gigpo_advantages(data: st.DataObject) -> Call:
-    gen = _gen(data)
-    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    gen, dtype = _adv_start(data)
     s = data.draw(st.sampled_from((6, 1, 0, 9)), label="S")
     ep, extreme_ep = _values(data, gen, (s,), dtype, "episode",
                              ("normal", "constant", "huge", "with_nan", "tiny", "finfo_min"),
@@ -549,21 +556,21 @@ def gigpo_advantages(data: st.DataObject) -> Call:
     keys = _group_ids(data, gen, s) if data.draw(st.booleans(), label="sparse_keys") else \
         torch.randint(0, 2, (s,), generator=gen)
     ids = _group_ids(data, gen, s)
-    return Call("gigpo_advantages", rlkern.gigpo_advantages,
-                (ep, st_ret, _rare_meta(data, keys, "keys")),
-                dict(group_ids=_rare_meta(data, ids, "group_ids"),
-                     omega=data.draw(st.sampled_from((1.0, 0.0, -0.5)), label="omega"),
-                     mode=data.draw(st.sampled_from(("mean_norm", "std_norm")), label="mode"),
-                     step_mode=data.draw(st.sampled_from(("std_norm", "mean_norm")),
-                                         label="step_mode"),
-                     eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps")),
-                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme_ep or extreme_st)
+    return advantage_call("gigpo_advantages", rlkern.gigpo_advantages,
+                          (ep, st_ret, _rare_meta(data, keys, "keys")),
+                          dict(group_ids=_rare_meta(data, ids, "group_ids"),
+                               omega=data.draw(st.sampled_from((1.0, 0.0, -0.5)), label="omega"),
+                               mode=data.draw(st.sampled_from(("mean_norm", "std_norm")),
+                                              label="mode"),
+                               step_mode=data.draw(st.sampled_from(("std_norm", "mean_norm")),
+                                                   label="step_mode"),
+                               eps=data.draw(st.sampled_from((1e-6, 0.0)), label="eps")),
+                          dtype=dtype, overflow_ok=extreme_ep or extreme_st)
 
 
 @builder("empg_modulate")
 def empg_modulate(data: st.DataObject) -> Call:
-    gen = _gen(data)
-    dtype = data.draw(st.sampled_from(ADV_DTYPES), label="dtype")
+    gen, dtype = _adv_start(data)
     s = data.draw(st.sampled_from((5, 1, 0, 7)), label="S")
     one_d = ("contiguous", "expanded")
     adv, extreme = _values(data, gen, (s,), dtype, "adv",
@@ -573,12 +580,12 @@ def empg_modulate(data: st.DataObject) -> Call:
     h_next, _ = _values(data, gen, (s,), dtype, "H_next",
                         ("normal", "with_nan", "constant", "with_inf"), one_d)
     h, h_next = h.abs(), h_next.abs()
-    return Call("empg_modulate", rlkern.empg_modulate,
-                (adv, h, _rare_meta(data, h_next, "H_next")),
-                dict(k=data.draw(st.sampled_from((1.0, 0.0, 30.0)), label="k"),
-                     k_f=data.draw(st.sampled_from((1.0, 2.0)), label="k_f"),
-                     zeta=data.draw(st.sampled_from((0.1, 0.0)), label="zeta")),
-                grad_wrt=("0",), dtype=dtype, nondiff=True, overflow_ok=extreme)
+    return advantage_call("empg_modulate", rlkern.empg_modulate,
+                          (adv, h, _rare_meta(data, h_next, "H_next")),
+                          dict(k=data.draw(st.sampled_from((1.0, 0.0, 30.0)), label="k"),
+                               k_f=data.draw(st.sampled_from((1.0, 2.0)), label="k_f"),
+                               zeta=data.draw(st.sampled_from((0.1, 0.0)), label="zeta")),
+                          dtype=dtype, overflow_ok=extreme)
 
 
 @builder("sample")
@@ -636,6 +643,6 @@ def optimal_token_baseline(data: st.DataObject) -> Call:
                   multi_turn=data.draw(st.booleans(), label="multi_turn"),
                   zero_tail=not data.draw(st.booleans(), label="no_zero_tail"),
                   eps=data.draw(st.sampled_from((1e-8, 0.0)), label="eps"))
-    return Call("optimal_token_baseline", rlkern.optimal_token_baseline,
-                (rewards, mask, logprobs, spi2), kwargs, grad_wrt=("0",), dtype=dtype,
-                nondiff=True, overflow_ok=extreme)
+    return advantage_call("optimal_token_baseline", rlkern.optimal_token_baseline,
+                          (rewards, mask, logprobs, spi2), kwargs, dtype=dtype,
+                          overflow_ok=extreme)

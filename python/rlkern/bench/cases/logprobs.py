@@ -36,8 +36,7 @@ from rlkern.bench.kit import (
     compiled_on_first_call,
     fresh_leaf,
     peaked_logits,
-    read_once,
-    write_once,
+    traffic_floor,
 )
 
 V_QWEN = 151936  # Qwen2/Qwen3 vocabulary: the largest common case, and the default here.
@@ -210,14 +209,9 @@ def _rlkern_backward(backend: str, inplace: bool) -> Callable[[LogprobsInputs], 
 
 
 def _floor(mode: str) -> Callable[[LogprobsInputs], Outputs]:
-    if mode in ("fwd", "bwd"):
-        return lambda inp: read_once(inp.logits)
-
-    def read_write_once(inp: LogprobsInputs) -> Outputs:
-        write_once(inp.logits)
-        return {}
-
-    return read_write_once
+    # fwd / bwd: one read of the logits; fwd+bwd: a fresh buffer of their size written from
+    # them (read once, written once)
+    return traffic_floor((), ("logits",)) if mode == "fwd+bwd" else traffic_floor(("logits",), ())
 
 
 # ---------------------------------------------------------------------------------------------

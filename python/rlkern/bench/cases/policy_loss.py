@@ -36,8 +36,7 @@ from rlkern.bench.kit import (
     RlkernBackend,
     compiled_on_first_call,
     fresh_leaf,
-    read_once,
-    write_once,
+    traffic_floor,
 )
 
 T_SEQ = 1024
@@ -163,15 +162,9 @@ FLOOR_NOTES = {
 
 
 def _floor(mode: str) -> Callable[[PolicyLossInputs], Outputs]:
-    if mode == "fwd":
-        return lambda inp: read_once(inp.logprobs, inp.old_logprobs, inp.mask)
-
-    def fwd_bwd(inp: PolicyLossInputs) -> Outputs:
-        read_once(inp.logprobs, inp.old_logprobs, inp.mask)
-        write_once(inp.old_logprobs)  # a (B, T) fp32 buffer: the gradient's traffic
-        return {}
-
-    return fwd_bwd
+    # fwd+bwd also writes a (B, T) fp32 buffer shaped like old_logprobs: the gradient's traffic
+    return traffic_floor(("logprobs", "old_logprobs", "mask"),
+                         ("old_logprobs",) if mode == "fwd+bwd" else ())
 
 
 @register("policy_loss")

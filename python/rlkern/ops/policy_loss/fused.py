@@ -36,9 +36,8 @@ import torch
 from torch import Tensor
 
 from rlkern.config.layout import layout
-from rlkern.ops.logprobs import checks_enabled
-from rlkern.ops.policy_loss.inputs import Prepared, raise_non_finite
-from rlkern.ops.policy_loss.register import grad_rows_slice, split_inputs
+from rlkern.ops.policy_loss.inputs import Prepared
+from rlkern.ops.policy_loss.register import check_row_stats, grad_rows_slice, split_inputs
 
 __all__ = ["fused_applies", "fused_rows"]
 
@@ -74,8 +73,7 @@ class _FusedRows(torch.autograd.Function):
         if B > 0:
             torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
                                                        hparams, row_stats, *factors)
-            if checks_enabled() and bool(row_stats[lay.row_stats.non_finite].sum() > 0):
-                raise_non_finite(lp, old, adv, mask, inputs, flags)
+            check_row_stats(row_stats, lp, old, adv, mask, inputs, flags)
         ctx.mark_non_differentiable(row_stats)
         ctx.set_materialize_grads(False)
         given, slots = split_inputs(inputs)

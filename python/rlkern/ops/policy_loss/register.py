@@ -38,7 +38,7 @@ from rlkern.ops.policy_loss.autograd import gradients
 from rlkern.ops.policy_loss.inputs import raise_non_finite
 from rlkern.reference.policy_loss import policy_loss_row_stats
 
-__all__ = ["grad_rows_slice", "layout_tables", "split_inputs"]
+__all__ = ["check_row_stats", "grad_rows_slice", "layout_tables", "split_inputs"]
 
 
 @functools.cache
@@ -130,6 +130,14 @@ def _propagate_bad_coefficients(grad_lp: Tensor, grad_rows: Tensor, mask: Tensor
     return grad_lp.masked_fill_(~ok[:, None] & mask.bool(), math.nan)
 
 
+def check_row_stats(row_stats: Tensor, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
+                    opt: list[Tensor | None], flags: list[int]) -> None:
+    """The NaN policy after a forward kernel: while checks are on, a row that saw a non-finite
+    input at a valid token raises, naming the input and the token (one host sync)."""
+    if checks_enabled() and bool(row_stats[layout("policy_loss").row_stats.non_finite].sum() > 0):
+        raise_non_finite(lp, old, adv, mask, opt, flags)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registered functional ops
 
@@ -155,8 +163,7 @@ def policy_loss_fwd(
         opt = _by_slot(inputs, slots)
         _fwd_out(backend, logprobs, old_logprobs, advantages, mask, opt, flags, hparams,
                  row_stats)
-        if checks_enabled() and bool(row_stats[lay.row_stats.non_finite].sum() > 0):
-            raise_non_finite(logprobs, old_logprobs, advantages, mask, opt, flags)
+        check_row_stats(row_stats, logprobs, old_logprobs, advantages, mask, opt, flags)
     return row_stats[grad_rows_slice()].clone(), row_stats
 
 
