@@ -163,10 +163,10 @@ def _opt_row(opt, stride_opt, row, SLOT: tl.constexpr):
 
 @triton.jit
 def _row_setup(lp_ptr, old_ptr, adv_ptr, mask_ptr, opt, stride_lp, stride_old, stride_adv,
-               stride_mask, hp_ptr, LAY: tl.constexpr, HAS: tl.constexpr,
+               stride_mask, stride_opt, hp_ptr, LAY: tl.constexpr, HAS: tl.constexpr,
                ADV_TOKEN: tl.constexpr):
     """This program's row, its pointers, its advantage (per-response) and the row-independent
-    scalars: (row, lp_row, old_row, adv_row, mask_row, adv0, lo, hi, C, thr)."""
+    scalars: (row, lp_row, old_row, adv_row, mask_row, ref_row, adv0, lo, hi, C, thr)."""
     row = tl.program_id(0).to(tl.int64)
     dt = lp_ptr.dtype.element_ty
     adv0 = tl.zeros((), dt)
@@ -179,7 +179,8 @@ def _row_setup(lp_ptr, old_ptr, adv_ptr, mask_ptr, opt, stride_lp, stride_old, s
     if HAS[LAY.inputs.entropy_threshold]:
         thr = tl.load(opt[LAY.inputs.entropy_threshold])
     return (row, lp_ptr + row * stride_lp, old_ptr + row * stride_old, adv_row,
-            mask_ptr + row * stride_mask, adv0, _hp(hp_ptr, LAY.hparams.clip_lo),
+            mask_ptr + row * stride_mask, _opt_row(opt, stride_opt, row, LAY.inputs.ref_logprobs),
+            adv0, _hp(hp_ptr, LAY.hparams.clip_lo),
             _hp(hp_ptr, LAY.hparams.clip_hi), _hp(hp_ptr, LAY.hparams.log_ratio_clamp), thr)
 
 
@@ -300,12 +301,11 @@ def _policy_loss_fwd_kernel(
     ADV_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     S: tl.constexpr = LAY.row_stats
-    row, lp_row, old_row, adv_row, mask_row, adv0, lo, hi, C, thr = _row_setup(
+    row, lp_row, old_row, adv_row, mask_row, ref_row, adv0, lo, hi, C, thr = _row_setup(
         lp_ptr, old_ptr, adv_ptr, mask_ptr, opt, stride_lp, stride_old, stride_adv, stride_mask,
-        hp_ptr, LAY, HAS, ADV_TOKEN)
+        stride_opt, hp_ptr, LAY, HAS, ADV_TOKEN)
     dt = lp_ptr.dtype.element_ty
     roll_row = _opt_row(opt, stride_opt, row, LAY.inputs.rollout_logprobs)
-    ref_row = _opt_row(opt, stride_opt, row, LAY.inputs.ref_logprobs)
     n, lps, rs = _row_prefix(lp_row, old_row, roll_row, mask_row, T, BLOCK_T,
                              ROLL == LAY.rollout_levels.sequence)
     r_seq, _passes, seq_w = _seq_quantities(n, lps, rs, hp_ptr, LAY, ROLL, ROLL_MASK)
@@ -472,11 +472,10 @@ def _policy_loss_bwd_kernel(
     S: tl.constexpr = LAY.row_stats
     G_: tl.constexpr = LAY.row_grads
     R: tl.constexpr = LAY.ratio_modes
-    row, lp_row, old_row, adv_row, mask_row, adv0, lo, hi, C, thr = _row_setup(
+    row, lp_row, old_row, adv_row, mask_row, ref_row, adv0, lo, hi, C, thr = _row_setup(
         lp_ptr, old_ptr, adv_ptr, mask_ptr, opt, stride_lp, stride_old, stride_adv, stride_mask,
-        hp_ptr, LAY, HAS, ADV_TOKEN)
+        stride_opt, hp_ptr, LAY, HAS, ADV_TOKEN)
     dt = lp_ptr.dtype.element_ty
-    ref_row = _opt_row(opt, stride_opt, row, LAY.inputs.ref_logprobs)
     g_pg = tl.load(grad_rows_ptr + G_.pg_sum * B + row).to(dt)
     g_kl = tl.load(grad_rows_ptr + G_.kl_sum * B + row).to(dt)
     g_ent = tl.load(grad_rows_ptr + G_.ent_sum * B + row).to(dt)
