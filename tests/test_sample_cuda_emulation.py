@@ -202,13 +202,19 @@ def test_chi2_goodness_of_fit(emu, opts):
     got = emu_sample(emu, row, seeds=seeds, steps=steps, indices=torch.zeros(n, dtype=torch.long),
                      **opts)
     p = filtered_probs(row[0].double(), **opts)
-    counts = torch.bincount(got["tokens"], minlength=V).double()
+    assert_draws_follow(got["tokens"], p, n)
+    torch.testing.assert_close(got["processed_logprobs"].double(), p.log()[got["tokens"]],
+                               rtol=1e-5, atol=1e-5)
+
+
+def assert_draws_follow(tokens: torch.Tensor, p: torch.Tensor, n: int) -> None:
+    """The n drawn tokens never hit a token of probability 0 under p, and their counts fit p
+    (χ² goodness of fit, p-value > 1e-3)."""
+    counts = torch.bincount(tokens, minlength=p.numel()).double()
     kept = p > 0
     assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
     res = stats.chisquare(counts[kept].numpy(), (p[kept] * n).numpy())
     assert res.pvalue > 1e-3, (res, counts, p * n)
-    torch.testing.assert_close(got["processed_logprobs"].double(), p.log()[got["tokens"]],
-                               rtol=1e-5, atol=1e-5)
 
 
 def test_ties_keep_lower_indices(emu):
