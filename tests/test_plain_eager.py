@@ -1,0 +1,105 @@
+"""Plain eager calls (rlkern.ops.eager): when a public function runs its registered op's body
+without the dispatcher, that it gives the op's bits, and that every tracer and mode still sees
+the op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rlkern
+from rlkern.ops import advantages as adv_module
+from rlkern.ops.eager import plain_eager
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the name of every op dispatched under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_eager_only_in_plain_eager_mode():
+    x = torch.rand(4)
+    assert plain_eager(x, None)
+    assert plain_eager()
+    with torch.device("cpu"):  # any torch function mode
+        assert not plain_eager(x)
+    with _OpLog():
+        assert not plain_eager(x)
+    with FakeTensorMode():
+        assert not plain_eager(x)
+    assert not plain_eager(torch.empty(4, device="meta"))
+    seen = []
+    torch.vmap(lambda row: seen.append(plain_eager(row)) or row)(torch.rand(2, 3))
+    assert seen == [False]
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not plain_eager(x.as_subclass(Sub))
+    traced = []
+    with pytest.warns(DeprecationWarning):
+        torch.jit.trace(lambda t: traced.append(plain_eager(t)) or t * 2, (x,),
+                        check_trace=False)
+    assert traced and not any(traced)
+    compiled = torch.compile(lambda t: t + int(plain_eager(t)), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), x)  # traced: the op path
+
+
+def _spy_rows(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    body = adv_module.group_advantages_rows
+
+    def spy(*args):
+        calls.append(1)
+        return body(*args)
+
+    monkeypatch.setattr(adv_module, "group_advantages_rows", spy)
+    return calls
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "opo", "xrpo", "unlikely"])
+@pytest.mark.parametrize("by_ids", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_group_advantages_plain_call_is_the_op(monkeypatch, estimator, by_ids, backend):
+    gen = torch.Generator().manual_seed(3)
+    n, t = 48, 5
+    scores = torch.randint(0, 4, (n,), generator=gen).float()
+    mask = torch.rand(n, t, generator=gen) > 0.2
+    grouping = ({"group_ids": torch.randint(0, 7, (n,), generator=gen) * 31} if by_ids
+                else {"group_size": 8})
+    options = {"lam": 0.5, "kappa": 0.3} if estimator == "xrpo" else {}
+    if estimator == "opo":
+        options["lengths"] = torch.randint(1, 9, (n,), generator=gen).float()
+    if estimator in ("xrpo", "unlikely"):
+        options.update(mask=mask, old_logprobs=-torch.rand(n, t, generator=gen))
+    calls = _spy_rows(monkeypatch)
+    plain = rlkern.group_advantages(scores, estimator=estimator, backend=backend, **grouping,
+                                    **options)
+    assert calls == [1]  # the body ran directly
+    with _OpLog() as log:
+        via_op = rlkern.group_advantages(scores, estimator=estimator, backend=backend,
+                                         **grouping, **options)
+    assert calls == [1]  # ... and not under a dispatch mode,
+    assert "rlkern::group_advantages" in log.names  # where the op is dispatched instead
+    for a, b in zip(plain, via_op, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_group_advantages_compiled_sees_the_op(monkeypatch):
+    calls = _spy_rows(monkeypatch)
+    scores = torch.tensor([1.0, 0.0, 3.0, 3.0, 2.0, 0.5])
+    fn = torch.compile(lambda s: rlkern.group_advantages(s, group_size=3).advantages,
+                       backend="aot_eager", fullgraph=True)
+    got = fn(scores)
+    assert calls == []
+    assert torch.equal(got, rlkern.group_advantages(scores, group_size=3).advantages)
+    assert calls == [1]
