@@ -96,6 +96,39 @@ def test_config_is_validated_once_and_frozen():
         rlkern.AdvantageConfig(eps="small")
 
 
+@pytest.mark.parametrize("options", [
+    {"eps": 1e-4}, {"eps": 1}, {"estimator": "xrpo", "lam": 0.5, "kappa": 0.25},
+    {"estimator": "unlikely"}, {"std": "none", "singleton": "verl", "nan_policy": "omit"},
+])
+def test_cached_config_is_the_constructors(options):
+    want = rlkern.AdvantageConfig(**options)
+    for _ in range(2):  # a miss, then a hit
+        cfg, flags, hparams = config.config_and_args(**options)
+        assert cfg == want and (flags, hparams) == want.kernel_args()
+        flags.append(99)  # each call gets its own lists
+        hparams[0] = math.nan
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"eps": True}, TypeError), ({"eps": 1.0, "lam": 0.5}, ValueError),
+    ({"eps": torch.tensor(1e-4)}, TypeError), ({"eps": math.nan}, ValueError),
+    ({"estimator": "ppo"}, ValueError), ({"estimator": "xrpo", "lam": 0.5}, ValueError),
+])
+def test_cached_config_raises_as_the_constructor(options, error):
+    with pytest.raises(error) as direct:
+        rlkern.AdvantageConfig(**options)
+    for _ in range(2):  # errors are not cached; an equal-valued bool is not a float
+        with pytest.raises(error) as cached:
+            config.config_and_args(**options)
+        assert str(cached.value) == str(direct.value)
+
+
+def test_cached_config_tells_a_bool_from_an_equal_int():
+    assert config.config_and_args(eps=1)[0].eps == 1.0  # cached: True == 1 and hashes alike
+    with pytest.raises(TypeError, match="eps"):
+        config.config_and_args(eps=True)
+
+
 def _cpu_outs(n: int) -> tuple[torch.Tensor, ...]:
     return torch.empty(n), torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.bool)
 

@@ -340,9 +340,7 @@ void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
       const lanes::Out lo{out.adv, out.mean, out.std, out.zv};
       const int64_t blocks = k / 8;
       at::parallel_for(0, blocks, std::max<int64_t>(1, kLaneGrainRows / (gs * 8)),
-                       [&](int64_t b, int64_t e) {
-                         for (int64_t i = b; i < e; ++i) lanes::contiguous8(s, i * 8, gs, p, lo);
-                       });
+                       [&](int64_t b, int64_t e) { lanes::contiguous_blocks(s, b, e, gs, p, lo); });
       done = blocks * 8;
     }
   }

@@ -75,9 +75,16 @@ inline void transpose8(const __m256 r[8], __m256 c[8]) {
   }
 }
 
-// Rows [g0·gs, (g0 + 8)·gs) of the scores `s` (the batch's first row at s[0]).
-inline void contiguous8(const float* s, int64_t g0, int64_t gs, const AdvantageParams& p,
-                        const Out& out) {
+// What the rows of eight groups need, group g0 + l in lane l: hot_record's centre and float32
+// scale (as doubles), the float32 mean and σ, the zero-variance flags.
+struct Stats8 {
+  __m512d center, scale;
+  __m256 mean, sd;
+  __mmask8 zero_var;
+};
+
+// The statistics of groups [g0, g0 + 8) of the scores `s` (the batch's first row at s[0]).
+inline Stats8 stats8(const float* s, int64_t g0, int64_t gs, const AdvantageParams& p) {
   const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
   const __m512d nan = _mm512_set1_pd(std::numeric_limits<double>::quiet_NaN());
   const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -144,17 +151,40 @@ inline void contiguous8(const float* s, int64_t g0, int64_t gs, const AdvantageP
     scale = _mm512_maskz_div_pd(_mm512_cmp_pd_mask(spread, zero, _CMP_NEQ_UQ), one, spread);
   }
   scale = _mm512_maskz_mov_pd(active, scale);
-  // hot_record's float32 values, then the rows: A = (x − center) · double(float(scale)).
+  // hot_record's float32 values
+  return {center, _mm512_cvtps_pd(_mm512_cvtpd_ps(scale)), _mm512_cvtpd_ps(mean),
+          _mm512_cvtpd_ps(sd), zero_var};
+}
+
+// The rows of groups [g0, g0 + 8): A = (x − center) · scale, and each group's mean, σ and
+// zero-variance flag.
+inline void write8(const float* s, int64_t g0, int64_t gs, const Stats8& st, const Out& out) {
+  const __m512d zero = _mm512_setzero_pd();
   alignas(64) double c_l[8], sc_l[8];
   alignas(32) float mean_l[8], sd_l[8];
-  _mm512_store_pd(c_l, center);
-  _mm512_store_pd(sc_l, _mm512_cvtps_pd(_mm512_cvtpd_ps(scale)));
-  _mm256_store_ps(mean_l, _mm512_cvtpd_ps(mean));
-  _mm256_store_ps(sd_l, _mm512_cvtpd_ps(sd));
+  _mm512_store_pd(c_l, st.center);
+  _mm512_store_pd(sc_l, st.scale);
+  _mm256_store_ps(mean_l, st.mean);
+  _mm256_store_ps(sd_l, st.sd);
   for (int l = 0; l < 8; ++l) {
     const int64_t begin = (g0 + l) * gs;
     const __m512d c = _mm512_set1_pd(c_l[l]), sc = _mm512_set1_pd(sc_l[l]);
     const __m256 mean_v = _mm256_set1_ps(mean_l[l]), sd_v = _mm256_set1_ps(sd_l[l]);
+    if (gs % 8 == 0) {
+      // Whole vectors and 8-byte flag stores: the masked stores and a memset call per group
+      // below took 95 µs for 65,536 rows on one thread, this 82 µs.
+      const uint64_t zv8 = ((st.zero_var >> l) & 1) ? 0x0101010101010101ull : 0;
+      for (int64_t i = begin; i < begin + gs; i += 8) {
+        const __m512d x = _mm512_cvtps_pd(_mm256_loadu_ps(s + i));
+        const __mmask8 v = _mm512_cmp_pd_mask(_mm512_sub_pd(x, x), zero, _CMP_EQ_OQ);
+        const __m512d a = _mm512_maskz_mul_pd(v, _mm512_sub_pd(x, c), sc);
+        _mm256_storeu_ps(out.adv + i, _mm512_cvtpd_ps(a));
+        _mm256_storeu_ps(out.mean + i, mean_v);
+        _mm256_storeu_ps(out.std + i, sd_v);
+        std::memcpy(out.zv + i, &zv8, 8);
+      }
+      continue;
+    }
     for (int64_t j = 0; j < gs; j += 8) {
       const __mmask8 m = gs - j >= 8 ? __mmask8(0xff) : __mmask8((1u << (gs - j)) - 1u);
       const int64_t i = begin + j;
@@ -165,8 +195,24 @@ inline void contiguous8(const float* s, int64_t g0, int64_t gs, const AdvantageP
       _mm256_mask_storeu_ps(out.mean + i, m, mean_v);
       _mm256_mask_storeu_ps(out.std + i, m, sd_v);
     }
-    std::memset(out.zv + begin, (zero_var >> l) & 1, size_t(gs));
+    std::memset(out.zv + begin, (st.zero_var >> l) & 1, size_t(gs));
   }
+}
+
+// Groups [8·b, 8·e) of the scores `s`. The statistics end in a chain of a division, a square
+// root and another division: the rows of the previous eight groups are written after the next
+// eight's statistics are issued, so the out-of-order core can overlap the writes with the
+// chain (98 → 95 µs for 65,536 rows on one thread).
+inline void contiguous_blocks(const float* s, int64_t b, int64_t e, int64_t gs,
+                              const AdvantageParams& p, const Out& out) {
+  if (b >= e) return;
+  Stats8 prev = stats8(s, 8 * b, gs, p);
+  for (int64_t i = b + 1; i < e; ++i) {
+    const Stats8 cur = stats8(s, 8 * i, gs, p);
+    write8(s, 8 * (i - 1), gs, prev, out);
+    prev = cur;
+  }
+  write8(s, 8 * (e - 1), gs, prev, out);
 }
 
 }  // namespace rlkern::cpu::lanes

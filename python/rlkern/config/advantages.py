@@ -12,6 +12,7 @@ The option names below are the header's code-table entries, in the header's orde
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -36,6 +37,7 @@ __all__ = [
     "AdvantageConfig",
     "code",
     "codes",
+    "config_and_args",
     "entries",
     "loglik_policy",
     "sequence_loglik",
@@ -233,3 +235,28 @@ class AdvantageConfig:
         return cls(**fields, eps=values["eps"], r_max=values["r_max"],
                    lam=values["lam"] if est in _NEEDS_LOGLIK else None,
                    kappa=values["kappa"] if est == "xrpo" else None)
+
+
+# Option values of these exact types are cached by value (a bool, a tensor or any other value
+# takes the uncached path, so it gets the same validation and the same error).
+_CACHEABLE = (str, int, float, type(None))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_config_and_args(**options: Any) -> tuple[AdvantageConfig, tuple[int, ...],
+                                                      tuple[float, ...]]:
+    cfg = AdvantageConfig(**options)
+    flags, hparams = cfg.kernel_args()
+    return cfg, tuple(flags), tuple(hparams)
+
+
+def config_and_args(**options: Any) -> tuple[AdvantageConfig, list[int], list[float]]:
+    """``AdvantageConfig(**options)`` and its :meth:`~AdvantageConfig.kernel_args`, cached by
+    the options' values: validating and encoding them took ~9 µs a call, a sixth of the
+    contiguous-groups op at 65,536 rows. Raises as the constructor does (errors are not
+    cached)."""
+    if all(type(v) in _CACHEABLE for v in options.values()):
+        cfg, flags, hparams = _cached_config_and_args(**options)
+        return cfg, list(flags), list(hparams)
+    cfg = AdvantageConfig(**options)
+    return cfg, *cfg.kernel_args()

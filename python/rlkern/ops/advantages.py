@@ -30,6 +30,7 @@ from rlkern.config.advantages import (
     ESTIMATORS,
     AdvantageConfig,
     codes,
+    config_and_args,
     loglik_policy,
     sequence_loglik,
 )
@@ -324,9 +325,9 @@ def group_advantages(
     n = scores.shape[0]
     device = scores.device
     ids, size = check_grouping(n, group_ids, group_size, device)
-    cfg = AdvantageConfig(estimator=estimator, eps=eps, std=std, std_scope=std_scope,
-                          singleton=singleton, nan_policy=nan_policy, r_max=r_max, lam=lam,
-                          kappa=kappa)
+    cfg, flags, hparams = config_and_args(
+        estimator=estimator, eps=eps, std=std, std_scope=std_scope, singleton=singleton,
+        nan_policy=nan_policy, r_max=r_max, lam=lam, kappa=kappa)
     cfg.check_inputs(lengths=lengths is not None, old_logprobs=old_logprobs is not None)
     token_shape: tuple[int, ...] = tuple(scores.shape) if scores.dim() == 2 else ()
     if mask is not None:
@@ -360,7 +361,6 @@ def group_advantages(
         _check_float(old_logprobs, "old_logprobs", tuple(mask.shape), device)
         loglik = sequence_loglik(old_logprobs, mask)
     resolved = backends.resolve_backend(backend, device)
-    flags, hparams = cfg.kernel_args()
     op = (group_advantages_rows if plain_eager(s, ids, weights, loglik)
           else torch.ops.rlkern.group_advantages)
     adv, mean, sd, zv = op(s, ids, size, weights, loglik, flags, hparams, double_output, resolved)
