@@ -18,7 +18,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,11 +154,12 @@ def peak_extra_memory(fn: Callable[[], Any], *, device: torch.device | str = "cp
     ``/proc/self/clear_refs`` (no page-table walk for this value: cheap); ``VmHWM`` after the
     call minus ``VmRSS`` just before it is the peak extra memory. The call runs inside
     :func:`rlkern.bench.allocator.for_memory`, so memory that glibc would otherwise reuse
-    unseen is counted, and on a thread kept for these calls only: glibc gives each thread its
-    own heap (arena), and the main thread's heap holds free blocks left by everything run
-    before, which the call could reuse (pages come back resident, and stay resident when
-    freed, so the peak would read high). This thread's heap only ever serves calls in memory
-    mode, where large blocks are mapped and unmapped, so it holds no such blocks. Caveats:
+    unseen is counted: its ``malloc_trim`` releases the free pages of the heap, so a block the
+    call reuses is counted as its pages become resident again, and large blocks are mapped
+    and unmapped. The call runs on the calling thread. (It once ran on a thread of its own, for
+    a heap of its own; that thread's OpenMP team then slowed the small timed calls of every
+    later group on 2 cores: the contiguous advantages floor at 65,536 rows read 246–304 µs
+    after the shuffled-ids group, 55 µs without it.) Caveats:
 
     * Resident memory counts touched pages only: a buffer allocated but never written costs
       nothing here (true of the machine too, not a measuring error).
@@ -184,18 +184,8 @@ def peak_extra_memory(fn: Callable[[], Any], *, device: torch.device | str = "cp
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
         before_kib = _status_kib("VmRSS")
-        _memory_thread().submit(fn).result()  # re-raises what fn raised
+        fn()
         peak_kib = _status_kib("VmHWM")
     return max(0, peak_kib - before_kib) * 1024
 
 
-_MEMORY_THREAD: list[ThreadPoolExecutor] = []
-
-
-def _memory_thread() -> ThreadPoolExecutor:
-    """The one thread that runs CPU memory measurements (see :func:`peak_extra_memory`)."""
-    if not _MEMORY_THREAD:
-        _MEMORY_THREAD.append(
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlkern-bench-memory")
-        )
-    return _MEMORY_THREAD[0]
