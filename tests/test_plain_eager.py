@@ -103,3 +103,50 @@ def test_group_advantages_compiled_sees_the_op(monkeypatch):
     assert calls == []
     assert torch.equal(got, rlkern.group_advantages(scores, group_size=3).advantages)
     assert calls == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy-loss metrics: the host path (CPU, plain eager) against the device path
+
+
+def _row_stats(B: int, seed: int, *, poisoned: bool, empty: bool) -> torch.Tensor:
+    from rlkern.config.layout import layout
+
+    S = layout("policy_loss").row_stats
+    gen = torch.Generator().manual_seed(seed)
+    rs = torch.rand(len(S), B, generator=gen, dtype=torch.float64) * 7
+    rs[S.len] = torch.randint(0, 50, (B,), generator=gen).double() * (0 if empty else 1)
+    rs[S.non_finite] = 0.0
+    if poisoned and B:
+        rs[S.non_finite, B // 2] = 1.0
+    rs[S.ratio_min] = torch.rand(B, generator=gen, dtype=torch.float64)
+    rs[S.ratio_max] = 1 + torch.rand(B, generator=gen, dtype=torch.float64)
+    return rs
+
+
+@pytest.mark.parametrize("B", [0, 1, 7])
+@pytest.mark.parametrize("poisoned", [False, True])
+@pytest.mark.parametrize("empty", [False, True])
+@pytest.mark.parametrize("addons", [(), ("kl",), ("entropy", "rollout"), ("vespo", "kl")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_metrics_host_path_is_the_device_path(monkeypatch, B, poisoned, empty, addons, dtype):
+    from rlkern.ops.policy_loss import aggregate
+
+    rs = _row_stats(B, seed=B * 31 + len(addons), poisoned=poisoned, empty=empty)
+    parts = {"pg_loss": torch.tensor(0.1234567891, dtype=torch.float64),
+             "entropy_loss": torch.tensor(-2.5, dtype=torch.float64)}
+    if "kl" in addons:
+        parts["kl_loss"] = torch.tensor(1 / 3, dtype=torch.float64)
+    options = dict(with_kl="kl" in addons, with_entropy="entropy" in addons,
+                   with_rollout="rollout" in addons, vespo="vespo" in addons, dtype=dtype)
+    for given in (parts, None):
+        host = aggregate.finish_metrics(rs, given, **options)
+        with monkeypatch.context() as m:
+            m.setattr(aggregate, "plain_eager", lambda *t: False)
+            device = aggregate.finish_metrics(rs, given, **options)
+        assert list(host) == list(device)
+        for name in host:
+            a, b = host[name], device[name]
+            assert a.dtype == b.dtype == dtype and a.dim() == 0
+            assert torch.equal(a.isnan(), b.isnan()), name
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), name
