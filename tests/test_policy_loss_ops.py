@@ -187,6 +187,28 @@ def test_python_spec_matches_the_header():
         assert kind == ("ppo" if name == "gspo" else name)
 
 
+@pytest.mark.parametrize("with_kl", [False, True])
+@pytest.mark.parametrize("with_rollout", [False, True])
+def test_kernel_args_cache_is_the_encoding(with_kl, with_rollout):
+    """kernel_args is cached by the config's value: each config's cached arguments are its
+    encoding, equal configs share them, and every call gets lists of its own."""
+    from rlkern.config.policy_loss import POLICY_LOSSES, PolicyLossConfig
+
+    for name in POLICY_LOSSES:
+        extra = {"gvpo": {"group_size": 2}, "dro": {"dro_beta": 1.0}}.get(name, {})
+        for options in ({}, {"kl_estimator": "k3", "clip_ratio_c": 4.0},
+                        {"rollout_correction": "token_truncate", "rollout_max": 2.0}):
+            cfg = PolicyLossConfig(policy_loss=name, **extra, **options)
+            want = cfg._encode(with_kl=with_kl, with_rollout=with_rollout)
+            for _ in range(2):  # a miss, then a hit
+                flags, hparams = cfg.kernel_args(with_kl=with_kl, with_rollout=with_rollout)
+                assert (flags, hparams) == want
+                flags.append(-1)  # the next call gets fresh lists
+                hparams.clear()
+            twin = PolicyLossConfig(policy_loss=name, **extra, **options)
+            assert twin.kernel_args(with_kl=with_kl, with_rollout=with_rollout) == want
+
+
 def test_cpu_op_takes_the_layout_and_rejects_a_wrong_inputs_list():
     """The CPU op's row_stats has exactly len(row_stats) rows, its grad_rows len(row_grads), its
     inputs list one entry per slot; anything else is refused with a message naming it."""
