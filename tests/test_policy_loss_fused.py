@@ -119,6 +119,97 @@ def test_backward_with_an_upstream_gradient(monkeypatch):
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+
+
+@pytest.mark.parametrize("upstream", [1.0, -0.7310585786300049])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("kl", [0.0, 0.0137])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, monkeypatch):
+    """Without entropy, gvpo or batch normalisation, the fused path differentiates the
+    aggregation by hand (LinearAggregate.row_grads; no autograd graph for it). Its gradient
+    has the bits of the fused rows differentiated through autograd's aggregation, signed
+    zeros included (an empty row has weight 0, and a negative upstream gradient makes its
+    coefficient −0), and the two-pass path's bits at every valid token. (At masked tokens a
+    negative upstream gives −0 on the fused paths, +0 on the two-pass one.)"""
+    inp = make_inputs(7, 23, dtype, seed=17)
+    inp["mask"][2] = False  # an empty row
+    grads, kinds = [], []
+    for path in ("hand", "autograd", "two-pass"):
+        monkeypatch.setattr(api, "fused_applies",
+                            fused_applies if path != "two-pass" else lambda p: False)
+        if path == "autograd":
+            monkeypatch.setattr(api.LinearAggregate, "applies",
+                                staticmethod(lambda cfg, **kw: False))
+        lp = inp["logprobs"].clone().requires_grad_()
+        out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                                 ref_logprobs=inp["ref_logprobs"] if kl else None,
+                                 config=C(kl_coef=kl, loss_agg_mode=agg), backend="cpu")
+        kinds.append(type(out.loss.grad_fn).__name__)
+        (out.loss * upstream).backward()
+        grads.append(lp.grad)
+    assert kinds[0] == "_FusedLossBackward" and "_FusedLossBackward" not in kinds[1:]
+    hand, auto, two_pass = grads
+    assert torch.equal(_bits(hand), _bits(auto))
+    valid = inp["mask"]
+    assert torch.equal(_bits(hand[valid]), _bits(two_pass[valid]))
+    assert torch.equal(hand, two_pass) and (hand[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                 "seq-mean-token-sum-norm", "sum"])
+@pytest.mark.parametrize("kl", [0.0, 0.0137])
+@pytest.mark.parametrize("upstream", [1.0, -0.7310585786300049, 3.5])
+def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream):
+    """LinearAggregate.row_grads against torch.autograd.grad through aggregate itself, bit
+    for bit (signed zeros included: empty rows weigh 0), for float32 and float64 losses."""
+    from rlkern.ops.policy_loss.aggregate import LinearAggregate, aggregate
+    from rlkern.ops.policy_loss.register import grad_rows_slice
+
+    S = layout("policy_loss").row_stats
+    gen = torch.Generator().manual_seed(5)
+    B = 9
+    row_stats = torch.rand(len(S), B, generator=gen, dtype=torch.float64)
+    row_stats[S.len] = torch.randint(0, 30, (B,), generator=gen).double()
+    row_stats[S.len, 3] = 0.0  # an empty row
+    cfg = C(kl_coef=kl, loss_agg_mode=agg, loss_scale=0.37)
+    for out_dtype in (torch.float32, torch.float64):
+        linear = LinearAggregate(cfg, 31, torch.zeros(B), None, None, out_dtype)
+        first = row_stats[grad_rows_slice()]
+        loss, _ = linear.forward(first, row_stats)
+        row_sums = first.clone().requires_grad_()
+        total, _ = aggregate(row_sums, row_stats, cfg, 31, torch.zeros(B), None, None,
+                             with_entropy=False)
+        u = torch.tensor(upstream, dtype=out_dtype)
+        (want,) = torch.autograd.grad(total.to(out_dtype), row_sums, u)
+        assert torch.equal(loss, total.detach().to(out_dtype))
+        assert torch.equal(_bits(linear.row_grads(u)), _bits(want))
+
+
+def test_the_hand_formed_path_is_taken_only_where_it_applies():
+    """Entropy, gvpo and batch-normalised rollout weights keep autograd's aggregation over
+    the fused rows."""
+    inp = make_inputs(6, 13, torch.float32, seed=2)
+    lp = inp["logprobs"].clone().requires_grad_()
+    common = (inp["old_logprobs"], inp["advantages"], inp["mask"])
+    cases = {
+        "_FusedLossBackward": [dict(config=C()), dict(config=C(kl_coef=0.1),
+                                                      ref_logprobs=inp["ref_logprobs"])],
+        "other": [dict(config=C(entropy_coef=0.01), entropy=inp["entropy"]),
+                  dict(config=C(policy_loss="gvpo", group_size=2)),
+                  dict(config=C(rollout_correction="token_truncate",
+                                rollout_batch_normalize=True),
+                       rollout_logprobs=inp["rollout_logprobs"])],
+    }
+    for want, calls in cases.items():
+        for kw in calls:
+            out = rlkern.policy_loss(lp, *common, backend="cpu", **kw)
+            got = type(out.loss.grad_fn).__name__
+            assert (got == want) if want != "other" else got != "_FusedLossBackward", kw
+
+
 def test_non_finite_coefficient_reaches_valid_tokens_only(monkeypatch):
     """A NaN count (checks off) makes the gradient NaN at valid tokens and leaves masked ones
     0, on both paths."""

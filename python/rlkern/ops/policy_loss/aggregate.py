@@ -93,15 +93,18 @@ def _term_weights(row_stats: Tensor, cfg: PolicyLossConfig, width: int, num_toke
 
 def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
               scores: Tensor, num_tokens, num_seqs, *, with_entropy: bool,
-              seq_lens: Tensor | None = None,
-              pg_scale: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              seq_lens: Tensor | None = None, pg_scale: Tensor | None = None,
+              weights: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
+              ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss (float64, differentiable wrt ``row_sums``) and its parts (``pg_loss``,
     ``kl_loss``, ``entropy_loss``). ``width``: T (seq-mean-token-sum-norm's default L);
     ``scores``: gvpo's per-response scores (the advantages); ``pg_scale``: a constant factor
-    of the policy term (batch-normalised rollout weights), None: 1."""
+    of the policy term (batch-normalised rollout weights), None: 1; ``weights``: the per-row
+    weights ``_term_weights`` gives for these arguments, when the caller has them."""
     G = layout("policy_loss").row_grads
-    w_pg, w_kl, w_ent = _term_weights(row_stats, cfg, width, num_tokens, num_seqs,
-                                      with_entropy=with_entropy, seq_lens=seq_lens)
+    w_pg, w_kl, w_ent = weights if weights is not None else _term_weights(
+        row_stats, cfg, width, num_tokens, num_seqs, with_entropy=with_entropy,
+        seq_lens=seq_lens)
     if w_pg is None:  # gvpo: ½ Σ e² / (g − 1), e = (R − R̄_g) − (s − s̄_g), R = β·Σ_t m·Δ
         reward = cfg.gvpo_beta * row_sums[G.lp_sum].view(-1, cfg.group_size)
         s = scores.to(row_sums).view(-1, cfg.group_size)
@@ -122,6 +125,57 @@ def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width:
         if cfg.entropy_coef != 0.0:
             total = total - cfg.entropy_coef * parts["entropy_loss"]
     return total * cfg.loss_scale, parts
+
+
+class LinearAggregate:
+    """:func:`aggregate` of a loss with no entropy term, no policy scale and a linear policy
+    term (not gvpo), for a caller that differentiates it by hand (the CPU's fused path).
+
+    :meth:`forward` gives the loss, cast to ``out_dtype``, and its parts; :meth:`row_grads`
+    gives ``∂loss/∂row_sums`` for an upstream gradient of that loss. That gradient is formed
+    by the operations autograd performs through :func:`aggregate`, in its order, so it has
+    the same bits: the cast back to float64, ``× loss_scale``, then per row ``× w_pg`` for the
+    policy sum and ``× kl_coef × w_kl`` for the KL sum, each row written into zeros and the
+    two added (as autograd accumulates the two selects of ``row_sums``, signed zeros
+    included).
+    """
+
+    def __init__(self, cfg: PolicyLossConfig, width: int, scores: Tensor, num_tokens,
+                 num_seqs, out_dtype: torch.dtype) -> None:
+        self.cfg, self.width, self.scores = cfg, width, scores
+        self.num_tokens, self.num_seqs, self.out_dtype = num_tokens, num_seqs, out_dtype
+        self.weights: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None
+
+    @staticmethod
+    def applies(cfg: PolicyLossConfig, *, with_entropy: bool, pg_scaled: bool) -> bool:
+        return not (with_entropy or pg_scaled or cfg.policy_loss == "gvpo")
+
+    def forward(self, row_sums: Tensor, row_stats: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, parts)``: the loss in ``out_dtype`` and its parts as one float64 vector,
+        in :data:`_PARTS` order (``pg_loss``, then ``kl_loss`` with a KL term)."""
+        self.weights = _term_weights(row_stats, self.cfg, self.width, self.num_tokens,
+                                     self.num_seqs, with_entropy=False)
+        total, parts = aggregate(row_sums, row_stats, self.cfg, self.width,
+                                 self.scores, self.num_tokens, self.num_seqs,
+                                 with_entropy=False, weights=self.weights)
+        return total.to(self.out_dtype), torch.stack(list(parts.values()))
+
+    def part_names(self) -> list[str]:
+        return ["pg_loss", *(["kl_loss"] if self.cfg.kl_coef != 0.0 else [])]
+
+    def row_grads(self, grad_loss: Tensor) -> Tensor:
+        """``∂loss/∂row_sums``, ``(len(row_grads), B)`` float64 (see the class doc)."""
+        assert self.weights is not None, "forward() first"
+        G = layout("policy_loss").row_grads
+        w_pg, w_kl, _ = self.weights
+        g = grad_loss.to(torch.float64) * self.cfg.loss_scale
+        out = w_pg.new_zeros(len(G), w_pg.shape[0])
+        out[G.pg_sum] = g * w_pg
+        if w_kl is not None:
+            kl = w_pg.new_zeros(len(G), w_pg.shape[0])
+            kl[G.kl_sum] = (g * self.cfg.kl_coef) * w_kl
+            out = out + kl
+        return out
 
 
 def aggregate_grad(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,

@@ -15,11 +15,16 @@ from torch import Tensor
 
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
-from rlkern.ops.policy_loss.aggregate import aggregate, aggregate_grad, finish_metrics
-from rlkern.ops.policy_loss.fused import fused_applies, fused_rows
+from rlkern.ops.policy_loss.aggregate import (
+    LinearAggregate,
+    aggregate,
+    aggregate_grad,
+    finish_metrics,
+)
+from rlkern.ops.policy_loss.fused import fused_applies, fused_loss, fused_rows
 from rlkern.ops.policy_loss.inputs import Prepared, normaliser, prepare
 from rlkern.ops.policy_loss.register import split_inputs
-from rlkern.ops.policy_loss.rollout_rs import apply_rejection, norm_scale
+from rlkern.ops.policy_loss.rollout_rs import apply_rejection, norm_scale, norm_scaled
 
 __all__ = ["PolicyLossChunk", "PolicyLossOutput", "policy_loss", "policy_loss_chunk", "run"]
 
@@ -140,15 +145,22 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     # normalisation's divisor over the original mask); a no-op without rollout_rs
     before = p.mask
     p, norm_factor = apply_rejection(p)
-    if fused_applies(p):  # CPU: the gradient's factors formed in the forward
-        row_sums, row_stats = fused_rows(p)
-    else:
-        row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
-            p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs), p.flags, p.hparams, p.backend)
     with_entropy = p.get("entropy") is not None
-    loss, parts = aggregate(row_sums, row_stats, p.cfg, p.mask.shape[1], p.adv, nt, ns,
-                            with_entropy=with_entropy,
-                            pg_scale=norm_scale(p, row_stats, norm_factor))
+    fused = fused_applies(p)  # CPU: the gradient's factors formed in the forward
+    if fused and LinearAggregate.applies(p.cfg, with_entropy=with_entropy,
+                                         pg_scaled=norm_scaled(p)):
+        linear = LinearAggregate(p.cfg, p.mask.shape[1], p.adv, nt, ns, p.out_dtype)
+        loss, row_stats, parts = fused_loss(p, linear)
+    else:
+        if fused:
+            row_sums, row_stats = fused_rows(p)
+        else:
+            row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
+                p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs), p.flags, p.hparams,
+                p.backend)
+        loss, parts = aggregate(row_sums, row_stats, p.cfg, p.mask.shape[1], p.adv, nt, ns,
+                                with_entropy=with_entropy,
+                                pg_scale=norm_scale(p, row_stats, norm_factor))
     metrics = finish_metrics(row_stats, parts, with_kl=p.get("ref_logprobs") is not None,
                              with_entropy=with_entropy,
                              with_rollout=(p.get("rollout_logprobs") is not None

@@ -25,7 +25,12 @@ two-pass backward op instead, with the same bits.
 :func:`fused_applies` says when :func:`~rlkern.ops.policy_loss.api.run` takes this path: the
 CPU backend, in eager mode (torch.compile traces the registered two-pass ops), a gradient
 wanted for the log-probabilities and none for the entropy (whose gradient only the two-pass
-backward writes), and a kind the header's ``fused_ok`` accepts.
+backward writes), and a kind the header's ``fused_ok`` accepts. There, when the aggregation is
+linear (no entropy term, not gvpo, no batch-normalised rollout weights:
+:meth:`~rlkern.ops.policy_loss.aggregate.LinearAggregate.applies`), :func:`fused_loss` returns
+the loss itself and its backward forms ∂loss/∂row_sums by hand, with autograd's own
+operations in autograd's order (the same bits, without building and running that graph);
+otherwise :func:`fused_rows` returns the row sums for autograd to aggregate.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ import torch
 from torch import Tensor
 
 from rlkern.config.layout import layout
+from rlkern.ops.policy_loss.aggregate import LinearAggregate
 from rlkern.ops.policy_loss.inputs import Prepared
 from rlkern.ops.policy_loss.register import check_row_stats, grad_rows_slice, split_inputs
 
-__all__ = ["fused_applies", "fused_rows"]
+__all__ = ["fused_applies", "fused_loss", "fused_rows"]
 
 
 def fused_applies(p: Prepared) -> bool:
@@ -56,6 +62,50 @@ def fused_applies(p: Prepared) -> bool:
             and p.flags[lay.flags.loss_kind] not in (lay.loss_kinds.gmpo, lay.loss_kinds.vespo))
 
 
+def _forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
+             inputs: list[Tensor | None], flags: list[int], hparams: list[float]) -> Tensor:
+    """The fused forward kernel: ``row_stats``, with the factors and what the backward needs
+    kept on ``ctx``."""
+    lay = layout("policy_loss")
+    B, T = mask.shape
+    row_stats = torch.empty(len(lay.row_stats), B, dtype=torch.float64)
+    with_kl = flags[lay.flags.kl_kind] != lay.kl_kinds.none
+    factors = (torch.empty(B, T, dtype=lp.dtype),
+               torch.empty(B, T, dtype=lp.dtype) if with_kl else None)
+    if B > 0:
+        torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
+                                                   hparams, row_stats, *factors)
+        check_row_stats(row_stats, lp, old, adv, mask, inputs, flags)
+    ctx.set_materialize_grads(False)
+    given, slots = split_inputs(inputs)
+    ctx.save_for_backward(lp, old, adv, mask, row_stats, *given)
+    ctx.slots, ctx.flags, ctx.hparams = slots, list(flags), list(hparams)
+    ctx.factors = factors  # consumed (scaled in place) by the first backward
+    return row_stats
+
+
+def _backward(ctx: Any, grad_rows: Tensor) -> Tensor:
+    """∂loss/∂lp from ``grad_rows`` = ∂loss/∂row_sums (float64, contiguous)."""
+    lp, old, adv, mask, row_stats, *given = ctx.saved_tensors
+    # A backward that builds a graph (create_graph=True) or a second one through the same
+    # graph (retain_graph=True; the first consumed the factors) runs the registered two-pass
+    # backward op, as the two-pass form would: the same bits, and the same graph for
+    # higher-order gradients.
+    factors = None if torch.is_grad_enabled() else ctx.factors
+    if factors is None:
+        grad_lp, _ = torch.ops.rlkern.policy_loss_bwd(
+            lp, old, adv, mask, given, ctx.slots, row_stats, grad_rows, ctx.flags,
+            ctx.hparams, False, "cpu")
+        return grad_lp
+    ctx.factors = None
+    if mask.numel():
+        torch.ops.rlkern.policy_loss_fused_bwd_(mask, grad_rows, ctx.flags, *factors)
+    return factors[0]
+
+
+_NO_GRADS = (None,) * 6  # old, adv, mask, inputs, flags, hparams
+
+
 class _FusedRows(torch.autograd.Function):
     """``(row_sums, row_stats)`` as ``rlkern::policy_loss_fwd`` gives them; differentiable in
     ``lp`` only."""
@@ -64,49 +114,52 @@ class _FusedRows(torch.autograd.Function):
     def forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
                 inputs: list[Tensor | None], flags: list[int], hparams: list[float],
                 ) -> tuple[Tensor, Tensor]:
-        lay = layout("policy_loss")
-        B, T = mask.shape
-        row_stats = torch.empty(len(lay.row_stats), B, dtype=torch.float64)
-        with_kl = flags[lay.flags.kl_kind] != lay.kl_kinds.none
-        factors = (torch.empty(B, T, dtype=lp.dtype),
-                   torch.empty(B, T, dtype=lp.dtype) if with_kl else None)
-        if B > 0:
-            torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
-                                                       hparams, row_stats, *factors)
-            check_row_stats(row_stats, lp, old, adv, mask, inputs, flags)
+        row_stats = _forward(ctx, lp, old, adv, mask, inputs, flags, hparams)
         ctx.mark_non_differentiable(row_stats)
-        ctx.set_materialize_grads(False)
-        given, slots = split_inputs(inputs)
-        ctx.save_for_backward(lp, old, adv, mask, row_stats, *given)
-        ctx.slots, ctx.flags, ctx.hparams = slots, list(flags), list(hparams)
-        ctx.factors = factors  # consumed (scaled in place) by the first backward
         return row_stats[grad_rows_slice()].clone(), row_stats
 
     @staticmethod
     def backward(ctx: Any, grad_row_sums: Tensor | None, _grad_row_stats: Tensor | None,
                  ) -> tuple[Tensor | None, ...]:
-        none = (None,) * 6
         if grad_row_sums is None:
-            return (None, *none)
-        lp, old, adv, mask, row_stats, *given = ctx.saved_tensors
-        grad_rows = grad_row_sums.to(torch.float64).contiguous()
-        # A backward that builds a graph (create_graph=True) or a second one through the same
-        # graph (retain_graph=True; the first consumed the factors) runs the registered
-        # two-pass backward op, as the two-pass form would: the same bits, and the same
-        # graph for higher-order gradients.
-        factors = None if torch.is_grad_enabled() else ctx.factors
-        if factors is None:
-            grad_lp, _ = torch.ops.rlkern.policy_loss_bwd(
-                lp, old, adv, mask, given, ctx.slots, row_stats, grad_rows, ctx.flags,
-                ctx.hparams, False, "cpu")
-            return (grad_lp, *none)
-        ctx.factors = None
-        if mask.numel():
-            torch.ops.rlkern.policy_loss_fused_bwd_(mask, grad_rows, ctx.flags, *factors)
-        return (factors[0], *none)
+            return (None, *_NO_GRADS)
+        return (_backward(ctx, grad_row_sums.to(torch.float64).contiguous()), *_NO_GRADS)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """``(loss, row_stats, parts)`` of a :class:`~.aggregate.LinearAggregate`: the loss in the
+    output dtype, differentiable in ``lp`` only; its backward forms ∂loss/∂row_sums as
+    autograd would through the aggregation (:meth:`~.aggregate.LinearAggregate.row_grads`)
+    without building that graph: ~8 autograd nodes fewer a call."""
+
+    @staticmethod
+    def forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
+                inputs: list[Tensor | None], flags: list[int], hparams: list[float],
+                linear: LinearAggregate) -> tuple[Tensor, Tensor, Tensor]:
+        row_stats = _forward(ctx, lp, old, adv, mask, inputs, flags, hparams)
+        loss, parts = linear.forward(row_stats[grad_rows_slice()], row_stats)
+        ctx.linear = linear
+        ctx.mark_non_differentiable(row_stats, parts)
+        return loss, row_stats, parts
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor | None, _grad_row_stats: Tensor | None,
+                 _grad_parts: Tensor | None) -> tuple[Tensor | None, ...]:
+        if grad_loss is None:
+            return (None, *_NO_GRADS, None)
+        return (_backward(ctx, ctx.linear.row_grads(grad_loss)), *_NO_GRADS, None)
 
 
 def fused_rows(p: Prepared) -> tuple[Tensor, Tensor]:
     """``(row_sums, row_stats)`` of ``p`` by the fused kernels (:func:`fused_applies` must
     hold)."""
     return _FusedRows.apply(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams)
+
+
+def fused_loss(p: Prepared, linear: LinearAggregate
+               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``(loss, row_stats, parts)`` of ``p`` by the fused kernels and ``linear``
+    (:func:`fused_applies` and :meth:`LinearAggregate.applies` must hold)."""
+    loss, row_stats, parts = _FusedLoss.apply(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags,
+                                              p.hparams, linear)
+    return loss, row_stats, dict(zip(linear.part_names(), parts.unbind(0), strict=True))

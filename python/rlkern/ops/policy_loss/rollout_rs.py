@@ -24,7 +24,7 @@ from rlkern.ops.policy_loss.inputs import Prepared
 from rlkern.ops.rollout_correction import batch_norm_factor, rejection_keep, rs_estimators
 from rlkern.reference.policy_loss import rollout_weights
 
-__all__ = ["apply_rejection", "norm_scale"]
+__all__ = ["apply_rejection", "norm_scale", "norm_scaled"]
 
 
 def _level(p: Prepared) -> str:
@@ -54,11 +54,16 @@ def apply_rejection(p: Prepared) -> tuple[Prepared, Tensor | None]:
     return p._replace(mask=keep), factor
 
 
+def norm_scaled(p: Prepared) -> bool:
+    """Whether batch normalisation scales the policy term (:func:`norm_scale` is not None)."""
+    return p.cfg.rollout_batch_normalize and p.get("rollout_logprobs") is not None
+
+
 def norm_scale(p: Prepared, row_stats: Tensor, factor: Tensor | None) -> Tensor | None:
     """The policy term's multiplier ``1/c`` of batch normalisation (None: off); ``c`` from
     ``factor`` (:func:`apply_rejection`) or the row statistics; 1 where ``c ≤ 1e-8``, as verl
     leaves the weights then."""
-    if not p.cfg.rollout_batch_normalize or p.get("rollout_logprobs") is None:
+    if not norm_scaled(p):
         return None
     if factor is None:
         S = layout("policy_loss").row_stats
