@@ -134,7 +134,7 @@ def check_row_stats(row_stats: Tensor, lp: Tensor, old: Tensor, adv: Tensor, mas
                     opt: list[Tensor | None], flags: list[int]) -> None:
     """The NaN policy after a forward kernel: while checks are on, a row that saw a non-finite
     input at a valid token raises, naming the input and the token (one host sync)."""
-    if checks_enabled() and bool(row_stats[layout("policy_loss").row_stats.non_finite].sum() > 0):
+    if checks_enabled() and row_stats[layout("policy_loss").row_stats.non_finite].sum().item() > 0:
         raise_non_finite(lp, old, adv, mask, opt, flags)
 
 
