@@ -4,6 +4,8 @@ the op."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -150,3 +152,43 @@ def test_metrics_host_path_is_the_device_path(monkeypatch, B, poisoned, empty, a
             assert a.dtype == b.dtype == dtype and a.dim() == 0
             assert torch.equal(a.isnan(), b.isnan()), name
             assert torch.equal(a.nan_to_num(), b.nan_to_num()), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: the body in plain eager mode, the op under a mode or torch.compile
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"top_k": 5, "return_entropy": True}, {"top_p": 0.8, "min_p": 0.05},
+    {"num_samples": 3, "top_k": 7}, {"indices": "rows", "temperature": 0.6},
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_plain_call_is_the_op(monkeypatch, options, dtype):
+    from rlkern.ops import sample as sample_module
+
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(6, 97, generator=gen) * 3).to(dtype)
+    options = dict(options)
+    n = 6
+    if options.get("indices") == "rows":
+        options["indices"] = torch.tensor([5, 0, 2])
+        n = 3
+    seeds, steps = torch.arange(n) * 11 + 1, torch.full((n,), 4)
+    calls: list[bool] = []  # per call of the body: whether it ran inside the op's dispatch
+    body = sample_module._sample_impl
+
+    def spy(*args):
+        calls.append(any("torch/_library" in f.filename for f in inspect.stack()))
+        return body(*args)
+
+    monkeypatch.setattr(sample_module, "_sample_impl", spy)
+    plain = rlkern.sample(logits, seeds=seeds, steps=steps, backend="cpu", **options)
+    assert calls == [False]  # the body, called directly
+    with _OpLog() as log:
+        via_op = rlkern.sample(logits, seeds=seeds, steps=steps, backend="cpu", **options)
+    assert calls == [False, True]  # ... and from the registered op under a dispatch mode
+    assert {"rlkern::sample", "rlkern::sample_n"} & set(log.names)
+    for a, b in zip(plain, via_op, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))

@@ -24,6 +24,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES
 from rlkern.config.sample import filter_order_names
+from rlkern.ops.eager import plain_eager
 from rlkern.ops.logprobs import checks_enabled
 from rlkern.reference.sample import row_lse, sample_reference
 
@@ -329,7 +330,9 @@ def sample(
     args = (logits.detach(), indices, temp.detach(), k, None if p is None else p.detach(),
             None if mp is None else mp.detach(), seeds, steps, filter_order == "joint",
             raw_temperature, return_entropy, be)
-    if num_samples == 1:
+    if plain_eager(*(a for a in args if isinstance(a, Tensor))):  # rlkern.ops.eager
+        tokens, raw, proc, ent, lse = _sample_impl(*args, int(num_samples))
+    elif num_samples == 1:
         tokens, raw, proc, ent, lse = torch.ops.rlkern.sample(*args)
     else:
         tokens, raw, proc, ent, lse = torch.ops.rlkern.sample_n(*args, int(num_samples))
