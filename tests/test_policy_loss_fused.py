@@ -162,7 +162,9 @@ def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, 
                                  "seq-mean-token-sum-norm", "sum"])
 @pytest.mark.parametrize("kl", [0.0, 0.0137])
 @pytest.mark.parametrize("upstream", [1.0, -0.7310585786300049, 3.5])
-def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream):
+@pytest.mark.parametrize("kl_agg", [None, "seq-mean-token-mean"])
+@pytest.mark.parametrize("global_counts", [False, True])
+def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream, kl_agg, global_counts):
     """LinearAggregate.row_grads against torch.autograd.grad through aggregate itself, bit
     for bit (signed zeros included: empty rows weigh 0), for float32 and float64 losses."""
     from rlkern.ops.policy_loss.aggregate import LinearAggregate, aggregate
@@ -174,13 +176,16 @@ def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream):
     row_stats = torch.rand(len(S), B, generator=gen, dtype=torch.float64)
     row_stats[S.len] = torch.randint(0, 30, (B,), generator=gen).double()
     row_stats[S.len, 3] = 0.0  # an empty row
-    cfg = C(kl_coef=kl, loss_agg_mode=agg, loss_scale=0.37)
+    cfg = C(kl_coef=kl, loss_agg_mode=agg, loss_scale=0.37, kl_agg_mode=kl_agg)
     for out_dtype in (torch.float32, torch.float64):
-        linear = LinearAggregate(cfg, 31, torch.zeros(B), None, None, out_dtype)
+        # num_tokens / num_seqs as rlkern.policy_loss passes them: float64 0-dim tensors
+        nt, ns = ((torch.tensor(123.0, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64))
+                  if global_counts else (None, None))
+        linear = LinearAggregate(cfg, 31, torch.zeros(B), nt, ns, out_dtype)
         first = row_stats[grad_rows_slice()]
         loss, _ = linear.forward(first, row_stats)
         row_sums = first.clone().requires_grad_()
-        total, _ = aggregate(row_sums, row_stats, cfg, 31, torch.zeros(B), None, None,
+        total, _ = aggregate(row_sums, row_stats, cfg, 31, torch.zeros(B), nt, ns,
                              with_entropy=False)
         u = torch.tensor(upstream, dtype=out_dtype)
         (want,) = torch.autograd.grad(total.to(out_dtype), row_sums, u)
