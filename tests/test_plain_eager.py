@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlkern
-from rlkern.ops import advantages as adv_module
+from rlkern.ops import eager
 from rlkern.ops.eager import plain_eager
 
 
@@ -43,6 +43,8 @@ def test_plain_eager_only_in_plain_eager_mode():
     torch.vmap(lambda row: seen.append(plain_eager(row)) or row)(torch.rand(2, 3))
     assert seen == [False]
 
+    assert not plain_eager(torch.rand(2, requires_grad=True))
+
     class Sub(torch.Tensor):
         pass
 
@@ -56,15 +58,16 @@ def test_plain_eager_only_in_plain_eager_mode():
     assert torch.equal(compiled(x), x)  # traced: the op path
 
 
-def _spy_rows(monkeypatch) -> list[int]:
+def _spy_body(monkeypatch, name: str) -> list[int]:
+    """Records each direct call of the op's body (the registered op keeps the original)."""
     calls: list[int] = []
-    body = adv_module.group_advantages_rows
+    body = eager.BODIES[name]
 
     def spy(*args):
         calls.append(1)
         return body(*args)
 
-    monkeypatch.setattr(adv_module, "group_advantages_rows", spy)
+    monkeypatch.setitem(eager.BODIES, name, spy)
     return calls
 
 
@@ -83,7 +86,7 @@ def test_group_advantages_plain_call_is_the_op(monkeypatch, estimator, by_ids, b
         options["lengths"] = torch.randint(1, 9, (n,), generator=gen).float()
     if estimator in ("xrpo", "unlikely"):
         options.update(mask=mask, old_logprobs=-torch.rand(n, t, generator=gen))
-    calls = _spy_rows(monkeypatch)
+    calls = _spy_body(monkeypatch, "rlkern::group_advantages")
     plain = rlkern.group_advantages(scores, estimator=estimator, backend=backend, **grouping,
                                     **options)
     assert calls == [1]  # the body ran directly
@@ -97,7 +100,7 @@ def test_group_advantages_plain_call_is_the_op(monkeypatch, estimator, by_ids, b
 
 
 def test_group_advantages_compiled_sees_the_op(monkeypatch):
-    calls = _spy_rows(monkeypatch)
+    calls = _spy_body(monkeypatch, "rlkern::group_advantages")
     scores = torch.tensor([1.0, 0.0, 3.0, 3.0, 2.0, 0.5])
     fn = torch.compile(lambda s: rlkern.group_advantages(s, group_size=3).advantages,
                        backend="aot_eager", fullgraph=True)
@@ -192,3 +195,57 @@ def test_sample_plain_call_is_the_op(monkeypatch, options, dtype):
         assert (a is None) == (b is None)
         if a is not None:
             assert a.dtype == b.dtype and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The token-, step- and turn-level helpers: every op registered through rlkern.ops.eager
+
+
+def _token_calls() -> dict[str, tuple[str, object]]:
+    gen = torch.Generator().manual_seed(4)
+    B, T = 6, 9
+    x = torch.randn(B, T, generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.25
+    mask[:, 0] = True
+    steps = torch.randn(12, generator=gen)
+    return {
+        "discounted_returns": ("rlkern::discounted_returns",
+                               lambda: rlkern.discounted_returns(x, gamma=0.9)),
+        "gae": ("rlkern::gae", lambda: rlkern.gae(x, x * 0.5, mask, gamma=0.95, lam=0.9)),
+        "position_baseline": ("rlkern::position_baseline",
+                              lambda: rlkern.position_baseline(x, mask, group_size=3)),
+        "gtpo_weights": ("rlkern::gtpo_weights",
+                         lambda: rlkern.gtpo_weights(x.abs(), mask, group_size=2)),
+        "gigpo_advantages": ("rlkern::gigpo_advantages", lambda: rlkern.gigpo_advantages(
+            steps, steps * 2, torch.arange(12) % 3, group_ids=torch.arange(12) % 2,
+            omega=1.0, mode="mean_norm")),
+        "empg_modulate": ("rlkern::empg_modulate", lambda: rlkern.empg_modulate(
+            steps, steps.abs(), steps.abs() + 0.5)),
+        "optimal_token_baseline": ("rlkern::optimal_token_baseline",
+                                   lambda: rlkern.optimal_token_baseline(
+                                       x, mask, -x.abs(), x.abs(), group_size=3)),
+    }
+
+
+@pytest.mark.parametrize("fn", list(_token_calls()))
+def test_token_helpers_plain_call_is_the_op(monkeypatch, fn):
+    name, run = _token_calls()[fn]
+    calls = _spy_body(monkeypatch, name)
+    plain = run()
+    assert calls == [1]
+    with _OpLog() as log:
+        via_op = run()
+    assert calls == [1] and name in log.names
+    plain = plain if isinstance(plain, tuple) else (plain,)
+    via_op = via_op if isinstance(via_op, tuple) else (via_op,)
+    for a, b in zip(plain, via_op, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_every_registered_body_is_called_through_eager():
+    """Each op registered with rlkern.ops.eager.custom_op is what torch.ops names."""
+    assert set(eager.BODIES) >= {"rlkern::group_advantages", "rlkern::sample",
+                                 "rlkern::sample_n", *(n for n, _ in _token_calls().values())}
+    for name in eager.BODIES:
+        namespace, op = name.split("::")
+        assert hasattr(getattr(torch.ops, namespace), op), name

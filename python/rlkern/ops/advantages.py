@@ -35,8 +35,7 @@ from rlkern.config.advantages import (
     sequence_loglik,
 )
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
-from rlkern.ops import advantages_segmented
-from rlkern.ops.eager import plain_eager
+from rlkern.ops import advantages_segmented, eager
 
 __all__ = ["ESTIMATORS", "AdvantageConfig", "GroupAdvantages", "check_devices", "group_advantages"]
 
@@ -107,7 +106,8 @@ def check_devices(main_name: str, main: Tensor, **others: Tensor | None) -> None
             raise ValueError(f"{name} is on {t.device} but {main_name} on {main.device}")
 
 
-def group_advantages_rows(
+@eager.custom_op("rlkern::group_advantages", mutates_args=())
+def group_advantages_op(
     scores: Tensor,
     group_ids: Tensor | None,
     group_size: int,
@@ -132,12 +132,6 @@ def group_advantages_rows(
     if n:
         _KERNELS[backend](scores, group_ids, group_size, weights, loglik, flags, hparams, outs)
     return outs
-
-
-#: The registered op (what torch.compile and the dispatch modes see); its body,
-#: :func:`group_advantages_rows`, runs directly in plain eager mode (rlkern.ops.eager).
-group_advantages_op = torch.library.custom_op("rlkern::group_advantages", mutates_args=())(
-    group_advantages_rows)
 
 
 @group_advantages_op.register_fake
@@ -361,9 +355,8 @@ def group_advantages(
         _check_float(old_logprobs, "old_logprobs", tuple(mask.shape), device)
         loglik = sequence_loglik(old_logprobs, mask)
     resolved = backends.resolve_backend(backend, device)
-    op = (group_advantages_rows if plain_eager(s, ids, weights, loglik)
-          else torch.ops.rlkern.group_advantages)
-    adv, mean, sd, zv = op(s, ids, size, weights, loglik, flags, hparams, double_output, resolved)
+    adv, mean, sd, zv = eager.call("rlkern::group_advantages", s, ids, size, weights, loglik,
+                                   flags, hparams, double_output, resolved)
     if mask is not None:
         adv = adv.unsqueeze(-1) * mask.to(adv.dtype)
     return GroupAdvantages(adv, mean, sd, zv)

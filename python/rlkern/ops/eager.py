@@ -3,20 +3,30 @@
 A ``torch.library.custom_op`` costs ~30 µs a call on this project's CPUs before its body runs
 (the Python dispatcher, the autograd and ADInplaceOrView keys, the alias checks on its
 outputs). At the small sizes of the group-advantage ops that is half the kernel; a sampling
-step of 8 rows of 151,936 logits is ~10 % slower through the op. The op is
-there for what the dispatcher sees: ``torch.compile``'s tracing, fake and meta tensors,
-``vmap``, dispatch modes (``FlopCounterMode``, ``FakeTensorMode``), autograd. Where none of
-them is at work and the op is not differentiable, calling its body is the same computation
-with the same bits, so the public functions do that (:func:`plain_eager` says when).
+step of 8 rows of 151,936 logits is ~10 % slower through the op. The op is there for what
+the dispatcher sees: ``torch.compile``'s tracing, fake and meta tensors, ``vmap``, dispatch
+modes (``FlopCounterMode``, ``FakeTensorMode``), autograd. Where none of them is at work and
+the op is not differentiable, calling its body is the same computation with the same bits,
+so the public functions do that (:func:`plain_eager` says when).
+
+The non-differentiable ops are registered with :func:`custom_op` (``torch.library.custom_op``
+that also keeps the body) and called through :func:`call`, which takes the body in plain
+eager mode and the registered op otherwise.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-__all__ = ["plain_eager"]
+__all__ = ["call", "custom_op", "plain_eager"]
+
+#: Registered op name ("rlkern::gae") → its Python body.
+BODIES: dict[str, Callable[..., Any]] = {}
 
 
 def plain_eager(*tensors: Tensor | None) -> bool:
@@ -25,8 +35,8 @@ def plain_eager(*tensors: Tensor | None) -> bool:
     True only in eager mode (not traced by ``torch.compile`` or ``torch.jit``), with no torch
     function mode (``with torch.device(...)``), no dispatch mode and no functorch transform
     (``vmap``, ``grad``) active, and every tensor in ``tensors`` (``None`` skipped) a plain
-    ``torch.Tensor``, not a subclass (``FakeTensor``, ``DTensor``), on the CPU. The caller
-    passes detached inputs: the body builds no autograd graph.
+    ``torch.Tensor``, not a subclass (``FakeTensor``, ``DTensor``), on the CPU, that does not
+    require grad (the body then builds no autograd graph, as the op builds none).
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
@@ -34,4 +44,26 @@ def plain_eager(*tensors: Tensor | None) -> bool:
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(t is None or (type(t) is Tensor and t.device.type == "cpu") for t in tensors)
+    return all(t is None or (type(t) is Tensor and t.device.type == "cpu" and not t.requires_grad)
+               for t in tensors)
+
+
+def custom_op(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``torch.library.custom_op(name, **kwargs)`` for a non-differentiable op, keeping the
+    decorated function as its body for :func:`call`."""
+
+    def register(body: Callable[..., Any]) -> Any:
+        BODIES[name] = body
+        return torch.library.custom_op(name, **kwargs)(body)
+
+    return register
+
+
+def call(name: str, *args: Any) -> Any:
+    """The op ``name`` (registered by :func:`custom_op`) on ``args``: its body, called
+    directly, when :func:`plain_eager` holds for the tensor arguments; the registered op
+    (``torch.ops.rlkern.<op>``) otherwise."""
+    if plain_eager(*(a for a in args if isinstance(a, Tensor))):
+        return BODIES[name](*args)
+    namespace, op = name.split("::")
+    return getattr(getattr(torch.ops, namespace), op)(*args)

@@ -24,7 +24,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES
 from rlkern.config.sample import filter_order_names
-from rlkern.ops.eager import plain_eager
+from rlkern.ops import eager
 from rlkern.ops.logprobs import checks_enabled
 from rlkern.reference.sample import row_lse, sample_reference
 
@@ -82,7 +82,7 @@ def _sample_out(backend, logits, indices, temperature, top_k, top_p, min_p, seed
                                 for _ in range(num_samples)]))
 
 
-@torch.library.custom_op("rlkern::sample", mutates_args=())
+@eager.custom_op("rlkern::sample", mutates_args=())
 def _sample_op(
     logits: Tensor,
     indices: Tensor | None,
@@ -128,7 +128,7 @@ def _(logits, indices, temperature, top_k, top_p, min_p, seeds, steps, joint, ra
     return _sample_fake(logits, seeds, with_entropy, 1)
 
 
-@torch.library.custom_op(
+@eager.custom_op(
     "rlkern::sample_n", mutates_args=(),
     schema="(Tensor logits, Tensor? indices, Tensor temperature, Tensor? top_k, Tensor? top_p, "
            "Tensor? min_p, Tensor seeds, Tensor steps, bool joint, bool raw_temperature, "
@@ -330,12 +330,10 @@ def sample(
     args = (logits.detach(), indices, temp.detach(), k, None if p is None else p.detach(),
             None if mp is None else mp.detach(), seeds, steps, filter_order == "joint",
             raw_temperature, return_entropy, be)
-    if plain_eager(*(a for a in args if isinstance(a, Tensor))):  # rlkern.ops.eager
-        tokens, raw, proc, ent, lse = _sample_impl(*args, int(num_samples))
-    elif num_samples == 1:
-        tokens, raw, proc, ent, lse = torch.ops.rlkern.sample(*args)
+    if num_samples == 1:
+        tokens, raw, proc, ent, lse = eager.call("rlkern::sample", *args)
     else:
-        tokens, raw, proc, ent, lse = torch.ops.rlkern.sample_n(*args, int(num_samples))
+        tokens, raw, proc, ent, lse = eager.call("rlkern::sample_n", *args, int(num_samples))
     if checks_enabled() and n and not torch.compiler.is_compiling():
         # A row that cannot be sampled gets token −1 (lse: NaN for NaN or +inf logits, −inf
         # for all −inf ones). A finite row never does, even when its lse overflows (huge

@@ -27,6 +27,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.advantages import GIGPO_MODES, code, codes
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype, bool_mask
+from rlkern.ops import eager
 from rlkern.ops.advantages import check_devices, check_grouping, check_tensor
 from rlkern.ops.advantages_segmented import gigpo_segmented, segments
 
@@ -111,7 +112,7 @@ def _no_cuda_kernel(name: str) -> None:
 # ---------------------------------------------------------------------------------- returns
 
 
-@torch.library.custom_op("rlkern::discounted_returns", mutates_args=())
+@eager.custom_op("rlkern::discounted_returns", mutates_args=())
 def discounted_returns_op(rewards: Tensor, reset: Tensor | None, gamma: float,
                           backend: str) -> Tensor:
     check_devices("rewards", rewards, reset=reset)
@@ -173,13 +174,13 @@ def discounted_returns(rewards: Tensor, *, gamma: float, reset: Tensor | None = 
         reset = _same(reset, "reset", tuple(rewards.shape), rewards, bool_like=True)
         reset = bool_mask(reset)
     resolved = backends.resolve_backend(backend, rewards.device)
-    return torch.ops.rlkern.discounted_returns(_kernel_dtype(rewards), reset, gamma, resolved)
+    return eager.call("rlkern::discounted_returns", _kernel_dtype(rewards), reset, gamma, resolved)
 
 
 # --------------------------------------------------------------------------------------- GAE
 
 
-@torch.library.custom_op("rlkern::gae", mutates_args=())
+@eager.custom_op("rlkern::gae", mutates_args=())
 def gae_op(rewards: Tensor, values: Tensor | None, mask: Tensor, gamma: float, lam: float,
            backend: str) -> tuple[Tensor, Tensor]:
     check_devices("rewards", rewards, values=values, mask=mask)
@@ -258,8 +259,8 @@ def gae(rewards: Tensor, values: Tensor | None, mask: Tensor, *, gamma: float, l
     gamma, lam = _scalar(gamma, "gamma"), _scalar(lam, "lam")
     dtype = acc_dtype(rewards.dtype, *(() if values is None else (values.dtype,)))
     resolved = backends.resolve_backend(backend, rewards.device)
-    return GAEAdvantages(*torch.ops.rlkern.gae(
-        rewards.to(dtype).contiguous(),
+    return GAEAdvantages(*eager.call(
+        "rlkern::gae", rewards.to(dtype).contiguous(),
         None if values is None else values.to(dtype).contiguous(),
         bool_mask(mask.detach()), gamma, lam, resolved))
 
@@ -267,7 +268,7 @@ def gae(rewards: Tensor, values: Tensor | None, mask: Tensor, *, gamma: float, l
 # ---------------------------------------------------------------------- position baseline
 
 
-@torch.library.custom_op("rlkern::position_baseline", mutates_args=())
+@eager.custom_op("rlkern::position_baseline", mutates_args=())
 def position_baseline_op(returns: Tensor, mask: Tensor, group_ids: Tensor | None,
                          group_size: int, backend: str) -> Tensor:
     check_devices("returns", returns, mask=mask, group_ids=group_ids)
@@ -333,13 +334,13 @@ def position_baseline(returns: Tensor, mask: Tensor, *, group_ids: Tensor | None
     """
     x, m, ids, size = _token_inputs(returns, "returns", mask, group_ids, group_size)
     resolved = backends.resolve_backend(backend, x.device)
-    return torch.ops.rlkern.position_baseline(x, m, ids, size, resolved)
+    return eager.call("rlkern::position_baseline", x, m, ids, size, resolved)
 
 
 # -------------------------------------------------------------------------------------- GTPO
 
 
-@torch.library.custom_op("rlkern::gtpo_weights", mutates_args=())
+@eager.custom_op("rlkern::gtpo_weights", mutates_args=())
 def gtpo_weights_op(entropy: Tensor, mask: Tensor, group_ids: Tensor | None, group_size: int,
                     eps: float, backend: str) -> tuple[Tensor, Tensor]:
     check_devices("entropy", entropy, mask=mask, group_ids=group_ids)
@@ -408,13 +409,13 @@ def gtpo_weights(entropy: Tensor, mask: Tensor, *, group_ids: Tensor | None = No
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     resolved = backends.resolve_backend(backend, x.device)
-    return GTPOWeights(*torch.ops.rlkern.gtpo_weights(x, m, ids, size, eps, resolved))
+    return GTPOWeights(*eager.call("rlkern::gtpo_weights", x, m, ids, size, eps, resolved))
 
 
 # ------------------------------------------------------------------------------------- GiGPO
 
 
-@torch.library.custom_op("rlkern::gigpo_advantages", mutates_args=())
+@eager.custom_op("rlkern::gigpo_advantages", mutates_args=())
 def gigpo_advantages_op(episode_returns: Tensor, step_returns: Tensor, state_keys: Tensor,
                         group_ids: Tensor, omega: float, episode_mode: int, step_mode: int,
                         eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -521,16 +522,17 @@ def gigpo_advantages(episode_returns: Tensor, step_returns: Tensor, state_keys: 
     eps = _scalar(eps, "eps")
     dtype = acc_dtype(ep.dtype, st.dtype)
     resolved = backends.resolve_backend(backend, ep.device)
-    out = torch.ops.rlkern.gigpo_advantages(
-        ep.to(dtype).contiguous(), st.to(dtype).contiguous(), keys.to(torch.int64).contiguous(),
-        ids, omega, code("gigpo_mode", mode), code("gigpo_mode", step_mode), eps, resolved)
+    out = eager.call(
+        "rlkern::gigpo_advantages", ep.to(dtype).contiguous(), st.to(dtype).contiguous(),
+        keys.to(torch.int64).contiguous(), ids, omega, code("gigpo_mode", mode),
+        code("gigpo_mode", step_mode), eps, resolved)
     return GiGPOAdvantages(*out)
 
 
 # -------------------------------------------------------------------------------------- EMPG
 
 
-@torch.library.custom_op("rlkern::empg_modulate", mutates_args=())
+@eager.custom_op("rlkern::empg_modulate", mutates_args=())
 def empg_modulate_op(advantages: Tensor, step_entropy: Tensor, next_step_entropy: Tensor,
                      k: float, k_f: float, zeta: float, backend: str) -> Tensor:
     check_devices("advantages", advantages, step_entropy=step_entropy,
@@ -603,5 +605,6 @@ def empg_modulate(advantages: Tensor, step_entropy: Tensor, next_step_entropy: T
     k, k_f, zeta = _scalar(k, "k"), _scalar(k_f, "k_f"), _scalar(zeta, "zeta")
     dtype = acc_dtype(a.dtype, h.dtype, hn.dtype)
     resolved = backends.resolve_backend(backend, a.device)
-    return torch.ops.rlkern.empg_modulate(a.to(dtype).contiguous(), h.to(dtype).contiguous(),
-                                          hn.to(dtype).contiguous(), k, k_f, zeta, resolved)
+    return eager.call("rlkern::empg_modulate", a.to(dtype).contiguous(),
+                      h.to(dtype).contiguous(), hn.to(dtype).contiguous(), k, k_f, zeta,
+                      resolved)

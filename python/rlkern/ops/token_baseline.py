@@ -45,6 +45,7 @@ from torch import Tensor
 
 from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, bool_mask
+from rlkern.ops import eager
 from rlkern.ops.advantages import check_devices, check_grouping, check_tensor
 from rlkern.ops.advantages_segmented import segments
 
@@ -83,7 +84,7 @@ def _triton_otb(rewards: Tensor, mask: Tensor, logprobs: Tensor, sum_pi_squared:
         eps=eps)
 
 
-@torch.library.custom_op("rlkern::optimal_token_baseline", mutates_args=())
+@eager.custom_op("rlkern::optimal_token_baseline", mutates_args=())
 def optimal_token_baseline_op(rewards: Tensor, mask: Tensor, logprobs: Tensor,
                               sum_pi_squared: Tensor, is_weights: Tensor | None,
                               group_ids: Tensor | None, group_size: int, multi_turn: bool,
@@ -201,7 +202,8 @@ def optimal_token_baseline(
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     ids, size = check_grouping(shape[0], group_ids, group_size, x.device, "rewards")
     resolved = backends.resolve_backend(backend, x.device)
-    adv, ret = torch.ops.rlkern.optimal_token_baseline(
-        x.detach().to(dtype).contiguous(), bool_mask(m.detach()), lp, sp, rho, ids,
-        size, bool(multi_turn), bool(zero_tail), float(eps), resolved)
+    adv, ret = eager.call(
+        "rlkern::optimal_token_baseline", x.detach().to(dtype).contiguous(),
+        bool_mask(m.detach()), lp, sp, rho, ids, size, bool(multi_turn), bool(zero_tail),
+        float(eps), resolved)
     return TokenBaseline(adv, ret)

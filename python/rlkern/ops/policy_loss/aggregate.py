@@ -21,7 +21,7 @@ from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.eager import plain_eager
 from rlkern.ops.policy_loss.autograd import gradients
 
-__all__ = ["aggregate", "aggregate_grad", "finish_metrics", "metric_names"]
+__all__ = ["LinearAggregate", "aggregate", "aggregate_grad", "finish_metrics", "metric_names"]
 
 # The aggregated loss parts (with the add-on each needs).
 _PARTS = {"pg_loss": None, "kl_loss": "kl", "entropy_loss": "entropy"}
