@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import CaseOptions, ImplUnavailableError, Outputs
+from rlkern.bench.cases import CaseOptions, ImplUnavailableError, Outputs, Tolerance
 
 # ---------------------------------------------------------------------------------- backend
 
@@ -164,6 +164,18 @@ def fresh_leaf(t: Tensor) -> Tensor:
     return t.detach().requires_grad_()
 
 
+def multi_turn_mask(b: int, t: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(mask, lengths)`` of ``b`` multi-turn responses of up to ``t`` tokens, drawn from
+    ``gen``: lengths in [t/4, t], and one observation span of t/16 tokens per response masked
+    out (tool output inside a response). ``mask`` is bool ``(b, t)``, ``lengths`` int64
+    ``(b,)``; the generator is advanced by the two draws, lengths first."""
+    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen)
+    pos = torch.arange(t)[None, :]
+    start = torch.randint(0, t, (b,), generator=gen)
+    span = (pos >= start[:, None]) & (pos < start[:, None] + t // 16)
+    return (pos < lengths[:, None]) & ~span, lengths
+
+
 def peaked_logits(n: int, v: int, dtype: torch.dtype, device: torch.device,
                   seed: int) -> tuple[Tensor, torch.Generator]:
     """Random ``(n, v)`` logits with σ = 4 (so the softmax is peaked as in a trained model),
@@ -178,6 +190,12 @@ def peaked_logits(n: int, v: int, dtype: torch.dtype, device: torch.device,
 #: verl's own (gae, gdpo, token_baseline, verl_losses).
 VERL_CORE = Peer("verl", lambda: importlib.import_module("verl.trainer.ppo.core_algos"),
                  hint="optional: pip install -e '.[parity]' && pip install --no-deps verl")
+
+
+#: rlkern's advantages and returns against a verl estimator's: verl accumulates in float32
+#: where rlkern accumulates in float64, so they agree to 1e-4 (each case says why).
+ADVANTAGES_AND_RETURNS = {"advantages": Tolerance(atol=1e-4, rtol=1e-4),
+                          "returns": Tolerance(atol=1e-4, rtol=1e-4)}
 
 
 def verl_peer_case(*, name: str, backend: RlkernBackend,

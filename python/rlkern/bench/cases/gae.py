@@ -22,8 +22,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import VERL_CORE, RlkernBackend, traffic_floor, verl_peer_case
+from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, register
+from rlkern.bench.kit import (
+    ADVANTAGES_AND_RETURNS,
+    VERL_CORE,
+    RlkernBackend,
+    multi_turn_mask,
+    traffic_floor,
+    verl_peer_case,
+)
 
 GAMMA, LAM, GAMMA_RPP = 1.0, 0.95, 0.99
 ESTIMATORS = ("gae", "reinforce_plus_plus", "remax")
@@ -40,12 +47,7 @@ def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> GaeInpu
     """float32 whatever ``dtype`` (verl keeps rewards and values in float32)."""
     b, t = size["B"], size["T"]
     gen = torch.Generator().manual_seed(b * 31 + t)
-    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen)
-    mask = torch.arange(t)[None, :] < lengths[:, None]
-    start = torch.randint(0, t, (b,), generator=gen)
-    span = (torch.arange(t)[None, :] >= start[:, None]) & \
-        (torch.arange(t)[None, :] < start[:, None] + t // 16)
-    mask &= ~span  # one observation span per response
+    mask, lengths = multi_turn_mask(b, t, gen)
     rewards = torch.randn(b, t, generator=gen) * 0.01
     rewards[torch.arange(b), lengths - 1] += torch.randint(0, 2, (b,), generator=gen).float()
     values = torch.randn(b, t, generator=gen) * 0.1
@@ -109,8 +111,7 @@ def gae_case(options: CaseOptions) -> Case:
         make_inputs=make_inputs,
         # verl accumulates the scan and the whitening statistics in float32, rlkern the scan in
         # float64: over T = 8192 steps the float32 sums drift by a few 1e-5 of O(1) values.
-        tolerances={"advantages": Tolerance(atol=1e-4, rtol=1e-4),
-                    "returns": Tolerance(atol=1e-4, rtol=1e-4)},
+        tolerances=ADVANTAGES_AND_RETURNS,
         notes=("issue 16: each fused estimator against verl's own function",
                "rlkern = the rlkern_<name> functions verl's registry hands out (whitening "
                "included)", *backend.notes),

@@ -24,8 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, Tolerance, register
-from rlkern.bench.kit import VERL_CORE, RlkernBackend, traffic_floor, verl_peer_case
+from rlkern.bench.cases import Case, CaseOptions, Outputs, Size, register
+from rlkern.bench.kit import (
+    ADVANTAGES_AND_RETURNS,
+    VERL_CORE,
+    RlkernBackend,
+    multi_turn_mask,
+    traffic_floor,
+    verl_peer_case,
+)
 
 ESTIMATORS = ("optimal_token_baseline", "tir_optimal_token_baseline")
 GROUP = 8
@@ -44,12 +51,7 @@ def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> OtbInpu
     """float32 whatever ``dtype`` (verl keeps these in float32)."""
     b, t = size["B"], size["T"]
     gen = torch.Generator().manual_seed(b * 37 + t)
-    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen)
-    mask = torch.arange(t)[None, :] < lengths[:, None]
-    start = torch.randint(0, t, (b,), generator=gen)
-    span = (torch.arange(t)[None, :] >= start[:, None]) & \
-        (torch.arange(t)[None, :] < start[:, None] + t // 16)
-    mask &= ~span
+    mask, lengths = multi_turn_mask(b, t, gen)
     rewards = torch.zeros(b, t)
     rewards[torch.arange(b), lengths - 1] = torch.randint(0, 2, (b,), generator=gen).float()
     # π of the sampled token and Σπ² of a peaked distribution: Σπ² ∈ [π², 1]
@@ -114,8 +116,7 @@ def token_baseline_case(options: CaseOptions) -> Case:
         make_inputs=make_inputs,
         # verl sums the group's G·W and W in float32 (T positions of O(T) cumulative weights),
         # rlkern in float64: a few 1e-6 relative.
-        tolerances={"advantages": Tolerance(atol=1e-4, rtol=1e-4),
-                    "returns": Tolerance(atol=1e-4, rtol=1e-4)},
+        tolerances=ADVANTAGES_AND_RETURNS,
         notes=("issue 16: each estimator against verl's own function (uid strings → group "
                "ids inside the timed call)", *notes),
         warnings=notes,
