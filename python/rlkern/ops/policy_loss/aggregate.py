@@ -145,6 +145,7 @@ class LinearAggregate:
         self.cfg, self.width, self.scores = cfg, width, scores
         self.num_tokens, self.num_seqs, self.out_dtype = num_tokens, num_seqs, out_dtype
         self.weights: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None
+        self.part_names: list[str] = []  # the keys of aggregate's parts, set by forward()
 
     @staticmethod
     def applies(cfg: PolicyLossConfig, *, with_entropy: bool, pg_scaled: bool) -> bool:
@@ -152,16 +153,14 @@ class LinearAggregate:
 
     def forward(self, row_sums: Tensor, row_stats: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss, parts)``: the loss in ``out_dtype`` and its parts as one float64 vector,
-        in :data:`_PARTS` order (``pg_loss``, then ``kl_loss`` with a KL term)."""
+        in the order of :attr:`part_names` (``pg_loss``, then ``kl_loss`` with a KL term)."""
         self.weights = _term_weights(row_stats, self.cfg, self.width, self.num_tokens,
                                      self.num_seqs, with_entropy=False)
         total, parts = aggregate(row_sums, row_stats, self.cfg, self.width,
                                  self.scores, self.num_tokens, self.num_seqs,
                                  with_entropy=False, weights=self.weights)
+        self.part_names = list(parts)
         return total.to(self.out_dtype), torch.stack(list(parts.values()))
-
-    def part_names(self) -> list[str]:
-        return ["pg_loss", *(["kl_loss"] if self.cfg.kl_coef != 0.0 else [])]
 
     def row_grads(self, grad_loss: Tensor) -> Tensor:
         """``∂loss/∂row_sums``, ``(len(row_grads), B)`` float64 (see the class doc)."""

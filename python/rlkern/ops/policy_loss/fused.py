@@ -162,4 +162,4 @@ def fused_loss(p: Prepared, linear: LinearAggregate
     (:func:`fused_applies` and :meth:`LinearAggregate.applies` must hold)."""
     loss, row_stats, parts = _FusedLoss.apply(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags,
                                               p.hparams, linear)
-    return loss, row_stats, dict(zip(linear.part_names(), parts.unbind(0), strict=True))
+    return loss, row_stats, dict(zip(linear.part_names, parts.unbind(0), strict=True))
