@@ -319,6 +319,46 @@ def test_masked_positions_are_never_read():
     assert torch.equal(g_a[0], g_b[0]) and torch.equal(g_a[1], g_b[1])
 
 
+# Row lengths around the 64-token steps of the kernels' scan for the last valid token, and
+# one past a whole vector of 16: the token passes stop at that token (right padding).
+PADDED_LENGTHS = [0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 199, 200]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["ppo-clip-higher-dual", "ppo-seq-trl", "all-addons", "gmpo",
+                                  "kl-k3-unclamped-bias", "vespo"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_right_padded_rows_stop_at_their_last_valid_token(name, dtype, fused, monkeypatch):
+    """Rows right-padded after every interesting length (plus one left-padded row and one with
+    holes), against the float64 reference, on the fused and the two-pass CPU paths; the
+    gradient at padding is exactly +0 on the two-pass path and 0 on both."""
+    from rlkern.ops.policy_loss import api
+    from rlkern.ops.policy_loss.fused import fused_applies
+
+    monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+    case = CASES[name]
+    T = max(PADDED_LENGTHS)
+    B = len(PADDED_LENGTHS) + 2
+    inp = make_inputs(B, T, dtype, seed=stable_seed(name) % 1000, empty_row=False)
+    pos = torch.arange(T)
+    lengths = torch.tensor(PADDED_LENGTHS)
+    mask = torch.cat([pos[None] < lengths[:, None],
+                      (pos >= T - 70)[None],  # left-padded
+                      (pos % 7 != 3)[None] & (pos < 150)[None]])  # holes, then padding
+    filled = make_inputs(B, T, dtype, seed=1 + stable_seed(name) % 1000, empty_row=False)
+    for key, value in inp.items():
+        if value.dim() == 2 and value.dtype.is_floating_point:
+            # values everywhere mask is valid, garbage elsewhere (never read)
+            inp[key] = torch.where(mask, filled[key].nan_to_num(0.5), torch.nan)
+    inp["mask"] = mask
+    out, grads = _run(case, inp, "cpu")
+    _check(out, grads, _reference(case, inp), dtype, f"{name} padded",
+           terms=_terms_per_unit(case.config, inp))
+    assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))
+    if not fused:
+        assert not grads[0][~mask].signbit().any()
+
+
 def test_row_results_do_not_depend_on_the_batch():
     """Batch invariance: a row's gradient is bitwise the same alone or in a batch (its
     coefficient is the same under 'sum')."""

@@ -16,6 +16,10 @@
 // forward's row_stats (nothing per token was saved).
 // Fused (Args::token_grad, policy_loss_fused_ok): the forward's [main] and [kl] passes also
 // write each token's gradient factor; policy_loss_fused_bwd scales them into the gradient.
+// Every pass of a row stops at its last valid token (valid_extent: the right padding costs
+// no token math), and the main token loops prefetch their streams a page ahead
+// (prefetch_ahead): rows are a page or a few long, so without it each page starts with
+// demand misses.
 #include "cpu/policy_loss.h"
 
 // GCC 12 flags the deliberately undefined upper lanes inside its own AVX-512 reduction
@@ -30,6 +34,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -43,6 +48,29 @@ using pl::expv;
 using pl::sel;  // float / double; the SIMD overload is found by argument-dependent lookup
 
 constexpr int64_t kBlock = 1024;
+
+// Software prefetch of the token streams, kAheadTokens tokens ahead (4 KiB of float32). A
+// (B, T) row of float32 spans a page or a few, and the hardware prefetcher does not cross a
+// page: without these requests every page of every stream (log-probs, old log-probs, mask,
+// the stored gradient) starts with demand misses, and the token loops wait on memory instead
+// of computing. Vector lanes only (the scalar float64 path would issue eight requests a line).
+// The address may lie past the array: a prefetch never faults.
+constexpr uintptr_t kAheadTokens = 1024;
+
+template <typename P, typename E>
+void prefetch_ahead(const E* p, int64_t t) {
+  if constexpr (P::L > 1)
+    __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p + t) +
+                                                     kAheadTokens * sizeof(E)));
+}
+
+template <typename P, typename E>
+void prefetch_ahead_for_write(E* p, int64_t t) {
+  if constexpr (P::L > 1)
+    __builtin_prefetch(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p + t) +
+                                               kAheadTokens * sizeof(E)), 1);
+}
+
 // The token loops take the row pointers, hyperparameters and row constants by value: local
 // copies cannot alias the gradient being stored, so the compiler keeps them in registers
 // instead of reloading (and re-converting) them on every step.
@@ -62,6 +90,30 @@ struct Row {
 template <typename T, typename E = T>
 const E* row_of(const pl::RowArray& a, int64_t b) {
   return a.p ? static_cast<const E*>(a.p) + b * a.stride : nullptr;
+}
+
+// One past the row's last valid token (0 for an empty row). Responses are right-padded in
+// every trainer (a quarter to a half of a batch's positions is padding), and a masked token
+// adds an exact +0 to every row sum and gets gradient +0, so the token passes stop here and
+// the tail of each (B, T) output is filled with zeros: the same bits, no work on the padding.
+// The scan runs forward, as the token pass then reads the mask: a scan from the row's end
+// would start each row with a cache miss the hardware prefetcher does not cover.
+int64_t valid_extent(const uint8_t* m, int64_t n) {
+  int64_t e = 0, i = 0;
+#if defined(RLKERN_PL_AVX512)
+  for (; i + 64 <= n; i += 64) {
+    const __m512i v = _mm512_loadu_si512(m + i);
+    const uint64_t k = _mm512_test_epi8_mask(v, v);
+    e = k ? i + 64 - __builtin_clzll(k) : e;
+  }
+#endif
+  for (; i < n; ++i) e = m[i] ? i + 1 : e;
+  return e;
+}
+
+template <typename T>
+void zero_tail(T* p, int64_t from, int64_t n) {
+  if (p != nullptr && from < n) std::fill(p + from, p + n, T(0));
 }
 
 template <typename T>
@@ -211,6 +263,15 @@ struct Step {
   typename P::V lp, old, a;
 };
 
+// The prefetches of load_step's streams (prefetch_ahead).
+template <typename P, bool ADVTOK, typename T>
+void prefetch_step(const Row<T> r, int64_t t) {
+  prefetch_ahead<P>(r.lp, t);
+  prefetch_ahead<P>(r.old, t);
+  prefetch_ahead<P>(r.m, t);
+  if constexpr (ADVTOK) prefetch_ahead<P>(r.adv, t);
+}
+
 template <typename P, bool ADVTOK, typename T>
 Step<P, T> load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) {
   Step<P, T> s;
@@ -273,6 +334,8 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
     int64_t clip = 0, clo = 0, chi = 0, dual = 0, len = 0, npos = 0;
     V rmin = inf, rmax = ninf;
     for (int64_t t = t0; t < t1; t += P::L) {
+      prefetch_step<P, ADVTOK>(r, t);
+      if constexpr (STORE) prefetch_ahead_for_write<P>(dg, t);
       const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
@@ -418,6 +481,8 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
     const int64_t t1 = std::min(n, t0 + kBlock);
     V Gl(0.0);
     for (int64_t t = t0; t < t1; t += P::L) {
+      prefetch_step<P, ADVTOK>(r, t);
+      prefetch_ahead_for_write<P>(g, t);
       const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
@@ -548,19 +613,22 @@ int64_t grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>
 
 template <typename T>
 void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
-  const int64_t n = a.in.T;
+  const int64_t row_len = a.in.T;
   const pl::Flags& f = a.flags;
   const bool seq_ratio = f.ratio_mode != pl::kRatioToken;
   const bool aux = needs_aux(a), mult_on = has_mult(a);
-  std::vector<T> mult(mult_on ? n : 0);
+  std::vector<T> mult(mult_on ? row_len : 0);
   // The fused forward's per-token factors (policy_loss_fused_ok): ∂pg_sum/∂logp and, with a
   // KL term, ∂kl_sum/∂logp, each (B, T).
   T* const dg_all = static_cast<T*>(a.token_grad);
   T* const dk_all = static_cast<T*>(a.token_grad_kl);
   for (int64_t b = b0; b < b1; ++b) {
     const Row<T> r = row_ptrs<T>(a, b);
-    T* const dg = dg_all ? dg_all + b * n : nullptr;
-    T* const dk = dk_all ? dk_all + b * n : nullptr;
+    T* const dg = dg_all ? dg_all + b * row_len : nullptr;
+    T* const dk = dk_all ? dk_all + b * row_len : nullptr;
+    const int64_t n = valid_extent(r.m, row_len);  // the passes stop at the last valid token
+    zero_tail(dg, n, row_len);
+    zero_tail(dk, n, row_len);
     // The prefix pass (row sums before the token pass) only when a sequence quantity needs
     // them; token-level kinds accumulate the length and Σ m·Δ in their main pass.
     const bool prefix = seq_ratio || f.rollout_level == pl::kRolloutSeq ||
@@ -662,14 +730,15 @@ template <typename T>
 void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
-  const int64_t n = a.in.T;
+  const int64_t row_len = a.in.T;
   const pl::Flags& f = a.flags;
   const bool mult_on = has_mult(a);
   const bool ratio_full = f.ratio_mode == pl::kRatioSeqFull;
-  std::vector<T> mult(mult_on ? n : 0);
+  std::vector<T> mult(mult_on ? row_len : 0);
   const T thr = entropy_threshold<T>(a);
   for (int64_t b = b0; b < b1; ++b) {
     const Row<T> r = row_ptrs<T>(a, b);
+    const int64_t n = valid_extent(r.m, row_len);  // the passes stop at the last valid token
     const auto s = [&](int k) { return a.row_stats[k * a.in.B + b]; };
     const auto gr = [&](int k) { return T(a.grad_rows[k * a.in.B + b]); };
     const T g_pg = gr(pl::kGradPg), g_kl = gr(pl::kGradKl);
@@ -681,7 +750,8 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     // The sequence rollout weight is the forward's (its log-ratio sum is not saved); for gmpo
     // the column holds the geometric mean instead, which the gmpo backward does not use.
     c.seq_w = T(s(pl::kSeqWeight));
-    T* g = static_cast<T*>(a.grad_logp) + b * n;
+    T* g = static_cast<T*>(a.grad_logp) + b * row_len;
+    zero_tail(g, n, row_len);
     if (mult_on) {
       Acc unused;
       aux_pass<T>(r, n, a, c, mult.data(), unused, true);
@@ -733,7 +803,8 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
       }
     }
     if (a.grad_entropy) {
-      T* ge = static_cast<T*>(a.grad_entropy) + b * n;
+      T* ge = static_cast<T*>(a.grad_entropy) + b * row_len;
+      zero_tail(ge, n, row_len);
       const bool has_thr = has(a, pl::kInEntropyThreshold);
       const V gent = V(double(g_ent)), zero(0.0), thrv = V(double(thr));
       for (int64_t t = 0; t < n; t += P::L) {
@@ -775,12 +846,16 @@ void fused_bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     const uint8_t* const m = static_cast<const uint8_t*>(a.in.mask.p) + b * a.in.mask.stride;
     if (finite && !kl && g_lp == T(0)) {
       for (int64_t t = 0; t < n; t += P::L) {
+        prefetch_ahead_for_write<P>(g, t);
         const auto ln = P::lanes(n - t);
         P::store(g + t, gpg * P::load(g + t, ln), ln);
       }
       continue;
     }
     for (int64_t t = 0; t < n; t += P::L) {
+      prefetch_ahead_for_write<P>(g, t);
+      prefetch_ahead<P>(m, t);
+      if (kl) prefetch_ahead<P>(dk, t);
       const auto ln = P::lanes(n - t);
       const auto v = P::valid(m + t, ln);
       V x = sel(v, gpg * P::load(g + t, ln), zero);
