@@ -296,6 +296,36 @@ def _float64_grpo(scores: torch.Tensor, ids: torch.Tensor, eps: float = 1e-6) ->
     return d * scale[inv]
 
 
+@pytest.mark.parametrize("n", [2**15 + 3, 2**17 + 5])
+@pytest.mark.parametrize("pattern", ["distinct", "pairs", "adjacent", "with_int64_min"])
+def test_hashed_ids_number_like_dense_ids(n, pattern):
+    """The ids path's hash numbering (a table probed eight keys at a time, grown when there
+    are more groups than n / 8, with the key INT64_MIN numbered aside) against dense ids of the
+    same grouping: bitwise the same outputs, and GRPO within float32 of the float64 truth.
+    Sizes past 2^15 rows (the compact pass and records on two threads) and 2^17 (the numbering
+    split over two tables)."""
+    gen = torch.Generator().manual_seed(n)
+    if pattern == "distinct":  # singletons: the table grows from n / 8 expected groups
+        dense = torch.randperm(n, generator=gen)
+    elif pattern == "pairs":
+        dense = torch.randperm(n, generator=gen) // 2
+    elif pattern == "adjacent":  # verl's layout before a shuffle: a prompt's rows together
+        dense = torch.arange(n) // 8
+    else:
+        dense = torch.randint(0, n // 8, (n,), generator=gen)
+    k = int(dense.max()) + 1
+    keys = torch.randint(-(2**62), 2**62, (k,), generator=gen)
+    if pattern == "with_int64_min":
+        keys[int(dense[5])] = -(2**63)  # the table's empty marker, as an id
+    scores = torch.randn(n, generator=gen).float()
+    hashed = rlkern.group_advantages(scores, group_ids=keys[dense])
+    by_dense = rlkern.group_advantages(scores, group_ids=dense)
+    for a, b in zip(hashed, by_dense, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    torch.testing.assert_close(hashed.advantages.double(), _float64_grpo(scores, dense),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "opo"])
 def test_large_batch_layouts_and_thread_counts(estimator):
     """2^20 + 37 shuffled rows (groups of ~8, singletons, zero-variance groups, NaN rows):

@@ -91,7 +91,7 @@ inline int64_t select_chunk_rows(const float* x, const int32_t* rg, int64_t begi
 inline void moments_chunked(const float* x, int64_t n, const int32_t* row_group, int64_t k,
                             std::vector<GroupMoments>* out) {
   constexpr int64_t kChunkBytes = int64_t(1536) << 10;  // of a 2 MiB L2: rows stream through
-  constexpr int64_t kMinRowsPerThread = int64_t(1) << 17;
+  constexpr int64_t kMinRowsPerThread = int64_t(1) << 15;
   const int64_t per_chunk_max = kChunkBytes / int64_t(sizeof(FloatShifted));
   int64_t chunks = (k + per_chunk_max - 1) / per_chunk_max;
   // Enough chunks for every thread once the batch is large enough to be worth splitting;

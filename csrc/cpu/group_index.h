@@ -22,7 +22,12 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/workspace.h"
 #include "rlkern/group_stats.h"
@@ -141,6 +146,113 @@ class GroupTable {
   uint32_t gen_ = 0;
 };
 
+// Numbering only (no accumulators), for one int64 key a row: keys and group numbers in two
+// arrays, probed a window of eight keys at a time. Linear probing puts a key before the first
+// empty slot of its probe sequence, so the first slot of the window that holds the key or is
+// empty answers the lookup: one vector compare, no probe loop and none of its mispredicted
+// branches (only the insert of a new key branches). The load stays ≤ 1/2, so a window without
+// either is rare (a scalar probe then). Empty slots hold kEmpty; the rows whose key is kEmpty
+// itself are numbered aside. The table is cleared at each reset (8 bytes a slot), which is
+// cheaper than the generation tags of GroupTable at these sizes.
+class KeyTable {
+ public:
+  static constexpr int64_t kEmpty = INT64_MIN;
+  static constexpr size_t kWindow = 8;
+
+  void reset(int64_t expected_groups) {
+    size_t cap = 1024;
+    while (cap < 2 * size_t(expected_groups)) cap <<= 1;
+    allocate(cap);
+    groups_ = 0;
+    empty_key_group_ = -1;
+  }
+
+  static uint64_t hash(const int64_t* key) { return mix64(uint64_t(*key)); }
+  void prefetch(uint64_t h) const {
+    __builtin_prefetch(&keys_[h & mask_], 1, 3);
+    __builtin_prefetch(&group_[h & mask_], 1, 3);
+  }
+
+  // The group number of `key` (hash h); a new key gets the next number.
+  int32_t number(int64_t key, uint64_t h) {
+    const size_t i = size_t(h & mask_);
+    size_t j = i;
+#if defined(__AVX512F__)
+    const __m512i w = _mm512_loadu_si512(keys_ + i);
+    const __mmask8 hit = _mm512_cmpeq_epi64_mask(w, _mm512_set1_epi64(key));
+    const __mmask8 open = _mm512_cmpeq_epi64_mask(w, _mm512_set1_epi64(kEmpty));
+    const unsigned any = unsigned(hit | open);
+    if (__builtin_expect(any != 0 && key != kEmpty, 1)) {
+      const unsigned k = unsigned(__builtin_ctz(any));
+      j = i + k;
+      if ((hit >> k) & 1u) return group_[j];
+      return insert(j, key);
+    }
+#endif
+    return slow(key, j);
+  }
+
+  int64_t size() const { return groups_; }
+
+ private:
+  void allocate(size_t cap) {
+    // kWindow − 1 slots past the end so that a window starting at the last slot stays inside;
+    // probes wrap only in the scalar path.
+    keys_ = key_store_.get(cap + kWindow);
+    group_ = group_store_.get(cap + kWindow);
+    std::fill(keys_, keys_ + cap + kWindow, kEmpty);
+    capacity_ = cap;
+    mask_ = cap - 1;
+  }
+
+  int32_t insert(size_t j, int64_t key) {
+    keys_[j] = key;
+    group_[j] = int32_t(groups_);
+    const int32_t g = int32_t(groups_++);
+    if (size_t(groups_) * 2 > capacity_) grow();
+    return g;
+  }
+
+  int32_t slow(int64_t key, size_t j) {
+    if (key == kEmpty) {
+      if (empty_key_group_ < 0) {
+        empty_key_group_ = int32_t(groups_++);
+        if (size_t(groups_) * 2 > capacity_) grow();
+      }
+      return empty_key_group_;
+    }
+    const size_t end = capacity_ + kWindow;
+    for (;; j = j + 1 == end ? 0 : j + 1) {
+      if (keys_[j] == key) return group_[j];
+      if (keys_[j] == kEmpty) return insert(j, key);
+    }
+  }
+
+  void grow() {  // rare: more groups than expected; rehash into a table twice as large
+    std::vector<std::pair<int64_t, int32_t>> old;
+    old.reserve(size_t(groups_));
+    for (size_t j = 0; j < capacity_ + kWindow; ++j)
+      if (keys_[j] != kEmpty) old.emplace_back(keys_[j], group_[j]);
+    allocate(capacity_ * 2);
+    const size_t end = capacity_ + kWindow;
+    for (const auto& [key, g] : old) {
+      size_t j = size_t(hash(&key) & mask_);
+      while (keys_[j] != kEmpty) j = j + 1 == end ? 0 : j + 1;
+      keys_[j] = key;
+      group_[j] = g;
+    }
+  }
+
+  Workspace<int64_t> key_store_;
+  Workspace<int32_t> group_store_;
+  int64_t* keys_ = nullptr;
+  int32_t* group_ = nullptr;
+  size_t capacity_ = 0;
+  uint64_t mask_ = 0;
+  int64_t groups_ = 0;
+  int32_t empty_key_group_ = -1;
+};
+
 // Rows grouped either contiguously (group_size > 0) or by a dense per-row group number.
 struct Grouping {
   int64_t num_groups = 0;
@@ -228,7 +340,7 @@ Grouping group_by_keys(const int64_t* ids, const int64_t* ids2, int64_t n, const
 template <typename T, bool kAcc>
 Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
                                int32_t* row_group, std::vector<GroupMoments>* moments) {
-  using Table = GroupTable<1, kAcc>;
+  using Table = std::conditional_t<kAcc, GroupTable<1, true>, KeyTable>;
   constexpr int64_t kMinRowsPerThread = 1 << 17;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                             n / kMinRowsPerThread)));
@@ -243,24 +355,32 @@ Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
       Table& table = *tables[t];
       table.reset(n / 8 / nt + 1);
       for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-        // This thread's rows of the block (branch-free append), then their slots, prefetched.
-        int64_t m = 0;
+        // The block's hashes (a loop the compiler vectorises), this thread's rows of them
+        // (branch-free append; all of them with one thread), then their slots, prefetched.
         const int64_t b1 = std::min(n, b0 + kBlock);
-        for (int64_t i = b0; i < b1; ++i) {
-          const uint64_t h = Table::hash(ids + i);
-          hashes[m] = h;
-          rows[m] = i;
-          m += int64_t((uint64_t(uint32_t(h >> 32)) * uint64_t(nt)) >> 32) == t;
+        int64_t m = b1 - b0;
+        for (int64_t i = b0; i < b1; ++i) hashes[i - b0] = Table::hash(ids + i);
+        for (int64_t i = b0; i < b1; ++i) rows[i - b0] = i;
+        if (nt > 1) {
+          m = 0;
+          for (int64_t i = b0; i < b1; ++i) {
+            const uint64_t h = hashes[i - b0];
+            hashes[m] = h;
+            rows[m] = i;
+            m += int64_t((uint64_t(uint32_t(h >> 32)) * uint64_t(nt)) >> 32) == t;
+          }
         }
         for (int64_t j = 0; j < std::min(m, kAhead); ++j) table.prefetch(hashes[j]);
         for (int64_t j = 0; j < m; ++j) {
           if (j + kAhead < m) table.prefetch(hashes[j + kAhead]);
           const int64_t i = rows[j];
-          auto* slot = table.find_or_insert(ids + i, hashes[j]);
-          row_group[i] = int32_t(slot->group * nt + t);
           if constexpr (kAcc) {
+            auto* slot = table.find_or_insert(ids + i, hashes[j]);
+            row_group[i] = int32_t(slot->group * nt + t);
             const double x = double(values[i]);
             if (score_is_valid(x)) shifted_push(slot->acc, x);
+          } else {
+            row_group[i] = table.number(ids[i], hashes[j]) * nt + t;
           }
         }
       }
