@@ -26,7 +26,7 @@ TORCH_LIBRARY(rlkern, m) {
   for (const char* schema :
        {kGroupAdvantagesOutSchema, kGroupMomentsOutSchema, kGroupFinishOutSchema,
         kGroupMomentsMergeOutSchema, kDiscountedReturnsOutSchema, kGaeOutSchema,
-        kPositionBaselineOutSchema,
+        kMaskedWhitenOutSchema, kPositionBaselineOutSchema,
         kGtpoWeightsOutSchema, kGigpoAdvantagesOutSchema, kEmpgModulateOutSchema,
         kGroupSegmentStatsOutSchema, kGroupRowsFinishOutSchema})
     m.def(schema);

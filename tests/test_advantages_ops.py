@@ -72,6 +72,8 @@ def test_opcheck_compiled_out_ops():
          modes.std_norm, 1e-6, torch.empty(10), torch.empty(10), torch.empty(10)))
     torch.library.opcheck(torch.ops.rlkern.empg_modulate_out.default,
                           (s, s.abs(), s.abs(), 1.0, 1.0, 0.1, torch.empty(10)))
+    torch.library.opcheck(torch.ops.rlkern.masked_whiten_out.default,
+                          (x, mask.float(), False, torch.empty_like(x)))
 
 
 @pytest.mark.parametrize("backend", OPS_BACKENDS)

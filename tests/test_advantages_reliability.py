@@ -417,6 +417,8 @@ def _out_op_cases():
             x, m, None, 2, meta(torch.empty(4, 3)))),
         ("empg_modulate_out", "step_entropy", lambda: ops.empg_modulate_out(
             s, meta(s), s, 1.0, 1.0, 0.1, torch.empty(4))),
+        ("masked_whiten_out", "mask", lambda: ops.masked_whiten_out(
+            x, meta(m.float()), False, torch.empty(4, 3))),
     ]
 
 

@@ -180,3 +180,37 @@ def test_replace_runs_rlkern_under_verls_names_in_its_trainer(estimator):
     assert core_algos.ADV_ESTIMATOR_REGISTRY[estimator] is verl_fn
     assert all(getattr(core_algos, a) is f for a, f in verl_attrs.items())
     _check(estimator, ours, theirs, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(12, 23), (64, 4099)])  # one block; several, two threads
+def test_whitening_matches_verls_masked_whiten(dtype, mask_dtype, shape):
+    """The CPU's whitening (one C++ op, float64 sums) against verl's own masked_whiten, and
+    the torch path (backend="torch", verl's operations one for one) bit for bit; masked
+    entries hold large values (their whitened value is verl's too)."""
+    from verl.utils.torch_functional import masked_whiten
+
+    gen = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).to(dtype)
+    mask = torch.rand(shape, generator=gen) > 0.3
+    x = torch.where(mask, x, torch.full_like(x, 1e4))
+    m = mask.to(mask_dtype)
+    theirs = masked_whiten(x, m)
+    ours = rv._masked_whiten(x, m)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    assert torch.equal(rv._masked_whiten(x, m, backend="torch"), theirs)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_whitening_errors_are_verls(backend, mask_dtype):
+    x = torch.randn(3, 4)
+    one = torch.zeros(3, 4)
+    one[1, 2] = 1
+    for mask, match in ((torch.zeros(3, 4), "At least one element in the mask has to be 1"),
+                        (one, "The sum of the mask is one")):
+        with pytest.raises(ValueError, match=match):
+            rv._masked_whiten(x, mask.to(mask_dtype), backend=backend)

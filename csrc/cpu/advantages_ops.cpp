@@ -38,6 +38,8 @@ const char* const kDiscountedReturnsOutSchema =
 const char* const kGaeOutSchema =
     "gae_out(Tensor rewards, Tensor? values, Tensor mask, float gamma, float lam, "
     "Tensor(a!) advantages, Tensor(b!) returns) -> ()";
+const char* const kMaskedWhitenOutSchema =
+    "masked_whiten_out(Tensor x, Tensor mask, bool count_f64, Tensor(a!) out) -> ()";
 const char* const kPositionBaselineOutSchema =
     "position_baseline_out(Tensor returns, Tensor mask, Tensor? group_ids, int group_size, "
     "Tensor(a!) out) -> ()";
@@ -197,6 +199,24 @@ void gae_out_cpu(const at::Tensor& rewards, const MaybeTensor& values, const at:
            returns.data_ptr());
 }
 
+// mask: the weights, of x's dtype (the Python caller converts verl's int / bool / float mask);
+// count_f64: the dtype of verl's mask.sum() (see token_advantages.h).
+void masked_whiten_out_cpu(const at::Tensor& x, const at::Tensor& mask, bool count_f64,
+                           const at::Tensor& out) {
+  const int64_t n = x.numel();
+  const bool f64 = chk::float_array(x, "x", n, x);
+  TORCH_CHECK_VALUE(f64 || !count_f64, "masked_whiten_out: a float64 count needs float64 x");
+  checks::array(mask, "mask", n, x.scalar_type(), x);
+  checks::array(out, "out", n, x.scalar_type(), x);
+  double count = 0.0;
+  if (!cpu::masked_whiten(x.const_data_ptr(), mask.const_data_ptr(), f64, count_f64, n,
+                          out.data_ptr(), &count)) {
+    // verl's messages (verl.utils.torch_functional.masked_var)
+    TORCH_CHECK_VALUE(count != 0.0, "At least one element in the mask has to be 1.");
+    TORCH_CHECK_VALUE(false, "The sum of the mask is one, which can cause a division by zero.");
+  }
+}
+
 void position_baseline_out_cpu(const at::Tensor& returns, const at::Tensor& mask,
                                const MaybeTensor& group_ids, int64_t group_size,
                                const at::Tensor& out) {
@@ -298,8 +318,9 @@ void meta_same_device(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   for (const char* op : {"group_advantages_out", "group_moments_out", "group_finish_out",
                          "group_moments_merge_out", "discounted_returns_out", "gae_out",
-                         "position_baseline_out", "gtpo_weights_out", "gigpo_advantages_out",
-                         "empg_modulate_out", "group_segment_stats_out", "group_rows_finish_out"})
+                         "masked_whiten_out", "position_baseline_out", "gtpo_weights_out",
+                         "gigpo_advantages_out", "empg_modulate_out", "group_segment_stats_out",
+                         "group_rows_finish_out"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&meta_same_device>());
 }
 
@@ -308,7 +329,7 @@ void register_advantages_cpu(torch::Library& m) {
 #define IMPL(op) m.impl(#op, &op##_cpu)
   IMPL(group_advantages_out); IMPL(group_moments_out); IMPL(group_finish_out);
   IMPL(group_moments_merge_out); IMPL(discounted_returns_out); IMPL(gae_out);
-  IMPL(position_baseline_out);
+  IMPL(masked_whiten_out); IMPL(position_baseline_out);
   IMPL(gtpo_weights_out); IMPL(gigpo_advantages_out); IMPL(empg_modulate_out);
 #undef IMPL
 }

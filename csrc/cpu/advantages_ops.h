@@ -18,6 +18,7 @@ extern const char* const kGroupFinishOutSchema;
 extern const char* const kGroupMomentsMergeOutSchema;
 extern const char* const kDiscountedReturnsOutSchema;
 extern const char* const kGaeOutSchema;
+extern const char* const kMaskedWhitenOutSchema;
 extern const char* const kPositionBaselineOutSchema;
 extern const char* const kGtpoWeightsOutSchema;
 extern const char* const kGigpoAdvantagesOutSchema;

@@ -17,6 +17,25 @@ namespace {
 
 constexpr int64_t kGrainElems = 1 << 17;  // see advantages.cpp: small batches, one thread
 
+// Σ over [0, n) of term(i), in float64, summed in fixed blocks of kGrainElems and then in block
+// order: the same bits for any thread count.
+template <typename F>
+double block_sum(int64_t n, F&& term) {
+  const int64_t blocks = (n + kGrainElems - 1) / kGrainElems;
+  std::vector<double> partial(static_cast<size_t>(blocks));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double acc = 0.0;
+      const int64_t e = std::min(n, (b + 1) * kGrainElems);
+      for (int64_t i = b * kGrainElems; i < e; ++i) acc += term(i);
+      partial[b] = acc;
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
 int64_t grain_rows(int64_t t) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(t, 1)); }
 
 template <typename T>
@@ -225,18 +244,8 @@ void empg_impl(const T* adv, const T* h, const T* h_next, int64_t n, double k, d
   const double range = mm.hi - mm.lo;
   const double scale = range > 0.0 ? 1.0 / range : 0.0;  // all equal: Ĥ = 0
   // The mean of e^{−kĤ} is summed in fixed blocks so that it does not depend on the threads.
-  const int64_t blocks = (n + kGrainElems - 1) / kGrainElems;
-  std::vector<double> partial(static_cast<size_t>(blocks));
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      double acc = 0.0;
-      for (int64_t i = b * kGrainElems; i < std::min(n, (b + 1) * kGrainElems); ++i)
-        acc += std::exp(-k * (double(h[i]) - mm.lo) * scale);
-      partial[b] = acc;
-    }
-  });
-  double total = 0.0;
-  for (double p : partial) total += p;
+  const double total =
+      block_sum(n, [&](int64_t i) { return std::exp(-k * (double(h[i]) - mm.lo) * scale); });
   const double inv_mean = double(n) / total;
   at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -261,6 +270,48 @@ void discounted_returns(const void* rewards, bool f64, int64_t n, int64_t t, con
                    begin, end);
     }
   });
+}
+
+namespace {
+
+template <typename T, typename C>
+bool masked_whiten_impl(const T* x, const T* w, int64_t n, T* out, double* count) {
+  // Three passes over x (two sums, then the output) instead of verl's eight torch passes and
+  // their (N, T) temporaries.
+  const double c = block_sum(n, [&](int64_t i) { return double(w[i]); });
+  *count = c;
+  if (c == 0.0 || c == 1.0) return false;
+  const double s1 = block_sum(n, [&](int64_t i) {
+    return w[i] != T(0) ? double(x[i]) * double(w[i]) : 0.0;
+  });
+  const C cnt = C(c), denom = cnt + C(1e-8);
+  const T mean = T(s1) / T(denom);
+  const double s2 = block_sum(n, [&](int64_t i) {
+    const T d = x[i] - mean;
+    return w[i] != T(0) ? double(d * d) * double(w[i]) : 0.0;
+  });
+  T var = T(s2) / T(denom);
+  var = var * T(cnt / (cnt - C(1)));
+  const T r = T(1) / std::sqrt(var + T(1e-8));
+  at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = (x[i] - mean) * r;
+  });
+  return true;
+}
+
+}  // namespace
+
+bool masked_whiten(const void* x, const void* w, bool f64, bool count_f64, int64_t n, void* out,
+                   double* count) {
+  if (!f64)
+    return masked_whiten_impl<float, float>(static_cast<const float*>(x),
+                                            static_cast<const float*>(w), n,
+                                            static_cast<float*>(out), count);
+  const auto* xd = static_cast<const double*>(x);
+  const auto* wd = static_cast<const double*>(w);
+  auto* od = static_cast<double*>(out);
+  return count_f64 ? masked_whiten_impl<double, double>(xd, wd, n, od, count)
+                   : masked_whiten_impl<double, float>(xd, wd, n, od, count);
 }
 
 void gae(const void* rewards, const void* values, bool f64, int64_t n, int64_t t,

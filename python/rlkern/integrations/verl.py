@@ -50,9 +50,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rlkern.backends import cpp_ops, resolve_backend
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.integrations.verl_rollout import compute_policy_loss_rlkern_bypass_mode
 from rlkern.ops.advantages import group_advantages
+from rlkern.ops.eager import plain_eager
 from rlkern.ops.logprobs import token_logprobs
 from rlkern.ops.policy_loss import policy_loss
 from rlkern.ops.token_advantages import gae
@@ -274,11 +276,26 @@ compute_reinforce_plus_plus_baseline_outcome_advantage = _ESTIMATOR_FUNCTIONS[
 # Token-level estimators: one fused reverse scan (rlkern.gae), then verl's whitening
 
 
-def _masked_whiten(x: Tensor, mask: Tensor) -> Tensor:
-    """verl's ``masked_whiten(x, mask)`` (shift_mean=True), operation for operation so that the
-    float32 results agree: mean and unbiased variance over the masked entries of the whole
-    batch (``Σ / (count + 1e-8)``, Bessel ``count / (count − 1)``), then
-    ``(x − mean) · rsqrt(var + 1e-8)``. A small torch whitening: the scan is the fused part."""
+def _masked_whiten(x: Tensor, mask: Tensor, backend: str = "auto") -> Tensor:
+    """verl's ``masked_whiten(x, mask)`` (shift_mean=True): mean and unbiased variance over the
+    masked entries of the whole batch (``Σ / (count + 1e-8)``, Bessel ``count / (count − 1)``),
+    then ``(x − mean) · rsqrt(var + 1e-8)``, with verl's two errors (no valid entry, one).
+
+    On the CPU backend (plain eager tensors, :func:`rlkern.ops.eager.plain_eager`) one C++ op,
+    ``rlkern::masked_whiten_out``: three passes and no temporaries, the sums in float64 (verl's
+    float32 arithmetic otherwise). Elsewhere verl's torch operations, one for one."""
+    # verl's count arithmetic (Σ mask + 1e-8, Bessel's factor) runs in the dtype of
+    # mask.sum(): the mask's float dtype, the default float dtype for a bool / int mask.
+    count_dtype = mask.dtype if mask.dtype.is_floating_point else torch.get_default_dtype()
+    if (x.dtype in (torch.float32, torch.float64) and plain_eager(x, mask)
+            and torch.promote_types(x.dtype, mask.dtype) == x.dtype
+            and torch.promote_types(x.dtype, count_dtype) == x.dtype
+            and count_dtype in (torch.float32, torch.float64)
+            and resolve_backend(backend, x.device) == "cpu"):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        cpp_ops().masked_whiten_out(x.contiguous(), mask.to(x.dtype).contiguous(),
+                                    count_dtype == torch.float64, out)
+        return out
     valid = mask.bool()
     count = mask.sum()
     n = float(count)  # one host sync for both of verl's checks
@@ -317,13 +334,14 @@ def scan_estimator(name: str, token_level_rewards: Tensor, response_mask: Tensor
             dtype = torch.promote_types(token_level_rewards.dtype, values.dtype)
             out = gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam,
                       backend=backend)
-            return _masked_whiten(out.advantages.to(dtype), response_mask), out.returns.to(dtype)
+            return (_masked_whiten(out.advantages.to(dtype), response_mask, backend),
+                    out.returns.to(dtype))
         dtype = token_level_rewards.dtype
         if name == "reinforce_plus_plus":
             out = gae(token_level_rewards, None, response_mask, gamma=gamma, lam=1.0,
                       backend=backend)
             returns = out.advantages.to(dtype) * response_mask
-            return _masked_whiten(returns, response_mask) * response_mask, returns
+            return _masked_whiten(returns, response_mask, backend) * response_mask, returns
         if name == "remax":
             if reward_baselines is None:
                 raise ValueError("remax needs reward_baselines (the greedy rollout's rewards)")
