@@ -159,9 +159,13 @@ class KeyTable {
   static constexpr int64_t kEmpty = INT64_MIN;
   static constexpr size_t kWindow = 8;
 
-  void reset(int64_t expected_groups) {
+  // A new numbering of up to max_groups groups, about expected_groups of them. The previous
+  // numbering's count (capped by max_groups) raises the estimate: batches of one workload have
+  // similar counts, and growing the table within a call rehashes every key.
+  void reset(int64_t expected_groups, int64_t max_groups) {
+    const int64_t expected = std::max(expected_groups, std::min(groups_, max_groups));
     size_t cap = 1024;
-    while (cap < 2 * size_t(expected_groups)) cap <<= 1;
+    while (cap < 2 * size_t(expected)) cap <<= 1;
     allocate(cap);
     groups_ = 0;
     empty_key_group_ = -1;
@@ -353,7 +357,8 @@ Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
     int64_t rows[kBlock];
     for (int64_t t = begin; t < end; ++t) {
       Table& table = *tables[t];
-      table.reset(n / 8 / nt + 1);
+      if constexpr (kAcc) table.reset(n / 8 / nt + 1);
+      else table.reset(n / 8 / nt + 1, n);
       for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
         // The block's hashes (a loop the compiler vectorises), this thread's rows of them
         // (branch-free append; all of them with one thread), then their slots, prefetched.
