@@ -21,7 +21,8 @@ def _inputs(shape, dtype, mask_dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.float64])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.int64, torch.float32,
+                                        torch.float64])
 @pytest.mark.parametrize("shape", [(1, 2), (12, 23), (64, 4099)])
 def test_cpu_op_matches_the_torch_path(dtype, mask_dtype, shape):
     """The sums differ only in their rounding (float64 against torch's float32 / float64
@@ -76,3 +77,20 @@ def test_the_cpu_op_is_taken_in_plain_eager_mode(monkeypatch):
     assert calls == ["masked_whiten_out"]
     rv._masked_whiten(x, m.double())
     assert calls == ["masked_whiten_out"]
+
+
+def test_the_op_refuses_what_its_caller_never_passes():
+    """The C++ op reads the mask in place, so it checks what the Python caller guarantees:
+    a float64 count or mask only with float64 x, and a mask dtype it knows."""
+    x = torch.randn(3, 4)
+    m = torch.ones(3, 4)
+    out = torch.empty_like(x)
+    op = torch.ops.rlkern.masked_whiten_out
+    with pytest.raises(ValueError, match="float64 count needs float64 x"):
+        op(x, m, True, out)
+    with pytest.raises(ValueError, match="float64 mask needs float64 x"):
+        op(x, m.double(), False, out)
+    with pytest.raises(TypeError, match="mask must be bool, int32, int64, float32 or float64"):
+        op(x, m.half(), False, out)
+    with pytest.raises(RuntimeError, match="mask"):
+        op(x, m[:, :2].contiguous(), False, out)

@@ -56,11 +56,11 @@ namespace {
 // Rows per thread at least: a parallel region costs ~10 µs when the cores are idle and up to a
 // scheduler time slice when they are shared, so batches below ~2^18 rows run on one thread.
 constexpr int64_t kGrainRows = 1 << 17;
-// The eight-lane path (advantages_lanes.h) does ~1.5 ns a row, so its threads split from 2^15
-// rows a thread: at 65,536 rows it took 98 µs on one thread and 54 µs on two.
+// The eight-lane path (advantages_lanes.h) is cheap per row, so its threads split from 2^15
+// rows a thread.
 constexpr int64_t kLaneGrainRows = 1 << 15;
-// The ids path's compact pass (a gather per row, ~1.5 ns) and its per-group records (a
-// division and square roots, ~9 ns a group) split the same way: from 2^15 rows, 2^12 groups.
+// The ids path's compact pass (a gather per row) and its per-group records (a division and
+// square roots a group) split the same way: from 2^15 rows, 2^12 groups.
 constexpr int64_t kCompactGrainRows = 1 << 15, kRecordGrainGroups = 1 << 12;
 constexpr double kLowest = -std::numeric_limits<double>::infinity();
 

@@ -199,17 +199,30 @@ void gae_out_cpu(const at::Tensor& rewards, const MaybeTensor& values, const at:
            returns.data_ptr());
 }
 
-// mask: the weights, of x's dtype (the Python caller converts verl's int / bool / float mask);
-// count_f64: the dtype of verl's mask.sum() (see token_advantages.h).
+// mask: the weights as verl's trainer passes them (bool, int32, int64, float32, float64: read
+// in place, no converted copy); count_f64: the dtype of verl's mask.sum() (token_advantages.h).
 void masked_whiten_out_cpu(const at::Tensor& x, const at::Tensor& mask, bool count_f64,
                            const at::Tensor& out) {
   const int64_t n = x.numel();
   const bool f64 = chk::float_array(x, "x", n, x);
   TORCH_CHECK_VALUE(f64 || !count_f64, "masked_whiten_out: a float64 count needs float64 x");
-  checks::array(mask, "mask", n, x.scalar_type(), x);
+  const at::ScalarType mt = mask.scalar_type();
+  cpu::WeightType wt = cpu::WeightType::kBool;
+  switch (mt) {
+    case at::kFloat: wt = cpu::WeightType::kFloat32; break;
+    case at::kDouble: wt = cpu::WeightType::kFloat64; break;
+    case at::kBool: wt = cpu::WeightType::kBool; break;
+    case at::kInt: wt = cpu::WeightType::kInt32; break;
+    case at::kLong: wt = cpu::WeightType::kInt64; break;
+    default:
+      TORCH_CHECK_TYPE(false, "masked_whiten_out: mask must be bool, int32, int64, float32 or "
+                       "float64, got ", mt);
+  }
+  TORCH_CHECK_VALUE(f64 || mt != at::kDouble, "masked_whiten_out: a float64 mask needs float64 x");
+  checks::array(mask, "mask", n, mt, x);
   checks::array(out, "out", n, x.scalar_type(), x);
   double count = 0.0;
-  if (!cpu::masked_whiten(x.const_data_ptr(), mask.const_data_ptr(), f64, count_f64, n,
+  if (!cpu::masked_whiten(x.const_data_ptr(), mask.const_data_ptr(), wt, f64, count_f64, n,
                           out.data_ptr(), &count)) {
     // verl's messages (verl.utils.torch_functional.masked_var)
     TORCH_CHECK_VALUE(count != 0.0, "At least one element in the mask has to be 1.");

@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/simd.h"
 #include "cpu/workspace.h"
 #include "rlkern/group_stats.h"
 
@@ -173,8 +174,8 @@ class KeyTable {
 
   static uint64_t hash(const int64_t* key) { return mix64(uint64_t(*key)); }
   void prefetch(uint64_t h) const {
-    __builtin_prefetch(&keys_[h & mask_], 1, 3);
-    __builtin_prefetch(&group_[h & mask_], 1, 3);
+    prefetch_l1_for_write(&keys_[h & mask_]);
+    prefetch_l1(&group_[h & mask_]);
   }
 
   // The group number of `key` (hash h); a new key gets the next number.

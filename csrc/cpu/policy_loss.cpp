@@ -28,6 +28,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include "cpu/policy_loss_simd.h"
+#include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
 
@@ -60,15 +61,15 @@ constexpr uintptr_t kAheadTokens = 1024;
 template <typename P, typename E>
 void prefetch_ahead(const E* p, int64_t t) {
   if constexpr (P::L > 1)
-    __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p + t) +
-                                                     kAheadTokens * sizeof(E)));
+    prefetch_l1(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p + t) +
+                                              kAheadTokens * sizeof(E)));
 }
 
 template <typename P, typename E>
 void prefetch_ahead_for_write(E* p, int64_t t) {
   if constexpr (P::L > 1)
-    __builtin_prefetch(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p + t) +
-                                               kAheadTokens * sizeof(E)), 1);
+    prefetch_l1_for_write(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p + t) +
+                                                  kAheadTokens * sizeof(E)));
 }
 
 // The token loops take the row pointers, hyperparameters and row constants by value: local

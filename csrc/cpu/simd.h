@@ -102,6 +102,9 @@ inline void prefetch_l1(const void* p) {
 #endif
 }
 
+// The same for a line about to be written (a hint: never faults).
+inline void prefetch_l1_for_write(void* p) { __builtin_prefetch(p, 1, 3); }
+
 template <typename Tag>
 inline float load_scalar(const typename Tag::storage* p) {
   if constexpr (std::is_same_v<Tag, BF16>) return bf16_to_float(*p);

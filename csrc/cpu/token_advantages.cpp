@@ -195,7 +195,7 @@ Status gigpo_impl(const GigpoArgs& a) {
   int32_t* rg_state = rows_state.get(size_t(a.n));
   // The two hash passes are independent: one per thread when two are available (each thread
   // owns its tables; the row-group arrays belong to this calling thread).
-  // Below 2^15 steps (~10 ns a step and pass) a parallel region costs about what it saves.
+  // Below 2^15 steps a parallel region costs about what it saves.
   const int64_t jobs_grain = a.n >= (int64_t(1) << 15) ? 1 : 2;
   at::parallel_for(0, 2, jobs_grain, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
@@ -274,44 +274,59 @@ void discounted_returns(const void* rewards, bool f64, int64_t n, int64_t t, con
 
 namespace {
 
-template <typename T, typename C>
-bool masked_whiten_impl(const T* x, const T* w, int64_t n, T* out, double* count) {
+// T: x's type; C: the type of verl's count arithmetic; W: the mask's element type.
+template <typename T, typename C, typename W>
+bool masked_whiten_impl(const T* x, const W* w, int64_t n, T* out, double* count) {
   // Three passes over x (two sums, then the output) instead of verl's eight torch passes and
   // their (N, T) temporaries.
   const double c = block_sum(n, [&](int64_t i) { return double(w[i]); });
   *count = c;
   if (c == 0.0 || c == 1.0) return false;
   const double s1 = block_sum(n, [&](int64_t i) {
-    return w[i] != T(0) ? double(x[i]) * double(w[i]) : 0.0;
+    return w[i] != W(0) ? double(x[i]) * double(w[i]) : 0.0;
   });
-  const C cnt = C(c), denom = cnt + C(1e-8);
+  const C cnt = C(c), denom = cnt + C(kWhitenEps);
   const T mean = T(s1) / T(denom);
   const double s2 = block_sum(n, [&](int64_t i) {
     const T d = x[i] - mean;
-    return w[i] != T(0) ? double(d * d) * double(w[i]) : 0.0;
+    return w[i] != W(0) ? double(d * d) * double(w[i]) : 0.0;
   });
   T var = T(s2) / T(denom);
   var = var * T(cnt / (cnt - C(1)));
-  const T r = T(1) / std::sqrt(var + T(1e-8));
+  const T r = T(1) / std::sqrt(var + T(kWhitenEps));
   at::parallel_for(0, n, kGrainElems, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) out[i] = (x[i] - mean) * r;
   });
   return true;
 }
 
-}  // namespace
-
-bool masked_whiten(const void* x, const void* w, bool f64, bool count_f64, int64_t n, void* out,
-                   double* count) {
+template <typename W>
+bool masked_whiten_typed(const void* x, const W* w, bool f64, bool count_f64, int64_t n,
+                         void* out, double* count) {
   if (!f64)
-    return masked_whiten_impl<float, float>(static_cast<const float*>(x),
-                                            static_cast<const float*>(w), n,
+    return masked_whiten_impl<float, float>(static_cast<const float*>(x), w, n,
                                             static_cast<float*>(out), count);
   const auto* xd = static_cast<const double*>(x);
-  const auto* wd = static_cast<const double*>(w);
   auto* od = static_cast<double*>(out);
-  return count_f64 ? masked_whiten_impl<double, double>(xd, wd, n, od, count)
-                   : masked_whiten_impl<double, float>(xd, wd, n, od, count);
+  return count_f64 ? masked_whiten_impl<double, double>(xd, w, n, od, count)
+                   : masked_whiten_impl<double, float>(xd, w, n, od, count);
+}
+
+}  // namespace
+
+bool masked_whiten(const void* x, const void* w, WeightType wt, bool f64, bool count_f64,
+                   int64_t n, void* out, double* count) {
+  const auto run = [&](const auto* typed) {
+    return masked_whiten_typed(x, typed, f64, count_f64, n, out, count);
+  };
+  switch (wt) {
+    case WeightType::kFloat32: return run(static_cast<const float*>(w));
+    case WeightType::kFloat64: return run(static_cast<const double*>(w));
+    case WeightType::kBool: return run(static_cast<const uint8_t*>(w));
+    case WeightType::kInt32: return run(static_cast<const int32_t*>(w));
+    case WeightType::kInt64: return run(static_cast<const int64_t*>(w));
+  }
+  return false;
 }
 
 void gae(const void* rewards, const void* values, bool f64, int64_t n, int64_t t,

@@ -22,16 +22,19 @@ void discounted_returns(const void* rewards, bool f64, int64_t n, int64_t t, con
 void gae(const void* rewards, const void* values, bool f64, int64_t n, int64_t t,
          const uint8_t* valid, double gamma, double lam, void* advantages, void* returns);
 
-// verl's masked_whiten(x, mask) (shift_mean=True) over n elements, weights w = the mask as
-// float: with c = Σ w, mean = Σ_{w≠0} x·w / (c + 1e-8), var = Σ_{w≠0} (x − mean)²·w / (c + 1e-8)
+// The element type of a mask whose values are weights (masked_whiten reads it as it is).
+enum class WeightType { kFloat32, kFloat64, kBool, kInt32, kInt64 };
+
+// verl's masked_whiten(x, mask) (shift_mean=True) over n elements, weights w = the mask's
+// values (of type `wt`; a float64 mask only with float64 x): with c = Σ w, mean = Σ_{w≠0} x·w / (c + 1e-8), var = Σ_{w≠0} (x − mean)²·w / (c + 1e-8)
 // · c / (c − 1), out = (x − mean) · rsqrt(var + 1e-8) at every element. The sums are float64
 // over fixed blocks (deterministic); everything else is verl's arithmetic in verl's types: x's
 // for the values, and for c + 1e-8 and c / (c − 1) the type of torch's mask.sum() (the mask's
 // float type, the default float type for an integer mask): `count_f64` (float32 otherwise; a
 // float32 x takes float32 only). c = 0 or c = 1 (verl's two errors) return false with *count
 // set, writing nothing.
-bool masked_whiten(const void* x, const void* w, bool f64, bool count_f64, int64_t n, void* out,
-                   double* count);
+bool masked_whiten(const void* x, const void* w, WeightType wt, bool f64, bool count_f64,
+                   int64_t n, void* out, double* count);
 
 // Rows grouped by ids (non-null) or contiguously by group_size.
 struct TokenGrouping {

@@ -252,9 +252,9 @@ def _cached_config_and_args(**options: Any) -> tuple[AdvantageConfig, tuple[int,
 
 def config_and_args(**options: Any) -> tuple[AdvantageConfig, list[int], list[float]]:
     """``AdvantageConfig(**options)`` and its :meth:`~AdvantageConfig.kernel_args`, cached by
-    the options' values: validating and encoding them took ~9 µs a call, a sixth of the
-    contiguous-groups op at 65,536 rows. Raises as the constructor does (errors are not
-    cached)."""
+    the options' values: validating and encoding them is a fixed cost of every call, large
+    next to the contiguous-groups kernel at small N. Raises as the constructor does (errors are
+    not cached)."""
     if all(type(v) in _CACHEABLE for v in options.values()):
         cfg, flags, hparams = _cached_config_and_args(**options)
         return cfg, list(flags), list(hparams)

@@ -422,8 +422,8 @@ class PolicyLossConfig:
         struct HParams, in field order). ``with_kl`` / ``with_rollout``: whether those add-ons
         are active in the call (their inputs are given).
 
-        Cached by the config's value (encoding took ~11 µs a call; the config is frozen, so an
-        equal config encodes equally); each call gets its own lists."""
+        Cached by the config's value (the config is frozen, so an equal config encodes
+        equally); each call gets its own lists."""
         try:
             flags, hparams = _cached_kernel_args(self, bool(with_kl), bool(with_rollout))
         except TypeError:  # a field value that cannot be hashed: encode afresh

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from rlkern.backends import cpp_ops, resolve_backend
+from rlkern.config.advantages import WHITEN_EPS
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.integrations.verl_rollout import compute_policy_loss_rlkern_bypass_mode
 from rlkern.ops.advantages import group_advantages
@@ -276,24 +277,30 @@ compute_reinforce_plus_plus_baseline_outcome_advantage = _ESTIMATOR_FUNCTIONS[
 # Token-level estimators: one fused reverse scan (rlkern.gae), then verl's whitening
 
 
+#: The mask dtypes rlkern::masked_whiten_out reads in place.
+_WHITEN_MASK_DTYPES = (torch.bool, torch.int32, torch.int64, torch.float32, torch.float64)
+
+
 def _masked_whiten(x: Tensor, mask: Tensor, backend: str = "auto") -> Tensor:
     """verl's ``masked_whiten(x, mask)`` (shift_mean=True): mean and unbiased variance over the
     masked entries of the whole batch (``Σ / (count + 1e-8)``, Bessel ``count / (count − 1)``),
     then ``(x − mean) · rsqrt(var + 1e-8)``, with verl's two errors (no valid entry, one).
 
     On the CPU backend (plain eager tensors, :func:`rlkern.ops.eager.plain_eager`) one C++ op,
-    ``rlkern::masked_whiten_out``: three passes and no temporaries, the sums in float64 (verl's
-    float32 arithmetic otherwise). Elsewhere verl's torch operations, one for one."""
+    ``rlkern::masked_whiten_out``: three passes, no temporaries, the mask read as it is (bool,
+    int32, int64, float32, float64), the sums in float64 (verl's arithmetic otherwise).
+    Elsewhere verl's torch operations, one for one."""
     # verl's count arithmetic (Σ mask + 1e-8, Bessel's factor) runs in the dtype of
     # mask.sum(): the mask's float dtype, the default float dtype for a bool / int mask.
     count_dtype = mask.dtype if mask.dtype.is_floating_point else torch.get_default_dtype()
     if (x.dtype in (torch.float32, torch.float64) and plain_eager(x, mask)
+            and mask.dtype in _WHITEN_MASK_DTYPES
             and torch.promote_types(x.dtype, mask.dtype) == x.dtype
             and torch.promote_types(x.dtype, count_dtype) == x.dtype
             and count_dtype in (torch.float32, torch.float64)
             and resolve_backend(backend, x.device) == "cpu"):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        cpp_ops().masked_whiten_out(x.contiguous(), mask.to(x.dtype).contiguous(),
+        cpp_ops().masked_whiten_out(x.contiguous(), mask.contiguous(),
                                     count_dtype == torch.float64, out)
         return out
     valid = mask.bool()
@@ -303,11 +310,11 @@ def _masked_whiten(x: Tensor, mask: Tensor, backend: str = "auto") -> Tensor:
         raise ValueError("At least one element in the mask has to be 1.")
     if n == 1:
         raise ValueError("The sum of the mask is one, which can cause a division by zero.")
-    mean = (torch.where(valid, x, 0.0) * mask).sum() / (count + 1e-8)
+    mean = (torch.where(valid, x, 0.0) * mask).sum() / (count + WHITEN_EPS)
     centered = x - mean
-    var = (torch.where(valid, centered**2, 0.0) * mask).sum() / (count + 1e-8)
+    var = (torch.where(valid, centered**2, 0.0) * mask).sum() / (count + WHITEN_EPS)
     var = var * (count / (count - 1))
-    return centered * torch.rsqrt(var + 1e-8)
+    return centered * torch.rsqrt(var + WHITEN_EPS)
 
 
 def _as_float(x: Any, name: str) -> float:
