@@ -1,5 +1,7 @@
 """CPU's fused policy loss (rlkern.ops.policy_loss.fused): the forward writes each token's
-gradient factor, the backward scales it in place.
+gradient factor, the backward scales it in place; or, where the upstream gradient is guessed
+right, the forward writes the gradient itself (``written``; test_policy_loss_written_grad.py
+covers the guess).
 
 Its claim is that the gradient is bitwise the two-pass backward's, so every test compares the
 two paths on the same inputs (the two-pass path is reached by switching the fused one off);
@@ -19,8 +21,21 @@ import rlkern
 import rlkern.ops.policy_loss.api as api
 from policy_loss_cases import CASES, C, Case, call_kwargs, make_inputs
 from rlkern.config.layout import layout
+from rlkern.ops.policy_loss import fused as fused_module
 from rlkern.ops.policy_loss.fused import fused_applies
 from rlkern.ops.policy_loss.inputs import prepare
+
+
+@pytest.fixture(params=["written", "factors"], autouse=True)
+def fused_mode(request, monkeypatch):
+    """Every test runs twice: the upstream guess steady at 1 (a linear aggregate's forward
+    writes the gradient) and unsteady (its forward writes the factors, as other fused
+    losses always do)."""
+    guess = fused_module.UpstreamGuess()
+    guess.steady = request.param == "written"
+    monkeypatch.setattr(fused_module, "UPSTREAM", guess)
+    return request.param
+
 
 #: The shared cases the fused path serves: token ratio mode, not gmpo / vespo.
 FUSED = [name for name, case in CASES.items()
@@ -127,13 +142,15 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("kl", [0.0, 0.0137])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, monkeypatch):
+def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, monkeypatch,
+                                                      fused_mode):
     """Without entropy, gvpo or batch normalisation, the fused path differentiates the
     aggregation by hand (LinearAggregate.row_grads; no autograd graph for it). Its gradient
     has the bits of the fused rows differentiated through autograd's aggregation, signed
     zeros included (an empty row has weight 0, and a negative upstream gradient makes its
     coefficient −0), and the two-pass path's bits at every valid token. (At masked tokens a
-    negative upstream gives −0 on the fused paths, +0 on the two-pass one.)"""
+    negative upstream gives −0 where factors are scaled, +0 on the two-pass path and where
+    the forward wrote the gradient or the guess missed.)"""
     inp = make_inputs(7, 23, dtype, seed=17)
     inp["mask"][2] = False  # an empty row
     grads, kinds = [], []
@@ -152,8 +169,10 @@ def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, 
         grads.append(lp.grad)
     assert kinds[0] == "_FusedLossBackward" and "_FusedLossBackward" not in kinds[1:]
     hand, auto, two_pass = grads
-    assert torch.equal(_bits(hand), _bits(auto))
     valid = inp["mask"]
+    if fused_mode == "factors":
+        assert torch.equal(_bits(hand), _bits(auto))
+    assert torch.equal(_bits(hand[valid]), _bits(auto[valid]))
     assert torch.equal(_bits(hand[valid]), _bits(two_pass[valid]))
     assert torch.equal(hand, two_pass) and (hand[~valid] == 0).all()
 

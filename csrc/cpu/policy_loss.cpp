@@ -16,6 +16,8 @@
 // forward's row_stats (nothing per token was saved).
 // Fused (Args::token_grad, policy_loss_fused_ok): the forward's [main] and [kl] passes also
 // write each token's gradient factor; policy_loss_fused_bwd scales them into the gradient.
+// Given the row coefficients up front (Args::grad_rows), they write the gradient itself:
+// the backward's products, in its order, so that nothing is left for a backward pass.
 // Every pass of a row stops at its last valid token (valid_extent: the right padding costs
 // no token math), and the main token loops prefetch their streams a page ahead
 // (prefetch_ahead): rows are a page or a few long, so without it each page starts with
@@ -319,16 +321,18 @@ V token_d_kl(const pl::KlTerm<V>& k, V rho, V d, V dc) {
 }
 
 // [main] forward, token-level kinds (ppo / cispo / sapo / reinforce / gvpo's metrics).
-// STORE (the fused forward, token-ratio mode): also writes token_d_pg to dg (0 at masked tokens).
+// STORE (the fused forward, token-ratio mode): also writes g_pg·token_d_pg to dg (0 at masked
+// tokens): the factor itself for g_pg = 1, else bwd_main's product.
 template <typename T, int K, bool SEQ, bool MULT, bool ADVTOK, bool STORE>
 void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
-              const HParams h, Acc& acc, T* dg) {
+              const HParams h, Acc& acc, T* dg, T g_pg) {
   static_assert(!(STORE && (SEQ || K == pl::kVespo)), "the fused forward: token-level kinds");
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V C(h.log_ratio_clamp), inf(kInf<double>), ninf(-kInf<double>);
   const V r_seq = V(double(c.r_seq));
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
+  const V gpg = V(double(g_pg));
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V pg(0.0), nlr(0.0), rs(0.0), as(0.0), lps(0.0), pgn(0.0), vs(0.0);
@@ -345,7 +349,7 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
       const V val = MULT ? mt * L.loss : L.loss;
       if constexpr (STORE)
-        P::store(dg + t, sel(s.v, token_d_pg<MULT>(L, d, dc, mt), V(0.0)), s.ln);
+        P::store(dg + t, sel(s.v, gpg * token_d_pg<MULT>(L, d, dc, mt), V(0.0)), s.ln);
       if constexpr (K == pl::kVespo) {  // split by the sign of A (a NaN A counts as A < 0)
         const auto pos = s.a >= V(0.0);
         const V vpos = sel(pos, val, V(0.0));
@@ -431,16 +435,21 @@ void fwd_gmpo(const Row<T> r, int64_t n, const T* wts, const RowConst<T> c,
   if (c.len > 0) acc.ratio_min = acc.ratio_max = rho;
 }
 
-// [kl] forward.
-// STORE (the fused forward, token-ratio mode): also writes token_d_kl to dk (0 at masked
-// tokens); ST, the straight-through gradient, matters only then.
-template <typename T, int KL, bool BIAS, bool SEQ, bool ST, bool STORE>
-void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc& acc, T* dk) {
-  static_assert(!(STORE && SEQ), "the fused forward: token-ratio mode");
+// What the fused forward's [kl] pass writes: nothing (the plain forward), token_d_kl (the
+// factor, for the backward to scale), or g_kl·token_d_kl added to the policy part of the
+// gradient (bwd_kl's sum, when the coefficients are known up front).
+enum KlStore { kKlStoreNone, kKlStoreFactor, kKlStoreAdd };
+
+// [kl] forward. STORE (the fused forward, token-ratio mode; a KlStore): also writes to dk
+// (0 at masked tokens); ST, the straight-through gradient, matters only then.
+template <typename T, int KL, bool BIAS, bool SEQ, bool ST, int STORE>
+void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc& acc, T* dk,
+            T g_kl) {
+  static_assert(!(STORE != kKlStoreNone && SEQ), "the fused forward: token-ratio mode");
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp), zero(0.0);
-  const V r_seq = V(double(c.r_seq));
+  const V r_seq = V(double(c.r_seq)), gkl = V(double(g_kl));
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V kl(0.0), refs(0.0);
@@ -458,7 +467,11 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
         rho = expv(SEQ ? r_seq : dc);
         val = val * rho;
       }
-      if constexpr (STORE) P::store(dk + t, sel(v, token_d_kl<BIAS>(k, rho, d, dc), zero), ln);
+      if constexpr (STORE == kKlStoreFactor)
+        P::store(dk + t, sel(v, token_d_kl<BIAS>(k, rho, d, dc), zero), ln);
+      if constexpr (STORE == kKlStoreAdd)
+        P::store(dk + t, P::load(dk + t, ln) + sel(v, gkl * token_d_kl<BIAS>(k, rho, d, dc), zero),
+                 ln);
       kl = kl + sel(v, val, zero);
       refs = refs + ref;
     }
@@ -608,6 +621,19 @@ bool has_mult(const PolicyLossArgs& a) {
          has(a, pl::kInTokenWeights);
 }
 
+// g[t] += x at the valid tokens of [0, n) (the backward's per-row constant terms).
+template <typename T>
+void add_at_valid(const uint8_t* m, int64_t n, T x, T* g) {
+  using P = typename plsimd::LanesFor<T>::type;
+  using V = typename P::V;
+  const V add = V(double(x)), zero(0.0);
+  for (int64_t t = 0; t < n; t += P::L) {
+    const auto ln = P::lanes(n - t);
+    const auto v = P::valid(m + t, ln);
+    P::store(g + t, P::load(g + t, ln) + sel(v, add, zero), ln);
+  }
+}
+
 int64_t grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
 
 // ----------------------------------------------------------------------------------- forward
@@ -620,13 +646,18 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   const bool aux = needs_aux(a), mult_on = has_mult(a);
   std::vector<T> mult(mult_on ? row_len : 0);
   // The fused forward's per-token factors (policy_loss_fused_ok): ∂pg_sum/∂logp and, with a
-  // KL term, ∂kl_sum/∂logp, each (B, T).
+  // KL term, ∂kl_sum/∂logp, each (B, T); or, given the coefficients (grad_rows), the gradient.
   T* const dg_all = static_cast<T*>(a.token_grad);
   T* const dk_all = static_cast<T*>(a.token_grad_kl);
+  const bool to_grad = dg_all != nullptr && a.grad_rows != nullptr;
   for (int64_t b = b0; b < b1; ++b) {
     const Row<T> r = row_ptrs<T>(a, b);
     T* const dg = dg_all ? dg_all + b * row_len : nullptr;
     T* const dk = dk_all ? dk_all + b * row_len : nullptr;
+    // bwd_rows' coefficients (1 and 0: the factors themselves)
+    const auto gr = [&](int k) { return to_grad ? T(a.grad_rows[k * a.in.B + b]) : T(0); };
+    const T g_pg = to_grad ? gr(pl::kGradPg) : T(1), g_kl = gr(pl::kGradKl);
+    const T g_lp = gr(pl::kGradLp);
     const int64_t n = valid_extent(r.m, row_len);  // the passes stop at the last valid token
     zero_tail(dg, n, row_len);
     zero_tail(dk, n, row_len);
@@ -655,12 +686,12 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
               if constexpr (!kSeq && K != pl::kVespo) {
                 if (dg) {
                   fwd_main<T, K, kSeq, decltype(mo)::value, decltype(at)::value, true>(
-                      r, n, mp, c, a.hp, acc, dg);
+                      r, n, mp, c, a.hp, acc, dg, g_pg);
                   return;
                 }
               }
               fwd_main<T, K, kSeq, decltype(mo)::value, decltype(at)::value, false>(
-                  r, n, mp, c, a.hp, acc, nullptr);
+                  r, n, mp, c, a.hp, acc, nullptr, T(1));
             });
           });
         });
@@ -685,18 +716,23 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
             constexpr int KL = decltype(kl)::value;
             constexpr bool kBias = decltype(bias)::value, kSeq = decltype(seq)::value;
             if constexpr (!kSeq) {
-              if (dk) {
+              if (dk || to_grad) {
                 with_bool(f.kl_straight_through != 0, [&](auto st) {
-                  fwd_kl<T, KL, kBias, kSeq, decltype(st)::value, true>(r, n, c, a.hp, acc, dk);
+                  constexpr bool kSt = decltype(st)::value;
+                  if (to_grad)
+                    fwd_kl<T, KL, kBias, kSeq, kSt, kKlStoreAdd>(r, n, c, a.hp, acc, dg, g_kl);
+                  else
+                    fwd_kl<T, KL, kBias, kSeq, kSt, kKlStoreFactor>(r, n, c, a.hp, acc, dk, T(0));
                 });
                 return;
               }
             }
-            fwd_kl<T, KL, kBias, kSeq, false, false>(r, n, c, a.hp, acc, nullptr);
+            fwd_kl<T, KL, kBias, kSeq, false, kKlStoreNone>(r, n, c, a.hp, acc, nullptr, T(0));
           });
         });
       });
     }
+    if (to_grad && g_lp != T(0)) add_at_valid(r.m, n, g_lp, dg);  // bwd_rows' Σ m·Δ term
     if (f.loss_kind == pl::kGvpo) acc.clip_low = acc.clip_high = 0;
     // Statistic-major layout: row_stats[k * B + b].
     const auto s = [&](int k) -> double& { return a.row_stats[k * a.in.B + b]; };
@@ -795,14 +831,7 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
     }
     // ∂/∂logp of the row sum Σ m·(logp − old) (gvpo), and the sequence ratio's share.
     const T extra = ratio_full && c.pass_seq ? T(G / (c.len > 1 ? c.len : 1.0)) : T(0);
-    if (g_lp != T(0) || extra != T(0)) {
-      const V add = V(double(g_lp + extra)), zero(0.0);
-      for (int64_t t = 0; t < n; t += P::L) {
-        const auto ln = P::lanes(n - t);
-        const auto v = P::valid(r.m + t, ln);
-        P::store(g + t, P::load(g + t, ln) + sel(v, add, zero), ln);
-      }
-    }
+    if (g_lp != T(0) || extra != T(0)) add_at_valid(r.m, n, T(g_lp + extra), g);
     if (a.grad_entropy) {
       T* ge = static_cast<T*>(a.grad_entropy) + b * row_len;
       zero_tail(ge, n, row_len);
@@ -929,6 +958,23 @@ void policy_loss_fused_bwd(const PolicyLossArgs& a) {
   parallel_rows(a.in.B, a.in.T, [&](int64_t b0, int64_t b1) {
     if (a.in.f64) fused_bwd_rows<double>(a, b0, b1);
     else fused_bwd_rows<float>(a, b0, b1);
+  });
+}
+
+void policy_loss_lens(const uint8_t* mask, int64_t B, int64_t T, int64_t stride, double* lens) {
+  parallel_rows(B, T, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* m = mask + b * stride;
+      int64_t n = 0, t = 0;
+#if defined(RLKERN_PL_AVX512)
+      for (; t + 64 <= T; t += 64) {
+        const __m512i v = _mm512_loadu_si512(m + t);
+        n += __builtin_popcountll(_mm512_test_epi8_mask(v, v));
+      }
+#endif
+      for (; t < T; ++t) n += m[t] != 0;
+      lens[b] = double(n);
+    }
   });
 }
 

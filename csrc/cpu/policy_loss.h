@@ -20,6 +20,9 @@ void policy_loss_bwd(const PolicyLossArgs& args);
 // bitwise what policy_loss_bwd would write.
 void policy_loss_fused_bwd(const PolicyLossArgs& args);
 
+// lens[b] = the number of nonzero bytes of mask row b (B rows of T, row stride `stride`).
+void policy_loss_lens(const uint8_t* mask, int64_t B, int64_t T, int64_t stride, double* lens);
+
 using KlArgs = policy_loss::KlArgs;
 void kl_penalty(const KlArgs& args);
 

@@ -13,6 +13,7 @@ extern const char* const kPolicyLossFwdOutSchema;
 extern const char* const kPolicyLossBwdOutSchema;
 extern const char* const kPolicyLossFusedFwdOutSchema;
 extern const char* const kPolicyLossFusedBwdSchema;
+extern const char* const kPolicyLossLensOutSchema;
 extern const char* const kKlPenaltyFwdOutSchema;
 extern const char* const kKlPenaltyBwdOutSchema;
 

@@ -258,12 +258,13 @@ struct Args {
   Flags flags;
   HParams hp;
   double* row_stats;        // (kNumRowStats, B) contiguous: forward output, backward input
-  const double* grad_rows;  // backward: (kNumRowGrads, B) contiguous
+  const double* grad_rows;  // backward (and CPU's fused forward, optional): (kNumRowGrads, B)
   void* grad_logp;          // backward: (B, T) contiguous, compute dtype
   void* grad_entropy;       // backward: (B, T) contiguous, nullable
   // CPU's fused path (policy_loss_fused_ok): (B, T) contiguous, compute dtype; the forward
   // writes ∂pg_sum/∂logp per token to token_grad (and ∂kl_sum/∂logp to token_grad_kl, with a
-  // KL term), the backward scales them in place into the gradient (in token_grad). nullptr
+  // KL term), the backward scales them in place into the gradient (in token_grad); with
+  // grad_rows set, the forward writes that gradient itself (token_grad_kl nullptr). nullptr
   // otherwise.
   void* token_grad;
   void* token_grad_kl;

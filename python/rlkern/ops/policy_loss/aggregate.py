@@ -3,9 +3,10 @@ kernels (``row_sums``: pg_sum, kl_sum, ent_sum, lp_sum; ``row_stats``: every per
 rows named by ``layout("policy_loss").row_stats``).
 
 Every aggregation mode is linear in the per-row sums (gvpo's is quadratic in lp_sum): the loss
-is Σ_i c_i · sums_i with per-row weights ``c`` (:func:`_term_weights`). Autograd differentiates
-:func:`aggregate` for :func:`rlkern.policy_loss`; :func:`aggregate_grad` gives the same
-coefficients without a graph for fused callers (they run inside a registered op).
+is Σ_i c_i · sums_i with per-row weights ``c`` that depend on the rows' counts only
+(:func:`_term_weights`). Autograd differentiates :func:`aggregate` for
+:func:`rlkern.policy_loss`; :func:`aggregate_grad` gives the same coefficients without a graph
+for fused callers (they run inside a registered op).
 """
 
 from __future__ import annotations
@@ -62,16 +63,16 @@ def _seq_denominator(cfg: PolicyLossConfig, B: int, num_seqs) -> Any:
     return float(max(B, 1)) if num_seqs is None else num_seqs
 
 
-def _term_weights(row_stats: Tensor, cfg: PolicyLossConfig, width: int, num_tokens, num_seqs,
-                  *, with_entropy: bool, seq_lens: Tensor | None = None
+def _term_weights(lens: Tensor, cfg: PolicyLossConfig, width: int, num_tokens, num_seqs,
+                  *, ent_counts: Tensor | None = None,
                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Per-row weights of the policy, KL and entropy sums in their aggregates (None: the term
-    is absent; the policy weight is None for gvpo, which is quadratic)."""
-    S = layout("policy_loss").row_stats
-    lens = row_stats[S.len] if seq_lens is None else seq_lens.to(row_stats)
+    is absent; the policy weight is None for gvpo, which is quadratic). ``lens``: ``(B,)``
+    float64 valid tokens per row; ``ent_counts``: the entropy term's per-row counts (None:
+    no entropy term)."""
     common = dict(num_tokens=num_tokens, num_seqs=num_seqs, count_empty=cfg.count_empty_seqs,
                   max_len=cfg.max_len, width=width)
-    B = row_stats.shape[1]
+    B = lens.shape[0]
     if cfg.policy_loss == "gmpo":
         w_pg = torch.ones_like(lens) / _seq_denominator(cfg, B, num_seqs)
     elif cfg.policy_loss == "gvpo":
@@ -80,15 +81,26 @@ def _term_weights(row_stats: Tensor, cfg: PolicyLossConfig, width: int, num_toke
         w_pg = _agg_weights(lens, cfg.loss_agg_mode, **common)
     w_kl = _agg_weights(lens, cfg.kl_agg(), **common) if cfg.kl_coef != 0.0 else None
     w_ent = None
-    if with_entropy:
+    if ent_counts is not None:
         ent_common = dict(common)
         if not cfg.entropy_global_norm:
             ent_common.update(num_tokens=None, num_seqs=None)
-        counts = row_stats[S.ent_count]
-        if seq_lens is not None and cfg.top_entropy_quantile == 1.0:
-            counts = lens
-        w_ent = _agg_weights(counts, cfg.entropy_agg(), **ent_common)
+        w_ent = _agg_weights(ent_counts, cfg.entropy_agg(), **ent_common)
     return w_pg, w_kl, w_ent
+
+
+def _row_weights(row_stats: Tensor, cfg: PolicyLossConfig, width: int, num_tokens, num_seqs,
+                 *, with_entropy: bool, seq_lens: Tensor | None = None
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`_term_weights` with the counts read from ``row_stats`` (``seq_lens``: the rows'
+    full lengths, for chunks that split a row)."""
+    S = layout("policy_loss").row_stats
+    lens = row_stats[S.len] if seq_lens is None else seq_lens.to(row_stats)
+    ent_counts = None
+    if with_entropy:
+        split = seq_lens is not None and cfg.top_entropy_quantile == 1.0
+        ent_counts = lens if split else row_stats[S.ent_count]
+    return _term_weights(lens, cfg, width, num_tokens, num_seqs, ent_counts=ent_counts)
 
 
 def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
@@ -100,9 +112,9 @@ def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width:
     ``kl_loss``, ``entropy_loss``). ``width``: T (seq-mean-token-sum-norm's default L);
     ``scores``: gvpo's per-response scores (the advantages); ``pg_scale``: a constant factor
     of the policy term (batch-normalised rollout weights), None: 1; ``weights``: the per-row
-    weights ``_term_weights`` gives for these arguments, when the caller has them."""
+    weights ``_row_weights`` gives for these arguments, when the caller has them."""
     G = layout("policy_loss").row_grads
-    w_pg, w_kl, w_ent = weights if weights is not None else _term_weights(
+    w_pg, w_kl, w_ent = weights if weights is not None else _row_weights(
         row_stats, cfg, width, num_tokens, num_seqs, with_entropy=with_entropy,
         seq_lens=seq_lens)
     if w_pg is None:  # gvpo: ½ Σ e² / (g − 1), e = (R − R̄_g) − (s − s̄_g), R = β·Σ_t m·Δ
@@ -151,11 +163,19 @@ class LinearAggregate:
     def applies(cfg: PolicyLossConfig, *, with_entropy: bool, pg_scaled: bool) -> bool:
         return not (with_entropy or pg_scaled or cfg.policy_loss == "gvpo")
 
+    def set_lens(self, lens: Tensor) -> None:
+        """The per-row weights from the rows' valid-token counts ``lens`` (``(B,)`` float64,
+        what the forward's ``row_stats`` will hold), so that :meth:`row_grads` can run before
+        the forward (the forward that writes the gradient itself)."""
+        self.weights = _term_weights(lens, self.cfg, self.width, self.num_tokens,
+                                     self.num_seqs)
+
     def forward(self, row_sums: Tensor, row_stats: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss, parts)``: the loss in ``out_dtype`` and its parts as one float64 vector,
         in the order of :attr:`part_names` (``pg_loss``, then ``kl_loss`` with a KL term)."""
-        self.weights = _term_weights(row_stats, self.cfg, self.width, self.num_tokens,
-                                     self.num_seqs, with_entropy=False)
+        if self.weights is None:
+            self.weights = _row_weights(row_stats, self.cfg, self.width, self.num_tokens,
+                                        self.num_seqs, with_entropy=False)
         total, parts = aggregate(row_sums, row_stats, self.cfg, self.width,
                                  self.scores, self.num_tokens, self.num_seqs,
                                  with_entropy=False, weights=self.weights)

@@ -35,6 +35,7 @@ otherwise :func:`fused_rows` returns the row sums for autograd to aggregate.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -63,44 +64,87 @@ def fused_applies(p: Prepared) -> bool:
 
 
 def _forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
-             inputs: list[Tensor | None], flags: list[int], hparams: list[float]) -> Tensor:
+             inputs: list[Tensor | None], flags: list[int], hparams: list[float],
+             grad_rows: Tensor | None = None) -> Tensor:
     """The fused forward kernel: ``row_stats``, with the factors and what the backward needs
-    kept on ``ctx``."""
+    kept on ``ctx``. Given ``grad_rows`` (the backward's ∂loss/∂row_sums, known up front),
+    the kernel writes the gradient itself instead of the factors (``ctx.factors`` then holds
+    it, with ``ctx.is_gradient`` set)."""
     lay = layout("policy_loss")
     B, T = mask.shape
     row_stats = torch.empty(len(lay.row_stats), B, dtype=torch.float64)
-    with_kl = flags[lay.flags.kl_kind] != lay.kl_kinds.none
+    with_kl = flags[lay.flags.kl_kind] != lay.kl_kinds.none and grad_rows is None
     factors = (torch.empty(B, T, dtype=lp.dtype),
                torch.empty(B, T, dtype=lp.dtype) if with_kl else None)
     if B > 0:
         torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
-                                                   hparams, row_stats, *factors)
+                                                   hparams, row_stats, *factors, grad_rows)
         check_row_stats(row_stats, lp, old, adv, mask, inputs, flags)
     ctx.set_materialize_grads(False)
     given, slots = split_inputs(inputs)
     ctx.save_for_backward(lp, old, adv, mask, row_stats, *given)
     ctx.slots, ctx.flags, ctx.hparams = slots, list(flags), list(hparams)
-    ctx.factors = factors  # consumed (scaled in place) by the first backward
+    ctx.factors = factors  # consumed (scaled in place, or returned) by the first backward
+    ctx.is_gradient = grad_rows is not None
     return row_stats
 
 
-def _backward(ctx: Any, grad_rows: Tensor) -> Tensor:
-    """∂loss/∂lp from ``grad_rows`` = ∂loss/∂row_sums (float64, contiguous)."""
+def _two_pass(ctx: Any, grad_rows: Tensor) -> Tensor:
+    """∂loss/∂lp by the registered two-pass backward op (the same bits as the fused path)."""
     lp, old, adv, mask, row_stats, *given = ctx.saved_tensors
+    grad_lp, _ = torch.ops.rlkern.policy_loss_bwd(
+        lp, old, adv, mask, given, ctx.slots, row_stats, grad_rows, ctx.flags, ctx.hparams,
+        False, "cpu")
+    return grad_lp
+
+
+def _backward(ctx: Any, grad_rows: Tensor) -> Tensor:
+    """∂loss/∂lp from ``grad_rows`` = ∂loss/∂row_sums (float64, contiguous), where the
+    forward wrote the factors."""
     # A backward that builds a graph (create_graph=True) or a second one through the same
     # graph (retain_graph=True; the first consumed the factors) runs the registered two-pass
     # backward op, as the two-pass form would: the same bits, and the same graph for
     # higher-order gradients.
     factors = None if torch.is_grad_enabled() else ctx.factors
     if factors is None:
-        grad_lp, _ = torch.ops.rlkern.policy_loss_bwd(
-            lp, old, adv, mask, given, ctx.slots, row_stats, grad_rows, ctx.flags,
-            ctx.hparams, False, "cpu")
-        return grad_lp
+        return _two_pass(ctx, grad_rows)
     ctx.factors = None
+    mask = ctx.saved_tensors[3]
     if mask.numel():
         torch.ops.rlkern.policy_loss_fused_bwd_(mask, grad_rows, ctx.flags, *factors)
     return factors[0]
+
+
+class UpstreamGuess:
+    """The upstream gradient the next fused loss's backward is expected to receive.
+
+    A linear aggregate's ∂loss/∂row_sums is known before the forward up to that one scalar
+    (``loss.backward()`` gives 1; a trainer that scales the loss for gradient accumulation
+    gives the same factor at every micro-batch). When the guess is right, the forward writes
+    the finished gradient and the backward only returns it: no second pass over ``(B, T)``.
+    When it is wrong, the backward runs the two-pass op instead. Either way the gradient has
+    the two-pass bits; only the time differs. The guess is the last upstream seen, and only
+    while the last two agreed; a varying upstream gets the factors (one scaling pass).
+    """
+
+    def __init__(self) -> None:
+        self.last, self.steady = 1.0, True
+
+    def guess(self) -> float | None:
+        return self.last if self.steady else None
+
+    def observe(self, value: float) -> None:
+        self.steady = _same_float(value, self.last)
+        self.last = value
+
+
+def _same_float(a: float, b: float) -> bool:
+    """Equal, signed zeros told apart (a −0 upstream gives −0 coefficients); NaN never."""
+    return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+#: The process's guess (threads may race on it: that costs time, never bits).
+UPSTREAM = UpstreamGuess()
 
 
 _NO_GRADS = (None,) * 6  # old, adv, mask, inputs, flags, hparams
@@ -130,13 +174,27 @@ class _FusedLoss(torch.autograd.Function):
     """``(loss, row_stats, parts)`` of a :class:`~.aggregate.LinearAggregate`: the loss in the
     output dtype, differentiable in ``lp`` only; its backward forms ∂loss/∂row_sums as
     autograd would through the aggregation (:meth:`~.aggregate.LinearAggregate.row_grads`)
-    without building that graph: ~8 autograd nodes fewer a call."""
+    without building that graph: ~8 autograd nodes fewer a call.
+
+    With an upstream gradient to expect (:class:`UpstreamGuess`), the forward counts each
+    row's valid tokens first (``rlkern::policy_loss_lens_out``, one read of the mask), forms
+    the coefficients for that upstream and has the kernel write the gradient itself."""
 
     @staticmethod
     def forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
                 inputs: list[Tensor | None], flags: list[int], hparams: list[float],
                 linear: LinearAggregate) -> tuple[Tensor, Tensor, Tensor]:
-        row_stats = _forward(ctx, lp, old, adv, mask, inputs, flags, hparams)
+        guess = UPSTREAM.guess()
+        grad_rows = None
+        ctx.upstream = None
+        if guess is not None:
+            lens = torch.empty(mask.shape[0], dtype=torch.float64)
+            torch.ops.rlkern.policy_loss_lens_out(mask, lens)
+            linear.set_lens(lens)
+            upstream = torch.tensor(guess, dtype=linear.out_dtype)  # the loss's dtype
+            grad_rows = linear.row_grads(upstream)
+            ctx.upstream = upstream.item()
+        row_stats = _forward(ctx, lp, old, adv, mask, inputs, flags, hparams, grad_rows)
         loss, parts = linear.forward(row_stats[grad_rows_slice()], row_stats)
         ctx.linear = linear
         ctx.mark_non_differentiable(row_stats, parts)
@@ -147,7 +205,17 @@ class _FusedLoss(torch.autograd.Function):
                  _grad_parts: Tensor | None) -> tuple[Tensor | None, ...]:
         if grad_loss is None:
             return (None, *_NO_GRADS, None)
-        return (_backward(ctx, ctx.linear.row_grads(grad_loss)), *_NO_GRADS, None)
+        upstream = grad_loss.item()
+        UPSTREAM.observe(upstream)
+        if not ctx.is_gradient:
+            return (_backward(ctx, ctx.linear.row_grads(grad_loss)), *_NO_GRADS, None)
+        grad = ctx.factors[0] if ctx.factors is not None else None
+        if (grad is not None and not torch.is_grad_enabled()
+                and _same_float(upstream, ctx.upstream)):
+            ctx.factors = None  # the forward's gradient, handed over once
+            return (grad, *_NO_GRADS, None)
+        # another upstream, a second backward or one that builds a graph
+        return (_two_pass(ctx, ctx.linear.row_grads(grad_loss)), *_NO_GRADS, None)
 
 
 def fused_rows(p: Prepared) -> tuple[Tensor, Tensor]:
