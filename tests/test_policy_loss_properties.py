@@ -147,3 +147,45 @@ def test_sum_is_token_mean_times_count_and_scale_is_linear(B, T, seed, scale):
     torch.testing.assert_close(c, b * scale)
     torch.testing.assert_close(d, c)
     assert math.isfinite(a.item())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 8), T=st.integers(1, 90),
+       f64=st.booleans(), dual=st.booleans(), delta=st.booleans(), spread=st.sampled_from(
+           [0.05, 0.5, 3.0]), grad=st.booleans())
+def test_one_advantage_per_response_gives_the_per_token_bits(seed, B, T, f64, dual, delta,
+                                                              spread, grad):
+    """PPO's CPU token loops know a row's advantage sign when there is one advantage per
+    response and skip the comparisons it decides (ppo_loss's SIGN). The same values as a
+    (B, T) tensor take the generic path: the loss, every metric and the gradient have the same
+    bits, for positive, negative, zero (±0) and NaN advantages (checks off)."""
+    dtype = torch.float64 if f64 else torch.float32
+    inp = make_inputs(B, T, dtype, seed=seed, spread=spread)
+    adv = inp["advantages"].clone()
+    specials = [0.0, -0.0, math.nan, 1e-30, -1e-30]
+    for i in range(min(B, len(specials))):
+        if (seed + i) % 3 == 0:
+            adv[i] = specials[i]
+    cfg = PolicyLossConfig(clip_ratio_c=3.0 if dual else None, delta=1.4 if delta else None,
+                           log_ratio_clamp=None if delta else 20.0)
+    outs = []
+    rlkern.set_checks(False)
+    try:
+        for a in (adv, adv[:, None].expand(B, T).contiguous()):
+            lp = inp["logprobs"].clone().requires_grad_(grad)
+            out = rlkern.policy_loss(lp, inp["old_logprobs"], a, inp["mask"], config=cfg,
+                                     backend="cpu")
+            g = torch.autograd.grad(out.loss, lp)[0] if grad else None
+            outs.append((out, g))
+    finally:
+        rlkern.set_checks(True)
+    (o1, g1), (o2, g2) = outs
+    assert torch.equal(_bits(o1.loss), _bits(o2.loss))
+    for k in o1.metrics:
+        assert torch.equal(_bits(o1.metrics[k]), _bits(o2.metrics[k])), k
+    if grad:
+        assert torch.equal(_bits(g1), _bits(g2))

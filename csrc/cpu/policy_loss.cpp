@@ -323,7 +323,8 @@ V token_d_kl(const pl::KlTerm<V>& k, V rho, V d, V dc) {
 // [main] forward, token-level kinds (ppo / cispo / sapo / reinforce / gvpo's metrics).
 // STORE (the fused forward, token-ratio mode): also writes g_pg·token_d_pg to dg (0 at masked
 // tokens): the factor itself for g_pg = 1, else bwd_main's product.
-template <typename T, int K, bool SEQ, bool MULT, bool ADVTOK, bool STORE>
+// SIGN: the row's advantage sign when known (ppo_loss's; one advantage per response), else 0.
+template <typename T, int K, bool SEQ, bool MULT, bool ADVTOK, bool STORE, int SIGN = 0>
 void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
               const HParams h, Acc& acc, T* dg, T g_pg) {
   static_assert(!(STORE && (SEQ || K == pl::kVespo)), "the fused forward: token-level kinds");
@@ -345,7 +346,8 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
       const V rho = expv(SEQ ? r_seq : dc);
-      const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
+      const pl::TokenLoss<V> L =
+          pl::token_loss<V, SIGN>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
       const V val = MULT ? mt * L.loss : L.loss;
       if constexpr (STORE)
@@ -601,6 +603,18 @@ void with_kind(int kind, F&& f) {
             pl::kDppoTv, pl::kDppoKl, pl::kClipCov, pl::kKlCov>(kind, f);
 }
 
+// f(std::integral_constant<int, s>) with s the sign of the row's one advantage (+1, −1; 0
+// when zero or NaN) for PPO with per-response advantages, 0 for anything else: ppo_loss then
+// skips the comparisons the sign decides (three instantiations of PPO's token loops only).
+template <int K, bool ADVTOK, typename T, typename F>
+void with_adv_sign(const T* adv, F&& f) {
+  if constexpr (K == pl::kPpo && !ADVTOK) {
+    if (*adv > T(0)) return f(std::integral_constant<int, 1>{});
+    if (*adv < T(0)) return f(std::integral_constant<int, -1>{});
+  }
+  f(std::integral_constant<int, 0>{});
+}
+
 template <typename F>
 void with_kl(int kind, F&& f) {
   with_code<pl::kKlK3, pl::kKlK1, pl::kKlK2, pl::kKlAbs>(kind, f);
@@ -683,15 +697,19 @@ void fwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
             with_bool(a.in.adv_per_token, [&](auto at) {
               constexpr int K = decltype(k)::value;
               constexpr bool kSeq = decltype(seq)::value;
-              if constexpr (!kSeq && K != pl::kVespo) {
-                if (dg) {
-                  fwd_main<T, K, kSeq, decltype(mo)::value, decltype(at)::value, true>(
-                      r, n, mp, c, a.hp, acc, dg, g_pg);
-                  return;
+              constexpr bool kMult = decltype(mo)::value, kAdvTok = decltype(at)::value;
+              with_adv_sign<K, kAdvTok>(r.adv, [&](auto sign) {
+                constexpr int kSign = decltype(sign)::value;
+                if constexpr (!kSeq && K != pl::kVespo) {
+                  if (dg) {
+                    fwd_main<T, K, kSeq, kMult, kAdvTok, true, kSign>(r, n, mp, c, a.hp, acc,
+                                                                       dg, g_pg);
+                    return;
+                  }
                 }
-              }
-              fwd_main<T, K, kSeq, decltype(mo)::value, decltype(at)::value, false>(
-                  r, n, mp, c, a.hp, acc, nullptr, T(1));
+                fwd_main<T, K, kSeq, kMult, kAdvTok, false, kSign>(r, n, mp, c, a.hp, acc,
+                                                                    nullptr, T(1));
+              });
             });
           });
         });

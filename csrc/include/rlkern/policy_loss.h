@@ -437,7 +437,10 @@ RLKERN_HOST_DEVICE TokenLoss<T> zero_loss() {
 // the unclipped term and dual clip c for A < 0 (Ye et al. 2019, "Mastering complex control
 // in MOBA games with deep RL", dual-clip PPO):
 //   ℓ = max(−A·min(ρ, δ), −A·clip(ρ, lo, hi));  A < 0: ℓ = min(ℓ, −A·c).
-template <typename T>
+// SIGN: the sign of A when the caller knows it for every lane (+1 or −1: one advantage per
+// response, a row constant), 0 otherwise. The known sign only drops the comparisons whose
+// outcome it fixes (the dual clip and one clip indicator): the same results, bit for bit.
+template <int SIGN = 0, typename T>
 RLKERN_HOST_DEVICE TokenLoss<T> ppo_loss(T rho, T adv, T lo, T hi, T delta, T c) {
   const T rho_d = sel(rho > delta, delta, rho);
   const T g1 = sel(rho <= delta, rho, T(0));  // ∂min(ρ, δ)/∂r
@@ -448,17 +451,33 @@ RLKERN_HOST_DEVICE TokenLoss<T> ppo_loss(T rho, T adv, T lo, T hi, T delta, T c)
   T loss = sel(l1 >= l2, l1, l2);
   // ∂/∂r of the chosen branch; an exact tie takes the mean (torch.maximum's convention)
   T d = -adv * sel(l1 > l2, g1, sel(l1 < l2, g2, T(0.5) * (g1 + g2)));
-  const T l3 = -adv * c;
-  const auto neg = adv < T(0);
-  const auto dual = neg && (loss > l3);
-  d = sel(dual, T(0), sel(neg && (loss == l3), T(0.5) * d, d));
-  loss = sel(dual, l3, loss);
   TokenLoss<T> out;
-  out.loss = loss;
-  out.d_r = d;
   out.d_logp = T(0);
   out.clipped = l2 > l1;
   // the ratio as the loss sees it, min(ρ, δ) (TRL counts its clip ratios after the δ clamp)
+  if constexpr (SIGN > 0) {  // A > 0: no dual clip, no low clip counted
+    out.loss = loss;
+    out.d_r = d;
+    out.clip_low = out.dual = MaskOf<T>{};
+    out.clip_high = rho_d > hi;
+    return out;
+  }
+  const T l3 = -adv * c;
+  if constexpr (SIGN < 0) {  // A < 0: every lane may take the dual clip
+    const auto dual = loss > l3;
+    d = sel(dual, T(0), sel(loss == l3, T(0.5) * d, d));
+    out.loss = sel(dual, l3, loss);
+    out.d_r = d;
+    out.clip_low = rho_d < lo;
+    out.clip_high = MaskOf<T>{};
+    out.dual = dual;
+    return out;
+  }
+  const auto neg = adv < T(0);
+  const auto dual = neg && (loss > l3);
+  d = sel(dual, T(0), sel(neg && (loss == l3), T(0.5) * d, d));
+  out.loss = sel(dual, l3, loss);
+  out.d_r = d;
   out.clip_low = (rho_d < lo) && neg;
   out.clip_high = (rho_d > hi) && (adv > T(0));
   out.dual = dual;
@@ -580,7 +599,8 @@ RLKERN_HOST_DEVICE TokenLoss<T> cov_loss(bool kl, T rho, T adv, T logp, T old, T
 // kKlCov; kGvpo has no token loss; kVespo's is −A·logp, which the kernels scale by the row's φ
 // for the sign of A: vespo_phi). `old`: the old log-probability (dro, dppo, kl_cov read it);
 // `cov`: the cov_select value (clip_cov / kl_cov); both 0 at masked tokens.
-template <typename T>
+// SIGN: ppo_loss's (the others ignore it).
+template <typename T, int SIGN = 0>
 RLKERN_HOST_DEVICE TokenLoss<T> token_loss(int kind, T rho, T adv, T logp, T old, T cov,
                                            const HParams& h) {
   if (kind == kClipCov || kind == kKlCov)
@@ -593,7 +613,7 @@ RLKERN_HOST_DEVICE TokenLoss<T> token_loss(int kind, T rho, T adv, T logp, T old
   if (kind == kSapo) return sapo_loss(rho, adv, T(h.sapo_tau_pos), T(h.sapo_tau_neg));
   if (kind == kReinforce || kind == kVespo) return reinforce_loss(adv, logp);
   if (kind == kGvpo) return zero_loss<T>();
-  return ppo_loss(rho, adv, T(h.clip_lo), T(h.clip_hi), T(h.delta), T(h.dual_clip_c));
+  return ppo_loss<SIGN>(rho, adv, T(h.clip_lo), T(h.clip_hi), T(h.delta), T(h.dual_clip_c));
 }
 
 // GMPO token clip in log space: Δc = sgn(A)·min(sgn(A)·Δ, sgn(A)·clip(Δ, lo, hi)) with

@@ -31,6 +31,14 @@ linear (no entropy term, not gvpo, no batch-normalised rollout weights:
 the loss itself and its backward forms ∂loss/∂row_sums by hand, with autograd's own
 operations in autograd's order (the same bits, without building and running that graph);
 otherwise :func:`fused_rows` returns the row sums for autograd to aggregate.
+
+A linear aggregate's coefficients depend on the rows' valid-token counts and the upstream
+gradient only, so where the upstream is the one :class:`UpstreamGuess` expects, the forward
+counts the rows (``rlkern::policy_loss_lens_out``), forms the coefficients and the kernel
+writes the gradient itself (``grad_rows`` given to ``policy_loss_fused_fwd_out``): the
+backward's products in its order, the KL part added in place, no factor buffers; the
+backward then only hands that buffer over. A different upstream runs the two-pass backward
+op. The bits are the two-pass op's on every path.
 """
 
 from __future__ import annotations
