@@ -28,14 +28,16 @@ __all__ = ["call", "custom_op", "plain_eager"]
 BODIES: dict[str, Callable[..., Any]] = {}
 
 
-def plain_eager(*tensors: Tensor | None) -> bool:
+def plain_eager(*tensors: Tensor | None, no_graph: bool = False) -> bool:
     """Whether a non-differentiable registered op may run its Python body directly here.
 
     True only in eager mode (not traced by ``torch.compile`` or ``torch.jit``), with no torch
     function mode (``with torch.device(...)``), no dispatch mode and no functorch transform
     (``vmap``, ``grad``) active, and every tensor in ``tensors`` (``None`` skipped) a plain
     ``torch.Tensor``, not a subclass (``FakeTensor``, ``DTensor``), on the CPU, that does not
-    require grad (the body then builds no autograd graph, as the op builds none).
+    require grad (the body then builds no autograd graph, as the op builds none). With
+    ``no_graph`` (the caller knows no graph is built: grad mode is off), tensors that require
+    grad qualify too, which lets a differentiable op's body serve its no-grad calls.
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
@@ -43,7 +45,8 @@ def plain_eager(*tensors: Tensor | None) -> bool:
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(t is None or (type(t) is Tensor and t.device.type == "cpu" and not t.requires_grad)
+    return all(t is None or (type(t) is Tensor and t.device.type == "cpu"
+                             and (no_graph or not t.requires_grad))
                for t in tensors)
 
 

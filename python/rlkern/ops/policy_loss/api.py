@@ -23,7 +23,7 @@ from rlkern.ops.policy_loss.aggregate import (
 )
 from rlkern.ops.policy_loss.fused import fused_applies, fused_loss, fused_rows
 from rlkern.ops.policy_loss.inputs import Prepared, normaliser, prepare
-from rlkern.ops.policy_loss.register import split_inputs
+from rlkern.ops.policy_loss.register import forward_rows, split_inputs
 from rlkern.ops.policy_loss.rollout_rs import apply_rejection, norm_scale, norm_scaled
 
 __all__ = ["PolicyLossChunk", "PolicyLossOutput", "policy_loss", "policy_loss_chunk", "run"]
@@ -155,7 +155,7 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
         if fused:
             row_sums, row_stats = fused_rows(p)
         else:
-            row_sums, row_stats = torch.ops.rlkern.policy_loss_fwd(
+            row_sums, row_stats = forward_rows(
                 p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs), p.flags, p.hparams,
                 p.backend)
         loss, parts = aggregate(row_sums, row_stats, p.cfg, p.mask.shape[1], p.adv, nt, ns,
