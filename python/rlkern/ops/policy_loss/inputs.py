@@ -59,7 +59,8 @@ def float_input(t: Any, name: str, shape: tuple[int, ...], device: torch.device,
         raise ValueError(f"{name} must have shape {shape} (like logprobs), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but logprobs on {device}")
-    t = t.to(dtype)
+    if t.dtype != dtype:  # (a same-dtype .to() still costs a dispatcher call)
+        t = t.to(dtype)
     return t if t.dim() < 2 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -166,7 +167,8 @@ def prepare(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Te
     if not (adv.dtype.is_floating_point or adv.dtype in INDEX_DTYPES):
         raise TypeError(f"advantages must be a float tensor, got {adv.dtype}")
     if tuple(adv.shape) in ((B,), (B, 1)):
-        adv = adv.reshape(B).to(dt).contiguous()
+        if adv.dim() != 1 or adv.dtype != dt or not adv.is_contiguous():
+            adv = adv.reshape(B).to(dt).contiguous()
     elif tuple(adv.shape) == (B, T):
         adv = float_input(adv, "advantages", (B, T), dev, dt)
     else:
