@@ -261,16 +261,20 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
 
 
+FWD = "rlkern::policy_loss_fwd"
+
+
 @pytest.mark.parametrize("grad_mode", ["no_grad", "no_input_requires_grad"])
 @pytest.mark.parametrize("name", ["ppo-clip-higher-dual", "all-addons", "gmpo", "gvpo",
                                   "trl-preset"])
 def test_graph_free_forward_calls_the_body(name, grad_mode, monkeypatch):
     """Where the forward builds no graph, in plain eager mode on the CPU, rlkern.policy_loss
-    calls rlkern::policy_loss_fwd's body directly (register.forward_rows): the same loss and
-    metrics, bit for bit, as through the registered op, which every other call takes."""
+    calls rlkern::policy_loss_fwd's body directly (rlkern.ops.eager.call with no_graph): the
+    same loss and metrics, bit for bit, as through the registered op, which every other call
+    takes."""
     import contextlib
 
-    import rlkern.ops.policy_loss.register as register
+    from rlkern.ops import eager
 
     case = CASES[name]
     inp = make_inputs(6, 33, torch.float32, seed=5)
@@ -278,13 +282,12 @@ def test_graph_free_forward_calls_the_body(name, grad_mode, monkeypatch):
     if grad_mode == "no_grad":
         args = (args[0].clone().requires_grad_(), *args[1:])
     calls = []
-    real = register._policy_loss_fwd
-    monkeypatch.setattr(register, "_policy_loss_fwd",
-                        lambda *a: calls.append("body") or real(*a))
+    real = eager.BODIES[FWD]
+    monkeypatch.setitem(eager.BODIES, FWD, lambda *a: calls.append("body") or real(*a))
     outs = []
     for body in (True, False):
         if not body:
-            monkeypatch.setattr(register, "plain_eager", lambda *t, **k: False)
+            monkeypatch.setattr(eager, "plain_eager", lambda *t, **k: False)
         ctx = torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext()
         with ctx:
             outs.append(rlkern.policy_loss(*args, config=case.config, backend="cpu", **kw))
@@ -297,30 +300,36 @@ def test_graph_free_forward_calls_the_body(name, grad_mode, monkeypatch):
 
 
 def test_the_body_is_not_called_where_a_graph_or_a_tracer_needs_the_op(monkeypatch):
-    """With a gradient wanted off the fused path (the torch backend), or under FakeTensorMode,
-    the registered op runs (the body is then reached through the dispatcher, not by
-    forward_rows)."""
-    import rlkern.ops.policy_loss.register as register
+    """With a gradient wanted off the fused path — the torch backend, or an entropy that
+    needs a gradient while the log-probabilities do not (it travels in the op's Tensor[]
+    argument) — or under FakeTensorMode, the registered op runs (the body is then reached
+    through the dispatcher, not called directly)."""
+    from rlkern.ops import eager
 
     direct = []
-    real = register.forward_rows
+    real = eager.plain_eager
 
-    def spy(*a):
-        direct.append(register.plain_eager(*a[:4], *a[4], no_graph=not torch.is_grad_enabled()))
-        return real(*a)
+    def spy(*t, **k):
+        direct.append(real(*t, **k))
+        return direct[-1]
 
-    import rlkern.ops.policy_loss.api as api
-    monkeypatch.setattr(api, "forward_rows", spy)
+    monkeypatch.setattr(eager, "plain_eager", spy)
     inp = make_inputs(4, 9, torch.float32, seed=2)
     lp = inp["logprobs"].clone().requires_grad_()
     out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
                              backend="torch")
     out.loss.backward()
     assert direct == [False] and lp.grad is not None
+    ent = torch.nan_to_num(inp["entropy"]).requires_grad_()
+    out = rlkern.policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"],
+                             inp["mask"], entropy=ent, config=rlkern.PolicyLossConfig(
+                                 entropy_coef=0.01), backend="cpu")
+    out.loss.backward()
+    assert direct == [False, False] and ent.grad is not None and ent.grad.abs().sum() > 0
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(v) for k, v in inp.items()}
         with torch.no_grad():
             rlkern.policy_loss(fake["logprobs"], fake["old_logprobs"], fake["advantages"],
                                fake["mask"], backend="cpu")
-    assert direct == [False, False]
+    assert direct == [False, False, False]

@@ -37,7 +37,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -101,12 +100,19 @@ const E* row_of(const pl::RowArray& a, int64_t b) {
 // the tail of each (B, T) output is filled with zeros: the same bits, no work on the padding.
 // The scan runs forward, as the token pass then reads the mask: a scan from the row's end
 // would start each row with a cache miss the hardware prefetcher does not cover.
+#if defined(RLKERN_PL_AVX512)
+// Bit i set where m[i] != 0, for the 64 mask bytes at m (one load, one test).
+inline uint64_t nonzero_bytes64(const uint8_t* m) {
+  const __m512i v = _mm512_loadu_si512(m);
+  return _mm512_test_epi8_mask(v, v);
+}
+#endif
+
 int64_t valid_extent(const uint8_t* m, int64_t n) {
   int64_t e = 0, i = 0;
 #if defined(RLKERN_PL_AVX512)
   for (; i + 64 <= n; i += 64) {
-    const __m512i v = _mm512_loadu_si512(m + i);
-    const uint64_t k = _mm512_test_epi8_mask(v, v);
+    const uint64_t k = nonzero_bytes64(m + i);
     e = k ? i + 64 - __builtin_clzll(k) : e;
   }
 #endif
@@ -985,10 +991,7 @@ void policy_loss_lens(const uint8_t* mask, int64_t B, int64_t T, int64_t stride,
       const uint8_t* m = mask + b * stride;
       int64_t n = 0, t = 0;
 #if defined(RLKERN_PL_AVX512)
-      for (; t + 64 <= T; t += 64) {
-        const __m512i v = _mm512_loadu_si512(m + t);
-        n += __builtin_popcountll(_mm512_test_epi8_mask(v, v));
-      }
+      for (; t + 64 <= T; t += 64) n += __builtin_popcountll(nonzero_bytes64(m + t));
 #endif
       for (; t < T; ++t) n += m[t] != 0;
       lens[b] = double(n);

@@ -417,6 +417,16 @@ RLKERN_HOST_DEVICE T rollout_weight(T d, const HParams& h, bool mask_mode) {
 template <typename T>
 using MaskOf = decltype(T() < T());
 
+// The mask `m`, or a constant one when the caller knows every lane's answer: KNOWN = +1 all
+// lanes true, −1 none, 0 unknown (then `m`). A constant mask lets the compiler fold the masks
+// and selects built on it (an unused comparison is dropped).
+template <int KNOWN, typename M>
+RLKERN_HOST_DEVICE M known_lanes(M m) {
+  if constexpr (KNOWN > 0) return !M{};
+  else if constexpr (KNOWN < 0) return M{};
+  else return m;
+}
+
 template <typename T>
 struct TokenLoss {
   T loss;
@@ -438,8 +448,9 @@ RLKERN_HOST_DEVICE TokenLoss<T> zero_loss() {
 // in MOBA games with deep RL", dual-clip PPO):
 //   ℓ = max(−A·min(ρ, δ), −A·clip(ρ, lo, hi));  A < 0: ℓ = min(ℓ, −A·c).
 // SIGN: the sign of A when the caller knows it for every lane (+1 or −1: one advantage per
-// response, a row constant), 0 otherwise. The known sign only drops the comparisons whose
-// outcome it fixes (the dual clip and one clip indicator): the same results, bit for bit.
+// response, a row constant), 0 otherwise. A known sign makes `neg` / `pos` constant masks,
+// so the compiler drops the comparisons and selects they decide (the dual clip for A > 0,
+// one clip indicator): the same formula, the same bits.
 template <int SIGN = 0, typename T>
 RLKERN_HOST_DEVICE TokenLoss<T> ppo_loss(T rho, T adv, T lo, T hi, T delta, T c) {
   const T rho_d = sel(rho > delta, delta, rho);
@@ -451,35 +462,22 @@ RLKERN_HOST_DEVICE TokenLoss<T> ppo_loss(T rho, T adv, T lo, T hi, T delta, T c)
   T loss = sel(l1 >= l2, l1, l2);
   // ∂/∂r of the chosen branch; an exact tie takes the mean (torch.maximum's convention)
   T d = -adv * sel(l1 > l2, g1, sel(l1 < l2, g2, T(0.5) * (g1 + g2)));
+  const T l3 = -adv * c;
+  // every lane's A < 0 / A > 0 answer when SIGN is known (+1 all, −1 none), else per lane
+  constexpr int kNeg = SIGN == 0 ? 0 : (SIGN < 0 ? 1 : -1), kPos = -kNeg;
+  const auto neg = known_lanes<kNeg>(adv < T(0));
+  const auto pos = known_lanes<kPos>(adv > T(0));
+  const auto dual = neg && (loss > l3);
+  d = sel(dual, T(0), sel(neg && (loss == l3), T(0.5) * d, d));
+  loss = sel(dual, l3, loss);
   TokenLoss<T> out;
+  out.loss = loss;
+  out.d_r = d;
   out.d_logp = T(0);
   out.clipped = l2 > l1;
   // the ratio as the loss sees it, min(ρ, δ) (TRL counts its clip ratios after the δ clamp)
-  if constexpr (SIGN > 0) {  // A > 0: no dual clip, no low clip counted
-    out.loss = loss;
-    out.d_r = d;
-    out.clip_low = out.dual = MaskOf<T>{};
-    out.clip_high = rho_d > hi;
-    return out;
-  }
-  const T l3 = -adv * c;
-  if constexpr (SIGN < 0) {  // A < 0: every lane may take the dual clip
-    const auto dual = loss > l3;
-    d = sel(dual, T(0), sel(loss == l3, T(0.5) * d, d));
-    out.loss = sel(dual, l3, loss);
-    out.d_r = d;
-    out.clip_low = rho_d < lo;
-    out.clip_high = MaskOf<T>{};
-    out.dual = dual;
-    return out;
-  }
-  const auto neg = adv < T(0);
-  const auto dual = neg && (loss > l3);
-  d = sel(dual, T(0), sel(neg && (loss == l3), T(0.5) * d, d));
-  out.loss = sel(dual, l3, loss);
-  out.d_r = d;
   out.clip_low = (rho_d < lo) && neg;
-  out.clip_high = (rho_d > hi) && (adv > T(0));
+  out.clip_high = (rho_d > hi) && pos;
   out.dual = dual;
   return out;
 }

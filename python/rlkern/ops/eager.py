@@ -10,7 +10,9 @@ so the public functions do that (:func:`plain_eager` says when).
 
 The non-differentiable ops are registered with :func:`custom_op` (``torch.library.custom_op``
 that also keeps the body) and called through :func:`call`, which takes the body in plain
-eager mode and the registered op otherwise.
+eager mode and the registered op otherwise. A differentiable op registered the same way (the
+policy loss's forward) takes its body only where no graph is built (``call(...,
+no_graph=True)`` with grad mode off).
 """
 
 from __future__ import annotations
@@ -61,11 +63,22 @@ def custom_op(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
     return register
 
 
-def call(name: str, *args: Any) -> Any:
+def _tensors(args: tuple[Any, ...]) -> list[Tensor]:
+    """The tensors among ``args``, those inside list / tuple arguments (``Tensor[]``) too."""
+    out: list[Tensor] = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, Tensor))
+    return out
+
+
+def call(name: str, *args: Any, no_graph: bool = False) -> Any:
     """The op ``name`` (registered by :func:`custom_op`) on ``args``: its body, called
-    directly, when :func:`plain_eager` holds for the tensor arguments; the registered op
-    (``torch.ops.rlkern.<op>``) otherwise."""
-    if plain_eager(*(a for a in args if isinstance(a, Tensor))):
+    directly, when :func:`plain_eager` holds for the tensor arguments (with ``no_graph``,
+    :func:`plain_eager`'s); the registered op (``torch.ops.rlkern.<op>``) otherwise."""
+    if plain_eager(*_tensors(args), no_graph=no_graph):
         return BODIES[name](*args)
     namespace, op = name.split("::")
     return getattr(getattr(torch.ops, namespace), op)(*args)

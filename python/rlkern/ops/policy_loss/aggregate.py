@@ -184,7 +184,7 @@ class LinearAggregate:
 
     def row_grads(self, grad_loss: Tensor) -> Tensor:
         """``∂loss/∂row_sums``, ``(len(row_grads), B)`` float64 (see the class doc)."""
-        assert self.weights is not None, "forward() first"
+        assert self.weights is not None, "set_lens() or forward() first"
         G = layout("policy_loss").row_grads
         w_pg, w_kl, _ = self.weights
         g = grad_loss.to(torch.float64) * self.cfg.loss_scale

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
+from rlkern.ops import eager
 from rlkern.ops.policy_loss.aggregate import (
     LinearAggregate,
     aggregate,
@@ -23,7 +24,7 @@ from rlkern.ops.policy_loss.aggregate import (
 )
 from rlkern.ops.policy_loss.fused import fused_applies, fused_loss, fused_rows
 from rlkern.ops.policy_loss.inputs import Prepared, normaliser, prepare
-from rlkern.ops.policy_loss.register import forward_rows, split_inputs
+from rlkern.ops.policy_loss.register import split_inputs
 from rlkern.ops.policy_loss.rollout_rs import apply_rejection, norm_scale, norm_scaled
 
 __all__ = ["PolicyLossChunk", "PolicyLossOutput", "policy_loss", "policy_loss_chunk", "run"]
@@ -155,9 +156,11 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
         if fused:
             row_sums, row_stats = fused_rows(p)
         else:
-            row_sums, row_stats = forward_rows(
-                p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs), p.flags, p.hparams,
-                p.backend)
+            # where no graph is built, in plain eager mode: the op's body, without the
+            # dispatcher's fixed cost (rlkern.ops.eager)
+            row_sums, row_stats = eager.call(
+                "rlkern::policy_loss_fwd", p.lp, p.old, p.adv, p.mask, *split_inputs(p.inputs),
+                p.flags, p.hparams, p.backend, no_graph=not torch.is_grad_enabled())
         loss, parts = aggregate(row_sums, row_stats, p.cfg, p.mask.shape[1], p.adv, nt, ns,
                                 with_entropy=with_entropy,
                                 pg_scale=norm_scale(p, row_stats, norm_factor))

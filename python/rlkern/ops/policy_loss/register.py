@@ -33,14 +33,13 @@ from torch import Tensor
 
 from rlkern import backends
 from rlkern.config.layout import layout
-from rlkern.ops.eager import plain_eager
+from rlkern.ops import eager
 from rlkern.ops.logprobs import checks_enabled
 from rlkern.ops.policy_loss.autograd import gradients
 from rlkern.ops.policy_loss.inputs import raise_non_finite
 from rlkern.reference.policy_loss import policy_loss_row_stats
 
-__all__ = ["check_row_stats", "forward_rows", "grad_rows_slice", "layout_tables",
-           "split_inputs"]
+__all__ = ["check_row_stats", "grad_rows_slice", "layout_tables", "split_inputs"]
 
 
 @functools.cache
@@ -144,7 +143,8 @@ def check_row_stats(row_stats: Tensor, lp: Tensor, old: Tensor, adv: Tensor, mas
 # Registered functional ops
 
 
-def _policy_loss_fwd(
+@eager.custom_op("rlkern::policy_loss_fwd", mutates_args=())
+def policy_loss_fwd(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
@@ -166,23 +166,6 @@ def _policy_loss_fwd(
                  row_stats)
         check_row_stats(row_stats, logprobs, old_logprobs, advantages, mask, opt, flags)
     return row_stats[grad_rows_slice()].clone(), row_stats
-
-
-policy_loss_fwd = torch.library.custom_op("rlkern::policy_loss_fwd", mutates_args=())(
-    _policy_loss_fwd)
-
-
-def forward_rows(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                 inputs: list[Tensor], slots: list[int], flags: list[int],
-                 hparams: list[float], backend: str) -> tuple[Tensor, Tensor]:
-    """``rlkern::policy_loss_fwd``; where it builds no autograd graph (grad mode off, or no
-    input requiring grad) in plain eager mode on the CPU (:func:`rlkern.ops.eager.plain_eager`),
-    its body, called directly: the same computation without the dispatcher's fixed cost."""
-    args = (logprobs, old_logprobs, advantages, mask, inputs, slots, flags, hparams, backend)
-    if plain_eager(logprobs, old_logprobs, advantages, mask, *inputs,
-                   no_graph=not torch.is_grad_enabled()):
-        return _policy_loss_fwd(*args)
-    return torch.ops.rlkern.policy_loss_fwd(*args)
 
 
 @policy_loss_fwd.register_fake
