@@ -299,9 +299,9 @@ def _float64_grpo(scores: torch.Tensor, ids: torch.Tensor, eps: float = 1e-6) ->
 @pytest.mark.parametrize("n", [2**15 + 3, 2**17 + 5])
 @pytest.mark.parametrize("pattern", ["distinct", "pairs", "adjacent", "with_int64_min"])
 def test_hashed_ids_number_like_dense_ids(n, pattern):
-    """The ids path's hash numbering (a table probed eight keys at a time, grown when there
-    are more groups than n / 8, with the key INT64_MIN numbered aside) against dense ids of the
-    same grouping: bitwise the same outputs, and GRPO within float32 of the float64 truth.
+    """The ids path's hash numbering (linear probing, grown when there are more groups than
+    n / 8; no key value reserved, INT64_MIN included) against dense ids of the same grouping:
+    bitwise the same outputs, and GRPO within float32 of the float64 truth.
     Sizes past 2^15 rows (the compact pass and records on two threads) and 2^17 (the numbering
     split over two tables)."""
     gen = torch.Generator().manual_seed(n)
@@ -324,6 +324,25 @@ def test_hashed_ids_number_like_dense_ids(n, pattern):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     torch.testing.assert_close(hashed.advantages.double(), _float64_grpo(scores, dense),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hash_table_reused_across_calls(dtype):
+    """The numbering tables live across calls (one per thread) and are emptied lazily, through
+    the list of slots the previous call filled, and grow or shrink with the batch. A sequence of
+    calls whose sizes and group counts rise and fall, each against dense ids of its grouping
+    (bitwise) — a slot left over from an earlier call would merge two groups."""
+    gen = torch.Generator().manual_seed(7)
+    layouts = [(2**15 + 3, 1), (40, 8), (2**17 + 5, 2), (1000, 1), (2**15, 8), (3, 1),
+               (2**18 + 1, 8), (70_000, 1)]
+    for n, size in layouts:
+        dense = torch.randperm(n, generator=gen) // size
+        keys = torch.randint(-(2**63), 2**63 - 1, (int(dense.max()) + 1,), generator=gen)
+        scores = torch.randn(n, generator=gen).to(dtype)
+        hashed = rlkern.group_advantages(scores, group_ids=keys[dense])
+        by_dense = rlkern.group_advantages(scores, group_ids=dense)
+        for a, b in zip(hashed, by_dense, strict=True):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (n, size)
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "opo"])

@@ -117,6 +117,22 @@ def test_gigpo(backend, dtype, mode, step_mode):
         _close(getattr(out, field), ref[field], dtype, field)
 
 
+def test_gigpo_tables_reused_across_calls():
+    """GiGPO's two numberings (prompt ids, and (prompt id, state key) pairs) keep their tables
+    across calls and empty them lazily: calls whose step and group counts rise and fall (the
+    tables grow past their first estimate, then shrink) each match the float64 reference."""
+    gen = torch.Generator().manual_seed(3)
+    for n_prompts, steps in [(5, 40), (3000, 20_000), (2, 9), (40_000, 50_000), (7, 300)]:
+        episode, step, keys, group = _gigpo_inputs(gen, n_prompts=n_prompts, steps=steps)
+        keys = keys + torch.randint(0, 2**20, (steps,), generator=gen)  # many distinct states
+        out = rlkern.gigpo_advantages(episode, step, keys, group_ids=group, omega=0.7,
+                                      mode="std_norm", backend="cpu")
+        ref = gigpo_advantages_reference(episode.double(), step.double(), keys, group_ids=group,
+                                         omega=0.7, mode="std_norm")
+        for field in ("advantages", "episode_advantages", "step_advantages"):
+            _close(getattr(out, field), ref[field], torch.float32, f"{steps} steps: {field}")
+
+
 def test_gigpo_step_groups_are_per_prompt():
     # The same state key in two different prompt groups forms two step groups.
     episode = torch.tensor([1.0, 0.0, 1.0, 0.0])

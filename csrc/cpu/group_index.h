@@ -1,14 +1,14 @@
 // Grouping rows by arbitrary 64-bit ids (or id pairs) on the CPU: an open-addressing hash
-// table that numbers the groups densely in order of first appearance and accumulates each
-// group's shifted sums (rlkern/group_stats.h) in the same cache line as its key.
+// table that numbers the groups densely in order of first appearance; the callers accumulate
+// each group's shifted sums (rlkern/group_stats.h) in a dense array indexed by that number.
 //
 // Why a hash table and not a sort: the ids are arbitrary int64 in any order (verl shuffles
 // rows; uids are hashed to integers) and groups are small (8–64 rows). A sort costs
 // O(N log N) over several passes; the table costs one pass with one random access per row
-// into ~2 slots per group (16 MiB for 131k groups), kept in huge pages (workspace.h) and
-// prefetched a few rows ahead so that the misses of independent rows overlap. Rows are visited
-// in row order, so each group's accumulation order — hence its sums, to double rounding — is
-// fixed by the input, never by the thread count.
+// into a 16-byte slot (32 for id pairs), prefetched a few rows ahead so that the misses of
+// independent rows overlap. Rows are visited in row order, so each group's accumulation
+// order — hence its sums, to double rounding — is fixed by the input, never by the thread
+// count.
 //
 // Torch-free apart from at::parallel_for.
 #pragma once
@@ -45,34 +45,39 @@ inline uint64_t mix64(uint64_t x) {
   return x;
 }
 
-// One slot: key, dense group number and, when kAcc, the group's accumulator (with one key
-// word: one 64-byte line). Without it a slot is 16 bytes, and the table 4× smaller.
-struct NoSums {};
-
-template <int kWords, bool kAcc>
-struct alignas(kWords == 1 && kAcc ? 64 : 16) Slot {
-  int64_t key[kWords];
-  uint32_t gen;  // occupied iff gen == the table's generation (no clearing between calls)
-  int32_t group;
-  std::conditional_t<kAcc, ShiftedSums, NoSums> acc;
-};
-
-template <int kWords, bool kAcc = true>
-class GroupTable {
+// Numbers keys of kWords int64 words densely, in order of first appearance: linear probing
+// over slots holding the key and its number (one slot a probe, 16 bytes for one word).
+//
+// The load stays at most 1/4. On the machines this runs on a numbering at load 1/2 costs
+// ~4× more per row than at 1/4 (65,536 rows in 8,192 groups: 5.5 against 1.5 ns a row): at
+// 1/2 half the first probes land on another key, so the probe loop's exit branch is a coin
+// flip and the chains are longer; at 1/4 nearly every lookup ends at its first slot.
+//
+// No key value is reserved: a slot is empty when its group is −1. A new numbering empties
+// the previous one's slots through their list (slot_of_), ~8 bytes written a group, instead
+// of clearing the whole table.
+// Cache-line aligned: the tables of different threads (group_by_ids_parallel) are written on
+// every insert (their counts) and read on every row (their masks); sharing a line, the two
+// threads of a 2-core machine took 1.8× longer together than one of them alone.
+template <int kWords>
+class alignas(64) KeyTable {
  public:
-  using SlotT = Slot<kWords, kAcc>;
+  struct alignas(kWords == 1 ? 16 : 32) Slot {
+    int64_t key[kWords];
+    int32_t group;  // −1: empty
+  };
 
-  // Start a new grouping expecting about `expected_groups` groups (the table grows if needed).
-  void reset(int64_t expected_groups) {
-    group_slot_.clear();
+  // A new numbering of up to max_groups groups, about expected_groups of them. The previous
+  // numbering's count (capped by max_groups) raises the estimate: batches of one workload have
+  // similar counts, and growing the table within a call rehashes every key.
+  void reset(int64_t expected_groups, int64_t max_groups) {
+    const int64_t expected = std::max(expected_groups, std::min(groups_, max_groups));
+    for (int64_t g = 0; g < groups_; ++g) slots_[slot_of_[g]].group = -1;
+    groups_ = 0;
     size_t cap = 1024;
-    while (double(cap) * kMaxLoad < double(expected_groups)) cap <<= 1;
-    if (cap > capacity_ || ++gen_ == 0) {  // a new (zeroed) buffer, or the generation wrapped
-      slots_ = store_.get(cap, /*zero=*/true);
-      capacity_ = pow2_floor(store_.capacity());  // ≥ cap; probing masks with capacity − 1
-      gen_ = 1;
-    }
-    mask_ = capacity_ - 1;
+    while (cap < kLoadInverse * size_t(expected)) cap <<= 1;
+    if (cap > store_.capacity()) fresh(cap);
+    set_capacity(cap);  // a smaller mask on a larger (all empty) buffer is fine
   }
 
   static uint64_t hash(const int64_t* key) {
@@ -81,41 +86,31 @@ class GroupTable {
     return h;
   }
 
-  void prefetch(uint64_t h) const { __builtin_prefetch(&slots_[h & mask_], 1, 1); }
+  void prefetch(uint64_t h) const { prefetch_l1_for_write(&slots_[h & mask_]); }
 
-  // The slot of `key` (hash h); a new key gets the next group number and an empty accumulator.
-  SlotT* find_or_insert(const int64_t* key, uint64_t h) {
-    uint64_t i = h & mask_;
-    for (;;) {
-      SlotT& s = slots_[i];
-      if (s.gen != gen_) {
-        if (double(group_slot_.size() + 1) > kMaxLoad * double(capacity_)) {
-          grow();
-          return find_or_insert(key, h);
-        }
-        std::memcpy(s.key, key, sizeof(s.key));
-        s.gen = gen_;
-        s.group = int32_t(group_slot_.size());
-        if constexpr (kAcc) s.acc = shifted_empty();
-        group_slot_.push_back(uint32_t(i));
-        return &s;
-      }
-      if (same_key(s.key, key)) return &s;
-      i = (i + 1) & mask_;
-    }
+  // The group number of `key` (hash h); a new key gets the next number.
+  int32_t number(const int64_t* key, uint64_t h) {
+    size_t j = size_t(h & mask_);
+    while (slots_[j].group >= 0 && !same_key(slots_[j].key, key)) j = (j + 1) & mask_;
+    Slot& s = slots_[j];
+    if (__builtin_expect(s.group >= 0, 1)) return s.group;
+    // A new key. The insert stays this small (no call, no allocation: slot_of_ has room for
+    // every group the load allows) so that the probe loop keeps its registers: with a
+    // push_back here the whole numbering ran ~1.35× slower.
+    const int32_t g = int32_t(groups_++);
+    slot_of_[g] = uint32_t(j);
+    std::memcpy(s.key, key, sizeof(s.key));
+    s.group = g;
+    if (__builtin_expect(size_t(groups_) * kLoadInverse > capacity_, 0)) grow();
+    return g;
   }
 
-  int64_t size() const { return int64_t(group_slot_.size()); }
-  const SlotT& group(int64_t g) const { return slots_[group_slot_[g]]; }
+  int64_t size() const { return groups_; }
+  // The first key word of group g.
+  int64_t first_word(int64_t g) const { return slots_[slot_of_[g]].key[0]; }
 
  private:
-  static constexpr double kMaxLoad = 0.6;
-
-  static size_t pow2_floor(size_t x) {
-    size_t p = 1;
-    while (p * 2 <= x) p *= 2;
-    return p;
-  }
+  static constexpr size_t kLoadInverse = 4;
 
   static bool same_key(const int64_t* a, const int64_t* b) {
     for (int w = 0; w < kWords; ++w)
@@ -123,139 +118,50 @@ class GroupTable {
     return true;
   }
 
-  void grow() {  // rare: more groups than expected; rehash into a table twice as large
-    std::vector<SlotT> old(group_slot_.size());
-    for (size_t g = 0; g < old.size(); ++g) old[g] = slots_[group_slot_[g]];
-    slots_ = store_.get(capacity_ * 2, /*zero=*/true);
-    capacity_ = pow2_floor(store_.capacity());
-    mask_ = capacity_ - 1;
-    gen_ = 1;
-    for (size_t g = 0; g < old.size(); ++g) {
-      old[g].gen = gen_;
-      uint64_t i = hash(old[g].key) & mask_;
-      while (slots_[i].gen == gen_) i = (i + 1) & mask_;
-      slots_[i] = old[g];
-      group_slot_[g] = uint32_t(i);
-    }
+  // An all-empty buffer of at least cap slots (the old contents are lost).
+  void fresh(size_t cap) {
+    slots_ = store_.get(cap);
+    std::memset(static_cast<void*>(slots_), 0xff, store_.capacity() * sizeof(Slot));
   }
 
-  Workspace<SlotT> store_;
-  SlotT* slots_ = nullptr;
-  size_t capacity_ = 0;
-  std::vector<uint32_t> group_slot_;  // dense group → slot
-  uint64_t mask_ = 0;
-  uint32_t gen_ = 0;
-};
-
-// Numbering only (no accumulators), for one int64 key a row: keys and group numbers in two
-// arrays, probed a window of eight keys at a time. Linear probing puts a key before the first
-// empty slot of its probe sequence, so the first slot of the window that holds the key or is
-// empty answers the lookup: one vector compare, no probe loop and none of its mispredicted
-// branches (only the insert of a new key branches). The load stays ≤ 1/2, so a window without
-// either is rare (a scalar probe then). Empty slots hold kEmpty; the rows whose key is kEmpty
-// itself are numbered aside. The table is cleared at each reset (8 bytes a slot), which is
-// cheaper than the generation tags of GroupTable at these sizes.
-class KeyTable {
- public:
-  static constexpr int64_t kEmpty = INT64_MIN;
-  static constexpr size_t kWindow = 8;
-
-  // A new numbering of up to max_groups groups, about expected_groups of them. The previous
-  // numbering's count (capped by max_groups) raises the estimate: batches of one workload have
-  // similar counts, and growing the table within a call rehashes every key.
-  void reset(int64_t expected_groups, int64_t max_groups) {
-    const int64_t expected = std::max(expected_groups, std::min(groups_, max_groups));
-    size_t cap = 1024;
-    while (cap < 2 * size_t(expected)) cap <<= 1;
-    allocate(cap);
-    groups_ = 0;
-    empty_key_group_ = -1;
-  }
-
-  static uint64_t hash(const int64_t* key) { return mix64(uint64_t(*key)); }
-  void prefetch(uint64_t h) const {
-    prefetch_l1_for_write(&keys_[h & mask_]);
-    prefetch_l1(&group_[h & mask_]);
-  }
-
-  // The group number of `key` (hash h); a new key gets the next number.
-  int32_t number(int64_t key, uint64_t h) {
-    const size_t i = size_t(h & mask_);
-    size_t j = i;
-#if defined(__AVX512F__)
-    const __m512i w = _mm512_loadu_si512(keys_ + i);
-    const __mmask8 hit = _mm512_cmpeq_epi64_mask(w, _mm512_set1_epi64(key));
-    const __mmask8 open = _mm512_cmpeq_epi64_mask(w, _mm512_set1_epi64(kEmpty));
-    const unsigned any = unsigned(hit | open);
-    if (__builtin_expect(any != 0 && key != kEmpty, 1)) {
-      const unsigned k = unsigned(__builtin_ctz(any));
-      j = i + k;
-      if ((hit >> k) & 1u) return group_[j];
-      return insert(j, key);
-    }
-#endif
-    return slow(key, j);
-  }
-
-  int64_t size() const { return groups_; }
-
- private:
-  void allocate(size_t cap) {
-    // kWindow − 1 slots past the end so that a window starting at the last slot stays inside;
-    // probes wrap only in the scalar path.
-    keys_ = key_store_.get(cap + kWindow);
-    group_ = group_store_.get(cap + kWindow);
-    std::fill(keys_, keys_ + cap + kWindow, kEmpty);
+  // Probing masks with cap − 1; slot_of_ gets room for the cap / kLoadInverse + 1 groups the
+  // table holds before it grows (its contents are lost when it is reallocated).
+  void set_capacity(size_t cap) {
     capacity_ = cap;
     mask_ = cap - 1;
+    slot_of_ = slot_store_.get(cap / kLoadInverse + 1);
   }
 
-  int32_t insert(size_t j, int64_t key) {
-    keys_[j] = key;
-    group_[j] = int32_t(groups_);
-    const int32_t g = int32_t(groups_++);
-    if (size_t(groups_) * 2 > capacity_) grow();
-    return g;
-  }
-
-  int32_t slow(int64_t key, size_t j) {
-    if (key == kEmpty) {
-      if (empty_key_group_ < 0) {
-        empty_key_group_ = int32_t(groups_++);
-        if (size_t(groups_) * 2 > capacity_) grow();
-      }
-      return empty_key_group_;
+  // Rare: more groups than expected; rehash into a table twice as large.
+  __attribute__((noinline, cold)) void grow() {
+    const int64_t count = groups_;
+    std::vector<Slot> old(static_cast<size_t>(count));
+    for (int64_t g = 0; g < count; ++g) old[g] = slots_[slot_of_[g]];
+    // Should an allocation below throw, the next reset must not touch the released buffers.
+    groups_ = 0;
+    const size_t cap = capacity_ * 2;
+    if (cap > store_.capacity()) {
+      fresh(cap);
+    } else {
+      for (int64_t g = 0; g < count; ++g) slots_[slot_of_[g]].group = -1;
     }
-    const size_t end = capacity_ + kWindow;
-    for (;; j = j + 1 == end ? 0 : j + 1) {
-      if (keys_[j] == key) return group_[j];
-      if (keys_[j] == kEmpty) return insert(j, key);
-    }
-  }
-
-  void grow() {  // rare: more groups than expected; rehash into a table twice as large
-    std::vector<std::pair<int64_t, int32_t>> old;
-    old.reserve(size_t(groups_));
-    for (size_t j = 0; j < capacity_ + kWindow; ++j)
-      if (keys_[j] != kEmpty) old.emplace_back(keys_[j], group_[j]);
-    allocate(capacity_ * 2);
-    const size_t end = capacity_ + kWindow;
-    for (const auto& [key, g] : old) {
-      size_t j = size_t(hash(&key) & mask_);
-      while (keys_[j] != kEmpty) j = j + 1 == end ? 0 : j + 1;
-      keys_[j] = key;
-      group_[j] = g;
+    set_capacity(cap);
+    groups_ = count;
+    for (int64_t g = 0; g < count; ++g) {
+      size_t j = size_t(hash(old[g].key) & mask_);
+      while (slots_[j].group >= 0) j = (j + 1) & mask_;
+      slots_[j] = old[g];
+      slot_of_[g] = uint32_t(j);
     }
   }
 
-  Workspace<int64_t> key_store_;
-  Workspace<int32_t> group_store_;
-  int64_t* keys_ = nullptr;
-  int32_t* group_ = nullptr;
+  Workspace<Slot> store_;
+  Workspace<uint32_t> slot_store_;
+  Slot* slots_ = nullptr;
+  uint32_t* slot_of_ = nullptr;  // group → slot
   size_t capacity_ = 0;
   uint64_t mask_ = 0;
   int64_t groups_ = 0;
-  int32_t empty_key_group_ = -1;
 };
 
 // Rows grouped either contiguously (group_size > 0) or by a dense per-row group number.
@@ -282,6 +188,90 @@ struct GroupRows {
 
 GroupRows group_rows(const Grouping& grouping, int64_t n);
 
+// The thread (of nt) that owns the groups of hash h: a multiply-shift of its high half.
+inline int hash_owner(uint64_t h, int nt) {
+  return int((uint64_t(uint32_t(h >> 32)) * uint64_t(nt)) >> 32);
+}
+
+// Packs the m (hash, row) pairs whose hash thread t of nt owns to the front of the arrays, in
+// order; returns how many. With AVX-512 eight at a time (a compress), which matters: every
+// thread filters every row, so a scalar append (~0.6 ns a row, a dependent store address)
+// cost about what the thread saved by probing only its share.
+inline int64_t keep_owned(uint64_t* hashes, int64_t* rows, int64_t m, int t, int nt) {
+  int64_t kept = 0, j = 0;
+#if defined(__AVX512F__)
+  const __m512i vnt = _mm512_set1_epi64(nt), vt = _mm512_set1_epi64(t);
+  for (; j + 8 <= m; j += 8) {
+    const __m512i h = _mm512_loadu_si512(hashes + j);
+    const __m512i r = _mm512_loadu_si512(rows + j);
+    // hash_owner: (high 32 bits × nt) >> 32, in 64-bit lanes.
+    const __m512i owner = _mm512_srli_epi64(_mm512_mul_epu32(_mm512_srli_epi64(h, 32), vnt), 32);
+    const __mmask8 mine = _mm512_cmpeq_epi64_mask(owner, vt);
+    // Compressed in registers, stored whole (a compress straight to memory is microcoded
+    // and slow on Zen 4): the store covers [kept, kept + 8) ⊆ [0, j + 8), lanes already read.
+    _mm512_storeu_si512(hashes + kept, _mm512_maskz_compress_epi64(mine, h));
+    _mm512_storeu_si512(rows + kept, _mm512_maskz_compress_epi64(mine, r));
+    kept += __builtin_popcount(unsigned(mine));
+  }
+#endif
+  for (; j < m; ++j) {
+    const uint64_t h = hashes[j];
+    const int64_t r = rows[j];
+    hashes[kept] = h;
+    rows[kept] = r;
+    kept += hash_owner(h, nt) == t;
+  }
+  return kept;
+}
+
+// Numbers the rows of [0, n) that thread t of nt owns (all of them when nt == 1) with `table`,
+// in row order: row_group[i] = local · nt + t. With `acc` (emptied by the caller), also pushes
+// each valid value into its group's shifted sums, acc[local]. Rows go in blocks: the block's
+// hashes (a loop the compiler vectorises), the owned rows of them (a branch-free append), their
+// numbers with each slot prefetched kAhead rows ahead, then their values into the accumulators,
+// each prefetched the same way once its group is known.
+template <int kWords, typename T>
+void number_rows(KeyTable<kWords>& table, const int64_t* ids, const int64_t* ids2, int64_t n,
+                 int t, int nt, int32_t* row_group, const T* values,
+                 std::vector<ShiftedSums>* acc) {
+  constexpr int64_t kBlock = 1024, kAhead = 16;
+  uint64_t hashes[kBlock];
+  int64_t rows[kBlock];
+  int32_t group[kBlock];
+  int64_t key[kWords];
+  auto load_key = [&](int64_t i) {
+    key[0] = ids[i];
+    if (kWords == 2) key[kWords - 1] = ids2[i];
+  };
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    int64_t m = b1 - b0;
+    for (int64_t i = b0; i < b1; ++i) {
+      load_key(i);
+      hashes[i - b0] = KeyTable<kWords>::hash(key);
+    }
+    for (int64_t i = b0; i < b1; ++i) rows[i - b0] = i;
+    if (nt > 1) m = keep_owned(hashes, rows, b1 - b0, t, nt);
+    for (int64_t j = 0; j < std::min(m, kAhead); ++j) table.prefetch(hashes[j]);
+    for (int64_t j = 0; j < m; ++j) {
+      if (j + kAhead < m) table.prefetch(hashes[j + kAhead]);
+      const int64_t i = rows[j];
+      load_key(i);
+      group[j] = table.number(key, hashes[j]);
+      row_group[i] = group[j] * nt + t;
+    }
+    if (acc == nullptr) continue;
+    acc->resize(size_t(table.size()), shifted_empty());
+    ShiftedSums* a = acc->data();
+    for (int64_t j = 0; j < std::min(m, kAhead); ++j) prefetch_l1_for_write(a + group[j]);
+    for (int64_t j = 0; j < m; ++j) {
+      if (j + kAhead < m) prefetch_l1_for_write(a + group[j + kAhead]);
+      const double x = double(values[rows[j]]);
+      if (score_is_valid(x)) shifted_push(a[group[j]], x);
+    }
+  }
+}
+
 // Groups the rows by `ids` (with kWords == 2, by the pairs (ids[i], ids2[i])) into
 // `row_group` (n entries, caller's storage). With `values`, also accumulates the moments of each
 // group's valid values (score_is_valid; others are skipped) into `moments` (resized to K).
@@ -291,47 +281,23 @@ template <int kWords, typename T>
 Grouping group_by_keys(const int64_t* ids, const int64_t* ids2, int64_t n, const T* values,
                        int32_t* row_group, std::vector<GroupMoments>* moments,
                        std::vector<int64_t>* keys = nullptr) {
-  static thread_local GroupTable<kWords> table;
-  table.reset(n / 8 + 1);
-  // The slot of row i + kAhead is prefetched while row i is processed.
-  constexpr int64_t kAhead = 16;
-  uint64_t ring[kAhead];
-  int64_t key[kWords];
-  auto load_key = [&](int64_t i) {
-    key[0] = ids[i];
-    if (kWords == 2) key[kWords - 1] = ids2[i];
-  };
-  for (int64_t i = 0; i < n && i < kAhead; ++i) {
-    load_key(i);
-    ring[i] = table.hash(key);
-    table.prefetch(ring[i]);
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const uint64_t h = ring[i % kAhead];
-    if (i + kAhead < n) {
-      load_key(i + kAhead);
-      const uint64_t ha = table.hash(key);
-      ring[(i + kAhead) % kAhead] = ha;
-      table.prefetch(ha);
-    }
-    load_key(i);
-    auto* slot = table.find_or_insert(key, h);
-    row_group[i] = slot->group;
-    if (values != nullptr) {
-      const double x = double(values[i]);
-      if (score_is_valid(x)) shifted_push(slot->acc, x);
-    }
-  }
+  static thread_local KeyTable<kWords> table;
+  static thread_local std::vector<ShiftedSums> acc;
+  table.reset(n / 8 + 1, n);
+  acc.clear();
+  number_rows<kWords, T>(table, ids, ids2, n, 0, 1, row_group, values,
+                         values != nullptr ? &acc : nullptr);
   Grouping out;
   out.num_groups = table.size();
   out.row_group = row_group;
   if (moments != nullptr) {
     moments->resize(size_t(out.num_groups));
-    for (int64_t g = 0; g < out.num_groups; ++g) (*moments)[g] = shifted_moments(table.group(g).acc);
+    for (int64_t g = 0; g < out.num_groups; ++g)
+      (*moments)[g] = shifted_moments(values != nullptr ? acc[g] : shifted_empty());
   }
   if (keys != nullptr) {
     keys->resize(size_t(out.num_groups));
-    for (int64_t g = 0; g < out.num_groups; ++g) (*keys)[g] = table.group(g).key[0];
+    for (int64_t g = 0; g < out.num_groups; ++g) (*keys)[g] = table.first_word(g);
   }
   return out;
 }
@@ -340,68 +306,42 @@ Grouping group_by_keys(const int64_t* ids, const int64_t* ids2, int64_t n, const
 // and the ids whose hash falls in its share, so each group is still accumulated by exactly one
 // thread, in row order (results do not depend on nt). Group numbers interleave, g = local·nt + t,
 // so up to nt − 1 numbers per thread stay unused: those "holes" have n = 0 and no rows.
-// With kAcc the moments of the valid values are accumulated in the slots (one random access
-// per row); without, only the numbering is done (a 4× smaller table) and `moments` is untouched.
+// With kAcc the moments of the valid values are accumulated too; without, only the numbering is
+// done and `moments` is untouched.
 template <typename T, bool kAcc>
 Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
                                int32_t* row_group, std::vector<GroupMoments>* moments) {
-  using Table = std::conditional_t<kAcc, GroupTable<1, true>, KeyTable>;
-  constexpr int64_t kMinRowsPerThread = 1 << 17;
+  // From 2^15 rows a thread: at 65,536 shuffled rows in groups of 8, two threads number in
+  // ~115 µs against ~155 µs for one (every thread hashes and filters all rows).
+  constexpr int64_t kMinRowsPerThread = 1 << 15;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                             n / kMinRowsPerThread)));
-  static thread_local std::vector<std::unique_ptr<Table>> tables_tl;
-  auto& tables = tables_tl;  // bound here: the workers must use this thread's tables
-  while (int(tables.size()) < nt) tables.push_back(std::make_unique<Table>());
+  struct PerThread {  // a thread's table and accumulators, on lines of their own
+    KeyTable<1> table;
+    alignas(64) std::vector<ShiftedSums> acc;
+  };
+  static thread_local std::vector<std::unique_ptr<PerThread>> state_tl;
+  auto& state = state_tl;  // bound here: the workers must use this thread's tables
+  while (int(state.size()) < nt) state.push_back(std::make_unique<PerThread>());
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kBlock = 1024, kAhead = 32;
-    uint64_t hashes[kBlock];
-    int64_t rows[kBlock];
     for (int64_t t = begin; t < end; ++t) {
-      Table& table = *tables[t];
-      if constexpr (kAcc) table.reset(n / 8 / nt + 1);
-      else table.reset(n / 8 / nt + 1, n);
-      for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-        // The block's hashes (a loop the compiler vectorises), this thread's rows of them
-        // (branch-free append; all of them with one thread), then their slots, prefetched.
-        const int64_t b1 = std::min(n, b0 + kBlock);
-        int64_t m = b1 - b0;
-        for (int64_t i = b0; i < b1; ++i) hashes[i - b0] = Table::hash(ids + i);
-        for (int64_t i = b0; i < b1; ++i) rows[i - b0] = i;
-        if (nt > 1) {
-          m = 0;
-          for (int64_t i = b0; i < b1; ++i) {
-            const uint64_t h = hashes[i - b0];
-            hashes[m] = h;
-            rows[m] = i;
-            m += int64_t((uint64_t(uint32_t(h >> 32)) * uint64_t(nt)) >> 32) == t;
-          }
-        }
-        for (int64_t j = 0; j < std::min(m, kAhead); ++j) table.prefetch(hashes[j]);
-        for (int64_t j = 0; j < m; ++j) {
-          if (j + kAhead < m) table.prefetch(hashes[j + kAhead]);
-          const int64_t i = rows[j];
-          if constexpr (kAcc) {
-            auto* slot = table.find_or_insert(ids + i, hashes[j]);
-            row_group[i] = int32_t(slot->group * nt + t);
-            const double x = double(values[i]);
-            if (score_is_valid(x)) shifted_push(slot->acc, x);
-          } else {
-            row_group[i] = table.number(ids[i], hashes[j]) * nt + t;
-          }
-        }
-      }
+      PerThread& s = *state[t];
+      s.table.reset(n / 8 / nt + 1, n);
+      s.acc.clear();
+      number_rows<1, T>(s.table, ids, nullptr, n, int(t), nt, row_group, values,
+                        kAcc ? &s.acc : nullptr);
     }
   });
   int64_t per_thread = 0;
-  for (int t = 0; t < nt; ++t) per_thread = std::max(per_thread, tables[t]->size());
+  for (int t = 0; t < nt; ++t) per_thread = std::max(per_thread, state[t]->table.size());
   Grouping out;
   out.num_groups = per_thread * nt;
   out.row_group = row_group;
   if constexpr (kAcc) {
     moments->assign(size_t(out.num_groups), moments_empty());
     for (int t = 0; t < nt; ++t)
-      for (int64_t g = 0; g < tables[t]->size(); ++g)
-        (*moments)[g * nt + t] = shifted_moments(tables[t]->group(g).acc);
+      for (int64_t g = 0; g < state[t]->table.size(); ++g)
+        (*moments)[g * nt + t] = shifted_moments(state[t]->acc[g]);
   }
   return out;
 }

@@ -36,6 +36,8 @@ class Workspace {
   T* get(size_t n, bool zero = false) {
     if (n > capacity_) {
       std::free(data_);
+      data_ = nullptr;  // should the allocation below throw, the next call allocates again
+      capacity_ = 0;
       // Small buffers (< 2 MiB) are cache-line aligned and sized exactly; large ones are
       // rounded up to whole huge pages.
       const bool huge = n * sizeof(T) >= kHuge;
