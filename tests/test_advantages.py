@@ -326,6 +326,41 @@ def test_hashed_ids_number_like_dense_ids(n, pattern):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "gpg", "ngrpo"])
+@pytest.mark.parametrize("std", ["unbiased", "biased", "none"])
+@pytest.mark.parametrize("options", [{}, {"std_scope": "batch"}, {"singleton": "verl"},
+                                     {"eps": 0.0}, {"nan_policy": "omit"}])
+@pytest.mark.parametrize("size", [8, 1])
+def test_ids_path_matches_contiguous_bitwise(estimator, std, options, size):
+    """The ids path (hashed and dense ids: chunked moments, per-group records computed eight
+    at a time, the compact row pass) against the contiguous path (groups summarised eight at a
+    time in vector lanes, or one at a time) on the same groups, each group's rows in the same
+    order: bitwise the same outputs, for every option of the estimators centred on the mean.
+    Groups of 8 (zero-variance groups, NaN rows under nan_policy="omit") and singletons."""
+    if estimator != "grpo" and "std_scope" in options:
+        pytest.skip("std_scope='batch' is for the grpo family only (rejected otherwise)")
+    if std == "none" and "eps" in options:
+        pytest.skip("eps=0 with std='none' is the plain std='none' case")
+    k = 4099 if size == 8 else 30_011  # not a multiple of 8: the scalar tails too
+    gen = torch.Generator().manual_seed(k + size)
+    n = k * size
+    scores = torch.randint(0, 4, (n,), generator=gen).float() * 0.3
+    scores[: 8 * size] = 1.5  # zero-variance groups
+    if options.get("nan_policy") == "omit":
+        scores[torch.rand(n, generator=gen) < 0.05] = math.nan
+    contiguous = rlkern.group_advantages(scores, group_size=size, estimator=estimator, std=std,
+                                         **options)
+    # Row r of the ids layout is row j of group g, r = j·k + g: the groups interleave, each
+    # keeping its rows' order (hence its sums' rounding).
+    order = torch.arange(n).view(k, size).t().reshape(-1)
+    keys = torch.randint(-(2**62), 2**62, (k,), generator=gen)
+    for ids in (order // size, keys[order // size]):  # dense, then hashed
+        by_ids = rlkern.group_advantages(scores[order], group_ids=ids, estimator=estimator,
+                                         std=std, **options)
+        for a, b in zip(by_ids, contiguous, strict=True):
+            assert torch.equal(a.view(torch.uint8), b[order].view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_hash_table_reused_across_calls(dtype):
     """The numbering tables live across calls (one per thread) and are emptied lazily, through

@@ -83,6 +83,75 @@ struct Stats8 {
   __mmask8 zero_var;
 };
 
+// hot_record for eight groups' moments (n, mean, m2 and flat = min == max, as GroupMoments
+// holds them): moments_std, group_affine's centre and scale for these estimators, the float32
+// roundings of scale, mean and σ, moments_zero_variance.
+inline Stats8 affine8(__m512d n, __m512d mean, __m512d m2, __mmask8 flat,
+                      const AdvantageParams& p) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  const __m512d nan = _mm512_set1_pd(std::numeric_limits<double>::quiet_NaN());
+  const __mmask8 empty = _mm512_cmp_pd_mask(n, zero, _CMP_EQ_OQ);
+  // moments_std
+  const __mmask8 small = _mm512_cmp_pd_mask(n, _mm512_set1_pd(2.0), _CMP_LT_OQ);  // n < 2
+  const __m512d denom = p.std_mode == kStdBiased ? n : _mm512_sub_pd(n, one);
+  __m512d sd = _mm512_sqrt_pd(_mm512_div_pd(m2, denom));
+  sd = _mm512_mask_mov_pd(sd, small, zero);
+  sd = _mm512_mask_mov_pd(sd, empty, nan);
+  const __mmask8 zero_var = __mmask8(flat & ~small);
+  // group_affine
+  const __mmask8 single = __mmask8(small & ~empty);
+  const __mmask8 active = __mmask8(~small | (p.singleton_verl ? single : __mmask8(0)));
+  const __m512d center = _mm512_maskz_mov_pd(__mmask8(active & ~small), mean);
+  __m512d scale = one;
+  if (p.estimator == kRloo) {
+    scale = _mm512_mask_div_pd(one, __mmask8(~small), n, _mm512_sub_pd(n, one));
+  } else if (p.estimator == kGpg) {
+    scale = _mm512_set1_pd(p.gpg_alpha);
+  } else if (p.estimator == kGrpo && p.std_mode != kStdNone) {
+    const __m512d sigma = p.batch_scope ? _mm512_set1_pd(p.batch_std)
+                                        : _mm512_mask_mov_pd(sd, single, one);
+    const __m512d spread = _mm512_add_pd(sigma, _mm512_set1_pd(p.eps));
+    scale = _mm512_maskz_div_pd(_mm512_cmp_pd_mask(spread, zero, _CMP_NEQ_UQ), one, spread);
+  }
+  scale = _mm512_maskz_mov_pd(active, scale);
+  // hot_record's float32 values
+  return {center, _mm512_cvtps_pd(_mm512_cvtpd_ps(scale)), _mm512_cvtpd_ps(mean),
+          _mm512_cvtpd_ps(sd), zero_var};
+}
+
+// What the ids path's compact pass (advantages.cpp) records of eight groups ms[0 .. 8) whose
+// moments are also those of the values normalised: the double mean (the record's centre),
+// hot_record's float32 scale and σ, the zero-variance flags, and which groups are centred on
+// their mean (compact_pass's test: empty, scale 0, or centre == mean). Vector divisions and
+// square roots: the scalar loop spent ~9 ns a group on them.
+struct Records8 {
+  alignas(64) double mean[8];
+  alignas(32) float scale[8];
+  alignas(32) float sd[8];
+  __mmask8 zero_var, centred;
+};
+
+inline Records8 records8(const GroupMoments* ms, const AdvantageParams& p) {
+  static_assert(sizeof(GroupMoments) == 5 * sizeof(double), "GroupMoments: five doubles");
+  const __m256i at = _mm256_setr_epi32(0, 5, 10, 15, 20, 25, 30, 35);  // group l, in doubles
+  const double* base = &ms[0].n;
+  const __m512d n = _mm512_i32gather_pd(at, base + 0, 8);
+  const __m512d mean = _mm512_i32gather_pd(at, base + 1, 8);
+  const __m512d m2 = _mm512_i32gather_pd(at, base + 2, 8);
+  const __mmask8 flat = _mm512_cmp_pd_mask(_mm512_i32gather_pd(at, base + 3, 8),
+                                           _mm512_i32gather_pd(at, base + 4, 8), _CMP_EQ_OQ);
+  const Stats8 st = affine8(n, mean, m2, flat, p);
+  Records8 r;
+  _mm512_store_pd(r.mean, mean);
+  _mm256_store_ps(r.scale, _mm512_cvtpd_ps(st.scale));
+  _mm256_store_ps(r.sd, st.sd);
+  r.zero_var = st.zero_var;
+  r.centred = __mmask8(_mm512_cmp_pd_mask(n, _mm512_setzero_pd(), _CMP_EQ_OQ) |
+                       _mm512_cmp_pd_mask(st.scale, _mm512_setzero_pd(), _CMP_EQ_OQ) |
+                       _mm512_cmp_pd_mask(st.center, mean, _CMP_EQ_OQ));
+  return r;
+}
+
 // The statistics of groups [g0, g0 + 8) of the scores `s` (the batch's first row at s[0]).
 inline Stats8 stats8(const float* s, int64_t g0, int64_t gs, const AdvantageParams& p) {
   const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
@@ -128,32 +197,7 @@ inline Stats8 stats8(const float* s, int64_t g0, int64_t gs, const AdvantagePara
   __m512d m2 = _mm512_fnmadd_pd(s1, q, s2);
   m2 = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(m2, zero, _CMP_GT_OQ), m2);  // NaN → 0 too
   m2 = _mm512_mask_mov_pd(m2, __mmask8(flat | empty), zero);
-  // moments_std
-  const __mmask8 small = _mm512_cmp_pd_mask(n, _mm512_set1_pd(2.0), _CMP_LT_OQ);  // n < 2
-  const __m512d denom = p.std_mode == kStdBiased ? n : _mm512_sub_pd(n, one);
-  __m512d sd = _mm512_sqrt_pd(_mm512_div_pd(m2, denom));
-  sd = _mm512_mask_mov_pd(sd, small, zero);
-  sd = _mm512_mask_mov_pd(sd, empty, nan);
-  const __mmask8 zero_var = __mmask8(flat & ~small);
-  // group_affine
-  const __mmask8 single = __mmask8(small & ~empty);
-  const __mmask8 active = __mmask8(~small | (p.singleton_verl ? single : __mmask8(0)));
-  const __m512d center = _mm512_maskz_mov_pd(__mmask8(active & ~small), mean);
-  __m512d scale = one;
-  if (p.estimator == kRloo) {
-    scale = _mm512_mask_div_pd(one, __mmask8(~small), n, _mm512_sub_pd(n, one));
-  } else if (p.estimator == kGpg) {
-    scale = _mm512_set1_pd(p.gpg_alpha);
-  } else if (p.estimator == kGrpo && p.std_mode != kStdNone) {
-    const __m512d sigma = p.batch_scope ? _mm512_set1_pd(p.batch_std)
-                                        : _mm512_mask_mov_pd(sd, single, one);
-    const __m512d spread = _mm512_add_pd(sigma, _mm512_set1_pd(p.eps));
-    scale = _mm512_maskz_div_pd(_mm512_cmp_pd_mask(spread, zero, _CMP_NEQ_UQ), one, spread);
-  }
-  scale = _mm512_maskz_mov_pd(active, scale);
-  // hot_record's float32 values
-  return {center, _mm512_cvtps_pd(_mm512_cvtpd_ps(scale)), _mm512_cvtpd_ps(mean),
-          _mm512_cvtpd_ps(sd), zero_var};
+  return affine8(n, mean, m2, flat, p);
 }
 
 // The rows of groups [g0, g0 + 8): A = (x − center) · scale, and each group's mean, σ and
