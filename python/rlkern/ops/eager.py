@@ -47,8 +47,8 @@ def plain_eager(*tensors: Tensor | None, no_graph: bool = False) -> bool:
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(t is None or (type(t) is Tensor and t.device.type == "cpu"
-                             and (no_graph or not t.requires_grad))
+    # ``is_cpu``, not ``device.type``: the latter builds a device object (~0.3 µs a tensor).
+    return all(t is None or (type(t) is Tensor and t.is_cpu and (no_graph or not t.requires_grad))
                for t in tensors)
 
 
@@ -64,12 +64,15 @@ def custom_op(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
 
 
 def _tensors(args: tuple[Any, ...]) -> list[Tensor]:
-    """The tensors among ``args``, those inside list / tuple arguments (``Tensor[]``) too."""
+    """The tensors among ``args``, those inside list / tuple arguments (``Tensor[]``,
+    ``Tensor?[]``) too. A schema's list is all numbers or all (optional) tensors, so a list
+    whose first element is a number (``int[]``, ``float[]``: the advantage ops' flags and
+    hyperparameters) is skipped without visiting the rest."""
     out: list[Tensor] = []
     for a in args:
         if isinstance(a, Tensor):
             out.append(a)
-        elif isinstance(a, (list, tuple)):
+        elif isinstance(a, (list, tuple)) and a and not isinstance(a[0], (int, float)):
             out.extend(t for t in a if isinstance(t, Tensor))
     return out
 
