@@ -382,35 +382,36 @@ Grouping dense_numbering(const int64_t* ids, int64_t n, IdRange r, int32_t* row_
 // float32 scores: one row pass gathering a 16-byte record per group (advantages_ids.h).
 // Returns false, having written nothing, when some group is centred elsewhere (verl's
 // singletons: b = 0); the caller then runs the general passes.
-bool compact_pass(const GroupAdvantagesArgs& a, const AdvantageParams& p,
-                  const std::vector<GroupMoments>& ms, const int32_t* rg, int64_t k) {
-  static thread_local Workspace<CompactRecord> rec_store;
-  CompactRecord* rec = rec_store.get(size_t(k));
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, k, kRecordGrainGroups, [&](int64_t b, int64_t e) {
-    bool local_ok = true;
-    int64_t g0 = b;  // groups recorded eight at a time
+// The compact records of `count` groups (moments ms, also those of the values normalised)
+// into rec; false when some group is centred elsewhere than on its mean.
+bool compact_records(const GroupMoments* ms, int64_t count, const AdvantageParams& p,
+                     CompactRecord* rec) {
+  bool ok = true;
+  int64_t g0 = 0;  // groups recorded eight at a time
 #if defined(__AVX512F__)
-    if (lanes::applies(p)) {
-      for (; g0 + 8 <= e; g0 += 8) {
-        const lanes::Records8 r = lanes::records8(&ms[g0], p);
-        local_ok = local_ok && r.centred == 0xff;
-        for (int l = 0; l < 8; ++l)
-          rec[g0 + l] = compact_record(r.mean[l], r.scale[l], r.sd[l], (r.zero_var >> l) & 1);
-      }
+  if (lanes::applies(p)) {
+    for (; g0 + 8 <= count; g0 += 8) {
+      const lanes::Records8 r = lanes::records8(ms + g0, p);
+      ok = ok && r.centred == 0xff;
+      for (int l = 0; l < 8; ++l)
+        rec[g0 + l] = compact_record(r.mean[l], r.scale[l], r.sd[l], (r.zero_var >> l) & 1);
     }
+  }
 #endif
-    for (int64_t g = g0; g < e; ++g) {
-      const HotRecord<float> h = hot_record<float>(ms[g], ms[g], nullptr, p);
-      // A group without a valid row, or one whose rows all get 0 (scale 0: a singleton under
-      // singleton="zero"), may take its mean as centre: its advantages stay 0.
-      const bool centred = ms[g].n == 0.0 || h.scale == 0.0f || h.center == ms[g].mean;
-      local_ok = local_ok && centred;
-      rec[g] = compact_record(ms[g].mean, h.scale, h.std, h.zero_variance);
-    }
-    if (!local_ok) ok.store(false, std::memory_order_relaxed);
-  });
-  if (!ok.load()) return false;
+  for (int64_t g = g0; g < count; ++g) {
+    const HotRecord<float> h = hot_record<float>(ms[g], ms[g], nullptr, p);
+    // A group without a valid row, or one whose rows all get 0 (scale 0: a singleton under
+    // singleton="zero"), may take its mean as centre: its advantages stay 0.
+    const bool centred = ms[g].n == 0.0 || h.scale == 0.0f || h.center == ms[g].mean;
+    ok = ok && centred;
+    rec[g] = compact_record(ms[g].mean, h.scale, h.std, h.zero_variance);
+  }
+  return ok;
+}
+
+// The row pass of the compact path: A = (x − center)·scale and the group's mean, σ and flag
+// from each row's record.
+void compact_rows_pass(const GroupAdvantagesArgs& a, const int32_t* rg, const CompactRecord* rec) {
   const float* x = static_cast<const float*>(a.rows.scores);
   float* adv = static_cast<float*>(a.out.advantages);
   float* mean = static_cast<float*>(a.out.group_mean);
@@ -422,6 +423,55 @@ bool compact_pass(const GroupAdvantagesArgs& a, const AdvantageParams& p,
   at::parallel_for(0, a.rows.n, kCompactGrainRows, [&](int64_t b, int64_t e) {
     compact_rows(x, rg, rec, b, e, adv, mean, sd, a.out.zero_variance, stream);
   });
+}
+
+CompactRecord* compact_record_store(int64_t k) {
+  static thread_local Workspace<CompactRecord> store;
+  return store.get(size_t(k));
+}
+
+bool compact_pass(const GroupAdvantagesArgs& a, const AdvantageParams& p,
+                  const std::vector<GroupMoments>& ms, const int32_t* rg, int64_t k) {
+  CompactRecord* rec = compact_record_store(k);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, k, kRecordGrainGroups, [&](int64_t b, int64_t e) {
+    if (!compact_records(ms.data() + b, e - b, p, rec + b))
+      ok.store(false, std::memory_order_relaxed);
+  });
+  if (!ok.load()) return false;
+  compact_rows_pass(a, rg, rec);
+  return true;
+}
+
+// The estimators whose records need only each group's own moments (no batch constant, no
+// extras): their records are formed by the thread that summed the group, chunk by chunk,
+// without the moments array and its pass (fused_compact_pass).
+bool records_need_only_groups(const AdvantageParams& p) {
+  return (p.estimator == kGrpo || p.estimator == kDrGrpo || p.estimator == kRloo ||
+          p.estimator == kNgrpo) &&
+         !p.batch_scope;
+}
+
+// compact_pass straight from the chunked shifted sums of float32 scores. False (rows untouched)
+// when some group is centred elsewhere: the caller then takes the general passes.
+bool fused_compact_pass(const GroupAdvantagesArgs& a, const AdvantageParams& p,
+                        const int32_t* rg, int64_t k) {
+  CompactRecord* rec = compact_record_store(k);
+  std::atomic<bool> ok{true};
+  shifted_sums_chunked(static_cast<const float*>(a.rows.scores), a.rows.n, rg, k,
+                       [&](int64_t lo, int64_t size, const FloatShifted* acc) {
+    constexpr int64_t kBlock = 256;  // moments of a block of groups, on the stack
+    GroupMoments ms[kBlock];
+    bool chunk_ok = true;
+    for (int64_t b = 0; b < size; b += kBlock) {
+      const int64_t m = std::min(kBlock, size - b);
+      for (int64_t g = 0; g < m; ++g) ms[g] = float_shifted_moments(acc[b + g]);
+      chunk_ok = compact_records(ms, m, p, rec + lo + b) && chunk_ok;
+    }
+    if (!chunk_ok) ok.store(false, std::memory_order_relaxed);
+  });
+  if (!ok.load()) return false;
+  compact_rows_pass(a, rg, rec);
   return true;
 }
 
@@ -446,6 +496,11 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
     // the moments one L2-sized chunk of groups at a time (advantages_ids.h).
     grouping = dense ? dense_numbering(a.rows.group_ids, n, range, rows)
                      : group_by_ids_parallel<T, false>(a.rows.group_ids, n, nullptr, rows, nullptr);
+    if constexpr (std::is_same_v<O, float>) {
+      if (records_need_only_groups(p) &&
+          fused_compact_pass(a, p, grouping.row_group, grouping.num_groups))
+        return;
+    }
     moments_chunked(s, n, grouping.row_group, grouping.num_groups, &ms);
   } else {  // float64 scores: shifted sums accumulated with the numbering (group_stats.h)
     grouping = dense ? group_by_dense_ids<T>(a.rows.group_ids, n, range, s, rows, &ms)

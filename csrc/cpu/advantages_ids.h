@@ -87,9 +87,12 @@ inline int64_t select_chunk_rows(const float* x, const int32_t* rg, int64_t begi
   return m;
 }
 
-// Moments of the finite values x grouped by row_group (K groups) into `out` (resized to K).
-inline void moments_chunked(const float* x, int64_t n, const int32_t* row_group, int64_t k,
-                            std::vector<GroupMoments>* out) {
+// The shifted sums of the finite values x grouped by row_group (K groups), one chunk of groups
+// at a time: finish(lo, size, acc) receives groups [lo, lo + size) (acc[0 .. size)) from the
+// thread that accumulated them, while they are still in its cache.
+template <typename Finish>
+void shifted_sums_chunked(const float* x, int64_t n, const int32_t* row_group, int64_t k,
+                          const Finish& finish) {
   constexpr int64_t kChunkBytes = int64_t(1536) << 10;  // of a 2 MiB L2: rows stream through
   constexpr int64_t kMinRowsPerThread = int64_t(1) << 15;
   const int64_t per_chunk_max = kChunkBytes / int64_t(sizeof(FloatShifted));
@@ -102,8 +105,6 @@ inline void moments_chunked(const float* x, int64_t n, const int32_t* row_group,
   const int64_t per_chunk = (k + chunks - 1) / chunks;
   static thread_local Workspace<FloatShifted> acc_ws;
   FloatShifted* acc = acc_ws.get(size_t(k));  // bound here, not in the workers (thread_local)
-  out->resize(size_t(k));
-  GroupMoments* mom = out->data();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     constexpr int64_t kBlock = 2048;
     uint32_t local[kBlock + 16];
@@ -129,8 +130,18 @@ inline void moments_chunked(const float* x, int64_t n, const int32_t* row_group,
           s.s2 += d * d;
         }
       }
-      for (int64_t g = 0; g < size; ++g) mom[lo + g] = float_shifted_moments(a[g]);
+      finish(lo, size, static_cast<const FloatShifted*>(a));
     }
+  });
+}
+
+// Moments of the finite values x grouped by row_group (K groups) into `out` (resized to K).
+inline void moments_chunked(const float* x, int64_t n, const int32_t* row_group, int64_t k,
+                            std::vector<GroupMoments>* out) {
+  out->resize(size_t(k));
+  GroupMoments* mom = out->data();
+  shifted_sums_chunked(x, n, row_group, k, [&](int64_t lo, int64_t size, const FloatShifted* a) {
+    for (int64_t g = 0; g < size; ++g) mom[lo + g] = float_shifted_moments(a[g]);
   });
 }
 
