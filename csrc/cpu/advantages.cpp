@@ -411,7 +411,8 @@ bool compact_records(const GroupMoments* ms, int64_t count, const AdvantageParam
 
 // The row pass of the compact path: A = (x − center)·scale and the group's mean, σ and flag
 // from each row's record.
-void compact_rows_pass(const GroupAdvantagesArgs& a, const int32_t* rg, const CompactRecord* rec) {
+template <typename Groups>
+void compact_rows_pass(const GroupAdvantagesArgs& a, const Groups& rg, const CompactRecord* rec) {
   const float* x = static_cast<const float*>(a.rows.scores);
   float* adv = static_cast<float*>(a.out.advantages);
   float* mean = static_cast<float*>(a.out.group_mean);
@@ -439,7 +440,7 @@ bool compact_pass(const GroupAdvantagesArgs& a, const AdvantageParams& p,
       ok.store(false, std::memory_order_relaxed);
   });
   if (!ok.load()) return false;
-  compact_rows_pass(a, rg, rec);
+  compact_rows_pass(a, GroupArray{rg}, rec);
   return true;
 }
 
@@ -454,8 +455,9 @@ bool records_need_only_groups(const AdvantageParams& p) {
 
 // compact_pass straight from the chunked shifted sums of float32 scores. False (rows untouched)
 // when some group is centred elsewhere: the caller then takes the general passes.
+template <typename Groups>
 bool fused_compact_pass(const GroupAdvantagesArgs& a, const AdvantageParams& p,
-                        const int32_t* rg, int64_t k) {
+                        const Groups& rg, int64_t k) {
   CompactRecord* rec = compact_record_store(k);
   std::atomic<bool> ok{true};
   shifted_sums_chunked(static_cast<const float*>(a.rows.scores), a.rows.n, rg, k,
@@ -488,19 +490,24 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
   std::vector<GroupMoments>& mx_store = mx_tl;
   std::vector<GroupExtras>& ext = ext_tl;
   int32_t* rows = row_group_store.get(size_t(n));
-  const IdRange range = id_range(a.rows.group_ids, n);
-  const bool dense = dense_enough(range, n);
+  const bool dense_possible = maybe_dense(a.rows.group_ids, n);
+  const IdRange range = dense_possible ? id_range(a.rows.group_ids, n) : IdRange{0, -1};
+  const bool dense = dense_possible && dense_enough(range, n);
   Grouping grouping;
   if constexpr (std::is_same_v<T, float>) {
     // Number the groups first (no accumulator: a small table, or none for dense ids), then
     // the moments one L2-sized chunk of groups at a time (advantages_ids.h).
+    const bool fusable = std::is_same_v<O, float> && records_need_only_groups(p);
+    // Nearly dense ids need no row-group array on this path: the passes read id − min.
+    if (dense && fusable &&
+        fused_compact_pass(a, p, DenseIds{a.rows.group_ids, range.min},
+                           int64_t(uint64_t(range.max) - uint64_t(range.min)) + 1))
+      return;
     grouping = dense ? dense_numbering(a.rows.group_ids, n, range, rows)
                      : group_by_ids_parallel<T, false>(a.rows.group_ids, n, nullptr, rows, nullptr);
-    if constexpr (std::is_same_v<O, float>) {
-      if (records_need_only_groups(p) &&
-          fused_compact_pass(a, p, grouping.row_group, grouping.num_groups))
-        return;
-    }
+    if (!dense && fusable &&
+        fused_compact_pass(a, p, GroupArray{grouping.row_group}, grouping.num_groups))
+      return;
     moments_chunked(s, n, grouping.row_group, grouping.num_groups, &ms);
   } else {  // float64 scores: shifted sums accumulated with the numbering (group_stats.h)
     grouping = dense ? group_by_dense_ids<T>(a.rows.group_ids, n, range, s, rows, &ms)

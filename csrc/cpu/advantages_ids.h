@@ -58,17 +58,45 @@ inline GroupMoments float_shifted_moments(const FloatShifted& a) {
   return GroupMoments{n, k + a.s1 / n, m2 > 0.0 ? m2 : 0.0, -inf, inf};
 }
 
+// Where a row's group number comes from: an array of them (the hash numbering's output), or
+// id − min, read straight from nearly dense ids. The second writes no array: for 65,536 rows
+// that array's 256 KiB, fetched for ownership line by line before being written, cost ~25 µs,
+// more than reading the 8-byte ids in the passes that follow.
+struct GroupArray {
+  const int32_t* rg;
+  int32_t operator[](int64_t i) const { return rg[i]; }
+#if defined(__AVX512F__)
+  __m512i load16(int64_t i) const { return _mm512_loadu_si512(rg + i); }
+#endif
+};
+
+struct DenseIds {
+  const int64_t* ids;
+  int64_t min;
+  int32_t operator[](int64_t i) const { return int32_t(uint64_t(ids[i]) - uint64_t(min)); }
+#if defined(__AVX512F__)
+  __m512i load16(int64_t i) const {  // the same truncation to 32 bits (vpmovqd)
+    const __m512i m = _mm512_set1_epi64(min);
+    const __m256i lo = _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(ids + i), m));
+    const __m256i hi =
+        _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(ids + i + 8), m));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+#endif
+};
+
 // Rows of [begin, end) whose group lies in [lo, lo + size) and whose value is finite, appended
 // to (local group, value) buffers; returns how many. The buffers need 16 entries of slack.
-inline int64_t select_chunk_rows(const float* x, const int32_t* rg, int64_t begin, int64_t end,
-                                 int32_t lo, int32_t size, uint32_t* local, float* value) {
+template <typename Groups>
+int64_t select_chunk_rows(const float* x, const Groups& rg, int64_t begin, int64_t end,
+                          int32_t lo, int32_t size, uint32_t* local, float* value) {
   int64_t m = 0, i = begin;
 #if defined(__AVX512F__)
   const __m512i vlo = _mm512_set1_epi32(lo), vsize = _mm512_set1_epi32(size);
   for (; i + 16 <= end; i += 16) {
     // g − lo < size as unsigned is the range test; x − x == 0 is the finite test (NaN and
     // ±inf give NaN). The compress packs the selected lanes to the front of the vector.
-    const __m512i g = _mm512_sub_epi32(_mm512_loadu_si512(rg + i), vlo);
+    const __m512i g = _mm512_sub_epi32(rg.load16(i), vlo);
     const __m512 v = _mm512_loadu_ps(x + i);
     const __mmask16 keep =
         _mm512_cmplt_epu32_mask(g, vsize) &
@@ -90,8 +118,8 @@ inline int64_t select_chunk_rows(const float* x, const int32_t* rg, int64_t begi
 // The shifted sums of the finite values x grouped by row_group (K groups), one chunk of groups
 // at a time: finish(lo, size, acc) receives groups [lo, lo + size) (acc[0 .. size)) from the
 // thread that accumulated them, while they are still in its cache.
-template <typename Finish>
-void shifted_sums_chunked(const float* x, int64_t n, const int32_t* row_group, int64_t k,
+template <typename Groups, typename Finish>
+void shifted_sums_chunked(const float* x, int64_t n, const Groups& row_group, int64_t k,
                           const Finish& finish) {
   constexpr int64_t kChunkBytes = int64_t(1536) << 10;  // of a 2 MiB L2: rows stream through
   constexpr int64_t kMinRowsPerThread = int64_t(1) << 15;
@@ -140,9 +168,11 @@ inline void moments_chunked(const float* x, int64_t n, const int32_t* row_group,
                             std::vector<GroupMoments>* out) {
   out->resize(size_t(k));
   GroupMoments* mom = out->data();
-  shifted_sums_chunked(x, n, row_group, k, [&](int64_t lo, int64_t size, const FloatShifted* a) {
-    for (int64_t g = 0; g < size; ++g) mom[lo + g] = float_shifted_moments(a[g]);
-  });
+  shifted_sums_chunked(x, n, GroupArray{row_group}, k,
+                       [&](int64_t lo, int64_t size, const FloatShifted* a) {
+                         for (int64_t g = 0; g < size; ++g)
+                           mom[lo + g] = float_shifted_moments(a[g]);
+                       });
 }
 
 // What the row pass needs of a group whose centre is its mean: A = (x − center)·scale,
@@ -159,8 +189,9 @@ inline CompactRecord compact_record(double center, float scale, float std, bool 
 }
 
 // Row i of the compact pass (also the scalar tail of the vector loop).
-inline void compact_row(const float* x, const int32_t* rg, const CompactRecord* rec, int64_t i,
-                        float* adv, float* mean, float* std, bool* zv) {
+template <typename Groups>
+void compact_row(const float* x, const Groups& rg, const CompactRecord* rec, int64_t i,
+                 float* adv, float* mean, float* std, bool* zv) {
   const CompactRecord& r = rec[rg[i]];
   const double v = double(x[i]);
   adv[i] = score_is_valid(v) ? float((v - r.center) * double(r.scale)) : 0.0f;
@@ -171,9 +202,9 @@ inline void compact_row(const float* x, const int32_t* rg, const CompactRecord* 
 
 // Rows [begin, end) of the compact pass. `stream`: non-temporal stores (caller checked that
 // the three float outputs are 64-byte aligned).
-inline void compact_rows(const float* x, const int32_t* rg, const CompactRecord* rec,
-                         int64_t begin, int64_t end, float* adv, float* mean, float* std,
-                         bool* zv, bool stream) {
+template <typename Groups>
+void compact_rows(const float* x, const Groups& rg, const CompactRecord* rec, int64_t begin,
+                  int64_t end, float* adv, float* mean, float* std, bool* zv, bool stream) {
   int64_t i = begin;
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
   for (; i < end && (i & 15) != 0; ++i) compact_row(x, rg, rec, i, adv, mean, std, zv);
@@ -191,11 +222,11 @@ inline void compact_rows(const float* x, const int32_t* rg, const CompactRecord*
     // Zen 4 splits into one load per lane): 65,536 rows in ~50 µs instead of ~100 µs.
     __m512i q[4];
     for (int b = 0; b < 4; ++b) {
-      const int32_t* g = rg + i + 4 * b;
-      __m512i v = _mm512_castsi128_si512(_mm_load_si128(rec128 + g[0]));
-      v = _mm512_inserti32x4(v, _mm_load_si128(rec128 + g[1]), 1);
-      v = _mm512_inserti32x4(v, _mm_load_si128(rec128 + g[2]), 2);
-      q[b] = _mm512_inserti32x4(v, _mm_load_si128(rec128 + g[3]), 3);
+      const int64_t r = i + 4 * b;
+      __m512i v = _mm512_castsi128_si512(_mm_load_si128(rec128 + rg[r]));
+      v = _mm512_inserti32x4(v, _mm_load_si128(rec128 + rg[r + 1]), 1);
+      v = _mm512_inserti32x4(v, _mm_load_si128(rec128 + rg[r + 2]), 2);
+      q[b] = _mm512_inserti32x4(v, _mm_load_si128(rec128 + rg[r + 3]), 3);
     }
     const __m512d c0 = _mm512_castsi512_pd(_mm512_permutex2var_epi64(q[0], center_at, q[1]));
     const __m512d c1 = _mm512_castsi512_pd(_mm512_permutex2var_epi64(q[2], center_at, q[3]));

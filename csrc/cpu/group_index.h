@@ -376,6 +376,17 @@ inline bool dense_enough(IdRange r, int64_t n) {
          uint64_t(r.max) - uint64_t(r.min) < (uint64_t(1) << 31);
 }
 
+// Whether the ids may be nearly dense: false when the first 64 already span too wide a range
+// (the whole batch spans at least as wide), so that arbitrary 64-bit ids skip id_range's pass.
+inline bool maybe_dense(const int64_t* ids, int64_t n) {
+  IdRange r{INT64_MAX, INT64_MIN};
+  for (int64_t i = 0; i < std::min<int64_t>(n, 64); ++i) {
+    r.min = std::min(r.min, ids[i]);
+    r.max = std::max(r.max, ids[i]);
+  }
+  return dense_enough(r, n);
+}
+
 // With values == nullptr only row_group is written (and `moments` untouched).
 template <typename T>
 Grouping group_by_dense_ids(const int64_t* ids, int64_t n, IdRange r, const T* values,
