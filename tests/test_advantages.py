@@ -354,7 +354,8 @@ def test_ids_path_matches_contiguous_bitwise(estimator, std, options, size):
     # keeping its rows' order (hence its sums' rounding).
     order = torch.arange(n).view(k, size).t().reshape(-1)
     keys = torch.randint(-(2**62), 2**62, (k,), generator=gen)
-    for ids in (order // size, keys[order // size]):  # dense, then hashed
+    # Dense ids from 0 and from −2^40 (id − min in 64 bits, then 32), then hashed ids.
+    for ids in (order // size, order // size - 2**40, keys[order // size]):
         by_ids = rlkern.group_advantages(scores[order], group_ids=ids, estimator=estimator,
                                          std=std, **options)
         for a, b in zip(by_ids, contiguous, strict=True):
