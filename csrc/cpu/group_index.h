@@ -81,8 +81,13 @@ class alignas(64) KeyTable {
   }
 
   static uint64_t hash(const int64_t* key) {
-    uint64_t h = mix64(uint64_t(key[0]));
-    if (kWords == 2) h = mix64(h ^ (uint64_t(key[kWords - 1]) + 0x9e3779b97f4a7c15ULL));
+    return hash_words(key[0], kWords == 2 ? key[kWords - 1] : 0);
+  }
+  // The same from the key's words (the second ignored for one-word keys): a form the block
+  // loops vectorise, with no key copied through memory.
+  static uint64_t hash_words(int64_t w0, int64_t w1) {
+    uint64_t h = mix64(uint64_t(w0));
+    if (kWords == 2) h = mix64(h ^ (uint64_t(w1) + 0x9e3779b97f4a7c15ULL));
     return h;
   }
 
@@ -246,10 +251,8 @@ void number_rows(KeyTable<kWords>& table, const int64_t* ids, const int64_t* ids
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = std::min(n, b0 + kBlock);
     int64_t m = b1 - b0;
-    for (int64_t i = b0; i < b1; ++i) {
-      load_key(i);
-      hashes[i - b0] = KeyTable<kWords>::hash(key);
-    }
+    for (int64_t i = b0; i < b1; ++i)
+      hashes[i - b0] = KeyTable<kWords>::hash_words(ids[i], kWords == 2 ? ids2[i] : 0);
     for (int64_t i = b0; i < b1; ++i) rows[i - b0] = i;
     if (nt > 1) m = keep_owned(hashes, rows, b1 - b0, t, nt);
     for (int64_t j = 0; j < std::min(m, kAhead); ++j) table.prefetch(hashes[j]);

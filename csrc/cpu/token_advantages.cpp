@@ -8,8 +8,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/advantages_lanes.h"
 #include "cpu/group_index.h"
 
 namespace rlkern::cpu {
@@ -145,6 +147,11 @@ void gtpo_impl(const T* h, int64_t n, int64_t t_len, const uint8_t* valid,
 
 template <typename T>
 int64_t first_nonfinite(const T* x, int64_t n) {
+#if defined(__AVX512F__)
+  // Sixteen at a time: the scalar loop with its early exit does not vectorise, and two of
+  // them cost ~130 µs of a 65,536-step GiGPO call.
+  if constexpr (std::is_same_v<T, float>) return lanes::first_nonfinite(x, 0, n);
+#endif
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(double(x[i]))) return i;
   return -1;
