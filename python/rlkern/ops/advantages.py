@@ -176,7 +176,9 @@ def check_grouping(n: int, group_ids: object, group_size: object, device: torch.
         raise ValueError(f"group_ids must have shape (N,) = ({n},), got {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"group_ids are on {ids.device} but {main} on {device}")
-    return ids.to(torch.int64).contiguous(), 0
+    if ids.dtype != torch.int64:  # a same-dtype .to() is still a dispatcher call (~1 µs)
+        ids = ids.to(torch.int64)
+    return ids.contiguous(), 0
 
 
 def _check_float(t: object, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -336,7 +338,7 @@ def group_advantages(
 
     # Advantages are not differentiable (rewards carry no gradient): no input's autograd graph
     # reaches the outputs, so they never require grad (backward would fail inside the op).
-    scores = scores.detach()
+    scores = scores.detach() if scores.requires_grad else scores
     mask = mask.detach() if mask is not None else None
     lengths = lengths.detach() if isinstance(lengths, Tensor) else lengths
     old_logprobs = old_logprobs.detach() if isinstance(old_logprobs, Tensor) else old_logprobs
