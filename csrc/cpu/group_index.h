@@ -56,6 +56,7 @@ inline uint64_t mix64(uint64_t x) {
 // No key value is reserved: a slot is empty when its group is −1. A new numbering empties
 // the previous one's slots through their list (slot_of_), ~8 bytes written a group, instead
 // of clearing the whole table.
+//
 // Cache-line aligned: the tables of different threads (group_by_ids_parallel) are written on
 // every insert (their counts) and read on every row (their masks); sharing a line, the two
 // threads of a 2-core machine took 1.8× longer together than one of them alone.
