@@ -297,11 +297,13 @@ def _float64_grpo(scores: torch.Tensor, ids: torch.Tensor, eps: float = 1e-6) ->
 
 
 @pytest.mark.parametrize("n", [2**15 + 3, 2**17 + 5])
-@pytest.mark.parametrize("pattern", ["distinct", "pairs", "adjacent", "with_int64_min"])
+@pytest.mark.parametrize("pattern", ["distinct", "pairs", "adjacent", "with_int64_min",
+                                     "narrow_prefix"])
 def test_hashed_ids_number_like_dense_ids(n, pattern):
     """The ids path's hash numbering (linear probing, grown when there are more groups than
     n / 8; no key value reserved, INT64_MIN included) against dense ids of the same grouping:
-    bitwise the same outputs, and GRPO within float32 of the float64 truth.
+    bitwise the same outputs, and GRPO within float32 of the float64 truth. "narrow_prefix":
+    the first 64 rows' ids are small (the range pass runs, then finds the ids not dense).
     Sizes past 2^15 rows (the compact pass and records on two threads) and 2^17 (the numbering
     split over two tables)."""
     gen = torch.Generator().manual_seed(n)
@@ -316,7 +318,9 @@ def test_hashed_ids_number_like_dense_ids(n, pattern):
     k = int(dense.max()) + 1
     keys = torch.randint(-(2**62), 2**62, (k,), generator=gen)
     if pattern == "with_int64_min":
-        keys[int(dense[5])] = -(2**63)  # the table's empty marker, as an id
+        keys[int(dense[5])] = -(2**63)  # the table's old empty marker, as an id
+    elif pattern == "narrow_prefix":
+        keys[dense[:64]] = dense[:64]
     scores = torch.randn(n, generator=gen).float()
     hashed = rlkern.group_advantages(scores, group_ids=keys[dense])
     by_dense = rlkern.group_advantages(scores, group_ids=dense)
@@ -373,14 +377,17 @@ def test_ids_path_matches_contiguous_bitwise(estimator, std, options, size):
 def test_hash_table_reused_across_calls(dtype):
     """The numbering tables live across calls (one per thread) and are emptied lazily, through
     the list of slots the previous call filled, and grow or shrink with the batch. A sequence of
-    calls whose sizes and group counts rise and fall, each against dense ids of its grouping
-    (bitwise) — a slot left over from an earlier call would merge two groups."""
+    calls whose sizes and group counts rise and fall, all drawing their ids from one pool (so
+    that a call meets keys an earlier call numbered, in other groups and another order), each
+    against dense ids of its grouping (bitwise): a slot left over from an earlier call would
+    hand a key its old group number, merging two groups."""
     gen = torch.Generator().manual_seed(7)
-    layouts = [(2**15 + 3, 1), (40, 8), (2**17 + 5, 2), (1000, 1), (2**15, 8), (3, 1),
-               (2**18 + 1, 8), (70_000, 1)]
+    pool = torch.randint(-(2**63), 2**63 - 1, (2**18 + 1,), generator=gen)
+    layouts = [(2**15 + 3, 1), (2**15 + 3, 8), (40, 8), (2**17 + 5, 2), (2**17 + 5, 8),
+               (1000, 1), (2**15, 8), (3, 1), (2**18 + 1, 8), (70_000, 1), (70_000, 4)]
     for n, size in layouts:
         dense = torch.randperm(n, generator=gen) // size
-        keys = torch.randint(-(2**63), 2**63 - 1, (int(dense.max()) + 1,), generator=gen)
+        keys = pool[torch.randperm(pool.numel(), generator=gen)[: int(dense.max()) + 1]]
         scores = torch.randn(n, generator=gen).to(dtype)
         hashed = rlkern.group_advantages(scores, group_ids=keys[dense])
         by_dense = rlkern.group_advantages(scores, group_ids=dense)

@@ -370,7 +370,8 @@ void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
 // Nearly dense ids (dense_enough): the group of a row is id − min, threads splitting rows.
 Grouping dense_numbering(const int64_t* ids, int64_t n, IdRange r, int32_t* row_group) {
   at::parallel_for(0, n, kGrainRows, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) row_group[i] = int32_t(uint64_t(ids[i]) - uint64_t(r.min));
+    const DenseIds group{ids, r.min};
+    for (int64_t i = b; i < e; ++i) row_group[i] = group[i];
   });
   Grouping out;
   out.num_groups = int64_t(uint64_t(r.max) - uint64_t(r.min)) + 1;

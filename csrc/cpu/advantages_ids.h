@@ -33,6 +33,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/group_index.h"
 #include "cpu/workspace.h"
 #include "rlkern/group_stats.h"
 
@@ -57,33 +58,6 @@ inline GroupMoments float_shifted_moments(const FloatShifted& a) {
   const double m2 = a.s2 - a.s1 * (a.s1 / n);
   return GroupMoments{n, k + a.s1 / n, m2 > 0.0 ? m2 : 0.0, -inf, inf};
 }
-
-// Where a row's group number comes from: an array of them (the hash numbering's output), or
-// id − min, read straight from nearly dense ids. The second writes no array: for 65,536 rows
-// that array's 256 KiB, fetched for ownership line by line before being written, cost ~25 µs,
-// more than reading the 8-byte ids in the passes that follow.
-struct GroupArray {
-  const int32_t* rg;
-  int32_t operator[](int64_t i) const { return rg[i]; }
-#if defined(__AVX512F__)
-  __m512i load16(int64_t i) const { return _mm512_loadu_si512(rg + i); }
-#endif
-};
-
-struct DenseIds {
-  const int64_t* ids;
-  int64_t min;
-  int32_t operator[](int64_t i) const { return int32_t(uint64_t(ids[i]) - uint64_t(min)); }
-#if defined(__AVX512F__)
-  __m512i load16(int64_t i) const {  // the same truncation to 32 bits (vpmovqd)
-    const __m512i m = _mm512_set1_epi64(min);
-    const __m256i lo = _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(ids + i), m));
-    const __m256i hi =
-        _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(ids + i + 8), m));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  }
-#endif
-};
 
 // Rows of [begin, end) whose group lies in [lo, lo + size) and whose value is finite, appended
 // to (local group, value) buffers; returns how many. The buffers need 16 entries of slack.
