@@ -22,7 +22,8 @@ settings.load_profile(os.environ.get("RLKERN_HYPOTHESIS_PROFILE", "ci"))
 
 # Liger-Kernel's own test suite is run by tests/test_liger_upstream.py in its own pytest process
 # (its `test` package and conftest must not mix with this suite's).
-collect_ignore = ["liger_upstream"]
+# verl's own tests (tests/verl_upstream) likewise, by tests/test_verl_upstream.py.
+collect_ignore = ["liger_upstream", "verl_upstream"]
 
 # Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before
 # any kernel module is imported (Triton decides when a kernel is decorated).

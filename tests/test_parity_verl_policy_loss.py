@@ -121,6 +121,10 @@ def test_kl_penalty(estimator):
     w = torch.randn(lp.shape)
     _close(torch.autograd.grad((ours * w).sum(), x2)[0],
            torch.autograd.grad((theirs * w).sum(), x1)[0], f"{estimator} grad")
+    # the drop-in with verl's signature (positional name) is the same function
+    from rlkern.integrations.verl import kl_penalty
+
+    assert torch.equal(kl_penalty(lp, ref, estimator), ours.detach())
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])

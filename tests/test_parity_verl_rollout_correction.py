@@ -66,6 +66,35 @@ def _compare_standalone(kwargs, mask_dtype=torch.bool, seed=0, spread=0.15):
     return ours
 
 
+@pytest.mark.parametrize("kwargs", [
+    {},
+    dict(rollout_is="token", rollout_is_threshold="0.7_1.4", rollout_is_batch_normalize=True),
+    dict(rollout_is="sequence", rollout_rs="seq_sum_k2", rollout_rs_threshold=0.08),
+    dict(rollout_rs="token_k1", rollout_rs_threshold="0.8_1.25"),
+])
+def test_verl_signature_drop_in(kwargs):
+    """``verl_rollout.compute_rollout_correction_and_rejection_mask``: verl's triple (the
+    weights in a DataProto, None without rollout_is), with rlkern's values."""
+    from rlkern.integrations.verl_rollout import compute_rollout_correction_and_rejection_mask
+
+    _, old, _, mask, rollout, *_ = _batch(seed=2)
+    theirs_w, theirs_mask, theirs = rollout_corr.compute_rollout_correction_and_rejection_mask(
+        old, rollout, mask, **kwargs)
+    ours_w, ours_mask, ours = compute_rollout_correction_and_rejection_mask(old, rollout, mask,
+                                                                           **kwargs)
+    if theirs_w is None:
+        assert ours_w is None
+    else:
+        assert type(ours_w) is type(theirs_w)
+        _close(ours_w.batch["rollout_is_weights"], theirs_w.batch["rollout_is_weights"],
+               f"{kwargs} weights")
+    assert ours_mask.dtype == theirs_mask.dtype and torch.equal(ours_mask, theirs_mask)
+    assert set(ours) == set(theirs)
+    assert all(type(v) is float for v in ours.values())
+    for key, value in theirs.items():
+        close(ours[key], value, f"{kwargs} {key}", rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("option,threshold", RS_CASES)
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_rejection_options(option, threshold, mask_dtype):

@@ -57,6 +57,7 @@ from rlkern.integrations.verl_rollout import compute_policy_loss_rlkern_bypass_m
 from rlkern.ops.advantages import group_advantages
 from rlkern.ops.eager import plain_eager
 from rlkern.ops.logprobs import token_logprobs
+from rlkern.ops.policy_loss import kl_penalty as rlkern_kl_penalty
 from rlkern.ops.policy_loss import policy_loss
 from rlkern.ops.token_advantages import gae
 
@@ -576,6 +577,16 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Any]]]] = {
 }
 # verl's bypass_mode: the rollout correction + ppo_clip / reinforce (verl_rollout.py)
 POLICY_LOSSES["rlkern_bypass_mode"] = _mark(compute_policy_loss_rlkern_bypass_mode)
+
+
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+    """verl's ``core_algos.kl_penalty`` (same signature) by :func:`rlkern.kl_penalty`: the
+    per-token KL estimate ``kl_penalty`` (``"kl"`` / ``"k1"``, ``"abs"``, ``"mse"`` / ``"k2"``,
+    ``"low_var_kl"`` / ``"k3"``, each with an optional ``"+"``: the value of the estimator with
+    the gradient of k2), with verl's clamps (``low_var_kl``: the log-ratio to ±20, the value to
+    ±10). ``logprob``, ``ref_logprob``: same shape; returns that shape, float32 (float64 for
+    float64 input), differentiable wrt both."""
+    return rlkern_kl_penalty(logprob, ref_logprob, estimator=kl_penalty)
 
 
 # ---------------------------------------------------------------------------------------------

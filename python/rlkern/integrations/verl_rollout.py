@@ -14,6 +14,10 @@ policy with the rollout engine (``log r = log_prob − old_log_prob``, without g
   ``old − log_prob``.
 
 The ``rollout_corr/*`` metrics are merged into the loss's metrics, as verl does.
+
+:func:`compute_rollout_correction_and_rejection_mask` is verl's function of that name
+(``verl.trainer.ppo.rollout_corr_helper``) computed by :func:`rlkern.rollout_correction`: verl's
+signature and return value, the weights wrapped in a ``DataProto`` as verl wraps them.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any
 
 from torch import Tensor
 
-from rlkern.ops.rollout_correction import rollout_correction
+from rlkern.ops.rollout_correction import RolloutCorrectionOutput, rollout_correction
 
-__all__ = ["compute_policy_loss_rlkern_bypass_mode"]
+__all__ = ["compute_policy_loss_rlkern_bypass_mode",
+           "compute_rollout_correction_and_rejection_mask"]
 
 # loss_type → (the rlkern_<name> loss that computes it, verl's metric key → rlkern metric)
 _BYPASS_LOSSES = {
@@ -81,3 +86,34 @@ def compute_policy_loss_rlkern_bypass_mode(
                              config, weights, backend, spec=spec)
     metrics.update(corr.metrics)
     return loss, metrics
+
+
+def compute_rollout_correction_and_rejection_mask(
+    old_log_prob: Tensor,
+    rollout_log_prob: Tensor,
+    response_mask: Tensor,
+    rollout_is: str | None = None,
+    rollout_is_threshold: str | float | None = 2.0,
+    rollout_is_batch_normalize: bool = False,
+    rollout_rs: str | None = None,
+    rollout_rs_threshold: str | float | None = None,
+) -> tuple[Any, Tensor, dict[str, float]]:
+    """verl's ``compute_rollout_correction_and_rejection_mask``, by
+    :func:`rlkern.rollout_correction`.
+
+    Inputs ``(bs, response_length)``; the options are verl's (see
+    :func:`rlkern.rollout_correction`). Returns verl's triple: the weights as a
+    ``verl.protocol.DataProto`` with the tensor ``rollout_is_weights`` (``None`` without
+    ``rollout_is``), the response mask with rejected tokens zeroed, and the
+    ``rollout_corr/*`` metrics as Python floats. Needs verl (for ``DataProto``).
+    """
+    from verl.protocol import DataProto
+
+    out: RolloutCorrectionOutput = rollout_correction(
+        old_log_prob, rollout_log_prob, response_mask, rollout_is=rollout_is,
+        rollout_is_threshold=rollout_is_threshold,
+        rollout_is_batch_normalize=rollout_is_batch_normalize, rollout_rs=rollout_rs,
+        rollout_rs_threshold=rollout_rs_threshold)
+    weights = (None if out.weights is None
+               else DataProto.from_dict(tensors={"rollout_is_weights": out.weights}))
+    return weights, out.mask, out.metrics
