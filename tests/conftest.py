@@ -20,9 +20,9 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("RLKERN_HYPOTHESIS_PROFILE", "ci"))
 
-# Liger-Kernel's own test suite is run by tests/test_liger_upstream.py in its own pytest process
-# (its `test` package and conftest must not mix with this suite's).
-# verl's own tests (tests/verl_upstream) likewise, by tests/test_verl_upstream.py.
+# Liger-Kernel's and verl's own test files run, taken from their source distributions, in
+# pytest processes of their own (tests/test_liger_upstream.py, tests/test_verl_upstream.py)
+# beside the conftest files of these folders, which must not load into this suite.
 collect_ignore = ["liger_upstream", "verl_upstream"]
 
 # Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before

@@ -55,7 +55,7 @@ def verl_tests(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"the drop-ins are checked against verl {VERL_VERSION}'s tests; "
                     f"verl {verl.__version__} is installed")
     dest = fetch_sdist_files("verl", VERL_VERSION, VERL_FILES,
-                             tmp_path_factory.mktemp("verl_upstream"))
+                             tmp_path_factory.mktemp("verl_upstream"), strip="tests/trainer/ppo/")
     for name in ("conftest.py", "pytest.ini"):
         shutil.copy(UPSTREAM / name, dest / name)
     return dest

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 
 
-def fetch_sdist_files(package: str, version: str, members: dict[str, str], dest: Path) -> Path:
+def fetch_sdist_files(package: str, version: str, members: dict[str, str], dest: Path, *,
+                      strip: str = "") -> Path:
     """Extract ``members`` (path inside the sdist's top folder → sha256) of ``package==version``
-    into ``dest`` (flat: the file names only) and return ``dest``. Skips the calling test, with
-    the reason, when pip cannot download the source distribution; fails on a hash mismatch."""
+    into ``dest``, each at its path less the prefix ``strip``, and return ``dest``. Skips the
+    calling test, with the reason, when pip cannot download the source distribution; fails on
+    a hash mismatch."""
     dest.mkdir(parents=True, exist_ok=True)
     download = dest / "sdist"
     proc = subprocess.run(
@@ -37,5 +39,7 @@ def fetch_sdist_files(package: str, version: str, members: dict[str, str], dest:
             data = tar.extractfile(f"{top}/{member}").read()
             assert hashlib.sha256(data).hexdigest() == digest, (
                 f"{package} {version}'s {member} is not the file whose hash is recorded")
-            (dest / Path(member).name).write_bytes(data)
+            target = dest / member.removeprefix(strip)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
     return dest
