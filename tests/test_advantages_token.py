@@ -3,6 +3,7 @@ the compiled CPU backend and the torch reference, against float64 truth; bad inp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -125,7 +126,8 @@ def test_gigpo_tables_reused_across_calls():
     order), each match the float64 reference."""
     gen = torch.Generator().manual_seed(3)
     for n_prompts, steps in [(50, 400), (50, 400), (3000, 20_000), (2, 9), (3000, 20_000),
-                             (40_000, 50_000), (7, 300), (50, 400)]:
+                             (40_000, 50_000), (7, 300), (3000, 70_000), (50, 400),
+                             (5000, 70_000)]:
         episode, step, keys, group = _gigpo_inputs(gen, n_prompts=n_prompts, steps=steps)
         keys = keys + torch.randint(0, 64, (steps,), generator=gen)  # recurring state keys
         out = rlkern.gigpo_advantages(episode, step, keys, group_ids=group, omega=0.7,
@@ -134,6 +136,30 @@ def test_gigpo_tables_reused_across_calls():
                                          omega=0.7, mode="std_norm")
         for field in ("advantages", "episode_advantages", "step_advantages"):
             _close(getattr(out, field), ref[field], torch.float32, f"{steps} steps: {field}")
+
+
+def test_gigpo_split_groupings_match_one_thread():
+    """From 2^16 steps (two threads' shares) each grouping is split over the threads by key
+    hash, one grouping after the other; with one thread the two run side by side. Same bits."""
+    gen = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    for n_prompts, steps in [(1024, 65_536), (9000, 140_000)]:
+        episode, step, keys, group = _gigpo_inputs(gen, n_prompts=n_prompts, steps=steps)
+        keys = keys + torch.randint(0, 16, (steps,), generator=gen)
+        call = functools.partial(rlkern.gigpo_advantages, episode, step, keys, group_ids=group,
+                                 omega=0.7, mode="std_norm", backend="cpu")
+        try:
+            torch.set_num_threads(2)
+            split = call()
+            torch.set_num_threads(1)
+            one = call()
+        finally:
+            torch.set_num_threads(threads)
+        ref = gigpo_advantages_reference(episode.double(), step.double(), keys, group_ids=group,
+                                         omega=0.7, mode="std_norm")
+        for field in ("advantages", "episode_advantages", "step_advantages"):
+            assert torch.equal(getattr(split, field), getattr(one, field)), field
+            _close(getattr(split, field), ref[field], torch.float32, f"{steps}: {field}")
 
 
 def test_gigpo_step_groups_are_per_prompt():

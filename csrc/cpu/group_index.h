@@ -306,22 +306,28 @@ Grouping group_by_keys(const int64_t* ids, const int64_t* ids2, int64_t n, const
   return out;
 }
 
-// Multi-threaded grouping by ids for group_advantages: thread t of nt owns a table of its own
-// and the ids whose hash falls in its share, so each group is still accumulated by exactly one
-// thread, in row order (results do not depend on nt). Group numbers interleave, g = local·nt + t,
-// so up to nt − 1 numbers per thread stay unused: those "holes" have n = 0 and no rows.
-// With kAcc the moments of the valid values are accumulated too; without, only the numbering is
-// done and `moments` is untouched.
-template <typename T, bool kAcc>
-Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
-                               int32_t* row_group, std::vector<GroupMoments>* moments) {
-  // From 2^15 rows a thread: at 65,536 shuffled rows in groups of 8, two threads number in
-  // ~115 µs against ~155 µs for one (every thread hashes and filters all rows).
+// Multi-threaded grouping by ids (kWords == 2: by the pairs (ids[i], ids2[i])): thread t of nt
+// owns a table of its own and the keys whose hash falls in its share, so each group is still
+// accumulated by exactly one thread, in row order (results do not depend on nt). Group numbers
+// interleave, g = local·nt + t, so up to nt − 1 numbers per thread stay unused: those "holes"
+// have n = 0 and no rows. With kAcc the moments of the valid values are accumulated too;
+// without, only the numbering is done and `moments` is untouched.
+// How many threads group_by_ids_parallel splits n rows over: from 2^15 rows a thread (at
+// 65,536 shuffled rows in groups of 8, two threads number in ~115 µs against ~155 µs for one:
+// every thread hashes and filters all rows).
+inline int grouping_threads(int64_t n) {
   constexpr int64_t kMinRowsPerThread = 1 << 15;
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                            n / kMinRowsPerThread)));
+  return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                    n / kMinRowsPerThread)));
+}
+
+template <typename T, bool kAcc, int kWords = 1>
+Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
+                               int32_t* row_group, std::vector<GroupMoments>* moments,
+                               const int64_t* ids2 = nullptr) {
+  const int nt = grouping_threads(n);
   struct PerThread {  // a thread's table and accumulators, on lines of their own
-    KeyTable<1> table;
+    KeyTable<kWords> table;
     alignas(64) std::vector<ShiftedSums> acc;
   };
   static thread_local std::vector<std::unique_ptr<PerThread>> state_tl;
@@ -332,8 +338,8 @@ Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
       PerThread& s = *state[t];
       s.table.reset(n / 8 / nt + 1, n);
       s.acc.clear();
-      number_rows<1, T>(s.table, ids, nullptr, n, int(t), nt, row_group, values,
-                        kAcc ? &s.acc : nullptr);
+      number_rows<kWords, T>(s.table, ids, ids2, n, int(t), nt, row_group, values,
+                             kAcc ? &s.acc : nullptr);
     }
   });
   int64_t per_thread = 0;
