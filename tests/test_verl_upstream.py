@@ -1,6 +1,6 @@
 """verl 0.9.1's own CPU tests of the functions rlkern replaces, run against rlkern's drop-ins.
 
-Four of verl's test files (``tests/trainer/ppo/`` of the verl 0.9.1 source distribution) are
+Five of verl's test files (``tests/trainer/ppo/`` of the verl 0.9.1 source distribution) are
 taken from that distribution when the test runs (``upstream_sources``: pip downloads it, each
 file is checked against its recorded sha256) and run, next to ``tests/verl_upstream/conftest.py``
 — which swaps rlkern's drop-ins in under verl's names (group advantage estimators, GAE /
@@ -39,6 +39,8 @@ VERL_FILES = {
         "614b812b034dd14fdc4198e2a79b4a833059df8492a6f7d288dae97e48c77bb9",
     "tests/trainer/ppo/test_rollout_corr.py":
         "b5751c7599a3fbf14c722018d84490b7776619e88cc120dd0c74042f120c8678",
+    "tests/trainer/ppo/test_rollout_corr_integration.py":
+        "3d8c1a1471043a5cbe03cf010c0b2e3dff293370c79b2273aa70a02261bdd759",
 }
 
 NEEDS_VERL = ("verl is not installed (optional: pip install -e '.[parity]' && "
@@ -49,7 +51,7 @@ pytestmark = pytest.mark.parity
 
 @pytest.fixture(scope="module")
 def verl_tests(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with verl 0.9.1's four test files and this suite's conftest / pytest.ini."""
+    """A folder with verl 0.9.1's five test files and this suite's conftest / pytest.ini."""
     verl = pytest.importorskip("verl", reason=NEEDS_VERL)
     if verl.__version__ != VERL_VERSION:
         pytest.skip(f"the drop-ins are checked against verl {VERL_VERSION}'s tests; "
@@ -77,8 +79,8 @@ def test_verl_upstream_tests_pass_against_rlkern(verl_tests: Path):
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     counts = _summary_counts(proc.stdout)
-    # the four files' 49 tests: all pass but the one documented (strict) difference
-    assert counts.get("passed") == 48 and counts.get("xfailed") == 1, tail
+    # the five files' 60 tests: all pass but the one documented (strict) difference
+    assert counts.get("passed") == 59 and counts.get("xfailed") == 1, tail
     assert not {"failed", "error", "errors", "skipped", "xpassed"} & set(counts), tail
 
 

@@ -1,6 +1,6 @@
 """verl 0.9.1's own CPU tests of the functions rlkern replaces, run against rlkern's drop-ins.
 
-``tests/test_verl_upstream.py`` takes four of verl's test files (``tests/trainer/ppo/`` of the
+``tests/test_verl_upstream.py`` takes five of verl's test files (``tests/trainer/ppo/`` of the
 verl 0.9.1 source distribution) from that distribution, puts this conftest and ``pytest.ini``
 beside them and runs them in a pytest process of their own. This conftest swaps rlkern's
 drop-ins in under verl's names before the test modules import them, so every call those files
