@@ -306,12 +306,6 @@ Grouping group_by_keys(const int64_t* ids, const int64_t* ids2, int64_t n, const
   return out;
 }
 
-// Multi-threaded grouping by ids (kWords == 2: by the pairs (ids[i], ids2[i])): thread t of nt
-// owns a table of its own and the keys whose hash falls in its share, so each group is still
-// accumulated by exactly one thread, in row order (results do not depend on nt). Group numbers
-// interleave, g = local·nt + t, so up to nt − 1 numbers per thread stay unused: those "holes"
-// have n = 0 and no rows. With kAcc the moments of the valid values are accumulated too;
-// without, only the numbering is done and `moments` is untouched.
 // How many threads group_by_ids_parallel splits n rows over: from 2^15 rows a thread (at
 // 65,536 shuffled rows in groups of 8, two threads number in ~115 µs against ~155 µs for one:
 // every thread hashes and filters all rows).
@@ -321,6 +315,12 @@ inline int grouping_threads(int64_t n) {
                                                     n / kMinRowsPerThread)));
 }
 
+// Multi-threaded grouping by ids (kWords == 2: by the pairs (ids[i], ids2[i])): thread t of nt
+// owns a table of its own and the keys whose hash falls in its share, so each group is still
+// accumulated by exactly one thread, in row order (results do not depend on nt). Group numbers
+// interleave, g = local·nt + t, so up to nt − 1 numbers per thread stay unused: those "holes"
+// have n = 0 and no rows. With kAcc the moments of the valid values are accumulated too;
+// without, only the numbering is done and `moments` is untouched.
 template <typename T, bool kAcc, int kWords = 1>
 Grouping group_by_ids_parallel(const int64_t* ids, int64_t n, const T* values,
                                int32_t* row_group, std::vector<GroupMoments>* moments,
