@@ -236,3 +236,19 @@ def test_empg_constant_entropy():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("which", ["episode", "step"])
+@pytest.mark.parametrize("bad", [[0], [17, 400], [999], [35, 3]])
+def test_gigpo_names_first_non_finite_step(dtype, which, bad):
+    """The error names the first non-finite step of either return, wherever it sits: in a
+    16-float vector of the AVX-512 scan, in the scalar tail, or on the float64 path."""
+    n = 1000
+    episode, step = torch.rand(n, dtype=dtype), torch.rand(n, dtype=dtype)
+    target = episode if which == "episode" else step
+    for i, v in zip(bad, [math.nan, math.inf, -math.inf], strict=False):
+        target[i] = v
+    with pytest.raises(ValueError, match=rf"step {min(bad)} is NaN or infinite"):
+        rlkern.gigpo_advantages(episode, step, torch.arange(n), omega=1.0, mode="std_norm",
+                                group_ids=torch.zeros(n, dtype=torch.long), backend="cpu")

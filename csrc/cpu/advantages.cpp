@@ -74,13 +74,7 @@ int64_t first_invalid(const T* x, int64_t n) {
   return at::parallel_reduce(
       0, n, kGrainRows, int64_t(-1),
       [&](int64_t begin, int64_t end, int64_t found) {
-        if (found >= 0) return found;
-#if defined(__AVX512F__)
-        if constexpr (std::is_same_v<T, float>) return lanes::first_nonfinite(x, begin, end);
-#endif
-        for (int64_t i = begin; i < end; ++i)
-          if (!score_is_valid(double(x[i]))) return i;
-        return found;
+        return found >= 0 ? found : first_nonfinite_in(x, begin, end);
       },
       [](int64_t a, int64_t b) { return a < 0 ? b : (b < 0 ? a : std::min(a, b)); });
 }

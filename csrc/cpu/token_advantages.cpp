@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "cpu/advantages_lanes.h"
@@ -145,18 +144,6 @@ void gtpo_impl(const T* h, int64_t n, int64_t t_len, const uint8_t* valid,
   });
 }
 
-template <typename T>
-int64_t first_nonfinite(const T* x, int64_t n) {
-#if defined(__AVX512F__)
-  // Sixteen at a time: the scalar loop with its early exit does not vectorise, and two of
-  // them cost ~130 µs of a 65,536-step GiGPO call.
-  if constexpr (std::is_same_v<T, float>) return lanes::first_nonfinite(x, 0, n);
-#endif
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(double(x[i]))) return i;
-  return -1;
-}
-
 // What a row needs of its group to be normalised: formed once a group, so that a row costs one
 // subtraction and one division (the square root and σ's division stay per group).
 struct NormRecord {
@@ -189,7 +176,7 @@ Status gigpo_impl(const GigpoArgs& a) {
   const T* ep = static_cast<const T*>(a.episode_returns);
   const T* st = static_cast<const T*>(a.step_returns);
   for (const T* x : {ep, st}) {
-    const int64_t bad = first_nonfinite(x, a.n);
+    const int64_t bad = first_nonfinite_in(x, 0, a.n);
     if (bad >= 0) return {Status::kInvalidScore, bad};
   }
   Grouping by_prompt, by_state;
