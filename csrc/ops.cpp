@@ -33,7 +33,8 @@ TORCH_LIBRARY(rlkern, m) {
   // Policy losses and the KL estimators (schemas in cpu/policy_loss_ops.cpp).
   for (const char* schema : {kPolicyLossFwdOutSchema, kPolicyLossBwdOutSchema,
                              kPolicyLossFusedFwdOutSchema, kPolicyLossFusedBwdSchema,
-                             kPolicyLossLensOutSchema,
+                             kPolicyLossLensOutSchema, kPolicyLossFusedLinearSchema,
+                             kPolicyLossLinearGradRowsSchema, kPolicyLossMetricsSchema,
                              kKlPenaltyFwdOutSchema, kKlPenaltyBwdOutSchema})
     m.def(schema);
   // Sampler (sample_op.h).

@@ -177,15 +177,19 @@ def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, 
     assert torch.equal(hand, two_pass) and (hand[~valid] == 0).all()
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                 "seq-mean-token-sum-norm", "sum"])
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+        "sum", "token-sum"]
+
+
+@pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("kl", [0.0, 0.0137])
 @pytest.mark.parametrize("upstream", [1.0, -0.7310585786300049, 3.5])
 @pytest.mark.parametrize("kl_agg", [None, "seq-mean-token-mean"])
 @pytest.mark.parametrize("global_counts", [False, True])
 def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream, kl_agg, global_counts):
-    """LinearAggregate.row_grads against torch.autograd.grad through aggregate itself, bit
-    for bit (signed zeros included: empty rows weigh 0), for float32 and float64 losses."""
+    """LinearAggregate.row_grads (the C++ op's weights and products) against
+    torch.autograd.grad through aggregate itself, bit for bit (signed zeros included: empty
+    rows weigh 0), for float32 and float64 losses."""
     from rlkern.ops.policy_loss.aggregate import LinearAggregate, aggregate
     from rlkern.ops.policy_loss.register import grad_rows_slice
 
@@ -195,21 +199,50 @@ def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream, kl_agg, gl
     row_stats = torch.rand(len(S), B, generator=gen, dtype=torch.float64)
     row_stats[S.len] = torch.randint(0, 30, (B,), generator=gen).double()
     row_stats[S.len, 3] = 0.0  # an empty row
-    cfg = C(kl_coef=kl, loss_agg_mode=agg, loss_scale=0.37, kl_agg_mode=kl_agg)
+    cfg = C(kl_coef=kl, loss_agg_mode=agg, loss_scale=0.37, kl_agg_mode=kl_agg,
+            max_len=17 if global_counts else None)
     for out_dtype in (torch.float32, torch.float64):
         # num_tokens / num_seqs as rlkern.policy_loss passes them: float64 0-dim tensors
         nt, ns = ((torch.tensor(123.0, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64))
                   if global_counts else (None, None))
-        linear = LinearAggregate(cfg, 31, torch.zeros(B), nt, ns, out_dtype)
-        first = row_stats[grad_rows_slice()]
-        loss, _ = linear.forward(first, row_stats)
-        row_sums = first.clone().requires_grad_()
+        linear = LinearAggregate(cfg, 31, nt, ns, with_rollout=False)
+        row_sums = row_stats[grad_rows_slice()].clone().requires_grad_()
         total, _ = aggregate(row_sums, row_stats, cfg, 31, torch.zeros(B), nt, ns,
                              with_entropy=False)
         u = torch.tensor(upstream, dtype=out_dtype)
         (want,) = torch.autograd.grad(total.to(out_dtype), row_sums, u)
-        assert torch.equal(loss, total.detach().to(out_dtype))
-        assert torch.equal(_bits(linear.row_grads(u)), _bits(want))
+        assert torch.equal(_bits(linear.row_grads(row_stats[S.len], u)), _bits(want))
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("kl", [0.0, 0.0137])
+@pytest.mark.parametrize("counts", ["local", "global", "count_empty"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_linear_loss_and_metrics_are_the_two_pass_ones(agg, kl, counts, dtype,
+                                                             monkeypatch):
+    """The fused linear op's loss, parts and metrics (formed in C++) against the two-pass
+    path's (torch ops), bit for bit, for every aggregation, with and without a KL term, with
+    local or global counts, with an empty row; and its gradient."""
+    inp = make_inputs(7, 23, dtype, seed=29)
+    inp["mask"][4] = False  # an empty row
+    extra = {"global": dict(num_tokens=torch.tensor(97.0), num_seqs=5.0)}.get(counts, {})
+    cfg = C(kl_coef=kl, loss_agg_mode=agg, loss_scale=0.61,
+            count_empty_seqs=counts == "count_empty", max_len=19 if counts == "global" else None)
+    outs, grads, kinds = [], [], []
+    for fused in (True, False):
+        monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+        lp = inp["logprobs"].clone().requires_grad_()
+        out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                                 ref_logprobs=inp["ref_logprobs"] if kl else None, config=cfg,
+                                 backend="cpu", **extra)
+        kinds.append(type(out.loss.grad_fn).__name__)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(lp.grad)
+    assert kinds[0] == "_FusedLossBackward" != kinds[1]
+    _assert_same(*outs)
+    assert list(outs[0].metrics) == list(outs[1].metrics)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_the_hand_formed_path_is_taken_only_where_it_applies():

@@ -158,7 +158,7 @@ TABLES = {"flags": "RLKERN_PL_FLAGS", "hparams": "RLKERN_PL_HPARAMS",
           "inputs": "RLKERN_PL_INPUTS", "row_stats": "RLKERN_PL_ROW_STATS",
           "row_grads": "RLKERN_PL_ROW_GRADS", "loss_kinds": "RLKERN_PL_LOSS_KINDS",
           "ratio_modes": "RLKERN_PL_RATIO_MODES", "kl_kinds": "RLKERN_PL_KL_KINDS",
-          "rollout_levels": "RLKERN_PL_ROLLOUT_LEVELS"}
+          "rollout_levels": "RLKERN_PL_ROLLOUT_LEVELS", "agg_modes": "RLKERN_PL_AGG_MODES"}
 
 
 def test_python_spec_matches_the_header():
@@ -176,7 +176,10 @@ def test_python_spec_matches_the_header():
     rows = [L.row_stats[g.name] for g in L.row_grads]
     assert rows == list(range(rows[0], rows[0] + len(rows)))
     # every rlkern loss name maps to a loss kind of the header (gspo: ppo on sequence ratios)
-    from rlkern.config.policy_loss import POLICY_LOSSES, PolicyLossConfig
+    from rlkern.config.policy_loss import AGG_MODES, POLICY_LOSSES, PolicyLossConfig
+
+    # the fused op's codes: the config's names, '-' spelled '_'
+    assert [e.name for e in L.agg_modes] == [m.replace("-", "_") for m in AGG_MODES]
 
     for name in POLICY_LOSSES:
         extra = {"gvpo": {"group_size": 2}, "dro": {"dro_beta": 1.0}}.get(name, {})

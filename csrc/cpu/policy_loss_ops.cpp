@@ -72,29 +72,6 @@ void* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
 }
 
-void fused_fwd_out(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-                   const at::Tensor& advantages, const at::Tensor& mask,
-                   const policy_loss::InputList& inputs, at::IntArrayRef flags,
-                   at::ArrayRef<double> hparams, const at::Tensor& row_stats,
-                   const at::Tensor& token_grad, const std::optional<at::Tensor>& token_grad_kl,
-                   const std::optional<at::Tensor>& grad_rows) {
-  policy_loss::Args a = policy_loss::check_args(CpuKernels::kBackend, logprobs, old_logprobs,
-                                                advantages, mask, inputs, flags, hparams);
-  checks::array(row_stats, "row_stats", policy_loss::kNumRowStats * a.in.B, at::kDouble,
-                logprobs);
-  check_token_grad(a.flags, a.in.B, a.in.T, logprobs.scalar_type(), token_grad, token_grad_kl,
-                   logprobs, grad_rows.has_value());
-  if (grad_rows.has_value()) {
-    checks::array(*grad_rows, "grad_rows", policy_loss::kNumRowGrads * a.in.B, at::kDouble,
-                  logprobs);
-    a.grad_rows = grad_rows->const_data_ptr<double>();
-  }
-  a.row_stats = row_stats.data_ptr<double>();
-  a.token_grad = token_grad.data_ptr();
-  a.token_grad_kl = data_or_null(token_grad_kl);
-  if (a.in.B > 0) cpu::policy_loss_fwd(a);
-}
-
 void fused_bwd(const at::Tensor& mask, const at::Tensor& grad_rows, at::IntArrayRef flags,
                const at::Tensor& token_grad, const std::optional<at::Tensor>& token_grad_kl) {
   TORCH_CHECK(mask.dim() == 2, "mask: expected (B, T), got shape ", mask.sizes());
@@ -118,7 +95,33 @@ void fused_bwd(const at::Tensor& mask, const at::Tensor& grad_rows, at::IntArray
   if (a.in.B > 0 && a.in.T > 0) cpu::policy_loss_fused_bwd(a);
 }
 
-void lens_out(const at::Tensor& mask, const at::Tensor& lens) {
+}  // namespace
+
+void policy_loss_fused_fwd_out(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+                               const at::Tensor& advantages, const at::Tensor& mask,
+                               const policy_loss::InputList& inputs, at::IntArrayRef flags,
+                               at::ArrayRef<double> hparams, const at::Tensor& row_stats,
+                               const at::Tensor& token_grad,
+                               const std::optional<at::Tensor>& token_grad_kl,
+                               const std::optional<at::Tensor>& grad_rows) {
+  policy_loss::Args a = policy_loss::check_args(CpuKernels::kBackend, logprobs, old_logprobs,
+                                                advantages, mask, inputs, flags, hparams);
+  checks::array(row_stats, "row_stats", policy_loss::kNumRowStats * a.in.B, at::kDouble,
+                logprobs);
+  check_token_grad(a.flags, a.in.B, a.in.T, logprobs.scalar_type(), token_grad, token_grad_kl,
+                   logprobs, grad_rows.has_value());
+  if (grad_rows.has_value()) {
+    checks::array(*grad_rows, "grad_rows", policy_loss::kNumRowGrads * a.in.B, at::kDouble,
+                  logprobs);
+    a.grad_rows = grad_rows->const_data_ptr<double>();
+  }
+  a.row_stats = row_stats.data_ptr<double>();
+  a.token_grad = token_grad.data_ptr();
+  a.token_grad_kl = data_or_null(token_grad_kl);
+  if (a.in.B > 0) cpu::policy_loss_fwd(a);
+}
+
+void policy_loss_lens_out(const at::Tensor& mask, const at::Tensor& lens) {
   TORCH_CHECK(mask.dim() == 2, "mask: expected (B, T), got shape ", mask.sizes());
   checks::rows(mask, "mask", mask.size(0), mask.size(1), at::kBool, lens);
   checks::array(lens, "lens", mask.size(0), at::kDouble, mask);
@@ -126,13 +129,12 @@ void lens_out(const at::Tensor& mask, const at::Tensor& lens) {
                         mask.size(1), mask.stride(0), lens.data_ptr<double>());
 }
 
-}  // namespace
-
 void impl_policy_loss_cpu(torch::Library& m) {
   policy_loss::impl_ops<CpuKernels>(m);
-  m.impl("policy_loss_fused_fwd_out", &fused_fwd_out);
+  m.impl("policy_loss_fused_fwd_out", &policy_loss_fused_fwd_out);
   m.impl("policy_loss_fused_bwd_", &fused_bwd);
-  m.impl("policy_loss_lens_out", &lens_out);
+  m.impl("policy_loss_lens_out", &policy_loss_lens_out);
+  impl_policy_loss_linear_cpu(m);  // policy_loss_linear.cpp
 }
 
 }  // namespace rlkern

@@ -67,6 +67,16 @@ namespace policy_loss {
 #define RLKERN_PL_KL_KINDS(X) \
   X(kKlNone, "none") X(kKlK1, "k1") X(kKlK2, "k2") X(kKlK3, "k3") X(kKlAbs, "abs")
 
+// Aggregation modes of a loss term: verl's loss_agg_mode names with '_' for '-' (sum and
+// token-sum are one weighting). Read by the CPU's fused linear aggregate
+// (cpu/policy_loss_linear.cpp); the two-pass path aggregates in Python
+// (ops/policy_loss/aggregate.py) by the same names.
+#define RLKERN_PL_AGG_MODES(X)                                                      \
+  X(kAggTokenMean, "token_mean") X(kAggSeqMeanTokenMean, "seq_mean_token_mean")     \
+  X(kAggSeqMeanTokenSum, "seq_mean_token_sum")                                      \
+  X(kAggSeqMeanTokenSumNorm, "seq_mean_token_sum_norm") X(kAggSum, "sum")           \
+  X(kAggTokenSum, "token_sum")
+
 // Rollout (behaviour-policy) correction (flags[rollout_level]).
 #define RLKERN_PL_ROLLOUT_LEVELS(X) \
   X(kRolloutNone, "none") X(kRolloutToken, "token") X(kRolloutSeq, "sequence")
@@ -160,6 +170,7 @@ namespace policy_loss {
 enum LossKind : int { RLKERN_PL_LOSS_KINDS(RLKERN_LAYOUT_ENUM) kNumLossKinds };
 enum RatioMode : int { RLKERN_PL_RATIO_MODES(RLKERN_LAYOUT_ENUM) kNumRatioModes };
 enum KlKind : int { RLKERN_PL_KL_KINDS(RLKERN_LAYOUT_ENUM) kNumKlKinds };
+enum AggMode : int { RLKERN_PL_AGG_MODES(RLKERN_LAYOUT_ENUM) kNumAggModes };
 enum RolloutLevel : int { RLKERN_PL_ROLLOUT_LEVELS(RLKERN_LAYOUT_ENUM) kNumRolloutLevels };
 enum FlagField : int { RLKERN_PL_FLAGS(RLKERN_PL_FIELD_ID) kNumFlags };
 enum HParamField : int { RLKERN_PL_HPARAMS(RLKERN_PL_FIELD_ID) kNumHParams };
@@ -171,6 +182,7 @@ enum RowGrad : int { RLKERN_PL_ROW_GRADS(RLKERN_LAYOUT_ENUM) kNumRowGrads };
 RLKERN_LAYOUT_NAMES(kLossKindNames, RLKERN_PL_LOSS_KINDS);
 RLKERN_LAYOUT_NAMES(kRatioModeNames, RLKERN_PL_RATIO_MODES);
 RLKERN_LAYOUT_NAMES(kKlKindNames, RLKERN_PL_KL_KINDS);
+RLKERN_LAYOUT_NAMES(kAggModeNames, RLKERN_PL_AGG_MODES);
 RLKERN_LAYOUT_NAMES(kRolloutLevelNames, RLKERN_PL_ROLLOUT_LEVELS);
 RLKERN_LAYOUT_NAMES(kRowStatNames, RLKERN_PL_ROW_STATS);
 RLKERN_LAYOUT_NAMES(kRowGradNames, RLKERN_PL_ROW_GRADS);
@@ -202,6 +214,7 @@ inline constexpr std::initializer_list<LayoutTable> kLayout = {
     layout_table("loss_kinds", kLossKindNames),
     layout_table("ratio_modes", kRatioModeNames),
     layout_table("kl_kinds", kKlKindNames),
+    layout_table("agg_modes", kAggModeNames),
     layout_table("rollout_levels", kRolloutLevelNames),
 };
 

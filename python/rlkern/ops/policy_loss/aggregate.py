@@ -11,6 +11,7 @@ for fused callers (they run inside a registered op).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -140,61 +141,76 @@ def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width:
 
 
 class LinearAggregate:
-    """:func:`aggregate` of a loss with no entropy term, no policy scale and a linear policy
-    term (not gvpo), for a caller that differentiates it by hand (the CPU's fused path).
+    """:func:`aggregate` and :func:`finish_metrics` of a loss with no entropy term, no policy
+    scale and a linear policy term (not gvpo), as the arguments of the CPU's fused linear op
+    (``rlkern::policy_loss_fused_linear``, csrc/cpu/policy_loss_linear.cpp), which forms the
+    per-row weights, the loss, its parts and the metrics in one call.
 
-    :meth:`forward` gives the loss, cast to ``out_dtype``, and its parts; :meth:`row_grads`
-    gives ``∂loss/∂row_sums`` for an upstream gradient of that loss. That gradient is formed
-    by the operations autograd performs through :func:`aggregate`, in its order, so it has
-    the same bits: the cast back to float64, ``× loss_scale``, then per row ``× w_pg`` for the
-    policy sum and ``× kl_coef × w_kl`` for the KL sum, each row written into zeros and the
-    two added (as autograd accumulates the two selects of ``row_sums``, signed zeros
-    included).
+    The op repeats this module's operations in their order (``_agg_weights``, the weighted
+    sums by torch's reduction, ``total · loss_scale``; :meth:`row_grads`' products, each row
+    written into zeros and the two terms added as autograd accumulates the two selects of
+    ``row_sums``, signed zeros included), so the fused and two-pass paths have the same bits.
     """
 
-    def __init__(self, cfg: PolicyLossConfig, width: int, scores: Tensor, num_tokens,
-                 num_seqs, out_dtype: torch.dtype) -> None:
-        self.cfg, self.width, self.scores = cfg, width, scores
-        self.num_tokens, self.num_seqs, self.out_dtype = num_tokens, num_seqs, out_dtype
-        self.weights: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None
-        self.part_names: list[str] = []  # the keys of aggregate's parts, set by forward()
+    def __init__(self, cfg: PolicyLossConfig, width: int, num_tokens, num_seqs, *,
+                 with_rollout: bool) -> None:
+        modes = layout("policy_loss").agg_modes
+        with_kl = cfg.kl_coef != 0.0
+        #: the op's ``agg`` and ``agg_values`` (their order: the op's schema)
+        code = lambda mode: int(modes[mode.replace("-", "_")])
+        self.agg = [code(cfg.loss_agg_mode), code(cfg.kl_agg()) if with_kl else -1,
+                    int(cfg.count_empty_seqs), width if cfg.max_len is None else cfg.max_len,
+                    int(num_tokens is not None), int(num_seqs is not None)]
+        self.values = [float(cfg.loss_scale), float(cfg.kl_coef), _count(num_tokens),
+                       _count(num_seqs)]
+        self.part_names = ["pg_loss", "kl_loss"] if with_kl else ["pg_loss"]
+        self.metric_names, self.metric_codes = metric_codes(
+            tuple(metric_names(with_kl=with_kl, with_entropy=False, with_rollout=with_rollout,
+                               with_parts=True)), tuple(self.part_names))
 
     @staticmethod
     def applies(cfg: PolicyLossConfig, *, with_entropy: bool, pg_scaled: bool) -> bool:
         return not (with_entropy or pg_scaled or cfg.policy_loss == "gvpo")
 
-    def set_lens(self, lens: Tensor) -> None:
-        """The per-row weights from the rows' valid-token counts ``lens`` (``(B,)`` float64,
-        what the forward's ``row_stats`` will hold), so that :meth:`row_grads` can run before
-        the forward (the forward that writes the gradient itself)."""
-        self.weights = _term_weights(lens, self.cfg, self.width, self.num_tokens,
-                                     self.num_seqs)
+    def row_grads(self, lens: Tensor, grad_loss: Tensor) -> Tensor:
+        """``∂loss/∂row_sums``, ``(len(row_grads), B)`` float64, for the upstream gradient
+        ``grad_loss`` of the loss (0-dim, the loss's dtype) and the rows' valid-token counts
+        ``lens`` (``(B,)`` float64): autograd's bits through :func:`aggregate`."""
+        return torch.ops.rlkern.policy_loss_linear_grad_rows(
+            lens, self.agg, self.values, grad_loss.item(), grad_loss.dtype)
 
-    def forward(self, row_sums: Tensor, row_stats: Tensor) -> tuple[Tensor, Tensor]:
-        """``(loss, parts)``: the loss in ``out_dtype`` and its parts as one float64 vector,
-        in the order of :attr:`part_names` (``pg_loss``, then ``kl_loss`` with a KL term)."""
-        if self.weights is None:
-            self.weights = _row_weights(row_stats, self.cfg, self.width, self.num_tokens,
-                                        self.num_seqs, with_entropy=False)
-        total, parts = aggregate(row_sums, row_stats, self.cfg, self.width,
-                                 self.scores, self.num_tokens, self.num_seqs,
-                                 with_entropy=False, weights=self.weights)
-        self.part_names = list(parts)
-        return total.to(self.out_dtype), torch.stack(list(parts.values()))
 
-    def row_grads(self, grad_loss: Tensor) -> Tensor:
-        """``∂loss/∂row_sums``, ``(len(row_grads), B)`` float64 (see the class doc)."""
-        assert self.weights is not None, "set_lens() or forward() first"
-        G = layout("policy_loss").row_grads
-        w_pg, w_kl, _ = self.weights
-        g = grad_loss.to(torch.float64) * self.cfg.loss_scale
-        out = w_pg.new_zeros(len(G), w_pg.shape[0])
-        out[G.pg_sum] = g * w_pg
-        if w_kl is not None:
-            kl = w_pg.new_zeros(len(G), w_pg.shape[0])
-            kl[G.kl_sum] = (g * self.cfg.kl_coef) * w_kl
-            out = out + kl
-        return out
+def _count(value: Tensor | float | None) -> float:
+    """A global count as the op's float (0 for None: the op is told it is absent)."""
+    return 0.0 if value is None else float(value)
+
+
+#: metric codes of the C++ metrics (csrc/cpu/policy_loss_linear.cpp): a row_stats row, or one
+#: of these, or _PART0 − j for loss part j
+_RATIO_MIN, _RATIO_MAX, _PART0 = -1, -2, -3
+
+
+@functools.lru_cache(maxsize=64)
+def metric_codes(names: tuple[str, ...], part_names: tuple[str, ...]
+                 ) -> tuple[list[str], list[int]]:
+    """The metrics of ``names`` that can be formed (a loss part only if in ``part_names``) and
+    their codes for ``rlkern::policy_loss_metrics`` / ``policy_loss_fused_linear``."""
+    S = layout("policy_loss").row_stats
+    kept, codes = [], []
+    for name in names:
+        if name in _TOKEN_MEANS:
+            code = int(S[_TOKEN_MEANS[name]])
+        elif name in _ADDON_MEANS:
+            code = int(S[_ADDON_MEANS[name][0]])
+        elif name in ("ratio_min", "ratio_max"):
+            code = _RATIO_MIN if name == "ratio_min" else _RATIO_MAX
+        elif name in part_names:
+            code = _PART0 - part_names.index(name)
+        else:
+            continue
+        kept.append(name)
+        codes.append(code)
+    return kept, codes
 
 
 def aggregate_grad(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width: int,
@@ -230,7 +246,7 @@ def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
     """
     S = layout("policy_loss").row_stats
     rs = row_stats.detach()
-    if plain_eager(rs):
+    if plain_eager(rs) and rs.dtype == torch.float64:  # (the kernels' row_stats)
         return _host_metrics(rs, parts, dtype, metric_names(
             with_kl=with_kl, with_entropy=with_entropy, with_rollout=with_rollout,
             with_parts=parts is not None, vespo=vespo))
@@ -262,32 +278,13 @@ def finish_metrics(row_stats: Tensor, parts: dict[str, Tensor] | None = None, *,
 def _host_metrics(rs: Tensor, parts: dict[str, Tensor] | None, dtype: torch.dtype,
                   names: list[str]) -> dict[str, Tensor]:
     """:func:`finish_metrics` for CPU statistics in plain eager mode: the same float64
-    arithmetic on the host, one tensor made at the end, instead of the device path's ~30 torch
-    ops on 0-dim tensors, each a fixed cost of a small call."""
-    S = layout("policy_loss").row_stats
-    sums = rs.sum(1).tolist()  # the device path's reduction, then exact doubles
-    n_valid = sums[S.len]
-    n = max(n_valid, 1.0)
-    bounded = rs.shape[1] > 0 and n_valid > 0
-    values: dict[str, float] = {}
-    for name in names:
-        if name in _TOKEN_MEANS:
-            values[name] = sums[S[_TOKEN_MEANS[name]]] / n
-        elif name in _ADDON_MEANS:
-            values[name] = sums[S[_ADDON_MEANS[name][0]]] / n
-        elif name == "ratio_min":
-            values[name] = rs[S.ratio_min].min().item() if bounded else math.nan
-        elif name == "ratio_max":
-            values[name] = rs[S.ratio_max].max().item() if bounded else math.nan
-        elif parts is not None and name in parts:
-            values[name] = parts[name].item()
-    if not values:
+    arithmetic in one C++ call (``rlkern::policy_loss_metrics``, torch's reduction over the
+    rows, then doubles), instead of the device path's ~30 torch ops on 0-dim tensors, each a
+    fixed cost of a small call."""
+    part_names = tuple(parts) if parts is not None else ()
+    kept, codes = metric_codes(tuple(names), part_names)
+    if not kept:
         return {}
-    if sums[S.non_finite] > 0:
-        values = dict.fromkeys(values, math.nan)
-    # float64 → float32 rounds once either way: made directly in float32, one op fewer
-    direct = dtype in (torch.float32, torch.float64)
-    out = torch.tensor(list(values.values()), dtype=dtype if direct else torch.float64)
-    if not direct:
-        out = out.to(dtype)
-    return dict(zip(values, out.unbind(0), strict=True))
+    values = torch.ops.rlkern.policy_loss_metrics(
+        rs.contiguous(), [parts[n].item() for n in part_names], codes, dtype)
+    return dict(zip(kept, values, strict=True))

@@ -147,11 +147,13 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     before = p.mask
     p, norm_factor = apply_rejection(p)
     with_entropy = p.get("entropy") is not None
+    with_rollout = p.get("rollout_logprobs") is not None and p.cfg.rollout_correction is not None
     fused = fused_applies(p)  # CPU: the gradient's factors formed in the forward
     if fused and LinearAggregate.applies(p.cfg, with_entropy=with_entropy,
                                          pg_scaled=norm_scaled(p)):
-        linear = LinearAggregate(p.cfg, p.mask.shape[1], p.adv, nt, ns, p.out_dtype)
-        loss, row_stats, parts = fused_loss(p, linear)
+        # one op: the weights, the kernel, the loss and the metrics
+        linear = LinearAggregate(p.cfg, p.mask.shape[1], nt, ns, with_rollout=with_rollout)
+        loss, row_stats, metrics = fused_loss(p, linear)
     else:
         if fused:
             row_sums, row_stats = fused_rows(p)
@@ -164,11 +166,9 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
         loss, parts = aggregate(row_sums, row_stats, p.cfg, p.mask.shape[1], p.adv, nt, ns,
                                 with_entropy=with_entropy,
                                 pg_scale=norm_scale(p, row_stats, norm_factor))
-    metrics = finish_metrics(row_stats, parts, with_kl=p.get("ref_logprobs") is not None,
-                             with_entropy=with_entropy,
-                             with_rollout=(p.get("rollout_logprobs") is not None
-                                           and p.cfg.rollout_correction is not None),
-                             vespo=p.cfg.policy_loss == "vespo", dtype=p.out_dtype)
+        metrics = finish_metrics(row_stats, parts, with_kl=p.get("ref_logprobs") is not None,
+                                 with_entropy=with_entropy, with_rollout=with_rollout,
+                                 vespo=p.cfg.policy_loss == "vespo", dtype=p.out_dtype)
     if p.mask is not before:  # verl's rollout_rs_masked_fraction: rejected / valid tokens
         n = before.sum().to(row_stats.dtype)
         kept = row_stats[layout("policy_loss").row_stats.len].sum()

@@ -23,22 +23,24 @@ The factors are consumed by the first backward; a second backward through the sa
 two-pass backward op instead, with the same bits.
 
 :func:`fused_applies` says when :func:`~rlkern.ops.policy_loss.api.run` takes this path: the
-CPU backend, in eager mode (torch.compile traces the registered two-pass ops), a gradient
-wanted for the log-probabilities and none for the entropy (whose gradient only the two-pass
-backward writes), and a kind the header's ``fused_ok`` accepts. There, when the aggregation is
-linear (no entropy term, not gvpo, no batch-normalised rollout weights:
-:meth:`~rlkern.ops.policy_loss.aggregate.LinearAggregate.applies`), :func:`fused_loss` returns
-the loss itself and its backward forms ∂loss/∂row_sums by hand, with autograd's own
-operations in autograd's order (the same bits, without building and running that graph);
-otherwise :func:`fused_rows` returns the row sums for autograd to aggregate.
+CPU backend, in plain eager mode on plain tensors (torch.compile and dispatch modes trace or
+run the registered two-pass ops), a gradient wanted for the log-probabilities and none for the
+entropy (whose gradient only the two-pass backward writes), and a kind the header's
+``fused_ok`` accepts. There, when the aggregation is linear (no entropy term, not gvpo, no
+batch-normalised rollout weights:
+:meth:`~rlkern.ops.policy_loss.aggregate.LinearAggregate.applies`), :func:`fused_loss` runs
+the whole forward as one op, ``rlkern::policy_loss_fused_linear`` (csrc/cpu/
+policy_loss_linear.cpp): the rows' weights, the kernel, the loss, its parts and the metrics,
+with the two-pass path's operations in its order (the same bits, without ~40 small torch
+calls and the aggregation's autograd graph); its backward forms ∂loss/∂row_sums by hand.
+Otherwise :func:`fused_rows` returns the row sums for autograd to aggregate.
 
 A linear aggregate's coefficients depend on the rows' valid-token counts and the upstream
-gradient only, so where the upstream is the one :class:`UpstreamGuess` expects, the forward
-counts the rows (``rlkern::policy_loss_lens_out``), forms the coefficients and the kernel
-writes the gradient itself (``grad_rows`` given to ``policy_loss_fused_fwd_out``): the
-backward's products in its order, the KL part added in place, no factor buffers; the
-backward then only hands that buffer over. A different upstream runs the two-pass backward
-op. The bits are the two-pass op's on every path.
+gradient only, so where the upstream is the one :class:`UpstreamGuess` expects, the op first
+counts the rows' valid tokens, forms the coefficients and has the kernel write the gradient
+itself: the backward's products in its order, the KL part added in place, no factor buffers;
+the backward then only hands that buffer over. A different upstream runs the two-pass
+backward op. The bits are the two-pass op's on every path.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ import torch
 from torch import Tensor
 
 from rlkern.config.layout import layout
+from rlkern.ops.eager import plain_eager
+from rlkern.ops.logprobs import checks_enabled
 from rlkern.ops.policy_loss.aggregate import LinearAggregate
-from rlkern.ops.policy_loss.inputs import Prepared
+from rlkern.ops.policy_loss.inputs import Prepared, raise_non_finite
 from rlkern.ops.policy_loss.register import check_row_stats, grad_rows_slice, split_inputs
 
 __all__ = ["fused_applies", "fused_loss", "fused_rows"]
@@ -61,7 +65,9 @@ def fused_applies(p: Prepared) -> bool:
     """Whether :func:`fused_rows` serves ``p`` (see the module docstring)."""
     if p.backend != "cpu" or not (torch.is_grad_enabled() and p.lp.requires_grad):
         return False
-    if torch.compiler.is_compiling():
+    # eager only, on plain CPU tensors (no mode, no subclass): torch.compile and the dispatch
+    # modes trace or run the registered two-pass ops, which have fake implementations
+    if not plain_eager(p.lp, p.old, p.adv, p.mask, no_graph=True):
         return False
     entropy = p.get("entropy")
     if entropy is not None and entropy.requires_grad:
@@ -71,29 +77,33 @@ def fused_applies(p: Prepared) -> bool:
             and p.flags[lay.flags.loss_kind] not in (lay.loss_kinds.gmpo, lay.loss_kinds.vespo))
 
 
-def _forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
-             inputs: list[Tensor | None], flags: list[int], hparams: list[float],
-             grad_rows: Tensor | None = None) -> Tensor:
-    """The fused forward kernel: ``row_stats``, with the factors and what the backward needs
-    kept on ``ctx``. Given ``grad_rows`` (the backward's ∂loss/∂row_sums, known up front),
-    the kernel writes the gradient itself instead of the factors (``ctx.factors`` then holds
-    it, with ``ctx.is_gradient`` set)."""
-    lay = layout("policy_loss")
-    B, T = mask.shape
-    row_stats = torch.empty(len(lay.row_stats), B, dtype=torch.float64)
-    with_kl = flags[lay.flags.kl_kind] != lay.kl_kinds.none and grad_rows is None
-    factors = (torch.empty(B, T, dtype=lp.dtype),
-               torch.empty(B, T, dtype=lp.dtype) if with_kl else None)
-    if B > 0:
-        torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
-                                                   hparams, row_stats, *factors, grad_rows)
-        check_row_stats(row_stats, lp, old, adv, mask, inputs, flags)
+def _save(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
+          inputs: list[Tensor | None], flags: list[int], hparams: list[float],
+          row_stats: Tensor, factors: tuple[Tensor, Tensor | None]) -> None:
+    """What the backward needs, on ``ctx``: the inputs and ``row_stats`` for the two-pass op,
+    and the factors (or the gradient) the forward wrote, consumed by the first backward."""
     ctx.set_materialize_grads(False)
     given, slots = split_inputs(inputs)
     ctx.save_for_backward(lp, old, adv, mask, row_stats, *given)
     ctx.slots, ctx.flags, ctx.hparams = slots, list(flags), list(hparams)
-    ctx.factors = factors  # consumed (scaled in place, or returned) by the first backward
-    ctx.is_gradient = grad_rows is not None
+    ctx.factors = factors
+
+
+def _forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
+             inputs: list[Tensor | None], flags: list[int], hparams: list[float]) -> Tensor:
+    """The fused forward kernel: ``row_stats``, with the factors and what the backward needs
+    kept on ``ctx``."""
+    lay = layout("policy_loss")
+    B, T = mask.shape
+    row_stats = torch.empty(len(lay.row_stats), B, dtype=torch.float64)
+    with_kl = flags[lay.flags.kl_kind] != lay.kl_kinds.none
+    factors = (torch.empty(B, T, dtype=lp.dtype),
+               torch.empty(B, T, dtype=lp.dtype) if with_kl else None)
+    if B > 0:
+        torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
+                                                   hparams, row_stats, *factors)
+        check_row_stats(row_stats, lp, old, adv, mask, inputs, flags)
+    _save(ctx, lp, old, adv, mask, inputs, flags, hparams, row_stats, factors)
     return row_stats
 
 
@@ -180,31 +190,33 @@ class _FusedRows(torch.autograd.Function):
 
 class _FusedLoss(torch.autograd.Function):
     """``(loss, row_stats, parts)`` of a :class:`~.aggregate.LinearAggregate`: the loss in the
-    output dtype, differentiable in ``lp`` only; its backward forms ∂loss/∂row_sums as
-    autograd would through the aggregation (:meth:`~.aggregate.LinearAggregate.row_grads`)
-    without building that graph: ~8 autograd nodes fewer a call.
+    compute dtype, differentiable in ``lp`` only, by one op (``rlkern::policy_loss_fused_linear``:
+    the weights, the kernel, the loss, its parts and the metrics, which it leaves on
+    ``linear.metrics``). Its backward forms ∂loss/∂row_sums as autograd would through the
+    aggregation (:meth:`~.aggregate.LinearAggregate.row_grads`) without building that graph.
 
-    With an upstream gradient to expect (:class:`UpstreamGuess`), the forward counts each
-    row's valid tokens first (``rlkern::policy_loss_lens_out``, one read of the mask), forms
-    the coefficients for that upstream and has the kernel write the gradient itself."""
+    With an upstream gradient to expect (:class:`UpstreamGuess`), the op counts each row's
+    valid tokens first (one read of the mask), forms the coefficients for that upstream and
+    has the kernel write the gradient itself."""
 
     @staticmethod
     def forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
                 inputs: list[Tensor | None], flags: list[int], hparams: list[float],
                 linear: LinearAggregate) -> tuple[Tensor, Tensor, Tensor]:
         guess = UPSTREAM.guess()
-        grad_rows = None
-        ctx.upstream = None
-        if guess is not None:
-            lens = torch.empty(mask.shape[0], dtype=torch.float64)
-            torch.ops.rlkern.policy_loss_lens_out(mask, lens)
-            linear.set_lens(lens)
-            upstream = torch.tensor(guess, dtype=linear.out_dtype)  # the loss's dtype
-            grad_rows = linear.row_grads(upstream)
-            ctx.upstream = upstream.item()
-        row_stats = _forward(ctx, lp, old, adv, mask, inputs, flags, hparams, grad_rows)
-        loss, parts = linear.forward(row_stats[grad_rows_slice()], row_stats)
+        loss, parts, metrics, row_stats, _, grads, non_finite = (
+            torch.ops.rlkern.policy_loss_fused_linear(
+                lp, old, adv, mask, inputs, flags, hparams, linear.agg, linear.values, guess,
+                linear.metric_codes))
+        if non_finite and checks_enabled():
+            raise_non_finite(lp, old, adv, mask, inputs, flags)
+        _save(ctx, lp, old, adv, mask, inputs, flags, hparams, row_stats,
+              (grads[0], grads[1] if len(grads) > 1 else None))
+        ctx.is_gradient = guess is not None  # grads[0] is the gradient, not the factors
+        # the guess as the loss's dtype holds it (what a matching upstream's .item() gives)
+        ctx.upstream = None if guess is None else loss.new_tensor(guess).item()
         ctx.linear = linear
+        linear.metrics = dict(zip(linear.metric_names, metrics, strict=True))
         ctx.mark_non_differentiable(row_stats, parts)
         return loss, row_stats, parts
 
@@ -215,15 +227,18 @@ class _FusedLoss(torch.autograd.Function):
             return (None, *_NO_GRADS, None)
         upstream = grad_loss.item()
         UPSTREAM.observe(upstream)
-        if not ctx.is_gradient:
-            return (_backward(ctx, ctx.linear.row_grads(grad_loss)), *_NO_GRADS, None)
         grad = ctx.factors[0] if ctx.factors is not None else None
-        if (grad is not None and not torch.is_grad_enabled()
+        if (ctx.is_gradient and grad is not None and not torch.is_grad_enabled()
                 and _same_float(upstream, ctx.upstream)):
             ctx.factors = None  # the forward's gradient, handed over once
             return (grad, *_NO_GRADS, None)
+        row_stats = ctx.saved_tensors[4]
+        grad_rows = ctx.linear.row_grads(row_stats[layout("policy_loss").row_stats.len],
+                                         grad_loss)
+        if not ctx.is_gradient:  # the forward wrote the factors: scale them
+            return (_backward(ctx, grad_rows), *_NO_GRADS, None)
         # another upstream, a second backward or one that builds a graph
-        return (_two_pass(ctx, ctx.linear.row_grads(grad_loss)), *_NO_GRADS, None)
+        return (_two_pass(ctx, grad_rows), *_NO_GRADS, None)
 
 
 def fused_rows(p: Prepared) -> tuple[Tensor, Tensor]:
@@ -234,8 +249,10 @@ def fused_rows(p: Prepared) -> tuple[Tensor, Tensor]:
 
 def fused_loss(p: Prepared, linear: LinearAggregate
                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """``(loss, row_stats, parts)`` of ``p`` by the fused kernels and ``linear``
-    (:func:`fused_applies` and :meth:`LinearAggregate.applies` must hold)."""
-    loss, row_stats, parts = _FusedLoss.apply(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags,
-                                              p.hparams, linear)
-    return loss, row_stats, dict(zip(linear.part_names, parts.unbind(0), strict=True))
+    """``(loss, row_stats, metrics)`` of ``p`` by the fused linear op (:func:`fused_applies`
+    and :meth:`LinearAggregate.applies` must hold); ``metrics`` as
+    :func:`~rlkern.ops.policy_loss.aggregate.finish_metrics` gives them, the loss parts
+    included."""
+    loss, row_stats, _ = _FusedLoss.apply(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags,
+                                          p.hparams, linear)
+    return loss, row_stats, linear.metrics
