@@ -308,6 +308,56 @@ def test_when_the_fused_path_applies():
     assert not applies(C(importance_sampling_level="sequence"))
 
 
+def test_when_the_forward_alone_applies():
+    """forward_applies: the fused path's conditions, where no graph is to be built."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rlkern.ops.policy_loss.fused import forward_applies
+
+    inp = make_inputs(4, 9, torch.float32, seed=7)
+
+    def applies(config=None, *, logprobs=inp["logprobs"], backend="cpu", **kw):
+        p = prepare(logprobs, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                    config=config, backend=backend, **kw)
+        return forward_applies(p)
+
+    assert applies() and applies(C(kl_coef=0.1), ref_logprobs=inp["ref_logprobs"])
+    lp = inp["logprobs"].clone().requires_grad_()
+    assert not applies(logprobs=lp)  # a graph is wanted: the fused path's business
+    with torch.no_grad():
+        assert applies(logprobs=lp)
+    assert not applies(backend="torch")
+    for kind in ("gmpo", "vespo", "gspo"):
+        assert not applies(C(policy_loss=kind))
+    with FakeTensorMode() as mode:  # a dispatch mode: the registered ops
+        assert not applies(logprobs=mode.from_tensor(inp["logprobs"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", FUSED)
+def test_the_forward_alone_is_the_two_pass_forward(name, dtype, monkeypatch):
+    """Without a gradient, the linear op's forward (the kernel alone, the aggregation and the
+    metrics in C++) gives the two-pass path's loss and metrics, bit for bit."""
+    import rlkern.ops.policy_loss.fused as fused_mod
+
+    case = CASES[name]
+    inp = make_inputs(12, 37, dtype, seed=len(name) + 1)
+    inp["mask"][5] = False
+    args, kw = call_kwargs(case, inp)
+    outs, taken = [], []
+    for on in (True, False):
+        spy = (lambda p: taken.append(fused_mod.forward_applies(p)) or taken[-1]) if on \
+            else (lambda p: False)
+        monkeypatch.setattr(api, "forward_applies", spy)
+        with torch.no_grad():
+            outs.append(rlkern.policy_loss(*args, config=case.config, backend="cpu", **kw))
+    scaled = case.config.rollout_batch_normalize and case.rollout
+    linear = api.LinearAggregate.applies(case.config, with_entropy=case.entropy,
+                                         pg_scaled=scaled)
+    assert taken == ([True] if linear else [])
+    _assert_same(*outs)
+
+
 def test_the_ops_refuse_bad_arguments():
     inp = make_inputs(3, 8, torch.float32, seed=8)
     p = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])

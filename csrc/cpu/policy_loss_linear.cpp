@@ -31,6 +31,7 @@ namespace rlkern {
 // upstream:   the loss's upstream gradient, when known before the forward: the kernel then
 //             writes the gradient into token_grad[0]; None: the factors (token_grad[1]: the
 //             KL factor, with a KL term)
+// grad:       false: no gradient is wanted (token_grad is empty; the forward kernel alone)
 // metrics:    one code per metric: a row_stats row (its sum over the rows / the valid tokens),
 //             kMetricRatioMin / kMetricRatioMax, or kMetricPart0 − j (loss part j)
 // → loss (0-dim, logprobs' dtype), parts (float64: pg_loss[, kl_loss]), metrics (0-dim each,
@@ -39,7 +40,8 @@ namespace rlkern {
 const char* const kPolicyLossFusedLinearSchema =
     "policy_loss_fused_linear(Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
     "Tensor mask, Tensor?[] inputs, int[] flags, float[] hparams, int[] agg, "
-    "float[] agg_values, float? upstream, int[] metrics) -> (Tensor loss, Tensor parts, "
+    "float[] agg_values, float? upstream, bool grad, int[] metrics) -> (Tensor loss, "
+    "Tensor parts, "
     "Tensor[] metrics, Tensor row_stats, Tensor weights, Tensor[] token_grad, int non_finite)";
 // ∂loss/∂row_sums ((kNumRowGrads, B) float64) for the upstream gradient `upstream` (a value
 // of `dtype`, the loss's) from the rows' valid-token counts `lens` ((B,) float64): the fused
@@ -219,15 +221,17 @@ fused_linear(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
              const at::Tensor& advantages, const at::Tensor& mask,
              const policy_loss::InputList& inputs, at::IntArrayRef flags,
              at::ArrayRef<double> hparams, at::IntArrayRef agg, at::ArrayRef<double> agg_values,
-             std::optional<double> upstream, at::IntArrayRef metric_codes) {
+             std::optional<double> upstream, bool grad, at::IntArrayRef metric_codes) {
   const LinearAgg g = parse_agg(agg, agg_values);
   TORCH_CHECK(logprobs.dim() == 2, "logprobs: expected (B, T), got ", logprobs.sizes());
   const at::ScalarType dtype = logprobs.scalar_type();
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   at::Tensor row_stats = at::empty({pl::kNumRowStats, B}, f64);
-  std::vector<at::Tensor> token_grad{at::empty({B, T}, logprobs.options())};
-  const bool kl_factor = !upstream.has_value() && flags.size() > pl::kFlagKlKind &&
+  TORCH_CHECK(grad || !upstream.has_value(), "upstream: only with grad");
+  std::vector<at::Tensor> token_grad;
+  if (grad) token_grad.push_back(at::empty({B, T}, logprobs.options()));
+  const bool kl_factor = grad && !upstream.has_value() && flags.size() > pl::kFlagKlKind &&
                          flags[pl::kFlagKlKind] != pl::kKlNone;
   if (kl_factor) token_grad.push_back(at::empty({B, T}, logprobs.options()));
   at::Tensor weights;
@@ -241,7 +245,7 @@ fused_linear(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
               coefs->data_ptr<double>());
   }
   policy_loss_fused_fwd_out(logprobs, old_logprobs, advantages, mask, inputs, flags, hparams,
-                            row_stats, token_grad[0],
+                            row_stats, grad ? token_grad[0] : at::Tensor(),
                             kl_factor ? std::optional<at::Tensor>(token_grad[1]) : std::nullopt,
                             coefs);
   const double* rs = row_stats.const_data_ptr<double>();

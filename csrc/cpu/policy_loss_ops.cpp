@@ -108,6 +108,13 @@ void policy_loss_fused_fwd_out(const at::Tensor& logprobs, const at::Tensor& old
                                                 advantages, mask, inputs, flags, hparams);
   checks::array(row_stats, "row_stats", policy_loss::kNumRowStats * a.in.B, at::kDouble,
                 logprobs);
+  a.row_stats = row_stats.data_ptr<double>();
+  if (!token_grad.defined()) {  // the forward alone (no factors): the two-pass op's kernel
+    TORCH_CHECK(!token_grad_kl.has_value() && !grad_rows.has_value(),
+                "token_grad_kl / grad_rows: only with token_grad");
+    if (a.in.B > 0) cpu::policy_loss_fwd(a);
+    return;
+  }
   check_token_grad(a.flags, a.in.B, a.in.T, logprobs.scalar_type(), token_grad, token_grad_kl,
                    logprobs, grad_rows.has_value());
   if (grad_rows.has_value()) {
@@ -115,7 +122,6 @@ void policy_loss_fused_fwd_out(const at::Tensor& logprobs, const at::Tensor& old
                   logprobs);
     a.grad_rows = grad_rows->const_data_ptr<double>();
   }
-  a.row_stats = row_stats.data_ptr<double>();
   a.token_grad = token_grad.data_ptr();
   a.token_grad_kl = data_or_null(token_grad_kl);
   if (a.in.B > 0) cpu::policy_loss_fwd(a);

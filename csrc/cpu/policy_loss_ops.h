@@ -32,7 +32,8 @@ void impl_policy_loss_cpu(torch::Library& m);
 void impl_policy_loss_linear_cpu(torch::Library& m);
 
 // The bodies of policy_loss_fused_fwd_out and policy_loss_lens_out, which the fused linear
-// op also runs.
+// op also runs; an undefined token_grad runs the forward alone (no factors, as
+// policy_loss_fwd_out).
 void policy_loss_fused_fwd_out(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
                                const at::Tensor& advantages, const at::Tensor& mask,
                                const policy_loss::InputList& inputs, at::IntArrayRef flags,

@@ -22,7 +22,13 @@ from rlkern.ops.policy_loss.aggregate import (
     aggregate_grad,
     finish_metrics,
 )
-from rlkern.ops.policy_loss.fused import fused_applies, fused_loss, fused_rows
+from rlkern.ops.policy_loss.fused import (
+    forward_applies,
+    fused_applies,
+    fused_loss,
+    fused_rows,
+    linear_forward,
+)
 from rlkern.ops.policy_loss.inputs import Prepared, normaliser, prepare
 from rlkern.ops.policy_loss.register import split_inputs
 from rlkern.ops.policy_loss.rollout_rs import apply_rejection, norm_scale, norm_scaled
@@ -149,11 +155,11 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     with_entropy = p.get("entropy") is not None
     with_rollout = p.get("rollout_logprobs") is not None and p.cfg.rollout_correction is not None
     fused = fused_applies(p)  # CPU: the gradient's factors formed in the forward
-    if fused and LinearAggregate.applies(p.cfg, with_entropy=with_entropy,
-                                         pg_scaled=norm_scaled(p)):
+    linear = LinearAggregate.applies(p.cfg, with_entropy=with_entropy, pg_scaled=norm_scaled(p))
+    if linear and (fused or forward_applies(p)):
         # one op: the weights, the kernel, the loss and the metrics
-        linear = LinearAggregate(p.cfg, p.mask.shape[1], nt, ns, with_rollout=with_rollout)
-        loss, row_stats, metrics = fused_loss(p, linear)
+        agg = LinearAggregate(p.cfg, p.mask.shape[1], nt, ns, with_rollout=with_rollout)
+        loss, row_stats, metrics = (fused_loss if fused else linear_forward)(p, agg)
     else:
         if fused:
             row_sums, row_stats = fused_rows(p)

@@ -58,23 +58,35 @@ from rlkern.ops.policy_loss.aggregate import LinearAggregate
 from rlkern.ops.policy_loss.inputs import Prepared, raise_non_finite
 from rlkern.ops.policy_loss.register import check_row_stats, grad_rows_slice, split_inputs
 
-__all__ = ["fused_applies", "fused_loss", "fused_rows"]
+__all__ = ["forward_applies", "fused_applies", "fused_loss", "fused_rows", "linear_forward"]
 
 
-def fused_applies(p: Prepared) -> bool:
-    """Whether :func:`fused_rows` serves ``p`` (see the module docstring)."""
-    if p.backend != "cpu" or not (torch.is_grad_enabled() and p.lp.requires_grad):
-        return False
-    # eager only, on plain CPU tensors (no mode, no subclass): torch.compile and the dispatch
-    # modes trace or run the registered two-pass ops, which have fake implementations
-    if not plain_eager(p.lp, p.old, p.adv, p.mask, no_graph=True):
-        return False
-    entropy = p.get("entropy")
-    if entropy is not None and entropy.requires_grad:
+def _fusable(p: Prepared) -> bool:
+    """The CPU backend, plain eager mode on plain tensors (torch.compile and the dispatch modes
+    trace or run the registered two-pass ops, which have fake implementations), the token ratio
+    mode and a kind the header's ``fused_ok`` accepts."""
+    if p.backend != "cpu" or not plain_eager(p.lp, p.old, p.adv, p.mask, no_graph=True):
         return False
     lay = layout("policy_loss")
     return (p.flags[lay.flags.ratio_mode] == lay.ratio_modes.token
             and p.flags[lay.flags.loss_kind] not in (lay.loss_kinds.gmpo, lay.loss_kinds.vespo))
+
+
+def fused_applies(p: Prepared) -> bool:
+    """Whether :func:`fused_rows` serves ``p`` (see the module docstring)."""
+    if not (torch.is_grad_enabled() and p.lp.requires_grad):
+        return False
+    entropy = p.get("entropy")
+    return (entropy is None or not entropy.requires_grad) and _fusable(p)
+
+
+def forward_applies(p: Prepared) -> bool:
+    """Whether :func:`linear_forward` may serve ``p``: no graph is to be built (grad mode off,
+    or no input that requires grad) and the fused path's other conditions hold."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (p.lp, p.get("entropy"))):
+        return False
+    return _fusable(p)
 
 
 def _save(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
@@ -207,7 +219,7 @@ class _FusedLoss(torch.autograd.Function):
         loss, parts, metrics, row_stats, _, grads, non_finite = (
             torch.ops.rlkern.policy_loss_fused_linear(
                 lp, old, adv, mask, inputs, flags, hparams, linear.agg, linear.values, guess,
-                linear.metric_codes))
+                True, linear.metric_codes))
         if non_finite and checks_enabled():
             raise_non_finite(lp, old, adv, mask, inputs, flags)
         _save(ctx, lp, old, adv, mask, inputs, flags, hparams, row_stats,
@@ -256,3 +268,15 @@ def fused_loss(p: Prepared, linear: LinearAggregate
     loss, row_stats, _ = _FusedLoss.apply(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags,
                                           p.hparams, linear)
     return loss, row_stats, linear.metrics
+
+
+def linear_forward(p: Prepared, linear: LinearAggregate
+                   ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """:func:`fused_loss` where no gradient is wanted (:func:`forward_applies`): the same op
+    with the forward kernel alone (no factors, no autograd function)."""
+    loss, _, metrics, row_stats, _, _, non_finite = torch.ops.rlkern.policy_loss_fused_linear(
+        p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams, linear.agg, linear.values,
+        None, False, linear.metric_codes)
+    if non_finite and checks_enabled():
+        raise_non_finite(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags)
+    return loss, row_stats, dict(zip(linear.metric_names, metrics, strict=True))
