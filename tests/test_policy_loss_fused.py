@@ -388,6 +388,51 @@ def test_the_ops_refuse_bad_arguments():
         bwd(p.mask, rows, p.flags, d.bfloat16(), None)
 
 
+def test_the_linear_ops_refuse_bad_arguments():
+    """rlkern::policy_loss_fused_linear / _linear_grad_rows / _metrics, called directly."""
+    from rlkern.ops.policy_loss.aggregate import LinearAggregate
+
+    inp = make_inputs(3, 8, torch.float32, seed=8)
+    p = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])
+    lin = LinearAggregate(p.cfg, 8, None, None, with_rollout=False)
+    op = torch.ops.rlkern.policy_loss_fused_linear
+    args = (p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams)
+    loss = op(*args, lin.agg, lin.values, None, False, lin.metric_codes)[0]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    with pytest.raises(RuntimeError, match="agg: expected 6"):
+        op(*args, lin.agg[:5], lin.values, None, True, lin.metric_codes)
+    with pytest.raises(RuntimeError, match="agg: bad pg mode"):
+        op(*args, [99, *lin.agg[1:]], lin.values, None, True, lin.metric_codes)
+    with pytest.raises(RuntimeError, match="agg_values: expected 4"):
+        op(*args, lin.agg, lin.values[:3], None, True, lin.metric_codes)
+    with pytest.raises(RuntimeError, match="upstream: only with grad"):
+        op(*args, lin.agg, lin.values, 1.0, False, lin.metric_codes)
+    with pytest.raises(RuntimeError, match="metrics: bad row"):
+        op(*args, lin.agg, lin.values, None, False, [10_000])
+    with pytest.raises(RuntimeError, match="metrics: no loss part 5"):
+        op(*args, lin.agg, lin.values, None, False, [-8])
+    for kind in ("gmpo", "vespo", "gvpo"):
+        q = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"],
+                    config=C(policy_loss=kind, group_size=3 if kind == "gvpo" else None))
+        with pytest.raises(RuntimeError, match="token-level kind"):
+            op(q.lp, q.old, q.adv, q.mask, q.inputs, q.flags, q.hparams, lin.agg, lin.values,
+               None, False, lin.metric_codes)
+    lens = torch.tensor([3.0, 0.0, 8.0], dtype=torch.float64)
+    rows = torch.ops.rlkern.policy_loss_linear_grad_rows
+    assert rows(lens, lin.agg, lin.values, 1.0, torch.float32).shape == (
+        len(layout("policy_loss").row_grads), 3)
+    with pytest.raises(TypeError, match="lens: expected Double"):
+        rows(lens.float(), lin.agg, lin.values, 1.0, torch.float32)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        rows(lens, lin.agg, lin.values, 1.0, torch.bfloat16)
+    metrics = torch.ops.rlkern.policy_loss_metrics
+    stats = torch.zeros(len(layout("policy_loss").row_stats), 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="row_stats: expected"):
+        metrics(stats[1:], [], lin.metric_codes, torch.float32)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        metrics(stats.t().contiguous().t(), [], [0], torch.float32)
+
+
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 6), T=st.integers(1, 70), seed=st.integers(0, 2**16),
        name=st.sampled_from(FUSED), spread=st.sampled_from([0.01, 0.3, 3.0]),

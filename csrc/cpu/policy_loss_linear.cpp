@@ -223,6 +223,13 @@ fused_linear(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
              at::ArrayRef<double> hparams, at::IntArrayRef agg, at::ArrayRef<double> agg_values,
              std::optional<double> upstream, bool grad, at::IntArrayRef metric_codes) {
   const LinearAgg g = parse_agg(agg, agg_values);
+  TORCH_CHECK(static_cast<int64_t>(flags.size()) == pl::kNumFlags, "flags: expected ",
+              pl::kNumFlags, " values");
+  const auto f = pl::from_fields<pl::Flags>(flags.data());
+  // the weights above are those of a token-level loss (gmpo's and gvpo's aggregates differ)
+  TORCH_CHECK(pl::fused_ok(f) && f.loss_kind != pl::kGvpo,
+              "policy_loss_fused_linear: a token-level kind with token ratios (not gmpo, vespo "
+              "or gvpo)");
   TORCH_CHECK(logprobs.dim() == 2, "logprobs: expected (B, T), got ", logprobs.sizes());
   const at::ScalarType dtype = logprobs.scalar_type();
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
@@ -231,8 +238,7 @@ fused_linear(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
   TORCH_CHECK(grad || !upstream.has_value(), "upstream: only with grad");
   std::vector<at::Tensor> token_grad;
   if (grad) token_grad.push_back(at::empty({B, T}, logprobs.options()));
-  const bool kl_factor = grad && !upstream.has_value() && flags.size() > pl::kFlagKlKind &&
-                         flags[pl::kFlagKlKind] != pl::kKlNone;
+  const bool kl_factor = grad && !upstream.has_value() && f.kl_kind != pl::kKlNone;
   if (kl_factor) token_grad.push_back(at::empty({B, T}, logprobs.options()));
   at::Tensor weights;
   std::optional<at::Tensor> coefs;
