@@ -186,10 +186,13 @@ AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 @pytest.mark.parametrize("upstream", [1.0, -0.7310585786300049, 3.5])
 @pytest.mark.parametrize("kl_agg", [None, "seq-mean-token-mean"])
 @pytest.mark.parametrize("global_counts", [False, True])
-def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream, kl_agg, global_counts):
+@pytest.mark.parametrize("entropy", [False, True])
+def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream, kl_agg, global_counts,
+                                                   entropy):
     """LinearAggregate.row_grads (the C++ op's weights and products) against
     torch.autograd.grad through aggregate itself, bit for bit (signed zeros included: empty
-    rows weigh 0), for float32 and float64 losses."""
+    rows weigh 0), for float32 and float64 losses. With an entropy term the entropy row is
+    left out: it reaches only the entropy's gradient, which this path never forms (0 there)."""
     from rlkern.ops.policy_loss.aggregate import LinearAggregate, aggregate
     from rlkern.ops.policy_loss.register import grad_rows_slice
 
@@ -200,25 +203,30 @@ def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream, kl_agg, gl
     row_stats[S.len] = torch.randint(0, 30, (B,), generator=gen).double()
     row_stats[S.len, 3] = 0.0  # an empty row
     cfg = C(kl_coef=kl, loss_agg_mode=agg, loss_scale=0.37, kl_agg_mode=kl_agg,
-            max_len=17 if global_counts else None)
+            max_len=17 if global_counts else None, entropy_coef=0.02 if entropy else 0.0)
     for out_dtype in (torch.float32, torch.float64):
         # num_tokens / num_seqs as rlkern.policy_loss passes them: float64 0-dim tensors
         nt, ns = ((torch.tensor(123.0, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64))
                   if global_counts else (None, None))
-        linear = LinearAggregate(cfg, 31, nt, ns, with_rollout=False)
+        linear = LinearAggregate(cfg, 31, nt, ns, with_entropy=entropy, with_rollout=False)
         row_sums = row_stats[grad_rows_slice()].clone().requires_grad_()
         total, _ = aggregate(row_sums, row_stats, cfg, 31, torch.zeros(B), nt, ns,
-                             with_entropy=False)
+                             with_entropy=entropy)
         u = torch.tensor(upstream, dtype=out_dtype)
         (want,) = torch.autograd.grad(total.to(out_dtype), row_sums, u)
-        assert torch.equal(_bits(linear.row_grads(row_stats[S.len], u)), _bits(want))
+        got = linear.row_grads(row_stats[S.len], u)
+        ent = layout("policy_loss").row_grads.ent_sum
+        keep = [r for r in range(got.shape[0]) if not (entropy and r == ent)]
+        assert torch.equal(_bits(got[keep]), _bits(want[keep]))
+        assert (got[ent] == 0).all()
 
 
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("kl", [0.0, 0.0137])
 @pytest.mark.parametrize("counts", ["local", "global", "count_empty"])
+@pytest.mark.parametrize("entropy", [None, "bonus", "mask-local"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_linear_loss_and_metrics_are_the_two_pass_ones(agg, kl, counts, dtype,
+def test_fused_linear_loss_and_metrics_are_the_two_pass_ones(agg, kl, counts, entropy, dtype,
                                                              monkeypatch):
     """The fused linear op's loss, parts and metrics (formed in C++) against the two-pass
     path's (torch ops), bit for bit, for every aggregation, with and without a KL term, with
@@ -226,8 +234,14 @@ def test_fused_linear_loss_and_metrics_are_the_two_pass_ones(agg, kl, counts, dt
     inp = make_inputs(7, 23, dtype, seed=29)
     inp["mask"][4] = False  # an empty row
     extra = {"global": dict(num_tokens=torch.tensor(97.0), num_seqs=5.0)}.get(counts, {})
+    ent = {None: {}, "bonus": dict(entropy_coef=0.03),
+           "mask-local": dict(entropy_coef=0.01, top_entropy_quantile=0.6,
+                              entropy_global_norm=False, entropy_agg_mode="seq-mean-token-mean")}
     cfg = C(kl_coef=kl, loss_agg_mode=agg, loss_scale=0.61,
-            count_empty_seqs=counts == "count_empty", max_len=19 if counts == "global" else None)
+            count_empty_seqs=counts == "count_empty", max_len=19 if counts == "global" else None,
+            **ent[entropy])
+    if entropy:
+        extra = {**extra, "entropy": inp["entropy"]}  # no gradient: the fused path's case
     outs, grads, kinds = [], [], []
     for fused in (True, False):
         monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
@@ -246,15 +260,17 @@ def test_fused_linear_loss_and_metrics_are_the_two_pass_ones(agg, kl, counts, dt
 
 
 def test_the_hand_formed_path_is_taken_only_where_it_applies():
-    """Entropy, gvpo and batch-normalised rollout weights keep autograd's aggregation over
-    the fused rows."""
+    """gvpo and batch-normalised rollout weights keep autograd's aggregation over the fused
+    rows; an entropy input (without a gradient) takes the one-op path."""
     inp = make_inputs(6, 13, torch.float32, seed=2)
     lp = inp["logprobs"].clone().requires_grad_()
     common = (inp["old_logprobs"], inp["advantages"], inp["mask"])
     cases = {
         "_FusedLossBackward": [dict(config=C()), dict(config=C(kl_coef=0.1),
-                                                      ref_logprobs=inp["ref_logprobs"])],
-        "other": [dict(config=C(entropy_coef=0.01), entropy=inp["entropy"]),
+                                                      ref_logprobs=inp["ref_logprobs"]),
+                               dict(config=C(entropy_coef=0.01), entropy=inp["entropy"])],
+        "other": [dict(config=C(entropy_coef=0.01),
+                       entropy=inp["entropy"].clone().requires_grad_()),
                   dict(config=C(policy_loss="gvpo", group_size=2)),
                   dict(config=C(rollout_correction="token_truncate",
                                 rollout_batch_normalize=True),
@@ -352,8 +368,7 @@ def test_the_forward_alone_is_the_two_pass_forward(name, dtype, monkeypatch):
         with torch.no_grad():
             outs.append(rlkern.policy_loss(*args, config=case.config, backend="cpu", **kw))
     scaled = case.config.rollout_batch_normalize and case.rollout
-    linear = api.LinearAggregate.applies(case.config, with_entropy=case.entropy,
-                                         pg_scaled=scaled)
+    linear = api.LinearAggregate.applies(case.config, pg_scaled=scaled)
     assert taken == ([True] if linear else [])
     _assert_same(*outs)
 
@@ -394,17 +409,19 @@ def test_the_linear_ops_refuse_bad_arguments():
 
     inp = make_inputs(3, 8, torch.float32, seed=8)
     p = prepare(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])
-    lin = LinearAggregate(p.cfg, 8, None, None, with_rollout=False)
+    lin = LinearAggregate(p.cfg, 8, None, None, with_entropy=False, with_rollout=False)
     op = torch.ops.rlkern.policy_loss_fused_linear
     args = (p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams)
     loss = op(*args, lin.agg, lin.values, None, False, lin.metric_codes)[0]
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    with pytest.raises(RuntimeError, match="agg: expected 6"):
-        op(*args, lin.agg[:5], lin.values, None, True, lin.metric_codes)
+    with pytest.raises(RuntimeError, match="agg: expected 8"):
+        op(*args, lin.agg[:7], lin.values, None, True, lin.metric_codes)
     with pytest.raises(RuntimeError, match="agg: bad pg mode"):
         op(*args, [99, *lin.agg[1:]], lin.values, None, True, lin.metric_codes)
-    with pytest.raises(RuntimeError, match="agg_values: expected 4"):
-        op(*args, lin.agg, lin.values[:3], None, True, lin.metric_codes)
+    with pytest.raises(RuntimeError, match="agg_values: expected 5"):
+        op(*args, lin.agg, lin.values[:4], None, True, lin.metric_codes)
+    with pytest.raises(RuntimeError, match="agg: bad entropy mode"):
+        op(*args, [*lin.agg[:2], 7, *lin.agg[3:]], lin.values, None, True, lin.metric_codes)
     with pytest.raises(RuntimeError, match="upstream: only with grad"):
         op(*args, lin.agg, lin.values, 1.0, False, lin.metric_codes)
     with pytest.raises(RuntimeError, match="metrics: bad row"):

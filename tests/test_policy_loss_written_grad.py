@@ -72,14 +72,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def test_a_right_guess_needs_no_backward_kernel(name, dtype, guess, monkeypatch):
     """Guess 1, upstream 1 (``loss.backward()``): the forward's gradient is returned as it is,
     with the two-pass bits (masked tokens +0 included). Losses whose aggregation is not linear
-    (an entropy term, gvpo) keep the factors."""
+    (gvpo, batch-normalised rollout weights) keep the factors; an entropy input without a
+    gradient is a linear term."""
     case = CASES[name]
     inp = make_inputs(12, 37, dtype, seed=len(name) + 1)
     got = _grad(case, inp, 1.0)
     want = _two_pass_grad(case, inp, 1.0, monkeypatch)
     assert torch.equal(_bits(got), _bits(want))
-    linear = not case.entropy and case.config.policy_loss != "gvpo" and not (
-        case.config.rollout_batch_normalize)
+    linear = case.config.policy_loss != "gvpo" and not case.config.rollout_batch_normalize
     assert guess.calls == ([] if linear else ["_backward"])
 
 

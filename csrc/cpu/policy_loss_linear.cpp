@@ -25,18 +25,22 @@
 
 namespace rlkern {
 
-// agg:        [pg_mode, kl_mode (−1: no KL term), count_empty, norm_len, has_num_tokens,
-//              has_num_seqs]   (modes: enum AggMode; norm_len: seq-mean-token-sum-norm's L)
-// agg_values: [loss_scale, kl_coef, num_tokens, num_seqs]
+// agg:        [pg_mode, kl_mode (−1: no KL term), ent_mode (−1: no entropy input),
+//              count_empty, norm_len, has_num_tokens, has_num_seqs, ent_global_norm]
+//              (modes: enum AggMode; norm_len: seq-mean-token-sum-norm's L; ent_global_norm
+//              0: the entropy term's weights ignore num_tokens / num_seqs)
+// agg_values: [loss_scale, kl_coef, entropy_coef, num_tokens, num_seqs]
 // upstream:   the loss's upstream gradient, when known before the forward: the kernel then
 //             writes the gradient into token_grad[0]; None: the factors (token_grad[1]: the
 //             KL factor, with a KL term)
 // grad:       false: no gradient is wanted (token_grad is empty; the forward kernel alone)
 // metrics:    one code per metric: a row_stats row (its sum over the rows / the valid tokens),
 //             kMetricRatioMin / kMetricRatioMax, or kMetricPart0 − j (loss part j)
-// → loss (0-dim, logprobs' dtype), parts (float64: pg_loss[, kl_loss]), metrics (0-dim each,
-//   logprobs' dtype), row_stats, weights ((2, B) float64: the pg and KL terms' per-row
-//   weights), token_grad, non_finite (rows that saw a non-finite input at a valid token).
+// → loss (0-dim, logprobs' dtype), parts (float64: pg_loss[, kl_loss][, entropy_loss]),
+//   metrics (0-dim each, logprobs' dtype), row_stats, weights ((2, B) float64: the pg and
+//   KL terms' per-row weights), token_grad, non_finite (rows that saw a non-finite input at
+//   a valid token). The entropy input gets no gradient here (its term's coefficient does not
+//   reach ∂loss/∂logprobs).
 const char* const kPolicyLossFusedLinearSchema =
     "policy_loss_fused_linear(Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
     "Tensor mask, Tensor?[] inputs, int[] flags, float[] hparams, int[] agg, "
@@ -62,19 +66,23 @@ namespace pl = policy_loss;
 constexpr int64_t kMetricRatioMin = -1, kMetricRatioMax = -2, kMetricPart0 = -3;
 
 struct LinearAgg {
-  int64_t pg_mode, kl_mode, norm_len;
-  bool count_empty, has_num_tokens, has_num_seqs;
-  double loss_scale, kl_coef, num_tokens, num_seqs;
+  int64_t pg_mode, kl_mode, ent_mode, norm_len;
+  bool count_empty, has_num_tokens, has_num_seqs, ent_global_norm;
+  double loss_scale, kl_coef, entropy_coef, num_tokens, num_seqs;
   bool with_kl() const { return kl_mode >= 0; }
+  bool with_entropy() const { return ent_mode >= 0; }
 };
 
 LinearAgg parse_agg(at::IntArrayRef agg, at::ArrayRef<double> values) {
-  TORCH_CHECK(agg.size() == 6, "agg: expected 6 values, got ", agg.size());
-  TORCH_CHECK(values.size() == 4, "agg_values: expected 4 values, got ", values.size());
-  LinearAgg g{agg[0], agg[1], agg[3], agg[2] != 0, agg[4] != 0, agg[5] != 0,
-              values[0], values[1], values[2], values[3]};
+  TORCH_CHECK(agg.size() == 8, "agg: expected 8 values, got ", agg.size());
+  TORCH_CHECK(values.size() == 5, "agg_values: expected 5 values, got ", values.size());
+  LinearAgg g{agg[0],     agg[1],     agg[2],     agg[4],     agg[3] != 0, agg[5] != 0,
+              agg[6] != 0, agg[7] != 0, values[0], values[1], values[2],   values[3],
+              values[4]};
   TORCH_CHECK(g.pg_mode >= 0 && g.pg_mode < pl::kNumAggModes, "agg: bad pg mode ", g.pg_mode);
   TORCH_CHECK(g.kl_mode >= -1 && g.kl_mode < pl::kNumAggModes, "agg: bad KL mode ", g.kl_mode);
+  TORCH_CHECK(g.ent_mode >= -1 && g.ent_mode < pl::kNumAggModes, "agg: bad entropy mode ",
+              g.ent_mode);
   // norm_len 0 (T = 0) divides by 0, as the Python weights do
   return g;
 }
@@ -130,23 +138,24 @@ double upstream_in(double upstream, at::ScalarType dtype) {
   return dtype == at::kFloat ? double(static_cast<float>(upstream)) : upstream;
 }
 
-// ∂loss/∂row_sums, (kNumRowGrads, B): LinearAggregate.row_grads' operations — g = upstream ×
-// loss_scale; the pg row g·w_pg, the KL row (g·kl_coef)·w_kl, each written into zeros and the
-// two tensors added when there is a KL term (x + 0 turns −0 into +0, as autograd's sum does).
+// ∂loss/∂row_sums, (kNumRowGrads, B), as autograd forms it through aggregate.py's aggregate:
+// g = upstream × loss_scale; the pg row g·w_pg, the KL row (g·kl_coef)·w_kl, each written into
+// zeros and the terms' tensors added when there are several (x + 0 turns −0 into +0, as
+// autograd's sum does). The entropy row stays 0: its coefficient does not reach
+// ∂loss/∂logprobs, and the entropy gets no gradient on this path.
 void grad_rows(const double* w, int64_t B, const LinearAgg& g, double upstream, double* out) {
   const double gs = upstream * g.loss_scale;
   std::fill(out, out + pl::kNumRowGrads * B, 0.0);
   double* pg = out + pl::kGradPg * B;
-  if (!g.with_kl()) {
+  if (!g.with_kl() && !g.with_entropy()) {
     for (int64_t b = 0; b < B; ++b) pg[b] = gs * w[b];
     return;
   }
+  for (int64_t b = 0; b < B; ++b) pg[b] = gs * w[b] + 0.0;
+  if (!g.with_kl()) return;
   const double gk = gs * g.kl_coef;
   double* kl = out + pl::kGradKl * B;
-  for (int64_t b = 0; b < B; ++b) {
-    pg[b] = gs * w[b] + 0.0;
-    kl[b] = 0.0 + gk * w[B + b];
-  }
+  for (int64_t b = 0; b < B; ++b) kl[b] = 0.0 + gk * w[B + b];
 }
 
 // Σ_b w_b·x_b by torch's sum (aggregate.py's (w * sums).sum()): the same reduction order.
@@ -262,7 +271,15 @@ fused_linear(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
   double total = parts[0];
   if (g.with_kl()) {
     parts.push_back(weighted_sum(w + B, rs + pl::kKlSum * B, B));
-    total = total + g.kl_coef * parts[1];
+    total = total + g.kl_coef * parts.back();
+  }
+  if (g.with_entropy()) {  // weights from the rows' entropy counts, known only now
+    LinearAgg e = g;
+    if (!g.ent_global_norm) e.has_num_tokens = e.has_num_seqs = false;
+    std::vector<double> w_ent(B);
+    term_weights(rs + pl::kEntCount * B, B, g.ent_mode, e, w_ent.data());
+    parts.push_back(weighted_sum(w_ent.data(), rs + pl::kEntSum * B, B));
+    if (g.entropy_coef != 0.0) total = total - g.entropy_coef * parts.back();
   }
   at::Tensor parts_t = at::empty({static_cast<int64_t>(parts.size())}, f64);
   std::copy(parts.begin(), parts.end(), parts_t.data_ptr<double>());

@@ -141,36 +141,41 @@ def aggregate(row_sums: Tensor, row_stats: Tensor, cfg: PolicyLossConfig, width:
 
 
 class LinearAggregate:
-    """:func:`aggregate` and :func:`finish_metrics` of a loss with no entropy term, no policy
-    scale and a linear policy term (not gvpo), as the arguments of the CPU's fused linear op
+    """:func:`aggregate` and :func:`finish_metrics` of a loss with no policy scale and a linear
+    policy term (not gvpo), as the arguments of the CPU's fused linear op
     (``rlkern::policy_loss_fused_linear``, csrc/cpu/policy_loss_linear.cpp), which forms the
-    per-row weights, the loss, its parts and the metrics in one call.
+    per-row weights, the loss, its parts and the metrics in one call (an entropy input gets no
+    gradient there: the fused path runs only when it needs none).
 
     The op repeats this module's operations in their order (``_agg_weights``, the weighted
-    sums by torch's reduction, ``total · loss_scale``; :meth:`row_grads`' products, each row
-    written into zeros and the two terms added as autograd accumulates the two selects of
-    ``row_sums``, signed zeros included), so the fused and two-pass paths have the same bits.
+    sums by torch's reduction, the terms added, ``total · loss_scale``; :meth:`row_grads`'
+    products, each row written into zeros and the terms added as autograd accumulates the
+    selects of ``row_sums``, signed zeros included), so the fused and two-pass paths have the
+    same bits.
     """
 
     def __init__(self, cfg: PolicyLossConfig, width: int, num_tokens, num_seqs, *,
-                 with_rollout: bool) -> None:
+                 with_entropy: bool, with_rollout: bool) -> None:
         modes = layout("policy_loss").agg_modes
         with_kl = cfg.kl_coef != 0.0
-        #: the op's ``agg`` and ``agg_values`` (their order: the op's schema)
         code = lambda mode: int(modes[mode.replace("-", "_")])
+        #: the op's ``agg`` and ``agg_values`` (their order: the op's schema)
         self.agg = [code(cfg.loss_agg_mode), code(cfg.kl_agg()) if with_kl else -1,
-                    int(cfg.count_empty_seqs), width if cfg.max_len is None else cfg.max_len,
-                    int(num_tokens is not None), int(num_seqs is not None)]
-        self.values = [float(cfg.loss_scale), float(cfg.kl_coef), _count(num_tokens),
-                       _count(num_seqs)]
-        self.part_names = ["pg_loss", "kl_loss"] if with_kl else ["pg_loss"]
+                    code(cfg.entropy_agg()) if with_entropy else -1, int(cfg.count_empty_seqs),
+                    width if cfg.max_len is None else cfg.max_len, int(num_tokens is not None),
+                    int(num_seqs is not None), int(cfg.entropy_global_norm)]
+        self.values = [float(cfg.loss_scale), float(cfg.kl_coef), float(cfg.entropy_coef),
+                       _count(num_tokens), _count(num_seqs)]
+        self.part_names = [name for name, on in (("pg_loss", True), ("kl_loss", with_kl),
+                                                 ("entropy_loss", with_entropy)) if on]
         self.metric_names, self.metric_codes = metric_codes(
-            tuple(metric_names(with_kl=with_kl, with_entropy=False, with_rollout=with_rollout,
-                               with_parts=True)), tuple(self.part_names))
+            tuple(metric_names(with_kl=with_kl, with_entropy=with_entropy,
+                               with_rollout=with_rollout, with_parts=True)),
+            tuple(self.part_names))
 
     @staticmethod
-    def applies(cfg: PolicyLossConfig, *, with_entropy: bool, pg_scaled: bool) -> bool:
-        return not (with_entropy or pg_scaled or cfg.policy_loss == "gvpo")
+    def applies(cfg: PolicyLossConfig, *, pg_scaled: bool) -> bool:
+        return not (pg_scaled or cfg.policy_loss == "gvpo")
 
     def row_grads(self, lens: Tensor, grad_loss: Tensor) -> Tensor:
         """``∂loss/∂row_sums``, ``(len(row_grads), B)`` float64, for the upstream gradient

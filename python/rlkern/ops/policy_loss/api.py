@@ -155,10 +155,11 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     with_entropy = p.get("entropy") is not None
     with_rollout = p.get("rollout_logprobs") is not None and p.cfg.rollout_correction is not None
     fused = fused_applies(p)  # CPU: the gradient's factors formed in the forward
-    linear = LinearAggregate.applies(p.cfg, with_entropy=with_entropy, pg_scaled=norm_scaled(p))
+    linear = LinearAggregate.applies(p.cfg, pg_scaled=norm_scaled(p))
     if linear and (fused or forward_applies(p)):
         # one op: the weights, the kernel, the loss and the metrics
-        agg = LinearAggregate(p.cfg, p.mask.shape[1], nt, ns, with_rollout=with_rollout)
+        agg = LinearAggregate(p.cfg, p.mask.shape[1], nt, ns, with_entropy=with_entropy,
+                              with_rollout=with_rollout)
         loss, row_stats, metrics = (fused_loss if fused else linear_forward)(p, agg)
     else:
         if fused:

@@ -26,8 +26,8 @@ two-pass backward op instead, with the same bits.
 CPU backend, in plain eager mode on plain tensors (torch.compile and dispatch modes trace or
 run the registered two-pass ops), a gradient wanted for the log-probabilities and none for the
 entropy (whose gradient only the two-pass backward writes), and a kind the header's
-``fused_ok`` accepts. There, when the aggregation is linear (no entropy term, not gvpo, no
-batch-normalised rollout weights:
+``fused_ok`` accepts. There, when the aggregation is linear (not gvpo, no batch-normalised
+rollout weights:
 :meth:`~rlkern.ops.policy_loss.aggregate.LinearAggregate.applies`), :func:`fused_loss` runs
 the whole forward as one op, ``rlkern::policy_loss_fused_linear`` (csrc/cpu/
 policy_loss_linear.cpp): the rows' weights, the kernel, the loss, its parts and the metrics,
