@@ -3,12 +3,12 @@
 //
 // The Python form of the same steps (the rows' lengths, the weights, the gradient's row
 // coefficients, the loss, ~10 metrics) is ~40 small torch calls, whose fixed costs were most
-// of a call below ~1M tokens. Here they are loops over B doubles plus two torch reductions.
+// of a call below ~1M tokens. Here they are loops over B doubles plus a few torch reductions.
 //
 // Bits: every weight, coefficient and metric is formed by the IEEE operations, in the order,
 // of the two-pass path's Python (aggregate.py: _agg_weights, LinearAggregate.row_grads,
-// aggregate, finish_metrics), and the two sums whose order matters (Σ_i w_i·sums_i and the
-// per-statistic sums over the rows) call torch's own reductions, so the fused and two-pass
+// aggregate, finish_metrics), and the sums whose order matters (each term's Σ_i w_i·sums_i
+// and the per-statistic sums over the rows) call torch's own reductions, so the fused and two-pass
 // paths give the same loss, metrics and gradient bit for bit (tests/test_policy_loss_fused.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -45,16 +45,16 @@ const char* const kPolicyLossFusedLinearSchema =
     "policy_loss_fused_linear(Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
     "Tensor mask, Tensor?[] inputs, int[] flags, float[] hparams, int[] agg, "
     "float[] agg_values, float? upstream, bool grad, int[] metrics) -> (Tensor loss, "
-    "Tensor parts, "
-    "Tensor[] metrics, Tensor row_stats, Tensor weights, Tensor[] token_grad, int non_finite)";
-// ∂loss/∂row_sums ((kNumRowGrads, B) float64) for the upstream gradient `upstream` (a value
-// of `dtype`, the loss's) from the rows' valid-token counts `lens` ((B,) float64): the fused
-// backward's coefficients when the forward's guess of the upstream missed.
+    "Tensor parts, Tensor[] metrics, Tensor row_stats, Tensor weights, Tensor[] token_grad, "
+    "int non_finite)";
 // The metrics of finish_metrics' host path from the rows' statistics (its codes as above;
 // `parts`: the loss parts' values, for the codes kMetricPart0 − j).
 const char* const kPolicyLossMetricsSchema =
     "policy_loss_metrics(Tensor row_stats, float[] parts, int[] metrics, ScalarType dtype) "
     "-> Tensor[]";
+// ∂loss/∂row_sums ((kNumRowGrads, B) float64) for the upstream gradient `upstream` (a value
+// of `dtype`, the loss's) from the rows' valid-token counts `lens` ((B,) float64): the fused
+// backward's coefficients when the forward's guess of the upstream missed.
 const char* const kPolicyLossLinearGradRowsSchema =
     "policy_loss_linear_grad_rows(Tensor lens, int[] agg, float[] agg_values, float upstream, "
     "ScalarType dtype) -> Tensor";
@@ -76,9 +76,20 @@ struct LinearAgg {
 LinearAgg parse_agg(at::IntArrayRef agg, at::ArrayRef<double> values) {
   TORCH_CHECK(agg.size() == 8, "agg: expected 8 values, got ", agg.size());
   TORCH_CHECK(values.size() == 5, "agg_values: expected 5 values, got ", values.size());
-  LinearAgg g{agg[0],     agg[1],     agg[2],     agg[4],     agg[3] != 0, agg[5] != 0,
-              agg[6] != 0, agg[7] != 0, values[0], values[1], values[2],   values[3],
-              values[4]};
+  LinearAgg g{};
+  g.pg_mode = agg[0];
+  g.kl_mode = agg[1];
+  g.ent_mode = agg[2];
+  g.count_empty = agg[3] != 0;
+  g.norm_len = agg[4];
+  g.has_num_tokens = agg[5] != 0;
+  g.has_num_seqs = agg[6] != 0;
+  g.ent_global_norm = agg[7] != 0;
+  g.loss_scale = values[0];
+  g.kl_coef = values[1];
+  g.entropy_coef = values[2];
+  g.num_tokens = values[3];
+  g.num_seqs = values[4];
   TORCH_CHECK(g.pg_mode >= 0 && g.pg_mode < pl::kNumAggModes, "agg: bad pg mode ", g.pg_mode);
   TORCH_CHECK(g.kl_mode >= -1 && g.kl_mode < pl::kNumAggModes, "agg: bad KL mode ", g.kl_mode);
   TORCH_CHECK(g.ent_mode >= -1 && g.ent_mode < pl::kNumAggModes, "agg: bad entropy mode ",
@@ -265,7 +276,7 @@ fused_linear(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
                             coefs);
   const double* rs = row_stats.const_data_ptr<double>();
   if (!upstream.has_value()) weights = all_weights(rs + pl::kLen * B, B, g);
-  // aggregate.py's aggregate: pg (+ kl_coef·kl), × loss_scale
+  // aggregate.py's aggregate: pg (+ kl_coef·kl) (− entropy_coef·entropy), × loss_scale
   const double* w = weights.const_data_ptr<double>();
   std::vector<double> parts{weighted_sum(w, rs + pl::kPgSum * B, B)};
   double total = parts[0];
