@@ -7,6 +7,10 @@ is Σ_i c_i · sums_i with per-row weights ``c`` that depend on the rows' counts
 (:func:`_term_weights`). Autograd differentiates :func:`aggregate` for
 :func:`rlkern.policy_loss`; :func:`aggregate_grad` gives the same coefficients without a graph
 for fused callers (they run inside a registered op).
+
+The CPU's one-op forward (:class:`LinearAggregate`, ``csrc/cpu/policy_loss_linear.cpp``)
+repeats :func:`_agg_weights`, :func:`aggregate` and the metrics in C++: a change to them here
+needs the same change there (tests/test_policy_loss_fused.py compares the two bit for bit).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ _ADDON_MEANS = {"kl": ("kl_sum", "kl"), "entropy_mean": ("entropy_valid", "entro
 
 def _agg_weights(counts: Tensor, mode: str, *, num_tokens, num_seqs, count_empty: bool,
                  max_len: int | None, width: int) -> Tensor:
-    """Per-row weights ``c`` with ``agg(sums) = Σ_i c_i · sums_i``."""
+    """Per-row weights ``c`` with ``agg(sums) = Σ_i c_i · sums_i`` (also ``term_weights`` in
+    csrc/cpu/policy_loss_linear.cpp, operation for operation)."""
     ones = torch.ones_like(counts)
     if mode == "token-mean":
         return ones / (counts.sum().clamp(min=1.0) if num_tokens is None else num_tokens)
