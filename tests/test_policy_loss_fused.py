@@ -322,6 +322,11 @@ def test_when_the_fused_path_applies():
     for kind in ("gmpo", "vespo", "gspo"):
         assert not applies(C(policy_loss=kind))
     assert not applies(C(importance_sampling_level="sequence"))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:  # a dispatch mode: the registered two-pass ops
+        fake = mode.from_tensor(lp)
+        assert fake.requires_grad and not applies(logprobs=fake)
 
 
 def test_when_the_forward_alone_applies():

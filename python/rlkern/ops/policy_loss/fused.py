@@ -200,12 +200,28 @@ class _FusedRows(torch.autograd.Function):
         return (_backward(ctx, grad_row_sums.to(torch.float64).contiguous()), *_NO_GRADS)
 
 
+def _linear_op(lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, inputs: list[Tensor | None],
+               flags: list[int], hparams: list[float], linear: LinearAggregate,
+               upstream: float | None, grad: bool
+               ) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor, list[Tensor]]:
+    """``rlkern::policy_loss_fused_linear`` → ``(loss, parts, metrics, row_stats, token_grad)``,
+    the metrics by name; raises the NaN policy's error while checks are on."""
+    loss, parts, metrics, row_stats, _, token_grad, non_finite = (
+        torch.ops.rlkern.policy_loss_fused_linear(
+            lp, old, adv, mask, inputs, flags, hparams, linear.agg, linear.values, upstream,
+            grad, linear.metric_codes))
+    if non_finite and checks_enabled():
+        raise_non_finite(lp, old, adv, mask, inputs, flags)
+    return (loss, parts, dict(zip(linear.metric_names, metrics, strict=True)), row_stats,
+            token_grad)
+
+
 class _FusedLoss(torch.autograd.Function):
     """``(loss, row_stats, parts)`` of a :class:`~.aggregate.LinearAggregate`: the loss in the
-    compute dtype, differentiable in ``lp`` only, by one op (``rlkern::policy_loss_fused_linear``:
-    the weights, the kernel, the loss, its parts and the metrics, which it leaves on
-    ``linear.metrics``). Its backward forms ∂loss/∂row_sums as autograd would through the
-    aggregation (:meth:`~.aggregate.LinearAggregate.row_grads`) without building that graph.
+    compute dtype, differentiable in ``lp`` only, by one op (:func:`_linear_op`: the weights,
+    the kernel, the loss, its parts and the metrics, which it appends to ``sink``). Its
+    backward forms ∂loss/∂row_sums as autograd would through the aggregation
+    (:meth:`~.aggregate.LinearAggregate.row_grads`) without building that graph.
 
     With an upstream gradient to expect (:class:`UpstreamGuess`), the op counts each row's
     valid tokens first (one read of the mask), forms the coefficients for that upstream and
@@ -214,21 +230,18 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
                 inputs: list[Tensor | None], flags: list[int], hparams: list[float],
-                linear: LinearAggregate) -> tuple[Tensor, Tensor, Tensor]:
+                linear: LinearAggregate, sink: list[dict[str, Tensor]],
+                ) -> tuple[Tensor, Tensor, Tensor]:
         guess = UPSTREAM.guess()
-        loss, parts, metrics, row_stats, _, grads, non_finite = (
-            torch.ops.rlkern.policy_loss_fused_linear(
-                lp, old, adv, mask, inputs, flags, hparams, linear.agg, linear.values, guess,
-                True, linear.metric_codes))
-        if non_finite and checks_enabled():
-            raise_non_finite(lp, old, adv, mask, inputs, flags)
+        loss, parts, metrics, row_stats, grads = _linear_op(
+            lp, old, adv, mask, inputs, flags, hparams, linear, guess, True)
         _save(ctx, lp, old, adv, mask, inputs, flags, hparams, row_stats,
               (grads[0], grads[1] if len(grads) > 1 else None))
         ctx.is_gradient = guess is not None  # grads[0] is the gradient, not the factors
         # the guess as the loss's dtype holds it (what a matching upstream's .item() gives)
         ctx.upstream = None if guess is None else loss.new_tensor(guess).item()
         ctx.linear = linear
-        linear.metrics = dict(zip(linear.metric_names, metrics, strict=True))
+        sink.append(metrics)
         ctx.mark_non_differentiable(row_stats, parts)
         return loss, row_stats, parts
 
@@ -236,21 +249,21 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor | None, _grad_row_stats: Tensor | None,
                  _grad_parts: Tensor | None) -> tuple[Tensor | None, ...]:
         if grad_loss is None:
-            return (None, *_NO_GRADS, None)
+            return (None, *_NO_GRADS, None, None)
         upstream = grad_loss.item()
         UPSTREAM.observe(upstream)
         grad = ctx.factors[0] if ctx.factors is not None else None
         if (ctx.is_gradient and grad is not None and not torch.is_grad_enabled()
                 and _same_float(upstream, ctx.upstream)):
             ctx.factors = None  # the forward's gradient, handed over once
-            return (grad, *_NO_GRADS, None)
+            return (grad, *_NO_GRADS, None, None)
         row_stats = ctx.saved_tensors[4]
         grad_rows = ctx.linear.row_grads(row_stats[layout("policy_loss").row_stats.len],
                                          grad_loss)
         if not ctx.is_gradient:  # the forward wrote the factors: scale them
-            return (_backward(ctx, grad_rows), *_NO_GRADS, None)
+            return (_backward(ctx, grad_rows), *_NO_GRADS, None, None)
         # another upstream, a second backward or one that builds a graph
-        return (_two_pass(ctx, grad_rows), *_NO_GRADS, None)
+        return (_two_pass(ctx, grad_rows), *_NO_GRADS, None, None)
 
 
 def fused_rows(p: Prepared) -> tuple[Tensor, Tensor]:
@@ -265,18 +278,16 @@ def fused_loss(p: Prepared, linear: LinearAggregate
     and :meth:`LinearAggregate.applies` must hold); ``metrics`` as
     :func:`~rlkern.ops.policy_loss.aggregate.finish_metrics` gives them, the loss parts
     included."""
+    sink: list[dict[str, Tensor]] = []
     loss, row_stats, _ = _FusedLoss.apply(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags,
-                                          p.hparams, linear)
-    return loss, row_stats, linear.metrics
+                                          p.hparams, linear, sink)
+    return loss, row_stats, sink[0]
 
 
 def linear_forward(p: Prepared, linear: LinearAggregate
                    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`fused_loss` where no gradient is wanted (:func:`forward_applies`): the same op
     with the forward kernel alone (no factors, no autograd function)."""
-    loss, _, metrics, row_stats, _, _, non_finite = torch.ops.rlkern.policy_loss_fused_linear(
-        p.lp, p.old, p.adv, p.mask, p.inputs, p.flags, p.hparams, linear.agg, linear.values,
-        None, False, linear.metric_codes)
-    if non_finite and checks_enabled():
-        raise_non_finite(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags)
-    return loss, row_stats, dict(zip(linear.metric_names, metrics, strict=True))
+    loss, _, metrics, row_stats, _ = _linear_op(p.lp, p.old, p.adv, p.mask, p.inputs, p.flags,
+                                                p.hparams, linear, None, False)
+    return loss, row_stats, metrics
