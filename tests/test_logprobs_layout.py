@@ -14,7 +14,7 @@ import torch
 
 import rlkern
 from rlkern import backends
-from rlkern.config.layout import layout
+from rlkern.config.layout import entries, layout
 from rlkern.config.logprobs import STATS_OUTPUTS, linear_stats, output_names, outputs
 
 HEADER = Path(__file__).resolve().parent.parent / "csrc" / "include" / "rlkern" / "logprobs.h"
@@ -36,6 +36,21 @@ def test_python_layouts_equal_the_header():
     assert set(STATS_OUTPUTS) <= set(output_names())
     assert sorted(layout("logprobs").__dict__) == ["outputs"]
     assert sorted(layout("linear_logprobs").__dict__) == ["stats"]
+
+
+def test_entries_are_the_layout_tables_as_plain_dicts():
+    """entries(family, table) holds what layout(family).<table> holds: every table of every
+    family, names and indices in the same order; an unknown family raises layout()'s error."""
+    from rlkern import _C
+
+    for family, tables in _C.LAYOUTS.items():
+        for table in tables:
+            enum_table = getattr(layout(family), table)
+            got = entries(family, table)
+            assert type(got) is dict
+            assert list(got.items()) == [(m.name, int(m)) for m in enum_table]
+    with pytest.raises(KeyError, match="no layout for op family"):
+        entries("no_such_family", "inputs")
 
 
 def test_every_layer_follows_the_outputs_layout():

@@ -472,3 +472,54 @@ def test_property_fused_equals_two_pass(B, T, seed, name, spread, f64):
     assert taken == [True]
     _assert_same(out_f, out_t)
     assert torch.equal(g_f, g_t)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("adv", ["advantages", "adv_per_token"])
+def test_a_clamp_within_the_exp_range_keeps_the_full_exp_bits(fused, adv, monkeypatch):
+    """With |log_ratio_clamp| ≤ 87 the float32 kernels take the exp without its range test
+    (policy_loss_simd.h, expv_clamped). A clamp of 87 and one of 87 + 1e-6 (the same float32
+    value, but beyond the test's bound: the full exp) must give the same loss, metrics and
+    gradient, bit for bit, on log-ratios far beyond both (|Δ| up to ~400: clamped, then
+    exp(±87) near the float range's ends), on the fused and the two-pass paths."""
+    monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+    inp = make_inputs(6, 53, torch.float32, seed=3, spread=120.0)
+    delta = (inp["old_logprobs"] - inp["logprobs"])[inp["mask"]]
+    assert delta.max() > 200 and delta.min() < -200
+    results = []
+    for clamp in (87.0, 87.0 + 1e-6):
+        assert torch.tensor(clamp, dtype=torch.float32).item() == 87.0
+        lp = inp["logprobs"].clone().requires_grad_()
+        out = rlkern.policy_loss(lp, inp["old_logprobs"], inp[adv], inp["mask"],
+                                 config=C(log_ratio_clamp=clamp, clip_ratio_c=3.0))
+        (g,) = torch.autograd.grad(out.loss, lp)
+        results.append((out.loss, out.metrics, g))
+    (l1, m1, g1), (l2, m2, g2) = results
+    assert torch.isfinite(l1) and torch.isfinite(g1).all()
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    assert m1.keys() == m2.keys()
+    for key in m1:
+        assert torch.equal(m1[key], m2[key]) or (m1[key].isnan() and m2[key].isnan()), key
+    assert m1["ratio_max"] > 1e37 and m1["ratio_min"] < 1e-37  # both ends of the exp reached
+
+
+def test_linear_aggregates_are_shared_for_counts_given_as_numbers():
+    """LinearAggregate.of hands out one instance per distinct arguments when the counts are
+    numbers or absent, equal to a fresh one; tensor counts get a new instance each call."""
+    from rlkern.ops.policy_loss.aggregate import LinearAggregate
+
+    cfg = C(kl_coef=0.1, loss_agg_mode="seq-mean-token-mean")
+    kw = dict(with_entropy=True, with_rollout=False)
+    fields = lambda a: (a.agg, a.values, a.metric_names, a.metric_codes, a.part_names)
+    shared = LinearAggregate.of(cfg, 16, 40.0, 3.0, **kw)
+    assert shared is LinearAggregate.of(cfg, 16, 40.0, 3.0, **kw)
+    assert fields(shared) == fields(LinearAggregate(cfg, 16, 40.0, 3.0, **kw))
+    for other in (LinearAggregate.of(cfg, 16, 41.0, 3.0, **kw),
+                  LinearAggregate.of(cfg, 17, 40.0, 3.0, **kw),
+                  LinearAggregate.of(cfg.replace(kl_coef=0.2), 16, 40.0, 3.0, **kw),
+                  LinearAggregate.of(cfg, 16, 40.0, 3.0, with_entropy=False, with_rollout=False)):
+        assert other is not shared and fields(other) != fields(shared)
+    count = torch.tensor(40.0, dtype=torch.float64)
+    by_tensor = LinearAggregate.of(cfg, 16, count, 3.0, **kw)
+    assert by_tensor is not LinearAggregate.of(cfg, 16, count, 3.0, **kw)
+    assert fields(by_tensor) == fields(shared)

@@ -127,6 +127,17 @@ def test_the_guess_compares_bits(a, b, same):
     assert g.steady is same
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [1.0, 0.1, 1 / 3, -0.0, 3.5e-45, -1e-46, 1e-40, 3.4028235e38,
+                                   3.4028236e38, -1e39, 1e300, math.inf, -math.inf])
+def test_the_guess_is_rounded_as_a_tensor_of_the_loss_dtype_holds_it(dtype, value):
+    """The forward compares the upstream's ``.item()`` with the guess as the loss's dtype holds
+    it: rounded to nearest even, subnormals, overflow to ±inf and signed zeros as torch's."""
+    want = torch.tensor(value, dtype=torch.float64).to(dtype).item()
+    got = fused._as_dtype(value, dtype)
+    assert got == want and math.copysign(1.0, got) == math.copysign(1.0, want)
+
+
 def _op_inputs(name: str, dtype: torch.dtype, B: int, T: int, seed: int):
     case = CASES[name]
     inp = make_inputs(B, T, dtype, seed=seed)

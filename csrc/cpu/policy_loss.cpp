@@ -47,6 +47,7 @@ namespace pl = rlkern::policy_loss;
 using pl::HParams;
 using pl::clampv;  // the SIMD overload (min / max instructions) is found by ADL
 using pl::expv;
+using pl::expv_clamped;
 using pl::sel;  // float / double; the SIMD overload is found by argument-dependent lookup
 
 constexpr int64_t kBlock = 1024;
@@ -340,6 +341,8 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   const V r_seq = V(double(c.r_seq));
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   const V gpg = V(double(g_pg));
+  // |clamp(Δ, ±C)| ≤ 87: the exp needs no range test (verl's C = 20; TRL clamps nothing)
+  const bool clamped = std::abs(h.log_ratio_clamp) <= 87.0;
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V pg(0.0), nlr(0.0), rs(0.0), as(0.0), lps(0.0), pgn(0.0), vs(0.0);
@@ -351,7 +354,7 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
-      const V rho = expv(SEQ ? r_seq : dc);
+      const V rho = SEQ ? expv(r_seq) : clamped ? expv_clamped(dc) : expv(dc);
       const pl::TokenLoss<V> L =
           pl::token_loss<V, SIGN>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
@@ -499,6 +502,7 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   const V r_seq = V(double(c.r_seq));
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   const V pass_seq(c.pass_seq ? 1.0 : 0.0);
+  const bool clamped = std::abs(h.log_ratio_clamp) <= 87.0;  // as in fwd_main
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V Gl(0.0);
@@ -508,7 +512,9 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const Step<P, T> s = load_step<P, ADVTOK>(r, t, t1, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
-      const V rho = expv(MODE == pl::kRatioToken ? dc : r_seq);
+      const V rho = MODE != pl::kRatioToken ? expv(r_seq)
+                    : clamped                 ? expv_clamped(dc)
+                                              : expv(dc);
       const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       V wpg = gpg;
       if constexpr (K == pl::kVespo) wpg = wpg * sel(s.a >= zero, V(phi.pos), V(phi.neg));

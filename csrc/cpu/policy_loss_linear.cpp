@@ -212,7 +212,7 @@ std::vector<at::Tensor> metrics_of(const at::Tensor& row_stats, const std::vecto
   // float32 / float64 directly (one rounding, as torch.tensor(values, dtype) gives); other
   // dtypes through float64 and torch's cast, as the Python path does
   const bool direct = dtype == at::kFloat || dtype == at::kDouble;
-  at::Tensor out = at::empty({M}, direct ? dtype : at::kDouble);
+  std::vector<double> values(M);
   for (int64_t i = 0; i < M; ++i) {
     const int64_t c = codes[i];
     double v;
@@ -228,11 +228,18 @@ std::vector<at::Tensor> metrics_of(const at::Tensor& row_stats, const std::vecto
       TORCH_CHECK(j < static_cast<int64_t>(parts.size()), "metrics: no loss part ", j);
       v = parts[j];
     }
-    if (poisoned) v = nan;
-    if (dtype == at::kFloat) out.data_ptr<float>()[i] = static_cast<float>(v);
-    else out.data_ptr<double>()[i] = v;
+    values[i] = poisoned ? nan : v;
   }
-  return (direct ? out : out.to(dtype)).unbind(0);
+  if (!direct) {
+    at::Tensor out = at::empty({M}, at::kDouble);
+    std::copy(values.begin(), values.end(), out.data_ptr<double>());
+    return out.to(dtype).unbind(0);
+  }
+  // one 0-dim tensor each: cheaper than M views of one (unbind's view metadata)
+  std::vector<at::Tensor> metrics;
+  metrics.reserve(M);
+  for (const double v : values) metrics.push_back(scalar_of(v, dtype));
+  return metrics;
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor,

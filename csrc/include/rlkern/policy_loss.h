@@ -395,6 +395,12 @@ RLKERN_HOST_DEVICE float expv(float x) {
 #endif
 }
 RLKERN_HOST_DEVICE double expv(double x) { return exp(x); }
+// expv of a log-ratio clamped to |x| ≤ 87 (or NaN): the same value; the CPU's SIMD type
+// (policy_loss_simd.h) skips its range test there.
+template <typename T>
+RLKERN_HOST_DEVICE T expv_clamped(T x) {
+  return expv(x);
+}
 // log (dppo_kl's binary KL); the CPU's SIMD type has a lane-wise one (policy_loss_simd.h).
 RLKERN_HOST_DEVICE float logv(float x) { return logf(x); }
 RLKERN_HOST_DEVICE double logv(double x) { return log(x); }

@@ -16,9 +16,11 @@ from __future__ import annotations
 import enum
 from types import SimpleNamespace
 
-__all__ = ["layout"]
+__all__ = ["entries", "layout"]
 
 _TABLES: dict[str, SimpleNamespace] = {}
+#: family → table → {entry name: index}, in index order: plain dicts, for hot paths
+_ENTRIES: dict[str, dict[str, dict[str, int]]] = {}
 
 
 def _load() -> None:
@@ -29,6 +31,8 @@ def _load() -> None:
             name: enum.IntEnum(f"{family}.{name}", [(entry, i) for i, entry in enumerate(entries)])
             for name, entries in tables.items()
         })
+        _ENTRIES[family] = {name: {entry: i for i, entry in enumerate(entries)}
+                            for name, entries in tables.items()}
 
 
 def layout(family: str) -> SimpleNamespace:
@@ -40,6 +44,14 @@ def layout(family: str) -> SimpleNamespace:
     except KeyError:
         known = ", ".join(sorted(_TABLES)) or "none"
         raise KeyError(f"no layout for op family {family!r} (known: {known})") from None
+
+
+def entries(family: str, table: str) -> dict[str, int]:
+    """``{entry name: index}`` of one table, in index order: what ``layout(family).<table>``
+    holds, as a plain dict (a lookup or an iteration costs a fraction of the ``IntEnum``'s,
+    which matters on a small call's path). Do not modify it."""
+    layout(family)  # loads the tables, or raises as layout() does
+    return _ENTRIES[family][table]
 
 
 try:

@@ -179,6 +179,17 @@ class LinearAggregate:
             tuple(self.part_names))
 
     @staticmethod
+    def of(cfg: PolicyLossConfig, width: int, num_tokens, num_seqs, *, with_entropy: bool,
+           with_rollout: bool) -> LinearAggregate:
+        """The aggregate of these arguments: one shared instance per distinct arguments when
+        the counts are numbers or absent (an instance is never modified, and building one
+        costs a few µs, a share of a small call), a new one for tensor counts."""
+        if isinstance(num_tokens, Tensor) or isinstance(num_seqs, Tensor):
+            return LinearAggregate(cfg, width, num_tokens, num_seqs, with_entropy=with_entropy,
+                                   with_rollout=with_rollout)
+        return _shared_linear(cfg, width, num_tokens, num_seqs, with_entropy, with_rollout)
+
+    @staticmethod
     def applies(cfg: PolicyLossConfig, *, pg_scaled: bool) -> bool:
         return not (pg_scaled or cfg.policy_loss == "gvpo")
 
@@ -188,6 +199,14 @@ class LinearAggregate:
         ``lens`` (``(B,)`` float64): autograd's bits through :func:`aggregate`."""
         return torch.ops.rlkern.policy_loss_linear_grad_rows(
             lens, self.agg, self.values, grad_loss.item(), grad_loss.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_linear(cfg: PolicyLossConfig, width: int, num_tokens: float | None,
+                   num_seqs: float | None, with_entropy: bool, with_rollout: bool
+                   ) -> LinearAggregate:
+    return LinearAggregate(cfg, width, num_tokens, num_seqs, with_entropy=with_entropy,
+                           with_rollout=with_rollout)
 
 
 def _count(value: Tensor | float | None) -> float:

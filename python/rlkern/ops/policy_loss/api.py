@@ -158,8 +158,8 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
     linear = LinearAggregate.applies(p.cfg, pg_scaled=norm_scaled(p))
     if linear and (fused or forward_applies(p)):
         # one op: the weights, the kernel, the loss and the metrics
-        agg = LinearAggregate(p.cfg, p.mask.shape[1], nt, ns, with_entropy=with_entropy,
-                              with_rollout=with_rollout)
+        agg = LinearAggregate.of(p.cfg, p.mask.shape[1], nt, ns, with_entropy=with_entropy,
+                                 with_rollout=with_rollout)
         loss, row_stats, metrics = (fused_loss if fused else linear_forward)(p, agg)
     else:
         if fused:
@@ -180,7 +180,9 @@ def run(p: Prepared, *, num_tokens: float | Tensor | None = None,
         n = before.sum().to(row_stats.dtype)
         kept = row_stats[layout("policy_loss").row_stats.len].sum()
         metrics["rollout_rs_masked_fraction"] = ((n - kept) / (n + 1e-8)).to(p.out_dtype)
-    return PolicyLossOutput(loss.to(p.out_dtype), metrics), row_stats
+    if loss.dtype != p.out_dtype:  # (a same-dtype .to() still costs a dispatcher call)
+        loss = loss.to(p.out_dtype)
+    return PolicyLossOutput(loss, metrics), row_stats
 
 
 class PolicyLossChunk(NamedTuple):

@@ -46,6 +46,7 @@ backward op. The bits are the two-pass op's on every path.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
 import torch
@@ -168,6 +169,18 @@ class UpstreamGuess:
         self.last = value
 
 
+def _as_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (float32 or float64) as a 0-dim tensor of it holds it,
+    without making one: the float32 round trip rounds to nearest even as torch does, and a
+    finite value beyond float32's range becomes ±inf as it does there."""
+    if dtype != torch.float32:
+        return value
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 def _same_float(a: float, b: float) -> bool:
     """Equal, signed zeros told apart (a −0 upstream gives −0 coefficients); NaN never."""
     return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
@@ -239,7 +252,7 @@ class _FusedLoss(torch.autograd.Function):
               (grads[0], grads[1] if len(grads) > 1 else None))
         ctx.is_gradient = guess is not None  # grads[0] is the gradient, not the factors
         # the guess as the loss's dtype holds it (what a matching upstream's .item() gives)
-        ctx.upstream = None if guess is None else loss.new_tensor(guess).item()
+        ctx.upstream = None if guess is None else _as_dtype(guess, loss.dtype)
         ctx.linear = linear
         sink.append(metrics)
         ctx.mark_non_differentiable(row_stats, parts)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from rlkern import backends
 from rlkern.config.dtypes import INDEX_DTYPES, acc_dtype, bool_mask
-from rlkern.config.layout import layout
+from rlkern.config.layout import entries, layout
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.ops.logprobs import checks_enabled
 from rlkern.ops.policy_loss.cov_select import cov_selection
@@ -39,8 +39,7 @@ class Prepared(NamedTuple):
 
     def get(self, slot: str) -> Tensor | None:
         """The optional input of slot ``slot`` (e.g. ``"entropy"``), or None."""
-        # int(): torch.compile cannot index a list with an IntEnum member
-        return self.inputs[int(layout("policy_loss").inputs[slot])]
+        return self.inputs[entries("policy_loss", "inputs")[slot]]
 
 
 def tensor_arg(t: Any, name: str) -> Tensor:
@@ -199,7 +198,7 @@ def prepare(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Te
                                                        device=dev).reshape(())
     flags, hparams = cfg.kernel_args(with_kl=with_kl,
                                      with_rollout=opt["rollout_logprobs"] is not None)
-    inputs = [opt[slot.name] for slot in layout("policy_loss").inputs]
+    inputs = [opt[name] for name in entries("policy_loss", "inputs")]
     return Prepared(lp, old, adv, m, inputs, cfg, flags, hparams,
                     backends.resolve_backend(backend, dev), dt)
 
