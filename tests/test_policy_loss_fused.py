@@ -72,11 +72,12 @@ def _assert_same(a: rlkern.PolicyLossOutput, b: rlkern.PolicyLossOutput) -> None
             a.metrics[k].isnan().all() and b.metrics[k].isnan().all()), k
 
 
+@pytest.mark.parametrize("T", [37, 131])  # 131: several unrolled step pairs and a tail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", FUSED)
-def test_fused_gradient_is_the_two_pass_gradient(name, dtype, monkeypatch):
+def test_fused_gradient_is_the_two_pass_gradient(name, dtype, T, monkeypatch):
     case = CASES[name]
-    inp = make_inputs(12, 37, dtype, seed=len(name))  # B: whole gvpo groups
+    inp = make_inputs(12, T, dtype, seed=len(name))  # B: whole gvpo groups
     out_f, g_f, taken_f = _grad(case, inp, fused=True, monkeypatch=monkeypatch)
     out_t, g_t, taken_t = _grad(case, inp, fused=False, monkeypatch=monkeypatch)
     assert taken_f == [True] and taken_t == [False]
