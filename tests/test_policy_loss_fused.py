@@ -524,3 +524,21 @@ def test_linear_aggregates_are_shared_for_counts_given_as_numbers():
     by_tensor = LinearAggregate.of(cfg, 16, count, 3.0, **kw)
     assert by_tensor is not LinearAggregate.of(cfg, 16, count, 3.0, **kw)
     assert fields(by_tensor) == fields(shared)
+
+
+def test_a_negative_zero_loss_scale_is_not_served_the_positive_ones_aggregate(monkeypatch):
+    """PolicyLossConfig(loss_scale=0.0) == PolicyLossConfig(loss_scale=-0.0), but the losses'
+    signs differ (total · scale): the shared aggregates keep them apart, and each call's loss
+    has the two-pass path's bits."""
+    inp = make_inputs(4, 21, torch.float32, seed=2)
+    for scale in (0.0, -0.0, 0.0):
+        losses = []
+        for fused in (True, False):
+            monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+            lp = inp["logprobs"].clone().requires_grad_()
+            out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                                     config=C(loss_scale=scale))
+            losses.append(out.loss)
+        assert math.copysign(1.0, losses[0].item()) == math.copysign(1.0, scale)
+        assert torch.equal(losses[0], losses[1])
+        assert math.copysign(1.0, losses[0].item()) == math.copysign(1.0, losses[1].item())

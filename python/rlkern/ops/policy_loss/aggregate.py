@@ -187,7 +187,10 @@ class LinearAggregate:
         if isinstance(num_tokens, Tensor) or isinstance(num_seqs, Tensor):
             return LinearAggregate(cfg, width, num_tokens, num_seqs, with_entropy=with_entropy,
                                    with_rollout=with_rollout)
-        return _shared_linear(cfg, width, num_tokens, num_seqs, with_entropy, with_rollout)
+        # the config's equality takes −0.0 for 0.0; the loss's sign does not (total · scale)
+        scale_sign = math.copysign(1.0, cfg.loss_scale)
+        return _shared_linear(cfg, scale_sign, width, num_tokens, num_seqs, with_entropy,
+                              with_rollout)
 
     @staticmethod
     def applies(cfg: PolicyLossConfig, *, pg_scaled: bool) -> bool:
@@ -202,9 +205,9 @@ class LinearAggregate:
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_linear(cfg: PolicyLossConfig, width: int, num_tokens: float | None,
-                   num_seqs: float | None, with_entropy: bool, with_rollout: bool
-                   ) -> LinearAggregate:
+def _shared_linear(cfg: PolicyLossConfig, _scale_sign: float, width: int,
+                   num_tokens: float | None, num_seqs: float | None, with_entropy: bool,
+                   with_rollout: bool) -> LinearAggregate:
     return LinearAggregate(cfg, width, num_tokens, num_seqs, with_entropy=with_entropy,
                            with_rollout=with_rollout)
 
