@@ -127,7 +127,7 @@ def test_the_guess_compares_bits(a, b, same):
     assert g.steady is same
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("value", [1.0, 0.1, 1 / 3, -0.0, 3.5e-45, -1e-46, 1e-40, 3.4028235e38,
                                    3.4028236e38, -1e39, 1e300, math.inf, -math.inf])
 def test_the_guess_is_rounded_as_a_tensor_of_the_loss_dtype_holds_it(dtype, value):

@@ -170,11 +170,13 @@ class UpstreamGuess:
 
 
 def _as_dtype(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to ``dtype`` (float32 or float64) as a 0-dim tensor of it holds it,
-    without making one: the float32 round trip rounds to nearest even as torch does, and a
-    finite value beyond float32's range becomes ±inf as it does there."""
-    if dtype != torch.float32:
+    """``value`` rounded to ``dtype`` as a 0-dim tensor of it holds it, for float32 without
+    making one: the round trip rounds to nearest even as torch does, and a finite value
+    beyond float32's range becomes ±inf as it does there."""
+    if dtype == torch.float64:
         return value
+    if dtype != torch.float32:  # (the compute dtypes are float32 and float64)
+        return torch.tensor(value, dtype=dtype).item()
     try:
         return struct.unpack("f", struct.pack("f", value))[0]
     except OverflowError:
