@@ -542,3 +542,35 @@ def test_a_negative_zero_loss_scale_is_not_served_the_positive_ones_aggregate(mo
         assert math.copysign(1.0, losses[0].item()) == math.copysign(1.0, scale)
         assert torch.equal(losses[0], losses[1])
         assert math.copysign(1.0, losses[0].item()) == math.copysign(1.0, losses[1].item())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_kl_clamp_within_the_exp_range_keeps_the_full_exp_bits(fused, bias, monkeypatch):
+    """k3's exp skips its range test where |kl_log_clamp| ≤ 87 (kl_term's exp_in_range), as
+    the ratio's does where |log_ratio_clamp| ≤ 87: clamps of 87 and 87 + 1e-6 (the same
+    float32 value; the second takes the full exp) give the same loss, metrics and gradient,
+    bit for bit, on reference log-ratios far beyond both, with and without the bias
+    correction (whose ratio takes the clamped exp too)."""
+    monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+    inp = make_inputs(5, 67, torch.float32, seed=4)
+    g = torch.Generator().manual_seed(4)
+    ref = inp["logprobs"] + torch.randn(inp["logprobs"].shape, generator=g) * 120
+    gap = (ref - inp["logprobs"])[inp["mask"]]
+    assert gap.max() > 200 and gap.min() < -200
+    results = []
+    for clamp in (87.0, 87.0 + 1e-6):
+        cfg = C(kl_coef=0.1, kl_estimator="k3", kl_log_clamp=clamp, kl_value_clamp=None,
+                kl_bias_correction=bias, log_ratio_clamp=clamp)
+        lp = inp["logprobs"].clone().requires_grad_()
+        out = rlkern.policy_loss(lp, inp["old_logprobs"], inp["advantages"], inp["mask"],
+                                 ref_logprobs=ref, config=cfg)
+        (grad,) = torch.autograd.grad(out.loss, lp)
+        results.append((out.loss, out.metrics, grad))
+    (l1, m1, g1), (l2, m2, g2) = results
+    assert torch.isfinite(g1).all()  # (the loss itself overflows: Σ of exp(87)s)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    assert m1.keys() == m2.keys()
+    for key in m1:
+        assert torch.equal(m1[key], m2[key]) or (m1[key].isnan() and m2[key].isnan()), key
+    assert g1.abs().max() > 1e30  # exp(87) reached

@@ -487,21 +487,29 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
   using V = typename P::V;
   const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp), zero(0.0);
   const V r_seq = V(double(c.r_seq)), gkl = V(double(g_kl));
+  // the exps' arguments within ±87: no range test (as in fwd_main)
+  const bool kl_clamped = std::abs(h.kl_log_clamp) <= 87.0;
+  const bool clamped = std::abs(h.log_ratio_clamp) <= 87.0;
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V kl(0.0), refs(0.0);
-    for (int64_t t = t0; t < t1; t += P::L) {
-      const auto ln = P::lanes(t1 - t);
+    for_steps<P>(t0, t1, [&](int64_t t, int64_t end) RLKERN_PL_STEP_INLINE {
+      prefetch_ahead<P>(r.lp, t);
+      prefetch_ahead<P>(r.opt[pl::kInRef], t);
+      prefetch_ahead<P>(r.m, t);
+      if constexpr (BIAS) prefetch_ahead<P>(r.old, t);
+      if constexpr (STORE != kKlStoreNone) prefetch_ahead_for_write<P>(dk, t);
+      const auto ln = P::lanes(end - t);
       const auto v = P::valid(r.m + t, ln);
       const V ref_raw = P::load(r.opt[pl::kInRef] + t, ln);
       const V lp = sel(v, P::load(r.lp + t, ln), zero), ref = sel(v, ref_raw, zero);
-      const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv);
+      const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv, kl_clamped);
       V val = k.value;
       V rho(1.0), d(0.0), dc(0.0);
       if (BIAS) {
         d = lp - sel(v, P::load(r.old + t, ln), zero);
         dc = clampv(d, -C, C);
-        rho = expv(SEQ ? r_seq : dc);
+        rho = SEQ ? expv(r_seq) : clamped ? expv_clamped(dc) : expv(dc);
         val = val * rho;
       }
       if constexpr (STORE == kKlStoreFactor)
@@ -511,7 +519,7 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
                  ln);
       kl = kl + sel(v, val, zero);
       refs = refs + ref;
-    }
+    });
     acc.kl += P::hsum(kl);
     acc.check += P::hsum(refs);
   }

@@ -724,7 +724,7 @@ struct KlTerm {
 
 template <typename T>
 RLKERN_HOST_DEVICE KlTerm<T> kl_term(int kind, bool straight_through, T logp, T ref,
-                                     T log_clamp, T value_clamp) {
+                                     T log_clamp, T value_clamp, bool exp_in_range = false) {
   const T x = logp - ref;
   KlTerm<T> out;
   if (kind == kKlK1) {
@@ -739,7 +739,8 @@ RLKERN_HOST_DEVICE KlTerm<T> kl_term(int kind, bool straight_through, T logp, T 
   } else {  // k3
     const T y = ref - logp;
     const T yc = clampv(y, -log_clamp, log_clamp);
-    const T e = expv(yc);
+    // exp_in_range: |log_clamp| ≤ 87 (the caller's promise), so |yc| ≤ 87 or NaN
+    const T e = exp_in_range ? expv_clamped(yc) : expv(yc);
     const T v0 = e - yc - T(1);
     out.value = clampv(v0, -value_clamp, value_clamp);
     out.d_logp = sel(in_closed(y, -log_clamp, log_clamp) && in_closed(v0, -value_clamp, value_clamp),
