@@ -4,7 +4,11 @@
 // reads so that Python and Triton use the C++ headers' numbering.
 #include <pybind11/pybind11.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <initializer_list>
+
+#include "cpu/huge_pages.h"
 
 #include "rlkern/group_stats.h"
 #include "rlkern/layout.h"
@@ -51,4 +55,14 @@ PYBIND11_MODULE(_C, m) {
   layouts["sample"] = family(rlkern::sample::kLayout);
   layouts["policy_loss"] = family(rlkern::policy_loss::kLayout);
   m.attr("LAYOUTS") = layouts;
+  // For Python-allocated buffers the kernels fill (the bench's floors): the CPU backward's
+  // huge-page advice for its fresh gradients (cpu/huge_pages.h), on [address, address + n).
+  m.def(
+      "advise_huge_pages",
+      [](uintptr_t address, size_t n) {
+        rlkern::cpu::advise_huge_pages(reinterpret_cast<void*>(address), n);
+      },
+      py::arg("address"), py::arg("nbytes"),
+      "Advise the whole 2 MiB pages inside [address, address + nbytes) as transparent huge "
+      "pages (Linux; a hint, errors ignored).");
 }

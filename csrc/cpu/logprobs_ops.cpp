@@ -5,6 +5,7 @@
 #include "cpu/logprobs_ops.h"
 
 #include "cpu/glue.h"
+#include "cpu/huge_pages.h"
 #include "cpu/logprobs.h"
 #include "logprobs_op.h"
 
@@ -35,6 +36,9 @@ void launch_bwd(const at::Tensor& logits, const at::Tensor& labels, const GradIn
   set_rows(a, logits, labels, temperature, ignore_index);
   a.in = in;
   a.grad_logits = grad_logits.data_ptr();
+  // a fresh (N, V) gradient (the out-of-place backward): fault it in 2 MiB pages
+  if (grad_logits.data_ptr() != logits.data_ptr())
+    advise_huge_pages(grad_logits.data_ptr(), grad_logits.nbytes());
   a.grad_stride_0 = grad_logits.stride(0);
   a.grad_stride_1 = grad_logits.stride(1);
   logprobs_bwd(a);

@@ -5,6 +5,7 @@
 #include "cpu/truncated_logprobs_ops.h"
 
 #include "cpu/glue.h"
+#include "cpu/huge_pages.h"
 #include "cpu/truncated_logprobs.h"
 
 namespace rlkern::cpu {
@@ -23,6 +24,8 @@ void launch_fwd(const at::Tensor& logits, const truncated_logprobs::Rows& r) {
 }
 
 void launch_bwd(const at::Tensor& logits, const truncated_logprobs::Rows& r) {
+  // the fresh (B·L, V) gradient: fault it in 2 MiB pages (logprobs_ops.cpp does the same)
+  advise_huge_pages(r.grad_logits, size_t(r.B * r.L * r.V) * logits.element_size());
   truncated_logprobs_bwd(kernel_args(logits, r));
 }
 

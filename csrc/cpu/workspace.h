@@ -16,9 +16,7 @@
 #include <new>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "cpu/huge_pages.h"
 
 namespace rlkern::cpu {
 
@@ -40,14 +38,12 @@ class Workspace {
       capacity_ = 0;
       // Small buffers (< 2 MiB) are cache-line aligned and sized exactly; large ones are
       // rounded up to whole huge pages.
-      const bool huge = n * sizeof(T) >= kHuge;
-      const size_t align = huge ? kHuge : 64;
+      const bool huge = n * sizeof(T) >= kHugePage;
+      const size_t align = huge ? kHugePage : 64;
       const size_t bytes = (std::max<size_t>(n * sizeof(T), 64) + align - 1) / align * align;
       data_ = static_cast<T*>(std::aligned_alloc(align, bytes));
       if (data_ == nullptr) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-      if (huge) madvise(data_, bytes, MADV_HUGEPAGE);  // advisory: errors are harmless
-#endif
+      if (huge) advise_huge_pages(data_, bytes);
       capacity_ = bytes / sizeof(T);
       zero = true;  // also touches the pages once, here
     }
@@ -58,8 +54,6 @@ class Workspace {
   size_t capacity() const { return capacity_; }
 
  private:
-  static constexpr size_t kHuge = size_t(2) << 20;
-
   T* data_ = nullptr;
   size_t capacity_ = 0;
 };

@@ -1,0 +1,85 @@
+"""The CPU backward's fresh (N, V) gradient is advised as transparent huge pages
+(csrc/cpu/huge_pages.h): filled in 4 KiB pages, a fresh buffer costs one page fault per
+4 KiB, several times the writes themselves on a virtual machine.
+
+The advice is visible in /proc/self/smaps: the mapping that holds the gradient's 2 MiB-aligned
+interior carries the ``hg`` flag (MADV_HUGEPAGE), whether or not the kernel then found huge
+pages for it. Linux only; skipped (with the reason) where the kernel has no transparent huge
+pages.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlkern
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not THP.exists(),
+    reason="transparent huge pages are Linux's, and this kernel has none "
+           "(/sys/kernel/mm/transparent_hugepage/enabled is missing)")
+
+HUGE = 2 << 20
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that contains ``address``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _interior(t: torch.Tensor) -> int:
+    """An address inside ``t``'s first whole 2 MiB page."""
+    begin = (t.data_ptr() + HUGE - 1) // HUGE * HUGE
+    assert begin + HUGE <= t.data_ptr() + t.nbytes, "the tensor holds no whole huge page"
+    return begin
+
+
+def _logits(n: int = 64, v: int = 151_936, dtype=torch.bfloat16) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, v, generator=g) * 4).to(dtype)
+    return x, torch.randint(0, v, (n,), generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_fresh_gradient_is_advised_as_huge_pages(dtype):
+    x, y = _logits(dtype=dtype)
+    logits = x.clone().requires_grad_()
+    before = _vm_flags(_interior(logits))
+    out = rlkern.token_logprobs(logits, y, return_entropy=True, backend="cpu")
+    (grad,) = torch.autograd.grad(out.logprobs.sum() + out.entropy.sum(), logits)
+    assert "hg" in _vm_flags(_interior(grad))
+    # the input's mapping is left as it was (memory reused from an earlier, advised buffer
+    # may carry the flag already)
+    assert _vm_flags(_interior(logits)) == before
+
+
+def test_the_in_place_backward_advises_nothing():
+    x, y = _logits()
+    logits = x.clone().requires_grad_()
+    before = _vm_flags(_interior(logits))
+    out = rlkern.token_logprobs(logits, y, inplace_backward=True, backend="cpu")
+    (grad,) = torch.autograd.grad(out.logprobs.sum(), logits)
+    assert grad.data_ptr() == logits.data_ptr()
+    assert _vm_flags(_interior(grad)) == before
+
+
+def test_the_truncated_backward_advises_its_gradient_too():
+    x, y = _logits()
+    logits = x.clone().requires_grad_()
+    out = rlkern.token_logprobs(logits, y, top_k=50, backend="cpu")
+    (grad,) = torch.autograd.grad(out.logprobs.nan_to_num(neginf=0.0).sum(), logits)
+    assert "hg" in _vm_flags(_interior(grad))
