@@ -57,7 +57,8 @@ FLOOR_NOTES = {
     "bwd": "floor (bwd): one read of the logits, `logits.view(int16).amax()` (the backward "
     "alone, from the saved per-row lse and entropy, against the read-once floor)",
     "fwd+bwd": "floor (fwd+bwd): one read of the logits and one write of a fresh buffer of "
-    "the same size (`empty_like(logits).copy_(logits)`), the traffic of producing a gradient",
+    "the same size (`empty_like(logits).copy_(logits)`, the buffer advised as huge pages as "
+    "rlkern's gradient is), the traffic of producing a gradient",
 }
 
 
