@@ -83,3 +83,15 @@ def test_the_truncated_backward_advises_its_gradient_too():
     out = rlkern.token_logprobs(logits, y, top_k=50, backend="cpu")
     (grad,) = torch.autograd.grad(out.logprobs.nan_to_num(neginf=0.0).sum(), logits)
     assert "hg" in _vm_flags(_interior(grad))
+
+
+def test_python_buffers_take_the_same_advice():
+    """rlkern.ops.memory.advise_huge_pages (the bench floors' fresh buffers) advises a CPU
+    tensor's whole 2 MiB pages and returns it; a tensor under 2 MiB is left alone."""
+    from rlkern.ops.memory import advise_huge_pages
+
+    big = torch.empty(3 * HUGE, dtype=torch.uint8)
+    assert advise_huge_pages(big) is big
+    assert "hg" in _vm_flags(_interior(big))
+    small = torch.empty(HUGE // 2, dtype=torch.uint8)
+    assert advise_huge_pages(small) is small

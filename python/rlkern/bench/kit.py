@@ -140,12 +140,10 @@ def write_once(src: Tensor, dtype: torch.dtype | None = None) -> None:
     the traffic of producing an output of that size. A CPU buffer is first advised as huge
     pages, as rlkern's CPU backward advises its fresh gradients (csrc/cpu/huge_pages.h): an
     implementation can fault a fresh buffer in 2 MiB pieces, so the floor does too."""
-    out = torch.empty(src.shape, dtype=dtype or src.dtype, device=src.device)
-    if out.is_cpu:
-        from rlkern import _C
+    from rlkern.ops.memory import advise_huge_pages
 
-        _C.advise_huge_pages(out.data_ptr(), out.nbytes)
-    out.copy_(src)
+    advise_huge_pages(torch.empty(src.shape, dtype=dtype or src.dtype, device=src.device)
+                      ).copy_(src)
 
 
 def traffic_floor(reads: tuple[str, ...], writes: tuple[str, ...]) -> Callable[[Any], Outputs]:

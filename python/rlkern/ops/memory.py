@@ -1,0 +1,26 @@
+"""Fresh CPU buffers advised as transparent huge pages before their first write.
+
+A fresh multi-MiB CPU tensor is mapped on first touch, one 4 KiB page at a time (glibc serves
+large allocations with mmap), and on a virtual machine each fault costs about a microsecond.
+Advised as huge pages (``MADV_HUGEPAGE``), its 2 MiB-aligned interior faults in 2 MiB pieces:
+filling a fresh (151,936, 2048) bf16 tensor took 108–109 ms without the advice and 17–18 ms
+with it on this machine. The CPU logprobs backward advises its fresh gradient in C++
+(``csrc/cpu/huge_pages.h``); this is the same advice for buffers allocated in Python (the
+bench's floors). A hint: without transparent huge pages nothing changes.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__ = ["advise_huge_pages"]
+
+
+def advise_huge_pages(t: Tensor) -> Tensor:
+    """Advise the whole 2 MiB pages of ``t``'s memory as huge pages (a CPU tensor of at least
+    2 MiB; anything else is left alone) and return ``t``. Call it before the first write."""
+    if t.is_cpu and t.nbytes >= 2 << 20:
+        from rlkern import _C
+
+        _C.advise_huge_pages(t.data_ptr(), t.nbytes)
+    return t
