@@ -48,7 +48,10 @@ def _interior(t: torch.Tensor) -> int:
     return begin
 
 
-def _logits(n: int = 64, v: int = 151_936, dtype=torch.bfloat16) -> tuple[torch.Tensor, ...]:
+def _logits(n: int = 256, v: int = 151_936, dtype=torch.bfloat16) -> tuple[torch.Tensor, ...]:
+    """Logits and labels. At 78 MB (bf16) and more, the logits, their clones and their
+    gradients are above glibc's largest mmap threshold (32 MiB): each is a fresh mapping,
+    advised only if this call advised it, never memory reused from an earlier buffer."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(n, v, generator=g) * 4).to(dtype)
     return x, torch.randint(0, v, (n,), generator=g)
@@ -59,18 +62,18 @@ def test_the_fresh_gradient_is_advised_as_huge_pages(dtype):
     x, y = _logits(dtype=dtype)
     logits = x.clone().requires_grad_()
     before = _vm_flags(_interior(logits))
+    assert "hg" not in before  # a fresh mapping
     out = rlkern.token_logprobs(logits, y, return_entropy=True, backend="cpu")
     (grad,) = torch.autograd.grad(out.logprobs.sum() + out.entropy.sum(), logits)
     assert "hg" in _vm_flags(_interior(grad))
-    # the input's mapping is left as it was (memory reused from an earlier, advised buffer
-    # may carry the flag already)
-    assert _vm_flags(_interior(logits)) == before
+    assert _vm_flags(_interior(logits)) == before  # the input is left as it was
 
 
 def test_the_in_place_backward_advises_nothing():
     x, y = _logits()
     logits = x.clone().requires_grad_()
     before = _vm_flags(_interior(logits))
+    assert "hg" not in before  # a fresh mapping
     out = rlkern.token_logprobs(logits, y, inplace_backward=True, backend="cpu")
     (grad,) = torch.autograd.grad(out.logprobs.sum(), logits)
     assert grad.data_ptr() == logits.data_ptr()
@@ -90,8 +93,11 @@ def test_python_buffers_take_the_same_advice():
     tensor's whole 2 MiB pages and returns it; a tensor under 2 MiB is left alone."""
     from rlkern.ops.memory import advise_huge_pages
 
-    big = torch.empty(3 * HUGE, dtype=torch.uint8)
+    big = torch.empty(20 * HUGE, dtype=torch.uint8)  # 40 MiB: a fresh mapping
+    assert "hg" not in _vm_flags(_interior(big))
     assert advise_huge_pages(big) is big
     assert "hg" in _vm_flags(_interior(big))
     small = torch.empty(HUGE // 2, dtype=torch.uint8)
+    before = _vm_flags(small.data_ptr())
     assert advise_huge_pages(small) is small
+    assert _vm_flags(small.data_ptr()) == before

@@ -1,10 +1,10 @@
 // Transparent huge pages for large buffers the CPU kernels write.
 //
 // A fresh multi-MiB allocation (glibc serves it with mmap) is mapped on first touch, one 4 KiB
-// page at a time: on a virtual machine each fault costs ~1 µs, so filling a fresh buffer costs
-// several times writing the same bytes into memory already mapped (a (4096, 151936) bf16
-// gradient: ~300,000 faults). Advised as huge pages, its 2 MiB-aligned interior faults in
-// 2 MiB pieces instead. The advice is a hint: where the kernel has none (transparent huge
+// page at a time: on a virtual machine the faults can cost several times writing the same
+// bytes into memory already mapped (a (4096, 151936) bf16 gradient: ~300,000 faults;
+// docs/benchmarks.md, "The backward"). Advised as huge pages, its 2 MiB-aligned interior
+// faults in 2 MiB pieces instead. The advice is a hint: where the kernel has none (transparent huge
 // pages "never", or none free) the pages stay small, and nothing else changes.
 #pragma once
 

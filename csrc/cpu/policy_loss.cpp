@@ -77,7 +77,8 @@ void prefetch_ahead_for_write(E* p, int64_t t) {
 // A token loop's steps: step(t, end) for P::L tokens from t, its lanes bounded by `end` (so a
 // full step's lane mask folds to a constant). On the SIMD lanes, two full steps an
 // iteration: the compiler interleaves their independent exps and token math, long dependency
-// chains that otherwise leave the vector units waiting (the fused forward ran 10–15 % faster).
+// chains that otherwise leave the vector units waiting (docs/policy_loss.md, "Paired token
+// steps", has the bench figures).
 // Each accumulator still takes the steps in order, so every sum keeps the one-step loop's
 // bits. The scalar lanes (float64) keep one token a step: paired, GCC 12 at -O3 compiled
 // bwd_main's DRO case to wrong gradients (not isolated further; a prefetch between the two
@@ -367,8 +368,8 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   const V r_seq = V(double(c.r_seq));
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   const V gpg = V(double(g_pg));
-  // |clamp(Δ, ±C)| ≤ 87: the exp needs no range test (verl's C = 20; TRL clamps nothing)
-  const bool clamped = std::abs(h.log_ratio_clamp) <= 87.0;
+  // clamp(Δ, ±C) within the exp's range: no range test (verl's C = 20; TRL clamps nothing)
+  const bool clamped = pl::exp_clamped_ok(h.log_ratio_clamp);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V pg(0.0), nlr(0.0), rs(0.0), as(0.0), lps(0.0), pgn(0.0), vs(0.0);
@@ -487,9 +488,9 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
   using V = typename P::V;
   const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp), zero(0.0);
   const V r_seq = V(double(c.r_seq)), gkl = V(double(g_kl));
-  // the exps' arguments within ±87: no range test (as in fwd_main)
-  const bool kl_clamped = std::abs(h.kl_log_clamp) <= 87.0;
-  const bool clamped = std::abs(h.log_ratio_clamp) <= 87.0;
+  // the exps' arguments clamped within their range: no range test (as in fwd_main)
+  const bool kl_clamped = pl::exp_clamped_ok(h.kl_log_clamp);
+  const bool clamped = pl::exp_clamped_ok(h.log_ratio_clamp);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V kl(0.0), refs(0.0);
@@ -536,7 +537,7 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   const V r_seq = V(double(c.r_seq));
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   const V pass_seq(c.pass_seq ? 1.0 : 0.0);
-  const bool clamped = std::abs(h.log_ratio_clamp) <= 87.0;  // as in fwd_main
+  const bool clamped = pl::exp_clamped_ok(h.log_ratio_clamp);  // as in fwd_main
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V Gl(0.0);

@@ -109,12 +109,13 @@ inline __m512 exp_poly(__m512 xc) {
 }
 
 inline VF expv(VF x) {
-  // The common case, every |x| ≤ 87 (log-ratios are small): the clamps below are no-ops and
-  // their fix-ups never fire, so the polynomial alone gives the same bits, for four fewer
-  // vector instructions (the token loops are bound by vector arithmetic). NaN lanes fail the
-  // test and take the full path.
+  // The common case, every |x| ≤ kExpClampedMax (log-ratios are small): the clamps below are
+  // no-ops and their fix-ups never fire, so the polynomial alone gives the same bits, for four
+  // fewer vector instructions (the token loops are bound by vector arithmetic). NaN lanes fail
+  // the test and take the full path.
+  const __m512 bound = _mm512_set1_ps(policy_loss::kExpClampedMax);
   const __m512 ax = _mm512_abs_ps(x.v);
-  if (__builtin_expect(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(87.0f), _CMP_LE_OQ) == 0xffff, 1))
+  if (__builtin_expect(_mm512_cmp_ps_mask(ax, bound, _CMP_LE_OQ) == 0xffff, 1))
     return exp_poly(x.v);
   const __m512 kMax = _mm512_set1_ps(88.72283935546875f);
   const __m512 kMin = _mm512_set1_ps(-103.97208404541015625f);
@@ -129,9 +130,10 @@ inline VF expv(VF x) {
   return res;
 }
 
-// expv of a log-ratio clamped to |x| ≤ 87 (or NaN): expv's bits without its range test (its
-// abs, compare, mask move and branch; the forward's token loop ran ~8 % faster without
-// them). Beyond 87 the range test's clamps and fix-ups may fire, so expv keeps it there.
+// expv of an argument clamped to |x| ≤ kExpClampedMax (or NaN): expv's bits without its range
+// test (its abs, compare, mask move and branch: a few of the forward token loop's ~100
+// instructions). Beyond the bound the range test's clamps and fix-ups may fire, so expv
+// keeps it there.
 inline VF expv_clamped(VF x) { return exp_poly(x.v); }
 
 // log per lane (dppo_kl's binary KL only): lane by lane through logf, exact as the scalar path.

@@ -24,8 +24,10 @@ void launch_fwd(const at::Tensor& logits, const truncated_logprobs::Rows& r) {
 }
 
 void launch_bwd(const at::Tensor& logits, const truncated_logprobs::Rows& r) {
-  // the fresh (B·L, V) gradient: fault it in 2 MiB pages (logprobs_ops.cpp does the same)
-  advise_huge_pages(r.grad_logits, size_t(r.B * r.L * r.V) * logits.element_size());
+  // a fresh (B·L, V) gradient (not one written over the logits): fault it in 2 MiB pages, as
+  // logprobs_ops.cpp does
+  if (r.grad_logits != logits.const_data_ptr())
+    advise_huge_pages(r.grad_logits, size_t(r.B * r.L * r.V) * logits.element_size());
   truncated_logprobs_bwd(kernel_args(logits, r));
 }
 

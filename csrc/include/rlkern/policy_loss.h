@@ -395,8 +395,13 @@ RLKERN_HOST_DEVICE float expv(float x) {
 #endif
 }
 RLKERN_HOST_DEVICE double expv(double x) { return exp(x); }
-// expv of a log-ratio clamped to |x| ≤ 87 (or NaN): the same value; the CPU's SIMD type
-// (policy_loss_simd.h) skips its range test there.
+// expv of an argument with |x| ≤ kExpClampedMax (or NaN): the same value; the CPU's SIMD type
+// (policy_loss_simd.h) skips its range test there, whose clamps and fix-ups fire only
+// beyond it. exp_clamped_ok(C): a clamp to ±C keeps its result within that bound.
+constexpr float kExpClampedMax = 87.0f;
+RLKERN_HOST_DEVICE bool exp_clamped_ok(double clamp) {
+  return clamp <= kExpClampedMax && clamp >= -kExpClampedMax;
+}
 template <typename T>
 RLKERN_HOST_DEVICE T expv_clamped(T x) {
   return expv(x);
@@ -739,7 +744,7 @@ RLKERN_HOST_DEVICE KlTerm<T> kl_term(int kind, bool straight_through, T logp, T 
   } else {  // k3
     const T y = ref - logp;
     const T yc = clampv(y, -log_clamp, log_clamp);
-    // exp_in_range: |log_clamp| ≤ 87 (the caller's promise), so |yc| ≤ 87 or NaN
+    // exp_in_range: exp_clamped_ok(log_clamp) (the caller's promise), so yc is within it
     const T e = exp_in_range ? expv_clamped(yc) : expv(yc);
     const T v0 = e - yc - T(1);
     out.value = clampv(v0, -value_clamp, value_clamp);

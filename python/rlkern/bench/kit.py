@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from rlkern.bench.cases import CaseOptions, ImplUnavailableError, Outputs, Tolerance
+from rlkern.ops.memory import advise_huge_pages
 
 # ---------------------------------------------------------------------------------- backend
 
@@ -140,8 +141,6 @@ def write_once(src: Tensor, dtype: torch.dtype | None = None) -> None:
     the traffic of producing an output of that size. A CPU buffer is first advised as huge
     pages, as rlkern's CPU backward advises its fresh gradients (csrc/cpu/huge_pages.h): an
     implementation can fault a fresh buffer in 2 MiB pieces, so the floor does too."""
-    from rlkern.ops.memory import advise_huge_pages
-
     advise_huge_pages(torch.empty(src.shape, dtype=dtype or src.dtype, device=src.device)
                       ).copy_(src)
 

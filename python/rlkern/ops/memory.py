@@ -1,10 +1,10 @@
 """Fresh CPU buffers advised as transparent huge pages before their first write.
 
 A fresh multi-MiB CPU tensor is mapped on first touch, one 4 KiB page at a time (glibc serves
-large allocations with mmap), and on a virtual machine each fault costs about a microsecond.
-Advised as huge pages (``MADV_HUGEPAGE``), its 2 MiB-aligned interior faults in 2 MiB pieces:
-filling a fresh (151,936, 2048) bf16 tensor took 108–109 ms without the advice and 17–18 ms
-with it on this machine. The CPU logprobs backward advises its fresh gradient in C++
+large allocations with mmap), and on a virtual machine the faults can cost more than the
+writes. Advised as huge pages (``MADV_HUGEPAGE``), its 2 MiB-aligned interior faults in 2 MiB
+pieces (docs/benchmarks.md, "The backward", has what that did to the logprobs backward).
+The CPU logprobs backward advises its fresh gradient in C++
 (``csrc/cpu/huge_pages.h``); this is the same advice for buffers allocated in Python (the
 bench's floors). A hint: without transparent huge pages nothing changes.
 """
