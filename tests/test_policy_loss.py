@@ -636,3 +636,35 @@ def test_trl_vespo_refuses_sequence_level_vllm_correction():
     cfg = PolicyLossConfig.trl("vespo", vllm_importance_sampling_correction=True,
                                vllm_importance_sampling_mode="token_truncate")
     assert cfg.rollout_correction == "token_truncate"
+
+
+def test_rows_past_element_2_31():
+    """Log-probabilities whose rows lie 2^31 + 2T elements apart in one storage (strided
+    views; the pages between are never touched) give the loss, metrics and gradient of the same
+    values stored contiguously, bit for bit: the CPU kernels form 64-bit row offsets. Both the
+    fused forward + backward and the forward alone (no graph)."""
+    T = 64
+    inp = make_inputs(2, T, torch.float32, seed=31)
+    lp, old = inp["logprobs"], inp["old_logprobs"]
+    stride = 2**31 + 2 * T
+    base = torch.empty(stride + 2 * T, dtype=torch.float32)
+    far_lp = base.as_strided((2, T), (stride, 1), 0)
+    far_old = base.as_strided((2, T), (stride, 1), T)
+    far_lp.copy_(lp)
+    far_old.copy_(old)
+    rest = (inp["advantages"], inp["mask"])
+
+    def run(logp, old_logp, grad):
+        logp = logp.detach().requires_grad_(grad)
+        out = rlkern.policy_loss(logp, old_logp, *rest, backend="cpu")
+        g = torch.autograd.grad(out.loss, logp)[0] if grad else None
+        return out, g
+
+    for grad in (True, False):
+        (got, g_got), (want, g_want) = run(far_lp, far_old, grad), run(lp, old, grad)
+        assert torch.equal(got.loss.view(torch.int32), want.loss.view(torch.int32))
+        for name, value in want.metrics.items():
+            assert torch.equal(got.metrics[name], value) or (
+                value.isnan() and got.metrics[name].isnan()), name
+        if grad:
+            assert torch.equal(g_got.view(torch.int32), g_want.view(torch.int32))
