@@ -15,7 +15,7 @@ import torch
 import rlkern
 from rlkern import cli
 from rlkern.bench.cases import case_names
-from rlkern.bench.kit import read_once, write_once
+from rlkern.bench.kit import copy_once, read_once, write_once
 from rlkern.bench.traffic import count_traffic
 from rlkern.gpu_check import machine, steps
 
@@ -207,7 +207,9 @@ def test_traffic_of_the_floors() -> None:
     x = torch.randn(100, 1000).bfloat16()
     read = count_traffic(lambda: read_once(x))
     assert (read.read, read.written, read.compute_bound) == (200_000, 2, False)  # amax: 1 elem
-    rw = count_traffic(lambda: write_once(x, torch.float32))
+    w = count_traffic(lambda: write_once(x, torch.float32))  # a fill: nothing read
+    assert (w.read, w.written) == (0, 400_000)
+    rw = count_traffic(lambda: copy_once(x, torch.float32))
     assert (rw.read, rw.written) == (200_000, 400_000) and rw.total == 600_000
     views = count_traffic(lambda: x.view(torch.int16).reshape(-1).t())
     assert views.total == 0
@@ -251,3 +253,25 @@ def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert {r["case"] for r in bench["passes"][0]["results"]} == {"advantages"}
     assert data["steps"][-1]["status"] == "failed" and "gigpo [auto]" in data["steps"][-1]["reason"]
     assert "- failed: gigpo [auto]: OutOfMemoryError" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_traffic_floor_reads_each_input_once() -> None:
+    """A case floor reads each named input once: a field written from (``copies``) is read by
+    that copy only, and a plain write reads nothing; so the policy loss's fwd+bwd floor moves
+    its three inputs plus one gradient, and the logprobs one the logits plus one gradient."""
+    from rlkern.bench.cases import Size
+    from rlkern.bench.cases.logprobs import _floor as logprobs_floor
+    from rlkern.bench.cases.policy_loss import _floor as policy_loss_floor
+    from rlkern.bench.cases.policy_loss import make_inputs as policy_loss_inputs
+
+    inp = policy_loss_inputs(Size({"B": 4, "T": 64}), torch.float32, torch.device("cpu"))
+    t = count_traffic(lambda: policy_loss_floor("fwd+bwd")(inp))
+    nbytes = lambda x: x.numel() * x.element_size()
+    inputs = nbytes(inp.logprobs) + nbytes(inp.old_logprobs) + nbytes(inp.mask)
+    maxima = sum(x.element_size() for x in (inp.logprobs, inp.old_logprobs, inp.mask))
+    assert (t.read, t.written) == (inputs, nbytes(inp.old_logprobs) + maxima)  # + the amaxes
+
+    logits = torch.randn(8, 100).bfloat16()
+    fake = type("Inputs", (), {"logits": logits})()
+    t = count_traffic(lambda: logprobs_floor("fwd+bwd")(fake))
+    assert (t.read, t.written) == (1_600, 1_600)

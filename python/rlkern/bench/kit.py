@@ -4,7 +4,7 @@
   and the ``environment`` entry that says what was measured.
 * :class:`Peer` — a peer package imported on the first (untimed) call that needs it.
 * :func:`compiled_on_first_call` — the ``torch.compile`` peer of a formula.
-* :func:`read_once` / :func:`write_once` — the memory-traffic floors.
+* :func:`read_once` / :func:`write_once` / :func:`copy_once` — the memory-traffic floors.
 * :func:`fresh_leaf` and :func:`peaked_logits` — inputs.
 """
 
@@ -136,24 +136,42 @@ def read_once(*tensors: Tensor) -> Outputs:
     return {}
 
 
-def write_once(src: Tensor, dtype: torch.dtype | None = None) -> None:
-    """Write a fresh buffer of ``src``'s shape (and ``dtype``, default ``src``'s) from ``src``:
-    the traffic of producing an output of that size. A CPU buffer is first advised as huge
-    pages, as rlkern's CPU backward advises its fresh gradients (csrc/cpu/huge_pages.h): an
-    implementation can fault a fresh buffer in 2 MiB pieces, so the floor does too."""
-    advise_huge_pages(torch.empty(src.shape, dtype=dtype or src.dtype, device=src.device)
-                      ).copy_(src)
+def _fresh(like: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """A fresh buffer of ``like``'s shape (and ``dtype``, default ``like``'s). A CPU buffer is
+    advised as huge pages, as rlkern's CPU backward advises its fresh gradients
+    (csrc/cpu/huge_pages.h): an implementation can fault a fresh buffer in 2 MiB pieces, so the
+    floor does too."""
+    return advise_huge_pages(torch.empty(like.shape, dtype=dtype or like.dtype,
+                                         device=like.device))
 
 
-def traffic_floor(reads: tuple[str, ...], writes: tuple[str, ...]) -> Callable[[Any], Outputs]:
+def write_once(like: Tensor, dtype: torch.dtype | None = None) -> None:
+    """Write a fresh buffer shaped like ``like`` and read nothing (a fill): the traffic of
+    producing an output of that size."""
+    _fresh(like, dtype).fill_(1)
+
+
+def copy_once(src: Tensor, dtype: torch.dtype | None = None) -> None:
+    """Copy ``src`` into a fresh buffer of its shape: one read of ``src`` and one write, in one
+    streaming pass (the floor of an op whose output is as large as the input it reads, e.g. a
+    gradient of the logits)."""
+    _fresh(src, dtype).copy_(src)
+
+
+def traffic_floor(reads: tuple[str, ...], writes: tuple[str, ...],
+                  copies: tuple[str, ...] = ()) -> Callable[[Any], Outputs]:
     """The floor of an op whose inputs are the fields of a NamedTuple: one read of each field in
-    ``reads`` (:func:`read_once`), one fresh write shaped like each field in ``writes`` (a name
-    may repeat: one write per output of that shape)."""
+    ``reads`` (:func:`read_once`), one fresh write shaped like each field in ``writes``
+    (:func:`write_once`; a name may repeat: one write per output of that shape), and for each
+    field in ``copies`` a read of it and a write of its size in one pass (:func:`copy_once`;
+    a field read there is not named in ``reads`` too)."""
 
     def floor(inp: Any) -> Outputs:
         read_once(*(getattr(inp, name) for name in reads))
         for name in writes:
             write_once(getattr(inp, name))
+        for name in copies:
+            copy_once(getattr(inp, name))
         return {}
 
     return floor

@@ -257,7 +257,7 @@ def gigpo_case(options: CaseOptions) -> Case:
         return {"advantages": out.advantages}
 
     def floor(inp: GigpoInputs) -> Outputs:
-        read_once(inp.group, inp.keys)
+        read_once(inp.group, inp.keys, inp.episode, inp.step)
         for x in (inp.episode, inp.step, inp.step):
             write_once(x)
         return {}

@@ -80,8 +80,8 @@ def gdpo_case(options: CaseOptions) -> Case:
     backend = RlkernBackend.choose(options)
     return verl_peer_case(
         name="gdpo", backend=backend, rlkern=lambda mode: _rlkern(backend.name),
-        verl=lambda mode: _verl, floor=traffic_floor(("mask",), ("rewards",)),
-        floor_note="one read of the mask; one (N, T) write",
+        verl=lambda mode: _verl, floor=traffic_floor(("mask",), (), copies=("rewards",)),
+        floor_note="one read of the mask and of the rewards; one (N, T) write",
         sizes=[Size({"N": 4096, "T": 1024}), Size({"N": 16384, "T": 2048})],
         quick_sizes=[Size({"N": 256, "T": 128})],
         modes=("gdpo",),

@@ -212,7 +212,9 @@ def _rlkern_backward(backend: str, inplace: bool) -> Callable[[LogprobsInputs], 
 def _floor(mode: str) -> Callable[[LogprobsInputs], Outputs]:
     # fwd / bwd: one read of the logits; fwd+bwd: a fresh buffer of their size written from
     # them (read once, written once)
-    return traffic_floor((), ("logits",)) if mode == "fwd+bwd" else traffic_floor(("logits",), ())
+    if mode == "fwd+bwd":
+        return traffic_floor((), (), copies=("logits",))
+    return traffic_floor(("logits",), ())
 
 
 # ---------------------------------------------------------------------------------------------
