@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import rlkern
 import rlkern.ops.policy_loss.api as api
+from conftest import bits
 from policy_loss_cases import CASES, C, Case, call_kwargs, make_inputs
 from rlkern.config.layout import layout
 from rlkern.ops.policy_loss import fused as fused_module
@@ -135,15 +136,11 @@ def test_backward_with_an_upstream_gradient(monkeypatch):
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
-
-
 @pytest.mark.parametrize("upstream", [1.0, -0.7310585786300049])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("kl", [0.0, 0.0137])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, monkeypatch,
+def test_hand_formed_coefficients_have_autogradsbits(upstream, agg, kl, dtype, monkeypatch,
                                                       fused_mode):
     """Without entropy, gvpo or batch normalisation, the fused path differentiates the
     aggregation by hand (LinearAggregate.row_grads; no autograd graph for it). Its gradient
@@ -172,9 +169,9 @@ def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, 
     hand, auto, two_pass = grads
     valid = inp["mask"]
     if fused_mode == "factors":
-        assert torch.equal(_bits(hand), _bits(auto))
-    assert torch.equal(_bits(hand[valid]), _bits(auto[valid]))
-    assert torch.equal(_bits(hand[valid]), _bits(two_pass[valid]))
+        assert torch.equal(bits(hand), bits(auto))
+    assert torch.equal(bits(hand[valid]), bits(auto[valid]))
+    assert torch.equal(bits(hand[valid]), bits(two_pass[valid]))
     assert torch.equal(hand, two_pass) and (hand[~valid] == 0).all()
 
 
@@ -218,7 +215,7 @@ def test_row_grads_are_autograds_through_aggregate(agg, kl, upstream, kl_agg, gl
         got = linear.row_grads(row_stats[S.len], u)
         ent = layout("policy_loss").row_grads.ent_sum
         keep = [r for r in range(got.shape[0]) if not (entropy and r == ent)]
-        assert torch.equal(_bits(got[keep]), _bits(want[keep]))
+        assert torch.equal(bits(got[keep]), bits(want[keep]))
         assert (got[ent] == 0).all()
 
 
@@ -477,7 +474,7 @@ def test_property_fused_equals_two_pass(B, T, seed, name, spread, f64):
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("adv", ["advantages", "adv_per_token"])
-def test_a_clamp_within_the_exp_range_keeps_the_full_exp_bits(fused, adv, monkeypatch):
+def test_a_clamp_within_the_exp_range_keeps_the_full_expbits(fused, adv, monkeypatch):
     """With |log_ratio_clamp| ≤ 87 the float32 kernels take the exp without its range test
     (policy_loss_simd.h, expv_clamped). A clamp of 87 and one of 87 + 1e-6 (the same float32
     value, but beyond the test's bound: the full exp) must give the same loss, metrics and
@@ -546,7 +543,7 @@ def test_a_negative_zero_loss_scale_is_not_served_the_positive_ones_aggregate(mo
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_kl_clamp_within_the_exp_range_keeps_the_full_exp_bits(fused, bias, monkeypatch):
+def test_a_kl_clamp_within_the_exp_range_keeps_the_full_expbits(fused, bias, monkeypatch):
     """k3's exp skips its range test where |kl_log_clamp| ≤ 87 (kl_term's exp_in_range), as
     the ratio's does where |log_ratio_clamp| ≤ 87: clamps of 87 and 87 + 1e-6 (the same
     float32 value; the second takes the full exp) give the same loss, metrics and gradient,

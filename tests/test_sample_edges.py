@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest
 
 import rlkern
+from conftest import bits
 
 BACKENDS = ["cpu", "torch", "triton"]
 
@@ -123,14 +124,6 @@ def test_meta_tensor_arguments_are_refused_clearly(name):
         rlkern.sample(logits, **kw)
 
 
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit (NaN payloads and signed zeros included)."""
-    if a.dtype.is_floating_point:
-        a, b = a.view(torch.int32 if a.element_size() == 4 else torch.int64), b.view(
-            torch.int32 if b.element_size() == 4 else torch.int64)
-    return torch.equal(a, b)
-
-
 def test_rows_past_element_2_31_are_read_in_place():
     """Rows that start past element 2^31 of their storage (a strided view; the pages between
     are never touched) give the bits of the same rows stored contiguously: the sampler and the
@@ -144,8 +137,8 @@ def test_rows_past_element_2_31_are_read_in_place():
           "top_k": 20, "top_p": 0.9, "return_entropy": True, "backend": "cpu"}
     got, want = rlkern.sample(far, **kw), rlkern.sample(rows.clone(), **kw)
     for name in got._fields:
-        assert _bits_equal(getattr(got, name), getattr(want, name)), name
+        assert torch.equal(bits(getattr(got, name)), bits(getattr(want, name))), name
     labels = torch.tensor([int(want.tokens[0]), vocab - 1])
     got = rlkern.token_logprobs(far, labels, top_k=20, top_p=0.9, backend="cpu")
     want = rlkern.token_logprobs(rows.clone(), labels, top_k=20, top_p=0.9, backend="cpu")
-    assert _bits_equal(got.logprobs, want.logprobs)
+    assert torch.equal(bits(got.logprobs), bits(want.logprobs))

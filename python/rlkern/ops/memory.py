@@ -17,9 +17,10 @@ __all__ = ["advise_huge_pages"]
 
 
 def advise_huge_pages(t: Tensor) -> Tensor:
-    """Advise the whole 2 MiB pages of ``t``'s memory as huge pages (a CPU tensor of at least
-    2 MiB; anything else is left alone) and return ``t``. Call it before the first write."""
-    if t.is_cpu and t.nbytes >= 2 << 20:
+    """Advise the whole 2 MiB pages of ``t``'s memory as huge pages (a CPU tensor; one that
+    holds no whole huge page is left alone, by the C++ helper) and return ``t``. Call it
+    before the first write."""
+    if t.is_cpu and t.nbytes:
         from rlkern import _C
 
         _C.advise_huge_pages(t.data_ptr(), t.nbytes)
