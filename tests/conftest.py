@@ -75,13 +75,12 @@ def assert_close_grad(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     """``t`` as integers of its element size when floating (so ``torch.equal`` compares bit
     patterns: signed zeros and NaN payloads told apart); other tensors as they are."""
-    return t.view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+    from rlkern.bench.kit import as_integers
+
+    return as_integers(t) if t.is_floating_point() else t
 
 
 def stable_seed(*parts: object) -> int:

@@ -15,7 +15,7 @@ import torch
 import rlkern
 from rlkern import cli
 from rlkern.bench.cases import case_names
-from rlkern.bench.kit import copy_once, read_once, write_once
+from rlkern.bench.kit import as_integers, copy_once, read_once, write_once
 from rlkern.bench.traffic import count_traffic
 from rlkern.gpu_check import machine, steps
 
@@ -266,12 +266,22 @@ def test_traffic_floor_reads_each_input_once() -> None:
 
     inp = policy_loss_inputs(Size({"B": 4, "T": 64}), torch.float32, torch.device("cpu"))
     t = count_traffic(lambda: policy_loss_floor("fwd+bwd")(inp))
-    nbytes = lambda x: x.numel() * x.element_size()
-    inputs = nbytes(inp.logprobs) + nbytes(inp.old_logprobs) + nbytes(inp.mask)
-    maxima = sum(x.element_size() for x in (inp.logprobs, inp.old_logprobs, inp.mask))
-    assert (t.read, t.written) == (inputs, nbytes(inp.old_logprobs) + maxima)  # + the amaxes
+    inputs = (inp.logprobs, inp.old_logprobs, inp.mask)
+    maxima = sum(x.element_size() for x in inputs)  # each amax writes one element
+    assert (t.read, t.written) == (sum(x.nbytes for x in inputs), inp.old_logprobs.nbytes + maxima)
 
     logits = torch.randn(8, 100).bfloat16()
     fake = type("Inputs", (), {"logits": logits})()
     t = count_traffic(lambda: logprobs_floor("fwd+bwd")(fake))
     assert (t.read, t.written) == (1_600, 1_600)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_as_integers_tells_apart_what_float_equality_does_not(dtype) -> None:
+    """The floors' integer view is a bit view: +0 and -0 (equal as floats) differ, a NaN equals
+    itself, and nothing is copied."""
+    x = torch.tensor([0.0, -0.0, float("nan")], dtype=dtype)
+    ints = as_integers(x)
+    assert ints.element_size() == x.element_size() and ints.data_ptr() == x.data_ptr()
+    assert x[0] == x[1] and ints[0] != ints[1]
+    assert torch.equal(as_integers(x[2:]), as_integers(x[2:].clone()))

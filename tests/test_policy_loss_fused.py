@@ -140,7 +140,7 @@ def test_backward_with_an_upstream_gradient(monkeypatch):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("kl", [0.0, 0.0137])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hand_formed_coefficients_have_autogradsbits(upstream, agg, kl, dtype, monkeypatch,
+def test_hand_formed_coefficients_have_autograds_bits(upstream, agg, kl, dtype, monkeypatch,
                                                       fused_mode):
     """Without entropy, gvpo or batch normalisation, the fused path differentiates the
     aggregation by hand (LinearAggregate.row_grads; no autograd graph for it). Its gradient
@@ -474,7 +474,7 @@ def test_property_fused_equals_two_pass(B, T, seed, name, spread, f64):
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("adv", ["advantages", "adv_per_token"])
-def test_a_clamp_within_the_exp_range_keeps_the_full_expbits(fused, adv, monkeypatch):
+def test_a_clamp_within_the_exp_range_keeps_the_full_exp_bits(fused, adv, monkeypatch):
     """With |log_ratio_clamp| ≤ 87 the float32 kernels take the exp without its range test
     (policy_loss_simd.h, expv_clamped). A clamp of 87 and one of 87 + 1e-6 (the same float32
     value, but beyond the test's bound: the full exp) must give the same loss, metrics and
@@ -543,7 +543,7 @@ def test_a_negative_zero_loss_scale_is_not_served_the_positive_ones_aggregate(mo
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_kl_clamp_within_the_exp_range_keeps_the_full_expbits(fused, bias, monkeypatch):
+def test_a_kl_clamp_within_the_exp_range_keeps_the_full_exp_bits(fused, bias, monkeypatch):
     """k3's exp skips its range test where |kl_log_clamp| ≤ 87 (kl_term's exp_in_range), as
     the ratio's does where |log_ratio_clamp| ≤ 87: clamps of 87 and 87 + 1e-6 (the same
     float32 value; the second takes the full exp) give the same loss, metrics and gradient,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rlkern
+from conftest import bits
 from policy_loss_cases import CASES, call_kwargs, make_inputs
 from rlkern.config.layout import layout
 from rlkern.ops.policy_loss import prepare
@@ -260,10 +261,6 @@ def test_triton_module_takes_the_layout():
         assert list(getattr(lay, table)) == list(range(len(names)))
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
-
-
 FWD = "rlkern::policy_loss_fwd"
 
 
@@ -300,9 +297,9 @@ def test_graph_free_forward_calls_the_body(name, grad_mode, monkeypatch):
     # the direct call only (the registered op holds the function it was made from)
     assert calls == ["body"]
     a, b = outs
-    assert torch.equal(_bits(a.loss), _bits(b.loss))
+    assert torch.equal(bits(a.loss), bits(b.loss))
     for k in a.metrics:
-        assert torch.equal(_bits(a.metrics[k]), _bits(b.metrics[k])), k
+        assert torch.equal(bits(a.metrics[k]), bits(b.metrics[k])), k
 
 
 def test_the_body_is_not_called_where_a_graph_or_a_tracer_needs_the_op(monkeypatch):

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rlkern
+from conftest import bits
 from policy_loss_cases import make_inputs
 from rlkern import PolicyLossConfig
 from rlkern.reference.policy_loss import policy_loss_reference
@@ -149,10 +150,6 @@ def test_sum_is_token_mean_times_count_and_scale_is_linear(B, T, seed, scale):
     assert math.isfinite(a.item())
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
-
-
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 8), T=st.integers(1, 90),
        f64=st.booleans(), dual=st.booleans(), delta=st.booleans(), spread=st.sampled_from(
@@ -184,8 +181,8 @@ def test_one_advantage_per_response_gives_the_per_token_bits(seed, B, T, f64, du
     finally:
         rlkern.set_checks(True)
     (o1, g1), (o2, g2) = outs
-    assert torch.equal(_bits(o1.loss), _bits(o2.loss))
+    assert torch.equal(bits(o1.loss), bits(o2.loss))
     for k in o1.metrics:
-        assert torch.equal(_bits(o1.metrics[k]), _bits(o2.metrics[k])), k
+        assert torch.equal(bits(o1.metrics[k]), bits(o2.metrics[k])), k
     if grad:
-        assert torch.equal(_bits(g1), _bits(g2))
+        assert torch.equal(bits(g1), bits(g2))

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rlkern
+from conftest import bits
 from policy_loss_cases import CASES, call_kwargs, make_inputs
 from rlkern.config.layout import layout
 from rlkern.ops.policy_loss import fused
@@ -63,10 +64,6 @@ def _grad(case, inp, upstream: float) -> torch.Tensor:
     return g
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", FUSED)
 def test_a_right_guess_needs_no_backward_kernel(name, dtype, guess, monkeypatch):
@@ -78,7 +75,7 @@ def test_a_right_guess_needs_no_backward_kernel(name, dtype, guess, monkeypatch)
     inp = make_inputs(12, 37, dtype, seed=len(name) + 1)
     got = _grad(case, inp, 1.0)
     want = _two_pass_grad(case, inp, 1.0, monkeypatch)
-    assert torch.equal(_bits(got), _bits(want))
+    assert torch.equal(bits(got), bits(want))
     linear = case.config.policy_loss != "gvpo" and not case.config.rollout_batch_normalize
     assert guess.calls == ([] if linear else ["_backward"])
 
@@ -96,7 +93,7 @@ def test_a_wrong_guess_takes_the_two_pass_op_then_the_factors_then_the_new_guess
     paths = []
     for _ in range(4):
         got = _grad(case, inp, 0.25)
-        assert torch.equal(_bits(got), _bits(want))
+        assert torch.equal(bits(got), bits(want))
         paths.append(list(guess.calls))
         guess.calls.clear()
     assert paths == [["_two_pass"], ["_backward"], [], []]
@@ -109,8 +106,8 @@ def test_an_upstream_that_varies_keeps_the_factors(guess, monkeypatch):
     paths = []
     for upstream in (0.5, 0.7, 0.9, 1.1):
         got = _grad(case, inp, upstream)
-        assert torch.equal(_bits(got[inp["mask"]]),
-                           _bits(_two_pass_grad(case, inp, upstream, monkeypatch)[inp["mask"]]))
+        assert torch.equal(bits(got[inp["mask"]]),
+                           bits(_two_pass_grad(case, inp, upstream, monkeypatch)[inp["mask"]]))
         paths.append(guess.calls[0])
         guess.calls.clear()
     assert paths == ["_two_pass", "_backward", "_backward", "_backward"]
@@ -174,9 +171,9 @@ def test_the_op_writes_the_two_pass_gradient_for_any_coefficients(name, f64, B, 
     want = torch.full((B, T), -3.0, dtype=dtype)
     torch.ops.rlkern.policy_loss_bwd_out(p.lp, p.old, p.adv, p.mask, p.inputs, want_stats,
                                          grad_rows, p.flags, p.hparams, want, None)
-    assert torch.equal(_bits(stats), _bits(want_stats))
-    assert torch.equal(_bits(grad), _bits(want))
-    assert (_bits(grad[~p.mask]) == 0).all()  # +0 at masked tokens, as the two-pass op
+    assert torch.equal(bits(stats), bits(want_stats))
+    assert torch.equal(bits(grad), bits(want))
+    assert (bits(grad[~p.mask]) == 0).all()  # +0 at masked tokens, as the two-pass op
 
 
 def test_the_op_refuses_factor_buffers_with_coefficients():

@@ -4,7 +4,8 @@
   and the ``environment`` entry that says what was measured.
 * :class:`Peer` — a peer package imported on the first (untimed) call that needs it.
 * :func:`compiled_on_first_call` — the ``torch.compile`` peer of a formula.
-* :func:`read_once` / :func:`write_once` / :func:`copy_once` — the memory-traffic floors.
+* :func:`read_once` / :func:`write_once` / :func:`copy_once` — the memory-traffic floors;
+  :func:`as_integers` — the integer view they read through.
 * :func:`fresh_leaf` and :func:`peaked_logits` — inputs.
 """
 
@@ -127,12 +128,18 @@ def compiled_on_first_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def as_integers(t: Tensor) -> Tensor:
+    """``t``'s elements seen as integers of their size (a view, no copy): a floor reads them
+    without float semantics, and a test compares bit patterns (signed zeros, NaN payloads)."""
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
 def read_once(*tensors: Tensor) -> Outputs:
     """Read every byte of each (contiguous) tensor once and write nothing: an integer max over
     the elements seen as integers of their size (vectorised, no NaN handling). Returns ``{}``:
     a floor computes nothing to check."""
     for t in tensors:
-        t.view(_INT_OF_SIZE[t.element_size()]).amax()
+        as_integers(t).amax()
     return {}
 
 
