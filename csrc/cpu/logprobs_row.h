@@ -113,26 +113,17 @@ struct Collect {
   }
 };
 
-// `prefetch` / `prefetch_bytes`: the memory sweep 1 of the next block will read (nullptr for
-// none). Sweep 2 computes from L1 without touching memory, so it issues one prefetch per vector
-// to bring the next block in meanwhile: the row then streams from memory while the exps run,
-// instead of memory and arithmetic taking turns.
-template <typename Tag, bool kEntropy, bool kStats, bool kCollect = false>
-inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
-                          const char* prefetch = nullptr, int64_t prefetch_bytes = 0,
-                          Collect* col = nullptr) {
+// Sweep 1 of a block x[0, n): its max (four independent chains hide the latency of max; a
+// NaN may be skipped, sweep 2 meets it), the −inf-padded tail vector in `vtail`, and with
+// kWiden the logits as fp32 in widened[0, n / W · W), which saves sweep 2 the widening.
+template <typename Tag, bool kWiden>
+inline float block_max(const typename Tag::storage* x, int64_t n, float* widened, VecF& vtail) {
   constexpr int W = VecF::size;
   const int64_t nv = n / W * W;
-  const int64_t tail = n - nv;
-  // Sweep 1: block max (four independent chains hide the latency of max). 16-bit logits are
-  // widened once here and kept in an L1-resident fp32 copy for sweep 2, which saves sweep 2
-  // the two widening instructions per vector.
-  constexpr bool kWiden = !std::is_same_v<Tag, F32>;
-  alignas(64) float widened[kWiden ? kBlock : 1];
   auto keep = [&](int64_t at, VecF v) {
     if constexpr (kWiden) v.store(widened + at, F32{});
   };
-  VecF m0 = VecF::set1(kNegInf), m1 = m0, m2v = m0, m3 = m0;
+  VecF m0 = VecF::set1(kNegInf), m1 = m0, m2 = m0, m3 = m0;
   int64_t i = 0;
   for (; i + 4 * W <= nv; i += 4 * W) {
     VecF a = VecF::load(x + i, Tag{}), b = VecF::load(x + i + W, Tag{});
@@ -143,7 +134,7 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
     keep(i + 3 * W, e);
     m0 = VecF::max(m0, a);
     m1 = VecF::max(m1, b);
-    m2v = VecF::max(m2v, d);
+    m2 = VecF::max(m2, d);
     m3 = VecF::max(m3, e);
   }
   for (; i < nv; i += W) {
@@ -151,12 +142,50 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
     keep(i, a);
     m0 = VecF::max(m0, a);
   }
-  VecF vtail = VecF::set1(kNegInf);
-  if (tail) {
-    vtail = load_tail<Tag>(x + nv, tail);
+  if (nv < n) {
+    vtail = load_tail<Tag>(x + nv, n - nv);
     m0 = VecF::max(m0, vtail);
   }
-  const float mx = VecF::max(VecF::max(m0, m1), VecF::max(m2v, m3)).reduce_max();
+  return VecF::max(VecF::max(m0, m1), VecF::max(m2, m3)).reduce_max();
+}
+
+// `prefetch` / `prefetch_bytes`: the memory sweep 1 of the next block will read (nullptr for
+// none). Sweep 2 computes from L1 without touching memory, so it issues one prefetch per vector
+// to bring the next block in meanwhile: the row then streams from memory while the exps run,
+// instead of memory and arithmetic taking turns.
+//
+// kFast: the same sums with fewer instructions, exact only for a block of finite logits whose
+// max is not ±0 (nearly every block), which sweep_block checks: sweep 1 takes the max of 16-bit
+// logits as integers (max_bits16, no widened copy, so sweep 2 widens from L1 and the block,
+// the copy and the next block's prefetched lines no longer crowd a 32 KiB L1), and sweep 2
+// leaves out the clamp max(lo, ·), which only −inf logits need. A block it cannot take returns
+// s = NaN; a −inf it met makes s or t NaN; sweep_block redoes either on the exact path.
+template <typename Tag, bool kEntropy, bool kStats, bool kCollect, bool kFast>
+inline Block2 sweep_block_impl(const typename Tag::storage* x, int64_t n, float c,
+                               const char* prefetch, int64_t prefetch_bytes, Collect* col) {
+  constexpr int W = VecF::size;
+  const int64_t nv = n / W * W;
+  const int64_t tail = n - nv;
+  constexpr float kNaNf = std::numeric_limits<float>::quiet_NaN();
+  // Sweep 1: the block max. On the exact path 16-bit logits are widened once here and kept in
+  // an L1-resident fp32 copy for sweep 2.
+  constexpr bool k16 = !std::is_same_v<Tag, F32>;
+  constexpr bool kWiden = k16 && !kFast;
+  alignas(64) float widened[kWiden ? kBlock : 1];
+  VecF vtail = VecF::set1(kNegInf);
+  float mx;
+#if defined(__AVX512BW__)
+  if constexpr (kFast && k16) {
+    const uint16_t top = max_bits16(x, n);
+    mx = load_scalar<Tag>(&top);
+    if (tail) vtail = load_tail<Tag>(x + nv, tail);
+  } else
+#endif
+  {
+    mx = block_max<Tag, kWiden>(x, n, widened, vtail);
+  }
+  if constexpr (kFast)  // not finite (NaN, ±inf, an all −inf block) or ±0: the exact path
+    if (!std::isfinite(mx) || mx == 0.0f) return {mx, kNaNf, 0.0f, 0.0f, 0.0f};
   [[maybe_unused]] float xcf = kNegInf;  // kCollect: the block's cutoff
   [[maybe_unused]] bool collect = false;
   if constexpr (kCollect) {
@@ -187,11 +216,14 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
   const VecF C = VecF::set1(c), M = VecF::set1(mx), lo = VecF::set1(kExp2Min);
   [[maybe_unused]] const VecF XC = VecF::set1(xcf);
   VecF s = VecF::set1(0.0f), t = s, u = s, rel = s;
-  auto step = [&](VecF xv) {
+  // `clamp`: max(lo, ·) keeps −inf logits finite (their 2^d is 0, so 2^d·d stays 0, not
+  // NaN); NaN logits (and +inf ones, for which r = inf − inf) pass through and poison the row.
+  // kFast leaves it out of the main loop: any finite d below lo gives 2^d = 0 as lo does, and
+  // a −inf logit there makes s or t NaN (sweep_block then redoes the block). The tail's −inf
+  // padding is always clamped.
+  auto step = [&](VecF xv, bool clamp) {
     const VecF r = xv - M;
-    // max(lo, ·) keeps −inf logits finite (their 2^d is 0, so 2^d·d stays 0, not NaN);
-    // NaN logits (and +inf ones, for which r = inf − inf) pass through and poison the row.
-    VecF d = VecF::max(lo, r * C);
+    VecF d = clamp ? VecF::max(lo, r * C) : r * C;
     VecF e = VecF::exp2(d);
     s = s + e;
     if constexpr (kEntropy) t = VecF::fma(e, d, t);
@@ -207,10 +239,10 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
     }
   };
   auto sweep2 = [&](auto&& each) {
-    for (i = 0; i < nv; i += W) {
+    for (int64_t i = 0; i < nv; i += W) {
       prefetch_line();
       const VecF xv = kWiden ? VecF::load(widened + i) : VecF::load(x + i, Tag{});
-      const VecF r = step(xv);
+      const VecF r = step(xv, !kFast);
       if constexpr (kStats) rel = rel + r;
       each(xv, i);
     }
@@ -239,12 +271,42 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
       if (collect)
         for (int64_t j = nv; j < n; ++j)
           if (load_scalar<Tag>(x + j) >= xcf) col->push(col->base + j, load_scalar<Tag>(x + j));
-    step(vtail);  // the −inf padding adds 0 to s, t, u; rel takes the real elements only
+    step(vtail, true);  // the −inf padding adds 0 to s, t, u; rel takes the real elements only
     if constexpr (kStats)
       for (int64_t j = nv; j < n; ++j) rel_sum += load_scalar<Tag>(x + j) - mx;
   }
   if constexpr (kStats) rel_sum += rel.reduce_add();
   return {mx, s.reduce_add(), t.reduce_add(), u.reduce_add(), rel_sum};
+}
+
+// One block's summary (sweep_block_impl): the kFast path where the ISA has it, and the exact
+// path for the blocks kFast leaves (s = NaN), with the same bits as the exact path alone. A
+// redone block restores what kFast did to `col`; it is in L1, so nothing is prefetched again.
+template <typename Tag, bool kEntropy, bool kStats, bool kCollect = false>
+inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
+                          const char* prefetch = nullptr, int64_t prefetch_bytes = 0,
+                          Collect* col = nullptr) {
+#if defined(__AVX512BW__)
+  int64_t col_n = 0;
+  float col_m = kNegInf;
+  if constexpr (kCollect) {
+    col_n = col->n;
+    col_m = col->m_run;
+  }
+  const Block2 fast = sweep_block_impl<Tag, kEntropy, kStats, kCollect, true>(
+      x, n, c, prefetch, prefetch_bytes, col);
+  // a −inf logit makes s NaN (2^−inf computed as NaN) or, where 2^−inf came out 0, only t
+  // (0 · −inf): without the entropy the block's sums are then the exact path's already
+  if (!std::isnan(fast.s) && !(kEntropy && std::isnan(fast.t))) return fast;
+  if constexpr (kCollect) {
+    col->n = col_n;
+    col->m_run = col_m;
+  }
+  prefetch = nullptr;
+  prefetch_bytes = 0;
+#endif
+  return sweep_block_impl<Tag, kEntropy, kStats, kCollect, false>(x, n, c, prefetch,
+                                                                  prefetch_bytes, col);
 }
 
 // Folds the logits x[0, n) of one row into its running summary `row`. `xsum` (kStats)

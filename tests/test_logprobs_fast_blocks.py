@@ -1,0 +1,84 @@
+"""The CPU fold's two block paths give the same bits (csrc/cpu/logprobs_row.h, ``kFast``).
+
+A block of finite logits whose max is not ±0 takes the fast path: the max of 16-bit logits taken
+as integers, and 2^x without the clamp that only −inf needs. Any other block (a −inf, NaN or
++inf logit, a zero max) is redone on the exact path. Both must give the same sums.
+
+−inf, and a finite logit far below the rest of its row (−1e30; −6e4 in fp16), each add exactly
+0 to every sum behind the logprobs, the entropy, the lse and Σp². So a row holding −inf at some
+positions (its blocks redone exactly) and the same row holding the far value there (fast) must
+agree bit for bit. Self-certainty is left out: its Σ(x − c) sees the −inf itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlkern
+from conftest import bits
+
+FAR = {torch.bfloat16: -1e30, torch.float16: -6e4, torch.float32: -1e30}
+FIELDS = ("logprobs", "entropy", "lse", "sum_p_sq")
+
+
+def _pair(dtype: torch.dtype, rows: int, vocab: int, seed: int, holes: int):
+    """The same logits twice, one with −inf at `holes` random positions a row, the other with
+    FAR[dtype] there; labels away from those positions."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    pos = torch.randint(0, vocab, (rows, holes), generator=gen)
+    pos = torch.where(pos == labels[:, None], (pos + 1) % vocab, pos)
+    with_inf, with_far = x.clone(), x.clone()
+    with_inf.scatter_(1, pos, float("-inf"))
+    with_far.scatter_(1, pos, FAR[dtype])
+    return with_inf, with_far, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("vocab", [17, 4096, 4096 * 2 + 37, 151936])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_exact_and_fast_blocks_agree_bitwise(dtype, vocab, temperature):
+    with_inf, with_far, labels = _pair(dtype, 6, vocab, vocab * 31 + int(temperature * 10), 3)
+    kw = dict(temperature=temperature, return_entropy=True, return_stats=True, backend="cpu")
+    a = rlkern.token_logprobs(with_inf, labels, **kw)
+    b = rlkern.token_logprobs(with_far, labels, **kw)
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.isfinite(x).all(), name
+        assert torch.equal(bits(x), bits(y)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sampler_blocks_agree_bitwise(dtype):
+    """The sampler's fold (kept-set search) through both paths: the same tokens and logprobs."""
+    with_inf, with_far, _ = _pair(dtype, 8, 4096 * 3 + 5, 5, 5)
+    seeds, steps = torch.arange(8), torch.zeros(8, dtype=torch.long)
+    for filters in ({}, {"top_k": 50}, {"top_p": 0.9}, {"min_p": 0.05}):
+        kw = dict(temperature=0.7, seeds=seeds, steps=steps, return_entropy=True, backend="cpu",
+                  **filters)
+        a, b = rlkern.sample(with_inf, **kw), rlkern.sample(with_far, **kw)
+        assert torch.equal(a.tokens, b.tokens), filters
+        for name in ("raw_logprobs", "processed_logprobs", "entropy"):
+            assert torch.equal(bits(getattr(a, name)), bits(getattr(b, name))), (filters, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_zero_max_blocks_match_the_reference(dtype):
+    """Rows whose max is +0 or −0 (the integer max's one tie) take the exact path."""
+    gen = torch.Generator().manual_seed(3)
+    x = -(torch.rand(4, 5000, generator=gen) * 6)
+    x[0, 7] = 0.0
+    x[1, 9] = -0.0
+    x[2, ::3] = 0.0
+    x[3, ::2] = -0.0
+    x[3, 1::4] = 0.0
+    x = x.to(dtype)
+    labels = torch.tensor([7, 9, 0, 1])
+    out = rlkern.token_logprobs(x, labels, return_entropy=True, backend="cpu")
+    ref = torch.log_softmax(x.double(), -1)
+    torch.testing.assert_close(out.logprobs.double(), ref.gather(1, labels[:, None])[:, 0],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), -(ref.exp() * ref).sum(-1),
+                               rtol=1e-5, atol=1e-5)
