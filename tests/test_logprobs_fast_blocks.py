@@ -1,4 +1,6 @@
-"""The CPU fold's two block paths give the same bits (csrc/cpu/logprobs_row.h, ``kFast``).
+"""The CPU row kernels' fast paths give the bits of their exact ones.
+
+**The fold's two block paths** (csrc/cpu/logprobs_row.h, ``kFast``).
 
 A block of finite logits whose max is not ±0 takes the fast path: the max of 16-bit logits taken
 as integers, and 2^x without the clamp that only −inf needs. Any other block (a −inf, NaN or
@@ -8,6 +10,11 @@ as integers, and 2^x without the clamp that only −inf needs. Any other block (
 0 to every sum behind the logprobs, the entropy, the lse and Σp². So a row holding −inf at some
 positions (its blocks redone exactly) and the same row holding the far value there (fast) must
 agree bit for bit. Self-certainty is left out: its Σ(x − c) sees the −inf itself.
+
+**The bf16 store** (csrc/cpu/simd.h, ``VecF::store``): one conversion instruction, except for
+vectors holding a subnormal or a NaN, which it would flush to 0 or keep the sign of. A bf16
+backward forms the float32 gradient a float32 backward forms and rounds it, so it must equal
+that gradient rounded by torch, subnormals included.
 """
 
 from __future__ import annotations
@@ -82,3 +89,22 @@ def test_zero_max_blocks_match_the_reference(dtype):
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.entropy.double(), -(ref.exp() * ref).sum(-1),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_bf16_gradient_rounds_subnormals_as_torch_does(temperature):
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(4, 5000, generator=gen) * 30).to(torch.bfloat16)  # spreads of ~200 nats
+    labels = torch.randint(0, 5000, (4,), generator=gen)
+
+    def grad(logits: torch.Tensor) -> torch.Tensor:
+        z = logits.detach().clone().requires_grad_()
+        out = rlkern.token_logprobs(z, labels, temperature=temperature, return_entropy=True,
+                                    backend="cpu")
+        (out.logprobs.sum() + 0.5 * out.entropy.sum()).backward()
+        return z.grad
+
+    g16, g32 = grad(x), grad(x.float())
+    subnormal = (g32 != 0) & (g32.abs() < torch.finfo(torch.float32).tiny)
+    assert subnormal.sum() > 100  # the case the conversion instruction would flush
+    assert torch.equal(bits(g16), bits(g32.to(torch.bfloat16)))
