@@ -2,7 +2,8 @@
 // the token-logprobs fold, and the sampler's kept-set search with each filter; and two
 // arithmetic-only rows with no memory traffic (the data stays in L1): the fold's own
 // instructions, and the least any exact fp32 softmax needs here — one 2^x and one add per
-// logit, V of them (the "arithmetic floor"). Built and run by
+// logit, V of them (the "arithmetic floor"); and the backward's row (grad_row, one read and one
+// write) next to a plain copy of the row into an already-written buffer. Built and run by
 // bench/profile/rows.sh; the figures and a perf profile are in docs/benchmarks.md ("Where the
 // CPU time goes").
 //
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
@@ -38,6 +40,8 @@ int main(int argc, char** argv) {
   alignas(64) static float l1_block[kBlock];
   for (int64_t i = 0; i < kBlock; ++i) l1_block[i] = bf16_to_float(x[i]) - 20.0f;
   Scratch s(V);
+  std::vector<uint16_t> g(R * V, 0);  // the backward's output, written once before any timing
+  const RowGrad rg{0.0, 20.0, 15.0, -0.5, 0.3, 1.0};  // shift 0, lse 20 (a moderate row)
   double sink = 0.0;
   auto filtered = [&](RowFilter f) {
     return [&s, &sink, f](const uint16_t* row) {
@@ -75,6 +79,12 @@ int main(int argc, char** argv) {
            for (int64_t i = 0; i + W <= std::min(kBlock, V - b); i += W)
              acc = acc + VecF::exp2(VecF::max(lo, VecF::load(l1_block + i) * C));
          sink += acc.reduce_add() + double(row[0]);
+       }},
+      {"copy (read + write)", [&](const uint16_t* row) {
+         std::memcpy(g.data() + (row - x.data()), row, V * sizeof(uint16_t));
+       }},
+      {"backward (grad_row)", [&](const uint16_t* row) {
+         grad_row<BF16>(row, g.data() + (row - x.data()), V, 5, rg, row_scale(T));
        }},
       {"sample: no filter", filtered({T, V, 1.0, 0.0, false})},
       {"sample: top-p 0.9", filtered({T, V, 0.9, 0.0, false})},
