@@ -1,7 +1,7 @@
 """csrc/cpu/simd.h's bf16 load and store, over every input (tests/cpp/simd_bf16_exhaustive.cpp):
 the store's conversion instruction and its integer-rounding fallback together must give round
-to nearest even, NaN → 0x7fc0, for all 2^32 floats. Built with -march=native, as the extension
-is, so it checks the instructions this machine's build uses."""
+to nearest even for all 2^32 floats, and each build's NaN (0x7fc0 on AVX-512). Built with
+-march=native, as the extension is, so it checks the instructions this machine's build uses."""
 
 from __future__ import annotations
 

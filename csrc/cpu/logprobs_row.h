@@ -219,8 +219,8 @@ inline Block2 sweep_block_impl(const typename Tag::storage* x, int64_t n, float 
   // `clamp`: max(lo, ·) keeps −inf logits finite (their 2^d is 0, so 2^d·d stays 0, not
   // NaN); NaN logits (and +inf ones, for which r = inf − inf) pass through and poison the row.
   // kFast leaves it out of the main loop: any finite d below lo gives 2^d = 0 as lo does, and
-  // a −inf logit there makes s or t NaN (sweep_block then redoes the block). The tail's −inf
-  // padding is always clamped.
+  // a −inf logit there makes s or t NaN (sweep_block then redoes the block) or, without t,
+  // adds 0 as the clamp would. The tail's −inf padding is always clamped.
   auto step = [&](VecF xv, bool clamp) {
     const VecF r = xv - M;
     VecF d = clamp ? VecF::max(lo, r * C) : r * C;
@@ -280,7 +280,7 @@ inline Block2 sweep_block_impl(const typename Tag::storage* x, int64_t n, float 
 }
 
 // One block's summary (sweep_block_impl): the kFast path where the ISA has it, and the exact
-// path for the blocks kFast leaves (s = NaN), with the same bits as the exact path alone. A
+// path for the blocks kFast leaves (s or t NaN), with the same bits as the exact path alone. A
 // redone block restores what kFast did to `col`; it is in L1, so nothing is prefetched again.
 template <typename Tag, bool kEntropy, bool kStats, bool kCollect = false>
 inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,

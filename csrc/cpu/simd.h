@@ -124,7 +124,7 @@ inline uint16_t max_bits16(const uint16_t* x, int64_t n) {
     smax1 = _mm512_max_epi16(smax1, b);
     umin1 = _mm512_min_epu16(umin1, b);
   }
-  for (; i < n; i += 32) {  // the rest, padded with 0xffff (a negative NaN: changes neither)
+  for (; i < n; i += 32) {  // the rest, padded with 0xffff (a negative NaN: moves neither result)
     const __mmask32 m = n - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - i)) - 1;
     const __m512i a = _mm512_mask_loadu_epi16(_mm512_set1_epi16(-1), m, x + i);
     smax0 = _mm512_max_epi16(smax0, a);
