@@ -2,7 +2,8 @@
 // the token-logprobs fold, and the sampler's kept-set search with each filter; and two
 // arithmetic-only rows with no memory traffic (the data stays in L1): the fold's own
 // instructions, and the least any exact fp32 softmax needs here — one 2^x and one add per
-// logit, V of them (the "arithmetic floor"); and the backward's row (grad_row, one read and one
+// logit, V of them (the "arithmetic floor"); the fold + entropy of rows with −inf in every block
+// (the exact path, as masked logits take it); and the backward's row (grad_row, one read and one
 // write) next to a plain copy of the row into an already-written buffer. Built and run by
 // bench/profile/rows.sh; the figures and a perf profile are in docs/benchmarks.md ("Where the
 // CPU time goes").
@@ -39,6 +40,9 @@ int main(int argc, char** argv) {
   // An L1-resident block of the row's values as fp32, shifted by its max, for the 2^x row.
   alignas(64) static float l1_block[kBlock];
   for (int64_t i = 0; i < kBlock; ++i) l1_block[i] = bf16_to_float(x[i]) - 20.0f;
+  // The same rows with one logit in a thousand set to −inf (bf16 0xff80).
+  std::vector<uint16_t> masked(x);
+  for (int64_t i = 0; i < R * V; i += 997) masked[i] = 0xff80;
   Scratch s(V);
   std::vector<uint16_t> g(R * V, 0);  // the backward's output, written once before any timing
   const RowGrad rg{0.0, 20.0, 15.0, -0.5, 0.3, 1.0};  // shift 0, lse 20 (a moderate row)
@@ -66,6 +70,13 @@ int main(int argc, char** argv) {
          sink += st.t;
        }},
       // The arithmetic-only rows: the same row-sized work on one L1-resident block.
+      {"fold + entropy, 0.1 % -inf", [&](const uint16_t* row) {
+         // a masked row: −inf in every block; with the entropy the blocks take the exact path
+         RowState st = rlkern::softmax_stats_empty<double>();
+         const uint16_t* m = masked.data() + (row - x.data());
+         fold_row<BF16, true, false>(m, V, row_scale(T), st);
+         sink += st.t;
+       }},
       {"fold, block in L1", [&](const uint16_t* row) {
          RowState st = rlkern::softmax_stats_empty<double>();
          for (int64_t b = 0; b < V; b += kBlock)

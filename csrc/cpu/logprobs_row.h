@@ -282,11 +282,17 @@ inline Block2 sweep_block_impl(const typename Tag::storage* x, int64_t n, float 
 // One block's summary (sweep_block_impl): the kFast path where the ISA has it, and the exact
 // path for the blocks kFast leaves (s or t NaN), with the same bits as the exact path alone. A
 // redone block restores what kFast did to `col`; it is in L1, so nothing is prefetched again.
+// `try_fast` (per row, nullable): cleared when a block's fast sweep 2 was wasted on a −inf,
+// and then the exact path at once. A row masked to −inf throughout (processed logits) holds
+// −inf in every block; it pays for one wasted sweep, not one a block.
 template <typename Tag, bool kEntropy, bool kStats, bool kCollect = false>
 inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
                           const char* prefetch = nullptr, int64_t prefetch_bytes = 0,
-                          Collect* col = nullptr) {
+                          Collect* col = nullptr, bool* try_fast = nullptr) {
 #if defined(__AVX512BW__)
+  if (try_fast && !*try_fast)
+    return sweep_block_impl<Tag, kEntropy, kStats, kCollect, false>(x, n, c, prefetch,
+                                                                    prefetch_bytes, col);
   int64_t col_n = 0;
   float col_m = kNegInf;
   if constexpr (kCollect) {
@@ -298,6 +304,8 @@ inline Block2 sweep_block(const typename Tag::storage* x, int64_t n, float c,
   // a −inf logit makes s NaN (2^−inf computed as NaN) or, where 2^−inf came out 0, only t
   // (0 · −inf): without the entropy the block's sums are then the exact path's already
   if (!std::isnan(fast.s) && !(kEntropy && std::isnan(fast.t))) return fast;
+  // (a NaN s from sweep 1's early return costs nothing to redo: the row may stay fast)
+  if (try_fast && std::isfinite(fast.mx) && fast.mx != 0.0f) *try_fast = false;
   if constexpr (kCollect) {
     col->n = col_n;
     col->m_run = col_m;
@@ -319,6 +327,7 @@ inline void accumulate_row(const typename Tag::storage* x, int64_t n, const RowS
                            const typename Tag::storage* next_row = nullptr,
                            Collect* col = nullptr) {
   using storage = typename Tag::storage;
+  bool try_fast = true;
   for (int64_t b = 0; b < n; b += kBlock) {
     const bool last = b + kBlock >= n;
     const int64_t nb = std::min(kBlock, n - b);
@@ -331,7 +340,7 @@ inline void accumulate_row(const typename Tag::storage* x, int64_t n, const RowS
     }
     const Block2 blk = sweep_block<Tag, kEntropy, kStats, kCollect>(
         x + b, nb, sc.c, reinterpret_cast<const char*>(ahead),
-        ahead_n * int64_t(sizeof(storage)), col);
+        ahead_n * int64_t(sizeof(storage)), col, &try_fast);
     if constexpr (kCollect)
       if (col->block_s) {
         col->block_mx[b / kBlock] = blk.mx;
