@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/advantages_ids.h"
 #include "cpu/advantages_lanes.h"
 #include "cpu/group_index.h"
 
@@ -17,6 +18,7 @@ namespace rlkern::cpu {
 namespace {
 
 constexpr int64_t kGrainElems = 1 << 17;  // see advantages.cpp: small batches, one thread
+constexpr int64_t kRowGrain = 1 << 15;    // GiGPO's row pass: two threads from 65,536 steps
 
 // Σ over [0, n) of term(i), in float64, summed in fixed blocks of kGrainElems and then in block
 // order: the same bits for any thread count.
@@ -171,14 +173,23 @@ std::vector<NormRecord>& norm_records(const std::vector<GroupMoments>& m, bool d
   return out;
 }
 
-template <typename T>
-Status gigpo_impl(const GigpoArgs& a) {
+// e + ω·s with one rounding where the target has FMA: what the compiler made of the plain
+// expression there (it contracts it), spelled out so that GiGPO's float64 path, its float32
+// row loop and that loop's vector form all round alike.
+double omega_sum(double e, double omega, double s) {
+#if defined(__FMA__)
+  return std::fma(omega, s, e);
+#else
+  return e + omega * s;
+#endif
+}
+
+// float64 returns: each grouping numbers its rows and accumulates their shifted sums (48
+// bytes a group, rlkern/group_stats.h) in the same pass.
+Status gigpo_f64(const GigpoArgs& a) {
+  using T = double;
   const T* ep = static_cast<const T*>(a.episode_returns);
   const T* st = static_cast<const T*>(a.step_returns);
-  for (const T* x : {ep, st}) {
-    const int64_t bad = first_nonfinite_in(x, 0, a.n);
-    if (bad >= 0) return {Status::kInvalidScore, bad};
-  }
   Grouping by_prompt, by_state;
   // Scratch kept across calls, bound here: worker threads must write this thread's copies.
   static thread_local std::vector<GroupMoments> mom_ep_tl, mom_st_tl;
@@ -220,10 +231,166 @@ Status gigpo_impl(const GigpoArgs& a) {
       const double s = normalised(rec_st[by_state.row_group[i]], double(st[i]), a.step_std);
       adv_ep[i] = T(e);
       adv_st[i] = T(s);
-      adv[i] = T(e + a.omega * s);
+      adv[i] = T(omega_sum(e, a.omega, s));
     }
   });
   return {};
+}
+
+// ---- float32 returns: number first, then sum in L2-sized chunks of groups, then one row pass.
+//
+// The same passes as group_advantages' ids path (advantages_ids.h), for the same reason: a
+// group's 24-byte float sums in an L2-resident chunk cost far less than the 48-byte double
+// sums of every group updated at random while numbering (at 1M steps in 258k step groups:
+// 12 MiB of them). The sums are the same shifted sums in the same row order, so the results
+// are those of the float64 path's formulas, bit for bit.
+
+// What the row pass needs of a group: A = (x − mean) / spread where spread is finite and
+// nonzero, else 0. spread = σ + eps (divide) or 1 ((x − mean)/1 is x − mean exactly); +inf
+// for a group of fewer than two steps (no relative signal: normalised() above).
+struct alignas(16) SpreadRecord {
+  double mean, spread;
+};
+
+SpreadRecord spread_record(const GroupMoments& m, bool divide, double eps) {
+  const NormRecord r = norm_record(m, divide, eps);
+  return {r.mean, r.active ? r.spread : std::numeric_limits<double>::infinity()};
+}
+
+double spread_normalised(const SpreadRecord& r, double x) {
+  const double d = x - r.mean;
+  return r.spread != 0.0 && r.spread != std::numeric_limits<double>::infinity() ? d / r.spread
+                                                                                : 0.0;
+}
+
+// rec[g] for the k groups of row_group, from the float values x.
+void spread_records(const float* x, int64_t n, const int32_t* row_group, int64_t k, bool divide,
+                    double eps, SpreadRecord* rec) {
+  shifted_sums_chunked(x, n, GroupArray{row_group}, k,
+                       [&](int64_t lo, int64_t size, const FloatShifted* acc) {
+                         for (int64_t g = 0; g < size; ++g)
+                           rec[lo + g] = spread_record(float_shifted_moments(acc[g]), divide, eps);
+                       });
+}
+
+// Row i of GiGPO's outputs from its two records (also the vector loop's tail).
+void gigpo_row(const GigpoArgs& a, const int32_t* rg_ep, const SpreadRecord* rec_ep,
+               const int32_t* rg_st, const SpreadRecord* rec_st, int64_t i) {
+  const double e = spread_normalised(rec_ep[rg_ep[i]],
+                                     double(static_cast<const float*>(a.episode_returns)[i]));
+  const double s = spread_normalised(rec_st[rg_st[i]],
+                                     double(static_cast<const float*>(a.step_returns)[i]));
+  static_cast<float*>(a.episode_advantages)[i] = float(e);
+  static_cast<float*>(a.step_advantages)[i] = float(s);
+  static_cast<float*>(a.advantages)[i] = float(omega_sum(e, a.omega, s));
+}
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// (x − mean) / spread for the eight rows of x (doubles) whose records are the eight 16-byte
+// records in lo (rows 0–3) and hi (rows 4–7); 0 where spread is 0 or +inf. Eight divisions in
+// one instruction: the scalar loop spent most of its time in its two divisions a row.
+inline __m512d spread_normalised8(__m512d x, __m512i lo, __m512i hi) {
+  const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512d mean = _mm512_castsi512_pd(_mm512_permutex2var_epi64(lo, even, hi));
+  const __m512d spread = _mm512_castsi512_pd(_mm512_permutex2var_epi64(lo, odd, hi));
+  const __mmask8 live =
+      _mm512_cmp_pd_mask(spread, _mm512_setzero_pd(), _CMP_NEQ_UQ) &
+      _mm512_cmp_pd_mask(spread, _mm512_set1_pd(std::numeric_limits<double>::infinity()),
+                         _CMP_NEQ_UQ);
+  return _mm512_maskz_div_pd(live, _mm512_sub_pd(x, mean), spread);
+}
+
+// Four rows' 16-byte records (rec[rg[i]] .. rec[rg[i + 3]]) in one vector.
+inline __m512i records4(const SpreadRecord* rec, const int32_t* rg, int64_t i) {
+  const __m128i* r = reinterpret_cast<const __m128i*>(rec);
+  __m512i v = _mm512_castsi128_si512(_mm_load_si128(r + rg[i]));
+  v = _mm512_inserti32x4(v, _mm_load_si128(r + rg[i + 1]), 1);
+  v = _mm512_inserti32x4(v, _mm_load_si128(r + rg[i + 2]), 2);
+  return _mm512_inserti32x4(v, _mm_load_si128(r + rg[i + 3]), 3);
+}
+#endif
+
+// Rows [begin, end) of GiGPO's outputs, the same formula eight rows at a time with AVX-512.
+void gigpo_rows(const GigpoArgs& a, const int32_t* rg_ep, const SpreadRecord* rec_ep,
+                const int32_t* rg_st, const SpreadRecord* rec_st, int64_t begin, int64_t end) {
+  int64_t i = begin;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  const float* ep = static_cast<const float*>(a.episode_returns);
+  const float* st = static_cast<const float*>(a.step_returns);
+  float* adv = static_cast<float*>(a.advantages);
+  float* adv_ep = static_cast<float*>(a.episode_advantages);
+  float* adv_st = static_cast<float*>(a.step_advantages);
+  const __m512d omega = _mm512_set1_pd(a.omega);
+  for (; i + 8 <= end; i += 8) {
+    const __m512d e = spread_normalised8(_mm512_cvtps_pd(_mm256_loadu_ps(ep + i)),
+                                         records4(rec_ep, rg_ep, i),
+                                         records4(rec_ep, rg_ep, i + 4));
+    const __m512d s = spread_normalised8(_mm512_cvtps_pd(_mm256_loadu_ps(st + i)),
+                                         records4(rec_st, rg_st, i),
+                                         records4(rec_st, rg_st, i + 4));
+    _mm256_storeu_ps(adv_ep + i, _mm512_cvtpd_ps(e));
+    _mm256_storeu_ps(adv_st + i, _mm512_cvtpd_ps(s));
+    _mm256_storeu_ps(adv + i, _mm512_cvtpd_ps(_mm512_fmadd_pd(omega, s, e)));
+  }
+#endif
+  for (; i < end; ++i) gigpo_row(a, rg_ep, rec_ep, rg_st, rec_st, i);
+}
+
+Status gigpo_f32(const GigpoArgs& a) {
+  const float* ep = static_cast<const float*>(a.episode_returns);
+  const float* st = static_cast<const float*>(a.step_returns);
+  static thread_local Workspace<int32_t> rows_prompt, rows_state;
+  static thread_local Workspace<SpreadRecord> rec_prompt, rec_state;
+  int32_t* rg_ep = rows_prompt.get(size_t(a.n));
+  int32_t* rg_st = rows_state.get(size_t(a.n));
+  SpreadRecord* rec_ep = nullptr;
+  SpreadRecord* rec_st = nullptr;
+  // Bound here: the workers below must fill this thread's buffers, not their own.
+  Workspace<SpreadRecord>& rec_ep_store = rec_prompt;
+  Workspace<SpreadRecord>& rec_st_store = rec_state;
+  if (grouping_threads(a.n) > 1) {
+    // One grouping after the other, each split over the threads by key hash (see gigpo_f64).
+    const Grouping p = group_by_ids_parallel<float, false>(a.group_ids, a.n, nullptr, rg_ep,
+                                                           nullptr);
+    const Grouping s = group_by_ids_parallel<float, false, 2>(a.group_ids, a.n, nullptr, rg_st,
+                                                              nullptr, a.state_keys);
+    rec_ep = rec_ep_store.get(size_t(p.num_groups));
+    rec_st = rec_st_store.get(size_t(s.num_groups));
+    spread_records(ep, a.n, rg_ep, p.num_groups, a.episode_std, a.eps, rec_ep);
+    spread_records(st, a.n, rg_st, s.num_groups, a.step_std, a.eps, rec_st);
+  } else {
+    // Small batches: each grouping numbered and summed whole by one thread, the two side by
+    // side (nested parallel regions run inline, so each sums in its own thread).
+    const int64_t jobs_grain = a.n >= (int64_t(1) << 15) ? 1 : 2;
+    at::parallel_for(0, 2, jobs_grain, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const bool prompt = job == 0;
+        int32_t* rg = prompt ? rg_ep : rg_st;
+        const Grouping g =
+            prompt ? group_by_keys<1, float>(a.group_ids, nullptr, a.n, nullptr, rg, nullptr)
+                   : group_by_keys<2, float>(a.group_ids, a.state_keys, a.n, nullptr, rg, nullptr);
+        SpreadRecord* rec = (prompt ? rec_ep_store : rec_st_store).get(size_t(g.num_groups));
+        spread_records(prompt ? ep : st, a.n, rg, g.num_groups,
+                       prompt ? a.episode_std : a.step_std, a.eps, rec);
+        (prompt ? rec_ep : rec_st) = rec;
+      }
+    });
+  }
+  at::parallel_for(0, a.n, kRowGrain, [&](int64_t begin, int64_t end) {
+    gigpo_rows(a, rg_ep, rec_ep, rg_st, rec_st, begin, end);
+  });
+  return {};
+}
+
+// The first step whose return is NaN or infinite (episode returns first), or −1.
+int64_t first_bad_return(const GigpoArgs& a) {
+  for (const void* x : {a.episode_returns, a.step_returns}) {
+    const int64_t bad = a.f64 ? first_nonfinite_in(static_cast<const double*>(x), 0, a.n)
+                              : first_nonfinite_in(static_cast<const float*>(x), 0, a.n);
+    if (bad >= 0) return bad;
+  }
+  return -1;
 }
 
 template <typename T>
@@ -375,7 +542,9 @@ void gtpo_weights(const void* entropy, bool f64, int64_t n, int64_t t, const uin
 
 Status gigpo_advantages(const GigpoArgs& a) {
   if (a.n == 0) return {};
-  return a.f64 ? gigpo_impl<double>(a) : gigpo_impl<float>(a);
+  const int64_t bad = first_bad_return(a);
+  if (bad >= 0) return {Status::kInvalidScore, bad};
+  return a.f64 ? gigpo_f64(a) : gigpo_f32(a);
 }
 
 void empg_modulate(const void* advantages, const void* step_entropy,
