@@ -223,33 +223,34 @@ struct Sel {
 // Largest threshold key t with measure(key ≥ t) ≥ target over the n candidates (keys, weights),
 // measure = count (kByMass false) or Σ w (true). Radix select over the key bits, most
 // significant first; after each level the candidates narrow to the chosen bin.
+//
+// The histograms (s.hist_count, s.hist_mass: 2048 bins, 32 KiB together, a whole L1) stay zero
+// between calls; a level visits only the bins between its candidates' lowest and highest and
+// then clears just those. Clearing and scanning all 2048 bins at each of the three levels cost
+// more than the few hundred candidates themselves. The non-empty bins are visited in the same
+// order as a full scan, so the sums, and the result, are the same.
 template <bool kByMass>
 inline Sel radix_select(const uint32_t* keys, const float* ws, int64_t n, double target,
                         Scratch& s) {
   constexpr int kShift[3] = {21, 10, 0};
   constexpr uint32_t kMask[3] = {0x7FFu, 0x7FFu, 0x3FFu};
-  int64_t hc[2048];
-  double hm[2048];
+  int64_t* hc = s.hist_count.data();
+  double* hm = s.hist_mass.data();
   int64_t count_gt = 0;
   double mass_gt = 0.0;
   for (int level = 0; level < 3; ++level) {
     const int sh = kShift[level];
     const uint32_t mk = kMask[level];
-    std::fill(hc, hc + mk + 1, 0);
-    std::fill(hm, hm + mk + 1, 0.0);
+    uint32_t lowest = mk, highest = 0;
     for (int64_t j = 0; j < n; ++j) {
       const uint32_t b = (keys[j] >> sh) & mk;
       hc[b] += 1;
       hm[b] += ws[j];  // mass is needed in count mode too (prefix_mass)
+      lowest = std::min(lowest, b);
+      highest = std::max(highest, b);
     }
-    int64_t lowest = -1;
-    for (int64_t b = 0; b <= int64_t(mk); ++b)
-      if (hc[b]) {
-        lowest = b;
-        break;
-      }
-    int64_t chosen = lowest;
-    for (int64_t b = mk; b > lowest; --b) {
+    uint32_t chosen = lowest;
+    for (uint32_t b = highest; b > lowest; --b) {
       if (!hc[b]) continue;
       const double meas = kByMass ? hm[b] : double(hc[b]);
       const double acc = kByMass ? mass_gt : double(count_gt);
@@ -260,10 +261,14 @@ inline Sel radix_select(const uint32_t* keys, const float* ws, int64_t n, double
       count_gt += hc[b];
       mass_gt += hm[b];
     }
+    if (lowest <= highest) {  // (n ≥ 1 always: the row's max is a candidate)
+      std::fill(hc + lowest, hc + highest + 1, 0);
+      std::fill(hm + lowest, hm + highest + 1, 0.0);
+    }
     s.nk2.clear();
     s.nw2.clear();
     for (int64_t j = 0; j < n; ++j)
-      if (((keys[j] >> sh) & mk) == uint32_t(chosen)) {
+      if (((keys[j] >> sh) & mk) == chosen) {
         s.nk2.push_back(keys[j]);
         s.nw2.push_back(ws[j]);
       }

@@ -59,6 +59,10 @@ struct Scratch {
   std::vector<float> sample;
   std::vector<float> block_mx, block_s;  // the fold's per-block max and sum (kBlock logits)
   std::vector<float> e;                  // one block's weights (the draw)
+  // radix_select's histograms (kept_set.h), all zero between its calls: a level clears only
+  // the bins its candidates reached.
+  std::vector<int64_t> hist_count = std::vector<int64_t>(2048, 0);
+  std::vector<double> hist_mass = std::vector<double>(2048, 0.0);
   double top_p_guess = 0.0;  // the previous top-p row's kept threshold w/S (kept_set.h)
   // The previous top-k row's k-th logit minus its max (NaN: none yet; kept_set.h).
   double top_k_guess = std::numeric_limits<double>::quiet_NaN();
