@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -24,22 +23,10 @@
 #include "cpu/advantages_ids.h"
 #include "cpu/group_index.h"
 #include "cpu/token_advantages.h"
+#include "median.h"
 
 using namespace rlkern;
 using namespace rlkern::cpu;
-
-template <typename F>
-double median_us(const F& f, int calls = 100) {
-  std::vector<double> t;
-  for (int r = 0; r < calls; ++r) {
-    const auto a = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a)
-                    .count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? std::atoll(argv[1]) : 65536;

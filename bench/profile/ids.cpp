@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -17,22 +16,12 @@
 
 #include "cpu/advantages_ids.h"
 #include "cpu/group_index.h"
+#include "median.h"
+
+constexpr int kCalls = 300;
 
 using namespace rlkern;
 using namespace rlkern::cpu;
-
-template <typename F>
-double median_us(const F& f, int calls = 300) {
-  std::vector<double> t;
-  for (int r = 0; r < calls; ++r) {
-    const auto a = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a)
-                    .count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? std::atoll(argv[1]) : 65536;
@@ -53,12 +42,12 @@ int main(int argc, char** argv) {
   const double t_range = median_us([&] {
     volatile int64_t sink = id_range(ids.data(), n).min;
     (void)sink;
-  });
+  }, kCalls);
   const double t_number = median_us([&] {
     g = group_by_ids_parallel<float, false>(ids.data(), n, nullptr, rg.data(), nullptr);
-  });
+  }, kCalls);
   const double t_moments =
-      median_us([&] { moments_chunked(x.data(), n, rg.data(), g.num_groups, &ms); });
+      median_us([&] { moments_chunked(x.data(), n, rg.data(), g.num_groups, &ms); }, kCalls);
   std::vector<CompactRecord> rec(static_cast<size_t>(g.num_groups));
   for (int64_t j = 0; j < g.num_groups; ++j)
     rec[j] = compact_record(ms[j].n > 0 ? ms[j].mean : 0.0, 1.0f, 0.5f, false);
@@ -69,7 +58,7 @@ int main(int argc, char** argv) {
       compact_rows(x.data(), GroupArray{rg.data()}, rec.data(), b, e, adv.data(), mean.data(),
                    sd.data(), reinterpret_cast<bool*>(zv.data()), false);
     });
-  });
+  }, kCalls);
   std::printf("N = %lld, %lld groups, %d threads: id range %.1f us, numbering %.1f us, "
               "moments %.1f us, compact rows %.1f us\n",
               (long long)n, (long long)g.num_groups, at::get_num_threads(), t_range, t_number,

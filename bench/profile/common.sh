@@ -1,0 +1,31 @@
+# Sourced by the bench/profile/*.sh scripts: builds a probe against a source tree and runs it.
+# SRC=<dir> builds against another tree's csrc/ instead of this one (an A/B against an older
+# commit: `git archive <commit> csrc | tar -x -C <dir>`); PERF=1 runs the probe under
+# `perf record -g` and prints the top of its report.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)"
+src="${SRC:-$here/../..}"
+torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+
+# profile_build OUT CXXFLAGS FILE...: -O3 -march=native over the sources' headers and torch's
+# (CXXFLAGS: each probe's language standard and OpenMP, as its comments say), linked to torch.
+profile_build() {
+  local out="$1" flags="$2"
+  shift 2
+  # shellcheck disable=SC2086  # flags are words
+  g++ -O3 -g -march=native -fno-math-errno $flags -I"$src/csrc" -I"$src/csrc/include" \
+    -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include" "$@" -o "$out" \
+    -L"$torch_dir/lib" -ltorch_cpu -lc10 -Wl,-rpath,"$torch_dir/lib"
+}
+
+# profile_run OUT ARG...
+profile_run() {
+  local out="$1"
+  shift
+  if [[ "${PERF:-0}" == 1 ]]; then
+    perf record -g -o "$out.perf" "$out" "$@"
+    perf report -i "$out.perf" --stdio --no-children | head -40
+  else
+    "$out" "$@"
+  fi
+}
