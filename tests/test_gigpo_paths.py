@@ -99,3 +99,26 @@ def test_singletons_and_zero_variance_give_positive_zero():
     zero_bits = torch.zeros(steps, dtype=torch.int32)
     for field in FIELDS:
         assert torch.equal(getattr(out, field).view(torch.int32), zero_bits), field
+
+
+@pytest.mark.parametrize("steps", [9_000, 70_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_prompt_ids_equal_hashed_ones(steps, dtype):
+    """Prompt ids that are nearly dense (indices, or uids already numbered) are read as
+    id − min instead of hashed; relabelling the same groups with arbitrary 63-bit ids must not
+    change a bit. Sizes on both sides of the thread split."""
+    gen = torch.Generator().manual_seed(steps)
+    prompts = steps // 48
+    index = torch.randint(0, prompts, (steps,), generator=gen)
+    dense = index * 3 // 2 - 7  # gaps and negative values: still nearly dense
+    hashed = torch.randint(-(2**62), 2**62, (prompts,), generator=gen)[index]
+    keys = torch.randint(0, 12, (steps,), generator=gen)
+    episode = torch.randint(0, 2, (steps,), generator=gen).to(dtype)
+    step = torch.randn(steps, generator=gen).to(dtype)
+    call = lambda ids: rlkern.gigpo_advantages(episode, step, keys, group_ids=ids, omega=0.7,
+                                               mode="std_norm", backend="cpu")
+    a, b = call(dense), call(hashed)
+    for field in FIELDS:
+        x, y = getattr(a, field), getattr(b, field)
+        assert torch.equal(x.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                           y.view(torch.int64 if dtype == torch.float64 else torch.int32)), field

@@ -10,14 +10,19 @@
 // between calls of one pass. Built and run by
 // bench/profile/gigpo.sh; docs/advantages.md ("GiGPO, fourth round") quotes it.
 //
-//   gigpo [S=65536] [threads=2] [states=16]
+//   gigpo [S=65536] [threads=2] [states=16] [ids=hashed|dense]
+//
+// ids=dense numbers the prompt groups 0, 1, 2, ... (as the verl integration's uid codes are)
+// instead of drawing arbitrary 62-bit ids: the call then reads them as id − min.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cpu/advantages_ids.h"
@@ -32,11 +37,13 @@ int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? std::atoll(argv[1]) : 65536;
   at::set_num_threads(argc > 2 ? std::atoi(argv[2]) : 2);
   const uint64_t states = argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 16;
+  const bool dense_ids = argc > 4 && std::string(argv[4]) == "dense";
   constexpr int64_t kStepsPerGroup = 64;
   const size_t rows = static_cast<size_t>(n);
   std::mt19937_64 rng(1);
   std::vector<int64_t> prompt_ids(static_cast<size_t>(n / kStepsPerGroup + 1));
-  for (auto& id : prompt_ids) id = int64_t(rng() >> 2);
+  for (size_t g = 0; g < prompt_ids.size(); ++g)
+    prompt_ids[g] = dense_ids ? int64_t(g) : int64_t(rng() >> 2);
   std::vector<int64_t> dense(rows), group(rows), keys(rows), pair_word(rows);
   for (int64_t i = 0; i < n; ++i) dense[i] = i / kStepsPerGroup;
   std::shuffle(dense.begin(), dense.end(), rng);
@@ -55,9 +62,11 @@ int main(int argc, char** argv) {
   const double t_call = median_us([&] { gigpo_advantages(args); });
   std::vector<int32_t> rg_prompt(rows), rg_pair(rows), rg_word(rows);
   Grouping by_prompt, by_pair;
-  const double t_prompt = median_us([&] {
-    by_prompt = group_by_ids_parallel<float, false>(group.data(), n, nullptr, rg_prompt.data(),
-                                                    nullptr);
+  const double t_prompt = median_us([&] {  // as the call numbers them (dense: id − min)
+    const std::optional<IdRange> range = dense_range(group.data(), n);
+    by_prompt = range ? dense_numbering(group.data(), n, *range, rg_prompt.data())
+                      : group_by_ids_parallel<float, false>(group.data(), n, nullptr,
+                                                            rg_prompt.data(), nullptr);
   });
   const double t_pair = median_us([&] {
     by_pair = group_by_ids_parallel<float, false, 2>(group.data(), n, nullptr, rg_pair.data(),
@@ -74,10 +83,11 @@ int main(int argc, char** argv) {
   };
   const double t_sums_prompt = sums(episode.data(), by_prompt);
   const double t_sums_pair = sums(step.data(), by_pair);
-  std::printf("S = %lld, %lld prompt groups, %lld step groups, %d threads: call %.0f us | "
+  std::printf("S = %lld, %s ids, %lld prompt groups, %lld step groups, %d threads: call %.0f us | "
               "numbering: prompts %.0f, pairs %.0f (one-word pairs %.0f) | sums: prompts %.0f, "
               "pairs %.0f | rest %.0f us\n",
-              (long long)n, (long long)by_prompt.num_groups, (long long)by_pair.num_groups,
+              (long long)n, dense_ids ? "dense" : "hashed", (long long)by_prompt.num_groups,
+              (long long)by_pair.num_groups,
               at::get_num_threads(), t_call, t_prompt, t_pair, t_word, t_sums_prompt,
               t_sums_pair, t_call - t_prompt - t_pair - t_sums_prompt - t_sums_pair);
   return 0;

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -361,18 +362,6 @@ void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
 
 // ----------------------------------------------------------------------------- by ids
 
-// Nearly dense ids (dense_enough): the group of a row is id − min, threads splitting rows.
-Grouping dense_numbering(const int64_t* ids, int64_t n, IdRange r, int32_t* row_group) {
-  at::parallel_for(0, n, kGrainRows, [&](int64_t b, int64_t e) {
-    const DenseIds group{ids, r.min};
-    for (int64_t i = b; i < e; ++i) row_group[i] = group[i];
-  });
-  Grouping out;
-  out.num_groups = int64_t(uint64_t(r.max) - uint64_t(r.min)) + 1;
-  out.row_group = row_group;
-  return out;
-}
-
 // The estimators whose every group is centred on its mean (grpo, dr_grpo, rloo, gpg) with
 // float32 scores: one row pass gathering a 16-byte record per group (advantages_ids.h).
 // Returns false, having written nothing, when some group is centred elsewhere (verl's
@@ -485,9 +474,9 @@ void run_ids(const GroupAdvantagesArgs& a, AdvantageParams p) {
   std::vector<GroupMoments>& mx_store = mx_tl;
   std::vector<GroupExtras>& ext = ext_tl;
   int32_t* rows = row_group_store.get(size_t(n));
-  const bool dense_possible = maybe_dense(a.rows.group_ids, n);
-  const IdRange range = dense_possible ? id_range(a.rows.group_ids, n) : IdRange{0, -1};
-  const bool dense = dense_possible && dense_enough(range, n);
+  const std::optional<IdRange> dense_ids = dense_range(a.rows.group_ids, n);
+  const bool dense = dense_ids.has_value();
+  const IdRange range = dense_ids.value_or(IdRange{0, -1});
   Grouping grouping;
   if constexpr (std::is_same_v<T, float>) {
     // Number the groups first (no accumulator: a small table, or none for dense ids), then

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -417,6 +418,26 @@ struct DenseIds {
 // (the whole batch spans at least as wide), so that arbitrary 64-bit ids skip id_range's pass.
 inline bool maybe_dense(const int64_t* ids, int64_t n) {
   return dense_enough(id_range(ids, std::min<int64_t>(n, 64)), n);
+}
+
+// Nearly dense ids (dense_enough): the group of a row is id − min, threads splitting rows.
+inline Grouping dense_numbering(const int64_t* ids, int64_t n, IdRange r, int32_t* row_group) {
+  at::parallel_for(0, n, int64_t(1) << 17, [&](int64_t b, int64_t e) {
+    const DenseIds group{ids, r.min};
+    for (int64_t i = b; i < e; ++i) row_group[i] = group[i];
+  });
+  Grouping out;
+  out.num_groups = int64_t(uint64_t(r.max) - uint64_t(r.min)) + 1;
+  out.row_group = row_group;
+  return out;
+}
+
+// The ids' range when they are nearly dense (dense_enough), else nullopt: arbitrary 64-bit ids
+// are told apart by their first 64 (maybe_dense) and skip the range pass.
+inline std::optional<IdRange> dense_range(const int64_t* ids, int64_t n) {
+  if (!maybe_dense(ids, n)) return std::nullopt;
+  const IdRange r = id_range(ids, n);
+  return dense_enough(r, n) ? std::optional<IdRange>(r) : std::nullopt;
 }
 
 // With values == nullptr only row_group is written (and `moments` untouched).

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "cpu/advantages_ids.h"
@@ -349,10 +350,14 @@ Status gigpo_f32(const GigpoArgs& a) {
   // Bound here: the workers below must fill this thread's buffers, not their own.
   Workspace<SpreadRecord>& rec_ep_store = rec_prompt;
   Workspace<SpreadRecord>& rec_st_store = rec_state;
+  // Nearly dense prompt ids (indices, or uids already numbered: the verl integration's
+  // codes) need no hashing: the group of a step is id − min.
+  const std::optional<IdRange> dense = dense_range(a.group_ids, a.n);
   if (grouping_threads(a.n) > 1) {
     // One grouping after the other, each split over the threads by key hash (see gigpo_f64).
-    const Grouping p = group_by_ids_parallel<float, false>(a.group_ids, a.n, nullptr, rg_ep,
-                                                           nullptr);
+    const Grouping p =
+        dense ? dense_numbering(a.group_ids, a.n, *dense, rg_ep)
+              : group_by_ids_parallel<float, false>(a.group_ids, a.n, nullptr, rg_ep, nullptr);
     const Grouping s = group_by_ids_parallel<float, false, 2>(a.group_ids, a.n, nullptr, rg_st,
                                                               nullptr, a.state_keys);
     rec_ep = rec_ep_store.get(size_t(p.num_groups));
@@ -368,8 +373,9 @@ Status gigpo_f32(const GigpoArgs& a) {
         const bool prompt = job == 0;
         int32_t* rg = prompt ? rg_ep : rg_st;
         const Grouping g =
-            prompt ? group_by_keys<1, float>(a.group_ids, nullptr, a.n, nullptr, rg, nullptr)
-                   : group_by_keys<2, float>(a.group_ids, a.state_keys, a.n, nullptr, rg, nullptr);
+            !prompt ? group_by_keys<2, float>(a.group_ids, a.state_keys, a.n, nullptr, rg, nullptr)
+            : dense ? dense_numbering(a.group_ids, a.n, *dense, rg)
+                    : group_by_keys<1, float>(a.group_ids, nullptr, a.n, nullptr, rg, nullptr);
         SpreadRecord* rec = (prompt ? rec_ep_store : rec_st_store).get(size_t(g.num_groups));
         spread_records(prompt ? ep : st, a.n, rg, g.num_groups,
                        prompt ? a.episode_std : a.step_std, a.eps, rec);
