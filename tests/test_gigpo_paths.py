@@ -104,9 +104,10 @@ def test_singletons_and_zero_variance_give_positive_zero():
 @pytest.mark.parametrize("steps", [9_000, 70_000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dense_prompt_ids_equal_hashed_ones(steps, dtype):
-    """Prompt ids that are nearly dense (indices, or uids already numbered) are read as
-    id − min instead of hashed; relabelling the same groups with arbitrary 63-bit ids must not
-    change a bit. Sizes on both sides of the thread split."""
+    """On float32 returns, prompt ids that are nearly dense (indices, or uids already numbered)
+    are read as id − min instead of hashed; relabelling the same groups with arbitrary 63-bit
+    ids must not change a bit. Float64 returns hash both labellings: for them this checks that
+    the relabelling alone changes nothing. Sizes on both sides of the thread split."""
     gen = torch.Generator().manual_seed(steps)
     prompts = steps // 48
     index = torch.randint(0, prompts, (steps,), generator=gen)

@@ -147,31 +147,26 @@ void gtpo_impl(const T* h, int64_t n, int64_t t_len, const uint8_t* valid,
   });
 }
 
-// What a row needs of its group to be normalised: formed once a group, so that a row costs one
-// subtraction and one division (the square root and σ's division stay per group).
-struct NormRecord {
-  double mean, spread;  // spread = σ + eps (unbiased σ), used only with `divide`
-  bool active;          // n ≥ 2: a singleton (step) group carries no relative signal
+// What a step needs of its group to be normalised, formed once a group (so that a step costs a
+// subtraction and a division; σ's square root stays per group): A = (x − mean) / spread
+// where spread is finite and nonzero, else 0. spread = σ + eps (divide; unbiased σ) or 1
+// ((x − mean)/1 is x − mean exactly); +inf for a group of fewer than two steps, which carries
+// no relative signal. σ + eps = 0 (eps = 0, a zero-variance group: x − mean = 0) gives 0, as
+// inverse_spread does. 16 bytes, so the float32 row pass loads four to a vector. Both GiGPO
+// paths use it.
+struct alignas(16) SpreadRecord {
+  double mean, spread;
 };
 
-NormRecord norm_record(const GroupMoments& m, bool divide, double eps) {
-  const bool active = m.n >= 2.0;
-  return {m.mean, active && divide ? moments_std(m, kStdUnbiased) + eps : 1.0, active};
+SpreadRecord spread_record(const GroupMoments& m, bool divide, double eps) {
+  if (m.n < 2.0) return {m.mean, std::numeric_limits<double>::infinity()};
+  return {m.mean, divide ? moments_std(m, kStdUnbiased) + eps : 1.0};
 }
 
-double normalised(const NormRecord& r, double x, bool divide) {
-  if (!r.active) return 0.0;
+double spread_normalised(const SpreadRecord& r, double x) {
   const double d = x - r.mean;
-  if (!divide) return d;
-  // σ + eps = 0 (eps = 0, a zero-variance group: d = 0): A = 0, as inverse_spread gives.
-  return r.spread != 0.0 ? d / r.spread : 0.0;
-}
-
-std::vector<NormRecord>& norm_records(const std::vector<GroupMoments>& m, bool divide, double eps,
-                                      std::vector<NormRecord>& out) {
-  out.resize(m.size());
-  for (size_t g = 0; g < m.size(); ++g) out[g] = norm_record(m[g], divide, eps);
-  return out;
+  return r.spread != 0.0 && r.spread != std::numeric_limits<double>::infinity() ? d / r.spread
+                                                                                : 0.0;
 }
 
 // e + ω·s with one rounding where the target has FMA: what the compiler made of the plain
@@ -220,16 +215,23 @@ Status gigpo_f64(const GigpoArgs& a) {
       }
     });
   }
-  static thread_local std::vector<NormRecord> rec_ep_tl, rec_st_tl;
-  const std::vector<NormRecord>& rec_ep = norm_records(mom_ep, a.episode_std, a.eps, rec_ep_tl);
-  const std::vector<NormRecord>& rec_st = norm_records(mom_st, a.step_std, a.eps, rec_st_tl);
+  static thread_local std::vector<SpreadRecord> rec_ep_tl, rec_st_tl;
+  std::vector<SpreadRecord>& rec_ep = rec_ep_tl;
+  std::vector<SpreadRecord>& rec_st = rec_st_tl;
+  auto records = [&](const std::vector<GroupMoments>& m, bool divide,
+                     std::vector<SpreadRecord>& rec) {
+    rec.resize(m.size());
+    for (size_t g = 0; g < m.size(); ++g) rec[g] = spread_record(m[g], divide, a.eps);
+  };
+  records(mom_ep, a.episode_std, rec_ep);
+  records(mom_st, a.step_std, rec_st);
   T* adv = static_cast<T*>(a.advantages);
   T* adv_ep = static_cast<T*>(a.episode_advantages);
   T* adv_st = static_cast<T*>(a.step_advantages);
   at::parallel_for(0, a.n, kGrainElems, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const double e = normalised(rec_ep[by_prompt.row_group[i]], double(ep[i]), a.episode_std);
-      const double s = normalised(rec_st[by_state.row_group[i]], double(st[i]), a.step_std);
+      const double e = spread_normalised(rec_ep[by_prompt.row_group[i]], double(ep[i]));
+      const double s = spread_normalised(rec_st[by_state.row_group[i]], double(st[i]));
       adv_ep[i] = T(e);
       adv_st[i] = T(s);
       adv[i] = T(omega_sum(e, a.omega, s));
@@ -245,24 +247,6 @@ Status gigpo_f64(const GigpoArgs& a) {
 // sums of every group updated at random while numbering (at 1M steps in 258k step groups:
 // 12 MiB of them). The sums are the same shifted sums in the same row order, so the results
 // are those of the float64 path's formulas, bit for bit.
-
-// What the row pass needs of a group: A = (x − mean) / spread where spread is finite and
-// nonzero, else 0. spread = σ + eps (divide) or 1 ((x − mean)/1 is x − mean exactly); +inf
-// for a group of fewer than two steps (no relative signal: normalised() above).
-struct alignas(16) SpreadRecord {
-  double mean, spread;
-};
-
-SpreadRecord spread_record(const GroupMoments& m, bool divide, double eps) {
-  const NormRecord r = norm_record(m, divide, eps);
-  return {r.mean, r.active ? r.spread : std::numeric_limits<double>::infinity()};
-}
-
-double spread_normalised(const SpreadRecord& r, double x) {
-  const double d = x - r.mean;
-  return r.spread != 0.0 && r.spread != std::numeric_limits<double>::infinity() ? d / r.spread
-                                                                                : 0.0;
-}
 
 // rec[g] for the k groups of row_group, from the float values x.
 void spread_records(const float* x, int64_t n, const int32_t* row_group, int64_t k, bool divide,
@@ -302,14 +286,6 @@ inline __m512d spread_normalised8(__m512d x, __m512i lo, __m512i hi) {
   return _mm512_maskz_div_pd(live, _mm512_sub_pd(x, mean), spread);
 }
 
-// Four rows' 16-byte records (rec[rg[i]] .. rec[rg[i + 3]]) in one vector.
-inline __m512i records4(const SpreadRecord* rec, const int32_t* rg, int64_t i) {
-  const __m128i* r = reinterpret_cast<const __m128i*>(rec);
-  __m512i v = _mm512_castsi128_si512(_mm_load_si128(r + rg[i]));
-  v = _mm512_inserti32x4(v, _mm_load_si128(r + rg[i + 1]), 1);
-  v = _mm512_inserti32x4(v, _mm_load_si128(r + rg[i + 2]), 2);
-  return _mm512_inserti32x4(v, _mm_load_si128(r + rg[i + 3]), 3);
-}
 #endif
 
 // Rows [begin, end) of GiGPO's outputs, the same formula eight rows at a time with AVX-512.
@@ -325,11 +301,11 @@ void gigpo_rows(const GigpoArgs& a, const int32_t* rg_ep, const SpreadRecord* re
   const __m512d omega = _mm512_set1_pd(a.omega);
   for (; i + 8 <= end; i += 8) {
     const __m512d e = spread_normalised8(_mm512_cvtps_pd(_mm256_loadu_ps(ep + i)),
-                                         records4(rec_ep, rg_ep, i),
-                                         records4(rec_ep, rg_ep, i + 4));
+                                         records4(rec_ep, GroupArray{rg_ep}, i),
+                                         records4(rec_ep, GroupArray{rg_ep}, i + 4));
     const __m512d s = spread_normalised8(_mm512_cvtps_pd(_mm256_loadu_ps(st + i)),
-                                         records4(rec_st, rg_st, i),
-                                         records4(rec_st, rg_st, i + 4));
+                                         records4(rec_st, GroupArray{rg_st}, i),
+                                         records4(rec_st, GroupArray{rg_st}, i + 4));
     _mm256_storeu_ps(adv_ep + i, _mm512_cvtpd_ps(e));
     _mm256_storeu_ps(adv_st + i, _mm512_cvtpd_ps(s));
     _mm256_storeu_ps(adv + i, _mm512_cvtpd_ps(_mm512_fmadd_pd(omega, s, e)));

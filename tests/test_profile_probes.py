@@ -1,0 +1,61 @@
+"""bench/profile/ids.sh and gigpo.sh (the per-pass tables docs/advantages.md quotes) build
+against the sources and run, and `SRC=` (the A/B option of bench/profile/common.sh) builds
+the same probe against another tree: here this one, so it must print the same groups. Small
+sizes, so each run takes seconds after its build; the figures themselves are not asserted."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "bench" / "profile"
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
+                                reason="needs g++ to build the profile probes")
+
+
+def _run(script: str, args: list[str], tmp_path: Path, src: Path | None = None) -> str:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("SRC", None)
+    if src is not None:
+        env["SRC"] = str(src)
+    out = subprocess.run(["bash", str(PROFILE / script), *args], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def _numbers(line: str, *names: str) -> dict[str, float]:
+    found = {}
+    for name in names:
+        m = re.search(rf"{re.escape(name)} (-?\d+(?:\.\d+)?)", line)
+        assert m, f"{name!r} missing in {line!r}"
+        found[name] = float(m.group(1))
+    return found
+
+
+def test_ids_probe(tmp_path):
+    line = _run("ids.sh", ["4096", "2"], tmp_path)
+    assert line.startswith("N = 4096, ") and "groups, 2 threads" in line, line
+    times = _numbers(line, "id range", "numbering", "moments", "compact rows")
+    assert all(t > 0 for t in times.values()), line
+
+
+@pytest.mark.parametrize("ids", ["hashed", "dense"])
+def test_gigpo_probe_and_its_src_build(tmp_path, ids):
+    line = _run("gigpo.sh", ["4096", "2", "4", ids], tmp_path)
+    assert line.startswith(f"S = 4096, {ids} ids, "), line
+    groups = re.search(r"(\d+) prompt groups, (\d+) step groups", line)
+    assert groups and 0 < int(groups.group(1)) <= int(groups.group(2)) <= 4096, line
+    times = _numbers(line, "call", "prompts", "pairs", "one-word pairs")
+    assert all(t > 0 for t in times.values()), line
+    # SRC=: the same probe built against a given tree (this one) numbers the same groups.
+    again = _run("gigpo.sh", ["4096", "2", "4", ids], tmp_path, src=ROOT)
+    assert re.search(r"\d+ prompt groups, \d+ step groups", again).group(0) == groups.group(0)
+    assert (tmp_path / "rlkern_profile_gigpo_src").exists()
