@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rlkern
+from conftest import bits
 from rlkern.reference.token_advantages import gigpo_advantages_reference
 
 FIELDS = ("advantages", "episode_advantages", "step_advantages")
@@ -43,7 +44,7 @@ def _assert_paths_agree(episode, step, keys, group, **kw):
     for field in FIELDS:
         a, b = getattr(f32, field), getattr(f64, field).float()
         assert a.dtype == torch.float32
-        same = a.view(torch.int32) == b.view(torch.int32)  # bitwise: +0 and −0 differ
+        same = bits(a) == bits(b)  # bitwise: +0 and −0 differ
         assert bool(same.all()), (
             f"{field}: {int((~same).sum())} of {a.numel()} steps differ, first at "
             f"{int((~same).nonzero()[0])}: {float(a[~same][0])!r} vs {float(b[~same][0])!r}")
@@ -98,7 +99,7 @@ def test_singletons_and_zero_variance_give_positive_zero():
     out = _assert_paths_agree(episode, step, keys, group, omega=1.0, mode="std_norm", eps=0.0)
     zero_bits = torch.zeros(steps, dtype=torch.int32)
     for field in FIELDS:
-        assert torch.equal(getattr(out, field).view(torch.int32), zero_bits), field
+        assert torch.equal(bits(getattr(out, field)), zero_bits), field
 
 
 @pytest.mark.parametrize("steps", [9_000, 70_000])
@@ -121,5 +122,4 @@ def test_dense_prompt_ids_equal_hashed_ones(steps, dtype):
     a, b = call(dense), call(hashed)
     for field in FIELDS:
         x, y = getattr(a, field), getattr(b, field)
-        assert torch.equal(x.view(torch.int64 if dtype == torch.float64 else torch.int32),
-                           y.view(torch.int64 if dtype == torch.float64 else torch.int32)), field
+        assert torch.equal(bits(x), bits(y)), field
