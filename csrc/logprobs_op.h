@@ -54,8 +54,28 @@ inline constexpr OpSchema kLinearTileBwd{
     "Tensor?[] grad_outputs, float temperature, int ignore_index, Tensor(a!) grad_tile, "
     "Tensor? stats=None, float softcap=0.0) -> ()"};
 
-inline constexpr OpSchema kOps[] = {kFwdOut, kBwdOut, kLinearTileFwd, kLinearFinishOut,
-                                    kLinearTileBwd};
+// The CPU backend's forward and backward as single calls, for python/rlkern/ops/logprobs.py's
+// CPU path: a call of token_logprobs' size is dominated by its fixed cost at small N, which
+// these keep in C++ (docs/logprobs.md, "Fixed cost of a call"). They take the user's tensors:
+// logits (..., V) with a contiguous vocab dim and any other strides, labels of
+// logits.shape[:-1] (int32 or int64), per-row tensors of that shape with any strides.
+// logprobs_fwd_cpu allocates the outputs (in the order of Output, shape logits.shape[:-1];
+// those not asked for are empty float32) and, with check_data, raises ValueError for a label
+// outside [0, V) that is not ignore_index and for a row of all −inf logits.
+// logprobs_bwd_cpu writes the gradient into grad_logits (logits' shape; may be logits itself).
+inline constexpr OpSchema kFwdCpu{
+    "logprobs_fwd_cpu",
+    "logprobs_fwd_cpu(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+    "bool with_entropy, bool with_stats, bool check_data) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"};
+inline constexpr OpSchema kBwdCpu{
+    "logprobs_bwd_cpu",
+    "logprobs_bwd_cpu(Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, "
+    "Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? grad_lse, float temperature, "
+    "int ignore_index, Tensor(a!) grad_logits) -> ()"};
+
+inline constexpr OpSchema kOps[] = {kFwdOut,        kBwdOut,          kLinearTileFwd,
+                                    kLinearFinishOut, kLinearTileBwd, kFwdCpu, kBwdCpu};
 
 // A `Tensor?[]` argument.
 using TensorList = c10::List<std::optional<at::Tensor>>;

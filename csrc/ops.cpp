@@ -4,7 +4,10 @@
 // the CUDA glue in cuda/<family>_ops.cpp (registered in cuda_ops.cpp).
 //
 // Ops fill caller-provided outputs (`Tensor(a!)`); the allocating wrappers, autograd and fake
-// implementations are in python/rlkern/ops/.
+// implementations are in python/rlkern/ops/. The exceptions are CPU-only ops that do a whole
+// call where the fixed cost of small torch calls would dominate it (logprobs_fwd_cpu,
+// policy_loss_fused_linear): they allocate their results, and Python calls them in plain eager
+// mode or from a registered op's body.
 #include <torch/library.h>
 
 #include "cpu/advantages_ops.h"

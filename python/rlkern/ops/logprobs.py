@@ -13,6 +13,12 @@ caller-provided outputs); this module allocates and dispatches. The per-row outp
 list indexed by :func:`rlkern.config.logprobs.outputs` (the C++ header's layout), and the
 backward takes the forward's outputs and their upstream gradients as two such lists. Backward
 recomputes from the saved per-row ``lse`` and ``entropy``: nothing of size ``(N, V)`` is saved.
+
+The CPU backend takes each direction in one C++ call instead (``logprobs_fwd_cpu`` /
+``logprobs_bwd_cpu``: the layout, the allocations and the data checks done there), and in plain
+eager mode :func:`token_logprobs` calls the op's body and autograd rule directly
+(:class:`_CpuLogprobs`): at the sizes of a micro-batch the fixed cost of a call, not the
+kernel, was most of its time (docs/logprobs.md, "Fixed cost of a call").
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
 from rlkern.config.logprobs import STATS_OUTPUTS, output_names, outputs
+from rlkern.ops.eager import plain_eager
 from rlkern.reference.logprobs import token_logprobs_grad_reference, token_logprobs_reference
 
 
@@ -184,6 +191,8 @@ def logprobs_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The outputs in the order of :func:`rlkern.config.logprobs.outputs`; those not asked for
     are empty."""
+    if backend == "cpu":
+        return _fwd_cpu(logits, labels, temperature, ignore_index, with_entropy, with_stats)
     logits3 = _rows3d(logits)
     lead = logits.shape[:-1]
     labels2 = labels.reshape(logits3.shape[:-1]).to(torch.int64).contiguous()
@@ -195,6 +204,15 @@ def logprobs_fwd(
         _fwd_out(backend, logits3, labels2, temperature, ignore_index, outs)
         _validate_rows(outs[outputs().lse], outs[outputs().logprobs], labels2, ignore_index)
     return tuple(_empty().to(logits.device) if t is None else t.view(lead) for t in outs)
+
+
+def _fwd_cpu(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
+             with_entropy: bool, with_stats: bool) -> tuple[Tensor, ...]:
+    """The CPU backend's forward as one C++ call (``rlkern::logprobs_fwd_cpu``: the layout,
+    the allocations and the data checks of :func:`logprobs_fwd`'s other backends, without
+    their ~20 small torch calls)."""
+    return backends.cpp_ops().logprobs_fwd_cpu(logits, labels, temperature, ignore_index,
+                                               with_entropy, with_stats, _checks_enabled)
 
 
 def _wanted(name: str, with_entropy: bool, with_stats: bool) -> bool:
@@ -218,6 +236,11 @@ def _grad_logits_buffer(logits: Tensor) -> Tensor:
 
 def _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
                 temperature, ignore_index, backend, grad_logits):
+    if backend == "cpu":  # one C++ call: the layout and the per-row arrays there
+        backends.cpp_ops().logprobs_bwd_cpu(logits, labels, lse, entropy, grad_logprobs,
+                                            grad_entropy, grad_lse, temperature, ignore_index,
+                                            grad_logits)
+        return
     logits3 = _rows3d(logits)
     if logits3.numel() == 0:
         grad_logits.zero_()
@@ -286,9 +309,19 @@ def _backward(ctx, *grad_outputs):
     grad_entropy = grad_outputs[OUT.entropy] if entropy is not None else None
     args = (labels, lse, entropy, grad_outputs[OUT.logprobs], grad_entropy, grad_outputs[OUT.lse],
             temperature, ignore_index, backend)
+    # In eager mode without a graph to build (create_graph=False), the bodies of the backward
+    # ops run directly, as :class:`_CpuLogprobs` does for the forward.
+    direct = plain_eager(logits, no_graph=True) and not torch.is_grad_enabled()
     if ctx.inplace:
-        torch.ops.rlkern.logprobs_bwd_inplace(logits, *args)
+        if direct:
+            _bwd_common(logits, *args, logits)
+            torch.autograd.graph.increment_version(logits)  # as the mutating op would
+        else:
+            torch.ops.rlkern.logprobs_bwd_inplace(logits, *args)
         grad = logits
+    elif direct:
+        grad = _grad_logits_buffer(logits)
+        _bwd_common(logits, *args, grad)
     else:
         grad = torch.ops.rlkern.logprobs_bwd(logits, *args)
     return grad, None, None, None, None, None, None, None
@@ -297,6 +330,27 @@ def _backward(ctx, *grad_outputs):
 torch.library.register_autograd(
     "rlkern::logprobs_fwd", _backward, setup_context=_setup_context
 )
+
+
+class _CpuLogprobs(torch.autograd.Function):
+    """``rlkern::logprobs_fwd`` on the CPU backend in plain eager mode
+    (:func:`rlkern.ops.eager.plain_eager`), where a gradient is wanted: the op's own forward
+    body and autograd rule (:func:`_setup_context`, :func:`_backward`), the same bits, without
+    the registered op's dispatch and Python autograd glue. torch.compile, dispatch modes and
+    functorch still see the registered op."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
+                with_entropy: bool, with_stats: bool, inplace_backward: bool
+                ) -> tuple[Tensor, ...]:
+        out = _fwd_cpu(logits, labels, temperature, ignore_index, with_entropy, with_stats)
+        _setup_context(ctx, (logits, labels, temperature, ignore_index, with_entropy,
+                             with_stats, inplace_backward, "cpu"), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        return _backward(ctx, *grad_outputs)[:7]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,10 +511,17 @@ def token_logprobs(
     # The gradient cannot be written over logits whose elements share memory (a stride-0
     # expansion): those get it out of place.
     inplace_backward = bool(inplace_backward) and not _overlaps_itself(logits)
-    out = torch.ops.rlkern.logprobs_fwd(
-        logits, labels, float(temperature), int(ignore_index), bool(return_entropy),
-        bool(return_stats), bool(inplace_backward), resolved,
-    )
+    args = (logits, labels, float(temperature), int(ignore_index), bool(return_entropy),
+            bool(return_stats))
+    if resolved == "cpu" and plain_eager(logits, labels, no_graph=True):
+        # Plain eager mode on the CPU: the registered op's body and autograd rule called
+        # directly (the same bits; rlkern.ops.eager says when this is the same computation).
+        if torch.is_grad_enabled() and logits.requires_grad:
+            out = _CpuLogprobs.apply(*args, inplace_backward)
+        else:
+            out = _fwd_cpu(*args)
+    else:
+        out = torch.ops.rlkern.logprobs_fwd(*args, inplace_backward, resolved)
     # Traced by torch.compile: output_names() is a constant to it, the enum is not.
     return TokenLogprobs(**{
         name: t if _wanted(name, return_entropy, return_stats) else None
