@@ -510,6 +510,23 @@ def test_bad_config(bad, match):
         rlkern.policy_loss(*_inputs(), **bad)
 
 
+def test_default_config_is_built_once_and_equals_a_fresh_one():
+    """config=None takes one validated PolicyLossConfig() for every call (a frozen value, so
+    the calls cannot change it): the same results as a config built for the call."""
+    from rlkern.ops.policy_loss.inputs import _default_config
+
+    assert _default_config() is _default_config()
+    assert _default_config() == rlkern.PolicyLossConfig()
+    B, T = 3, 17
+    lp, old = torch.randn(B, T), torch.randn(B, T)
+    adv, mask = torch.randn(B), torch.rand(B, T) > 0.3
+    a = rlkern.policy_loss(lp, old, adv, mask)
+    b = rlkern.policy_loss(lp, old, adv, mask, config=rlkern.PolicyLossConfig())
+    assert torch.equal(a.loss, b.loss)
+    rlkern.policy_loss(lp, old, adv, mask, clip_ratio_low=0.1)  # overrides: a new config
+    assert _default_config() == rlkern.PolicyLossConfig()
+
+
 def test_bad_preset_names_list_valid_ones():
     with pytest.raises(ValueError, match="'vanilla', 'gspo', 'cispo', 'sapo', 'geo_mean', 'gpg'"):
         PolicyLossConfig.verl(policy_loss="not_a_verl_loss")

@@ -6,6 +6,7 @@ optional inputs as one list by slot of ``layout("policy_loss").inputs``, the ker
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -100,9 +101,16 @@ def normaliser(value: Any, name: str, device: torch.device) -> Tensor | float | 
     return float(value)
 
 
+@functools.cache
+def _default_config() -> PolicyLossConfig:
+    """``PolicyLossConfig()``, built and validated once: a frozen config can serve every call,
+    and its validation is a fixed cost of the order of a small call's kernel."""
+    return PolicyLossConfig()
+
+
 def _config(config: Any, overrides: dict[str, Any]) -> PolicyLossConfig:
     if config is None:
-        config = PolicyLossConfig()
+        config = _default_config()
     elif not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     return config.replace(**overrides)
