@@ -1,9 +1,10 @@
 """token_logprobs' CPU path in plain eager mode and its two one-call ops.
 
 In plain eager mode on CPU tensors, token_logprobs calls ``rlkern::logprobs_fwd``'s body and
-autograd rule directly (``_CpuLogprobs``) instead of the registered op, and the CPU backend's
-forward and backward are each one C++ call (``rlkern::logprobs_fwd_cpu`` /
-``logprobs_bwd_cpu``). These tests hold both to what they replace:
+autograd rule directly (``_EagerLogprobs``, made by rlkern.ops.eager.autograd_function) instead
+of the registered op, and the CPU backend's forward and backward are each one C++ call
+(``rlkern::logprobs_fwd_cpu`` / ``logprobs_bwd_cpu``). These tests hold both to what they
+replace:
 
 * the eager path gives the registered op's outputs and gradients bit for bit (every dtype,
   layout, option and upstream), and is the path taken (the profiler's op names);
@@ -11,7 +12,9 @@ forward and backward are each one C++ call (``rlkern::logprobs_fwd_cpu`` /
   layout the Python layer builds), with the outputs' shapes and dtypes;
 * the C++ data checks raise the Python layer's errors with the same messages (the ``torch``
   backend's), and stand down with the checks off;
-* the in-place backward bumps the logits' version counter, as the mutating op does.
+* the in-place backward bumps the logits' version counter, as the mutating op does;
+* the filtered calls (``top_k`` / ``top_p`` / ``min_p``) take ``rlkern::truncated_logprobs_fwd``'s
+  body and autograd rule the same way, with the registered op's bits.
 """
 
 from __future__ import annotations
@@ -344,3 +347,63 @@ def test_eager_path_matches_registered_op_property(case):
     op = _run("op", logits, labels, **kw)
     _assert_same(eager[0], op[0])
     assert torch.equal(bits(eager[1]), bits(op[1]))
+
+
+def _truncated(path: str, logits: torch.Tensor, labels: torch.Tensor, filters: dict,
+               with_entropy: bool) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """(logprobs, entropy, lse) and the gradient wrt the logits of a filtered call, by
+    token_logprobs (``"eager"``) or by the registered op under autograd (``"op"``)."""
+    from rlkern.ops.logprobs import _rows3d
+    from rlkern.ops.truncated_logprobs import row_filters
+
+    x = logits.detach().clone().requires_grad_()
+    if path == "eager":
+        out = rlkern.token_logprobs(x, labels, temperature=0.9, return_entropy=with_entropy,
+                                    **filters)
+        outs = [out.logprobs, out.entropy, out.lse]
+    else:
+        temp, k, p, mp = row_filters(x, 0.9, filters.get("top_k"), filters.get("top_p"),
+                                     filters.get("min_p"), filters.get("filter_order",
+                                                                       "top_k_first"))
+        lp, ent, lse = torch.ops.rlkern.truncated_logprobs_fwd(
+            _rows3d(x), labels.reshape(-1).to(torch.int64), temp, k, p, mp,
+            filters.get("filter_order") == "joint", -100, with_entropy, "cpu")
+        lead = x.shape[:-1]
+        outs = [lp.view(lead), ent.view(lead) if with_entropy else None, lse.view(lead)]
+    gen = torch.Generator().manual_seed(5)
+    loss = 0
+    for t in outs:
+        if t is not None:
+            w = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            loss = loss + torch.where(torch.isfinite(t), t * w, 0).sum()
+    loss.backward()
+    return [None if t is None else t.detach() for t in outs], x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("filters", [{"top_k": 5}, {"top_p": 0.8}, {"min_p": 0.05},
+                                     {"top_k": 7, "top_p": 0.9, "filter_order": "joint"}])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_truncated_eager_path_matches_registered_op(dtype, filters, with_entropy):
+    logits = (_layout("trl_slice", dtype, V=64).double() * 3).to(dtype)
+    labels = _labels(logits, torch.int64, -100)
+    eager = _truncated("eager", logits, labels, filters, with_entropy)
+    op = _truncated("op", logits, labels, filters, with_entropy)
+    for name, a, b in zip(("logprobs", "entropy", "lse"), eager[0], op[0], strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(bits(a), bits(b)), name
+    assert torch.equal(bits(eager[1]), bits(op[1]))
+    assert eager[1].abs().sum() > 0
+
+
+def test_truncated_eager_path_is_taken():
+    from torch.profiler import profile
+
+    logits = torch.randn(3, 40, requires_grad=True)
+    labels = torch.randint(0, 40, (3,))
+    with profile() as prof:
+        out = rlkern.token_logprobs(logits, labels, top_p=0.9, return_entropy=True)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+    names = {e.name for e in prof.events() if e.name.startswith("rlkern::")}
+    assert names == {"rlkern::truncated_logprobs_fwd_out", "rlkern::truncated_logprobs_bwd_out"}

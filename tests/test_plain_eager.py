@@ -249,3 +249,35 @@ def test_every_registered_body_is_called_through_eager():
     for name in eager.BODIES:
         namespace, op = name.split("::")
         assert hasattr(getattr(torch.ops, namespace), op), name
+
+
+def test_autograd_function_runs_the_body_and_the_registered_rule():
+    """eager.autograd_function: the op's body forward, its registered setup_context and
+    backward; the same values and gradient as the registered op under autograd."""
+    calls: list[str] = []
+
+    @eager.custom_op("rlkern_test::cube", mutates_args=())
+    def cube(x: torch.Tensor, scale: float) -> torch.Tensor:
+        calls.append("body")
+        return x * x * x * scale
+
+    def setup(ctx, inputs, output):
+        calls.append("setup")
+        ctx.save_for_backward(inputs[0])
+        ctx.scale = inputs[1]
+
+    def backward(ctx, grad):
+        calls.append("backward")
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x * x * ctx.scale, None
+
+    torch.library.register_autograd("rlkern_test::cube", backward, setup_context=setup)
+    fn = eager.autograd_function("rlkern_test::cube", setup, backward)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    fn.apply(x, 0.5).sum().backward()
+    assert calls == ["body", "setup", "backward"]
+    via_fn = x.grad.clone()
+    x.grad = None
+    torch.ops.rlkern_test.cube(x, 0.5).sum().backward()
+    assert torch.equal(x.grad, via_fn)
+    assert torch.allclose(via_fn, 1.5 * x.detach() ** 2)

@@ -12,7 +12,10 @@ The non-differentiable ops are registered with :func:`custom_op` (``torch.librar
 that also keeps the body) and called through :func:`call`, which takes the body in plain
 eager mode and the registered op otherwise. A differentiable op registered the same way (the
 policy loss's forward) takes its body only where no graph is built (``call(...,
-no_graph=True)`` with grad mode off).
+no_graph=True)`` with grad mode off). Where a graph is built, :func:`autograd_function`
+makes a ``torch.autograd.Function`` of a differentiable op's body and its registered autograd
+rule (token_logprobs' forward, plain and truncated), whose backward can again call the
+backward op's body (:func:`call` with ``no_graph=not torch.is_grad_enabled()``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-__all__ = ["call", "custom_op", "plain_eager"]
+__all__ = ["autograd_function", "call", "custom_op", "plain_eager"]
 
 #: Registered op name ("rlkern::gae") → its Python body.
 BODIES: dict[str, Callable[..., Any]] = {}
@@ -85,3 +88,25 @@ def call(name: str, *args: Any, no_graph: bool = False) -> Any:
         return BODIES[name](*args)
     namespace, op = name.split("::")
     return getattr(getattr(torch.ops, namespace), op)(*args)
+
+
+def autograd_function(name: str, setup_context: Callable[..., None],
+                      backward: Callable[..., Any]) -> type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` that runs the body of the differentiable op ``name``
+    (registered by :func:`custom_op`) and the autograd rule registered for it
+    (``setup_context`` / ``backward`` as given to ``torch.library.register_autograd``): the
+    op's computation and gradient without the dispatcher's and torch.library's Python glue,
+    for :func:`plain_eager` calls that build a graph. ``apply`` takes the op's arguments."""
+    body = BODIES[name]
+
+    def forward(ctx: Any, *inputs: Any) -> Any:
+        out = body(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+
+    def backward_(ctx: Any, *grads: Any) -> Any:
+        return backward(ctx, *grads)
+
+    return type(f"Eager_{name.split('::')[1]}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_),
+                 "__doc__": f"``{name}``'s body and autograd rule (rlkern.ops.eager)."})

@@ -17,7 +17,7 @@ recomputes from the saved per-row ``lse`` and ``entropy``: nothing of size ``(N,
 The CPU backend takes each direction in one C++ call instead (``logprobs_fwd_cpu`` /
 ``logprobs_bwd_cpu``: the layout, the allocations and the data checks done there), and in plain
 eager mode :func:`token_logprobs` calls the op's body and autograd rule directly
-(:class:`_CpuLogprobs`): at the sizes of a micro-batch the fixed cost of a call, not the
+(``_EagerLogprobs``): at the sizes of a micro-batch the fixed cost of a call, not the
 kernel, was most of its time (docs/logprobs.md, "Fixed cost of a call").
 """
 
@@ -33,6 +33,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.dtypes import FLOAT_DTYPES, INDEX_DTYPES, acc_dtype
 from rlkern.config.logprobs import STATS_OUTPUTS, output_names, outputs
+from rlkern.ops import eager
 from rlkern.ops.eager import plain_eager
 from rlkern.reference.logprobs import token_logprobs_grad_reference, token_logprobs_reference
 
@@ -178,7 +179,7 @@ def _bwd_out(backend: str, logits3: Tensor, labels2: Tensor, outs: list[Tensor |
 # Registered functional ops (what autograd and torch.compile see).
 
 
-@torch.library.custom_op("rlkern::logprobs_fwd", mutates_args=())
+@eager.custom_op("rlkern::logprobs_fwd", mutates_args=())
 def logprobs_fwd(
     logits: Tensor,
     labels: Tensor,
@@ -310,7 +311,7 @@ def _backward(ctx, *grad_outputs):
     args = (labels, lse, entropy, grad_outputs[OUT.logprobs], grad_entropy, grad_outputs[OUT.lse],
             temperature, ignore_index, backend)
     # In eager mode without a graph to build (create_graph=False), the bodies of the backward
-    # ops run directly, as :class:`_CpuLogprobs` does for the forward.
+    # ops run directly, as ``_EagerLogprobs`` does for the forward.
     direct = plain_eager(logits, no_graph=True) and not torch.is_grad_enabled()
     if ctx.inplace:
         if direct:
@@ -332,25 +333,11 @@ torch.library.register_autograd(
 )
 
 
-class _CpuLogprobs(torch.autograd.Function):
-    """``rlkern::logprobs_fwd`` on the CPU backend in plain eager mode
-    (:func:`rlkern.ops.eager.plain_eager`), where a gradient is wanted: the op's own forward
-    body and autograd rule (:func:`_setup_context`, :func:`_backward`), the same bits, without
-    the registered op's dispatch and Python autograd glue. torch.compile, dispatch modes and
-    functorch still see the registered op."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float, ignore_index: int,
-                with_entropy: bool, with_stats: bool, inplace_backward: bool
-                ) -> tuple[Tensor, ...]:
-        out = _fwd_cpu(logits, labels, temperature, ignore_index, with_entropy, with_stats)
-        _setup_context(ctx, (logits, labels, temperature, ignore_index, with_entropy,
-                             with_stats, inplace_backward, "cpu"), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        return _backward(ctx, *grad_outputs)[:7]
+#: ``rlkern::logprobs_fwd``'s body and autograd rule as a ``torch.autograd.Function``, for
+#: token_logprobs on the CPU backend in plain eager mode where a gradient is wanted: the same
+#: bits, without the registered op's dispatch and Python autograd glue. torch.compile,
+#: dispatch modes and functorch still see the registered op.
+_EagerLogprobs = eager.autograd_function("rlkern::logprobs_fwd", _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +504,7 @@ def token_logprobs(
         # Plain eager mode on the CPU: the registered op's body and autograd rule called
         # directly (the same bits; rlkern.ops.eager says when this is the same computation).
         if torch.is_grad_enabled() and logits.requires_grad:
-            out = _CpuLogprobs.apply(*args, inplace_backward)
+            out = _EagerLogprobs.apply(*args, inplace_backward, resolved)
         else:
             out = _fwd_cpu(*args)
     else:
@@ -532,7 +519,7 @@ def token_logprobs(
 def _truncated(logits, labels, temperature, ignore_index, return_entropy, return_stats,
                backend, top_k, top_p, min_p, filter_order) -> TokenLogprobs:
     """token_logprobs with the sampler's filters (rlkern/ops/truncated_logprobs.py)."""
-    from rlkern.ops.truncated_logprobs import row_filters
+    from rlkern.ops.truncated_logprobs import EagerTruncatedLogprobs, row_filters
 
     if return_stats:
         raise ValueError("return_stats is not available with top_k / top_p / min_p")
@@ -540,8 +527,15 @@ def _truncated(logits, labels, temperature, ignore_index, return_entropy, return
     logits3 = _rows3d(logits)
     lead = logits.shape[:-1]
     labels1 = labels.reshape(-1).to(torch.int64).contiguous()
-    lp, ent, lse = torch.ops.rlkern.truncated_logprobs_fwd(
-        logits3, labels1, temp, k, p, mp, filter_order == "joint", int(ignore_index),
-        bool(return_entropy), backend)
+    args = (logits3, labels1, temp, k, p, mp, filter_order == "joint", int(ignore_index),
+            bool(return_entropy), backend)
+    if backend == "cpu" and plain_eager(logits, labels, no_graph=True):
+        # as token_logprobs' unfiltered calls: the op's body and autograd rule, directly
+        if torch.is_grad_enabled() and logits.requires_grad:
+            lp, ent, lse = EagerTruncatedLogprobs.apply(*args)
+        else:
+            lp, ent, lse = eager.BODIES["rlkern::truncated_logprobs_fwd"](*args)
+    else:
+        lp, ent, lse = torch.ops.rlkern.truncated_logprobs_fwd(*args)
     return TokenLogprobs(lp.view(lead), ent.view(lead) if return_entropy else None,
                          lse.view(lead), None, None)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from rlkern import backends
 from rlkern.config.dtypes import acc_dtype
+from rlkern.ops import eager
 from rlkern.ops.logprobs import _validate_labels, _validate_rows
 from rlkern.reference.truncated_logprobs import (
     truncated_logprobs_grad_reference,
@@ -67,7 +68,7 @@ _ROW_ARGS = ("Tensor logits, Tensor labels, Tensor temperature, Tensor? top_k, T
              "Tensor? min_p, bool joint, int ignore_index")
 
 
-@torch.library.custom_op(
+@eager.custom_op(
     "rlkern::truncated_logprobs_fwd", mutates_args=(),
     schema=f"({_ROW_ARGS}, bool with_entropy, str backend) -> (Tensor, Tensor, Tensor)")
 def truncated_logprobs_fwd(logits, labels, temperature, top_k, top_p, min_p, joint, ignore_index,
@@ -102,7 +103,7 @@ def _(logits, labels, temperature, top_k, top_p, min_p, joint, ignore_index, wit
             dtype=acc), logits.new_empty((n,), dtype=acc))
 
 
-@torch.library.custom_op(
+@eager.custom_op(
     "rlkern::truncated_logprobs_bwd", mutates_args=(),
     schema=f"({_ROW_ARGS}, Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? grad_lse, "
            "str backend) -> Tensor")
@@ -147,14 +148,21 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_logprobs, grad_entropy, grad_lse):
     logits, labels, temperature, top_k, top_p, min_p = ctx.saved_tensors
     joint, ignore_index, with_entropy, backend = ctx.options
-    grad = torch.ops.rlkern.truncated_logprobs_bwd(
-        logits, labels, temperature, top_k, top_p, min_p, joint, ignore_index, grad_logprobs,
-        grad_entropy if with_entropy else None, grad_lse, backend)
+    # the backward op's body where no graph is built (plain eager mode, create_graph=False)
+    grad = eager.call(
+        "rlkern::truncated_logprobs_bwd", logits, labels, temperature, top_k, top_p, min_p,
+        joint, ignore_index, grad_logprobs, grad_entropy if with_entropy else None, grad_lse,
+        backend, no_graph=not torch.is_grad_enabled())
     return grad, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("rlkern::truncated_logprobs_fwd", _backward,
                                 setup_context=_setup_context)
+
+#: ``rlkern::truncated_logprobs_fwd``'s body and autograd rule, for token_logprobs' filtered
+#: calls in plain eager mode where a gradient is wanted (rlkern.ops.eager.autograd_function).
+EagerTruncatedLogprobs = eager.autograd_function("rlkern::truncated_logprobs_fwd",
+                                                 _setup_context, _backward)
 
 
 def row_filters(logits: Tensor, temperature: float, top_k, top_p, min_p, filter_order: str):
