@@ -143,7 +143,7 @@ def test_replace_runs_rlkern_under_verls_names_in_its_trainer(estimator):
     """replace_verl_estimators(): verl's trainer step ``compute_advantage`` with
     ``adv_estimator=gae`` / ``remax`` (the names it treats specially: the critic's values, the
     greedy baseline) runs rlkern's function and gets verl's result; restore puts verl's back."""
-    # verl's trainer module also needs torchdata: pip install --no-deps torchdata
+    # verl's trainer module also needs torchdata (in the parity extra)
     ray_trainer = pytest.importorskip("verl.trainer.ppo.ray_trainer")
     from verl import DataProto
 
