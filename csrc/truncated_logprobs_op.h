@@ -34,9 +34,17 @@ inline constexpr OpSchema kBwdOut{
     "Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? grad_lse, "
     "Tensor(a!) grad_logits) -> ()"};
 
+// The CPU backend's forward as one call (python/rlkern/ops/truncated_logprobs.py takes it for
+// CPU tensors): the arguments of kFwdOut, labels int32 or int64; the outputs allocated, of
+// labels' shape in the accumulation dtype (entropy empty unless with_entropy), and with
+// check_data the label range and all −inf row checks of logprobs_fwd_cpu (logprobs_op.h).
+inline constexpr OpSchema kFwdCpu{
+    "truncated_logprobs_fwd_cpu",
+    "truncated_logprobs_fwd_cpu(" RLKERN_TRUNC_ROW_ARGS
+    "bool with_entropy, bool check_data) -> (Tensor, Tensor, Tensor)"};
 #undef RLKERN_TRUNC_ROW_ARGS
 
-inline constexpr OpSchema kOps[] = {kFwdOut, kBwdOut};
+inline constexpr OpSchema kOps[] = {kFwdOut, kBwdOut, kFwdCpu};
 
 // The checked arguments of either op as raw pointers (rlkern/truncated_logprobs.h; the
 // logits' pointer and dtype are the backend's to take).

@@ -235,9 +235,9 @@ def test_bwd_cpu_takes_strided_rows():
                                           -100, dense)
 
 
-def _error(backend: str, logits: torch.Tensor, labels: torch.Tensor) -> str:
+def _error(backend: str, logits: torch.Tensor, labels: torch.Tensor, **kw) -> str:
     with pytest.raises(ValueError) as info:
-        rlkern.token_logprobs(logits, labels, backend=backend)
+        rlkern.token_logprobs(logits, labels, backend=backend, **kw)
     return str(info.value)
 
 
@@ -406,4 +406,47 @@ def test_truncated_eager_path_is_taken():
         out = rlkern.token_logprobs(logits, labels, top_p=0.9, return_entropy=True)
         (out.logprobs.sum() + out.entropy.sum()).backward()
     names = {e.name for e in prof.events() if e.name.startswith("rlkern::")}
-    assert names == {"rlkern::truncated_logprobs_fwd_out", "rlkern::truncated_logprobs_bwd_out"}
+    assert names == {"rlkern::truncated_logprobs_fwd_cpu", "rlkern::truncated_logprobs_bwd_out"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
+def test_truncated_fwd_cpu_matches_caller_output_kernel(dtype, label_dtype):
+    """The filtered one-call forward against the caller-output kernel op: the same bits (fp32
+    kernel outputs, converted for float64 logits), outputs of labels' shape."""
+    from rlkern.ops.truncated_logprobs import row_filters
+
+    logits = (torch.randn(2, 3, 90, dtype=torch.float64) * 3).to(dtype)
+    labels = _labels(logits, label_dtype, -100).reshape(-1)
+    temp, k, p, mp = row_filters(logits, 0.8, 9, 0.85, None, "top_k_first")
+    got = torch.ops.rlkern.truncated_logprobs_fwd_cpu(logits, labels, temp, k, p, mp, False,
+                                                      -100, True, True)
+    want = [torch.empty(6) for _ in range(3)]
+    torch.ops.rlkern.truncated_logprobs_fwd_out(logits, labels.to(torch.int64), temp, k, p, mp,
+                                                False, -100, want[0], want[1], want[2])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, g, w in zip(("logprobs", "entropy", "lse"), got, want, strict=True):
+        assert g.shape == (6,) and g.dtype == acc, name
+        assert torch.equal(bits(g), bits(w.to(acc))), name
+    lean = torch.ops.rlkern.truncated_logprobs_fwd_cpu(logits, labels, temp, k, p, mp, False,
+                                                       -100, False, True)
+    assert lean[1].shape == (0,) and lean[1].dtype == acc
+
+
+def test_truncated_check_messages_as_the_python_layer():
+    logits = torch.randn(2, 3, 11)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    labels[1, 0] = 11
+    cpu, ref = (_error(b, logits, labels, top_p=0.9) for b in ("cpu", "torch"))
+    assert cpu.startswith("labels: value 11 at flat position 3 is outside [0, 11)") and ref in cpu
+    logits[0, 2] = float("-inf")
+    labels[1, 0] = 4
+    cpu, ref = (_error(b, logits, labels, top_k=3) for b in ("cpu", "torch"))
+    assert cpu.startswith("logits: row 2 (flat index over the leading dims) is all -inf")
+    assert ref in cpu
+    lp_ops.set_checks(False)
+    try:
+        out = rlkern.token_logprobs(logits, labels, top_k=3)
+    finally:
+        lp_ops.set_checks(True)
+    assert torch.isnan(out.logprobs[0, 2])

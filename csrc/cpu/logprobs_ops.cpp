@@ -7,16 +7,15 @@
 // other backends, with its messages.
 #include "cpu/logprobs_ops.h"
 
-#include <ATen/TensorUtils.h>
 #include <ATen/ops/empty.h>
 
 #include <array>
-#include <cmath>
 #include <optional>
 #include <tuple>
 
 #include "cpu/glue.h"
 #include "cpu/huge_pages.h"
+#include "cpu/logits_args.h"
 #include "cpu/logprobs.h"
 #include "logprobs_op.h"
 
@@ -55,68 +54,6 @@ void launch_bwd(const at::Tensor& logits, const at::Tensor& labels, const GradIn
   logprobs_bwd(a);
 }
 
-// The user's (..., V) logits as (B, L, V) without a copy: (N, V) → (1, N, V), (B, L, V) as it
-// is, more leading dims merged where their strides allow it.
-at::Tensor rows3d(const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(logits.dim() >= 2, "logits: expected (N, V) or (B, L, V), got shape ",
-                    logits.sizes());
-  if (logits.dim() == 2) return logits.unsqueeze(0);
-  if (logits.dim() == 3) return logits;
-  int64_t lead = 1;
-  for (int64_t d = 0; d < logits.dim() - 2; ++d) lead *= logits.size(d);
-  const std::array<int64_t, 3> shape{lead, logits.size(-2), logits.size(-1)};
-  const auto merged = at::detail::computeStride(logits.sizes(), logits.strides(),
-                                                at::IntArrayRef(shape));
-  TORCH_CHECK_VALUE(merged.has_value(), "logits of shape ", logits.sizes(), " with strides ",
-                    logits.strides(), ": the leading dims cannot be merged without a copy; "
-                    "pass a (N, V) or (B, L, V) tensor");
-  return logits.view(shape);
-}
-
-// A per-row tensor (labels, lse, gradients: any strides) as the contiguous array of `rows`
-// values the kernels read; no copy where it is one already.
-at::Tensor row_array(const at::Tensor& t, const char* name, int64_t rows, at::ScalarType want) {
-  TORCH_CHECK_VALUE(t.numel() == rows, name, ": expected ", rows, " values (one a row), got "
-                    "shape ", t.sizes());
-  return t.reshape({rows}).to(want).contiguous();
-}
-
-at::Tensor label_array(const at::Tensor& labels, int64_t rows) {
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-                   "labels: expected int32 or int64, got ", labels.scalar_type());
-  return row_array(labels, "labels", rows, at::kLong);
-}
-
-std::optional<at::Tensor> row_array(const std::optional<at::Tensor>& t, const char* name,
-                                    int64_t rows, at::ScalarType want) {
-  if (!t.has_value() || t->numel() == 0) return std::nullopt;  // empty: not computed
-  return row_array(*t, name, rows, want);
-}
-
-// Labels in [0, V) or ignore_index; the message names the first one that is not (the same
-// as the Python layer's, python/rlkern/ops/logprobs.py _validate_labels).
-void check_labels(const int64_t* labels, int64_t rows, int64_t V, int64_t ignore_index) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t y = labels[i];
-    TORCH_CHECK_VALUE((y >= 0 && y < V) || y == ignore_index, "labels: value ", y,
-                      " at flat position ", i, " is outside [0, ", V,
-                      ") and is not ignore_index=", ignore_index);
-  }
-}
-
-// A row of all −inf logits: lse = −inf *and* a NaN logprob (a finite row can have lse = −inf
-// too, with a finite logprob); python/rlkern/ops/logprobs.py _validate_rows has the reason.
-template <typename Acc>
-void check_rows(const Acc* lse, const Acc* logprobs, const int64_t* labels, int64_t rows,
-                int64_t ignore_index) {
-  for (int64_t i = 0; i < rows; ++i) {
-    TORCH_CHECK_VALUE(!(std::isinf(lse[i]) && lse[i] < 0 && std::isnan(logprobs[i]) &&
-                        labels[i] != ignore_index),
-                      "logits: row ", i, " (flat index over the leading dims) is all -inf, so "
-                      "its softmax is undefined");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore_index,
     bool with_entropy, bool with_stats, bool check_data) {
@@ -128,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   TORCH_CHECK_VALUE(V > 0 || rows == 0, "logits: an empty vocab dim (V = 0) with ", rows,
                     " labels");
   const int64_t* y = labels1.const_data_ptr<int64_t>();
-  if (check_data) check_labels(y, rows, V, ignore_index);
+  if (check_data) check_label_range(y, rows, V, ignore_index);
   const at::IntArrayRef lead = logits.sizes().slice(0, logits.dim() - 1);
   const at::TensorOptions acc = logits.options().dtype(checks::acc_dtype(logits));
   std::array<at::Tensor, kNumOutputs> outs;
@@ -144,10 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
     launch_fwd(logits3, labels1, temperature, ignore_index, ptr);
     if (check_data) {
       if (logits.scalar_type() == at::kDouble)
-        check_rows(outs[kLse].const_data_ptr<double>(), outs[kLogprobs].const_data_ptr<double>(),
+        check_neginf_rows(outs[kLse].const_data_ptr<double>(), outs[kLogprobs].const_data_ptr<double>(),
                    y, rows, ignore_index);
       else
-        check_rows(outs[kLse].const_data_ptr<float>(), outs[kLogprobs].const_data_ptr<float>(),
+        check_neginf_rows(outs[kLse].const_data_ptr<float>(), outs[kLogprobs].const_data_ptr<float>(),
                    y, rows, ignore_index);
     }
   }

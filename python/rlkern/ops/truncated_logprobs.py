@@ -17,7 +17,10 @@ fixed (it is piecewise constant in the logits): 0 outside ``K``, and none from a
 
 Registered ops (``torch.ops.rlkern``): ``truncated_logprobs_fwd`` → ``(logprobs, entropy,
 lse)`` and ``truncated_logprobs_bwd`` → ``grad_logits``; the compiled backends fill
-``truncated_logprobs_{fwd,bwd}_out`` (C++).
+``truncated_logprobs_{fwd,bwd}_out`` (C++). The CPU backend's forward is one C++ call,
+``truncated_logprobs_fwd_cpu`` (the allocations and the data checks there too), and in plain
+eager mode token_logprobs calls the forward's body and autograd rule directly
+(:data:`EagerTruncatedLogprobs`; docs/logprobs.md, "Fixed cost of a call").
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import Tensor
 from rlkern import backends
 from rlkern.config.dtypes import acc_dtype
 from rlkern.ops import eager
-from rlkern.ops.logprobs import _validate_labels, _validate_rows
+from rlkern.ops.logprobs import _validate_labels, _validate_rows, checks_enabled
 from rlkern.reference.truncated_logprobs import (
     truncated_logprobs_grad_reference,
     truncated_logprobs_reference,
@@ -77,6 +80,10 @@ def truncated_logprobs_fwd(logits, labels, temperature, top_k, top_p, min_p, joi
     entropy, lse)`` of shape ``(B·L,)`` in the accumulation dtype (``entropy`` empty unless
     ``with_entropy``). The kernels compute in fp32 (the sampler's scratch row); the ``torch``
     backend in float64."""
+    if backend == "cpu":  # one C++ call: the allocations and the data checks there too
+        return backends.cpp_ops().truncated_logprobs_fwd_cpu(
+            logits, labels, temperature, top_k, top_p, min_p, joint, ignore_index, with_entropy,
+            checks_enabled())
     n = labels.numel()
     dev = logits.device
     acc = acc_dtype(logits.dtype)
