@@ -211,7 +211,7 @@ def _fwd_cpu(logits: Tensor, labels: Tensor, temperature: float, ignore_index: i
              with_entropy: bool, with_stats: bool) -> tuple[Tensor, ...]:
     """The CPU backend's forward as one C++ call (``rlkern::logprobs_fwd_cpu``: the layout,
     the allocations and the data checks of :func:`logprobs_fwd`'s other backends, without
-    their ~20 small torch calls)."""
+    their small torch calls)."""
     return backends.cpp_ops().logprobs_fwd_cpu(logits, labels, temperature, ignore_index,
                                                with_entropy, with_stats, _checks_enabled)
 
