@@ -119,6 +119,16 @@ def test_eager_path_each_upstream(grads):
     assert eager[1].abs().sum() > 0  # a gradient that can tell paths apart
 
 
+def test_eager_path_marks_the_same_outputs_differentiable():
+    """The statistics are not differentiable on either path; the other outputs are."""
+    logits = torch.randn(3, 50, requires_grad=True)
+    labels = torch.randint(0, 50, (3,))
+    eager = rlkern.token_logprobs(logits, labels, return_entropy=True, return_stats=True)
+    op = torch.ops.rlkern.logprobs_fwd(logits, labels, 1.0, -100, True, True, False, "cpu")
+    assert [getattr(eager, n).requires_grad for n in output_names()] == \
+        [t.requires_grad for t in op] == [True, True, True, False, False]
+
+
 def test_eager_path_is_taken_and_the_op_elsewhere():
     """Plain eager mode runs the one-call ops without the registered op; a dispatch mode (as
     torch.compile's tracing) still sees the registered op."""
