@@ -123,6 +123,14 @@ inline RowPointers fwd_outputs(const TensorList& outputs, int64_t rows, at::Scal
   return out;
 }
 
+// A backward's per-row inputs hold what it reads: the forward's lse always, its entropy for an
+// entropy gradient (bwd_rows below; logprobs_bwd_cpu).
+inline void check_grad_inputs(const GradInputs& in) {
+  TORCH_CHECK(in.lse != nullptr, "lse: the forward's lse is required by the backward");
+  TORCH_CHECK(in.grad_entropy == nullptr || in.entropy != nullptr,
+              "entropy: required when grad_entropy is given");
+}
+
 // What a backward reads per row (rlkern/logprobs.h GradInputs), from the forward's `outputs`
 // (lse; entropy for an entropy gradient) and the upstream `grad_outputs` of the
 // differentiable outputs.
@@ -131,14 +139,13 @@ inline GradInputs bwd_rows(const TensorList& outputs, const TensorList& grad_out
   const RowPointers out = row_pointers(outputs, "outputs", "", rows, acc, like, false);
   const RowPointers grad =
       row_pointers(grad_outputs, "grad_outputs", "grad_", rows, acc, like, false);
-  TORCH_CHECK(out[kLse] != nullptr, "lse: the forward's lse is required by the backward");
-  TORCH_CHECK(grad[kEntropy] == nullptr || out[kEntropy] != nullptr,
-              "entropy: required when grad_entropy is given");
   for (int o = 0; o < kNumOutputs; ++o) {
     TORCH_CHECK(differentiable(o) || grad[o] == nullptr, "grad_", kOutputNames[o], ": ",
                 kOutputNames[o], " is not differentiable");
   }
-  return {out[kLse], out[kEntropy], grad[kLogprobs], grad[kEntropy], grad[kLse]};
+  const GradInputs in{out[kLse], out[kEntropy], grad[kLogprobs], grad[kEntropy], grad[kLse]};
+  check_grad_inputs(in);
+  return in;
 }
 
 inline void check_temperature(double temperature) {

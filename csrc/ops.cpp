@@ -6,7 +6,7 @@
 // Ops fill caller-provided outputs (`Tensor(a!)`); the allocating wrappers, autograd and fake
 // implementations are in python/rlkern/ops/. The exceptions are CPU-only ops that do a whole
 // call where the fixed cost of small torch calls would dominate it (logprobs_fwd_cpu,
-// policy_loss_fused_linear): they allocate their results, and Python calls them in plain eager
+// truncated_logprobs_fwd_cpu, policy_loss_fused_linear): they allocate their results, and Python calls them in plain eager
 // mode or from a registered op's body.
 #include <torch/library.h>
 

@@ -281,3 +281,19 @@ def test_autograd_function_runs_the_body_and_the_registered_rule():
     torch.ops.rlkern_test.cube(x, 0.5).sum().backward()
     assert torch.equal(x.grad, via_fn)
     assert torch.allclose(via_fn, 1.5 * x.detach() ** 2)
+
+
+def test_call_bumps_the_version_of_what_the_body_writes():
+    """A body that writes an argument the way a C++ kernel does (through its memory, which
+    bumps no version counter) still leaves the counter bumped, as the registered op would."""
+
+    @eager.custom_op("rlkern_test::fill_ones", mutates_args=("out",))
+    def fill_ones(x: torch.Tensor, out: torch.Tensor) -> None:
+        out.data.copy_(torch.ones_like(x))
+
+    assert eager.MUTATED["rlkern_test::fill_ones"] == (1,)
+    x, out = torch.zeros(4), torch.zeros(4)
+    before = out._version
+    eager.call("rlkern_test::fill_ones", x, out)
+    assert out._version > before and torch.equal(out, torch.ones(4))
+    assert eager.MUTATED["rlkern::sample"] == ()

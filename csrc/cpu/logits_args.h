@@ -35,7 +35,8 @@ inline at::Tensor rows3d(const at::Tensor& logits) {
 
 // A per-row tensor (labels, lse, gradients: any strides) as the contiguous array of `rows`
 // values the kernels read; no copy where it is one already.
-inline at::Tensor row_array(const at::Tensor& t, const char* name, int64_t rows, at::ScalarType want) {
+inline at::Tensor row_array(const at::Tensor& t, const char* name, int64_t rows,
+                            at::ScalarType want) {
   TORCH_CHECK_VALUE(t.numel() == rows, name, ": expected ", rows, " values (one a row), got "
                     "shape ", t.sizes());
   return t.reshape({rows}).to(want).contiguous();
@@ -48,14 +49,15 @@ inline at::Tensor label_array(const at::Tensor& labels, int64_t rows) {
 }
 
 inline std::optional<at::Tensor> row_array(const std::optional<at::Tensor>& t, const char* name,
-                                    int64_t rows, at::ScalarType want) {
+                                           int64_t rows, at::ScalarType want) {
   if (!t.has_value() || t->numel() == 0) return std::nullopt;  // empty: not computed
   return row_array(*t, name, rows, want);
 }
 
 // Labels in [0, V) or ignore_index; the message names the first one that is not (the same
 // as the Python layer's, python/rlkern/ops/logprobs.py _validate_labels).
-inline void check_label_range(const int64_t* labels, int64_t rows, int64_t V, int64_t ignore_index) {
+inline void check_label_range(const int64_t* labels, int64_t rows, int64_t V,
+                              int64_t ignore_index) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t y = labels[i];
     TORCH_CHECK_VALUE((y >= 0 && y < V) || y == ignore_index, "labels: value ", y,
@@ -68,7 +70,7 @@ inline void check_label_range(const int64_t* labels, int64_t rows, int64_t V, in
 // too, with a finite logprob); python/rlkern/ops/logprobs.py _validate_rows has the reason.
 template <typename Acc>
 void check_neginf_rows(const Acc* lse, const Acc* logprobs, const int64_t* labels, int64_t rows,
-                int64_t ignore_index) {
+                       int64_t ignore_index) {
   for (int64_t i = 0; i < rows; ++i) {
     TORCH_CHECK_VALUE(!(std::isinf(lse[i]) && lse[i] < 0 && std::isnan(logprobs[i]) &&
                         labels[i] != ignore_index),

@@ -80,12 +80,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   if (rows > 0) {
     launch_fwd(logits3, labels1, temperature, ignore_index, ptr);
     if (check_data) {
-      if (logits.scalar_type() == at::kDouble)
-        check_neginf_rows(outs[kLse].const_data_ptr<double>(), outs[kLogprobs].const_data_ptr<double>(),
-                   y, rows, ignore_index);
-      else
-        check_neginf_rows(outs[kLse].const_data_ptr<float>(), outs[kLogprobs].const_data_ptr<float>(),
-                   y, rows, ignore_index);
+      auto check = [&](auto acc_zero) {  // the outputs' element type, float or double
+        using Acc = decltype(acc_zero);
+        check_neginf_rows(outs[kLse].const_data_ptr<Acc>(), outs[kLogprobs].const_data_ptr<Acc>(),
+                          y, rows, ignore_index);
+      };
+      if (logits.scalar_type() == at::kDouble) check(0.0);
+      else check(0.0f);
     }
   }
   static_assert(kNumOutputs == 5, "the schema returns five tensors");
@@ -113,12 +114,11 @@ void bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tenso
   const auto g_lp = row_array(grad_logprobs, "grad_logprobs", rows, acc);
   const auto g_ent = row_array(grad_entropy, "grad_entropy", rows, acc);
   const auto g_lse = row_array(grad_lse, "grad_lse", rows, acc);
-  TORCH_CHECK(!g_ent.has_value() || entropy1.has_value(),
-              "entropy: required when grad_entropy is given");
   auto ptr = [](const std::optional<at::Tensor>& t) -> const void* {
     return t.has_value() ? t->const_data_ptr() : nullptr;
   };
   const GradInputs in{lse1.const_data_ptr(), ptr(entropy1), ptr(g_lp), ptr(g_ent), ptr(g_lse)};
+  check_grad_inputs(in);
   launch_bwd(logits3, labels1, in, temperature, ignore_index, grad3);
 }
 

@@ -31,6 +31,8 @@ __all__ = ["autograd_function", "call", "custom_op", "plain_eager"]
 
 #: Registered op name ("rlkern::gae") → its Python body.
 BODIES: dict[str, Callable[..., Any]] = {}
+#: Registered op name → the positions of the arguments it writes (its schema's ``(a!)``).
+MUTATED: dict[str, tuple[int, ...]] = {}
 
 
 def plain_eager(*tensors: Tensor | None, no_graph: bool = False) -> bool:
@@ -56,12 +58,17 @@ def plain_eager(*tensors: Tensor | None, no_graph: bool = False) -> bool:
 
 
 def custom_op(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
-    """``torch.library.custom_op(name, **kwargs)`` for a non-differentiable op, keeping the
-    decorated function as its body for :func:`call`."""
+    """``torch.library.custom_op(name, **kwargs)``, keeping the decorated function as its body
+    for :func:`call` and :func:`autograd_function` (and which arguments it writes)."""
 
     def register(body: Callable[..., Any]) -> Any:
         BODIES[name] = body
-        return torch.library.custom_op(name, **kwargs)(body)
+        op = torch.library.custom_op(name, **kwargs)(body)
+        namespace, op_name = name.split("::")
+        schema = getattr(getattr(torch.ops, namespace), op_name).default._schema
+        MUTATED[name] = tuple(i for i, a in enumerate(schema.arguments)
+                              if a.alias_info is not None and a.alias_info.is_write)
+        return op
 
     return register
 
@@ -83,9 +90,15 @@ def _tensors(args: tuple[Any, ...]) -> list[Tensor]:
 def call(name: str, *args: Any, no_graph: bool = False) -> Any:
     """The op ``name`` (registered by :func:`custom_op`) on ``args``: its body, called
     directly, when :func:`plain_eager` holds for the tensor arguments (with ``no_graph``,
-    :func:`plain_eager`'s); the registered op (``torch.ops.rlkern.<op>``) otherwise."""
+    :func:`plain_eager`'s); the registered op (``torch.ops.rlkern.<op>``) otherwise. A body
+    that writes arguments bumps their version counters, as the registered op does (autograd
+    then refuses a backward that would read them as saved)."""
     if plain_eager(*_tensors(args), no_graph=no_graph):
-        return BODIES[name](*args)
+        out = BODIES[name](*args)
+        for i in MUTATED[name]:
+            if args[i] is not None:
+                torch.autograd.graph.increment_version(args[i])
+        return out
     namespace, op = name.split("::")
     return getattr(getattr(torch.ops, namespace), op)(*args)
 

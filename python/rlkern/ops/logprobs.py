@@ -265,7 +265,7 @@ _BWD_ARGS = ("Tensor labels, Tensor lse, Tensor? entropy, Tensor? grad_logprobs,
              "str backend")
 
 
-@torch.library.custom_op("rlkern::logprobs_bwd", mutates_args=(),
+@eager.custom_op("rlkern::logprobs_bwd", mutates_args=(),
                          schema=f"(Tensor logits, {_BWD_ARGS}) -> Tensor")
 def logprobs_bwd(logits: Tensor, *args) -> Tensor:
     grad_logits = _grad_logits_buffer(logits)
@@ -278,7 +278,7 @@ def _(logits, *args):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("rlkern::logprobs_bwd_inplace", mutates_args=("logits",),
+@eager.custom_op("rlkern::logprobs_bwd_inplace", mutates_args=("logits",),
                          schema=f"(Tensor(a!) logits, {_BWD_ARGS}) -> ()")
 def logprobs_bwd_inplace(logits: Tensor, *args) -> None:
     # Each logit is read once and its gradient written to the same address; the per-row
@@ -310,21 +310,14 @@ def _backward(ctx, *grad_outputs):
     grad_entropy = grad_outputs[OUT.entropy] if entropy is not None else None
     args = (labels, lse, entropy, grad_outputs[OUT.logprobs], grad_entropy, grad_outputs[OUT.lse],
             temperature, ignore_index, backend)
-    # In eager mode without a graph to build (create_graph=False), the bodies of the backward
-    # ops run directly, as ``_EagerLogprobs`` does for the forward.
-    direct = plain_eager(logits, no_graph=True) and not torch.is_grad_enabled()
+    # In plain eager mode without a graph to build (create_graph=False), the backward op's
+    # body runs directly, as ``_EagerLogprobs`` does for the forward.
+    no_graph = not torch.is_grad_enabled()
     if ctx.inplace:
-        if direct:
-            _bwd_common(logits, *args, logits)
-            torch.autograd.graph.increment_version(logits)  # as the mutating op would
-        else:
-            torch.ops.rlkern.logprobs_bwd_inplace(logits, *args)
+        eager.call("rlkern::logprobs_bwd_inplace", logits, *args, no_graph=no_graph)
         grad = logits
-    elif direct:
-        grad = _grad_logits_buffer(logits)
-        _bwd_common(logits, *args, grad)
     else:
-        grad = torch.ops.rlkern.logprobs_bwd(logits, *args)
+        grad = eager.call("rlkern::logprobs_bwd", logits, *args, no_graph=no_graph)
     return grad, None, None, None, None, None, None, None
 
 
@@ -529,13 +522,12 @@ def _truncated(logits, labels, temperature, ignore_index, return_entropy, return
     labels1 = labels.reshape(-1).to(torch.int64).contiguous()
     args = (logits3, labels1, temp, k, p, mp, filter_order == "joint", int(ignore_index),
             bool(return_entropy), backend)
-    if backend == "cpu" and plain_eager(logits, labels, no_graph=True):
+    graph = torch.is_grad_enabled() and logits.requires_grad
+    if graph and backend == "cpu" and plain_eager(logits, labels, no_graph=True):
         # as token_logprobs' unfiltered calls: the op's body and autograd rule, directly
-        if torch.is_grad_enabled() and logits.requires_grad:
-            lp, ent, lse = EagerTruncatedLogprobs.apply(*args)
-        else:
-            lp, ent, lse = eager.BODIES["rlkern::truncated_logprobs_fwd"](*args)
-    else:
-        lp, ent, lse = torch.ops.rlkern.truncated_logprobs_fwd(*args)
+        lp, ent, lse = EagerTruncatedLogprobs.apply(*args)
+    else:  # the body where no graph is built in plain eager mode, else the registered op
+        lp, ent, lse = eager.call("rlkern::truncated_logprobs_fwd", *args,
+                                  no_graph=not torch.is_grad_enabled())
     return TokenLogprobs(lp.view(lead), ent.view(lead) if return_entropy else None,
                          lse.view(lead), None, None)
