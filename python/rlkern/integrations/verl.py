@@ -53,6 +53,7 @@ from torch import Tensor
 from rlkern.backends import cpp_ops, resolve_backend
 from rlkern.config.advantages import WHITEN_EPS
 from rlkern.config.policy_loss import PolicyLossConfig
+from rlkern.integrations._swap import FunctionSwap
 from rlkern.integrations.verl_rollout import compute_policy_loss_rlkern_bypass_mode
 from rlkern.ops.advantages import group_advantages
 from rlkern.ops.eager import plain_eager
@@ -749,13 +750,11 @@ def entropy_from_logits_with_chunking(logits: Tensor, chunk_size: int = 2048) ->
     return entropy_from_logits(logits)
 
 
-_DROP_INS: dict[str, Callable[..., Tensor]] = {
+_TORCH_FUNCTIONAL = FunctionSwap("verl.utils.torch_functional", {
     "logprobs_from_logits": logprobs_from_logits,
     "entropy_from_logits": entropy_from_logits,
     "entropy_from_logits_with_chunking": entropy_from_logits_with_chunking,
-}
-# (module, attribute, verl's original) for every swap patch_torch_functional made
-_PATCHED: list[tuple[Any, str, Any]] = []
+})
 
 
 def patch_torch_functional() -> list[str]:
@@ -768,31 +767,15 @@ def patch_torch_functional() -> list[str]:
 
     Idempotent. Returns the patched ``module.attribute`` names.
     """
-    import verl.utils.torch_functional as verl_F
-
-    originals = {name: getattr(verl_F, name) for name in _DROP_INS if hasattr(verl_F, name)}
-    done = {(id(m), a) for m, a, _ in _PATCHED}
-    modules = [verl_F] + [m for n, m in list(sys.modules.items())
-                          if m is not None and n.startswith("verl.") and m is not verl_F]
-    for module in modules:
-        for name, original in originals.items():
-            if _is_ours(original) or (id(module), name) in done:
-                continue
-            if getattr(module, name, None) is original:
-                _PATCHED.append((module, name, original))
-                setattr(module, name, _DROP_INS[name])
-    return [f"{m.__name__}.{a}" for m, a, _ in _PATCHED]
+    return _TORCH_FUNCTIONAL.apply()
 
 
 def unpatch_torch_functional() -> None:
     """Restore verl's functions wherever :func:`patch_torch_functional` replaced them."""
-    while _PATCHED:
-        module, name, original = _PATCHED.pop()
-        if getattr(module, name, None) is _DROP_INS[name]:
-            setattr(module, name, original)
+    _TORCH_FUNCTIONAL.undo()
 
 
-for _fn in _DROP_INS.values():
+for _fn in _TORCH_FUNCTIONAL.drop_ins.values():
     _mark(_fn)
 
 
