@@ -55,6 +55,10 @@ transformers generation (no vLLM) runs through :func:`rlkern.generate_groups`, g
 under rlkern's KV-budgeted scheduler, with GRPOConfig's sampling parameters; an option the
 sampler cannot honour raises (see :mod:`rlkern.integrations.trl_generation`).
 
+TRL's function-level helpers (``selective_log_softmax``, ``entropy_from_logits``,
+``selective_log_softmax_and_entropy``), which its other trainers call, have drop-ins in
+:mod:`rlkern.integrations.trl_functions`.
+
 Verified by ``tests/test_integration_trl.py`` (TRL's real ``GRPOTrainer`` patched vs
 unpatched, same seed: per-step loss and grad norm) and
 ``tests/test_integration_trl_generation.py``.

@@ -12,6 +12,9 @@ Implementations, each called the way its trainer calls it:
 * ``trl`` — TRL's ``selective_log_softmax`` + ``entropy_from_logits``, imported from TRL, on a
   ``(B, L, V)`` view (TRL's GRPO trainer passes per-sequence logits; its bf16 path loops over
   the ``B`` sequences).
+* ``rlkern (TRL drop-in)`` — :func:`rlkern.integrations.trl_functions.
+  selective_log_softmax_and_entropy` called as TRL's pair is above (same view, TRL's result
+  dtype: the logits' on CPU): the cost of using the drop-in in place of TRL's functions.
 * ``verl (eager formula)`` — verl's ``logprobs_from_logits_v2`` and ``entropy_from_logits``
   restated here (verl is not a dependency) on the ``(N, V)`` tensor, the layout verl's actor
   uses with padding removed (its bf16 path loops over the ``N`` tokens).
@@ -138,6 +141,16 @@ def _trl_forward(logits: Tensor, labels: Tensor, inp: LogprobsInputs) -> tuple[T
     return logprobs.reshape(-1), entropy.reshape(-1)
 
 
+def _trl_drop_in_forward(logits: Tensor, labels: Tensor,
+                         inp: LogprobsInputs) -> tuple[Tensor, Tensor]:
+    from rlkern.integrations.trl_functions import selective_log_softmax_and_entropy
+
+    b, seq, v = inp.batch, inp.seq_len, logits.shape[-1]
+    logprobs, entropy = selective_log_softmax_and_entropy(logits.view(b, seq, v),
+                                                          labels.view(b, seq))
+    return logprobs.reshape(-1), entropy.reshape(-1)
+
+
 # verl's eager formulas (verl/utils/torch_functional.py), restated: a row loop keeps the bf16
 # path's peak memory at one row, the fp32 path subtracts a per-row logsumexp from the gathered
 # logit, and the entropy is logsumexp − Σ softmax·logits over the whole tensor at once.
@@ -238,6 +251,7 @@ def logprobs_case(options: CaseOptions) -> Case:
         return [
             Impl.rlkern(_in_mode(rlkern_fwd, mode), note=backend.note),
             Impl("trl", _in_mode(_trl_forward, mode), skip=TRL.missing()),
+            Impl("rlkern (TRL drop-in)", _in_mode(_trl_drop_in_forward, mode)),
             Impl("verl (eager formula)", _in_mode(_verl_forward, mode)),
             Impl("torch.compile", _in_mode(compiled_fwd, mode), warmup=2),
             floor,
@@ -262,8 +276,8 @@ def logprobs_case(options: CaseOptions) -> Case:
         notes=(
             *backend.notes,
             *FLOOR_NOTES.values(),
-            f"trl gets a (B, L, V) view with L = {TRL_SEQ_LEN} where it divides N; verl "
-            "(padding removed) and the others get (N, V)",
+            f"trl and rlkern (TRL drop-in) get a (B, L, V) view with L = {TRL_SEQ_LEN} where it "
+            "divides N; verl (padding removed) and the others get (N, V)",
         ),
         warnings=backend.notes,
         environment=backend.environment,

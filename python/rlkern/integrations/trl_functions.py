@@ -1,0 +1,214 @@
+"""Drop-ins for TRL's log-probability helpers in ``trl.trainer.utils`` (TRL 1.16).
+
+TRL's trainers and many hand-written loops score tokens with three functions of
+``trl.trainer.utils``; this module has each one, same name, signature and result shape, computed
+by :func:`rlkern.token_logprobs` (one pass over the logits, float32 accumulation, no ``(N, V)``
+temporary in the forward):
+
+* :func:`selective_log_softmax` ``(logits, index, temperature=1.0, row_mask=None)``
+* :func:`entropy_from_logits` ``(logits, chunk_size=128)``
+* :func:`selective_log_softmax_and_entropy` ``(logits, index, entropy_requires_grad=True,
+  temperature=1.0, row_mask=None)``
+
+:func:`patch_trainer_utils` swaps them into ``trl.trainer.utils`` and into every loaded ``trl.*``
+module that imported them by name (TRL's experimental trainers: SDPO, SDFT, A2PO, ORPO, CPO,
+TPO); :func:`unpatch_trainer_utils` restores TRL's. ``GRPOTrainer`` does not call them (its
+head is served by :func:`rlkern.integrations.trl.apply`).
+
+**Result dtype: TRL's.** TRL returns float32 where its fused Triton kernel runs (CUDA / XPU
+tensors of 1 to 3 dims, 16-bit or float32, one index per row) and the logits' dtype elsewhere;
+so do these functions. The values are rlkern's fp32-accumulated ones, rounded to that dtype
+once. Where TRL's CPU path works in a 16-bit dtype it rounds its intermediate sums to that
+dtype (``log_softmax`` rounds ``Σ exp`` and its log; the entropy rounds each term), so its
+16-bit results can differ from these by a unit in the last place or more; these are the
+correctly rounded ones, as TRL's own GPU kernel computes them in float32 (docs/integrations/trl.md).
+
+**Temperature** divides the logits in float32 inside the kernel, as TRL's GPU kernel does
+(TRL's CPU path first rounds ``logits / T`` to the logits' dtype).
+
+TRL is not imported by this module; :func:`patch_trainer_utils` imports it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern.integrations._swap import FunctionSwap
+from rlkern.ops.logprobs import TokenLogprobs, token_logprobs
+
+__all__ = [
+    "entropy_from_logits",
+    "patch_trainer_utils",
+    "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
+    "unpatch_trainer_utils",
+]
+
+# A label no index equals (TRL's gather refuses negative indices, so -100 must not be taken for
+# rlkern's default ignore_index): the rows that ``row_mask`` skips get it.
+_SKIP = -(2**63)
+_TRL_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _trl_dtype(logits: Tensor, index: Tensor | None, row_mask: Tensor | None) -> torch.dtype:
+    """The dtype TRL 1.16 returns for this call: float32 where its fused Triton kernel serves it
+    (the conditions of ``trl.trainer.utils._supports_trl_loss_kernel``), else the logits'."""
+    kernel = (logits.device.type in ("cuda", "xpu") and logits.dtype in _TRL_KERNEL_DTYPES
+              and 1 <= logits.ndim <= 3 and logits.stride(-1) == 1 and logits.shape[-1] > 0)
+    if index is not None:
+        kernel = (kernel and index.shape == logits.shape[:-1]
+                  and index.dtype in (torch.int32, torch.int64) and index.device == logits.device)
+    if row_mask is not None:
+        kernel = (kernel and index is not None and row_mask.shape == index.shape
+                  and row_mask.dtype in (torch.bool, torch.int32, torch.int64)
+                  and row_mask.device == logits.device)
+    return torch.float32 if kernel else logits.dtype
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")  # TRL's message
+
+
+def _fold(logits: Tensor, labels: Tensor, temperature: float, entropy: bool) -> TokenLogprobs:
+    """:func:`rlkern.token_logprobs` on ``logits (..., V)`` (1-D logits as one row)."""
+    if logits.dim() == 1:
+        out = token_logprobs(logits.unsqueeze(0), labels.reshape(1), temperature=temperature,
+                             return_entropy=entropy, ignore_index=_SKIP)
+        return TokenLogprobs(*(t.reshape(()) if t is not None else None for t in out))
+    return token_logprobs(logits, labels, temperature=temperature, return_entropy=entropy,
+                          ignore_index=_SKIP)
+
+
+def _skipped(index: Tensor, row_mask: Tensor | None) -> Tensor:
+    """``index`` with the rows ``row_mask`` zeroes relabelled so that rlkern skips them."""
+    if row_mask is None:
+        return index
+    return torch.where(row_mask == 0, _SKIP, index.to(torch.int64))
+
+
+def _check_mask(row_mask: Tensor | None, index: Tensor) -> Tensor | None:
+    if row_mask is None:
+        return None
+    try:
+        return row_mask.expand(index.shape)
+    except RuntimeError:
+        raise ValueError(f"row_mask of shape {tuple(row_mask.shape)} does not broadcast to "
+                         f"index's shape {tuple(index.shape)}") from None
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0,
+                          row_mask: Tensor | None = None) -> Tensor:
+    r"""``log_softmax(logits / T)`` gathered at ``index``: TRL's ``selective_log_softmax``.
+
+    Formula (per row ``x`` of length ``V``): ``lp_k = x[index_k] / T − log Σ_v exp(x_v / T)``.
+
+    Args:
+        logits: ``(..., V)`` bfloat16 / float16 / float32 / float64; only the last dim must be
+            contiguous.
+        index: int64 / int32, shape ``(...)`` (one id per row, the usual case) or ``(..., K)``
+            (K ids per row, e.g. top-K), each in ``[0, V)``.
+        temperature: ``T > 0``.
+        row_mask: optional, broadcastable to ``index``'s shape; where it is 0 the result is 0
+            (with a zero gradient), and a row whose every entry is masked is not computed.
+
+    Returns:
+        ``index``'s shape; float32 or the logits' dtype, as TRL returns (module docstring).
+        Differentiable wrt ``logits``. With ``(..., K)`` indices the backward adds a scatter
+        of the K gathered entries to the fold's gradient (one more ``(N, V)`` buffer).
+
+    Raises:
+        ValueError: ``temperature <= 0``, an index shape that is neither ``(...)`` nor
+            ``(..., K)``, a ``row_mask`` that does not broadcast, ids out of range (while
+            checks are on, :func:`rlkern.set_checks`).
+    """
+    _check_temperature(temperature)
+    lead = tuple(logits.shape[:-1])
+    if tuple(index.shape) == lead:
+        mask = _check_mask(row_mask, index)
+        out = _fold(logits, _skipped(index, mask), temperature, entropy=False).logprobs
+        return out.to(_trl_dtype(logits, index, row_mask))
+    if index.dim() != logits.dim() or tuple(index.shape[:-1]) != lead:
+        raise ValueError(f"index must have shape {lead} (one id per row) or {(*lead, 'K')}, "
+                         f"got {tuple(index.shape)} for logits of shape {tuple(logits.shape)}")
+    mask = _check_mask(row_mask, index)
+    first = index[..., 0] if index.shape[-1] > 0 else index.new_zeros(lead)
+    # a row is computed unless every one of its K entries is masked
+    labels = _skipped(first, None if mask is None else (mask != 0).any(-1))
+    lse = _fold(logits, labels, temperature, entropy=False).lse
+    picked = torch.gather(logits, -1, index.to(torch.int64)).to(lse.dtype) / temperature
+    out = picked - lse.unsqueeze(-1)
+    if mask is not None:
+        out = out.masked_fill(mask == 0, 0.0)
+    return out.to(_trl_dtype(logits, index, row_mask))
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    r"""Entropy of ``softmax(logits)`` per row: TRL's ``entropy_from_logits``.
+
+    Formula: ``H = log Σ_v exp(x_v) − Σ_v p_v x_v``, ``p = softmax(x)``.
+
+    Args:
+        logits: ``(..., V)`` bfloat16 / float16 / float32 / float64.
+        chunk_size: accepted for TRL's signature and ignored: rlkern never materialises the
+            ``(N, V)`` probabilities that TRL's chunking bounds.
+
+    Returns:
+        ``logits.shape[:-1]``; float32 or the logits' dtype, as TRL returns. Differentiable.
+    """
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    out = _fold(logits, labels, 1.0, entropy=True).entropy
+    return out.to(_trl_dtype(logits, None, None))
+
+
+def selective_log_softmax_and_entropy(
+    logits: Tensor,
+    index: Tensor,
+    entropy_requires_grad: bool = True,
+    temperature: float = 1.0,
+    row_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Log-probabilities at ``index`` and the entropy of ``softmax(logits / T)`` in one pass:
+    TRL's ``selective_log_softmax_and_entropy``.
+
+    Args:
+        logits: ``(..., V)`` bfloat16 / float16 / float32 / float64.
+        index: int64 / int32 of shape ``(...)``: one id per row.
+        entropy_requires_grad: if False, the entropy is returned detached.
+        temperature: ``T > 0``.
+        row_mask: optional, broadcastable to ``index``'s shape; rows where it is 0 give 0 for
+            both outputs (and a zero gradient) and are not computed.
+
+    Returns:
+        ``(logprobs, entropy)``, each of ``index``'s shape; float32 or the logits' dtype, as
+        TRL returns.
+    """
+    _check_temperature(temperature)
+    if tuple(index.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"index must have shape {tuple(logits.shape[:-1])} (one id per row), "
+                         f"got {tuple(index.shape)}")
+    mask = _check_mask(row_mask, index)
+    out = _fold(logits, _skipped(index, mask), temperature, entropy=True)
+    dtype = _trl_dtype(logits, index, row_mask)
+    entropy = out.entropy if entropy_requires_grad else out.entropy.detach()
+    return out.logprobs.to(dtype), entropy.to(dtype)
+
+
+_TRAINER_UTILS = FunctionSwap("trl.trainer.utils", {
+    "selective_log_softmax": selective_log_softmax,
+    "entropy_from_logits": entropy_from_logits,
+    "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+})
+
+
+def patch_trainer_utils() -> list[str]:
+    """Swap the three drop-ins into ``trl.trainer.utils`` and every loaded ``trl.*`` module that
+    imported TRL's function by name. Idempotent; returns the ``module.attribute`` names
+    replaced. Modules imported later read the patched ``trl.trainer.utils``."""
+    return _TRAINER_UTILS.apply()
+
+
+def unpatch_trainer_utils() -> None:
+    """Restore TRL's functions wherever :func:`patch_trainer_utils` replaced them."""
+    _TRAINER_UTILS.undo()

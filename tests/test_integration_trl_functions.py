@@ -1,0 +1,302 @@
+"""rlkern.integrations.trl_functions against TRL 1.16's own ``trl.trainer.utils`` functions.
+
+Each drop-in is called on the same inputs as TRL's function (imported from TRL, not re-typed):
+values, result dtypes and shapes, gradients, masks, temperatures, K ids per row. For float32
+and float64 logits the values agree to accumulation-order rounding; for 16-bit logits TRL's
+CPU path rounds its intermediate sums to the 16-bit dtype, so there the drop-in must be the
+correctly rounded value (checked against float64) and within one unit in the last place of
+TRL's log-probabilities.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rlkern
+import rlkern.integrations.trl_functions as rf
+
+trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed "
+                                "(pip install -e '.[test]' installs it)")
+
+pytestmark = pytest.mark.parity
+
+FLOAT_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-6, atol=2e-6)}
+HALF = (torch.bfloat16, torch.float16)
+SHAPES = [(32, 768), (8, 16, 768), (2, 4, 8, 768)]
+
+
+def _logits(shape, dtype, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _ids(shape, vocab, seed=1, dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g).to(dtype)
+
+
+def _exact(logits, temperature=1.0):
+    """float64 log_softmax of logits / T (no rounding of the scaled logits)."""
+    return (logits.double() / temperature).log_softmax(-1)
+
+
+def _mantissa_bits(dtype):
+    return {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}[dtype]
+
+
+def _assert_correctly_rounded(ours, exact, dtype, what):
+    """Within half a unit in the last place of ``dtype`` (plus the fp32 accumulation's error)."""
+    ulp = torch.pow(2.0, torch.floor(torch.log2(exact.abs().clamp_min(1e-30)))
+                    - _mantissa_bits(dtype))
+    err = (ours.double() - exact).abs()
+    bound = 0.5 * ulp + 1e-6 * exact.abs() + 1e-7
+    assert bool((err <= bound).all()), (what, (err - bound).max().item())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax_matches_trl(shape, dtype, temperature):
+    logits = _logits(shape, dtype)
+    ids = _ids(shape[:-1], shape[-1])
+    ours = rf.selective_log_softmax(logits, ids, temperature)
+    theirs = trl_utils.selective_log_softmax(logits, ids, temperature)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, **FLOAT_TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(768,), *SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_entropy_from_logits_matches_trl(shape, dtype):
+    logits = _logits(shape, dtype, scale=1.0)
+    ours = rf.entropy_from_logits(logits, chunk_size=16)
+    theirs = trl_utils.entropy_from_logits(logits, chunk_size=16)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, **FLOAT_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_half_precision_is_correctly_rounded_and_within_an_ulp_of_trl(dtype, shape):
+    """TRL's CPU path rounds Σ exp and its log to the 16-bit dtype before the last subtraction;
+    the drop-in rounds once, at the end."""
+    logits = _logits(shape, dtype)
+    ids = _ids(shape[:-1], shape[-1])
+    ours = rf.selective_log_softmax(logits, ids)
+    theirs = trl_utils.selective_log_softmax(logits, ids)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+    exact = _exact(logits).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    _assert_correctly_rounded(ours, exact, dtype, "logprobs")
+    ulp = torch.pow(2.0, torch.floor(torch.log2(exact.abs())) - _mantissa_bits(dtype))
+    assert bool(((ours.double() - theirs.double()).abs() <= ulp * 1.001).all())
+
+    h_ours = rf.entropy_from_logits(logits)
+    h_theirs = trl_utils.entropy_from_logits(logits)
+    assert h_ours.dtype == h_theirs.dtype == dtype
+    p = _exact(logits)
+    h_exact = -(p.exp() * p).sum(-1)
+    _assert_correctly_rounded(h_ours, h_exact, dtype, "entropy")
+    assert (h_ours.double() - h_exact).abs().max() <= (h_theirs.double() - h_exact).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
+def test_k_ids_per_row_with_a_mask_match_trl(dtype, mask_dtype):
+    logits = _logits((3, 5, 300), dtype)
+    ids = _ids((3, 5, 4), 300)
+    mask = (_ids((3, 5, 4), 3, seed=7) > 0).to(mask_dtype)
+    mask[1, 2] = 0  # a row whose every entry is masked
+    ours = rf.selective_log_softmax(logits, ids, 0.7, mask)
+    theirs = trl_utils.selective_log_softmax(logits, ids, 0.7, mask)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == ids.shape
+    assert bool((ours[mask == 0] == 0).all())
+    if dtype in HALF:
+        # TRL rounds logits / T to the 16-bit dtype first: compare both with the exact value
+        exact = _exact(logits, 0.7).gather(-1, ids).masked_fill(mask == 0, 0.0)
+        _assert_correctly_rounded(ours, exact, dtype, "logprobs")
+        assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
+    else:
+        torch.testing.assert_close(ours, theirs, **FLOAT_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("entropy_requires_grad", [True, False])
+def test_selective_log_softmax_and_entropy_matches_trl(dtype, entropy_requires_grad):
+    ids = _ids((4, 6), 500)
+    mask = _ids((4, 6), 2, seed=3).bool()
+    results = []
+    for fn in (rf.selective_log_softmax_and_entropy, trl_utils.selective_log_softmax_and_entropy):
+        logits = _logits((4, 6, 500), dtype).requires_grad_()
+        lp, h = fn(logits, ids, entropy_requires_grad, 1.3, mask)
+        assert h.requires_grad == entropy_requires_grad
+        weights = _logits((2, 4, 6), dtype, seed=5)
+        loss = (weights[0] * lp).sum() + ((weights[1] * h).sum() if entropy_requires_grad else 0)
+        loss.backward()
+        results.append((lp.detach(), h.detach(), logits.grad))
+    for ours, theirs in zip(*results, strict=True):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, **FLOAT_TOL[dtype])
+    assert bool((results[0][2][~mask] == 0).all())  # masked rows: no gradient
+
+
+@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_gradients_match_trl(k, temperature):
+    ids = _ids((2, 7) if k is None else (2, 7, k), 400)
+    mask = _ids(ids.shape, 3, seed=11) > 0
+    grads = []
+    for fn in (rf.selective_log_softmax, trl_utils.selective_log_softmax):
+        logits = _logits((2, 8, 400), torch.float32)[:, :-1, :].detach().requires_grad_()
+        out = fn(logits, ids, temperature, mask)
+        (_logits(ids.shape, torch.float32, seed=4) * out).sum().backward()
+        grads.append(logits.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_gradient_matches_trl():
+    grads = []
+    for fn in (rf.entropy_from_logits, trl_utils.entropy_from_logits):
+        logits = _logits((5, 3, 257), torch.float64).requires_grad_()
+        (_logits((5, 3), torch.float64, seed=9) * fn(logits)).sum().backward()
+        grads.append(logits.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=3), vocab=st.integers(1, 700),
+       dtype=st.sampled_from([torch.float32, torch.float64]), k=st.sampled_from([None, 1, 4]),
+       temperature=st.sampled_from([1.0, 0.5, 2.0]), sliced=st.booleans(),
+       masked=st.booleans(), int32=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_matches_trl(lead, vocab, dtype, k, temperature, sliced, masked, int32, seed):
+    """Any leading shape, vocab size (1 included), K, strided logits (TRL's ``[:, :-1]``-like
+    slice of the first dim), int32 ids, masks."""
+    shape = (*lead, vocab)
+    logits = _logits((lead[0] + 1, *shape[1:]), dtype, seed=seed)[:-1] if sliced else \
+        _logits(shape, dtype, seed=seed)
+    id_shape = tuple(lead) if k is None else (*lead, k)
+    ids = _ids(id_shape, vocab, seed=seed + 1, dtype=torch.int32 if int32 else torch.int64)
+    mask = (_ids(id_shape, 2, seed=seed + 2) > 0) if masked else None
+    ours = rf.selective_log_softmax(logits, ids, temperature, mask)
+    theirs = trl_utils.selective_log_softmax(logits, ids.long(), temperature, mask)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, **FLOAT_TOL[dtype])
+    if k is None:
+        h = rf.entropy_from_logits(logits / temperature)
+        torch.testing.assert_close(h, trl_utils.entropy_from_logits(logits / temperature),
+                                   **FLOAT_TOL[dtype])
+
+
+def test_result_dtype_follows_trls_kernel_rule():
+    """``_trl_dtype`` against TRL's own ``_supports_trl_loss_kernel`` on stand-ins for CUDA, XPU
+    and CPU tensors (no GPU here): float32 exactly where TRL's fused kernel would serve."""
+    def fake(device, dtype, shape, stride_last=1):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype, shape=torch.Size(shape),
+                               ndim=len(shape), stride=lambda dim: stride_last)
+
+    checked = 0
+    for device in ("cuda", "xpu", "cpu"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            for shape in ((7,), (2, 7), (2, 3, 7), (2, 2, 3, 7), (2, 0)):
+                for stride_last in (1, 2):
+                    logits = fake(device, dtype, shape, stride_last)
+                    index_cases = [None, fake(device, torch.int64, shape[:-1]),
+                                   fake(device, torch.int32, shape[:-1]),
+                                   fake(device, torch.int64, (*shape[:-1], 3)),
+                                   fake("cpu", torch.int64, shape[:-1]),
+                                   fake(device, torch.int16, shape[:-1])]
+                    for index in index_cases:
+                        masks = [None] if index is None else [
+                            None, fake(device, torch.bool, index.shape),
+                            fake(device, torch.float32, index.shape),
+                            fake(device, torch.bool, (1,) * len(index.shape))]
+                        for mask in masks:
+                            served = trl_utils._supports_trl_loss_kernel(logits, index, mask)
+                            want = torch.float32 if served else dtype
+                            assert rf._trl_dtype(logits, index, mask) == want
+                            checked += 1
+    assert checked > 1000
+
+
+def test_errors():
+    logits = _logits((2, 3, 10), torch.float32)
+    ids = _ids((2, 3), 10)
+    for fn in (rf.selective_log_softmax, trl_utils.selective_log_softmax):
+        with pytest.raises(ValueError, match="temperature must be positive"):
+            fn(logits, ids, 0.0)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        rf.selective_log_softmax_and_entropy(logits, ids, temperature=-1.0)
+    with pytest.raises(ValueError, match="index must have shape"):
+        rf.selective_log_softmax(logits, ids[:, :2])
+    with pytest.raises(ValueError, match="index must have shape"):
+        rf.selective_log_softmax_and_entropy(logits, ids.unsqueeze(-1))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        rf.selective_log_softmax(logits, ids, row_mask=torch.ones(3, 2))
+    # TRL's gather refuses -100 (rlkern's default ignore_index): so does the drop-in, instead
+    # of returning 0
+    bad = ids.clone()
+    bad[0, 0] = -100
+    with pytest.raises(RuntimeError):
+        trl_utils.selective_log_softmax(logits, bad)
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        rf.selective_log_softmax(logits, bad)
+    bad[0, 0] = 10
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        rf.selective_log_softmax(logits, bad)
+    # ...unless the row is masked: then it is not read, as in TRL's fused kernel
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 0] = False
+    out = rf.selective_log_softmax(logits, bad, row_mask=mask)
+    assert out[0, 0] == 0 and torch.isfinite(out).all()
+
+
+def test_computed_by_rlkern_not_by_trl(monkeypatch):
+    """The drop-ins run rlkern's fold; they never call TRL's formula."""
+    calls = []
+    real = rlkern.integrations.trl_functions.token_logprobs
+    monkeypatch.setattr(rf, "token_logprobs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    logits = _logits((2, 3, 50), torch.bfloat16)
+    ids = _ids((2, 3), 50)
+    rf.selective_log_softmax(logits, ids)
+    rf.selective_log_softmax(logits, _ids((2, 3, 2), 50))
+    rf.entropy_from_logits(logits)
+    rf.selective_log_softmax_and_entropy(logits, ids)
+    assert len(calls) == 4
+
+
+def test_patch_and_unpatch_trainer_utils(monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    loss_utils = importlib.import_module("trl.experimental.sdpo.loss_utils")
+    originals = {n: getattr(trl_utils, n) for n in
+                 ("selective_log_softmax", "entropy_from_logits",
+                  "selective_log_softmax_and_entropy")}
+    assert loss_utils.selective_log_softmax is originals["selective_log_softmax"]
+    patched = rf.patch_trainer_utils()
+    try:
+        for name in originals:
+            assert getattr(trl_utils, name) is getattr(rf, name)
+            assert f"trl.trainer.utils.{name}" in patched
+        assert loss_utils.selective_log_softmax is rf.selective_log_softmax
+        assert "trl.experimental.sdpo.loss_utils.selective_log_softmax" in patched
+        assert rf.patch_trainer_utils() == patched  # idempotent
+        # TRL code calling the patched name: SDPO's sampled-token distillation loss
+        student = _logits((2, 5, 64), torch.float32, seed=1)
+        teacher = _logits((2, 5, 64), torch.float32, seed=2)
+        ids = _ids((2, 5), 64)
+        ours = loss_utils.compute_sampled_token_self_distillation_loss(
+            student, teacher, ids, distillation_alpha=1.0)
+    finally:
+        rf.unpatch_trainer_utils()
+    for name, fn in originals.items():
+        assert getattr(trl_utils, name) is fn
+    assert loss_utils.selective_log_softmax is originals["selective_log_softmax"]
+    theirs = loss_utils.compute_sampled_token_self_distillation_loss(
+        student, teacher, ids, distillation_alpha=1.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=2e-6)
+    assert "trl.experimental.sdpo.loss_utils" in sys.modules
