@@ -236,6 +236,9 @@ def test_errors():
         rf.selective_log_softmax(logits, ids[:, :2])
     with pytest.raises(ValueError, match="index must have shape"):
         rf.selective_log_softmax_and_entropy(logits, ids.unsqueeze(-1))
+    with pytest.raises(ValueError, match="empty vocab dim"):
+        rf.entropy_from_logits(torch.zeros(2, 0))
+    assert rf.entropy_from_logits(torch.zeros(0, 0)).shape == (0,)
     with pytest.raises(ValueError, match="does not broadcast"):
         rf.selective_log_softmax(logits, ids, row_mask=torch.ones(3, 2))
     # TRL's gather refuses -100 (rlkern's default ignore_index): so does the drop-in, instead

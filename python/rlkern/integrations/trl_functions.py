@@ -31,6 +31,8 @@ TRL is not imported by this module; :func:`patch_trainer_utils` imports it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -156,7 +158,13 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
 
     Returns:
         ``logits.shape[:-1]``; float32 or the logits' dtype, as TRL returns. Differentiable.
+
+    Raises:
+        ValueError: rows of no logits (V = 0; TRL returns 0 for them).
     """
+    if logits.shape[-1] == 0 and math.prod(logits.shape[:-1]) > 0:
+        raise ValueError("logits has an empty vocab dim (V = 0): no distribution to take the "
+                         "entropy of")
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     out = _fold(logits, labels, 1.0, entropy=True).entropy
     return out.to(_trl_dtype(logits, None, None))
