@@ -14,6 +14,11 @@ Implementations, each called the way its trainer calls it:
   broadcast to ``(B, T)`` as verl's actor passes them.
 * ``verl formula (eager)`` — the same formula restated (always available), with verl's three
   metrics as tensors.
+* ``rlkern (OpenRLHF PolicyLoss)`` — :class:`rlkern.integrations.openrlhf.PolicyLoss` with the
+  same clip ratios and dual clip, called as OpenRLHF's actor calls its loss (the same math; its
+  five returns, ``ppo_kl`` computed beside the fused op): the cost of the drop-in.
+* ``openrlhf`` — OpenRLHF's own ``PolicyLoss`` (``openrlhf.models.loss``), when OpenRLHF is
+  installed (optional; it imports DeepSpeed).
 * ``torch.compile`` — that formula compiled per shape (``dynamic=False``), forward and backward.
   (rlkern computes those metrics and more in the same pass.)
 * ``floor`` — the least memory traffic any implementation needs: one read of the inputs
@@ -145,6 +150,37 @@ def _verl_loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
     return pg_loss
 
 
+def _openrlhf_policy_loss() -> type:
+    from openrlhf.models.loss import PolicyLoss
+
+    return PolicyLoss
+
+
+#: OpenRLHF's own PolicyLoss class.
+OPENRLHF = Peer("openrlhf", _openrlhf_policy_loss,
+                hint="optional: pip install openrlhf (with DeepSpeed); 'rlkern (OpenRLHF "
+                "PolicyLoss)' is the drop-in")
+
+
+def _openrlhf_style(cls_of: Callable[[], type]) -> Loss:
+    """A loss called the way OpenRLHF's actor calls its ``PolicyLoss``: built once, then
+    ``loss_fn(log_probs, old_log_probs, advantages, action_mask=...)[0]``."""
+    built: list[Any] = []
+
+    def loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
+        if not built:
+            built.append(cls_of()(clip_eps_low=CLIP, clip_eps_high=CLIP, dual_clip=CLIP_C))
+        return built[0](logp, inp.old_logprobs, inp.advantages_bt, action_mask=inp.mask)[0]
+
+    return loss
+
+
+def _rlkern_openrlhf_class() -> type:
+    from rlkern.integrations.openrlhf import PolicyLoss
+
+    return PolicyLoss
+
+
 def _eager_loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
     return vanilla_formula(inp.old_logprobs, logp, inp.advantages_bt, inp.mask)[0]
 
@@ -180,6 +216,10 @@ def policy_loss_case(options: CaseOptions) -> Case:
             Impl("verl", _in_mode(_verl_loss, mode), skip=VERL.missing(),
                  note="core_algos.compute_policy_loss_vanilla + agg_loss"),
             Impl("verl formula (eager)", _in_mode(_eager_loss, mode)),
+            Impl("rlkern (OpenRLHF PolicyLoss)",
+                 _in_mode(_openrlhf_style(_rlkern_openrlhf_class), mode)),
+            Impl("openrlhf", _in_mode(_openrlhf_style(OPENRLHF.get), mode),
+                 skip=OPENRLHF.missing(), note="openrlhf.models.loss.PolicyLoss"),
             Impl("torch.compile", _in_mode(compiled, mode), warmup=2),
             Impl.floor(_floor(mode), note=FLOOR_NOTES[mode]),
         ]
