@@ -9,8 +9,8 @@ Written against OpenRLHF 0.11.2 (``openrlhf.models.utils`` and ``openrlhf.models
 * :class:`PolicyLoss`: the same constructor and ``forward`` as OpenRLHF's (``ppo`` and ``gspo``,
   dual clip, token- or sequence-level aggregation with the data-parallel normalisers, the
   train/rollout importance-sampling correction with every gating, level and mode), one
-  :func:`rlkern.policy_loss` call for the loss and its gradient, and OpenRLHF's five returns
-  ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``.
+  :func:`rlkern.policy_loss` call for the loss, its gradient and the metrics, and OpenRLHF's
+  five returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``.
 
 :func:`patch` swaps them into ``openrlhf.models.utils`` / ``openrlhf.models.loss`` and every
 loaded ``openrlhf.*`` module that imported them by name (``openrlhf.models.actor``, the
@@ -33,10 +33,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
 from rlkern.integrations._swap import FunctionSwap
 from rlkern.ops.logprobs import token_logprobs
-from rlkern.ops.policy_loss import policy_loss
+from rlkern.ops.policy_loss.api import run
+from rlkern.ops.policy_loss.inputs import prepare
 
 __all__ = ["PolicyLoss", "compute_entropy", "log_probs_from_logits", "patch", "unpatch"]
 
@@ -221,11 +223,17 @@ class PolicyLoss(nn.Module):
             num_tokens = batch_num_tokens / dp_size
         if not self.token_level_loss and global_batch_size is not None:
             num_seqs = global_batch_size / dp_size
-        out = policy_loss(log_probs, old, advantages, mask, config=self.config,
-                          token_weights=weights, num_tokens=num_tokens, num_seqs=num_seqs)
-        # OpenRLHF's metric is the mean of the unclamped −Δ (rlkern's approx_kl clamps Δ as the
-        # ratio does), so it is computed here, outside autograd
-        ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), action_mask)
+        out, row_stats = run(prepare(log_probs, old, advantages, mask, config=self.config,
+                                     token_weights=weights),
+                             num_tokens=num_tokens, num_seqs=num_seqs)
+        # OpenRLHF's ppo_kl is the mean of the unclamped −Δ = log_probs − old_log_probs (rlkern's
+        # approx_kl clamps Δ as the ratio does): the op's per-row sums of the unclamped Δ
+        # give it without another pass over the (B, T) inputs
+        S = layout("policy_loss").row_stats
+        if old is old_log_probs:
+            ppo_kl = (-row_stats[S.lp_sum].sum() / row_stats[S.len].sum()).to(log_probs.dtype)
+        else:  # gspo against the rollout policy: the op's Δ is not OpenRLHF's
+            ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), action_mask)
         return out.loss, out.metrics["clipfrac"], ppo_kl, vllm_kl, filter_ratio
 
 
