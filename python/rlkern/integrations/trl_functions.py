@@ -17,14 +17,17 @@ head is served by :func:`rlkern.integrations.trl.apply`).
 
 **Result dtype: TRL's.** TRL returns float32 where its fused Triton kernel runs (CUDA / XPU
 tensors of 1 to 3 dims, 16-bit or float32, one index per row) and the logits' dtype elsewhere;
-so do these functions. The values are rlkern's fp32-accumulated ones, rounded to that dtype
-once. Where TRL's CPU path works in a 16-bit dtype it rounds its intermediate sums to that
-dtype (``log_softmax`` rounds ``Σ exp`` and its log; the entropy rounds each term), so its
-16-bit results can differ from these by a unit in the last place or more; these are the
-correctly rounded ones, as TRL's own GPU kernel computes them in float32 (docs/integrations/trl.md).
+so do these functions, from rlkern's fp32-accumulated values. Where the result is 16-bit,
+TRL's CPU path calls ``log_softmax`` in that dtype, whose kernel rounds ``Σ exp`` and its log
+to it before the last subtraction; the log-probabilities here take the same roundings (from
+the fold's sums, plus one read of the logits for the row max), so at ``T = 1`` they are TRL's
+bit for bit. The 16-bit entropy is the correctly rounded value (TRL's rounds every term of its
+sum, and is further from the exact value); TRL's GPU kernel computes both in float32, as these
+do (docs/integrations/trl.md).
 
 **Temperature** divides the logits in float32 inside the kernel, as TRL's GPU kernel does
-(TRL's CPU path first rounds ``logits / T`` to the logits' dtype).
+(TRL's CPU path first rounds ``logits / T`` to the logits' dtype; at ``T ≠ 1`` 16-bit
+log-probabilities are therefore rlkern's, rounded once, not TRL's bits).
 
 TRL is not imported by this module; :func:`patch_trainer_utils` imports it.
 """
@@ -127,14 +130,15 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     """
     _check_temperature(temperature)
     lead = tuple(logits.shape[:-1])
-    if tuple(index.shape) == lead:
-        mask = _check_mask(row_mask, index)
-        out = _fold(logits, _skipped(index, mask), temperature, entropy=False).logprobs
-        return out.to(_trl_dtype(logits, index, row_mask))
-    if index.dim() != logits.dim() or tuple(index.shape[:-1]) != lead:
+    one_per_row = tuple(index.shape) == lead
+    if not one_per_row and (index.dim() != logits.dim() or tuple(index.shape[:-1]) != lead):
         raise ValueError(f"index must have shape {lead} (one id per row) or {(*lead, 'K')}, "
                          f"got {tuple(index.shape)} for logits of shape {tuple(logits.shape)}")
     mask = _check_mask(row_mask, index)
+    dtype = _trl_dtype(logits, index, row_mask)
+    if one_per_row:
+        out = _fold(logits, _skipped(index, mask), temperature, entropy=False)
+        return _trl_rounding(out.logprobs, out.lse, logits, index, mask, temperature, dtype)
     first = index[..., 0] if index.shape[-1] > 0 else index.new_zeros(lead)
     # a row is computed unless every one of its K entries is masked
     labels = _skipped(first, None if mask is None else (mask != 0).any(-1))
@@ -143,7 +147,37 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     out = picked - lse.unsqueeze(-1)
     if mask is not None:
         out = out.masked_fill(mask == 0, 0.0)
-    return out.to(_trl_dtype(logits, index, row_mask))
+    return _trl_rounding(out, lse.unsqueeze(-1), logits, index, mask, temperature, dtype)
+
+
+def _trl_rounding(logprobs: Tensor, lse: Tensor, logits: Tensor, index: Tensor,
+                  mask: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+    """``logprobs`` (float32, differentiable) as TRL returns them in ``dtype``.
+
+    Where that is a 16-bit dtype TRL's CPU path calls ``log_softmax`` in it, and torch's CPU
+    kernel rounds twice before its last subtraction: ``round(round(log round(S)))`` with
+    ``S = Σ exp(x − m)`` and ``m`` the row max. The same roundings are applied here to ``S``
+    (recovered from rlkern's ``lse`` as ``exp(lse − m)``: its float32 error is far below a
+    16-bit rounding step), so the values are TRL's bit for bit, while the gradient stays the
+    fold's. At ``T ≠ 1`` TRL first rounds ``logits / T`` to the 16-bit dtype, which only a
+    rounded copy of the logits could reproduce: there the values are rlkern's, rounded once.
+    """
+    if dtype not in (torch.bfloat16, torch.float16) or temperature != 1.0:
+        return logprobs.to(dtype)
+    with torch.no_grad():
+        x = logits.detach()
+        shift = x.amax(-1, keepdim=True).float()
+        ids = index
+        if index.shape == logits.shape[:-1]:  # one id per row: (...) → (..., 1)
+            shift, ids = shift.squeeze(-1), index.unsqueeze(-1)
+        safe = ids.to(torch.int64) if mask is None else torch.where(
+            (mask != 0).reshape(ids.shape), ids.to(torch.int64), 0)
+        picked = torch.gather(x, -1, safe).float().reshape(logprobs.shape)
+        log_s = torch.log(torch.exp(lse - shift).to(dtype).float()).to(dtype).float()
+        value = picked - shift - log_s
+        if mask is not None:
+            value = value.masked_fill(mask == 0, 0.0)
+    return (logprobs + (value - logprobs.detach())).to(dtype)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
@@ -200,7 +234,8 @@ def selective_log_softmax_and_entropy(
     out = _fold(logits, _skipped(index, mask), temperature, entropy=True)
     dtype = _trl_dtype(logits, index, row_mask)
     entropy = out.entropy if entropy_requires_grad else out.entropy.detach()
-    return out.logprobs.to(dtype), entropy.to(dtype)
+    logprobs = _trl_rounding(out.logprobs, out.lse, logits, index, mask, temperature, dtype)
+    return logprobs, entropy.to(dtype)
 
 
 _TRAINER_UTILS = FunctionSwap("trl.trainer.utils", {
