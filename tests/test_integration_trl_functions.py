@@ -323,3 +323,20 @@ def test_patch_and_unpatch_trainer_utils(monkeypatch):
         student, teacher, ids, distillation_alpha=1.0)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=2e-6)
     assert "trl.experimental.sdpo.loss_utils" in sys.modules
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_row_max_by_integer_compares(dtype):
+    """``_row_max_16bit`` (the row max the 16-bit roundings start from) is ``amax``: rows with
+    positive values, only negative ones, ±0, ±inf, a single finite value among −inf."""
+    x = _logits((40, 77), torch.float32, seed=5).to(dtype)
+    x[3] = -x[3].abs() - 0.1
+    x[4] = -0.0
+    x[5, 2] = float("inf")
+    x[6] = float("-inf")
+    x[6, 5] = -3.0
+    x[7] = -x[7].abs()
+    x[8] = 0.0
+    x[9] = float("-inf")
+    assert torch.equal(rf._row_max_16bit(x), x.float().amax(-1))
+    assert torch.equal(rf._row_max_16bit(x[:, ::2]), x[:, ::2].float().amax(-1))
