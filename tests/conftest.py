@@ -20,10 +20,11 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("RLKERN_HYPOTHESIS_PROFILE", "ci"))
 
-# Liger-Kernel's and verl's own test files run, taken from their source distributions, in
-# pytest processes of their own (tests/test_liger_upstream.py, tests/test_verl_upstream.py)
-# beside the conftest files of these folders, which must not load into this suite.
-collect_ignore = ["liger_upstream", "verl_upstream"]
+# Liger-Kernel's, OpenRLHF's and verl's own test files run, taken from their distributions, in
+# pytest processes of their own (tests/test_liger_upstream.py, tests/test_openrlhf_upstream.py,
+# tests/test_verl_upstream.py) beside the conftest files of these folders, which must not load
+# into this suite.
+collect_ignore = ["liger_upstream", "openrlhf_upstream", "verl_upstream"]
 
 # Without a GPU, Triton kernels run in Triton's interpreter, which must be switched on before
 # any kernel module is imported (Triton decides when a kernel is decorated).
