@@ -340,3 +340,18 @@ def test_row_max_by_integer_compares(dtype):
     x[9] = float("-inf")
     assert torch.equal(rf._row_max_16bit(x), x.float().amax(-1))
     assert torch.equal(rf._row_max_16bit(x[:, ::2]), x[:, ::2].float().amax(-1))
+
+
+@pytest.mark.parametrize("negative_rows", [False, True])
+def test_compiles_without_graph_breaks(negative_rows):
+    """``torch.compile(fullgraph=True)`` of the drop-ins, 16-bit roundings included (their row
+    max takes no data-dependent branch in a graph): TRL's bits."""
+    logits = _logits((2, 3, 50), torch.bfloat16, seed=2)
+    if negative_rows:
+        logits = -logits.abs() - 0.25
+    ids = _ids((2, 3), 50)
+    compiled = torch.compile(rf.selective_log_softmax_and_entropy, backend="aot_eager",
+                             fullgraph=True)
+    lp, h = compiled(logits, ids)
+    assert torch.equal(lp, trl_utils.selective_log_softmax(logits, ids))
+    assert torch.equal(h, rf.entropy_from_logits(logits))

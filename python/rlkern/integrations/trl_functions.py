@@ -159,7 +159,9 @@ def _row_max_16bit(x: Tensor) -> Tensor:
     bits = x.view(torch.int16)
     top = bits.amax(-1)
     negative = top < 0
-    if bool(negative.any()):  # rows with no float ≥ +0: rare in logits
+    # rows with no float ≥ +0 are rare in logits: the second pass only when one exists (a
+    # data-dependent branch, which a compiled graph cannot take: there, always)
+    if torch.compiler.is_compiling() or bool(negative.any()):
         top = torch.where(negative, bits.amin(-1), top)
     return top.view(x.dtype).float()
 
