@@ -106,11 +106,12 @@ class PolicyLoss(nn.Module):
 
     ``forward(log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
     dp_size=1, batch_num_tokens=None, global_batch_size=None)`` takes ``(B, T)`` tensors
-    (``advantages`` broadcastable to them) and returns ``(loss, clip_ratio, ppo_kl, vllm_kl,
-    is_filter_ratio)``: the 0-dim loss (differentiable wrt ``log_probs``), the fraction of
-    tokens whose clipped surrogate is the smaller, the mean of ``−Δ`` (unclamped), and with the
-    correction on (``ppo``) the mean of ``rollout − old`` and the fraction of units the gate
-    filtered (``None`` otherwise).
+    (``advantages`` broadcastable to them; ``action_mask`` bool or 0/1, as OpenRLHF's
+    experience maker builds it: a token counts where it is non-zero) and returns ``(loss,
+    clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``: the 0-dim loss (differentiable wrt
+    ``log_probs``), the fraction of tokens whose clipped surrogate is the smaller, the mean of
+    ``−Δ`` (unclamped), and with the correction on (``ppo``) the mean of ``rollout − old`` and
+    the fraction of units the gate filtered (``None`` otherwise).
     """
 
     def __init__(
