@@ -355,3 +355,31 @@ def test_compiles_without_graph_breaks(negative_rows):
     lp, h = compiled(logits, ids)
     assert torch.equal(lp, trl_utils.selective_log_softmax(logits, ids))
     assert torch.equal(h, rf.entropy_from_logits(logits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_non_finite_logits_as_trl(dtype):
+    """A label whose logit is −inf: −inf, as TRL (16-bit roundings included), with a finite
+    gradient; a row holding NaN: NaN. The entropy of a row with −inf logits is finite (TRL's
+    formula gives NaN there: 0·(−inf))."""
+    logits = _logits((2, 3, 10), dtype, seed=4)
+    logits[0, 1, :5] = float("-inf")
+    logits[1, 2, 4] = float("nan")
+    ids = _ids((2, 3), 10, seed=6)
+    ids[0, 1] = 2  # a label at −inf
+    ids[0, 2] = 7
+    ours = rf.selective_log_softmax(logits, ids)
+    theirs = trl_utils.selective_log_softmax(logits, ids)
+    assert ours[0, 1] == float("-inf") and theirs[0, 1] == float("-inf")
+    assert torch.isnan(ours[1, 2]) and torch.isnan(theirs[1, 2])
+    finite = torch.isfinite(theirs)
+    torch.testing.assert_close(ours[finite].double(), theirs[finite].double(), rtol=2e-6,
+                               atol=2e-6 if dtype == torch.float32 else 0.0)
+    leaf = logits.clone().requires_grad_()
+    rf.selective_log_softmax(leaf, ids)[0].sum().backward()
+    assert torch.isfinite(leaf.grad[0]).all()
+    entropy = rf.entropy_from_logits(logits)
+    assert torch.isfinite(entropy[0]).all() and torch.isnan(entropy[1, 2])
+    kept = logits[0, 1, 5:].double().log_softmax(-1)
+    torch.testing.assert_close(entropy[0, 1].double(), -(kept.exp() * kept).sum(),
+                               rtol=1e-2 if dtype in HALF else 1e-6, atol=0.0)

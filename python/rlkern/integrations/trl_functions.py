@@ -193,7 +193,12 @@ def _trl_rounding(logprobs: Tensor, lse: Tensor, logits: Tensor, index: Tensor,
         value = picked - shift - log_s
         if mask is not None:
             value = value.masked_fill(mask == 0, 0.0)
-    return (logprobs + (value - logprobs.detach())).to(dtype)
+        # TRL's values, through rlkern's autograd node; where the fold's value is not finite
+        # (a label at −inf: −inf; a NaN row: NaN) it is TRL's already, and −inf − (−inf) would
+        # make it NaN
+        current = logprobs.detach()
+        delta = torch.where(torch.isfinite(current), value - current, 0.0)
+    return (logprobs + delta).to(dtype)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
