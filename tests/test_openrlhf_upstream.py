@@ -308,3 +308,29 @@ def test_every_option_is_covered():
         ro._LEVELS, ro._MODES, ro._GATINGS)
         if lvl != "off" and not (mode == "clip" and (lvl == "seq" or gate != "ratio"))}
     assert valid <= seen
+
+
+def test_non_finite_and_empty_inputs(upstream):
+    """A NaN at a masked-out token changes nothing (OpenRLHF's masked sums turn it into a NaN
+    loss); a NaN at a valid token raises while checks are on; no valid token: loss and
+    clip_ratio 0 (OpenRLHF: NaN), ppo_kl NaN in both."""
+    logp, old, adv, mask, _ = _inputs(empty_row=False)
+    mask[1, 7:] = 0
+    clean = ro.PolicyLoss(dual_clip=3.0)(logp, old, adv, action_mask=mask)
+    dirty = logp.clone()
+    dirty[1, 9] = float("nan")
+    ours = ro.PolicyLoss(dual_clip=3.0)(dirty, old, adv, action_mask=mask)
+    theirs = upstream.loss.PolicyLoss(dual_clip=3.0)(dirty, old, adv, action_mask=mask)
+    assert torch.isnan(theirs[0])
+    for a, b in zip(ours[:3], clean[:3], strict=True):
+        assert torch.equal(a, b)
+    dirty[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        ro.PolicyLoss()(dirty, old, adv, action_mask=mask)
+    for token_level in (True, False):
+        empty = torch.zeros_like(mask)
+        loss, clip_ratio, ppo_kl, _, _ = ro.PolicyLoss(token_level_loss=token_level)(
+            logp, old, adv, action_mask=empty)
+        assert loss == 0 and clip_ratio == 0 and torch.isnan(ppo_kl)
+        assert torch.isnan(upstream.loss.PolicyLoss(token_level_loss=token_level)(
+            logp, old, adv, action_mask=empty)[0])
