@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rlkern
+import rlkern.integrations._fold as _fold_module
 import rlkern.integrations.trl_functions as rf
 
 trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed "
@@ -282,8 +282,9 @@ def test_errors():
 def test_computed_by_rlkern_not_by_trl(monkeypatch):
     """The drop-ins run rlkern's fold; they never call TRL's formula."""
     calls = []
-    real = rlkern.integrations.trl_functions.token_logprobs
-    monkeypatch.setattr(rf, "token_logprobs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = _fold_module.token_logprobs
+    monkeypatch.setattr(_fold_module, "token_logprobs",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
     logits = _logits((2, 3, 50), torch.bfloat16)
     ids = _ids((2, 3), 50)
     rf.selective_log_softmax(logits, ids)

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
+from rlkern.integrations._fold import fold, row_entropy
 from rlkern.integrations._swap import FunctionSwap
-from rlkern.ops.logprobs import token_logprobs
 from rlkern.ops.policy_loss.api import run
 from rlkern.ops.policy_loss.inputs import prepare
 
@@ -55,8 +55,7 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1
     """``log_softmax(logits / T)`` at ``labels``: OpenRLHF's ``log_probs_from_logits``.
 
     Args:
-        logits: ``(..., V)`` bfloat16 / float16 / float32 / float64 (at least 2-D), last dim
-            contiguous.
+        logits: ``(..., V)`` bfloat16 / float16 / float32 / float64, last dim contiguous.
         labels: int64 / int32 of shape ``logits.shape[:-1]``, each in ``[0, V)``.
         temperature: as OpenRLHF, a temperature other than 1 divides ``logits`` **in place**
             first (OpenRLHF's callers read the scaled logits afterwards, e.g. for the entropy).
@@ -66,14 +65,13 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1
     """
     if temperature != 1.0:
         logits.div_(temperature)
-    return token_logprobs(logits, labels).logprobs.to(logits.dtype)
+    return fold(logits, labels).logprobs.to(logits.dtype)
 
 
 def compute_entropy(logits: Tensor) -> Tensor:
-    """``logsumexp(x) − Σ softmax(x)·x`` per row of ``logits (..., V)`` (at least 2-D):
+    """``logsumexp(x) − Σ softmax(x)·x`` per row of ``logits (..., V)``:
     OpenRLHF's ``compute_entropy``. In the logits' dtype; differentiable."""
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    return token_logprobs(logits, labels, return_entropy=True).entropy.to(logits.dtype)
+    return row_entropy(logits).to(logits.dtype)
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None, dim: int | None = None) -> Tensor:
@@ -81,6 +79,16 @@ def _masked_mean(values: Tensor, mask: Tensor | None, dim: int | None = None) ->
     if mask is None:
         return values.mean(dim=dim)
     return (values * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+def _per_row_if_constant(advantages: Tensor) -> Tensor:
+    """``(B, T)`` advantages that are one value per row broadcast along T (stride 0, as
+    ``adv[:, None].expand(B, T)`` makes them) as the ``(B, 1)`` column they view: the op reads a
+    column per row, where a ``(B, T)`` input would be copied into a contiguous ``(B, T)``
+    buffer first. The same values, so the same loss."""
+    if advantages.dim() == 2 and advantages.shape[1] > 1 and advantages.stride(1) == 0:
+        return advantages[:, :1]
+    return advantages
 
 
 class PolicyLoss(nn.Module):
@@ -156,8 +164,14 @@ class PolicyLoss(nn.Module):
         self.is_correction_mode = is_correction_mode
         self.is_correction_gating = is_correction_gating
         self.is_correction_threshold = is_correction_threshold
+        # OpenRLHF's gspo is one ratio per sequence, exp(mean Δ), differentiated through the
+        # mean (every token's gradient carries the whole row's surrogate terms): rlkern's
+        # sequence-level importance sampling of the ppo loss, not its "gspo" (verl's, whose
+        # per-token stop-gradient form has the same value and, with per-token advantages,
+        # another gradient)
         self.config = PolicyLossConfig(
-            policy_loss=policy_loss_type,
+            policy_loss="ppo",
+            importance_sampling_level="sequence" if policy_loss_type == "gspo" else "token",
             loss_agg_mode="token-mean" if self.token_level_loss else "seq-mean-token-mean",
             clip_ratio_low=clip_eps_low, clip_ratio_high=clip_eps_high, clip_ratio_c=dual_clip,
             log_ratio_clamp=20.0, seq_log_ratio_max=None, count_empty_seqs=False)
@@ -206,7 +220,7 @@ class PolicyLoss(nn.Module):
         global_batch_size: float | Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         mask = torch.ones_like(log_probs) if action_mask is None else action_mask
-        advantages = advantages.expand_as(log_probs)
+        advantages = _per_row_if_constant(advantages.expand_as(log_probs))
         correcting = self.is_correction_level != "off"
         if correcting and rollout_log_probs is None:
             raise ValueError(f"is_correction_level={self.is_correction_level!r} needs "

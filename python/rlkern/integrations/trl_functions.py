@@ -39,8 +39,8 @@ import math
 import torch
 from torch import Tensor
 
+from rlkern.integrations._fold import fold, row_entropy
 from rlkern.integrations._swap import FunctionSwap
-from rlkern.ops.logprobs import TokenLogprobs, token_logprobs
 
 __all__ = [
     "entropy_from_logits",
@@ -74,16 +74,6 @@ def _trl_dtype(logits: Tensor, index: Tensor | None, row_mask: Tensor | None) ->
 def _check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise ValueError("temperature must be positive")  # TRL's message
-
-
-def _fold(logits: Tensor, labels: Tensor, temperature: float, entropy: bool) -> TokenLogprobs:
-    """:func:`rlkern.token_logprobs` on ``logits (..., V)`` (1-D logits as one row)."""
-    if logits.dim() == 1:
-        out = token_logprobs(logits.unsqueeze(0), labels.reshape(1), temperature=temperature,
-                             return_entropy=entropy, ignore_index=_SKIP)
-        return TokenLogprobs(*(t.reshape(()) if t is not None else None for t in out))
-    return token_logprobs(logits, labels, temperature=temperature, return_entropy=entropy,
-                          ignore_index=_SKIP)
 
 
 def _skipped(index: Tensor, row_mask: Tensor | None) -> Tensor:
@@ -137,12 +127,12 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     mask = _check_mask(row_mask, index)
     dtype = _trl_dtype(logits, index, row_mask)
     if one_per_row:
-        out = _fold(logits, _skipped(index, mask), temperature, entropy=False)
+        out = fold(logits, _skipped(index, mask), temperature=temperature, ignore_index=_SKIP)
         return _trl_rounding(out.logprobs, out.lse, logits, index, mask, temperature, dtype)
     first = index[..., 0] if index.shape[-1] > 0 else index.new_zeros(lead)
     # a row is computed unless every one of its K entries is masked
     labels = _skipped(first, None if mask is None else (mask != 0).any(-1))
-    lse = _fold(logits, labels, temperature, entropy=False).lse
+    lse = fold(logits, labels, temperature=temperature, ignore_index=_SKIP).lse
     picked = torch.gather(logits, -1, index.to(torch.int64)).to(lse.dtype) / temperature
     out = picked - lse.unsqueeze(-1)
     if mask is not None:
@@ -152,8 +142,8 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
 
 def _row_max_16bit(x: Tensor) -> Tensor:
     """``x.amax(-1)`` of 16-bit floats, as float32, by integer compares of the bit patterns
-    (torch's 16-bit float ``amax`` on the CPU takes as long as the whole fold; the integer
-    one about a third). bf16 and fp16 are sign-magnitude: as int16, non-negative floats keep
+    (torch reduces int16 faster than bf16 / fp16 on the CPU). bf16 and fp16 are
+    sign-magnitude: as int16, non-negative floats keep
     their order, so a row with one holds its maximum at the largest int16; in a row of
     negative floats only, the largest float has the smallest magnitude, the smallest int16."""
     bits = x.view(torch.int16)
@@ -220,9 +210,7 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
     if logits.shape[-1] == 0 and math.prod(logits.shape[:-1]) > 0:
         raise ValueError("logits has an empty vocab dim (V = 0): no distribution to take the "
                          "entropy of")
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    out = _fold(logits, labels, 1.0, entropy=True).entropy
-    return out.to(_trl_dtype(logits, None, None))
+    return row_entropy(logits).to(_trl_dtype(logits, None, None))
 
 
 def selective_log_softmax_and_entropy(
@@ -252,7 +240,8 @@ def selective_log_softmax_and_entropy(
         raise ValueError(f"index must have shape {tuple(logits.shape[:-1])} (one id per row), "
                          f"got {tuple(index.shape)}")
     mask = _check_mask(row_mask, index)
-    out = _fold(logits, _skipped(index, mask), temperature, entropy=True)
+    out = fold(logits, _skipped(index, mask), temperature=temperature, entropy=True,
+               ignore_index=_SKIP)
     dtype = _trl_dtype(logits, index, row_mask)
     entropy = out.entropy if entropy_requires_grad else out.entropy.detach()
     logprobs = _trl_rounding(out.logprobs, out.lse, logits, index, mask, temperature, dtype)

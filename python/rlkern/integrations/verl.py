@@ -53,6 +53,7 @@ from torch import Tensor
 from rlkern.backends import cpp_ops, resolve_backend
 from rlkern.config.advantages import WHITEN_EPS
 from rlkern.config.policy_loss import PolicyLossConfig
+from rlkern.integrations._fold import row_entropy
 from rlkern.integrations._swap import FunctionSwap
 from rlkern.integrations.verl_rollout import compute_policy_loss_rlkern_bypass_mode
 from rlkern.ops.advantages import group_advantages
@@ -708,14 +709,11 @@ def is_registered() -> bool:
 # Drop-ins for verl.utils.torch_functional
 
 
-def _rows(logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+def _rows(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """``(..., V)`` logits as the ``(N, V)`` or ``(B, L, V)`` rlkern reads (a view when the
     layout allows; 2-D and 3-D inputs as they are, strided views included)."""
     lead = tuple(logits.shape[:-1])
-    if labels is None:
-        # the entropy needs no label; any in-range id will do (0)
-        labels = torch.zeros(lead, dtype=torch.int64, device=logits.device)
-    elif tuple(labels.shape) != lead:
+    if tuple(labels.shape) != lead:
         labels = labels.reshape(lead)
     if logits.dim() in (2, 3):
         return logits, labels, lead
@@ -740,8 +738,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """``H = logsumexp(x) − Σ softmax(x)·x`` per row of ``logits (..., V)``: verl's
     ``entropy_from_logits`` by :func:`rlkern.token_logprobs` (one pass, no ``(N, V)``
     temporary). Returns float32 (float64 for float64 logits); differentiable."""
-    x, y, lead = _rows(logits, None)
-    return token_logprobs(x, y, return_entropy=True).entropy.reshape(lead)
+    return row_entropy(logits)
 
 
 def entropy_from_logits_with_chunking(logits: Tensor, chunk_size: int = 2048) -> Tensor:
