@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "cpu/advantages_ops.h"
+#include "cpu/eager16_ops.h"
 #include "cpu/linear_logprobs_ops.h"
 #include "cpu/logprobs_ops.h"
 #include "cpu/policy_loss_ops.h"
@@ -46,6 +47,9 @@ TORCH_LIBRARY(rlkern, m) {
   define_ops(m, truncated_logprobs::kOps);
   // verl's optimal token baseline (schema in cpu/token_baseline_ops.cpp).
   m.def(kOptimalTokenBaselineOutSchema);
+  // torch's eager 16-bit log_softmax statistics and entropy terms (cpu/eager16_ops.cpp).
+  m.def(kEager16LogSoftmaxStatsOutSchema);
+  m.def(kEager16EntropyTermsOutSchema);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
@@ -56,6 +60,7 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   cpu::impl_sample_ops(m);
   cpu::impl_truncated_logprobs_ops(m);
   register_token_baseline_cpu(m);  // cpu/token_baseline_ops.cpp
+  register_eager16_cpu(m);  // cpu/eager16_ops.cpp
 }
 
 }  // namespace rlkern

@@ -3,9 +3,9 @@
 Each drop-in is called on the same inputs as TRL's function (imported from TRL, not re-typed):
 values, result dtypes and shapes, gradients, masks, temperatures, K ids per row. For float32
 and float64 logits the values agree to accumulation-order rounding; for 16-bit logits at
-T = 1 the log-probabilities are TRL's bit for bit (the drop-in applies the roundings of TRL's
-16-bit ``log_softmax``), and otherwise the correctly rounded values (checked against float64)
-and nearer the exact value than TRL's.
+T = 1 the log-probabilities and the entropy are TRL's bit for bit (the drop-ins repeat the
+roundings of torch's 16-bit ops, rlkern.ops.eager16, tested on its own in test_eager16.py),
+and at other temperatures the correctly rounded values (checked against float64).
 """
 
 from __future__ import annotations
@@ -83,27 +83,41 @@ def test_entropy_from_logits_matches_trl(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("shape", [*SHAPES, (4, 32, 1024), (3, 32000)])
-def test_half_precision_log_probs_are_trls_bits(dtype, shape):
-    """TRL's CPU path rounds Σ exp and its log to the 16-bit dtype before the last subtraction;
-    the drop-in applies the same roundings to the fold's sums: the same bits (as TRL's own
-    test of its function asks of it, against ``logits.log_softmax(-1)``). The entropy is the
-    correctly rounded value, nearer the exact one than TRL's 16-bit sum."""
+@pytest.mark.parametrize("shape", [*SHAPES, (4, 32, 1024), (3, 32000), (2, 151936)])
+def test_half_precision_values_are_trls_bits(dtype, shape):
+    """TRL's CPU path computes in the 16-bit dtype, every op rounding; the drop-ins return the
+    same bits (as TRL's own tests ask of its functions, against ``logits.log_softmax(-1)`` and
+    ``-(exp(lp) * lp).sum(-1)``), log-probabilities and entropy, one chunk size or another."""
     logits = _logits(shape, dtype)
     ids = _ids(shape[:-1], shape[-1])
     ours = rf.selective_log_softmax(logits, ids)
     theirs = trl_utils.selective_log_softmax(logits, ids)
     assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
     assert torch.equal(ours, theirs)
-    assert torch.equal(ours, logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1))
+    lp = logits.log_softmax(-1)
+    assert torch.equal(ours, lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1))
 
-    h_ours = rf.entropy_from_logits(logits)
-    h_theirs = trl_utils.entropy_from_logits(logits)
-    assert h_ours.dtype == h_theirs.dtype == dtype
-    p = _exact(logits)
-    h_exact = -(p.exp() * p).sum(-1)
-    _assert_correctly_rounded(h_ours, h_exact, dtype, "entropy")
-    assert (h_ours.double() - h_exact).abs().max() <= (h_theirs.double() - h_exact).abs().max()
+    for chunk_size in (1, 16, 128):
+        h_ours = rf.entropy_from_logits(logits, chunk_size=chunk_size)
+        h_theirs = trl_utils.entropy_from_logits(logits, chunk_size=chunk_size)
+        assert h_ours.dtype == h_theirs.dtype == dtype
+        assert torch.equal(h_ours, h_theirs)
+    assert torch.equal(h_ours, -(torch.exp(lp) * lp).sum(-1))
+    lp2, h2 = rf.selective_log_softmax_and_entropy(logits, ids)
+    assert torch.equal(lp2, ours) and torch.equal(h2, h_theirs)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_entropy_gradient_is_exact(dtype):
+    """The 16-bit value is TRL's; the gradient is rlkern's exact one (float64 reference)."""
+    logits = _logits((6, 500), dtype).requires_grad_()
+    weights = torch.randn(6, dtype=torch.float64)
+    (rf.entropy_from_logits(logits).double() * weights).sum().backward()
+    ref = logits.detach().double().requires_grad_()
+    p = ref.log_softmax(-1)
+    (-(p.exp() * p).sum(-1) * weights).sum().backward()
+    torch.testing.assert_close(logits.grad.double(), ref.grad.to(dtype).double(),
+                               rtol=0, atol=2 * float(ref.grad.abs().max()) * 2.0**-7)
 
 
 @settings(max_examples=30, deadline=None)
@@ -117,9 +131,13 @@ def test_property_half_precision_bits(lead, vocab, dtype, k, masked, scale, seed
     mask = (_ids(id_shape, 2, seed=seed + 2) > 0) if masked else None
     ours = rf.selective_log_softmax(logits, ids, row_mask=mask)
     assert torch.equal(ours, trl_utils.selective_log_softmax(logits, ids, row_mask=mask))
+    chunk = 1 + seed % 7
+    assert torch.equal(rf.entropy_from_logits(logits, chunk),
+                       trl_utils.entropy_from_logits(logits, chunk))
     if k is None:
-        lp, _ = rf.selective_log_softmax_and_entropy(logits, ids, row_mask=mask)
-        assert torch.equal(lp, ours)
+        lp, h = rf.selective_log_softmax_and_entropy(logits, ids, row_mask=mask)
+        lp_trl, h_trl = trl_utils.selective_log_softmax_and_entropy(logits, ids, row_mask=mask)
+        assert torch.equal(lp, ours) and torch.equal(lp, lp_trl) and torch.equal(h, h_trl)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
@@ -325,22 +343,6 @@ def test_patch_and_unpatch_trainer_utils(monkeypatch):
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=2e-6)
     assert "trl.experimental.sdpo.loss_utils" in sys.modules
 
-
-@pytest.mark.parametrize("dtype", HALF)
-def test_row_max_by_integer_compares(dtype):
-    """``_row_max_16bit`` (the row max the 16-bit roundings start from) is ``amax``: rows with
-    positive values, only negative ones, ±0, ±inf, a single finite value among −inf."""
-    x = _logits((40, 77), torch.float32, seed=5).to(dtype)
-    x[3] = -x[3].abs() - 0.1
-    x[4] = -0.0
-    x[5, 2] = float("inf")
-    x[6] = float("-inf")
-    x[6, 5] = -3.0
-    x[7] = -x[7].abs()
-    x[8] = 0.0
-    x[9] = float("-inf")
-    assert torch.equal(rf._row_max_16bit(x), x.float().amax(-1))
-    assert torch.equal(rf._row_max_16bit(x[:, ::2]), x[:, ::2].float().amax(-1))
 
 
 @pytest.mark.parametrize("negative_rows", [False, True])

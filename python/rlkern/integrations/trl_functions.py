@@ -21,9 +21,11 @@ so do these functions, from rlkern's fp32-accumulated values. Where the result i
 TRL's CPU path calls ``log_softmax`` in that dtype, whose kernel rounds ``Σ exp`` and its log
 to it before the last subtraction; the log-probabilities here take the same roundings (from
 the fold's sums, plus one read of the logits for the row max), so at ``T = 1`` they are TRL's
-bit for bit. The 16-bit entropy is the correctly rounded value (TRL's rounds every term of its
-sum, and is further from the exact value); TRL's GPU kernel computes both in float32, as these
-do (docs/integrations/trl.md).
+bit for bit. TRL's 16-bit entropy, ``-(exp(lp) * lp).sum(-1)``, rounds every op's result; the
+entropy here forms the same rounded terms in one C++ pass and sums them with torch's ``sum`` over
+TRL's chunks of rows (:func:`rlkern.ops.entropy_terms.eager_entropy_16bit`), so at ``T = 1`` it
+is TRL's bit for bit as well. Gradients are rlkern's exact ones. TRL's GPU kernel computes both
+in float32, as these do (docs/integrations/trl.md).
 
 **Temperature** divides the logits in float32 inside the kernel, as TRL's GPU kernel does
 (TRL's CPU path first rounds ``logits / T`` to the logits' dtype; at ``T ≠ 1`` 16-bit
@@ -39,8 +41,9 @@ import math
 import torch
 from torch import Tensor
 
-from rlkern.integrations._fold import fold, row_entropy
+from rlkern.integrations._fold import fold
 from rlkern.integrations._swap import FunctionSwap
+from rlkern.ops.eager16 import eager_entropy_16bit, log_softmax_stats_16bit
 
 __all__ = [
     "entropy_from_logits",
@@ -128,7 +131,10 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     dtype = _trl_dtype(logits, index, row_mask)
     if one_per_row:
         out = fold(logits, _skipped(index, mask), temperature=temperature, ignore_index=_SKIP)
-        return _trl_rounding(out.logprobs, out.lse, logits, index, mask, temperature, dtype)
+        if not _torch_16bit(logits, dtype, temperature):
+            return out.logprobs.to(dtype)
+        return _trl_rounding(out.logprobs, _torch_16bit_stats(logits, out.lse), logits, index,
+                             mask, dtype)
     first = index[..., 0] if index.shape[-1] > 0 else index.new_zeros(lead)
     # a row is computed unless every one of its K entries is masked
     labels = _skipped(first, None if mask is None else (mask != 0).any(-1))
@@ -137,58 +143,55 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     out = picked - lse.unsqueeze(-1)
     if mask is not None:
         out = out.masked_fill(mask == 0, 0.0)
-    return _trl_rounding(out, lse.unsqueeze(-1), logits, index, mask, temperature, dtype)
+    if not _torch_16bit(logits, dtype, temperature):
+        return out.to(dtype)
+    return _trl_rounding(out, _torch_16bit_stats(logits, lse), logits, index, mask, dtype)
 
 
-def _row_max_16bit(x: Tensor) -> Tensor:
-    """``x.amax(-1)`` of 16-bit floats, as float32, by integer compares of the bit patterns
-    (torch reduces int16 faster than bf16 / fp16 on the CPU). bf16 and fp16 are
-    sign-magnitude: as int16, non-negative floats keep
-    their order, so a row with one holds its maximum at the largest int16; in a row of
-    negative floats only, the largest float has the smallest magnitude, the smallest int16."""
-    bits = x.view(torch.int16)
-    top = bits.amax(-1)
-    negative = top < 0
-    # rows with no float ≥ +0 are rare in logits: the second pass only when one exists (a
-    # data-dependent branch, which a compiled graph cannot take: there, always)
-    if torch.compiler.is_compiling() or bool(negative.any()):
-        top = torch.where(negative, bits.amin(-1), top)
-    return top.view(x.dtype).float()
+def _torch_16bit_stats(logits: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """``(shift, log_s)`` of torch's 16-bit CPU ``log_softmax`` for each row of ``logits
+    (..., V)``, each of shape ``logits.shape[:-1]`` (:func:`log_softmax_stats_16bit`, decided
+    by the fold's ``lse`` where it can)."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    shift, log_s = log_softmax_stats_16bit(flat, lse.detach().reshape(-1))
+    return shift.reshape(logits.shape[:-1]), log_s.reshape(logits.shape[:-1])
 
 
-def _trl_rounding(logprobs: Tensor, lse: Tensor, logits: Tensor, index: Tensor,
-                  mask: Tensor | None, temperature: float, dtype: torch.dtype) -> Tensor:
+def _trl_rounding(logprobs: Tensor, stats: tuple[Tensor, Tensor], logits: Tensor,
+                  index: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``logprobs`` (float32, differentiable) as TRL returns them in ``dtype``.
 
-    Where that is a 16-bit dtype TRL's CPU path calls ``log_softmax`` in it, and torch's CPU
-    kernel rounds twice before its last subtraction: ``round(round(log round(S)))`` with
-    ``S = Σ exp(x − m)`` and ``m`` the row max. The same roundings are applied here to ``S``
-    (recovered from rlkern's ``lse`` as ``exp(lse − m)``: its float32 error is far below a
-    16-bit rounding step), so the values are TRL's bit for bit, while the gradient stays the
-    fold's. At ``T ≠ 1`` TRL first rounds ``logits / T`` to the 16-bit dtype, which only a
-    rounded copy of the logits could reproduce: there the values are rlkern's, rounded once.
+    Where that is a 16-bit dtype TRL's CPU path calls ``log_softmax`` in it, whose value at
+    ``x_v`` is ``round((x_v − shift) − log_s)`` with ``stats = (shift, log_s)`` of each row
+    (:func:`_torch_16bit_stats`): TRL's bits, through rlkern's autograd node (the gradient
+    stays the fold's). Callers pass 16-bit results at ``T = 1`` only.
     """
-    if dtype not in (torch.bfloat16, torch.float16) or temperature != 1.0:
-        return logprobs.to(dtype)
     with torch.no_grad():
         x = logits.detach()
-        shift = _row_max_16bit(x).unsqueeze(-1)
+        shift, log_s = stats
         ids = index
         if index.shape == logits.shape[:-1]:  # one id per row: (...) → (..., 1)
-            shift, ids = shift.squeeze(-1), index.unsqueeze(-1)
+            ids = index.unsqueeze(-1)
+        else:
+            shift, log_s = shift.unsqueeze(-1), log_s.unsqueeze(-1)
         safe = ids.to(torch.int64) if mask is None else torch.where(
             (mask != 0).reshape(ids.shape), ids.to(torch.int64), 0)
         picked = torch.gather(x, -1, safe).float().reshape(logprobs.shape)
-        log_s = torch.log(torch.exp(lse - shift).to(dtype).float()).to(dtype).float()
         value = picked - shift - log_s
         if mask is not None:
             value = value.masked_fill(mask == 0, 0.0)
-        # TRL's values, through rlkern's autograd node; where the fold's value is not finite
-        # (a label at −inf: −inf; a NaN row: NaN) it is TRL's already, and −inf − (−inf) would
-        # make it NaN
+        # where the fold's value is not finite (a label at −inf: −inf; a NaN row: NaN) it is
+        # TRL's already, and −inf − (−inf) would make it NaN
         current = logprobs.detach()
         delta = torch.where(torch.isfinite(current), value - current, 0.0)
     return (logprobs + delta).to(dtype)
+
+
+def _torch_16bit(logits: Tensor, dtype: torch.dtype, temperature: float) -> bool:
+    """Whether TRL's result is computed by torch's 16-bit CPU ops that these functions repeat
+    bit for bit: 16-bit results on the CPU at ``T = 1`` (module docstring)."""
+    return (dtype in (torch.bfloat16, torch.float16) and temperature == 1.0
+            and logits.device.type == "cpu" and logits.numel() > 0)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
@@ -198,19 +201,48 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
 
     Args:
         logits: ``(..., V)`` bfloat16 / float16 / float32 / float64.
-        chunk_size: accepted for TRL's signature and ignored: rlkern never materialises the
-            ``(N, V)`` probabilities that TRL's chunking bounds.
+        chunk_size: rows a chunk, ``>= 1``. Only 16-bit results on the CPU use it: their value
+            is TRL's, whose sum torch splits by the chunk's shape (:func:`_trl_entropy`);
+            each chunk holds one ``(chunk_size, V)`` tensor of terms, where TRL's holds four.
 
     Returns:
         ``logits.shape[:-1]``; float32 or the logits' dtype, as TRL returns. Differentiable.
 
     Raises:
-        ValueError: rows of no logits (V = 0; TRL returns 0 for them).
+        ValueError: rows of no logits (V = 0; TRL returns 0 for them), ``chunk_size < 1``.
     """
     if logits.shape[-1] == 0 and math.prod(logits.shape[:-1]) > 0:
         raise ValueError("logits has an empty vocab dim (V = 0): no distribution to take the "
                          "entropy of")
-    return row_entropy(logits).to(_trl_dtype(logits, None, None))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    out = fold(logits, labels, entropy=True)
+    dtype = _trl_dtype(logits, None, None)
+    if not _torch_16bit(logits, dtype, 1.0):
+        return out.entropy.to(dtype)
+    return _trl_entropy(out.entropy, _torch_16bit_stats(logits, out.lse), logits, None, dtype,
+                        chunk_size)
+
+
+def _trl_entropy(entropy: Tensor, stats: tuple[Tensor, Tensor], logits: Tensor,
+                 mask: Tensor | None, dtype: torch.dtype, chunk_size: int) -> Tensor:
+    """``entropy`` (float32, differentiable) as TRL returns it in 16-bit ``dtype``:
+    ``-(exp(lp) * lp).sum(-1)`` with every op rounding, summed in chunks of ``chunk_size`` rows
+    (:func:`eager_entropy_16bit`, ``stats`` from :func:`_torch_16bit_stats`), through rlkern's
+    autograd node. Rows ``mask`` zeroes give 0, as TRL's ``masked_fill``."""
+    with torch.no_grad():
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        shift, log_s = (t.reshape(-1) for t in stats)
+        value = eager_entropy_16bit(flat, shift, log_s, chunk_size).reshape(entropy.shape)
+        value = value.float()
+        if mask is not None:
+            value = value.masked_fill(mask == 0, 0.0)
+        # a NaN row stays NaN; elsewhere TRL's value (a 16-bit one, which entropy + delta
+        # reproduces exactly: the two are within a factor of two, so the difference is exact)
+        current = entropy.detach()
+        delta = torch.where(torch.isnan(current), 0.0, value - current)
+    return (entropy + delta).to(dtype)
 
 
 def selective_log_softmax_and_entropy(
@@ -244,8 +276,12 @@ def selective_log_softmax_and_entropy(
                ignore_index=_SKIP)
     dtype = _trl_dtype(logits, index, row_mask)
     entropy = out.entropy if entropy_requires_grad else out.entropy.detach()
-    logprobs = _trl_rounding(out.logprobs, out.lse, logits, index, mask, temperature, dtype)
-    return logprobs, entropy.to(dtype)
+    if not _torch_16bit(logits, dtype, temperature):
+        return out.logprobs.to(dtype), entropy.to(dtype)
+    stats = _torch_16bit_stats(logits, out.lse)
+    # TRL takes the entropy of every row (masked ones too) in its default chunks of 128 rows
+    return (_trl_rounding(out.logprobs, stats, logits, index, mask, dtype),
+            _trl_entropy(entropy, stats, logits, mask, dtype, 128))
 
 
 _TRAINER_UTILS = FunctionSwap("trl.trainer.utils", {

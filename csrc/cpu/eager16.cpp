@@ -1,0 +1,200 @@
+// CPU kernels of eager16.h.
+#include "cpu/eager16.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/simd.h"
+
+// torch's vector kernels compute exp and log of widened 16-bit values with Sleef's *_u10
+// functions, which libtorch_cpu exports. Weak references: a torch without them leaves them
+// null, and the kernels take std::exp / std::log instead.
+#if defined(__AVX512F__)
+extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+extern "C" __m512 Sleef_logf16_u10(__m512) __attribute__((weak));
+#elif defined(__AVX2__) && defined(__FMA__)
+extern "C" __m256 Sleef_expf8_u10(__m256) __attribute__((weak));
+extern "C" __m256 Sleef_logf8_u10(__m256) __attribute__((weak));
+#endif
+
+namespace rlkern::cpu {
+namespace {
+
+// The float lanes of torch's vectors: its reductions' order depends on them. A build without
+// AVX assumes torch's AVX-512 kernels.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 16;
+#endif
+constexpr int kBlock = 2 * kLanes;  // one vector of 16-bit values: two float vectors
+
+// exp (or log) of kLanes floats in place, as torch's Vectorized<float> computes it.
+template <bool kLog>
+void sleef_lanes(float* a) {
+#if defined(__AVX512F__)
+  auto* f = kLog ? Sleef_logf16_u10 : Sleef_expf16_u10;
+  if (f != nullptr) {
+    _mm512_storeu_ps(a, f(_mm512_loadu_ps(a)));
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  auto* f = kLog ? Sleef_logf8_u10 : Sleef_expf8_u10;
+  if (f != nullptr) {
+    _mm256_storeu_ps(a, f(_mm256_loadu_ps(a)));
+    return;
+  }
+#endif
+  for (int i = 0; i < kLanes; ++i) a[i] = kLog ? std::log(a[i]) : std::exp(a[i]);
+}
+
+template <typename Tag>
+float round16(float v) {
+  typename Tag::storage s;
+  store_scalar<Tag>(&s, v);
+  return load_scalar<Tag>(&s);
+}
+
+// exp(x_v − m) of `count` logits from x into the two float vectors f0, f1 (kBlock lanes), the
+// lanes past `count` loaded as 0 (torch's partial loadu), as their exps.
+template <typename Tag>
+void exp_block(const typename Tag::storage* x, int64_t count, float m, float* f) {
+  for (int i = 0; i < kBlock; ++i) f[i] = (i < count ? load_scalar<Tag>(x + i) : 0.0f) - m;
+  sleef_lanes<false>(f);
+  sleef_lanes<false>(f + kLanes);
+}
+
+// S = Σ exp(x_v − m) in the order of torch's vec::map_reduce_all for 16-bit data
+// (functional_bfloat16.h): see eager16.h.
+template <typename Tag>
+float sum_exp_like_torch(const typename Tag::storage* x, int64_t n, float m) {
+  alignas(64) float f[kBlock];
+  if (n < kBlock) {
+    exp_block<Tag>(x, n, m, f);
+    int64_t lanes = n;
+    if (n > kLanes) {  // the second vector's lanes blended into the first, then all lanes
+      for (int64_t i = 0; i < n - kLanes; ++i) f[i] = f[i] + f[kLanes + i];
+      lanes = kLanes;
+    }
+    float s = f[0];
+    for (int64_t i = 1; i < lanes; ++i) s = s + f[i];
+    return s;
+  }
+  alignas(64) float acc[kBlock];
+  exp_block<Tag>(x, kBlock, m, acc);
+  const int64_t full = n - n % kBlock;
+  int64_t d = kBlock;
+  for (; d < full; d += kBlock) {
+    exp_block<Tag>(x + d, kBlock, m, f);
+    for (int i = 0; i < kBlock; ++i) acc[i] = acc[i] + f[i];
+  }
+  if (const int64_t rest = n - d; rest > 0) {
+    exp_block<Tag>(x + d, rest, m, f);
+    // lanes past the tail keep the accumulator (torch's Vectorized::set)
+    for (int64_t i = 0; i < rest; ++i) acc[i] = acc[i] + f[i];
+  }
+  for (int i = 0; i < kLanes; ++i) acc[i] = acc[i] + acc[kLanes + i];
+  // the horizontal sum: a butterfly, lane i plus lane i ^ dist for dist = kLanes/2 … 1
+  for (int dist = kLanes / 2; dist >= 1; dist /= 2) {
+    alignas(64) float next[kLanes];
+    for (int i = 0; i < kLanes; ++i) next[i] = acc[i] + acc[i ^ dist];
+    std::copy(next, next + kLanes, acc);
+  }
+  return acc[0];
+}
+
+template <typename Tag>
+void stats_rows(const Eager16Rows& a, float* shift, float* log_s, int64_t begin, int64_t end) {
+  using S = typename Tag::storage;
+  for (int64_t r = begin; r < end; ++r) {
+    const S* x = static_cast<const S*>(a.logits) + r * a.row_stride;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t v = 0; v < a.vocab; ++v) {
+      const float xv = load_scalar<Tag>(x + v);
+      if (xv > m || std::isnan(xv)) m = std::isnan(m) ? m : xv;  // NaN propagates, as torch's
+    }
+    alignas(64) float s[kLanes];
+    std::fill(s, s + kLanes, round16<Tag>(sum_exp_like_torch<Tag>(x, a.vocab, m)));
+    sleef_lanes<true>(s);
+    shift[r] = m;
+    log_s[r] = round16<Tag>(s[0]);
+  }
+}
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+VecF exp_like_torch(VecF v) {
+  alignas(64) float lanes[kLanes];
+  static_assert(VecF::size == kLanes);
+  v.store(lanes, F32{});
+  sleef_lanes<false>(lanes);
+  return VecF::load(lanes);
+}
+
+// A vector through the 16-bit dtype and back: the rounding of a 16-bit op's result.
+template <typename Tag>
+VecF round16(VecF v) {
+  alignas(64) uint16_t h[VecF::size];
+  v.store(h, Tag{});
+  return VecF::load(h, Tag{});
+}
+#endif
+
+template <typename Tag>
+float term_scalar(float x, float m, float log_s) {
+  if (x == -INFINITY) return 0.0f;
+  const float lp = round16<Tag>((x - m) - log_s);
+  const float e = round16<Tag>(std::exp(lp));
+  return e * lp;  // rounded by the caller's store
+}
+
+template <typename Tag>
+void term_rows(const Eager16Rows& a, const float* shift, const float* log_s, void* terms,
+               int64_t begin, int64_t end) {
+  using S = typename Tag::storage;
+  const int64_t n = a.vocab;
+  for (int64_t r = begin; r < end; ++r) {
+    const S* x = static_cast<const S*>(a.logits) + r * a.row_stride;
+    S* t = static_cast<S*>(terms) + r * n;
+    const float m = shift[r], ls = log_s[r];
+    int64_t v = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    const VecF vm = VecF::set1(m), vls = VecF::set1(ls);
+    for (; v + VecF::size <= n; v += VecF::size) {
+      const VecF xv = VecF::load(x + v, Tag{});
+      const VecF lp = round16<Tag>((xv - vm) - vls);
+      const VecF e = round16<Tag>(exp_like_torch(lp));
+      // x = −inf: lp = −inf, e = 0, and the term's limit is 0, not 0 · (−inf)
+      VecF::zero_where_neginf(e * lp, xv).store(t + v, Tag{});
+    }
+#endif
+    for (; v < n; ++v) store_scalar<Tag>(t + v, term_scalar<Tag>(load_scalar<Tag>(x + v), m, ls));
+  }
+}
+
+// ~64K logits a task: short rows are grouped, long rows go one a task.
+int64_t grain(int64_t vocab) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(vocab, 1));
+}
+
+}  // namespace
+
+void log_softmax_stats_16bit(const Eager16Rows& a, float* shift, float* log_s) {
+  at::parallel_for(0, a.rows, grain(a.vocab), [&](int64_t begin, int64_t end) {
+    if (a.dtype == DType::kBFloat16) stats_rows<BF16>(a, shift, log_s, begin, end);
+    else stats_rows<F16>(a, shift, log_s, begin, end);
+  });
+}
+
+void entropy_terms_16bit(const Eager16Rows& a, const float* shift, const float* log_s,
+                         void* terms) {
+  at::parallel_for(0, a.rows, grain(a.vocab), [&](int64_t begin, int64_t end) {
+    if (a.dtype == DType::kBFloat16) term_rows<BF16>(a, shift, log_s, terms, begin, end);
+    else term_rows<F16>(a, shift, log_s, terms, begin, end);
+  });
+}
+
+}  // namespace rlkern::cpu

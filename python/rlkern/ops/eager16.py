@@ -1,0 +1,189 @@
+"""torch's eager CPU ops on 16-bit logits, reproduced bit for bit without their tensors.
+
+Trainers that score tokens in the logits' own 16-bit dtype get values that every op has
+rounded to it. TRL's CPU path, for example, computes::
+
+    lp = log_softmax(x)                 # bf16 / fp16: torch rounds Σ exp, its log and lp
+    logprobs = lp.gather(-1, ids)
+    entropy = -(exp(lp) * lp).sum(-1)   # every op rounds again
+
+A drop-in that returns the same bits needs what torch's ``log_softmax`` keeps between its
+passes, per row: the max ``shift`` and ``log_s = round(log(round(Σ exp(x − shift))))``, so that
+``lp = round((x − shift) − log_s)``. :func:`log_softmax_stats_16bit` gives them: from
+:func:`rlkern.token_logprobs`' float32 log-sum-exp where that decides the two roundings, and
+from the C++ kernel that repeats torch's summation order (csrc/cpu/eager16.h) for the rows
+where it does not (S or its log within the log-sum-exp's error of a 16-bit rounding midpoint:
+about 1 % of fp16 rows, fewer in bf16). :func:`eager_entropy_16bit` forms the entropy's rounded
+terms for a chunk of rows in one C++ pass and hands the chunk to torch's own ``sum``, whose
+reduction order is then the trainer's.
+
+CPU only: these are the roundings of torch's CPU kernels. The kernels use Sleef's exp and log
+from libtorch_cpu, as torch's vector kernels do, so the bits are torch's where the build's
+vector width is the one torch dispatches to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern import backends
+from rlkern.ops import eager
+from rlkern.ops.memory import advise_huge_pages
+
+__all__ = ["eager_entropy_16bit", "log_softmax_stats_16bit", "row_max_16bit"]
+
+_16BIT = (torch.bfloat16, torch.float16)
+# The error of S = exp(lse − shift) recovered from the fold's float32 log-sum-exp, relative:
+# its sum's rounding (≤ 4e-6 measured on randn rows up to V = 151,936) and two units in the
+# last place of lse. Rows within it of a 16-bit rounding midpoint take the exact kernel.
+_S_REL_ERR, _LSE_ULPS = 2e-6, 2 * 2.0**-23
+_LOG_ULPS = 2 * 2.0**-23  # torch's log and Sleef's differ by at most an ulp
+
+
+@eager.custom_op("rlkern::eager16_log_softmax_stats", mutates_args=())
+def _stats_op(logits: Tensor) -> tuple[Tensor, Tensor]:
+    rows = logits.shape[0]
+    shift = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    log_s = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    backends.cpp_ops().eager16_log_softmax_stats_out(logits, shift, log_s)
+    return shift, log_s
+
+
+@_stats_op.register_fake
+def _(logits):
+    rows = logits.shape[0]
+    return (logits.new_empty(rows, dtype=torch.float32),
+            logits.new_empty(rows, dtype=torch.float32))
+
+
+@eager.custom_op("rlkern::eager16_entropy_terms", mutates_args=())
+def _terms_op(logits: Tensor, shift: Tensor, log_s: Tensor) -> Tensor:
+    terms = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    backends.cpp_ops().eager16_entropy_terms_out(logits, shift, log_s, terms)
+    return terms
+
+
+@_terms_op.register_fake
+def _(logits, shift, log_s):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _check_rows(logits: Tensor) -> Tensor:
+    """``logits`` as the kernels take it: 2-D bf16 / fp16 on the CPU, vocab dim contiguous."""
+    if logits.dtype not in _16BIT:
+        raise TypeError(f"logits must be bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 2 or logits.device.type != "cpu":
+        raise ValueError(f"logits must be a (rows, V) CPU tensor, got shape "
+                         f"{tuple(logits.shape)} on {logits.device}")
+    if logits.shape[1] == 0 and logits.shape[0] > 0:
+        raise ValueError("logits has an empty vocab dim (V = 0)")
+    return logits if logits.shape[1] <= 1 or logits.stride(1) == 1 else logits.contiguous()
+
+
+def _check_stats(rows: int, **stats: Tensor) -> None:
+    for name, t in stats.items():
+        if t.dtype != torch.float32 or tuple(t.shape) != (rows,):
+            raise ValueError(f"{name} must be float32 of shape ({rows},), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+
+
+def row_max_16bit(x: Tensor) -> Tensor:
+    """``x.amax(-1)`` of 16-bit floats ``(..., V)``, as float32, by integer compares of the bit
+    patterns (torch reduces int16 faster than bf16 / fp16 on the CPU). bf16 and fp16 are
+    sign-magnitude: as int16, non-negative floats keep their order, so a row with one holds
+    its maximum at the largest int16; in a row of negative floats only, the largest float has
+    the smallest magnitude, the smallest int16."""
+    bits = x.view(torch.int16)
+    top = bits.amax(-1)
+    negative = top < 0
+    # rows with no float ≥ +0 are rare in logits: the second pass only when one exists (a
+    # data-dependent branch, which a compiled graph cannot take: there, always)
+    if torch.compiler.is_compiling() or bool(negative.any()):
+        top = torch.where(negative, bits.amin(-1), top)
+    return top.view(x.dtype).float()
+
+
+def _straddles(value: Tensor, err: Tensor, dtype: torch.dtype) -> Tensor:
+    """Whether ``value ± err`` round to different ``dtype`` values (NaN counts as straddling)."""
+    return (value - err).to(dtype) != (value + err).to(dtype)
+
+
+def log_softmax_stats_16bit(logits: Tensor, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(shift, log_s)`` of torch's CPU ``log_softmax`` on each row of 16-bit ``logits``.
+
+    ``shift`` is the row max and ``log_s = round(log(round(Σ_v exp(x_v − shift))))`` (rounded
+    to the logits' dtype, held in float32), so ``log_softmax(x)_v = round((x_v − shift) −
+    log_s)`` bit for bit.
+
+    Args:
+        logits: ``(rows, V)`` bfloat16 / float16 on the CPU, vocab dim contiguous.
+        lse: optional ``(rows,)`` float32, ``log Σ exp(x)`` of each row as
+            :func:`rlkern.token_logprobs` returns it (at ``T = 1``). With it only the rows it
+            cannot decide take the exact kernel; without it (and inside ``torch.compile``, which
+            cannot branch on the data) every row does (one more pass over the logits).
+
+    Returns:
+        ``(shift, log_s)``, float32 ``(rows,)`` each.
+    """
+    logits = _check_rows(logits)
+    if lse is None or torch.compiler.is_compiling():
+        return eager.call("rlkern::eager16_log_softmax_stats", logits)
+    _check_stats(logits.shape[0], lse=lse)
+    dtype = logits.dtype
+    shift = row_max_16bit(logits)
+    s = torch.exp(lse - shift)
+    log = torch.log(s.to(dtype).float())
+    near = (_straddles(s, s * (_S_REL_ERR + lse.abs() * _LSE_ULPS), dtype)
+            | _straddles(log, log.abs() * _LOG_ULPS, dtype))
+    log_s = log.to(dtype).float()
+    rows = near.nonzero().squeeze(1)
+    if rows.numel():
+        log_s[rows] = eager.call("rlkern::eager16_log_softmax_stats", logits[rows])[1]
+    return shift, log_s
+
+
+def eager_entropy_16bit(logits: Tensor, shift: Tensor, log_s: Tensor,
+                        chunk_size: int = 128) -> Tensor:
+    """``-(exp(lp) * lp).sum(-1)`` as torch's eager 16-bit ops give it, chunk by chunk of rows,
+    with ``lp = round((x − shift) − log_s)``.
+
+    Args:
+        logits: ``(rows, V)`` bfloat16 / float16 on the CPU, vocab dim contiguous.
+        shift, log_s: float32 ``(rows,)``, from :func:`log_softmax_stats_16bit`.
+        chunk_size: rows summed by one ``sum`` call: the trainer's chunking (torch decides how
+            to split a reduction from its tensor's shape, so the same shapes give the same
+            bits). Each chunk holds one ``(chunk_size, V)`` tensor of terms.
+
+    Returns:
+        ``(rows,)`` in the logits' dtype. Not differentiable (callers attach the value to
+        rlkern's exact gradient). A logit at −inf adds 0 (the limit of ``p log p``), where
+        torch's ops give NaN.
+
+    Raises:
+        TypeError: logits not bfloat16 / float16.
+        ValueError: logits not 2-D on the CPU, ``chunk_size < 1``, or ``shift`` / ``log_s``
+            not float32 of ``(rows,)``.
+    """
+    logits = _check_rows(logits)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_stats(logits.shape[0], shift=shift, log_s=log_s)
+    shift, log_s = shift.contiguous(), log_s.contiguous()
+    chunks = zip(logits.split(chunk_size), shift.split(chunk_size), log_s.split(chunk_size),
+                 strict=True)
+    with torch.no_grad():
+        if eager.plain_eager(logits, shift, log_s, no_graph=True) and logits.shape[0]:
+            # one buffer for every chunk's terms: a fresh (chunk_size, V) tensor a chunk would
+            # fault its pages in at every chunk (memory.py)
+            buf = advise_huge_pages(logits.new_empty((min(chunk_size, logits.shape[0]),
+                                                      logits.shape[1])))
+            sums = []
+            for x, m, s in chunks:
+                terms = buf[:x.shape[0]]
+                backends.cpp_ops().eager16_entropy_terms_out(x, m, s, terms)
+                sums.append(-terms.sum(-1))
+        else:
+            sums = [-eager.call("rlkern::eager16_entropy_terms", x, m, s).sum(-1)
+                    for x, m, s in chunks]
+    return torch.cat(sums) if sums else logits.new_empty((0,))
