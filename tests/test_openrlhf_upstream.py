@@ -273,6 +273,21 @@ def test_log_probs_and_entropy_match_openrlhf(upstream, dtype, temperature):
     assert our_err <= (results[0][1].double() - exact).abs().max() + 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("shape", [(4, 9, 1000), (2, 3, 32000), (5, 151936)])
+def test_half_precision_log_probs_are_openrlhfs_bits(upstream, dtype, temperature, shape):
+    """OpenRLHF takes 16-bit logits row by row through torch's ``log_softmax`` in their dtype
+    (after dividing them in place by T, which rounds them): the drop-in's values are its bits."""
+    g = torch.Generator().manual_seed(len(shape))
+    base = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    theirs = upstream.utils.log_probs_from_logits(base.clone(), labels, temperature)
+    ours = ro.log_probs_from_logits(base.clone(), labels, temperature)
+    assert ours.dtype == theirs.dtype == dtype
+    assert torch.equal(ours, theirs)
+
+
 def test_patch_and_unpatch(upstream, monkeypatch):
     """:func:`patch` on an importable ``openrlhf`` package (OpenRLHF's two modules under their
     names, an importer of them by name beside them)."""

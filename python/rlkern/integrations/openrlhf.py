@@ -35,7 +35,13 @@ from torch import Tensor, nn
 
 from rlkern.config.layout import layout
 from rlkern.config.policy_loss import PolicyLossConfig
-from rlkern.integrations._fold import fold, row_entropy
+from rlkern.integrations._fold import (
+    eager16_applies,
+    eager16_logprobs,
+    eager16_stats,
+    fold,
+    row_entropy,
+)
 from rlkern.integrations._swap import FunctionSwap
 from rlkern.ops.policy_loss.api import run
 from rlkern.ops.policy_loss.inputs import prepare
@@ -62,10 +68,16 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1
 
     Returns:
         ``labels``' shape, in the logits' dtype (OpenRLHF's result dtype); differentiable.
+        16-bit logits on the CPU give OpenRLHF's bits: it takes them row by row through
+        torch's ``log_softmax`` in their dtype, whose roundings these values repeat
+        (:func:`rlkern.integrations._fold.eager16_logprobs`).
     """
     if temperature != 1.0:
         logits.div_(temperature)
-    return fold(logits, labels).logprobs.to(logits.dtype)
+    out = fold(logits, labels)
+    if eager16_applies(logits, logits.dtype, 1.0):  # OpenRLHF's row-by-row 16-bit log_softmax
+        return eager16_logprobs(out.logprobs, eager16_stats(logits, out.lse), logits, labels)
+    return out.logprobs.to(logits.dtype)
 
 
 def compute_entropy(logits: Tensor) -> Tensor:

@@ -41,9 +41,9 @@ import math
 import torch
 from torch import Tensor
 
-from rlkern.integrations._fold import fold
+from rlkern.integrations._fold import eager16_applies, eager16_logprobs, eager16_stats, fold
 from rlkern.integrations._swap import FunctionSwap
-from rlkern.ops.eager16 import eager_entropy_16bit, log_softmax_stats_16bit
+from rlkern.ops.eager16 import eager_entropy_16bit
 
 __all__ = [
     "entropy_from_logits",
@@ -131,10 +131,10 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     dtype = _trl_dtype(logits, index, row_mask)
     if one_per_row:
         out = fold(logits, _skipped(index, mask), temperature=temperature, ignore_index=_SKIP)
-        if not _torch_16bit(logits, dtype, temperature):
+        if not eager16_applies(logits, dtype, temperature):
             return out.logprobs.to(dtype)
-        return _trl_rounding(out.logprobs, _torch_16bit_stats(logits, out.lse), logits, index,
-                             mask, dtype)
+        return eager16_logprobs(out.logprobs, eager16_stats(logits, out.lse), logits, index,
+                                mask)
     first = index[..., 0] if index.shape[-1] > 0 else index.new_zeros(lead)
     # a row is computed unless every one of its K entries is masked
     labels = _skipped(first, None if mask is None else (mask != 0).any(-1))
@@ -143,55 +143,9 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     out = picked - lse.unsqueeze(-1)
     if mask is not None:
         out = out.masked_fill(mask == 0, 0.0)
-    if not _torch_16bit(logits, dtype, temperature):
+    if not eager16_applies(logits, dtype, temperature):
         return out.to(dtype)
-    return _trl_rounding(out, _torch_16bit_stats(logits, lse), logits, index, mask, dtype)
-
-
-def _torch_16bit_stats(logits: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """``(shift, log_s)`` of torch's 16-bit CPU ``log_softmax`` for each row of ``logits
-    (..., V)``, each of shape ``logits.shape[:-1]`` (:func:`log_softmax_stats_16bit`, decided
-    by the fold's ``lse`` where it can)."""
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    shift, log_s = log_softmax_stats_16bit(flat, lse.detach().reshape(-1))
-    return shift.reshape(logits.shape[:-1]), log_s.reshape(logits.shape[:-1])
-
-
-def _trl_rounding(logprobs: Tensor, stats: tuple[Tensor, Tensor], logits: Tensor,
-                  index: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``logprobs`` (float32, differentiable) as TRL returns them in ``dtype``.
-
-    Where that is a 16-bit dtype TRL's CPU path calls ``log_softmax`` in it, whose value at
-    ``x_v`` is ``round((x_v − shift) − log_s)`` with ``stats = (shift, log_s)`` of each row
-    (:func:`_torch_16bit_stats`): TRL's bits, through rlkern's autograd node (the gradient
-    stays the fold's). Callers pass 16-bit results at ``T = 1`` only.
-    """
-    with torch.no_grad():
-        x = logits.detach()
-        shift, log_s = stats
-        ids = index
-        if index.shape == logits.shape[:-1]:  # one id per row: (...) → (..., 1)
-            ids = index.unsqueeze(-1)
-        else:
-            shift, log_s = shift.unsqueeze(-1), log_s.unsqueeze(-1)
-        safe = ids.to(torch.int64) if mask is None else torch.where(
-            (mask != 0).reshape(ids.shape), ids.to(torch.int64), 0)
-        picked = torch.gather(x, -1, safe).float().reshape(logprobs.shape)
-        value = picked - shift - log_s
-        if mask is not None:
-            value = value.masked_fill(mask == 0, 0.0)
-        # where the fold's value is not finite (a label at −inf: −inf; a NaN row: NaN) it is
-        # TRL's already, and −inf − (−inf) would make it NaN
-        current = logprobs.detach()
-        delta = torch.where(torch.isfinite(current), value - current, 0.0)
-    return (logprobs + delta).to(dtype)
-
-
-def _torch_16bit(logits: Tensor, dtype: torch.dtype, temperature: float) -> bool:
-    """Whether TRL's result is computed by torch's 16-bit CPU ops that these functions repeat
-    bit for bit: 16-bit results on the CPU at ``T = 1`` (module docstring)."""
-    return (dtype in (torch.bfloat16, torch.float16) and temperature == 1.0
-            and logits.device.type == "cpu" and logits.numel() > 0)
+    return eager16_logprobs(out, eager16_stats(logits, lse), logits, index, mask)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
@@ -219,9 +173,9 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     out = fold(logits, labels, entropy=True)
     dtype = _trl_dtype(logits, None, None)
-    if not _torch_16bit(logits, dtype, 1.0):
+    if not eager16_applies(logits, dtype, 1.0):
         return out.entropy.to(dtype)
-    return _trl_entropy(out.entropy, _torch_16bit_stats(logits, out.lse), logits, None, dtype,
+    return _trl_entropy(out.entropy, eager16_stats(logits, out.lse), logits, None, dtype,
                         chunk_size)
 
 
@@ -229,7 +183,7 @@ def _trl_entropy(entropy: Tensor, stats: tuple[Tensor, Tensor], logits: Tensor,
                  mask: Tensor | None, dtype: torch.dtype, chunk_size: int) -> Tensor:
     """``entropy`` (float32, differentiable) as TRL returns it in 16-bit ``dtype``:
     ``-(exp(lp) * lp).sum(-1)`` with every op rounding, summed in chunks of ``chunk_size`` rows
-    (:func:`eager_entropy_16bit`, ``stats`` from :func:`_torch_16bit_stats`), through rlkern's
+    (:func:`eager_entropy_16bit`, ``stats`` from :func:`eager16_stats`), through rlkern's
     autograd node. Rows ``mask`` zeroes give 0, as TRL's ``masked_fill``."""
     with torch.no_grad():
         flat = logits.detach().reshape(-1, logits.shape[-1])
@@ -276,11 +230,11 @@ def selective_log_softmax_and_entropy(
                ignore_index=_SKIP)
     dtype = _trl_dtype(logits, index, row_mask)
     entropy = out.entropy if entropy_requires_grad else out.entropy.detach()
-    if not _torch_16bit(logits, dtype, temperature):
+    if not eager16_applies(logits, dtype, temperature):
         return out.logprobs.to(dtype), entropy.to(dtype)
-    stats = _torch_16bit_stats(logits, out.lse)
+    stats = eager16_stats(logits, out.lse)
     # TRL takes the entropy of every row (masked ones too) in its default chunks of 128 rows
-    return (_trl_rounding(out.logprobs, stats, logits, index, mask, dtype),
+    return (eager16_logprobs(out.logprobs, stats, logits, index, mask),
             _trl_entropy(entropy, stats, logits, mask, dtype, 128))
 
 
