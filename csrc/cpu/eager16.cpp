@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "cpu/simd.h"
 
@@ -125,36 +127,37 @@ void stats_rows(const Eager16Rows& a, float* shift, float* log_s, int64_t begin,
   }
 }
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-VecF exp_like_torch(VecF v) {
-  alignas(64) float lanes[kLanes];
-  static_assert(VecF::size == kLanes);
-  v.store(lanes, F32{});
-  sleef_lanes<false>(lanes);
-  return VecF::load(lanes);
+// A term is a function of lp's 16 bits alone: t(lp) = round16(round16(exp(lp)) · lp). One table
+// of all 65,536 (128 KiB, built once a dtype with Sleef's exp, torch's) replaces the exp, two
+// roundings and the product of every logit by a lookup.
+template <typename Tag>
+const uint16_t* term_table() {
+  static const std::vector<uint16_t> table = [] {
+    std::vector<uint16_t> t(1 << 16);
+    alignas(64) float lp[kLanes], e[kLanes];
+    for (int i0 = 0; i0 < (1 << 16); i0 += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const uint16_t bits = uint16_t(i0 + j);
+        lp[j] = e[j] = load_scalar<Tag>(&bits);
+      }
+      sleef_lanes<false>(e);
+      for (int j = 0; j < kLanes; ++j) store_scalar<Tag>(&t[i0 + j], round16<Tag>(e[j]) * lp[j]);
+    }
+    return t;
+  }();
+  return table.data();
 }
 
-// A vector through the 16-bit dtype and back: the rounding of a 16-bit op's result.
+// The bits of −inf in the storage type: such a logit's term is 0, the limit of p·log p (the
+// table holds torch's 0 · (−inf) = NaN, which a finite logit gives where Σ exp overflows fp16).
 template <typename Tag>
-VecF round16(VecF v) {
-  alignas(64) uint16_t h[VecF::size];
-  v.store(h, Tag{});
-  return VecF::load(h, Tag{});
-}
-#endif
-
-template <typename Tag>
-float term_scalar(float x, float m, float log_s) {
-  if (x == -INFINITY) return 0.0f;
-  const float lp = round16<Tag>((x - m) - log_s);
-  const float e = round16<Tag>(std::exp(lp));
-  return e * lp;  // rounded by the caller's store
-}
+constexpr uint16_t kNegInfBits = std::is_same_v<Tag, BF16> ? 0xff80 : 0xfc00;
 
 template <typename Tag>
 void term_rows(const Eager16Rows& a, const float* shift, const float* log_s, void* terms,
                int64_t begin, int64_t end) {
   using S = typename Tag::storage;
+  const uint16_t* table = term_table<Tag>();
   const int64_t n = a.vocab;
   for (int64_t r = begin; r < end; ++r) {
     const S* x = static_cast<const S*>(a.logits) + r * a.row_stride;
@@ -163,15 +166,18 @@ void term_rows(const Eager16Rows& a, const float* shift, const float* log_s, voi
     int64_t v = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     const VecF vm = VecF::set1(m), vls = VecF::set1(ls);
+    alignas(64) uint16_t lp[VecF::size];
     for (; v + VecF::size <= n; v += VecF::size) {
-      const VecF xv = VecF::load(x + v, Tag{});
-      const VecF lp = round16<Tag>((xv - vm) - vls);
-      const VecF e = round16<Tag>(exp_like_torch(lp));
-      // x = −inf: lp = −inf, e = 0, and the term's limit is 0, not 0 · (−inf)
-      VecF::zero_where_neginf(e * lp, xv).store(t + v, Tag{});
+      ((VecF::load(x + v, Tag{}) - vm) - vls).store(lp, Tag{});  // lp's 16 bits
+      for (int j = 0; j < VecF::size; ++j)
+        t[v + j] = x[v + j] == kNegInfBits<Tag> ? uint16_t(0) : table[lp[j]];
     }
 #endif
-    for (; v < n; ++v) store_scalar<Tag>(t + v, term_scalar<Tag>(load_scalar<Tag>(x + v), m, ls));
+    for (; v < n; ++v) {
+      S lp;
+      store_scalar<Tag>(&lp, (load_scalar<Tag>(x + v) - m) - ls);
+      t[v] = x[v] == kNegInfBits<Tag> ? uint16_t(0) : table[lp];
+    }
   }
 }
 

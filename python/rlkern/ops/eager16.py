@@ -24,12 +24,13 @@ vector width is the one torch dispatches to.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
 from rlkern import backends
 from rlkern.ops import eager
-from rlkern.ops.memory import advise_huge_pages
 
 __all__ = ["eager_entropy_16bit", "log_softmax_stats_16bit", "row_max_16bit"]
 
@@ -143,6 +144,27 @@ def log_softmax_stats_16bit(logits: Tensor, lse: Tensor | None = None) -> tuple[
     return shift, log_s
 
 
+def _pieces(rows: int, vocab: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Row ranges whose ``sum(-1)`` gives each row the bits of the trainer's chunks of
+    ``chunk_size`` rows, each range's terms ~1 MiB (they are summed while in the cache).
+
+    torch reduces each row of a tensor of two or more rows whole and in the same order,
+    whatever the row count; a tensor of one row of ≥ 32,768 values it may split between
+    threads, in another order. So a trainer's chunk of one row stays one row, and a chunk of
+    more is cut into ranges of two rows or more (tested against whole chunks in
+    tests/test_eager16.py).
+    """
+    step = max(2, (1 << 19) // max(vocab, 1))
+    out = []
+    for start in range(0, rows, chunk_size):
+        stop = min(start + chunk_size, rows)
+        cuts = [*range(start, stop, step), stop]
+        if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
+            del cuts[-2]  # no range of one row inside a longer chunk
+        out += itertools.pairwise(cuts)
+    return out
+
+
 def eager_entropy_16bit(logits: Tensor, shift: Tensor, log_s: Tensor,
                         chunk_size: int = 128) -> Tensor:
     """``-(exp(lp) * lp).sum(-1)`` as torch's eager 16-bit ops give it, chunk by chunk of rows,
@@ -151,9 +173,8 @@ def eager_entropy_16bit(logits: Tensor, shift: Tensor, log_s: Tensor,
     Args:
         logits: ``(rows, V)`` bfloat16 / float16 on the CPU, vocab dim contiguous.
         shift, log_s: float32 ``(rows,)``, from :func:`log_softmax_stats_16bit`.
-        chunk_size: rows summed by one ``sum`` call: the trainer's chunking (torch decides how
-            to split a reduction from its tensor's shape, so the same shapes give the same
-            bits). Each chunk holds one ``(chunk_size, V)`` tensor of terms.
+        chunk_size: the trainer's chunks of rows (torch splits a one-row sum differently,
+            :func:`_pieces`). The terms are formed ~1 MiB at a time, whatever the chunk.
 
     Returns:
         ``(rows,)`` in the logits' dtype. Not differentiable (callers attach the value to
@@ -170,20 +191,17 @@ def eager_entropy_16bit(logits: Tensor, shift: Tensor, log_s: Tensor,
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_stats(logits.shape[0], shift=shift, log_s=log_s)
     shift, log_s = shift.contiguous(), log_s.contiguous()
-    chunks = zip(logits.split(chunk_size), shift.split(chunk_size), log_s.split(chunk_size),
-                 strict=True)
+    pieces = _pieces(logits.shape[0], logits.shape[1], chunk_size)
     with torch.no_grad():
-        if eager.plain_eager(logits, shift, log_s, no_graph=True) and logits.shape[0]:
-            # one buffer for every chunk's terms: a fresh (chunk_size, V) tensor a chunk would
-            # fault its pages in at every chunk (memory.py)
-            buf = advise_huge_pages(logits.new_empty((min(chunk_size, logits.shape[0]),
-                                                      logits.shape[1])))
+        if eager.plain_eager(logits, shift, log_s, no_graph=True) and pieces:
+            buf = logits.new_empty((max(b - a for a, b in pieces), logits.shape[1]))
             sums = []
-            for x, m, s in chunks:
-                terms = buf[:x.shape[0]]
-                backends.cpp_ops().eager16_entropy_terms_out(x, m, s, terms)
+            for a, b in pieces:
+                terms = buf[:b - a]
+                backends.cpp_ops().eager16_entropy_terms_out(logits[a:b], shift[a:b],
+                                                            log_s[a:b], terms)
                 sums.append(-terms.sum(-1))
         else:
-            sums = [-eager.call("rlkern::eager16_entropy_terms", x, m, s).sum(-1)
-                    for x, m, s in chunks]
+            sums = [-eager.call("rlkern::eager16_entropy_terms", logits[a:b], shift[a:b],
+                                log_s[a:b]).sum(-1) for a, b in pieces]
     return torch.cat(sums) if sums else logits.new_empty((0,))
