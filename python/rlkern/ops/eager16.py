@@ -146,7 +146,7 @@ def log_softmax_stats_16bit(logits: Tensor, lse: Tensor | None = None) -> tuple[
 
 def _pieces(rows: int, vocab: int, chunk_size: int) -> list[tuple[int, int]]:
     """Row ranges whose ``sum(-1)`` gives each row the bits of the trainer's chunks of
-    ``chunk_size`` rows, each range's terms ~1 MiB (they are summed while in the cache).
+    ``chunk_size`` rows, each range's terms ~4 MiB (summed from the cache, in few calls).
 
     torch reduces each row of a tensor of two or more rows whole and in the same order,
     whatever the row count; a tensor of one row of ≥ 32,768 values it may split between
@@ -154,7 +154,7 @@ def _pieces(rows: int, vocab: int, chunk_size: int) -> list[tuple[int, int]]:
     more is cut into ranges of two rows or more (tested against whole chunks in
     tests/test_eager16.py).
     """
-    step = max(2, (1 << 19) // max(vocab, 1))
+    step = max(2, (1 << 21) // max(vocab, 1))
     out = []
     for start in range(0, rows, chunk_size):
         stop = min(start + chunk_size, rows)
@@ -174,7 +174,7 @@ def eager_entropy_16bit(logits: Tensor, shift: Tensor, log_s: Tensor,
         logits: ``(rows, V)`` bfloat16 / float16 on the CPU, vocab dim contiguous.
         shift, log_s: float32 ``(rows,)``, from :func:`log_softmax_stats_16bit`.
         chunk_size: the trainer's chunks of rows (torch splits a one-row sum differently,
-            :func:`_pieces`). The terms are formed ~1 MiB at a time, whatever the chunk.
+            :func:`_pieces`). The terms are formed ~4 MiB at a time, whatever the chunk.
 
     Returns:
         ``(rows,)`` in the logits' dtype. Not differentiable (callers attach the value to
