@@ -17,19 +17,16 @@ head is served by :func:`rlkern.integrations.trl.apply`).
 
 **Result dtype: TRL's.** TRL returns float32 where its fused Triton kernel runs (CUDA / XPU
 tensors of 1 to 3 dims, 16-bit or float32, one index per row) and the logits' dtype elsewhere;
-so do these functions, from rlkern's fp32-accumulated values. Where the result is 16-bit,
-TRL's CPU path calls ``log_softmax`` in that dtype, whose kernel rounds ``Σ exp`` and its log
-to it before the last subtraction; the log-probabilities here take the same roundings (from
-the fold's sums, plus one read of the logits for the row max), so at ``T = 1`` they are TRL's
-bit for bit. TRL's 16-bit entropy, ``-(exp(lp) * lp).sum(-1)``, rounds every op's result; the
-entropy here forms the same rounded terms in one C++ pass and sums them with torch's ``sum`` over
-TRL's chunks of rows (:func:`rlkern.ops.entropy_terms.eager_entropy_16bit`), so at ``T = 1`` it
-is TRL's bit for bit as well. Gradients are rlkern's exact ones. TRL's GPU kernel computes both
-in float32, as these do (docs/integrations/trl.md).
+so do these functions, from rlkern's fp32-accumulated values. Where the result is 16-bit on the
+CPU, TRL computes in that dtype, every op rounding (``log_softmax`` rounds ``Σ exp`` and its log
+before its last subtraction; the entropy ``-(exp(lp) * lp).sum(-1)`` rounds each term and the
+sum); at ``T = 1`` these functions return the same bits, log-probabilities and entropy
+(:mod:`rlkern.ops.eager16`, through :mod:`rlkern.integrations._fold`). Gradients are rlkern's
+exact ones. TRL's GPU kernel computes both in float32, as these do (docs/integrations/trl.md).
 
 **Temperature** divides the logits in float32 inside the kernel, as TRL's GPU kernel does
-(TRL's CPU path first rounds ``logits / T`` to the logits' dtype; at ``T ≠ 1`` 16-bit
-log-probabilities are therefore rlkern's, rounded once, not TRL's bits).
+(TRL's CPU path first rounds ``logits / T`` to the logits' dtype; at ``T ≠ 1`` 16-bit results
+are therefore rlkern's, rounded once, not TRL's bits).
 
 TRL is not imported by this module; :func:`patch_trainer_utils` imports it.
 """
