@@ -278,6 +278,9 @@ def logprobs_case(options: CaseOptions) -> Case:
             *FLOOR_NOTES.values(),
             f"trl and rlkern (TRL drop-in) get a (B, L, V) view with L = {TRL_SEQ_LEN} where it "
             "divides N; verl (padding removed) and the others get (N, V)",
+            "rlkern (TRL drop-in) returns TRL's bits on 16-bit CPU logits: its entropy, rounded "
+            "term by term as TRL's, can fail the check against the float32 reference as TRL's "
+            "does",
         ),
         warnings=backend.notes,
         environment=backend.environment,
