@@ -90,6 +90,24 @@ float sum_exp_like_torch(const typename Tag::storage* x, int64_t n, float m) {
   exp_block<Tag>(x, kBlock, m, acc);
   const int64_t full = n - n % kBlock;
   int64_t d = kBlock;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  static_assert(VecF::size == kLanes);
+  {  // the whole blocks in registers: the same operations, lane for lane
+    const VecF vm = VecF::set1(m);
+    VecF acc0 = VecF::load(acc), acc1 = VecF::load(acc + kLanes);
+    alignas(64) float lanes[kBlock];
+    for (; d < full; d += kBlock) {
+      (VecF::load(x + d, Tag{}) - vm).store(lanes, F32{});
+      (VecF::load(x + d + kLanes, Tag{}) - vm).store(lanes + kLanes, F32{});
+      sleef_lanes<false>(lanes);
+      sleef_lanes<false>(lanes + kLanes);
+      acc0 = acc0 + VecF::load(lanes);
+      acc1 = acc1 + VecF::load(lanes + kLanes);
+    }
+    acc0.store(acc, F32{});
+    acc1.store(acc + kLanes, F32{});
+  }
+#endif
   for (; d < full; d += kBlock) {
     exp_block<Tag>(x + d, kBlock, m, f);
     for (int i = 0; i < kBlock; ++i) acc[i] = acc[i] + f[i];
@@ -115,7 +133,17 @@ void stats_rows(const Eager16Rows& a, float* shift, float* log_s, int64_t begin,
   for (int64_t r = begin; r < end; ++r) {
     const S* x = static_cast<const S*>(a.logits) + r * a.row_stride;
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t v = 0; v < a.vocab; ++v) {
+    int64_t v = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    // the max has no order to keep; a NaN logit may be lost here (the x86 max returns its
+    // second operand), but it makes S NaN, and with it log_s and the whole row, as in torch
+    VecF vmax = VecF::set1(m);
+    for (; v + VecF::size <= a.vocab; v += VecF::size) vmax = VecF::max(vmax, VecF::load(x + v, Tag{}));
+    alignas(64) float lanes[VecF::size];
+    vmax.store(lanes, F32{});
+    for (float l : lanes) m = (l > m || std::isnan(l)) && !std::isnan(m) ? l : m;
+#endif
+    for (; v < a.vocab; ++v) {
       const float xv = load_scalar<Tag>(x + v);
       if (xv > m || std::isnan(xv)) m = std::isnan(m) ? m : xv;  // NaN propagates, as torch's
     }
