@@ -17,7 +17,8 @@ from torch import Tensor
 from rlkern.ops.eager16 import log_softmax_stats_16bit
 from rlkern.ops.logprobs import TokenLogprobs, token_logprobs
 
-__all__ = ["eager16_applies", "eager16_logprobs", "eager16_stats", "fold", "row_entropy"]
+__all__ = ["eager16_applies", "eager16_logprobs", "eager16_stats", "fold", "row_entropy",
+           "row_fold"]
 
 
 def fold(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, entropy: bool = False,
@@ -32,11 +33,17 @@ def fold(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, entropy: b
                           ignore_index=ignore_index)
 
 
+def row_fold(logits: Tensor) -> TokenLogprobs:
+    """The fold of ``logits (..., V)`` with its entropy, for helpers that take no labels (the
+    fold needs a label per row; any id in range does: its log-probability is not used)."""
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    return fold(logits, labels, entropy=True)
+
+
 def row_entropy(logits: Tensor) -> Tensor:
     """Entropy of ``softmax(x)`` for each row ``x`` of ``logits (..., V)``: float32 (float64 for
-    float64 logits), differentiable. The fold needs a label per row; any id in range does."""
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    return fold(logits, labels, entropy=True).entropy
+    float64 logits), differentiable."""
+    return row_fold(logits).entropy
 
 
 def eager16_applies(logits: Tensor, dtype: torch.dtype, temperature: float) -> bool:

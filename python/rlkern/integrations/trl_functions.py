@@ -38,7 +38,13 @@ import math
 import torch
 from torch import Tensor
 
-from rlkern.integrations._fold import eager16_applies, eager16_logprobs, eager16_stats, fold
+from rlkern.integrations._fold import (
+    eager16_applies,
+    eager16_logprobs,
+    eager16_stats,
+    fold,
+    row_fold,
+)
 from rlkern.integrations._swap import FunctionSwap
 from rlkern.ops.eager16 import eager_entropy_16bit
 
@@ -167,8 +173,7 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
                          "entropy of")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    out = fold(logits, labels, entropy=True)
+    out = row_fold(logits)
     dtype = _trl_dtype(logits, None, None)
     if not eager16_applies(logits, dtype, 1.0):
         return out.entropy.to(dtype)
