@@ -33,7 +33,7 @@ def _lse(x):
 
 def _log_softmax_bits(x, stats):
     shift, log_s = stats
-    return ((x.float() - shift[:, None]) - log_s[:, None]).to(x.dtype)
+    return ((x.float() - shift[..., None]) - log_s[..., None]).to(x.dtype)
 
 
 def _assert_same_bits(a, b):
@@ -165,13 +165,39 @@ def test_strided_rows_and_empty():
     assert eager16.eager_entropy_16bit(empty, shift, log_s).shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_trainer_views_are_read_in_place(dtype):
+    """TRL's ``logits[:, :-1, :]``, whose leading dims cannot merge: the kernels read the view
+    where it lies (no copy of the logits) and give the bits of torch's ops on it."""
+    x = _logits((3, 41, 2000), dtype, seed=5)[:, :-1, :]
+    with pytest.raises(RuntimeError):
+        x.view(-1, 2000)  # the case: no flat view exists
+    assert eager16._check_rows(x).data_ptr() == x.data_ptr()
+    lse = rlkern.token_logprobs(x, torch.zeros(3, 40, dtype=torch.int64)).lse
+    want = x.log_softmax(-1)
+    for stats in (eager16.log_softmax_stats_16bit(x), eager16.log_softmax_stats_16bit(x, lse)):
+        assert stats[0].shape == stats[1].shape == (3, 40)
+        _assert_same_bits(_log_softmax_bits(x, stats), want)
+    flat = x.reshape(-1, 2000)
+    for chunk_size in (1, 7, 128):
+        got = eager16.eager_entropy_16bit(x, *stats, chunk_size)
+        _assert_same_bits(got, _torch_entropy(flat, chunk_size).view(3, 40))
+    one = x[1, 2]  # a single (V,) row: 0-dim results
+    shift, log_s = eager16.log_softmax_stats_16bit(one, lse[1, 2])
+    assert shift.shape == ()
+    _assert_same_bits(eager16.eager_entropy_16bit(one, shift, log_s),
+                      _torch_entropy(one[None], 1)[0])
+
+
 def test_errors():
     x = _logits((4, 10), torch.bfloat16)
     stats = eager16.log_softmax_stats_16bit(x)
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         eager16.log_softmax_stats_16bit(x.float())
-    with pytest.raises(ValueError, match=r"\(rows, V\)"):
-        eager16.log_softmax_stats_16bit(x[None])
+    with pytest.raises(ValueError, match=r"\(\.\.\., V\) CPU tensor"):
+        eager16.log_softmax_stats_16bit(x[0, 0])
+    with pytest.raises(ValueError, match="cannot be merged without a copy"):
+        eager16.log_softmax_stats_16bit(_logits((2, 3, 4, 10), torch.float16)[:, :-1])
     with pytest.raises(ValueError, match="empty vocab"):
         eager16.log_softmax_stats_16bit(torch.zeros(3, 0, dtype=torch.float16))
     with pytest.raises(ValueError, match="chunk_size"):
@@ -184,10 +210,17 @@ def test_errors():
     ops = rlkern.backends.cpp_ops()
     with pytest.raises(RuntimeError, match="shift: expected a contiguous tensor of 4"):
         ops.eager16_log_softmax_stats_out(x, torch.empty(3), torch.empty(4))
+    with pytest.raises(RuntimeError, match=r"terms: expected shape \(count, 10\)"):
+        ops.eager16_entropy_terms_out(x, *stats, 0, torch.empty(4, 9, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="terms: rows 2 to 5 of 4"):
+        ops.eager16_entropy_terms_out(x, *stats, 2, torch.empty(3, 10, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="terms: expected a contiguous tensor of 40"):
-        ops.eager16_entropy_terms_out(x, *stats, torch.empty(4, 9, dtype=torch.bfloat16))
+        ops.eager16_entropy_terms_out(x, *stats, 0,
+                                      torch.empty(10, 4, dtype=torch.bfloat16).t())
     with pytest.raises(TypeError, match="terms: expected BFloat16"):
-        ops.eager16_entropy_terms_out(x, *stats, torch.empty(4, 10))
+        ops.eager16_entropy_terms_out(x, *stats, 0, torch.empty(4, 10))
+    with pytest.raises(TypeError, match="logits: expected bfloat16 or float16"):
+        ops.eager16_log_softmax_stats_out(x.float(), *stats)
 
 
 def test_compiles_without_graph_breaks():

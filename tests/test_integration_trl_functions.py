@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import rlkern.integrations._fold as _fold_module
 import rlkern.integrations.trl_functions as rf
+from rlkern.bench import harness
 
 trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl is not installed "
                                 "(pip install -e '.[test]' installs it)")
@@ -105,6 +106,36 @@ def test_half_precision_values_are_trls_bits(dtype, shape):
     assert torch.equal(h_ours, -(torch.exp(lp) * lp).sum(-1))
     lp2, h2 = rf.selective_log_softmax_and_entropy(logits, ids)
     assert torch.equal(lp2, ours) and torch.equal(h2, h_theirs)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_reads_trls_view_in_place(dtype):
+    """TRL passes ``logits[:, :-1, :]``, a view whose leading dims cannot merge: the 16-bit
+    path gives TRL's bits on it and reads it where it lies, its peak extra memory well under
+    one copy of the view (a ``reshape(-1, V)`` of it would be a whole copy)."""
+    logits = _logits((2, 257, 32000), dtype)[:, :-1, :]
+    ids = _ids((2, 256), 32000)
+    view_bytes = logits.numel() * logits.element_size()
+    calls = {
+        "selective_log_softmax": (lambda: rf.selective_log_softmax(logits, ids),
+                                  lambda: trl_utils.selective_log_softmax(logits, ids)),
+        "entropy_from_logits": (lambda: rf.entropy_from_logits(logits),
+                                lambda: trl_utils.entropy_from_logits(logits)),
+        "selective_log_softmax_and_entropy": (
+            lambda: rf.selective_log_softmax_and_entropy(logits, ids),
+            lambda: (trl_utils.selective_log_softmax(logits, ids),
+                     trl_utils.entropy_from_logits(logits))),
+    }
+    for name, (ours, theirs) in calls.items():
+        got, want = ours(), theirs()
+        for a, b in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,), strict=True):
+            assert torch.equal(a, b), name
+        if harness.cpu_peak_supported():
+            peak = harness.peak_extra_memory(ours)
+            assert peak < view_bytes // 3, (name, peak, view_bytes)
+        else:
+            print(f"{name}: peak memory not checked (no /proc/self/clear_refs)")
 
 
 @pytest.mark.parametrize("dtype", HALF)

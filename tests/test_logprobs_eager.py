@@ -363,7 +363,7 @@ def _truncated(path: str, logits: torch.Tensor, labels: torch.Tensor, filters: d
                with_entropy: bool) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """(logprobs, entropy, lse) and the gradient wrt the logits of a filtered call, by
     token_logprobs (``"eager"``) or by the registered op under autograd (``"op"``)."""
-    from rlkern.ops.logprobs import _rows3d
+    from rlkern.ops.logprobs import rows3d
     from rlkern.ops.truncated_logprobs import row_filters
 
     x = logits.detach().clone().requires_grad_()
@@ -376,7 +376,7 @@ def _truncated(path: str, logits: torch.Tensor, labels: torch.Tensor, filters: d
                                      filters.get("min_p"), filters.get("filter_order",
                                                                        "top_k_first"))
         lp, ent, lse = torch.ops.rlkern.truncated_logprobs_fwd(
-            _rows3d(x), labels.reshape(-1).to(torch.int64), temp, k, p, mp,
+            rows3d(x), labels.reshape(-1).to(torch.int64), temp, k, p, mp,
             filters.get("filter_order") == "joint", -100, with_entropy, "cpu")
         lead = x.shape[:-1]
         outs = [lp.view(lead), ent.view(lead) if with_entropy else None, lse.view(lead)]

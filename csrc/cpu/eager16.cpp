@@ -128,27 +128,27 @@ float sum_exp_like_torch(const typename Tag::storage* x, int64_t n, float m) {
 }
 
 template <typename Tag>
-void stats_rows(const Eager16Rows& a, float* shift, float* log_s, int64_t begin, int64_t end) {
+void stats_rows(const LogitsLayout& a, float* shift, float* log_s, int64_t begin, int64_t end) {
   using S = typename Tag::storage;
   for (int64_t r = begin; r < end; ++r) {
-    const S* x = static_cast<const S*>(a.logits) + r * a.row_stride;
+    const S* x = row_start<S>(a, r);
     float m = -std::numeric_limits<float>::infinity();
     int64_t v = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     // the max has no order to keep; a NaN logit may be lost here (the x86 max returns its
     // second operand), but it makes S NaN, and with it log_s and the whole row, as in torch
     VecF vmax = VecF::set1(m);
-    for (; v + VecF::size <= a.vocab; v += VecF::size) vmax = VecF::max(vmax, VecF::load(x + v, Tag{}));
+    for (; v + VecF::size <= a.V; v += VecF::size) vmax = VecF::max(vmax, VecF::load(x + v, Tag{}));
     alignas(64) float lanes[VecF::size];
     vmax.store(lanes, F32{});
     for (float l : lanes) m = (l > m || std::isnan(l)) && !std::isnan(m) ? l : m;
 #endif
-    for (; v < a.vocab; ++v) {
+    for (; v < a.V; ++v) {
       const float xv = load_scalar<Tag>(x + v);
       if (xv > m || std::isnan(xv)) m = std::isnan(m) ? m : xv;  // NaN propagates, as torch's
     }
     alignas(64) float s[kLanes];
-    std::fill(s, s + kLanes, round16<Tag>(sum_exp_like_torch<Tag>(x, a.vocab, m)));
+    std::fill(s, s + kLanes, round16<Tag>(sum_exp_like_torch<Tag>(x, a.V, m)));
     sleef_lanes<true>(s);
     shift[r] = m;
     log_s[r] = round16<Tag>(s[0]);
@@ -182,13 +182,13 @@ template <typename Tag>
 constexpr uint16_t kNegInfBits = std::is_same_v<Tag, BF16> ? 0xff80 : 0xfc00;
 
 template <typename Tag>
-void term_rows(const Eager16Rows& a, const float* shift, const float* log_s, void* terms,
-               int64_t begin, int64_t end) {
+void term_rows(const LogitsLayout& a, int64_t first, const float* shift, const float* log_s,
+               void* terms, int64_t begin, int64_t end) {
   using S = typename Tag::storage;
   const uint16_t* table = term_table<Tag>();
-  const int64_t n = a.vocab;
-  for (int64_t r = begin; r < end; ++r) {
-    const S* x = static_cast<const S*>(a.logits) + r * a.row_stride;
+  const int64_t n = a.V;
+  for (int64_t r = begin; r < end; ++r) {  // r counts from `first`
+    const S* x = row_start<S>(a, first + r);
     S* t = static_cast<S*>(terms) + r * n;
     const float m = shift[r], ls = log_s[r];
     int64_t v = 0;
@@ -216,18 +216,18 @@ int64_t grain(int64_t vocab) {
 
 }  // namespace
 
-void log_softmax_stats_16bit(const Eager16Rows& a, float* shift, float* log_s) {
-  at::parallel_for(0, a.rows, grain(a.vocab), [&](int64_t begin, int64_t end) {
+void log_softmax_stats_16bit(const LogitsLayout& a, float* shift, float* log_s) {
+  at::parallel_for(0, a.B * a.L, grain(a.V), [&](int64_t begin, int64_t end) {
     if (a.dtype == DType::kBFloat16) stats_rows<BF16>(a, shift, log_s, begin, end);
     else stats_rows<F16>(a, shift, log_s, begin, end);
   });
 }
 
-void entropy_terms_16bit(const Eager16Rows& a, const float* shift, const float* log_s,
-                         void* terms) {
-  at::parallel_for(0, a.rows, grain(a.vocab), [&](int64_t begin, int64_t end) {
-    if (a.dtype == DType::kBFloat16) term_rows<BF16>(a, shift, log_s, terms, begin, end);
-    else term_rows<F16>(a, shift, log_s, terms, begin, end);
+void entropy_terms_16bit(const LogitsLayout& a, int64_t first, int64_t count,
+                         const float* shift, const float* log_s, void* terms) {
+  at::parallel_for(0, count, grain(a.V), [&](int64_t begin, int64_t end) {
+    if (a.dtype == DType::kBFloat16) term_rows<BF16>(a, first, shift, log_s, terms, begin, end);
+    else term_rows<F16>(a, first, shift, log_s, terms, begin, end);
   });
 }
 

@@ -26,24 +26,20 @@
 
 #include <cstdint>
 
-#include "cpu/logprobs.h"  // DType
+#include "cpu/logprobs.h"  // LogitsLayout
 
 namespace rlkern::cpu {
 
-struct Eager16Rows {
-  const void* logits;  // (rows, vocab), bf16 or fp16, row r at r * row_stride elements
-  DType dtype;         // kBFloat16 or kFloat16
-  int64_t rows;
-  int64_t vocab;
-  int64_t row_stride;
-};
+// Both kernels read the B·L rows of a LogitsLayout (bf16 or fp16 logits, any (B, L) strides,
+// so a trainer's view such as logits[:, :-1, :] is read in place); row r is (r / L, r % L).
 
-// Fills shift (m) and log_s, float32 (rows,). Threads split the rows.
-void log_softmax_stats_16bit(const Eager16Rows& rows, float* shift, float* log_s);
+// Fills shift (m) and log_s, float32 (B·L,). Threads split the rows.
+void log_softmax_stats_16bit(const LogitsLayout& rows, float* shift, float* log_s);
 
-// Fills terms, (rows, vocab) contiguous in the logits' dtype, from each row's m (shift) and
-// log_s as log_softmax_stats_16bit gives them. Threads split the rows.
-void entropy_terms_16bit(const Eager16Rows& rows, const float* shift, const float* log_s,
-                         void* terms);
+// Fills terms, (count, V) contiguous in the logits' dtype, for the rows first … first + count
+// from each row's m (shift) and log_s as log_softmax_stats_16bit gives them (shift and log_s
+// point at row `first`'s). Threads split the rows.
+void entropy_terms_16bit(const LogitsLayout& rows, int64_t first, int64_t count,
+                         const float* shift, const float* log_s, void* terms);
 
 }  // namespace rlkern::cpu

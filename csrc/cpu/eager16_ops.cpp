@@ -8,50 +8,58 @@
 
 #include "checks.h"
 #include "cpu/eager16.h"
+#include "cpu/glue.h"
+#include "cpu/logits_args.h"
 
 namespace rlkern {
 
 const char* const kEager16LogSoftmaxStatsOutSchema =
     "eager16_log_softmax_stats_out(Tensor logits, Tensor(a!) shift, Tensor(b!) log_s) -> ()";
 const char* const kEager16EntropyTermsOutSchema =
-    "eager16_entropy_terms_out(Tensor logits, Tensor shift, Tensor log_s, Tensor(a!) terms) "
-    "-> ()";
+    "eager16_entropy_terms_out(Tensor logits, Tensor shift, Tensor log_s, int first, "
+    "Tensor(a!) terms) -> ()";
 
 namespace {
 
-// (rows, V) bf16 / fp16 logits with a contiguous vocab dim, as the kernels read them.
-cpu::Eager16Rows rows_of(const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 2, "logits: expected a (rows, V) tensor, got shape ",
-              logits.sizes());
+// (N, V) or (B, L, V) bf16 / fp16 logits with a contiguous vocab dim, read in place as the
+// fold reads them (cpu::rows3d: strided leading dims too).
+cpu::LogitsLayout layout_of(const at::Tensor& logits) {
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf,
                    "logits: expected bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1,
+  const at::Tensor logits3 = cpu::rows3d(logits);
+  TORCH_CHECK(logits3.size(2) <= 1 || logits3.stride(2) == 1,
               "logits: the vocab dim must be contiguous");
-  TORCH_CHECK(logits.size(1) > 0 || logits.size(0) == 0, "logits: rows of no logits (V = 0)");
-  return {logits.const_data_ptr(),
-          dtype == at::kBFloat16 ? cpu::DType::kBFloat16 : cpu::DType::kFloat16,
-          logits.size(0), logits.size(1), logits.stride(0)};
+  TORCH_CHECK(logits3.size(2) > 0 || logits3.numel() == 0, "logits: rows of no logits (V = 0)");
+  return cpu::logits_layout(logits3);
 }
 
 void log_softmax_stats_out_cpu(const at::Tensor& logits, const at::Tensor& shift,
                                const at::Tensor& log_s) {
-  const cpu::Eager16Rows rows = rows_of(logits);
-  checks::array(shift, "shift", rows.rows, at::kFloat, logits);
-  checks::array(log_s, "log_s", rows.rows, at::kFloat, logits);
-  if (rows.rows == 0) return;
-  cpu::log_softmax_stats_16bit(rows, shift.data_ptr<float>(), log_s.data_ptr<float>());
+  const cpu::LogitsLayout a = layout_of(logits);
+  const int64_t rows = a.B * a.L;
+  checks::array(shift, "shift", rows, at::kFloat, logits);
+  checks::array(log_s, "log_s", rows, at::kFloat, logits);
+  if (rows == 0) return;
+  cpu::log_softmax_stats_16bit(a, shift.data_ptr<float>(), log_s.data_ptr<float>());
 }
 
+// terms: (count, V), the terms of rows first … first + count − 1.
 void entropy_terms_out_cpu(const at::Tensor& logits, const at::Tensor& shift,
-                           const at::Tensor& log_s, const at::Tensor& terms) {
-  const cpu::Eager16Rows rows = rows_of(logits);
-  checks::array(shift, "shift", rows.rows, at::kFloat, logits);
-  checks::array(log_s, "log_s", rows.rows, at::kFloat, logits);
-  checks::array(terms, "terms", rows.rows * rows.vocab, logits.scalar_type(), logits);
-  if (rows.rows == 0) return;
-  cpu::entropy_terms_16bit(rows, shift.const_data_ptr<float>(), log_s.const_data_ptr<float>(),
-                           terms.data_ptr());
+                           const at::Tensor& log_s, int64_t first, const at::Tensor& terms) {
+  const cpu::LogitsLayout a = layout_of(logits);
+  const int64_t rows = a.B * a.L;
+  checks::array(shift, "shift", rows, at::kFloat, logits);
+  checks::array(log_s, "log_s", rows, at::kFloat, logits);
+  TORCH_CHECK(terms.dim() == 2 && terms.size(1) == a.V, "terms: expected shape (count, ", a.V,
+              "), got ", terms.sizes());
+  const int64_t count = terms.size(0);
+  TORCH_CHECK(first >= 0 && first + count <= rows, "terms: rows ", first, " to ",
+              first + count, " of ", rows);
+  checks::array(terms, "terms", count * a.V, logits.scalar_type(), logits);
+  if (count == 0) return;
+  cpu::entropy_terms_16bit(a, first, count, shift.const_data_ptr<float>() + first,
+                           log_s.const_data_ptr<float>() + first, terms.data_ptr());
 }
 
 // Fill caller-provided outputs only: on meta tensors there is nothing to compute; a meta
@@ -63,7 +71,8 @@ void log_softmax_stats_out_meta(const at::Tensor& logits, const at::Tensor& shif
 }
 
 void entropy_terms_out_meta(const at::Tensor& logits, const at::Tensor& shift,
-                            const at::Tensor& log_s, const at::Tensor& terms) {
+                            const at::Tensor& log_s, int64_t /*first*/,
+                            const at::Tensor& terms) {
   log_softmax_stats_out_meta(logits, shift, log_s);
   checks::same_device(terms, "terms", logits);
 }

@@ -1,6 +1,6 @@
 // Tensor → kernel-argument helpers shared by the CPU glue of the ops that read logits
 // (cpu/logprobs_ops.cpp, cpu/truncated_logprobs_ops.cpp, cpu/linear_logprobs_ops.cpp,
-// cpu/sample_ops.cpp).
+// cpu/sample_ops.cpp, cpu/eager16_ops.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -14,14 +14,9 @@ namespace {
 
 using namespace rlkern::logprobs;  // Output
 
-template <typename Tag>
-const typename Tag::storage* row_start(const LogitsRows& a, int64_t r) {
-  return static_cast<const typename Tag::storage*>(a.logits) + (r / a.L) * a.stride_0 +
-         (r % a.L) * a.stride_1;
-}
-
 template <typename Tag, bool kWithEntropy, bool kWithStats>
 void fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
+  using storage = typename Tag::storage;
   using out_t = acc_of<Tag>;
   auto out = [&](Output o) { return static_cast<out_t*>(a.outputs[o]); };
   out_t* logprobs = out(kLogprobs);
@@ -38,8 +33,8 @@ void fwd_rows(const LogprobsFwdArgs& a, int64_t begin, int64_t end) {
       if constexpr (kWithStats) sc[r] = psq[r] = out_t(0);
       continue;
     }
-    const auto* x = row_start<Tag>(a, r);
-    const auto* next = r + 1 < end ? row_start<Tag>(a, r + 1) : nullptr;
+    const auto* x = row_start<storage>(a, r);
+    const auto* next = r + 1 < end ? row_start<storage>(a, r + 1) : nullptr;
     RowState row = softmax_stats_empty<double>();
     // zsum's constant: the first logit (0 unless finite), so that Σ(x − c) neither overflows
     // nor cancels.
@@ -70,13 +65,13 @@ void bwd_rows(const LogprobsBwdArgs& a, int64_t begin, int64_t end) {
     RowGrad rg;
     if (y == a.ignore_index) {
       fill_row<Tag>(g, a.V, 0.0f);
-    } else if (!row_grad_of<Tag>(row_start<Tag>(a, r), a.V, a.in, r, t, &rg)) {
+    } else if (!row_grad_of<Tag>(row_start<storage>(a, r), a.V, a.in, r, t, &rg)) {
       // A row whose outputs are NaN (NaN, +inf, all −inf): no gradient, say so with NaN.
       fill_row<Tag>(g, a.V, std::numeric_limits<float>::quiet_NaN());
     } else {
       // An out-of-range label (checks off) is outside [0, V): it matches no column and adds no
       // label term (its logprob is NaN, the other outputs are the row's).
-      grad_row_any<Tag>(row_start<Tag>(a, r), g, a.V, y, rg, t);
+      grad_row_any<Tag>(row_start<storage>(a, r), g, a.V, y, rg, t);
     }
   }
 }

@@ -21,6 +21,12 @@ struct LogitsLayout {
   int64_t stride_0, stride_1;
 };
 
+// The first logit of row r = b * L + l, of storage type T.
+template <typename T>
+const T* row_start(const LogitsLayout& a, int64_t r) {
+  return static_cast<const T*>(a.logits) + (r / a.L) * a.stride_0 + (r % a.L) * a.stride_1;
+}
+
 // Per-row arrays (labels, outputs, grads) are contiguous (B * L), in float32, or float64 for
 // float64 logits.
 struct LogitsRows : LogitsLayout {

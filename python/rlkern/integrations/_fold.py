@@ -57,10 +57,8 @@ def eager16_applies(logits: Tensor, dtype: torch.dtype, temperature: float) -> b
 def eager16_stats(logits: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """``(shift, log_s)`` of torch's 16-bit CPU ``log_softmax`` for each row of ``logits
     (..., V)``, each of shape ``logits.shape[:-1]`` (:func:`log_softmax_stats_16bit`, decided
-    by the fold's ``lse`` where it can)."""
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    shift, log_s = log_softmax_stats_16bit(flat, lse.detach().reshape(-1))
-    return shift.reshape(logits.shape[:-1]), log_s.reshape(logits.shape[:-1])
+    by the fold's ``lse`` where it can; a view such as ``logits[:, :-1, :]`` is read in place)."""
+    return log_softmax_stats_16bit(logits.detach(), lse.detach())
 
 
 def eager16_logprobs(logprobs: Tensor, stats: tuple[Tensor, Tensor], logits: Tensor,

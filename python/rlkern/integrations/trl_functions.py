@@ -188,10 +188,7 @@ def _trl_entropy(entropy: Tensor, stats: tuple[Tensor, Tensor], logits: Tensor,
     (:func:`eager_entropy_16bit`, ``stats`` from :func:`eager16_stats`), through rlkern's
     autograd node. Rows ``mask`` zeroes give 0, as TRL's ``masked_fill``."""
     with torch.no_grad():
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        shift, log_s = (t.reshape(-1) for t in stats)
-        value = eager_entropy_16bit(flat, shift, log_s, chunk_size).reshape(entropy.shape)
-        value = value.float()
+        value = eager_entropy_16bit(logits.detach(), *stats, chunk_size).float()
         if mask is not None:
             value = value.masked_fill(mask == 0, 0.0)
         # a NaN row stays NaN; elsewhere TRL's value (a 16-bit one, which entropy + delta

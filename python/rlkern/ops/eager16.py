@@ -25,12 +25,14 @@ vector width is the one torch dispatches to.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import Tensor
 
 from rlkern import backends
 from rlkern.ops import eager
+from rlkern.ops.logprobs import rows3d
 
 __all__ = ["eager_entropy_16bit", "log_softmax_stats_16bit", "row_max_16bit"]
 
@@ -46,7 +48,8 @@ _LOG_ULPS = 2 * 2.0**-23  # torch's log and Sleef's differ by at most an ulp
 
 @eager.custom_op("rlkern::eager16_log_softmax_stats", mutates_args=())
 def _stats_op(logits: Tensor) -> tuple[Tensor, Tensor]:
-    rows = logits.shape[0]
+    """``(shift, log_s)``, float32 ``(rows,)``, of the rows of ``(N, V)`` / ``(B, L, V)``."""
+    rows = math.prod(logits.shape[:-1])
     shift = torch.empty(rows, dtype=torch.float32, device=logits.device)
     log_s = torch.empty(rows, dtype=torch.float32, device=logits.device)
     backends.cpp_ops().eager16_log_softmax_stats_out(logits, shift, log_s)
@@ -55,39 +58,44 @@ def _stats_op(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 @_stats_op.register_fake
 def _(logits):
-    rows = logits.shape[0]
+    rows = math.prod(logits.shape[:-1])
     return (logits.new_empty(rows, dtype=torch.float32),
             logits.new_empty(rows, dtype=torch.float32))
 
 
 @eager.custom_op("rlkern::eager16_entropy_terms", mutates_args=())
-def _terms_op(logits: Tensor, shift: Tensor, log_s: Tensor) -> Tensor:
-    terms = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    backends.cpp_ops().eager16_entropy_terms_out(logits, shift, log_s, terms)
+def _terms_op(logits: Tensor, shift: Tensor, log_s: Tensor, first: int, count: int) -> Tensor:
+    """The ``(count, V)`` terms of rows ``first … first + count − 1`` of ``(N, V)`` /
+    ``(B, L, V)`` logits (rows counted over the leading dims), from all rows' stats."""
+    terms = logits.new_empty((count, logits.shape[-1]))
+    backends.cpp_ops().eager16_entropy_terms_out(logits, shift, log_s, first, terms)
     return terms
 
 
 @_terms_op.register_fake
-def _(logits, shift, log_s):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+def _(logits, shift, log_s, first, count):
+    return logits.new_empty((count, logits.shape[-1]))
 
 
 def _check_rows(logits: Tensor) -> Tensor:
-    """``logits`` as the kernels take it: 2-D bf16 / fp16 on the CPU, vocab dim contiguous."""
+    """``logits (..., V)`` as the kernels read it, in place where it can be: a ``(B, L, V)``
+    view (any strides of the leading dims, as the fold's) of 16-bit CPU logits whose vocab dim
+    is contiguous (else a contiguous copy)."""
     if logits.dtype not in _16BIT:
         raise TypeError(f"logits must be bfloat16 or float16, got {logits.dtype}")
-    if logits.dim() != 2 or logits.device.type != "cpu":
-        raise ValueError(f"logits must be a (rows, V) CPU tensor, got shape "
+    if logits.dim() == 0 or logits.device.type != "cpu":
+        raise ValueError(f"logits must be a (..., V) CPU tensor, got shape "
                          f"{tuple(logits.shape)} on {logits.device}")
-    if logits.shape[1] == 0 and logits.shape[0] > 0:
+    if logits.shape[-1] == 0 and math.prod(logits.shape[:-1]) > 0:
         raise ValueError("logits has an empty vocab dim (V = 0)")
-    return logits if logits.shape[1] <= 1 or logits.stride(1) == 1 else logits.contiguous()
+    rows = rows3d(logits.reshape(1, -1) if logits.dim() == 1 else logits)
+    return rows if rows.shape[-1] <= 1 or rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _check_stats(rows: int, **stats: Tensor) -> None:
+def _check_stats(shape: torch.Size, **stats: Tensor) -> None:
     for name, t in stats.items():
-        if t.dtype != torch.float32 or tuple(t.shape) != (rows,):
-            raise ValueError(f"{name} must be float32 of shape ({rows},), got {t.dtype} "
+        if t.dtype != torch.float32 or t.shape != shape:
+            raise ValueError(f"{name} must be float32 of shape {tuple(shape)}, got {t.dtype} "
                              f"{tuple(t.shape)}")
 
 
@@ -120,30 +128,40 @@ def log_softmax_stats_16bit(logits: Tensor, lse: Tensor | None = None) -> tuple[
     log_s)`` bit for bit.
 
     Args:
-        logits: ``(rows, V)`` bfloat16 / float16 on the CPU, vocab dim contiguous.
-        lse: optional ``(rows,)`` float32, ``log Σ exp(x)`` of each row as
+        logits: ``(..., V)`` bfloat16 / float16 on the CPU. Leading dims that merge into two
+            (``(N, V)``, any ``(B, L, V)`` such as TRL's ``logits[:, :-1, :]``) are read in
+            place; a vocab dim that is not contiguous is copied.
+        lse: optional float32 of shape ``logits.shape[:-1]``, ``log Σ exp(x)`` of each row as
             :func:`rlkern.token_logprobs` returns it (at ``T = 1``). With it only the rows it
             cannot decide take the exact kernel; without it (and inside ``torch.compile``, which
             cannot branch on the data) every row does (one more pass over the logits).
 
     Returns:
-        ``(shift, log_s)``, float32 ``(rows,)`` each.
+        ``(shift, log_s)``, float32 of shape ``logits.shape[:-1]`` each.
+
+    Raises:
+        TypeError: logits not bfloat16 / float16.
+        ValueError: logits 0-dim or not on the CPU, ``V = 0``, leading dims that cannot be
+            merged without a copy, or ``lse`` not float32 of ``logits.shape[:-1]``.
     """
-    logits = _check_rows(logits)
+    lead = logits.shape[:-1]
+    rows = _check_rows(logits)
     if lse is None or torch.compiler.is_compiling():
-        return eager.call("rlkern::eager16_log_softmax_stats", logits)
-    _check_stats(logits.shape[0], lse=lse)
+        shift, log_s = eager.call("rlkern::eager16_log_softmax_stats", rows)
+        return shift.view(lead), log_s.view(lead)
+    _check_stats(lead, lse=lse)
     dtype = logits.dtype
-    shift = row_max_16bit(logits)
+    lse = lse.reshape(rows.shape[:-1])
+    shift = row_max_16bit(rows)
     s = torch.exp(lse - shift)
     log = torch.log(s.to(dtype).float())
     near = (_straddles(s, s * (_S_REL_ERR + lse.abs() * _LSE_ULPS), dtype)
             | _straddles(log, log.abs() * _LOG_ULPS, dtype))
     log_s = log.to(dtype).float()
-    rows = near.nonzero().squeeze(1)
-    if rows.numel():
-        log_s[rows] = eager.call("rlkern::eager16_log_softmax_stats", logits[rows])[1]
-    return shift, log_s
+    at = near.nonzero(as_tuple=True)  # (b, l) of each such row
+    if at[0].numel():  # only those rows are gathered (a (k, V) copy) for the exact kernel
+        log_s[at] = eager.call("rlkern::eager16_log_softmax_stats", rows[at])[1]
+    return shift.view(lead), log_s.view(lead)
 
 
 def _pieces(rows: int, vocab: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -173,37 +191,40 @@ def eager_entropy_16bit(logits: Tensor, shift: Tensor, log_s: Tensor,
     with ``lp = round((x − shift) − log_s)``.
 
     Args:
-        logits: ``(rows, V)`` bfloat16 / float16 on the CPU, vocab dim contiguous.
-        shift, log_s: float32 ``(rows,)``, from :func:`log_softmax_stats_16bit`.
+        logits: ``(..., V)`` bfloat16 / float16 on the CPU, read in place as by
+            :func:`log_softmax_stats_16bit`. Rows are counted over the leading dims in order.
+        shift, log_s: float32 of shape ``logits.shape[:-1]``, from
+            :func:`log_softmax_stats_16bit`.
         chunk_size: the trainer's chunks of rows (torch splits a one-row sum differently,
             :func:`_pieces`). The terms are formed ~4 MiB at a time, whatever the chunk.
 
     Returns:
-        ``(rows,)`` in the logits' dtype. Not differentiable (callers attach the value to
-        rlkern's exact gradient). A logit at −inf adds 0 (the limit of ``p log p``), where
-        torch's ops give NaN.
+        ``logits.shape[:-1]`` in the logits' dtype. Not differentiable (callers attach the
+        value to rlkern's exact gradient). A logit at −inf adds 0 (the limit of ``p log p``),
+        where torch's ops give NaN.
 
     Raises:
         TypeError: logits not bfloat16 / float16.
-        ValueError: logits not 2-D on the CPU, ``chunk_size < 1``, or ``shift`` / ``log_s``
-            not float32 of ``(rows,)``.
+        ValueError: as :func:`log_softmax_stats_16bit`; ``chunk_size < 1``, or ``shift`` /
+            ``log_s`` not float32 of ``logits.shape[:-1]``.
     """
-    logits = _check_rows(logits)
+    lead = logits.shape[:-1]
+    rows = _check_rows(logits)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    _check_stats(logits.shape[0], shift=shift, log_s=log_s)
-    shift, log_s = shift.contiguous(), log_s.contiguous()
-    pieces = _pieces(logits.shape[0], logits.shape[1], chunk_size)
+    _check_stats(lead, shift=shift, log_s=log_s)
+    shift, log_s = shift.reshape(-1).contiguous(), log_s.reshape(-1).contiguous()
+    vocab = rows.shape[-1]
+    pieces = _pieces(shift.numel(), vocab, chunk_size)
     with torch.no_grad():
-        if eager.plain_eager(logits, shift, log_s, no_graph=True) and pieces:
-            buf = logits.new_empty((max(b - a for a, b in pieces), logits.shape[1]))
+        if eager.plain_eager(rows, shift, log_s, no_graph=True) and pieces:
+            buf = rows.new_empty((max(b - a for a, b in pieces), vocab))
             sums = []
             for a, b in pieces:
                 terms = buf[:b - a]
-                backends.cpp_ops().eager16_entropy_terms_out(logits[a:b], shift[a:b],
-                                                            log_s[a:b], terms)
+                backends.cpp_ops().eager16_entropy_terms_out(rows, shift, log_s, a, terms)
                 sums.append(-terms.sum(-1))
         else:
-            sums = [-eager.call("rlkern::eager16_entropy_terms", logits[a:b], shift[a:b],
-                                log_s[a:b]).sum(-1) for a, b in pieces]
-    return torch.cat(sums) if sums else logits.new_empty((0,))
+            sums = [-eager.call("rlkern::eager16_entropy_terms", rows, shift, log_s, a,
+                                b - a).sum(-1) for a, b in pieces]
+    return (torch.cat(sums) if sums else rows.new_empty((0,))).view(lead)

@@ -74,7 +74,7 @@ def checks_enabled() -> bool:
 # Layout: every backend sees logits as a (B, L, V) view with a unit vocab stride.
 
 
-def _rows3d(logits: Tensor) -> Tensor:
+def rows3d(logits: Tensor) -> Tensor:
     """View ``logits`` (..., V) as (B, L, V) without copying.
 
     (N, V) → (1, N, V); (B, L, V) as is (any strides, e.g. TRL's ``logits[:, :-1, :]``);
@@ -194,7 +194,7 @@ def logprobs_fwd(
     are empty."""
     if backend == "cpu":
         return _fwd_cpu(logits, labels, temperature, ignore_index, with_entropy, with_stats)
-    logits3 = _rows3d(logits)
+    logits3 = rows3d(logits)
     lead = logits.shape[:-1]
     labels2 = labels.reshape(logits3.shape[:-1]).to(torch.int64).contiguous()
     _validate_data(logits3, labels2, ignore_index)
@@ -242,7 +242,7 @@ def _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_
                                             grad_entropy, grad_lse, temperature, ignore_index,
                                             grad_logits)
         return
-    logits3 = _rows3d(logits)
+    logits3 = rows3d(logits)
     if logits3.numel() == 0:
         grad_logits.zero_()
         return
@@ -255,7 +255,7 @@ def _bwd_common(logits, labels, lse, entropy, grad_logprobs, grad_entropy, grad_
     for o, g in ((OUT.logprobs, grad_logprobs), (OUT.entropy, grad_entropy), (OUT.lse, grad_lse)):
         grads[o] = as2d(g)
     _bwd_out(backend, logits3, labels.reshape(rows).to(torch.int64).contiguous(), outs, grads,
-             temperature, ignore_index, _rows3d(grad_logits))
+             temperature, ignore_index, rows3d(grad_logits))
 
 
 # The arguments of the two backward ops after `logits`, stated once: logprobs_bwd returns
@@ -517,7 +517,7 @@ def _truncated(logits, labels, temperature, ignore_index, return_entropy, return
     if return_stats:
         raise ValueError("return_stats is not available with top_k / top_p / min_p")
     temp, k, p, mp = row_filters(logits, temperature, top_k, top_p, min_p, filter_order)
-    logits3 = _rows3d(logits)
+    logits3 = rows3d(logits)
     lead = logits.shape[:-1]
     labels1 = labels.reshape(-1).to(torch.int64).contiguous()
     args = (logits3, labels1, temp, k, p, mp, filter_order == "joint", int(ignore_index),
