@@ -313,10 +313,24 @@ struct VecF {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+  // float_to_bf16 on the 8 lanes at once (AVX2 has no bf16 conversion): round to nearest
+  // even on the bits, a NaN's top bits with the quiet bit set.
   void store(uint16_t* p, BF16) const {
-    alignas(32) float tmp[8];
-    _mm256_store_ps(tmp, v);
-    for (int i = 0; i < 8; ++i) p[i] = float_to_bf16(tmp[i]);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i top = _mm256_srli_epi32(bits, 16);
+    const __m256i odd = _mm256_and_si256(top, _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(  // signed compare: both sides are ≥ 0
+        _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    const __m256i h = _mm256_blendv_epi8(rounded, _mm256_or_si256(top, _mm256_set1_epi32(0x40)),
+                                         nan);
+    // 32 → 16 bits: packus works within each 128-bit half ([h0..h3 h0..h3 | h4..h7 h4..h7]);
+    // the low 64 bits of each half are the 8 results in order (values ≤ 0xffff: no saturation)
+    const __m256i packed = _mm256_packus_epi32(h, h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_unpacklo_epi64(_mm256_castsi256_si128(packed),
+                                        _mm256_extracti128_si256(packed, 1)));
   }
   friend VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
