@@ -134,11 +134,21 @@ inline uint64_t nonzero_bytes64(const uint8_t* m) {
   const __m512i v = _mm512_loadu_si512(m);
   return _mm512_test_epi8_mask(v, v);
 }
+#elif defined(RLKERN_PL_AVX2)
+// The same from two 32-byte halves (a compare with 0 and a byte movemask each).
+inline uint64_t nonzero_bytes64(const uint8_t* m) {
+  const __m256i zero = _mm256_setzero_si256();
+  auto half = [&](const uint8_t* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, zero)));
+  };
+  return uint64_t{half(m + 32)} << 32 | half(m);
+}
 #endif
 
 int64_t valid_extent(const uint8_t* m, int64_t n) {
   int64_t e = 0, i = 0;
-#if defined(RLKERN_PL_AVX512)
+#if defined(RLKERN_PL_AVX512) || defined(RLKERN_PL_AVX2)
   for (; i + 64 <= n; i += 64) {
     const uint64_t k = nonzero_bytes64(m + i);
     e = k ? i + 64 - __builtin_clzll(k) : e;

@@ -3,7 +3,13 @@
 //
 //   Scalar<T>  one token per step (float or double; the portable path and float64);
 //   Avx512F    16 float tokens per step (__m512 values, __mmask16 lane masks), when the
-//              build targets AVX-512 (-march=native on an AVX-512 machine).
+//              build targets AVX-512 (-march=native on an AVX-512 machine);
+//   Avx2F      8 float tokens per step (__m256 values, lane masks as all-ones __m256
+//              lanes), when it targets AVX2 + FMA without AVX-512.
+//
+// Each computes the scalar path's per-token values bit for bit (the same operations in the
+// same order, one lane a token; its exp is exp_host_f32 lane-wise); only the sums over tokens
+// differ, by their lane-parallel order.
 //
 // A policy provides the value type V and mask type M, lane masks for a partial last step,
 // masked loads / stores, masked accumulation (madd / mmin / mmax, and `count` of a mask's
@@ -18,6 +24,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define RLKERN_PL_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+#include <cstring>
+#define RLKERN_PL_AVX2 1
 #endif
 
 #include "rlkern/policy_loss.h"
@@ -170,6 +181,156 @@ struct Avx512F {
 };
 
 using FloatLanes = Avx512F;
+
+#elif defined(RLKERN_PL_AVX2)
+
+struct MF {  // a lane is all ones (true) or all zeros
+  __m256 k;
+};
+inline MF operator&&(MF a, MF b) { return {_mm256_and_ps(a.k, b.k)}; }
+inline MF operator||(MF a, MF b) { return {_mm256_or_ps(a.k, b.k)}; }
+inline MF operator!(MF a) {
+  return {_mm256_xor_ps(a.k, _mm256_castsi256_ps(_mm256_set1_epi32(-1)))};
+}
+
+struct VF {
+  __m256 v;
+  VF() = default;
+  VF(__m256 x) : v(x) {}
+  VF(double x) : v(_mm256_set1_ps(static_cast<float>(x))) {}
+};
+inline VF operator+(VF a, VF b) { return _mm256_add_ps(a.v, b.v); }
+inline VF operator-(VF a, VF b) { return _mm256_sub_ps(a.v, b.v); }
+inline VF operator*(VF a, VF b) { return _mm256_mul_ps(a.v, b.v); }
+inline VF operator/(VF a, VF b) { return _mm256_div_ps(a.v, b.v); }
+inline VF operator-(VF a) {  // exact negation (flips the sign bit, as -x does for a float)
+  return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f));
+}
+// Ordered comparisons (false on NaN) except !=, which is true on NaN, as for floats.
+inline MF operator<(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
+inline MF operator>(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)}; }
+inline MF operator<=(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LE_OQ)}; }
+inline MF operator>=(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ)}; }
+inline MF operator==(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)}; }
+inline MF operator!=(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_NEQ_UQ)}; }
+
+inline VF sel(MF c, VF a, VF b) { return _mm256_blendv_ps(b.v, a.v, c.k); }
+// As Avx512F's: the data second, so that a NaN lane stays NaN.
+inline VF clampv(VF x, VF lo, VF hi) {
+  return _mm256_min_ps(hi.v, _mm256_max_ps(lo.v, x.v));
+}
+inline VF vmin(VF a, VF b) { return _mm256_min_ps(a.v, b.v); }
+inline VF vmax(VF a, VF b) { return _mm256_max_ps(a.v, b.v); }
+
+// exp_host_f32 of rlkern/policy_loss.h, 8 lanes: its rounding of n (the 1.5·2^23 shift), its
+// reduction and polynomial, and its 2^n as two exponent-field factors (AVX2 has no scalef), so
+// the same bits. exp_poly is the part for lanes inside [kMin, kMax].
+inline __m256 exp_poly(__m256 xc) {
+  const __m256 shift = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(
+      _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), shift), shift);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.98412698e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.38888889e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666667e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666667e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i ni = _mm256_cvttps_epi32(n);  // n is an integer: the truncation is exact
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+inline VF expv(VF x) {
+  // As Avx512F's expv: every |x| ≤ kExpClampedMax takes the polynomial alone (the clamps are
+  // no-ops there); NaN lanes fail the test and take the full path.
+  const __m256 bound = _mm256_set1_ps(policy_loss::kExpClampedMax);
+  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x.v);
+  if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(ax, bound, _CMP_LE_OQ)) == 0xff, 1))
+    return exp_poly(x.v);
+  const __m256 kMax = _mm256_set1_ps(88.72283935546875f);
+  const __m256 kMin = _mm256_set1_ps(-103.97208404541015625f);
+  __m256 xc = _mm256_min_ps(kMax, x.v);  // NaN lanes stay NaN (the second operand)
+  xc = _mm256_max_ps(kMin, xc);
+  __m256 res = exp_poly(xc);
+  res = _mm256_blendv_ps(res, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                         _mm256_cmp_ps(x.v, kMax, _CMP_GT_OQ));
+  res = _mm256_blendv_ps(res, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, kMin, _CMP_LT_OQ));
+  return res;
+}
+
+inline VF expv_clamped(VF x) { return exp_poly(x.v); }
+
+// log per lane (dppo_kl's binary KL only): lane by lane through logf, exact as the scalar path.
+inline VF logv(VF x) {
+  alignas(32) float b[8];
+  _mm256_store_ps(b, x.v);
+  for (float& v : b) v = logf(v);
+  return _mm256_load_ps(b);
+}
+
+struct Avx2F {
+  using V = VF;
+  using M = MF;
+  static constexpr int L = 8;
+  static M lanes(int64_t remaining) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int n = remaining >= 8 ? 8 : static_cast<int>(remaining);
+    return {_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), iota))};
+  }
+  static int width(M ln) { return __builtin_popcount(_mm256_movemask_ps(ln.k)); }
+  static M valid(const uint8_t* m, M ln) {
+    // only the lanes' bytes are read (a partial last step must not read past the mask)
+    uint64_t bytes = 0;
+    const int n = width(ln);
+    if (n == 8) std::memcpy(&bytes, m, 8);
+    else std::memcpy(&bytes, m, static_cast<size_t>(n));
+    const __m256i w = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes)));
+    const __m256i zero = _mm256_cmpeq_epi32(w, _mm256_setzero_si256());
+    return {_mm256_andnot_ps(_mm256_castsi256_ps(zero), ln.k)};
+  }
+  static V load(const float* p, M ln) { return _mm256_maskload_ps(p, _mm256_castps_si256(ln.k)); }
+  static V load_valid(const float* p, M v) {
+    return _mm256_maskload_ps(p, _mm256_castps_si256(v.k));
+  }
+  static int count(M m) { return width(m); }
+  static V madd(V acc, M m, V x) { return _mm256_blendv_ps(acc.v, _mm256_add_ps(acc.v, x.v), m.k); }
+  static V mmin(V acc, M m, V x) { return _mm256_blendv_ps(acc.v, _mm256_min_ps(acc.v, x.v), m.k); }
+  static V mmax(V acc, M m, V x) { return _mm256_blendv_ps(acc.v, _mm256_max_ps(acc.v, x.v), m.k); }
+  static V bcast(float x) { return _mm256_set1_ps(x); }
+  static void store(float* p, V v, M ln) {
+    _mm256_maskstore_ps(p, _mm256_castps_si256(ln.k), v.v);
+  }
+  // A tree: the two halves, then their halves, then the last two lanes.
+  static float hsum(V v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v.v), _mm256_extractf128_ps(v.v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+  }
+  static float hmin(V v) {
+    alignas(32) float b[8];
+    _mm256_store_ps(b, v.v);
+    float r = b[0];
+    for (int i = 1; i < 8; ++i) r = vmin(r, b[i]);
+    return r;
+  }
+  static float hmax(V v) {
+    alignas(32) float b[8];
+    _mm256_store_ps(b, v.v);
+    float r = b[0];
+    for (int i = 1; i < 8; ++i) r = vmax(r, b[i]);
+    return r;
+  }
+};
+
+using FloatLanes = Avx2F;
 #else
 using FloatLanes = Scalar<float>;
 #endif
