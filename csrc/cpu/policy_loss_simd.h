@@ -104,18 +104,13 @@ inline VF vmax(VF a, VF b) { return _mm512_max_ps(a.v, b.v); }
 // exp_host_f32 of rlkern/policy_loss.h, 16 lanes: same reduction and polynomial; 2^n by
 // scalef (exact, with graceful underflow). exp_poly is the part for lanes inside [kMin, kMax].
 inline __m512 exp_poly(__m512 xc) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+  using namespace policy_loss::exp_f32;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.98412698e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kTaylor[0]);
+  for (int i = 1; i < kTerms; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kTaylor[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -128,8 +123,8 @@ inline VF expv(VF x) {
   const __m512 ax = _mm512_abs_ps(x.v);
   if (__builtin_expect(_mm512_cmp_ps_mask(ax, bound, _CMP_LE_OQ) == 0xffff, 1))
     return exp_poly(x.v);
-  const __m512 kMax = _mm512_set1_ps(88.72283935546875f);
-  const __m512 kMin = _mm512_set1_ps(-103.97208404541015625f);
+  const __m512 kMax = _mm512_set1_ps(policy_loss::exp_f32::kMax);
+  const __m512 kMin = _mm512_set1_ps(policy_loss::exp_f32::kMin);
   // max/min return the second operand when the first is NaN: keep NaN lanes NaN.
   __m512 xc = _mm512_min_ps(kMax, x.v);
   xc = _mm512_max_ps(kMin, xc);
@@ -226,19 +221,14 @@ inline VF vmax(VF a, VF b) { return _mm256_max_ps(a.v, b.v); }
 // reduction and polynomial, and its 2^n as two exponent-field factors (AVX2 has no scalef), so
 // the same bits. exp_poly is the part for lanes inside [kMin, kMax].
 inline __m256 exp_poly(__m256 xc) {
-  const __m256 shift = _mm256_set1_ps(12582912.0f);
-  const __m256 n = _mm256_sub_ps(
-      _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), shift), shift);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-  __m256 p = _mm256_set1_ps(1.98412698e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.38888889e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666667e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666667e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  using namespace policy_loss::exp_f32;
+  const __m256 shift = _mm256_set1_ps(kRound);
+  const __m256 n =
+      _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), shift), shift);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kTaylor[0]);
+  for (int i = 1; i < kTerms; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kTaylor[i]));
   const __m256i ni = _mm256_cvttps_epi32(n);  // n is an integer: the truncation is exact
   const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
   const __m256i bias = _mm256_set1_epi32(127);
@@ -254,8 +244,8 @@ inline VF expv(VF x) {
   const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x.v);
   if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(ax, bound, _CMP_LE_OQ)) == 0xff, 1))
     return exp_poly(x.v);
-  const __m256 kMax = _mm256_set1_ps(88.72283935546875f);
-  const __m256 kMin = _mm256_set1_ps(-103.97208404541015625f);
+  const __m256 kMax = _mm256_set1_ps(policy_loss::exp_f32::kMax);
+  const __m256 kMin = _mm256_set1_ps(policy_loss::exp_f32::kMin);
   __m256 xc = _mm256_min_ps(kMax, x.v);  // NaN lanes stay NaN (the second operand)
   xc = _mm256_max_ps(kMin, xc);
   __m256 res = exp_poly(xc);

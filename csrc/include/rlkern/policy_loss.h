@@ -358,21 +358,27 @@ RLKERN_HOST_DEVICE auto in_closed(T x, T lo, T hi) {
 // exp(x) in float: x = n·ln2 + r (Cody–Waite, |r| ≤ ln2/2), e^r by a degree-7 Taylor
 // polynomial (truncation (ln2/2)^8/8! ≈ 5e-9), 2^n as two exponent-field factors so that
 // n down to −150 underflows gracefully. Accurate to ~2 ulp; ±inf and NaN handled.
+// Its constants, shared with the SIMD versions (csrc/cpu/policy_loss_simd.h): the range ends,
+// log2(e), ln 2 as hi + lo, the coefficients of e^r's Taylor polynomial for Horner's rule
+// (1/7!, 1/6!, …, 1/1!, 1/0!: the last fma adds 1 to r·(1 + …)).
+namespace exp_f32 {
+constexpr float kMax = 88.72283935546875f, kMin = -103.97208404541015625f;
+constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.0f;  // 1.5·2^23
+constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187045e-06f;
+constexpr int kTerms = 8;
+constexpr float kTaylor[kTerms] = {1.98412698e-4f, 1.38888889e-3f, 8.33333333e-3f,
+                                   4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f};
+}  // namespace exp_f32
+
 RLKERN_HOST_DEVICE float exp_host_f32(float x) {
-  const float kMax = 88.72283935546875f, kMin = -103.97208404541015625f;
+  using namespace exp_f32;
   float xc = x > kMax ? kMax : x;
   xc = xc < kMin ? kMin : xc;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = fmaf(-n, 0.693145751953125f, xc);
-  r = fmaf(-n, 1.428606765330187045e-06f, r);
-  float p = 1.98412698e-4f;  // 1/7!
-  p = fmaf(p, r, 1.38888889e-3f);
-  p = fmaf(p, r, 8.33333333e-3f);
-  p = fmaf(p, r, 4.16666667e-2f);
-  p = fmaf(p, r, 1.66666667e-1f);
-  p = fmaf(p, r, 0.5f);
-  p = fmaf(p, r, 1.0f);
-  p = fmaf(p, r, 1.0f);
+  const float n = (xc * kLog2e + kRound) - kRound;  // round to nearest
+  float r = fmaf(-n, kLn2Hi, xc);
+  r = fmaf(-n, kLn2Lo, r);
+  float p = kTaylor[0];
+  for (int i = 1; i < kTerms; ++i) p = fmaf(p, r, kTaylor[i]);
   const int ni = static_cast<int>(n);
   const int n1 = ni >> 1, n2 = ni - n1;
   const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23;
