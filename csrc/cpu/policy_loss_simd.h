@@ -102,7 +102,7 @@ inline VF vmin(VF a, VF b) { return _mm512_min_ps(a.v, b.v); }
 inline VF vmax(VF a, VF b) { return _mm512_max_ps(a.v, b.v); }
 
 // exp_host_f32 of rlkern/policy_loss.h, 16 lanes: same reduction and polynomial; 2^n by
-// scalef (exact, with graceful underflow). exp_poly is the part for lanes inside [kMin, kMax].
+// scalef (exact, with graceful underflow). For |x| ≤ kExpClampedMax exp_poly is all of it.
 inline __m512 exp_poly(__m512 xc) {
   using namespace policy_loss::exp_f32;
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)),
@@ -114,26 +114,26 @@ inline __m512 exp_poly(__m512 xc) {
   return _mm512_scalef_ps(p, n);
 }
 
+// f on each lane through the scalar code: the rare paths (an exp beyond ±kExpClampedMax or of
+// NaN, dppo_kl's log), which then have the scalar path's bits by construction.
+template <typename F>
+inline VF lanewise(VF x, F f) {
+  alignas(64) float b[16];
+  _mm512_store_ps(b, x.v);
+  for (float& v : b) v = f(v);
+  return _mm512_load_ps(b);
+}
+
 inline VF expv(VF x) {
-  // The common case, every |x| ≤ kExpClampedMax (log-ratios are small): the clamps below are
-  // no-ops and their fix-ups never fire, so the polynomial alone gives the same bits, for four
-  // fewer vector instructions (the token loops are bound by vector arithmetic). NaN lanes fail
-  // the test and take the full path.
+  // The common case, every |x| ≤ kExpClampedMax (log-ratios are small): exp_host_f32's clamps
+  // are no-ops and its fix-ups never fire, so the polynomial alone gives its bits (the token
+  // loops are bound by vector arithmetic). Other lanes, NaN among them, fail the test: the
+  // vector then takes the scalar exp lane by lane.
   const __m512 bound = _mm512_set1_ps(policy_loss::kExpClampedMax);
   const __m512 ax = _mm512_abs_ps(x.v);
   if (__builtin_expect(_mm512_cmp_ps_mask(ax, bound, _CMP_LE_OQ) == 0xffff, 1))
     return exp_poly(x.v);
-  const __m512 kMax = _mm512_set1_ps(policy_loss::exp_f32::kMax);
-  const __m512 kMin = _mm512_set1_ps(policy_loss::exp_f32::kMin);
-  // max/min return the second operand when the first is NaN: keep NaN lanes NaN.
-  __m512 xc = _mm512_min_ps(kMax, x.v);
-  xc = _mm512_max_ps(kMin, xc);
-  __m512 res = exp_poly(xc);
-  res = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, kMax, _CMP_GT_OQ), res,
-                             _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-  res = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, kMin, _CMP_LT_OQ), res,
-                             _mm512_setzero_ps());
-  return res;
+  return lanewise(x, policy_loss::exp_host_f32);  // the scalar exp: its bits by definition
 }
 
 // expv of an argument clamped to |x| ≤ kExpClampedMax (or NaN): expv's bits without its range
@@ -144,10 +144,7 @@ inline VF expv_clamped(VF x) { return exp_poly(x.v); }
 
 // log per lane (dppo_kl's binary KL only): lane by lane through logf, exact as the scalar path.
 inline VF logv(VF x) {
-  alignas(64) float b[16];
-  _mm512_store_ps(b, x.v);
-  for (float& v : b) v = logf(v);
-  return _mm512_load_ps(b);
+  return lanewise(x, [](float v) { return logf(v); });
 }
 
 struct Avx512F {
@@ -219,7 +216,7 @@ inline VF vmax(VF a, VF b) { return _mm256_max_ps(a.v, b.v); }
 
 // exp_host_f32 of rlkern/policy_loss.h, 8 lanes: its rounding of n (the 1.5·2^23 shift), its
 // reduction and polynomial, and its 2^n as two exponent-field factors (AVX2 has no scalef), so
-// the same bits. exp_poly is the part for lanes inside [kMin, kMax].
+// the same bits. For |x| ≤ kExpClampedMax exp_poly is all of it.
 inline __m256 exp_poly(__m256 xc) {
   using namespace policy_loss::exp_f32;
   const __m256 shift = _mm256_set1_ps(kRound);
@@ -237,32 +234,27 @@ inline __m256 exp_poly(__m256 xc) {
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
 }
 
-inline VF expv(VF x) {
-  // As Avx512F's expv: every |x| ≤ kExpClampedMax takes the polynomial alone (the clamps are
-  // no-ops there); NaN lanes fail the test and take the full path.
+template <typename F>
+inline VF lanewise(VF x, F f) {  // as Avx512F's
+  alignas(32) float b[8];
+  _mm256_store_ps(b, x.v);
+  for (float& v : b) v = f(v);
+  return _mm256_load_ps(b);
+}
+
+inline VF expv(VF x) {  // as Avx512F's
   const __m256 bound = _mm256_set1_ps(policy_loss::kExpClampedMax);
   const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x.v);
   if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(ax, bound, _CMP_LE_OQ)) == 0xff, 1))
     return exp_poly(x.v);
-  const __m256 kMax = _mm256_set1_ps(policy_loss::exp_f32::kMax);
-  const __m256 kMin = _mm256_set1_ps(policy_loss::exp_f32::kMin);
-  __m256 xc = _mm256_min_ps(kMax, x.v);  // NaN lanes stay NaN (the second operand)
-  xc = _mm256_max_ps(kMin, xc);
-  __m256 res = exp_poly(xc);
-  res = _mm256_blendv_ps(res, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                         _mm256_cmp_ps(x.v, kMax, _CMP_GT_OQ));
-  res = _mm256_blendv_ps(res, _mm256_setzero_ps(), _mm256_cmp_ps(x.v, kMin, _CMP_LT_OQ));
-  return res;
+  return lanewise(x, policy_loss::exp_host_f32);
 }
 
 inline VF expv_clamped(VF x) { return exp_poly(x.v); }
 
 // log per lane (dppo_kl's binary KL only): lane by lane through logf, exact as the scalar path.
 inline VF logv(VF x) {
-  alignas(32) float b[8];
-  _mm256_store_ps(b, x.v);
-  for (float& v : b) v = logf(v);
-  return _mm256_load_ps(b);
+  return lanewise(x, [](float v) { return logf(v); });
 }
 
 struct Avx2F {

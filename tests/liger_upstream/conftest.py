@@ -99,16 +99,15 @@ def _large_bf16(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     full = os.environ.get("RLKERN_LIGER_UPSTREAM", "") == "full"
     slow = _slow_bf16_matmul() if any(_large_bf16(item) for item in items) else None
+    slow_reason = (f"bf16 matmuls are {slow:.0f}x slower than float32 on this CPU (no oneDNN "
+                   "bf16 kernels): a large bf16 case takes ~1 min; its float32 twin runs")
     kept, dropped, seen = [], [], 0
     for item in items:
         name, _, params = item.name.partition("[")
         rule = XFAIL.get(name)
         marked = rule is not None and rule[0](params.rstrip("]"))
         if slow is not None and _large_bf16(item):
-            item.add_marker(pytest.mark.skip(
-                reason=f"bf16 matmuls are {slow:.0f}x slower than float32 on this CPU (no "
-                       "oneDNN bf16 kernels): a large bf16 case takes ~1 min; its float32 twin "
-                       "runs"))
+            item.add_marker(pytest.mark.skip(reason=slow_reason))
         elif marked:
             item.add_marker(pytest.mark.xfail(strict=True, reason=rule[1]))
         if name == "test_correctness" and not marked and not full:
