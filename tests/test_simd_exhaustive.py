@@ -6,7 +6,11 @@ machine's build uses:
   even for all 2^32 floats, and each build's NaN (0x7fc0 on AVX-512);
 * the policy-loss lane policies' exp (csrc/cpu/policy_loss_simd.h; tests/cpp/
   policy_loss_exp_exhaustive.cpp): exp_host_f32's bits on every 7th float and every float near
-  the ends of its range."""
+  the ends of its range;
+* VecF::exp2 (csrc/cpu/simd.h; tests/cpp/exp2_exhaustive.cpp): exp2_scalar's bits on every 5th
+  float of its domain, and on every float whose 2^x is subnormal or zero;
+* the fold's integer max of 16-bit logits (csrc/cpu/simd.h ``max_bits16``; tests/cpp/
+  max_bits16_check.cpp): the float max's bits on every length to 300, every sign and magnitude."""
 
 from __future__ import annotations
 
@@ -17,29 +21,44 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "tests" / "cpp" / "simd_bf16_exhaustive.cpp"
-EXP_SOURCE = ROOT / "tests" / "cpp" / "policy_loss_exp_exhaustive.cpp"
+CPP = ROOT / "tests" / "cpp"
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the check")
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the check")
+def _build_and_run(name: str, tmp_path: Path) -> str:
+    """Builds tests/cpp/<name>.cpp as the extension is built (-march=native) and runs it;
+    returns its output, after asserting that it built and exited 0."""
+    exe = tmp_path / name
+    build = subprocess.run(["g++", "-O2", "-march=native", "-std=c++17", f"-I{ROOT / 'csrc'}",
+                            f"-I{ROOT / 'csrc' / 'include'}", str(CPP / f"{name}.cpp"), "-o",
+                            str(exe)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+@needs_gxx
 def test_bf16_load_and_store_match_their_specification_on_every_input(tmp_path):
-    exe = tmp_path / "simd_bf16_exhaustive"
-    build = subprocess.run(["g++", "-O2", "-march=native", "-std=c++17", f"-I{ROOT / 'csrc'}",
-                            str(SOURCE), "-o", str(exe)], capture_output=True, text=True,
-                           timeout=300)
-    assert build.returncode == 0, build.stderr[-2000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "load mismatches 0, store mismatches 0" in run.stdout
+    out = _build_and_run("simd_bf16_exhaustive", tmp_path)
+    assert "load mismatches 0, store mismatches 0" in out
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the check")
+@needs_gxx
 def test_policy_loss_vector_exp_has_the_scalar_bits(tmp_path):
-    exe = tmp_path / "policy_loss_exp_exhaustive"
-    build = subprocess.run(["g++", "-O2", "-march=native", "-std=c++17", f"-I{ROOT / 'csrc'}",
-                            f"-I{ROOT / 'csrc' / 'include'}", str(EXP_SOURCE), "-o", str(exe)],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-2000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "expv mismatches 0, expv_clamped mismatches 0" in run.stdout
+    out = _build_and_run("policy_loss_exp_exhaustive", tmp_path)
+    assert "expv mismatches 0, expv_clamped mismatches 0" in out
+
+
+@needs_gxx
+def test_vector_exp2_has_the_scalar_bits(tmp_path):
+    out = _build_and_run("exp2_exhaustive", tmp_path)
+    assert "exp2 checked" in out and "mismatches 0" in out
+
+
+@needs_gxx
+def test_integer_max_of_16_bit_logits_is_the_float_max(tmp_path):
+    out = _build_and_run("max_bits16_check", tmp_path)
+    if "not in this build" in out:
+        pytest.skip("max_bits16 is AVX-512BW only: an AVX2 version was slower (docs/logprobs.md)")
+    assert "max_bits16 cases" in out and "mismatches 0" in out

@@ -147,6 +147,7 @@ inline uint16_t max_bits16(const uint16_t* x, int64_t n) {
   const uint16_t um = uint16_t(_mm_extract_epi16(_mm_minpos_epu16(um128), 0));
   return sm >= 0 ? uint16_t(sm) : um;
 }
+#define RLKERN_MAX_BITS16 1  // tests/cpp/max_bits16_check.cpp checks it where defined
 #endif
 
 template <typename Tag>
@@ -175,10 +176,12 @@ constexpr float kExp2C5 = 0.001326460062432698f;
 // Inputs below this give 2^x = 0 (below the smallest fp32 subnormal); clamping there keeps
 // −inf finite so that 0 · x stays 0 instead of NaN.
 constexpr float kExp2Min = -151.0f;
+// The top of VecF::exp2's domain (the AVX2 version's scaling: 2^(n+32) must stay finite).
+constexpr float kExp2Max = 95.0f;
 
 inline float exp2_scalar(float x) {
-  x = std::fmax(x, kExp2Min);  // fmax returns the non-NaN operand: re-inject NaN below
-  if (std::isnan(x)) return x;
+  if (std::isnan(x)) return x;  // before fmax, which would return the non-NaN operand
+  x = std::fmax(x, kExp2Min);
   const float n = std::nearbyint(x);
   const float r = x - n;
   float p = kExp2C5;
@@ -343,22 +346,21 @@ struct VecF {
     __m256 m = _mm256_cmp_ps(keep.v, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
     return {_mm256_and_ps(a.v, m)};
   }
-  // 2^x for x ≥ kExp2Min (callers clamp: they need the clamped value themselves) or NaN.
+  // 2^x for x ∈ [kExp2Min, kExp2Max] (callers clamp below: they need the clamped value
+  // themselves; every caller's x is ≤ 0 up to rounding) or NaN; exp2_scalar's bits.
   static VecF exp2(VecF x) {
-    const __m256 n = _mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // n = round-to-nearest-even(x) by the 1.5·2^23 shifter: t's low mantissa bits hold n, so
+    // t's bits shifted left by 23 are n's exponent-field bits (the shifter's own bits leave).
+    const __m256 shifter = _mm256_set1_ps(12582912.0f);
+    const __m256 t = _mm256_add_ps(x.v, shifter);
+    const __m256 n = _mm256_sub_ps(t, shifter);
     const __m256 p = exp2_poly(VecF{_mm256_sub_ps(x.v, n)}).v;
-    // 2^n as two factors 2^(n/2) built in the exponent field, so that n down to −151
-    // underflows gracefully instead of wrapping the biased exponent.
-    __m256i ni = _mm256_cvtps_epi32(n);
-    __m256i half = _mm256_srai_epi32(ni, 1);
-    __m256i rest = _mm256_sub_epi32(ni, half);
-    auto pow2 = [](__m256i e) {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
-    };
-    __m256 res = _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(rest));
-    // Below 2^-126 the factor 2^(n/2) is still normal (n ≥ −151 ⇒ n/2 ≥ −76), so res is the
-    // correctly underflowed product.
-    return {res};
+    // p · 2^n as (p · 2^(n+32)) · 2^-32: the first product is exact and normal for n ≥ −151,
+    // and the second rounds once, so subnormal results underflow as one correctly rounded
+    // multiply would. Two instructions fewer than forming 2^n in two halves.
+    const __m256i scale = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23),
+                                           _mm256_set1_epi32((127 + 32) << 23));
+    return {_mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), _mm256_set1_ps(0x1p-32f))};
   }
   uint32_t ge_mask(VecF t) const {
     return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, t.v, _CMP_GE_OQ)));
