@@ -376,11 +376,16 @@ def test_patch_and_unpatch_trainer_utils(monkeypatch):
 
 
 
+@pytest.mark.parametrize("trl_view", [False, True])
 @pytest.mark.parametrize("negative_rows", [False, True])
-def test_compiles_without_graph_breaks(negative_rows):
+def test_compiles_without_graph_breaks(negative_rows, trl_view):
     """``torch.compile(fullgraph=True)`` of the drop-ins, 16-bit roundings included (their row
-    max takes no data-dependent branch in a graph): TRL's bits."""
-    logits = _logits((2, 3, 50), torch.bfloat16, seed=2)
+    max takes no data-dependent branch in a graph): TRL's bits, on contiguous logits and on
+    TRL's ``logits[:, :-1, :]`` view (read in place, so the compiled graph sees its strides)."""
+    logits = _logits((2, 4 if trl_view else 3, 50), torch.bfloat16, seed=2)
+    if trl_view:
+        logits = logits[:, :-1, :]
+        assert not logits.is_contiguous()
     if negative_rows:
         logits = -logits.abs() - 0.25
     ids = _ids((2, 3), 50)
@@ -389,6 +394,30 @@ def test_compiles_without_graph_breaks(negative_rows):
     lp, h = compiled(logits, ids)
     assert torch.equal(lp, trl_utils.selective_log_softmax(logits, ids))
     assert torch.equal(h, rf.entropy_from_logits(logits))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_compiled_gradient_through_trls_view_is_the_eager_one(dtype):
+    """The backward of the compiled drop-in, taken through TRL's ``logits[:, :-1, :]`` view of a
+    leaf: the eager call's gradient bit for bit, and zero in the sliced-off last position."""
+    base = _logits((2, 5, 40), dtype, seed=3)
+    ids = _ids((2, 4), 40, seed=5)
+    weights = torch.randn(2, 4)
+
+    def loss(fn, leaf):
+        lp, h = fn(leaf[:, :-1, :], ids)
+        return ((lp.float() + 0.5 * h.float()) * weights).sum()
+
+    compiled = torch.compile(rf.selective_log_softmax_and_entropy, backend="aot_eager",
+                             fullgraph=True)
+    grads = []
+    for fn in (compiled, rf.selective_log_softmax_and_entropy):
+        leaf = base.clone().requires_grad_()
+        loss(fn, leaf).backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert torch.count_nonzero(grads[0][:, -1, :]) == 0
+    assert torch.count_nonzero(grads[0][:, :-1, :]) > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF])
