@@ -1,6 +1,7 @@
 """The CPU kernels' vector conversions against their scalar specifications, over (nearly) every
 input, built with -march=native as the extension is, so each checks the instructions this
-machine's build uses:
+machine's build uses (the bf16 conversions also as the portable build compiles them; the other
+checks would compare the portable build's scalar functions with themselves):
 
 * csrc/cpu/simd.h's bf16 load and store (tests/cpp/simd_bf16_exhaustive.cpp): round to nearest
   even for all 2^32 floats, and each build's NaN (0x7fc0 on AVX-512);
@@ -25,11 +26,16 @@ CPP = ROOT / "tests" / "cpp"
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the check")
 
 
-def _build_and_run(name: str, tmp_path: Path) -> str:
-    """Builds tests/cpp/<name>.cpp as the extension is built (-march=native) and runs it;
+# The extension's two CPU builds (CMakeLists.txt): -march=native, and RLKERN_CPU_ARCH=portable
+# (no -march: baseline x86-64, the scalar VecF and lane policies).
+ARCHS = {"native": ["-march=native"], "portable": []}
+
+
+def _build_and_run(name: str, tmp_path: Path, arch: str) -> str:
+    """Builds tests/cpp/<name>.cpp as the extension's `arch` build is built and runs it;
     returns its output, after asserting that it built and exited 0."""
     exe = tmp_path / name
-    build = subprocess.run(["g++", "-O2", "-march=native", "-std=c++17", f"-I{ROOT / 'csrc'}",
+    build = subprocess.run(["g++", "-O2", *ARCHS[arch], "-std=c++17", f"-I{ROOT / 'csrc'}",
                             f"-I{ROOT / 'csrc' / 'include'}", str(CPP / f"{name}.cpp"), "-o",
                             str(exe)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
@@ -39,26 +45,27 @@ def _build_and_run(name: str, tmp_path: Path) -> str:
 
 
 @needs_gxx
-def test_bf16_load_and_store_match_their_specification_on_every_input(tmp_path):
-    out = _build_and_run("simd_bf16_exhaustive", tmp_path)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_bf16_load_and_store_match_their_specification_on_every_input(tmp_path, arch):
+    out = _build_and_run("simd_bf16_exhaustive", tmp_path, arch)
     assert "load mismatches 0, store mismatches 0" in out
 
 
 @needs_gxx
 def test_policy_loss_vector_exp_has_the_scalar_bits(tmp_path):
-    out = _build_and_run("policy_loss_exp_exhaustive", tmp_path)
+    out = _build_and_run("policy_loss_exp_exhaustive", tmp_path, "native")
     assert "expv mismatches 0, expv_clamped mismatches 0" in out
 
 
 @needs_gxx
 def test_vector_exp2_has_the_scalar_bits(tmp_path):
-    out = _build_and_run("exp2_exhaustive", tmp_path)
+    out = _build_and_run("exp2_exhaustive", tmp_path, "native")
     assert "exp2 checked" in out and "mismatches 0" in out
 
 
 @needs_gxx
 def test_integer_max_of_16_bit_logits_is_the_float_max(tmp_path):
-    out = _build_and_run("max_bits16_check", tmp_path)
+    out = _build_and_run("max_bits16_check", tmp_path, "native")  # the portable build has none
     if "not in this build" in out:
         pytest.skip("max_bits16 is AVX-512BW only: an AVX2 version was slower (docs/logprobs.md)")
     assert "max_bits16 cases" in out and "mismatches 0" in out
