@@ -332,7 +332,7 @@ void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
   const RowOut<O> out{static_cast<O*>(a.out.advantages), static_cast<O*>(a.out.group_mean),
                       static_cast<O*>(a.out.group_std), a.out.zero_variance};
   int64_t done = 0;  // groups written by the eight-lane path
-#if defined(__AVX512F__)
+#if defined(RLKERN_LANES8)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
     if (lanes::applies(p) && xr == nullptr) {
       const lanes::Out lo{out.adv, out.mean, out.std, out.zv};
@@ -372,7 +372,7 @@ bool compact_records(const GroupMoments* ms, int64_t count, const AdvantageParam
                      CompactRecord* rec) {
   bool ok = true;
   int64_t g0 = 0;  // groups recorded eight at a time
-#if defined(__AVX512F__)
+#if defined(RLKERN_LANES8)
   if (lanes::applies(p)) {
     for (; g0 + 8 <= count; g0 += 8) {
       const lanes::Records8 r = lanes::records8(ms + g0, p);

@@ -1,4 +1,5 @@
-// Contiguous groups eight at a time (AVX-512): group g0 + l in lane l of double vectors, for
+// Contiguous groups eight at a time (AVX-512, or AVX2 + FMA: lanes8.h): group g0 + l in lane l
+// of double vectors, for
 // the estimators whose advantage is (x − group mean) · scale (grpo, dr_grpo, rloo, gpg) on
 // float32 scores and outputs. The scalar path (advantages.cpp) summarises one group at a time:
 // a chain of dependent double additions per group, then a division and a square root, then
@@ -16,12 +17,12 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/lanes8.h"
 #include "rlkern/group_stats.h"
 
-#if defined(__AVX512F__)
+#if defined(RLKERN_LANES8)
 
-#include <immintrin.h>
-
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -35,16 +36,25 @@ inline bool applies(const AdvantageParams& p) {
          p.estimator == kGpg;
 }
 
-// The first index in [begin, end) whose value is not finite (NaN or ±inf), or -1: sixteen
+// The first index in [begin, end) whose value is not finite (NaN or ±inf), or -1: a vector of
 // floats per compare (x − x is 0 exactly for the finite ones, as score_is_valid tests).
 inline int64_t first_nonfinite(const float* x, int64_t begin, int64_t end) {
-  const __m512 zero = _mm512_setzero_ps();
   int64_t i = begin;
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps();
   for (; i + 16 <= end; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_EQ_OQ);
     if (ok != 0xffff) return i + __builtin_ctz(~uint32_t(ok));
   }
+#else
+  const __m256 zero = _mm256_setzero_ps();
+  for (; i + 8 <= end; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const int ok = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, v), zero, _CMP_EQ_OQ));
+    if (ok != 0xff) return i + __builtin_ctz(~uint32_t(ok));
+  }
+#endif
   for (; i < end; ++i)
     if (!(x[i] - x[i] == 0.0f)) return i;
   return -1;
@@ -80,102 +90,95 @@ inline void transpose8(const __m256 r[8], __m256 c[8]) {
 // What the rows of eight groups need, group g0 + l in lane l: hot_record's centre and float32
 // scale (as doubles), the float32 mean and σ, the zero-variance flags.
 struct Stats8 {
-  __m512d center, scale;
+  D8 center, scale;
   __m256 mean, sd;
-  __mmask8 zero_var;
+  M8 zero_var;
 };
 
 // hot_record for eight groups' moments (n, mean, m2 and flat = min == max, as GroupMoments
 // holds them): moments_std, group_affine's centre and scale for these estimators, the float32
 // roundings of scale, mean and σ, moments_zero_variance.
-inline Stats8 affine8(__m512d n, __m512d mean, __m512d m2, __mmask8 flat,
-                      const AdvantageParams& p) {
-  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
-  const __m512d nan = _mm512_set1_pd(std::numeric_limits<double>::quiet_NaN());
-  const __mmask8 empty = _mm512_cmp_pd_mask(n, zero, _CMP_EQ_OQ);
+inline Stats8 affine8(D8 n, D8 mean, D8 m2, M8 flat, const AdvantageParams& p) {
+  const D8 zero = lanes::zero(), one = set1(1.0);
+  const D8 nan = set1(std::numeric_limits<double>::quiet_NaN());
+  const M8 empty = cmp<_CMP_EQ_OQ>(n, zero);
   // moments_std
-  const __mmask8 small = _mm512_cmp_pd_mask(n, _mm512_set1_pd(2.0), _CMP_LT_OQ);  // n < 2
-  const __m512d denom = p.std_mode == kStdBiased ? n : _mm512_sub_pd(n, one);
-  __m512d sd = _mm512_sqrt_pd(_mm512_div_pd(m2, denom));
-  sd = _mm512_mask_mov_pd(sd, small, zero);
-  sd = _mm512_mask_mov_pd(sd, empty, nan);
-  const __mmask8 zero_var = __mmask8(flat & ~small);
+  const M8 small = cmp<_CMP_LT_OQ>(n, set1(2.0));  // n < 2
+  const D8 denom = p.std_mode == kStdBiased ? n : n - one;
+  D8 sd = lanes::sqrt(m2 / denom);
+  sd = where(small, zero, sd);
+  sd = where(empty, nan, sd);
+  const M8 zero_var = flat & ~small;
   // group_affine
-  const __mmask8 single = __mmask8(small & ~empty);
-  const __mmask8 active = __mmask8(~small | (p.singleton_verl ? single : __mmask8(0)));
-  const __m512d center = _mm512_maskz_mov_pd(__mmask8(active & ~small), mean);
-  __m512d scale = one;
+  const M8 single = small & ~empty;
+  const M8 active = ~small | (p.singleton_verl ? single : no_lanes());
+  const D8 center = zero_unless(active & ~small, mean);
+  D8 scale = one;
   if (p.estimator == kRloo) {
-    scale = _mm512_mask_div_pd(one, __mmask8(~small), n, _mm512_sub_pd(n, one));
+    scale = where(~small, n / (n - one), one);
   } else if (p.estimator == kGpg) {
-    scale = _mm512_set1_pd(p.gpg_alpha);
+    scale = set1(p.gpg_alpha);
   } else if (p.estimator == kGrpo && p.std_mode != kStdNone) {
-    const __m512d sigma = p.batch_scope ? _mm512_set1_pd(p.batch_std)
-                                        : _mm512_mask_mov_pd(sd, single, one);
-    const __m512d spread = _mm512_add_pd(sigma, _mm512_set1_pd(p.eps));
-    scale = _mm512_maskz_div_pd(_mm512_cmp_pd_mask(spread, zero, _CMP_NEQ_UQ), one, spread);
+    const D8 sigma = p.batch_scope ? set1(p.batch_std) : where(single, one, sd);
+    const D8 spread = sigma + set1(p.eps);
+    scale = zero_unless(cmp<_CMP_NEQ_UQ>(spread, zero), one / spread);
   }
-  scale = _mm512_maskz_mov_pd(active, scale);
+  scale = zero_unless(active, scale);
   // hot_record's float32 values
-  return {center, _mm512_cvtps_pd(_mm512_cvtpd_ps(scale)), _mm512_cvtpd_ps(mean),
-          _mm512_cvtpd_ps(sd), zero_var};
+  return {center, widen(narrow(scale)), narrow(mean), narrow(sd), zero_var};
 }
 
 // What the ids path's compact pass (advantages.cpp) records of eight groups ms[0 .. 8) whose
 // moments are also those of the values normalised: the double mean (the record's centre),
 // hot_record's float32 scale and σ, the zero-variance flags, and which groups are centred on
-// their mean (compact_pass's test: empty, scale 0, or centre == mean). Vector divisions and
-// square roots: the scalar loop spent ~9 ns a group on them.
+// their mean (compact_pass's test: empty, scale 0, or centre == mean), bit l for group l. Vector
+// divisions and square roots: the scalar loop spent ~9 ns a group on them.
 struct Records8 {
   alignas(64) double mean[8];
   alignas(32) float scale[8];
   alignas(32) float sd[8];
-  __mmask8 zero_var, centred;
+  uint8_t zero_var, centred;
 };
 
 inline Records8 records8(const GroupMoments* ms, const AdvantageParams& p) {
   static_assert(sizeof(GroupMoments) == 5 * sizeof(double), "GroupMoments: five doubles");
   const __m256i at = _mm256_setr_epi32(0, 5, 10, 15, 20, 25, 30, 35);  // group l, in doubles
   const double* base = &ms[0].n;
-  const __m512d n = _mm512_i32gather_pd(at, base + 0, 8);
-  const __m512d mean = _mm512_i32gather_pd(at, base + 1, 8);
-  const __m512d m2 = _mm512_i32gather_pd(at, base + 2, 8);
-  const __mmask8 flat = _mm512_cmp_pd_mask(_mm512_i32gather_pd(at, base + 3, 8),
-                                           _mm512_i32gather_pd(at, base + 4, 8), _CMP_EQ_OQ);
+  const D8 n = gather(base + 0, at), mean = gather(base + 1, at), m2 = gather(base + 2, at);
+  const M8 flat = cmp<_CMP_EQ_OQ>(gather(base + 3, at), gather(base + 4, at));
   const Stats8 st = affine8(n, mean, m2, flat, p);
   Records8 r;
-  _mm512_store_pd(r.mean, mean);
-  _mm256_store_ps(r.scale, _mm512_cvtpd_ps(st.scale));
+  store(r.mean, mean);
+  _mm256_store_ps(r.scale, narrow(st.scale));
   _mm256_store_ps(r.sd, st.sd);
-  r.zero_var = st.zero_var;
-  r.centred = __mmask8(_mm512_cmp_pd_mask(n, _mm512_setzero_pd(), _CMP_EQ_OQ) |
-                       _mm512_cmp_pd_mask(st.scale, _mm512_setzero_pd(), _CMP_EQ_OQ) |
-                       _mm512_cmp_pd_mask(st.center, mean, _CMP_EQ_OQ));
+  r.zero_var = bits(st.zero_var);
+  r.centred = bits(cmp<_CMP_EQ_OQ>(n, lanes::zero()) | cmp<_CMP_EQ_OQ>(st.scale, lanes::zero()) |
+                   cmp<_CMP_EQ_OQ>(st.center, mean));
   return r;
 }
 
 // The statistics of groups [g0, g0 + 8) of the scores `s` (the batch's first row at s[0]).
 inline Stats8 stats8(const float* s, int64_t g0, int64_t gs, const AdvantageParams& p) {
-  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
-  const __m512d nan = _mm512_set1_pd(std::numeric_limits<double>::quiet_NaN());
+  const D8 zero = lanes::zero(), one = set1(1.0);
+  const D8 nan = set1(std::numeric_limits<double>::quiet_NaN());
   const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                          _mm256_set1_epi32(int32_t(gs)));
   const float* first = s + g0 * gs;
   // shifted_push, lane by lane: row j of the eight groups per step.
-  __m512d n = zero, shift = zero, s1 = zero, s2 = zero;
-  __m512d mn = _mm512_set1_pd(INFINITY), mx = _mm512_set1_pd(-INFINITY);
-  __mmask8 seen = 0;
+  D8 n = zero, shift = zero, s1 = zero, s2 = zero;
+  D8 mn = set1(INFINITY), mx = set1(-INFINITY);
+  M8 seen = no_lanes();
   auto push = [&](__m256 row_j) {
-    const __m512d x = _mm512_cvtps_pd(row_j);
-    const __mmask8 v = _mm512_cmp_pd_mask(_mm512_sub_pd(x, x), zero, _CMP_EQ_OQ);  // finite
-    shift = _mm512_mask_mov_pd(shift, __mmask8(v & ~seen), x);
-    seen = __mmask8(seen | v);
-    const __m512d d = _mm512_sub_pd(x, shift);
-    n = _mm512_mask_add_pd(n, v, n, one);
-    s1 = _mm512_mask_add_pd(s1, v, s1, d);
-    s2 = _mm512_mask3_fmadd_pd(d, d, s2, v);
-    mn = _mm512_mask_min_pd(mn, v, x, mn);  // x < min ? x : min
-    mx = _mm512_mask_max_pd(mx, v, x, mx);  // x > max ? x : max
+    const D8 x = widen(row_j);
+    const M8 v = cmp<_CMP_EQ_OQ>(x - x, zero);  // finite
+    shift = where(v & ~seen, x, shift);
+    seen = seen | v;
+    const D8 d = x - shift;
+    n = where_add(v, n, one);
+    s1 = where_add(v, s1, d);
+    s2 = where_fmadd(v, d, d, s2);
+    mn = where_min(v, x, mn);  // x < min ? x : min
+    mx = where_max(v, x, mx);  // x > max ? x : max
   };
   if (gs % 8 == 0) {
     // Eight rows of the eight groups at a time: eight contiguous loads and an 8×8 transpose
@@ -191,40 +194,40 @@ inline Stats8 stats8(const float* s, int64_t g0, int64_t gs, const AdvantagePara
     for (int64_t j = 0; j < gs; ++j) push(_mm256_i32gather_ps(first + j, idx, 4));
   }
   // shifted_moments
-  const __mmask8 empty = _mm512_cmp_pd_mask(n, zero, _CMP_EQ_OQ);
-  const __mmask8 flat = _mm512_cmp_pd_mask(mn, mx, _CMP_EQ_OQ);  // never for an empty group
-  const __m512d q = _mm512_div_pd(s1, n);
-  __m512d mean = _mm512_mask_mov_pd(_mm512_add_pd(shift, q), flat, mn);
-  mean = _mm512_mask_mov_pd(mean, empty, nan);
-  __m512d m2 = _mm512_fnmadd_pd(s1, q, s2);
-  m2 = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(m2, zero, _CMP_GT_OQ), m2);  // NaN → 0 too
-  m2 = _mm512_mask_mov_pd(m2, __mmask8(flat | empty), zero);
+  const M8 empty = cmp<_CMP_EQ_OQ>(n, zero);
+  const M8 flat = cmp<_CMP_EQ_OQ>(mn, mx);  // never for an empty group
+  const D8 q = s1 / n;
+  D8 mean = where(flat, mn, shift + q);
+  mean = where(empty, nan, mean);
+  D8 m2 = fnmadd(s1, q, s2);
+  m2 = zero_unless(cmp<_CMP_GT_OQ>(m2, zero), m2);  // NaN → 0 too
+  m2 = where(flat | empty, zero, m2);
   return affine8(n, mean, m2, flat, p);
 }
 
 // The rows of groups [g0, g0 + 8): A = (x − center) · scale, and each group's mean, σ and
 // zero-variance flag.
 inline void write8(const float* s, int64_t g0, int64_t gs, const Stats8& st, const Out& out) {
-  const __m512d zero = _mm512_setzero_pd();
+  const D8 zero = lanes::zero();
   alignas(64) double c_l[8], sc_l[8];
   alignas(32) float mean_l[8], sd_l[8];
-  _mm512_store_pd(c_l, st.center);
-  _mm512_store_pd(sc_l, st.scale);
+  store(c_l, st.center);
+  store(sc_l, st.scale);
   _mm256_store_ps(mean_l, st.mean);
   _mm256_store_ps(sd_l, st.sd);
+  const uint8_t zero_var = bits(st.zero_var);
   for (int l = 0; l < 8; ++l) {
     const int64_t begin = (g0 + l) * gs;
-    const __m512d c = _mm512_set1_pd(c_l[l]), sc = _mm512_set1_pd(sc_l[l]);
+    const D8 c = set1(c_l[l]), sc = set1(sc_l[l]);
     const __m256 mean_v = _mm256_set1_ps(mean_l[l]), sd_v = _mm256_set1_ps(sd_l[l]);
     if (gs % 8 == 0) {
       // Whole vectors and 8-byte flag stores, cheaper than the masked stores and the memset
       // call per group below.
-      const uint64_t zv8 = ((st.zero_var >> l) & 1) ? 0x0101010101010101ull : 0;
+      const uint64_t zv8 = ((zero_var >> l) & 1) ? 0x0101010101010101ull : 0;
       for (int64_t i = begin; i < begin + gs; i += 8) {
-        const __m512d x = _mm512_cvtps_pd(_mm256_loadu_ps(s + i));
-        const __mmask8 v = _mm512_cmp_pd_mask(_mm512_sub_pd(x, x), zero, _CMP_EQ_OQ);
-        const __m512d a = _mm512_maskz_mul_pd(v, _mm512_sub_pd(x, c), sc);
-        _mm256_storeu_ps(out.adv + i, _mm512_cvtpd_ps(a));
+        const D8 x = widen(_mm256_loadu_ps(s + i));
+        const D8 a = zero_unless(cmp<_CMP_EQ_OQ>(x - x, zero), (x - c) * sc);
+        _mm256_storeu_ps(out.adv + i, narrow(a));
         _mm256_storeu_ps(out.mean + i, mean_v);
         _mm256_storeu_ps(out.std + i, sd_v);
         std::memcpy(out.zv + i, &zv8, 8);
@@ -232,16 +235,15 @@ inline void write8(const float* s, int64_t g0, int64_t gs, const Stats8& st, con
       continue;
     }
     for (int64_t j = 0; j < gs; j += 8) {
-      const __mmask8 m = gs - j >= 8 ? __mmask8(0xff) : __mmask8((1u << (gs - j)) - 1u);
+      const int64_t m = std::min<int64_t>(8, gs - j);
       const int64_t i = begin + j;
-      const __m512d x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, s + i));
-      const __mmask8 v = _mm512_cmp_pd_mask(_mm512_sub_pd(x, x), zero, _CMP_EQ_OQ);
-      const __m512d a = _mm512_maskz_mul_pd(v, _mm512_sub_pd(x, c), sc);
-      _mm256_mask_storeu_ps(out.adv + i, m, _mm512_cvtpd_ps(a));
-      _mm256_mask_storeu_ps(out.mean + i, m, mean_v);
-      _mm256_mask_storeu_ps(out.std + i, m, sd_v);
+      const D8 x = widen(load_first(s + i, m));
+      const D8 a = zero_unless(cmp<_CMP_EQ_OQ>(x - x, zero), (x - c) * sc);
+      store_first(out.adv + i, m, narrow(a));
+      store_first(out.mean + i, m, mean_v);
+      store_first(out.std + i, m, sd_v);
     }
-    std::memset(out.zv + begin, (st.zero_var >> l) & 1, size_t(gs));
+    std::memset(out.zv + begin, (zero_var >> l) & 1, size_t(gs));
   }
 }
 
@@ -263,15 +265,15 @@ inline void contiguous_blocks(const float* s, int64_t b, int64_t e, int64_t gs,
 
 }  // namespace rlkern::cpu::lanes
 
-#endif  // __AVX512F__
+#endif  // RLKERN_LANES8
 
 namespace rlkern::cpu {
 
 // The first index in [begin, end) whose value fails score_is_valid (NaN or ±inf), or -1:
-// float32 sixteen at a time with AVX-512 (a scalar loop with an early exit does not vectorise).
+// float32 a vector at a time (a scalar loop with an early exit does not vectorise).
 template <typename T>
 int64_t first_nonfinite_in(const T* x, int64_t begin, int64_t end) {
-#if defined(__AVX512F__)
+#if defined(RLKERN_LANES8)
   if constexpr (std::is_same_v<T, float>) return lanes::first_nonfinite(x, begin, end);
 #endif
   for (int64_t i = begin; i < end; ++i)
