@@ -169,11 +169,12 @@ def test_linear_grpo_loss_with_filters_is_the_composition(cfg):
 
 
 def test_linear_grpo_loss_filters_off_equal_the_fused_loss():
-    """top_k = V keeps every token: the composition gives the one-pass loss (to the CPU
-    truncated kernel's float64 rounding)."""
+    """top_k = V keeps every token: the composition gives the one-pass loss, to the truncated
+    kernel's precision (it works in the sampler's fp32 arithmetic for float64 logits too, so
+    its log-probs are ~1e-7 from the float64 ones; docs/sampling.md)."""
     h, w, y, mask, adv, old = _loss_inputs()
     y = y.masked_fill(~mask, 0)
     a = rlkern.linear_grpo_loss(h, w, y, mask, adv, old_logprobs=old, top_k=w.shape[0],
                                 backend="cpu")
     b = rlkern.linear_grpo_loss(h, w, y, mask, adv, old_logprobs=old, backend="cpu")
-    torch.testing.assert_close(a.loss, b.loss, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-9)
