@@ -53,6 +53,36 @@ def swap_import(text: str) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.parametrize("slow", [None, 25.0])
+def test_upstream_conftest_collects_with_fast_or_slow_bf16(monkeypatch, slow):
+    """The upstream run's conftest on a CPU whose bf16 matmuls are fast (``None``: nothing is
+    skipped) and on one where they are slow: its collection hook runs either way."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("liger_upstream_conftest",
+                                                  UPSTREAM / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    monkeypatch.setattr(conftest, "_slow_bf16_matmul", lambda: slow)
+    monkeypatch.setattr(conftest, "_large_bf16", lambda item: True)
+
+    class Item:
+        name = "test_other[bf16]"
+
+        def __init__(self):
+            self.markers = []
+
+        def add_marker(self, marker):
+            self.markers.append(marker)
+
+    items = [Item()]
+    conftest.pytest_collection_modifyitems(None, items)
+    skips = [m for m in items[0].markers if m.name == "skip"]
+    assert len(skips) == (0 if slow is None else 1)
+    if slow is not None:
+        assert "25x slower" in skips[0].kwargs["reason"]
+
+
 def test_swap_import_changes_one_line():
     text = "import torch\n" + LIGER_IMPORT + "\nx = LigerFusedLinearGRPOLoss\n"
     swapped = swap_import(text)

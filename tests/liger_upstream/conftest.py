@@ -99,8 +99,10 @@ def _large_bf16(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     full = os.environ.get("RLKERN_LIGER_UPSTREAM", "") == "full"
     slow = _slow_bf16_matmul() if any(_large_bf16(item) for item in items) else None
-    slow_reason = (f"bf16 matmuls are {slow:.0f}x slower than float32 on this CPU (no oneDNN "
-                   "bf16 kernels): a large bf16 case takes ~1 min; its float32 twin runs")
+    # (only formatted where slow: on a CPU with fast bf16 matmuls `slow` is None)
+    slow_reason = "" if slow is None else (
+        f"bf16 matmuls are {slow:.0f}x slower than float32 on this CPU (no oneDNN bf16 "
+        "kernels): a large bf16 case takes ~1 min; its float32 twin runs")
     kept, dropped, seen = [], [], 0
     for item in items:
         name, _, params = item.name.partition("[")
