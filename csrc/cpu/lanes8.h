@@ -29,6 +29,7 @@ inline D8 operator*(D8 a, D8 b) { return {_mm512_mul_pd(a.v, b.v)}; }
 inline D8 operator/(D8 a, D8 b) { return {_mm512_div_pd(a.v, b.v)}; }
 inline D8 sqrt(D8 a) { return {_mm512_sqrt_pd(a.v)}; }
 inline D8 fnmadd(D8 a, D8 b, D8 c) { return {_mm512_fnmadd_pd(a.v, b.v, c.v)}; }  // c − a·b
+inline D8 fmadd(D8 a, D8 b, D8 c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }  // a·b + c
 template <int kPred>
 inline M8 cmp(D8 a, D8 b) { return {_mm512_cmp_pd_mask(a.v, b.v, kPred)}; }
 inline M8 operator&(M8 a, M8 b) { return {__mmask8(a.k & b.k)}; }
@@ -79,6 +80,9 @@ inline D8 sqrt(D8 a) { return {_mm256_sqrt_pd(a.lo), _mm256_sqrt_pd(a.hi)}; }
 inline D8 fnmadd(D8 a, D8 b, D8 c) {
   return {_mm256_fnmadd_pd(a.lo, b.lo, c.lo), _mm256_fnmadd_pd(a.hi, b.hi, c.hi)};
 }
+inline D8 fmadd(D8 a, D8 b, D8 c) {
+  return {_mm256_fmadd_pd(a.lo, b.lo, c.lo), _mm256_fmadd_pd(a.hi, b.hi, c.hi)};
+}
 template <int kPred>
 inline M8 cmp(D8 a, D8 b) {
   return {_mm256_cmp_pd(a.lo, b.lo, kPred), _mm256_cmp_pd(a.hi, b.hi, kPred)};
@@ -98,10 +102,7 @@ inline D8 where(M8 m, D8 a, D8 b) {
 }
 inline D8 zero_unless(M8 m, D8 a) { return {_mm256_and_pd(a.lo, m.lo), _mm256_and_pd(a.hi, m.hi)}; }
 inline D8 where_add(M8 m, D8 acc, D8 b) { return where(m, acc + b, acc); }
-inline D8 where_fmadd(M8 m, D8 a, D8 b, D8 acc) {
-  return where(m, D8{_mm256_fmadd_pd(a.lo, b.lo, acc.lo), _mm256_fmadd_pd(a.hi, b.hi, acc.hi)},
-               acc);
-}
+inline D8 where_fmadd(M8 m, D8 a, D8 b, D8 acc) { return where(m, fmadd(a, b, acc), acc); }
 inline D8 where_min(M8 m, D8 x, D8 acc) {
   return where(m, D8{_mm256_min_pd(x.lo, acc.lo), _mm256_min_pd(x.hi, acc.hi)}, acc);
 }

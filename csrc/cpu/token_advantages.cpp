@@ -286,9 +286,24 @@ inline __m512d spread_normalised8(__m512d x, __m512i lo, __m512i hi) {
   return _mm512_maskz_div_pd(live, _mm512_sub_pd(x, mean), spread);
 }
 
+#elif defined(RLKERN_LANES8)
+// The same on AVX2 (lanes8.h): the records' two fields gathered by the rows' group numbers
+// (x − mean, then one vector division for eight rows).
+inline lanes::D8 spread_normalised8(lanes::D8 x, const SpreadRecord* rec, const int32_t* rg) {
+  using namespace lanes;
+  static_assert(sizeof(SpreadRecord) == 2 * sizeof(double), "SpreadRecord: two doubles");
+  // group g's mean at double 2g, its spread at 2g + 1
+  const __m256i at = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rg)), 1);
+  const double* base = &rec[0].mean;
+  const D8 mean = gather(base, at), spread = gather(base + 1, at);
+  const M8 live = cmp<_CMP_NEQ_UQ>(spread, lanes::zero()) &
+                  cmp<_CMP_NEQ_UQ>(spread, set1(std::numeric_limits<double>::infinity()));
+  return zero_unless(live, (x - mean) / spread);
+}
 #endif
 
-// Rows [begin, end) of GiGPO's outputs, the same formula eight rows at a time with AVX-512.
+// Rows [begin, end) of GiGPO's outputs, the same formula eight rows at a time with AVX-512 or
+// AVX2 + FMA.
 void gigpo_rows(const GigpoArgs& a, const int32_t* rg_ep, const SpreadRecord* rec_ep,
                 const int32_t* rg_st, const SpreadRecord* rec_st, int64_t begin, int64_t end) {
   int64_t i = begin;
@@ -309,6 +324,21 @@ void gigpo_rows(const GigpoArgs& a, const int32_t* rg_ep, const SpreadRecord* re
     _mm256_storeu_ps(adv_ep + i, _mm512_cvtpd_ps(e));
     _mm256_storeu_ps(adv_st + i, _mm512_cvtpd_ps(s));
     _mm256_storeu_ps(adv + i, _mm512_cvtpd_ps(_mm512_fmadd_pd(omega, s, e)));
+  }
+#elif defined(RLKERN_LANES8)
+  using namespace lanes;
+  const float* ep = static_cast<const float*>(a.episode_returns);
+  const float* st = static_cast<const float*>(a.step_returns);
+  float* adv = static_cast<float*>(a.advantages);
+  float* adv_ep = static_cast<float*>(a.episode_advantages);
+  float* adv_st = static_cast<float*>(a.step_advantages);
+  const D8 omega = set1(a.omega);
+  for (; i + 8 <= end; i += 8) {
+    const D8 e = spread_normalised8(widen(_mm256_loadu_ps(ep + i)), rec_ep, rg_ep + i);
+    const D8 s = spread_normalised8(widen(_mm256_loadu_ps(st + i)), rec_st, rg_st + i);
+    _mm256_storeu_ps(adv_ep + i, narrow(e));
+    _mm256_storeu_ps(adv_st + i, narrow(s));
+    _mm256_storeu_ps(adv + i, narrow(fmadd(omega, s, e)));  // omega_sum's one rounding
   }
 #endif
   for (; i < end; ++i) gigpo_row(a, rg_ep, rec_ep, rg_st, rec_st, i);
