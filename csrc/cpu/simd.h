@@ -406,44 +406,97 @@ struct VecF {
   }
 };
 
-#else  // portable scalar fallback: the same math, one lane
+#else  // portable fallback: the AVX2 build's eight lanes as an array, lane by lane
 
+// Eight lanes, so that the portable build sums in the AVX2 build's order (eight partial sums,
+// reduce_add's tree), not along one chain: one chain of 4,096 float additions a block is
+// several times less accurate. The compiler vectorises the loops where the target allows.
 struct VecF {
-  static constexpr int size = 1;
-  float v;
-  static VecF set1(float x) { return {x}; }
-  static VecF load(const float* p) { return {*p}; }
-  static VecF load(const uint16_t* p, BF16) { return {bf16_to_float(*p)}; }
-  static VecF load(const uint16_t* p, F16) { return {f16_to_float(*p)}; }
-  static VecF load(const float* p, F32) { return {*p}; }
-  void store(float* p, F32) const { *p = v; }
-  void store(uint16_t* p, F16) const { *p = float_to_f16(v); }
-  void store(uint16_t* p, BF16) const { *p = float_to_bf16(v); }
-  friend VecF operator+(VecF a, VecF b) { return {a.v + b.v}; }
-  friend VecF operator-(VecF a, VecF b) { return {a.v - b.v}; }
-  friend VecF operator*(VecF a, VecF b) { return {a.v * b.v}; }
-  static VecF fma(VecF a, VecF b, VecF c) { return {std::fma(a.v, b.v, c.v)}; }
-  static VecF fms(VecF a, VecF b, VecF c) { return {std::fma(a.v, b.v, -c.v)}; }
-  static VecF fnma(VecF a, VecF b, VecF c) { return {std::fma(-a.v, b.v, c.v)}; }
-  static VecF max(VecF a, VecF b) { return {std::isnan(b.v) ? b.v : std::fmax(a.v, b.v)}; }
-  static VecF zero_where_neginf(VecF a, VecF keep) {
-    return {keep.v == -std::numeric_limits<float>::infinity() ? 0.0f : a.v};
+  static constexpr int size = 8;
+  float v[8];
+  template <typename F>
+  static VecF map(F f) {
+    VecF r;
+    for (int i = 0; i < size; ++i) r.v[i] = f(i);
+    return r;
   }
-  static VecF exp2(VecF x) { return {exp2_scalar(x.v)}; }
-  uint32_t ge_mask(VecF t) const { return v >= t.v ? 1u : 0u; }
-  static VecF keep_ge(VecF a, VecF t) { return {a.v >= t.v ? a.v : 0.0f}; }
+  static VecF set1(float x) { return map([&](int) { return x; }); }
+  static VecF load(const float* p) { return map([&](int i) { return p[i]; }); }
+  static VecF load(const uint16_t* p, BF16) {
+    return map([&](int i) { return bf16_to_float(p[i]); });
+  }
+  static VecF load(const uint16_t* p, F16) {
+    return map([&](int i) { return f16_to_float(p[i]); });
+  }
+  static VecF load(const float* p, F32) { return load(p); }
+  void store(float* p, F32) const {
+    for (int i = 0; i < size; ++i) p[i] = v[i];
+  }
+  void store(uint16_t* p, F16) const {
+    for (int i = 0; i < size; ++i) p[i] = float_to_f16(v[i]);
+  }
+  void store(uint16_t* p, BF16) const {
+    for (int i = 0; i < size; ++i) p[i] = float_to_bf16(v[i]);
+  }
+  friend VecF operator+(VecF a, VecF b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
+  friend VecF operator-(VecF a, VecF b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
+  friend VecF operator*(VecF a, VecF b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
+  static VecF fma(VecF a, VecF b, VecF c) {
+    return map([&](int i) { return std::fma(a.v[i], b.v[i], c.v[i]); });
+  }
+  static VecF fms(VecF a, VecF b, VecF c) {
+    return map([&](int i) { return std::fma(a.v[i], b.v[i], -c.v[i]); });
+  }
+  static VecF fnma(VecF a, VecF b, VecF c) {
+    return map([&](int i) { return std::fma(-a.v[i], b.v[i], c.v[i]); });
+  }
+  // x86's max: a > b ? a : b, so b when either is NaN (callers pass the data as b)
+  static float max1(float a, float b) { return a > b ? a : b; }
+  static VecF max(VecF a, VecF b) { return map([&](int i) { return max1(a.v[i], b.v[i]); }); }
+  static VecF zero_where_neginf(VecF a, VecF keep) {
+    return map([&](int i) {
+      return keep.v[i] == -std::numeric_limits<float>::infinity() ? 0.0f : a.v[i];
+    });
+  }
+  static constexpr bool exp2_takes_any_finite = true;  // exp2_scalar clamps
+  static VecF exp2(VecF x) { return map([&](int i) { return exp2_scalar(x.v[i]); }); }
+  uint32_t ge_mask(VecF t) const {
+    uint32_t m = 0;
+    for (int i = 0; i < size; ++i) m |= uint32_t(v[i] >= t.v[i]) << i;
+    return m;
+  }
+  static VecF keep_ge(VecF a, VecF t) {
+    return map([&](int i) { return a.v[i] >= t.v[i] ? a.v[i] : 0.0f; });
+  }
   int compress_ge(VecF t, int32_t base, int32_t* iout, float* vout) const {
-    iout[0] = base;
-    vout[0] = v;
-    return v >= t.v ? 1 : 0;
+    int n = 0;
+    for (int i = 0; i < size; ++i)
+      if (v[i] >= t.v[i]) {
+        iout[n] = base + i;
+        vout[n++] = v[i];
+      }
+    return n;
   }
   int compress_ge_ids(VecF t, const int32_t* ids, int32_t* iout, float* vout) const {
-    iout[0] = ids[0];
-    vout[0] = v;
-    return v >= t.v ? 1 : 0;
+    int n = 0;
+    for (int i = 0; i < size; ++i)
+      if (v[i] >= t.v[i]) {
+        iout[n] = ids[i];
+        vout[n++] = v[i];
+      }
+    return n;
   }
-  float reduce_add() const { return v; }
-  float reduce_max() const { return v; }
+  // The AVX2 build's trees: lanes i and i + 4, then i and i + 2, then the two left.
+  float reduce_add() const {
+    float h[4];
+    for (int i = 0; i < 4; ++i) h[i] = v[i] + v[i + 4];
+    return (h[0] + h[2]) + (h[1] + h[3]);
+  }
+  float reduce_max() const {
+    float h[4];
+    for (int i = 0; i < 4; ++i) h[i] = max1(v[i], v[i + 4]);
+    return max1(max1(h[0], h[2]), max1(h[1], h[3]));
+  }
 };
 
 #endif
