@@ -30,16 +30,22 @@ struct F32 {
   using storage = float;
 };
 
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = uint32_t(h) << 16;
+// A float's bit pattern, and the float of a bit pattern.
+inline uint32_t float_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+inline float bits_float(uint32_t b) {
   float f;
-  std::memcpy(&f, &bits, 4);
+  std::memcpy(&f, &b, 4);
   return f;
 }
 
+inline float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+
 inline uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
+  uint32_t bits = float_bits(f);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);  // quiet NaN
   bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
   return uint16_t(bits >> 16);
@@ -66,17 +72,14 @@ inline float f16_to_float(uint16_t h) {
   } else {
     bits = sign | (exp + 112u) << 23 | man << 13;
   }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return bits_float(bits);
 }
 
 inline uint16_t float_to_f16(float f) {
 #if defined(__F16C__)
   return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 #else
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
+  const uint32_t bits = float_bits(f);
   const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
   const uint32_t abs = bits & 0x7fffffffu;
   if (abs > 0x7f800000u) return sign | 0x7e00u;
@@ -458,7 +461,6 @@ struct VecF {
       return keep.v[i] == -std::numeric_limits<float>::infinity() ? 0.0f : a.v[i];
     });
   }
-  static constexpr bool exp2_takes_any_finite = true;  // exp2_scalar clamps
   static VecF exp2(VecF x) { return map([&](int i) { return exp2_scalar(x.v[i]); }); }
   uint32_t ge_mask(VecF t) const {
     uint32_t m = 0;

@@ -270,35 +270,35 @@ void gigpo_row(const GigpoArgs& a, const int32_t* rg_ep, const SpreadRecord* rec
   static_cast<float*>(a.advantages)[i] = float(omega_sum(e, a.omega, s));
 }
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-// (x − mean) / spread for the eight rows of x (doubles) whose records are the eight 16-byte
-// records in lo (rows 0–3) and hi (rows 4–7); 0 where spread is 0 or +inf. Eight divisions in
-// one instruction: the scalar loop spent most of its time in its two divisions a row.
-inline __m512d spread_normalised8(__m512d x, __m512i lo, __m512i hi) {
-  const __m512i even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
-  const __m512d mean = _mm512_castsi512_pd(_mm512_permutex2var_epi64(lo, even, hi));
-  const __m512d spread = _mm512_castsi512_pd(_mm512_permutex2var_epi64(lo, odd, hi));
-  const __mmask8 live =
-      _mm512_cmp_pd_mask(spread, _mm512_setzero_pd(), _CMP_NEQ_UQ) &
-      _mm512_cmp_pd_mask(spread, _mm512_set1_pd(std::numeric_limits<double>::infinity()),
-                         _CMP_NEQ_UQ);
-  return _mm512_maskz_div_pd(live, _mm512_sub_pd(x, mean), spread);
-}
-
-#elif defined(RLKERN_LANES8)
-// The same on AVX2 (lanes8.h): the records' two fields gathered by the rows' group numbers
-// (x − mean, then one vector division for eight rows).
-inline lanes::D8 spread_normalised8(lanes::D8 x, const SpreadRecord* rec, const int32_t* rg) {
+#if defined(RLKERN_LANES8)
+// spread_normalised for eight rows: (x − mean) / spread, 0 where spread is 0 or +inf. Eight
+// divisions in one instruction (two on AVX2): the scalar loop spent most of its time in its
+// two divisions a row.
+inline lanes::D8 spread_normalised8(lanes::D8 x, lanes::D8 mean, lanes::D8 spread) {
   using namespace lanes;
-  static_assert(sizeof(SpreadRecord) == 2 * sizeof(double), "SpreadRecord: two doubles");
-  // group g's mean at double 2g, its spread at 2g + 1
-  const __m256i at = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rg)), 1);
-  const double* base = &rec[0].mean;
-  const D8 mean = gather(base, at), spread = gather(base + 1, at);
   const M8 live = cmp<_CMP_NEQ_UQ>(spread, lanes::zero()) &
                   cmp<_CMP_NEQ_UQ>(spread, set1(std::numeric_limits<double>::infinity()));
   return zero_unless(live, (x - mean) / spread);
+}
+
+// The records of rows i .. i + 7 (rec[rg[i + l]] in lane l), their means and spreads.
+inline void spread_records8(const SpreadRecord* rec, const int32_t* rg, int64_t i,
+                            lanes::D8& mean, lanes::D8& spread) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  // four 16-byte records to a vector (records4), then the fields apart by two permutes
+  const __m512i lo = records4(rec, GroupArray{rg}, i), hi = records4(rec, GroupArray{rg}, i + 4);
+  mean.v = _mm512_castsi512_pd(
+      _mm512_permutex2var_epi64(lo, _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0), hi));
+  spread.v = _mm512_castsi512_pd(
+      _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1), hi));
+#else
+  // gathered by the group numbers: group g's mean at double 2g, its spread at 2g + 1
+  static_assert(sizeof(SpreadRecord) == 2 * sizeof(double), "SpreadRecord: two doubles");
+  const __m256i at =
+      _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rg + i)), 1);
+  mean = lanes::gather(&rec[0].mean, at);
+  spread = lanes::gather(&rec[0].spread, at);
+#endif
 }
 #endif
 
@@ -307,25 +307,7 @@ inline lanes::D8 spread_normalised8(lanes::D8 x, const SpreadRecord* rec, const 
 void gigpo_rows(const GigpoArgs& a, const int32_t* rg_ep, const SpreadRecord* rec_ep,
                 const int32_t* rg_st, const SpreadRecord* rec_st, int64_t begin, int64_t end) {
   int64_t i = begin;
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-  const float* ep = static_cast<const float*>(a.episode_returns);
-  const float* st = static_cast<const float*>(a.step_returns);
-  float* adv = static_cast<float*>(a.advantages);
-  float* adv_ep = static_cast<float*>(a.episode_advantages);
-  float* adv_st = static_cast<float*>(a.step_advantages);
-  const __m512d omega = _mm512_set1_pd(a.omega);
-  for (; i + 8 <= end; i += 8) {
-    const __m512d e = spread_normalised8(_mm512_cvtps_pd(_mm256_loadu_ps(ep + i)),
-                                         records4(rec_ep, GroupArray{rg_ep}, i),
-                                         records4(rec_ep, GroupArray{rg_ep}, i + 4));
-    const __m512d s = spread_normalised8(_mm512_cvtps_pd(_mm256_loadu_ps(st + i)),
-                                         records4(rec_st, GroupArray{rg_st}, i),
-                                         records4(rec_st, GroupArray{rg_st}, i + 4));
-    _mm256_storeu_ps(adv_ep + i, _mm512_cvtpd_ps(e));
-    _mm256_storeu_ps(adv_st + i, _mm512_cvtpd_ps(s));
-    _mm256_storeu_ps(adv + i, _mm512_cvtpd_ps(_mm512_fmadd_pd(omega, s, e)));
-  }
-#elif defined(RLKERN_LANES8)
+#if defined(RLKERN_LANES8)
   using namespace lanes;
   const float* ep = static_cast<const float*>(a.episode_returns);
   const float* st = static_cast<const float*>(a.step_returns);
@@ -334,8 +316,11 @@ void gigpo_rows(const GigpoArgs& a, const int32_t* rg_ep, const SpreadRecord* re
   float* adv_st = static_cast<float*>(a.step_advantages);
   const D8 omega = set1(a.omega);
   for (; i + 8 <= end; i += 8) {
-    const D8 e = spread_normalised8(widen(_mm256_loadu_ps(ep + i)), rec_ep, rg_ep + i);
-    const D8 s = spread_normalised8(widen(_mm256_loadu_ps(st + i)), rec_st, rg_st + i);
+    D8 mean, spread;
+    spread_records8(rec_ep, rg_ep, i, mean, spread);
+    const D8 e = spread_normalised8(widen(_mm256_loadu_ps(ep + i)), mean, spread);
+    spread_records8(rec_st, rg_st, i, mean, spread);
+    const D8 s = spread_normalised8(widen(_mm256_loadu_ps(st + i)), mean, spread);
     _mm256_storeu_ps(adv_ep + i, narrow(e));
     _mm256_storeu_ps(adv_st + i, narrow(s));
     _mm256_storeu_ps(adv + i, narrow(fmadd(omega, s, e)));  // omega_sum's one rounding
