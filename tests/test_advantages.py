@@ -351,14 +351,19 @@ def test_ids_path_matches_contiguous_bitwise(estimator, std, options, size):
     at a time, the compact row pass) against the contiguous path (groups summarised eight at a
     time in vector lanes, or one at a time) on the same groups, each group's rows in the same
     order: bitwise the same outputs, for every option of the estimators centred on the mean.
-    Groups of 8 (zero-variance groups, NaN rows under nan_policy="omit") and singletons."""
+    Groups of 8 (zero-variance groups, NaN and ±inf rows under nan_policy="omit") and
+    singletons."""
     k = 4099 if size == 8 else 30_011  # not a multiple of 8: the scalar tails too
     gen = torch.Generator().manual_seed(k + size)
     n = k * size
     scores = torch.randint(0, 4, (n,), generator=gen).float() * 0.3
     scores[: 8 * size] = 1.5  # zero-variance groups
     if options.get("nan_policy") == "omit":
-        scores[torch.rand(n, generator=gen) < 0.05] = math.nan
+        # NaN and ±inf: the ids path's vector filter drops every non-finite row
+        u = torch.rand(n, generator=gen)
+        scores[u < 0.05] = math.nan
+        scores[(u >= 0.05) & (u < 0.07)] = math.inf
+        scores[(u >= 0.07) & (u < 0.09)] = -math.inf
     contiguous = rlkern.group_advantages(scores, group_size=size, estimator=estimator, std=std,
                                          **options)
     # Row r of the ids layout is row j of group g, r = j·k + g: the groups interleave, each

@@ -23,16 +23,18 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
+#include "cpu/compress_avx2.h"
 #include "cpu/group_index.h"
 #include "cpu/workspace.h"
 #include "rlkern/group_stats.h"
@@ -78,6 +80,25 @@ int64_t select_chunk_rows(const float* x, const Groups& rg, int64_t begin, int64
     _mm512_storeu_si512(local + m, _mm512_maskz_compress_epi32(keep, g));
     _mm512_storeu_ps(value + m, _mm512_maskz_compress_ps(keep, v));
     m += __builtin_popcount(unsigned(keep));
+  }
+#elif defined(__AVX2__)
+  // The same eight at a time; AVX2 compares only signed integers, so the unsigned range test
+  // compares both sides with their sign bits flipped.
+  const __m256i flip = _mm256_set1_epi32(INT32_MIN);
+  const __m256i vlo = _mm256_set1_epi32(lo);
+  const __m256i vsize = _mm256_xor_si256(_mm256_set1_epi32(size), flip);
+  for (; i + 8 <= end; i += 8) {
+    const __m256i g = _mm256_sub_epi32(rg.load8(i), vlo);
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256i in_range = _mm256_cmpgt_epi32(vsize, _mm256_xor_si256(g, flip));
+    const __m256 finite = _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_EQ_OQ);
+    const unsigned keep =
+        unsigned(_mm256_movemask_ps(_mm256_and_ps(_mm256_castsi256_ps(in_range), finite)));
+    const __m256i at = compress::lanes32(keep);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(local + m),
+                        _mm256_permutevar8x32_epi32(g, at));
+    _mm256_storeu_ps(value + m, _mm256_permutevar8x32_ps(v, at));
+    m += __builtin_popcount(keep);
   }
 #endif
   for (; i < end; ++i) {  // branch-free append: the entry is written, and kept or overwritten
@@ -177,6 +198,30 @@ inline __m512i records4(const Record* rec, const Groups& rg, int64_t i) {
 }
 #endif
 
+#if defined(__AVX2__)
+// The 16-byte records of rows a and b, rec[rg[a]] and rec[rg[b]], in one vector (an aligned
+// 16-byte load each).
+template <typename Record, typename Groups>
+inline __m256d records2(const Record* rec, const Groups& rg, int64_t a, int64_t b) {
+  static_assert(sizeof(Record) == 16 && alignof(Record) == 16, "16-byte records");
+  const double* r = reinterpret_cast<const double*>(rec);
+  return _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_load_pd(r + 2 * int64_t(rg[a]))),
+                              _mm_load_pd(r + 2 * int64_t(rg[b])), 1);
+}
+#endif
+
+// A vector of a compact pass output: non-temporal (`stream`: p aligned) or a plain store.
+#if defined(__AVX512F__)
+inline void store_output(float* p, __m512 v, bool stream) {
+  if (stream) _mm512_stream_ps(p, v); else _mm512_storeu_ps(p, v);
+}
+#endif
+#if defined(__AVX2__)
+inline void store_output(float* p, __m256 v, bool stream) {
+  if (stream) _mm256_stream_ps(p, v); else _mm256_storeu_ps(p, v);
+}
+#endif
+
 // Row i of the compact pass (also the scalar tail of the vector loop).
 template <typename Groups>
 void compact_row(const float* x, const Groups& rg, const CompactRecord* rec, int64_t i,
@@ -235,16 +280,51 @@ void compact_rows(const float* x, const Groups& rg, const CompactRecord* rec, in
     const __m512 s = _mm512_abs_ps(sd);
     const __m128i z = _mm_and_si128(_mm_movm_epi8(_mm512_movepi32_mask(_mm512_castps_si512(sd))),
                                     _mm_set1_epi8(1));
-    if (stream) {
-      _mm512_stream_ps(adv + i, a);
-      _mm512_stream_ps(mean + i, m);
-      _mm512_stream_ps(std + i, s);
-    } else {
-      _mm512_storeu_ps(adv + i, a);
-      _mm512_storeu_ps(mean + i, m);
-      _mm512_storeu_ps(std + i, s);
-    }
+    store_output(adv + i, a, stream);
+    store_output(mean + i, m, stream);
+    store_output(std + i, s, stream);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(zv + i), z);
+  }
+  if (stream) _mm_sfence();
+#elif defined(__AVX2__)
+  for (; i < end && (i & 7) != 0; ++i) compact_row(x, rg, rec, i, adv, mean, std, zv);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (; i + 8 <= end; i += 8) {
+    // Rows (i, i + 2) and (i + 1, i + 3) to a vector, so that one unpack gives the centres of
+    // rows i .. i + 3 in order and another their (scale, std_zv) pairs; the same for i + 4.
+    const __m256d r02 = records2(rec, rg, i, i + 2), r13 = records2(rec, rg, i + 1, i + 3);
+    const __m256d r46 = records2(rec, rg, i + 4, i + 6), r57 = records2(rec, rg, i + 5, i + 7);
+    const __m256d c0 = _mm256_unpacklo_pd(r02, r13), c1 = _mm256_unpacklo_pd(r46, r57);
+    const __m256 f0 = _mm256_castpd_ps(_mm256_unpackhi_pd(r02, r13));
+    const __m256 f1 = _mm256_castpd_ps(_mm256_unpackhi_pd(r46, r57));
+    // The even (scale) and odd (std_zv) floats of f0 and f1 come out as rows 0 1 4 5 | 2 3 6 7;
+    // one 64-bit permute puts them in row order.
+    auto in_row_order = [](__m256 v) {
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), _MM_SHUFFLE(3, 1, 2, 0)));
+    };
+    const __m256 sc = in_row_order(_mm256_shuffle_ps(f0, f1, _MM_SHUFFLE(2, 0, 2, 0)));
+    const __m256 sd = in_row_order(_mm256_shuffle_ps(f0, f1, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 valid = _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_EQ_OQ);
+    // (x − center)·scale in double, as the scalar formula, then rounded once to float.
+    const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    const __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    const __m256d a0 = _mm256_mul_pd(_mm256_sub_pd(x0, c0),
+                                     _mm256_cvtps_pd(_mm256_castps256_ps128(sc)));
+    const __m256d a1 = _mm256_mul_pd(_mm256_sub_pd(x1, c1),
+                                     _mm256_cvtps_pd(_mm256_extractf128_ps(sc, 1)));
+    const __m256 a =
+        _mm256_and_ps(valid, _mm256_set_m128(_mm256_cvtpd_ps(a1), _mm256_cvtpd_ps(a0)));
+    const __m256 m = _mm256_set_m128(_mm256_cvtpd_ps(c1), _mm256_cvtpd_ps(c0));
+    const __m256 s = _mm256_and_ps(sd, abs_mask);
+    // zero_variance: the sign bits of std_zv as eight bytes of 0 / 1
+    const __m256i sign = _mm256_srli_epi32(_mm256_castps_si256(sd), 31);
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(sign),
+                                          _mm256_extracti128_si256(sign, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(zv + i), _mm_packus_epi16(words, words));
+    store_output(adv + i, a, stream);
+    store_output(mean + i, m, stream);
+    store_output(std + i, s, stream);
   }
   if (stream) _mm_sfence();
 #else

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/compress_avx2.h"
 #include "cpu/simd.h"
 #include "cpu/workspace.h"
 #include "rlkern/group_stats.h"
@@ -220,6 +221,21 @@ inline int64_t keep_owned(uint64_t* hashes, int64_t* rows, int64_t m, int t, int
     _mm512_storeu_si512(rows + kept, _mm512_maskz_compress_epi64(mine, r));
     kept += __builtin_popcount(unsigned(mine));
   }
+#elif defined(__AVX2__)
+  const __m256i vnt = _mm256_set1_epi64x(nt), vt = _mm256_set1_epi64x(t);
+  for (; j + 4 <= m; j += 4) {  // the same four at a time, packed by compress::lanes64
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hashes + j));
+    const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + j));
+    const __m256i owner = _mm256_srli_epi64(_mm256_mul_epu32(_mm256_srli_epi64(h, 32), vnt), 32);
+    const unsigned mine =
+        unsigned(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(owner, vt))));
+    const __m256i at = compress::lanes64(mine);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hashes + kept),
+                        _mm256_permutevar8x32_epi32(h, at));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + kept),
+                        _mm256_permutevar8x32_epi32(r, at));
+    kept += __builtin_popcount(mine);
+  }
 #endif
   for (; j < m; ++j) {
     const uint64_t h = hashes[j];
@@ -396,6 +412,10 @@ struct GroupArray {
   int32_t operator[](int64_t i) const { return rg[i]; }
 #if defined(__AVX512F__)
   __m512i load16(int64_t i) const { return _mm512_loadu_si512(rg + i); }
+#elif defined(__AVX2__)
+  __m256i load8(int64_t i) const {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rg + i));
+  }
 #endif
 };
 
@@ -410,6 +430,17 @@ struct DenseIds {
     const __m256i hi =
         _mm512_cvtepi64_epi32(_mm512_sub_epi64(_mm512_loadu_si512(ids + i + 8), m));
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+#elif defined(__AVX2__)
+  __m256i load8(int64_t i) const {  // the same truncation: the low dwords of eight int64
+    const __m256i m = _mm256_set1_epi64x(min);
+    const __m256 lo = _mm256_castsi256_ps(
+        _mm256_sub_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + i)), m));
+    const __m256 hi = _mm256_castsi256_ps(
+        _mm256_sub_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + i + 4)), m));
+    // dwords 0, 2 of each 128-bit half of lo and hi, then the halves in order
+    const __m256 even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+    return _mm256_permute4x64_epi64(_mm256_castps_si256(even), _MM_SHUFFLE(3, 1, 2, 0));
   }
 #endif
 };
