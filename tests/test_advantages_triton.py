@@ -142,7 +142,7 @@ def test_errors_match_cpu():
 # -------------------------------------------------------------------------------- helpers
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (4, 1500)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 1500)])  # 1500: two chunks of 1024
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 def test_discounted_returns(shape, gamma):
     gen = torch.Generator().manual_seed(shape[1])
