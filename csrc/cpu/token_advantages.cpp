@@ -292,12 +292,13 @@ inline void spread_records8(const SpreadRecord* rec, const int32_t* rg, int64_t 
   spread.v = _mm512_castsi512_pd(
       _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1), hi));
 #else
-  // gathered by the group numbers: group g's mean at double 2g, its spread at 2g + 1
-  static_assert(sizeof(SpreadRecord) == 2 * sizeof(double), "SpreadRecord: two doubles");
-  const __m256i at =
-      _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rg + i)), 1);
-  mean = lanes::gather(&rec[0].mean, at);
-  spread = lanes::gather(&rec[0].spread, at);
+  // two 16-byte records to a vector (records2), rows (i, i + 2) with (i + 1, i + 3): one
+  // unpack then gives the means of rows i .. i + 3 in order, another their spreads
+  const GroupArray g{rg};
+  const __m256d r02 = records2(rec, g, i, i + 2), r13 = records2(rec, g, i + 1, i + 3);
+  const __m256d r46 = records2(rec, g, i + 4, i + 6), r57 = records2(rec, g, i + 5, i + 7);
+  mean = {_mm256_unpacklo_pd(r02, r13), _mm256_unpacklo_pd(r46, r57)};
+  spread = {_mm256_unpackhi_pd(r02, r13), _mm256_unpackhi_pd(r46, r57)};
 #endif
 }
 #endif
