@@ -52,6 +52,28 @@ def test_chi2_goodness_of_fit(backend, opts):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("opts", [{}, {"temperature": 0.7}, {"top_p": 0.9},
+                                  {"top_k": 5, "min_p": 0.01}], ids=str)
+def test_entropy_is_free_to_leave_out(dtype, opts):
+    """Without return_entropy an unfiltered row's fold leaves out Σ w·z: the tokens and both
+    log-probs are bitwise those of the call that returns the entropy. Rows of several
+    4,096-logit blocks, −inf logits, several draws a row."""
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(6, 10_007, generator=gen) * 4).to(dtype)
+    logits[1, ::7] = -torch.inf
+    seeds, steps = _seeds(6, base=50)
+    for num_samples in (1, 3):
+        plain = sample(logits, seeds=seeds, steps=steps, num_samples=num_samples, **opts)
+        with_h = sample(logits, seeds=seeds, steps=steps, num_samples=num_samples,
+                        return_entropy=True, **opts)
+        assert plain.entropy is None or plain.entropy.numel() == 0
+        assert bool(torch.isfinite(with_h.entropy).all())
+        for name in ("tokens", "raw_logprobs", "processed_logprobs"):
+            a, b = getattr(plain, name), getattr(with_h, name)
+            assert torch.equal(a, b), (name, num_samples)
+
+
 @pytest.mark.parametrize("backend", SAMPLE_BACKENDS)
 @pytest.mark.parametrize("opts", OPTIONS[:6], ids=str)
 @pytest.mark.parametrize("V", [1, 3, 99, 4099])

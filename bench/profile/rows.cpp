@@ -98,6 +98,7 @@ int main(int argc, char** argv) {
          grad_row<BF16>(row, g.data() + (row - x.data()), V, 5, rg, row_scale(T));
        }},
       {"sample: no filter", filtered({T, V, 1.0, 0.0, false})},
+      {"sample: no filter, no entropy", filtered({T, V, 1.0, 0.0, false, false})},
       {"sample: top-p 0.9", filtered({T, V, 0.9, 0.0, false})},
       {"sample: min-p 0.05", filtered({T, V, 1.0, 0.05, false})},
       {"sample: top-k 50", filtered({T, 50, 1.0, 0.0, false})},

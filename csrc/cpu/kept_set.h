@@ -334,11 +334,12 @@ inline KeptRow whole_row(const void* row, DType dtype, int64_t V, double tempera
 }
 
 // The whole row as the kept set, from one read: the fold (its summary gives S, the log-probs
-// and the entropy) logs each block's max and sum, and s.kblock gets the blocks' masses relative
-// to the row max — the draw walks them and re-forms one block's weights.
+// and, with `entropy`, Σ w·z; NaN without) logs each block's max and sum, and s.kblock gets
+// the blocks' masses relative to the row max — the draw walks them and re-forms one block's
+// weights. The max and S, hence the draw, do not depend on `entropy`.
 template <typename Tag>
 inline KeptRow folded_row(const typename Tag::storage* x, DType dtype, int64_t V,
-                          double temperature, Scratch& s) {
+                          double temperature, bool entropy, Scratch& s) {
   if constexpr (kIsF64<Tag>) {
     return whole_row(x, dtype, V, temperature, s);  // float64 (tests): the plain path
   } else {
@@ -352,7 +353,10 @@ inline KeptRow folded_row(const typename Tag::storage* x, DType dtype, int64_t V
     Collect col{std::numeric_limits<double>::infinity(), false, nullptr, nullptr};
     col.block_mx = s.block_mx.data();
     col.block_s = s.block_s.data();
-    accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+    if (entropy)
+      accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+    else
+      accumulate_row<Tag, false, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
     k.folded = true;
     if (!(k.fold.s > 0.0)) {  // NaN (NaN / +inf logits) or 0 (all −inf)
       k.xmax = std::isnan(k.fold.s) ? std::numeric_limits<double>::quiet_NaN() : k.fold.m;
@@ -362,7 +366,7 @@ inline KeptRow folded_row(const typename Tag::storage* x, DType dtype, int64_t V
     k.xmax = k.fold.m;
     k.S = k.S_kept = k.fold.s;
     k.log_s = std::log(k.S);
-    k.ent_t = k.fold.t;
+    k.ent_t = entropy ? k.fold.t : std::numeric_limits<double>::quiet_NaN();
     k.M = V;
     const int64_t nb = (V + kBlock - 1) / kBlock;
     s.kblock.resize(nb);
@@ -375,15 +379,16 @@ inline KeptRow folded_row(const typename Tag::storage* x, DType dtype, int64_t V
 }
 
 // The whole row as the kept set, by dtype.
-inline KeptRow whole_kept(const void* row, DType dtype, int64_t V, double temperature,
+inline KeptRow whole_kept(const void* row, DType dtype, int64_t V, const RowFilter& f,
                           Scratch& s) {
+  const double T = f.temperature;
   switch (dtype) {
-    case DType::kFloat64: return whole_row(row, dtype, V, temperature, s);
+    case DType::kFloat64: return whole_row(row, dtype, V, T, s);
     case DType::kFloat32:
-      return folded_row<F32>(static_cast<const float*>(row), dtype, V, temperature, s);
+      return folded_row<F32>(static_cast<const float*>(row), dtype, V, T, f.entropy, s);
     case DType::kBFloat16:
-      return folded_row<BF16>(static_cast<const uint16_t*>(row), dtype, V, temperature, s);
-    default: return folded_row<F16>(static_cast<const uint16_t*>(row), dtype, V, temperature, s);
+      return folded_row<BF16>(static_cast<const uint16_t*>(row), dtype, V, T, f.entropy, s);
+    default: return folded_row<F16>(static_cast<const uint16_t*>(row), dtype, V, T, f.entropy, s);
   }
 }
 
@@ -501,7 +506,7 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
       have_sel = false;
     }
   }
-  if (M >= V) return whole_kept(x, dtype, V, f.temperature, s);  // every token kept
+  if (M >= V) return whole_kept(x, dtype, V, f, s);  // every token kept
 
   // 4. The kept list and its mass.
   if (!have_sel) sel = radix_select<false>(s.ck.data(), s.cw.data(), n, double(M), s);
@@ -515,7 +520,7 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
 inline KeptRow filter_row(const void* row, DType dtype, int64_t V, const RowFilter& f,
                           Scratch& s) {
   if (f.top_k >= V && f.top_p >= 1.0 && f.min_p <= 0.0)
-    return whole_kept(row, dtype, V, f.temperature, s);
+    return whole_kept(row, dtype, V, f, s);
   switch (dtype) {
     case DType::kFloat64: return filtered_row<F64>(static_cast<const double*>(row), dtype, V, f, s);
     case DType::kFloat32: return filtered_row<F32>(static_cast<const float*>(row), dtype, V, f, s);

@@ -54,7 +54,7 @@ void sample_row(const SampleArgs& a, int64_t i, Scratch& s) {
   const double T = a.temperature[i];
   const void* row = static_cast<const char*>(a.logits) + r * a.stride_row * dtype_size(a.dtype);
   const RowFilter f{T, a.top_k ? a.top_k[i] : V, a.top_p ? a.top_p[i] : 1.0,
-                    a.min_p ? a.min_p[i] : 0.0, a.joint};
+                    a.min_p ? a.min_p[i] : 0.0, a.joint, a.entropy != nullptr};
   const KeptRow k = filter_row(row, a.dtype, V, f, s);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   if (!k.ok) {  // NaN or +inf logits, or all −inf
