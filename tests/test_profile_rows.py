@@ -23,9 +23,9 @@ def test_rows_profile_builds_and_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if re.search(r"\d+\.\d+\s+\d", line)]
     names = [re.split(r"\s{2,}", r.strip())[0] for r in rows]
-    assert names[0].startswith("read") and len(names) == 13, out.stdout
+    assert names[0].startswith("read") and len(names) == 14, out.stdout
     assert "fold, block in L1" in names and "2^x + add only, in L1" in names
-    assert "fold + entropy, 0.1 % -inf" in names
+    assert "fold + entropy, 0.1 % -inf" in names and "sample: no filter, no entropy" in names
     assert "copy (read + write)" in names and "backward (grad_row)" in names
     assert rows[0].split()[-1] == "1.00"
     for r in rows:
