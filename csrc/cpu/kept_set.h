@@ -418,20 +418,28 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
   // thread's previous top-k row: its k-th logit below the max, ×1.25 and T/2 lower).
   const double rel_k = 1.25 * s.top_k_guess - 0.5 * f.temperature;
   if constexpr (!kIsF64<Tag>) {
+    // The fold collecting candidates, with Σ w·z only when the caller reads the entropy.
+    auto fold_collect = [&](Collect& col) {
+      if (f.entropy) accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+      else accumulate_row<Tag, false, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+    };
     if (by_k && !std::isnan(rel_k)) {
       Collect col{rel_k, false, s.ci.data(), s.cx.data()};
-      accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+      fold_collect(col);
       pre = col.n;
     } else if (!by_k) {
       const double safe = 1.0 - f.top_p < 1e-6 ? 0.0 : (1.0 - f.top_p) / double(2 * V);
       guess = std::max(safe, s.top_p_guess / 16.0);
       Collect col{rel_of(by_p ? guess : std::min(double(mp), 1.0)), by_p, s.ci.data(),
                   s.cx.data()};
-      accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+      fold_collect(col);
       pre = col.n;
     }
   }
-  if (pre < 0) fold_row<Tag, true, false>(x, V, sc, k.fold);
+  if (pre < 0) {
+    if (f.entropy) fold_row<Tag, true, false>(x, V, sc, k.fold);
+    else fold_row<Tag, false, false>(x, V, sc, k.fold);
+  }
   k.folded = true;
   if (!(k.fold.s > 0.0)) {  // NaN (NaN / +inf logits) or 0 (all −inf)
     k.xmax = std::isnan(k.fold.s) ? std::numeric_limits<double>::quiet_NaN() : k.fold.m;
@@ -441,7 +449,7 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
   k.xmax = k.fold.m;
   k.S = k.fold.s;
   k.log_s = std::log(k.S);
-  k.ent_t = k.fold.t;
+  k.ent_t = f.entropy ? k.fold.t : std::numeric_limits<double>::quiet_NaN();
 
   // 2. Candidates. Top-p: w_c = (1 − p)·S/(2V), min-p alone: w_c = min_p, as logits.
   double wc = inf;

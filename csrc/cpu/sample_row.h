@@ -210,8 +210,8 @@ struct RowFilter {
   double top_p;
   double min_p;
   bool joint;  // filter_order == joint: each filter sees the unfiltered distribution
-  // Whether the caller reads the row's entropy (KeptRow::ent_t): without it an unfiltered
-  // row's fold leaves out Σ w·z, one FMA of its ~19 instructions a vector.
+  // Whether the caller reads the row's entropy (KeptRow::ent_t): without it the row's fold
+  // leaves out Σ w·z, one FMA of its ~19 instructions a vector.
   bool entropy = true;
 };
 
