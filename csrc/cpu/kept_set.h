@@ -333,6 +333,31 @@ inline KeptRow whole_row(const void* row, DType dtype, int64_t V, double tempera
   return k;
 }
 
+// The row's fold (fold_row; with `col`, collecting candidates on the way), with Σ w·z for the
+// entropy only when `entropy`: the max and S are the same bits either way.
+template <typename Tag, bool kEntropy>
+inline void fold_kept_as(const typename Tag::storage* x, int64_t V, const RowScale& sc,
+                         RowState& st, Collect* col) {
+  if constexpr (!kIsF64<Tag>) {
+    if (col != nullptr) {
+      accumulate_row<Tag, kEntropy, false, true>(x, V, sc, st, 0.0, nullptr, col);
+      return;
+    }
+  }
+  fold_row<Tag, kEntropy, false>(x, V, sc, st);
+}
+template <typename Tag>
+inline void fold_kept(const typename Tag::storage* x, int64_t V, const RowScale& sc,
+                      RowState& st, bool entropy, Collect* col = nullptr) {
+  if (entropy) fold_kept_as<Tag, true>(x, V, sc, st, col);
+  else fold_kept_as<Tag, false>(x, V, sc, st, col);
+}
+
+// Σ w·z of a fold, or NaN where the fold left it out (so that a misuse shows).
+inline double fold_entropy_sum(const RowState& st, bool entropy) {
+  return entropy ? st.t : std::numeric_limits<double>::quiet_NaN();
+}
+
 // The whole row as the kept set, from one read: the fold (its summary gives S, the log-probs
 // and, with `entropy`, Σ w·z; NaN without) logs each block's max and sum, and s.kblock gets
 // the blocks' masses relative to the row max — the draw walks them and re-forms one block's
@@ -353,10 +378,7 @@ inline KeptRow folded_row(const typename Tag::storage* x, DType dtype, int64_t V
     Collect col{std::numeric_limits<double>::infinity(), false, nullptr, nullptr};
     col.block_mx = s.block_mx.data();
     col.block_s = s.block_s.data();
-    if (entropy)
-      accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
-    else
-      accumulate_row<Tag, false, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
+    fold_kept<Tag>(x, V, sc, k.fold, entropy, &col);
     k.folded = true;
     if (!(k.fold.s > 0.0)) {  // NaN (NaN / +inf logits) or 0 (all −inf)
       k.xmax = std::isnan(k.fold.s) ? std::numeric_limits<double>::quiet_NaN() : k.fold.m;
@@ -366,7 +388,7 @@ inline KeptRow folded_row(const typename Tag::storage* x, DType dtype, int64_t V
     k.xmax = k.fold.m;
     k.S = k.S_kept = k.fold.s;
     k.log_s = std::log(k.S);
-    k.ent_t = entropy ? k.fold.t : std::numeric_limits<double>::quiet_NaN();
+    k.ent_t = fold_entropy_sum(k.fold, entropy);
     k.M = V;
     const int64_t nb = (V + kBlock - 1) / kBlock;
     s.kblock.resize(nb);
@@ -418,28 +440,20 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
   // thread's previous top-k row: its k-th logit below the max, ×1.25 and T/2 lower).
   const double rel_k = 1.25 * s.top_k_guess - 0.5 * f.temperature;
   if constexpr (!kIsF64<Tag>) {
-    // The fold collecting candidates, with Σ w·z only when the caller reads the entropy.
-    auto fold_collect = [&](Collect& col) {
-      if (f.entropy) accumulate_row<Tag, true, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
-      else accumulate_row<Tag, false, false, true>(x, V, sc, k.fold, 0.0, nullptr, &col);
-    };
     if (by_k && !std::isnan(rel_k)) {
       Collect col{rel_k, false, s.ci.data(), s.cx.data()};
-      fold_collect(col);
+      fold_kept<Tag>(x, V, sc, k.fold, f.entropy, &col);
       pre = col.n;
     } else if (!by_k) {
       const double safe = 1.0 - f.top_p < 1e-6 ? 0.0 : (1.0 - f.top_p) / double(2 * V);
       guess = std::max(safe, s.top_p_guess / 16.0);
       Collect col{rel_of(by_p ? guess : std::min(double(mp), 1.0)), by_p, s.ci.data(),
                   s.cx.data()};
-      fold_collect(col);
+      fold_kept<Tag>(x, V, sc, k.fold, f.entropy, &col);
       pre = col.n;
     }
   }
-  if (pre < 0) {
-    if (f.entropy) fold_row<Tag, true, false>(x, V, sc, k.fold);
-    else fold_row<Tag, false, false>(x, V, sc, k.fold);
-  }
+  if (pre < 0) fold_kept<Tag>(x, V, sc, k.fold, f.entropy);
   k.folded = true;
   if (!(k.fold.s > 0.0)) {  // NaN (NaN / +inf logits) or 0 (all −inf)
     k.xmax = std::isnan(k.fold.s) ? std::numeric_limits<double>::quiet_NaN() : k.fold.m;
@@ -449,7 +463,7 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
   k.xmax = k.fold.m;
   k.S = k.fold.s;
   k.log_s = std::log(k.S);
-  k.ent_t = f.entropy ? k.fold.t : std::numeric_limits<double>::quiet_NaN();
+  k.ent_t = fold_entropy_sum(k.fold, f.entropy);
 
   // 2. Candidates. Top-p: w_c = (1 − p)·S/(2V), min-p alone: w_c = min_p, as logits.
   double wc = inf;

@@ -7,7 +7,8 @@
 
 #include <cstdint>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// AVX2 is asked of AVX-512 builds too (every AVX-512 CPU has it): callers mix in 256-bit code.
+#if defined(__AVX2__) && (defined(__AVX512F__) || defined(__FMA__))
 #define RLKERN_LANES8 1
 #include <immintrin.h>
 
@@ -50,6 +51,9 @@ inline D8 where_fmadd(M8 m, D8 a, D8 b, D8 acc) {
 inline D8 where_min(M8 m, D8 x, D8 acc) { return {_mm512_mask_min_pd(acc.v, m.k, x.v, acc.v)}; }
 inline D8 where_max(M8 m, D8 x, D8 acc) { return {_mm512_mask_max_pd(acc.v, m.k, x.v, acc.v)}; }
 inline D8 widen(__m256 f) { return {_mm512_cvtps_pd(f)}; }
+inline D8 from_halves(__m256d lo, __m256d hi) {  // lanes 0–3, then 4–7
+  return {_mm512_insertf64x4(_mm512_castpd256_pd512(lo), hi, 1)};
+}
 inline __m256 narrow(D8 a) { return _mm512_cvtpd_ps(a.v); }  // round to nearest
 inline void store(double* p, D8 a) { _mm512_storeu_pd(p, a.v); }
 // base[idx[l]] in lane l (idx in doubles)
@@ -112,6 +116,7 @@ inline D8 where_max(M8 m, D8 x, D8 acc) {
 inline D8 widen(__m256 f) {
   return {_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))};
 }
+inline D8 from_halves(__m256d lo, __m256d hi) { return {lo, hi}; }
 inline __m256 narrow(D8 a) {
   return _mm256_set_m128(_mm256_cvtpd_ps(a.hi), _mm256_cvtpd_ps(a.lo));
 }
@@ -140,4 +145,4 @@ inline D8 zero() { return set1(0.0); }
 
 }  // namespace rlkern::cpu::lanes
 
-#endif  // AVX-512F or AVX2 + FMA
+#endif  // AVX2 with AVX-512F or FMA

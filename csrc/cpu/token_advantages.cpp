@@ -284,22 +284,9 @@ inline lanes::D8 spread_normalised8(lanes::D8 x, lanes::D8 mean, lanes::D8 sprea
 // The records of rows i .. i + 7 (rec[rg[i + l]] in lane l), their means and spreads.
 inline void spread_records8(const SpreadRecord* rec, const int32_t* rg, int64_t i,
                             lanes::D8& mean, lanes::D8& spread) {
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-  // four 16-byte records to a vector (records4), then the fields apart by two permutes
-  const __m512i lo = records4(rec, GroupArray{rg}, i), hi = records4(rec, GroupArray{rg}, i + 4);
-  mean.v = _mm512_castsi512_pd(
-      _mm512_permutex2var_epi64(lo, _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0), hi));
-  spread.v = _mm512_castsi512_pd(
-      _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1), hi));
-#else
-  // two 16-byte records to a vector (records2), rows (i, i + 2) with (i + 1, i + 3): one
-  // unpack then gives the means of rows i .. i + 3 in order, another their spreads
-  const GroupArray g{rg};
-  const __m256d r02 = records2(rec, g, i, i + 2), r13 = records2(rec, g, i + 1, i + 3);
-  const __m256d r46 = records2(rec, g, i + 4, i + 6), r57 = records2(rec, g, i + 5, i + 7);
-  mean = {_mm256_unpacklo_pd(r02, r13), _mm256_unpacklo_pd(r46, r57)};
-  spread = {_mm256_unpackhi_pd(r02, r13), _mm256_unpackhi_pd(r46, r57)};
-#endif
+  const RecordWords8 w = record_words8(rec, GroupArray{rg}, i);
+  mean = lanes::from_halves(w.first[0], w.first[1]);
+  spread = lanes::from_halves(w.second[0], w.second[1]);
 }
 #endif
 
