@@ -1041,7 +1041,7 @@ void policy_loss_lens(const uint8_t* mask, int64_t B, int64_t T, int64_t stride,
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* m = mask + b * stride;
       int64_t n = 0, t = 0;
-#if defined(RLKERN_PL_AVX512)
+#if defined(RLKERN_PL_AVX512) || defined(RLKERN_PL_AVX2)
       for (; t + 64 <= T; t += 64) n += __builtin_popcountll(nonzero_bytes64(m + t));
 #endif
       for (; t < T; ++t) n += m[t] != 0;

@@ -286,8 +286,12 @@ struct Avx2F {
   static V mmin(V acc, M m, V x) { return _mm256_blendv_ps(acc.v, _mm256_min_ps(acc.v, x.v), m.k); }
   static V mmax(V acc, M m, V x) { return _mm256_blendv_ps(acc.v, _mm256_max_ps(acc.v, x.v), m.k); }
   static V bcast(float x) { return _mm256_set1_ps(x); }
+  // A full step takes a plain store: vmaskmovps to memory is microcoded on AMD's cores (on
+  // Zen 3 one took ~10× a plain store of the same 8 lanes), and every token loop stores
+  // through here. The test is one movemask, known at compile time for most full steps.
   static void store(float* p, V v, M ln) {
-    _mm256_maskstore_ps(p, _mm256_castps_si256(ln.k), v.v);
+    if (_mm256_movemask_ps(ln.k) == 0xff) _mm256_storeu_ps(p, v.v);
+    else _mm256_maskstore_ps(p, _mm256_castps_si256(ln.k), v.v);
   }
   // A tree: the two halves, then their halves, then the last two lanes.
   static float hsum(V v) {
