@@ -335,7 +335,14 @@ void run_contiguous(const GroupAdvantagesArgs& a, AdvantageParams p) {
 #if defined(RLKERN_LANES8)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
     if (lanes::applies(p) && xr == nullptr) {
-      const lanes::Out lo{out.adv, out.mean, out.std, out.zv};
+      const auto apart = [&](const auto* o) {  // o[0, n) and s[0, n) share no byte
+        const auto oa = reinterpret_cast<uintptr_t>(o), sa = reinterpret_cast<uintptr_t>(s);
+        const auto n = uintptr_t(a.rows.n);
+        return oa + n * sizeof(*o) <= sa || sa + n * sizeof(*s) <= oa;
+      };
+      const lanes::Out lo{out.adv, out.mean, out.std, out.zv,
+                          apart(out.adv) && apart(out.mean) && apart(out.std) &&
+                              apart(out.zv)};
       const int64_t blocks = k / 8;
       at::parallel_for(0, blocks, std::max<int64_t>(1, kLaneGrainRows / (gs * 8)),
                        [&](int64_t b, int64_t e) { lanes::contiguous_blocks(s, b, e, gs, p, lo); });

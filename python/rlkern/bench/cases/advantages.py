@@ -22,6 +22,10 @@
 * ``contiguous`` — TRL's layout (``group_size=8``): rlkern vs TRL's formula
   (``view(-1, 8)``, ``mean``, ``std``, ``(r − mean)/(std + 1e-4)``) in eager torch.
 
+* ``contiguous G=5`` — the same with groups of 5 (e.g. verl's ``rollout.n = 5``) on the first
+  ``5·⌊N/5⌋`` rows: a group size that is not a multiple of the kernel's 8 lanes, so every
+  group ends in a partial vector.
+
 ``gigpo`` — S environment steps, prompt groups of 64 steps (8 episodes × 8 steps), 16 distinct
 state hashes per prompt group: rlkern vs a plain-torch implementation (``torch.unique`` of the
 prompt ids and of the (prompt id, state key) pairs, then ``index_add_`` statistics).
@@ -46,11 +50,20 @@ from rlkern.bench.cases import Case, CaseOptions, Impl, Outputs, Size, Tolerance
 from rlkern.bench.kit import Peer, RlkernBackend, read_once, write_once
 
 GROUP = 8
+ODD_GROUP = 5  # the ``contiguous G=5`` mode's group size
 TARGETS = (
     "targets (issue 4): rlkern >= 100x 'verl loop' at N=65536; >= 5x 'verl vectorized' and "
     ">= 3x 'torch scatter' at N=1048576; gigpo >= 10x 'torch' at S=1048576",
 )
 SHUFFLED, DENSE, CONTIGUOUS = "shuffled ids", "dense ids", "contiguous"
+CONTIGUOUS_ODD = f"contiguous G={ODD_GROUP}"
+
+
+def _contiguous(mode: str, scores: Tensor) -> tuple[Tensor, int]:
+    """The scores and group size of a contiguous mode (the odd one takes whole groups only)."""
+    if mode == CONTIGUOUS_ODD:
+        return scores[: scores.numel() // ODD_GROUP * ODD_GROUP], ODD_GROUP
+    return scores, GROUP
 
 
 class AdvInputs(NamedTuple):
@@ -130,7 +143,8 @@ def _rlkern(backend: str, mode: str) -> Callable[[AdvInputs], Outputs]:
         elif mode == DENSE:
             out = group_advantages(inp.scores, group_ids=inp.dense_ids, backend=backend)
         else:
-            out = group_advantages(inp.scores, group_size=GROUP, eps=1e-4, backend=backend)
+            scores, group = _contiguous(mode, inp.scores)
+            out = group_advantages(scores, group_size=group, eps=1e-4, backend=backend)
         return {"advantages": out.advantages}
 
     return call
@@ -141,9 +155,14 @@ def _floor(mode: str) -> Callable[[AdvInputs], Outputs]:
     std (float32) and the mask (bool)."""
 
     def floor(inp: AdvInputs) -> Outputs:
-        read_once(inp.scores, *(() if mode == CONTIGUOUS else (inp.ids,)))
+        if mode in (CONTIGUOUS, CONTIGUOUS_ODD):
+            scores, _ = _contiguous(mode, inp.scores)
+            read_once(scores)
+        else:
+            scores = inp.scores
+            read_once(scores, inp.ids)
         for dtype in (torch.float32, torch.float32, torch.float32, torch.bool):
-            write_once(inp.scores, dtype)
+            write_once(scores, dtype)
         return {}
 
     return floor
@@ -156,10 +175,11 @@ def advantages_case(options: CaseOptions) -> Case:
     def implementations(mode: str) -> list[Impl]:
         rlkern = Impl.rlkern(_rlkern(backend.name, mode), note=backend.note)
         floor = Impl.floor(_floor(mode))
-        if mode == CONTIGUOUS:
+        if mode in (CONTIGUOUS, CONTIGUOUS_ODD):
             return [
                 rlkern,
-                Impl("trl formula", lambda inp: {"advantages": trl_formula(inp.scores, GROUP)}),
+                Impl("trl formula",
+                     lambda inp: {"advantages": trl_formula(*_contiguous(mode, inp.scores))}),
                 floor,
             ]
         if mode == DENSE:
@@ -186,7 +206,7 @@ def advantages_case(options: CaseOptions) -> Case:
         name="advantages",
         sizes=[Size({"N": 65536}), Size({"N": 1048576})],
         quick_sizes=[Size({"N": 4096}), Size({"N": 65536})],
-        modes=(SHUFFLED, DENSE, CONTIGUOUS),
+        modes=(SHUFFLED, DENSE, CONTIGUOUS, CONTIGUOUS_ODD),
         make_inputs=make_inputs,
         implementations=implementations,
         # float32 peers against rlkern's float64-accumulated result: a few float32 ulps.
