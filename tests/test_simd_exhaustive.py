@@ -3,8 +3,9 @@ input, built with -march=native as the extension is, so each checks the instruct
 machine's build uses (the bf16 conversions also as the portable build compiles them; the other
 checks would compare the portable build's scalar functions with themselves):
 
-* csrc/cpu/simd.h's bf16 load and store (tests/cpp/simd_bf16_exhaustive.cpp): round to nearest
-  even for all 2^32 floats, and each build's NaN (0x7fc0 on AVX-512);
+* csrc/cpu/simd.h's bf16 load, store and paired store (``store_pair``; tests/cpp/
+  simd_bf16_exhaustive.cpp): round to nearest even for all 2^32 floats, and each build's NaN
+  (0x7fc0 on AVX-512);
 * the policy-loss lane policies' exp (csrc/cpu/policy_loss_simd.h; tests/cpp/
   policy_loss_exp_exhaustive.cpp): exp_host_f32's bits on every 7th float and every float near
   the ends of its range;
@@ -48,7 +49,7 @@ def _build_and_run(name: str, tmp_path: Path, arch: str) -> str:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_bf16_load_and_store_match_their_specification_on_every_input(tmp_path, arch):
     out = _build_and_run("simd_bf16_exhaustive", tmp_path, arch)
-    assert "load mismatches 0, store mismatches 0" in out
+    assert "load mismatches 0, store mismatches 0, pair mismatches 0" in out
 
 
 @needs_gxx

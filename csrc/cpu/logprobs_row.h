@@ -427,7 +427,10 @@ inline void grad_row(const typename Tag::storage* x, typename Tag::storage* g, i
     return p * VecF::fma(E - z, G, A);
   };
   const int64_t nv = n / W * W;
-  for (int64_t i = 0; i < nv; i += W) grad(VecF::load(x + i, Tag{})).store(g + i, Tag{});
+  int64_t i = 0;
+  for (; i + 2 * W <= nv; i += 2 * W)  // pairs: one store for both on AVX2 bf16
+    store_pair<Tag>(g + i, grad(VecF::load(x + i, Tag{})), grad(VecF::load(x + i + W, Tag{})));
+  for (; i < nv; i += W) grad(VecF::load(x + i, Tag{})).store(g + i, Tag{});
   if (nv < n) {
     alignas(64) float buf[W];
     grad(load_tail<Tag>(x + nv, n - nv)).store(buf, F32{});

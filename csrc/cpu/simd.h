@@ -301,6 +301,8 @@ struct VecF {
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
+#define RLKERN_VECF_STORE2_BF16 1  // VecF::store2(p, a, b, BF16): store_pair below
+
 struct VecF {
   static constexpr int size = 8;
   __m256 v;
@@ -322,6 +324,24 @@ struct VecF {
   // float_to_bf16 on the 8 lanes at once (AVX2 has no bf16 conversion): round to nearest
   // even on the bits, a NaN's top bits with the quiet bit set.
   void store(uint16_t* p, BF16) const {
+    // 32 → 16 bits: packus works within each 128-bit half ([h0..h3 h0..h3 | h4..h7 h4..h7]);
+    // the low 64 bits of each half are the 8 results in order
+    const __m256i h = bf16_bits();
+    const __m256i packed = _mm256_packus_epi32(h, h);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_unpacklo_epi64(_mm256_castsi256_si128(packed),
+                                        _mm256_extracti128_si256(packed, 1)));
+  }
+  // a then b (16 values) as store(p, BF16) and store(p + 8, BF16) write them: one pack and
+  // one 32-byte store for both.
+  static void store2(uint16_t* p, VecF a, VecF b, BF16) {
+    // packus interleaves the 128-bit halves ([a0..3 b0..3 | a4..7 b4..7]); 0xD8 reorders
+    // the 64-bit quarters to [a0..3 a4..7 | b0..3 b4..7]
+    const __m256i packed = _mm256_packus_epi32(a.bf16_bits(), b.bf16_bits());
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+  // Each lane's bf16 bits in its low 16 bits (the high 16 zero: packus does not saturate).
+  __m256i bf16_bits() const {
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i top = _mm256_srli_epi32(bits, 16);
     const __m256i odd = _mm256_and_si256(top, _mm256_set1_epi32(1));
@@ -329,14 +349,7 @@ struct VecF {
         _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
     const __m256i nan = _mm256_cmpgt_epi32(  // signed compare: both sides are ≥ 0
         _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-    const __m256i h = _mm256_blendv_epi8(rounded, _mm256_or_si256(top, _mm256_set1_epi32(0x40)),
-                                         nan);
-    // 32 → 16 bits: packus works within each 128-bit half ([h0..h3 h0..h3 | h4..h7 h4..h7]);
-    // the low 64 bits of each half are the 8 results in order (values ≤ 0xffff: no saturation)
-    const __m256i packed = _mm256_packus_epi32(h, h);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm_unpacklo_epi64(_mm256_castsi256_si128(packed),
-                                        _mm256_extracti128_si256(packed, 1)));
+    return _mm256_blendv_epi8(rounded, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
   }
   friend VecF operator+(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
@@ -502,6 +515,20 @@ struct VecF {
 };
 
 #endif
+
+// a then b at p (2 · VecF::size values of Tag), as a.store(p) and b.store(p + size) write
+// them: on AVX2 bf16 in one pack and one 32-byte store (VecF::store2), else the two stores.
+template <typename Tag>
+inline void store_pair(typename Tag::storage* p, VecF a, VecF b) {
+#if defined(RLKERN_VECF_STORE2_BF16)
+  if constexpr (std::is_same_v<Tag, BF16>) {
+    VecF::store2(p, a, b, Tag{});
+    return;
+  }
+#endif
+  a.store(p, Tag{});
+  b.store(p + VecF::size, Tag{});
+}
 
 template <typename V>
 inline V exp2_poly(V r) {

@@ -4,7 +4,9 @@
 //          on AVX-512 (the integer rounding VecF::store uses where its conversion instruction
 //          would not give these bits: subnormals, which the instruction flushes, and NaN), or
 //          the NaN's own top bits with the quiet bit set on the AVX2 and scalar builds (their
-//          store is float_to_bf16's).
+//          store is float_to_bf16's);
+//   pair:  store_pair<BF16> (two vectors at once: one pack and one store on AVX2) against the
+//          same specification, on the same inputs.
 // Prints the mismatch counts and exits 1 on any. Built and run by tests/test_simd_exhaustive.py.
 #include <cstdio>
 #include <cstring>
@@ -36,15 +38,25 @@ int main() {
       bad_load += b != (uint32_t(h[j]) << 16);
     }
   }
-  alignas(64) uint32_t in[W];
-  for (uint64_t base = 0; base < (uint64_t{1} << 32); base += W) {
-    for (int j = 0; j < W; ++j) in[j] = uint32_t(base + j);
-    std::memcpy(f, in, sizeof in);
-    VecF::load(f).store(h, BF16{});
-    for (int j = 0; j < W; ++j) bad_store += h[j] != spec_store(in[j]);
+  uint64_t bad_pair = 0;
+  alignas(64) uint32_t in[2 * W];
+  alignas(64) float f2[2 * W];
+  alignas(64) uint16_t h2[2 * W];
+  for (uint64_t base = 0; base < (uint64_t{1} << 32); base += 2 * W) {
+    // an odd multiplier permutes the 2^32 patterns (each is still tested once) and gives the
+    // lanes of a vector unrelated top bits, so a lane stored in the wrong place shows
+    for (int j = 0; j < 2 * W; ++j) in[j] = uint32_t(base + j) * 0x9E3779B1u;
+    std::memcpy(f2, in, sizeof in);
+    for (int half = 0; half < 2; ++half) {
+      VecF::load(f2 + half * W).store(h, BF16{});
+      for (int j = 0; j < W; ++j) bad_store += h[j] != spec_store(in[half * W + j]);
+    }
+    store_pair<BF16>(h2, VecF::load(f2), VecF::load(f2 + W));
+    for (int j = 0; j < 2 * W; ++j) bad_pair += h2[j] != spec_store(in[j]);
   }
-  std::printf("load mismatches %llu, store mismatches %llu\n",
+  std::printf("load mismatches %llu, store mismatches %llu, pair mismatches %llu\n",
               static_cast<unsigned long long>(bad_load),
-              static_cast<unsigned long long>(bad_store));
-  return bad_load == 0 && bad_store == 0 ? 0 : 1;
+              static_cast<unsigned long long>(bad_store),
+              static_cast<unsigned long long>(bad_pair));
+  return bad_load == 0 && bad_store == 0 && bad_pair == 0 ? 0 : 1;
 }
