@@ -422,7 +422,7 @@ inline void grad_row(const typename Tag::storage* x, typename Tag::storage* g, i
   const VecF A = VecF::set1(float(rg.c * sc.inv_t));
   auto grad = [&](VecF xv) {
     const VecF r = xv - S;
-    const VecF p = VecF::exp2(VecF::max(lo, VecF::fms(r, C, H) + NegLo));
+    const VecF p = VecF::exp2_short(VecF::max(lo, VecF::fms(r, C, H) + NegLo));
     const VecF z = VecF::max(Zlo, r * IT);
     return p * VecF::fma(E - z, G, A);
   };

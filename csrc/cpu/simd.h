@@ -270,6 +270,8 @@ struct VecF {
     const __m512 p = exp2_poly(VecF{_mm512_sub_ps(x.v, n)}).v;
     return {_mm512_scalef_ps(p, n)};  // p · 2^n in one instruction, underflowing to 0
   }
+  // exp2 (the AVX2 build's shorter-latency variant; scalef is one instruction here).
+  static VecF exp2_short(VecF x) { return exp2(x); }
   // Bit i set where lane i ≥ t (false for NaN lanes).
   uint32_t ge_mask(VecF t) const { return _mm512_cmp_ps_mask(v, t.v, _CMP_GE_OQ); }
   // a where a ≥ t, else 0.
@@ -378,6 +380,21 @@ struct VecF {
                                            _mm256_set1_epi32((127 + 32) << 23));
     return {_mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), _mm256_set1_ps(0x1p-32f))};
   }
+  // exp2's bits, for loops bound by latency rather than by the multiply pipes: where every
+  // lane's n ≥ −125 (x > −125.5; false for NaN), p ∈ [2^-0.5, 2^0.5] has a biased exponent of
+  // 126 or 127, so p · 2^n is normal and exact, and adding n to p's exponent field is that
+  // product, one integer add where exp2 chains two multiplies.
+  static VecF exp2_short(VecF x) {
+    const __m256 shifter = _mm256_set1_ps(12582912.0f);
+    const __m256 t = _mm256_add_ps(x.v, shifter);
+    const __m256 n = _mm256_sub_ps(t, shifter);
+    const __m256 p = exp2_poly(VecF{_mm256_sub_ps(x.v, n)}).v;
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(-125.5f),
+                                                          _CMP_GT_OQ)) == 0xff, 1))
+      return {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p),
+                                                   _mm256_slli_epi32(_mm256_castps_si256(t), 23)))};
+    return exp2(x);
+  }
   uint32_t ge_mask(VecF t) const {
     return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, t.v, _CMP_GE_OQ)));
   }
@@ -475,6 +492,7 @@ struct VecF {
     });
   }
   static VecF exp2(VecF x) { return map([&](int i) { return exp2_scalar(x.v[i]); }); }
+  static VecF exp2_short(VecF x) { return exp2(x); }  // as the AVX-512 build's
   uint32_t ge_mask(VecF t) const {
     uint32_t m = 0;
     for (int i = 0; i < size; ++i) m |= uint32_t(v[i] >= t.v[i]) << i;
