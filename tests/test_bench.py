@@ -352,6 +352,22 @@ def test_gae_case_peers_agree_tiny(tmp_path) -> None:
 
 
 
+def test_advantages_odd_group_mode_runs_its_whole_groups(tmp_path) -> None:
+    """``contiguous G=5`` takes the first 5·⌊N/5⌋ rows (48 → 45 here): rlkern and TRL's
+    formula run on them and agree, and its floor runs."""
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--op", "advantages", "--size", "N=48", "--mode", "contiguous G=5",
+                              "--repeats", "1", "--device", "cpu", "--json",
+                              str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert set(rows) == {"rlkern", "trl formula", "floor"}
+    assert all(r["mode"] == "contiguous G=5" for r in rows.values())
+    assert rows["rlkern"]["status"] == OK and rows["floor"]["status"] == OK
+    assert rows["trl formula"]["status"] == OK and rows["trl formula"]["check"]["ok"]
+
+
 @pytest.mark.parametrize(("op", "size", "peers"), [
     ("token_baseline", "B=6,T=24", ["verl optimal_token_baseline",
                                     "verl tir_optimal_token_baseline"]),

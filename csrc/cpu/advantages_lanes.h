@@ -226,27 +226,15 @@ inline void write8(const float* s, int64_t g0, int64_t gs, const Stats8& st, con
     const D8 c = set1(c_l[l]), sc = set1(sc_l[l]);
     const __m256 mean_v = _mm256_set1_ps(mean_l[l]), sd_v = _mm256_set1_ps(sd_l[l]);
     const uint64_t zv8 = ((zero_var >> l) & 1) ? 0x0101010101010101ull : 0;  // 8 flags
-    if (gs % 8 == 0) {
-      // Whole vectors and 8-byte flag stores, no lane count to test.
-      for (int64_t i = begin; i < begin + gs; i += 8) {
-        const D8 x = widen(_mm256_loadu_ps(s + i));
-        const D8 a = zero_unless(cmp<_CMP_EQ_OQ>(x - x, zero), (x - c) * sc);
-        _mm256_storeu_ps(out.adv + i, narrow(a));
-        _mm256_storeu_ps(out.mean + i, mean_v);
-        _mm256_storeu_ps(out.std + i, sd_v);
-        std::memcpy(out.zv + i, &zv8, 8);
-      }
-      continue;
-    }
     for (int64_t j = 0; j < gs; j += 8) {
       const int64_t m = std::min<int64_t>(8, gs - j);
       const int64_t i = begin + j;
-      const D8 x = widen(load_first(s + i, m));
+      const D8 x = widen(m == 8 ? _mm256_loadu_ps(s + i) : load_first(s + i, m));
       const D8 a = zero_unless(cmp<_CMP_EQ_OQ>(x - x, zero), (x - c) * sc);
       if (m == 8 || (out.overrun && i + 8 <= end8)) {
-        // Whole vectors: a masked store is microcoded on AMD's cores (~10× a plain one on
-        // Zen 3), and groups of 4, 5, 6 or 12 rows end in a partial step every group; the
-        // flags as one 8-byte store instead of a memset call per group.
+        // Whole vectors and the flags as one 8-byte store: a masked store is microcoded on
+        // AMD's cores (~10× a plain one on Zen 3), and groups of 4, 5, 6 or 12 rows end in a
+        // partial step every group.
         _mm256_storeu_ps(out.adv + i, narrow(a));
         _mm256_storeu_ps(out.mean + i, mean_v);
         _mm256_storeu_ps(out.std + i, sd_v);

@@ -367,33 +367,41 @@ struct VecF {
   // 2^x for x ∈ [kExp2Min, kExp2Max] (callers clamp below: they need the clamped value
   // themselves; every caller's x is ≤ 0 up to rounding) or NaN; exp2_scalar's bits.
   static VecF exp2(VecF x) {
-    // n = round-to-nearest-even(x) by the 1.5·2^23 shifter: t's low mantissa bits hold n, so
-    // t's bits shifted left by 23 are n's exponent-field bits (the shifter's own bits leave).
-    const __m256 shifter = _mm256_set1_ps(12582912.0f);
-    const __m256 t = _mm256_add_ps(x.v, shifter);
-    const __m256 n = _mm256_sub_ps(t, shifter);
-    const __m256 p = exp2_poly(VecF{_mm256_sub_ps(x.v, n)}).v;
-    // p · 2^n as (p · 2^(n+32)) · 2^-32: the first product is exact and normal for n ≥ −151,
-    // and the second rounds once, so subnormal results underflow as one correctly rounded
-    // multiply would. Two instructions fewer than forming 2^n in two halves.
-    const __m256i scale = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23),
-                                           _mm256_set1_epi32((127 + 32) << 23));
-    return {_mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), _mm256_set1_ps(0x1p-32f))};
+    const Exp2Parts e = exp2_parts(x);
+    return exp2_scale(e.p, e.n_exp);
   }
   // exp2's bits, for loops bound by latency rather than by the multiply pipes: where every
   // lane's n ≥ −125 (x > −125.5; false for NaN), p ∈ [2^-0.5, 2^0.5] has a biased exponent of
   // 126 or 127, so p · 2^n is normal and exact, and adding n to p's exponent field is that
   // product, one integer add where exp2 chains two multiplies.
   static VecF exp2_short(VecF x) {
+    const Exp2Parts e = exp2_parts(x);
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(-125.5f),
+                                                          _CMP_GT_OQ)) == 0xff, 1))
+      return {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e.p), e.n_exp))};
+    return exp2_scale(e.p, e.n_exp);
+  }
+  // exp2's reduction: p = 2^(x − n) by the polynomial and n = round-to-nearest-even(x) in the
+  // exponent field's bits. n comes from the 1.5·2^23 shifter: t = x + shifter holds n in its
+  // low mantissa bits, so t's bits shifted left by 23 are n's exponent-field bits (the
+  // shifter's own bits leave).
+  struct Exp2Parts {
+    __m256 p;
+    __m256i n_exp;
+  };
+  static Exp2Parts exp2_parts(VecF x) {
     const __m256 shifter = _mm256_set1_ps(12582912.0f);
     const __m256 t = _mm256_add_ps(x.v, shifter);
     const __m256 n = _mm256_sub_ps(t, shifter);
-    const __m256 p = exp2_poly(VecF{_mm256_sub_ps(x.v, n)}).v;
-    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(-125.5f),
-                                                          _CMP_GT_OQ)) == 0xff, 1))
-      return {_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p),
-                                                   _mm256_slli_epi32(_mm256_castps_si256(t), 23)))};
-    return exp2(x);
+    return {exp2_poly(VecF{_mm256_sub_ps(x.v, n)}).v,
+            _mm256_slli_epi32(_mm256_castps_si256(t), 23)};
+  }
+  // p · 2^n as (p · 2^(n+32)) · 2^-32: the first product is exact and normal for n ≥ −151,
+  // and the second rounds once, so subnormal results underflow as one correctly rounded
+  // multiply would. Two instructions fewer than forming 2^n in two halves.
+  static VecF exp2_scale(__m256 p, __m256i n_exp) {
+    const __m256i scale = _mm256_add_epi32(n_exp, _mm256_set1_epi32((127 + 32) << 23));
+    return {_mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), _mm256_set1_ps(0x1p-32f))};
   }
   uint32_t ge_mask(VecF t) const {
     return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, t.v, _CMP_GE_OQ)));
