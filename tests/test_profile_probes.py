@@ -1,7 +1,8 @@
-"""bench/profile/ids.sh and gigpo.sh (the per-pass tables docs/advantages.md quotes) build
-against the sources and run, and `SRC=` (the A/B option of bench/profile/common.sh) builds
-the same probe against another tree: here this one, so it must print the same groups. Small
-sizes, so each run takes seconds after its build; the figures themselves are not asserted."""
+"""bench/profile/ids.sh, gigpo.sh (the per-pass tables docs/advantages.md quotes) and
+policy_loss.sh (docs/policy_loss.md's per-token table) build against the sources and run, and
+`SRC=` (the A/B option of bench/profile/common.sh) builds the same probe against another tree:
+here this one, so it must print the same groups. Small sizes, so each run takes seconds after
+its build; the figures themselves are not asserted."""
 
 from __future__ import annotations
 
@@ -69,3 +70,13 @@ def test_gigpo_probe_and_its_src_build(tmp_path):
     again = _run("gigpo.sh", ["4096", "2", "4", "hashed"], tmp_path, src=ROOT)
     assert _gigpo_groups(again, "hashed").group(0) == groups.group(0)
     assert (tmp_path / "rlkern_profile_gigpo_src").exists()
+
+
+def test_policy_loss_probe(tmp_path):
+    """bench/profile/policy_loss.sh (docs/policy_loss.md's one-thread table): each of the three
+    forms prints a positive time per token for the streamed rows and the rows in L2."""
+    out = _run("policy_loss.sh", ["64"], tmp_path)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:] if line.strip()}
+    assert list(rows) == ["fwd", "fwd+grad", "fwd+factor"], out
+    for form, values in rows.items():
+        assert len(values) == 2 and all(float(v) > 0 for v in values), (form, out)
