@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "cpu/policy_loss.h"
 #include "cpu/policy_loss_ops.h"
 #include "policy_loss_checks.h"
@@ -264,9 +265,14 @@ fused_linear(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
   at::Tensor row_stats = at::empty({pl::kNumRowStats, B}, f64);
   TORCH_CHECK(grad || !upstream.has_value(), "upstream: only with grad");
   std::vector<at::Tensor> token_grad;
-  if (grad) token_grad.push_back(at::empty({B, T}, logprobs.options()));
   const bool kl_factor = grad && !upstream.has_value() && f.kl_kind != pl::kKlNone;
-  if (kl_factor) token_grad.push_back(at::empty({B, T}, logprobs.options()));
+  for (int i = 0; i < int(grad) + int(kl_factor); ++i) {
+    token_grad.push_back(at::empty({B, T}, logprobs.options()));
+    // fresh each call: fault it in 2 MiB pages. glibc returns a freed gradient of a few MiB
+    // to the kernel and maps the next one anew, and page faults in 4 KiB pieces took ~19 % of
+    // a (4096, 1024) call on two threads (perf; docs/policy_loss.md, "Huge pages").
+    cpu::advise_huge_pages(token_grad.back().data_ptr(), token_grad.back().nbytes());
+  }
   at::Tensor weights;
   std::optional<at::Tensor> coefs;
   if (upstream.has_value()) {  // the weights from the counts first, then the gradient itself
