@@ -49,6 +49,8 @@ using pl::clampv;  // the SIMD overload (min / max instructions) is found by ADL
 using pl::expv;
 using pl::expv_clamped;
 using pl::sel;  // float / double; the SIMD overload is found by argument-dependent lookup
+using pl::keep;  // sel(c, x, 0) and sel(c, 0, x): the same, AVX2's overloads by ADL
+using pl::drop;
 
 constexpr int64_t kBlock = 1024;
 
@@ -204,11 +206,11 @@ RowConst<T> row_prefix(const Row<T> r, int64_t n, bool want_roll) {
     for (int64_t t = t0; t < t1; t += P::L) {
       const auto ln = P::lanes(t1 - t);
       const auto v = P::valid(r.m + t, ln);
-      len = len + sel(v, V(1.0), V(0.0));
-      lps = lps + sel(v, P::load(r.lp + t, ln) - P::load(r.old + t, ln), V(0.0));
+      len = len + keep(v, V(1.0));
+      lps = lps + keep(v, P::load(r.lp + t, ln) - P::load(r.old + t, ln));
       if (want_roll) {
         const V d = P::load(r.old + t, ln) - P::load(r.opt[pl::kInRollout] + t, ln);
-        rs = rs + sel(v && (d == d), d, V(0.0));  // NaN (unscored token): no correction
+        rs = rs + keep(v && (d == d), d);  // NaN (unscored token): no correction
       }
     }
     c.len += P::hsum(len);
@@ -245,7 +247,7 @@ struct Acc {
 
 template <typename V>
 V one_if(decltype(V(0.0) < V(0.0)) c) {
-  return sel(c, V(1.0), V(0.0));
+  return keep(c, V(1.0));
 }
 
 // [aux] multipliers of the policy term: rollout weight · entropy mask · token weight (0 at
@@ -262,7 +264,7 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
   // vespo folds the rollout weight into its sequence weight instead of multiplying by it
   const bool fold = a.flags.loss_kind == pl::kVespo;
   const V thr(double(entropy_threshold<T>(a)));
-  const V zero(0.0), one(1.0);
+  const V one(1.0);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V ent(0.0), ent_count(0.0), ent_valid(0.0), w_sum(0.0), tws(0.0), vs(0.0);
@@ -271,28 +273,28 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
       const auto v = P::valid(r.m + t, ln);
       V w = one;
       if (roll_tok) {
-        const V d = sel(v, P::load(r.old + t, ln) - P::load(r.opt[pl::kInRollout] + t, ln), zero);
+        const V d = keep(v, P::load(r.old + t, ln) - P::load(r.opt[pl::kInRollout] + t, ln));
         w = pl::rollout_weight<V>(d, a.hp, mask_mode);
-        if (fold) vs = vs + sel(v, pl::vespo_log_rollout<V>(d, a.hp, mask_mode), zero);
+        if (fold) vs = vs + keep(v, pl::vespo_log_rollout<V>(d, a.hp, mask_mode));
       }
       if (roll_seq) w = V(double(c.seq_w));
       V em = one;
       if (r.opt[pl::kInEntropy]) {
         const V raw = P::load(r.opt[pl::kInEntropy] + t, ln);
-        const V h = sel(v, raw, zero);
+        const V h = keep(v, raw);
         if (has_thr) em = one_if<V>(h >= thr);
-        ent = ent + sel(v, em * h, zero);
-        ent_count = ent_count + sel(v, em, zero);
+        ent = ent + keep(v, em * h);
+        ent_count = ent_count + keep(v, em);
         ent_valid = ent_valid + h;
       }
       V wt = one;
       if (r.opt[pl::kInTokenWeights]) {
         const V raw = P::load(r.opt[pl::kInTokenWeights] + t, ln);
-        wt = sel(v, raw, zero);
+        wt = keep(v, raw);
         tws = tws + wt;
       }
-      w_sum = w_sum + sel(v, w, zero);
-      if (write_mult) P::store(mult + t, sel(v, (fold ? one : w) * em * wt, zero), ln);
+      w_sum = w_sum + keep(v, w);
+      if (write_mult) P::store(mult + t, keep(v, (fold ? one : w) * em * wt), ln);
     }
     acc.vespo_s += P::hsum(vs);
     acc.ent += P::hsum(ent);
@@ -351,7 +353,7 @@ typename P::V cov_at(const Row<T> r, int64_t t, typename P::M v) {
 // coefficient; both form it here, so the two paths give the same bits.
 template <bool MULT, typename V>
 V token_d_pg(const pl::TokenLoss<V>& L, V d, V dc, V mt) {
-  const V dl = L.d_logp + sel(dc == d, L.d_r, V(0.0));
+  const V dl = L.d_logp + keep(dc == d, L.d_r);
   if constexpr (MULT) return mt * dl;
   else return dl;
 }
@@ -360,7 +362,7 @@ V token_d_pg(const pl::TokenLoss<V>& L, V d, V dc, V mt) {
 // clamped ratio ρ (whose clamp passes the gradient inside [−C, C]). Shared as token_d_pg is.
 template <bool BIAS, typename V>
 V token_d_kl(const pl::KlTerm<V>& k, V rho, V d, V dc) {
-  if constexpr (BIAS) return k.d_logp * rho + sel(dc == d, k.value * rho, V(0.0));
+  if constexpr (BIAS) return k.d_logp * rho + keep(dc == d, k.value * rho);
   else return k.d_logp;
 }
 
@@ -397,10 +399,10 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
       const V val = MULT ? mt * L.loss : L.loss;
       if constexpr (STORE)
-        P::store(dg + t, sel(s.v, gpg * token_d_pg<MULT>(L, d, dc, mt), V(0.0)), s.ln);
+        P::store(dg + t, keep(s.v, gpg * token_d_pg<MULT>(L, d, dc, mt)), s.ln);
       if constexpr (K == pl::kVespo) {  // split by the sign of A (a NaN A counts as A < 0)
         const auto pos = s.a >= V(0.0);
-        const V vpos = sel(pos, val, V(0.0));
+        const V vpos = keep(pos, val);
         pg = P::madd(pg, s.v, vpos);
         pgn = P::madd(pgn, s.v, val - vpos);
         npos += P::count(s.v && pos);
@@ -496,7 +498,7 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
   static_assert(!(STORE != kKlStoreNone && SEQ), "the fused forward: token-ratio mode");
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
-  const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp), zero(0.0);
+  const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp);
   const V r_seq = V(double(c.r_seq)), gkl = V(double(g_kl));
   // the exps' arguments clamped within their range: no range test (as in fwd_main)
   const bool kl_clamped = pl::exp_clamped_ok(h.kl_log_clamp);
@@ -513,22 +515,22 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
       const auto ln = P::lanes(end - t);
       const auto v = P::valid(r.m + t, ln);
       const V ref_raw = P::load(r.opt[pl::kInRef] + t, ln);
-      const V lp = sel(v, P::load(r.lp + t, ln), zero), ref = sel(v, ref_raw, zero);
+      const V lp = keep(v, P::load(r.lp + t, ln)), ref = keep(v, ref_raw);
       const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv, kl_clamped);
       V val = k.value;
       V rho(1.0), d(0.0), dc(0.0);
       if (BIAS) {
-        d = lp - sel(v, P::load(r.old + t, ln), zero);
+        d = lp - keep(v, P::load(r.old + t, ln));
         dc = clampv(d, -C, C);
         rho = SEQ ? expv(r_seq) : clamped ? expv_clamped(dc) : expv(dc);
         val = val * rho;
       }
       if constexpr (STORE == kKlStoreFactor)
-        P::store(dk + t, sel(v, token_d_kl<BIAS>(k, rho, d, dc), zero), ln);
+        P::store(dk + t, keep(v, token_d_kl<BIAS>(k, rho, d, dc)), ln);
       if constexpr (STORE == kKlStoreAdd)
-        P::store(dk + t, P::load(dk + t, ln) + sel(v, gkl * token_d_kl<BIAS>(k, rho, d, dc), zero),
+        P::store(dk + t, P::load(dk + t, ln) + keep(v, gkl * token_d_kl<BIAS>(k, rho, d, dc)),
                  ln);
-      kl = kl + sel(v, val, zero);
+      kl = kl + keep(v, val);
       refs = refs + ref;
     });
     acc.kl += P::hsum(kl);
@@ -566,17 +568,17 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       if constexpr (MODE == pl::kRatioToken) {
         // g_pg times the fused forward's stored factor (the same expression, the same bits)
         const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
-        P::store(g + t, sel(s.v, wpg * token_d_pg<MULT>(L, d, dc, mt), zero), s.ln);
+        P::store(g + t, keep(s.v, wpg * token_d_pg<MULT>(L, d, dc, mt)), s.ln);
         return;
       }
       const V w = MULT ? wpg * P::load(mult + t, s.ln) : wpg;
       const V direct = w * L.d_logp;
       const V gr = w * L.d_r;
       if constexpr (MODE == pl::kRatioSeqFull) {
-        P::store(g + t, sel(s.v, direct, zero), s.ln);
-        Gl = Gl + sel(s.v, gr, zero);
+        P::store(g + t, keep(s.v, direct), s.ln);
+        Gl = Gl + keep(s.v, gr);
       } else {
-        P::store(g + t, sel(s.v, direct + gr * pass_seq, zero), s.ln);
+        P::store(g + t, keep(s.v, direct + gr * pass_seq), s.ln);
       }
     });
     *G += P::hsum(Gl);
@@ -587,11 +589,11 @@ template <typename T, bool ADVTOK>
 void bwd_gmpo(const Row<T> r, int64_t n, const HParams h, T coef, T* g) {
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
-  const V lo(h.clip_lo), hi(h.clip_hi), zero(0.0), cf = V(double(coef));
+  const V lo(h.clip_lo), hi(h.clip_hi), cf = V(double(coef));
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   for (int64_t t = 0; t < n; t += P::L) {
     const Step<P, T> s = load_step<P, ADVTOK>(r, t, n, adv0);
-    P::store(g + t, sel(s.v, cf * pl::gmpo_clip<V>(s.lp - s.old, s.a, lo, hi).d, zero), s.ln);
+    P::store(g + t, keep(s.v, cf * pl::gmpo_clip<V>(s.lp - s.old, s.a, lo, hi).d), s.ln);
   }
 }
 
@@ -602,7 +604,7 @@ void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g
             double* G) {
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
-  const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp), zero(0.0);
+  const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp);
   const V gkl = V(double(g_kl)), r_seq = V(double(c.r_seq)), pass_seq(c.pass_seq ? 1.0 : 0.0);
   constexpr bool kSeq = MODE != pl::kRatioToken;
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
@@ -611,27 +613,27 @@ void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g
     for (int64_t t = t0; t < t1; t += P::L) {
       const auto ln = P::lanes(t1 - t);
       const auto v = P::valid(r.m + t, ln);
-      const V lp = sel(v, P::load(r.lp + t, ln), zero);
-      const V ref = sel(v, P::load(r.opt[pl::kInRef] + t, ln), zero);
+      const V lp = keep(v, P::load(r.lp + t, ln));
+      const V ref = keep(v, P::load(r.opt[pl::kInRef] + t, ln));
       const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv);
       V add = gkl * k.d_logp;
       if constexpr (!kSeq) {  // g_kl times the fused forward's stored factor
         V rho(1.0), d(0.0), dc(0.0);
         if constexpr (BIAS) {
-          d = lp - sel(v, P::load(r.old + t, ln), zero);
+          d = lp - keep(v, P::load(r.old + t, ln));
           dc = clampv(d, -C, C);
           rho = expv(dc);
         }
         add = gkl * token_d_kl<BIAS>(k, rho, d, dc);
       } else if constexpr (BIAS) {
-        const V d = lp - sel(v, P::load(r.old + t, ln), zero);
+        const V d = lp - keep(v, P::load(r.old + t, ln));
         const V rho = expv(kSeq ? r_seq : clampv(d, -C, C));
         add = add * rho;
         const V gr = gkl * k.value * rho;
-        if constexpr (MODE == pl::kRatioSeqFull) Gl = Gl + sel(v, gr, zero);
+        if constexpr (MODE == pl::kRatioSeqFull) Gl = Gl + keep(v, gr);
         else add = add + gr * pass_seq;
       }
-      P::store(g + t, P::load(g + t, ln) + sel(v, add, zero), ln);
+      P::store(g + t, P::load(g + t, ln) + keep(v, add), ln);
     }
     *G += P::hsum(Gl);
   }
@@ -697,11 +699,11 @@ template <typename T>
 void add_at_valid(const uint8_t* m, int64_t n, T x, T* g) {
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
-  const V add = V(double(x)), zero(0.0);
+  const V add = V(double(x));
   for (int64_t t = 0; t < n; t += P::L) {
     const auto ln = P::lanes(n - t);
     const auto v = P::valid(m + t, ln);
-    P::store(g + t, P::load(g + t, ln) + sel(v, add, zero), ln);
+    P::store(g + t, P::load(g + t, ln) + keep(v, add), ln);
   }
 }
 
@@ -911,13 +913,13 @@ void bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
       T* ge = static_cast<T*>(a.grad_entropy) + b * row_len;
       zero_tail(ge, n, row_len);
       const bool has_thr = has(a, pl::kInEntropyThreshold);
-      const V gent = V(double(g_ent)), zero(0.0), thrv = V(double(thr));
+      const V gent = V(double(g_ent)), thrv = V(double(thr));
       for (int64_t t = 0; t < n; t += P::L) {
         const auto ln = P::lanes(n - t);
         const auto v = P::valid(r.m + t, ln);
-        V out = sel(v, gent, zero);
-        const V h = sel(v, P::load(r.opt[pl::kInEntropy] + t, ln), zero);
-        if (has_thr) out = sel(h >= thrv, out, zero);
+        V out = keep(v, gent);
+        const V h = keep(v, P::load(r.opt[pl::kInEntropy] + t, ln));
+        if (has_thr) out = keep(h >= thrv, out);
         P::store(ge + t, out, ln);
       }
     }
@@ -940,7 +942,6 @@ void fused_bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
   const bool kl = a.flags.kl_kind != pl::kKlNone;
   T* const d_all = static_cast<T*>(a.token_grad);
   const T* const dk_all = static_cast<const T*>(a.token_grad_kl);
-  const V zero(0.0);
   for (int64_t b = b0; b < b1; ++b) {
     const auto gr = [&](int k) { return T(a.grad_rows[k * B + b]); };
     const T g_pg = gr(pl::kGradPg), g_kl = kl ? gr(pl::kGradKl) : T(0), g_lp = gr(pl::kGradLp);
@@ -963,9 +964,9 @@ void fused_bwd_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1) {
       if (kl) prefetch_ahead<P>(dk, t);
       const auto ln = P::lanes(n - t);
       const auto v = P::valid(m + t, ln);
-      V x = sel(v, gpg * P::load(g + t, ln), zero);
-      if (kl) x = x + sel(v, gkl * P::load(dk + t, ln), zero);
-      if (g_lp != T(0)) x = x + sel(v, glp, zero);
+      V x = keep(v, gpg * P::load(g + t, ln));
+      if (kl) x = x + keep(v, gkl * P::load(dk + t, ln));
+      if (g_lp != T(0)) x = x + keep(v, glp);
       P::store(g + t, x, ln);
     }
   }

@@ -101,6 +101,17 @@ inline VF clampv(VF x, VF lo, VF hi) {
 inline VF vmin(VF a, VF b) { return _mm512_min_ps(a.v, b.v); }
 inline VF vmax(VF a, VF b) { return _mm512_max_ps(a.v, b.v); }
 
+// e^r's polynomial of exp_host_f32 (rlkern/policy_loss.h), the same operations lane-wise.
+inline __m512 exp_taylor(__m512 r) {
+  using namespace policy_loss::exp_f32;
+  const auto c = [](int i) { return _mm512_set1_ps(kTaylor[i]); };
+  const __m512 r2 = _mm512_mul_ps(r, r), r4 = _mm512_mul_ps(r2, r2);
+  const __m512 q = _mm512_fmadd_ps(
+      _mm512_fmadd_ps(c(0), r, c(1)), r4,
+      _mm512_fmadd_ps(_mm512_fmadd_ps(c(2), r, c(3)), r2, _mm512_fmadd_ps(c(4), r, c(5))));
+  return _mm512_fmadd_ps(_mm512_fmadd_ps(q, r, c(6)), r, c(7));
+}
+
 // exp_host_f32 of rlkern/policy_loss.h, 16 lanes: same reduction and polynomial; 2^n by
 // scalef (exact, with graceful underflow). For |x| ≤ kExpClampedMax exp_poly is all of it.
 inline __m512 exp_poly(__m512 xc) {
@@ -109,9 +120,7 @@ inline __m512 exp_poly(__m512 xc) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kTaylor[0]);
-  for (int i = 1; i < kTerms; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kTaylor[i]));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(exp_taylor(r), n);
 }
 
 // f on each lane through the scalar code: the rare paths (an exp beyond ±kExpClampedMax or of
@@ -207,6 +216,10 @@ inline MF operator==(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)};
 inline MF operator!=(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_NEQ_UQ)}; }
 
 inline VF sel(MF c, VF a, VF b) { return _mm256_blendv_ps(b.v, a.v, c.k); }
+// sel(c, x, 0) and sel(c, 0, x) of rlkern/policy_loss.h: a lane of c is all ones or all zeros,
+// so one AND (GCC compiles the blend against +0 to a sign test of c and an AND).
+inline VF keep(MF c, VF x) { return _mm256_and_ps(c.k, x.v); }
+inline VF drop(MF c, VF x) { return _mm256_andnot_ps(c.k, x.v); }
 // As Avx512F's: the data second, so that a NaN lane stays NaN.
 inline VF clampv(VF x, VF lo, VF hi) {
   return _mm256_min_ps(hi.v, _mm256_max_ps(lo.v, x.v));
@@ -214,24 +227,37 @@ inline VF clampv(VF x, VF lo, VF hi) {
 inline VF vmin(VF a, VF b) { return _mm256_min_ps(a.v, b.v); }
 inline VF vmax(VF a, VF b) { return _mm256_max_ps(a.v, b.v); }
 
-// exp_host_f32 of rlkern/policy_loss.h, 8 lanes: its rounding of n (the 1.5·2^23 shift), its
-// reduction and polynomial, and its 2^n as two exponent-field factors (AVX2 has no scalef), so
-// the same bits. For |x| ≤ kExpClampedMax exp_poly is all of it.
+// e^r's polynomial of exp_host_f32 (rlkern/policy_loss.h), the same operations lane-wise.
+inline __m256 exp_taylor(__m256 r) {
+  using namespace policy_loss::exp_f32;
+  const auto c = [](int i) { return _mm256_set1_ps(kTaylor[i]); };
+  const __m256 r2 = _mm256_mul_ps(r, r), r4 = _mm256_mul_ps(r2, r2);
+  const __m256 q = _mm256_fmadd_ps(
+      _mm256_fmadd_ps(c(0), r, c(1)), r4,
+      _mm256_fmadd_ps(_mm256_fmadd_ps(c(2), r, c(3)), r2, _mm256_fmadd_ps(c(4), r, c(5))));
+  return _mm256_fmadd_ps(_mm256_fmadd_ps(q, r, c(6)), r, c(7));
+}
+
+// exp_host_f32 of rlkern/policy_loss.h, 8 lanes: its rounding of n, its reduction and
+// polynomial, so the same p and n. On exp_poly's domain, |x| ≤ kExpClampedMax
+// (and NaN), exp_host_f32's clamps and fix-ups never fire and its p·2^n is a normal float
+// (≥ e^−87 > FLT_MIN: x ≥ −87 gives n ≥ −126 with p > 1 there), so the two exponent-field
+// factors it multiplies by are exact, and adding n into p's exponent field gives the same bits:
+// one shift and one add where the scaling took six integer ops and two dependent multiplies
+// (the forward token loop waits on its exp chain). A NaN x gives n = INT_MIN, whose n << 23 is
+// 0: p, the NaN, unchanged, as p · 1 · 1 left it. tests/cpp/policy_loss_exp_exhaustive.cpp
+// checks the bits.
 inline __m256 exp_poly(__m256 xc) {
   using namespace policy_loss::exp_f32;
-  const __m256 shift = _mm256_set1_ps(kRound);
-  const __m256 n =
-      _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), shift), shift);
+  // round to nearest even: what adding and subtracting 1.5·2^23 does for |x·log2 e| < 2^22
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kTaylor[0]);
-  for (int i = 1; i < kTerms; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kTaylor[i]));
+  const __m256 p = exp_taylor(r);
   const __m256i ni = _mm256_cvttps_epi32(n);  // n is an integer: the truncation is exact
-  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  return _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(ni, 23)));
 }
 
 template <typename F>
@@ -273,9 +299,10 @@ struct Avx2F {
     const int n = width(ln);
     if (n == 8) std::memcpy(&bytes, m, 8);
     else std::memcpy(&bytes, m, static_cast<size_t>(n));
+    // lanes past the step's end hold a 0 byte, so they are invalid without testing ln again;
+    // a byte widened to 0..255 is nonzero where it is > 0 (one signed compare)
     const __m256i w = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes)));
-    const __m256i zero = _mm256_cmpeq_epi32(w, _mm256_setzero_si256());
-    return {_mm256_andnot_ps(_mm256_castsi256_ps(zero), ln.k)};
+    return {_mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()))};
   }
   static V load(const float* p, M ln) { return _mm256_maskload_ps(p, _mm256_castps_si256(ln.k)); }
   static V load_valid(const float* p, M v) {
