@@ -37,7 +37,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace rlkern::cpu {
@@ -101,6 +103,41 @@ RLKERN_PL_STEP_INLINE inline void for_steps(int64_t t0, int64_t t1, F&& step) {
     }
   }
   for (; t < t1; t += P::L) step(t, t1);
+}
+
+// Whether the n mask bytes at m (a multiple of 8) are all nonzero: a zero byte of each 8-byte
+// word shows in (w − 0x01…01) & ~w & 0x80…80.
+inline bool all_valid(const uint8_t* m, int n) {
+  uint64_t zero = 0;
+  for (int i = 0; i < n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, m + i, 8);
+    zero |= (w - 0x0101010101010101ull) & ~w & 0x8080808080808080ull;
+  }
+  return zero == 0;
+}
+
+// for_steps for a loop that reads the mask m: step(t, end, full) with `full` a
+// std::true_type where the pair's tokens are all valid (a row's interior: its masked
+// operations then compile to plain ones, load_step<…, FULL>), std::false_type elsewhere. The
+// same operations on the same values either way, so the same bits. The scalar lanes take the
+// general step only (no second copy of their loop).
+template <typename P, typename F>
+RLKERN_PL_STEP_INLINE inline void for_valid_steps(const uint8_t* m, int64_t t0, int64_t t1,
+                                                  F&& step) {
+  int64_t t = t0;
+  if constexpr (P::L > 1) {
+    for (; t + 2 * P::L <= t1; t += 2 * P::L) {
+      if (all_valid(m + t, 2 * P::L)) {
+        step(t, t + P::L, std::true_type{});
+        step(t + P::L, t + 2 * P::L, std::true_type{});
+      } else {
+        step(t, t + P::L, std::false_type{});
+        step(t + P::L, t + 2 * P::L, std::false_type{});
+      }
+    }
+  }
+  for (; t < t1; t += P::L) step(t, t1, std::false_type{});
 }
 
 // The token loops take the row pointers, hyperparameters and row constants by value: local
@@ -305,10 +342,12 @@ void aux_pass(const Row<T> r, int64_t n, const PolicyLossArgs& a, const RowConst
   }
 }
 
-// Token inputs of one step, masked tokens zeroed (their values are never used).
-template <typename P, typename T>
+// Token inputs of one step, masked tokens zeroed (their values are never used). VM: the type
+// of the valid-token mask v, plsimd::AllLanes where the step is known to be all valid.
+template <typename P, typename T, typename VM = typename P::M>
 struct Step {
-  typename P::M ln, v;
+  typename P::M ln;
+  VM v;
   typename P::V lp, old, a;
 };
 
@@ -321,11 +360,13 @@ void prefetch_step(const Row<T> r, int64_t t) {
   if constexpr (ADVTOK) prefetch_ahead<P>(r.adv, t);
 }
 
-template <typename P, bool ADVTOK, typename T>
-Step<P, T> load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) {
-  Step<P, T> s;
+// FULL: the step's tokens are all valid (for_valid_steps checked their mask bytes).
+template <typename P, bool ADVTOK, bool FULL = false, typename T>
+auto load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) {
+  Step<P, T, std::conditional_t<FULL, plsimd::AllLanes, typename P::M>> s;
   s.ln = P::lanes(t1 - t);
-  s.v = P::valid(r.m + t, s.ln);
+  if constexpr (FULL) s.v = plsimd::AllLanes{};
+  else s.v = P::valid(r.m + t, s.ln);
   // Masked tokens load as 0 (never read): every per-token term is then finite and its
   // indicators false there, so most sums need no select.
   s.lp = P::load_valid(r.lp + t, s.v);
@@ -338,8 +379,8 @@ Step<P, T> load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) 
 }
 
 // The token's cov_select value (clip_cov / kl_cov; 0 for the other kinds and masked tokens).
-template <typename P, int K, typename T>
-typename P::V cov_at(const Row<T> r, int64_t t, typename P::M v) {
+template <typename P, int K, typename T, typename VM>
+typename P::V cov_at(const Row<T> r, int64_t t, VM v) {
   if constexpr (K == pl::kClipCov || K == pl::kKlCov)
     return P::load_valid(r.opt[pl::kInCovSelect] + t, v);
   else
@@ -387,10 +428,10 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
     V pg(0.0), nlr(0.0), rs(0.0), as(0.0), lps(0.0), pgn(0.0), vs(0.0);
     int64_t clip = 0, clo = 0, chi = 0, dual = 0, len = 0, npos = 0;
     V rmin = inf, rmax = ninf;
-    for_steps<P>(t0, t1, [&](int64_t t, int64_t end) RLKERN_PL_STEP_INLINE {
+    for_valid_steps<P>(r.m, t0, t1, [&](int64_t t, int64_t end, auto full) RLKERN_PL_STEP_INLINE {
       prefetch_step<P, ADVTOK>(r, t);
       if constexpr (STORE) prefetch_ahead_for_write<P>(dg, t);
-      const Step<P, T> s = load_step<P, ADVTOK>(r, t, end, adv0);
+      const auto s = load_step<P, ADVTOK, decltype(full)::value>(r, t, end, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
       const V rho = SEQ ? expv(r_seq) : clamped ? expv_clamped(dc) : expv(dc);

@@ -41,6 +41,24 @@ inline float vmax(float a, float b) { return b > a ? b : a; }
 inline double vmin(double a, double b) { return b < a ? b : a; }
 inline double vmax(double a, double b) { return b > a ? b : a; }
 
+// The lane mask of a step whose every lane is a valid token (a row's interior, where the mask
+// bytes are all set): a type of its own, so that the masked operations below reduce to their
+// plain forms at compile time (a madd to an add, a count to L, `m && all` to m, a masked load
+// to a load), the same values as with an all-ones mask.
+struct AllLanes {};
+template <typename M>
+M operator&&(M m, AllLanes) {
+  return m;
+}
+template <typename M>
+M operator&&(AllLanes, M m) {
+  return m;
+}
+template <typename V>
+V keep(AllLanes, V x) {
+  return x;
+}
+
 template <typename T>
 struct Scalar {
   using V = T;
@@ -54,6 +72,11 @@ struct Scalar {
   static V madd(V acc, M m, V x) { return m ? acc + x : acc; }
   static V mmin(V acc, M m, V x) { return m && x < acc ? x : acc; }
   static V mmax(V acc, M m, V x) { return m && x > acc ? x : acc; }
+  static V load_valid(const T* p, AllLanes) { return *p; }
+  static int count(AllLanes) { return 1; }
+  static V madd(V acc, AllLanes, V x) { return acc + x; }
+  static V mmin(V acc, AllLanes, V x) { return x < acc ? x : acc; }
+  static V mmax(V acc, AllLanes, V x) { return x > acc ? x : acc; }
   static V bcast(T x) { return x; }
   static void store(T* p, V v, M) { *p = v; }
   static T hsum(V v) { return v; }
@@ -174,6 +197,11 @@ struct Avx512F {
   static V madd(V acc, M m, V x) { return _mm512_mask_add_ps(acc.v, m.k, acc.v, x.v); }
   static V mmin(V acc, M m, V x) { return _mm512_mask_min_ps(acc.v, m.k, acc.v, x.v); }
   static V mmax(V acc, M m, V x) { return _mm512_mask_max_ps(acc.v, m.k, acc.v, x.v); }
+  static V load_valid(const float* p, AllLanes) { return _mm512_loadu_ps(p); }
+  static int count(AllLanes) { return L; }
+  static V madd(V acc, AllLanes, V x) { return _mm512_add_ps(acc.v, x.v); }
+  static V mmin(V acc, AllLanes, V x) { return _mm512_min_ps(acc.v, x.v); }
+  static V mmax(V acc, AllLanes, V x) { return _mm512_max_ps(acc.v, x.v); }
   static V bcast(float x) { return _mm512_set1_ps(x); }
   static void store(float* p, V v, M ln) { _mm512_mask_storeu_ps(p, ln.k, v.v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v.v); }
@@ -312,6 +340,11 @@ struct Avx2F {
   static V madd(V acc, M m, V x) { return _mm256_blendv_ps(acc.v, _mm256_add_ps(acc.v, x.v), m.k); }
   static V mmin(V acc, M m, V x) { return _mm256_blendv_ps(acc.v, _mm256_min_ps(acc.v, x.v), m.k); }
   static V mmax(V acc, M m, V x) { return _mm256_blendv_ps(acc.v, _mm256_max_ps(acc.v, x.v), m.k); }
+  static V load_valid(const float* p, AllLanes) { return _mm256_loadu_ps(p); }
+  static int count(AllLanes) { return L; }
+  static V madd(V acc, AllLanes, V x) { return _mm256_add_ps(acc.v, x.v); }
+  static V mmin(V acc, AllLanes, V x) { return _mm256_min_ps(acc.v, x.v); }
+  static V mmax(V acc, AllLanes, V x) { return _mm256_max_ps(acc.v, x.v); }
   static V bcast(float x) { return _mm256_set1_ps(x); }
   // A full step takes a plain store: vmaskmovps to memory is microcoded on AMD's cores (on
   // Zen 3 one took ~10× a plain store of the same 8 lanes), and every token loop stores
