@@ -594,10 +594,10 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
     V Gl(0.0);
-    for_steps<P>(t0, t1, [&](int64_t t, int64_t end) RLKERN_PL_STEP_INLINE {
+    for_valid_steps<P>(r.m, t0, t1, [&](int64_t t, int64_t end, auto full) RLKERN_PL_STEP_INLINE {
       prefetch_step<P, ADVTOK>(r, t);
       prefetch_ahead_for_write<P>(g, t);
-      const Step<P, T> s = load_step<P, ADVTOK>(r, t, end, adv0);
+      const auto s = load_step<P, ADVTOK, decltype(full)::value>(r, t, end, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
       const V rho = MODE != pl::kRatioToken ? expv(r_seq)

@@ -383,7 +383,7 @@ constexpr float kMax = 88.72283935546875f, kMin = -103.97208404541015625f;
 constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.0f;  // 1.5·2^23
 constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187045e-06f;
 constexpr float kTaylor[8] = {1.98412698e-4f, 1.38888889e-3f, 8.33333333e-3f,
-                                   4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f};
+                              4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f};
 }  // namespace exp_f32
 
 RLKERN_HOST_DEVICE float exp_host_f32(float x) {

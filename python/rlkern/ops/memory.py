@@ -4,9 +4,10 @@ A fresh multi-MiB CPU tensor is mapped on first touch, one 4 KiB page at a time 
 large allocations with mmap), and on a virtual machine the faults can cost more than the
 writes. Advised as huge pages (``MADV_HUGEPAGE``), its 2 MiB-aligned interior faults in 2 MiB
 pieces (docs/benchmarks.md, "The backward", has what that did to the logprobs backward).
-The CPU logprobs backward advises its fresh gradient in C++
+The CPU logprobs backward and the fused policy-loss op advise their fresh gradients in C++
 (``csrc/cpu/huge_pages.h``); this is the same advice for buffers allocated in Python (the
-bench's floors). A hint: without transparent huge pages nothing changes.
+bench's floors, the policy loss's other gradients and factors). A hint: without transparent
+huge pages nothing changes.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ from torch import Tensor
 from rlkern.config.layout import layout
 from rlkern.ops.eager import plain_eager
 from rlkern.ops.logprobs import checks_enabled
+from rlkern.ops.memory import advise_huge_pages
 from rlkern.ops.policy_loss.aggregate import LinearAggregate
 from rlkern.ops.policy_loss.inputs import Prepared, raise_non_finite
 from rlkern.ops.policy_loss.register import check_row_stats, grad_rows_slice, split_inputs
@@ -110,8 +111,9 @@ def _forward(ctx: Any, lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
     B, T = mask.shape
     row_stats = torch.empty(len(lay.row_stats), B, dtype=torch.float64)
     with_kl = flags[lay.flags.kl_kind] != lay.kl_kinds.none
-    factors = (torch.empty(B, T, dtype=lp.dtype),
-               torch.empty(B, T, dtype=lp.dtype) if with_kl else None)
+    # fresh each call: faulted in 2 MiB pages (rlkern.ops.memory)
+    factors = (advise_huge_pages(torch.empty(B, T, dtype=lp.dtype)),
+               advise_huge_pages(torch.empty(B, T, dtype=lp.dtype)) if with_kl else None)
     if B > 0:
         torch.ops.rlkern.policy_loss_fused_fwd_out(lp, old, adv, mask, inputs, flags,
                                                    hparams, row_stats, *factors)

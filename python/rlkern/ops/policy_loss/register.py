@@ -35,6 +35,7 @@ from rlkern import backends
 from rlkern.config.layout import layout
 from rlkern.ops import eager
 from rlkern.ops.logprobs import checks_enabled
+from rlkern.ops.memory import advise_huge_pages
 from rlkern.ops.policy_loss.autograd import gradients
 from rlkern.ops.policy_loss.inputs import raise_non_finite
 from rlkern.reference.policy_loss import policy_loss_row_stats
@@ -194,8 +195,9 @@ def policy_loss_bwd(
     """→ ``(∂/∂logprobs, ∂/∂entropy)`` (the latter 0-element unless ``entropy_grad``)."""
     opt = _by_slot(inputs, slots)
     entropy = opt[layout("policy_loss").inputs.entropy]
-    grad_lp = torch.empty_like(logprobs, memory_format=torch.contiguous_format)
-    grad_ent = (torch.empty_like(entropy, memory_format=torch.contiguous_format)
+    # fresh each call: faulted in 2 MiB pages on the CPU (rlkern.ops.memory)
+    grad_lp = advise_huge_pages(torch.empty_like(logprobs, memory_format=torch.contiguous_format))
+    grad_ent = (advise_huge_pages(torch.empty_like(entropy, memory_format=torch.contiguous_format))
                 if entropy_grad and entropy is not None else None)
     if mask.numel():
         _bwd_out(backend, logprobs, old_logprobs, advantages, mask, opt, row_stats,
