@@ -93,18 +93,6 @@ void prefetch_ahead_for_write(E* p, int64_t t) {
 #define RLKERN_PL_STEP_INLINE
 #endif
 
-template <typename P, typename F>
-RLKERN_PL_STEP_INLINE inline void for_steps(int64_t t0, int64_t t1, F&& step) {
-  int64_t t = t0;
-  if constexpr (P::L > 1) {
-    for (; t + 2 * P::L <= t1; t += 2 * P::L) {
-      step(t, t + P::L);
-      step(t + P::L, t + 2 * P::L);
-    }
-  }
-  for (; t < t1; t += P::L) step(t, t1);
-}
-
 // Whether the n mask bytes at m (a multiple of 8) are all nonzero: a zero byte of each 8-byte
 // word shows in (w − 0x01…01) & ~w & 0x80…80.
 inline bool all_valid(const uint8_t* m, int n) {
@@ -117,20 +105,21 @@ inline bool all_valid(const uint8_t* m, int n) {
   return zero == 0;
 }
 
-// for_steps for a loop that reads the mask m: step(t, end, full) with `full` a
-// std::true_type where the pair's tokens are all valid (a row's interior: its masked
-// operations then compile to plain ones, load_step<…, FULL>), std::false_type elsewhere. The
-// same operations on the same values either way, so the same bits. The scalar lanes take the
-// general step only (no second copy of their loop).
-template <typename P, typename F>
-RLKERN_PL_STEP_INLINE inline void for_valid_steps(const uint8_t* m, int64_t t0, int64_t t1,
-                                                  F&& step) {
+// The steps of both loops below: step(t, end, full), `full` a std::true_type where CHECK and
+// the pair's mask bytes at m are all set (a row's interior: its masked operations then compile
+// to plain ones, load_step<…, FULL>), else std::false_type. The same operations on the same
+// values either way, so the same bits.
+template <typename P, bool CHECK, typename F>
+RLKERN_PL_STEP_INLINE inline void step_pairs(const uint8_t* m, int64_t t0, int64_t t1,
+                                             F&& step) {
   int64_t t = t0;
   if constexpr (P::L > 1) {
     for (; t + 2 * P::L <= t1; t += 2 * P::L) {
-      if (all_valid(m + t, 2 * P::L)) {
-        step(t, t + P::L, std::true_type{});
-        step(t + P::L, t + 2 * P::L, std::true_type{});
+      if (CHECK && all_valid(m + t, 2 * P::L)) {
+        if constexpr (CHECK) {  // (for_steps instantiates no all-valid step)
+          step(t, t + P::L, std::true_type{});
+          step(t + P::L, t + 2 * P::L, std::true_type{});
+        }
       } else {
         step(t, t + P::L, std::false_type{});
         step(t + P::L, t + 2 * P::L, std::false_type{});
@@ -138,6 +127,20 @@ RLKERN_PL_STEP_INLINE inline void for_valid_steps(const uint8_t* m, int64_t t0, 
     }
   }
   for (; t < t1; t += P::L) step(t, t1, std::false_type{});
+}
+
+template <typename P, typename F>
+RLKERN_PL_STEP_INLINE inline void for_steps(int64_t t0, int64_t t1, F&& step) {
+  step_pairs<P, false>(nullptr, t0, t1, [&](int64_t t, int64_t end, auto)
+                                            RLKERN_PL_STEP_INLINE { step(t, end); });
+}
+
+// for_steps for a loop that reads the mask m, told which pairs are all valid. The scalar lanes
+// take the general step only (no second copy of their loop).
+template <typename P, typename F>
+RLKERN_PL_STEP_INLINE inline void for_valid_steps(const uint8_t* m, int64_t t0, int64_t t1,
+                                                  F&& step) {
+  step_pairs<P, true>(m, t0, t1, step);
 }
 
 // The token loops take the row pointers, hyperparameters and row constants by value: local

@@ -270,7 +270,8 @@ fused_linear(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
     token_grad.push_back(at::empty({B, T}, logprobs.options()));
     // fresh each call: fault it in 2 MiB pages. glibc returns a freed gradient of a few MiB
     // to the kernel and maps the next one anew, and page faults in 4 KiB pieces took ~19 % of
-    // a (4096, 1024) call on two threads (perf; docs/policy_loss.md, "Huge pages").
+    // a (4096, 1024) call on two threads (perf; docs/policy_loss.md, "A shorter chain per
+    // token").
     cpu::advise_huge_pages(token_grad.back().data_ptr(), token_grad.back().nbytes());
   }
   at::Tensor weights;

@@ -124,16 +124,7 @@ inline VF clampv(VF x, VF lo, VF hi) {
 inline VF vmin(VF a, VF b) { return _mm512_min_ps(a.v, b.v); }
 inline VF vmax(VF a, VF b) { return _mm512_max_ps(a.v, b.v); }
 
-// e^r's polynomial of exp_host_f32 (rlkern/policy_loss.h), the same operations lane-wise.
-inline __m512 exp_taylor(__m512 r) {
-  using namespace policy_loss::exp_f32;
-  const auto c = [](int i) { return _mm512_set1_ps(kTaylor[i]); };
-  const __m512 r2 = _mm512_mul_ps(r, r), r4 = _mm512_mul_ps(r2, r2);
-  const __m512 q = _mm512_fmadd_ps(
-      _mm512_fmadd_ps(c(0), r, c(1)), r4,
-      _mm512_fmadd_ps(_mm512_fmadd_ps(c(2), r, c(3)), r2, _mm512_fmadd_ps(c(4), r, c(5))));
-  return _mm512_fmadd_ps(_mm512_fmadd_ps(q, r, c(6)), r, c(7));
-}
+inline VF fmav(VF a, VF b, VF c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
 
 // exp_host_f32 of rlkern/policy_loss.h, 16 lanes: same reduction and polynomial; 2^n by
 // scalef (exact, with graceful underflow). For |x| ≤ kExpClampedMax exp_poly is all of it.
@@ -143,7 +134,7 @@ inline __m512 exp_poly(__m512 xc) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  return _mm512_scalef_ps(exp_taylor(r), n);
+  return _mm512_scalef_ps(policy_loss::exp_taylor(VF(r)).v, n);
 }
 
 // f on each lane through the scalar code: the rare paths (an exp beyond ±kExpClampedMax or of
@@ -255,16 +246,7 @@ inline VF clampv(VF x, VF lo, VF hi) {
 inline VF vmin(VF a, VF b) { return _mm256_min_ps(a.v, b.v); }
 inline VF vmax(VF a, VF b) { return _mm256_max_ps(a.v, b.v); }
 
-// e^r's polynomial of exp_host_f32 (rlkern/policy_loss.h), the same operations lane-wise.
-inline __m256 exp_taylor(__m256 r) {
-  using namespace policy_loss::exp_f32;
-  const auto c = [](int i) { return _mm256_set1_ps(kTaylor[i]); };
-  const __m256 r2 = _mm256_mul_ps(r, r), r4 = _mm256_mul_ps(r2, r2);
-  const __m256 q = _mm256_fmadd_ps(
-      _mm256_fmadd_ps(c(0), r, c(1)), r4,
-      _mm256_fmadd_ps(_mm256_fmadd_ps(c(2), r, c(3)), r2, _mm256_fmadd_ps(c(4), r, c(5))));
-  return _mm256_fmadd_ps(_mm256_fmadd_ps(q, r, c(6)), r, c(7));
-}
+inline VF fmav(VF a, VF b, VF c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
 
 // exp_host_f32 of rlkern/policy_loss.h, 8 lanes: its rounding of n, its reduction and
 // polynomial, so the same p and n. On exp_poly's domain, |x| ≤ kExpClampedMax
@@ -282,7 +264,7 @@ inline __m256 exp_poly(__m256 xc) {
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  const __m256 p = exp_taylor(r);
+  const __m256 p = policy_loss::exp_taylor(VF(r)).v;
   const __m256i ni = _mm256_cvttps_epi32(n);  // n is an integer: the truncation is exact
   return _mm256_castsi256_ps(
       _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(ni, 23)));

@@ -386,6 +386,21 @@ constexpr float kTaylor[8] = {1.98412698e-4f, 1.38888889e-3f, 8.33333333e-3f,
                               4.16666667e-2f, 1.66666667e-1f, 0.5f, 1.0f, 1.0f};
 }  // namespace exp_f32
 
+// fma for exp_taylor's value types: float here, the CPU's SIMD vectors (policy_loss_simd.h)
+// overload it.
+inline float fmav(float a, float b, float c) { return fmaf(a, b, c); }
+
+// e^r on |r| ≤ ln2/2, as described above: the one formula of the scalar exp and the CPU's
+// vector ones (the same operations lane-wise, so the same bits).
+template <typename T>
+T exp_taylor(T r) {
+  using namespace exp_f32;
+  const T r2 = r * r, r4 = r2 * r2;
+  const auto c = [](int i) { return T(kTaylor[i]); };
+  const T q = fmav(fmav(c(0), r, c(1)), r4, fmav(fmav(c(2), r, c(3)), r2, fmav(c(4), r, c(5))));
+  return fmav(fmav(q, r, c(6)), r, c(7));
+}
+
 RLKERN_HOST_DEVICE float exp_host_f32(float x) {
   using namespace exp_f32;
   float xc = x > kMax ? kMax : x;
@@ -393,10 +408,7 @@ RLKERN_HOST_DEVICE float exp_host_f32(float x) {
   const float n = (xc * kLog2e + kRound) - kRound;  // round to nearest
   float r = fmaf(-n, kLn2Hi, xc);
   r = fmaf(-n, kLn2Lo, r);
-  const float r2 = r * r, r4 = r2 * r2;
-  const float q = fmaf(fmaf(kTaylor[0], r, kTaylor[1]), r4,
-                       fmaf(fmaf(kTaylor[2], r, kTaylor[3]), r2, fmaf(kTaylor[4], r, kTaylor[5])));
-  const float p = fmaf(fmaf(q, r, kTaylor[6]), r, kTaylor[7]);
+  const float p = exp_taylor(r);
   const int ni = static_cast<int>(n);
   const int n1 = ni >> 1, n2 = ni - n1;
   const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23;
