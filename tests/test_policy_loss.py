@@ -306,17 +306,40 @@ def test_metrics_are_tensors_without_host_sync():
     assert isinstance(out, rlkern.PolicyLossOutput)
 
 
-def test_masked_positions_are_never_read():
-    """Garbage (NaN, inf) at masked positions changes nothing."""
-    inp = make_inputs(5, 9, torch.float32, seed=4)
-    case = CASES["all-addons"]
-    out_a, g_a = _run(case, inp, "cpu")
-    for key in ("logprobs", "old_logprobs", "ref_logprobs", "rollout_logprobs", "entropy",
-                "token_weights"):
-        inp[key] = torch.where(inp["mask"], inp[key], torch.full_like(inp[key], math.inf))
-    out_b, g_b = _run(case, inp, "cpu")
-    assert torch.equal(out_a.loss, out_b.loss)
-    assert torch.equal(g_a[0], g_b[0]) and torch.equal(g_a[1], g_b[1])
+GARBAGE_CASES = ["ppo", "ppo-clip-higher-dual", "ppo-adv-per-token", "cispo-verl", "sapo",
+                 "reinforce", "gvpo", "vespo", "trl-preset", "verl-preset", "dro", "dppo-tv",
+                 "clip-cov", "token-weights", "all-addons"]
+
+
+@pytest.mark.parametrize("garbage", [math.inf, -math.inf, math.nan, 1e30, -1e30])
+@pytest.mark.parametrize("name", GARBAGE_CASES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_masked_positions_change_nothing(name, garbage, fused, monkeypatch):
+    """Whatever masked positions hold, the loss, every metric and the gradients are bit for bit
+    those of the same inputs with 0 there. The CPU's token loops form every position's ratio,
+    masked or not (policy_loss.cpp, block_ratios), so this is what keeps a masked one out: fp32
+    rows of 37 tokens (whole vectors and a tail) with holes, on the fused and two-pass paths."""
+    from rlkern.ops.policy_loss import api
+    from rlkern.ops.policy_loss.fused import fused_applies
+
+    monkeypatch.setattr(api, "fused_applies", fused_applies if fused else lambda p: False)
+    case = CASES[name]
+    inp = make_inputs(6, 37, torch.float32, seed=4)  # gvpo: groups of 3 rows
+    runs = []
+    for fill in (0.0, garbage):
+        filled = dict(inp)
+        for key in ("logprobs", "old_logprobs", "ref_logprobs", "rollout_logprobs", "entropy",
+                    "token_weights", "adv_per_token", "cov_select"):
+            filled[key] = torch.where(inp["mask"], inp[key], torch.full_like(inp[key], fill))
+        runs.append(_run(case, filled, "cpu"))
+    (out_a, g_a), (out_b, g_b) = runs
+    assert torch.equal(bits(out_a.loss), bits(out_b.loss))
+    for k in out_a.metrics:
+        assert torch.equal(bits(out_a.metrics[k]), bits(out_b.metrics[k])), k
+    for a, b in zip(g_a, g_b, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(bits(a), bits(b))
 
 
 # Row lengths around the 64-token steps of the kernels' scan for the last valid token, and

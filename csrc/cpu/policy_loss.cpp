@@ -381,6 +381,41 @@ auto load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) {
   return s;
 }
 
+// The ratios ρ_t = e^clamp(Δ_t, ±C) of a block's tokens [t0, t1) into ratios[0, t1 − t0),
+// rounded up to whole vectors (room for kBlock). The SIMD token loops of the token-ratio mode
+// take ρ from here instead of forming it in-line. Why: a token is one long dependency chain
+// (loads, Δ, clamp, the exp's FMAs, the loss, the gradient), of which the core's out-of-order
+// window holds only about 1.5 steps, so the one loop waited on latency. This pass's steps are
+// short and independent (many fit in the window), and the loop after it starts each chain from
+// a ρ already computed. The same operations on the same values: the same bits.
+// Every token's ρ, masked or not, and the mask is not read: the loops read ρ only into
+// consumers masked by v (sums, counts, min / max, the stored gradient), so a masked token's ρ
+// may be anything. Only the row's end bounds the loads.
+template <typename P, bool ADVTOK, typename T>
+void block_ratios(const Row<T> r, int64_t t0, int64_t t1, typename P::V C, bool clamped,
+                  T* ratios) {
+  using V = typename P::V;
+  const plsimd::AllLanes all;
+  auto pass = [&](auto in_range) RLKERN_PL_STEP_INLINE {
+    auto ratio_of = [&](V lp, V old) RLKERN_PL_STEP_INLINE {
+      const V dc = clampv(lp - old, -C, C);
+      return in_range ? expv_clamped(dc) : expv(dc);
+    };
+    int64_t t = t0;
+    for (; t + P::L <= t1; t += P::L) {
+      prefetch_step<P, ADVTOK>(r, t);
+      P::store(ratios + (t - t0),
+               ratio_of(P::load_valid(r.lp + t, all), P::load_valid(r.old + t, all)), all);
+    }
+    if (t < t1) {
+      const auto ln = P::lanes(t1 - t);
+      P::store(ratios + (t - t0), ratio_of(P::load(r.lp + t, ln), P::load(r.old + t, ln)), all);
+    }
+  };
+  if (clamped) pass(std::true_type{});
+  else pass(std::false_type{});
+}
+
 // The token's cov_select value (clip_cov / kl_cov; 0 for the other kinds and masked tokens).
 template <typename P, int K, typename T, typename VM>
 typename P::V cov_at(const Row<T> r, int64_t t, VM v) {
@@ -426,18 +461,25 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   const V gpg = V(double(g_pg));
   // clamp(Δ, ±C) within the exp's range: no range test (verl's C = 20; TRL clamps nothing)
   const bool clamped = pl::exp_clamped_ok(h.log_ratio_clamp);
+  // The SIMD lanes take the ratios first (block_ratios: why).
+  constexpr bool kSplit = !SEQ && P::L > 1;
+  alignas(64) T ratios[kSplit ? kBlock : 1];
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
+    if constexpr (kSplit) block_ratios<P, ADVTOK>(r, t0, t1, C, clamped, ratios);
     V pg(0.0), nlr(0.0), rs(0.0), as(0.0), lps(0.0), pgn(0.0), vs(0.0);
     int64_t clip = 0, clo = 0, chi = 0, dual = 0, len = 0, npos = 0;
     V rmin = inf, rmax = ninf;
     for_valid_steps<P>(r.m, t0, t1, [&](int64_t t, int64_t end, auto full) RLKERN_PL_STEP_INLINE {
-      prefetch_step<P, ADVTOK>(r, t);
+      if constexpr (!kSplit) prefetch_step<P, ADVTOK>(r, t);
       if constexpr (STORE) prefetch_ahead_for_write<P>(dg, t);
       const auto s = load_step<P, ADVTOK, decltype(full)::value>(r, t, end, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
-      const V rho = SEQ ? expv(r_seq) : clamped ? expv_clamped(dc) : expv(dc);
+      V rho;
+      if constexpr (SEQ) rho = expv(r_seq);
+      else if constexpr (kSplit) rho = P::load_valid(ratios + (t - t0), plsimd::AllLanes{});
+      else rho = clamped ? expv_clamped(dc) : expv(dc);
       const pl::TokenLoss<V> L =
           pl::token_loss<V, SIGN>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
@@ -594,18 +636,22 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   const V pass_seq(c.pass_seq ? 1.0 : 0.0);
   const bool clamped = pl::exp_clamped_ok(h.log_ratio_clamp);  // as in fwd_main
+  constexpr bool kSplit = MODE == pl::kRatioToken && P::L > 1;  // as in fwd_main
+  alignas(64) T ratios[kSplit ? kBlock : 1];
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
+    if constexpr (kSplit) block_ratios<P, ADVTOK>(r, t0, t1, C, clamped, ratios);
     V Gl(0.0);
     for_valid_steps<P>(r.m, t0, t1, [&](int64_t t, int64_t end, auto full) RLKERN_PL_STEP_INLINE {
-      prefetch_step<P, ADVTOK>(r, t);
+      if constexpr (!kSplit) prefetch_step<P, ADVTOK>(r, t);
       prefetch_ahead_for_write<P>(g, t);
       const auto s = load_step<P, ADVTOK, decltype(full)::value>(r, t, end, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
-      const V rho = MODE != pl::kRatioToken ? expv(r_seq)
-                    : clamped                 ? expv_clamped(dc)
-                                              : expv(dc);
+      V rho;
+      if constexpr (MODE != pl::kRatioToken) rho = expv(r_seq);
+      else if constexpr (kSplit) rho = P::load_valid(ratios + (t - t0), plsimd::AllLanes{});
+      else rho = clamped ? expv_clamped(dc) : expv(dc);
       const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       V wpg = gpg;
       if constexpr (K == pl::kVespo) wpg = wpg * sel(s.a >= zero, V(phi.pos), V(phi.neg));

@@ -79,6 +79,7 @@ struct Scalar {
   static V mmax(V acc, AllLanes, V x) { return x > acc ? x : acc; }
   static V bcast(T x) { return x; }
   static void store(T* p, V v, M) { *p = v; }
+  static void store(T* p, V v, AllLanes) { *p = v; }
   static T hsum(V v) { return v; }
   static T hmin(V v) { return v; }
   static T hmax(V v) { return v; }
@@ -195,6 +196,7 @@ struct Avx512F {
   static V mmax(V acc, AllLanes, V x) { return _mm512_max_ps(acc.v, x.v); }
   static V bcast(float x) { return _mm512_set1_ps(x); }
   static void store(float* p, V v, M ln) { _mm512_mask_storeu_ps(p, ln.k, v.v); }
+  static void store(float* p, V v, AllLanes) { _mm512_storeu_ps(p, v.v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v.v); }
   static float hmin(V v) { return _mm512_reduce_min_ps(v.v); }
   static float hmax(V v) { return _mm512_reduce_max_ps(v.v); }
@@ -335,6 +337,7 @@ struct Avx2F {
     if (_mm256_movemask_ps(ln.k) == 0xff) _mm256_storeu_ps(p, v.v);
     else _mm256_maskstore_ps(p, _mm256_castps_si256(ln.k), v.v);
   }
+  static void store(float* p, V v, AllLanes) { _mm256_storeu_ps(p, v.v); }
   // A tree: the two halves, then their halves, then the last two lanes.
   static float hsum(V v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v.v), _mm256_extractf128_ps(v.v, 1));

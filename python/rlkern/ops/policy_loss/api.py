@@ -98,8 +98,8 @@ def policy_loss(
         old_logprobs: ``(B, T)`` under the policy that generated / was last synced.
         advantages: ``(B,)`` (one per response) or ``(B, T)``; for gvpo the ``(B,)`` scores.
         mask: ``(B, T)`` of any dtype, nonzero = a valid response token (verl's float
-            ``response_mask`` and TRL's integer ``completion_mask`` as they are). Masked values
-            are never read.
+            ``response_mask`` and TRL's integer ``completion_mask`` as they are). Values at masked
+            positions never reach a result (NaN / inf there change nothing).
         config: a :class:`PolicyLossConfig` (default: PPO, ε = 0.2, token-mean).
         ref_logprobs: ``(B, T)`` reference log-probabilities (KL term when ``kl_coef != 0``).
         rollout_logprobs: ``(B, T)`` rollout-engine log-probabilities (rollout correction).
