@@ -256,4 +256,5 @@ def raise_non_finite(lp: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
                 f"{name}: non-finite value {float(full[b, t_])} at valid token (row {b}, "
                 f"position {t_}). NaN/Inf policy: inputs at tokens with mask = 1 must be "
                 "finite (masked positions never reach the result; rollout_logprobs may be "
-                "NaN, which counts as no correction). Disable the check with rlkern.set_checks(False).")
+                "NaN, which counts as no correction). Disable the check with "
+                "rlkern.set_checks(False).")
