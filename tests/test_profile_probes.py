@@ -1,5 +1,6 @@
-"""bench/profile/ids.sh, gigpo.sh (the per-pass tables docs/advantages.md quotes) and
-policy_loss.sh (docs/policy_loss.md's per-token table) build against the sources and run, and
+"""bench/profile/ids.sh, gigpo.sh (the per-pass tables docs/advantages.md quotes),
+policy_loss.sh and policy_loss_ab.sh (docs/policy_loss.md's per-token tables) build against the
+sources and run, and
 `SRC=` (the A/B option of bench/profile/common.sh) builds the same probe against another tree:
 here this one, so it must print the same groups. Small sizes, so each run takes seconds after
 its build; the figures themselves are not asserted."""
@@ -80,3 +81,17 @@ def test_policy_loss_probe(tmp_path):
     assert list(rows) == ["fwd", "fwd+grad", "fwd+factor"], out
     for form, values in rows.items():
         assert len(values) == 2 and all(float(v) > 0 for v in values), (form, out)
+
+
+def test_policy_loss_ab_probe(tmp_path):
+    """bench/profile/policy_loss_ab.sh with this tree on both sides (and holes in the masks):
+    six rows (two sets, three forms), positive times, and no value whose bits differ."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run(["bash", str(PROFILE / "policy_loss_ab.sh"), str(ROOT), str(ROOT), "32",
+                          "3", "37"], env=env, capture_output=True, text=True, check=True).stdout
+    lines = [line.split() for line in out.splitlines()[1:] if line.strip()]
+    assert len(lines) == 6, out
+    for cols in lines:
+        form, a, b, bits_off = cols[-6], float(cols[-5]), float(cols[-4]), int(cols[-1])
+        assert form in ("fwd", "fwd+grad", "fwd+factor") and a > 0 and b > 0, out
+        assert bits_off == 0, out
