@@ -416,6 +416,15 @@ void block_ratios(const Row<T> r, int64_t t0, int64_t t1, typename P::V C, bool 
   else pass(std::false_type{});
 }
 
+// ρ of the token-ratio step at t of the block from t0: from block_ratios' buffer where the
+// loop took the ratios first (SPLIT), else formed here from dc, as block_ratios forms it.
+template <typename P, bool SPLIT, typename T>
+RLKERN_PL_STEP_INLINE inline typename P::V ratio_at(const T* ratios, int64_t t, int64_t t0,
+                                                    typename P::V dc, bool clamped) {
+  if constexpr (SPLIT) return P::load_valid(ratios + (t - t0), plsimd::AllLanes{});
+  else return clamped ? expv_clamped(dc) : expv(dc);
+}
+
 // The token's cov_select value (clip_cov / kl_cov; 0 for the other kinds and masked tokens).
 template <typename P, int K, typename T, typename VM>
 typename P::V cov_at(const Row<T> r, int64_t t, VM v) {
@@ -476,10 +485,7 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const auto s = load_step<P, ADVTOK, decltype(full)::value>(r, t, end, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
-      V rho;
-      if constexpr (SEQ) rho = expv(r_seq);
-      else if constexpr (kSplit) rho = P::load_valid(ratios + (t - t0), plsimd::AllLanes{});
-      else rho = clamped ? expv_clamped(dc) : expv(dc);
+      const V rho = SEQ ? expv(r_seq) : ratio_at<P, kSplit>(ratios, t, t0, dc, clamped);
       const pl::TokenLoss<V> L =
           pl::token_loss<V, SIGN>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
@@ -648,10 +654,8 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const auto s = load_step<P, ADVTOK, decltype(full)::value>(r, t, end, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
-      V rho;
-      if constexpr (MODE != pl::kRatioToken) rho = expv(r_seq);
-      else if constexpr (kSplit) rho = P::load_valid(ratios + (t - t0), plsimd::AllLanes{});
-      else rho = clamped ? expv_clamped(dc) : expv(dc);
+      const V rho = MODE != pl::kRatioToken ? expv(r_seq)
+                                             : ratio_at<P, kSplit>(ratios, t, t0, dc, clamped);
       const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       V wpg = gpg;
       if constexpr (K == pl::kVespo) wpg = wpg * sel(s.a >= zero, V(phi.pos), V(phi.neg));
