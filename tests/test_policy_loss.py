@@ -308,7 +308,8 @@ def test_metrics_are_tensors_without_host_sync():
 
 GARBAGE_CASES = ["ppo", "ppo-clip-higher-dual", "ppo-adv-per-token", "cispo-verl", "sapo",
                  "reinforce", "gvpo", "vespo", "trl-preset", "verl-preset", "dro", "dppo-tv",
-                 "clip-cov", "token-weights", "all-addons"]
+                 "clip-cov", "token-weights", "all-addons", "kl-k3", "kl-low_var_kl",
+                 "kl-k3-unclamped-bias", "kl-k3-tight-clamps", "kl-k1"]
 
 
 @pytest.mark.parametrize("garbage", [math.inf, -math.inf, math.nan, 1e30, -1e30])
@@ -316,9 +317,10 @@ GARBAGE_CASES = ["ppo", "ppo-clip-higher-dual", "ppo-adv-per-token", "cispo-verl
 @pytest.mark.parametrize("fused", [True, False])
 def test_masked_positions_change_nothing(name, garbage, fused, monkeypatch):
     """Whatever masked positions hold, the loss, every metric and the gradients are bit for bit
-    those of the same inputs with 0 there. The CPU's token loops form every position's ratio,
-    masked or not (policy_loss.cpp, block_ratios), so this is what keeps a masked one out: fp32
-    rows of 37 tokens (whole vectors and a tail) with holes, on the fused and two-pass paths."""
+    those of the same inputs with 0 there. The CPU's token loops form every position's ratio
+    and k3 exp, masked or not (policy_loss.cpp, block_exps), so this is what keeps a masked one
+    out: fp32 rows of 37 tokens (whole vectors and a tail) with holes, on the fused and two-pass
+    paths."""
     from rlkern.ops.policy_loss import api
     from rlkern.ops.policy_loss.fused import fused_applies
 

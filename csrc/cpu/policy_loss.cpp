@@ -381,39 +381,50 @@ auto load_step(const Row<T> r, int64_t t, int64_t t1, typename P::V adv0) {
   return s;
 }
 
-// The ratios ρ_t = e^clamp(Δ_t, ±C) of a block's tokens [t0, t1) into ratios[0, t1 − t0),
-// rounded up to whole vectors (room for kBlock). The SIMD token loops of the token-ratio mode
-// take ρ from here instead of forming it in-line. Why: a token is one long dependency chain
-// (loads, Δ, clamp, the exp's FMAs, the loss, the gradient), of which the core's out-of-order
-// window holds only about 1.5 steps, so the one loop waited on latency. This pass's steps are
-// short and independent (many fit in the window), and the loop after it starts each chain from
-// a ρ already computed. The same operations on the same values: the same bits.
-// Every token's ρ, masked or not, and the mask is not read: the loops read ρ only into
-// consumers masked by v (sums, counts, min / max, the stored gradient), so a masked token's ρ
-// may be anything. Only the row's end bounds the loads.
-template <typename P, bool ADVTOK, typename T>
-void block_ratios(const Row<T> r, int64_t t0, int64_t t1, typename P::V C, bool clamped,
-                  T* ratios) {
+// e^clamp(a_t − b_t, ±C) of a block's tokens [t0, t1) into out[0, t1 − t0), rounded up to whole
+// vectors (room for kBlock); prefetch(t) issues each step's prefetches. The SIMD token loops
+// take their exps from here instead of forming them in-line (block_ratios: the ratios; fwd_kl:
+// k3's). Why: a token is one long dependency chain (loads, the exp's argument, the exp's FMAs,
+// the loss, the gradient), of which the core's out-of-order window holds only about 1.5 steps,
+// so the one loop waited on latency. This pass's steps are short and independent (many fit in
+// the window), and the loop after it starts each chain from an exp already computed. The same
+// operations on the same values: the same bits.
+// Every token's exp, masked or not, and the mask is not read: the loops read the exps only into
+// consumers masked by v (sums, counts, min / max, the stored gradient), so a masked token's may
+// be anything. Only the row's end bounds the loads.
+// Inlined into its callers: called, it left fwd_main 2–3 % slower in the paired probe
+// (bench/profile/policy_loss_ab.sh).
+template <typename P, typename T, typename F>
+RLKERN_PL_STEP_INLINE inline void block_exps(const T* a, const T* b, int64_t t0, int64_t t1,
+                                             typename P::V C, bool clamped, T* out,
+                                             F&& prefetch) {
   using V = typename P::V;
   const plsimd::AllLanes all;
   auto pass = [&](auto in_range) RLKERN_PL_STEP_INLINE {
-    auto ratio_of = [&](V lp, V old) RLKERN_PL_STEP_INLINE {
-      const V dc = clampv(lp - old, -C, C);
-      return in_range ? expv_clamped(dc) : expv(dc);
+    auto exp_of = [&](V x, V y) RLKERN_PL_STEP_INLINE {
+      const V c = clampv(x - y, -C, C);
+      return in_range ? expv_clamped(c) : expv(c);
     };
     int64_t t = t0;
     for (; t + P::L <= t1; t += P::L) {
-      prefetch_step<P, ADVTOK>(r, t);
-      P::store(ratios + (t - t0),
-               ratio_of(P::load_valid(r.lp + t, all), P::load_valid(r.old + t, all)), all);
+      prefetch(t);
+      P::store(out + (t - t0), exp_of(P::load_valid(a + t, all), P::load_valid(b + t, all)), all);
     }
     if (t < t1) {
       const auto ln = P::lanes(t1 - t);
-      P::store(ratios + (t - t0), ratio_of(P::load(r.lp + t, ln), P::load(r.old + t, ln)), all);
+      P::store(out + (t - t0), exp_of(P::load(a + t, ln), P::load(b + t, ln)), all);
     }
   };
   if (clamped) pass(std::true_type{});
   else pass(std::false_type{});
+}
+
+// The ratios ρ_t = e^clamp(Δ_t, ±C) of a block (block_exps), for the token-ratio mode.
+template <typename P, bool ADVTOK, typename T>
+void block_ratios(const Row<T> r, int64_t t0, int64_t t1, typename P::V C, bool clamped,
+                  T* ratios) {
+  block_exps<P>(r.lp, r.old, t0, t1, C, clamped, ratios,
+                [&](int64_t t) RLKERN_PL_STEP_INLINE { prefetch_step<P, ADVTOK>(r, t); });
 }
 
 // ρ of the token-ratio step at t of the block from t0: from block_ratios' buffer where the
@@ -595,33 +606,63 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
   // the exps' arguments clamped within their range: no range test (as in fwd_main)
   const bool kl_clamped = pl::exp_clamped_ok(h.kl_log_clamp);
   const bool clamped = pl::exp_clamped_ok(h.log_ratio_clamp);
+  // The SIMD lanes take k3's exps (and the bias correction's token ratios) first, as fwd_main
+  // takes its ratios (block_exps: why).
+  constexpr bool kSplitK3 = KL == pl::kKlK3 && P::L > 1;
+  constexpr bool kSplitRho = BIAS && !SEQ && P::L > 1;
+  alignas(64) T k3_exps[kSplitK3 ? kBlock : 1];
+  alignas(64) T ratios[kSplitRho ? kBlock : 1];
+  auto prefetch = [&](int64_t t) RLKERN_PL_STEP_INLINE {
+    prefetch_ahead<P>(r.lp, t);
+    prefetch_ahead<P>(r.opt[pl::kInRef], t);
+    prefetch_ahead<P>(r.m, t);
+    if constexpr (BIAS) prefetch_ahead<P>(r.old, t);
+  };
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
+    if constexpr (kSplitK3)
+      block_exps<P>(r.opt[pl::kInRef], r.lp, t0, t1, Ck, kl_clamped, k3_exps, prefetch);
+    if constexpr (kSplitRho)
+      block_exps<P>(r.lp, r.old, t0, t1, C, clamped, ratios, [](int64_t) {});
     V kl(0.0), refs(0.0);
-    for_steps<P>(t0, t1, [&](int64_t t, int64_t end) RLKERN_PL_STEP_INLINE {
-      prefetch_ahead<P>(r.lp, t);
-      prefetch_ahead<P>(r.opt[pl::kInRef], t);
-      prefetch_ahead<P>(r.m, t);
-      if constexpr (BIAS) prefetch_ahead<P>(r.old, t);
+    for_valid_steps<P>(r.m, t0, t1, [&](int64_t t, int64_t end, auto full) RLKERN_PL_STEP_INLINE {
+      if constexpr (!kSplitK3) prefetch(t);
       if constexpr (STORE != kKlStoreNone) prefetch_ahead_for_write<P>(dk, t);
+      // a step of valid tokens only (full) takes plain loads and stores and no mask
+      constexpr bool kFull = decltype(full)::value;
       const auto ln = P::lanes(end - t);
-      const auto v = P::valid(r.m + t, ln);
-      const V ref_raw = P::load(r.opt[pl::kInRef] + t, ln);
-      const V lp = keep(v, P::load(r.lp + t, ln)), ref = keep(v, ref_raw);
-      const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv, kl_clamped);
+      const auto v = [&] {
+        if constexpr (kFull) return plsimd::AllLanes{};
+        else return P::valid(r.m + t, ln);
+      }();
+      auto load = [&](const T* p) RLKERN_PL_STEP_INLINE {
+        if constexpr (kFull) return P::load_valid(p, plsimd::AllLanes{});
+        else return P::load(p, ln);
+      };
+      auto store = [&](T* p, V x) RLKERN_PL_STEP_INLINE {
+        if constexpr (kFull) P::store(p, x, plsimd::AllLanes{});
+        else P::store(p, x, ln);
+      };
+      const V ref_raw = load(r.opt[pl::kInRef] + t);
+      const V lp = keep(v, load(r.lp + t)), ref = keep(v, ref_raw);
+      pl::KlTerm<V> k;
+      if constexpr (kSplitK3)
+        k = pl::kl_term_given_exp<V>(KL, ST, lp, ref, Ck, Cv,
+                                     P::load_valid(k3_exps + (t - t0), plsimd::AllLanes{}));
+      else
+        k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv, kl_clamped);
       V val = k.value;
       V rho(1.0), d(0.0), dc(0.0);
       if (BIAS) {
-        d = lp - keep(v, P::load(r.old + t, ln));
+        d = lp - keep(v, load(r.old + t));
         dc = clampv(d, -C, C);
-        rho = SEQ ? expv(r_seq) : clamped ? expv_clamped(dc) : expv(dc);
+        rho = SEQ ? expv(r_seq) : ratio_at<P, kSplitRho>(ratios, t, t0, dc, clamped);
         val = val * rho;
       }
       if constexpr (STORE == kKlStoreFactor)
-        P::store(dk + t, keep(v, token_d_kl<BIAS>(k, rho, d, dc)), ln);
+        store(dk + t, keep(v, token_d_kl<BIAS>(k, rho, d, dc)));
       if constexpr (STORE == kKlStoreAdd)
-        P::store(dk + t, P::load(dk + t, ln) + keep(v, gkl * token_d_kl<BIAS>(k, rho, d, dc)),
-                 ln);
+        store(dk + t, load(dk + t) + keep(v, gkl * token_d_kl<BIAS>(k, rho, d, dc)));
       kl = kl + keep(v, val);
       refs = refs + ref;
     });

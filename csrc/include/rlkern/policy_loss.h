@@ -762,9 +762,18 @@ struct KlTerm {
   T d_logp;
 };
 
+// k3's clamped log-ratio y = clamp(ref − logp, ±log_clamp), the argument of its exp.
 template <typename T>
-RLKERN_HOST_DEVICE KlTerm<T> kl_term(int kind, bool straight_through, T logp, T ref,
-                                     T log_clamp, T value_clamp, bool exp_in_range = false) {
+RLKERN_HOST_DEVICE T k3_exp_arg(T logp, T ref, T log_clamp) {
+  return clampv(ref - logp, -log_clamp, log_clamp);
+}
+
+// kl_term with k3's e = expv(k3_exp_arg(logp, ref, log_clamp)) given (ignored by the other
+// kinds): for a caller that forms the exps of a block first (the CPU's KL pass). The same
+// operations as kl_term, so the same bits.
+template <typename T>
+RLKERN_HOST_DEVICE KlTerm<T> kl_term_given_exp(int kind, bool straight_through, T logp, T ref,
+                                               T log_clamp, T value_clamp, T e) {
   const T x = logp - ref;
   KlTerm<T> out;
   if (kind == kKlK1) {
@@ -778,9 +787,7 @@ RLKERN_HOST_DEVICE KlTerm<T> kl_term(int kind, bool straight_through, T logp, T 
     out.d_logp = sel(x > T(0), T(1), keep(x < T(0), T(-1)));
   } else {  // k3
     const T y = ref - logp;
-    const T yc = clampv(y, -log_clamp, log_clamp);
-    // exp_in_range: exp_clamped_ok(log_clamp) (the caller's promise), so yc is within it
-    const T e = exp_in_range ? expv_clamped(yc) : expv(yc);
+    const T yc = k3_exp_arg(logp, ref, log_clamp);
     const T v0 = e - yc - T(1);
     out.value = clampv(v0, -value_clamp, value_clamp);
     out.d_logp =
@@ -789,6 +796,19 @@ RLKERN_HOST_DEVICE KlTerm<T> kl_term(int kind, bool straight_through, T logp, T 
   }
   if (straight_through) out.d_logp = x;
   return out;
+}
+
+template <typename T>
+RLKERN_HOST_DEVICE KlTerm<T> kl_term(int kind, bool straight_through, T logp, T ref,
+                                     T log_clamp, T value_clamp, bool exp_in_range = false) {
+  T e(0);
+  if (kind == kKlK3) {
+    // exp_in_range: exp_clamped_ok(log_clamp) (the caller's promise), so the argument is
+    // within it
+    const T yc = k3_exp_arg(logp, ref, log_clamp);
+    e = exp_in_range ? expv_clamped(yc) : expv(yc);
+  }
+  return kl_term_given_exp(kind, straight_through, logp, ref, log_clamp, value_clamp, e);
 }
 
 
