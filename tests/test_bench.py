@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import time
@@ -350,6 +351,31 @@ def test_gae_case_peers_agree_tiny(tmp_path) -> None:
     for row in peers:
         assert row["status"] == OK and row["check"]["ok"], row
 
+
+
+def test_policy_loss_kl_mode_peers_agree_tiny(tmp_path) -> None:
+    """``fwd+bwd+kl`` (verl's actor loss with ``use_kl_loss``): the restated formula, its
+    torch.compile and, where installed, verl's own functions pass the agreement gate against
+    rlkern on the loss and the gradient; OpenRLHF's loss sits out with its reason."""
+    from rlkern.bench.cases.policy_loss import NO_KL_TERM
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--op", "policy_loss", "--size", "B=6,T=40", "--repeats", "1",
+                              "--mode", "fwd+bwd+kl", "--device", "cpu",
+                              "--json", str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    peers = ["verl formula (eager)", "torch.compile"]
+    if importlib.util.find_spec("verl") is not None:
+        peers.append("verl")
+    else:
+        print("verl is not installed: its row is skipped, the formula's stands in")
+    for name in peers:
+        assert rows[name]["status"] == OK and rows[name]["check"]["ok"], rows[name]
+    for name in ("rlkern (OpenRLHF PolicyLoss)", "openrlhf"):
+        assert rows[name]["status"] == SKIPPED and NO_KL_TERM in rows[name]["reason"], rows[name]
+    assert rows["floor"]["status"] == OK
 
 
 def test_advantages_odd_group_mode_runs_its_whole_groups(tmp_path) -> None:

@@ -4,7 +4,11 @@ clip c = 3, token-mean) on ``B`` sequences of ``T`` tokens, float32.
 Modes:
 
 * ``fwd`` — the loss (what an evaluation step computes);
-* ``fwd+bwd`` — the loss and ∂loss/∂logprobs (the policy update; the issue's target).
+* ``fwd+bwd`` — the loss and ∂loss/∂logprobs (the policy update; the issue's target);
+* ``fwd+bwd+kl`` — the same with verl's KL loss added, as verl's actor adds it with
+  ``use_kl_loss``: ``kl_loss_coef = 0.001`` × token-mean of ``kl_penalty(logp, ref,
+  "low_var_kl")`` (k3 with ``|ref − logp|`` clamped to 20 and the value to ±10), on reference
+  log-probs ``ref`` (not OpenRLHF's ``PolicyLoss``, which has no KL term).
 
 Implementations, each called the way its trainer calls it:
 
@@ -22,7 +26,8 @@ Implementations, each called the way its trainer calls it:
 * ``torch.compile`` — that formula compiled per shape (``dynamic=False``), forward and backward.
   (rlkern computes those metrics and more in the same pass.)
 * ``floor`` — the least memory traffic any implementation needs: one read of the inputs
-  (``fwd``), plus one write of a gradient-sized buffer (``fwd+bwd``).
+  (``fwd``), plus one write of a gradient-sized buffer (``fwd+bwd``), plus one read of ``ref``
+  (``fwd+bwd+kl``).
 
 Inputs are float32 whatever ``--dtype`` says (log-probabilities leave the logprobs op in fp32).
 """
@@ -50,6 +55,8 @@ QUICK_SIZES = [Size({"B": 64, "T": T_SEQ}), Size({"B": 512, "T": T_SEQ})]
 TARGETS = ("targets (issue 5): fwd+bwd on 4M tokens (B=4096, T=1024, fp32): rlkern >= 4x "
            "'verl' (eager vanilla + agg_loss) and >= 1.5x 'torch.compile' of the same formula",)
 CLIP, CLIP_C = 0.2, 3.0
+KL_COEF, KL_TYPE = 0.001, "low_var_kl"  # verl's defaults for use_kl_loss
+MODES = ("fwd", "fwd+bwd", "fwd+bwd+kl")
 
 
 class PolicyLossInputs(NamedTuple):
@@ -58,11 +65,13 @@ class PolicyLossInputs(NamedTuple):
     advantages: Tensor  # (B,) fp32
     advantages_bt: Tensor  # (B, T) broadcast view (verl's layout)
     mask: Tensor  # (B, T) bool
+    ref_logprobs: Tensor  # (B, T) fp32 (the KL mode's reference policy)
 
 
 def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> PolicyLossInputs:
     """Log-probs in [−3, 0], old = logp + N(0, 0.1²) (a few percent of tokens clipped), GRPO
-    advantages, responses of random length (about 3/4 of the positions valid)."""
+    advantages, responses of random length (about 3/4 of the positions valid), ref = logp +
+    N(0, 0.05²) (drawn last, so the other inputs are those of the modes without a KL term)."""
     b, t = size["B"], size["T"]
     gen = torch.Generator(device="cpu").manual_seed(b * 7919 + t)
     lp = -torch.rand(b, t, generator=gen) * 3
@@ -70,8 +79,10 @@ def make_inputs(size: Size, dtype: torch.dtype, device: torch.device) -> PolicyL
     adv = torch.randn(b, generator=gen)
     lengths = torch.randint(t // 2, t + 1, (b,), generator=gen)
     mask = torch.arange(t)[None, :] < lengths[:, None]
+    ref = lp + torch.randn(b, t, generator=gen) * 0.05
     to = lambda x: x.to(device)
-    return PolicyLossInputs(to(lp), to(old), to(adv), to(adv)[:, None].expand(b, t), to(mask))
+    return PolicyLossInputs(to(lp), to(old), to(adv), to(adv)[:, None].expand(b, t), to(mask),
+                            to(ref))
 
 
 def vanilla_formula(old: Tensor, logp: Tensor, adv: Tensor, mask: Tensor
@@ -96,6 +107,15 @@ def vanilla_formula(old: Tensor, logp: Tensor, adv: Tensor, mask: Tensor
     return masked_mean(per_token), clipfrac, ppo_kl, clipfrac_lower
 
 
+def kl_formula(logp: Tensor, ref: Tensor, mask: Tensor) -> Tensor:
+    """verl's ``kl_penalty(logp, ref, "low_var_kl")`` + ``agg_loss(token-mean)`` restated in
+    torch, times ``KL_COEF``: what verl's actor adds to the policy loss with ``use_kl_loss``."""
+    m = mask.to(logp.dtype)
+    kl = torch.clamp(ref - logp, min=-20.0, max=20.0)
+    kld = torch.clamp(torch.exp(kl) - kl - 1, min=-10.0, max=10.0)
+    return KL_COEF * (kld * m).sum() / m.sum()
+
+
 Loss = Callable[[Tensor, PolicyLossInputs], Tensor]
 
 
@@ -116,14 +136,15 @@ def _in_mode(loss_fn: Loss, mode: str) -> Callable[[PolicyLossInputs], Outputs]:
     return fwd_bwd
 
 
-def _rlkern_loss(backend: str) -> Loss:
+def _rlkern_loss(backend: str, kl: bool = False) -> Loss:
     from rlkern import PolicyLossConfig, policy_loss
 
-    cfg = PolicyLossConfig.verl(policy_loss="vanilla", clip_ratio=CLIP, clip_ratio_c=CLIP_C)
+    cfg = PolicyLossConfig.verl(policy_loss="vanilla", clip_ratio=CLIP, clip_ratio_c=CLIP_C,
+                                use_kl_loss=kl, kl_loss_coef=KL_COEF, kl_loss_type=KL_TYPE)
 
     def loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
         return policy_loss(logp, inp.old_logprobs, inp.advantages, inp.mask, config=cfg,
-                           backend=backend).loss
+                           ref_logprobs=inp.ref_logprobs if kl else None, backend=backend).loss
 
     return loss
 
@@ -148,6 +169,16 @@ def _verl_loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
     pg_loss, _ = fn(inp.old_logprobs, logp, inp.advantages_bt, inp.mask,
                     loss_agg_mode="token-mean", config=cfg)
     return pg_loss
+
+
+def _verl_loss_kl(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
+    """verl's actor loss with ``use_kl_loss`` (``verl.workers.utils.losses.ppo_loss``): the
+    policy loss plus ``kl_loss_coef`` × ``agg_loss(kl_penalty(...))``, verl's own functions."""
+    from verl.trainer.ppo import core_algos
+
+    kld = core_algos.kl_penalty(logprob=logp, ref_logprob=inp.ref_logprobs, kl_penalty=KL_TYPE)
+    kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=inp.mask, loss_agg_mode="token-mean")
+    return _verl_loss(logp, inp) + kl_loss * KL_COEF
 
 
 def _openrlhf_policy_loss() -> type:
@@ -185,42 +216,69 @@ def _eager_loss(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
     return vanilla_formula(inp.old_logprobs, logp, inp.advantages_bt, inp.mask)[0]
 
 
+def _eager_loss_kl(logp: Tensor, inp: PolicyLossInputs) -> Tensor:
+    return _eager_loss(logp, inp) + kl_formula(logp, inp.ref_logprobs, inp.mask)
+
+
+def _vanilla_with_kl(old: Tensor, logp: Tensor, adv: Tensor, mask: Tensor, ref: Tensor
+                     ) -> Tensor:
+    return vanilla_formula(old, logp, adv, mask)[0] + kl_formula(logp, ref, mask)
+
+
 def _compiled_loss() -> Loss:
     compiled = compiled_on_first_call(vanilla_formula)
     return lambda logp, inp: compiled(inp.old_logprobs, logp, inp.advantages_bt, inp.mask)[0]
+
+
+def _compiled_loss_kl() -> Loss:
+    compiled = compiled_on_first_call(_vanilla_with_kl)
+    return lambda logp, inp: compiled(inp.old_logprobs, logp, inp.advantages_bt, inp.mask,
+                                      inp.ref_logprobs)
 
 
 FLOOR_NOTES = {
     "fwd": "floor (fwd): one read of logprobs, old_logprobs and the mask (integer amax)",
     "fwd+bwd": "floor (fwd+bwd): the fwd floor plus one write of a (B, T) fp32 buffer (the "
     "gradient)",
+    "fwd+bwd+kl": "floor (fwd+bwd+kl): the fwd+bwd floor plus one read of ref_logprobs",
 }
+
+#: Why OpenRLHF's PolicyLoss sits out the KL mode.
+NO_KL_TERM = "OpenRLHF's PolicyLoss has no KL term (its actor adds the KL loss apart)"
 
 
 def _floor(mode: str) -> Callable[[PolicyLossInputs], Outputs]:
-    # fwd+bwd also writes a (B, T) fp32 buffer shaped like old_logprobs: the gradient's traffic
-    return traffic_floor(("logprobs", "old_logprobs", "mask"),
-                         ("old_logprobs",) if mode == "fwd+bwd" else ())
+    # the backward modes also write a (B, T) fp32 buffer shaped like old_logprobs: the
+    # gradient's traffic
+    reads = ("logprobs", "old_logprobs", "mask")
+    if mode == "fwd+bwd+kl":
+        reads = (*reads, "ref_logprobs")
+    return traffic_floor(reads, ("old_logprobs",) if mode != "fwd" else ())
 
 
 @register("policy_loss")
 def policy_loss_case(options: CaseOptions) -> Case:
     """The ``policy_loss`` case for ``options`` (device, rlkern backend; inputs are fp32)."""
     backend = RlkernBackend.choose(options)
-    rlkern_loss = _rlkern_loss(backend.name)
-    compiled = _compiled_loss()  # one Dynamo cache for both modes
+    rlkern_loss, rlkern_loss_kl = _rlkern_loss(backend.name), _rlkern_loss(backend.name, kl=True)
+    compiled = _compiled_loss()  # one Dynamo cache for fwd and fwd+bwd
+    compiled_kl = _compiled_loss_kl()
 
     def implementations(mode: str) -> list[Impl]:
+        kl = mode == "fwd+bwd+kl"
+        verl_note = "core_algos.compute_policy_loss_vanilla + agg_loss"
         return [
-            Impl.rlkern(_in_mode(rlkern_loss, mode), note=backend.note),
-            Impl("verl", _in_mode(_verl_loss, mode), skip=VERL.missing(),
-                 note="core_algos.compute_policy_loss_vanilla + agg_loss"),
-            Impl("verl formula (eager)", _in_mode(_eager_loss, mode)),
+            Impl.rlkern(_in_mode(rlkern_loss_kl if kl else rlkern_loss, mode), note=backend.note),
+            Impl("verl", _in_mode(_verl_loss_kl if kl else _verl_loss, mode), skip=VERL.missing(),
+                 note=verl_note + (" + kl_loss_coef · agg_loss(kl_penalty)" if kl else "")),
+            Impl("verl formula (eager)", _in_mode(_eager_loss_kl if kl else _eager_loss, mode)),
             Impl("rlkern (OpenRLHF PolicyLoss)",
-                 _in_mode(_openrlhf_style(_rlkern_openrlhf_class), mode)),
+                 _in_mode(_openrlhf_style(_rlkern_openrlhf_class), mode),
+                 skip=NO_KL_TERM if kl else None),
             Impl("openrlhf", _in_mode(_openrlhf_style(OPENRLHF.get), mode),
-                 skip=OPENRLHF.missing(), note="openrlhf.models.loss.PolicyLoss"),
-            Impl("torch.compile", _in_mode(compiled, mode), warmup=2),
+                 skip=NO_KL_TERM if kl else OPENRLHF.missing(),
+                 note="openrlhf.models.loss.PolicyLoss"),
+            Impl("torch.compile", _in_mode(compiled_kl if kl else compiled, mode), warmup=2),
             Impl.floor(_floor(mode), note=FLOOR_NOTES[mode]),
         ]
 
@@ -228,7 +286,7 @@ def policy_loss_case(options: CaseOptions) -> Case:
         name="policy_loss",
         sizes=FULL_SIZES,
         quick_sizes=QUICK_SIZES,
-        modes=("fwd", "fwd+bwd"),
+        modes=MODES,
         make_inputs=make_inputs,
         implementations=implementations,
         tolerances={
