@@ -6,16 +6,19 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)"
 src="${SRC:-$here/../..}"
 torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+# Every probe's compile flags (-O3 -march=native over torch's headers) and torch's libraries.
+cxx_flags=(-O3 -g -march=native -fno-math-errno -I"$torch_dir/include"
+           -I"$torch_dir/include/torch/csrc/api/include")
+torch_libs=(-L"$torch_dir/lib" -ltorch_cpu -lc10 -Wl,-rpath,"$torch_dir/lib")
 
-# profile_build OUT CXXFLAGS FILE...: -O3 -march=native over the sources' headers and torch's
-# (CXXFLAGS: each probe's language standard and OpenMP, as its comments say), linked to torch.
+# profile_build OUT CXXFLAGS FILE...: cxx_flags over the sources' headers (CXXFLAGS: each
+# probe's language standard and OpenMP, as its comments say), linked to torch.
 profile_build() {
   local out="$1" flags="$2"
   shift 2
   # shellcheck disable=SC2086  # flags are words
-  g++ -O3 -g -march=native -fno-math-errno $flags -I"$src/csrc" -I"$src/csrc/include" \
-    -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include" "$@" -o "$out" \
-    -L"$torch_dir/lib" -ltorch_cpu -lc10 -Wl,-rpath,"$torch_dir/lib"
+  g++ "${cxx_flags[@]}" $flags -I"$src/csrc" -I"$src/csrc/include" "$@" -o "$out" \
+    "${torch_libs[@]}"
 }
 
 # profile_run OUT ARG...

@@ -4,14 +4,11 @@
 # with rlkern renamed, and both run in one process, their calls alternating.
 #   bench/profile/policy_loss_ab.sh A_DIR B_DIR [B=1024] [calls=30] [holes=0]   # THREADS=n
 # A_DIR / B_DIR: trees with csrc/ (this checkout, or `git archive <commit> csrc | tar -x -C <dir>`).
-set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+source "$(dirname "$0")/common.sh"  # cxx_flags, torch_libs, $here (SRC and PERF unused)
 side_a="$(cd "$1" && pwd)" side_b="$(cd "$2" && pwd)"
 shift 2
-torch_dir="$(python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 out="${TMPDIR:-/tmp}/rlkern_profile_policy_loss_ab"
-flags=(-O3 -march=native -fno-math-errno -std=c++17 -fopenmp -I"$torch_dir/include"
-       -I"$torch_dir/include/torch/csrc/api/include")
+flags=("${cxx_flags[@]}" -std=c++17 -fopenmp)
 build_side() {  # TREE SIDE: the side's kernel and its C entry points, as objects
   local tree="$1" side="$2" inc=(-I"$1/csrc" -I"$1/csrc/include" -I"$here")
   g++ "${flags[@]}" -ffp-contract=off -Drlkern="rlkern_$side" "${inc[@]}" \
@@ -24,5 +21,5 @@ pid=$!
 build_side "$side_b" b
 wait "$pid"
 g++ "${flags[@]}" "$here/policy_loss_ab.cpp" "$out".kernel_{a,b}.o "$out".side_{a,b}.o -o "$out" \
-  -L"$torch_dir/lib" -ltorch_cpu -lc10 -Wl,-rpath,"$torch_dir/lib"
+  "${torch_libs[@]}"
 "$out" "$@"
