@@ -21,9 +21,11 @@ extern "C" void RLKERN_AB(ab_setup)(long B, long holes) {
 }
 extern "C" long RLKERN_AB(ab_valid)(int set) { return long(sets[set]->valid); }
 // form 0: the forward alone, 1: the written gradient, 2: the factors (policy_loss.cpp's three),
-// 3: the written gradient with verl's KL loss
+// 3: the written gradient with verl's KL loss, 4: the two-pass backward (after form 2's
+// forward, whose row statistics it reads)
 extern "C" void RLKERN_AB(ab_call)(int form, int set) {
-  rlkern::cpu::policy_loss_fwd(sets[set]->args(form > 0, form == 1 || form == 3, form == 3));
+  if (form == 4) rlkern::cpu::policy_loss_bwd(sets[set]->bwd_args());
+  else rlkern::cpu::policy_loss_fwd(sets[set]->args(form > 0, form == 1 || form == 3, form == 3));
 }
 extern "C" const float* RLKERN_AB(ab_grad)(int set) { return sets[set]->grad.data(); }
 extern "C" const double* RLKERN_AB(ab_stats)(int set, long* n) {

@@ -85,6 +85,14 @@ struct Rows {
     a.grad_rows = written ? grad_rows.data() : nullptr;
     return a;
   }
+
+  // The two-pass backward (policy_loss_bwd) into `grad`, from the row statistics of the last
+  // forward without a KL term.
+  pl::Args bwd_args() {
+    pl::Args a = args(false, true);
+    a.grad_logp = grad.data();
+    return a;
+  }
 };
 
 }  // namespace rlkern::probe
