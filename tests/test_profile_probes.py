@@ -85,13 +85,14 @@ def test_policy_loss_probe(tmp_path):
 
 def test_policy_loss_ab_probe(tmp_path):
     """bench/profile/policy_loss_ab.sh with this tree on both sides (and holes in the masks):
-    ten rows (two sets, five forms), positive times, and no value whose bits differ."""
+    twelve rows (two sets, six forms), positive times, and no value whose bits differ."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     out = subprocess.run(["bash", str(PROFILE / "policy_loss_ab.sh"), str(ROOT), str(ROOT), "32",
                           "3", "37"], env=env, capture_output=True, text=True, check=True).stdout
     lines = [line.split() for line in out.splitlines()[1:] if line.strip()]
-    assert len(lines) == 10, out
+    assert len(lines) == 12, out
     for cols in lines:
         form, a, b, bits_off = cols[-6], float(cols[-5]), float(cols[-4]), int(cols[-1])
-        assert form in ("fwd", "fwd+grad", "fwd+factor", "grad+kl", "bwd") and a > 0 and b > 0, out
+        forms = ("fwd", "fwd+grad", "fwd+factor", "grad+kl", "bwd", "bwd+kl")
+        assert form in forms and a > 0 and b > 0, out
         assert bits_off == 0, out

@@ -22,9 +22,10 @@ extern "C" void RLKERN_AB(ab_setup)(long B, long holes) {
 extern "C" long RLKERN_AB(ab_valid)(int set) { return long(sets[set]->valid); }
 // form 0: the forward alone, 1: the written gradient, 2: the factors (policy_loss.cpp's three),
 // 3: the written gradient with verl's KL loss, 4: the two-pass backward (after form 2's
-// forward, whose row statistics it reads)
+// forward, whose row statistics it reads), 5: the two-pass backward with the KL loss (after
+// form 3's forward)
 extern "C" void RLKERN_AB(ab_call)(int form, int set) {
-  if (form == 4) rlkern::cpu::policy_loss_bwd(sets[set]->bwd_args());
+  if (form >= 4) rlkern::cpu::policy_loss_bwd(sets[set]->bwd_args(form == 5));
   else rlkern::cpu::policy_loss_fwd(sets[set]->args(form > 0, form == 1 || form == 3, form == 3));
 }
 extern "C" const float* RLKERN_AB(ab_grad)(int set) { return sets[set]->grad.data(); }

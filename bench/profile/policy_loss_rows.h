@@ -87,9 +87,9 @@ struct Rows {
   }
 
   // The two-pass backward (policy_loss_bwd) into `grad`, from the row statistics of the last
-  // forward without a KL term.
-  pl::Args bwd_args() {
-    pl::Args a = args(false, true);
+  // forward (of the same KL setting).
+  pl::Args bwd_args(bool kl = false) {
+    pl::Args a = args(false, true, kl);
     a.grad_logp = grad.data();
     return a;
   }

@@ -436,6 +436,28 @@ RLKERN_PL_STEP_INLINE inline typename P::V ratio_at(const T* ratios, int64_t t, 
   else return clamped ? expv_clamped(dc) : expv(dc);
 }
 
+// A KL loop's step from t to end: its valid-token mask v, and its loads and stores, plain where
+// the step's tokens are all valid (FULL: for_valid_steps checked their mask bytes; v is then
+// AllLanes and every keep(v, ·) folds away), else masked to the step's lanes. The same values
+// either way, so the same bits.
+template <typename P, typename T, bool FULL>
+struct StepIo {
+  typename P::M ln;
+  std::conditional_t<FULL, plsimd::AllLanes, typename P::M> v{};
+  RLKERN_PL_STEP_INLINE StepIo(const uint8_t* m, int64_t t, int64_t end)
+      : ln(P::lanes(end - t)) {
+    if constexpr (!FULL) v = P::valid(m + t, ln);
+  }
+  RLKERN_PL_STEP_INLINE typename P::V load(const T* p) const {
+    if constexpr (FULL) return P::load_valid(p, plsimd::AllLanes{});
+    else return P::load(p, ln);
+  }
+  RLKERN_PL_STEP_INLINE void store(T* p, typename P::V x) const {
+    if constexpr (FULL) P::store(p, x, plsimd::AllLanes{});
+    else P::store(p, x, ln);
+  }
+};
+
 // The token's cov_select value (clip_cov / kl_cov; 0 for the other kinds and masked tokens).
 template <typename P, int K, typename T, typename VM>
 typename P::V cov_at(const Row<T> r, int64_t t, VM v) {
@@ -593,6 +615,56 @@ void fwd_gmpo(const Row<T> r, int64_t n, const T* wts, const RowConst<T> c,
 // gradient (bwd_kl's sum, when the coefficients are known up front).
 enum KlStore { kKlStoreNone, kKlStoreFactor, kKlStoreAdd };
 
+// The exps a KL loop takes first, a block at a time (block_exps: why), on the SIMD lanes: k3's
+// e^clamp(ref − logp, ±C_kl) (K3) and, with the bias correction in the token-ratio mode, the
+// token ratios (RHO). Shared by fwd_kl and bwd_kl. Their arguments clamped within the exp's
+// range take no range test (as in fwd_main): the same values as expv's.
+template <typename P, typename T, int KL, bool BIAS, bool SEQ>
+struct KlExps {
+  using V = typename P::V;
+  static constexpr bool K3 = KL == pl::kKlK3 && P::L > 1;
+  static constexpr bool RHO = BIAS && !SEQ && P::L > 1;
+  const Row<T> r;
+  const bool kl_clamped, clamped;
+  alignas(64) T k3[K3 ? kBlock : 1];
+  alignas(64) T ratios[RHO ? kBlock : 1];
+
+  KlExps(const Row<T> row, const HParams& h)
+      : r(row), kl_clamped(pl::exp_clamped_ok(h.kl_log_clamp)),
+        clamped(pl::exp_clamped_ok(h.log_ratio_clamp)) {}
+
+  // The KL loop's streams at step t: by the k3 pass where it runs, else by the loop itself.
+  RLKERN_PL_STEP_INLINE void prefetch(int64_t t) const {
+    prefetch_ahead<P>(r.lp, t);
+    prefetch_ahead<P>(r.opt[pl::kInRef], t);
+    prefetch_ahead<P>(r.m, t);
+    if constexpr (BIAS) prefetch_ahead<P>(r.old, t);
+  }
+
+  // The block [t0, t1)'s exps into k3 and ratios.
+  RLKERN_PL_STEP_INLINE void form(int64_t t0, int64_t t1, V Ck, V C) {
+    if constexpr (K3)
+      block_exps<P>(r.opt[pl::kInRef], r.lp, t0, t1, Ck, kl_clamped, k3,
+                    [&](int64_t t) RLKERN_PL_STEP_INLINE { prefetch(t); });
+    if constexpr (RHO) block_exps<P>(r.lp, r.old, t0, t1, C, clamped, ratios, [](int64_t) {});
+  }
+
+  // The KL term of the step at t of the block from t0 (lp and ref masked to 0 where invalid).
+  RLKERN_PL_STEP_INLINE pl::KlTerm<V> term(bool st, V lp, V ref, V Ck, V Cv, int64_t t,
+                                           int64_t t0) const {
+    if constexpr (K3)
+      return pl::kl_term_given_exp<V>(KL, st, lp, ref, Ck, Cv,
+                                      P::load_valid(k3 + (t - t0), plsimd::AllLanes{}));
+    else
+      return pl::kl_term<V>(KL, st, lp, ref, Ck, Cv, kl_clamped);
+  }
+
+  // ρ of the step at t (token-ratio mode), from dc = clamp(Δ, ±C).
+  RLKERN_PL_STEP_INLINE V rho(int64_t t, int64_t t0, V dc) const {
+    return ratio_at<P, RHO>(ratios, t, t0, dc, clamped);
+  }
+};
+
 // [kl] forward. STORE (the fused forward, token-ratio mode; a KlStore): also writes to dk
 // (0 at masked tokens); ST, the straight-through gradient, matters only then.
 template <typename T, int KL, bool BIAS, bool SEQ, bool ST, int STORE>
@@ -603,66 +675,32 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
   using V = typename P::V;
   const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp);
   const V r_seq = V(double(c.r_seq)), gkl = V(double(g_kl));
-  // the exps' arguments clamped within their range: no range test (as in fwd_main)
-  const bool kl_clamped = pl::exp_clamped_ok(h.kl_log_clamp);
-  const bool clamped = pl::exp_clamped_ok(h.log_ratio_clamp);
-  // The SIMD lanes take k3's exps (and the bias correction's token ratios) first, as fwd_main
-  // takes its ratios (block_exps: why).
-  constexpr bool kSplitK3 = KL == pl::kKlK3 && P::L > 1;
-  constexpr bool kSplitRho = BIAS && !SEQ && P::L > 1;
-  alignas(64) T k3_exps[kSplitK3 ? kBlock : 1];
-  alignas(64) T ratios[kSplitRho ? kBlock : 1];
-  auto prefetch = [&](int64_t t) RLKERN_PL_STEP_INLINE {
-    prefetch_ahead<P>(r.lp, t);
-    prefetch_ahead<P>(r.opt[pl::kInRef], t);
-    prefetch_ahead<P>(r.m, t);
-    if constexpr (BIAS) prefetch_ahead<P>(r.old, t);
-  };
+  using Exps = KlExps<P, T, KL, BIAS, SEQ>;
+  Exps ex(r, h);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
-    if constexpr (kSplitK3)
-      block_exps<P>(r.opt[pl::kInRef], r.lp, t0, t1, Ck, kl_clamped, k3_exps, prefetch);
-    if constexpr (kSplitRho)
-      block_exps<P>(r.lp, r.old, t0, t1, C, clamped, ratios, [](int64_t) {});
+    ex.form(t0, t1, Ck, C);
     V kl(0.0), refs(0.0);
     for_valid_steps<P>(r.m, t0, t1, [&](int64_t t, int64_t end, auto full) RLKERN_PL_STEP_INLINE {
-      if constexpr (!kSplitK3) prefetch(t);
+      if constexpr (!Exps::K3) ex.prefetch(t);
       if constexpr (STORE != kKlStoreNone) prefetch_ahead_for_write<P>(dk, t);
-      // a step of valid tokens only (full) takes plain loads and stores and no mask
-      constexpr bool kFull = decltype(full)::value;
-      const auto ln = P::lanes(end - t);
-      const auto v = [&] {
-        if constexpr (kFull) return plsimd::AllLanes{};
-        else return P::valid(r.m + t, ln);
-      }();
-      auto load = [&](const T* p) RLKERN_PL_STEP_INLINE {
-        if constexpr (kFull) return P::load_valid(p, plsimd::AllLanes{});
-        else return P::load(p, ln);
-      };
-      auto store = [&](T* p, V x) RLKERN_PL_STEP_INLINE {
-        if constexpr (kFull) P::store(p, x, plsimd::AllLanes{});
-        else P::store(p, x, ln);
-      };
-      const V ref_raw = load(r.opt[pl::kInRef] + t);
-      const V lp = keep(v, load(r.lp + t)), ref = keep(v, ref_raw);
-      pl::KlTerm<V> k;
-      if constexpr (kSplitK3)
-        k = pl::kl_term_given_exp<V>(KL, ST, lp, ref, Ck, Cv,
-                                     P::load_valid(k3_exps + (t - t0), plsimd::AllLanes{}));
-      else
-        k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv, kl_clamped);
+      const StepIo<P, T, decltype(full)::value> io(r.m, t, end);
+      const auto v = io.v;
+      const V ref_raw = io.load(r.opt[pl::kInRef] + t);
+      const V lp = keep(v, io.load(r.lp + t)), ref = keep(v, ref_raw);
+      const pl::KlTerm<V> k = ex.term(ST, lp, ref, Ck, Cv, t, t0);
       V val = k.value;
       V rho(1.0), d(0.0), dc(0.0);
       if (BIAS) {
-        d = lp - keep(v, load(r.old + t));
+        d = lp - keep(v, io.load(r.old + t));
         dc = clampv(d, -C, C);
-        rho = SEQ ? expv(r_seq) : ratio_at<P, kSplitRho>(ratios, t, t0, dc, clamped);
+        rho = SEQ ? expv(r_seq) : ex.rho(t, t0, dc);
         val = val * rho;
       }
       if constexpr (STORE == kKlStoreFactor)
-        store(dk + t, keep(v, token_d_kl<BIAS>(k, rho, d, dc)));
+        io.store(dk + t, keep(v, token_d_kl<BIAS>(k, rho, d, dc)));
       if constexpr (STORE == kKlStoreAdd)
-        store(dk + t, load(dk + t) + keep(v, gkl * token_d_kl<BIAS>(k, rho, d, dc)));
+        io.store(dk + t, io.load(dk + t) + keep(v, gkl * token_d_kl<BIAS>(k, rho, d, dc)));
       kl = kl + keep(v, val);
       refs = refs + ref;
     });
@@ -742,34 +780,39 @@ void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g
   const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp);
   const V gkl = V(double(g_kl)), r_seq = V(double(c.r_seq)), pass_seq(c.pass_seq ? 1.0 : 0.0);
   constexpr bool kSeq = MODE != pl::kRatioToken;
+  using Exps = KlExps<P, T, KL, BIAS, kSeq>;  // the exps first, as in fwd_kl
+  Exps ex(r, h);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t t1 = std::min(n, t0 + kBlock);
+    ex.form(t0, t1, Ck, C);
     V Gl(0.0);
-    for (int64_t t = t0; t < t1; t += P::L) {
-      const auto ln = P::lanes(t1 - t);
-      const auto v = P::valid(r.m + t, ln);
-      const V lp = keep(v, P::load(r.lp + t, ln));
-      const V ref = keep(v, P::load(r.opt[pl::kInRef] + t, ln));
-      const pl::KlTerm<V> k = pl::kl_term<V>(KL, ST, lp, ref, Ck, Cv);
+    for_valid_steps<P>(r.m, t0, t1, [&](int64_t t, int64_t end, auto full) RLKERN_PL_STEP_INLINE {
+      if constexpr (!Exps::K3) ex.prefetch(t);
+      prefetch_ahead_for_write<P>(g, t);
+      const StepIo<P, T, decltype(full)::value> io(r.m, t, end);
+      const auto v = io.v;
+      const V lp = keep(v, io.load(r.lp + t));
+      const V ref = keep(v, io.load(r.opt[pl::kInRef] + t));
+      const pl::KlTerm<V> k = ex.term(ST, lp, ref, Ck, Cv, t, t0);
       V add = gkl * k.d_logp;
       if constexpr (!kSeq) {  // g_kl times the fused forward's stored factor
         V rho(1.0), d(0.0), dc(0.0);
         if constexpr (BIAS) {
-          d = lp - keep(v, P::load(r.old + t, ln));
+          d = lp - keep(v, io.load(r.old + t));
           dc = clampv(d, -C, C);
-          rho = expv(dc);
+          rho = ex.rho(t, t0, dc);
         }
         add = gkl * token_d_kl<BIAS>(k, rho, d, dc);
       } else if constexpr (BIAS) {
-        const V d = lp - keep(v, P::load(r.old + t, ln));
+        const V d = lp - keep(v, io.load(r.old + t));
         const V rho = expv(kSeq ? r_seq : clampv(d, -C, C));
         add = add * rho;
         const V gr = gkl * k.value * rho;
         if constexpr (MODE == pl::kRatioSeqFull) Gl = Gl + keep(v, gr);
         else add = add + gr * pass_seq;
       }
-      P::store(g + t, P::load(g + t, ln) + keep(v, add), ln);
-    }
+      io.store(g + t, io.load(g + t) + keep(v, add));
+    });
     *G += P::hsum(Gl);
   }
 }
