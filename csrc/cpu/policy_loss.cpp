@@ -498,7 +498,8 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V C(h.log_ratio_clamp), inf(kInf<double>), ninf(-kInf<double>);
-  const V r_seq = V(double(c.r_seq));
+  // the sequence ratio (seq modes; no exp in the token mode, where it is unused)
+  const V rho_seq = SEQ ? expv(V(double(c.r_seq))) : V(1.0);
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   const V gpg = V(double(g_pg));
   // clamp(Δ, ±C) within the exp's range: no range test (verl's C = 20; TRL clamps nothing)
@@ -518,7 +519,7 @@ void fwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const auto s = load_step<P, ADVTOK, decltype(full)::value>(r, t, end, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
-      const V rho = SEQ ? expv(r_seq) : ratio_at<P, kSplit>(ratios, t, t0, dc, clamped);
+      const V rho = SEQ ? rho_seq : ratio_at<P, kSplit>(ratios, t, t0, dc, clamped);
       const pl::TokenLoss<V> L =
           pl::token_loss<V, SIGN>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       const V mt = MULT ? P::load(mult + t, s.ln) : V(1.0);
@@ -674,7 +675,9 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp);
-  const V r_seq = V(double(c.r_seq)), gkl = V(double(g_kl));
+  const V gkl = V(double(g_kl));
+  // the sequence ratio (seq modes; no exp in the token mode, where it is unused)
+  const V rho_seq = SEQ ? expv(V(double(c.r_seq))) : V(1.0);
   using Exps = KlExps<P, T, KL, BIAS, SEQ>;
   Exps ex(r, h);
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
@@ -694,7 +697,7 @@ void fwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, Acc
       if (BIAS) {
         d = lp - keep(v, io.load(r.old + t));
         dc = clampv(d, -C, C);
-        rho = SEQ ? expv(r_seq) : ex.rho(t, t0, dc);
+        rho = SEQ ? rho_seq : ex.rho(t, t0, dc);
         val = val * rho;
       }
       if constexpr (STORE == kKlStoreFactor)
@@ -717,7 +720,8 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V C(h.log_ratio_clamp), zero(0.0), gpg = V(double(g_pg));
-  const V r_seq = V(double(c.r_seq));
+  // the sequence ratio (seq modes; no exp in the token mode, where it is unused)
+  const V rho_seq = MODE != pl::kRatioToken ? expv(V(double(c.r_seq))) : V(1.0);
   const V adv0(ADVTOK ? 0.0 : double(*r.adv));
   const V pass_seq(c.pass_seq ? 1.0 : 0.0);
   const bool clamped = pl::exp_clamped_ok(h.log_ratio_clamp);  // as in fwd_main
@@ -733,7 +737,7 @@ void bwd_main(const Row<T> r, int64_t n, const T* mult, const RowConst<T> c,
       const auto s = load_step<P, ADVTOK, decltype(full)::value>(r, t, end, adv0);
       const V d = s.lp - s.old;
       const V dc = clampv(d, -C, C);
-      const V rho = MODE != pl::kRatioToken ? expv(r_seq)
+      const V rho = MODE != pl::kRatioToken ? rho_seq
                                              : ratio_at<P, kSplit>(ratios, t, t0, dc, clamped);
       const pl::TokenLoss<V> L = pl::token_loss<V>(K, rho, s.a, s.lp, s.old, cov_at<P, K>(r, t, s.v), h);
       V wpg = gpg;
@@ -778,7 +782,9 @@ void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g
   using P = typename plsimd::LanesFor<T>::type;
   using V = typename P::V;
   const V Ck(h.kl_log_clamp), Cv(h.kl_value_clamp), C(h.log_ratio_clamp);
-  const V gkl = V(double(g_kl)), r_seq = V(double(c.r_seq)), pass_seq(c.pass_seq ? 1.0 : 0.0);
+  const V gkl = V(double(g_kl)), pass_seq(c.pass_seq ? 1.0 : 0.0);
+  // the sequence ratio (seq modes; no exp in the token mode, where it is unused)
+  const V rho_seq = MODE != pl::kRatioToken ? expv(V(double(c.r_seq))) : V(1.0);
   constexpr bool kSeq = MODE != pl::kRatioToken;
   using Exps = KlExps<P, T, KL, BIAS, kSeq>;  // the exps first, as in fwd_kl
   Exps ex(r, h);
@@ -803,11 +809,9 @@ void bwd_kl(const Row<T> r, int64_t n, const RowConst<T> c, const HParams h, T g
           rho = ex.rho(t, t0, dc);
         }
         add = gkl * token_d_kl<BIAS>(k, rho, d, dc);
-      } else if constexpr (BIAS) {
-        const V d = lp - keep(v, io.load(r.old + t));
-        const V rho = expv(kSeq ? r_seq : clampv(d, -C, C));
-        add = add * rho;
-        const V gr = gkl * k.value * rho;
+      } else if constexpr (BIAS) {  // the sequence ratio's modes
+        add = add * rho_seq;
+        const V gr = gkl * k.value * rho_seq;
         if constexpr (MODE == pl::kRatioSeqFull) Gl = Gl + keep(v, gr);
         else add = add + gr * pass_seq;
       }

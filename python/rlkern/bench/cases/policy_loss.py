@@ -108,12 +108,14 @@ def vanilla_formula(old: Tensor, logp: Tensor, adv: Tensor, mask: Tensor
 
 
 def kl_formula(logp: Tensor, ref: Tensor, mask: Tensor) -> Tensor:
-    """verl's ``kl_penalty(logp, ref, "low_var_kl")`` + ``agg_loss(token-mean)`` restated in
-    torch, times ``KL_COEF``: what verl's actor adds to the policy loss with ``use_kl_loss``."""
+    """verl's ``kl_penalty(logp, ref, "low_var_kl")`` + ``agg_loss(token-mean)`` in torch (the
+    per-token k3 from :func:`rlkern.reference.policy_loss.kl_penalty_reference`, whose default
+    clamps are low_var_kl's), times ``KL_COEF``: what verl's actor adds to the policy loss with
+    ``use_kl_loss``."""
+    from rlkern.reference.policy_loss import kl_penalty_reference
+
     m = mask.to(logp.dtype)
-    kl = torch.clamp(ref - logp, min=-20.0, max=20.0)
-    kld = torch.clamp(torch.exp(kl) - kl - 1, min=-10.0, max=10.0)
-    return KL_COEF * (kld * m).sum() / m.sum()
+    return KL_COEF * (kl_penalty_reference(logp, ref, "k3") * m).sum() / m.sum()
 
 
 Loss = Callable[[Tensor, PolicyLossInputs], Tensor]
