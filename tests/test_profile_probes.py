@@ -3,7 +3,8 @@ policy_loss.sh and policy_loss_ab.sh (docs/policy_loss.md's per-token tables) bu
 sources and run, and
 `SRC=` (the A/B option of bench/profile/common.sh) builds the same probe against another tree:
 here this one, so it must print the same groups. Small sizes, so each run takes seconds after
-its build; the figures themselves are not asserted."""
+its build; the figures themselves are not asserted, so the probes build with -O0
+(`PROFILE_OPT`, common.sh), a fifth of the -O3 build's time."""
 
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
                                 reason="needs g++ to build the profile probes")
 
 
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "TMPDIR": str(tmp_path), "PROFILE_OPT": "-O0"}
+
+
 def _run(script: str, args: list[str], tmp_path: Path, src: Path | None = None) -> str:
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = _env(tmp_path)
     env.pop("SRC", None)
     if src is not None:
         env["SRC"] = str(src)
@@ -86,7 +91,7 @@ def test_policy_loss_probe(tmp_path):
 def test_policy_loss_ab_probe(tmp_path):
     """bench/profile/policy_loss_ab.sh with this tree on both sides (and holes in the masks):
     twelve rows (two sets, six forms), positive times, and no value whose bits differ."""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = _env(tmp_path)
     out = subprocess.run(["bash", str(PROFILE / "policy_loss_ab.sh"), str(ROOT), str(ROOT), "32",
                           "3", "37"], env=env, capture_output=True, text=True, check=True).stdout
     lines = [line.split() for line in out.splitlines()[1:] if line.strip()]
