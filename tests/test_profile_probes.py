@@ -1,4 +1,4 @@
-"""bench/profile/ids.sh, gigpo.sh (the per-pass tables docs/advantages.md quotes),
+"""bench/profile/ids.sh, gigpo.sh (the per-pass tables docs/advantages.md quotes), sample_ab.sh,
 policy_loss.sh and policy_loss_ab.sh (docs/policy_loss.md's per-token tables) build against the
 sources and run, and
 `SRC=` (the A/B option of bench/profile/common.sh) builds the same probe against another tree:
@@ -101,3 +101,16 @@ def test_policy_loss_ab_probe(tmp_path):
         forms = ("fwd", "fwd+grad", "fwd+factor", "grad+kl", "bwd", "bwd+kl")
         assert form in forms and a > 0 and b > 0, out
         assert bits_off == 0, out
+
+
+def test_sample_ab_probe(tmp_path):
+    """bench/profile/sample_ab.sh with this tree on both sides: one row per filter, positive
+    times, and no row whose draw, kept set or log-prob differs in any bit."""
+    out = subprocess.run(["bash", str(PROFILE / "sample_ab.sh"), str(ROOT), str(ROOT), "8", "2"],
+                         env=_env(tmp_path), capture_output=True, text=True, check=True).stdout
+    rows = [line.rsplit(None, 5) for line in out.splitlines()[1:] if line.strip()]
+    assert [r[0] for r in rows] == ["no filter", "top-k 50", "top-p 0.9", "min-p 0.05",
+                                    "top-k + top-p"], out
+    for name, a, b, ratio, _quartiles, rows_off in rows:
+        assert float(a) > 0 and float(b) > 0 and float(ratio) > 0, out
+        assert int(rows_off) == 0, (name, out)

@@ -409,11 +409,15 @@ struct VecF {
   static VecF keep_ge(VecF a, VecF t) {
     return {_mm256_and_ps(a.v, _mm256_cmp_ps(a.v, t.v, _CMP_GE_OQ))};
   }
+  // The mask first: in the fold's sweep nearly every vector selects nothing, and the spill
+  // of v for the lane loop would otherwise cost a store every vector.
   int compress_ge(VecF t, int32_t base, int32_t* iout, float* vout) const {
+    uint32_t m = ge_mask(t);
+    if (__builtin_expect(m == 0, 1)) return 0;
     alignas(32) float x[8];
     _mm256_store_ps(x, v);
     int n = 0;
-    for (uint32_t m = ge_mask(t); m; m &= m - 1) {
+    for (; m; m &= m - 1) {
       const int l = __builtin_ctz(m);
       iout[n] = base + l;
       vout[n++] = x[l];
@@ -421,10 +425,12 @@ struct VecF {
     return n;
   }
   int compress_ge_ids(VecF t, const int32_t* ids, int32_t* iout, float* vout) const {
+    uint32_t m = ge_mask(t);
+    if (__builtin_expect(m == 0, 1)) return 0;
     alignas(32) float x[8];
     _mm256_store_ps(x, v);
     int n = 0;
-    for (uint32_t m = ge_mask(t); m; m &= m - 1) {
+    for (; m; m &= m - 1) {
       const int l = __builtin_ctz(m);
       iout[n] = ids[l];
       vout[n++] = x[l];
