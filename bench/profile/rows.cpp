@@ -16,10 +16,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <random>
 #include <string>
 #include <vector>
 
+#include "bf16_rows.h"
 #include "cpu/kept_set.h"
 
 using namespace rlkern::cpu;
@@ -29,14 +29,7 @@ int main(int argc, char** argv) {
   constexpr int64_t V = 151936;
   constexpr double T = 0.7;
   const int64_t R = argc > 1 ? std::atol(argv[1]) : 512;
-  // 64 random rows' worth of N(0, 16) values spread over all rows by a multiplicative hash
-  // (drawing R·V normals would take longer than the measurement).
-  std::mt19937 gen(1);
-  std::normal_distribution<float> normal(0.0f, 4.0f);
-  std::vector<uint16_t> x(R * V);
-  const int64_t pool = 64 * V;
-  for (int64_t i = 0; i < std::min(pool, R * V); ++i) x[i] = float_to_bf16(normal(gen));
-  for (int64_t i = pool; i < R * V; ++i) x[i] = x[(uint64_t(i) * 2654435761u) % pool];
+  const std::vector<uint16_t> x = normal_bf16_rows(R, V, float_to_bf16);
   // An L1-resident block of the row's values as fp32, shifted by its max, for the 2^x row.
   alignas(64) static float l1_block[kBlock];
   for (int64_t i = 0; i < kBlock; ++i) l1_block[i] = bf16_to_float(x[i]) - 20.0f;

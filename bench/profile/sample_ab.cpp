@@ -11,8 +11,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <vector>
+
+#include "bf16_rows.h"
 
 extern "C" double ab_sample_a(const uint16_t*, int64_t, int64_t, int, uint64_t*);
 extern "C" double ab_sample_b(const uint16_t*, int64_t, int64_t, int, uint64_t*);
@@ -36,13 +37,7 @@ int main(int argc, char** argv) {
   constexpr int64_t V = 151936;
   const int64_t R = argc > 1 ? std::atol(argv[1]) : 128;
   const int passes = argc > 2 ? std::atoi(argv[2]) : 30;
-  // 64 random rows' worth of values spread over all rows by a multiplicative hash, as rows.cpp.
-  std::mt19937 gen(1);
-  std::normal_distribution<float> normal(0.0f, 4.0f);
-  std::vector<uint16_t> x(R * V);
-  const int64_t pool = 64 * V;
-  for (int64_t i = 0; i < std::min(pool, R * V); ++i) x[i] = to_bf16(normal(gen));
-  for (int64_t i = pool; i < R * V; ++i) x[i] = x[(uint64_t(i) * 2654435761u) % pool];
+  const std::vector<uint16_t> x = normal_bf16_rows(R, V, to_bf16);
   std::vector<uint64_t> out_a(4 * R), out_b(4 * R);
   const char* modes[] = {"no filter", "top-k 50", "top-p 0.9", "min-p 0.05", "top-k + top-p"};
   std::printf("%-14s %9s %9s %7s %15s %9s\n", "filter", "a us/row", "b us/row", "b/a",
