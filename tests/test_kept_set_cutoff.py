@@ -100,13 +100,16 @@ def test_bitwise_equal_to_sampler(kind, opts):
     assert torch.isfinite(lp).all()
 
 
-@pytest.mark.parametrize("opts", [dict(top_p=0.9), dict(top_p=0.6, min_p=0.01)], ids=str)
+@pytest.mark.parametrize("opts", [dict(top_p=0.9), dict(top_p=0.6, min_p=0.01), dict(top_k=50),
+                                  dict(top_k=50, top_p=0.93)], ids=str)
 def test_same_kept_set_whatever_the_row_history(opts):
-    """Top-p's candidate list depends on a guess carried over from the previous row a thread
-    handled; the kept set must not. Rows of very different shapes (peaked, flat, one spike)
-    are presented to the sampler and to token_logprobs in different orders and batch sizes,
-    one thread: every row's processed log-prob equals its token_logprobs bit for bit, and the
-    kept set equals the float64 reference's."""
+    """Top-p's and top-k's candidate lists depend on a guess carried over from the previous row
+    a thread handled (after a flat row top-k's guess collects too little from a peaked one, and
+    falls back; after a spike, far more than it needs); the kept set must not. Rows of very
+    different shapes (peaked, flat, one spike) are presented to the sampler and to
+    token_logprobs in different orders and batch sizes, one thread: every row's processed
+    log-prob equals its token_logprobs bit for bit, and the kept set equals the float64
+    reference's."""
     g = torch.Generator().manual_seed(5)
     peaked = torch.randn(6, V, generator=g) * 4
     spike = torch.zeros(2, V)

@@ -436,12 +436,14 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
   k.fold = softmax_stats_empty<double>();
   int64_t pre = -1;
   double guess = 0.0;  // top-p: the collected set holds every token with w ≥ guess·S
-  // top-k: the collected set holds every token with x ≥ max x + rel_k (a guess from the
-  // thread's previous top-k row: its k-th logit below the max, ×1.25 and T/2 lower).
+  // top-k: the collected set holds every token with x ≥ T·log Σ exp(x/T) + rel_k (a guess from
+  // the thread's previous top-k row: its k-th logit below that, ×1.25 and T/2 lower). The
+  // reference is the log-sum-exp, not the max: on N(0, 16) rows the max moves ~1.1 logits
+  // (s.d.) from row to row and the log-sum-exp less, so fewer rows miss (docs/sampling.md).
   const double rel_k = 1.25 * s.top_k_guess - 0.5 * f.temperature;
   if constexpr (!kIsF64<Tag>) {
     if (by_k && !std::isnan(rel_k)) {
-      Collect col{rel_k, false, s.ci.data(), s.cx.data()};
+      Collect col{rel_k, true, s.ci.data(), s.cx.data()};
       fold_kept<Tag>(x, V, sc, k.fold, f.entropy, &col);
       pre = col.n;
     } else if (!by_k) {
@@ -477,7 +479,11 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
     // Collected from the guess's list when it holds k tokens, else by one sweep above a
     // strided-sample cutoff (every token if fewer than k lie above it); C_k is the same set
     // either way.
-    n = pre >= 0 ? collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, k.xmax + rel_k, s, pre) : 0;
+    // The row's T·log Σ exp(x/T), raised by a margin over the rounding of the fold's running
+    // values, each of which set a block's cutoff: every cutoff was at most ref_k + rel_k.
+    const double lse = k.xmax + k.log_s * f.temperature;
+    const double ref_k = lse + 1e-9 * (std::abs(lse) + f.temperature);
+    n = pre >= 0 ? collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, ref_k + rel_k, s, pre) : 0;
     if (n < kk) {
       const double xk = top_k_cutoff<Tag>(x, V, kk, s);
       n = collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, xk, s);
@@ -485,7 +491,8 @@ inline KeptRow filtered_row(const typename Tag::storage* x, DType dtype, int64_t
     }
     const Sel sk = radix_select<false>(s.ck.data(), s.cw.data(), n, double(kk), s);
     n = compact_candidates(n, [&](int64_t i) { return s.ck[i] >= sk.key; }, s);
-    s.top_k_guess = double(key_value(sk.key)) * f.temperature;  // (performance only)
+    // (performance only) the k-th logit below the log-sum-exp: z_k·T − T·log S
+    s.top_k_guess = (double(key_value(sk.key)) - k.log_s) * f.temperature;
   } else if (!by_p) {
     n = collect_candidates<Tag>(x, V, k.xmax, sc.inv_t, xc, s, pre);
   } else {
