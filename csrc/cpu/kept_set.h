@@ -25,11 +25,13 @@
 //              reaches p·S (p within 1e-6 of 1: every token). L_j is the same set whatever list
 //              it came from, so the sampler and the log-probs — whose guesses differ — search
 //              the same candidates;
-//       top-k (alone or with the others): one sweep (from L2) collects x ≥ the r-th largest
-//              of a strided sample of the row, r chosen so that about k + 4·stride tokens lie
-//              above it (every token if fewer than k do). The k largest tokens are all any
-//              order of the filters needs: top-k first keeps a subset of them; joint, a top-p
-//              prefix longer than the list is longer than k.
+//       top-k (alone or with the others): the fold collects x ≥ T·log Σ exp(x/T) + rel_k
+//              (running values; rel_k from the thread's previous top-k row). If fewer than k
+//              tokens lie above the final reference's cutoff, one sweep (from L2) collects
+//              x ≥ the r-th largest of a strided sample of the row, r chosen so that about
+//              k + 4·stride tokens lie above it (every token if fewer than k do). The k largest
+//              tokens are all any order of the filters needs: top-k first keeps a subset of
+//              them; joint, a top-p prefix longer than the list is longer than k.
 //  3. A radix select over C (three histogram levels of 11/11/10 bits of the fp32 order key of
 //     z; ties at the threshold in index order) gives M and the threshold.
 //  4. The kept tokens (index order) with their z and w, and S_kept = Σ_kept w as per-block sums
