@@ -64,8 +64,9 @@ def _philox_uniform(seed, step, index):
 
 @triton.jit
 def _order_key(z):
-    """Monotone int64 key in [0, 2³²) of fp32 values (larger value → larger key)."""
-    b = z.to(tl.int32, bitcast=True)
+    """Monotone int64 key in [0, 2³²) of fp32 values (larger value → larger key); −0 takes
+    +0's key (one value: ties kept in index order, as the CPU's float_key)."""
+    b = tl.where(z == 0.0, 0, z.to(tl.int32, bitcast=True))
     k = b ^ ((b >> 31) & 0x7FFFFFFF)  # signed order: flip the magnitude bits of negatives
     return k.to(tl.int64) + 2147483648
 

@@ -18,6 +18,7 @@ import pytest
 
 import rlkern
 from conftest import bits
+from rlkern.reference.sample import filtered_probs
 
 BACKENDS = ["cpu", "torch", "triton"]
 
@@ -142,3 +143,29 @@ def test_rows_past_element_2_31_are_read_in_place():
     got = rlkern.token_logprobs(far, labels, top_k=20, top_p=0.9, backend="cpu")
     want = rlkern.token_logprobs(rows.clone(), labels, top_k=20, top_p=0.9, backend="cpu")
     assert torch.equal(bits(got.logprobs), bits(want.logprobs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_signed_zeros_are_one_value(backend, dtype):
+    """A logit −0.0 beside a max of +0.0 is a tie, kept in index order like any other (the
+    reference's stable sort). The order keys once ranked +0 above −0: where the row's max came
+    out +0 (it depends on which lane holds which zero), top-k 1 kept the +0 token at a higher
+    index. Rows of −3 with −0 and +0 at several lane offsets, and one row with two −0."""
+    pairs = [(0, 1), (0, 9), (3, 17), (10, 40), (7, 8)]
+    logits = torch.full((len(pairs) + 1, 64), -3.0)
+    for r, (neg, pos) in enumerate(pairs):
+        logits[r, neg], logits[r, pos] = -0.0, 0.0
+    logits[-1, 10], logits[-1, 25], logits[-1, 40] = -0.0, -0.0, 0.0
+    logits = logits.to(dtype)
+    last = [[10], [10, 25]]
+    for k in (1, 2):
+        out = _sample(logits, backend, top_k=k, top_p=0.999)
+        labels = torch.tensor([pos for _, pos in pairs] + [40])
+        lp = rlkern.token_logprobs(logits, labels, top_k=k, top_p=0.999, backend=backend).logprobs
+        for r in range(logits.shape[0]):
+            kept = last[k - 1] if r == len(pairs) else list(pairs[r][:k])
+            ref = filtered_probs(logits[r].double(), top_k=k, top_p=0.999) > 0
+            assert ref.nonzero().flatten().tolist() == kept  # the rows are built as meant
+            assert int(out.tokens[r]) in kept, (k, r, out.tokens)
+            assert bool(torch.isfinite(lp[r])) == (int(labels[r]) in kept), (k, r, lp)

@@ -99,10 +99,13 @@ struct Scratch {
   }
 };
 
-// Monotone map of a float to uint32 (larger float → larger key).
+// Monotone map of a float to uint32 (larger float → larger key). −0 takes +0's key: the two
+// are one value, so tokens at them tie and are kept in index order (the reference's stable
+// sort); z = x − max is −0 for a logit −0 beside a max of +0.
 inline uint32_t float_key(float f) {
   uint32_t b;
   std::memcpy(&b, &f, 4);
+  if (b == 0x80000000u) b = 0;
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 

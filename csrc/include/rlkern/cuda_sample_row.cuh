@@ -34,9 +34,10 @@ __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Monotone map of a float to an integer order key in [0, 2^32): larger z ⇒ larger key.
+// Monotone map of a float to an integer order key in [0, 2^32): larger z ⇒ larger key. −0
+// takes +0's key (one value: ties kept in index order, as the CPU's float_key).
 __device__ __forceinline__ int64_t order_key(float z) {
-  const int32_t b = __float_as_int(z);
+  const int32_t b = z == 0.0f ? 0 : __float_as_int(z);
   return int64_t(b ^ ((b >> 31) & 0x7FFFFFFF)) + 2147483648LL;
 }
 
