@@ -248,10 +248,12 @@ def _kept_set(row, vocab, shift, inv_t, s_tot, i, top_k_ptr, top_p_ptr, min_p_pt
 @triton.jit
 def _kept_logprob(x_tok, shift, inv_t, s_kept):
     """log(w_tok / S_kept) of a kept token (fp32): the processed log-prob of the sampler and
-    the truncated log-prob of kernels/truncated_logprobs.py, one expression."""
+    the truncated log-prob of kernels/truncated_logprobs.py, one expression. A weight that
+    underflowed to 0 (z below about −103) takes z itself for its log: finite, as on CPU."""
     z_tok = _shifted(x_tok, shift, inv_t)
     w_tok = tl.exp(z_tok - tl.zeros((), tl.float32)).to(tl.float64)
-    return (tl.log(w_tok) - tl.log(s_kept)).to(tl.float32)
+    log_w = tl.where(w_tok > 0.0, tl.log(w_tok), z_tok.to(tl.float64))
+    return (log_w - tl.log(s_kept)).to(tl.float32)
 
 
 @triton.jit

@@ -32,8 +32,9 @@ __all__ = ["AOT_SPECS", "truncated_logprobs_bwd", "truncated_logprobs_fwd"]
 
 @triton.jit
 def _kept_pass(row, vocab, shift, inv_t, tkey, ties_keep, y, BLOCK_V: tl.constexpr):
-    """One pass over the kept set: ``(Σ_K w z, whether label y is kept with w_y > 0)`` (w =
-    exp(z), z ≤ 0; the sampler never draws a kept token of weight 0 either)."""
+    """One pass over the kept set: ``(Σ_K w z, whether label y is kept with z_y > −inf)`` (w =
+    exp(z), z ≤ 0). A kept label whose weight underflowed to 0 is kept: its log-prob is
+    finite (``_kept_logprob``) and so is its gradient; a −inf logit's is not."""
     e = tl.zeros((), tl.float64)
     y_kept = tl.zeros((), tl.int64)
     ties_seen = tl.zeros((), tl.int64)
@@ -41,9 +42,8 @@ def _kept_pass(row, vocab, shift, inv_t, tkey, ties_keep, y, BLOCK_V: tl.constex
         offs, mask, z = _load_z(row, start, vocab, shift, inv_t, BLOCK_V)
         keep, ties_seen = _kept(z, mask, tkey, ties_keep, ties_seen)
         w = tl.exp(z)
-        keep = keep & (w > 0)
-        e += tl.sum(tl.where(keep, w * z, 0.0).to(tl.float64), 0)
-        y_kept += tl.sum((keep & (offs == y)).to(tl.int64), 0)
+        e += tl.sum(tl.where(keep & (w > 0), w * z, 0.0).to(tl.float64), 0)
+        y_kept += tl.sum((keep & (z > float("-inf")) & (offs == y)).to(tl.int64), 0)
     return e, y_kept > 0
 
 

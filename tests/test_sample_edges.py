@@ -169,3 +169,37 @@ def test_signed_zeros_are_one_value(backend, dtype):
             assert ref.nonzero().flatten().tolist() == kept  # the rows are built as meant
             assert int(out.tokens[r]) in kept, (k, r, out.tokens)
             assert bool(torch.isfinite(lp[r])) == (int(labels[r]) in kept), (k, r, lp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_tokens_whose_weight_underflows_keep_a_finite_logprob(backend, dtype):
+    """A token inside the kept set whose fp32 weight exp(z) underflows to 0 (z below about
+    −103) still has a finite, representable log-prob under the truncated distribution; log 0
+    once made it −inf. Rows: one logit at 0 and the rest far below (−60 / T = −200), top-k 5;
+    the labels 1–4 are kept, label 9 is not."""
+    logits = torch.full((2, 64), -60.0)
+    logits[:, 0] = 0.0
+    logits[1, 3] = -58.0  # a kept token with its own z
+    logits = logits.to(dtype)
+    labels = torch.tensor([1, 3])
+    for label_set, kept in ((labels, True), (torch.tensor([9, 9]), False)):
+        lp = rlkern.token_logprobs(logits, label_set, temperature=0.3, top_k=5,
+                                   backend=backend).logprobs
+        for r in range(2):
+            ref = filtered_probs(logits[r].double(), temperature=0.3, top_k=5)
+            want = torch.log(ref[label_set[r]])
+            assert bool(torch.isfinite(want)) == kept  # the rows are built as meant
+            if kept:
+                assert torch.isfinite(lp[r]), (r, lp)
+                torch.testing.assert_close(lp[r].double(), want, rtol=1e-6, atol=0)
+            else:
+                assert lp[r] == float("-inf"), (r, lp)
+    # and its gradient: d log q_y / d x = (onehot(y) − q) / T, q ≈ 0 off the row's max
+    x = logits.float().requires_grad_()
+    rlkern.token_logprobs(x.to(dtype), labels, temperature=0.3, top_k=5,
+                          backend=backend).logprobs.sum().backward()
+    rel = 1e-5 if dtype == torch.float32 else 4e-3  # a bf16 gradient: 8 mantissa bits
+    for r in range(2):
+        assert x.grad[r, labels[r]].item() == pytest.approx(1 / 0.3, rel=rel), x.grad[r]
+        assert x.grad[r, 0].item() == pytest.approx(-1 / 0.3, rel=rel), x.grad[r]

@@ -563,18 +563,24 @@ inline KeptRow filter_row(const void* row, DType dtype, int64_t V, const RowFilt
 // log(w_v / S_kept): the log-probability of token v under the kept, renormalised
 // distribution — the one expression the sampler's processed log-prob and the truncated
 // log-probs both evaluate (−inf for a token outside the kept set).
+// A kept token whose fp32 weight underflowed to 0 (z below about −103) takes z itself for
+// log w_v: its log-prob is finite and representable, and log 0 would make it −inf.
 inline float kept_logprob(const Scratch& s, const KeptRow& k, int64_t v) {
   // A folded whole row: (x_v − max)/T − log S, the raw log-prob's expression (sample.cpp).
   if (k.all && k.folded) return float((logit_at(k.row, k.dtype, v) - k.fold.m) * k.inv_t - k.log_s);
-  float wv = 0.0f;
+  float wv = 0.0f, zv = kNegInf;
   if (k.all) {
     wv = s.w[v];
+    zv = s.z[v];
   } else {
     const auto it = std::lower_bound(s.ki.begin(), s.ki.end(), int32_t(v));
-    if (it != s.ki.end() && *it == v) wv = s.kw[it - s.ki.begin()];
+    if (it != s.ki.end() && *it == v) {
+      wv = s.kw[it - s.ki.begin()];
+      zv = s.kz[it - s.ki.begin()];
+    }
   }
-  if (!(wv > 0.0f)) return -std::numeric_limits<float>::infinity();
-  return float(std::log(double(wv)) - std::log(k.S_kept));
+  const double log_w = wv > 0.0f ? std::log(double(wv)) : double(zv);
+  return float(log_w - std::log(k.S_kept));
 }
 
 // Σ_K w z over the kept set (tokens of weight 0, where z may be −inf, left out).

@@ -267,15 +267,17 @@ __device__ __forceinline__ Filtered<T> filter_row(const T* x, int64_t V, double 
   return f;
 }
 
-// log q_v = log(exp(z_v − m) / S_kept) of a token v (in the kept set: −inf for one outside it,
-// whose weight is 0): the sampler's processed log-prob and the truncated token log-prob, one
-// expression for both (the fp32 result is rounded once, from double).
+// log q_v = log(exp(z_v − m) / S_kept) of a token v (−inf for one outside the kept set): the
+// sampler's processed log-prob and the truncated token log-prob, one expression for both (the
+// fp32 result is rounded once, from double). A kept token whose weight underflowed to 0 takes
+// z_v − m itself for its log weight (finite, as the CPU's kept_logprob).
 template <typename T>
 __device__ __forceinline__ float kept_logprob(const Filtered<T>& f, int64_t v) {
   const float z = f.row.z(v);
   if (!f.kept.has(z, v)) return -INFINITY;
   const float d = z - kZMax;
-  return float(log(double(__expf(d))) - log(f.s_kept));
+  const float w = __expf(d);
+  return float((w > 0.0f ? log(double(w)) : double(d)) - log(f.s_kept));
 }
 
 }  // namespace rlkern::cuda_sampler
