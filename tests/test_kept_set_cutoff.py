@@ -162,3 +162,40 @@ def test_unfiltered_draw_walks_the_folds_blocks():
     lp = rlkern.token_logprobs(rows, out.tokens).logprobs
     assert torch.equal(lp, out.processed_logprobs)
     assert torch.equal(lp, out.raw_logprobs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_row_histories_keep_the_reference_sets(dtype):
+    """Rows of random scale (σ 0.5–32), offset and ties, one thread, so that each row's
+    candidate guess comes from a different kind of row: every drawn token lies in the float64
+    reference's kept set, and so does every label with a finite truncated log-prob (and no
+    other), for top-k from 1 to 500 alone and with top-p, at three temperatures. This drew
+    out the signed-zero ties and the underflowing kept weights (test_sample_edges.py)."""
+    g = torch.Generator().manual_seed(11)
+    n, v = 16, 20_011
+    sigma = torch.tensor([0.5, 2.0, 4.0, 16.0, 32.0])[torch.randint(0, 5, (n,), generator=g)]
+    sigma[1::4] = 32.0  # at T = 0.3 even the 50th largest weight underflows fp32
+    rows = torch.randn(n, v, generator=g) * sigma[:, None] + torch.randn(n, 1, generator=g) * 50
+    # ties at the max: shifted so that it is +0 and rounded, which turns the logits within
+    # half a unit below it into −0
+    rows[::5] = (rows[::5] - rows[::5].amax(1, keepdim=True)).round()
+    rows = rows.to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for opts in (dict(top_k=1), dict(top_k=50), dict(top_k=500),
+                     dict(top_k=50, top_p=0.93)):
+            for t in (0.3, 1.3):
+                out = rlkern.sample(rows, temperature=t, seeds=torch.arange(n),
+                                    steps=torch.zeros(n, dtype=torch.long), **opts)
+                for r in range(n):
+                    kept = filtered_probs(rows[r].double(), temperature=t, **opts) > 0
+                    assert kept[out.tokens[r]], (opts, t, r)
+                    if r % 4:
+                        continue
+                    idx = torch.cat([kept.nonzero().flatten(), (~kept).nonzero().flatten()[:64]])
+                    lp = rlkern.token_logprobs(rows[r].expand(idx.numel(), v), idx,
+                                               temperature=t, **opts).logprobs
+                    assert torch.equal(torch.isfinite(lp), kept[idx]), (opts, t, r)
+    finally:
+        torch.set_num_threads(threads)
