@@ -65,7 +65,7 @@ def _philox_uniform(seed, step, index):
 @triton.jit
 def _order_key(z):
     """Monotone int64 key in [0, 2³²) of fp32 values (larger value → larger key); −0 takes
-    +0's key (one value: ties kept in index order, as the CPU's float_key)."""
+    +0's key (one value: ties kept in index order; rlkern/kept_key.h's order_key)."""
     b = tl.where(z == 0.0, 0, z.to(tl.int32, bitcast=True))
     k = b ^ ((b >> 31) & 0x7FFFFFFF)  # signed order: flip the magnitude bits of negatives
     return k.to(tl.int64) + 2147483648
@@ -249,7 +249,8 @@ def _kept_set(row, vocab, shift, inv_t, s_tot, i, top_k_ptr, top_p_ptr, min_p_pt
 def _kept_logprob(x_tok, shift, inv_t, s_kept):
     """log(w_tok / S_kept) of a kept token (fp32): the processed log-prob of the sampler and
     the truncated log-prob of kernels/truncated_logprobs.py, one expression. A weight that
-    underflowed to 0 (z below about −103) takes z itself for its log: finite, as on CPU."""
+    underflowed to 0 (z below about −103) takes z itself for its log: finite
+    (rlkern/kept_key.h's kept_log_weight)."""
     z_tok = _shifted(x_tok, shift, inv_t)
     w_tok = tl.exp(z_tok - tl.zeros((), tl.float32)).to(tl.float64)
     log_w = tl.where(w_tok > 0.0, tl.log(w_tok), z_tok.to(tl.float64))

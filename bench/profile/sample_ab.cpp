@@ -14,17 +14,12 @@
 #include <vector>
 
 #include "bf16_rows.h"
+#include "cpu/simd.h"  // float_to_bf16 (side a's tree: not renamed, so no clash)
 
 extern "C" double ab_sample_a(const uint16_t*, int64_t, int64_t, int, uint64_t*);
 extern "C" double ab_sample_b(const uint16_t*, int64_t, int64_t, int, uint64_t*);
 
 namespace {
-
-uint16_t to_bf16(float f) {  // round to nearest even (the values are finite)
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 double quantile(std::vector<double> v, double q) {
   std::sort(v.begin(), v.end());
@@ -37,7 +32,7 @@ int main(int argc, char** argv) {
   constexpr int64_t V = 151936;
   const int64_t R = argc > 1 ? std::atol(argv[1]) : 128;
   const int passes = argc > 2 ? std::atoi(argv[2]) : 30;
-  const std::vector<uint16_t> x = normal_bf16_rows(R, V, to_bf16);
+  const std::vector<uint16_t> x = normal_bf16_rows(R, V, rlkern::cpu::float_to_bf16);
   std::vector<uint64_t> out_a(4 * R), out_b(4 * R);
   const char* modes[] = {"no filter", "top-k 50", "top-p 0.9", "min-p 0.05", "top-k + top-p"};
   std::printf("%-14s %9s %9s %7s %15s %9s\n", "filter", "a us/row", "b us/row", "b/a",

@@ -17,5 +17,6 @@ build_side "$side_a" a &
 pid=$!
 build_side "$side_b" b
 wait "$pid"
-g++ "${flags[@]}" "$here/sample_ab.cpp" "$out".side_{a,b}.o -o "$out"
+g++ "${flags[@]}" -I"$side_a/csrc" -I"$side_a/csrc/include" "$here/sample_ab.cpp" \
+  "$out".side_{a,b}.o -o "$out"
 "$out" "$@"

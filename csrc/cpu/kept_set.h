@@ -130,7 +130,7 @@ inline int64_t collect_candidates(const typename Tag::storage* x, int64_t V, dou
   std::fill(cz + n, cz + np, kNegInf);
   for (int64_t j = 0; j < np; j += W)
     VecF::exp2(weight_exponent(VecF::load(cz + j))).store(s.cw.data() + j, F32{});
-  for (int64_t j = 0; j < n; ++j) s.ck[j] = float_key(cz[j]);
+  for (int64_t j = 0; j < n; ++j) s.ck[j] = rlkern::sample::order_key(cz[j]);
   return n;
 }
 
@@ -206,7 +206,7 @@ inline int levels_held(double wc) {
   return int(std::floor(-std::log2(wc * (1.0 + 1e-6))));
 }
 
-// The float whose order key is `key` (float_key's inverse).
+// The float whose order key is `key` (rlkern::sample::order_key's inverse).
 inline float key_value(uint32_t key) {
   const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
   float f;
@@ -563,8 +563,7 @@ inline KeptRow filter_row(const void* row, DType dtype, int64_t V, const RowFilt
 // log(w_v / S_kept): the log-probability of token v under the kept, renormalised
 // distribution — the one expression the sampler's processed log-prob and the truncated
 // log-probs both evaluate (−inf for a token outside the kept set).
-// A kept token whose fp32 weight underflowed to 0 (z below about −103) takes z itself for
-// log w_v: its log-prob is finite and representable, and log 0 would make it −inf.
+// A kept token whose weight underflowed to 0 stays finite (rlkern/kept_key.h).
 inline float kept_logprob(const Scratch& s, const KeptRow& k, int64_t v) {
   // A folded whole row: (x_v − max)/T − log S, the raw log-prob's expression (sample.cpp).
   if (k.all && k.folded) return float((logit_at(k.row, k.dtype, v) - k.fold.m) * k.inv_t - k.log_s);
@@ -579,8 +578,7 @@ inline float kept_logprob(const Scratch& s, const KeptRow& k, int64_t v) {
       zv = s.kz[it - s.ki.begin()];
     }
   }
-  const double log_w = wv > 0.0f ? std::log(double(wv)) : double(zv);
-  return float(log_w - std::log(k.S_kept));
+  return float(rlkern::sample::kept_log_weight(wv, zv) - std::log(k.S_kept));
 }
 
 // Σ_K w z over the kept set (tokens of weight 0, where z may be −inf, left out).

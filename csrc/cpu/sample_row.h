@@ -15,6 +15,7 @@
 
 #include "cpu/logprobs.h"  // DType
 #include "cpu/logprobs_row.h"
+#include "rlkern/kept_key.h"
 
 namespace rlkern::cpu::sampler {
 
@@ -99,15 +100,6 @@ struct Scratch {
   }
 };
 
-// Monotone map of a float to uint32 (larger float → larger key). −0 takes +0's key: the two
-// are one value, so tokens at them tie and are kept in index order (the reference's stable
-// sort); z = x − max is −0 for a logit −0 beside a max of +0.
-inline uint32_t float_key(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  if (b == 0x80000000u) b = 0;
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
 
 template <typename Tag>
 inline void load_raw(const typename Tag::storage* x, int64_t V, float* z) {

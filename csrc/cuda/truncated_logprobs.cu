@@ -117,7 +117,11 @@ __global__ void __launch_bounds__(kThreads, 2) truncated_bwd_kernel(
   const double g_ent = a.grad_entropy ? double(a.grad_entropy[r]) : 0.0;
   const double g_lse = a.grad_lse ? double(a.grad_lse[r]) : 0.0;
   // a kept label whose weight underflowed to 0 still has a finite log-prob (kept_logprob)
-  const bool y_kept = y >= 0 && y < V && f.kept.has(f.row.z(y), y) && f.row.z(y) > -INFINITY;
+  bool y_kept = false;
+  if (y >= 0 && y < V) {
+    const float zy = f.row.z(y);
+    y_kept = f.kept.has(zy, y) && zy > -INFINITY;
+  }
   const double g_lp = y_kept ? g_lp_in : 0.0;
   // E = Σ_K q z (uniform branch: g_ent is the row's).
   const double E = g_ent != 0.0 ? kept_moment(f, part) / f.s_kept : 0.0;

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "rlkern/kept_key.h"
 #include "rlkern/philox.h"
 
 namespace rlkern::cuda_sampler {
@@ -34,11 +35,9 @@ __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Monotone map of a float to an integer order key in [0, 2^32): larger z ⇒ larger key. −0
-// takes +0's key (one value: ties kept in index order, as the CPU's float_key).
+// The order key of z (rlkern/kept_key.h), widened to the int64 the block scans compare.
 __device__ __forceinline__ int64_t order_key(float z) {
-  const int32_t b = z == 0.0f ? 0 : __float_as_int(z);
-  return int64_t(b ^ ((b >> 31) & 0x7FFFFFFF)) + 2147483648LL;
+  return int64_t(rlkern::sample::order_key(z));
 }
 
 struct SumOp {
@@ -269,15 +268,14 @@ __device__ __forceinline__ Filtered<T> filter_row(const T* x, int64_t V, double 
 
 // log q_v = log(exp(z_v − m) / S_kept) of a token v (−inf for one outside the kept set): the
 // sampler's processed log-prob and the truncated token log-prob, one expression for both (the
-// fp32 result is rounded once, from double). A kept token whose weight underflowed to 0 takes
-// z_v − m itself for its log weight (finite, as the CPU's kept_logprob).
+// fp32 result is rounded once, from double). A kept token whose weight underflowed to 0 stays
+// finite (rlkern/kept_key.h, as the CPU's kept_logprob).
 template <typename T>
 __device__ __forceinline__ float kept_logprob(const Filtered<T>& f, int64_t v) {
   const float z = f.row.z(v);
   if (!f.kept.has(z, v)) return -INFINITY;
   const float d = z - kZMax;
-  const float w = __expf(d);
-  return float((w > 0.0f ? log(double(w)) : double(d)) - log(f.s_kept));
+  return float(rlkern::sample::kept_log_weight(__expf(d), d) - log(f.s_kept));
 }
 
 }  // namespace rlkern::cuda_sampler
